@@ -1,0 +1,32 @@
+# Two entry points, both self-contained on a fresh machine:
+#   make demo   set up .venv and generate an image on the embedded default model
+#   make test   set up .venv and run the whole test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-pins.txt | sha1sum | cut -c1-12)
+
+.PHONY: setup test demo bench clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-pins.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# CPU torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q -c requirements-pins.txt "torch==2.13.0"
+	$(BIN)/pip install -q -c requirements-pins.txt -e ".[dev,server,controlnet]"
+	# k-diffusion is the parity reference for the samplers; its __init__ drags in torchvision,
+	# wandb, kornia..., so it is installed without dependencies and only sampling.py is loaded.
+	$(BIN)/pip install -q --no-deps -c requirements-pins.txt k-diffusion
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/sdengine txt2img --prompt "a red circle on a blue background" --steps 20 --seed 1 --output outputs/demo.png
+
+bench: setup
+	$(BIN)/python -m benchmarks all
+
+clean:
+	rm -rf $(VENV) .pytest_cache

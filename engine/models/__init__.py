@@ -1,0 +1,1 @@
+"""Model store, checkpoint formats, architecture detection, bundled configs, tokenizer, tiny test models."""

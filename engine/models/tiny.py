@@ -1,0 +1,161 @@
+"""Deterministic tiny models with random weights, in the real architecture classes.
+
+Used by the tests, the benchmarks and (until a trained demo model ships) the demo. Each kind mirrors the
+structure of the real family at small widths:
+
+- ``sd1``: CLIPTextModel (quick_gelu, EOS padding) + UNet2DConditionModel (conv proj-in) + AutoencoderKL, eps.
+- ``sd2v``: OpenCLIP-style CLIPTextModel (gelu, "!" padding) + linear proj-in UNet, v-prediction.
+- ``sdxl``: two text encoders (CLIPTextModel + CLIPTextModelWithProjection), text_time UNet.
+- ``controlnet_sd1`` / ``controlnet_sdxl``: ControlNetModel matching the sd1 / sdxl UNet.
+
+The VAE has 4 blocks (x8), as ControlNet's conditioning embedding always downsamples by 8. The UNet has two
+levels, so latent sizes must be multiples of 2 (images of multiples of 16 px).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+KINDS = ("sd1", "sd2v", "sdxl")
+CONTROLNET_KINDS = ("controlnet_sd1", "controlnet_sdxl")
+
+# Native image size of the tiny models (latent 8x8).
+TINY_SIZE = 64
+
+TEXT_SD1 = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+TEXT_OPENCLIP = dict(TEXT_SD1, hidden_act="gelu", pad_token_id=0)
+TEXT_SDXL_2 = dict(TEXT_OPENCLIP, hidden_size=32, projection_dim=32)
+
+VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=TINY_SIZE,
+    scaling_factor=0.18215,
+)
+
+UNET_SD1 = dict(
+    sample_size=TINY_SIZE // 8, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+    norm_num_groups=8,
+)
+UNET_SD2 = dict(UNET_SD1, attention_head_dim=(4, 8), use_linear_projection=True, upcast_attention=True)
+UNET_SDXL = dict(
+    sample_size=TINY_SIZE // 8, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64, attention_head_dim=(4, 8),
+    transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+)
+
+SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+)
+
+
+@dataclass
+class TinyModel:
+    """The diffusers / transformers modules of one tiny model plus what a loader would report."""
+
+    kind: str
+    components: dict[str, Any]
+    prediction_type: str = "epsilon"
+    configs: dict[str, dict] = field(default_factory=dict)
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def _init_nonzero(module: torch.nn.Module, seed: int) -> None:
+    """Give zero-initialised layers (ControlNet zero convs, UNet conv_out) small random values.
+
+    With zeros, a ControlNet or UNet output would be identically zero and parity tests could not fail.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.abs().max() == 0 and p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def build_text_encoder(config: dict, with_projection: bool = False, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    _seeded(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(**config)).eval()
+
+
+def build_vae(seed: int = 1):
+    from diffusers import AutoencoderKL
+
+    _seeded(seed)
+    return AutoencoderKL(**VAE).eval()
+
+
+def build_unet(config: dict, seed: int = 2):
+    from diffusers import UNet2DConditionModel
+
+    _seeded(seed)
+    unet = UNet2DConditionModel(**config).eval()
+    _init_nonzero(unet, seed)
+    return unet
+
+
+def build_controlnet(kind: str, seed: int = 3):
+    from diffusers import ControlNetModel
+
+    base = {"controlnet_sd1": UNET_SD1, "controlnet_sdxl": UNET_SDXL}[kind]
+    cfg = {k: v for k, v in base.items() if k not in ("up_block_types", "out_channels", "sample_size")}
+    cfg["conditioning_embedding_out_channels"] = (8, 16, 16, 32)
+    _seeded(seed)
+    cn = ControlNetModel(**cfg).eval()
+    _init_nonzero(cn, seed)
+    return cn
+
+
+def build_tiny(kind: str, seed: int = 0) -> TinyModel:
+    """Build the tiny model ``kind`` (one of :data:`KINDS` or :data:`CONTROLNET_KINDS`) deterministically."""
+    from engine.models.tokenizer import clip_tokenizer
+
+    if kind in CONTROLNET_KINDS:
+        return TinyModel(kind, {"controlnet": build_controlnet(kind, seed + 3)})
+    if kind == "sd1":
+        return TinyModel(kind, {
+            "text_encoder": build_text_encoder(TEXT_SD1, seed=seed),
+            "tokenizer": clip_tokenizer("<|endoftext|>"),
+            "unet": build_unet(UNET_SD1, seed + 2),
+            "vae": build_vae(seed + 1),
+        }, "epsilon")
+    if kind == "sd2v":
+        return TinyModel(kind, {
+            "text_encoder": build_text_encoder(TEXT_OPENCLIP, seed=seed),
+            "tokenizer": clip_tokenizer("!"),
+            "unet": build_unet(UNET_SD2, seed + 2),
+            "vae": build_vae(seed + 1),
+        }, "v_prediction")
+    if kind == "sdxl":
+        return TinyModel(kind, {
+            "text_encoder": build_text_encoder(TEXT_SD1, seed=seed),
+            "text_encoder_2": build_text_encoder(TEXT_SDXL_2, with_projection=True, seed=seed + 10),
+            "tokenizer": clip_tokenizer("<|endoftext|>"),
+            "tokenizer_2": clip_tokenizer("!"),
+            "unet": build_unet(UNET_SDXL, seed + 2),
+            "vae": build_vae(seed + 1),
+        }, "epsilon")
+    raise ValueError(f"unknown tiny model kind {kind!r} (allowed: {', '.join(KINDS + CONTROLNET_KINDS)})")
+
+
+def scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """The SD noise schedule (scaled_linear 0.00085..0.012, 1000 steps) as a diffusers scheduler config."""
+    return dict(SCHEDULER, prediction_type=prediction_type)

@@ -1,0 +1,117 @@
+"""torch modules with the exact inputs and outputs of each exported component.
+
+These wrappers ARE the component contract: the torch backend runs them, the ONNX exporter traces them, so
+every backend computes the same function of the same named inputs. Names (see docs/ARCHITECTURE.md):
+
+text_encoder / text_encoder_2
+    in  input_ids int64 (B, 77); clip_skip int64 (1,) -- webui clip skip N >= 1
+    out hidden_state (B, 77, D) = final_layer_norm(hidden_states[-N]);
+        hidden_state_raw (B, 77, D) = hidden_states[-N] without the norm (SDXL passes N=2: the
+        penultimate layer, as the webui and diffusers do); pooled (B, P): pooler_output, or text_embeds for a projection model
+unet
+    in  sample (B, 4, h, w); timestep float32 (B,); encoder_hidden_states (B, 77k, D);
+        SDXL also text_embeds (B, P), time_ids (B, 6)
+    out model_output (B, 4, h, w)  -- raw eps or v, no scaling
+unet_control   (same as unet, plus ControlNet residual inputs)
+    in  ... + down_residual_0 .. down_residual_{n-1}, mid_residual
+controlnet
+    in  sample, timestep, encoder_hidden_states, controlnet_cond (B, 3, H, W) in [0, 1]; SDXL text_embeds, time_ids
+    out down_residual_0 .. down_residual_{n-1}, mid_residual  (unscaled; weights are applied by the denoiser)
+vae_decoder
+    in  latent (B, 4, h, w) in sampler space (the graph divides by the scaling factor)
+    out image (B, 3, H, W) in [0, 1]
+vae_encoder
+    in  image (B, 3, H, W) in [0, 1]
+    out latent (B, 4, h, w) = posterior mean * scaling factor (sampler space)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TextEncoderWrapper(nn.Module):
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.with_projection = hasattr(text_encoder, "text_projection")
+        # transformers 5 flattened CLIPTextModel (no .text_model); the projection model keeps it
+        self.final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor):
+        out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        stacked = torch.stack(out.hidden_states, dim=0)  # (L+1, B, 77, D)
+        index = (stacked.shape[0] - clip_skip.to(torch.int64)).reshape(1)
+        raw = stacked.index_select(0, index).squeeze(0)
+        hidden = self.final_layer_norm(raw)
+        pooled = out.text_embeds if self.with_projection else out.pooler_output
+        return hidden, raw, pooled
+
+
+class UNetWrapper(nn.Module):
+    def __init__(self, unet: nn.Module, with_residuals: bool = False):
+        super().__init__()
+        self.unet = unet
+        self.is_sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        self.with_residuals = with_residuals
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        extra = list(extra)
+        added = None
+        if self.is_sdxl:
+            added = {"text_embeds": extra.pop(0), "time_ids": extra.pop(0)}
+        down = mid = None
+        if self.with_residuals:
+            mid = extra.pop()
+            down = tuple(extra)
+        return self.unet(
+            sample, timestep, encoder_hidden_states,
+            added_cond_kwargs=added,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+
+
+class ControlNetWrapper(nn.Module):
+    def __init__(self, controlnet: nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+        self.is_sdxl = getattr(controlnet.config, "addition_embed_type", None) == "text_time"
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, *extra):
+        added = {"text_embeds": extra[0], "time_ids": extra[1]} if self.is_sdxl else None
+        down, mid = self.controlnet(
+            sample, timestep, encoder_hidden_states, controlnet_cond,
+            conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False,
+        )
+        return (*down, mid)
+
+
+class VaeDecoderWrapper(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latent):
+        image = self.vae.decode(latent / self.scaling_factor, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+
+class VaeEncoderWrapper(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, image):
+        posterior = self.vae.encode(image * 2 - 1, return_dict=False)[0]
+        return posterior.mean * self.scaling_factor
+
+
+def controlnet_residual_count(model: nn.Module) -> int:
+    """Number of down-block residuals a UNet takes / a ControlNet gives (12 for SD1.x/2.x, 9 for SDXL)."""
+    cfg = model.config
+    return 1 + len(cfg.down_block_types) * (cfg.layers_per_block + 1) - 1
