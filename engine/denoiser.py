@@ -1,0 +1,184 @@
+"""The model side of sampling: model sigmas, sigma <-> timestep, eps/v scalings and classifier-free guidance.
+
+A :class:`Denoiser` is the ``denoise(x, sigma) -> x0`` callable every sampler takes (k-diffusion's
+``CompVisDenoiser`` / ``DiscreteEpsDDPMDenoiser`` / ``DiscreteVDDPMDenoiser`` wrapped in the webui's
+``CFGDenoiser``). It works on numpy arrays and torch tensors alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from engine.conditioning import StepConditioning
+from engine.errors import InvalidRequest
+from engine.samplers._array import as_like, floats, is_numpy, stack
+
+Array = Any
+ModelFn = Callable[[Array, Array, StepConditioning, int], Array]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSchedule:
+    """A discrete DDPM noise schedule: ``alphas_cumprod`` (T,), stored float32 like the webui's model buffer.
+
+    ``sigmas`` ascending, ``((1 - a) / a) ** 0.5``; :meth:`sigma_to_t` / :meth:`t_to_sigma` interpolate in log
+    sigma like k-diffusion's DiscreteSchedule (quantize=False). ``sdxl`` selects the Align Your Steps table.
+    """
+
+    alphas_cumprod: np.ndarray
+    sdxl: bool = False
+
+    @classmethod
+    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, timesteps: int = 1000,
+                      sdxl: bool = False) -> "ModelSchedule":
+        """SD's schedule (ldm make_beta_schedule "linear", diffusers "scaled_linear"), computed in float64."""
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=np.float64) ** 2
+        return cls(np.cumprod(1.0 - betas).astype(np.float32), sdxl=sdxl)
+
+    @cached_property
+    def sigmas(self) -> np.ndarray:
+        a = np.asarray(self.alphas_cumprod, dtype=np.float32)
+        return np.sqrt((1 - a) / a)
+
+    @cached_property
+    def log_sigmas(self) -> np.ndarray:
+        return np.log(self.sigmas)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: Any) -> Any:
+        """Fractional timestep of ``sigma`` (float or numpy array), clamped to [0, T-1]."""
+        log_sigma = np.log(np.asarray(sigma, dtype=np.float64))
+        t = np.interp(log_sigma, self.log_sigmas.astype(np.float64), np.arange(len(self.sigmas), dtype=np.float64))
+        return float(t) if np.ndim(t) == 0 else t
+
+    def t_to_sigma(self, t: Any) -> Any:
+        """Sigma at fractional timestep ``t`` (float or numpy array), log-sigma interpolation."""
+        t = np.asarray(t, dtype=np.float32)
+        low = np.floor(t).astype(np.int64)
+        high = np.ceil(t).astype(np.int64)
+        w = t - low
+        log_sigma = (1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]
+        out = np.exp(log_sigma).astype(np.float32)
+        return float(out) if out.ndim == 0 else out
+
+
+@dataclass(frozen=True)
+class _Rows:
+    image: tuple[int, ...]  # image index of every conditioning row the model runs
+    cond: StepConditioning
+
+
+class Denoiser:
+    """``denoise(x, sigma) -> x0`` with classifier-free guidance over a :class:`StepConditioning`, in one model call.
+
+    ``model(x_in, t_in, cond, step)`` returns the raw UNet output (eps or v) for the M conditioning rows of
+    ``cond`` (x_in (M,4,h,w) already scaled by c_in, t_in (M,) float32 timesteps). ``conditioning(step)`` gives
+    the StepConditioning of sampling step ``step``, which is derived from sigma against ``sigmas`` (the largest
+    i with sigmas[i] >= sigma), so second-order samplers' intermediate evaluations belong to their step.
+    """
+
+    def __init__(self, model: ModelFn, schedule: ModelSchedule, prediction_type: str, cfg_scale: float,
+                 conditioning: Callable[[int], StepConditioning], sigmas: Sequence[float] | Array):
+        if prediction_type not in PREDICTION_TYPES:
+            raise InvalidRequest("prediction_type", f"unknown prediction type {prediction_type!r}",
+                                 ", ".join(PREDICTION_TYPES))
+        self.model = model
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.cfg_scale = float(cfg_scale)
+        self.conditioning = conditioning
+        self.sigmas = floats(sigmas)
+
+    def step_of(self, sigma: float) -> int:
+        """Largest i with sigmas[i] >= sigma (relative tolerance 1e-5), clamped to [0, len(sigmas) - 2]."""
+        i = 0
+        for j, s in enumerate(self.sigmas[:-1]):
+            if s >= sigma * (1 - 1e-5):
+                i = j
+        return i
+
+    def rows(self, cond: StepConditioning) -> _Rows:
+        """The conditioning rows to run: all of them, or only the positive ones when cfg_scale <= 1."""
+        positive_rows = [(row, b) for b, parts in enumerate(cond.positive) for row, _ in parts]
+        if self.cfg_scale <= 1:
+            keep = 1 + max(row for row, _ in positive_rows)
+            image = [0] * keep
+            for row, b in positive_rows:
+                image[row] = b
+            cut = {name: getattr(cond, name)[:keep] for name in ("context", "pooled", "time_ids")
+                   if getattr(cond, name) is not None}
+            return _Rows(tuple(image), replace(cond, **cut))
+        image = [0] * len(cond.context)
+        for row, b in positive_rows:
+            image[row] = b
+        for b, row in enumerate(cond.negative):
+            image[row] = b
+        return _Rows(tuple(image), cond)
+
+    def __call__(self, x: Array, sigma: Any) -> Array:
+        batch = int(x.shape[0])
+        sigmas_b = floats(sigma) if len(getattr(sigma, "shape", ())) > 0 else [float(sigma)]
+        if len(sigmas_b) != batch:
+            sigmas_b = sigmas_b[:1] * batch
+        step = self.step_of(max(sigmas_b))
+        rows = self.rows(self.conditioning(step))
+        idx = list(rows.image)
+        s_rows = [sigmas_b[b] for b in idx]
+        t_in = as_like(self.schedule.sigma_to_t(np.asarray(s_rows, dtype=np.float64)), x, dtype=_f32(x))
+        x_rows = x[idx]
+        c_in = self._col([1 / math.sqrt(s * s + 1) for s in s_rows], x)
+        raw = self.model(x_rows * c_in, t_in, rows.cond, step)
+        if self.prediction_type == "epsilon":
+            x0 = x_rows + raw * self._col([-s for s in s_rows], x)
+        else:  # v: c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1)
+            x0 = raw * self._col([-s / math.sqrt(s * s + 1) for s in s_rows], x) + \
+                x_rows * self._col([1 / (s * s + 1) for s in s_rows], x)
+        return self.combine(x0, rows.cond)
+
+    def combine(self, x0: Array, cond: StepConditioning) -> Array:
+        """webui CFGDenoiser.combine_denoised: uncond + sum w * cfg * (x0[row] - uncond), per image."""
+        out = []
+        for b, parts in enumerate(cond.positive):
+            if self.cfg_scale <= 1:
+                total = sum(w for _, w in parts) or 1.0
+                acc = None
+                for row, w in parts:
+                    term = x0[row] * (w / total)
+                    acc = term if acc is None else acc + term
+                out.append(acc)
+                continue
+            uncond = x0[cond.negative[b]]
+            acc = uncond
+            for row, w in parts:
+                acc = acc + (x0[row] - uncond) * (w * self.cfg_scale)
+            out.append(acc)
+        return stack(out)
+
+    @staticmethod
+    def _col(values: list[float], like: Array) -> Any:
+        """Per-row scalars as a (M,1,1,1) array, or a float when all are equal."""
+        if all(v == values[0] for v in values):
+            return values[0]
+        return as_like(np.asarray(values, dtype=np.float64).reshape(-1, 1, 1, 1), like)
+
+
+def _f32(x: Array) -> Any:
+    if is_numpy(x):
+        return np.float32
+    import torch
+
+    return torch.float32

@@ -1,0 +1,191 @@
+"""Samplers and sigma schedules under their webui (v1.10) names.
+
+``SAMPLERS`` maps every webui sampler name and alias to a pure function
+``fn(denoise, x, sigmas, *, noise=None, callback=None, **options) -> x`` (numpy or torch, no RNG inside);
+``SCHEDULES`` maps every webui schedule label to ``fn(n, sigma_min, sigma_max, model=None) -> n + 1 sigmas``.
+:func:`resolve` turns a request's ``sampler_name`` + ``scheduler`` into a :class:`ResolvedSampler` the pipeline
+uses directly, applying each sampler's default schedule and "discard penultimate sigma" like the webui.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from engine.errors import InvalidRequest
+from engine.samplers import kdiffusion, schedules
+
+log = logging.getLogger(__name__)
+
+SamplerFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One webui sampler: its function, aliases and webui options (sd_samplers_kdiffusion.samplers_k_diffusion)."""
+
+    name: str
+    fn: SamplerFn
+    aliases: tuple[str, ...] = ()
+    schedule: str | None = None  # the webui's default schedule option; None: the model's sigmas (Uniform)
+    discard_penultimate: bool = False
+    second_order: bool = False
+    brownian: bool = False  # webui feeds a Brownian-tree noise sampler seeded with the batch's seeds
+    uses_ensd: bool = False
+    fixed_schedule: bool = False  # timestep samplers (DDIM, PLMS, UniPC) ignore the scheduler, as in the webui
+    default_eta: float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _specs() -> tuple[SamplerSpec, ...]:
+    k = kdiffusion
+    return (
+        SamplerSpec("DPM++ 2M", k.dpmpp_2m, ("k_dpmpp_2m",), "Karras"),
+        SamplerSpec("DPM++ SDE", k.dpmpp_sde, ("k_dpmpp_sde",), "Karras", second_order=True, brownian=True,
+                    default_eta=1.0),
+        SamplerSpec("DPM++ 2M SDE", k.dpmpp_2m_sde, ("k_dpmpp_2m_sde",), "Exponential", brownian=True,
+                    default_eta=1.0),
+        SamplerSpec("DPM++ 2M SDE Heun", k.dpmpp_2m_sde, ("k_dpmpp_2m_sde_heun",), "Exponential", brownian=True,
+                    default_eta=1.0, options=MappingProxyType({"solver_type": "heun"})),
+        SamplerSpec("DPM++ 2S a", k.dpmpp_2s_ancestral, ("k_dpmpp_2s_a",), "Karras", second_order=True,
+                    uses_ensd=True, default_eta=1.0),
+        SamplerSpec("DPM++ 3M SDE", k.dpmpp_3m_sde, ("k_dpmpp_3m_sde",), "Exponential", discard_penultimate=True,
+                    brownian=True, default_eta=1.0),
+        SamplerSpec("Euler a", k.euler_ancestral, ("k_euler_a", "k_euler_ancestral"), uses_ensd=True,
+                    default_eta=1.0),
+        SamplerSpec("Euler", k.euler, ("k_euler",)),
+        SamplerSpec("LMS", k.lms, ("k_lms",)),
+        SamplerSpec("Heun", k.heun, ("k_heun",), second_order=True),
+        SamplerSpec("DPM2", k.dpm_2, ("k_dpm_2",), "Karras", discard_penultimate=True, second_order=True),
+        SamplerSpec("DPM2 a", k.dpm_2_ancestral, ("k_dpm_2_a",), "Karras", discard_penultimate=True,
+                    second_order=True, uses_ensd=True, default_eta=1.0),
+    )
+
+
+SPECS: Mapping[str, SamplerSpec] = MappingProxyType({spec.name: spec for spec in _specs()})
+_BY_NAME: Mapping[str, SamplerSpec] = MappingProxyType(
+    {n: spec for spec in SPECS.values() for n in (spec.name, *spec.aliases)})
+
+SAMPLERS: Mapping[str, SamplerFn] = MappingProxyType({n: spec.fn for n, spec in _BY_NAME.items()})
+
+SCHEDULES: Mapping[str, Callable[..., np.ndarray]] = MappingProxyType({
+    "Uniform": schedules.uniform,
+    "Karras": schedules.karras,
+    "Exponential": schedules.exponential,
+    "Polyexponential": schedules.polyexponential,
+    "SGM Uniform": schedules.sgm_uniform,
+    "KL Optimal": schedules.kl_optimal,
+    "Align Your Steps": schedules.align_your_steps,
+    "Simple": schedules.simple,
+    "Normal": schedules.normal,
+    "DDIM": schedules.ddim,
+    "Beta": schedules.beta,
+})
+# The webui also accepts its internal schedule names ("karras", "sgm_uniform", ...) and "SGMUniform".
+_SCHEDULE_ALIASES = {**{label.lower().replace(" ", "_"): label for label in SCHEDULES}, "SGMUniform": "SGM Uniform"}
+SCHEDULE_NAMES = ("Automatic", *SCHEDULES)
+
+
+@dataclass(frozen=True)
+class ResolvedSampler:
+    """A sampler with its schedule, ready for the pipeline.
+
+    ``schedule_name`` is the schedule actually used; ``schedule_label`` the infotext's "Schedule type" as the webui
+    writes it: the sampler's default schedule for "Automatic" where it has one, else the request's scheduler.
+    """
+
+    spec: SamplerSpec
+    schedule_name: str
+    schedule_label: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def default_eta(self) -> float | None:
+        return self.spec.default_eta
+
+    @property
+    def needs_brownian(self) -> bool:
+        return self.spec.brownian
+
+    @property
+    def second_order(self) -> bool:
+        return self.spec.second_order
+
+    @property
+    def uses_ensd(self) -> bool:
+        return self.spec.uses_ensd
+
+    @property
+    def infotext(self) -> dict[str, str]:
+        """Infotext fields: {"Sampler": "DPM++ 2M", "Schedule type": "Karras"}."""
+        return {"Sampler": self.spec.name, "Schedule type": self.schedule_label}
+
+    def sigmas(self, steps: int, model_schedule: Any, **schedule_options: Any) -> np.ndarray:
+        """Float32 sigmas for ``steps`` steps with the model's ModelSchedule (webui KDiffusionSampler.get_sigmas)."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise InvalidRequest("steps", f"must be an integer >= 1, got {steps!r}", ">= 1")
+        n = steps + 1 if self.spec.discard_penultimate else steps
+        fn = SCHEDULES[self.schedule_name]
+        sigmas = fn(n, model_schedule.sigma_min, model_schedule.sigma_max, model=model_schedule,
+                    **schedule_options)
+        if self.spec.discard_penultimate:
+            sigmas = np.concatenate([sigmas[:-2], sigmas[-1:]])
+        return sigmas
+
+    def sample(self, denoise: Callable, x: Any, sigmas: Any, *, noise: Callable | None = None,
+               callback: Callable | None = None, **options: Any) -> Any:
+        """Runs the sampler. Options the sampler does not take (eta for Euler, ...) are ignored, as the webui does;
+        None values mean the sampler's default."""
+        params = inspect.signature(self.spec.fn).parameters
+        kwargs = dict(self.spec.options)
+        kwargs.update({k: v for k, v in options.items() if k in params and v is not None})
+        if "eta" in params and "eta" not in kwargs and self.spec.default_eta is not None:
+            kwargs["eta"] = self.spec.default_eta
+        return self.spec.fn(denoise, x, sigmas, noise=noise, callback=callback, **kwargs)
+
+
+def _valid_samplers() -> str:
+    return ", ".join(SPECS)
+
+
+def resolve(sampler_name: str, scheduler: str | None = "Automatic") -> ResolvedSampler:
+    """webui name (or alias, or "<name> <schedule>" like "DPM++ 2M Karras") + scheduler -> ResolvedSampler.
+
+    Like the webui (modules/sd_samplers.get_sampler_and_scheduler), a schedule label trailing the sampler name
+    is split off when the request's scheduler is Automatic. Unknown names raise InvalidRequest naming the field.
+    """
+    scheduler = scheduler or "Automatic"
+    if scheduler not in SCHEDULE_NAMES:
+        if scheduler in _SCHEDULE_ALIASES:
+            scheduler = _SCHEDULE_ALIASES[scheduler]
+        else:
+            raise InvalidRequest("scheduler", f"unknown schedule {scheduler!r}", ", ".join(SCHEDULE_NAMES))
+    spec = _BY_NAME.get(sampler_name) if isinstance(sampler_name, str) else None
+    if spec is None and isinstance(sampler_name, str):
+        for label in sorted(SCHEDULES, key=len, reverse=True):
+            base = sampler_name[: -len(label)].rstrip()
+            if sampler_name.endswith(" " + label) and base in _BY_NAME:
+                spec = _BY_NAME[base]
+                if scheduler == "Automatic":
+                    scheduler = label
+                break
+    if spec is None:
+        raise InvalidRequest("sampler_name", f"unknown sampler {sampler_name!r}", _valid_samplers())
+    if spec.fixed_schedule:
+        if scheduler != "Automatic":
+            log.info("sampler %s ignores scheduler %s, as the webui does", spec.name, scheduler)
+        return ResolvedSampler(spec, spec.schedule or "Uniform", scheduler)
+    if scheduler == "Automatic":
+        return ResolvedSampler(spec, spec.schedule or "Uniform", spec.schedule or "Automatic")
+    return ResolvedSampler(spec, scheduler, scheduler)
+
+
+__all__ = ["SAMPLERS", "SCHEDULES", "SCHEDULE_NAMES", "SPECS", "ResolvedSampler", "SamplerSpec", "resolve"]
