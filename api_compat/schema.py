@@ -1,0 +1,461 @@
+"""The sd_txt2img payload (pydantic v2): the cloud API's fields, the webui v1.10 txt2img extras, ControlNet units.
+
+Every field is checked here for its type and its own range; checks that need the engine configuration or
+more than one field (size limits, negative prompt alias, guidance order, images) live in ``translate.py``.
+Errors carry the field path and the allowed values; :func:`validation_error_to_api` turns them into an
+:class:`~api_compat.errors.ApiError`.
+
+Webui fields the engine does not implement (restore_faces, enable_hr, tiling, styles, refiner_checkpoint, ...)
+are accepted at their default value and rejected otherwise with a "not supported" error; fields that only
+matter when such a feature is on (hr_scale, hr_upscaler, refiner_switch_at, denoising_strength ...) are
+accepted with their type checked and ignored, as the webui does. Unknown fields are an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from api_compat.errors import ApiError
+
+INT64_MAX = 2**63 - 1
+MAX_SIZE = 2048
+MIN_SIZE = 64
+MAX_UNITS = 10
+MAX_TEXT = 65536  # characters of a prompt
+MAX_NAME = 255
+
+
+# ----------------------------------------------------------------------------------------------- validators
+def _err(kind: str, message: str, allowed: str | None = None, **ctx: Any) -> PydanticCustomError:
+    return PydanticCustomError(kind, message, {"allowed": allowed, **ctx})
+
+
+def _int_type(lo: int, hi: int, *, special: tuple[int, ...] = (), nullable: bool = False, multiple: int = 1,
+              allowed: str | None = None):
+    text = allowed or f"an integer from {lo} to {hi}"
+    if special:
+        text = " or ".join(str(s) for s in special) + ", or " + text
+
+    def check(value: Any) -> Any:
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _err("int_type", "must be an integer, got {got}", text, got=type(value).__name__)
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise _err("int_type", "must be an integer, got {value}", text, value=value)
+            value = int(value)
+        if value in special:
+            return value
+        if not lo <= value <= hi or value % multiple:
+            raise _err("out_of_range", "{value} is out of range", text, value=value)
+        return value
+
+    schema: dict[str, Any] = {"minimum": min((lo, *special)), "maximum": hi, "description": f"allowed: {text}"}
+    base = int | None if nullable else int
+    return Annotated[base, BeforeValidator(check), Field(json_schema_extra=schema)]
+
+
+def _float_type(lo: float, hi: float, *, nullable: bool = False, special: tuple[float, ...] = ()):
+    text = f"a number from {lo:g} to {hi:g}"
+    if special:
+        text = " or ".join(f"{s:g}" for s in special) + ", or " + text
+
+    def check(value: Any) -> Any:
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _err("float_type", "must be a number, got {got}", text, got=type(value).__name__)
+        value = float(value)
+        if not math.isfinite(value):
+            raise _err("out_of_range", "must be finite", text)
+        if value in special:
+            return value
+        if not lo <= value <= hi:
+            raise _err("out_of_range", "{value} is out of range", text, value=value)
+        return value
+
+    base = float | None if nullable else float
+    return Annotated[base, BeforeValidator(check),
+                     Field(json_schema_extra={"minimum": min((lo, *special)), "maximum": hi})]
+
+
+def _str_type(max_len: int = MAX_TEXT, *, nullable: bool = False):
+    text = f"a string of at most {max_len} characters"
+
+    def check(value: Any) -> Any:
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str):
+            raise _err("string_type", "must be a string, got {got}", text, got=type(value).__name__)
+        if len(value) > max_len:
+            raise _err("too_long", "is {n} characters long", text, n=len(value))
+        if "\x00" in value:
+            raise _err("string_type", "must not contain NUL characters", text)
+        return value
+
+    base = str | None if nullable else str
+    return Annotated[base, BeforeValidator(check), Field(json_schema_extra={"maxLength": max_len})]
+
+
+def check_model_name(value: str, *, allowed: str = "a model file or folder name from the model store") -> str:
+    """A name from the model store, never a path: ``..``, ``/``, ``\\``, drive letters, control characters
+    and absolute paths are rejected."""
+    if (
+        value in (".", "..")
+        or any(c in value for c in "/\\:")
+        or any(ord(c) < 32 for c in value)
+        or value.startswith("~")
+        or value != value.strip()
+    ):
+        raise _err("unsafe_model_path", "{value} is a path, not a model name", allowed, value=repr(value[:100]))
+    return value
+
+
+def _name_type(*, special: tuple[str, ...] = (), kind: str = "model"):
+    text = f"a {kind} name from the model store (no path)"
+    if special:
+        text = ", ".join(f'"{s}"' for s in special) + ", or " + text
+
+    def check(value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise _err("string_type", "must be a string, got {got}", text, got=type(value).__name__)
+        if len(value) > MAX_NAME:
+            raise _err("too_long", "is {n} characters long", text, n=len(value))
+        if value in special:
+            return value
+        return check_model_name(value, allowed=text)
+
+    return Annotated[str | None, BeforeValidator(check), Field(json_schema_extra={"description": f"allowed: {text}"})]
+
+
+def _only_default(*defaults: Any, feature: str):
+    """A webui field the engine does not implement: accepted at its default value(s), else "not supported"."""
+    shown = ", ".join("null" if d is None else repr(d).replace("'", '"').replace("False", "false")
+                      .replace("True", "true") for d in defaults)
+
+    def check(value: Any) -> Any:
+        for default in defaults:
+            if value is default or (type(value) is type(default) and value == default):
+                return value
+        raise _err("not_supported", "not supported: the engine does not implement {feature}; leave it at its default",
+                   shown, feature=feature)
+
+    return Annotated[Any, BeforeValidator(check), Field(json_schema_extra={"description": f"not supported; only {shown}"})]
+
+
+def _choice(mapping: dict[Any, str], default_text: str):
+    """A value from a fixed set, given by name (case-insensitive) or webui index; returns the canonical name."""
+    names = sorted(set(mapping.values()), key=list(mapping.values()).index)
+    text = ", ".join(f'"{n}"' for n in names) + f" (or {default_text})"
+    lowered = {(k.lower() if isinstance(k, str) else k): v for k, v in mapping.items()}
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise _err("enum", "must be one of the listed names, got {got}", text, got=type(value).__name__)
+        key = value.lower().strip() if isinstance(value, str) else value
+        if key not in lowered:
+            raise _err("enum", "unknown value {value}", text, value=repr(value if isinstance(value, int) else value[:100]))
+        return lowered[key]
+
+    return Annotated[str, BeforeValidator(check), Field(json_schema_extra={"enum": names})]
+
+
+def _bool_type(*, nullable: bool = True):
+    def check(value: Any) -> Any:
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise _err("bool_type", "must be true or false", "true, false")
+
+    base = bool | None if nullable else bool
+    return Annotated[base, BeforeValidator(check)]
+
+
+def _list_type(max_len: int, *, item: str = "string"):
+    def check(value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise _err("list_type", "must be a list", f"a list of {item}s")
+        if len(value) > max_len:
+            raise _err("too_long", "has {n} entries", f"at most {max_len} {item}s", n=len(value))
+        return value
+
+    return Annotated[list[Any] | None, BeforeValidator(check)]
+
+
+Int64 = _int_type(-1, INT64_MAX, allowed="-1 (random) or an integer from 0 to 2**63-1")
+ModelName = _name_type(kind="checkpoint")
+Text = _str_type()
+OptText = _str_type(nullable=True)
+ShortText = _str_type(200)
+OptShortText = _str_type(200, nullable=True)
+Flag = _bool_type()
+
+RESIZE_MODES = {
+    0: "Just Resize", "just resize": "Just Resize",
+    1: "Crop and Resize", "crop and resize": "Crop and Resize", "inner fit (scale to fit)": "Crop and Resize",
+    2: "Resize and Fill", "resize and fill": "Resize and Fill", "outer fit (shrink to fit)": "Resize and Fill",
+    "envelope (outer fit)": "Resize and Fill",
+}
+CONTROL_MODES = {
+    0: "Balanced", "balanced": "Balanced",
+    1: "My prompt is more important", "my prompt is more important": "My prompt is more important",
+    2: "ControlNet is more important", "controlnet is more important": "ControlNet is more important",
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --------------------------------------------------------------------------------------------------- models
+class ControlNetUnitPayload(_Model):
+    """One sd-webui-controlnet unit (API.md "ControlNet unit")."""
+
+    enabled: _bool_type(nullable=False) = True
+    module: ShortText = "none"
+    model: _name_type(kind="ControlNet model") = None
+    input_image: OptText = Field(None, description="base64 or data:image/...;base64, URI (http(s) if allowed)")
+    image: OptText = Field(None, description="alias of input_image")
+    weight: _float_type(0.0, 2.0) = 1.0
+    guidance_start: _float_type(0.0, 1.0) = 0.0
+    guidance_end: _float_type(0.0, 1.0) = 1.0
+    resize_mode: _choice(RESIZE_MODES, "0, 1, 2") = "Crop and Resize"
+    processor_res: _int_type(-1, 16384) = -1
+    threshold_a: _float_type(-1e6, 1e6) = -1.0
+    threshold_b: _float_type(-1e6, 1e6) = -1.0
+    control_mode: _choice(CONTROL_MODES, "0, 1, 2") = "Balanced"
+    pixel_perfect: _bool_type(nullable=False) = False
+    save_detected_map: _bool_type(nullable=False) = False
+    # sd-webui-controlnet fields with no effect here (memory hints, UI state, hires-fix routing)
+    low_vram: Flag = None
+    lowvram: Flag = None
+    is_ui: Flag = None
+    hr_option: OptShortText = None
+    inpaint_crop_input_image: Flag = None
+    # sd-webui-controlnet features the engine does not implement
+    guess_mode: _only_default(False, None, feature="guess mode (use control_mode)") = None
+    mask: _only_default(None, "", feature="ControlNet masks") = None
+    mask_image: _only_default(None, "", feature="ControlNet masks") = None
+    effective_region_mask: _only_default(None, "", feature="ControlNet region masks") = None
+    input_mode: _only_default("simple", None, feature="ControlNet batch input") = None
+    batch_images: _only_default("", None, [], feature="ControlNet batch input") = None
+    loopback: _only_default(False, None, feature="ControlNet loopback") = None
+    ipadapter_input: _only_default(None, feature="IP-Adapter inputs") = None
+    union_control_type: _only_default(None, "Unknown", feature="ControlNet union models") = None
+
+
+UnitList = Annotated[list[ControlNetUnitPayload] | None, Field(max_length=MAX_UNITS)]
+
+
+class ControlNetArgs(_Model):
+    """``alwayson_scripts.controlnet``: the units as ``units`` (API.md) or ``args`` (the webui's spelling)."""
+
+    units: UnitList = None
+    args: UnitList = None
+
+    def unit_list(self) -> tuple[str, list[ControlNetUnitPayload]]:
+        if self.units is not None:
+            return "units", self.units
+        return "args", self.args or []
+
+
+class AlwaysOnScripts(_Model):
+    controlnet: ControlNetArgs | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _script_titles(cls, data: Any) -> Any:
+        # the webui matches script titles case-insensitively ("ControlNet")
+        if isinstance(data, dict):
+            return {("controlnet" if isinstance(k, str) and k.lower() == "controlnet" else k): v
+                    for k, v in data.items()}
+        return data
+
+
+class OverrideSettings(_Model):
+    """The webui settings a request may override (``override_settings``)."""
+
+    CLIP_stop_at_last_layers: _int_type(1, 12, nullable=True) = None
+    sd_model_checkpoint: ModelName = None
+    sd_vae: _name_type(special=("Automatic", "None"), kind="VAE") = None
+    eta_noise_seed_delta: _int_type(0, INT64_MAX, nullable=True) = None
+
+
+class Txt2ImgPayload(_Model):
+    """The sd_txt2img request (cloud fields first, then webui v1.10 extras)."""
+
+    # the cloud API's fields
+    stable_diffusion_model: ModelName = None
+    sd_vae: _name_type(special=("Automatic", "None"), kind="VAE") = "Automatic"
+    clip_skip: _int_type(1, 12) = 1
+    prompt: Text = ""
+    negtive_prompt: OptText = Field(None, description="negative prompt (sic, as the cloud API spells it)")
+    negative_prompt: OptText = Field(None, description="alias of negtive_prompt")
+    batch_size: _int_type(1, 64) = 1
+    steps: _int_type(1, 150) = 20
+    cfg_scale: _float_type(0.0, 30.0) = 7.0
+    width: _int_type(MIN_SIZE, MAX_SIZE, nullable=True, multiple=8,
+                     allowed=f"a multiple of 8 from {MIN_SIZE} to {MAX_SIZE}") = None
+    height: _int_type(MIN_SIZE, MAX_SIZE, nullable=True, multiple=8,
+                      allowed=f"a multiple of 8 from {MIN_SIZE} to {MAX_SIZE}") = None
+    sampler_name: OptShortText = None
+    seed: Int64 = -1
+    alwayson_scripts: AlwaysOnScripts | None = None
+    # webui extras the engine implements
+    n_iter: _int_type(1, 100) = 1
+    scheduler: ShortText = "Automatic"
+    subseed: Int64 = -1
+    subseed_strength: _float_type(0.0, 1.0) = 0.0
+    eta: _float_type(0.0, 1.0, nullable=True) = None
+    s_churn: _float_type(0.0, 100.0) = 0.0
+    s_tmin: _float_type(0.0, 1e4) = 0.0
+    s_tmax: _float_type(0.0, 1e4, nullable=True) = None
+    s_noise: _float_type(0.0, 2.0) = 1.0
+    sampler_index: OptShortText = Field(None, description="legacy webui name of sampler_name")
+    override_settings: OverrideSettings | None = None
+    # webui fields with no effect on a txt2img result here
+    override_settings_restore_afterwards: Flag = None
+    do_not_save_samples: Flag = None
+    do_not_save_grid: Flag = None
+    send_images: Flag = None
+    save_images: Flag = None
+    disable_extra_networks: Flag = None
+    comments: Annotated[dict[str, Any] | None, Field(None)] = None
+    # only used by features that are off (hires fix, refiner): type-checked, ignored, as the webui does
+    denoising_strength: _float_type(0.0, 1.0, nullable=True) = None
+    firstphase_width: _int_type(0, MAX_SIZE, nullable=True) = None
+    firstphase_height: _int_type(0, MAX_SIZE, nullable=True) = None
+    hr_scale: _float_type(0.0, 8.0, nullable=True) = None
+    hr_upscaler: OptShortText = None
+    hr_second_pass_steps: _int_type(0, 150, nullable=True) = None
+    hr_resize_x: _int_type(0, 8192, nullable=True) = None
+    hr_resize_y: _int_type(0, 8192, nullable=True) = None
+    hr_checkpoint_name: OptShortText = None
+    hr_sampler_name: OptShortText = None
+    hr_scheduler: OptShortText = None
+    hr_prompt: OptText = None
+    hr_negative_prompt: OptText = None
+    hr_additional_modules: _list_type(16) = None
+    refiner_switch_at: _float_type(0.0, 1.0, nullable=True) = None
+    # webui features the engine does not implement: default only
+    enable_hr: _only_default(False, None, feature="hires fix (enable_hr)") = None
+    restore_faces: _only_default(False, None, feature="face restoration") = None
+    tiling: _only_default(False, None, feature="tiling") = None
+    styles: _only_default(None, [], feature="prompt styles") = None
+    seed_resize_from_h: _only_default(-1, 0, None, feature="seed resize") = None
+    seed_resize_from_w: _only_default(-1, 0, None, feature="seed resize") = None
+    s_min_uncond: _only_default(0, 0.0, None, feature="negative guidance minimum sigma (s_min_uncond)") = None
+    refiner_checkpoint: _only_default(None, "", "None", feature="refiner checkpoints") = None
+    firstpass_image: _only_default(None, "", feature="a first-pass image") = None
+    force_task_id: _only_default(None, "", feature="client-chosen task ids") = None
+    script_name: _only_default(None, "", feature="scripts (script_name)") = None
+    script_args: _only_default(None, [], feature="scripts (script_args)") = None
+    infotext: _only_default(None, "", feature="infotext parameters") = None
+
+
+FIELD_NAMES = {
+    (): set(Txt2ImgPayload.model_fields),
+    ("override_settings",): set(OverrideSettings.model_fields),
+    ("alwayson_scripts", "controlnet"): set(ControlNetArgs.model_fields),
+    "unit": set(ControlNetUnitPayload.model_fields),
+}
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """``("alwayson_scripts", "controlnet", "units", 1, "weight")`` -> ``alwayson_scripts.controlnet.units[1].weight``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+_ALLOWED_BY_TYPE = {
+    "too_long": f"at most {MAX_UNITS} units",
+    "model_type": "a JSON object",
+    "dict_type": "a JSON object",
+    "list_type": "a JSON list",
+    "missing": None,
+}
+
+
+def _known_fields(loc: tuple[Any, ...]) -> set[str]:
+    parent = tuple(loc[:-1])
+    if len(parent) >= 2 and isinstance(parent[-1], int):
+        return FIELD_NAMES["unit"]
+    return FIELD_NAMES.get(parent, set())
+
+
+def _convert(err: dict[str, Any], prefix: tuple[Any, ...]) -> dict[str, Any]:
+    loc = prefix + tuple(err.get("loc", ()))
+    kind = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    allowed = ctx.get("allowed") if isinstance(ctx, dict) else None
+    name = str(loc[-1]) if loc else ""
+    if kind == "extra_forbidden":
+        if loc[:1] == ("alwayson_scripts",) and len(loc) == 2:
+            return {"code": "not_supported", "field": field_path(loc),
+                    "message": f"the script {name!r} is not supported", "allowed": "controlnet"}
+        if loc[:1] == ("override_settings",) and len(loc) == 2:
+            known = ", ".join(sorted(FIELD_NAMES[("override_settings",)]))
+            return {"code": "not_supported", "field": field_path(loc),
+                    "message": f"overriding the setting {name!r} is not supported", "allowed": known}
+        known = _known_fields(loc)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        message = f"unknown field {name!r}" + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "")
+        return {"code": "unknown_field", "field": field_path(loc), "message": message,
+                "allowed": ", ".join(sorted(known)) if known and len(known) <= 20 else "the fields of API.md"}
+    code = {"not_supported": "not_supported", "unsafe_model_path": "unsafe_model_path"}.get(kind, "invalid_request")
+    message = "is required" if kind == "missing" else err.get("msg", "is invalid")
+    return {"code": code, "field": field_path(loc), "message": message,
+            "allowed": allowed if allowed is not None else _ALLOWED_BY_TYPE.get(kind)}
+
+
+def validation_error_to_api(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> ApiError:
+    """Every problem pydantic found, the first one as the error's code/field/message."""
+    errors = [_convert(e, prefix) for e in exc.errors(include_url=False, include_input=False)]
+    first = errors[0]
+    return ApiError(first["code"], first["message"], field=first["field"] or None, allowed=first["allowed"],
+                    errors=errors)
+
+
+def parse_payload(payload: Any) -> Txt2ImgPayload:
+    """Validate a decoded JSON payload; raises :class:`ApiError` naming the field path."""
+    if not isinstance(payload, dict):
+        raise ApiError("bad_request", f"the payload must be a JSON object, got {type(payload).__name__}")
+    try:
+        parsed = Txt2ImgPayload.model_validate(payload)
+    except ValidationError as exc:
+        raise validation_error_to_api(exc) from None
+    script = parsed.alwayson_scripts.controlnet if parsed.alwayson_scripts else None
+    if script is not None and script.units is not None and script.args is not None:
+        raise ApiError("invalid_request", "give the units either as 'units' or as 'args', not both",
+                       field="alwayson_scripts.controlnet.args", allowed="units or args")
+    return parsed
+
+
+def units_of(payload: Txt2ImgPayload) -> tuple[tuple[str, ControlNetUnitPayload], ...]:
+    """The ControlNet units with their field path (``alwayson_scripts.controlnet.units[i]``)."""
+    script = payload.alwayson_scripts.controlnet if payload.alwayson_scripts else None
+    if script is None:
+        return ()
+    key, units = script.unit_list()
+    return tuple((f"alwayson_scripts.controlnet.{key}[{i}]", u) for i, u in enumerate(units))

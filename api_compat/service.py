@@ -1,0 +1,367 @@
+"""LocalService: the sd_txt2img / sd_get_result contract in-process, over a bounded task queue.
+
+    with LocalService(models_dir="models") as api:
+        task = api.sd_txt2img({"prompt": "a cat", "steps": 20})
+        result = api.wait(task["taskId"])          # {"taskId", "status", "images": [png paths], ...}
+
+Validation happens at submit (an :class:`ApiError` is raised and nothing is queued). Each engine
+configuration (the default one, and each named one selected with the ``X-SP-RESOURCE-CONFIG-ID`` header) has
+its own queue and worker thread, which creates its engine on the first task. Tasks go waiting -> running ->
+succeeded | failed; one failing task never stops a worker. Records and PNGs live in a :class:`TaskStore`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.errors import Cancelled, InvalidRequest, ModelError, SdEngineError
+
+from api_compat.engine_api import EngineFactory, EngineLike, ModelCatalog, default_catalog, default_engine_factory
+from api_compat.errors import ApiError
+from api_compat.images import ImageLimits, write_png
+from api_compat.schema import parse_payload
+from api_compat.store import TASK_ID, Status, TaskRecord, TaskStore
+from api_compat.translate import translate
+
+log = logging.getLogger(__name__)
+
+CONFIG_HEADER = "X-SP-RESOURCE-CONFIG-ID"
+DEFAULT_CONFIG = "default"
+ENV_RESULTS_DIR = "SDENGINE_RESULTS_DIR"
+
+
+@dataclass
+class _Task:
+    task_id: str
+    config_id: str
+    request: Any
+    parameters: dict[str, Any]
+    status: Status = Status.WAITING
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    progress: dict[str, Any] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def api_error_from(exc: InvalidRequest) -> ApiError:
+    """An engine ``InvalidRequest`` (field, message, allowed) as an :class:`ApiError` with the same parts."""
+    message = str(exc)
+    if exc.field and message.startswith(f"{exc.field}: "):
+        message = message[len(exc.field) + 2:]
+    if exc.allowed and message.endswith(f" (allowed: {exc.allowed})"):
+        message = message[: -len(f" (allowed: {exc.allowed})")]
+    return ApiError(exc.code, message, field=exc.field, allowed=exc.allowed)
+
+
+class _Worker:
+    """One queue and one thread for one engine configuration (one device)."""
+
+    def __init__(self, service: LocalService, config_id: str, config: EngineConfig):
+        self.service = service
+        self.config_id = config_id
+        self.config = config
+        self.queue: collections.deque[_Task] = collections.deque()
+        self.running: _Task | None = None
+        self.engine: EngineLike | None = None
+        self.thread = threading.Thread(target=self._loop, name=f"sdengine-worker-{config_id}", daemon=True)
+
+    def _loop(self) -> None:
+        service = self.service
+        while True:
+            with service._cond:
+                while not self.queue and not service._closing:
+                    service._cond.wait()
+                if not self.queue:
+                    return
+                task = self.queue.popleft()
+                task.status = Status.RUNNING
+                task.started = time.time()
+                self.running = task
+            try:
+                service._run(self, task)
+            except BaseException:  # pragma: no cover - _run handles everything; keep the worker alive
+                log.exception("worker %s: unexpected error around task %s", self.config_id, task.task_id)
+            finally:
+                with service._cond:
+                    self.running = None
+                    service._live.pop(task.task_id, None)
+                    service._cond.notify_all()
+                task.done.set()
+
+
+class LocalService:
+    """The embedded API. ``engine_options`` are :class:`EngineConfig` fields (backend, device, precision ...).
+
+    ``configs`` maps a resource-configuration id to engine options applied over ``engine_options``; the
+    ``X-SP-RESOURCE-CONFIG-ID`` header picks one (absent: the default configuration).
+    ``engine_factory(config) -> engine`` builds an engine (default: ``engine.pipeline.Engine``).
+    ``model_catalog(config) -> ModelCatalog`` checks model names at submit (default: the model store);
+    pass ``model_catalog=False`` to leave the lookup to the engine.
+    """
+
+    def __init__(
+        self,
+        models_dir: str | os.PathLike | None = None,
+        *,
+        results_dir: str | os.PathLike | None = None,
+        configs: dict[str, dict[str, Any]] | None = None,
+        engine_factory: EngineFactory | None = None,
+        model_catalog: Any = None,
+        max_queue: int = 256,
+        allow_url_fetch: bool = False,
+        max_image_bytes: int = 20 * 1024 * 1024,
+        max_image_pixels: int = 4096 * 4096,
+        max_age_s: float | None = 7 * 86400,
+        max_tasks: int | None = 10000,
+        **engine_options: Any,
+    ):
+        if models_dir is not None:
+            engine_options["models_dir"] = models_dir
+        base = EngineConfig(**engine_options)
+        self.configs: dict[str, EngineConfig] = {DEFAULT_CONFIG: base}
+        for config_id, options in (configs or {}).items():
+            self.configs[str(config_id)] = EngineConfig(**{**engine_options, **options})
+        self.results_dir = Path(results_dir or os.environ.get(ENV_RESULTS_DIR) or "outputs/sdengine")
+        self.limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_image_pixels,
+                                  allow_url_fetch=allow_url_fetch)
+        self.max_queue = max_queue
+        self._factory = engine_factory or default_engine_factory
+        if model_catalog is False:
+            self._catalogs: dict[str, ModelCatalog | None] = {k: None for k in self.configs}
+        else:
+            make = model_catalog or default_catalog
+            self._catalogs = {k: make(c) for k, c in self.configs.items()}
+        self.store = TaskStore(self.results_dir, max_age_s=max_age_s, max_tasks=max_tasks)
+        self._cond = threading.Condition()
+        self._live: dict[str, _Task] = {}
+        self._closing = False
+        self._closed = False
+        self._last_cleanup = time.monotonic()
+        self._workers = {k: _Worker(self, k, c) for k, c in self.configs.items()}
+        for worker in self._workers.values():
+            worker.thread.start()
+
+    # ----------------------------------------------------------------------------------------- the API
+    def sd_txt2img(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, str]:
+        """Validate and queue a task; returns ``{"taskId", "status"}``. Raises :class:`ApiError`."""
+        config_id = self._config_id(headers)
+        config = self.configs[config_id]
+        parsed = parse_payload(payload)
+        try:
+            translation = translate(parsed, config, self.limits)
+        except InvalidRequest as exc:
+            raise api_error_from(exc) from None
+        catalog = self._catalogs[config_id]
+        for kind, name, path in translation.models if catalog is not None else ():
+            try:
+                catalog.check(kind, name, path)
+            except InvalidRequest as exc:
+                raise api_error_from(exc) from None
+            except ModelError as exc:
+                code = "model_not_found" if exc.code == "model_error" else exc.code
+                message = str(exc)
+                if message.startswith(f"{exc.path}: "):
+                    message = message[len(exc.path) + 2:]
+                raise ApiError(code, message, field=path, allowed=f"a {kind} name from the model store") from None
+        task = _Task(task_id=uuid.uuid4().hex, config_id=config_id, request=translation.request,
+                     parameters=translation.parameters)
+        worker = self._workers[config_id]
+        with self._cond:
+            if self._closing:
+                raise ApiError("closed", "the service is closed")
+            if len(worker.queue) >= self.max_queue:
+                raise ApiError("queue_full", f"the queue is full ({self.max_queue} waiting tasks); retry later",
+                               field=None, allowed=f"at most {self.max_queue} waiting tasks")
+            self.store.insert(task.task_id, config_id, task.parameters, task.created)
+            self._live[task.task_id] = task
+            worker.queue.append(task)
+            self._cond.notify_all()
+        return {"taskId": task.task_id, "status": Status.WAITING.value}
+
+    def sd_get_result(self, query: dict[str, Any] | str) -> dict[str, Any]:
+        """``{"taskId": ...}`` -> the task's result dict (API.md "Poll"). Raises :class:`ApiError` (not_found)."""
+        task_id = self._task_id(query)
+        with self._cond:
+            task = self._live.get(task_id)
+            if task is not None and task.status in (Status.WAITING, Status.RUNNING):
+                out = {"taskId": task_id, "status": task.status.value, "images": [], "parameters": task.parameters,
+                       "info": {}}
+                if task.status is Status.RUNNING:
+                    out["progress"] = dict(task.progress or {"step": 0, "steps": task.request.steps,
+                                                             "fraction": 0.0, "eta_seconds": None})
+                else:
+                    out["queue_position"] = self._workers[task.config_id].queue.index(task)
+                return out
+        record = self.store.get(task_id)
+        if record is None:
+            raise ApiError("not_found", f"no task {task_id!r}", field="taskId")
+        return self._record_dict(record)
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        """Waiting: failed ``cancelled`` at once. Running: the engine is asked to stop between steps."""
+        task_id = self._task_id({"taskId": task_id})
+        with self._cond:
+            task = self._live.get(task_id)
+            if task is not None:
+                task.cancel.set()
+                queue = self._workers[task.config_id].queue
+                if task.status is Status.WAITING and task in queue:
+                    queue.remove(task)
+                    self._live.pop(task_id, None)
+                    self.store.finish(task_id, Status.FAILED, error_code="cancelled",
+                                      error_message="cancelled while waiting")
+                    task.status = Status.FAILED
+                    task.done.set()
+        return self.sd_get_result({"taskId": task_id})
+
+    def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the task is finished; raises ``TimeoutError`` after ``timeout`` seconds."""
+        task_id = self._task_id({"taskId": task_id})
+        with self._cond:
+            task = self._live.get(task_id)
+        if task is not None and not task.done.wait(timeout):
+            raise TimeoutError(f"task {task_id} did not finish within {timeout} s")
+        return self.sd_get_result({"taskId": task_id})
+
+    def image_path(self, task_id: str, index: int) -> Path | None:
+        """The PNG file of image ``index`` of a finished task, or None."""
+        return self.store.image_path(task_id, index)
+
+    def health(self) -> dict[str, Any]:
+        with self._cond:
+            queues = {k: {"waiting": len(w.queue), "running": w.running is not None, "capacity": self.max_queue,
+                          "alive": w.thread.is_alive()} for k, w in self._workers.items()}
+        return {"status": "closed" if self._closing else "ok", "queues": queues}
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Stop accepting tasks, fail the waiting ones (``cancelled``), cancel the running ones, join workers."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closing = True
+            for worker in self._workers.values():
+                while worker.queue:
+                    task = worker.queue.popleft()
+                    self._live.pop(task.task_id, None)
+                    self.store.finish(task.task_id, Status.FAILED, error_code="cancelled",
+                                      error_message="the service was closed before the task ran")
+                    task.status = Status.FAILED
+                    task.done.set()
+                if worker.running is not None:
+                    worker.running.cancel.set()
+            self._cond.notify_all()
+        for worker in self._workers.values():
+            worker.thread.join(timeout)
+        self._closed = True
+        self.store.close()
+
+    def __enter__(self) -> LocalService:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------------------------- helpers
+    def _config_id(self, headers: dict[str, str] | None) -> str:
+        value = None
+        for key, val in (headers or {}).items():
+            if isinstance(key, str) and key.lower() == CONFIG_HEADER.lower():
+                value = val
+        if value is None or value == "":
+            return DEFAULT_CONFIG
+        if not isinstance(value, str) or value not in self.configs:
+            raise ApiError("unknown_config", f"unknown resource configuration {str(value)[:100]!r}",
+                           field=f"headers.{CONFIG_HEADER}", allowed=", ".join(sorted(self.configs)))
+        return value
+
+    @staticmethod
+    def _task_id(query: dict[str, Any] | str) -> str:
+        task_id = query.get("taskId") if isinstance(query, dict) else query
+        if not isinstance(task_id, str) or not TASK_ID.match(task_id):
+            if isinstance(query, dict) and "taskId" not in query:
+                raise ApiError("invalid_request", "is required", field="taskId", allowed="a task id from sd_txt2img")
+            raise ApiError("not_found", f"no task {str(task_id)[:100]!r}", field="taskId",
+                           allowed="a task id from sd_txt2img (32 hex digits)")
+        return task_id
+
+    def _record_dict(self, record: TaskRecord) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "taskId": record.task_id,
+            "status": record.status.value,
+            "images": [str(self.store.images_dir / name) for name in record.images],
+            "parameters": record.parameters,
+            "info": record.info,
+        }
+        if record.status is Status.FAILED:
+            out["error"] = {"code": record.error_code or "internal_error", "message": record.error_message or ""}
+        return out
+
+    def _engine(self, worker: _Worker) -> EngineLike:
+        if worker.engine is None:
+            worker.engine = self._factory(worker.config)
+        return worker.engine
+
+    def _run(self, worker: _Worker, task: _Task) -> None:
+        """Run one task to a final state; every exception ends as a failed task, never in the worker."""
+        self.store.set_running(task.task_id, task.started)
+        first = time.monotonic()
+
+        def progress(step: int, steps: int) -> None:
+            step, steps = int(step), max(int(steps), 1)
+            elapsed = time.monotonic() - first
+            eta = elapsed / step * (steps - step) if step > 0 else None
+            task.progress = {"step": step, "steps": steps, "fraction": min(step / steps, 1.0),
+                             "eta_seconds": None if eta is None else round(eta, 3)}
+
+        try:
+            if task.cancel.is_set():
+                raise Cancelled("cancelled before the task started")
+            engine = self._engine(worker)
+            result = engine.generate(task.request, progress=progress, cancel=task.cancel)
+            names = []
+            infotexts = list(result.infotexts)
+            for i, image in enumerate(result.images):
+                path = self.store.image_file(task.task_id, i)
+                write_png(path, image, infotexts[i] if i < len(infotexts) else None)
+                names.append(path.name)
+            info = dict(result.info)
+            info.setdefault("infotexts", infotexts)
+            info.setdefault("all_seeds", list(result.seeds))
+            info.setdefault("all_subseeds", list(result.subseeds))
+            info.setdefault("timings", dict(result.timings))
+            info.setdefault("resource_config_id", task.config_id)
+            self.store.finish(task.task_id, Status.SUCCEEDED, info=info, images=names)
+            task.status = Status.SUCCEEDED
+        except Cancelled as exc:
+            self._fail(task, "cancelled", str(exc) or "cancelled")
+        except SdEngineError as exc:
+            self._fail(task, exc.code, str(exc))
+        except Exception as exc:
+            log.exception("task %s failed", task.task_id)
+            self._fail(task, "internal_error", f"{type(exc).__name__}: {exc}")
+        self._maybe_cleanup()
+
+    def _fail(self, task: _Task, code: str, message: str) -> None:
+        try:
+            self.store.finish(task.task_id, Status.FAILED, error_code=code, error_message=message[:2000])
+        except Exception:  # pragma: no cover - the store itself failed; the record stays 'running' until restart
+            log.exception("could not record the failure of task %s", task.task_id)
+        task.status = Status.FAILED
+
+    def _maybe_cleanup(self) -> None:
+        if time.monotonic() - self._last_cleanup > 60.0:
+            self._last_cleanup = time.monotonic()
+            try:
+                self.store.cleanup()
+            except Exception:  # pragma: no cover
+                log.exception("retention cleanup failed")

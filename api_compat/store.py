@@ -1,0 +1,248 @@
+"""Task records in SQLite (stdlib sqlite3, WAL) and result PNGs on disk, surviving restarts.
+
+Layout of a results directory::
+
+    tasks.sqlite3        one row per task (status, parameters, info, image file names, error)
+    images/{taskId}-{i}.png
+    .lock                held (flock) by the process that has the store open
+
+Opening a store marks every task still ``waiting`` or ``running`` -- left so by a process that died -- as
+``failed`` with the error code ``interrupted``, deletes half-written files, and applies retention.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    config_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    parameters TEXT NOT NULL,
+    info TEXT,
+    images TEXT,
+    error_code TEXT,
+    error_message TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished);
+"""
+
+
+class Status(str, Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    status: Status
+    config_id: str
+    created: float
+    started: float | None
+    finished: float | None
+    parameters: dict[str, Any]
+    info: dict[str, Any]
+    images: tuple[str, ...]
+    error_code: str | None
+    error_message: str | None
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default, ensure_ascii=False)
+
+
+class StoreLocked(RuntimeError):
+    """Another process has this results directory open."""
+
+
+class TaskStore:
+    """SQLite task records + PNG files under ``root``. Thread-safe (one connection behind a lock).
+
+    ``max_age_s`` / ``max_tasks`` bound the finished tasks kept (rows and files); None keeps them all.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, max_age_s: float | None = 7 * 86400,
+                 max_tasks: int | None = 10000):
+        self.root = Path(root)
+        self.images_dir = self.root / "images"
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.max_age_s = max_age_s
+        self.max_tasks = max_tasks
+        self._lock = threading.Lock()
+        self._lock_file = self._acquire_dir_lock()
+        self._db = sqlite3.connect(self.root / "tasks.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self.recovered = self._recover()
+        self.cleanup()
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def _acquire_dir_lock(self):
+        handle = open(self.root / ".lock", "a+")  # noqa: SIM115 - held for the store's lifetime
+        try:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX
+            pass
+        except OSError:
+            handle.close()
+            raise StoreLocked(f"{self.root}: the results directory is in use by another process") from None
+        return handle
+
+    def _recover(self) -> int:
+        """Tasks a dead process left waiting/running -> failed ``interrupted``; stray files removed."""
+        now = time.time()
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE tasks SET status='failed', finished=?, error_code='interrupted', "
+                "error_message='the service stopped before this task finished (it was ' || status || "
+                "'); submit it again' WHERE status IN ('waiting', 'running')",
+                (now,),
+            )
+            count = cur.rowcount
+            known = set()
+            for (images,) in self._db.execute("SELECT images FROM tasks WHERE images IS NOT NULL"):
+                known.update(json.loads(images))
+        for entry in os.scandir(self.images_dir):
+            if entry.name not in known:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    log.warning("could not remove stray file %s", entry.path)
+        if count:
+            log.warning("%d task(s) were interrupted by a previous shutdown and are marked failed", count)
+        return count
+
+    # -------------------------------------------------------------------------------------------- writes
+    def insert(self, task_id: str, config_id: str, parameters: dict[str, Any], created: float | None = None) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO tasks (task_id, status, config_id, created, parameters) VALUES (?, 'waiting', ?, ?, ?)",
+                (task_id, config_id, created or time.time(), dumps(parameters)),
+            )
+
+    def set_running(self, task_id: str, started: float | None = None) -> None:
+        with self._lock:
+            self._db.execute("UPDATE tasks SET status='running', started=? WHERE task_id=?",
+                             (started or time.time(), task_id))
+
+    def finish(self, task_id: str, status: Status, *, info: dict[str, Any] | None = None,
+               images: list[str] | tuple[str, ...] = (), error_code: str | None = None,
+               error_message: str | None = None) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE tasks SET status=?, finished=?, info=?, images=?, error_code=?, error_message=? "
+                "WHERE task_id=?",
+                (Status(status).value, time.time(), dumps(info or {}), json.dumps(list(images)), error_code,
+                 error_message, task_id),
+            )
+
+    def image_file(self, task_id: str, index: int) -> Path:
+        """Where image ``index`` of a task is written (ids only: the name never comes from a client)."""
+        if not TASK_ID.match(task_id) or index < 0:
+            raise ValueError(f"invalid task id or index: {task_id!r}, {index}")
+        return self.images_dir / f"{task_id}-{index}.png"
+
+    # --------------------------------------------------------------------------------------------- reads
+    def get(self, task_id: str) -> TaskRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT task_id, status, config_id, created, started, finished, parameters, info, images, "
+                "error_code, error_message FROM tasks WHERE task_id=?",
+                (task_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return TaskRecord(
+            task_id=row[0], status=Status(row[1]), config_id=row[2], created=row[3], started=row[4],
+            finished=row[5], parameters=json.loads(row[6]), info=json.loads(row[7]) if row[7] else {},
+            images=tuple(json.loads(row[8])) if row[8] else (), error_code=row[9], error_message=row[10],
+        )
+
+    def image_path(self, task_id: str, index: int) -> Path | None:
+        """The PNG of a finished task, or None (unknown task, index out of range, file gone)."""
+        if not TASK_ID.match(task_id):
+            return None
+        record = self.get(task_id)
+        if record is None or not 0 <= index < len(record.images):
+            return None
+        path = self.images_dir / record.images[index]
+        return path if path.is_file() else None
+
+    def count(self, status: Status | None = None) -> int:
+        with self._lock:
+            if status is None:
+                return self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+            return self._db.execute("SELECT COUNT(*) FROM tasks WHERE status=?", (Status(status).value,)).fetchone()[0]
+
+    # ----------------------------------------------------------------------------------------- retention
+    def cleanup(self, now: float | None = None) -> int:
+        """Delete finished tasks older than ``max_age_s`` or beyond the newest ``max_tasks``, files first."""
+        now = time.time() if now is None else now
+        with self._lock:
+            doomed: list[tuple[str, str | None]] = []
+            if self.max_age_s is not None:
+                doomed += self._db.execute(
+                    "SELECT task_id, images FROM tasks WHERE finished IS NOT NULL AND finished < ?",
+                    (now - self.max_age_s,),
+                ).fetchall()
+            if self.max_tasks is not None:
+                doomed += self._db.execute(
+                    "SELECT task_id, images FROM tasks WHERE finished IS NOT NULL ORDER BY finished DESC "
+                    "LIMIT -1 OFFSET ?",
+                    (self.max_tasks,),
+                ).fetchall()
+            ids = {}
+            for task_id, images in doomed:
+                ids[task_id] = json.loads(images) if images else []
+            for task_id, images in ids.items():
+                for name in images:
+                    try:
+                        os.unlink(self.images_dir / name)
+                    except FileNotFoundError:
+                        pass
+                self._db.execute("DELETE FROM tasks WHERE task_id=?", (task_id,))
+        if ids:
+            log.info("retention removed %d finished task(s)", len(ids))
+        return len(ids)
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.close()
+            finally:
+                self._lock_file.close()

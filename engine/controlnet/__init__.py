@@ -1,0 +1,69 @@
+"""ControlNet: preprocessors, control images, unit scheduling and control modes (sd-webui-controlnet v1.1.4xx).
+
+``prepare_unit`` turns a validated :class:`engine.request.ControlNetUnit` into a :class:`PreparedUnit` for the
+sampler: preprocess (pixel-perfect resolution if asked), fit the detected map to the generation size with the
+unit's resize mode, and build the (1, 3, H, W) control tensor. The denoiser then calls
+:func:`controlnet_residuals` at every model evaluation.
+
+Nothing heavy is imported here: OpenCV is loaded on first use through ``engine.lazy.require``.
+"""
+
+from __future__ import annotations
+
+from engine.controlnet.images import (
+    ResizeMode,
+    control_tensor,
+    decode_image,
+    fit_detected_map,
+    hwc3,
+    pixel_perfect_resolution,
+)
+from engine.controlnet.preprocessors import ALIASES, PREPROCESSORS, Preprocessor, get_preprocessor, preprocess
+from engine.controlnet.units import (
+    ControlMode,
+    PreparedUnit,
+    active,
+    active_units,
+    combine_residuals,
+    cond_rows_mask,
+    controlnet_component,
+    controlnet_residuals,
+    residual_names,
+    residual_scales,
+    webui_sampling_step,
+)
+
+__all__ = [
+    "ALIASES", "PREPROCESSORS", "ControlMode", "PreparedUnit", "Preprocessor", "ResizeMode", "active",
+    "active_units", "combine_residuals", "cond_rows_mask", "control_tensor", "controlnet_component",
+    "controlnet_residuals", "decode_image", "fit_detected_map", "get_preprocessor", "hwc3",
+    "pixel_perfect_resolution", "prepare_unit", "preprocess", "residual_names", "residual_scales",
+    "webui_sampling_step",
+]
+
+
+def prepare_unit(unit, width: int, height: int, field: str = "alwayson_scripts.controlnet.units[0]") -> PreparedUnit:
+    """A request unit (``engine.request.ControlNetUnit``) -> a :class:`PreparedUnit` at ``width`` x ``height``.
+
+    As the extension: ``processor_res`` comes from the target size when ``pixel_perfect`` (else the unit's
+    value, -1 / out of range = the preprocessor's default;
+    the pixel-perfect value is used unchecked, as the extension does); the detected map is fitted with the unit's
+    resize mode; ``PreparedUnit.detected_map`` is that fitted map (what ``save_detected_map`` returns).
+    """
+    resize_mode = ResizeMode.parse(unit.resize_mode, f"{field}.resize_mode")
+    control_mode = ControlMode.parse(unit.control_mode, f"{field}.control_mode")
+    pre = get_preprocessor(unit.module, f"{field}.module")
+    image = hwc3(unit.image)
+    exact = pixel_perfect_resolution(image, height, width, resize_mode) if unit.pixel_perfect else None
+    detected = pre(image, unit.processor_res, unit.threshold_a, unit.threshold_b, exact_res=exact)
+    fitted = fit_detected_map(detected, resize_mode, height, width)
+    return PreparedUnit(
+        model=unit.model,
+        image=control_tensor(fitted),
+        weight=float(unit.weight),
+        guidance_start=float(unit.guidance_start),
+        guidance_end=float(unit.guidance_end),
+        control_mode=control_mode,
+        module=pre.name,
+        detected_map=fitted,
+    )

@@ -1,0 +1,266 @@
+"""ControlNet preprocessors that need no model weights, as sd-webui-controlnet v1.1.4xx runs them.
+
+The registry :data:`PREPROCESSORS` maps the extension's module names to :class:`Preprocessor` objects;
+:data:`ALIASES` maps the extension's UI labels ("invert (from white bg & black line)", "t2ia_color_grid",
+...) to them. Model-based preprocessors (depth, openpose, hed, lineart models, ...) need weights this engine
+does not download: asking for one is an :class:`InvalidRequest` that says so and lists what is available.
+
+Parameters follow the extension's slider configs: each preprocessor declares a default and a range for
+``processor_res``, ``threshold_a`` and ``threshold_b``; -1 (any negative) or a value outside the range gives
+the default (API.md; the extension itself only replaces negative values). Algorithms follow
+scripts/processor.py: most first resize the input so its short side is ``processor_res`` (INTER_CUBIC up,
+INTER_AREA down), pad it to a multiple of 64 with edge pixels, run, and crop the padding off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from engine.controlnet.images import hwc3
+from engine.errors import InvalidRequest
+from engine.lazy import require
+
+
+def _cv2():
+    return require("cv2", "controlnet", "ControlNet preprocessing")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One slider: its default and inclusive range."""
+
+    default: float
+    minimum: float
+    maximum: float
+
+    def resolve(self, value: float | None) -> float:
+        """``value`` if it is given and in range, else the default (-1 means "default")."""
+        if value is None or value < 0 or not (self.minimum <= value <= self.maximum):
+            return self.default
+        return value
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """A preprocessor: ``fn(image_rgb_uint8, res, thr_a, thr_b) -> map`` and its slider definitions.
+
+    A slider that is None is not used by the preprocessor (its value is ignored).
+    """
+
+    name: str
+    fn: Callable[[np.ndarray, int, float, float], np.ndarray]
+    resolution: Param | None = None
+    threshold_a: Param | None = None
+    threshold_b: Param | None = None
+    label: str | None = None
+
+    def resolve(self, processor_res: float = -1, threshold_a: float = -1, threshold_b: float = -1):
+        """The effective (res, thr_a, thr_b), defaults applied; unused sliders come back as None."""
+        res = None if self.resolution is None else int(self.resolution.resolve(processor_res))
+        a = None if self.threshold_a is None else self.threshold_a.resolve(threshold_a)
+        b = None if self.threshold_b is None else self.threshold_b.resolve(threshold_b)
+        return res, a, b
+
+    def __call__(self, image: np.ndarray, processor_res: float = -1, threshold_a: float = -1,
+                 threshold_b: float = -1, exact_res: int | None = None) -> np.ndarray:
+        """Run on an RGB uint8 image. ``exact_res`` (pixel perfect) is used as is, without the range check."""
+        res, a, b = self.resolve(processor_res, threshold_a, threshold_b)
+        if exact_res is not None and res is not None:
+            res = max(1, int(exact_res))
+        return hwc3(np.ascontiguousarray(self.fn(hwc3(np.asarray(image)), res, a, b)))
+
+
+# ------------------------------------------------------------------------------------------ algorithms
+
+
+def _pad64(x: int) -> int:
+    return int(np.ceil(float(x) / 64.0) * 64 - x)
+
+
+def resize_image_with_pad(img: np.ndarray, resolution: int) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """The extension's resize_image_with_pad: short side -> ``resolution``, edge-pad to multiples of 64.
+
+    Returns the padded image and a function that crops a result back to the unpadded size.
+    """
+    cv2 = _cv2()
+    h_raw, w_raw = img.shape[:2]
+    k = float(resolution) / float(min(h_raw, w_raw))
+    interpolation = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
+    h_target, w_target = int(np.round(float(h_raw) * k)), int(np.round(float(w_raw) * k))
+    img = cv2.resize(img, (w_target, h_target), interpolation=interpolation)
+    padded = np.pad(img, [[0, _pad64(h_target)], [0, _pad64(w_target)], [0, 0]], mode="edge")
+
+    def remove_pad(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x[:h_target, :w_target])
+
+    return np.ascontiguousarray(padded), remove_pad
+
+
+def _none(img, res, a, b):
+    return img
+
+
+def _invert(img, res, a, b):
+    return 255 - img
+
+
+def _canny(img, res, low, high):
+    padded, remove_pad = resize_image_with_pad(img, res)
+    return remove_pad(_cv2().Canny(padded, low, high))
+
+
+def _threshold(img, res, thr, b):
+    padded, remove_pad = resize_image_with_pad(img, res)
+    out = np.zeros_like(padded, dtype=np.uint8)
+    out[np.min(padded, axis=2) > thr] = 255
+    return remove_pad(out)
+
+
+def _binary(img, res, thr, b):
+    """The extension's v1.0 "binary": inverted binarisation of the gray image; 0 or 255 = Otsu's threshold."""
+    cv2 = _cv2()
+    padded, remove_pad = resize_image_with_pad(img, res)
+    gray = cv2.cvtColor(padded, cv2.COLOR_RGB2GRAY)
+    if thr == 0 or thr == 255:
+        _, out = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY_INV + cv2.THRESH_OTSU)
+    else:
+        _, out = cv2.threshold(gray, thr, 255, cv2.THRESH_BINARY_INV)
+    return remove_pad(out)
+
+
+def _blur_gaussian(img, res, sigma, b):
+    padded, remove_pad = resize_image_with_pad(img, res)
+    return _cv2().GaussianBlur(remove_pad(padded), (0, 0), float(sigma))
+
+
+def _scribble_xdog(img, res, thr, b):
+    cv2 = _cv2()
+    padded, remove_pad = resize_image_with_pad(img, res)
+    g1 = cv2.GaussianBlur(padded.astype(np.float32), (0, 0), 0.5)
+    g2 = cv2.GaussianBlur(padded.astype(np.float32), (0, 0), 5.0)
+    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    out = np.zeros_like(padded, dtype=np.uint8)
+    out[2 * (255 - dog) > thr] = 255
+    return remove_pad(out)
+
+
+def _lineart_standard(img, res, a, b):
+    padded, remove_pad = resize_image_with_pad(img, res)
+    x = padded.astype(np.float32)
+    g = _cv2().GaussianBlur(x, (0, 0), 6.0)
+    intensity = np.min(g - x, axis=2).clip(0, 255)
+    strong = intensity[intensity > 8]
+    intensity /= max(16.0, float(np.median(strong)) if strong.size else 0.0)
+    intensity *= 127
+    return remove_pad(intensity.clip(0, 255).astype(np.uint8))
+
+
+def _color(img, res, a, b):
+    """T2I-Adapter colour grid: short side -> res (INTER_AREA), 64x cubic downscale, nearest upscale."""
+    cv2 = _cv2()
+    h, w = img.shape[:2]
+    if h < w:
+        new_h, new_w = res, int(round(w / h * res))
+    else:
+        new_w, new_h = res, int(round(h / w * res))
+    img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    grid = cv2.resize(img, (max(1, new_w // 64), max(1, new_h // 64)), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(grid, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+
+
+def _tile_resample(img, res, rate, b):
+    if rate < 1.1:
+        return img
+    h, w = img.shape[:2]
+    return _cv2().resize(img, (int(float(w) / float(rate)), int(float(h) / float(rate))),
+                         interpolation=_cv2().INTER_AREA)
+
+
+def _recolor(conversion: str, channel: int):
+    def run(img, res, gamma, b):
+        cv2 = _cv2()
+        # The extension converts its RGB array with the BGR conversion codes; kept for identical maps.
+        x = cv2.cvtColor(img, getattr(cv2, conversion))[:, :, channel].astype(np.float32) / 255.0
+        x = ((x ** gamma) * 255.0).clip(0, 255).astype(np.uint8)
+        return cv2.cvtColor(x, cv2.COLOR_GRAY2RGB)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+_RES = Param(512, 64, 2048)
+
+PREPROCESSORS: dict[str, Preprocessor] = {
+    p.name: p
+    for p in (
+        Preprocessor("none", _none),
+        Preprocessor("invert", _invert, label="invert (from white bg & black line)"),
+        Preprocessor("canny", _canny, _RES, Param(100, 1, 255), Param(200, 1, 255)),
+        Preprocessor("threshold", _threshold, _RES, Param(127, 0, 255)),
+        Preprocessor("binary", _binary, _RES, Param(0, 0, 255)),
+        Preprocessor("blur_gaussian", _blur_gaussian, _RES, Param(9.0, 0.01, 64.0)),
+        Preprocessor("scribble_xdog", _scribble_xdog, _RES, Param(32, 1, 64)),
+        Preprocessor("lineart_standard", _lineart_standard, _RES,
+                     label="lineart_standard (from white bg & black line)"),
+        Preprocessor("color", _color, _RES, label="t2ia_color_grid"),
+        Preprocessor("tile_resample", _tile_resample, None, Param(1.0, 1.0, 8.0)),
+        Preprocessor("recolor_luminance", _recolor("COLOR_BGR2LAB", 0), None, Param(1.0, 0.1, 2.0)),
+        Preprocessor("recolor_intensity", _recolor("COLOR_BGR2HSV", 2), None, Param(1.0, 0.1, 2.0)),
+    )
+}
+
+# UI labels the extension accepts for the same modules (global_state.preprocessor_aliases).
+ALIASES: dict[str, str] = {p.label: p.name for p in PREPROCESSORS.values() if p.label}
+
+# Modules of the extension that need downloaded model weights (module name, then UI label where different).
+MODEL_BASED: tuple[str, ...] = (
+    "depth", "depth_midas", "depth_leres", "depth_leres++", "depth_zoe", "depth_anything", "depth_anything_v2",
+    "depth_hand_refiner", "depth_marigold", "normal_map", "normal_midas", "normal_bae", "normal_dsine",
+    "hed", "softedge_hed", "hed_safe", "softedge_hedsafe", "pidinet", "softedge_pidinet", "pidinet_safe",
+    "softedge_pidisafe", "pidinet_sketch", "t2ia_sketch_pidi", "pidinet_scribble", "scribble_pidinet",
+    "scribble_hed", "softedge_teed", "te_hed", "mlsd", "openpose", "openpose_face", "openpose_faceonly",
+    "openpose_full", "openpose_hand", "dw_openpose_full", "animal_openpose", "densepose", "densepose_parula",
+    "lineart", "lineart_realistic", "lineart_coarse", "lineart_anime", "lineart_anime_denoise",
+    "segmentation", "seg_ufade20k", "oneformer_coco", "seg_ofcoco", "oneformer_ade20k", "seg_ofade20k",
+    "seg_anime_face", "mobile_sam", "mediapipe_face", "clip_vision", "t2ia_style_clipvision",
+    "revision_clipvision", "revision_ignore_prompt", "ip-adapter_clip_sd15", "ip-adapter_clip_h",
+    "ip-adapter_clip_sdxl", "ip-adapter_clip_g", "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_face_id",
+    "ip-adapter_face_id_plus", "ip-adapter_pulid", "ip-adapter-auto", "instant_id_face_embedding",
+    "instant_id_face_keypoints", "inpaint_only+lama", "invert_depth",
+)
+# Model-free modules whose behaviour this engine does not implement (attention/output hijacks, inpainting).
+UNSUPPORTED: tuple[str, ...] = (
+    "reference_only", "reference_adain", "reference_adain+attn", "inpaint", "inpaint_global_harmonious",
+    "inpaint_only", "tile_colorfix", "tile_colorfix+sharp", "shuffle",
+)
+
+
+def available() -> list[str]:
+    """Module names (and their UI labels) this engine can run."""
+    return list(PREPROCESSORS) + list(ALIASES)
+
+
+def get_preprocessor(module: str | None, field: str = "module") -> Preprocessor:
+    """The preprocessor for a webui module name or label; unknown or unavailable is an InvalidRequest."""
+    name = "none" if module is None else str(module)
+    name = ALIASES.get(name, name)
+    if name in PREPROCESSORS:
+        return PREPROCESSORS[name]
+    allowed = ", ".join(available())
+    if name in MODEL_BASED:
+        raise InvalidRequest(field, f"preprocessor {module!r} needs model weights, which are not available "
+                                    "offline in this engine; run it elsewhere and send the detected map with "
+                                    "module 'none'", allowed)
+    if name in UNSUPPORTED:
+        raise InvalidRequest(field, f"preprocessor {module!r} is not supported by this engine", allowed)
+    raise InvalidRequest(field, f"unknown preprocessor {module!r}", allowed)
+
+
+def preprocess(module: str, image: np.ndarray, processor_res: float = -1, threshold_a: float = -1,
+               threshold_b: float = -1, field: str = "module") -> np.ndarray:
+    """Run the webui preprocessor ``module`` on an RGB uint8 image; returns the detected map, RGB uint8."""
+    return get_preprocessor(module, field)(image, processor_res, threshold_a, threshold_b)
