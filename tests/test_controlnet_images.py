@@ -251,3 +251,11 @@ def test_decode_url_when_allowed(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_decode_16bit_gray_keeps_high_byte():
+    a = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    out = decode_image(base64.b64encode(buf.getvalue()).decode(), FIELD)
+    assert out.shape == (16, 16, 3) and np.array_equal(out[:, :, 0], (a >> 8).astype(np.uint8))
