@@ -220,3 +220,42 @@ def test_prepare_unit_end_to_end():
     with pytest.raises(InvalidRequest, match=r"units\[2\]\.module"):
         prepare_unit(ControlNetUnit(model="cn", image=img, module="openpose"), 64, 64,
                      field="alwayson_scripts.controlnet.units[2]")
+
+
+def test_decode_url_when_allowed(tmp_path):
+    """http(s) URLs are fetched only with allow_urls=True (served here by a local http.server)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    arr = np.random.default_rng(4).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    (tmp_path / "a.png").write_bytes(base64.b64decode(png_b64(arr)))
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/a.png"
+        assert np.array_equal(decode_image(url, FIELD, allow_urls=True), arr)
+        with pytest.raises(InvalidRequest, match="URLs are not allowed"):
+            decode_image(url, FIELD)
+        with pytest.raises(InvalidRequest, match="larger than 10 bytes"):
+            decode_image(url, FIELD, max_bytes=10, allow_urls=True)
+        with pytest.raises(InvalidRequest, match="cannot fetch") as err:
+            decode_image(url.replace("a.png", "missing.png"), FIELD, allow_urls=True)
+        assert err.value.field == FIELD
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_decode_16bit_gray_keeps_high_byte():
+    a = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    out = decode_image(base64.b64encode(buf.getvalue()).decode(), FIELD)
+    assert out.shape == (16, 16, 3) and np.array_equal(out[:, :, 0], (a >> 8).astype(np.uint8))

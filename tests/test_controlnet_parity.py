@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.controlnet.units import ControlMode, PreparedUnit, controlnet_component, controlnet_residuals
-from engine.models.tiny import build_controlnet, build_tiny
+from engine.models.tiny import UNET_SD1, build_controlnet, build_tiny, build_unet
 from export.wrappers import ControlNetWrapper, UNetWrapper, controlnet_residual_count
 
 TOL = 1e-5
@@ -27,10 +27,10 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    sd = build_tiny("sd1")
+    unet = build_unet(UNET_SD1, seed=2)  # the UNet of build_tiny("sd1"), without its text encoder and VAE
     cn_a = build_tiny("controlnet_sd1").components["controlnet"]
     cn_b = build_controlnet("controlnet_sd1", seed=11)
-    return sd.components["unet"], {"a": cn_a, "b": cn_b}
+    return unet, {"a": cn_a, "b": cn_b}
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,44 @@ def test_soft_modes_against_diffusers_residuals(models, inputs, mode):
     if mode is ControlMode.CONTROL:
         assert rel_l2(got[1], plain[1]) <= TOL  # the negative-prompt row is the plain UNet
         assert rel_l2(got[0], plain[0]) > 1e-4
+
+
+def test_sdxl_cond_only_unit_matches_diffusers(models):
+    """SDXL feeds (text_embeds, time_ids) reach the ControlNet; the cond-only unit runs on the cond rows only.
+    Reference: diffusers ControlNetModel / UNet2DConditionModel (SDXL text_time) with the uncond rows zeroed."""
+    from engine.models.tiny import UNET_SDXL
+
+    unet = build_unet(UNET_SDXL, seed=5)
+    cn = build_controlnet("controlnet_sdxl", seed=6)
+    g = torch.Generator().manual_seed(2)
+    sample, t = torch.randn(4, 4, 8, 8, generator=g), torch.full((4,), 411.0)
+    ehs, pooled = torch.randn(4, 77, 64, generator=g), torch.randn(4, 32, generator=g)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(4, 1)
+    img = torch.rand(1, 3, 64, 64, generator=g)
+    n_res = controlnet_residual_count(unet) + 1
+    mods = {"unet_control": UNetWrapper(unet, with_residuals=True), controlnet_component("x"): ControlNetWrapper(cn)}
+
+    @torch.no_grad()
+    def run(component, feeds):
+        base = (feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
+        if component == "unet_control":
+            res = [feeds[f"down_residual_{i}"] for i in range(n_res - 1)] + [feeds["mid_residual"]]
+            return {"model_output": mods[component](*base, feeds["text_embeds"], feeds["time_ids"], *res)}
+        outs = mods[component](*base, feeds["controlnet_cond"], feeds["text_embeds"], feeds["time_ids"])
+        return {**{f"down_residual_{i}": o for i, o in enumerate(outs[:-1])}, "mid_residual": outs[-1]}
+
+    feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": ehs, "text_embeds": pooled, "time_ids": time_ids}
+    mask = np.array([1.0, 1.0, 0.0, 0.0])
+    unit = PreparedUnit("x", img.numpy(), weight=0.9, control_mode=ControlMode.CONTROL)
+    res = controlnet_residuals(run, [unit], 3, 10, feeds, mask)
+    got = run("unet_control", {**feeds, **res})["model_output"]
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    with torch.no_grad():
+        down, mid = cn(sample, t, ehs, img.expand(4, -1, -1, -1), added_cond_kwargs=added, return_dict=False)
+        scales = [0.9 * 0.825 ** (12 - i) for i in range(n_res)]
+        keep = torch.tensor(mask, dtype=torch.float32).view(4, 1, 1, 1)
+        ref_res = [r * s * keep for r, s in zip([*down, mid], scales)]
+        ref = unet(sample, t, ehs, added_cond_kwargs=added, down_block_additional_residuals=tuple(ref_res[:-1]),
+                   mid_block_additional_residual=ref_res[-1], return_dict=False)[0]
+    assert len(res) == n_res
+    assert rel_l2(got, ref) <= TOL, f"relL2 {rel_l2(got, ref):.2e} vs diffusers (tol {TOL})"

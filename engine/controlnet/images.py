@@ -161,10 +161,13 @@ def decode_bytes(raw: bytes, field: str, max_pixels: int) -> np.ndarray:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img.load()
-                has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-                    img.mode == "P" and "transparency" in img.info
-                )
-                arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.uint8)
+                if img.mode.startswith("I"):  # 16-bit gray PNG: keep the high byte (PIL's convert clips)
+                    arr = (np.asarray(img).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+                else:
+                    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+                        img.mode == "P" and "transparency" in img.info
+                    )
+                    arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise InvalidRequest(field, f"image data is corrupt or truncated ({exc})") from None
     return np.ascontiguousarray(hwc3(arr))
