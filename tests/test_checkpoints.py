@@ -198,7 +198,7 @@ def test_yaml_parameterization(tmp_path):
     (tmp_path / "model.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
     assert yaml_parameterization(ckpt) == "v_prediction"
     (tmp_path / "model.yaml").write_text("model:\n  params:\n    parameterization: \"eps\"\n")
-    assert yaml_parameterization(ckpt) is None
+    assert yaml_parameterization(ckpt) == "epsilon"
 
 
 def test_alphas_cumprod_golden():
@@ -222,3 +222,100 @@ def test_loaded_model_fields(tiny_store):
     assert m.prediction_type == "v_prediction" and m.scheduler_config["prediction_type"] == "v_prediction"
     assert all(not p.requires_grad for p in m.components["unet"].parameters())
     assert not m.components["unet"].training and not m.components["text_encoder"].training
+
+
+def _meta_modules(config_name: str) -> tuple[dict, dict]:
+    """The modules of a bundled family config built on the meta device (real sizes, no memory)."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from engine.models.checkpoints import bundled_config
+
+    cfg = bundled_config(config_name)
+    mods = {}
+    with torch.device("meta"):
+        if "controlnet" in cfg:
+            mods["controlnet"] = ControlNetModel(**cfg["controlnet"])
+        else:
+            mods["unet"] = UNet2DConditionModel(**cfg["unet"])
+            mods["vae"] = AutoencoderKL(**cfg["vae"])
+            mods["text_encoder"] = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+            if "text_encoder_2" in cfg:
+                mods["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
+    return mods, cfg
+
+
+# bundled config -> (our Arch, diffusers' infer_diffusers_model_type, real webui keys with their shapes)
+REAL_FAMILIES = {
+    "sd15.json": (Arch.SD1, "v1", {
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+        "model.diffusion_model.output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),
+        "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+        "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+    }, {"model.diffusion_model.": 686, "first_stage_model.": 248}),
+    "sd21_v.json": (Arch.SD2, "v2", {
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),
+        "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+        "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight": (3072, 1024),
+        "cond_stage_model.model.positional_embedding": (77, 1024),
+    }, {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.model.transformer.resblocks.": 24 * 12}),
+    "sdxl_base.json": (Arch.SDXL, "xl_base", {
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+        "model.diffusion_model.output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+        "conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_proj.bias": (1280,),
+        "conditioner.embedders.1.model.text_projection": (1280, 1280),
+    }, {"model.diffusion_model.": 1680, "first_stage_model.": 248, "conditioner.embedders.1.model.transformer.resblocks.": 32 * 12}),
+    "controlnet_sd15.json": (Arch.CONTROLNET_SD1, "controlnet", {
+        "control_model.input_hint_block.0.weight": (16, 3, 3, 3),
+        "control_model.input_hint_block.14.weight": (320, 256, 3, 3),
+        "control_model.zero_convs.11.0.weight": (1280, 1280, 1, 1),
+        "control_model.middle_block_out.0.weight": (1280, 1280, 1, 1),
+    }, {}),
+    "controlnet_sdxl.json": (Arch.CONTROLNET_SDXL, None, {
+        "control_model.label_emb.0.0.weight": (1280, 2816),
+        "control_model.zero_convs.8.0.weight": (1280, 1280, 1, 1),
+    }, {}),
+}
+
+
+@pytest.mark.parametrize("config_name", list(REAL_FAMILIES))
+def test_bundled_configs_match_the_real_webui_layout(config_name):
+    """At the real sizes, on the meta device: bundled config -> our writer gives the webui key names and
+    shapes of the published checkpoints (UNet 686 / SDXL 1680 tensors, VAE 248), diffusers' own
+    infer_diffusers_model_type recognises the family, and the loader rebuilds every module with strict keys."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from engine.models.checkpoints import build_components, build_controlnet, detect_arch
+    from engine.models.convert import ldm_state_dict
+
+    arch, diffusers_type, known, counts = REAL_FAMILIES[config_name]
+    mods, cfg = _meta_modules(config_name)
+    sd = ldm_state_dict(mods, arch, cfg)
+    for key, shape in known.items():
+        assert tuple(sd[key].shape) == shape, key
+    for prefix, n in counts.items():
+        assert sum(k.startswith(prefix) for k in sd) == n, prefix
+    assert detect_arch({k: tuple(v.shape) for k, v in sd.items()}) is arch
+    if diffusers_type:
+        assert infer_diffusers_model_type(sd) == diffusers_type
+    if arch.is_controlnet:
+        cn = build_controlnet(arch, sd, cfg["controlnet"], config_name)
+        assert sum(p.numel() for p in cn.parameters()) == sum(p.numel() for p in mods["controlnet"].parameters())
+    else:
+        built = build_components(arch, sd, cfg, config_name)
+        for name, module in mods.items():
+            assert sum(p.numel() for p in built[name].parameters()) == sum(p.numel() for p in module.parameters())
+
+
+def test_pickle_vae_with_opt_in(tmp_path):
+    """allow_pickle=True loads a .pt through torch.load(weights_only=True); weights equal the original."""
+    from engine.models.convert import vae_to_ldm
+
+    vae = build_tiny("sd1").components["vae"]
+    path = tmp_path / "old.vae.pt"
+    torch.save({"state_dict": vae_to_ldm(vae.state_dict(), vae.config)}, path)
+    cfg = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    with pytest.raises(ModelError, match="old.vae.pt.*pickle"):
+        load_vae(path, config=cfg)
+    _assert_same_weights(vae, load_vae(path, config=cfg, allow_pickle=True), "pickled vae")

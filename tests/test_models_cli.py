@@ -31,3 +31,17 @@ def test_models_list_env_and_empty(tmp_path, monkeypatch):
     assert result.exit_code == 0
     # only the bundled models (none yet, or the demo model once it ships) are listed; no crash on an empty store
     assert "tiny-sd1" not in result.stdout
+
+
+def test_to_single_file(tiny_store, tmp_path):
+    """`sdengine models to-single-file` on the tiny SDXL diffusers folder gives the same tensors as the store's
+    single file (written from the in-memory modules)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "converted.safetensors"
+    result = CliRunner().invoke(main, ["models", "to-single-file",
+                                       str(tiny_store / "Stable-diffusion" / "tiny-sdxl-diffusers"), str(out)])
+    assert result.exit_code == 0, result.output
+    a, b = load_file(str(out)), load_file(str(tiny_store / "Stable-diffusion" / "tiny-sdxl.safetensors"))
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a)

@@ -194,3 +194,11 @@ def test_pickle_listed_but_refused(small_store):
     assert rows["old.ckpt"].architecture is None
     with pytest.raises(ModelError, match="old.ckpt.*pickle"):
         load_model(store, "old")
+
+
+def test_checkpoint_cache_is_bounded(small_store):
+    store = ModelStore(small_store, bundled=None, max_loaded=1)
+    a = store.load_model("tiny-sd1")
+    b = store.load_model("tiny-sd1-diffusers")
+    assert a is not b and store.load_model("tiny-sd1-diffusers") is b
+    assert store.load_model("tiny-sd1") is not a  # evicted, loaded again

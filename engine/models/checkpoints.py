@@ -266,12 +266,13 @@ def metadata_configs(metadata: Mapping[str, str], path) -> dict | None:
 
 
 def yaml_parameterization(path: Path) -> str | None:
-    """``v_prediction`` when ``<name>.yaml`` beside the file says ``parameterization: "v"`` (webui)."""
+    """From ``<name>.yaml`` beside the file (webui): ``v_prediction`` when it says ``parameterization: "v"``,
+    else ``epsilon`` (the LDM default); ``None`` without a yaml."""
     yaml = path.with_suffix(".yaml")
     if not yaml.is_file():
         return None
     text = yaml.read_text(encoding="utf-8", errors="replace")
-    return "v_prediction" if re.search(r"""parameterization\s*:\s*["']?v["']?\s*$""", text, re.M) else None
+    return "v_prediction" if re.search(r"""parameterization\s*:\s*["']?v["']?\s*$""", text, re.M) else "epsilon"
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -455,6 +456,43 @@ def _family_configs(arch: Arch) -> dict:
     return bundled_config(fam.bundled)
 
 
+def build_components(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype=None) -> dict:
+    """UNet, VAE, text encoders and tokenizers of an SD1/SD2/SDXL LDM state dict, built from ``configs``.
+
+    Works on any device's tensors (the tests feed meta tensors of the real families' sizes).
+    """
+    import torch
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    dtype = dtype or torch.float32
+    for needed in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if arch is Arch.SDXL else ()):
+        if needed not in configs:
+            raise ModelError(path, f"configs lack {needed!r}")
+    unet_cfg = configs["unet"]
+    unet = _build(lambda: _unet_class()(**unet_cfg), convert_ldm_unet_checkpoint(state_dict, unet_cfg),
+                  path, "unet", dtype)
+    vae = _vae_from_state_dict(state_dict, configs["vae"], path, dtype)
+    return {"unet": unet, "vae": vae, **build_text_encoders(arch, state_dict, configs, path, dtype)}
+
+
+def build_controlnet(arch: Arch, state_dict: Mapping, config: Mapping, path, dtype=None):
+    """A diffusers ControlNetModel from a ControlNet state dict (``control_model.``, bare ldm or diffusers keys)."""
+    import torch
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    dtype = dtype or torch.float32
+    conv = convert_controlnet_checkpoint(state_dict, config)
+    if config.get("addition_embed_type") == "text_time" and "add_embedding.linear_1.weight" not in conv:
+        # diffusers' converter skips SDXL's add embedding (label_emb) for ControlNets
+        prefix = "control_model." if any(k.startswith("control_model.") for k in state_dict) else ""
+        for new, old in (("linear_1", "0.0"), ("linear_2", "0.2")):
+            for p in ("weight", "bias"):
+                if f"{prefix}label_emb.{old}.{p}" in state_dict:
+                    conv[f"add_embedding.{new}.{p}"] = state_dict[f"{prefix}label_emb.{old}.{p}"]
+    return _build(lambda: ControlNetModel(**config), conv, path, "controlnet", dtype)
+
+
 def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256: str = "",
                      allow_pickle: bool = False, dtype=None) -> LoadedModel:
     """Load a webui single-file SD1/SD2/SDXL checkpoint into diffusers modules."""
@@ -475,16 +513,8 @@ def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256
         raise ModelError(path, f"UNet with {in_ch} input channels (inpainting / instruct models) is not supported")
     meta = metadata_configs(metadata, path)
     configs = meta or _family_configs(arch)
-    for needed in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if arch is Arch.SDXL else ()):
-        if needed not in configs:
-            raise ModelError(path, f"metadata configs lack {needed!r}")
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    unet_cfg = configs["unet"]
-    unet = _build(lambda: _unet_class()(**unet_cfg), convert_ldm_unet_checkpoint(state_dict, unet_cfg),
-                  path, "unet", dtype)
-    vae = _vae_from_state_dict(state_dict, configs["vae"], path, dtype)
-    components = {"unet": unet, "vae": vae, **build_text_encoders(arch, state_dict, configs, path, dtype)}
+    components = build_components(arch, state_dict, configs, path, dtype)
+    unet = components["unet"]
     del state_dict
 
     prediction = (meta or {}).get("prediction_type") or yaml_parameterization(path)
@@ -497,7 +527,10 @@ def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256
         else:
             prediction = fam.prediction_type
     if native is None:
-        native = fam.native_size if not (arch is Arch.SD2 and prediction == "epsilon") else 512
+        native = fam.native_size
+        if arch is Arch.SD2 and prediction == "epsilon":  # SD2 base: 512 px (the bundled config is 768-v)
+            native = 512
+            unet.register_to_config(sample_size=native // 8)
     sched = dict(configs.get("scheduler") or default_scheduler_config(prediction), prediction_type=prediction)
     return _result(name or path.stem, path, arch, prediction, sha256, int(native), components, sched)
 
@@ -526,8 +559,8 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
         raise ModelError(folder, "unknown architecture: not a SD1.x/SD2.x/SDXL diffusers pipeline folder")
     try:
         components: dict[str, Any] = {
-            "unet": _unet_class().from_pretrained(folder, subfolder="unet", local_files_only=True, torch_dtype=dtype),
-            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype),
+            "unet": _unet_class().from_pretrained(folder, subfolder="unet", local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype),
+            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype),
             "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, dtype=dtype),
         }
         if arch is Arch.SDXL:
@@ -567,7 +600,7 @@ def load_vae(path: str | os.PathLike, *, config: Mapping | None = None, allow_pi
     path = Path(path)
     if path.is_dir():
         try:
-            return AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype).eval().requires_grad_(False)
+            return AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype).eval().requires_grad_(False)
         except (OSError, ValueError) as exc:
             raise ModelError(path, f"cannot load diffusers VAE folder: {exc}") from exc
     state_dict, metadata = read_state_dict(path, allow_pickle)
@@ -594,28 +627,17 @@ def load_controlnet(path: str | os.PathLike, *, name: str | None = None, sha256:
         if arch is None or not arch.is_controlnet:
             raise ModelError(path, "unknown architecture: not a diffusers ControlNet folder")
         try:
-            module = ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+            module = ControlNetModel.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype)
         except (OSError, ValueError) as exc:
             raise ModelError(path, f"cannot load diffusers ControlNet folder: {exc}") from exc
         module = module.eval().requires_grad_(False)
     else:
-        from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
-
         state_dict, metadata = read_state_dict(path, allow_pickle)
         arch = detect_arch({k: tuple(v.shape) for k, v in state_dict.items()})
         if arch is None or not arch.is_controlnet:
             raise ModelError(path, "unknown architecture: no ControlNet keys (control_model., input_hint_block, "
                                    "zero_convs, controlnet_cond_embedding)")
         meta = metadata_configs(metadata, path)
-        cfg = (meta or _family_configs(arch))["controlnet"]
-        conv = convert_controlnet_checkpoint(state_dict, cfg)
-        if cfg.get("addition_embed_type") == "text_time" and "add_embedding.linear_1.weight" not in conv:
-            # diffusers' converter skips SDXL's add embedding (label_emb) for ControlNets
-            prefix = "control_model." if any(k.startswith("control_model.") for k in state_dict) else ""
-            for new, old in (("linear_1", "0.0"), ("linear_2", "0.2")):
-                for p in ("weight", "bias"):
-                    if f"{prefix}label_emb.{old}.{p}" in state_dict:
-                        conv[f"add_embedding.{new}.{p}"] = state_dict[f"{prefix}label_emb.{old}.{p}"]
-        module = _build(lambda: ControlNetModel(**cfg), conv, path, "controlnet", dtype)
+        module = build_controlnet(arch, state_dict, (meta or _family_configs(arch))["controlnet"], path, dtype)
     return LoadedControlNet(name=name or path.stem, path=path, arch=arch,
                             short_hash=short_hash(sha256) if sha256 else "", sha256=sha256, module=module)

@@ -113,16 +113,17 @@ class ModelStore:
     """Listing, name resolution and loading of the models under ``root`` (+ the bundled root)."""
 
     def __init__(self, root: str | os.PathLike | None = None, *, bundled: str | os.PathLike | None = "default",
-                 cache_dir: str | os.PathLike | None = None, max_loaded: int = 1):
+                 cache_dir: str | os.PathLike | None = None, max_loaded: int = 1, max_controlnets: int = 4):
         from engine.config import default_models_dir
 
         self.root = Path(root) if root is not None else default_models_dir()
         self.bundled = bundled_root() if bundled == "default" else (Path(bundled) if bundled else None)
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / CACHE_DIR
         self.hashes = HashCache(self.cache_dir / "hashes.json")
-        self.max_loaded = max_loaded
+        self.limits = {"checkpoint": max(max_loaded, 1), "controlnet": max(max_controlnets, 1)}
         self._loaded: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one load at a time: two requests for a model load it once
 
     @classmethod
     def from_config(cls, config) -> "ModelStore":
@@ -190,6 +191,9 @@ class ModelStore:
         check_name(name, field)
         entries = self._scan(kind)
         wanted, want_hash = name.strip(), None
+        exact = [e for e in entries if e.name == wanted]
+        if exact:
+            return self._checked(exact[0], None)
         if m := _HASH_SUFFIX.match(wanted):
             wanted, want_hash = m[1], m[2].lower()
         candidates = [
@@ -254,27 +258,36 @@ class ModelStore:
 
     def load_model(self, name: str, vae: str | None = VAE_AUTOMATIC, allow_pickle: bool = False,
                    dtype=None) -> LoadedModel:
-        """Resolve and load a checkpoint (+ VAE), cached in-process by (path, hash, vae path)."""
-        from dataclasses import replace
+        """Resolve and load a checkpoint (+ VAE), cached in-process by (path, hash, vae path, dtype).
 
-        from engine.models.checkpoints import load_checkpoint, load_vae
-
+        At most ``max_loaded`` checkpoints stay cached; older ones are dropped before a new one is loaded.
+        """
         entry = self.resolve(name, Kind.CHECKPOINT, field="sd_model_checkpoint")
         vae_path = self.resolve_vae(entry, vae)
         sha = self.hash_of(entry)
         key = ("checkpoint", str(entry.path.resolve()), sha, str(vae_path.resolve()) if vae_path else None, str(dtype))
-        with self._lock:
-            if key in self._loaded:
-                self._loaded.move_to_end(key)
-                return self._loaded[key]
+        with self._load_lock:
+            if (hit := self._cached(key)) is not None:
+                return hit
+            self._make_room("checkpoint")
+            model = self._load_checkpoint(entry, vae_path, sha, allow_pickle, dtype)
+            self._remember(key, model)
+            return model
+
+    def _load_checkpoint(self, entry, vae_path, sha, allow_pickle, dtype) -> LoadedModel:
+        from dataclasses import replace
+
+        from engine.models.checkpoints import load_checkpoint, load_vae
+
         log.info("loading %s%s", entry.name, f" with VAE {vae_path.name}" if vae_path else "")
         model = load_checkpoint(entry.path, name=entry.name, sha256=sha, allow_pickle=allow_pickle, dtype=dtype)
         if vae_path is not None:
             own = model.components["vae"]
             cfg = {k: v for k, v in own.config.items() if not k.startswith("_")}
             ext = load_vae(vae_path, config=cfg, allow_pickle=allow_pickle, dtype=dtype)
+            # the latent scale belongs to the model family (SDXL 0.13025), not to the VAE file
+            ext.register_to_config(scaling_factor=own.config.scaling_factor)
             model = replace(model, components={**model.components, "vae": ext}, vae_path=vae_path)
-        self._remember(key, model)
         return model
 
     def load_controlnet(self, name: str, allow_pickle: bool = False, dtype=None) -> LoadedControlNet:
@@ -283,19 +296,34 @@ class ModelStore:
         entry = self.resolve(name, Kind.CONTROLNET, field="controlnet.model")
         sha = self.hash_of(entry)
         key = ("controlnet", str(entry.path.resolve()), sha, str(dtype))
+        with self._load_lock:
+            if (hit := self._cached(key)) is not None:
+                return hit
+            self._make_room("controlnet")
+            cn = load_controlnet(entry.path, name=entry.name, sha256=sha, allow_pickle=allow_pickle, dtype=dtype)
+            self._remember(key, cn)
+            return cn
+
+    def _cached(self, key):
         with self._lock:
             if key in self._loaded:
+                self._loaded.move_to_end(key)
                 return self._loaded[key]
-        cn = load_controlnet(entry.path, name=entry.name, sha256=sha, allow_pickle=allow_pickle, dtype=dtype)
-        self._remember(key, cn)
-        return cn
+        return None
+
+    def _make_room(self, kind: str) -> None:
+        with self._lock:
+            same = [k for k in self._loaded if k[0] == kind]
+            while len(same) >= self.limits[kind]:
+                self._loaded.pop(same.pop(0))
 
     def _remember(self, key, value) -> None:
+        """Keep ``value``; evict the least recently used of its kind beyond the limit."""
         with self._lock:
             self._loaded[key] = value
-            kinds = [k for k in self._loaded if k[0] == key[0]]
-            while len(kinds) > max(self.max_loaded, 1):
-                self._loaded.pop(kinds.pop(0))
+            same = [k for k in self._loaded if k[0] == key[0]]
+            while len(same) > self.limits[key[0]]:
+                self._loaded.pop(same.pop(0))
 
     def clear(self) -> None:
         with self._lock:
