@@ -159,3 +159,76 @@ def build_tiny(kind: str, seed: int = 0) -> TinyModel:
 def scheduler_config(prediction_type: str = "epsilon") -> dict:
     """The SD noise schedule (scaled_linear 0.00085..0.012, 1000 steps) as a diffusers scheduler config."""
     return dict(SCHEDULER, prediction_type=prediction_type)
+
+
+# kind -> (store sub-folder, file stem)
+STORE_NAMES = {
+    "sd1": ("Stable-diffusion", "tiny-sd1"),
+    "sd2v": ("Stable-diffusion", "tiny-sd2v"),
+    "sdxl": ("Stable-diffusion", "tiny-sdxl"),
+    "controlnet_sd1": ("ControlNet", "tiny-controlnet-sd1"),
+    "controlnet_sdxl": ("ControlNet", "tiny-controlnet-sdxl"),
+}
+
+
+def save_diffusers_folder(model: TinyModel, folder) -> None:
+    """Write ``model`` as a diffusers folder (model_index.json + one sub-folder per component; ControlNet:
+    config.json + weights), safetensors weights. Written to a temporary folder, then renamed."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        comps = model.components
+        if "controlnet" in comps:
+            comps["controlnet"].save_pretrained(tmp, safe_serialization=True)
+        else:
+            index = {"_class_name": "StableDiffusionXLPipeline" if "text_encoder_2" in comps else "StableDiffusionPipeline",
+                     "_diffusers_version": __import__("diffusers").__version__,
+                     "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+            for name, module in comps.items():
+                if name.startswith("tokenizer"):
+                    continue
+                module.save_pretrained(tmp / name, safe_serialization=True)
+                lib = "transformers" if name.startswith("text_encoder") else "diffusers"
+                index[name] = [lib, type(module).__name__]
+            (tmp / "scheduler").mkdir()
+            sched = dict(scheduler_config(model.prediction_type), _class_name="EulerDiscreteScheduler")
+            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=1, sort_keys=True))
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_tiny_store(root, kinds=("sd1", "sd2v", "sdxl", "controlnet_sd1", "controlnet_sdxl"), seed: int = 0):
+    """Write each tiny model in both formats into a webui-layout model store at ``root``.
+
+    ``Stable-diffusion/tiny-sd1.safetensors`` + ``Stable-diffusion/tiny-sd1-diffusers/``, ...,
+    ``ControlNet/tiny-controlnet-sd1.safetensors`` + ``ControlNet/tiny-controlnet-sd1-diffusers/``; the empty
+    ``VAE/`` folder is created too. Deterministic for a given ``seed``. Returns ``root`` as a Path.
+    """
+    from pathlib import Path
+
+    from engine.models.convert import save_single_file
+
+    root = Path(root)
+    for sub in ("Stable-diffusion", "VAE", "ControlNet"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for kind in kinds:
+        if kind not in STORE_NAMES:
+            raise ValueError(f"unknown tiny model kind {kind!r} (allowed: {', '.join(STORE_NAMES)})")
+        sub, stem = STORE_NAMES[kind]
+        model = build_tiny(kind, seed)
+        save_single_file(model.components, root / sub / f"{stem}.safetensors",
+                         prediction_type=model.prediction_type, native_size=TINY_SIZE)
+        save_diffusers_folder(model, root / sub / f"{stem}-diffusers")
+    return root

@@ -1,0 +1,643 @@
+"""Checkpoint formats, architecture detection and loading, offline.
+
+Formats: webui single files (``.safetensors``; pickles ``.ckpt/.pt/.pth/.bin`` only with ``allow_pickle``)
+and diffusers folders (``model_index.json`` for pipelines, ``config.json`` for a ControlNet or VAE).
+
+Single files are converted with diffusers' ldm -> diffusers functions
+(``diffusers.loaders.single_file_utils``) into modules built from a config that is never fetched: the
+diffusers configs stored in the file's metadata (key ``sdengine.configs``, written by
+:func:`engine.models.convert.save_single_file`) or else the bundled config of the detected family
+(``engine/models/configs/*.json``).
+
+Prediction type: metadata, else a ``<name>.yaml`` beside the file containing ``parameterization: "v"``
+(webui convention), else epsilon for SD1/SDXL; for SD2 the webui's heuristic (one UNet pass on a constant
+input at t=999: v models give ``mean(out - x) < -1``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from engine.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+MAX_HEADER = 100 * 1024 * 1024
+
+_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+           "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+class Kind(str, Enum):
+    CHECKPOINT = "checkpoint"
+    VAE = "vae"
+    CONTROLNET = "controlnet"
+
+
+class Arch(str, Enum):
+    SD1 = "sd1"
+    SD2 = "sd2"
+    SDXL = "sdxl"
+    CONTROLNET_SD1 = "controlnet_sd1"
+    CONTROLNET_SDXL = "controlnet_sdxl"
+    VAE = "vae"
+
+    @property
+    def is_controlnet(self) -> bool:
+        return self in (Arch.CONTROLNET_SD1, Arch.CONTROLNET_SDXL)
+
+    @property
+    def kind(self) -> Kind:
+        return Kind.CONTROLNET if self.is_controlnet else Kind.VAE if self is Arch.VAE else Kind.CHECKPOINT
+
+    @property
+    def base(self) -> "Arch":
+        """The checkpoint architecture a ControlNet belongs to (itself for checkpoints)."""
+        return {Arch.CONTROLNET_SD1: Arch.SD1, Arch.CONTROLNET_SDXL: Arch.SDXL}.get(self, self)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the engine needs to know about an architecture: defaults and the bundled config."""
+
+    bundled: str | None  # file in engine/models/configs
+    native_size: int = 512
+    prediction_type: str = "epsilon"
+    text_pads: tuple[str, ...] = ()  # tokenizer padding token per text encoder
+
+
+FAMILIES = {
+    Arch.SD1: Family("sd15.json", 512, "epsilon", ("<|endoftext|>",)),
+    Arch.SD2: Family("sd21_v.json", 768, "v_prediction", ("!",)),
+    Arch.SDXL: Family("sdxl_base.json", 1024, "epsilon", ("<|endoftext|>", "!")),
+    Arch.CONTROLNET_SD1: Family("controlnet_sd15.json"),
+    Arch.CONTROLNET_SDXL: Family("controlnet_sdxl.json"),
+    Arch.VAE: Family("sd15.json"),
+}
+SD2_BASE_CONFIG = "sd21_base.json"
+
+
+def bundled_config(name: str) -> dict:
+    """A bundled config file (``engine/models/configs/{name}``) as a dict."""
+    return json.loads(resources.files("engine.models").joinpath("configs", name).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Header:
+    """The safetensors header: tensor shapes and the string metadata."""
+
+    shapes: dict[str, tuple[int, ...]]
+    metadata: dict[str, str]
+
+
+def read_safetensors_header(path: str | os.PathLike) -> Header:
+    """Parse and validate a safetensors header without reading tensors.
+
+    Raises :class:`ModelError` naming the file when the header is malformed or the file is shorter than the
+    header says (a truncated download).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ModelError(path, f"not a safetensors file: only {len(raw)} bytes (truncated or empty)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or n + 8 > size:
+                raise ModelError(path, f"corrupt or truncated safetensors file: header of {n} bytes, file of {size}")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as exc:
+        raise ModelError(path, f"cannot read file: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(path, f"corrupt safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ModelError(path, "corrupt safetensors header: not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    shapes, end = {}, 0
+    for name, info in header.items():
+        try:
+            shapes[name] = tuple(int(s) for s in info["shape"])
+            start, stop = (int(o) for o in info["data_offsets"])
+            nbytes = int(np.prod(shapes[name], dtype=np.int64)) * _DTYPES.get(info["dtype"], 1)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(path, f"corrupt safetensors header entry {name!r}: {exc}") from exc
+        if stop - start != nbytes and info["dtype"] in _DTYPES:
+            raise ModelError(path, f"corrupt safetensors header: tensor {name!r} has {stop - start} bytes, needs {nbytes}")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise ModelError(path, f"truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
+    return Header(shapes, {str(k): str(v) for k, v in metadata.items()})
+
+
+def is_pickle(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in PICKLE_SUFFIXES
+
+
+def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
+    """``(state_dict, metadata)`` of a single file. Pickles are refused unless ``allow_pickle``."""
+    import torch
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelError(path, "pickle checkpoints can run code when loaded and are refused; convert it to "
+                                   ".safetensors or opt in with allow_pickle (EngineConfig.allow_pickle)")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
+            raise ModelError(path, f"cannot load pickle checkpoint (weights_only=True): {exc}") from exc
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise ModelError(path, f"pickle checkpoint holds a {type(obj).__name__}, not a state dict")
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+    if suffix not in SAFETENSORS_SUFFIXES:
+        raise ModelError(path, f"unknown checkpoint format {suffix!r} (allowed: {', '.join(WEIGHT_SUFFIXES)})")
+    header = read_safetensors_header(path)
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path)), header.metadata
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+        raise ModelError(path, f"cannot read safetensors file: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+
+def _has_prefix(keys, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
+def detect_arch(shapes: Mapping[str, tuple[int, ...]]) -> Arch | None:
+    """Architecture from state-dict keys (and shapes); ``None`` when no supported layout is found."""
+    keys = shapes.keys()
+    if _has_prefix(keys, "control_model.") or _has_prefix(keys, "input_hint_block.") or _has_prefix(keys, "zero_convs."):
+        prefix = "control_model." if _has_prefix(keys, "control_model.") else ""
+        return Arch.CONTROLNET_SDXL if f"{prefix}label_emb.0.0.weight" in shapes else Arch.CONTROLNET_SD1
+    if "controlnet_cond_embedding.conv_in.weight" in shapes:  # a diffusers-keyed ControlNet single file
+        return Arch.CONTROLNET_SDXL if "add_embedding.linear_1.weight" in shapes else Arch.CONTROLNET_SD1
+    if _has_prefix(keys, "model.diffusion_model."):
+        if _has_prefix(keys, "conditioner.embedders.1.model.") and _has_prefix(keys, "conditioner.embedders.0.transformer."):
+            return Arch.SDXL
+        if _has_prefix(keys, "cond_stage_model.model."):
+            return Arch.SD2
+        if _has_prefix(keys, "cond_stage_model.transformer."):
+            return Arch.SD1
+        return None
+    vae_prefix = "first_stage_model." if _has_prefix(keys, "first_stage_model.") else ""
+    if f"{vae_prefix}decoder.conv_in.weight" in shapes and f"{vae_prefix}post_quant_conv.weight" in shapes:
+        return Arch.VAE
+    return None
+
+
+def detect_folder_arch(folder: str | os.PathLike) -> Arch | None:
+    """Architecture of a diffusers folder from its configs."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if index.is_file():
+        unet = _read_json(folder / "unet" / "config.json")
+        if unet.get("addition_embed_type") == "text_time" or (folder / "text_encoder_2").is_dir():
+            return Arch.SDXL
+        te = _read_json(folder / "text_encoder" / "config.json")
+        return Arch.SD2 if te.get("hidden_act") == "gelu" else Arch.SD1
+    cfg_file = folder / "config.json"
+    if cfg_file.is_file():
+        cfg = _read_json(cfg_file)
+        if cfg.get("_class_name") == "ControlNetModel":
+            return Arch.CONTROLNET_SDXL if cfg.get("addition_embed_type") == "text_time" else Arch.CONTROLNET_SD1
+        if cfg.get("_class_name") == "AutoencoderKL":
+            return Arch.VAE
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ModelError(path, f"cannot read JSON config: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def detect_path_arch(path: str | os.PathLike) -> Arch | None:
+    """Architecture of a file (safetensors header only) or diffusers folder; ``None`` for unknown or pickle."""
+    path = Path(path)
+    if path.is_dir():
+        return detect_folder_arch(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return detect_arch(read_safetensors_header(path).shapes)
+    return None
+
+
+def metadata_configs(metadata: Mapping[str, str], path) -> dict | None:
+    from engine.models.convert import METADATA_KEY
+
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ModelError(path, f"corrupt {METADATA_KEY} metadata: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelError(path, f"corrupt {METADATA_KEY} metadata: not a JSON object")
+    return data
+
+
+def yaml_parameterization(path: Path) -> str | None:
+    """From ``<name>.yaml`` beside the file (webui): ``v_prediction`` when it says ``parameterization: "v"``,
+    else ``epsilon`` (the LDM default); ``None`` without a yaml."""
+    yaml = path.with_suffix(".yaml")
+    if not yaml.is_file():
+        return None
+    text = yaml.read_text(encoding="utf-8", errors="replace")
+    return "v_prediction" if re.search(r"""parameterization\s*:\s*["']?v["']?\s*$""", text, re.M) else "epsilon"
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def scheduler_alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
+    """alphas_cumprod (float64) of a DDPM noise schedule config (scaled_linear or linear betas)."""
+    n = int(config.get("num_train_timesteps", 1000))
+    start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
+    schedule = config.get("beta_schedule", "scaled_linear")
+    if schedule == "scaled_linear":
+        betas = np.linspace(start ** 0.5, end ** 0.5, n, dtype=np.float64) ** 2
+    elif schedule == "linear":
+        betas = np.linspace(start, end, n, dtype=np.float64)
+    else:
+        raise ModelError("scheduler", f"unsupported beta_schedule {schedule!r} (allowed: scaled_linear, linear)")
+    return np.cumprod(1.0 - betas)
+
+
+def default_scheduler_config(prediction_type: str) -> dict:
+    from engine.models.tiny import scheduler_config
+
+    return scheduler_config(prediction_type)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint loaded into diffusers / transformers modules (eval mode) plus what the engine needs."""
+
+    name: str
+    path: Path
+    arch: Arch
+    prediction_type: str
+    short_hash: str
+    sha256: str
+    native_size: int
+    components: dict[str, Any] = field(repr=False)
+    alphas_cumprod: np.ndarray = field(repr=False)
+    scheduler_config: dict = field(repr=False)
+    vae_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class LoadedControlNet:
+    name: str
+    path: Path
+    arch: Arch
+    short_hash: str
+    sha256: str
+    module: Any = field(repr=False)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _build(factory, state_dict: Mapping, path, what: str, dtype):
+    """Instantiate a module on the meta device and assign ``state_dict`` (no random init); strict keys."""
+    import torch
+
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    with torch.device("meta"):
+        module = factory()
+    try:
+        missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise ModelError(path, f"{what} weights do not match its config: {len(lines)} shape mismatches, e.g. "
+                               f"{'; '.join(lines[:2]) or exc}") from None
+    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ModelError(path, f"{what} weights do not match its config: missing {sorted(missing)[:5]} "
+                               f"({len(missing)}), unexpected {sorted(unexpected)[:5]} ({len(unexpected)})")
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers (CLIP position_ids)
+            if not name.endswith("position_ids"):
+                raise ModelError(path, f"{what}: cannot materialise buffer {name}")
+            owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            owner.register_buffer(name.rsplit(".", 1)[-1], torch.arange(buf.shape[-1]).expand(buf.shape),
+                                  persistent=False)
+    return module.eval().requires_grad_(False)
+
+
+def _text_config(config: Mapping):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("model_type",)})
+
+
+def _strip_text_model(module, sd: Mapping) -> dict:
+    if hasattr(module, "text_model"):
+        return dict(sd)
+    return {k.removeprefix("text_model."): v for k, v in sd.items()}
+
+
+def _build_clip(config: Mapping, converted: Mapping, path, what: str, dtype, projection: bool):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    cfg = _text_config(config)
+    with __import__("torch").device("meta"):
+        probe = cls(cfg)
+    sd = _strip_text_model(probe, converted)
+    return _build(lambda: cls(cfg), sd, path, what, dtype)
+
+
+def _sd2_openclip_subset(state_dict: Mapping, prefix: str) -> dict:
+    """OpenCLIP keys minus the last residual block and text_projection (diffusers' SD2 text encoder)."""
+    layers = {int(m[1]) for k in state_dict if (m := re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.", k))}
+    last = f"{prefix}transformer.resblocks.{max(layers)}." if layers else None
+    return {k: v for k, v in state_dict.items()
+            if k.startswith(prefix) and not (last and k.startswith(last)) and k != prefix + "text_projection"}
+
+
+def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype) -> dict:
+    """Text encoders + tokenizers of a single-file checkpoint (diffusers' clip conversion functions)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+    from transformers import CLIPTextModel
+
+    from engine.models.convert import SD2_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX
+    from engine.models.tokenizer import clip_tokenizer
+
+    pads = FAMILIES[arch].text_pads
+    out: dict[str, Any] = {}
+    if arch in (Arch.SD1, Arch.SDXL):
+        conv = convert_ldm_clip_checkpoint(state_dict)
+        if not any(k.startswith("text_model.") for k in conv):  # very old transformers layout
+            conv = {f"text_model.{k}": v for k, v in conv.items()}
+        out["text_encoder"] = _build_clip(configs["text_encoder"], conv, path, "text_encoder", dtype, False)
+    if arch is Arch.SD2:
+        sub = _sd2_openclip_subset(state_dict, SD2_OPENCLIP_PREFIX)
+        cfg = _text_config(configs["text_encoder"])
+        with __import__("torch").device("meta"):
+            probe = CLIPTextModel(cfg)
+        conv = convert_open_clip_checkpoint(probe, sub, prefix=SD2_OPENCLIP_PREFIX)
+        out["text_encoder"] = _build_clip(configs["text_encoder"], conv, path, "text_encoder", dtype, False)
+    if arch is Arch.SDXL:
+        from transformers import CLIPTextModelWithProjection
+
+        sub = {k: v for k, v in state_dict.items() if k.startswith(SDXL_OPENCLIP_PREFIX)}
+        cfg = _text_config(configs["text_encoder_2"])
+        with __import__("torch").device("meta"):
+            probe = CLIPTextModelWithProjection(cfg)
+        conv = convert_open_clip_checkpoint(probe, sub, prefix=SDXL_OPENCLIP_PREFIX)
+        out["text_encoder_2"] = _build_clip(configs["text_encoder_2"], conv, path, "text_encoder_2", dtype, True)
+    out["tokenizer"] = clip_tokenizer(pads[0])
+    if len(pads) > 1:
+        out["tokenizer_2"] = clip_tokenizer(pads[1])
+    return out
+
+
+def _unet_class():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel
+
+
+def _vae_from_state_dict(state_dict: Mapping, config: Mapping, path, dtype):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    conv = convert_ldm_vae_checkpoint(state_dict, config)
+    return _build(lambda: AutoencoderKL(**config), conv, path, "vae", dtype)
+
+
+def _sd2_is_v(unet) -> bool:
+    """The webui's SD2 v-parameterization test: one UNet pass at t=999 on constant inputs (sd_models_config)."""
+    import torch
+
+    dim = unet.config.cross_attention_dim
+    with torch.no_grad():
+        x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=unet.dtype)
+        cond = torch.full((1, 2, dim), 0.5, dtype=unet.dtype)
+        out = unet(x, torch.tensor([999]), encoder_hidden_states=cond).sample
+        return (out - x).mean().item() < -1
+
+
+def _family_configs(arch: Arch) -> dict:
+    fam = FAMILIES[arch]
+    if fam.bundled is None:
+        raise ModelError(arch.value, "no bundled config")
+    return bundled_config(fam.bundled)
+
+
+def build_components(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype=None) -> dict:
+    """UNet, VAE, text encoders and tokenizers of an SD1/SD2/SDXL LDM state dict, built from ``configs``.
+
+    Works on any device's tensors (the tests feed meta tensors of the real families' sizes).
+    """
+    import torch
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    dtype = dtype or torch.float32
+    for needed in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if arch is Arch.SDXL else ()):
+        if needed not in configs:
+            raise ModelError(path, f"configs lack {needed!r}")
+    unet_cfg = configs["unet"]
+    unet = _build(lambda: _unet_class()(**unet_cfg), convert_ldm_unet_checkpoint(state_dict, unet_cfg),
+                  path, "unet", dtype)
+    vae = _vae_from_state_dict(state_dict, configs["vae"], path, dtype)
+    return {"unet": unet, "vae": vae, **build_text_encoders(arch, state_dict, configs, path, dtype)}
+
+
+def build_controlnet(arch: Arch, state_dict: Mapping, config: Mapping, path, dtype=None):
+    """A diffusers ControlNetModel from a ControlNet state dict (``control_model.``, bare ldm or diffusers keys)."""
+    import torch
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    dtype = dtype or torch.float32
+    conv = convert_controlnet_checkpoint(state_dict, config)
+    if config.get("addition_embed_type") == "text_time" and "add_embedding.linear_1.weight" not in conv:
+        # diffusers' converter skips SDXL's add embedding (label_emb) for ControlNets
+        prefix = "control_model." if any(k.startswith("control_model.") for k in state_dict) else ""
+        for new, old in (("linear_1", "0.0"), ("linear_2", "0.2")):
+            for p in ("weight", "bias"):
+                if f"{prefix}label_emb.{old}.{p}" in state_dict:
+                    conv[f"add_embedding.{new}.{p}"] = state_dict[f"{prefix}label_emb.{old}.{p}"]
+    return _build(lambda: ControlNetModel(**config), conv, path, "controlnet", dtype)
+
+
+def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256: str = "",
+                     allow_pickle: bool = False, dtype=None) -> LoadedModel:
+    """Load a webui single-file SD1/SD2/SDXL checkpoint into diffusers modules."""
+    import torch
+
+    dtype = dtype or torch.float32
+    path = Path(path)
+    state_dict, metadata = read_state_dict(path, allow_pickle)
+    arch = detect_arch({k: tuple(v.shape) for k, v in state_dict.items()})
+    if arch is None or arch.kind is not Kind.CHECKPOINT:
+        what = "unknown architecture" if arch is None else f"a {arch.kind.value} file, not a checkpoint"
+        raise ModelError(path, f"{what}: expected SD1.x/SD2.x/SDXL keys (model.diffusion_model. with "
+                               f"cond_stage_model.transformer. / cond_stage_model.model. / conditioner.embedders.); "
+                               f"first keys: {sorted(state_dict)[:3]}")
+    in_ch = state_dict["model.diffusion_model.input_blocks.0.0.weight"].shape[1] \
+        if "model.diffusion_model.input_blocks.0.0.weight" in state_dict else 4
+    if in_ch != 4:
+        raise ModelError(path, f"UNet with {in_ch} input channels (inpainting / instruct models) is not supported")
+    meta = metadata_configs(metadata, path)
+    configs = meta or _family_configs(arch)
+    components = build_components(arch, state_dict, configs, path, dtype)
+    unet = components["unet"]
+    del state_dict
+
+    prediction = (meta or {}).get("prediction_type") or yaml_parameterization(path)
+    fam = FAMILIES[arch]
+    native = (meta or {}).get("native_size")
+    if prediction is None:
+        if arch is Arch.SD2:
+            prediction = "v_prediction" if _sd2_is_v(unet) else "epsilon"
+            log.info("%s: SD2 prediction type by the webui heuristic: %s", path.name, prediction)
+        else:
+            prediction = fam.prediction_type
+    if native is None:
+        native = fam.native_size
+        if arch is Arch.SD2 and prediction == "epsilon":  # SD2 base: 512 px (the bundled config is 768-v)
+            native = 512
+            unet.register_to_config(sample_size=native // 8)
+    sched = dict(configs.get("scheduler") or default_scheduler_config(prediction), prediction_type=prediction)
+    return _result(name or path.stem, path, arch, prediction, sha256, int(native), components, sched)
+
+
+def _result(name, path, arch, prediction, sha256, native, components, sched) -> LoadedModel:
+    from engine.models.hashing import short_hash
+
+    return LoadedModel(name=name, path=Path(path), arch=arch, prediction_type=prediction,
+                       short_hash=short_hash(sha256) if sha256 else "", sha256=sha256, native_size=native,
+                       components=components, alphas_cumprod=scheduler_alphas_cumprod(sched), scheduler_config=sched)
+
+
+def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None, sha256: str = "",
+                          dtype=None) -> LoadedModel:
+    """Load a diffusers pipeline folder (``model_index.json``) with ``local_files_only=True``."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from engine.models.tokenizer import clip_tokenizer
+
+    dtype = dtype or torch.float32
+    folder = Path(folder)
+    arch = detect_folder_arch(folder)
+    if arch is None or arch.kind is not Kind.CHECKPOINT:
+        raise ModelError(folder, "unknown architecture: not a SD1.x/SD2.x/SDXL diffusers pipeline folder")
+    try:
+        components: dict[str, Any] = {
+            "unet": _unet_class().from_pretrained(folder, subfolder="unet", local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype),
+            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype),
+            "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, dtype=dtype),
+        }
+        if arch is Arch.SDXL:
+            components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                folder / "text_encoder_2", local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelError(folder, f"cannot load diffusers folder: {exc}") from exc
+    for key in list(components):
+        components[key] = components[key].eval().requires_grad_(False)
+    pads = FAMILIES[arch].text_pads
+    components["tokenizer"] = clip_tokenizer(pads[0])
+    if len(pads) > 1:
+        components["tokenizer_2"] = clip_tokenizer(pads[1])
+    sched = _read_json(folder / "scheduler" / "scheduler_config.json")
+    prediction = sched.get("prediction_type") or FAMILIES[arch].prediction_type
+    sched = dict(sched or default_scheduler_config(prediction), prediction_type=prediction)
+    sched = {k: v for k, v in sched.items() if not k.startswith("_")}
+    native = int(components["unet"].config.sample_size) * 8
+    return _result(name or folder.name, folder, arch, prediction, sha256, native, components, sched)
+
+
+def load_checkpoint(path: str | os.PathLike, **kwargs) -> LoadedModel:
+    """A checkpoint file or diffusers folder (see :func:`load_single_file`, :func:`load_diffusers_folder`)."""
+    path = Path(path)
+    if path.is_dir():
+        kwargs.pop("allow_pickle", None)
+        return load_diffusers_folder(path, **kwargs)
+    return load_single_file(path, **kwargs)
+
+
+def load_vae(path: str | os.PathLike, *, config: Mapping | None = None, allow_pickle: bool = False, dtype=None):
+    """An external VAE (single file with ``first_stage_model.`` or bare ldm keys, or a diffusers folder)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    dtype = dtype or torch.float32
+    path = Path(path)
+    if path.is_dir():
+        try:
+            return AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype).eval().requires_grad_(False)
+        except (OSError, ValueError) as exc:
+            raise ModelError(path, f"cannot load diffusers VAE folder: {exc}") from exc
+    state_dict, metadata = read_state_dict(path, allow_pickle)
+    arch = detect_arch({k: tuple(v.shape) for k, v in state_dict.items()})
+    if arch not in (Arch.VAE, Arch.SD1, Arch.SD2, Arch.SDXL):
+        raise ModelError(path, "unknown architecture: no VAE keys (encoder./decoder./first_stage_model.)")
+    meta = metadata_configs(metadata, path) or {}
+    cfg = dict(meta.get("vae") or config or bundled_config("sd15.json")["vae"])
+    return _vae_from_state_dict(state_dict, cfg, path, dtype)
+
+
+def load_controlnet(path: str | os.PathLike, *, name: str | None = None, sha256: str = "",
+                    allow_pickle: bool = False, dtype=None) -> LoadedControlNet:
+    """A ControlNet single file (``control_model.``, bare ldm or diffusers keys) or diffusers folder."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from engine.models.hashing import short_hash
+
+    dtype = dtype or torch.float32
+    path = Path(path)
+    if path.is_dir():
+        arch = detect_folder_arch(path)
+        if arch is None or not arch.is_controlnet:
+            raise ModelError(path, "unknown architecture: not a diffusers ControlNet folder")
+        try:
+            module = ControlNetModel.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelError(path, f"cannot load diffusers ControlNet folder: {exc}") from exc
+        module = module.eval().requires_grad_(False)
+    else:
+        state_dict, metadata = read_state_dict(path, allow_pickle)
+        arch = detect_arch({k: tuple(v.shape) for k, v in state_dict.items()})
+        if arch is None or not arch.is_controlnet:
+            raise ModelError(path, "unknown architecture: no ControlNet keys (control_model., input_hint_block, "
+                                   "zero_convs, controlnet_cond_embedding)")
+        meta = metadata_configs(metadata, path)
+        module = build_controlnet(arch, state_dict, (meta or _family_configs(arch))["controlnet"], path, dtype)
+    return LoadedControlNet(name=name or path.stem, path=path, arch=arch,
+                            short_hash=short_hash(sha256) if sha256 else "", sha256=sha256, module=module)

@@ -1,0 +1,75 @@
+"""``sdengine models ...``: list the model store, write the tiny test store, convert to a webui single file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from engine.errors import ModelError
+
+
+def _store(models_dir):
+    from engine.models.store import ModelStore
+
+    return ModelStore(models_dir) if models_dir else ModelStore()
+
+
+@click.group()
+def models() -> None:
+    """The model store (webui layout: Stable-diffusion/, VAE/, ControlNet/)."""
+
+
+@models.command("list")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model store root (default: $SDENGINE_MODELS_DIR or ./models).")
+@click.option("--no-hash", is_flag=True, help="Skip hashing (hashes are cached after the first listing).")
+def list_models(models_dir, no_hash: bool) -> None:
+    """Print name, kind, architecture and short hash of every model."""
+    store = _store(models_dir)
+    entries = store.entries()
+    rows = []
+    with click.progressbar(entries, label="Reading models", file=click.get_text_stream("stderr"),
+                           show_pos=True) as bar:
+        for entry in bar:
+            rows.append(store.describe(entry, hash=not no_hash))
+    if not rows:
+        click.echo(f"no models in {store.root}", err=True)
+        return
+    width = max(len(r.name) for r in rows)
+    click.echo(f"{'NAME':<{width}}  {'KIND':<10}  {'ARCHITECTURE':<15}  {'HASH':<10}  SOURCE")
+    for r in rows:
+        arch = r.architecture.value if r.architecture else "unknown"
+        click.echo(f"{r.name:<{width}}  {r.kind.value:<10}  {arch:<15}  {r.short_hash or '-':<10}  "
+                   f"{'bundled' if r.bundled else 'store'}")
+
+
+@models.command("write-tiny")
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+def write_tiny(root: Path) -> None:
+    """Write the tiny random test models (both formats) into ROOT."""
+    from engine.models.tiny import write_tiny_store
+
+    write_tiny_store(root)
+    click.echo(f"tiny models written to {root}")
+
+
+@models.command("to-single-file")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+def to_single_file(folder: Path, output: Path) -> None:
+    """Convert a diffusers pipeline or ControlNet FOLDER into a webui single .safetensors OUTPUT."""
+    from engine.models.checkpoints import Arch, detect_folder_arch, load_controlnet, load_diffusers_folder
+    from engine.models.convert import save_single_file
+
+    arch = detect_folder_arch(folder)
+    if arch is None or arch is Arch.VAE:
+        raise click.ClickException(str(ModelError(folder, "not a diffusers pipeline or ControlNet folder")))
+    if arch.is_controlnet:
+        cn = load_controlnet(folder)
+        save_single_file({"controlnet": cn.module}, output, arch=arch)
+    else:
+        m = load_diffusers_folder(folder)
+        comps = {k: v for k, v in m.components.items() if not k.startswith("tokenizer")}
+        save_single_file(comps, output, prediction_type=m.prediction_type, arch=arch, native_size=m.native_size)
+    click.echo(f"wrote {output}")

@@ -1,0 +1,104 @@
+"""Model hashes as the webui computes them, cached so that a file is read once.
+
+- A single file's hash is the sha256 of the whole file (streamed); its *short hash* is the first 10 hex
+  digits (the webui's ``sd_models.model_hash`` shown as ``name [abcdef0123]``).
+- A diffusers folder's hash is the sha256 of the text ``"{relative posix path}\\t{sha256 of the file}\\n"``
+  over every ``*.safetensors``, ``*.bin`` and ``*.json`` file below the folder, sorted by relative path. It
+  changes when any weight or config changes and does not depend on where the folder lives.
+
+:class:`HashCache` keeps ``{absolute path: (size, mtime_ns, sha256)}`` in one JSON file (the store puts it in
+``{models_dir}/cache/hashes.json``); an entry is reused only while size and mtime are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SHORT_HASH_LEN = 10
+CHUNK = 1 << 20
+FOLDER_HASH_SUFFIXES = (".safetensors", ".bin", ".json")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def short_hash(sha256: str) -> str:
+    return sha256[:SHORT_HASH_LEN]
+
+
+class HashCache:
+    """sha256 of files and diffusers folders, cached in a JSON file keyed by (path, size, mtime)."""
+
+    def __init__(self, cache_file: str | os.PathLike | None):
+        self.cache_file = Path(cache_file) if cache_file else None
+        self._entries: dict[str, list] | None = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, list]:
+        if self._entries is None:
+            self._entries = {}
+            if self.cache_file and self.cache_file.is_file():
+                try:
+                    data = json.loads(self.cache_file.read_text(encoding="utf-8"))
+                    if isinstance(data, dict):
+                        self._entries = {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 3}
+                except (OSError, ValueError) as exc:
+                    log.warning("ignoring unreadable hash cache %s: %s", self.cache_file, exc)
+        return self._entries
+
+    def _save(self) -> None:
+        if not self.cache_file:
+            return
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=".hashes-", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self._entries, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.cache_file)
+        except OSError as exc:  # a read-only store still works, it just hashes again next time
+            log.warning("cannot write hash cache %s: %s", self.cache_file, exc)
+
+    def file_sha256(self, path: str | os.PathLike) -> str:
+        """sha256 of ``path``, from the cache when size and mtime match, else computed and stored."""
+        path = Path(path).resolve()
+        st = path.stat()
+        key = str(path)
+        with self._lock:
+            entry = self._load().get(key)
+            if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+                return entry[2]
+        log.info("hashing %s (%.1f MB)", path, st.st_size / 1e6)
+        digest = sha256_file(path)
+        with self._lock:
+            self._load()[key] = [st.st_size, st.st_mtime_ns, digest]
+            self._save()
+        return digest
+
+    def folder_sha256(self, folder: str | os.PathLike) -> str:
+        """The stable hash of a diffusers folder (see the module docstring)."""
+        folder = Path(folder).resolve()
+        files = sorted(
+            p for p in folder.rglob("*") if p.is_file() and p.suffix in FOLDER_HASH_SUFFIXES
+        )
+        h = hashlib.sha256()
+        for p in sorted(files, key=lambda p: p.relative_to(folder).as_posix()):
+            h.update(f"{p.relative_to(folder).as_posix()}\t{self.file_sha256(p)}\n".encode())
+        return h.hexdigest()
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        """Hash of a file or a diffusers folder."""
+        return self.folder_sha256(path) if Path(path).is_dir() else self.file_sha256(path)

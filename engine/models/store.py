@@ -1,0 +1,340 @@
+"""The model store: a webui-layout folder of checkpoints, VAEs and ControlNets, plus the bundled models.
+
+Layout (``EngineConfig.models_dir``, default ``./models`` or ``$SDENGINE_MODELS_DIR``)::
+
+    Stable-diffusion/   checkpoints: *.safetensors (pickles listed, loaded only with allow_pickle),
+                        diffusers folders (model_index.json); <name>.vae.safetensors beside = its VAE
+    VAE/                external VAEs
+    ControlNet/         ControlNet files and diffusers folders (config.json)
+    cache/              exported artefacts and hashes.json
+
+The read-only bundled root ``engine/models/bundled/{Stable-diffusion,ControlNet}`` is searched after the user
+store. Only top-level entries are listed (no sub-folders), so a name is a single path component.
+
+Resolution of a payload name never leaves the store: separators, ``.``/``..``, absolute paths, drive letters
+and NUL are refused, and so is a match (a symlink) that resolves outside its root (:class:`UnsafeModelPath`).
+Matching follows the webui: exact name, name without extension, then case-insensitive, then ``"name [hash]"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from engine.errors import ModelError, ModelNotFound, UnsafeModelPath
+from engine.models.checkpoints import (
+    WEIGHT_SUFFIXES,
+    Arch,
+    Kind,
+    LoadedControlNet,
+    LoadedModel,
+    detect_path_arch,
+)
+from engine.models.hashing import HashCache, short_hash
+
+log = logging.getLogger(__name__)
+
+SUBDIRS = {Kind.CHECKPOINT: "Stable-diffusion", Kind.VAE: "VAE", Kind.CONTROLNET: "ControlNet"}
+CACHE_DIR = "cache"
+VAE_AUTOMATIC = "Automatic"
+VAE_NONE = "None"
+_VAE_FILE = re.compile(r"\.vae\.(safetensors|pt|ckpt|bin)$", re.I)
+_HASH_SUFFIX = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_MAX_SUGGESTIONS = 8
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One listed model. ``name`` is the file or folder name (what a payload uses)."""
+
+    name: str
+    kind: Kind
+    path: Path
+    root: Path
+    architecture: Arch | None = None
+    sha256: str | None = None
+    bundled: bool = False
+
+    @property
+    def short_hash(self) -> str | None:
+        return short_hash(self.sha256) if self.sha256 else None
+
+    @property
+    def stem(self) -> str:
+        return self.name if self.path.is_dir() else Path(self.name).stem
+
+    @property
+    def title(self) -> str:
+        """The webui's ``"name [hash]"`` title (``name`` alone before hashing)."""
+        return f"{self.name} [{self.short_hash}]" if self.sha256 else self.name
+
+
+def bundled_root() -> Path:
+    """``engine/models/bundled`` inside the installed package (read-only)."""
+    return Path(str(resources.files("engine.models").joinpath("bundled")))
+
+
+def check_name(value, field: str = "model") -> str:
+    """Refuse a payload name that could address anything outside the store (raises UnsafeModelPath)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ModelNotFound(str(value), f"{field}: empty model name")
+    reasons = []
+    if "\x00" in value:
+        reasons.append("contains NUL")
+    if "/" in value or "\\" in value:
+        reasons.append("contains a path separator")
+    if value.strip() in (".", "..") or value.startswith(".."):
+        reasons.append("is a relative parent reference (..)")
+    if os.path.isabs(value) or value.startswith(("/", "\\", "~")):
+        reasons.append("is an absolute path")
+    if _DRIVE.match(value):
+        reasons.append("has a drive letter")
+    if reasons:
+        raise UnsafeModelPath(repr(value), f"{field}: model names are file names inside the model store; this one "
+                                           f"{' and '.join(reasons)}")
+    return value
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return False
+
+
+class ModelStore:
+    """Listing, name resolution and loading of the models under ``root`` (+ the bundled root)."""
+
+    def __init__(self, root: str | os.PathLike | None = None, *, bundled: str | os.PathLike | None = "default",
+                 cache_dir: str | os.PathLike | None = None, max_loaded: int = 1, max_controlnets: int = 4):
+        from engine.config import default_models_dir
+
+        self.root = Path(root) if root is not None else default_models_dir()
+        self.bundled = bundled_root() if bundled == "default" else (Path(bundled) if bundled else None)
+        self.cache_dir = Path(cache_dir) if cache_dir else self.root / CACHE_DIR
+        self.hashes = HashCache(self.cache_dir / "hashes.json")
+        self.limits = {"checkpoint": max(max_loaded, 1), "controlnet": max(max_controlnets, 1)}
+        self._loaded: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one load at a time: two requests for a model load it once
+
+    @classmethod
+    def from_config(cls, config) -> "ModelStore":
+        return cls(config.models_dir, cache_dir=config.cache_dir)
+
+    # ------------------------------------------------------------------------------------------ listing
+
+    def roots(self) -> list[tuple[Path, bool]]:
+        out = [(self.root, False)]
+        if self.bundled is not None:
+            out.append((self.bundled, True))
+        return out
+
+    def _scan(self, kind: Kind) -> list[ModelEntry]:
+        entries, seen = [], set()
+        for root, is_bundled in self.roots():
+            folder = root / SUBDIRS[kind]
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir(), key=lambda p: p.name.lower()):
+                if path.name.startswith(".") or path.name in seen:
+                    continue
+                if not self._is_model(path, kind):
+                    continue
+                if not _inside(path, root):
+                    log.warning("ignoring %s: it resolves outside the model store %s", path, root)
+                    continue
+                seen.add(path.name)
+                entries.append(ModelEntry(path.name, kind, path, root, bundled=is_bundled))
+        return entries
+
+    @staticmethod
+    def _is_model(path: Path, kind: Kind) -> bool:
+        if path.is_dir():
+            marker = "model_index.json" if kind is Kind.CHECKPOINT else "config.json"
+            return (path / marker).is_file()
+        if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file():
+            return False
+        # <ckpt>.vae.safetensors beside a checkpoint is that checkpoint's VAE, not a checkpoint
+        return not (kind is Kind.CHECKPOINT and _VAE_FILE.search(path.name))
+
+    def entries(self, kind: Kind | None = None) -> list[ModelEntry]:
+        """Entries without architecture or hash (cheap: a directory listing)."""
+        kinds = [kind] if kind else list(SUBDIRS)
+        return [e for k in kinds for e in self._scan(k)]
+
+    def describe(self, entry: ModelEntry, hash: bool = True) -> ModelEntry:
+        """The entry with its architecture (from the header) and hash (cached)."""
+        try:
+            arch = detect_path_arch(entry.path)
+        except ModelError as exc:
+            log.warning("%s", exc)
+            arch = None
+        sha = self.hashes.sha256(entry.path) if hash else None
+        return ModelEntry(entry.name, entry.kind, entry.path, entry.root, arch, sha, entry.bundled)
+
+    def list(self, kind: Kind | None = None, hash: bool = True) -> list[ModelEntry]:
+        """Every model with kind, architecture and (cached) hash."""
+        return [self.describe(e, hash) for e in self.entries(kind)]
+
+    # ------------------------------------------------------------------------------------------ resolution
+
+    def resolve(self, name: str, kind: Kind = Kind.CHECKPOINT, field: str = "model") -> ModelEntry:
+        """The entry a payload ``name`` means (webui matching). Raises UnsafeModelPath / ModelNotFound."""
+        check_name(name, field)
+        entries = self._scan(kind)
+        wanted, want_hash = name.strip(), None
+        exact = [e for e in entries if e.name == wanted]
+        if exact:
+            return self._checked(exact[0], None)
+        if m := _HASH_SUFFIX.match(wanted):
+            wanted, want_hash = m[1], m[2].lower()
+        candidates = [
+            lambda e: e.name == wanted,
+            lambda e: e.stem == wanted,
+            lambda e: e.name.lower() == wanted.lower(),
+            lambda e: e.stem.lower() == wanted.lower(),
+        ]
+        for match in candidates:
+            found = [e for e in entries if match(e)]
+            if found:
+                return self._checked(found[0], want_hash)
+        # a name that exists on disk but was not listed (a symlink escaping the store, a sub-folder)
+        for root, _ in self.roots():
+            for cand in (root / SUBDIRS[kind] / wanted,):
+                if os.path.lexists(cand) and not _inside(cand, root):
+                    raise UnsafeModelPath(str(cand), f"{field}: {name!r} resolves outside the model store {root}")
+        if want_hash and not wanted:  # "[hash]" alone: match by hash
+            for e in entries:
+                if self.hashes.sha256(e.path).startswith(want_hash):
+                    return e
+        available = ", ".join(e.name for e in entries[:_MAX_SUGGESTIONS]) or "none"
+        more = f", ... ({len(entries)} in all)" if len(entries) > _MAX_SUGGESTIONS else ""
+        raise ModelNotFound(name, f"{field}: no {kind.value} of this name in {self.root / SUBDIRS[kind]}"
+                                  f"{' or the bundled models' if self.bundled else ''} (available: {available}{more})")
+
+    def _checked(self, entry: ModelEntry, want_hash: str | None) -> ModelEntry:
+        if not _inside(entry.path, entry.root):  # re-check at use time (the link may have changed)
+            raise UnsafeModelPath(str(entry.path), f"resolves outside the model store {entry.root}")
+        if want_hash:
+            sha = self.hashes.sha256(entry.path)
+            if not sha.startswith(want_hash):
+                log.warning("%s: requested hash %s, the file has %s; using the file", entry.name, want_hash,
+                            short_hash(sha))
+        return entry
+
+    def resolve_vae(self, checkpoint: ModelEntry, vae: str | None = VAE_AUTOMATIC) -> Path | None:
+        """The external VAE file for ``checkpoint``: ``None`` means the checkpoint's own VAE.
+
+        "Automatic": ``<ckpt>.vae.safetensors`` (or .pt/.ckpt) beside the checkpoint, else a file in ``VAE/``
+        with the checkpoint's stem (``<stem>.safetensors`` or ``<stem>.vae.safetensors``), else its own.
+        "None" (or empty): its own. Anything else: a VAE from ``VAE/`` resolved by name.
+        """
+        if vae is None or vae == "" or vae == VAE_NONE:
+            return None
+        if vae == VAE_AUTOMATIC:
+            stem = checkpoint.stem
+            near = [checkpoint.path.parent / f"{stem}.vae.{ext}" for ext in ("safetensors", "pt", "ckpt")]
+            for p in near:
+                if p.is_file() and _inside(p, checkpoint.root):
+                    return p
+            for e in self._scan(Kind.VAE):
+                if e.stem == stem or _VAE_FILE.sub("", e.name) == stem:
+                    return e.path
+            return None
+        return self.resolve(vae, Kind.VAE, field="sd_vae").path
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def hash_of(self, entry: ModelEntry) -> str:
+        return entry.sha256 or self.hashes.sha256(entry.path)
+
+    def load_model(self, name: str, vae: str | None = VAE_AUTOMATIC, allow_pickle: bool = False,
+                   dtype=None) -> LoadedModel:
+        """Resolve and load a checkpoint (+ VAE), cached in-process by (path, hash, vae path, dtype).
+
+        At most ``max_loaded`` checkpoints stay cached; older ones are dropped before a new one is loaded.
+        """
+        entry = self.resolve(name, Kind.CHECKPOINT, field="sd_model_checkpoint")
+        vae_path = self.resolve_vae(entry, vae)
+        sha = self.hash_of(entry)
+        key = ("checkpoint", str(entry.path.resolve()), sha, str(vae_path.resolve()) if vae_path else None, str(dtype))
+        with self._load_lock:
+            if (hit := self._cached(key)) is not None:
+                return hit
+            self._make_room("checkpoint")
+            model = self._load_checkpoint(entry, vae_path, sha, allow_pickle, dtype)
+            self._remember(key, model)
+            return model
+
+    def _load_checkpoint(self, entry, vae_path, sha, allow_pickle, dtype) -> LoadedModel:
+        from dataclasses import replace
+
+        from engine.models.checkpoints import load_checkpoint, load_vae
+
+        log.info("loading %s%s", entry.name, f" with VAE {vae_path.name}" if vae_path else "")
+        model = load_checkpoint(entry.path, name=entry.name, sha256=sha, allow_pickle=allow_pickle, dtype=dtype)
+        if vae_path is not None:
+            own = model.components["vae"]
+            cfg = {k: v for k, v in own.config.items() if not k.startswith("_")}
+            ext = load_vae(vae_path, config=cfg, allow_pickle=allow_pickle, dtype=dtype)
+            # the latent scale belongs to the model family (SDXL 0.13025), not to the VAE file
+            ext.register_to_config(scaling_factor=own.config.scaling_factor)
+            model = replace(model, components={**model.components, "vae": ext}, vae_path=vae_path)
+        return model
+
+    def load_controlnet(self, name: str, allow_pickle: bool = False, dtype=None) -> LoadedControlNet:
+        from engine.models.checkpoints import load_controlnet
+
+        entry = self.resolve(name, Kind.CONTROLNET, field="controlnet.model")
+        sha = self.hash_of(entry)
+        key = ("controlnet", str(entry.path.resolve()), sha, str(dtype))
+        with self._load_lock:
+            if (hit := self._cached(key)) is not None:
+                return hit
+            self._make_room("controlnet")
+            cn = load_controlnet(entry.path, name=entry.name, sha256=sha, allow_pickle=allow_pickle, dtype=dtype)
+            self._remember(key, cn)
+            return cn
+
+    def _cached(self, key):
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+        return None
+
+    def _make_room(self, kind: str) -> None:
+        with self._lock:
+            same = [k for k in self._loaded if k[0] == kind]
+            while len(same) >= self.limits[kind]:
+                self._loaded.pop(same.pop(0))
+
+    def _remember(self, key, value) -> None:
+        """Keep ``value``; evict the least recently used of its kind beyond the limit."""
+        with self._lock:
+            self._loaded[key] = value
+            same = [k for k in self._loaded if k[0] == key[0]]
+            while len(same) > self.limits[key[0]]:
+                self._loaded.pop(same.pop(0))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+
+
+def load_model(store: ModelStore, name: str, vae: str | None = VAE_AUTOMATIC, allow_pickle: bool = False,
+               dtype=None) -> LoadedModel:
+    """The pipeline's entry point: :meth:`ModelStore.load_model`."""
+    return store.load_model(name, vae=vae, allow_pickle=allow_pickle, dtype=dtype)
+
+
+def load_controlnet_model(store: ModelStore, name: str, allow_pickle: bool = False, dtype=None) -> LoadedControlNet:
+    return store.load_controlnet(name, allow_pickle=allow_pickle, dtype=dtype)

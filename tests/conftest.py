@@ -1,0 +1,28 @@
+"""Shared fixtures. ``tiny_store``: a webui-layout model store with every tiny model in both formats, written
+once per test session (about 10 s) into a temporary folder. Treat it as read-only; tests that modify a store
+copy what they need into their own ``tmp_path``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """Path of the session's tiny model store (see :func:`engine.models.tiny.write_tiny_store`)."""
+    from engine.models.tiny import write_tiny_store
+
+    return write_tiny_store(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_store(tiny_store, tmp_path_factory):
+    """A :class:`engine.models.store.ModelStore` over ``tiny_store`` (bundled models excluded, hash cache in a
+    session tmp folder so the read-only store is never written)."""
+    from engine.models.store import ModelStore
+
+    return ModelStore(tiny_store, bundled=None, cache_dir=tmp_path_factory.mktemp("model-cache"))
