@@ -37,7 +37,7 @@ class SamplerSpec:
     second_order: bool = False
     brownian: bool = False  # webui feeds a Brownian-tree noise sampler seeded with the batch's seeds
     uses_ensd: bool = False
-    fixed_schedule: bool = False  # timestep samplers (DDIM, PLMS, UniPC) ignore the scheduler, as in the webui
+    fixed_schedule: bool = False  # DDIM, PLMS, UniPC, DPM fast/adaptive ignore the scheduler, as in the webui
     default_eta: float | None = None
     lcm: bool = False  # runs on the model's LCM schedule (ModelSchedule.for_lcm), as the webui's LCM sampler
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -65,8 +65,11 @@ def _specs() -> tuple[SamplerSpec, ...]:
         SamplerSpec("DPM2", k.dpm_2, ("k_dpm_2",), "Karras", discard_penultimate=True, second_order=True),
         SamplerSpec("DPM2 a", k.dpm_2_ancestral, ("k_dpm_2_a",), "Karras", discard_penultimate=True,
                     second_order=True, uses_ensd=True, default_eta=1.0),
-        SamplerSpec("DPM fast", dpm_solver.dpm_fast, ("k_dpm_fast",), uses_ensd=True, default_eta=1.0),
-        SamplerSpec("DPM adaptive", dpm_solver.dpm_adaptive, ("k_dpm_ad",), uses_ensd=True, default_eta=1.0),
+        # The webui gives DPM fast/adaptive the model's sigma range and n = steps, whatever the schedule.
+        SamplerSpec("DPM fast", dpm_solver.dpm_fast, ("k_dpm_fast",), uses_ensd=True, fixed_schedule=True,
+                    default_eta=1.0),
+        SamplerSpec("DPM adaptive", dpm_solver.dpm_adaptive, ("k_dpm_ad",), uses_ensd=True, fixed_schedule=True,
+                    default_eta=1.0),
         SamplerSpec("Restart", extra.restart, ("restart",), "Karras", second_order=True),
         SamplerSpec("DDIM", timesteps.ddim, ("ddim",), "DDIM", fixed_schedule=True, default_eta=0.0),
         SamplerSpec("PLMS", timesteps.plms, ("plms",), "DDIM", fixed_schedule=True),

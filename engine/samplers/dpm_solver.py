@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from engine.samplers._array import floats, maximum, rms
 from engine.samplers.kdiffusion import ancestral_step, need_noise
 
@@ -62,7 +64,7 @@ def dpm_fast(denoise, x, sigmas, *, noise=None, callback=None, eta=0.0, s_noise=
     solver = _Solver(denoise)
     t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
     m = math.floor(nfe / 3) + 1
-    ts = [t_start + (t_end - t_start) * k / m for k in range(m + 1)]
+    ts = [t_start + (t_end - t_start) * k / m for k in range(m)] + [t_end]
     orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
     for i, order in enumerate(orders):
         cache = {}
@@ -70,7 +72,7 @@ def dpm_fast(denoise, x, sigmas, *, noise=None, callback=None, eta=0.0, s_noise=
         if eta:
             sd, _ = ancestral_step(math.exp(-t), math.exp(-t_next), eta)
             t_next_ = min(t_end, -math.log(sd))
-            su = (math.exp(-2 * t_next) - math.exp(-2 * t_next_)) ** 0.5
+            su = max(math.exp(-2 * t_next) - math.exp(-2 * t_next_), 0.0) ** 0.5
         else:
             t_next_, su = t_next, 0.0
         eps = solver.eps(cache, "eps", x, t)
@@ -91,16 +93,18 @@ def dpm_adaptive(denoise, x, sigmas, *, noise=None, callback=None, order=3, rtol
         raise ValueError("order should be 2 or 3")
     sigma_min, sigma_max, _ = _range(sigmas)
     solver = _Solver(denoise)
-    t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
+    # Times are rounded to float32 like k-diffusion's tensors, so that the adaptive steps land where the
+    # webui's do (an error-controlled step sequence amplifies rounding differences).
+    t_start, t_end = _f32(-math.log(sigma_max)), _f32(-math.log(sigma_min))
     pid = _PID(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
     s, x_prev, steps = t_start, x, 0
     while s < t_end - 1e-5:
         cache = {}
-        t = min(t_end, s + pid.h)
+        t = min(t_end, _f32(s + pid.h))
         if eta:
             sd, _ = ancestral_step(math.exp(-s), math.exp(-t), eta)
-            t_ = min(t_end, -math.log(sd))
-            su = (math.exp(-2 * t) - math.exp(-2 * t_)) ** 0.5
+            t_ = min(t_end, _f32(-math.log(sd)))
+            su = max(math.exp(-2 * t) - math.exp(-2 * t_), 0.0) ** 0.5
         else:
             t_, su = t, 0.0
         eps = solver.eps(cache, "eps", x, s)
@@ -123,6 +127,10 @@ def dpm_adaptive(denoise, x, sigmas, *, noise=None, callback=None, order=3, rtol
             callback({"x": x, "i": steps - 1, "sigma": math.exp(-s), "sigma_hat": math.exp(-s),
                       "denoised": denoised})
     return x
+
+
+def _f32(v: float) -> float:
+    return float(np.float32(v))
 
 
 class _PID:
