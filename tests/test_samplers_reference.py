@@ -63,7 +63,7 @@ class Noise:
         self.calls = []
 
     def __call__(self, sigma, sigma_next):
-        self.calls.append((float(sigma), float(sigma_next)))
+        self.calls.append((None if sigma is None else float(sigma), None if sigma_next is None else float(sigma_next)))
         self.k += 1
         draw = self.draws[self.k - 1].clone()
         return draw.numpy() if self.numpy else draw
