@@ -34,6 +34,7 @@ class ModelSchedule:
 
     alphas_cumprod: np.ndarray
     sdxl: bool = False
+    lcm_skip: int = 0  # > 0: the webui's LCM schedule (every lcm_skip-th timestep), see :meth:`for_lcm`
 
     @classmethod
     def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, timesteps: int = 1000,
@@ -41,6 +42,16 @@ class ModelSchedule:
         """SD's schedule (ldm make_beta_schedule "linear", diffusers "scaled_linear"), computed in float64."""
         betas = np.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=np.float64) ** 2
         return cls(np.cumprod(1.0 - betas).astype(np.float32), sdxl=sdxl)
+
+    def for_lcm(self, original_steps: int = 50) -> "ModelSchedule":
+        """webui LCMCompVisDenoiser: the model's sigmas at timesteps skip-1, 2*skip-1, ..., T-1 (skip = T // 50);
+        timesteps are quantized to those and the denoiser applies LCM's boundary-condition scalings."""
+        if self.lcm_skip:
+            return self
+        total = len(self.alphas_cumprod)
+        skip = total // original_steps
+        idx = [total - 1 - x * skip for x in range(original_steps)][::-1]
+        return ModelSchedule(np.asarray(self.alphas_cumprod, dtype=np.float32)[idx], sdxl=self.sdxl, lcm_skip=skip)
 
     @cached_property
     def sigmas(self) -> np.ndarray:
@@ -59,21 +70,46 @@ class ModelSchedule:
     def sigma_max(self) -> float:
         return float(self.sigmas[-1])
 
+    @property
+    def t_max(self) -> float:
+        """Model timestep of sigma_max (T - 1)."""
+        return float((len(self.sigmas) - 1) * max(self.lcm_skip, 1) + max(self.lcm_skip - 1, 0))
+
+    @property
+    def t_min(self) -> float:
+        """Model timestep of sigma_min (0; skip - 1 for LCM)."""
+        return float(max(self.lcm_skip - 1, 0))
+
     def sigma_to_t(self, sigma: Any) -> Any:
-        """Fractional timestep of ``sigma`` (float or numpy array), clamped to [0, T-1]."""
+        """Model timestep of ``sigma`` (float or numpy array): log-sigma interpolation clamped to [0, T-1]
+        (k-diffusion DiscreteSchedule, quantize=False); for LCM the nearest of its timesteps."""
         log_sigma = np.log(np.asarray(sigma, dtype=np.float64))
-        t = np.interp(log_sigma, self.log_sigmas.astype(np.float64), np.arange(len(self.sigmas), dtype=np.float64))
+        if self.lcm_skip:
+            dists = np.abs(log_sigma[..., None] - self.log_sigmas.astype(np.float64))
+            t = np.argmin(dists, axis=-1).astype(np.float64) * self.lcm_skip + (self.lcm_skip - 1)
+        else:
+            t = np.interp(log_sigma, self.log_sigmas.astype(np.float64),
+                          np.arange(len(self.sigmas), dtype=np.float64))
         return float(t) if np.ndim(t) == 0 else t
 
     def t_to_sigma(self, t: Any) -> Any:
-        """Sigma at fractional timestep ``t`` (float or numpy array), log-sigma interpolation."""
+        """Sigma at fractional model timestep ``t`` (float or numpy array), log-sigma interpolation."""
         t = np.asarray(t, dtype=np.float32)
+        if self.lcm_skip:
+            t = np.clip((t - (self.lcm_skip - 1)) / self.lcm_skip, 0, len(self.sigmas) - 1).astype(np.float32)
         low = np.floor(t).astype(np.int64)
         high = np.ceil(t).astype(np.int64)
         w = t - low
         log_sigma = (1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]
         out = np.exp(log_sigma).astype(np.float32)
         return float(out) if out.ndim == 0 else out
+
+    def vp_sigma(self, t: Any) -> np.ndarray:
+        """Sigma at model timestep ``t`` interpolating log(alpha) linearly in t, as DPM-Solver's/UniPC's
+        NoiseScheduleVP("discrete") does (the webui's UniPC grid)."""
+        log_alpha = 0.5 * np.log(np.asarray(self.alphas_cumprod, dtype=np.float32)).astype(np.float64)
+        la = np.interp(np.asarray(t, dtype=np.float64), np.arange(len(log_alpha), dtype=np.float64), log_alpha)
+        return np.sqrt(np.expm1(-2 * la)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -138,15 +174,19 @@ class Denoiser:
         rows = self.rows(self.conditioning(step))
         idx = list(rows.image)
         s_rows = [sigmas_b[b] for b in idx]
-        t_in = as_like(self.schedule.sigma_to_t(np.asarray(s_rows, dtype=np.float64)), x, dtype=_f32(x))
+        t_rows = self.schedule.sigma_to_t(np.asarray(s_rows, dtype=np.float64))
         x_rows = x[idx]
         c_in = self._col([1 / math.sqrt(s * s + 1) for s in s_rows], x)
-        raw = self.model(x_rows * c_in, t_in, rows.cond, step)
-        if self.prediction_type == "epsilon":
+        raw = self.model(x_rows * c_in, as_like(t_rows, x, dtype=_f32(x)), rows.cond, step)
+        if self.prediction_type == "epsilon" or self.schedule.lcm_skip:
             x0 = x_rows + raw * self._col([-s for s in s_rows], x)
         else:  # v: c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1)
             x0 = raw * self._col([-s / math.sqrt(s * s + 1) for s in s_rows], x) + \
                 x_rows * self._col([1 / (s * s + 1) for s in s_rows], x)
+        if self.schedule.lcm_skip:  # LCM boundary condition on the timestep * 10 (webui get_scaled_out)
+            ts = [float(v) * 10 for v in np.atleast_1d(t_rows)]
+            x0 = x0 * self._col([v / math.sqrt(v * v + 0.25) for v in ts], x) + \
+                x_rows * self._col([0.25 / (v * v + 0.25) for v in ts], x)
         return self.combine(x0, rows.cond)
 
     def combine(self, x0: Array, cond: StepConditioning) -> Array:

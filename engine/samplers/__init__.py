@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from engine.errors import InvalidRequest
-from engine.samplers import kdiffusion, schedules
+from engine.samplers import dpm_solver, extra, kdiffusion, schedules, timesteps
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ class SamplerSpec:
     second_order: bool = False
     brownian: bool = False  # webui feeds a Brownian-tree noise sampler seeded with the batch's seeds
     uses_ensd: bool = False
-    fixed_schedule: bool = False  # timestep samplers (DDIM, PLMS, UniPC) ignore the scheduler, as in the webui
+    fixed_schedule: bool = False  # DDIM, PLMS, UniPC, DPM fast/adaptive ignore the scheduler, as in the webui
     default_eta: float | None = None
+    lcm: bool = False  # runs on the model's LCM schedule (ModelSchedule.for_lcm), as the webui's LCM sampler
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -64,6 +65,16 @@ def _specs() -> tuple[SamplerSpec, ...]:
         SamplerSpec("DPM2", k.dpm_2, ("k_dpm_2",), "Karras", discard_penultimate=True, second_order=True),
         SamplerSpec("DPM2 a", k.dpm_2_ancestral, ("k_dpm_2_a",), "Karras", discard_penultimate=True,
                     second_order=True, uses_ensd=True, default_eta=1.0),
+        # The webui gives DPM fast/adaptive the model's sigma range and n = steps, whatever the schedule.
+        SamplerSpec("DPM fast", dpm_solver.dpm_fast, ("k_dpm_fast",), uses_ensd=True, fixed_schedule=True,
+                    default_eta=1.0),
+        SamplerSpec("DPM adaptive", dpm_solver.dpm_adaptive, ("k_dpm_ad",), uses_ensd=True, fixed_schedule=True,
+                    default_eta=1.0),
+        SamplerSpec("Restart", extra.restart, ("restart",), "Karras", second_order=True),
+        SamplerSpec("DDIM", timesteps.ddim, ("ddim",), "DDIM", fixed_schedule=True, default_eta=0.0),
+        SamplerSpec("PLMS", timesteps.plms, ("plms",), "DDIM", fixed_schedule=True),
+        SamplerSpec("UniPC", timesteps.unipc, ("unipc",), "UniPC", fixed_schedule=True),
+        SamplerSpec("LCM", extra.lcm, ("k_lcm",), lcm=True),
     )
 
 
@@ -89,6 +100,7 @@ SCHEDULES: Mapping[str, Callable[..., np.ndarray]] = MappingProxyType({
 # The webui also accepts its internal schedule names ("karras", "sgm_uniform", ...) and "SGMUniform".
 _SCHEDULE_ALIASES = {**{label.lower().replace(" ", "_"): label for label in SCHEDULES}, "SGMUniform": "SGM Uniform"}
 SCHEDULE_NAMES = ("Automatic", *SCHEDULES)
+_INTERNAL_SCHEDULES = {**SCHEDULES, "UniPC": schedules.unipc_grid}  # a sampler's own grid, not selectable
 
 
 @dataclass(frozen=True)
@@ -128,12 +140,21 @@ class ResolvedSampler:
         """Infotext fields: {"Sampler": "DPM++ 2M", "Schedule type": "Karras"}."""
         return {"Sampler": self.spec.name, "Schedule type": self.schedule_label}
 
+    def model_schedule(self, model_schedule: Any) -> Any:
+        """The ModelSchedule to build the Denoiser with: the model's, or its LCM variant for LCM."""
+        return model_schedule.for_lcm() if self.spec.lcm else model_schedule
+
     def sigmas(self, steps: int, model_schedule: Any, **schedule_options: Any) -> np.ndarray:
-        """Float32 sigmas for ``steps`` steps with the model's ModelSchedule (webui KDiffusionSampler.get_sigmas)."""
+        """Float32 sigmas for ``steps`` steps with the model's ModelSchedule (webui KDiffusionSampler.get_sigmas).
+
+        ``steps + 1`` values ending in 0, except for the timestep samplers, which follow the webui's timesteps
+        (DDIM/PLMS: range(1, 1000, 1000 // steps), UniPC: steps + 1 timesteps, then 0).
+        """
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise InvalidRequest("steps", f"must be an integer >= 1, got {steps!r}", ">= 1")
+        model_schedule = self.model_schedule(model_schedule)
         n = steps + 1 if self.spec.discard_penultimate else steps
-        fn = SCHEDULES[self.schedule_name]
+        fn = _INTERNAL_SCHEDULES[self.schedule_name]
         sigmas = fn(n, model_schedule.sigma_min, model_schedule.sigma_max, model=model_schedule,
                     **schedule_options)
         if self.spec.discard_penultimate:

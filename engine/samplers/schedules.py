@@ -33,7 +33,7 @@ def _need_model(model: Any, name: str) -> Any:
 def uniform(n: int, sigma_min: float, sigma_max: float, model: Any = None) -> np.ndarray:
     """Model timesteps linspace(T-1, 0, n), interpolated in log sigma (k-diffusion DiscreteSchedule.get_sigmas)."""
     model = _need_model(model, "Uniform")
-    t = np.linspace(len(model.sigmas) - 1, 0, n, dtype=np.float32)
+    t = np.linspace(model.t_max, model.t_min, n, dtype=np.float32)
     return _with_zero(model.t_to_sigma(t))
 
 
@@ -148,3 +148,10 @@ def betainc(a: float, b: float, x: float) -> float:
         if abs(c * d - 1.0) < 1e-16:
             break
     return math.exp(ln_front) * f / a
+
+
+def unipc_grid(n: int, sigma_min: float, sigma_max: float, model: Any = None) -> np.ndarray:
+    """The webui UniPC's grid: timesteps linspace(T-1, 0, n + 1) (time_uniform), sigmas from log-alpha
+    interpolation, then 0 (n + 2 values: UniPC ends at timestep 0, see engine.samplers.timesteps)."""
+    model = _need_model(model, "UniPC")
+    return _with_zero(model.vp_sigma(np.linspace(len(model.alphas_cumprod) - 1, 0, n + 1)))
