@@ -1,12 +1,23 @@
 """Prompt conditioning: token chunks -> embeddings through a backend.
 
-The type below is the contract between conditioning (which builds it) and the denoiser (which consumes it).
+:class:`StepConditioning` is the contract between conditioning (which builds it) and the denoiser (which
+consumes it). :func:`encode_request` builds a :class:`ConditioningPlan` for a batch of images: prompts are
+split on AND, scheduled (prompt editing, alternation), tokenised into 77-token chunks, encoded through a
+backend (``run(component, feeds) -> outputs``: ``input_ids`` int64 (B, 77), ``clip_skip`` int64 (1,) ->
+``hidden_state``, ``hidden_state_raw``, ``pooled``; see export/wrappers.py), weighted ("Original" emphasis)
+and concatenated. Arrays are whatever the backend returns: numpy arrays or torch tensors.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections import OrderedDict
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
+
+from engine.errors import InvalidRequest
+from engine.prompts import CHUNK_LENGTH, Chunk, prompt_schedule, split_and, tokenize_prompt
 
 Array = Any  # numpy.ndarray or torch.Tensor
 
@@ -32,3 +43,395 @@ class StepConditioning:
     @property
     def batch_size(self) -> int:
         return len(self.positive)
+
+
+# ------------------------------------------------------------------------------------ model families
+
+TOKENS_PER_CHUNK = CHUNK_LENGTH + 2
+PROMPT_FIELD = "prompt"
+NEGATIVE_FIELD = "negtive_prompt"  # sic: the API's field name
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One text encoder: its component name, padding token, which output is the context, clip skip offset."""
+
+    component: str
+    pad_token: str
+    output: str  # "hidden_state" (final layer norm applied) or "hidden_state_raw"
+    skip_offset: int = 0  # fed clip_skip = webui N + skip_offset
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    encoders: tuple[EncoderSpec, ...]
+    pooled_component: str | None = None  # SDXL: the pooled output of this encoder (first chunk)
+    time_ids: bool = False  # SDXL add_time_ids
+    zero_empty_negative: bool = False  # SDXL: an empty negative prompt is all zeros (webui, diffusers)
+
+
+_EOS = "<|endoftext|>"
+_OPENCLIP_PAD = "!"
+
+
+class TextFamily(str, Enum):
+    """How a model family turns text into conditioning."""
+
+    SD1 = "sd1"
+    SD2 = "sd2"
+    SDXL = "sdxl"
+
+    @property
+    def spec(self) -> FamilySpec:
+        return _FAMILIES[self]
+
+
+_FAMILIES = {
+    TextFamily.SD1: FamilySpec((EncoderSpec("text_encoder", _EOS, "hidden_state"),)),
+    # diffusers' SD2 text encoder already lacks OpenCLIP's last layer: N=1 is the webui's SD2 "penultimate"
+    TextFamily.SD2: FamilySpec((EncoderSpec("text_encoder", _OPENCLIP_PAD, "hidden_state"),)),
+    TextFamily.SDXL: FamilySpec(
+        (
+            EncoderSpec("text_encoder", _EOS, "hidden_state_raw", skip_offset=1),
+            EncoderSpec("text_encoder_2", _OPENCLIP_PAD, "hidden_state_raw", skip_offset=1),
+        ),
+        pooled_component="text_encoder_2",
+        time_ids=True,
+        zero_empty_negative=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TextModelInfo:
+    """What conditioning needs to know about a loaded model: its family and its hash (the cache key)."""
+
+    family: TextFamily
+    model_hash: str
+
+    def __post_init__(self):
+        if not isinstance(self.family, TextFamily):
+            try:
+                object.__setattr__(self, "family", TextFamily(str(self.family).lower()))
+            except ValueError:
+                allowed = ", ".join(f.value for f in TextFamily)
+                raise InvalidRequest("model", f"unknown text family {self.family!r}", allowed) from None
+
+
+# ------------------------------------------------------------------------- arrays: numpy or torch alike
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _like(values, like):
+    """``values`` as an array of ``like``'s kind, dtype and device."""
+    if _is_torch(like):
+        import torch
+
+        return torch.as_tensor(values, dtype=like.dtype, device=like.device)
+    import numpy as np
+
+    return np.asarray(values, dtype=like.dtype)
+
+
+def concat(arrays, axis: int = 0):
+    """Concatenate numpy arrays or torch tensors."""
+    if _is_torch(arrays[0]):
+        import torch
+
+        return torch.cat(list(arrays), dim=axis)
+    import numpy as np
+
+    return np.concatenate(arrays, axis=axis)
+
+
+def stack(arrays):
+    if _is_torch(arrays[0]):
+        import torch
+
+        return torch.stack(list(arrays))
+    import numpy as np
+
+    return np.stack(arrays)
+
+
+def _zeros_like(x):
+    if _is_torch(x):
+        import torch
+
+        return torch.zeros_like(x)
+    import numpy as np
+
+    return np.zeros_like(x)
+
+
+def apply_emphasis(z, weights):
+    """webui "Original" emphasis: multiply each token's vector by its weight, then restore the mean.
+
+    ``z`` (k, 77, D), ``weights`` (k, 77); the mean is restored per chunk (the webui restores it over the batch
+    of texts it encodes at once, which for one prompt is the same thing). numpy arrays or torch tensors.
+    """
+    out = []
+    for i in range(z.shape[0]):
+        zi = z[i]
+        w = _like(weights[i], zi)
+        original = zi.mean()
+        zi = zi * w[:, None]
+        out.append(zi * (original / zi.mean()))
+    return stack(out)
+
+
+# -------------------------------------------------------------------------------------------- the cache
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One text through one encoder: ``hidden`` (77*k, D) after emphasis, ``pooled`` (P,) of the first chunk."""
+
+    hidden: Array
+    pooled: Array | None
+
+    @property
+    def chunks(self) -> int:
+        return self.hidden.shape[0] // TOKENS_PER_CHUNK
+
+
+class EmbeddingCache:
+    """LRU of encoded texts keyed by (model hash, text, clip skip, encoder component).
+
+    Hand one to :func:`encode_request` per loaded model and backend: a batch or a queue of requests with the
+    same prompt then encodes it once. ``calls`` counts lookups that missed.
+    """
+
+    def __init__(self, max_entries: int = 256):
+        self.max_entries = max_entries
+        self._entries: OrderedDict = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key) -> EncodedText | None:
+        value = self._entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key, value: EncodedText) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# ----------------------------------------------------------------------------------------------- encode
+
+def _tokenizer(pad_token: str):
+    from engine.models.tokenizer import clip_tokenizer
+
+    return clip_tokenizer(pad_token)
+
+
+def _run_encoder(backend, encoder: EncoderSpec, chunks: list[Chunk], clip_skip: int, max_batch: int):
+    """Encode chunks through the backend in batches; returns per-chunk (hidden (77, D), pooled (P,))."""
+    import numpy as np
+
+    skip = np.array([clip_skip + encoder.skip_offset], dtype=np.int64)
+    hidden, pooled = [], []
+    for start in range(0, len(chunks), max_batch):
+        part = chunks[start:start + max_batch]
+        ids = np.array([c.tokens for c in part], dtype=np.int64)
+        out = backend.run(encoder.component, {"input_ids": ids, "clip_skip": skip})
+        hidden.extend(out[encoder.output][i] for i in range(len(part)))
+        pooled.extend(out["pooled"][i] for i in range(len(part)))
+    return hidden, pooled
+
+
+def encode_texts(backend, model: TextModelInfo, texts, clip_skip: int, cache: EmbeddingCache | None = None,
+                 max_batch: int = 8, tokenized: dict | None = None) -> dict[str, dict[str, EncodedText]]:
+    """Encode distinct texts (no AND or schedule syntax left) through every encoder of the model's family.
+
+    Returns ``{component: {text: EncodedText}}``. Texts found in ``cache`` are not run; the chunks of all
+    other texts go through the backend together, ``max_batch`` chunks per call.
+    """
+    result: dict[str, dict[str, EncodedText]] = {}
+    for encoder in model.family.spec.encoders:
+        done: dict[str, EncodedText] = {}
+        missing: list[tuple[str, list[Chunk]]] = []
+        for text in dict.fromkeys(texts):
+            key = (model.model_hash, text, clip_skip, encoder.component)
+            hit = cache.get(key) if cache is not None else None
+            if hit is not None:
+                done[text] = hit
+                continue
+            chunks = (tokenized or {}).get((encoder.pad_token, text))
+            if chunks is None:
+                chunks = tokenize_prompt(text, _tokenizer(encoder.pad_token))
+            missing.append((text, chunks))
+        if missing:
+            flat = [c for _, chunks in missing for c in chunks]
+            hidden, pooled = _run_encoder(backend, encoder, flat, clip_skip, max_batch)
+            pos = 0
+            for text, chunks in missing:
+                k = len(chunks)
+                z = stack(hidden[pos:pos + k])
+                if any(c.weighted for c in chunks):
+                    z = apply_emphasis(z, [c.weights for c in chunks])
+                encoded = EncodedText(z.reshape(k * TOKENS_PER_CHUNK, z.shape[-1]), pooled[pos])
+                pos += k
+                done[text] = encoded
+                if cache is not None:
+                    cache.put((model.model_hash, text, clip_skip, encoder.component), encoded)
+        result[encoder.component] = done
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- plan
+
+@dataclass(frozen=True)
+class _Row:
+    """The schedule of one row: ``(end_at_step, text)`` entries; ``zero`` rows are all zeros (SDXL "")."""
+
+    entries: tuple[tuple[int, str], ...]
+    zero: bool = False
+
+
+@dataclass(frozen=True)
+class ConditioningPlan:
+    """Conditioning for a whole sampling run: :meth:`at` gives the :class:`StepConditioning` of a step.
+
+    Distinct segments are built once; ``at`` is a lookup. ``ends[i]`` is the last step (0-based, as the
+    webui's CFG denoiser counts) that uses ``segments[i]``.
+    """
+
+    ends: tuple[int, ...]
+    segments: tuple[StepConditioning, ...]
+    texts: tuple[tuple[str, ...], ...] = ()  # per segment: the text of each row (for logs and tests)
+
+    def at(self, step: int) -> StepConditioning:
+        i = bisect.bisect_left(self.ends, step)
+        return self.segments[min(i, len(self.segments) - 1)]
+
+    @property
+    def changes(self) -> bool:
+        return len({id(s) for s in self.segments}) > 1
+
+
+def _check_length(chunks: int, limit: int, field: str) -> None:
+    if chunks > limit:
+        raise InvalidRequest(
+            field,
+            f"prompt is {chunks} chunks of 75 tokens long, more than the limit",
+            f"at most {limit} chunks ({limit * CHUNK_LENGTH} tokens)",
+        )
+
+
+def encode_request(
+    backend,
+    model: TextModelInfo,
+    prompts: list[str],
+    negative_prompts: list[str],
+    steps: int,
+    clip_skip: int = 1,
+    width: int = 1024,
+    height: int = 1024,
+    cache: EmbeddingCache | None = None,
+    max_chunks: int = 32,
+    max_batch: int = 8,
+) -> ConditioningPlan:
+    """Parse, schedule, tokenise and encode the prompts of a batch of images into a :class:`ConditioningPlan`.
+
+    ``prompts[b]`` / ``negative_prompts[b]`` belong to image b. Positive prompts are split on ``AND``;
+    each part and each negative prompt follows its own editing/alternation schedule over ``steps``.
+    Rows of different token counts are padded with the encoded empty chunk. For SDXL, ``width`` and
+    ``height`` give the add_time_ids (original size = target size, crop at the top left).
+    """
+    if len(prompts) != len(negative_prompts):
+        raise InvalidRequest(NEGATIVE_FIELD, "needs one negative prompt per prompt",
+                             f"{len(prompts)} negative prompts")
+    if clip_skip < 1:
+        raise InvalidRequest("clip_skip", f"invalid clip skip {clip_skip}", "an integer >= 1")
+    spec = model.family.spec
+
+    rows: list[_Row] = []
+    positive = []
+    for prompt in prompts:
+        parts = []
+        for text, weight in split_and(prompt):
+            parts.append((len(rows), weight))
+            rows.append(_Row(tuple(prompt_schedule(text, steps))))
+        positive.append(tuple(parts))
+    negative = []
+    for prompt in negative_prompts:
+        negative.append(len(rows))
+        entries = tuple(prompt_schedule(prompt, steps))
+        rows.append(_Row(entries, zero=spec.zero_empty_negative and all(t == "" for _, t in entries)))
+    n_positive = sum(len(p) for p in positive)
+
+    # tokenise every distinct text once (per padding token) and check the length limit
+    tokenized: dict[tuple[str, str], list[Chunk]] = {}
+    for r, row in enumerate(rows):
+        field = PROMPT_FIELD if r < n_positive else NEGATIVE_FIELD
+        for _, text in row.entries:
+            for encoder in spec.encoders:
+                key = (encoder.pad_token, text)
+                if key not in tokenized:
+                    tokenized[key] = tokenize_prompt(text, _tokenizer(encoder.pad_token))
+            _check_length(len(tokenized[(spec.encoders[0].pad_token, text)]), max_chunks, field)
+
+    texts = {"": None}
+    for row in rows:
+        if not row.zero:
+            texts.update((t, None) for _, t in row.entries)
+    encoded = encode_texts(backend, model, list(texts), clip_skip, cache, max_batch, tokenized)
+
+    def context_of(text: str):
+        return concat([encoded[e.component][text].hidden for e in spec.encoders], axis=-1)
+
+    def pooled_of(text: str):
+        return encoded[spec.pooled_component][text].pooled
+
+    empty = context_of("")  # (77, D): the padding of shorter rows
+
+    # the segments: every step boundary of every row; identical selections share one StepConditioning
+    ends = sorted({end for row in rows for end, _ in row.entries})
+    built: dict[tuple[str, ...], StepConditioning] = {}
+    segments, seg_texts, seg_ends = [], [], []
+    for end in ends:
+        selection = tuple(next(t for e, t in row.entries if end <= e) for row in rows)
+        if seg_texts and seg_texts[-1] == selection:
+            seg_ends[-1] = end
+            continue
+        if selection not in built:
+            built[selection] = _build_step(rows, selection, context_of, pooled_of, empty, spec,
+                                           tuple(positive), tuple(negative), width, height)
+        segments.append(built[selection])
+        seg_texts.append(selection)
+        seg_ends.append(end)
+    return ConditioningPlan(tuple(seg_ends), tuple(segments), tuple(seg_texts))
+
+
+def _build_step(rows, selection, context_of, pooled_of, empty, spec, positive, negative, width, height):
+    contexts = []
+    for row, text in zip(rows, selection):
+        c = context_of(text)
+        contexts.append(_zeros_like(c) if row.zero else c)
+    k = max(c.shape[0] for c in contexts) // TOKENS_PER_CHUNK
+    padded = []
+    for c in contexts:
+        missing = k - c.shape[0] // TOKENS_PER_CHUNK
+        padded.append(concat([c] + [empty] * missing, axis=0) if missing else c)
+    context = stack(padded)
+    pooled = time_ids = None
+    if spec.pooled_component is not None:
+        pooled = stack([_zeros_like(pooled_of(t)) if row.zero else pooled_of(t) for row, t in zip(rows, selection)])
+    if spec.time_ids:
+        time_ids = _like([[height, width, 0, 0, height, width]] * len(rows), context)
+    return StepConditioning(context, positive, negative, pooled, time_ids)
