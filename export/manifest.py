@@ -50,7 +50,7 @@ def safe_name(text: str) -> str:
     cleaned = cleaned.lstrip(".")
     if not cleaned:
         raise ValueError(f"empty artefact name from {text!r}")
-    return cleaned[:120]
+    return cleaned[:200]
 
 
 def artefact_dir(cache: Path, model_hash: str, component: str, name: str) -> Path:
