@@ -1,0 +1,75 @@
+"""The TensorRT backend: one engine per component, built lazily from the component's ONNX export.
+
+NOT RUN IN CI: TensorRT cannot be installed in this project's environment. This module and
+export/tensorrt.py are written against TensorRT 10's documented Python API; the tests cover everything up
+to that boundary (the MissingDependency / BackendUnavailable errors, profiles, cache keys, ONNX preparation,
+profile range checks). See export/tensorrt.py.
+
+Flow per component, on first ``run``: export.onnx (fp32, manifest cache) -> export.tensorrt.prepare_onnx
+(constant folding + shape inference) -> build_engine (profile from the descriptor and ``shape_config``,
+precision from the config; SDXL VAE stays fp32) -> TensorRTEngine on torch's current CUDA stream.
+Inputs: torch CUDA tensors (numpy accepted); outputs: float32 torch CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from engine.backends.base import Array, ComponentsMixin
+from engine.config import EngineConfig
+from engine.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class TensorRTBackend(ComponentsMixin):
+    def __init__(self, config: EngineConfig, components: Mapping[str, Any], model_hash: str, *,
+                 shape_config=None, progress=None, refittable: bool = True):
+        from export.descriptors import ShapeConfig
+        from export.tensorrt import import_tensorrt
+
+        import_tensorrt()  # MissingDependency naming the 'tensorrt' extra
+        if not config.device.startswith("cuda"):
+            raise BackendUnavailable(f"the TensorRT backend needs a CUDA device, got device={config.device!r}")
+        self._init_components(components)
+        self.config = config
+        self.model_hash = model_hash
+        self.shape_config = shape_config or ShapeConfig()
+        self.progress = progress
+        self.refittable = refittable
+        self._engines: dict[str, Any] = {}
+
+    def _prepared(self, component: str, components: Mapping[str, Any], model_hash: str):
+        from export.onnx import export_component
+        from export.tensorrt import prepare_onnx
+
+        art = export_component(component, components, model_hash, self.config.artefacts_dir, precision="fp32",
+                               progress=self.progress)
+        return prepare_onnx(art, progress=self.progress)
+
+    def engine(self, component: str):
+        if component not in self._engines:
+            from export.tensorrt import TensorRTEngine, build_engine
+
+            self.descriptor(component)  # InvalidRequest if the model lacks it
+            prepared = self._prepared(component, self._components, self.model_hash)
+            plan = build_engine(prepared, self.shape_config, self.config.precision.value, self.config.artefacts_dir,
+                                device=self.config.device, refittable=self.refittable, progress=self.progress)
+            self._engines[component] = TensorRTEngine(plan, self.config.device)
+        return self._engines[component]
+
+    def refit(self, component: str, components: Mapping[str, Any], model_hash: str) -> None:
+        """Swap in the weights of another model of the same architecture without rebuilding the engine."""
+        prepared = self._prepared(component, components, model_hash)
+        self.engine(component).refit(prepared.path)
+        self._components = {**self._components, **components}
+        self._descriptors.pop(component, None)
+
+    def run(self, component: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        from export.tensorrt import check_in_profile
+
+        desc = self.descriptor(component)
+        self._check_feeds(desc, feeds)
+        check_in_profile(desc.profile(self.shape_config), {n: tuple(v.shape) for n, v in feeds.items()})
+        return self.engine(component).run(feeds)

@@ -1,0 +1,256 @@
+"""Components -> ONNX artefacts, cached by a manifest.
+
+Each component of a model goes through up to three stages, each an artefact directory of its own
+(``{cache}/{model hash}/{component}/{stage}/model.onnx`` + ``manifest.json``, see export.manifest):
+
+``onnx-fp32``      torch.onnx.export (legacy tracer, ``dynamo=False``) of the export.wrappers module, opset 17,
+                   dynamic axes from the descriptor; big models keep their weights in ONE external data file.
+``onnx-fp32-gpu``  onnxruntime transformer optimizer, GPU flavour (export.optimize), from ``onnx-fp32``.
+``onnx-fp16[-gpu]`` fp16 conversion keeping overflow-prone ops fp32 (export.fp16), from the fp32 stage.
+
+A stage is skipped when its manifest key matches (model hash, component, precision, opset, dynamic axes,
+input/output specs, tool versions, the parent stage's sha256) and its graph file's sha256 checks out; any
+mismatch rebuilds it. Components whose descriptor forbids fp16 (the SDXL VAE) stay in fp32 when fp16 is asked.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from engine.errors import InvalidRequest
+from export.descriptors import ComponentDescriptor, available_components, describe
+from export.manifest import artefact_dir, build_artefact, sha256_files, valid_artefact
+
+log = logging.getLogger(__name__)
+
+EXPORTER_VERSION = 1
+DEFAULT_OPSET = 17
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# above this many bytes of weights, they go to one external data file (protobuf's limit is 2 GB)
+EXTERNAL_DATA_BYTES = 1 << 30
+ONNX_PRECISIONS = ("fp32", "fp16")
+
+ProgressCallback = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass(frozen=True)
+class OnnxArtefact:
+    """One exported component: its directory, manifest and descriptor."""
+
+    component: str
+    directory: Path
+    manifest: dict
+    descriptor: ComponentDescriptor
+
+    @property
+    def path(self) -> Path:
+        return self.directory / MODEL_FILE
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["key"]["precision"]
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the graph file followed by its external data: what a TensorRT engine is keyed by."""
+        return self.manifest["info"]["sha256"]
+
+
+def tool_versions(*names: str) -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def stage_name(precision: str, gpu_optimize: bool) -> str:
+    return f"onnx-{precision}" + ("-gpu" if gpu_optimize else "")
+
+
+def _weights_bytes(model) -> int:
+    return sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)
+
+
+def save_onnx(model, path: Path) -> None:
+    """Save a ModelProto; above :data:`EXTERNAL_DATA_BYTES` of weights, as graph + ONE external data file."""
+    import onnx
+
+    path = Path(path)
+    if _weights_bytes(model) > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _files(directory: Path) -> list[Path]:
+    paths = [directory / MODEL_FILE]
+    if (directory / DATA_FILE).exists():
+        paths.append(directory / DATA_FILE)
+    return paths
+
+
+def _fp32_cpu(module):
+    import torch
+
+    p = next(module.parameters(), None)
+    if p is None or (p.dtype == torch.float32 and p.device.type == "cpu"):
+        return module
+    return copy.deepcopy(module).to("cpu", torch.float32)
+
+
+def trace_inputs(desc: ComponentDescriptor) -> dict:
+    """Small sample inputs for tracing: batch 2, latent height != width (so no axis is specialised)."""
+    m = desc.latent_multiple
+    h = m * -(-8 // m)
+    return desc.sample_inputs(batch=2, height=h, width=h + m, tokens=77, seed=0)
+
+
+def torch_export(wrapper, desc: ComponentDescriptor, path: Path, opset: int) -> None:
+    """torch.onnx.export (legacy tracer) of ``wrapper`` into ``path`` (may write external files beside it)."""
+    import torch
+
+    inputs = trace_inputs(desc)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, tuple(inputs[n] for n in desc.input_names), str(path),
+            input_names=desc.input_names, output_names=desc.output_names,
+            dynamic_axes=desc.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+
+
+def _key(desc: ComponentDescriptor, model_hash: str, stage: str, precision: str, opset: int,
+         parent_sha: str | None, tools: Mapping[str, str], extra: Mapping | None = None) -> dict:
+    return {
+        "format": EXPORTER_VERSION,
+        "model_hash": model_hash,
+        "component": desc.component,
+        "stage": stage,
+        "precision": precision,
+        "opset": opset,
+        "inputs": [[t.name, t.dtype, list(t.shape)] for t in desc.inputs],
+        "outputs": [[t.name, t.dtype, list(t.shape)] for t in desc.outputs],
+        "dynamic_axes": {k: {str(i): v for i, v in a.items()} for k, a in desc.dynamic_axes().items()},
+        "parent_sha256": parent_sha,
+        "tools": dict(tools),
+        **(extra or {}),
+    }
+
+
+def _finish(tmp: Path, manifest: dict, desc: ComponentDescriptor) -> None:
+    manifest["info"]["sha256"] = sha256_files(_files(tmp))
+    manifest["info"]["latent_multiple"] = desc.latent_multiple
+    manifest["info"]["image_scale"] = desc.image_scale
+    manifest["info"]["trace_shapes"] = {k: list(v.shape) for k, v in trace_inputs(desc).items()}
+
+
+def _stage(desc, model_hash, cache_dir, stage, key, build, progress, step) -> OnnxArtefact:
+    directory = artefact_dir(cache_dir, model_hash, desc.component, stage)
+    manifest = valid_artefact(directory, key)
+    what = f"{desc.component}: {stage}"
+    if manifest is not None:
+        log.info("%s: up to date (%s)", what, directory)
+    else:
+        log.info("%s: building into %s", what, directory)
+        with build_artefact(directory, key, hashed=(MODEL_FILE,)) as (tmp, manifest):
+            build(tmp, manifest)
+            _finish(tmp, manifest, desc)
+    if progress:
+        progress(what, *step)
+    return OnnxArtefact(desc.component, directory, manifest, desc)
+
+
+def export_component(component: str, modules: Mapping[str, Any], model_hash: str, cache_dir: Path, *,
+                     precision: str = "fp32", gpu_optimize: bool = False, opset: int = DEFAULT_OPSET,
+                     progress: ProgressCallback | None = None) -> OnnxArtefact:
+    """Export ``component`` of the model whose diffusers modules are ``modules`` (hash ``model_hash``).
+
+    Returns the cached artefact when its manifest matches; otherwise exports (and optimises / converts)
+    and returns the new one. ``precision`` "fp16" falls back to fp32 for components that must stay fp32.
+    """
+    import onnx
+
+    precision = getattr(precision, "value", precision)
+    if precision not in ONNX_PRECISIONS:
+        raise InvalidRequest("precision", f"{precision!r} has no ONNX export", ", ".join(ONNX_PRECISIONS))
+    if opset < 17:
+        raise InvalidRequest("opset", f"{opset}", ">= 17")
+    desc = describe(component, modules)
+    if precision == "fp16" and not desc.fp16:
+        log.info("%s stays fp32 by policy (fp16 overflows in it)", component)
+        precision = "fp32"
+    total = 1 + int(gpu_optimize) + int(precision == "fp16")
+    step = iter(range(1, total + 1))
+    tools = tool_versions("torch", "onnx", "diffusers", "transformers")
+
+    def build_fp32(tmp: Path, manifest: dict) -> None:
+        raw = tmp / "raw"
+        raw.mkdir()
+        wrapper = desc.wrapper(_fp32_cpu(modules[desc.source])).eval()
+        torch_export(wrapper, desc, raw / MODEL_FILE, opset)
+        # the legacy exporter writes one file per big tensor: consolidate into one (or none)
+        save_onnx(onnx.load(str(raw / MODEL_FILE)), tmp / MODEL_FILE)
+        shutil.rmtree(raw)
+
+    key = _key(desc, model_hash, "onnx-fp32", "fp32", opset, None, tools)
+    art = _stage(desc, model_hash, cache_dir, "onnx-fp32", key, build_fp32, progress, (next(step), total))
+
+    if gpu_optimize:
+        parent = art
+        tools_gpu = {**tools, **tool_versions("onnxruntime", "onnxruntime-gpu", "numpy")}
+
+        def build_gpu(tmp: Path, manifest: dict) -> None:
+            from export.optimize import optimize_for_gpu
+
+            optimized, applied = optimize_for_gpu(parent.path, desc.optimizer_type)
+            big = _weights_bytes(optimized.model) > EXTERNAL_DATA_BYTES
+            optimized.save_model_to_file(str(tmp / MODEL_FILE), use_external_data_format=big,
+                                         all_tensors_to_one_file=True)
+            manifest["info"]["optimizer"] = applied
+
+        stage = stage_name("fp32", True)
+        key = _key(desc, model_hash, stage, "fp32", opset, parent.sha256, tools_gpu)
+        art = _stage(desc, model_hash, cache_dir, stage, key, build_gpu, progress, (next(step), total))
+
+    if precision == "fp16":
+        parent = art
+        tools_fp16 = {**tools, **tool_versions("onnxruntime", "onnxruntime-gpu")}
+
+        def build_fp16(tmp: Path, manifest: dict) -> None:
+            from export.fp16 import KEEP_FP32_OPS, convert_to_fp16
+
+            model = onnx.load(str(parent.path))
+            big = _weights_bytes(model) > EXTERNAL_DATA_BYTES
+            save_onnx(convert_to_fp16(model, desc.fp16_keep_fp32_ops, big=big), tmp / MODEL_FILE)
+            manifest["info"]["kept_fp32_ops"] = sorted(set(KEEP_FP32_OPS) | set(desc.fp16_keep_fp32_ops))
+
+        stage = stage_name("fp16", gpu_optimize)
+        key = _key(desc, model_hash, stage, "fp16", opset, parent.sha256, tools_fp16)
+        art = _stage(desc, model_hash, cache_dir, stage, key, build_fp16, progress, (next(step), total))
+    return art
+
+
+def export_model(modules: Mapping[str, Any], model_hash: str, cache_dir: Path, *,
+                 components: Iterable[str] | None = None, precision: str = "fp32", gpu_optimize: bool = False,
+                 opset: int = DEFAULT_OPSET, progress: ProgressCallback | None = None) -> dict[str, OnnxArtefact]:
+    """Export several components (default: every component the modules provide, except ``unet_control``)."""
+    if components is None:
+        components = [c for c in available_components(modules) if c != "unet_control"]
+    return {
+        c: export_component(c, modules, model_hash, cache_dir, precision=precision, gpu_optimize=gpu_optimize,
+                            opset=opset, progress=progress)
+        for c in components
+    }

@@ -1,0 +1,197 @@
+"""Backends: onnxruntime (CPU EP, and the IO-binding path over CPU torch tensors) vs the torch backend.
+
+Reference: engine.backends.torch.TorchBackend in fp32 (the export.wrappers modules, eager).
+Tolerance: relative L2 <= 1e-4 for fp32. GPU providers cannot run here: their selection, error messages
+and option dicts are tested; the IO-binding code is exercised with device type "cpu".
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import export.onnx as xonnx
+from engine.backends import Backend, create_backend
+from engine.backends.onnxruntime import (CPU, CUDA, TENSORRT, OnnxRuntimeBackend, check_providers, provider_options,
+                                         session_options)
+from engine.backends.torch import TorchBackend
+from engine.config import EngineConfig
+from engine.errors import BackendUnavailable, InvalidRequest
+from engine.models.tiny import build_tiny
+from export.descriptors import ShapeConfig
+
+TOL = 1e-4
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return build_tiny("sd1").components
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("backend-cache")
+
+
+@pytest.fixture(scope="module")
+def backends(sd1, cache):
+    cfg = dict(cache_dir=cache)
+    return {
+        "torch": create_backend(EngineConfig(backend="torch", **cfg), sd1, "tiny-sd1"),
+        "ort": create_backend(EngineConfig(backend="onnxruntime", **cfg), sd1, "tiny-sd1"),
+        "ort_bound": create_backend(EngineConfig(backend="onnxruntime", **cfg), sd1, "tiny-sd1", io_binding=True),
+    }
+
+
+def feeds_for(backend, component, batch=2, height=8, width=8, tokens=77, seed=0):
+    desc = backend.descriptor(component)
+    return {k: v.numpy() for k, v in desc.sample_inputs(batch, height, width, tokens, seed=seed).items()}
+
+
+def test_factory_and_protocol(backends):
+    assert isinstance(backends["torch"], TorchBackend)
+    assert isinstance(backends["ort"], OnnxRuntimeBackend)
+    for b in backends.values():
+        assert isinstance(b, Backend)
+        assert b.has("unet") and b.has("vae_decoder") and b.has("unet_control")
+        assert not b.has("text_encoder_2") and not b.has("controlnet")
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
+def test_onnxruntime_matches_torch_backend(backends, component):
+    """ORT CPU EP (plain and IO binding) vs torch backend fp32: relL2 <= 1e-4; numpy float32 out."""
+    feeds = feeds_for(backends["torch"], component, batch=2, height=6, width=10, seed=3)
+    ref = backends["torch"].run(component, feeds)
+    for name in ("ort", "ort_bound"):
+        got = backends[name].run(component, feeds)
+        assert set(got) == set(ref)
+        for out in ref:
+            assert isinstance(got[out], np.ndarray) and got[out].dtype == np.float32
+            assert rel_l2(got[out], ref[out]) <= TOL, f"{name} {component}/{out}"
+
+
+def test_io_binding_buffers_per_shape(backends):
+    """Static buffers are kept per input shape; results stay valid after later runs (they are clones)."""
+    b, plain = backends["ort_bound"], backends["ort"]
+    small = feeds_for(b, "unet", batch=1, height=8, width=8, seed=1)
+    big = feeds_for(b, "unet", batch=2, height=12, width=8, tokens=154, seed=2)
+    before = len(b._bound.get("unet", {}))
+    r1 = b.run("unet", small)["model_output"]
+    keep = r1.copy()
+    r2 = b.run("unet", big)["model_output"]
+    r3 = b.run("unet", small)["model_output"]
+    assert r2.shape == (2, 4, 12, 8)
+    np.testing.assert_array_equal(r1, keep)
+    np.testing.assert_array_equal(r3, keep)
+    np.testing.assert_allclose(r2, plain.run("unet", big)["model_output"], rtol=0, atol=1e-6)
+    assert len(b._bound["unet"]) == before + 2
+
+
+def test_torch_tensors_accepted_on_cpu(backends):
+    feeds = {k: torch.from_numpy(v) for k, v in feeds_for(backends["torch"], "vae_decoder", 1, 4, 4).items()}
+    a = backends["ort"].run("vae_decoder", feeds)["image"]
+    b = backends["torch"].run("vae_decoder", feeds)["image"]
+    assert a.shape == (1, 3, 32, 32) and rel_l2(a, b) <= TOL
+
+
+def test_sessions_are_lazy_and_cached(sd1, tmp_path, monkeypatch):
+    calls = []
+    real = xonnx.torch_export
+    monkeypatch.setattr(xonnx, "torch_export", lambda *a, **k: (calls.append(a[1].component), real(*a, **k)))
+    config = EngineConfig(backend="onnxruntime", cache_dir=tmp_path)
+    backend = create_backend(config, {"vae": sd1["vae"]}, "h")
+    assert calls == [] and not any(tmp_path.iterdir())  # nothing exported at construction
+    feeds = feeds_for(backend, "vae_decoder", 1, 4, 4)
+    first = backend.run("vae_decoder", feeds)["image"]
+    again = create_backend(config, {"vae": sd1["vae"]}, "h").run("vae_decoder", feeds)["image"]
+    assert calls == ["vae_decoder"]  # the second backend found the artefact through its manifest
+    np.testing.assert_array_equal(first, again)
+
+
+def test_feed_errors_name_the_field(backends):
+    feeds = feeds_for(backends["torch"], "unet")
+    del feeds["timestep"]
+    for b in backends.values():
+        with pytest.raises(InvalidRequest, match="unet.timestep"):
+            b.run("unet", feeds)
+    with pytest.raises(InvalidRequest, match="component"):
+        backends["ort"].run("controlnet", {})
+
+
+def test_torch_backend_autocast_bf16(sd1, backends):
+    """bf16 autocast really runs in bf16: close to fp32 (relL2 < 5e-2) but not identical."""
+    bf16 = create_backend(EngineConfig(backend="torch", precision="bf16"), sd1, "tiny-sd1")
+    feeds = feeds_for(bf16, "unet", seed=4)
+    a = bf16.run("unet", feeds)["model_output"]
+    b = backends["torch"].run("unet", feeds)["model_output"]
+    assert a.dtype == np.float32
+    assert 1e-5 < rel_l2(a, b) < 5e-2
+
+
+# -- provider selection --------------------------------------------------------------------------------------
+
+def test_unknown_provider_is_named_with_the_available_ones(sd1):
+    config = EngineConfig(backend="onnxruntime", providers=("NoSuchExecutionProvider", CPU))
+    with pytest.raises(BackendUnavailable) as err:
+        create_backend(config, sd1, "h")
+    text = str(err.value)
+    assert "NoSuchExecutionProvider" in text
+    for name in ort.get_available_providers():
+        assert name in text
+
+
+@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this onnxruntime has the CUDA EP")
+def test_cuda_device_without_cuda_ep(sd1):
+    with pytest.raises(BackendUnavailable, match="CUDAExecutionProvider.*onnxruntime-gpu"):
+        create_backend(EngineConfig(backend="onnxruntime", device="cuda:1"), sd1, "h")
+
+
+def test_check_providers_passes_available():
+    check_providers([CUDA, CPU], [TENSORRT, CUDA, CPU])
+    with pytest.raises(BackendUnavailable, match="TensorrtExecutionProvider"):
+        check_providers([TENSORRT], [CUDA, CPU])
+
+
+def test_bf16_rejected_by_onnxruntime(sd1):
+    with pytest.raises(InvalidRequest, match="precision"):
+        create_backend(EngineConfig(backend="onnxruntime", precision="bf16"), sd1, "h")
+
+
+def test_cpu_session_options():
+    so = session_options(EngineConfig())
+    assert so.intra_op_num_threads == os.cpu_count()
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert session_options(EngineConfig(num_threads=3)).intra_op_num_threads == 3
+
+
+def test_provider_option_dicts():
+    cfg = EngineConfig(device="cuda:1", precision="fp16")
+    cuda = provider_options(CUDA, cfg, cuda_graph=True, stream=1234)
+    assert cuda["device_id"] == "1" and cuda["enable_cuda_graph"] == "1"
+    assert cuda["user_compute_stream"] == "1234" and cuda["has_user_compute_stream"] == "1"
+    assert "enable_cuda_graph" not in provider_options(CUDA, cfg)
+    assert provider_options(CPU, cfg) == {}
+
+
+def test_tensorrt_ep_options_with_profile(sd1, tmp_path):
+    """TensorRT EP: fp16 flag, caches, and min/opt/max shapes from the unet descriptor and a ShapeConfig."""
+    cfg = EngineConfig(device="cuda", precision="fp16", providers=(TENSORRT, CUDA, CPU), cache_dir=tmp_path)
+    backend = OnnxRuntimeBackend(cfg, sd1, "h", available=[TENSORRT, CUDA, CPU],
+                                 shape_config=ShapeConfig(batch=(1, 2, 4), image=(256, 512, 768),
+                                                          token_chunks=(1, 1, 2)), io_binding=False)
+    assert backend.onnx_precision == "fp32"  # TensorRT makes the fp16 engine itself
+    (name, opts), *_ = backend.providers_for("unet", tmp_path / "unet")
+    assert name == TENSORRT and opts["trt_fp16_enable"] == "1"
+    assert opts["trt_engine_cache_enable"] == "1" and opts["trt_timing_cache_path"] == str(tmp_path / "unet" / "ort-tensorrt")
+    assert opts["trt_profile_min_shapes"] == "sample:1x4x32x32,timestep:1,encoder_hidden_states:1x77x32"
+    assert opts["trt_profile_opt_shapes"] == "sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x32"
+    assert opts["trt_profile_max_shapes"] == "sample:4x4x96x96,timestep:4,encoder_hidden_states:4x154x32"

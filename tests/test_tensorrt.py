@@ -1,0 +1,185 @@
+"""TensorRT path, tested up to the boundary: TensorRT itself cannot be installed here and has NOT run.
+
+Covered: the MissingDependency error, engine cache keys and directory names, profiles, profile range checks,
+the ONNX preparation (vs the unprepared graph on the CPU EP, relL2 <= 1e-5), and the build/caching logic
+against a recording stand-in for the ``tensorrt`` module that implements only the documented calls we make
+(it checks which calls and arguments we pass, not that TensorRT accepts them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import export.onnx as xonnx
+import export.tensorrt as xtrt
+from engine.backends import create_backend
+from engine.config import EngineConfig
+from engine.errors import BackendUnavailable, InvalidRequest, MissingDependency
+from engine.models.tiny import build_tiny
+from export.descriptors import ShapeConfig, describe
+from export.onnx import export_component
+from export.tensorrt import (check_in_profile, engine_dir_name, engine_key, engine_precision, prepare_onnx)
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return build_tiny("sd1").components
+
+
+@pytest.fixture(scope="module")
+def unet_onnx(sd1, tmp_path_factory):
+    return export_component("unet", sd1, "tiny-sd1", tmp_path_factory.mktemp("trt-cache"))
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed")
+def test_missing_tensorrt_is_a_clear_error(sd1):
+    with pytest.raises(MissingDependency, match=r"tensorrt.*pip install 'sdengine\[tensorrt\]'"):
+        create_backend(EngineConfig(backend="tensorrt", device="cuda"), sd1, "h")
+
+
+def test_tensorrt_needs_cuda(sd1, monkeypatch):
+    monkeypatch.setattr(xtrt, "import_tensorrt", lambda: types.SimpleNamespace())
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        create_backend(EngineConfig(backend="tensorrt", device="cpu"), sd1, "h")
+
+
+def test_engine_key_changes_with_each_ingredient():
+    sc = ShapeConfig()
+    prof = {"sample": ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 128, 128))}
+    base = engine_key("a" * 64, "fp16", prof, sc, "10.13.0", "NVIDIA H100 80GB HBM3")
+    assert base["profile"] == {"sample": [[1, 4, 32, 32], [2, 4, 64, 64], [4, 4, 128, 128]]}
+    variants = [
+        engine_key("b" * 64, "fp16", prof, sc, "10.13.0", "NVIDIA H100 80GB HBM3"),
+        engine_key("a" * 64, "fp32", prof, sc, "10.13.0", "NVIDIA H100 80GB HBM3"),
+        engine_key("a" * 64, "fp16", {"sample": ((1, 4, 32, 32),) * 3}, sc, "10.13.0", "NVIDIA H100 80GB HBM3"),
+        engine_key("a" * 64, "fp16", prof, sc, "10.14.1", "NVIDIA H100 80GB HBM3"),
+        engine_key("a" * 64, "fp16", prof, sc, "10.13.0", "NVIDIA H200"),
+    ]
+    assert all(v != base for v in variants)
+    name = engine_dir_name("0123456789abcdef" * 4, "fp16", sc, "10.13.0", "NVIDIA H100 80GB HBM3")
+    assert name == "0123456789abcdef-fp16-b1-2-4_i256-512-1024_t1-1-3-trt10.13.0-NVIDIA_H100_80GB_HBM3"
+
+
+def test_engine_precision_policy(sd1):
+    sdxl = build_tiny("sdxl").components
+    assert engine_precision(describe("vae_decoder", sdxl), "fp16") == "fp32"
+    assert engine_precision(describe("unet", sd1), "fp16") == "fp16"
+    with pytest.raises(InvalidRequest, match="precision"):
+        engine_precision(describe("unet", sd1), "int8")
+
+
+def test_check_in_profile(sd1):
+    prof = describe("unet", sd1).profile(ShapeConfig(batch=(1, 1, 2), image=(256, 512, 512), token_chunks=(1, 1, 2)))
+    check_in_profile(prof, {"sample": (2, 4, 48, 64), "timestep": (2,), "encoder_hidden_states": (2, 154, 32)})
+    with pytest.raises(InvalidRequest, match="sample.*outside"):
+        check_in_profile(prof, {"sample": (1, 4, 80, 64), "timestep": (1,), "encoder_hidden_states": (1, 77, 32)})
+    with pytest.raises(InvalidRequest, match="encoder_hidden_states"):
+        check_in_profile(prof, {"sample": (1, 4, 64, 64), "timestep": (1,), "encoder_hidden_states": (1, 231, 32)})
+
+
+def _run(path, feeds):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+
+
+def test_prepare_onnx_keeps_the_function(unet_onnx):
+    """Prepared graph (constant-folded, shape-inferred) == the exported graph on the CPU EP (relL2 <= 1e-5)."""
+    import onnx
+
+    prepared = prepare_onnx(unet_onnx)
+    assert prepared.directory.name == "onnx-fp32-trt" and prepared.manifest["key"]["parent_sha256"] == unet_onnx.sha256
+    before, after = onnx.load(str(unet_onnx.path)), onnx.load(str(prepared.path))
+    assert len(after.graph.node) < len(before.graph.node)
+    assert len(after.graph.value_info) > 0  # shapes inferred
+    assert {n.domain for n in after.graph.node} <= {"", "ai.onnx"}  # standard ops only: TensorRT parses them
+    feeds = unet_onnx.descriptor.sample_inputs(batch=3, height=6, width=10, tokens=154, seed=4)
+    a, b = _run(unet_onnx.path, feeds), _run(prepared.path, feeds)
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) <= 1e-5
+    mtime = prepared.path.stat().st_mtime_ns
+    assert prepare_onnx(unet_onnx).path.stat().st_mtime_ns == mtime  # manifest cache hit
+
+
+def test_prepare_onnx_big_model_single_data_file(sd1, tmp_path, monkeypatch):
+    monkeypatch.setattr(xonnx, "EXTERNAL_DATA_BYTES", 1000)
+    art = export_component("vae_decoder", {"vae": sd1["vae"]}, "big", tmp_path)
+    prepared = prepare_onnx(art)
+    assert sorted(p.name for p in prepared.directory.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
+    feeds = art.descriptor.sample_inputs(batch=1, height=4, width=6)
+    a, b = _run(art.path, feeds), _run(prepared.path, feeds)
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) <= 1e-5
+
+
+# -- build logic against a recording stand-in of the documented tensorrt API ----------------------------------
+
+class _Rec:
+    def __init__(self, log, name):
+        self._log, self._name = log, name
+
+    def __getattr__(self, attr):
+        if attr in _PROPERTIES:
+            return _PROPERTIES[attr]
+
+        def call(*args, **kwargs):
+            self._log.append((f"{self._name}.{attr}", args))
+            return _RESULTS.get(attr, lambda *a: _Rec(self._log, attr))(*args)
+        return call
+
+
+_PROPERTIES = {"num_errors": 0}  # read-only properties of the real API
+_RESULTS = {
+    "parse_from_file": lambda path: True,
+    "build_serialized_network": lambda net, cfg: b"PLAN",
+    "serialize": lambda: b"TIMING",
+}
+
+
+def fake_tensorrt(log):
+    trt = types.SimpleNamespace(__version__="10.99.0")
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Builder = lambda logger: _Rec(log, "builder")
+    trt.OnnxParser = lambda network, logger: _Rec(log, "parser")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", BF16="BF16", REFIT="REFIT")
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    return trt
+
+
+def test_build_engine_calls_and_cache(unet_onnx, tmp_path, monkeypatch):
+    log: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(log))
+    monkeypatch.setattr(xtrt, "gpu_name", lambda device="cuda": "Fake GPU")
+    prepared = prepare_onnx(unet_onnx)
+    sc = ShapeConfig(batch=(1, 2, 4), image=(256, 512, 768), token_chunks=(1, 1, 2))
+    plan = xtrt.build_engine(prepared, sc, "fp16", tmp_path)
+    assert plan.read_bytes() == b"PLAN" and plan.name == "engine.plan"
+    assert plan.parent.parent == tmp_path / "tiny-sd1" / "unet"
+    assert plan.parent.name.startswith(prepared.sha256[:16] + "-fp16-b1-2-4_i256-512-768_t1-1-2-trt10.99.0-Fake_GPU")
+    calls = [c for c, _ in log]
+    assert ("parser.parse_from_file", (str(prepared.path),)) in log
+    assert ("set_flag", ("FP16",)) in [(c.split(".")[-1], a) for c, a in log]
+    assert ("set_flag", ("REFIT",)) in [(c.split(".")[-1], a) for c, a in log]
+    shapes = {a[0]: a[1:] for c, a in log if c.endswith("set_shape")}
+    assert shapes == {k: v for k, v in prepared.descriptor.profile(sc).items()}
+    assert (tmp_path / "timing" / "trt10.99.0-Fake_GPU.cache").read_bytes() == b"TIMING"
+    n = len(calls)
+    assert xtrt.build_engine(prepared, sc, "fp16", tmp_path) == plan and len(log) == n  # cache hit: no build
+    xtrt.build_engine(prepared, sc, "fp32", tmp_path)  # another precision: another engine
+    assert len(log) > n and ("set_flag", ("FP16",)) not in [(c.split(".")[-1], a) for c, a in log[n:]]
+
+
+def test_failed_parse_leaves_no_engine(unet_onnx, tmp_path, monkeypatch):
+    log: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(log))
+    monkeypatch.setitem(_RESULTS, "parse_from_file", lambda path: False)
+    monkeypatch.setattr(xtrt, "gpu_name", lambda device="cuda": "Fake GPU")
+    prepared = prepare_onnx(unet_onnx)
+    with pytest.raises(RuntimeError, match="could not parse"):
+        xtrt.build_engine(prepared, ShapeConfig(), "fp16", tmp_path)
+    assert not (tmp_path / "tiny-sd1").exists()
