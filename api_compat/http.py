@@ -11,7 +11,7 @@ Errors are JSON ``{"error": {"code", "message", "field", "allowed"}, "errors": [
 payload), 401 (API key), 404 (unknown task or image), 413 (body too large), 429 (queue full).
 """
 
-from __future__ import annotations
+# no "from __future__ import annotations": FastAPI must see the real Request type of the local import
 
 import hmac
 import json
@@ -28,7 +28,7 @@ from api_compat.service import CONFIG_HEADER, LocalService
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024  # a 20 MB image in base64 plus the rest
-_IMAGE_NAME = re.compile(r"^([0-9]{1,4})\.png$")
+_IMAGE_NAME = re.compile(r"^(0|[1-9][0-9]{0,3})\.png$")
 
 
 class _AuthMiddleware:
