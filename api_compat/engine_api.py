@@ -8,6 +8,7 @@ change.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -81,10 +82,17 @@ SCHEDULER_NAMES = (
 )
 
 
+@functools.lru_cache(maxsize=None)
 def _engine_attr(module: str, attr: str):
+    """``module.attr`` of the engine, or None while that part of the engine is not there (cached: a failed
+    import is slow and the answer does not change while the process runs)."""
     try:
         return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
+    except ImportError as exc:
+        if exc.name and not module.startswith(exc.name):  # the module exists but one of its imports is missing
+            raise
+        return None
+    except AttributeError:
         return None
 
 
@@ -100,10 +108,15 @@ def check_sampler(sampler_name: str, scheduler: str) -> None:
     _check_sampler_table(sampler_name, scheduler)
 
 
-def _check_sampler_table(sampler_name: str, scheduler: str) -> None:
+@functools.lru_cache(maxsize=1)
+def _sampler_tables() -> tuple[dict[str, str], dict[str, str]]:
     names = {n.lower(): n for n in SAMPLER_NAMES}
     names.update({a.lower(): n for n, aliases in SAMPLER_NAMES.items() for a in aliases})
-    schedules = {s.lower(): s for s in SCHEDULER_NAMES}
+    return names, {s.lower(): s for s in SCHEDULER_NAMES}
+
+
+def _check_sampler_table(sampler_name: str, scheduler: str) -> None:
+    names, schedules = _sampler_tables()
     key = sampler_name.strip().lower()
     if key not in names:
         # "DPM++ 2M Karras" = sampler "DPM++ 2M" + schedule "Karras"

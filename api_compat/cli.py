@@ -1,0 +1,200 @@
+"""``sdengine txt2img`` and ``sdengine serve`` (mapped in engine/cli.py)."""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+log = logging.getLogger(__name__)
+
+FLAG_FIELDS = {  # option name -> payload field
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "steps": "steps",
+    "seed": "seed",
+    "width": "width",
+    "height": "height",
+    "sampler": "sampler_name",
+    "scheduler": "scheduler",
+    "cfg_scale": "cfg_scale",
+    "batch_size": "batch_size",
+    "n_iter": "n_iter",
+    "model": "stable_diffusion_model",
+}
+
+
+def _factory(spec: str | None):
+    if not spec:
+        return None
+    module, _, attr = spec.partition(":")
+    if not attr:
+        raise click.BadParameter("expected module:attribute", param_hint="--engine-factory")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _engine_options(backend, device, precision) -> dict[str, Any]:
+    return {k: v for k, v in (("backend", backend), ("device", device), ("precision", precision)) if v}
+
+
+def _read_payload(source: str | None) -> dict[str, Any]:
+    if source is None:
+        return {}
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        payload = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read a JSON payload from {source}: {exc}", param_hint="PAYLOAD") from None
+    if not isinstance(payload, dict):
+        raise click.BadParameter("the payload must be a JSON object", param_hint="PAYLOAD")
+    return payload
+
+
+def _outputs(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i + 1}{output.suffix or '.png'}") for i in range(count)]
+
+
+@click.command()
+@click.argument("payload", required=False, metavar="[PAYLOAD.json | -]")
+@click.option("--prompt", help="Positive prompt (webui attention syntax).")
+@click.option("--negative-prompt", help="Negative prompt.")
+@click.option("--steps", type=int)
+@click.option("--seed", type=int, help="-1 draws a random seed.")
+@click.option("--width", type=int)
+@click.option("--height", type=int)
+@click.option("--sampler", help='Sampler name, e.g. "Euler a" or "DPM++ 2M Karras".')
+@click.option("--scheduler", help="Schedule type (Automatic, Karras, Exponential, ...).")
+@click.option("--cfg-scale", type=float)
+@click.option("--batch-size", type=int)
+@click.option("--n-iter", type=int, help="Number of batches.")
+@click.option("--model", help="Checkpoint name from the model store.")
+@click.option("--backend", help="onnxruntime, torch or tensorrt.")
+@click.option("--device", help="cpu or cuda[:N].")
+@click.option("--precision", help="fp32, fp16 or bf16.")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where task records and PNGs are kept (default: outputs/sdengine or $SDENGINE_RESULTS_DIR).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Copy the image here (several images: NAME-1.png, NAME-2.png, ...).")
+@click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
+@click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (for tests and plugins).")
+def txt2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
+            **flags):
+    """Generate images from a sd_txt2img JSON payload (a file, or - for stdin) and/or flags.
+
+    Flags override the payload's fields. Prints the paths of the PNGs (each carries the webui infotext).
+    """
+    from api_compat.errors import ApiError
+    from api_compat.service import LocalService
+
+    body = _read_payload(payload)
+    for option, field in FLAG_FIELDS.items():
+        if flags.get(option) is not None:
+            if field == "negative_prompt":
+                body.pop("negtive_prompt", None)
+            body[field] = flags[option]
+    factory = _factory(engine_factory)
+    try:
+        service = LocalService(models_dir, results_dir=results_dir, engine_factory=factory,
+                               allow_url_fetch=allow_url_fetch, **_engine_options(backend, device, precision))
+    except (ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    with service:
+        try:
+            task_id = service.sd_txt2img(body)["taskId"]
+        except ApiError as exc:
+            raise click.ClickException(str(exc)) from None
+        result = _follow(service, task_id)
+    if result["status"] != "succeeded":
+        error = result.get("error") or {}
+        raise click.ClickException(f"task {task_id} failed ({error.get('code')}): {error.get('message')}")
+    images = [Path(p) for p in result["images"]]
+    if output is not None and images:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        targets = _outputs(output, len(images))
+        for src, dst in zip(images, targets):
+            shutil.copyfile(src, dst)
+        images = targets
+    for path in images:
+        click.echo(str(path))
+    seeds = result.get("info", {}).get("all_seeds")
+    click.echo(f"task {task_id}: {len(images)} image(s), seeds {seeds}", err=True)
+
+
+def _follow(service, task_id: str) -> dict[str, Any]:
+    """Poll the task with a progress bar (on stderr); Ctrl-C cancels it."""
+    total = 1000
+    done = 0
+    with click.progressbar(length=total, label="txt2img", file=sys.stderr, show_eta=True) as bar:
+        try:
+            while True:
+                result = service.sd_get_result({"taskId": task_id})
+                if result["status"] in ("succeeded", "failed"):
+                    bar.update(total - done)
+                    return result
+                fraction = (result.get("progress") or {}).get("fraction") or 0.0
+                step = int(fraction * total)
+                if step > done:
+                    bar.update(step - done)
+                    done = step
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            service.cancel(task_id)
+            raise click.Abort() from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--api-key", envvar="SDENGINE_API_KEY", help="Require this key (Authorization: Bearer / X-API-Key).")
+@click.option("--backend")
+@click.option("--device")
+@click.option("--precision")
+@click.option("--configs", "configs_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help='JSON file {"config-id": {engine options}} selected by the X-SP-RESOURCE-CONFIG-ID header.')
+@click.option("--max-queue", default=256, show_default=True, type=int)
+@click.option("--max-body-mb", default=32, show_default=True, type=int)
+@click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
+@click.option("--engine-factory", hidden=True)
+def serve(host, port, models_dir, results_dir, api_key, backend, device, precision, configs_file, max_queue,
+          max_body_mb, allow_url_fetch, engine_factory):
+    """Serve POST /scc/sd_txt2img and /scc/sd_get_result over HTTP (needs the 'server' extra)."""
+    from engine.lazy import require
+
+    from api_compat.http import create_app
+    from api_compat.service import LocalService
+
+    uvicorn = require("uvicorn", "server", "sdengine serve")
+    if not _is_loopback(host) and not api_key:
+        click.echo(f"warning: serving on {host} without an API key; anyone who can reach it can submit tasks",
+                   err=True)
+    configs = json.loads(configs_file.read_text()) if configs_file else None
+    try:
+        service = LocalService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
+                               engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
+                               **_engine_options(backend, device, precision))
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")

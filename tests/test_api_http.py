@@ -1,0 +1,294 @@
+"""The HTTP contract through the real ASGI app (fastapi TestClient) and once through a real uvicorn on
+127.0.0.1 (a free port, stops itself), plus `sdengine serve` and `sdengine txt2img` end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api_compat import LocalService
+from api_compat.http import create_app
+from tests.api_support import EngineDouble, engine_factory, png_b64, png_seed  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def service(tmp_path, engine_factory):
+    svc = LocalService(tmp_path / "models", results_dir=tmp_path / "results", engine_factory=engine_factory,
+                       model_catalog=False, max_queue=8, configs={"other": {}})
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def client(service):
+    with TestClient(create_app(service, max_body_bytes=64 * 1024)) as c:
+        yield c
+
+
+def poll(client, task_id, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        r = client.post("/scc/sd_get_result", json={"taskId": task_id})
+        assert r.status_code == 200, r.text
+        if r.json()["status"] in ("succeeded", "failed"):
+            return r.json()
+        time.sleep(0.02)
+    raise AssertionError("task did not finish")
+
+
+def test_submit_poll_and_fetch_images(client):
+    r = client.post("/scc/sd_txt2img", json={"prompt": "a cat", "seed": 11, "batch_size": 2, "steps": 2,
+                                             "width": 64, "height": 64})
+    assert r.status_code == 200 and set(r.json()) == {"taskId", "status"} and r.json()["status"] == "waiting"
+    result = poll(client, r.json()["taskId"])
+    assert result["status"] == "succeeded" and result["parameters"]["prompt"] == "a cat"
+    assert all(u.startswith("http://testserver/scc/images/") for u in result["images"])
+    for i, url in enumerate(result["images"]):
+        image = client.get(url)
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        with Image.open(io.BytesIO(image.content)) as img:
+            assert f"Seed: {11 + i}" in img.text["parameters"]
+
+
+def test_validation_errors_name_the_field(client):
+    r = client.post("/scc/sd_txt2img", json={"alwayson_scripts": {"controlnet": {"units": [
+        {"model": "c", "input_image": png_b64()}, {"model": "c", "input_image": png_b64(), "weight": 5}]}}})
+    assert r.status_code == 422
+    body = r.json()
+    assert body["error"]["field"] == "alwayson_scripts.controlnet.units[1].weight"
+    assert body["error"]["allowed"] == "a number from 0 to 2" and body["error"]["code"] == "invalid_request"
+    r = client.post("/scc/sd_txt2img", json={"enable_hr": True})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "not_supported"
+    r = client.post("/scc/sd_txt2img", json={"stepz": 1})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_field"
+    r = client.post("/scc/sd_txt2img", json={}, headers={"X-SP-RESOURCE-CONFIG-ID": "nope"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "headers.X-SP-RESOURCE-CONFIG-ID"
+    r = client.post("/scc/sd_txt2img", json={}, headers={"X-SP-RESOURCE-CONFIG-ID": "other"})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("body,status", [(b"{not json", 400), (b"[1, 2]", 400), (b"", 400), (b"\xff\xfe", 400),
+                                         (b"null", 400), (b'"text"', 400)])
+def test_malformed_bodies(client, body, status):
+    r = client.post("/scc/sd_txt2img", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status and r.json()["error"]["code"] == "bad_request"
+
+
+def test_body_size_limit(client):
+    big = {"prompt": "x" * 70000}
+    r = client.post("/scc/sd_txt2img", json=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+    def chunks():  # no Content-Length: the stream is counted
+        for _ in range(100):
+            yield b" " * 1024
+
+    r = client.post("/scc/sd_txt2img", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_queue_full_is_429(tmp_path):
+    gate = threading.Event()
+
+    class Blocked(EngineDouble):
+        """TEST DOUBLE: holds the worker until the test releases it."""
+
+        def generate(self, request, *, progress=None, cancel=None):
+            gate.wait(10)
+            return super().generate(request, progress=progress, cancel=cancel)
+
+    svc = LocalService(tmp_path, results_dir=tmp_path / "r", engine_factory=Blocked, model_catalog=False,
+                       max_queue=2)
+    try:
+        with TestClient(create_app(svc)) as c:
+            codes = [c.post("/scc/sd_txt2img", json={}).status_code for _ in range(5)]
+            assert codes.count(200) in (2, 3) and codes[-1] == 429
+            r = c.post("/scc/sd_txt2img", json={})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+            gate.set()
+    finally:
+        gate.set()
+        svc.close()
+
+
+@pytest.mark.parametrize("path", [
+    "/scc/images/0123456789abcdef0123456789abcdef/0.png",
+    "/scc/images/../tasks.sqlite3",
+    "/scc/images/..%2Ftasks.sqlite3/0.png",
+    "/scc/images/x/..%2F..%2Ftasks.sqlite3",
+    "/scc/images/%2E%2E/%2E%2E%2Ftasks.sqlite3",
+    "/scc/images/0123456789abcdef0123456789abcdef/-1.png",
+    "/scc/images/0123456789abcdef0123456789abcdef/0.png%00",
+])
+def test_image_route_takes_ids_only(client, path):
+    r = client.get(path)
+    assert r.status_code == 404
+    assert b"CREATE TABLE" not in r.content and b"SQLite" not in r.content
+
+
+def test_image_index_out_of_range(client):
+    task = client.post("/scc/sd_txt2img", json={"steps": 1, "width": 64, "height": 64}).json()["taskId"]
+    poll(client, task)
+    assert client.get(f"/scc/images/{task}/0.png").status_code == 200
+    assert client.get(f"/scc/images/{task}/1.png").status_code == 404
+    for name in ("00.png", "0.PNG", "0.png.png", "0", "1e0.png", " 0.png"):
+        assert client.get(f"/scc/images/{task}/{name}").status_code == 404
+
+
+def test_unknown_task_is_404(client):
+    r = client.post("/scc/sd_get_result", json={"taskId": "0" * 32})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.post("/scc/sd_get_result", json={"taskId": "../../etc"})
+    assert r.status_code == 404
+    r = client.post("/scc/sd_get_result", json=[1])
+    assert r.status_code == 400
+
+
+def test_cancel_route(tmp_path):
+    svc = LocalService(tmp_path, results_dir=tmp_path / "r", model_catalog=False,
+                       engine_factory=lambda c: EngineDouble(c, step_delay=0.02))
+    try:
+        with TestClient(create_app(svc)) as c:
+            task = c.post("/scc/sd_txt2img", json={"prompt": "SLOW", "steps": 150}).json()["taskId"]
+            c.post("/scc/sd_cancel", json={"taskId": task})
+            result = poll(c, task, 10)
+            assert result["status"] == "failed" and result["error"]["code"] == "cancelled"
+    finally:
+        svc.close()
+
+
+def test_health_and_openapi(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["queues"]["default"]["alive"]
+    spec = client.get("/openapi.json").json()
+    assert "/scc/sd_txt2img" in spec["paths"] and "/scc/sd_get_result" in spec["paths"]
+    body = spec["paths"]["/scc/sd_txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"] == "#/components/schemas/Txt2ImgPayload"
+    schemas = spec["components"]["schemas"]
+    assert "negtive_prompt" in schemas["Txt2ImgPayload"]["properties"]
+    assert "ControlNetUnitPayload" in schemas and "input_image" in schemas["ControlNetUnitPayload"]["properties"]
+    assert not [r for r in json.dumps(spec).split('"$ref": "')[1:] if not r.startswith("#/components/schemas/")]
+
+
+def test_api_key(service):
+    with TestClient(create_app(service, api_key="s3cret")) as c:
+        assert c.post("/scc/sd_txt2img", json={}).status_code == 401
+        assert c.post("/scc/sd_txt2img", json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/openapi.json").status_code == 401
+        assert c.get("/scc/images/" + "0" * 32 + "/0.png").status_code == 401
+        assert c.post("/scc/sd_txt2img", json={}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.post("/scc/sd_txt2img", json={}, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/health").status_code == 200
+        r = c.post("/scc/sd_get_result", json={"taskId": "0" * 32})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+
+
+def _free_socket():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def test_real_uvicorn_on_loopback(service):
+    import uvicorn
+
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        end = time.monotonic() + 20
+        while not server.started and time.monotonic() < end:
+            time.sleep(0.02)
+        assert server.started, "uvicorn did not start within 20 s"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            task = http.post("/scc/sd_txt2img", json={"seed": 3, "steps": 1, "width": 64, "height": 64}).json()
+            deadline = time.monotonic() + 120
+            while (result := http.post("/scc/sd_get_result", json=task).json())["status"] not in ("succeeded",
+                                                                                                 "failed"):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert result["status"] == "succeeded"
+            assert result["images"][0].startswith(f"http://127.0.0.1:{port}/scc/images/")
+            png = http.get(result["images"][0])
+            with Image.open(io.BytesIO(png.content)) as img:
+                assert "Seed: 3" in img.text["parameters"]
+            assert http.post("/scc/sd_txt2img", json={"steps": 0}).status_code == 422
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def test_sdengine_serve_subprocess(tmp_path):
+    """`sdengine serve` as users run it: binds 127.0.0.1, answers, stops on SIGTERM."""
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SDENGINE_API_KEY": "k"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir", str(tmp_path / "m"),
+         "--results-dir", str(tmp_path / "r"), "--engine-factory", "tests.api_support:double_factory"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            end = time.monotonic() + 30
+            while True:
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < end and proc.poll() is None, "sdengine serve did not come up"
+                time.sleep(0.1)
+            assert http.post("/scc/sd_txt2img", json={}).status_code == 401
+            r = http.post("/scc/sd_txt2img", json={"steps": 1, "width": 64, "height": 64}, headers={"X-API-Key": "k"})
+            assert r.status_code == 200
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -SIGTERM)
+    assert proc.returncode in (0, -15), out.decode(errors="replace")[-2000:]
+    assert b"Application shutdown complete" in out and f"127.0.0.1:{port}".encode() in out
+
+
+def test_cli_txt2img_payload_and_flags(tmp_path):
+    from engine.cli import main
+
+    payload = tmp_path / "p.json"
+    payload.write_text(json.dumps({"prompt": "from file", "negtive_prompt": "n", "seed": 5, "steps": 2, "width": 64,
+                                   "height": 64}))
+    runner = CliRunner()
+    base = ["txt2img", "--models-dir", str(tmp_path / "m"), "--results-dir", str(tmp_path / "r"),
+            "--engine-factory", "tests.api_support:double_factory"]
+    r = runner.invoke(main, base + [str(payload), "--seed", "9", "--batch-size", "2", "-o", str(tmp_path / "out.png")])
+    assert r.exit_code == 0, r.output
+    outs = [tmp_path / "out-1.png", tmp_path / "out-2.png"]
+    assert [png_seed(p) for p in outs] == [9, 10]
+    with Image.open(outs[0]) as img:
+        assert img.text["parameters"].startswith("from file\nNegative prompt: n\n")
+    r = runner.invoke(main, base + ["-", "--output", str(tmp_path / "one.png")], input=json.dumps({"seed": 4}))
+    assert r.exit_code == 0, r.output
+    assert png_seed(tmp_path / "one.png") == 4
+    r = runner.invoke(main, base + ["--steps", "0"])
+    assert r.exit_code == 1 and "steps" in r.output and "allowed" in r.output
+    r = runner.invoke(main, base + ["--prompt", "FAIL"])
+    assert r.exit_code == 1 and "internal_error" in r.output

@@ -1,0 +1,72 @@
+"""Results survive a crash: a process running LocalService is killed with SIGKILL while a slow task runs and
+another waits; the reopened store serves the finished result (PNG and record) and reads the killed tasks as
+failed with the code "interrupted" (never stuck in running)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from api_compat import LocalService
+from tests.api_support import EngineDouble, png_seed
+
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    from api_compat import LocalService
+    from tests.api_support import EngineDouble
+
+    results = sys.argv[1]
+    svc = LocalService(results + "/models", results_dir=results, model_catalog=False,
+                       engine_factory=lambda c: EngineDouble(c, step_delay=0.5))
+    done = svc.sd_txt2img({"prompt": "finished", "seed": 5, "steps": 2})["taskId"]
+    assert svc.wait(done, 60)["status"] == "succeeded"
+    slow = svc.sd_txt2img({"prompt": "SLOW", "seed": 6, "steps": 150})["taskId"]
+    waiting = svc.sd_txt2img({"prompt": "waits", "seed": 7})["taskId"]
+    while svc.sd_get_result({"taskId": slow})["status"] != "running":
+        time.sleep(0.01)
+    print(json.dumps({"done": done, "slow": slow, "waiting": waiting}), flush=True)
+    time.sleep(600)
+""")
+
+
+def test_sigkill_mid_run_then_reopen(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, env=env,
+                             cwd=root, text=True)
+    try:
+        line = child.stdout.readline()
+        assert line, "the child process did not start its tasks"
+        ids = json.loads(line)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    assert child.returncode == -signal.SIGKILL
+
+    with LocalService(tmp_path / "models", results_dir=tmp_path, model_catalog=False,
+                      engine_factory=EngineDouble) as svc:
+        assert svc.store.recovered == 2
+        done = svc.sd_get_result({"taskId": ids["done"]})
+        assert done["status"] == "succeeded" and png_seed(done["images"][0]) == 5
+        assert svc.image_path(ids["done"], 0) is not None
+        for key, was in (("slow", "running"), ("waiting", "waiting")):
+            result = svc.sd_get_result({"taskId": ids[key]})
+            assert result["status"] == "failed", result
+            assert result["error"]["code"] == "interrupted" and was in result["error"]["message"]
+        # the reopened service works
+        again = svc.sd_txt2img({"prompt": "after restart", "seed": 8})["taskId"]
+        assert svc.wait(again, 30)["status"] == "succeeded"
+
+
+def test_stray_files_are_removed_on_open(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir(parents=True)
+    (images / ".0123456789abcdef0123456789abcdef-0.png.x.tmp").write_bytes(b"half")
+    (images / "0123456789abcdef0123456789abcdef-0.png").write_bytes(b"no record")
+    with LocalService(tmp_path / "models", results_dir=tmp_path, model_catalog=False, engine_factory=EngineDouble):
+        assert not list(images.iterdir())

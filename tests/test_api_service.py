@@ -1,0 +1,280 @@
+"""LocalService task mechanics: states, progress, cancellation, failure isolation, queue bounds, PNG output,
+retention, and 200 concurrent submits with none lost.
+
+Failure, slowness and cancellation are injected with tests.api_support.EngineDouble, a TEST DOUBLE of the
+engine (a real engine cannot be made to fail or stall on demand); the end-to-end tests use the swappable
+``engine_factory`` fixture (the real tiny-model engine once merged)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+from api_compat import ApiError, LocalService
+from api_compat.store import Status
+from tests.api_support import EngineDouble, engine_factory, png_seed  # noqa: F401 (fixture)
+
+HEX32 = "0123456789abcdef" * 2
+
+
+class Gate(EngineDouble):
+    """TEST DOUBLE: blocks in generate until released, to hold a task in 'running'."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.release = threading.Event()
+        self.prompts = []
+
+    def generate(self, request, *, progress=None, cancel=None):
+        self.prompts.append(request.prompt)
+        self.started.set()
+        progress(1, request.steps)
+        while not self.release.wait(0.01):
+            if cancel.is_set():
+                from engine.errors import Cancelled
+
+                raise Cancelled("cancelled at step 1")
+        return super().generate(request, progress=progress, cancel=cancel)
+
+
+def make(tmp_path, factory, **kw):
+    kw.setdefault("model_catalog", False)
+    return LocalService(tmp_path / "models", results_dir=tmp_path / "results", engine_factory=factory, **kw)
+
+
+def wait_for(predicate, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_succeeded_result_and_png_infotext(tmp_path, engine_factory):
+    with make(tmp_path, engine_factory) as svc:
+        task = svc.sd_txt2img({"prompt": "a red cube", "negtive_prompt": "blurry", "seed": 77, "batch_size": 2,
+                               "n_iter": 2, "steps": 3, "width": 64, "height": 64})
+        result = svc.wait(task["taskId"], timeout=120)
+    assert result["status"] == "succeeded", result.get("error")
+    assert set(result) >= {"taskId", "status", "images", "parameters", "info"} and "error" not in result
+    assert result["parameters"]["prompt"] == "a red cube" and result["parameters"]["negative_prompt"] == "blurry"
+    assert len(result["images"]) == 4
+    assert [png_seed(p) for p in result["images"]] == [77, 78, 79, 80]
+    assert result["info"]["all_seeds"] == [77, 78, 79, 80]
+    assert len(result["info"]["infotexts"]) == 4
+    with Image.open(result["images"][0]) as img:
+        text = img.text["parameters"]
+        assert img.format == "PNG" and img.mode == "RGB"
+    assert text.startswith("a red cube\nNegative prompt: blurry\nSteps: 3, ")
+    assert not list((tmp_path / "results" / "images").glob("*.tmp")), "no temp files left behind"
+
+
+def test_states_and_progress(tmp_path):
+    gate = Gate()
+    with make(tmp_path, lambda c: gate) as svc:
+        first = svc.sd_txt2img({"prompt": "a", "steps": 10})["taskId"]
+        second = svc.sd_txt2img({"prompt": "b"})["taskId"]
+        assert gate.started.wait(5)
+        assert wait_for(lambda: svc.sd_get_result({"taskId": first})["status"] == "running")
+        running = svc.sd_get_result({"taskId": first})
+        assert running["progress"]["step"] == 1 and running["progress"]["steps"] == 10
+        assert running["progress"]["fraction"] == pytest.approx(0.1)
+        assert running["images"] == [] and "error" not in running
+        waiting = svc.sd_get_result({"taskId": second})
+        assert waiting["status"] == "waiting" and waiting["queue_position"] == 0 and "progress" not in waiting
+        assert svc.store.get(first).status is Status.RUNNING and svc.store.get(second).status is Status.WAITING
+        gate.release.set()
+        assert svc.wait(first, 10)["status"] == "succeeded"
+        assert svc.wait(second, 10)["status"] == "succeeded"
+
+
+def test_progress_reports_eta(tmp_path):
+    seen = []
+
+    class Recorder(EngineDouble):
+        def generate(self, request, *, progress=None, cancel=None):
+            def spy(step, steps):
+                progress(step, steps)
+                seen.append(dict(svc.sd_get_result({"taskId": holder[0]})["progress"]))
+            time.sleep(0.05)
+            return super().generate(request, progress=spy, cancel=cancel)
+
+    holder = []
+    with make(tmp_path, Recorder) as svc:
+        holder.append(svc.sd_txt2img({"prompt": "SLOW", "steps": 4})["taskId"])
+        assert svc.wait(holder[0], 10)["status"] == "succeeded"
+    assert [p["step"] for p in seen] == [1, 2, 3, 4]
+    assert seen[-1]["fraction"] == 1.0 and seen[-1]["eta_seconds"] == 0
+    assert seen[0]["eta_seconds"] > 0
+
+
+def test_cancel_waiting_is_immediate(tmp_path):
+    gate = Gate()
+    with make(tmp_path, lambda c: gate) as svc:
+        svc.sd_txt2img({"prompt": "holds the worker"})
+        assert gate.started.wait(5)
+        waiting = svc.sd_txt2img({"prompt": "never runs"})["taskId"]
+        result = svc.cancel(waiting)
+        assert result["status"] == "failed" and result["error"]["code"] == "cancelled"
+        assert svc.wait(waiting, 0.1)["error"]["code"] == "cancelled"
+        gate.release.set()
+    assert "never runs" not in gate.prompts
+
+
+def test_cancel_running(tmp_path):
+    double = EngineDouble(step_delay=0.02)
+    with make(tmp_path, lambda c: double) as svc:
+        task = svc.sd_txt2img({"prompt": "SLOW", "steps": 150})["taskId"]
+        assert double.started.wait(5)
+        assert svc.cancel(task)["status"] in ("running", "failed")
+        result = svc.wait(task, 10)
+        assert result["status"] == "failed" and result["error"]["code"] == "cancelled"
+        assert "step" in result["error"]["message"]
+        # the worker goes on
+        assert svc.wait(svc.sd_txt2img({"prompt": "next"})["taskId"], 10)["status"] == "succeeded"
+
+
+def test_failure_isolation(tmp_path):
+    with make(tmp_path, EngineDouble) as svc:
+        ids = [svc.sd_txt2img({"prompt": p, "seed": i})["taskId"]
+               for i, p in enumerate(["ok", "FAIL", "INVALID", "ok", "FAIL", "ok"])]
+        results = [svc.wait(t, 10) for t in ids]
+        assert svc.health()["queues"]["default"]["alive"]
+    assert [r["status"] for r in results] == ["succeeded", "failed", "failed", "succeeded", "failed", "succeeded"]
+    assert results[1]["error"] == {"code": "internal_error", "message": "RuntimeError: injected failure"}
+    assert results[2]["error"]["code"] == "invalid_request" and "prompt" in results[2]["error"]["message"]
+    assert results[1]["images"] == []
+
+
+def test_engine_construction_failure_fails_the_task_not_the_worker(tmp_path):
+    calls = []
+
+    def factory(config):
+        calls.append(config)
+        if len(calls) == 1:
+            raise RuntimeError("no backend")
+        return EngineDouble(config)
+
+    with make(tmp_path, factory) as svc:
+        first = svc.wait(svc.sd_txt2img({})["taskId"], 10)
+        second = svc.wait(svc.sd_txt2img({})["taskId"], 10)
+    assert first["status"] == "failed" and "no backend" in first["error"]["message"]
+    assert second["status"] == "succeeded" and len(calls) == 2
+
+
+def test_queue_full(tmp_path):
+    gate = Gate()
+    with make(tmp_path, lambda c: gate, max_queue=3) as svc:
+        svc.sd_txt2img({})
+        assert gate.started.wait(5)
+        queued = [svc.sd_txt2img({})["taskId"] for _ in range(3)]
+        before = svc.store.count()
+        with pytest.raises(ApiError) as exc:
+            svc.sd_txt2img({})
+        assert exc.value.code == "queue_full" and exc.value.http_status == 429 and "full" in str(exc.value)
+        assert svc.store.count() == before
+        svc.cancel(queued[0])
+        svc.sd_txt2img({})  # room again
+        gate.release.set()
+
+
+def test_unknown_task(tmp_path):
+    with make(tmp_path, EngineDouble) as svc:
+        for query in ({"taskId": HEX32}, {"taskId": "../../etc/passwd"}, {"taskId": 5}, {"taskId": None}):
+            with pytest.raises(ApiError) as exc:
+                svc.sd_get_result(query)
+            assert exc.value.code == "not_found" and exc.value.http_status == 404
+        with pytest.raises(ApiError) as exc:
+            svc.sd_get_result({})
+        assert exc.value.field == "taskId"
+        with pytest.raises(ApiError):
+            svc.cancel(HEX32)
+
+
+def test_wait_timeout(tmp_path):
+    gate = Gate()
+    with make(tmp_path, lambda c: gate) as svc:
+        task = svc.sd_txt2img({})["taskId"]
+        with pytest.raises(TimeoutError):
+            svc.wait(task, timeout=0.05)
+        gate.release.set()
+        assert svc.wait(task, 10)["status"] == "succeeded"
+
+
+def test_close_fails_waiting_and_cancels_running(tmp_path):
+    gate = Gate()
+    svc = make(tmp_path, lambda c: gate)
+    running = svc.sd_txt2img({})["taskId"]
+    assert gate.started.wait(5)
+    waiting = svc.sd_txt2img({})["taskId"]
+    svc.close()
+    with pytest.raises(ApiError) as exc:
+        svc.sd_txt2img({})
+    assert exc.value.code == "closed"
+    with make(tmp_path, EngineDouble) as again:
+        assert again.sd_get_result({"taskId": running})["error"]["code"] == "cancelled"
+        assert again.sd_get_result({"taskId": waiting})["error"]["code"] == "cancelled"
+
+
+def test_configs_have_their_own_worker_and_engine(tmp_path):
+    built = []
+
+    def factory(config):
+        built.append(config.device)
+        return EngineDouble(config)
+
+    with make(tmp_path, factory, configs={"gpu0": {"device": "cuda:0"}}) as svc:
+        a = svc.sd_txt2img({})["taskId"]
+        b = svc.sd_txt2img({}, {"X-SP-RESOURCE-CONFIG-ID": "gpu0"})["taskId"]
+        assert svc.wait(a, 10)["info"]["resource_config_id"] == "default"
+        assert svc.wait(b, 10)["info"]["resource_config_id"] == "gpu0"
+    assert sorted(built) == ["cpu", "cuda:0"]
+
+
+def test_retention_removes_rows_and_files(tmp_path):
+    with make(tmp_path, EngineDouble, max_tasks=3, max_age_s=3600) as svc:
+        ids = [svc.sd_txt2img({"seed": i})["taskId"] for i in range(5)]
+        results = [svc.wait(t, 10) for t in ids]
+        files = [r["images"][0] for r in results]
+        time.sleep(0.01)
+        assert svc.store.cleanup() == 2
+        for t in ids[:2]:
+            with pytest.raises(ApiError):
+                svc.sd_get_result({"taskId": t})
+        assert [svc.sd_get_result({"taskId": t})["status"] for t in ids[2:]] == ["succeeded"] * 3
+        import os
+
+        assert [os.path.exists(f) for f in files] == [False, False, True, True, True]
+        assert svc.store.cleanup(now=time.time() + 7200) == 3
+        assert not os.listdir(tmp_path / "results" / "images")
+
+
+def test_a_second_process_cannot_open_the_same_results(tmp_path):
+    from api_compat.store import StoreLocked
+
+    with make(tmp_path, EngineDouble):
+        with pytest.raises(StoreLocked):
+            make(tmp_path, EngineDouble)
+
+
+def test_200_concurrent_submits_none_lost(tmp_path, engine_factory):
+    """200 tasks from 16 threads at once: every one finishes, with its own seeds (PNG infotext), none lost."""
+    with make(tmp_path, engine_factory, max_queue=256) as svc:
+        def one(i):
+            return i, svc.sd_txt2img({"prompt": f"task {i}", "seed": 1000 * i, "steps": 1, "width": 64,
+                                      "height": 64})["taskId"]
+
+        with ThreadPoolExecutor(16) as pool:
+            submitted = list(pool.map(one, range(200)))
+        assert len({t for _, t in submitted}) == 200
+        results = {i: svc.wait(t, timeout=600) for i, t in submitted}
+    assert [i for i, r in results.items() if r["status"] != "succeeded"] == []
+    for i, r in results.items():
+        assert r["parameters"]["prompt"] == f"task {i}"
+        assert [png_seed(p) for p in r["images"]] == [1000 * i]
+        assert r["info"]["all_seeds"] == [1000 * i]
