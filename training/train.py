@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python -m training.train vae --minutes 20
     PYTHONPATH=. python -m training.train unet --minutes 60
+    PYTHONPATH=. python -m training.train decoder --minutes 40   # optional, beside the unet stage
     PYTHONPATH=. python -m training.train controlnet --minutes 20
 
 Each stage writes a diffusers-format folder under ``training/out/`` (``vae/``, ``text_encoder/``, ``unet/``,
@@ -27,7 +28,7 @@ from training import scenes as S
 
 log = logging.getLogger("training")
 
-OUT = Path(__file__).resolve().parent / "out"
+OUT = Path(os.environ.get("SDENGINE_TRAIN_OUT") or Path(__file__).resolve().parent / "out")
 SEED = 20261125
 
 # -- model configs (tiny, in the real architecture classes) --------------------------------------------
@@ -55,6 +56,7 @@ SCHEDULER = dict(
     steps_offset=1, clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon",
 )
 EMPTY_CAPTION_P = 0.1
+MIN_SNR_GAMMA = 5.0
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -144,6 +146,46 @@ def train_vae(minutes: float, batch: int = 32, lr: float = 2e-3) -> None:
     log.info("VAE done: %d steps, rec %.4f, scaling_factor %.4f", step, ema, vae.config.scaling_factor)
 
 
+def train_decoder(minutes: float, batch: int = 32, lr: float = 5e-4) -> None:
+    """Fine-tune the VAE decoder only (encoder and scaling factor frozen), as SD's ft-MSE decoder was.
+
+    Runs beside the UNet stage: the UNet only depends on the encoder's latents.
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED + 5)
+    train, _ = S.split()
+    vae = AutoencoderKL.from_pretrained(OUT / "vae")
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    dl = Deadline(minutes, 180)
+    step, ema = 0, None
+    state = json.loads((OUT / "vae" / "train_state.json").read_text())
+    while not dl.over():
+        cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start))
+        _, imgs = S.sample_batch(train, batch, SEED + 10**6 + step)
+        x = to_tensor(imgs)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        l_rec = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        l_rec.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        ema = l_rec.item() if ema is None else 0.98 * ema + 0.02 * l_rec.item()
+        if step % 25 == 0:
+            log.info("decoder step %d rec %.4f", step, ema)
+        if dl.save_due():
+            save_module(vae, "vae", {**state, "decoder_step": step, "decoder_rec": ema})
+    save_module(vae, "vae", {**state, "decoder_step": step, "decoder_rec": ema, "decoder_done": True})
+    log.info("decoder done: %d steps, rec %.4f", step, ema)
+
+
 @torch.no_grad()
 def latent_scale(vae, train, n: int = 1024) -> float:
     """1 / std of the latent means over ``n`` training scenes (the SD convention for ``scaling_factor``)."""
@@ -180,7 +222,7 @@ def load_vae():
 
 
 # -- stage 2: UNet + text encoder --------------------------------------------------------------------------
-def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 30000) -> None:
+def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 12000) -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -218,7 +260,9 @@ def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         ctx = te(ids).last_hidden_state
         eps = unet(zt, t, encoder_hidden_states=ctx).sample
-        loss = ((eps - noise) ** 2).mean()
+        snr = a.flatten() / (1 - a.flatten())
+        weight = snr.clamp(max=MIN_SNR_GAMMA) / snr  # min-SNR-5 weighting (Hang et al. 2023)
+        loss = (((eps - noise) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -249,7 +293,7 @@ def _save_ema(unet, te, ema_unet, ema_te, state) -> None:
 
 
 # -- stage 3: ControlNet -----------------------------------------------------------------------------------
-def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: int = 20000) -> None:
+def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: int = 8000) -> None:
     from diffusers import ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -299,7 +343,7 @@ def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: 
     log.info("ControlNet done: %d steps, loss %.4f", step, run)
 
 
-STAGES = {"vae": train_vae, "unet": train_unet, "controlnet": train_controlnet}
+STAGES = {"vae": train_vae, "unet": train_unet, "controlnet": train_controlnet, "decoder": train_decoder}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -311,8 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
-    budgets = args.minutes or [{"vae": 15, "unet": 60, "controlnet": 20}[s] for s in stages]
+    stages = ["vae", "unet", "controlnet"] if args.stage == "all" else [args.stage]
+    budgets = args.minutes or [{"vae": 15, "unet": 60, "controlnet": 20, "decoder": 30}[s] for s in stages]
     if len(budgets) == 1 and len(stages) > 1:
         budgets = budgets * len(stages)
     for stage, minutes in zip(stages, budgets):
