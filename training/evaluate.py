@@ -1,0 +1,301 @@
+"""Automatic evaluation of the demo model: what is in a generated image, and does it match the prompt?
+
+:func:`analyse` reads a 64x64 RGB image with no knowledge of the prompt: the background is the median
+colour of the border, object pixels are those far from it, objects are the connected components of
+those pixels; colour = nearest palette colour of the object cores, shape = fill ratio of each object's
+bounding box (triangle 0.5, circle 0.79, square 1.0), size = bounding-box side, position = nearest
+anchor of the group's centroid, count = number of components. :func:`score` compares that with the
+:class:`~training.scenes.Scene` the prompt describes. It is calibrated on the generator's own images
+(:func:`ground_truth_accuracy`, ~100%).
+
+    PYTHONPATH=. python -m training.evaluate ground-truth
+    PYTHONPATH=. python -m training.evaluate model --steps 20 --cfg 7
+    PYTHONPATH=. python -m training.evaluate controlnet --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training import scenes as S
+
+log = logging.getLogger("training.evaluate")
+
+ATTRIBUTES = ("count", "size", "colour", "shape", "position", "background")
+OBJECT_DISTANCE = 60.0  # RGB distance from the background above which a pixel belongs to an object
+MIN_AREA = 12  # pixels; smaller components are noise
+TRIANGLE_MAX_FILL, CIRCLE_MAX_FILL = 0.66, 0.89
+LARGE_MIN_SIDE = 21
+
+
+@dataclass(frozen=True)
+class Detection:
+    count: int
+    size: str | None
+    colour: str | None
+    shape: str | None
+    position: str | None
+    background: str
+
+
+def _nearest(palette: dict[str, tuple[int, int, int]], rgb: np.ndarray) -> str:
+    names = list(palette)
+    d = np.linalg.norm(np.array([palette[n] for n in names], np.float32) - rgb[None], axis=1)
+    return names[int(d.argmin())]
+
+
+def analyse(image: np.ndarray) -> Detection:
+    """Describe a (64, 64, 3) uint8 RGB image: background, count, colour, shape, size, position."""
+    import cv2
+
+    img = image.astype(np.float32)
+    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
+                             img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
+    bg_rgb = np.median(border, axis=0)
+    background = _nearest(S.BACKGROUNDS, bg_rgb)
+    dist = np.linalg.norm(img - bg_rgb, axis=2)
+    mask = (dist > OBJECT_DISTANCE).astype(np.uint8)
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    comps = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= MIN_AREA]
+    if comps:
+        biggest = max(stats[i, cv2.CC_STAT_AREA] for i in comps)
+        comps = [i for i in comps if stats[i, cv2.CC_STAT_AREA] >= 0.25 * biggest]
+    if not comps:
+        return Detection(0, None, None, None, None, background)
+    keep = np.isin(labels, comps)
+    core = keep & (dist >= 0.7 * dist[keep].max())
+    colour = _nearest(S.COLOURS, np.median(img[core], axis=0))
+    fills, sides = [], []
+    for i in comps:
+        w, h, area = stats[i, cv2.CC_STAT_WIDTH], stats[i, cv2.CC_STAT_HEIGHT], stats[i, cv2.CC_STAT_AREA]
+        fills.append(area / float(w * h))
+        sides.append(max(w, h))
+    fill = float(np.median(fills))
+    shape = "triangle" if fill < TRIANGLE_MAX_FILL else "circle" if fill < CIRCLE_MAX_FILL else "square"
+    if len(comps) == 1:
+        size = "large" if sides[0] >= LARGE_MIN_SIDE else "small"
+    else:
+        size = "group"
+    ys, xs = np.nonzero(keep)
+    c = np.array([xs.mean(), ys.mean()])
+    position = min(S.POSITIONS, key=lambda p: float(np.linalg.norm(c - np.array(S.POSITIONS[p]))))
+    return Detection(len(comps), size, colour, shape, position, background)
+
+
+def score(scene: S.Scene, det: Detection) -> dict[str, bool]:
+    """Per-attribute agreement of a detection with the scene a prompt describes, plus ``all``."""
+    out = {a: getattr(det, a) == getattr(scene, a) for a in ATTRIBUTES}
+    out["all"] = all(out.values())
+    return out
+
+
+def accuracy(pairs) -> dict[str, float]:
+    """Mean of :func:`score` over ``(scene, image)`` pairs, per attribute and ``all``."""
+    rows = [score(s, analyse(im)) for s, im in pairs]
+    return {k: float(np.mean([r[k] for r in rows])) for k in (*ATTRIBUTES, "all")}
+
+
+def ground_truth_accuracy(n: int = 1000, seed: int = 0, shuffled: bool = False) -> dict[str, float]:
+    """Evaluator accuracy on the generator's own images (``shuffled``: against other scenes' captions)."""
+    chosen, images = S.sample_batch(S.all_scenes(), n, seed)
+    if shuffled:
+        chosen = list(chosen)
+        random.Random(seed + 1).shuffle(chosen)
+    return accuracy(zip(chosen, images))
+
+
+def vae_accuracy(out: Path | None = None, n: int = 500, seed: int = 0) -> dict[str, float]:
+    """Evaluator accuracy on VAE round trips of generator images: the ceiling for generated images."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from training.train import OUT, to_tensor
+
+    vae = AutoencoderKL.from_pretrained(Path(out or OUT) / "vae").eval()
+    chosen, images = S.sample_batch(S.all_scenes(), n, seed)
+    with torch.no_grad():
+        rec = torch.cat([vae.decode(vae.encode(to_tensor(images[i:i + 100])).latent_dist.mean).sample
+                         for i in range(0, n, 100)])
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return accuracy(zip(chosen, rec))
+
+
+# -- sampling with the trained modules (deterministic DDIM, CFG) -------------------------------------------
+def load_modules(out: Path | None = None, controlnet: bool = False) -> dict:
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from training.train import OUT
+
+    out = Path(out or OUT)
+    mods = {
+        "vae": AutoencoderKL.from_pretrained(out / "vae").eval(),
+        "unet": UNet2DConditionModel.from_pretrained(out / "unet").eval(),
+        "text_encoder": CLIPTextModel.from_pretrained(out / "text_encoder").eval(),
+    }
+    if controlnet:
+        mods["controlnet"] = ControlNetModel.from_pretrained(out / "controlnet").eval()
+    return mods
+
+
+def ddim_timesteps(steps: int) -> list[int]:
+    """The diffusers DDIM "leading" timesteps with steps_offset=1 (e.g. 951, 901, ..., 1 for 20 steps)."""
+    ratio = 1000 // steps
+    return [int(t) for t in (np.arange(steps) * ratio)[::-1] + 1]
+
+
+def generate(mods: dict, captions: list[str], *, steps: int = 20, cfg: float = 7.0, seed: int = 0,
+             control: np.ndarray | None = None, control_scale: float = 1.0) -> np.ndarray:
+    """Images (N, 64, 64, 3) uint8 for ``captions`` with deterministic DDIM (eta 0) and CFG.
+
+    ``control``: (N, 64, 64) uint8 edge maps for the ControlNet in ``mods``.
+    """
+    import torch
+
+    from training.train import alphas_cumprod, tokenize
+
+    ac = alphas_cumprod()
+    n = len(captions)
+    with torch.no_grad():
+        te, unet, vae = mods["text_encoder"], mods["unet"], mods["vae"]
+        ctx = te(tokenize(list(captions) + [""] * n)).last_hidden_state
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((n, 4, S.SIZE // 8, S.SIZE // 8), generator=g)
+        cond = None
+        if control is not None:
+            cond = torch.from_numpy(control).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+            cond = torch.cat([cond, cond])
+        ts = ddim_timesteps(steps)
+        for i, t in enumerate(ts):
+            xin = torch.cat([x, x])
+            tt = torch.full((2 * n,), t, dtype=torch.long)
+            extra = {}
+            if cond is not None:
+                down, mid = mods["controlnet"](xin, tt, encoder_hidden_states=ctx, controlnet_cond=cond,
+                                               conditioning_scale=control_scale, return_dict=False)
+                extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            e_c, e_u = unet(xin, tt, encoder_hidden_states=ctx, **extra).sample.chunk(2)
+            eps = e_u + cfg * (e_c - e_u)
+            a = ac[t]
+            a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else ac[0]
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        img = vae.decode(x / vae.config.scaling_factor).sample
+    return ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def heldout_scenes(n: int = 100) -> list[S.Scene]:
+    return S.split(n)[1]
+
+
+def evaluate_model(mods: dict, *, steps: int = 20, cfg: float = 7.0, seed: int = 0, batch: int = 50,
+                   scenes: list[S.Scene] | None = None) -> tuple[dict[str, float], list, np.ndarray]:
+    """Generate one image per held-out prompt, return (accuracy, rows, images)."""
+    scenes = scenes or heldout_scenes()
+    images = np.concatenate([
+        generate(mods, [s.caption for s in scenes[i:i + batch]], steps=steps, cfg=cfg, seed=seed + i)
+        for i in range(0, len(scenes), batch)
+    ])
+    rows = [(s, analyse(im), score(s, analyse(im))) for s, im in zip(scenes, images)]
+    acc = {k: float(np.mean([r[2][k] for r in rows])) for k in (*ATTRIBUTES, "all")}
+    return acc, rows, images
+
+
+def edge_iou(a: np.ndarray, b: np.ndarray, tolerance: int = 0) -> float:
+    """IoU of two binary edge maps; with ``tolerance`` px, each map is dilated before intersecting."""
+    import cv2
+
+    a, b = a > 0, b > 0
+    if tolerance:
+        k = np.ones((2 * tolerance + 1,) * 2, np.uint8)
+        ad, bd = cv2.dilate(a.astype(np.uint8), k) > 0, cv2.dilate(b.astype(np.uint8), k) > 0
+        inter = (a & bd).sum() + (b & ad).sum()
+        return float(inter / max(1, a.sum() + b.sum()))  # symmetric tolerant overlap (F1-like)
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def evaluate_controlnet(mods: dict, *, steps: int = 20, cfg: float = 7.0, seed: int = 0, batch: int = 50):
+    """Held-out scenes: render, take canny edges as control, generate, compare the output's canny edges."""
+    scenes = heldout_scenes()
+    rng = random.Random(seed)
+    truth = np.stack([S.render(s, rng.randrange(2**31)) for s in scenes])
+    edges = np.stack([S.canny(im) for im in truth])
+    images = np.concatenate([
+        generate(mods, [s.caption for s in scenes[i:i + batch]], steps=steps, cfg=cfg, seed=seed + i,
+                 control=edges[i:i + batch])
+        for i in range(0, len(scenes), batch)
+    ])
+    out_edges = [S.canny(im) for im in images]
+    res = {
+        "edge_iou": float(np.mean([edge_iou(e, o) for e, o in zip(edges, out_edges)])),
+        "edge_overlap_1px": float(np.mean([edge_iou(e, o, 1) for e, o in zip(edges, out_edges)])),
+        "prompt_accuracy": float(np.mean([score(s, analyse(im))["all"] for s, im in zip(scenes, images)])),
+    }
+    # Baseline: the same prompts and seeds without the ControlNet -- how much overlap comes from the prompt.
+    base = np.concatenate([
+        generate(mods, [s.caption for s in scenes[i:i + batch]], steps=steps, cfg=cfg, seed=seed + i)
+        for i in range(0, len(scenes), batch)
+    ])
+    res["edge_iou_without_controlnet"] = float(np.mean([edge_iou(e, S.canny(o)) for e, o in zip(edges, base)]))
+    res["edge_overlap_1px_without_controlnet"] = float(
+        np.mean([edge_iou(e, S.canny(o), 1) for e, o in zip(edges, base)]))
+    return res, scenes, edges, images
+
+
+def save_grid(images: np.ndarray, path: Path, cols: int = 10, scale: int = 2) -> None:
+    import cv2
+
+    n = len(images)
+    rows = (n + cols - 1) // cols
+    pad = np.zeros((rows * cols - n, *images.shape[1:]), np.uint8)
+    allim = np.concatenate([images, pad])
+    grid = np.concatenate([np.concatenate(list(allim[r * cols:(r + 1) * cols]), 1) for r in range(rows)], 0)
+    grid = cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(path), grid[:, :, ::-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    p = argparse.ArgumentParser(description="Evaluate the demo model")
+    p.add_argument("what", choices=["ground-truth", "vae", "model", "controlnet"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, nargs="+", default=[7.0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="training output folder (default training/out)")
+    p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the generated images")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    if args.what == "ground-truth":
+        res = {"ground_truth": ground_truth_accuracy(), "shuffled": ground_truth_accuracy(shuffled=True)}
+        print(json.dumps(res, indent=1))
+        return
+    if args.what == "vae":
+        print(json.dumps({"vae_reconstruction": vae_accuracy(args.out)}, indent=1))
+        return
+    mods = load_modules(args.out, controlnet=args.what == "controlnet")
+    for cfg in args.cfg:
+        if args.what == "model":
+            acc, rows, images = evaluate_model(mods, steps=args.steps, cfg=cfg, seed=args.seed)
+            print(json.dumps({"steps": args.steps, "cfg": cfg, **acc}))
+            for s, det, sc in rows:
+                if not sc["all"]:
+                    log.info("miss: %r -> %s", s.caption, asdict(det))
+        else:
+            res, _, _, images = evaluate_controlnet(mods, steps=args.steps, cfg=cfg, seed=args.seed)
+            print(json.dumps({"steps": args.steps, "cfg": cfg, **res}))
+        if args.grid:
+            save_grid(images, args.grid)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""Training loops of the demo model: VAE, then UNet + text encoder, then ControlNet (canny).
+
+    PYTHONPATH=. python -m training.train vae --minutes 20
+    PYTHONPATH=. python -m training.train unet --minutes 60
+    PYTHONPATH=. python -m training.train decoder --minutes 40   # optional, beside the unet stage
+    PYTHONPATH=. python -m training.train controlnet --minutes 20
+
+Each stage writes a diffusers-format folder under ``training/out/`` (``vae/``, ``text_encoder/``, ``unet/``,
+``controlnet/``) every few minutes through a temporary folder and a rename, so stopping a stage keeps the
+last checkpoint. Seeds are fixed; data are drawn from :mod:`training.scenes` (training combinations only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training import scenes as S
+
+log = logging.getLogger("training")
+
+OUT = Path(os.environ.get("SDENGINE_TRAIN_OUT") or Path(__file__).resolve().parent / "out")
+SEED = 20261125
+
+# -- model configs (tiny, in the real architecture classes) --------------------------------------------
+TEXT = dict(
+    vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64,
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=S.SIZE,
+    scaling_factor=1.0,
+)
+UNET = dict(
+    sample_size=S.SIZE // 8, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(64, 64), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
+    norm_num_groups=16,
+)
+CONTROLNET_EMBED = (16, 32, 64, 64)
+SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon",
+)
+EMPTY_CAPTION_P = 0.1
+MIN_SNR_GAMMA = 5.0
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """The SD scaled_linear schedule (betas linear in sqrt space from 0.00085 to 0.012, 1000 steps)."""
+    betas = torch.linspace(SCHEDULER["beta_start"] ** 0.5, SCHEDULER["beta_end"] ** 0.5, 1000,
+                           dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+# -- saving ------------------------------------------------------------------------------------------------
+def save_module(module, name: str, extra: dict | None = None) -> None:
+    """Write ``module.save_pretrained`` to ``out/name`` atomically (temporary folder, then renames)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    final, tmp, old = OUT / name, OUT / f".{name}.tmp", OUT / f".{name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.save_pretrained(tmp, safe_serialization=True)
+    if extra is not None:
+        (tmp / "train_state.json").write_text(json.dumps(extra, indent=1))
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+class Deadline:
+    def __init__(self, minutes: float, save_every_s: float):
+        self.start = time.monotonic()
+        self.end = self.start + minutes * 60
+        self.save_every = save_every_s
+        self.last_save = self.start
+
+    def over(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def save_due(self) -> bool:
+        if time.monotonic() - self.last_save >= self.save_every:
+            self.last_save = time.monotonic()
+            return True
+        return False
+
+
+def cosine_lr(opt, base: float, frac: float, warmup: float = 0.02) -> None:
+    lr = base * min(1.0, frac / warmup) if frac < warmup else base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+# -- stage 1: VAE ------------------------------------------------------------------------------------------
+def train_vae(minutes: float, batch: int = 32, lr: float = 2e-3) -> None:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED)
+    train, _ = S.split()
+    vae = AutoencoderKL(**VAE)
+    log.info("VAE params: %d", sum(p.numel() for p in vae.parameters()))
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    dl = Deadline(minutes, 180)
+    step, ema = 0, None
+    while not dl.over():
+        cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start))
+        _, imgs = S.sample_batch(train, batch, SEED + step)
+        x = to_tensor(imgs)
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        l_rec = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+        kl = post.kl().mean() / x[0].numel()
+        loss = l_rec + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = l_rec.item() if ema is None else 0.98 * ema + 0.02 * l_rec.item()
+        if step % 25 == 0:
+            log.info("vae step %d rec %.4f kl %.2f lr %.2e", step, ema, kl.item(), opt.param_groups[0]["lr"])
+        if dl.save_due():
+            save_module(vae, "vae", {"step": step, "rec": ema})
+    vae.register_to_config(scaling_factor=latent_scale(vae, train))
+    save_module(vae, "vae", {"step": step, "rec": ema, "done": True})
+    log.info("VAE done: %d steps, rec %.4f, scaling_factor %.4f", step, ema, vae.config.scaling_factor)
+
+
+def train_decoder(minutes: float, batch: int = 32, lr: float = 5e-4) -> None:
+    """Fine-tune the VAE decoder only (encoder and scaling factor frozen), as SD's ft-MSE decoder was.
+
+    Runs beside the UNet stage: the UNet only depends on the encoder's latents.
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED + 5)
+    train, _ = S.split()
+    vae = AutoencoderKL.from_pretrained(OUT / "vae")
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    dl = Deadline(minutes, 180)
+    step, ema = 0, None
+    state = json.loads((OUT / "vae" / "train_state.json").read_text())
+    while not dl.over():
+        cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start))
+        _, imgs = S.sample_batch(train, batch, SEED + 10**6 + step)
+        x = to_tensor(imgs)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        l_rec = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        l_rec.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        ema = l_rec.item() if ema is None else 0.98 * ema + 0.02 * l_rec.item()
+        if step % 25 == 0:
+            log.info("decoder step %d rec %.4f", step, ema)
+        if dl.save_due():
+            save_module(vae, "vae", {**state, "decoder_step": step, "decoder_rec": ema})
+    save_module(vae, "vae", {**state, "decoder_step": step, "decoder_rec": ema, "decoder_done": True})
+    log.info("decoder done: %d steps, rec %.4f", step, ema)
+
+
+@torch.no_grad()
+def latent_scale(vae, train, n: int = 1024) -> float:
+    """1 / std of the latent means over ``n`` training scenes (the SD convention for ``scaling_factor``)."""
+    _, imgs = S.sample_batch(train, n, SEED - 1)
+    z = torch.cat([vae.encode(to_tensor(imgs[i:i + 128])).latent_dist.mean for i in range(0, n, 128)])
+    return float(1.0 / z.std())
+
+
+# -- shared: data of the diffusion stages ------------------------------------------------------------------
+@torch.no_grad()
+def build_latent_dataset(vae, n: int, seed: int, with_edges: bool = False) -> dict:
+    """Render ``n`` training scenes, encode them once: latents (mean * scale), captions, optional edges."""
+    train, _ = S.split()
+    chosen, imgs = S.sample_batch(train, n, seed)
+    lat = torch.cat([vae.encode(to_tensor(imgs[i:i + 256])).latent_dist.mean for i in range(0, n, 256)])
+    data = {"latents": lat * vae.config.scaling_factor, "captions": [s.caption for s in chosen]}
+    if with_edges:
+        edges = np.stack([S.canny(im) for im in imgs])
+        data["edges"] = torch.from_numpy(edges).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    return data
+
+
+def tokenize(captions: list[str]) -> torch.Tensor:
+    from engine.models.tokenizer import clip_tokenizer
+
+    tok = clip_tokenizer("<|endoftext|>")
+    return tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def load_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(OUT / "vae").eval().requires_grad_(False)
+
+
+# -- stage 2: UNet + text encoder --------------------------------------------------------------------------
+def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 12000) -> None:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(SEED)
+    vae = load_vae()
+    t0 = time.monotonic()
+    data = build_latent_dataset(vae, n_data, SEED + 7)
+    ids_all = tokenize(data["captions"])
+    empty_ids = tokenize([""])[0]
+    log.info("encoded %d latents in %.0fs (std %.3f)", n_data, time.monotonic() - t0, data["latents"].std())
+    minutes -= (time.monotonic() - t0) / 60
+    te = CLIPTextModel(CLIPTextConfig(**TEXT))
+    unet = UNet2DConditionModel(**UNET)
+    log.info("text encoder params %d, unet params %d", sum(p.numel() for p in te.parameters()),
+             sum(p.numel() for p in unet.parameters()))
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_te = {k: v.detach().clone() for k, v in te.state_dict().items()}
+    ac = alphas_cumprod()
+    g = torch.Generator().manual_seed(SEED + 1)
+    dl = Deadline(minutes, 240)
+    step, run = 0, None
+    while not dl.over():
+        frac = (time.monotonic() - dl.start) / (dl.end - dl.start)
+        cosine_lr(opt, lr, frac)
+        idx = torch.randint(0, n_data, (batch,), generator=g)
+        z0 = data["latents"][idx]
+        ids = ids_all[idx].clone()
+        drop = torch.rand(batch, generator=g) < EMPTY_CAPTION_P
+        ids[drop] = empty_ids
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = ac[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        ctx = te(ids).last_hidden_state
+        eps = unet(zt, t, encoder_hidden_states=ctx).sample
+        snr = a.flatten() / (1 - a.flatten())
+        weight = snr.clamp(max=MIN_SNR_GAMMA) / snr  # min-SNR-5 weighting (Hang et al. 2023)
+        loss = (((eps - noise) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, mod in ((ema_unet, unet), (ema_te, te)):
+                for k, v in mod.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        if step % 25 == 0:
+            log.info("unet step %d loss %.4f lr %.2e", step, run, opt.param_groups[0]["lr"])
+        if dl.save_due():
+            _save_ema(unet, te, ema_unet, ema_te, {"step": step, "loss": run})
+    _save_ema(unet, te, ema_unet, ema_te, {"step": step, "loss": run, "done": True})
+    log.info("UNet done: %d steps, loss %.4f", step, run)
+
+
+def _save_ema(unet, te, ema_unet, ema_te, state) -> None:
+    """Save the EMA weights (the raw ones stay in the live modules)."""
+    for mod, ema, name in ((unet, ema_unet, "unet"), (te, ema_te, "text_encoder")):
+        raw = {k: v.detach().clone() for k, v in mod.state_dict().items()}
+        mod.load_state_dict(ema)
+        save_module(mod, name, state)
+        mod.load_state_dict(raw)
+
+
+# -- stage 3: ControlNet -----------------------------------------------------------------------------------
+def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: int = 8000) -> None:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(SEED + 3)
+    vae = load_vae()
+    t0 = time.monotonic()
+    data = build_latent_dataset(vae, n_data, SEED + 11, with_edges=True)
+    unet = UNet2DConditionModel.from_pretrained(OUT / "unet").eval().requires_grad_(False)
+    te = CLIPTextModel.from_pretrained(OUT / "text_encoder").eval().requires_grad_(False)
+    with torch.no_grad():
+        ids_all = tokenize(data["captions"])
+        ctx_all = torch.cat([te(ids_all[i:i + 512]).last_hidden_state for i in range(0, n_data, 512)])
+        ctx_empty = te(tokenize([""])).last_hidden_state[0]
+    minutes -= (time.monotonic() - t0) / 60
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBED)
+    log.info("controlnet params %d", sum(p.numel() for p in cn.parameters()))
+    opt = torch.optim.AdamW(cn.parameters(), lr=lr, weight_decay=0.0)
+    ac = alphas_cumprod()
+    g = torch.Generator().manual_seed(SEED + 4)
+    dl = Deadline(minutes, 180)
+    step, run = 0, None
+    while not dl.over():
+        cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start))
+        idx = torch.randint(0, n_data, (batch,), generator=g)
+        z0, cond, ctx = data["latents"][idx], data["edges"][idx], ctx_all[idx].clone()
+        drop = torch.rand(batch, generator=g) < 0.3  # learn to follow edges without the caption too
+        ctx[drop] = ctx_empty
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = ac[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        down, mid = cn(zt, t, encoder_hidden_states=ctx, controlnet_cond=cond, return_dict=False)
+        eps = unet(zt, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                   mid_block_additional_residual=mid).sample
+        loss = ((eps - noise) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
+        opt.step()
+        step += 1
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        if step % 25 == 0:
+            log.info("controlnet step %d loss %.4f", step, run)
+        if dl.save_due():
+            save_module(cn, "controlnet", {"step": step, "loss": run})
+    save_module(cn, "controlnet", {"step": step, "loss": run, "done": True})
+    log.info("ControlNet done: %d steps, loss %.4f", step, run)
+
+
+STAGES = {"vae": train_vae, "unet": train_unet, "controlnet": train_controlnet, "decoder": train_decoder}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stage", choices=[*STAGES, "all"])
+    p.add_argument("--minutes", type=float, nargs="+", default=None,
+                   help="time budget per stage (one value, or three for 'all': vae unet controlnet)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    stages = ["vae", "unet", "controlnet"] if args.stage == "all" else [args.stage]
+    budgets = args.minutes or [{"vae": 15, "unet": 60, "controlnet": 20, "decoder": 30}[s] for s in stages]
+    if len(budgets) == 1 and len(stages) > 1:
+        budgets = budgets * len(stages)
+    for stage, minutes in zip(stages, budgets):
+        STAGES[stage](minutes)
+
+
+if __name__ == "__main__":
+    main()
