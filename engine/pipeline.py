@@ -95,7 +95,7 @@ class Engine:
 
     def runtime(self, name: str | None, vae: str = "Automatic") -> _Runtime:
         from engine.backends import create_backend
-        from engine.conditioning import PromptCache
+        from engine.conditioning import EmbeddingCache
         from engine.denoiser import ModelSchedule
 
         name = name or self.default_model_name()
@@ -105,7 +105,7 @@ class Engine:
         if rt is None:
             t0 = time.perf_counter()
             backend = create_backend(self.config, model.components, model_hash=self._artefact_key(model))
-            rt = _Runtime(model, backend, ModelSchedule(model.alphas_cumprod), PromptCache())
+            rt = _Runtime(model, backend, ModelSchedule(model.alphas_cumprod), EmbeddingCache())
             self._runtimes = {key: rt}  # one model resident at a time
             log.info("model %s [%s] ready on %s in %.2fs", model.name, model.short_hash,
                      self.config.backend.value, time.perf_counter() - t0)
@@ -120,13 +120,27 @@ class Engine:
         """Loads the ControlNet ``name`` into the runtime's backend (component ``controlnet:<name>``)."""
         from engine.controlnet import controlnet_component
 
+        from engine.backends import create_backend
+
         cn = self.store.load_controlnet(name, allow_pickle=self.config.allow_pickle)
-        component = controlnet_component(cn.name)
+        component = controlnet_component(name)
         if component not in rt.controlnets:
             _check_controlnet_matches(rt.model, cn, field_name)
-            rt.backend.add_controlnet(component, cn.module, model_hash=cn.short_hash)
-            rt.controlnets[component] = cn
-        return rt.controlnets[component]
+            # each ControlNet model has its own backend (its artefacts are keyed by its own hash)
+            backend = create_backend(self.config, {"controlnet": cn.module}, model_hash=cn.short_hash)
+            rt.controlnets[component] = (cn, backend)
+        return rt.controlnets[component][0]
+
+    @staticmethod
+    def _run_fn(rt: _Runtime):
+        """``run(component, feeds)`` over the model's backend and its ControlNets' backends."""
+
+        def run(component: str, feeds):
+            if component in rt.controlnets:
+                return rt.controlnets[component][1].run("controlnet", feeds)
+            return rt.backend.run(component, feeds)
+
+        return run
 
     # ------------------------------------------------------------------------------------------ generate
     def generate(self, request: GenerationRequest, *, progress: ProgressFn | None = None,
@@ -181,7 +195,7 @@ class Engine:
             subseeds = all_subseeds[it * req.batch_size:(it + 1) * req.batch_size]
             t0 = time.perf_counter()
             plan = encode_request(
-                rt.backend, model, [req.prompt] * req.batch_size, [req.negative_prompt] * req.batch_size,
+                rt.backend, _text_info(model), [req.prompt] * req.batch_size, [req.negative_prompt] * req.batch_size,
                 steps=steps, clip_skip=req.clip_skip, width=width, height=height, cache=rt.prompt_cache,
                 max_chunks=self.config.max_prompt_chunks,
             )
@@ -194,7 +208,7 @@ class Engine:
             sigmas = self._device_array(sigmas_np.astype(np.float32))
             x = x * sigmas[0]
             noise = make_noise_sampler(x, rng, brownian=sampler.needs_brownian, seeds=seeds, sigmas=sigmas_np)
-            model_call = _ModelCall(rt.backend, units, steps)
+            model_call = _ModelCall(self._run_fn(rt), units, steps)
             denoiser = Denoiser(model_call, rt.schedule, model.prediction_type, req.cfg_scale, plan.at, sigmas_np)
 
             def on_step(info: dict) -> None:
@@ -244,7 +258,7 @@ class Engine:
             "Seed": seeds[index],
             "Size": f"{width}x{height}",
             "Model hash": model.short_hash,
-            "Model": model.name,
+            "Model": _model_label(model),
             "VAE": model.vae_path.stem if getattr(model, "vae_path", None) else None,
             "Variation seed": subseeds[index] if req.subseed_strength else None,
             "Variation seed strength": req.subseed_strength if req.subseed_strength else None,
@@ -277,7 +291,7 @@ class Engine:
             "batch_size": req.batch_size,
             "n_iter": req.n_iter,
             "clip_skip": req.clip_skip,
-            "sd_model_name": model.name,
+            "sd_model_name": _model_label(model),
             "sd_model_hash": model.short_hash,
             "sd_vae_name": model.vae_path.name if getattr(model, "vae_path", None) else None,
             "infotexts": list(infotexts),
@@ -294,8 +308,8 @@ DEMO_MODEL = "sdengine-demo"
 class _ModelCall:
     """``model(x_in, t_in, cond, step)`` for the Denoiser: UNet (and ControlNet units) through the backend."""
 
-    def __init__(self, backend, units, steps: int):
-        self.backend = backend
+    def __init__(self, run, units, steps: int):
+        self.run = run
         self.units = units
         self.steps = steps
 
@@ -308,10 +322,24 @@ class _ModelCall:
             feeds["time_ids"] = cond.time_ids[: x_in.shape[0]]
         if self.units:
             mask = cond_rows_mask(cond.positive, int(x_in.shape[0]))
-            residuals = controlnet_residuals(self.backend.run, self.units, step, self.steps, feeds, mask)
+            residuals = controlnet_residuals(self.run, self.units, step, self.steps, feeds, mask)
             if residuals is not None:
-                return self.backend.run("unet_control", {**feeds, **residuals})["model_output"]
-        return self.backend.run("unet", feeds)["model_output"]
+                return self.run("unet_control", {**feeds, **residuals})["model_output"]
+        return self.run("unet", feeds)["model_output"]
+
+
+def _model_label(model) -> str:
+    """The webui names a checkpoint by its file name without extension."""
+    name = str(model.name)
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+
+
+def _text_info(model):
+    from engine.conditioning import TextFamily, TextModelInfo
+    from engine.models.checkpoints import Arch
+
+    family = {Arch.SD1: TextFamily.SD1, Arch.SD2: TextFamily.SD2, Arch.SDXL: TextFamily.SDXL}[model.arch]
+    return TextModelInfo(family, model.sha256 or model.short_hash)
 
 
 def _unit_infotext(unit, model_label: str) -> str:

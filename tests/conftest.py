@@ -4,11 +4,9 @@ copy what they need into their own ``tmp_path``."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -88,12 +88,25 @@ def _init_nonzero(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def _randomize_norms(module: torch.nn.Module, seed: int) -> None:
+    """LayerNorms start as identity (weight 1, bias 0): their outputs would have a zero mean per token, and the
+    webui's emphasis (which restores the mean) would divide ~0 by ~0. Real checkpoints have trained norms."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 + 0.1 * torch.randn(m.bias.shape, generator=g))
+
+
 def build_text_encoder(config: dict, with_projection: bool = False, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     _seeded(seed)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(CLIPTextConfig(**config)).eval()
+    model = cls(CLIPTextConfig(**config)).eval()
+    _randomize_norms(model, seed)
+    return model
 
 
 def build_vae(seed: int = 1):
