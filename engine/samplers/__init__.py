@@ -5,6 +5,21 @@
 ``SCHEDULES`` maps every webui schedule label to ``fn(n, sigma_min, sigma_max, model=None) -> n + 1 sigmas``.
 :func:`resolve` turns a request's ``sampler_name`` + ``scheduler`` into a :class:`ResolvedSampler` the pipeline
 uses directly, applying each sampler's default schedule and "discard penultimate sigma" like the webui.
+
+How the pipeline uses it::
+
+    r = resolve(request.sampler_name, request.scheduler)          # InvalidRequest names the field
+    model_schedule = r.model_schedule(ModelSchedule.scaled_linear())  # LCM: the model's LCM schedule
+    sigmas = r.sigmas(request.steps, model_schedule)
+    rng = ImageRNG((4, h, w), seeds, subseeds, subseed_strength, eta_noise_seed_delta=ensd)
+    x = to_like(rng.first(), like) * sigmas[0]
+    denoise = Denoiser(model_fn, model_schedule, prediction_type, cfg_scale, conditioning, sigmas)
+    x = r.sample(denoise, x, sigmas, noise=r.noise_sampler(x, rng, seeds, sigmas), callback=progress,
+                 eta=request.eta, s_churn=..., s_tmin=..., s_tmax=..., s_noise=...)
+    # x is the latent to decode (timestep samplers return the webui's VP latent, see samplers/timesteps.py)
+
+Progress: one callback per sampler step; the number of model calls is not always ``len(sigmas) - 1``
+(second-order samplers, Restart, DPM adaptive; DDIM/PLMS stop one timestep early like the webui).
 """
 
 from __future__ import annotations
@@ -161,13 +176,24 @@ class ResolvedSampler:
             sigmas = np.concatenate([sigmas[:-2], sigmas[-1:]])
         return sigmas
 
+    def noise_sampler(self, like: Any, rng: Any, seeds: Any, sigmas: Any) -> Callable:
+        """The webui's noise for this sampler: a Brownian tree seeded with the batch's seeds for the SDE samplers,
+        otherwise the next draws of the per-image generators (engine.noise.ImageRNG)."""
+        from engine.noise import make_noise_sampler
+
+        if self.spec.brownian:
+            return make_noise_sampler(like, brownian=True, seeds=seeds, sigmas=sigmas)
+        return make_noise_sampler(like, rng)
+
     def sample(self, denoise: Callable, x: Any, sigmas: Any, *, noise: Callable | None = None,
                callback: Callable | None = None, **options: Any) -> Any:
         """Runs the sampler. Options the sampler does not take (eta for Euler, ...) are ignored, as the webui does;
-        None values mean the sampler's default."""
+        None values mean the sampler's default; s_tmax 0 means infinity (webui)."""
         params = inspect.signature(self.spec.fn).parameters
         kwargs = dict(self.spec.options)
         kwargs.update({k: v for k, v in options.items() if k in params and v is not None})
+        if kwargs.get("s_tmax") == 0:
+            kwargs["s_tmax"] = float("inf")
         if "eta" in params and "eta" not in kwargs and self.spec.default_eta is not None:
             kwargs["eta"] = self.spec.default_eta
         return self.spec.fn(denoise, x, sigmas, noise=noise, callback=callback, **kwargs)
