@@ -96,7 +96,8 @@ def test_every_webui_sampler_is_registered():
     ("DPM++ 2M Karras", "Automatic", "DPM++ 2M", "Karras", "Karras"),
     ("DPM++ 2M", "Automatic", "DPM++ 2M", "Karras", "Karras"),
     ("DPM++ 2M", "Exponential", "DPM++ 2M", "Exponential", "Exponential"),
-    ("DPM++ 2M Karras", "Uniform", "DPM++ 2M", "Uniform", "Uniform"),  # an explicit scheduler wins
+    ("DPM++ 2M Karras", "Uniform", "DPM++ 2M", "Karras", "Karras"),  # the name's schedule wins (webui)
+    ("Euler a Automatic", "Karras", "Euler a", "Uniform", "Automatic"),
     ("Euler a", "Automatic", "Euler a", "Uniform", "Automatic"),
     ("k_euler_a", None, "Euler a", "Uniform", "Automatic"),
     ("Euler", "karras", "Euler", "Karras", "Karras"),  # webui internal schedule names
@@ -132,6 +133,29 @@ def test_discard_penultimate_sigma():
     assert sig.tolist() == pytest.approx(np.concatenate([full[:-2], full[-1:]]).tolist(), rel=1e-6)
     assert len(sig) == 21
     assert resolve("DPM++ 2M").sigmas(20, MODEL).tolist() == pytest.approx(GOLDEN["Karras"], rel=1e-5)
+
+
+def test_noise_sampler_choice_and_s_tmax_zero():
+    import torch
+
+    from engine.noise import BrownianNoise, ImageRNG
+
+    x = torch.zeros(1, 4, 4, 4)
+    sig = resolve("DPM++ SDE").sigmas(4, MODEL)
+    rng = ImageRNG((4, 4, 4), [9])
+    rng.first()
+    brownian = resolve("DPM++ SDE").noise_sampler(x, rng, [9], sig)
+    assert torch.equal(brownian(float(sig[0]), float(sig[1])), BrownianNoise((4, 4, 4), [9], float(sig[-2]),
+                                                                             float(sig[0]))(sig[0], sig[1]))
+    plain = resolve("Euler a").noise_sampler(x, rng, [9], sig)
+    g = torch.Generator().manual_seed(9)
+    torch.randn(4, 4, 4, generator=g)
+    assert torch.equal(plain(1.0, 0.5)[0], torch.randn(4, 4, 4, generator=g))
+    # webui: s_tmax 0 means infinity, so churn applies at every sigma >= s_tmin
+    seen = []
+    resolve("Euler").sample(lambda x, s: x * 0, x + 1, sig, noise=lambda a, b: seen.append((a, b)) or x,
+                            s_churn=1.0, s_tmax=0)
+    assert len(seen) == 4 and all(b > a for a, b in seen)
 
 
 def test_sample_filters_options_and_applies_default_eta():

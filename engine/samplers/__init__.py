@@ -207,7 +207,8 @@ def resolve(sampler_name: str, scheduler: str | None = "Automatic") -> ResolvedS
     """webui name (or alias, or "<name> <schedule>" like "DPM++ 2M Karras") + scheduler -> ResolvedSampler.
 
     Like the webui (modules/sd_samplers.get_sampler_and_scheduler), a schedule label trailing the sampler name
-    is split off when the request's scheduler is Automatic. Unknown names raise InvalidRequest naming the field.
+    is split off and wins over ``scheduler``. Unknown names raise InvalidRequest naming the field (the webui
+    falls back to its default sampler; the API contract makes it an error).
     """
     scheduler = scheduler or "Automatic"
     if scheduler not in SCHEDULE_NAMES:
@@ -217,12 +218,11 @@ def resolve(sampler_name: str, scheduler: str | None = "Automatic") -> ResolvedS
             raise InvalidRequest("scheduler", f"unknown schedule {scheduler!r}", ", ".join(SCHEDULE_NAMES))
     spec = _BY_NAME.get(sampler_name) if isinstance(sampler_name, str) else None
     if spec is None and isinstance(sampler_name, str):
-        for label in sorted(SCHEDULES, key=len, reverse=True):
-            base = sampler_name[: -len(label)].rstrip()
-            if sampler_name.endswith(" " + label) and base in _BY_NAME:
-                spec = _BY_NAME[base]
-                if scheduler == "Automatic":
-                    scheduler = label
+        suffixes = {**{label: label for label in SCHEDULE_NAMES}, "SGMUniform": "SGM Uniform"}
+        for suffix in sorted(suffixes, key=len, reverse=True):
+            base = sampler_name[: -len(suffix) - 1]
+            if sampler_name.endswith(" " + suffix) and base in _BY_NAME:
+                spec, scheduler = _BY_NAME[base], suffixes[suffix]  # the name's schedule wins, as in the webui
                 break
     if spec is None:
         raise InvalidRequest("sampler_name", f"unknown sampler {sampler_name!r}", _valid_samplers())
