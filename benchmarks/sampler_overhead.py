@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import inspect
 import platform
 import statistics
@@ -104,7 +105,8 @@ def to_markdown(rows: list[dict], command: str, threads: int) -> str:
         f"- command: `{command}`",
         "- machine: 2-core AMD EPYC Zen 4 CPU, no GPU "
         f"(python {platform.python_version()}, numpy {np.__version__}, torch threads {threads})",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, "
+        f"load average {os.getloadavg()[0]:.1f} on the 2 cores (a shared machine: CPU time is the steadier figure)",
         "- latent 4x4x64x64 float32, 20 steps, denoiser returns a precomputed array; median of repeats after a "
         "warm-up. Baseline: k-diffusion's own function on torch CPU, same run. Target: <= 1 ms per step (numpy).",
         "",
@@ -138,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks sampler_overhead " + " ".join(argv or [])
     text = to_markdown(rows, command.strip(), args.threads)
     if args.out:
-        import os
         import tempfile
 
         directory = os.path.dirname(os.path.abspath(args.out))
