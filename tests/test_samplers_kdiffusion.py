@@ -254,3 +254,17 @@ def test_webui_chain_end_to_end(name, tiny_unet_denoiser):
     fn, _ = KD_CALLS[name]
     ref = fn(cfg_denoiser, x_ref, sig_t, noise_sampler=noise_ref)
     assert (ours - ref).abs().max().item() <= TOL * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["Euler a", "DPM++ 2M", "DPM++ SDE", "UniPC", "DPM adaptive"])
+def test_cuda_matches_cpu(name):
+    """The same function bodies on CUDA tensors: max abs diff to CPU <= 1e-4 (different fp32 kernels)."""
+    sigmas = sigmas_for("Karras", 8)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * sigmas[0]
+    cpu = SAMPLERS[name](toy_denoise, x.clone(), sigmas, noise=Noise(), **SPECS[name].options)
+    noise = Noise()
+    gpu = SAMPLERS[name](toy_denoise, x.cuda(), sigmas.cuda(), noise=lambda a, b: noise(a, b).cuda(),
+                         **SPECS[name].options)
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu() - cpu).abs().max().item() <= 1e-4
