@@ -174,6 +174,15 @@ def test_resolved_flags():
     assert resolve("Euler a").uses_ensd and not resolve("DPM++ 2M").uses_ensd
 
 
+def test_extra_infotext_like_webui():
+    assert resolve("Euler a").extra_infotext() == {}
+    assert resolve("Euler a").extra_infotext(eta=0.5, eta_noise_seed_delta=31337) == {"Eta": 0.5, "ENSD": 31337}
+    assert resolve("Euler a").extra_infotext(eta=0.0, eta_noise_seed_delta=31337) == {"Eta": 0.0}
+    assert resolve("DDIM").extra_infotext(eta=0.3) == {"Eta DDIM": 0.3}
+    assert resolve("Euler").extra_infotext(eta=0.3, eta_noise_seed_delta=5) == {}
+    assert resolve("DPM++ 2M SDE").extra_infotext(eta=1.0) == {}
+
+
 def test_discard_penultimate_sigma():
     """DPM2, DPM2 a, DPM++ 3M SDE: steps + 1 sigmas computed, the one before the final 0 dropped (webui)."""
     full = SCHEDULES["Karras"](21, MODEL.sigma_min, MODEL.sigma_max, model=MODEL)

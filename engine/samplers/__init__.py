@@ -155,6 +155,19 @@ class ResolvedSampler:
         """Infotext fields: {"Sampler": "DPM++ 2M", "Schedule type": "Karras"}."""
         return {"Sampler": self.spec.name, "Schedule type": self.schedule_label}
 
+    def extra_infotext(self, eta: float | None = None, eta_noise_seed_delta: int = 0) -> dict[str, Any]:
+        """The webui's extra generation params of the sampler: "Eta" ("Eta DDIM" for DDIM) when eta is not the
+        sampler's default, "ENSD" when the delta is set and the sampler uses it (uses_ensd and eta != 0)."""
+        out: dict[str, Any] = {}
+        default = self.spec.default_eta
+        takes_eta = "eta" in inspect.signature(self.spec.fn).parameters
+        if takes_eta and eta is not None and default is not None and eta != default:
+            out["Eta DDIM" if self.spec.fixed_schedule and self.spec.name == "DDIM" else "Eta"] = eta
+        effective = default if eta is None else eta
+        if eta_noise_seed_delta and self.spec.uses_ensd and effective != 0:
+            out["ENSD"] = eta_noise_seed_delta
+        return out
+
     def model_schedule(self, model_schedule: Any) -> Any:
         """The ModelSchedule to build the Denoiser with: the model's, or its LCM variant for LCM."""
         return model_schedule.for_lcm() if self.spec.lcm else model_schedule
