@@ -83,6 +83,7 @@ class _ScheduleParser:
 
     def __init__(self, text: str):
         self.s = text
+        self.memo: dict[int, tuple | None] = {}  # bracket results by position: linear time on failures
 
     def parse(self) -> list | None:
         s, pos, nodes = self.s, 0, []
@@ -118,6 +119,11 @@ class _ScheduleParser:
         return nodes, pos
 
     def bracket(self, pos: int):
+        if pos not in self.memo:
+            self.memo[pos] = self._bracket(pos)
+        return self.memo[pos]
+
+    def _bracket(self, pos: int):
         s = self.s
         opener = s[pos]
         first, q = self.prompt(pos + 1)
@@ -192,7 +198,10 @@ def prompt_schedule(
         int_offset, frac_offset, total = 0, 0.0, steps
     else:
         int_offset, frac_offset, total = steps, 1.0, hires_steps
-    tree = _ScheduleParser(prompt).parse()
+    try:
+        tree = _ScheduleParser(prompt).parse()
+    except RecursionError:  # hundreds of nested brackets: no schedule, the text is used as it is
+        tree = None
     if tree is None:
         return [(total, prompt)]
 
