@@ -17,6 +17,10 @@ Deliberate differences from the webui, where the webui has a bug rather than a b
   tokenises the word "break" with a negative weight).
 - A malformed weight such as ``(a:1.2.3)`` is literal text (the webui raises ``ValueError``).
 - Step numbers too large for an int (``[a:b:1e999]``) are clamped instead of raising ``OverflowError``.
+- An edit directly followed by two or more unmatched brackets (``[a:1]((b``) is still scheduled; the webui's
+  grammar library (lark 1.3, checked by fuzzing) rejects such prompts and drops all their schedules. On
+  80 000 random prompts over the syntax characters this was the only difference.
+- Hundreds of nested brackets (Python's recursion limit) give no schedule instead of a parse.
 """
 
 from __future__ import annotations
