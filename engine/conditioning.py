@@ -361,6 +361,10 @@ def encode_request(
     if len(prompts) != len(negative_prompts):
         raise InvalidRequest(NEGATIVE_FIELD, "needs one negative prompt per prompt",
                              f"{len(prompts)} negative prompts")
+    if not prompts:
+        raise InvalidRequest(PROMPT_FIELD, "no prompts to encode", "one prompt per image")
+    if steps < 1:
+        raise InvalidRequest("steps", f"invalid step count {steps}", "an integer >= 1")
     if clip_skip < 1:
         raise InvalidRequest("clip_skip", f"invalid clip skip {clip_skip}", "an integer >= 1")
     spec = model.family.spec

@@ -348,6 +348,12 @@ def test_bad_arguments(sd1):
     with pytest.raises(InvalidRequest) as err:
         encode_request(backend, SD1, ["a"], [""], 4, clip_skip=0)
     assert err.value.field == "clip_skip"
+    with pytest.raises(InvalidRequest) as err:
+        encode_request(backend, SD1, ["a"], [""], 0)
+    assert err.value.field == "steps"
+    with pytest.raises(InvalidRequest) as err:
+        encode_request(backend, SD1, [], [], 4)
+    assert err.value.field == "prompt"
     with pytest.raises(InvalidRequest):
         TextModelInfo("sd9", "x")
     assert TextModelInfo("SDXL", "x").family is TextFamily.SDXL
