@@ -11,6 +11,7 @@ and concatenated. Arrays are whatever the backend returns: numpy arrays or torch
 from __future__ import annotations
 
 import bisect
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
@@ -20,6 +21,8 @@ from engine.errors import InvalidRequest
 from engine.prompts import CHUNK_LENGTH, Chunk, prompt_schedule, split_and, tokenize_prompt
 
 Array = Any  # numpy.ndarray or torch.Tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ class EmbeddingCache:
     """LRU of encoded texts keyed by (model hash, text, clip skip, encoder component).
 
     Hand one to :func:`encode_request` per loaded model and backend: a batch or a queue of requests with the
-    same prompt then encodes it once. ``calls`` counts lookups that missed.
+    same prompt then encodes it once. ``hits`` / ``misses`` count lookups. Not thread-safe: one per worker.
     """
 
     def __init__(self, max_entries: int = 256):
@@ -277,6 +280,8 @@ def encode_texts(backend, model: TextModelInfo, texts, clip_skip: int, cache: Em
             missing.append((text, chunks))
         if missing:
             flat = [c for _, chunks in missing for c in chunks]
+            log.debug("%s: encoding %d texts (%d chunks), %d from the cache", encoder.component, len(missing),
+                      len(flat), len(done))
             hidden, pooled = _run_encoder(backend, encoder, flat, clip_skip, max_batch)
             pos = 0
             for text, chunks in missing:
@@ -356,6 +361,10 @@ def encode_request(
     if len(prompts) != len(negative_prompts):
         raise InvalidRequest(NEGATIVE_FIELD, "needs one negative prompt per prompt",
                              f"{len(prompts)} negative prompts")
+    if not prompts:
+        raise InvalidRequest(PROMPT_FIELD, "no prompts to encode", "one prompt per image")
+    if steps < 1:
+        raise InvalidRequest("steps", f"invalid step count {steps}", "an integer >= 1")
     if clip_skip < 1:
         raise InvalidRequest("clip_skip", f"invalid clip skip {clip_skip}", "an integer >= 1")
     spec = model.family.spec

@@ -148,22 +148,26 @@ class Denoiser:
         return i
 
     def rows(self, cond: StepConditioning) -> _Rows:
-        """The conditioning rows to run: all of them, or only the positive ones when cfg_scale <= 1."""
-        positive_rows = [(row, b) for b, parts in enumerate(cond.positive) for row, _ in parts]
-        if self.cfg_scale <= 1:
-            keep = 1 + max(row for row, _ in positive_rows)
-            image = [0] * keep
-            for row, b in positive_rows:
-                image[row] = b
-            cut = {name: getattr(cond, name)[:keep] for name in ("context", "pooled", "time_ids")
-                   if getattr(cond, name) is not None}
-            return _Rows(tuple(image), replace(cond, **cut))
-        image = [0] * len(cond.context)
-        for row, b in positive_rows:
-            image[row] = b
-        for b, row in enumerate(cond.negative):
-            image[row] = b
-        return _Rows(tuple(image), cond)
+        """The (conditioning row, image) pairs to run: every positive AND-part of every image, then (only when
+        cfg_scale > 1) every image's negative. When that is not simply rows 0..k-1 (a negative row shared by
+        several images, say), the conditioning arrays are gathered so that each run row has its own x."""
+        pairs = [(row, b) for b, parts in enumerate(cond.positive) for row, _ in parts]
+        if self.cfg_scale > 1:
+            pairs += [(row, b) for b, row in enumerate(cond.negative)]
+        order = [row for row, _ in pairs]
+        image = tuple(b for _, b in pairs)
+        arrays = {name: getattr(cond, name) for name in ("context", "pooled", "time_ids")
+                  if getattr(cond, name) is not None}
+        if order == list(range(len(cond.context))):
+            return _Rows(image, cond)
+        if order == list(range(len(order))):  # the first k rows (cfg <= 1: the positives)
+            taken = {name: value[: len(order)] for name, value in arrays.items()}
+        else:
+            taken = {name: value[order] for name, value in arrays.items()}
+        position = iter(range(len(pairs)))
+        positive = tuple(tuple((next(position), w) for _, w in parts) for parts in cond.positive)
+        negative = tuple(next(position) for _ in cond.negative) if self.cfg_scale > 1 else ()
+        return _Rows(image, replace(cond, positive=positive, negative=negative, **taken))
 
     def __call__(self, x: Array, sigma: Any) -> Array:
         batch = int(x.shape[0])

@@ -11,6 +11,7 @@ made on the CPU in float32, so the same seed gives the same image on every machi
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -150,7 +151,9 @@ class BrownianNoise:
         t0 = torch.as_tensor(sigma, dtype=torch.float32)
         t1 = torch.as_tensor(sigma_next, dtype=torch.float32)
         a, b, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
-        w = torch.stack([tree(a, b) for tree in self.trees]) * (self.sign * sign)
+        with warnings.catch_warnings():  # torchsde warns when sigma_max itself is asked for (float rounding)
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            w = torch.stack([tree(a, b) for tree in self.trees]) * (self.sign * sign)
         return w / (t1 - t0).abs().sqrt()
 
 

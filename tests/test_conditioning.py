@@ -166,6 +166,19 @@ def test_sdxl_matches_diffusers_encode_prompt(sdxl, clip_skip):
         np.testing.assert_array_equal(_np(step.time_ids[row]), _np(time_ids[0]))
 
 
+def test_sdxl_numpy_backend(sdxl):
+    """The onnxruntime backend returns numpy: the plan is numpy too, equal to the torch one (atol 1e-6)."""
+    prompts, negatives = ["a (castle:1.3) BREAK on a hill"], [""]
+    a = encode_request(WrapperBackend(sdxl.components, numpy=True), SDXL, prompts, negatives, 4, width=64, height=64)
+    b = encode_request(WrapperBackend(sdxl.components), SDXL, prompts, negatives, 4, width=64, height=64)
+    sa, sb = a.at(0), b.at(0)
+    assert isinstance(sa.context, np.ndarray) and isinstance(sa.pooled, np.ndarray)
+    assert sa.time_ids.dtype == np.float32 and sa.time_ids.tolist()[0] == [64, 64, 0, 0, 64, 64]
+    assert sa.context.shape == (2, 154, 64)
+    for x, y in [(sa.context, sb.context), (sa.pooled, sb.pooled), (sa.time_ids, sb.time_ids)]:
+        np.testing.assert_allclose(x, _np(y), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------- emphasis and chunks
 
 def _raw(backend, component, ids, clip_skip=1, output="hidden_state"):
@@ -335,6 +348,12 @@ def test_bad_arguments(sd1):
     with pytest.raises(InvalidRequest) as err:
         encode_request(backend, SD1, ["a"], [""], 4, clip_skip=0)
     assert err.value.field == "clip_skip"
+    with pytest.raises(InvalidRequest) as err:
+        encode_request(backend, SD1, ["a"], [""], 0)
+    assert err.value.field == "steps"
+    with pytest.raises(InvalidRequest) as err:
+        encode_request(backend, SD1, [], [], 4)
+    assert err.value.field == "prompt"
     with pytest.raises(InvalidRequest):
         TextModelInfo("sd9", "x")
     assert TextModelInfo("SDXL", "x").family is TextFamily.SDXL

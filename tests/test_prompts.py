@@ -7,6 +7,8 @@ modules/sd_hijack_clip.py tokenize_line), written out by hand.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.models.tokenizer import BOS_ID, EOS_ID, clip_tokenizer
 from engine.prompts import (
@@ -311,3 +313,41 @@ def test_tokenize_prompt_long_and_break():
     assert len(tokenize_prompt("a cat BREAK a dog", SD1)) == 2
     assert len(tokenize_prompt("BREAK a dog", SD1)) == 2  # a leading BREAK leaves an empty first chunk
     assert all(len(c.tokens) == CHUNK_LENGTH + 2 for c in chunks)
+
+
+# ------------------------------------------------------------------------------------------- properties
+
+SYNTAX = st.lists(st.sampled_from(list("ab ()[]:|\\.15-,\n") + [" BREAK ", " AND "]), max_size=30).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(SYNTAX, st.integers(1, 30))
+def test_schedule_is_total_and_ordered(prompt, steps):
+    schedule = prompt_schedule(prompt, steps)
+    ends = [end for end, _ in schedule]
+    assert ends == sorted(set(ends)) and ends[-1] == steps and ends[0] >= 1
+    if "[" not in prompt:
+        assert schedule == [(steps, prompt)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(SYNTAX)
+def test_attention_is_total_and_keeps_plain_text(text):
+    runs = parse_prompt_attention(text)
+    assert runs
+    for (a, wa), (b, wb) in zip(runs, runs[1:]):
+        assert BREAK in ((a, wa), (b, wb)) or wa != wb  # merged
+    if "BREAK" not in text and not any(c in text for c in "\\()[]:"):
+        assert runs == [(text, 1.0)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.sampled_from([CAT, DOG, COMMA]), max_size=90), st.sampled_from([1.0, 1.5])),
+                max_size=4))
+def test_chunks_keep_every_token_in_order(parts):
+    runs = [("x", w) for _, w in parts]
+    chunks = chunk_runs(runs, [ids for ids, _ in parts], SPEC)
+    assert all(len(c.tokens) == len(c.weights) == 77 and c.tokens[0] == BOS_ID for c in chunks)
+    assert [t for c in chunks for t in _text(c)] == [t for ids, _ in parts for t in ids]
+    weights = [w for c in chunks for t, w in zip(c.tokens[1:], c.weights[1:]) if t != EOS_ID]
+    assert weights == [w for ids, w in parts for _ in ids]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.denoiser import ModelSchedule
-from engine.samplers import SAMPLERS, SCHEDULES, SPECS
+from engine.samplers import SAMPLERS, SCHEDULES, SPECS, resolve
 from tests.test_samplers_reference import SHAPE, K, Noise, recorder, toy_denoise
 
 TOL = 1e-5
@@ -205,3 +205,66 @@ def test_tiny_unet_matches_kdiffusion(name, tiny_unet_denoiser):
     ours, ref, seen_ours, seen_ref, _, _ = run_pair(name, "Karras", steps=4, denoise=make(sigmas),
                                                     shape=(2, 4, 8, 8))
     assert_same_run(name, ours, ref, seen_ours, seen_ref, relative=True)
+
+
+@pytest.mark.parametrize("name", ["Euler a", "DPM++ 2M SDE"])
+def test_webui_chain_end_to_end(name, tiny_unet_denoiser):
+    """resolve + ImageRNG + Denoiser + sampler, as the pipeline chains them, against the webui's chain built
+    from references: torch.manual_seed noise per image, k-diffusion's DiscreteEpsDDPMDenoiser (CompVis) on
+    the tiny UNet with the webui's CFG combine, k-diffusion's sampler, per-step noise from the same per-image
+    generators (webui TorchHijack -> ImageRNG.next) or BrownianTreeNoiseSampler(seed=seeds) for SDE samplers.
+    Tolerance 1e-5 relative to the largest value (the random UNet grows x0, see above)."""
+    from engine.noise import ImageRNG
+    from tests.test_samplers_reference import KD
+
+    make, _ = tiny_unet_denoiser
+    seeds, shape = [100, 101], (4, 8, 8)
+    r = resolve(name)
+    sigmas = r.sigmas(4, MODEL)
+    rng = ImageRNG(shape, seeds)
+    x = rng.first() * float(sigmas[0])
+    denoise = make(sigmas)
+    ours = r.sample(denoise, x, sigmas, noise=r.noise_sampler(x, rng, seeds, sigmas), eta=None)
+
+    # the webui's chain
+    sig_t = torch.from_numpy(sigmas)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x_ref = torch.stack([torch.randn(shape, generator=g) for g in gens]) * sig_t[0]
+    inner_model = denoise.model
+    cond = denoise.conditioning(0)  # rows: image 0, image 1, the negative prompt shared by both
+    from engine.conditioning import StepConditioning
+
+    rows4 = StepConditioning(context=cond.context[[0, 1, 2, 2]], positive=cond.positive, negative=(2, 3))
+
+    class CompVis(KD.external.DiscreteEpsDDPMDenoiser):
+        def get_eps(self, x_in, t):
+            return inner_model(x_in, t, rows4, 0)
+
+    wrapper = CompVis(None, torch.from_numpy(MODEL.alphas_cumprod), quantize=False)
+
+    def cfg_denoiser(x, sigma):  # webui CFGDenoiser: cond rows then uncond rows, combine_denoised
+        x_out = wrapper(torch.cat([x, x]), torch.cat([sigma, sigma]))
+        uncond = x_out[2:]
+        return torch.stack([uncond[b] + (x_out[b] - uncond[b]) * 3.0 for b in range(2)])
+
+    if r.needs_brownian:
+        noise_ref = K.BrownianTreeNoiseSampler(x_ref, sig_t[sig_t > 0].min(), sig_t.max(), seed=seeds)
+    else:
+        noise_ref = lambda a, b: torch.stack([torch.randn(shape, generator=g) for g in gens])  # noqa: E731
+    fn, _ = KD_CALLS[name]
+    ref = fn(cfg_denoiser, x_ref, sig_t, noise_sampler=noise_ref)
+    assert (ours - ref).abs().max().item() <= TOL * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["Euler a", "DPM++ 2M", "DPM++ SDE", "UniPC", "DPM adaptive"])
+def test_cuda_matches_cpu(name):
+    """The same function bodies on CUDA tensors: max abs diff to CPU <= 1e-4 (different fp32 kernels)."""
+    sigmas = sigmas_for("Karras", 8)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * sigmas[0]
+    cpu = SAMPLERS[name](toy_denoise, x.clone(), sigmas, noise=Noise(), **SPECS[name].options)
+    noise = Noise()
+    gpu = SAMPLERS[name](toy_denoise, x.cuda(), sigmas.cuda(), noise=lambda a, b: noise(a, b).cuda(),
+                         **SPECS[name].options)
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu() - cpu).abs().max().item() <= 1e-4

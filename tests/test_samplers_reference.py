@@ -151,7 +151,8 @@ def webui_ddim(eps_model, alphas_cumprod, x, timesteps, noise=None, eta=0.0):
     alphas = alphas_cumprod[timesteps]
     alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
     sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
-    sigmas = eta * np.sqrt((1 - alphas_prev.cpu().numpy()) / (1 - alphas.cpu()) * (1 - alphas.cpu() / alphas_prev.cpu().numpy()))
+    sigmas = eta * np.sqrt((1 - alphas_prev.cpu().numpy()) / (1 - alphas.cpu())
+                           * (1 - alphas.cpu() / alphas_prev.cpu().numpy()))
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(timesteps) - 1):
         index = len(timesteps) - 1 - i

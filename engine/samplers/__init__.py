@@ -5,6 +5,21 @@
 ``SCHEDULES`` maps every webui schedule label to ``fn(n, sigma_min, sigma_max, model=None) -> n + 1 sigmas``.
 :func:`resolve` turns a request's ``sampler_name`` + ``scheduler`` into a :class:`ResolvedSampler` the pipeline
 uses directly, applying each sampler's default schedule and "discard penultimate sigma" like the webui.
+
+How the pipeline uses it::
+
+    r = resolve(request.sampler_name, request.scheduler)          # InvalidRequest names the field
+    model_schedule = r.model_schedule(ModelSchedule.scaled_linear())  # LCM: the model's LCM schedule
+    sigmas = r.sigmas(request.steps, model_schedule)
+    rng = ImageRNG((4, h, w), seeds, subseeds, subseed_strength, eta_noise_seed_delta=ensd)
+    x = to_like(rng.first(), like) * sigmas[0]
+    denoise = Denoiser(model_fn, model_schedule, prediction_type, cfg_scale, conditioning, sigmas)
+    x = r.sample(denoise, x, sigmas, noise=r.noise_sampler(x, rng, seeds, sigmas), callback=progress,
+                 eta=request.eta, s_churn=..., s_tmin=..., s_tmax=..., s_noise=...)
+    # x is the latent to decode (timestep samplers return the webui's VP latent, see samplers/timesteps.py)
+
+Progress: one callback per sampler step; the number of model calls is not always ``len(sigmas) - 1``
+(second-order samplers, Restart, DPM adaptive; DDIM/PLMS stop one timestep early like the webui).
 """
 
 from __future__ import annotations
@@ -140,6 +155,19 @@ class ResolvedSampler:
         """Infotext fields: {"Sampler": "DPM++ 2M", "Schedule type": "Karras"}."""
         return {"Sampler": self.spec.name, "Schedule type": self.schedule_label}
 
+    def extra_infotext(self, eta: float | None = None, eta_noise_seed_delta: int = 0) -> dict[str, Any]:
+        """The webui's extra generation params of the sampler: "Eta" ("Eta DDIM" for DDIM) when eta is not the
+        sampler's default, "ENSD" when the delta is set and the sampler uses it (uses_ensd and eta != 0)."""
+        out: dict[str, Any] = {}
+        default = self.spec.default_eta
+        takes_eta = "eta" in inspect.signature(self.spec.fn).parameters
+        if takes_eta and eta is not None and default is not None and eta != default:
+            out["Eta DDIM" if self.spec.fixed_schedule and self.spec.name == "DDIM" else "Eta"] = eta
+        effective = default if eta is None else eta
+        if eta_noise_seed_delta and self.spec.uses_ensd and effective != 0:
+            out["ENSD"] = eta_noise_seed_delta
+        return out
+
     def model_schedule(self, model_schedule: Any) -> Any:
         """The ModelSchedule to build the Denoiser with: the model's, or its LCM variant for LCM."""
         return model_schedule.for_lcm() if self.spec.lcm else model_schedule
@@ -161,13 +189,24 @@ class ResolvedSampler:
             sigmas = np.concatenate([sigmas[:-2], sigmas[-1:]])
         return sigmas
 
+    def noise_sampler(self, like: Any, rng: Any, seeds: Any, sigmas: Any) -> Callable:
+        """The webui's noise for this sampler: a Brownian tree seeded with the batch's seeds for the SDE samplers,
+        otherwise the next draws of the per-image generators (engine.noise.ImageRNG)."""
+        from engine.noise import make_noise_sampler
+
+        if self.spec.brownian:
+            return make_noise_sampler(like, brownian=True, seeds=seeds, sigmas=sigmas)
+        return make_noise_sampler(like, rng)
+
     def sample(self, denoise: Callable, x: Any, sigmas: Any, *, noise: Callable | None = None,
                callback: Callable | None = None, **options: Any) -> Any:
         """Runs the sampler. Options the sampler does not take (eta for Euler, ...) are ignored, as the webui does;
-        None values mean the sampler's default."""
+        None values mean the sampler's default; s_tmax 0 means infinity (webui)."""
         params = inspect.signature(self.spec.fn).parameters
         kwargs = dict(self.spec.options)
         kwargs.update({k: v for k, v in options.items() if k in params and v is not None})
+        if kwargs.get("s_tmax") == 0:
+            kwargs["s_tmax"] = float("inf")
         if "eta" in params and "eta" not in kwargs and self.spec.default_eta is not None:
             kwargs["eta"] = self.spec.default_eta
         return self.spec.fn(denoise, x, sigmas, noise=noise, callback=callback, **kwargs)
@@ -181,7 +220,8 @@ def resolve(sampler_name: str, scheduler: str | None = "Automatic") -> ResolvedS
     """webui name (or alias, or "<name> <schedule>" like "DPM++ 2M Karras") + scheduler -> ResolvedSampler.
 
     Like the webui (modules/sd_samplers.get_sampler_and_scheduler), a schedule label trailing the sampler name
-    is split off when the request's scheduler is Automatic. Unknown names raise InvalidRequest naming the field.
+    is split off and wins over ``scheduler``. Unknown names raise InvalidRequest naming the field (the webui
+    falls back to its default sampler; the API contract makes it an error).
     """
     scheduler = scheduler or "Automatic"
     if scheduler not in SCHEDULE_NAMES:
@@ -191,12 +231,11 @@ def resolve(sampler_name: str, scheduler: str | None = "Automatic") -> ResolvedS
             raise InvalidRequest("scheduler", f"unknown schedule {scheduler!r}", ", ".join(SCHEDULE_NAMES))
     spec = _BY_NAME.get(sampler_name) if isinstance(sampler_name, str) else None
     if spec is None and isinstance(sampler_name, str):
-        for label in sorted(SCHEDULES, key=len, reverse=True):
-            base = sampler_name[: -len(label)].rstrip()
-            if sampler_name.endswith(" " + label) and base in _BY_NAME:
-                spec = _BY_NAME[base]
-                if scheduler == "Automatic":
-                    scheduler = label
+        suffixes = {**{label: label for label in SCHEDULE_NAMES}, "SGMUniform": "SGM Uniform"}
+        for suffix in sorted(suffixes, key=len, reverse=True):
+            base = sampler_name[: -len(suffix) - 1]
+            if sampler_name.endswith(" " + suffix) and base in _BY_NAME:
+                spec, scheduler = _BY_NAME[base], suffixes[suffix]  # the name's schedule wins, as in the webui
                 break
     if spec is None:
         raise InvalidRequest("sampler_name", f"unknown sampler {sampler_name!r}", _valid_samplers())

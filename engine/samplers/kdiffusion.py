@@ -133,19 +133,33 @@ def dpm_2_ancestral(denoise, x, sigmas, *, noise=None, callback=None, eta=1.0, s
     return x
 
 
-def lms_coefficient(order: int, t: list[float], i: int, j: int) -> float:
-    """Integral over [t_i, t_i+1] of the Lagrange basis polynomial j (exact; k-diffusion uses scipy quad)."""
-    poly = np.polynomial.Polynomial([1.0])
-    for k in range(order):
-        if k != j:
-            poly = poly * np.polynomial.Polynomial([-t[i - k], 1.0]) / (t[i - j] - t[i - k])
-    antiderivative = poly.integ()
-    return float(antiderivative(t[i + 1]) - antiderivative(t[i]))
+def lms_coefficients(sigmas: list[float], order: int) -> list[list[float]]:
+    """Per step i, the weights of d_i, d_i-1, ...: integrals over [s_i, s_i+1] of the Lagrange basis polynomials
+    (k-diffusion linear_multistep_coeff; exact here with 4-point Gauss-Legendre, k-diffusion uses scipy quad)."""
+    nodes, weights = (v.tolist() for v in np.polynomial.legendre.leggauss(4))  # exact up to degree 7
+    out = []
+    for i in range(len(sigmas) - 1):
+        cur = min(i + 1, order)
+        a, b = sigmas[i], sigmas[i + 1]
+        taus = [(b - a) / 2 * n + (a + b) / 2 for n in nodes]
+        row = []
+        for j in range(cur):
+            total = 0.0
+            for tau, w in zip(taus, weights):
+                prod = 1.0
+                for k in range(cur):
+                    if k != j:
+                        prod *= (tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
+                total += w * prod
+            row.append(total * (b - a) / 2)
+        out.append(row)
+    return out
 
 
 def lms(denoise, x, sigmas, *, noise=None, callback=None, order=4):
     """Linear multistep over sigma (k-diffusion sample_lms)."""
     s = floats(sigmas)
+    coefficients = lms_coefficients(s, order)
     ds = []
     for i in range(len(s) - 1):
         denoised = denoise(x, s[i])
@@ -153,9 +167,8 @@ def lms(denoise, x, sigmas, *, noise=None, callback=None, order=4):
         if len(ds) > order:
             ds.pop(0)
         _report(callback, x, i, s[i], s[i], denoised)
-        cur_order = min(i + 1, order)
-        for j, d in enumerate(reversed(ds)):
-            x = x + d * lms_coefficient(cur_order, s, i, j)
+        for coeff, d in zip(coefficients[i], reversed(ds)):
+            x = x + d * coeff
     return x
 
 

@@ -116,15 +116,11 @@ def unipc(denoise, x, sigmas, *, noise=None, callback=None, order=3, variant="bh
 
 
 def _unipc_update(denoise, x, model_prev, idx_prev, t, order, lam, s, variant, use_corrector):
-    """One UniPC bh step (predictor UniP, then corrector UniC with the model at the predicted point)."""
+    """One UniPC bh step: predictor UniP, then corrector UniC with the model at the predicted point. Both are
+    linear combinations of x and the model outputs, computed as one weighted sum each."""
     m0 = model_prev[-1]
     h = lam[t] - lam[idx_prev[-1]]
-    rks, d1s = [], []
-    for i in range(1, order):
-        rk = (lam[idx_prev[-(i + 1)]] - lam[idx_prev[-1]]) / h
-        rks.append(rk)
-        d1s.append((model_prev[-(i + 1)] - m0) * (1 / rk))
-    rks.append(1.0)
+    rks = [(lam[idx_prev[-(i + 1)]] - lam[idx_prev[-1]]) / h for i in range(1, order)]
     hh = -h
     h_phi_1 = math.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
@@ -132,28 +128,30 @@ def _unipc_update(denoise, x, model_prev, idx_prev, t, order, lam, s, variant, u
     rows, b = [], []
     factorial = 1
     for i in range(1, order + 1):
-        rows.append([rk ** (i - 1) for rk in rks])
+        rows.append([rk ** (i - 1) for rk in rks + [1.0]])
         b.append(h_phi_k * factorial / b_h)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
     r_mat, b = np.asarray(rows, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    x_t_ = x * (s[t] / s[idx_prev[-1]]) - m0 * h_phi_1
-    x_t = x_t_
-    if d1s:
+    older = [model_prev[-(i + 1)] for i in range(1, order)]  # D1_k = (older_k - m0) / r_k
+    a_x = s[t] / s[idx_prev[-1]]
+    if rks:
         rhos_p = [0.5] if order == 2 else np.linalg.solve(r_mat[:-1, :-1], b[:-1]).tolist()
-        x_t = x_t_ - _weighted(rhos_p, d1s) * b_h
+        c_older = [-b_h * rho / rk for rho, rk in zip(rhos_p, rks)]
+        x_t = _lincomb([a_x, -h_phi_1 - sum(c_older)] + c_older, [x, m0] + older)
+    else:
+        x_t = _lincomb([a_x, -h_phi_1], [x, m0])
     if not use_corrector:
         return x_t, None
     rhos_c = [0.5] if order == 1 else np.linalg.solve(r_mat, b).tolist()
     model_t = denoise(x_t, s[t])
-    corr = (model_t - m0) * rhos_c[-1]
-    if d1s:
-        corr = corr + _weighted(rhos_c[:-1], d1s)
-    return x_t_ - corr * b_h, model_t
+    c_older = [-b_h * rho / rk for rho, rk in zip(rhos_c[:-1], rks)]
+    c_t = -b_h * rhos_c[-1]
+    return _lincomb([a_x, -h_phi_1 - sum(c_older) - c_t, c_t] + c_older, [x, m0, model_t] + older), model_t
 
 
-def _weighted(weights, arrays):
-    out = arrays[0] * weights[0]
+def _lincomb(weights, arrays):
+    out = arrays[0] * float(weights[0])
     for w, a in zip(weights[1:], arrays[1:]):
-        out = out + a * w
+        out = out + a * float(w)
     return out

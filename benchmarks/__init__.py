@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks NAME`` runs ``benchmarks/NAME.py``'s ``main()``."""
