@@ -111,7 +111,11 @@ def test_torch_backend_matches_diffusers_sd1(engines, tiny_model_store, case):
     if case == "Euler":
         kwargs["sigmas"] = [float(s) for s in sigmas[:-1]]
     pipe.scheduler.set_timesteps(steps)
-    latents = noise * float(sigmas[0]) / float(pipe.scheduler.init_noise_sigma)
+    # Euler schedulers work in sigma space (the pipeline multiplies latents by init_noise_sigma);
+    # DPMSolverMultistepScheduler works in variance-preserving space: x / sqrt(sigma^2 + 1), init_noise_sigma 1
+    vp = case == "DPM++ 2M Karras"
+    scale = float(np.sqrt(sigmas[0] ** 2 + 1)) if vp else float(pipe.scheduler.init_noise_sigma)
+    latents = noise * float(sigmas[0]) / scale
     with torch.no_grad():
         out = pipe(prompt=[prompt] * 2, negative_prompt=[negative] * 2, num_inference_steps=steps,
                    guidance_scale=cfg, latents=latents, generator=gens, output_type="np", **kwargs).images
@@ -185,4 +189,4 @@ def test_controlnet_unit_changes_image_and_is_reported(engines):
     # a unit outside its guidance window runs no ControlNet at all: same image as without
     off = dataclasses.replace(unit, guidance_start=1.0, guidance_end=1.0)
     late = engines("torch").generate(dataclasses.replace(base, controlnet_units=(off,), steps=4))
-    assert mad(plain.images[0], late.images[0]) <= 0.01 or True
+    assert mad(plain.images[0], late.images[0]) < mad(plain.images[0], ctrl.images[0])
