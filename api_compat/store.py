@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -79,8 +80,20 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _finite(value: Any) -> Any:
+    """Non-finite floats -> None (JSON has no NaN/Infinity, and HTTP answers must be strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, default=_json_default, ensure_ascii=False)
+    return json.dumps(_finite(json.loads(json.dumps(value, default=_json_default))), ensure_ascii=False,
+                      allow_nan=False)
 
 
 class StoreLocked(RuntimeError):
@@ -152,7 +165,7 @@ class TaskStore:
         with self._lock:
             self._db.execute(
                 "INSERT INTO tasks (task_id, status, config_id, created, parameters) VALUES (?, 'waiting', ?, ?, ?)",
-                (task_id, config_id, created or time.time(), dumps(parameters)),
+                (task_id, config_id, created or time.time(), json.dumps(parameters, ensure_ascii=False)),
             )
 
     def set_running(self, task_id: str, started: float | None = None) -> None:
