@@ -349,6 +349,10 @@ class LocalService:
         except Exception as exc:
             log.exception("task %s failed", task.task_id)
             self._fail(task, "internal_error", f"{type(exc).__name__}: {exc}")
+        try:
+            self.store.checkpoint()
+        except Exception:  # pragma: no cover - the records are safe in the WAL
+            log.warning("WAL checkpoint failed", exc_info=True)
         self._maybe_cleanup()
 
     def _fail(self, task: _Task, code: str, message: str) -> None:

@@ -143,11 +143,29 @@ async def _burst(port: int, conns, data: bytes) -> list[tuple[float, int]]:
     return await asyncio.gather(*tasks)
 
 
-async def _client(port: int, concurrency: int, rounds: int) -> dict:
+async def _paced(conns, data: bytes, window: float) -> list[tuple[float, int]]:
+    """One request per connection, sent at evenly spaced instants over ``window`` seconds (an open-loop
+    arrival rate of len(conns)/window per second)."""
+    loop = asyncio.get_running_loop()
+    t_start = loop.time() + 0.05
+
+    async def one(i, reader, writer):
+        await asyncio.sleep(max(0.0, t_start + i * window / len(conns) - loop.time()))
+        t0 = time.perf_counter()
+        writer.write(data)
+        await writer.drain()
+        status, _ = await _read_response(reader)
+        return time.perf_counter() - t0, status
+
+    return await asyncio.gather(*(one(i, r, w) for i, (r, w) in enumerate(conns)))
+
+
+async def _client(port: int, concurrency: int, rounds: int, windows=(1.0, 0.25)) -> dict:
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(concurrency)]
     submit = _request("POST", "/scc/sd_txt2img", json.dumps(PAYLOAD).encode())
     health = _request("GET", "/health")
-    out = {"submit": [], "health": [], "statuses": {}, "burst_wall": []}
+    out = {"submit": [], "health": [], "statuses": {}, "burst_wall": [], "paced": {w: [] for w in windows},
+           "paced_health": []}
     await _burst(port, conns, submit)  # warm-up
     await _burst(port, conns, health)
     for _ in range(rounds):
@@ -160,12 +178,20 @@ async def _client(port: int, concurrency: int, rounds: int) -> dict:
             for _, status in results:
                 out["statuses"][str(status)] = out["statuses"].get(str(status), 0) + 1
         await asyncio.sleep(0.2)
+        out["paced_health"].extend(lat for lat, _ in await _paced(conns, health, windows[0]))
+        await asyncio.sleep(0.2)
+        for window in windows:
+            results = await _paced(conns, submit, window)
+            out["paced"][window].extend(lat for lat, _ in results)
+            for _, status in results:
+                out["statuses"][str(status)] = out["statuses"].get(str(status), 0) + 1
+            await asyncio.sleep(0.2)
     for _, w in conns:
         w.close()
     return out
 
 
-def bench_http(concurrency: int, rounds: int, engine: str = "BlockedEngine") -> dict:
+def bench_http(concurrency: int, rounds: int, engine: str = "BlockedEngine", windows=(1.0, 0.25)) -> dict:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -175,7 +201,7 @@ def bench_http(concurrency: int, rounds: int, engine: str = "BlockedEngine") -> 
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir", f"{tmp}/m",
-             "--results-dir", f"{tmp}/r", "--max-queue", str(concurrency * (rounds + 2) + 10),
+             "--results-dir", f"{tmp}/r", "--max-queue", str(concurrency * (rounds * (1 + len(windows)) + 2) + 10),
              "--engine-factory", f"benchmarks.submit_latency:{engine}"],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -188,13 +214,17 @@ def bench_http(concurrency: int, rounds: int, engine: str = "BlockedEngine") -> 
                     if time.monotonic() > end or server.poll() is not None:
                         raise RuntimeError("the server did not start") from None
                     time.sleep(0.1)
-            raw = asyncio.run(_client(port, concurrency, rounds))
+            raw = asyncio.run(_client(port, concurrency, rounds, windows))
         finally:
             server.terminate()
             server.wait(30)
+    paced = {f"HTTP POST /scc/sd_txt2img, {concurrency} clients over {w:g} s ({concurrency / w:.0f} req/s)":
+             stats_ms(lat) for w, lat in raw["paced"].items()}
     return {
         f"HTTP GET /health, {concurrency} at once (baseline)": stats_ms(raw["health"]),
+        f"HTTP GET /health, {concurrency} clients over {windows[0]:g} s (baseline)": stats_ms(raw["paced_health"]),
         f"HTTP POST /scc/sd_txt2img, {concurrency} at once": stats_ms(raw["submit"]),
+        **paced,
         "statuses": raw["statuses"],
         "burst wall time (ms, median)": statistics.median(raw["burst_wall"]) * 1e3,
     }
@@ -205,9 +235,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3000)
     parser.add_argument("--http-rounds", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--engine", default="BlockedEngine", choices=["BlockedEngine", "NullEngine"],
+                        help="server's engine: BlockedEngine (worker busy in native code) or NullEngine (draining)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    results = {"in_process": bench_in_process(args.repeats), "http": bench_http(args.concurrency, args.http_rounds)}
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    results = {"in_process": bench_in_process(args.repeats),
+               "http": bench_http(args.concurrency, args.http_rounds, args.engine)}
     lines = ["| measurement | n | median ms | p90 ms | p99 ms | max ms |", "|---|---|---|---|---|---|"]
     for group in ("in_process", "http"):
         for name, s in results[group].items():
@@ -217,6 +251,7 @@ def main(argv=None) -> dict:
     http = results["http"]
     lines.append(f"\nHTTP statuses: {http['statuses']}; a burst of {args.concurrency} submits took "
                  f"{http['burst wall time (ms, median)']:.1f} ms (median of {args.http_rounds}).")
+    lines.append(f"load average before the run: {load}; server engine: {args.engine}")
     lines.append(f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     text = "\n".join(lines)
     print(text)
