@@ -13,6 +13,7 @@ payload), 401 (API key), 404 (unknown task or image), 413 (body too large), 429 
 
 # no "from __future__ import annotations": FastAPI must see the real Request type of the local import
 
+import asyncio
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ from api_compat.service import CONFIG_HEADER, LocalService
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024  # a 20 MB image in base64 plus the rest
+HEAVY_BODY = 64 * 1024  # larger submits are validated on a worker thread, off the event loop
 _IMAGE_NAME = re.compile(r"^(0|[1-9][0-9]{0,3})\.png$")
 
 
@@ -77,8 +79,13 @@ class _ApiRoutes:
             if scope["method"] != "POST":
                 raise ApiError("method_not_allowed", f"use POST for {scope['path']}", allowed="POST")
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
-            body = await self._read_json(headers, receive)
-            status, answer = 200, handler(body, headers, scope)
+            body, size = await self._read_json(headers, receive)
+            if size > HEAVY_BODY or (isinstance(body, dict) and "alwayson_scripts" in body):
+                # image decoding (or an allowed URL fetch) must not stall the other requests
+                answer = await asyncio.to_thread(handler, body, headers, scope)
+            else:
+                answer = handler(body, headers, scope)
+            status = 200
         except ApiError as exc:
             status, answer = exc.http_status, exc.to_dict()
         except Exception as exc:  # a bug; still answer in JSON
@@ -90,7 +97,7 @@ class _ApiRoutes:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
         await send({"type": "http.response.body", "body": data})
 
-    async def _read_json(self, headers: dict[str, str], receive) -> Any:
+    async def _read_json(self, headers: dict[str, str], receive) -> tuple[Any, int]:
         too_large = ApiError("payload_too_large", f"the body is larger than {self.max_body} bytes",
                              allowed=f"at most {self.max_body} bytes")
         length = headers.get("content-length")
@@ -108,7 +115,7 @@ class _ApiRoutes:
             chunks.append(chunk)
             more = message.get("more_body", False)
         try:
-            return json.loads(b"".join(chunks))
+            return json.loads(b"".join(chunks)), size
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError("bad_request", f"the body is not valid JSON ({exc})", allowed="a JSON object") from None
 
@@ -176,6 +183,7 @@ def create_app(service: LocalService, *, api_key: str | None = None, max_body_by
     from fastapi import FastAPI, Request
     from fastapi.openapi.utils import get_openapi
     from fastapi.responses import FileResponse, JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @asynccontextmanager
     async def lifespan(app):
@@ -189,6 +197,12 @@ def create_app(service: LocalService, *, api_key: str | None = None, max_body_by
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown paths, wrong methods
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        body = {"error": {"code": code, "message": str(exc.detail), "field": None, "allowed": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.get("/scc/images/{task_id}/{name}", summary="A result image (PNG)")
     async def image(task_id: str, name: str):

@@ -150,6 +150,29 @@ def test_image_index_out_of_range(client):
         assert client.get(f"/scc/images/{task}/{name}").status_code == 404
 
 
+def test_wrong_methods_and_paths_answer_json(client):
+    r = client.get("/scc/sd_txt2img")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.post("/health")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_image_payloads_are_validated_off_the_event_loop(client):
+    """A submit with a ControlNet image goes through asyncio.to_thread; the answer is the same."""
+    unit = {"model": "c", "input_image": png_b64(256, 256)}
+    r = client.post("/scc/sd_txt2img", json={"steps": 1, "width": 64, "height": 64,
+                                             "alwayson_scripts": {"controlnet": {"units": [unit]}}})
+    assert r.status_code == 200, r.text
+    result = poll(client, r.json()["taskId"])
+    assert result["status"] == "succeeded"
+    assert result["parameters"]["alwayson_scripts"]["controlnet"]["units"][0]["input_image"].startswith("<image: ")
+    bad = {**unit, "weight": 9}
+    r = client.post("/scc/sd_txt2img", json={"alwayson_scripts": {"controlnet": {"units": [bad]}}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "alwayson_scripts.controlnet.units[0].weight"
+
+
 def test_unknown_task_is_404(client):
     r = client.post("/scc/sd_get_result", json={"taskId": "0" * 32})
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
