@@ -306,12 +306,25 @@ def test_cli_txt2img_payload_and_flags(tmp_path):
     assert r.exit_code == 0, r.output
     outs = [tmp_path / "out-1.png", tmp_path / "out-2.png"]
     assert [png_seed(p) for p in outs] == [9, 10]
+    assert str(outs[0]) in r.output and str(outs[1]) in r.output
     with Image.open(outs[0]) as img:
         assert img.text["parameters"].startswith("from file\nNegative prompt: n\n")
     r = runner.invoke(main, base + ["-", "--output", str(tmp_path / "one.png")], input=json.dumps({"seed": 4}))
     assert r.exit_code == 0, r.output
     assert png_seed(tmp_path / "one.png") == 4
+    r = runner.invoke(main, base + ["--prompt", "flags only", "--seed", "6"])
+    assert r.exit_code == 0, r.output
+    (path,) = [line for line in r.stdout.splitlines() if line.endswith(".png")]
+    assert png_seed(path) == 6 and Path(path).parent == tmp_path / "r" / "images"
     r = runner.invoke(main, base + ["--steps", "0"])
     assert r.exit_code == 1 and "steps" in r.output and "allowed" in r.output
     r = runner.invoke(main, base + ["--prompt", "FAIL"])
     assert r.exit_code == 1 and "internal_error" in r.output
+
+
+def test_missing_server_extra_has_a_clear_message(service, monkeypatch):
+    from engine.errors import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(MissingDependency, match=r"sdengine\[server\]"):
+        create_app(service)
