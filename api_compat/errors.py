@@ -19,6 +19,8 @@ HTTP_STATUS = {
     "payload_too_large": 413,
     "queue_full": 429,
     "closed": 503,
+    "missing_dependency": 503,
+    "backend_unavailable": 503,
 }
 
 

@@ -64,6 +64,11 @@ def api_error_from(exc: InvalidRequest) -> ApiError:
     return ApiError(exc.code, message, field=exc.field, allowed=exc.allowed)
 
 
+def _device_key(device: str) -> str:
+    """"cuda" and "cuda:0" are the same device."""
+    return "cuda:0" if device == "cuda" else device
+
+
 class _Worker:
     """One FIFO queue and one thread per device; it keeps one engine per configuration that runs there (built
     on the first task of that configuration, in this thread)."""
@@ -150,9 +155,10 @@ class LocalService:
         self._last_cleanup = time.monotonic()
         self._workers: dict[str, _Worker] = {}
         for config in self.configs.values():
-            if config.device not in self._workers:
-                self._workers[config.device] = _Worker(self, config.device)
-        self._worker_of = {k: self._workers[c.device] for k, c in self.configs.items()}
+            device = _device_key(config.device)
+            if device not in self._workers:
+                self._workers[device] = _Worker(self, device)
+        self._worker_of = {k: self._workers[_device_key(c.device)] for k, c in self.configs.items()}
         for worker in self._workers.values():
             worker.thread.start()
 
@@ -166,6 +172,8 @@ class LocalService:
             translation = translate(parsed, config, self.limits)
         except InvalidRequest as exc:
             raise api_error_from(exc) from None
+        except SdEngineError as exc:  # e.g. a missing optional dependency behind an engine seam
+            raise ApiError(exc.code, str(exc)) from None
         catalog = self._catalogs[config_id]
         for kind, name, path in translation.models if catalog is not None else ():
             try:

@@ -228,7 +228,7 @@ def test_one_worker_per_device_one_engine_per_config(tmp_path):
         built.append((config.device, config.precision.value))
         return EngineDouble(config)
 
-    configs = {"gpu0": {"device": "cuda:0"}, "gpu0-fp16": {"device": "cuda:0", "precision": "fp16"},
+    configs = {"gpu0": {"device": "cuda:0"}, "gpu0-fp16": {"device": "cuda", "precision": "fp16"},
                "cpu-bf16": {"precision": "bf16"}}
     with make(tmp_path, factory, configs=configs) as svc:
         health = svc.health()["devices"]
