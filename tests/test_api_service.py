@@ -239,7 +239,7 @@ def test_one_worker_per_device_one_engine_per_config(tmp_path):
                for name in ("default", "gpu0", "gpu0-fp16", "cpu-bf16", "gpu0")}
         for name, task in ids.items():
             assert svc.wait(task, 10)["info"]["resource_config_id"] == name
-    assert sorted(built) == [("cpu", "bf16"), ("cpu", "fp32"), ("cuda:0", "fp16"), ("cuda:0", "fp32")]
+    assert sorted(built) == [("cpu", "bf16"), ("cpu", "fp32"), ("cuda", "fp16"), ("cuda:0", "fp32")]
 
 
 def test_retention_removes_rows_and_files(tmp_path):
