@@ -15,9 +15,12 @@ HTTP_STATUS = {
     "bad_request": 400,
     "unauthorized": 401,
     "not_found": 404,
+    "method_not_allowed": 405,
     "payload_too_large": 413,
     "queue_full": 429,
     "closed": 503,
+    "missing_dependency": 503,
+    "backend_unavailable": 503,
 }
 
 

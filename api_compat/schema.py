@@ -197,6 +197,24 @@ def _list_type(max_len: int, *, item: str = "string"):
     return Annotated[list[Any] | None, BeforeValidator(check)]
 
 
+def _comments_type():
+    """webui ``comments``: a small object of plain values (kept in ``parameters``)."""
+    text = "an object of at most 64 strings, finite numbers, booleans or nulls"
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or len(value) > 64:
+            raise _err("dict_type", "must be a small object", text)
+        for key, item in value.items():
+            ok = item is None or isinstance(item, (str, bool, int)) or (isinstance(item, float) and math.isfinite(item))
+            if not ok or len(str(key)) > 200 or (isinstance(item, str) and len(item) > MAX_TEXT):
+                raise _err("dict_type", "entry {key} is not a plain value", text, key=repr(str(key)[:50]))
+        return value
+
+    return Annotated[dict[str, Any] | None, BeforeValidator(check)]
+
+
 Int64 = _int_type(-1, INT64_MAX, allowed="-1 (random) or an integer from 0 to 2**63-1")
 ModelName = _name_type(kind="checkpoint")
 Text = _str_type()
@@ -335,7 +353,7 @@ class Txt2ImgPayload(_Model):
     send_images: Flag = None
     save_images: Flag = None
     disable_extra_networks: Flag = None
-    comments: Annotated[dict[str, Any] | None, Field(None)] = None
+    comments: _comments_type() = None
     # only used by features that are off (hires fix, refiner): type-checked, ignored, as the webui does
     denoising_strength: _float_type(0.0, 1.0, nullable=True) = None
     firstphase_width: _int_type(0, MAX_SIZE, nullable=True) = None

@@ -4,10 +4,11 @@
         task = api.sd_txt2img({"prompt": "a cat", "steps": 20})
         result = api.wait(task["taskId"])          # {"taskId", "status", "images": [png paths], ...}
 
-Validation happens at submit (an :class:`ApiError` is raised and nothing is queued). Each engine
-configuration (the default one, and each named one selected with the ``X-SP-RESOURCE-CONFIG-ID`` header) has
-its own queue and worker thread, which creates its engine on the first task. Tasks go waiting -> running ->
-succeeded | failed; one failing task never stops a worker. Records and PNGs live in a :class:`TaskStore`.
+Validation happens at submit (an :class:`ApiError` is raised and nothing is queued). There is one worker
+thread and one bounded FIFO queue per device; the engine configurations (the default one, and each named one
+selected with the ``X-SP-RESOURCE-CONFIG-ID`` header) on that device share them, and the worker builds each
+configuration's engine on its first task. Tasks go waiting -> running -> succeeded | failed; one failing
+task never stops a worker. Records and PNGs live in a :class:`TaskStore`.
 """
 
 from __future__ import annotations
@@ -63,17 +64,22 @@ def api_error_from(exc: InvalidRequest) -> ApiError:
     return ApiError(exc.code, message, field=exc.field, allowed=exc.allowed)
 
 
-class _Worker:
-    """One queue and one thread for one engine configuration (one device)."""
+def _device_key(device: str) -> str:
+    """"cuda" and "cuda:0" are the same device."""
+    return "cuda:0" if device == "cuda" else device
 
-    def __init__(self, service: LocalService, config_id: str, config: EngineConfig):
+
+class _Worker:
+    """One FIFO queue and one thread per device; it keeps one engine per configuration that runs there (built
+    on the first task of that configuration, in this thread)."""
+
+    def __init__(self, service: LocalService, device: str):
         self.service = service
-        self.config_id = config_id
-        self.config = config
+        self.device = device
         self.queue: collections.deque[_Task] = collections.deque()
         self.running: _Task | None = None
-        self.engine: EngineLike | None = None
-        self.thread = threading.Thread(target=self._loop, name=f"sdengine-worker-{config_id}", daemon=True)
+        self.engines: dict[str, EngineLike] = {}
+        self.thread = threading.Thread(target=self._loop, name=f"sdengine-worker-{device}", daemon=True)
 
     def _loop(self) -> None:
         service = self.service
@@ -90,7 +96,7 @@ class _Worker:
             try:
                 service._run(self, task)
             except BaseException:  # pragma: no cover - _run handles everything; keep the worker alive
-                log.exception("worker %s: unexpected error around task %s", self.config_id, task.task_id)
+                log.exception("worker %s: unexpected error around task %s", self.device, task.task_id)
             finally:
                 with service._cond:
                     self.running = None
@@ -147,7 +153,12 @@ class LocalService:
         self._closing = False
         self._closed = False
         self._last_cleanup = time.monotonic()
-        self._workers = {k: _Worker(self, k, c) for k, c in self.configs.items()}
+        self._workers: dict[str, _Worker] = {}
+        for config in self.configs.values():
+            device = _device_key(config.device)
+            if device not in self._workers:
+                self._workers[device] = _Worker(self, device)
+        self._worker_of = {k: self._workers[_device_key(c.device)] for k, c in self.configs.items()}
         for worker in self._workers.values():
             worker.thread.start()
 
@@ -161,6 +172,8 @@ class LocalService:
             translation = translate(parsed, config, self.limits)
         except InvalidRequest as exc:
             raise api_error_from(exc) from None
+        except SdEngineError as exc:  # e.g. a missing optional dependency behind an engine seam
+            raise ApiError(exc.code, str(exc)) from None
         catalog = self._catalogs[config_id]
         for kind, name, path in translation.models if catalog is not None else ():
             try:
@@ -175,7 +188,7 @@ class LocalService:
                 raise ApiError(code, message, field=path, allowed=f"a {kind} name from the model store") from None
         task = _Task(task_id=uuid.uuid4().hex, config_id=config_id, request=translation.request,
                      parameters=translation.parameters)
-        worker = self._workers[config_id]
+        worker = self._worker_of[config_id]
         with self._cond:
             if self._closing:
                 raise ApiError("closed", "the service is closed")
@@ -200,7 +213,7 @@ class LocalService:
                     out["progress"] = dict(task.progress or {"step": 0, "steps": task.request.steps,
                                                              "fraction": 0.0, "eta_seconds": None})
                 else:
-                    out["queue_position"] = self._workers[task.config_id].queue.index(task)
+                    out["queue_position"] = self._worker_of[task.config_id].queue.index(task)
                 return out
         record = self.store.get(task_id)
         if record is None:
@@ -214,7 +227,7 @@ class LocalService:
             task = self._live.get(task_id)
             if task is not None:
                 task.cancel.set()
-                queue = self._workers[task.config_id].queue
+                queue = self._worker_of[task.config_id].queue
                 if task.status is Status.WAITING and task in queue:
                     queue.remove(task)
                     self._live.pop(task_id, None)
@@ -239,9 +252,11 @@ class LocalService:
 
     def health(self) -> dict[str, Any]:
         with self._cond:
-            queues = {k: {"waiting": len(w.queue), "running": w.running is not None, "capacity": self.max_queue,
-                          "alive": w.thread.is_alive()} for k, w in self._workers.items()}
-        return {"status": "closed" if self._closing else "ok", "queues": queues}
+            devices = {k: {"waiting": len(w.queue), "running": w.running is not None, "capacity": self.max_queue,
+                           "alive": w.thread.is_alive(), "configs": sorted(c for c, x in self._worker_of.items()
+                                                                           if x is w)}
+                       for k, w in self._workers.items()}
+        return {"status": "closed" if self._closing else "ok", "devices": devices}
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Stop accepting tasks, fail the waiting ones (``cancelled``), cancel the running ones, join workers."""
@@ -306,10 +321,11 @@ class LocalService:
             out["error"] = {"code": record.error_code or "internal_error", "message": record.error_message or ""}
         return out
 
-    def _engine(self, worker: _Worker) -> EngineLike:
-        if worker.engine is None:
-            worker.engine = self._factory(worker.config)
-        return worker.engine
+    def _engine(self, worker: _Worker, task: _Task) -> EngineLike:
+        engine = worker.engines.get(task.config_id)
+        if engine is None:
+            engine = worker.engines[task.config_id] = self._factory(self.configs[task.config_id])
+        return engine
 
     def _run(self, worker: _Worker, task: _Task) -> None:
         """Run one task to a final state; every exception ends as a failed task, never in the worker."""
@@ -326,7 +342,7 @@ class LocalService:
         try:
             if task.cancel.is_set():
                 raise Cancelled("cancelled before the task started")
-            engine = self._engine(worker)
+            engine = self._engine(worker, task)
             result = engine.generate(task.request, progress=progress, cancel=task.cancel)
             names = []
             infotexts = list(result.infotexts)
@@ -349,6 +365,10 @@ class LocalService:
         except Exception as exc:
             log.exception("task %s failed", task.task_id)
             self._fail(task, "internal_error", f"{type(exc).__name__}: {exc}")
+        try:
+            self.store.checkpoint()
+        except Exception:  # pragma: no cover - the records are safe in the WAL
+            log.warning("WAL checkpoint failed", exc_info=True)
         self._maybe_cleanup()
 
     def _fail(self, task: _Task, code: str, message: str) -> None:

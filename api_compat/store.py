@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -79,8 +80,20 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _finite(value: Any) -> Any:
+    """Non-finite floats -> None (JSON has no NaN/Infinity, and HTTP answers must be strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, default=_json_default, ensure_ascii=False)
+    return json.dumps(_finite(json.loads(json.dumps(value, default=_json_default))), ensure_ascii=False,
+                      allow_nan=False)
 
 
 class StoreLocked(RuntimeError):
@@ -105,7 +118,11 @@ class TaskStore:
         self._db = sqlite3.connect(self.root / "tasks.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # no checkpoint (and its fsync) inside a submit: the workers call checkpoint() after each task
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA)
+        self._ckpt_lock = threading.Lock()
+        self._ckpt: sqlite3.Connection | None = None
         self.recovered = self._recover()
         self.cleanup()
 
@@ -152,7 +169,7 @@ class TaskStore:
         with self._lock:
             self._db.execute(
                 "INSERT INTO tasks (task_id, status, config_id, created, parameters) VALUES (?, 'waiting', ?, ?, ?)",
-                (task_id, config_id, created or time.time(), dumps(parameters)),
+                (task_id, config_id, created or time.time(), json.dumps(parameters, ensure_ascii=False)),
             )
 
     def set_running(self, task_id: str, started: float | None = None) -> None:
@@ -240,7 +257,24 @@ class TaskStore:
             log.info("retention removed %d finished task(s)", len(ids))
         return len(ids)
 
+    def checkpoint(self, mode: str = "PASSIVE") -> None:
+        """Copy the WAL into the database file, on a connection of its own so that submits (inserts on the
+        main connection) go on meanwhile. Called by the workers after each task and at close."""
+        with self._ckpt_lock:
+            if self._ckpt is None:
+                self._ckpt = sqlite3.connect(self.root / "tasks.sqlite3", check_same_thread=False,
+                                             isolation_level=None)
+                self._ckpt.execute("PRAGMA busy_timeout=5000")
+            self._ckpt.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if mode == 'TRUNCATE' else 'PASSIVE'})")
+
     def close(self) -> None:
+        try:
+            self.checkpoint("TRUNCATE")
+        except sqlite3.Error:  # pragma: no cover - the data is safe in the WAL either way
+            log.warning("final checkpoint of %s failed", self.root, exc_info=True)
+        with self._ckpt_lock:
+            if self._ckpt is not None:
+                self._ckpt.close()
         with self._lock:
             try:
                 self._db.close()

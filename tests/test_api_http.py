@@ -150,6 +150,29 @@ def test_image_index_out_of_range(client):
         assert client.get(f"/scc/images/{task}/{name}").status_code == 404
 
 
+def test_wrong_methods_and_paths_answer_json(client):
+    r = client.get("/scc/sd_txt2img")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.post("/health")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_image_payloads_are_validated_off_the_event_loop(client):
+    """A submit with a ControlNet image goes through asyncio.to_thread; the answer is the same."""
+    unit = {"model": "c", "input_image": png_b64(256, 256)}
+    r = client.post("/scc/sd_txt2img", json={"steps": 1, "width": 64, "height": 64,
+                                             "alwayson_scripts": {"controlnet": {"units": [unit]}}})
+    assert r.status_code == 200, r.text
+    result = poll(client, r.json()["taskId"])
+    assert result["status"] == "succeeded"
+    assert result["parameters"]["alwayson_scripts"]["controlnet"]["units"][0]["input_image"].startswith("<image: ")
+    bad = {**unit, "weight": 9}
+    r = client.post("/scc/sd_txt2img", json={"alwayson_scripts": {"controlnet": {"units": [bad]}}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "alwayson_scripts.controlnet.units[0].weight"
+
+
 def test_unknown_task_is_404(client):
     r = client.post("/scc/sd_get_result", json={"taskId": "0" * 32})
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
@@ -174,7 +197,7 @@ def test_cancel_route(tmp_path):
 
 def test_health_and_openapi(client):
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["queues"]["default"]["alive"]
+    assert health["status"] == "ok" and health["devices"]["cpu"]["alive"]
     spec = client.get("/openapi.json").json()
     assert "/scc/sd_txt2img" in spec["paths"] and "/scc/sd_get_result" in spec["paths"]
     body = spec["paths"]["/scc/sd_txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -283,12 +306,25 @@ def test_cli_txt2img_payload_and_flags(tmp_path):
     assert r.exit_code == 0, r.output
     outs = [tmp_path / "out-1.png", tmp_path / "out-2.png"]
     assert [png_seed(p) for p in outs] == [9, 10]
+    assert str(outs[0]) in r.output and str(outs[1]) in r.output
     with Image.open(outs[0]) as img:
         assert img.text["parameters"].startswith("from file\nNegative prompt: n\n")
     r = runner.invoke(main, base + ["-", "--output", str(tmp_path / "one.png")], input=json.dumps({"seed": 4}))
     assert r.exit_code == 0, r.output
     assert png_seed(tmp_path / "one.png") == 4
+    r = runner.invoke(main, base + ["--prompt", "flags only", "--seed", "6"])
+    assert r.exit_code == 0, r.output
+    (path,) = [line for line in r.stdout.splitlines() if line.endswith(".png")]
+    assert png_seed(path) == 6 and Path(path).parent == tmp_path / "r" / "images"
     r = runner.invoke(main, base + ["--steps", "0"])
     assert r.exit_code == 1 and "steps" in r.output and "allowed" in r.output
     r = runner.invoke(main, base + ["--prompt", "FAIL"])
     assert r.exit_code == 1 and "internal_error" in r.output
+
+
+def test_missing_server_extra_has_a_clear_message(service, monkeypatch):
+    from engine.errors import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(MissingDependency, match=r"sdengine\[server\]"):
+        create_app(service)

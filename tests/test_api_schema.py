@@ -80,12 +80,12 @@ SEED_FIELDS = {
     "cfg_scale": ([0, 1, 7, 7.5, 30], [-0.1, 30.1, "7", True, float("nan"), float("inf")]),
     "width": ([64, 512, 520, 2048, None], [63, 0, 513, 2056, "512", 512.5, -512]),
     "height": ([64, 768, 2048, None], [56, 100, 4096, "768"]),
-    "sampler_name": (["Euler a", "euler a", "DPM++ 2M Karras", "k_euler", "DDIM", "UniPC", None, ""],
+    "sampler_name": (["Euler a", "DPM++ 2M Karras", "DPM++ 2M", "k_euler", "DDIM", "UniPC", None, ""],
                      ["Euler z", 5, "DPM++ 2M Bogus"]),
     "seed": ([-1, 0, 1, 4294967294, 2**63 - 1], [-2, 2**63, 1.5, "1", True, None]),
     # webui extras
     "n_iter": ([1, 4], [0, 101, 1.5]),
-    "scheduler": (["Automatic", "Karras", "karras", "SGM Uniform", "Align Your Steps"], ["Foo", 3]),
+    "scheduler": (["Automatic", "Karras", "Exponential", "SGM Uniform", "Align Your Steps"], ["Foo", 3]),
     "subseed": ([-1, 0, 99], [-5, "x"]),
     "subseed_strength": ([0, 0.5, 1], [-0.1, 1.1, "0.5"]),
     "eta": ([None, 0, 0.5, 1], [-1, 1.5, "1"]),
@@ -437,6 +437,27 @@ def test_url_fetch_when_allowed(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_sampler_seam_prefers_engine_samplers(monkeypatch):
+    """engine.samplers.resolve decides when it exists (its InvalidRequest passes through with its field)."""
+    from api_compat import engine_api
+
+    calls = []
+
+    def resolve(sampler_name, scheduler):
+        calls.append((sampler_name, scheduler))
+        if sampler_name == "Only Engine Knows":
+            return
+        raise InvalidRequest("sampler_name", f"unknown sampler {sampler_name!r}", "Only Engine Knows")
+
+    monkeypatch.setattr(engine_api, "_engine_attr",
+                        lambda module, attr: resolve if (module, attr) == ("engine.samplers", "resolve") else None)
+    req = translate(parse_payload({"sampler_name": "Only Engine Knows", "scheduler": "Karras"}), EngineConfig())
+    assert req.request.sampler_name == "Only Engine Knows" and calls == [("Only Engine Knows", "Karras")]
+    with pytest.raises(InvalidRequest) as exc:
+        translate(parse_payload({"sampler_name": "Euler a"}), EngineConfig())
+    assert exc.value.field == "sampler_name" and exc.value.allowed == "Only Engine Knows"
 
 
 def test_field_path_format():

@@ -144,7 +144,7 @@ def test_failure_isolation(tmp_path):
         ids = [svc.sd_txt2img({"prompt": p, "seed": i})["taskId"]
                for i, p in enumerate(["ok", "FAIL", "INVALID", "ok", "FAIL", "ok"])]
         results = [svc.wait(t, 10) for t in ids]
-        assert svc.health()["queues"]["default"]["alive"]
+        assert svc.health()["devices"]["cpu"]["alive"]
     assert [r["status"] for r in results] == ["succeeded", "failed", "failed", "succeeded", "failed", "succeeded"]
     assert results[1]["error"] == {"code": "internal_error", "message": "RuntimeError: injected failure"}
     assert results[2]["error"]["code"] == "invalid_request" and "prompt" in results[2]["error"]["message"]
@@ -221,19 +221,25 @@ def test_close_fails_waiting_and_cancels_running(tmp_path):
         assert again.sd_get_result({"taskId": waiting})["error"]["code"] == "cancelled"
 
 
-def test_configs_have_their_own_worker_and_engine(tmp_path):
+def test_one_worker_per_device_one_engine_per_config(tmp_path):
     built = []
 
     def factory(config):
-        built.append(config.device)
+        built.append((config.device, config.precision.value))
         return EngineDouble(config)
 
-    with make(tmp_path, factory, configs={"gpu0": {"device": "cuda:0"}}) as svc:
-        a = svc.sd_txt2img({})["taskId"]
-        b = svc.sd_txt2img({}, {"X-SP-RESOURCE-CONFIG-ID": "gpu0"})["taskId"]
-        assert svc.wait(a, 10)["info"]["resource_config_id"] == "default"
-        assert svc.wait(b, 10)["info"]["resource_config_id"] == "gpu0"
-    assert sorted(built) == ["cpu", "cuda:0"]
+    configs = {"gpu0": {"device": "cuda:0"}, "gpu0-fp16": {"device": "cuda", "precision": "fp16"},
+               "cpu-bf16": {"precision": "bf16"}}
+    with make(tmp_path, factory, configs=configs) as svc:
+        health = svc.health()["devices"]
+        assert sorted(health) == ["cpu", "cuda:0"]
+        assert health["cuda:0"]["configs"] == ["gpu0", "gpu0-fp16"]
+        assert health["cpu"]["configs"] == ["cpu-bf16", "default"]
+        ids = {name: svc.sd_txt2img({}, {"X-SP-RESOURCE-CONFIG-ID": name})["taskId"]
+               for name in ("default", "gpu0", "gpu0-fp16", "cpu-bf16", "gpu0")}
+        for name, task in ids.items():
+            assert svc.wait(task, 10)["info"]["resource_config_id"] == name
+    assert sorted(built) == [("cpu", "bf16"), ("cpu", "fp32"), ("cuda", "fp16"), ("cuda:0", "fp32")]
 
 
 def test_retention_removes_rows_and_files(tmp_path):
