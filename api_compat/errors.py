@@ -58,3 +58,13 @@ class ApiError(Exception):
             "error": {"code": self.code, "message": str(self), "field": self.field, "allowed": self.allowed},
             "errors": self.errors,
         }
+
+
+def api_error_from(exc) -> ApiError:
+    """An ``engine.errors.InvalidRequest`` (field, message, allowed) as an :class:`ApiError` with the same parts."""
+    message = str(exc)
+    if exc.field and message.startswith(f"{exc.field}: "):
+        message = message[len(exc.field) + 2:]
+    if exc.allowed and message.endswith(f" (allowed: {exc.allowed})"):
+        message = message[: -len(f" (allowed: {exc.allowed})")]
+    return ApiError(exc.code, message, field=exc.field, allowed=exc.allowed)

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.errors import Cancelled, InvalidRequest, ModelError, SdEngineError
+from engine.errors import Cancelled, InvalidRequest, SdEngineError
+from engine.models.store import ModelStore
 
-from api_compat.engine_api import EngineFactory, EngineLike, ModelCatalog, default_catalog, default_engine_factory
-from api_compat.errors import ApiError
+from api_compat.engine_api import EngineFactory, EngineLike, check_models, default_engine_factory
+from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits, write_png
 from api_compat.schema import parse_payload
 from api_compat.store import TASK_ID, Status, TaskRecord, TaskStore
@@ -52,16 +53,6 @@ class _Task:
     progress: dict[str, Any] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
-
-
-def api_error_from(exc: InvalidRequest) -> ApiError:
-    """An engine ``InvalidRequest`` (field, message, allowed) as an :class:`ApiError` with the same parts."""
-    message = str(exc)
-    if exc.field and message.startswith(f"{exc.field}: "):
-        message = message[len(exc.field) + 2:]
-    if exc.allowed and message.endswith(f" (allowed: {exc.allowed})"):
-        message = message[: -len(f" (allowed: {exc.allowed})")]
-    return ApiError(exc.code, message, field=exc.field, allowed=exc.allowed)
 
 
 def _device_key(device: str) -> str:
@@ -111,8 +102,8 @@ class LocalService:
     ``configs`` maps a resource-configuration id to engine options applied over ``engine_options``; the
     ``X-SP-RESOURCE-CONFIG-ID`` header picks one (absent: the default configuration).
     ``engine_factory(config) -> engine`` builds an engine (default: ``engine.pipeline.Engine``).
-    ``model_catalog(config) -> ModelCatalog`` checks model names at submit (default: the model store);
-    pass ``model_catalog=False`` to leave the lookup to the engine.
+    ``check_models``: model names are resolved in each configuration's model store at submit (an unknown
+    name is refused before anything is queued); False leaves the lookup to the engine, when the task runs.
     """
 
     def __init__(
@@ -122,7 +113,7 @@ class LocalService:
         results_dir: str | os.PathLike | None = None,
         configs: dict[str, dict[str, Any]] | None = None,
         engine_factory: EngineFactory | None = None,
-        model_catalog: Any = None,
+        check_models: bool = True,
         max_queue: int = 256,
         allow_url_fetch: bool = False,
         max_image_bytes: int = 20 * 1024 * 1024,
@@ -142,11 +133,8 @@ class LocalService:
                                   allow_url_fetch=allow_url_fetch)
         self.max_queue = max_queue
         self._factory = engine_factory or default_engine_factory
-        if model_catalog is False:
-            self._catalogs: dict[str, ModelCatalog | None] = {k: None for k in self.configs}
-        else:
-            make = model_catalog or default_catalog
-            self._catalogs = {k: make(c) for k, c in self.configs.items()}
+        self._stores: dict[str, ModelStore | None] = {
+            k: ModelStore.from_config(c) if check_models else None for k, c in self.configs.items()}
         self.store = TaskStore(self.results_dir, max_age_s=max_age_s, max_tasks=max_tasks)
         self._cond = threading.Condition()
         self._live: dict[str, _Task] = {}
@@ -174,18 +162,9 @@ class LocalService:
             raise api_error_from(exc) from None
         except SdEngineError as exc:  # e.g. a missing optional dependency behind an engine seam
             raise ApiError(exc.code, str(exc)) from None
-        catalog = self._catalogs[config_id]
-        for kind, name, path in translation.models if catalog is not None else ():
-            try:
-                catalog.check(kind, name, path)
-            except InvalidRequest as exc:
-                raise api_error_from(exc) from None
-            except ModelError as exc:
-                code = "model_not_found" if exc.code == "model_error" else exc.code
-                message = str(exc)
-                if message.startswith(f"{exc.path}: "):
-                    message = message[len(exc.path) + 2:]
-                raise ApiError(code, message, field=path, allowed=f"a {kind} name from the model store") from None
+        store = self._stores[config_id]
+        if store is not None:
+            check_models(store, translation.models)
         task = _Task(task_id=uuid.uuid4().hex, config_id=config_id, request=translation.request,
                      parameters=translation.parameters)
         worker = self._worker_of[config_id]

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.controlnet.images import decode_image
+from engine.controlnet.preprocessors import get_preprocessor
 from engine.errors import InvalidRequest
+from engine.models.checkpoints import Kind
 from engine.request import ControlNetUnit, GenerationRequest
+from engine.samplers import resolve
 
-from api_compat import engine_api
-from api_compat.images import ImageLimits, decode_image
+from api_compat.images import ImageLimits
 from api_compat.schema import INT64_MAX, Txt2ImgPayload, units_of
 
 DEFAULT_SAMPLER = "Euler a"
@@ -36,7 +39,7 @@ class Translation:
 
     request: GenerationRequest
     parameters: dict[str, Any]
-    models: tuple[tuple[str, str, str], ...]
+    models: tuple[tuple[Kind, str, str], ...]
 
 
 def _negative_prompt(payload: Txt2ImgPayload) -> str:
@@ -64,7 +67,7 @@ def _check_limits(payload: Txt2ImgPayload, config: EngineConfig) -> None:
                                  f"-1 or an integer from 0 to {INT64_MAX - total + 1}")
 
 
-def _unit(path: str, unit, limits: ImageLimits, modules: tuple[str, ...]) -> ControlNetUnit:
+def _unit(path: str, unit, limits: ImageLimits) -> ControlNetUnit:
     if unit.model is None:
         raise InvalidRequest(f"{path}.model", "is required for an enabled unit", "a ControlNet model name")
     if unit.input_image is not None and unit.image is not None and unit.input_image != unit.image:
@@ -78,14 +81,13 @@ def _unit(path: str, unit, limits: ImageLimits, modules: tuple[str, ...]) -> Con
     if unit.guidance_start > unit.guidance_end:
         raise InvalidRequest(f"{path}.guidance_end", f"{unit.guidance_end:g} is before guidance_start "
                              f"{unit.guidance_start:g}", f"a number from {unit.guidance_start:g} to 1")
-    module = unit.module.strip()
-    known = {m.lower(): m for m in modules}
-    if module.lower() not in known:
-        raise InvalidRequest(f"{path}.module", f"unknown preprocessor {unit.module!r}", ", ".join(modules))
+    preprocessor = get_preprocessor(unit.module.strip().lower(), field=f"{path}.module")  # "Canny" too
+    image = decode_image(source, field, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+                         allow_urls=limits.allow_url_fetch)
     return ControlNetUnit(
         model=unit.model,
-        image=decode_image(source, field, limits),
-        module=known[module.lower()],
+        image=image,
+        module=preprocessor.name,
         weight=unit.weight,
         guidance_start=unit.guidance_start,
         guidance_end=unit.guidance_end,
@@ -129,7 +131,7 @@ def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits
     _check_limits(payload, config)
     sampler = payload.sampler_name or payload.sampler_index or DEFAULT_SAMPLER
     try:
-        engine_api.check_sampler(sampler, payload.scheduler)
+        resolve(sampler, payload.scheduler)
     except InvalidRequest as exc:
         if exc.field == "sampler_name" and payload.sampler_name is None and payload.sampler_index is not None:
             exc.field = "sampler_index"
@@ -140,30 +142,29 @@ def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits
     vae = payload.sd_vae or "Automatic"
     clip_skip = payload.clip_skip
     ensd = 0
-    models: list[tuple[str, str, str]] = []
+    models: list[tuple[Kind, str, str]] = []
     if overrides is not None:  # the webui applies override_settings over the request's own fields
         if overrides.CLIP_stop_at_last_layers is not None:
             clip_skip = overrides.CLIP_stop_at_last_layers
         if overrides.sd_model_checkpoint is not None:
             model = overrides.sd_model_checkpoint
-            models.append(("checkpoint", model, "override_settings.sd_model_checkpoint"))
+            models.append((Kind.CHECKPOINT, model, "override_settings.sd_model_checkpoint"))
         if overrides.sd_vae is not None:
             vae = overrides.sd_vae
         if overrides.eta_noise_seed_delta is not None:
             ensd = overrides.eta_noise_seed_delta
-    if payload.stable_diffusion_model is not None and not any(m[0] == "checkpoint" for m in models):
-        models.append(("checkpoint", payload.stable_diffusion_model, "stable_diffusion_model"))
+    if payload.stable_diffusion_model is not None and not models:
+        models.append((Kind.CHECKPOINT, payload.stable_diffusion_model, "stable_diffusion_model"))
     if vae not in ("Automatic", "None"):
         field = "override_settings.sd_vae" if overrides and overrides.sd_vae else "sd_vae"
-        models.append(("vae", vae, field))
+        models.append((Kind.VAE, vae, field))
 
-    modules = engine_api.controlnet_modules()
     units = []
     for path, unit in units_of(payload):
         if not unit.enabled:
             continue
-        units.append(_unit(path, unit, limits, modules))
-        models.append(("controlnet", unit.model, f"{path}.model"))
+        units.append(_unit(path, unit, limits))
+        models.append((Kind.CONTROLNET, unit.model, f"{path}.model"))
 
     request = GenerationRequest(
         model=model,

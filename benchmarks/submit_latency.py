@@ -104,7 +104,7 @@ def bench_in_process(repeats: int) -> dict[str, dict[str, float]]:
         store.close()
     for label, factory in (("sd_txt2img, worker idle", BlockedEngine), ("sd_txt2img, worker draining", NullEngine)):
         with tempfile.TemporaryDirectory() as tmp:
-            with LocalService(Path(tmp) / "models", results_dir=tmp, engine_factory=factory, model_catalog=False,
+            with LocalService(Path(tmp) / "models", results_dir=tmp, engine_factory=factory, check_models=False,
                               max_queue=repeats + 1000, max_tasks=None) as svc:
                 rows[label] = stats_ms(time_calls(lambda: svc.sd_txt2img(PAYLOAD), repeats))
     return rows

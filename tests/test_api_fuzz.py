@@ -121,7 +121,7 @@ class AsgiClient:
 def http_client(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     svc = LocalService(root / "models", results_dir=root / "results", engine_factory=NullEngine,
-                       model_catalog=False, max_queue=100000, max_tasks=200)
+                       check_models=False, max_queue=100000, max_tasks=200)
     client = AsgiClient(create_app(svc, max_body_bytes=256 * 1024))
     yield client
     client.close()

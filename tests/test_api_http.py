@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def service(tmp_path, engine_factory):
     svc = LocalService(tmp_path / "models", results_dir=tmp_path / "results", engine_factory=engine_factory,
-                       model_catalog=False, max_queue=8, configs={"other": {}})
+                       check_models=False, max_queue=8, configs={"other": {}})
     yield svc
     svc.close()
 
@@ -112,7 +112,7 @@ def test_queue_full_is_429(tmp_path):
             gate.wait(10)
             return super().generate(request, progress=progress, cancel=cancel)
 
-    svc = LocalService(tmp_path, results_dir=tmp_path / "r", engine_factory=Blocked, model_catalog=False,
+    svc = LocalService(tmp_path, results_dir=tmp_path / "r", engine_factory=Blocked, check_models=False,
                        max_queue=2)
     try:
         with TestClient(create_app(svc)) as c:
@@ -183,7 +183,7 @@ def test_unknown_task_is_404(client):
 
 
 def test_cancel_route(tmp_path):
-    svc = LocalService(tmp_path, results_dir=tmp_path / "r", model_catalog=False,
+    svc = LocalService(tmp_path, results_dir=tmp_path / "r", check_models=False,
                        engine_factory=lambda c: EngineDouble(c, step_delay=0.02))
     try:
         with TestClient(create_app(svc)) as c:

@@ -21,7 +21,7 @@ CHILD = textwrap.dedent("""
     from tests.api_support import EngineDouble
 
     results = sys.argv[1]
-    svc = LocalService(results + "/models", results_dir=results, model_catalog=False,
+    svc = LocalService(results + "/models", results_dir=results, check_models=False,
                        engine_factory=lambda c: EngineDouble(c, step_delay=0.5))
     done = svc.sd_txt2img({"prompt": "finished", "seed": 5, "steps": 2})["taskId"]
     assert svc.wait(done, 60)["status"] == "succeeded"
@@ -48,7 +48,7 @@ def test_sigkill_mid_run_then_reopen(tmp_path):
         child.wait(30)
     assert child.returncode == -signal.SIGKILL
 
-    with LocalService(tmp_path / "models", results_dir=tmp_path, model_catalog=False,
+    with LocalService(tmp_path / "models", results_dir=tmp_path, check_models=False,
                       engine_factory=EngineDouble) as svc:
         assert svc.store.recovered == 2
         done = svc.sd_get_result({"taskId": ids["done"]})
@@ -68,5 +68,5 @@ def test_stray_files_are_removed_on_open(tmp_path):
     images.mkdir(parents=True)
     (images / ".0123456789abcdef0123456789abcdef-0.png.x.tmp").write_bytes(b"half")
     (images / "0123456789abcdef0123456789abcdef-0.png").write_bytes(b"no record")
-    with LocalService(tmp_path / "models", results_dir=tmp_path, model_catalog=False, engine_factory=EngineDouble):
+    with LocalService(tmp_path / "models", results_dir=tmp_path, check_models=False, engine_factory=EngineDouble):
         assert not list(images.iterdir())

@@ -5,15 +5,12 @@ values; nothing is queued when a payload is refused."""
 from __future__ import annotations
 
 import base64
-import io
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from api_compat import ApiError, LocalService
-from api_compat.engine_api import DirectoryCatalog
-from api_compat.images import ImageLimits, decode_image
 from api_compat.schema import Txt2ImgPayload, field_path, parse_payload
 from api_compat.translate import translate
 from engine.config import EngineConfig
@@ -25,12 +22,13 @@ CN = "alwayson_scripts.controlnet.units[0]"
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
+    """Validation only (the engine is the test double; the model store is real, with placeholder files: names
+    are resolved at submit, nothing is loaded)."""
     models = tmp_path_factory.mktemp("models")
-    (models / "model.safetensors").write_bytes(b"x")
-    (models / "VAE").mkdir()
-    (models / "VAE" / "sdxl_vae.safetensors").write_bytes(b"x")
-    (models / "ControlNet").mkdir()
-    (models / "ControlNet" / "control_canny.safetensors").write_bytes(b"x")
+    for sub, name in (("Stable-diffusion", "model.safetensors"), ("VAE", "sdxl_vae.safetensors"),
+                      ("ControlNet", "control_canny.safetensors")):
+        (models / sub).mkdir()
+        (models / sub / name).write_bytes(b"x")
     svc = LocalService(models, results_dir=tmp_path_factory.mktemp("results"), engine_factory=double_factory,
                        configs={"big": {"max_batch_size": 16}, "small": {"max_size": 512}})
     yield svc
@@ -132,12 +130,16 @@ def test_model_names_checked_against_the_store(service):
     assert isinstance(submit(service, cn(unit(model="Control_Canny.safetensors"))), dict)  # case-insensitive
 
 
-def test_directory_catalog_never_leaves_the_models_dir(tmp_path):
-    (tmp_path / "models").mkdir()
+def test_model_store_link_out_of_the_store_is_refused(tmp_path):
+    """A checkpoint entry that is a symlink to a file outside the store is never resolved (the engine's
+    ModelStore decides at submit)."""
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
     (tmp_path / "secret.safetensors").write_bytes(b"x")
-    catalog = DirectoryCatalog(tmp_path / "models")
-    assert catalog.find("checkpoint", "secret") is None
-    assert catalog.find("checkpoint", "../secret") is None
+    (models / "Stable-diffusion" / "secret.safetensors").symlink_to(tmp_path / "secret.safetensors")
+    with LocalService(models, results_dir=tmp_path / "r", engine_factory=double_factory) as svc:
+        for name, code in (("secret.safetensors", "unsafe_model_path"), ("secret", "model_not_found")):
+            assert_refused(svc, {"stable_diffusion_model": name}, "stable_diffusion_model", code)
 
 
 def test_negative_prompt_alias(service):
@@ -271,10 +273,21 @@ def test_all_errors_are_listed(service):
 
 
 # ---------------------------------------------------------------------------------------------- ControlNet
+def test_module_names_come_from_the_engine_registry(service):
+    """engine.controlnet.preprocessors decides: the error lists every module it can run offline."""
+    from engine.controlnet.preprocessors import PREPROCESSORS
+
+    err = assert_refused(service, cn(unit(module="depth_midas")), f"{CN}.module")
+    assert "model weights" in err.message
+    assert [m for m in PREPROCESSORS if m not in err.allowed.split(", ")] == []
+    assert "not supported" in assert_refused(service, cn(unit(module="shuffle")), f"{CN}.module").message
+
+
 UNIT_FIELDS = {
     "enabled": ([True, False], ["yes", 2]),
-    "module": (["none", "canny", "Canny", "invert", "threshold", "blur_gaussian", "scribble_xdog"],
-               ["depth_midas_bogus", 5]),
+    "module": (["none", "canny", "Canny", "invert", "threshold", "blur_gaussian", "scribble_xdog", "lineart_standard",
+                "invert (from white bg & black line)", "t2ia_color_grid"],
+               ["depth_midas_bogus", "depth_midas", "reference_only", 5]),
     "weight": ([0, 1, 2, 0.5], [-0.1, 2.1, "1"]),
     "guidance_start": ([0, 0.5], [-0.1, 1.1, "0"]),
     "guidance_end": ([1, 0.5], [1.5, -1]),
@@ -343,29 +356,26 @@ def test_units_limits(service):
 
 
 # ------------------------------------------------------------------------------------------- input images
+# The decoding itself is engine.controlnet.images.decode_image (tests/test_controlnet_images.py); these check
+# that submit runs it on each unit's image with the service's limits and reports the unit's field path.
+def _unit_image(payload, **service_limits):
+    from api_compat.images import ImageLimits
+
+    units = translate(parse_payload(payload), EngineConfig(), ImageLimits(**service_limits)).request.controlnet_units
+    return units[0].image
+
+
 def test_image_encodings(service):
     b64 = png_b64(8, 8, (200, 100, 50))
-    limits = ImageLimits()
     for value in (b64, "data:image/png;base64," + b64, b64[:40] + "\n" + b64[40:], b64.rstrip("="),
                   png_b64(8, 8, (200, 100, 50), fmt="BMP"), "  " + b64 + "  "):
-        arr = decode_image(value, "f", limits)
+        assert isinstance(submit(service, cn(unit(input_image=value))), dict)
+        arr = _unit_image(cn(unit(input_image=value)))
         assert arr.shape == (8, 8, 3) and tuple(arr[0, 0]) == (200, 100, 50)
-    jpeg = decode_image(png_b64(8, 8, (200, 100, 50), fmt="JPEG"), "f", limits)
+    jpeg = _unit_image(cn(unit(input_image=png_b64(8, 8, (200, 100, 50), fmt="JPEG"))))
     assert abs(int(jpeg[0, 0, 0]) - 200) < 8, "JPEG decodes to the colour within compression error"
     assert isinstance(submit(service, cn(unit(input_image=None, image="data:image/png;base64," + b64))), dict)
-
-
-def _rgba_b64():
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGBA", (4, 4), (1, 2, 3, 0)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def test_non_rgb_images_become_rgb():
-    arr = decode_image(_rgba_b64(), "f", ImageLimits())
-    assert arr.shape == (4, 4, 3) and tuple(arr[0, 0]) == (1, 2, 3)
+    assert tuple(_unit_image(cn(unit(input_image=None, image=b64)))[0, 0]) == (200, 100, 50)
 
 
 def _bomb_b64(width, height):
@@ -384,11 +394,11 @@ def _bomb_b64(width, height):
 
 @pytest.mark.parametrize("value,why", [
     ("not base64 at all!!", "base64"),
-    ("aGVsbG8gd29ybGQ=", "decodable"),  # valid base64, not an image
+    ("aGVsbG8gd29ybGQ=", "not a readable image"),  # valid base64, not an image
     ("data:image/png;base64", "data URI"),
     ("data:text/html,<b>x</b>", "data URI"),
-    ("http://127.0.0.1:1/x.png", "not fetched"),
-    ("https://example.com/x.png", "not fetched"),
+    ("http://127.0.0.1:1/x.png", "URLs are not allowed"),
+    ("https://example.com/x.png", "URLs are not allowed"),
     ("file:///etc/passwd", "base64"),
     (_bomb_b64(5000, 5000), "pixels"),
     (_bomb_b64(100000, 100000), "pixels"),
@@ -397,14 +407,18 @@ def _bomb_b64(width, height):
 def test_bad_images(service, value, why):
     err = assert_refused(service, cn(unit(input_image=value)), f"{CN}.input_image")
     assert why in str(err), err
+    alias = assert_refused(service, cn(unit(input_image=None, image=value)), f"{CN}.image")
+    assert why in str(alias), alias
 
 
-def test_image_byte_limit(tmp_path):
+def test_service_image_limits(tmp_path):
     big = base64.b64encode(b"\x89PNG" + b"\x00" * 2000).decode()
-    with pytest.raises(InvalidRequest, match="too large"):
-        decode_image(big, "f", ImageLimits(max_bytes=1000))
-    with pytest.raises(InvalidRequest, match="pixels"):
-        decode_image(png_b64(64, 64), "f", ImageLimits(max_pixels=63 * 63))
+    with LocalService(tmp_path / "m", results_dir=tmp_path / "r", engine_factory=double_factory, check_models=False,
+                      max_image_bytes=1000, max_image_pixels=63 * 63) as svc:
+        assert "larger than 1000 bytes" in str(assert_refused(svc, cn(unit(input_image=big)), f"{CN}.input_image"))
+        err = assert_refused(svc, cn(unit(input_image=png_b64(64, 64))), f"{CN}.input_image")
+        assert "too many pixels" in str(err)
+        assert isinstance(submit(svc, cn(unit(input_image=png_b64(63, 63)))), dict)
 
 
 def test_url_fetch_when_allowed(tmp_path):
@@ -427,37 +441,18 @@ def test_url_fetch_when_allowed(tmp_path):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        limits = ImageLimits(allow_url_fetch=True, fetch_timeout=5)
-        assert tuple(decode_image(f"{base}/ok.png", "f", limits)[0, 0]) == (7, 8, 9)
-        with pytest.raises(InvalidRequest, match="could not fetch"):
-            decode_image(f"{base}/missing.png", "f", limits)
-        with pytest.raises(InvalidRequest, match="too large"):
-            decode_image(f"{base}/ok.png", "f", ImageLimits(allow_url_fetch=True, max_bytes=10))
+        url = f"http://127.0.0.1:{server.server_address[1]}/ok.png"
+        assert tuple(_unit_image(cn(unit(input_image=url)), allow_url_fetch=True)[0, 0]) == (7, 8, 9)
+        with pytest.raises(InvalidRequest, match="cannot fetch") as exc:
+            _unit_image(cn(unit(input_image=url.replace("ok", "missing"))), allow_url_fetch=True)
+        assert exc.value.field == f"{CN}.input_image"
+        with pytest.raises(InvalidRequest, match="larger than 10 bytes"):
+            _unit_image(cn(unit(input_image=url)), allow_url_fetch=True, max_bytes=10)
+        with pytest.raises(InvalidRequest, match="URLs are not allowed"):
+            _unit_image(cn(unit(input_image=url)))
     finally:
         server.shutdown()
         server.server_close()
-
-
-def test_sampler_seam_prefers_engine_samplers(monkeypatch):
-    """engine.samplers.resolve decides when it exists (its InvalidRequest passes through with its field)."""
-    from api_compat import engine_api
-
-    calls = []
-
-    def resolve(sampler_name, scheduler):
-        calls.append((sampler_name, scheduler))
-        if sampler_name == "Only Engine Knows":
-            return
-        raise InvalidRequest("sampler_name", f"unknown sampler {sampler_name!r}", "Only Engine Knows")
-
-    monkeypatch.setattr(engine_api, "_engine_attr",
-                        lambda module, attr: resolve if (module, attr) == ("engine.samplers", "resolve") else None)
-    req = translate(parse_payload({"sampler_name": "Only Engine Knows", "scheduler": "Karras"}), EngineConfig())
-    assert req.request.sampler_name == "Only Engine Knows" and calls == [("Only Engine Knows", "Karras")]
-    with pytest.raises(InvalidRequest) as exc:
-        translate(parse_payload({"sampler_name": "Euler a"}), EngineConfig())
-    assert exc.value.field == "sampler_name" and exc.value.allowed == "Only Engine Knows"
 
 
 def test_field_path_format():

@@ -42,7 +42,7 @@ class Gate(EngineDouble):
 
 
 def make(tmp_path, factory, **kw):
-    kw.setdefault("model_catalog", False)
+    kw.setdefault("check_models", False)
     return LocalService(tmp_path / "models", results_dir=tmp_path / "results", engine_factory=factory, **kw)
 
 

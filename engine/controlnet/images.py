@@ -116,7 +116,7 @@ def _fetch(url: str, field: str, max_bytes: int, timeout: float = 15.0) -> bytes
                                     timeout=timeout) as resp:
             raw = resp.read(max_bytes + 1)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise InvalidRequest(field, f"cannot fetch image URL: {exc}") from None
+        raise InvalidRequest(field, f"cannot fetch image URL: {exc}", "a reachable http(s) image URL") from None
     if len(raw) > max_bytes:
         raise InvalidRequest(field, f"image is larger than {max_bytes} bytes", f"at most {max_bytes} bytes")
     return raw
@@ -154,7 +154,7 @@ def decode_bytes(raw: bytes, field: str, max_pixels: int) -> np.ndarray:
     with img:
         w, h = img.size
         if w < 1 or h < 1:
-            raise InvalidRequest(field, f"image has no pixels ({w}x{h})")
+            raise InvalidRequest(field, f"image has no pixels ({w}x{h})", f"1 to {max_pixels} pixels")
         if w * h > max_pixels:
             raise InvalidRequest(field, f"image has too many pixels ({w}x{h})", f"at most {max_pixels} pixels")
         try:
@@ -169,7 +169,8 @@ def decode_bytes(raw: bytes, field: str, max_pixels: int) -> np.ndarray:
                     )
                     arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise InvalidRequest(field, f"image data is corrupt or truncated ({exc})") from None
+            raise InvalidRequest(field, f"image data is corrupt or truncated ({exc})",
+                                 f"a complete {'/'.join(IMAGE_FORMATS)} image") from None
     return np.ascontiguousarray(hwc3(arr))
 
 
