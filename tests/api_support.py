@@ -1,10 +1,9 @@
 """Shared pieces of the api_compat tests.
 
-``engine_factory`` is THE seam for end-to-end runs: it returns the factory LocalService uses to build its
-engine. Today it is :class:`EngineDouble` (a test double, below); at merge it becomes the real engine on the
-tiny model with a one-line change (``return tiny_engine_factory``), and every test that uses the fixture then
-runs the real engine. Tests that need behaviour a real engine cannot be made to show on demand (a failing
-run, a run slow enough to cancel or kill) use :class:`EngineDouble` directly.
+``tiny_engine`` (fixture): the real engine (``engine.pipeline.Engine``, ONNX Runtime backend) on the session's
+tiny models, as LocalService keyword arguments; the end-to-end tests run it. Tests that need behaviour a real
+engine cannot be made to show on demand (a failing run, a run slow enough to cancel or kill) use
+:class:`EngineDouble`, a TEST DOUBLE, directly.
 """
 
 from __future__ import annotations
@@ -75,10 +74,29 @@ def double_factory(config=None):
     return EngineDouble(config)
 
 
-@pytest.fixture
-def engine_factory():
-    """The engine LocalService builds in end-to-end tests (swap here for the real tiny-model engine)."""
-    return double_factory
+_ENGINES: dict = {}
+
+
+def shared_engine(config):
+    """The real ``Engine(config)``, one per configuration for the whole test session (LocalService builds one
+    per configuration it serves; sharing them across tests saves the model loads)."""
+    engine = _ENGINES.get(config)
+    if engine is None:
+        from engine.pipeline import Engine
+
+        engine = _ENGINES[config] = Engine(config)
+    return engine
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_store, tmp_path_factory):
+    """``LocalService(results_dir=..., **tiny_engine)`` runs the real engine on the tiny models: ONNX Runtime
+    (the default backend), ``tiny-sd1`` by default, exported ONNX and the hash cache in a session folder (the
+    shared store stays read-only; the same folder from every test module, so the export happens once)."""
+    cache = tmp_path_factory.getbasetemp() / "api-engine-cache"
+    cache.mkdir(exist_ok=True)
+    return {"models_dir": tiny_store, "cache_dir": cache, "backend": "onnxruntime", "default_model": "tiny-sd1",
+            "engine_factory": shared_engine}
 
 
 def png_b64(width: int = 16, height: int = 16, color=(10, 20, 30), fmt: str = "PNG") -> str:
@@ -89,10 +107,24 @@ def png_b64(width: int = 16, height: int = 16, color=(10, 20, 30), fmt: str = "P
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def png_seed(path) -> int:
-    """The seed written in a PNG's webui infotext (``parameters`` chunk)."""
+def png_infotext(path_or_bytes) -> str:
+    """A PNG's webui infotext (``parameters`` text chunk)."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        text = img.text["parameters"]
-    return int(SEED_RE.search(text).group(1))
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    with Image.open(source) as img:
+        assert img.format == "PNG"
+        return img.text["parameters"]
+
+
+def png_pixels(path_or_bytes) -> np.ndarray:
+    from PIL import Image
+
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    with Image.open(source) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def png_seed(path_or_bytes) -> int:
+    """The seed written in a PNG's webui infotext."""
+    return int(SEED_RE.search(png_infotext(path_or_bytes)).group(1))

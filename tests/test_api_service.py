@@ -1,9 +1,9 @@
 """LocalService task mechanics: states, progress, cancellation, failure isolation, queue bounds, PNG output,
 retention, and 200 concurrent submits with none lost.
 
-Failure, slowness and cancellation are injected with tests.api_support.EngineDouble, a TEST DOUBLE of the
-engine (a real engine cannot be made to fail or stall on demand); the end-to-end tests use the swappable
-``engine_factory`` fixture (the real tiny-model engine once merged)."""
+The end-to-end tests run the real engine on the tiny models (``tiny_engine``). Failure, slowness and
+cancellation are injected with tests.api_support.EngineDouble, a TEST DOUBLE of the engine (a real engine
+cannot be made to fail or stall on demand)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from api_compat import ApiError, LocalService
 from api_compat.store import Status
-from tests.api_support import EngineDouble, engine_factory, png_seed  # noqa: F401 (fixture)
+from engine.request import GenerationRequest
+from tests.api_support import EngineDouble, png_infotext, png_pixels, png_seed, tiny_engine  # noqa: F401 (fixture)
 
 HEX32 = "0123456789abcdef" * 2
 
@@ -55,8 +57,9 @@ def wait_for(predicate, timeout=10.0):
     return False
 
 
-def test_succeeded_result_and_png_infotext(tmp_path, engine_factory):
-    with make(tmp_path, engine_factory) as svc:
+def test_succeeded_result_and_png_infotext(tmp_path, tiny_engine):
+    """Real engine (tiny-sd1, ONNX Runtime): 2 x 2 images, each PNG with its own seed in the webui infotext."""
+    with LocalService(results_dir=tmp_path / "results", **tiny_engine) as svc:
         task = svc.sd_txt2img({"prompt": "a red cube", "negtive_prompt": "blurry", "seed": 77, "batch_size": 2,
                                "n_iter": 2, "steps": 3, "width": 64, "height": 64})
         result = svc.wait(task["taskId"], timeout=120)
@@ -71,6 +74,10 @@ def test_succeeded_result_and_png_infotext(tmp_path, engine_factory):
         text = img.text["parameters"]
         assert img.format == "PNG" and img.mode == "RGB"
     assert text.startswith("a red cube\nNegative prompt: blurry\nSteps: 3, ")
+    assert "Seed: 77, Size: 64x64, Model hash: " in text and "Model: tiny-sd1" in text
+    assert result["info"]["sd_model_name"] == "tiny-sd1" and result["info"]["backend"] == "onnxruntime"
+    first, second = png_pixels(result["images"][0]).astype(int), png_pixels(result["images"][1]).astype(int)
+    assert first.shape == (64, 64, 3) and np.abs(first - second).mean() > 1, "seeds 77 and 78 give other images"
     assert not list((tmp_path / "results" / "images").glob("*.tmp")), "no temp files left behind"
 
 
@@ -268,19 +275,28 @@ def test_a_second_process_cannot_open_the_same_results(tmp_path):
             make(tmp_path, EngineDouble)
 
 
-def test_200_concurrent_submits_none_lost(tmp_path, engine_factory):
-    """200 tasks from 16 threads at once: every one finishes, with its own seeds (PNG infotext), none lost."""
-    with make(tmp_path, engine_factory, max_queue=256) as svc:
+def test_200_concurrent_submits_none_lost(tmp_path, tiny_engine):
+    """200 tasks from 16 threads at once on the real engine (tiny-sd1, 1 Euler step, 64x64): every one finishes
+    with its own seed (PNG infotext and parameters), none lost; a few images equal, pixel for pixel, a direct
+    Engine.generate of the same request."""
+    with LocalService(results_dir=tmp_path / "results", max_queue=256, **tiny_engine) as svc:
         def one(i):
             return i, svc.sd_txt2img({"prompt": f"task {i}", "seed": 1000 * i, "steps": 1, "width": 64,
-                                      "height": 64})["taskId"]
+                                      "height": 64, "sampler_name": "Euler"})["taskId"]
 
         with ThreadPoolExecutor(16) as pool:
             submitted = list(pool.map(one, range(200)))
         assert len({t for _, t in submitted}) == 200
         results = {i: svc.wait(t, timeout=600) for i, t in submitted}
+        engine = tiny_engine["engine_factory"](svc.configs["default"])
     assert [i for i, r in results.items() if r["status"] != "succeeded"] == []
     for i, r in results.items():
-        assert r["parameters"]["prompt"] == f"task {i}"
+        assert r["parameters"]["prompt"] == f"task {i}" and r["parameters"]["seed"] == 1000 * i
         assert [png_seed(p) for p in r["images"]] == [1000 * i]
+        assert f"task {i}\nSteps: 1, Sampler: Euler," in png_infotext(r["images"][0])
         assert r["info"]["all_seeds"] == [1000 * i]
+    for i in (0, 7, 199):
+        direct = engine.generate(GenerationRequest(prompt=f"task {i}", seed=1000 * i, steps=1, width=64, height=64,
+                                                   sampler_name="Euler"))
+        assert np.array_equal(png_pixels(results[i]["images"][0]), direct.images[0]), f"task {i}: other pixels"
+    assert not np.array_equal(png_pixels(results[0]["images"][0]), png_pixels(results[7]["images"][0]))
