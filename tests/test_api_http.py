@@ -1,11 +1,13 @@
 """The HTTP contract through the real ASGI app (fastapi TestClient) and once through a real uvicorn on
-127.0.0.1 (a free port, stops itself), plus `sdengine serve` and `sdengine txt2img` end to end."""
+127.0.0.1 (a free port, stops itself), plus `sdengine serve` and `sdengine txt2img` end to end. Generation is
+the real engine on the tiny models, except where a test double (EngineDouble) holds or cancels a task."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,15 +23,14 @@ from PIL import Image
 
 from api_compat import LocalService
 from api_compat.http import create_app
-from tests.api_support import EngineDouble, engine_factory, png_b64, png_seed  # noqa: F401 (fixture)
+from tests.api_support import EngineDouble, png_b64, png_infotext, png_pixels, png_seed, tiny_engine  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def service(tmp_path, engine_factory):
-    svc = LocalService(tmp_path / "models", results_dir=tmp_path / "results", engine_factory=engine_factory,
-                       check_models=False, max_queue=8, configs={"other": {}})
+def service(tmp_path, tiny_engine):
+    svc = LocalService(results_dir=tmp_path / "results", max_queue=8, configs={"other": {}}, **tiny_engine)
     yield svc
     svc.close()
 
@@ -61,8 +62,10 @@ def test_submit_poll_and_fetch_images(client):
     for i, url in enumerate(result["images"]):
         image = client.get(url)
         assert image.status_code == 200 and image.headers["content-type"] == "image/png"
-        with Image.open(io.BytesIO(image.content)) as img:
-            assert f"Seed: {11 + i}" in img.text["parameters"]
+        text = png_infotext(image.content)
+        assert text.startswith("a cat\nSteps: 2, Sampler: Euler a, ") and f"Seed: {11 + i}, Size: 64x64" in text
+        assert "Model: tiny-sd1" in text and png_pixels(image.content).shape == (64, 64, 3)
+    assert result["info"]["all_seeds"] == [11, 12] and result["info"]["sd_model_name"] == "tiny-sd1"
 
 
 def test_validation_errors_name_the_field(client):
@@ -160,13 +163,16 @@ def test_wrong_methods_and_paths_answer_json(client):
 
 
 def test_image_payloads_are_validated_off_the_event_loop(client):
-    """A submit with a ControlNet image goes through asyncio.to_thread; the answer is the same."""
-    unit = {"model": "c", "input_image": png_b64(256, 256)}
+    """A submit with a ControlNet image goes through asyncio.to_thread; the answer is the same. The task runs the
+    real tiny ControlNet (canny on a 256x256 input, fitted to 64x64)."""
+    unit = {"model": "tiny-controlnet-sd1", "module": "canny", "input_image": png_b64(256, 256)}
     r = client.post("/scc/sd_txt2img", json={"steps": 1, "width": 64, "height": 64,
                                              "alwayson_scripts": {"controlnet": {"units": [unit]}}})
     assert r.status_code == 200, r.text
     result = poll(client, r.json()["taskId"])
-    assert result["status"] == "succeeded"
+    assert result["status"] == "succeeded", result.get("error")
+    infotext = result["info"]["infotexts"][0]
+    assert 'ControlNet 0: "Module: canny, Model: tiny-controlnet-sd1' in infotext, infotext
     assert result["parameters"]["alwayson_scripts"]["controlnet"]["units"][0]["input_image"].startswith("<image: ")
     bad = {**unit, "weight": 9}
     r = client.post("/scc/sd_txt2img", json={"alwayson_scripts": {"controlnet": {"units": [bad]}}})
@@ -251,8 +257,8 @@ def test_real_uvicorn_on_loopback(service):
             assert result["status"] == "succeeded"
             assert result["images"][0].startswith(f"http://127.0.0.1:{port}/scc/images/")
             png = http.get(result["images"][0])
-            with Image.open(io.BytesIO(png.content)) as img:
-                assert "Seed: 3" in img.text["parameters"]
+            assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+            assert "Seed: 3, Size: 64x64" in png_infotext(png.content) and "Model: tiny-sd1" in png_infotext(png.content)
             assert http.post("/scc/sd_txt2img", json={"steps": 0}).status_code == 422
     finally:
         server.should_exit = True
@@ -261,18 +267,29 @@ def test_real_uvicorn_on_loopback(service):
     assert not thread.is_alive(), "uvicorn did not stop"
 
 
-def test_sdengine_serve_subprocess(tmp_path):
-    """`sdengine serve` as users run it: binds 127.0.0.1, answers, stops on SIGTERM."""
+def _own_store(tiny_store, root: Path) -> Path:
+    """A model store of its own holding tiny-sd1 (the CLI writes its artefacts into ``<models-dir>/cache``; the
+    session's shared store stays read-only)."""
+    (root / "Stable-diffusion").mkdir(parents=True)
+    shutil.copyfile(tiny_store / "Stable-diffusion" / "tiny-sd1.safetensors",
+                    root / "Stable-diffusion" / "tiny-sd1.safetensors")
+    return root
+
+
+def test_sdengine_serve_subprocess(tmp_path, tiny_store):
+    """`sdengine serve` as users run it (the real engine, torch backend): binds 127.0.0.1, checks the API key,
+    generates, serves the PNG, stops on SIGTERM."""
+    models = _own_store(tiny_store, tmp_path / "m")
     sock = _free_socket()
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SDENGINE_API_KEY": "k"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir", str(tmp_path / "m"),
-         "--results-dir", str(tmp_path / "r"), "--engine-factory", "tests.api_support:double_factory"],
+        [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir", str(models),
+         "--results-dir", str(tmp_path / "r"), "--backend", "torch"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10, headers={"X-API-Key": "k"}) as http:
             end = time.monotonic() + 30
             while True:
                 try:
@@ -282,44 +299,58 @@ def test_sdengine_serve_subprocess(tmp_path):
                     pass
                 assert time.monotonic() < end and proc.poll() is None, "sdengine serve did not come up"
                 time.sleep(0.1)
-            assert http.post("/scc/sd_txt2img", json={}).status_code == 401
-            r = http.post("/scc/sd_txt2img", json={"steps": 1, "width": 64, "height": 64}, headers={"X-API-Key": "k"})
-            assert r.status_code == 200
+            assert http.post("/scc/sd_txt2img", json={}, headers={"X-API-Key": "wrong"}).status_code == 401
+            r = http.post("/scc/sd_txt2img", json={"seed": 21, "steps": 1, "stable_diffusion_model": "tiny-sd1"})
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 120
+            while (result := http.post("/scc/sd_get_result", json=r.json()).json())["status"] not in (
+                    "succeeded", "failed"):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            assert result["status"] == "succeeded", result.get("error")
+            png = http.get(result["images"][0]).content
+            assert "Seed: 21, Size: 64x64" in png_infotext(png) and "Backend: torch" in png_infotext(png)
+            assert http.post("/scc/sd_txt2img", json={"stable_diffusion_model": "nope"}).status_code == 422
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=20)
+        out, _ = proc.communicate(timeout=30)
     # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -SIGTERM)
     assert proc.returncode in (0, -15), out.decode(errors="replace")[-2000:]
     assert b"Application shutdown complete" in out and f"127.0.0.1:{port}".encode() in out
 
 
-def test_cli_txt2img_payload_and_flags(tmp_path):
+def test_cli_txt2img_payload_and_flags(tmp_path, tiny_store):
+    """`sdengine txt2img` on the real engine (tiny-sd1, ONNX Runtime): payload file, stdin and flags."""
     from engine.cli import main
 
     payload = tmp_path / "p.json"
     payload.write_text(json.dumps({"prompt": "from file", "negtive_prompt": "n", "seed": 5, "steps": 2, "width": 64,
                                    "height": 64}))
     runner = CliRunner()
-    base = ["txt2img", "--models-dir", str(tmp_path / "m"), "--results-dir", str(tmp_path / "r"),
-            "--engine-factory", "tests.api_support:double_factory"]
-    r = runner.invoke(main, base + [str(payload), "--seed", "9", "--batch-size", "2", "-o", str(tmp_path / "out.png")])
+    base = ["txt2img", "--models-dir", str(_own_store(tiny_store, tmp_path / "m")), "--results-dir",
+            str(tmp_path / "r"), "--model", "tiny-sd1", "--steps", "2"]
+    r = runner.invoke(main, base + ["--output", str(tmp_path / "out.png")])
     assert r.exit_code == 0, r.output
-    outs = [tmp_path / "out-1.png", tmp_path / "out-2.png"]
+    text = png_infotext(tmp_path / "out.png")
+    assert "\nSteps: 2, Sampler: Euler a, " in text and "Size: 64x64" in text and "Model: tiny-sd1" in text
+    assert png_pixels(tmp_path / "out.png").shape == (64, 64, 3)
+    r = runner.invoke(main, base + [str(payload), "--seed", "9", "--batch-size", "2", "-o", str(tmp_path / "b.png")])
+    assert r.exit_code == 0, r.output
+    outs = [tmp_path / "b-1.png", tmp_path / "b-2.png"]
     assert [png_seed(p) for p in outs] == [9, 10]
     assert str(outs[0]) in r.output and str(outs[1]) in r.output
-    with Image.open(outs[0]) as img:
-        assert img.text["parameters"].startswith("from file\nNegative prompt: n\n")
+    assert png_infotext(outs[0]).startswith("from file\nNegative prompt: n\n")
     r = runner.invoke(main, base + ["-", "--output", str(tmp_path / "one.png")], input=json.dumps({"seed": 4}))
     assert r.exit_code == 0, r.output
     assert png_seed(tmp_path / "one.png") == 4
-    r = runner.invoke(main, base + ["--prompt", "flags only", "--seed", "6"])
-    assert r.exit_code == 0, r.output
     (path,) = [line for line in r.stdout.splitlines() if line.endswith(".png")]
-    assert png_seed(path) == 6 and Path(path).parent == tmp_path / "r" / "images"
+    assert Path(path) == tmp_path / "one.png" and len(list((tmp_path / "r" / "images").glob("*.png"))) == 4
+    r = runner.invoke(main, base + ["--model", "nope"])
+    assert r.exit_code == 1 and "stable_diffusion_model" in r.output and "tiny-sd1" in r.output
     r = runner.invoke(main, base + ["--steps", "0"])
     assert r.exit_code == 1 and "steps" in r.output and "allowed" in r.output
-    r = runner.invoke(main, base + ["--prompt", "FAIL"])
-    assert r.exit_code == 1 and "internal_error" in r.output
+    r = runner.invoke(main, base + ["--width", "72"])  # a multiple of 8 (the API) but not of 16 (this UNet)
+    assert r.exit_code == 1 and "invalid_request" in r.output and "width" in r.output
 
 
 def test_missing_server_extra_has_a_clear_message(service, monkeypatch):
