@@ -85,6 +85,15 @@ def _float_type(lo: float, hi: float, *, nullable: bool = False, special: tuple[
                      Field(json_schema_extra={"minimum": min((lo, *special)), "maximum": hi})]
 
 
+def _check_unicode(value: str, allowed: str) -> None:
+    """JSON's "\\ud800" escapes decode to lone surrogates, which no UTF-8 file, database or answer can hold."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _err("string_type", "is not valid Unicode (it contains a lone surrogate)", allowed) from None
+
+
 def _str_type(max_len: int = MAX_TEXT, *, nullable: bool = False):
     text = f"a string of at most {max_len} characters"
 
@@ -97,6 +106,7 @@ def _str_type(max_len: int = MAX_TEXT, *, nullable: bool = False):
             raise _err("too_long", "is {n} characters long", text, n=len(value))
         if "\x00" in value:
             raise _err("string_type", "must not contain NUL characters", text)
+        _check_unicode(value, text)
         return value
 
     base = str | None if nullable else str
@@ -131,6 +141,7 @@ def _name_type(*, special: tuple[str, ...] = (), kind: str = "model"):
             raise _err("too_long", "is {n} characters long", text, n=len(value))
         if value in special:
             return value
+        _check_unicode(value, text)
         return check_model_name(value, allowed=text)
 
     return Annotated[str | None, BeforeValidator(check), Field(json_schema_extra={"description": f"allowed: {text}"})]

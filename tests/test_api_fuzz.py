@@ -1,6 +1,7 @@
-"""Hypothesis fuzz of the sd_txt2img payload: validation alone, and the HTTP app (the engine is a test double
-that returns at once, so the fuzz exercises validation, queueing and the HTTP layer). No input may raise
-anything but ApiError/InvalidRequest, and no HTTP answer may be a 5xx. Derandomized; >= 1,000 cases each."""
+"""Hypothesis fuzz of the sd_txt2img payload: validation alone (schema, translation, model names resolved in
+the real model store of the tiny models), and the HTTP app (its engine is a test double that returns at once,
+so the fuzz exercises validation, queueing and the HTTP layer, not generation). No input may raise anything
+but ApiError/InvalidRequest, and no HTTP answer may be a 5xx. Derandomized; >= 1,000 cases each."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api_compat import ApiError, LocalService
+from api_compat.engine_api import check_models
 from api_compat.http import create_app
 from api_compat.schema import ControlNetUnitPayload, Txt2ImgPayload, parse_payload
 from api_compat.translate import translate
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest
 from engine.request import GenerationRequest, GenerationResult
-from tests.api_support import png_b64
+from engine.models.store import ModelStore
+from tests.api_support import png_b64, tiny_engine  # noqa: F401 (fixture)
 
 SETTINGS = settings(max_examples=1000, derandomize=True, deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))
@@ -34,6 +37,7 @@ scalars = st.one_of(
     st.sampled_from([0.0, 0.5, 1.0, 2.0, 7.5, 30.0, -0.0]),
     st.text(max_size=20),
     st.sampled_from(["", "Euler a", "DPM++ 2M Karras", "Karras", "../x", "C:\\x", "canny", "None", "Automatic",
+                     "tiny-sd1", "TINY-SD1.safetensors", "tiny-controlnet-sd1", "tiny-sd1 [0123abcd]",
                      "data:image/png;base64,", "http://127.0.0.1/x.png", png_b64(8, 8), "Crop and Resize"]),
 )
 json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
@@ -57,7 +61,7 @@ GOOD = {  # plausible values per field, so that about half of the field-aware pa
     "scheduler": st.sampled_from(["Automatic", "Karras", "Exponential"]), "subseed_strength": st.floats(0, 1),
     "eta": st.one_of(st.none(), st.floats(0, 1)), "tiling": st.just(False), "enable_hr": st.just(False),
     "alwayson_scripts": st.fixed_dictionaries({"controlnet": st.fixed_dictionaries({"units": st.lists(
-        st.fixed_dictionaries({"model": st.just("cn"), "input_image": st.just(png_b64(8, 8))},
+        st.fixed_dictionaries({"model": st.just("tiny-controlnet-sd1"), "input_image": st.just(png_b64(8, 8))},
                               optional={"weight": st.floats(0, 2), "module": st.sampled_from(["canny", "none"]),
                                         "guidance_end": st.floats(0.5, 1), "control_mode": st.integers(0, 2)}),
         max_size=2)})}),
@@ -73,9 +77,17 @@ payloads = st.builds(
 )
 
 
-def _check(payload) -> GenerationRequest | None:
+@pytest.fixture(scope="module")
+def store(tiny_engine):
+    return ModelStore(tiny_engine["models_dir"], cache_dir=tiny_engine["cache_dir"])
+
+
+def _check(payload, store) -> GenerationRequest | None:
+    """What sd_txt2img checks before it queues: schema, translation, model names in the store."""
     try:
-        return translate(parse_payload(payload), EngineConfig()).request
+        translation = translate(parse_payload(payload), EngineConfig())
+        check_models(store, translation.models)
+        return translation.request
     except ApiError as exc:
         assert exc.http_status in (400, 422) and str(exc)
         assert exc.field is None or isinstance(exc.field, str)
@@ -86,9 +98,9 @@ def _check(payload) -> GenerationRequest | None:
 
 
 @settings(max_examples=300, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(json_values)
-def test_fuzz_any_json_value(value):
-    _check(value)
+@given(value=json_values)
+def test_fuzz_any_json_value(store, value):
+    _check(value, store)
 
 
 class NullEngine:
@@ -118,10 +130,9 @@ class AsgiClient:
 
 
 @pytest.fixture(scope="module")
-def http_client(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    svc = LocalService(root / "models", results_dir=root / "results", engine_factory=NullEngine,
-                       check_models=False, max_queue=100000, max_tasks=200)
+def http_client(tmp_path_factory, tiny_engine):
+    svc = LocalService(results_dir=tmp_path_factory.mktemp("fuzz"), max_queue=100000, max_tasks=200,
+                       **{**tiny_engine, "engine_factory": NullEngine})
     client = AsgiClient(create_app(svc, max_body_bytes=256 * 1024))
     yield client
     client.close()
@@ -130,10 +141,10 @@ def http_client(tmp_path_factory):
 
 @SETTINGS
 @given(payload=st.one_of(payloads, field_aware), header=st.one_of(st.none(), st.sampled_from(["", "default", "nope", "x" * 300])))
-def test_fuzz_payload(http_client, payload, header):
+def test_fuzz_payload(http_client, store, payload, header):
     """Each case: validation in-process (only ApiError/InvalidRequest, accepted requests in range), then the
     same payload over HTTP (never a 5xx; accepted in-process <=> 200 over HTTP)."""
-    request = _check(payload)
+    request = _check(payload, store)
     if request is not None:
         assert 1 <= request.steps <= 150 and 1 <= request.batch_size <= 8 and 0 <= request.cfg_scale <= 30
         assert math.isfinite(request.cfg_scale) and request.seed >= -1

@@ -70,7 +70,7 @@ SEED_FIELDS = {
     "stable_diffusion_model": (["model.safetensors", "model", "MODEL", None, ""], [5, ["model"]]),
     "sd_vae": (["Automatic", "None", "sdxl_vae.safetensors", "sdxl_vae"], [1, True]),
     "clip_skip": ([1, 2, 12, 2.0], [0, 13, 1.5, "2", True, None, -1]),
-    "prompt": (["", "a (cat:1.2), [dog] BREAK x", "x" * 5000, "ünïcødé"], [5, None, ["a"], "a\x00b"]),
+    "prompt": (["", "a (cat:1.2), [dog] BREAK x", "x" * 5000, "ünïcødé"], [5, None, ["a"], "a\x00b", "a\ud800b"]),
     "negtive_prompt": (["", "blurry"], [5, ["a"]]),
     "negative_prompt": (["", "blurry"], [5, {"a": 1}]),
     "batch_size": ([1, 8], [0, 9, -1, 1.5, "1", True]),

@@ -276,13 +276,13 @@ def test_a_second_process_cannot_open_the_same_results(tmp_path):
 
 
 def test_200_concurrent_submits_none_lost(tmp_path, tiny_engine):
-    """200 tasks from 16 threads at once on the real engine (tiny-sd1, 1 Euler step, 64x64): every one finishes
-    with its own seed (PNG infotext and parameters), none lost; a few images equal, pixel for pixel, a direct
-    Engine.generate of the same request."""
+    """200 tasks from 16 threads at once on the real engine (tiny-sd1, 1 Euler step, CFG 1, 64x64): every one
+    finishes with its own seed (PNG infotext and parameters), none lost; a few images equal, pixel for pixel, a
+    direct Engine.generate of the same request."""
     with LocalService(results_dir=tmp_path / "results", max_queue=256, **tiny_engine) as svc:
         def one(i):
             return i, svc.sd_txt2img({"prompt": f"task {i}", "seed": 1000 * i, "steps": 1, "width": 64,
-                                      "height": 64, "sampler_name": "Euler"})["taskId"]
+                                      "height": 64, "sampler_name": "Euler", "cfg_scale": 1})["taskId"]
 
         with ThreadPoolExecutor(16) as pool:
             submitted = list(pool.map(one, range(200)))
@@ -297,6 +297,6 @@ def test_200_concurrent_submits_none_lost(tmp_path, tiny_engine):
         assert r["info"]["all_seeds"] == [1000 * i]
     for i in (0, 7, 199):
         direct = engine.generate(GenerationRequest(prompt=f"task {i}", seed=1000 * i, steps=1, width=64, height=64,
-                                                   sampler_name="Euler"))
+                                                   sampler_name="Euler", cfg_scale=1.0))
         assert np.array_equal(png_pixels(results[i]["images"][0]), direct.images[0]), f"task {i}: other pixels"
     assert not np.array_equal(png_pixels(results[0]["images"][0]), png_pixels(results[7]["images"][0]))
