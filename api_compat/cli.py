@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import json
 import logging
@@ -29,6 +30,15 @@ FLAG_FIELDS = {  # option name -> payload field
     "n_iter": "n_iter",
     "model": "stable_diffusion_model",
 }
+
+
+def _factory(spec: str | None):
+    if not spec:
+        return None
+    module, _, attr = spec.partition(":")
+    if not attr:
+        raise click.BadParameter("expected module:attribute", param_hint="--engine-factory")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _engine_options(backend, device, precision) -> dict[str, Any]:
@@ -77,7 +87,9 @@ def _outputs(output: Path, count: int) -> list[Path]:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Copy the image here (several images: NAME-1.png, NAME-2.png, ...).")
 @click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
-def txt2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, **flags):
+@click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (benchmarks, plugins).")
+def txt2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
+            **flags):
     """Generate images from a sd_txt2img JSON payload (a file, or - for stdin) and/or flags.
 
     Flags override the payload's fields. Prints the paths of the PNGs (each carries the webui infotext).
@@ -91,9 +103,10 @@ def txt2img(payload, backend, device, precision, models_dir, results_dir, output
             if field == "negative_prompt":
                 body.pop("negtive_prompt", None)
             body[field] = flags[option]
+    factory = _factory(engine_factory)
     try:
-        service = LocalService(models_dir, results_dir=results_dir, allow_url_fetch=allow_url_fetch,
-                               **_engine_options(backend, device, precision))
+        service = LocalService(models_dir, results_dir=results_dir, engine_factory=factory,
+                               allow_url_fetch=allow_url_fetch, **_engine_options(backend, device, precision))
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     with service:
@@ -163,8 +176,9 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-queue", default=256, show_default=True, type=int)
 @click.option("--max-body-mb", default=32, show_default=True, type=int)
 @click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
+@click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, backend, device, precision, configs_file, max_queue,
-          max_body_mb, allow_url_fetch):
+          max_body_mb, allow_url_fetch, engine_factory):
     """Serve POST /scc/sd_txt2img and /scc/sd_get_result over HTTP (needs the 'server' extra)."""
     from engine.lazy import require
 
@@ -178,7 +192,7 @@ def serve(host, port, models_dir, results_dir, api_key, backend, device, precisi
     configs = json.loads(configs_file.read_text()) if configs_file else None
     try:
         service = LocalService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
-                               allow_url_fetch=allow_url_fetch,
+                               engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
                                **_engine_options(backend, device, precision))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
