@@ -59,9 +59,7 @@ def check_models(store, models: Iterable[tuple]) -> None:
         except InvalidRequest as exc:
             raise api_error_from(exc) from None
         except ModelError as exc:
-            message = str(exc)
-            for prefix in (f"{exc.path}: ", f"{field}: "):
-                message = message.removeprefix(prefix)
-            raise ApiError(exc.code, message, field=field, allowed=f"a {kind.value} name from the model store "
-                                                                    f"{store.root}") from None
+            message = str(exc).removeprefix(f"{exc.path}: ").removeprefix(f"{field}: ")
+            raise ApiError(exc.code, f"{name!r}: {message}", field=field,
+                           allowed=f"a {kind.value} name from the model store") from None
 

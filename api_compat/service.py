@@ -160,7 +160,7 @@ class LocalService:
             translation = translate(parsed, config, self.limits)
         except InvalidRequest as exc:
             raise api_error_from(exc) from None
-        except SdEngineError as exc:  # e.g. a missing optional dependency behind an engine seam
+        except SdEngineError as exc:  # e.g. a missing optional dependency of the engine
             raise ApiError(exc.code, str(exc)) from None
         store = self._stores[config_id]
         if store is not None:

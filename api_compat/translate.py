@@ -1,9 +1,11 @@
 """sd_txt2img payload -> frozen :class:`engine.request.GenerationRequest` (api_compat translates; it does not
 compute).
 
-The checks that need the engine configuration (size and batch limits, model store, sampler and preprocessor
-names) or more than one field (negative prompt alias, guidance order, unit image alias) happen here, each
-raising ``InvalidRequest`` with the field path.
+The checks that need the engine (size and batch limits of the configuration; sampler, schedule and
+preprocessor names from the engine's registries; unit images decoded by the engine's decoder) or more than one
+field (negative prompt alias, guidance order, unit image alias) happen here, each raising ``InvalidRequest``
+with the field path. Model names are collected in :attr:`Translation.models` and resolved in the model store
+by the service (:func:`api_compat.engine_api.check_models`).
 """
 
 from __future__ import annotations
