@@ -111,6 +111,26 @@ def _fp32_cpu(module):
     return copy.deepcopy(module).to("cpu", torch.float32)
 
 
+def weights_fingerprint(module, samples: int = 4096) -> str:
+    """sha256 over every parameter/buffer's name, shape, dtype and up to ``samples`` strided values.
+
+    Cheap (a few MB hashed for an SD UNet) and deterministic; part of the fp32 stage's key, so changed
+    weights re-export even if a caller passes a stale model hash.
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in (*module.named_parameters(), *module.named_buffers()):
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // samples)
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(flat[::step].to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def trace_inputs(desc: ComponentDescriptor) -> dict:
     """Small sample inputs for tracing: batch 2, latent height != width (so no axis is specialised)."""
     m = desc.latent_multiple
@@ -205,7 +225,8 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         save_onnx(onnx.load(str(raw / MODEL_FILE)), tmp / MODEL_FILE)
         shutil.rmtree(raw)
 
-    key = _key(desc, model_hash, "onnx-fp32", "fp32", opset, None, tools)
+    key = _key(desc, model_hash, "onnx-fp32", "fp32", opset, None, tools,
+               {"weights": weights_fingerprint(modules[desc.source])})
     art = _stage(desc, model_hash, cache_dir, "onnx-fp32", key, build_fp32, progress, (next(step), total))
 
     if gpu_optimize:

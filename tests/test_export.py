@@ -185,6 +185,18 @@ def test_precision_and_hash_changes_reexport(tmp_path, counted, sd1_vae):
     assert other.manifest["key"]["model_hash"] == "h2"
 
 
+def test_changed_weights_reexport_even_with_the_same_hash(tmp_path, counted):
+    vae = build_tiny("sd1").components["vae"]
+    first = export_component("vae_decoder", {"vae": vae}, "h1", tmp_path)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)
+    second = export_component("vae_decoder", {"vae": vae}, "h1", tmp_path)
+    assert len(counted) == 2 and second.sha256 != first.sha256
+    feeds = second.descriptor.sample_inputs(batch=1, height=4, width=4)
+    got, ref = run_both({"vae": vae}, second, feeds)
+    assert rel_l2(got["image"], ref["image"]) <= FP32_TOL
+
+
 def test_key_mismatch_or_corruption_rebuilds(tmp_path, counted, sd1_vae):
     art = export_component("vae_decoder", sd1_vae, "h1", tmp_path)
     # a manifest written by another opset/tool version does not match: rebuilt in place
