@@ -95,6 +95,43 @@ def save_onnx(model, path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
+def consolidate(src: Path, dst: Path) -> None:
+    """Copy the graph ``src`` to ``dst`` with all its external tensors (the legacy exporter writes one file
+    per tensor above 2 GB of weights) streamed into ONE ``dst.data`` file: the weights are never all in
+    memory at once. A graph without external data is copied as is."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src), load_external_data=False)
+    external = [t for t in _all_tensors(model) if uses_external_data(t)]
+    if not external:
+        shutil.copyfile(src, dst)
+        return
+    data_name = dst.name + ".data"
+    with open(dst.parent / data_name, "wb") as out:
+        for tensor in external:
+            info = ExternalDataInfo(tensor)
+            with open(src.parent / info.location, "rb") as f:
+                f.seek(info.offset or 0)
+                blob = f.read(info.length) if info.length else f.read()
+            pad = -out.tell() % 4096  # page-aligned, so runtimes can mmap
+            out.write(b"\0" * pad)
+            offset = out.tell()
+            out.write(blob)
+            del tensor.external_data[:]
+            for k, v in (("location", data_name), ("offset", offset), ("length", len(blob))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = k, str(v)
+    onnx.save_model(model, str(dst))
+
+
+def _all_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return list(_get_all_tensors(model))
+
+
 def _files(directory: Path) -> list[Path]:
     paths = [directory / MODEL_FILE]
     if (directory / DATA_FILE).exists():
@@ -222,7 +259,7 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         wrapper = desc.wrapper(_fp32_cpu(modules[desc.source])).eval()
         torch_export(wrapper, desc, raw / MODEL_FILE, opset)
         # the legacy exporter writes one file per big tensor: consolidate into one (or none)
-        save_onnx(onnx.load(str(raw / MODEL_FILE)), tmp / MODEL_FILE)
+        consolidate(raw / MODEL_FILE, tmp / MODEL_FILE)
         shutil.rmtree(raw)
 
     key = _key(desc, model_hash, "onnx-fp32", "fp32", opset, None, tools,

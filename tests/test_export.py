@@ -309,3 +309,24 @@ def test_progress_callback(tmp_path, sd1_vae):
     export_component("vae_decoder", sd1_vae, "h1", tmp_path, precision="fp16",
                      progress=lambda what, done, total: events.append((what, done, total)))
     assert events == [("vae_decoder: onnx-fp32", 1, 2), ("vae_decoder: onnx-fp16", 2, 2)]
+
+
+def test_consolidate_streams_per_tensor_files_into_one(tmp_path, sd1_vae):
+    """What the legacy exporter writes above 2 GB (one file per tensor) becomes graph + ONE data file."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    art = export_component("vae_decoder", sd1_vae, "h1", tmp_path / "cache")
+    model = onnx.load(str(art.path))
+    convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=64)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    onnx.save_model(model, str(raw / "model.onnx"))
+    assert len(list(raw.iterdir())) > 10
+    out = tmp_path / "out"
+    out.mkdir()
+    xonnx.consolidate(raw / "model.onnx", out / "model.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    feeds = art.descriptor.sample_inputs(batch=1, height=4, width=4)
+    a = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"]).run(None, {"latent": feeds["latent"].numpy()})
+    b = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"latent": feeds["latent"].numpy()})
+    np.testing.assert_array_equal(a[0], b[0])
