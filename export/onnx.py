@@ -98,7 +98,8 @@ def save_onnx(model, path: Path) -> None:
 def consolidate(src: Path, dst: Path) -> None:
     """Copy the graph ``src`` to ``dst`` with all its external tensors (the legacy exporter writes one file
     per tensor above 2 GB of weights) streamed into ONE ``dst.data`` file: the weights are never all in
-    memory at once. A graph without external data is copied as is."""
+    memory at once. A graph without external data is copied as is, unless its weights exceed
+    :data:`EXTERNAL_DATA_BYTES`, when they are moved to one data file too."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -106,7 +107,10 @@ def consolidate(src: Path, dst: Path) -> None:
     model = onnx.load(str(src), load_external_data=False)
     external = [t for t in _all_tensors(model) if uses_external_data(t)]
     if not external:
-        shutil.copyfile(src, dst)
+        if src.stat().st_size > EXTERNAL_DATA_BYTES:  # inline but big: weights to one data file
+            save_onnx(onnx.load(str(src)), dst)
+        else:
+            shutil.copyfile(src, dst)
         return
     data_name = dst.name + ".data"
     with open(dst.parent / data_name, "wb") as out:

@@ -219,18 +219,18 @@ def test_key_mismatch_or_corruption_rebuilds(tmp_path, counted, sd1_vae):
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_interrupted_export_leaves_nothing_that_loads(tmp_path, counted, monkeypatch, sd1_vae, exc):
-    real_save = xonnx.save_onnx
+    real = xonnx.consolidate
 
-    def half_written(model, path):
-        path.write_bytes(b"\x08\x07partial")  # a truncated graph, then the crash
+    def half_written(src, dst):
+        dst.write_bytes(b"\x08\x07partial")  # a truncated graph, then the crash
         raise exc
 
-    monkeypatch.setattr(xonnx, "save_onnx", half_written)
+    monkeypatch.setattr(xonnx, "consolidate", half_written)
     with pytest.raises(type(exc)):
         export_component("vae_decoder", sd1_vae, "h1", tmp_path)
     component_dir = tmp_path / "h1" / "vae_decoder"
     assert list(component_dir.iterdir()) == []  # no final dir, no temp dir
-    monkeypatch.setattr(xonnx, "save_onnx", real_save)
+    monkeypatch.setattr(xonnx, "consolidate", real)
     art = export_component("vae_decoder", sd1_vae, "h1", tmp_path)
     assert len(counted) == 2  # the interrupted one did not count as cached
     ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])

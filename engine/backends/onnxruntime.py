@@ -199,7 +199,6 @@ class OnnxRuntimeBackend(ComponentsMixin):
             art = self.artefact(component)
             providers = self.providers_for(component, art.directory)
             if self.use_trt_ep:
-                providers[0][1]["trt_engine_cache_path"] = str(art.directory / "ort-tensorrt")
                 (art.directory / "ort-tensorrt").mkdir(exist_ok=True)
             log.info("%s: onnxruntime session on %s", component, [p for p, _ in providers])
             self._sessions[component] = ort.InferenceSession(
