@@ -191,7 +191,8 @@ def test_tensorrt_ep_options_with_profile(sd1, tmp_path):
     assert backend.onnx_precision == "fp32"  # TensorRT makes the fp16 engine itself
     (name, opts), *_ = backend.providers_for("unet", tmp_path / "unet")
     assert name == TENSORRT and opts["trt_fp16_enable"] == "1"
-    assert opts["trt_engine_cache_enable"] == "1" and opts["trt_timing_cache_path"] == str(tmp_path / "unet" / "ort-tensorrt")
+    assert opts["trt_engine_cache_enable"] == "1"
+    assert opts["trt_timing_cache_path"] == str(tmp_path / "unet" / "ort-tensorrt")
     assert opts["trt_profile_min_shapes"] == "sample:1x4x32x32,timestep:1,encoder_hidden_states:1x77x32"
     assert opts["trt_profile_opt_shapes"] == "sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x32"
     assert opts["trt_profile_max_shapes"] == "sample:4x4x96x96,timestep:4,encoder_hidden_states:4x154x32"

@@ -327,6 +327,7 @@ def test_consolidate_streams_per_tensor_files_into_one(tmp_path, sd1_vae):
     xonnx.consolidate(raw / "model.onnx", out / "model.onnx")
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
     feeds = art.descriptor.sample_inputs(batch=1, height=4, width=4)
-    a = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"]).run(None, {"latent": feeds["latent"].numpy()})
-    b = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"latent": feeds["latent"].numpy()})
+    latent = {"latent": feeds["latent"].numpy()}
+    a = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"]).run(None, latent)
+    b = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, latent)
     np.testing.assert_array_equal(a[0], b[0])
