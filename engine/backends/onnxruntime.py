@@ -9,7 +9,9 @@ onnxruntime build lacks raises :class:`BackendUnavailable` naming it and listing
   input and output tensors and one binding: feeds are copied into the static inputs, the outputs are
   preallocated from the descriptor's output shapes, and ORT runs on torch's current stream
   (``user_compute_stream``). With ``cuda_graph=True`` the CUDA EP captures one CUDA graph per shape
-  (``enable_cuda_graph`` + the ``gpu_graph_id`` run option), which the static buffers make legal.
+  (``enable_cuda_graph`` + the ``gpu_graph_id`` run option), which the static buffers make legal; ORT then
+  keeps its own stream (capture is illegal on torch's legacy default stream) and torch's stream is
+  synchronised before each run. ORT synchronises its stream at the end of every run.
   Outputs are returned as clones, so they stay valid after the next run.
 - TensorRT EP: fp16 flag, engine and timing caches under the artefact directory, and min/opt/max profile
   shapes from the descriptor and a ShapeConfig.
@@ -177,7 +179,8 @@ class OnnxRuntimeBackend(ComponentsMixin):
 
     def providers_for(self, component: str, artefact_dir: Path | None = None) -> list[tuple[str, dict]]:
         stream = None
-        if self.io_binding and self.config.device != "cpu":
+        # CUDA graphs cannot be captured on torch's legacy default stream: ORT keeps its own stream then
+        if self.io_binding and self.config.device != "cpu" and not self.cuda_graph:
             import torch
 
             stream = torch.cuda.current_stream(self.config.device).cuda_stream
@@ -246,6 +249,8 @@ class OnnxRuntimeBackend(ComponentsMixin):
         with torch.no_grad():
             for name, static in bound.inputs.items():
                 static.copy_(torch.as_tensor(feeds[name]))
+        if self.cuda_graph and self.config.device != "cpu":
+            torch.cuda.current_stream(self.config.device).synchronize()  # ORT runs on its own stream
         session.run_with_iobinding(bound.binding, bound.run_options)
         out = {n: t.float().clone() for n, t in bound.outputs.items()}
         if self.config.device == "cpu":
