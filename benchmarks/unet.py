@@ -59,6 +59,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/sdengine-bench-cache"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--torch-bf16", action="store_true", help="also time torch eager under bf16 autocast")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -72,6 +73,8 @@ def main(argv=None) -> dict:
     config = dict(cache_dir=args.cache, num_threads=os.cpu_count())
     backend_torch = create_backend(EngineConfig(backend="torch", **config), modules, "bench-sd15-random-seed0")
     backend_ort = create_backend(EngineConfig(backend="onnxruntime", **config), modules, "bench-sd15-random-seed0")
+    backend_bf16 = (create_backend(EngineConfig(backend="torch", precision="bf16", **config), modules,
+                                   "bench-sd15-random-seed0") if args.torch_bf16 else None)
     art = backend_ort.artefact("unet")
     export_s = time.perf_counter() - t
     size_bytes = sum(p.stat().st_size for p in art.directory.iterdir())
@@ -91,6 +94,10 @@ def main(argv=None) -> dict:
         row = {"latent": size, "pixels": size * 8, "batch": args.batch, "warmup": w, "repeats": r,
                "torch": res_torch, "onnxruntime": res_ort,
                "speedup": res_torch["median_s"] / res_ort["median_s"], "rel_l2": rel}
+        if backend_bf16 is not None:
+            row["torch_bf16"] = timed(lambda: backend_bf16.run("unet", feeds), w, r)
+            c = backend_bf16.run("unet", feeds)["model_output"]
+            row["torch_bf16"]["rel_l2"] = float(np.linalg.norm(c - a) / np.linalg.norm(a))
         logging.info("%dx%d: torch %.2f s, onnxruntime %.2f s, x%.2f, relL2 %.1e", size, size,
                      res_torch["median_s"], res_ort["median_s"], row["speedup"], rel)
         rows.append(row)
@@ -128,6 +135,14 @@ def markdown(result: dict) -> str:
             f"{r['torch']['median_s']:.2f} s ({r['torch']['min_s']:.2f}) | "
             f"{r['onnxruntime']['median_s']:.2f} s ({r['onnxruntime']['min_s']:.2f}) | "
             f"x{r['speedup']:.2f} | {r['rel_l2']:.1e} |")
+    bf16 = [r for r in result["rows"] if "torch_bf16" in r]
+    if bf16:
+        lines += ["", "Torch eager under bf16 autocast (this CPU has AVX512-BF16), same inputs, for reference:", "",
+                  "| latent | torch bf16 median (min) | vs torch fp32 | relL2 vs fp32 |", "|---|---|---|---|"]
+        for r in bf16:
+            b = r["torch_bf16"]
+            lines.append(f"| {r['latent']}x{r['latent']} | {b['median_s']:.2f} s ({b['min_s']:.2f}) | "
+                         f"x{r['torch']['median_s'] / b['median_s']:.2f} | {b['rel_l2']:.1e} |")
     lines.append("")
     lines.append(f"Load average (1/5/15 min) before the timed runs "
                  f"{'/'.join(f'{x:.1f}' for x in result['load_avg_before'])}, after "

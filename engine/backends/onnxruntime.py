@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -167,6 +168,7 @@ class OnnxRuntimeBackend(ComponentsMixin):
         self._sessions: dict[str, Any] = {}
         self._bound: dict[str, OrderedDict] = {}
         self._graph_ids = 0
+        self._lock = threading.Lock()  # one export / session creation at a time
 
     # -- sessions ---------------------------------------------------------------------------------------
     def artefact(self, component: str):
@@ -195,20 +197,25 @@ class OnnxRuntimeBackend(ComponentsMixin):
 
     def session(self, component: str):
         if component not in self._sessions:
-            import onnxruntime as ort
-
-            if not self.has(component):
-                self.descriptor(component)  # raises InvalidRequest naming what the model has
-            art = self.artefact(component)
-            providers = self.providers_for(component, art.directory)
-            if self.use_trt_ep:
-                (art.directory / "ort-tensorrt").mkdir(exist_ok=True)
-            log.info("%s: onnxruntime session on %s", component, [p for p, _ in providers])
-            self._sessions[component] = ort.InferenceSession(
-                str(art.path), sess_options=session_options(self.config),
-                providers=[p for p, _ in providers], provider_options=[o for _, o in providers],
-            )
+            with self._lock:
+                if component not in self._sessions:
+                    self._sessions[component] = self._create_session(component)
         return self._sessions[component]
+
+    def _create_session(self, component: str):
+        import onnxruntime as ort
+
+        if not self.has(component):
+            self.descriptor(component)  # raises InvalidRequest naming what the model has
+        art = self.artefact(component)
+        providers = self.providers_for(component, art.directory)
+        if self.use_trt_ep:
+            (art.directory / "ort-tensorrt").mkdir(exist_ok=True)
+        log.info("%s: onnxruntime session on %s", component, [p for p, _ in providers])
+        return ort.InferenceSession(
+            str(art.path), sess_options=session_options(self.config),
+            providers=[p for p, _ in providers], provider_options=[o for _, o in providers],
+        )
 
     # -- running ----------------------------------------------------------------------------------------
     def run(self, component: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
