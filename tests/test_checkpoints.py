@@ -319,3 +319,52 @@ def test_pickle_vae_with_opt_in(tmp_path):
     with pytest.raises(ModelError, match="old.vae.pt.*pickle"):
         load_vae(path, config=cfg)
     _assert_same_weights(vae, load_vae(path, config=cfg, allow_pickle=True), "pickled vae")
+
+
+def test_sd2_prediction_from_yaml_when_metadata_lacks_it(tiny_store, tmp_path):
+    """No prediction_type in the metadata: a webui-style <name>.yaml beside the file decides."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    single, _ = _paths(tiny_store, "sd2v")
+    with safe_open(str(single), "pt") as f:
+        meta = f.metadata()
+    configs = json.loads(meta[METADATA_KEY])
+    del configs["prediction_type"], configs["native_size"]
+    path = tmp_path / "sd2.safetensors"
+    save_file(load_file(str(single)), str(path), metadata={**meta, METADATA_KEY: json.dumps(configs)})
+    (tmp_path / "sd2.yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    m = load_single_file(path)
+    assert m.prediction_type == "v_prediction" and m.native_size == 768
+    (tmp_path / "sd2.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
+    m = load_single_file(path)
+    assert m.prediction_type == "epsilon" and m.native_size == 512
+
+
+def test_sd2_v_heuristic_rule():
+    """The webui rule (sd_models_config.is_using_v_parameterization_for_sd2): mean(unet(x, 999) - x) < -1 -> v."""
+    from types import SimpleNamespace
+
+    from engine.models.checkpoints import _sd2_is_v
+
+    class FakeUnet(torch.nn.Module):
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+            self.config = SimpleNamespace(cross_attention_dim=16, in_channels=4)
+            self.dtype = torch.float32
+
+        def forward(self, x, t, encoder_hidden_states):
+            assert t.tolist() == [999] and encoder_hidden_states.shape == (1, 2, 16)
+            return SimpleNamespace(sample=x + self.shift)
+
+    assert _sd2_is_v(FakeUnet(-1.5)) and not _sd2_is_v(FakeUnet(-0.5))
+
+
+def test_unknown_diffusers_folder(tmp_path):
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "config.json").write_text('{"_class_name": "Transformer2DModel"}')
+    with pytest.raises(ModelError, match="weird: unknown architecture"):
+        load_checkpoint(tmp_path / "weird")
+    with pytest.raises(ModelError, match="weird: unknown architecture"):
+        load_controlnet(tmp_path / "weird")

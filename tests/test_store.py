@@ -55,6 +55,14 @@ def test_symlink_escaping_the_store(small_store, tmp_path):
     assert "evil.safetensors" not in [e.name for e in store.entries()]
     with pytest.raises(UnsafeModelPath, match="evil.safetensors.*outside the model store"):
         store.resolve("evil.safetensors")
+    with pytest.raises(UnsafeModelPath, match="evil.*outside the model store"):
+        store.resolve("evil")
+    with pytest.raises(UnsafeModelPath, match="evil-dir.*outside the model store"):
+        store.resolve("evil-dir")
+    # the same for ControlNets and VAEs
+    (small_store / "ControlNet" / "evil-cn.safetensors").symlink_to(target)
+    with pytest.raises(UnsafeModelPath, match="evil-cn.safetensors.*outside the model store"):
+        store.resolve("evil-cn.safetensors", Kind.CONTROLNET)
     # a symlink inside the store pointing inside the store is fine
     (small_store / "Stable-diffusion" / "alias.safetensors").symlink_to(
         small_store / "Stable-diffusion" / "tiny-sd1.safetensors")

@@ -137,7 +137,9 @@ class ModelStore:
             out.append((self.bundled, True))
         return out
 
-    def _scan(self, kind: Kind) -> list[ModelEntry]:
+    def _scan(self, kind: Kind, include_escaping: bool = False) -> list[ModelEntry]:
+        """Top-level entries of ``kind``; those resolving outside their root only with ``include_escaping``
+        (so that resolution can name them in an UnsafeModelPath error instead of "not found")."""
         entries, seen = [], set()
         for root, is_bundled in self.roots():
             folder = root / SUBDIRS[kind]
@@ -148,7 +150,7 @@ class ModelStore:
                     continue
                 if not self._is_model(path, kind):
                     continue
-                if not _inside(path, root):
+                if not include_escaping and not _inside(path, root):
                     log.warning("ignoring %s: it resolves outside the model store %s", path, root)
                     continue
                 seen.add(path.name)
@@ -189,11 +191,11 @@ class ModelStore:
     def resolve(self, name: str, kind: Kind = Kind.CHECKPOINT, field: str = "model") -> ModelEntry:
         """The entry a payload ``name`` means (webui matching). Raises UnsafeModelPath / ModelNotFound."""
         check_name(name, field)
-        entries = self._scan(kind)
+        entries = self._scan(kind, include_escaping=True)
         wanted, want_hash = name.strip(), None
         exact = [e for e in entries if e.name == wanted]
         if exact:
-            return self._checked(exact[0], None)
+            return self._checked(exact[0], None, field)
         if m := _HASH_SUFFIX.match(wanted):
             wanted, want_hash = m[1], m[2].lower()
         candidates = [
@@ -205,12 +207,13 @@ class ModelStore:
         for match in candidates:
             found = [e for e in entries if match(e)]
             if found:
-                return self._checked(found[0], want_hash)
-        # a name that exists on disk but was not listed (a symlink escaping the store, a sub-folder)
+                return self._checked(found[0], want_hash, field)
+        # a symlink escaping the store that is not a model (e.g. to a folder): still name it as unsafe
         for root, _ in self.roots():
-            for cand in (root / SUBDIRS[kind] / wanted,):
-                if os.path.lexists(cand) and not _inside(cand, root):
-                    raise UnsafeModelPath(str(cand), f"{field}: {name!r} resolves outside the model store {root}")
+            cand = root / SUBDIRS[kind] / wanted
+            if os.path.lexists(cand) and not _inside(cand, root):
+                raise UnsafeModelPath(str(cand), f"{field}: {name!r} resolves outside the model store {root}")
+        entries = [e for e in entries if _inside(e.path, e.root)]
         if want_hash and not wanted:  # "[hash]" alone: match by hash
             for e in entries:
                 if self.hashes.sha256(e.path).startswith(want_hash):
@@ -220,9 +223,10 @@ class ModelStore:
         raise ModelNotFound(name, f"{field}: no {kind.value} of this name in {self.root / SUBDIRS[kind]}"
                                   f"{' or the bundled models' if self.bundled else ''} (available: {available}{more})")
 
-    def _checked(self, entry: ModelEntry, want_hash: str | None) -> ModelEntry:
-        if not _inside(entry.path, entry.root):  # re-check at use time (the link may have changed)
-            raise UnsafeModelPath(str(entry.path), f"resolves outside the model store {entry.root}")
+    def _checked(self, entry: ModelEntry, want_hash: str | None, field: str) -> ModelEntry:
+        if not _inside(entry.path, entry.root):
+            raise UnsafeModelPath(str(entry.path), f"{field}: {entry.name!r} resolves outside the model store "
+                                                   f"{entry.root}")
         if want_hash:
             sha = self.hashes.sha256(entry.path)
             if not sha.startswith(want_hash):
