@@ -368,3 +368,17 @@ def test_unknown_diffusers_folder(tmp_path):
         load_checkpoint(tmp_path / "weird")
     with pytest.raises(ModelError, match="weird: unknown architecture"):
         load_controlnet(tmp_path / "weird")
+
+
+def test_write_tiny_store_is_deterministic(tiny_store, tmp_path):
+    """Two writes give byte-identical files (same sha256 for every file), so tiny-model hashes are stable."""
+    from engine.models.hashing import sha256_file
+    from engine.models.tiny import write_tiny_store
+
+    root = write_tiny_store(tmp_path / "again", kinds=("controlnet_sd1", "sd1"))
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    assert len(files) >= 8
+    for rel in files:
+        assert sha256_file(root / rel) == sha256_file(tiny_store / rel), rel
+    with pytest.raises(ValueError, match="unknown tiny model kind 'sd3'"):
+        write_tiny_store(tmp_path / "bad", kinds=("sd3",))
