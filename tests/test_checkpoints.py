@@ -69,7 +69,8 @@ def _unet_out(unet, xl: bool):
 @pytest.mark.parametrize("kind", ["sd1", "sd2v", "sdxl"])
 def test_single_file_round_trip(tiny_store, kind):
     """tiny model -> webui single file (our writer) -> loader (diffusers' ldm converters): every tensor equal
-    to the original modules and to the diffusers-folder copy loaded with from_pretrained (torch.equal), and the
+    to the original modules, to the diffusers-folder copy (our folder loader) and to diffusers' own
+    UNet2DConditionModel.from_pretrained of that folder (torch.equal), and the
     UNet / text encoder outputs equal to the folder copy's within atol 1e-5 (the weights are bitwise equal;
     fp32 CPU kernels may order sums differently for differently allocated tensors: ~7e-7 seen)."""
     ref = build_tiny(kind)
@@ -83,6 +84,10 @@ def test_single_file_round_trip(tiny_store, kind):
     for name in names:
         _assert_same_weights(ref.components[name], loaded.components[name], f"{kind}/{name}")
         _assert_same_weights(from_folder.components[name], loaded.components[name], f"{kind}/{name} (folder)")
+    from diffusers import UNet2DConditionModel
+
+    reference = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, low_cpu_mem_usage=False)
+    _assert_same_weights(reference, loaded.components["unet"], f"{kind}/unet (diffusers from_pretrained)")
     xl = kind == "sdxl"
     torch.testing.assert_close(_unet_out(loaded.components["unet"], xl),
                                _unet_out(from_folder.components["unet"], xl), atol=1e-5, rtol=1e-5)
@@ -382,3 +387,32 @@ def test_write_tiny_store_is_deterministic(tiny_store, tmp_path):
         assert sha256_file(root / rel) == sha256_file(tiny_store / rel), rel
     with pytest.raises(ValueError, match="unknown tiny model kind 'sd3'"):
         write_tiny_store(tmp_path / "bad", kinds=("sd3",))
+
+
+def test_diffusers_folder_pickle_and_shards(tiny_store, tmp_path):
+    """Folder weights: .bin (pickle) follows the allow_pickle policy; sharded safetensors (index.json) load."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, folder = _paths(tiny_store, "sd1")
+    copy = tmp_path / "sd1-folder"
+    shutil.copytree(folder, copy)
+    vae_file = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(vae_file)), copy / "vae" / "diffusion_pytorch_model.bin")
+    vae_file.unlink()
+    unet_file = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(unet_file))
+    keys = sorted(sd)
+    shards = {"unet-1.safetensors": keys[: len(keys) // 2], "unet-2.safetensors": keys[len(keys) // 2:]}
+    for shard, names in shards.items():
+        save_file({k: sd[k] for k in names}, str(copy / "unet" / shard))
+    (copy / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: shard for shard, names in shards.items() for k in names}}))
+    unet_file.unlink()
+    with pytest.raises(ModelError, match=r"diffusion_pytorch_model.bin: pickle"):
+        load_checkpoint(copy)
+    m = load_checkpoint(copy, allow_pickle=True)
+    ref = load_checkpoint(folder)
+    for name in ("unet", "vae"):
+        _assert_same_weights(ref.components[name], m.components[name], name)
