@@ -367,15 +367,24 @@ def _strip_text_model(module, sd: Mapping) -> dict:
     return {k.removeprefix("text_model."): v for k, v in sd.items()}
 
 
-def _build_clip(config: Mapping, converted: Mapping, path, what: str, dtype, projection: bool):
+def _meta_clip(config: Mapping, projection: bool):
+    """A transformers CLIP text model on the meta device (no memory, no init)."""
+    import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    cfg = _text_config(config)
-    with __import__("torch").device("meta"):
-        probe = cls(cfg)
-    sd = _strip_text_model(probe, converted)
-    return _build(lambda: cls(cfg), sd, path, what, dtype)
+    with torch.device("meta"):
+        return cls(_text_config(config))
+
+
+def _build_clip(config: Mapping, converted: Mapping, path, what: str, dtype, projection: bool):
+    """Assign converted weights (``text_model.``-prefixed or flat) to a CLIP text model of ``config``.
+
+    transformers 5's CLIPTextModel is flat (``embeddings...``); CLIPTextModelWithProjection keeps
+    ``text_model.``; diffusers' converters emit ``text_model.`` keys, so the prefix is dropped when flat.
+    """
+    module = _meta_clip(config, projection)
+    return _build(lambda: module, _strip_text_model(module, converted), path, what, dtype)
 
 
 def _sd2_openclip_subset(state_dict: Mapping, prefix: str) -> dict:
@@ -389,7 +398,6 @@ def _sd2_openclip_subset(state_dict: Mapping, prefix: str) -> dict:
 def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype) -> dict:
     """Text encoders + tokenizers of a single-file checkpoint (diffusers' clip conversion functions)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
-    from transformers import CLIPTextModel
 
     from engine.models.convert import SD2_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX
     from engine.models.tokenizer import clip_tokenizer
@@ -403,18 +411,12 @@ def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path,
         out["text_encoder"] = _build_clip(configs["text_encoder"], conv, path, "text_encoder", dtype, False)
     if arch is Arch.SD2:
         sub = _sd2_openclip_subset(state_dict, SD2_OPENCLIP_PREFIX)
-        cfg = _text_config(configs["text_encoder"])
-        with __import__("torch").device("meta"):
-            probe = CLIPTextModel(cfg)
+        probe = _meta_clip(configs["text_encoder"], False)
         conv = convert_open_clip_checkpoint(probe, sub, prefix=SD2_OPENCLIP_PREFIX)
         out["text_encoder"] = _build_clip(configs["text_encoder"], conv, path, "text_encoder", dtype, False)
     if arch is Arch.SDXL:
-        from transformers import CLIPTextModelWithProjection
-
         sub = {k: v for k, v in state_dict.items() if k.startswith(SDXL_OPENCLIP_PREFIX)}
-        cfg = _text_config(configs["text_encoder_2"])
-        with __import__("torch").device("meta"):
-            probe = CLIPTextModelWithProjection(cfg)
+        probe = _meta_clip(configs["text_encoder_2"], True)
         conv = convert_open_clip_checkpoint(probe, sub, prefix=SDXL_OPENCLIP_PREFIX)
         out["text_encoder_2"] = _build_clip(configs["text_encoder_2"], conv, path, "text_encoder_2", dtype, True)
     out["tokenizer"] = clip_tokenizer(pads[0])
