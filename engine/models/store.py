@@ -36,7 +36,7 @@ from engine.models.checkpoints import (
     LoadedModel,
     detect_path_arch,
 )
-from engine.models.hashing import HashCache, short_hash
+from engine.models.hashing import HashCache, legacy_model_hash, short_hash
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ _VAE_FILE = re.compile(r"\.vae\.(safetensors|pt|ckpt|bin)$", re.I)
 _HASH_SUFFIX = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MAX_SUGGESTIONS = 8
+# the bundled demo models (engine/models/bundled), used when a request names no model
+DEMO_CHECKPOINT = "sdengine-demo.safetensors"
+DEMO_CONTROLNET = "sdengine-demo-canny.safetensors"
 
 
 @dataclass(frozen=True)
@@ -229,10 +232,29 @@ class ModelStore:
                                                    f"{entry.root}")
         if want_hash:
             sha = self.hashes.sha256(entry.path)
-            if not sha.startswith(want_hash):
+            if not sha.startswith(want_hash) and legacy_model_hash(entry.path) != want_hash:
                 log.warning("%s: requested hash %s, the file has %s; using the file", entry.name, want_hash,
                             short_hash(sha))
         return entry
+
+    def default_checkpoint(self, preferred: str | None = None) -> ModelEntry:
+        """The checkpoint used when a request names none: ``preferred`` (EngineConfig.default_model), else
+        the bundled demo model, else the first checkpoint listed. ModelNotFound when the store is empty."""
+        if preferred:
+            return self.resolve(preferred, Kind.CHECKPOINT, field="default_model")
+        entries = self._scan(Kind.CHECKPOINT)
+        for e in entries:
+            if e.name == DEMO_CHECKPOINT and e.bundled:
+                return e
+        if not entries:
+            raise ModelNotFound(str(self.root / SUBDIRS[Kind.CHECKPOINT]), "no checkpoints in the model store "
+                                "and no bundled demo model")
+        return entries[0]
+
+    def controlnet_title(self, entry: ModelEntry) -> str:
+        """The name sd-webui-controlnet lists for a ControlNet: ``"{stem} [{legacy 8-hex hash}]"``."""
+        legacy = legacy_model_hash(entry.path)
+        return f"{entry.stem} [{legacy}]" if legacy else entry.stem
 
     def resolve_vae(self, checkpoint: ModelEntry, vae: str | None = VAE_AUTOMATIC) -> Path | None:
         """The external VAE file for ``checkpoint``: ``None`` means the checkpoint's own VAE.
