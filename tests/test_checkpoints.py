@@ -134,6 +134,12 @@ def test_external_vae_file(tmp_path):
     _assert_same_weights(vae, load_vae(path), "vae")
 
 
+def test_vae_from_first_stage_model_keys(tiny_store):
+    """A file with ``first_stage_model.`` keys (a whole checkpoint) also serves as a VAE."""
+    single, _ = _paths(tiny_store, "sd1")
+    _assert_same_weights(build_tiny("sd1").components["vae"], load_vae(single), "vae")
+
+
 def test_pickle_refused_without_opt_in_and_loaded_with_it(tiny_store, tmp_path):
     from safetensors.torch import load_file
 
