@@ -192,7 +192,11 @@ class ModelStore:
     # ------------------------------------------------------------------------------------------ resolution
 
     def resolve(self, name: str, kind: Kind = Kind.CHECKPOINT, field: str = "model") -> ModelEntry:
-        """The entry a payload ``name`` means (webui matching). Raises UnsafeModelPath / ModelNotFound."""
+        """The entry a payload ``name`` means (webui matching). Raises UnsafeModelPath / ModelNotFound.
+
+        ``kind`` is a :class:`Kind` or its value ("checkpoint", "vae", "controlnet").
+        """
+        kind = Kind(kind)
         check_name(name, field)
         entries = self._scan(kind, include_escaping=True)
         wanted, want_hash = name.strip(), None
