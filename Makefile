@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/sdengine txt2img --prompt "a red circle on a blue background" --steps 20 --seed 1 --output outputs/demo.png
 
 bench: setup
-	$(BIN)/python -m benchmarks all
+	for b in sampler_overhead pipeline_e2e submit_latency; do $(BIN)/python -m benchmarks $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -33,7 +33,7 @@ def convert_to_fp16(model, keep_fp32_ops: tuple[str, ...] = (), *, big: bool = F
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(KEEP_FP32_OPS) | set(keep_fp32_ops))
-    log.info("converting to fp16, keeping %s in fp32", ", ".join(block))
+    log.info("converting to fp16, keeping %s in fp32", ", ".join(sorted(set(KEEP_FP32_OPS) | set(keep_fp32_ops))))
     return convert_float_to_float16(
         model, keep_io_types=True, op_block_list=block, disable_shape_infer=big,
     )

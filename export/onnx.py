@@ -95,6 +95,47 @@ def save_onnx(model, path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
+def consolidate(src: Path, dst: Path) -> None:
+    """Copy the graph ``src`` to ``dst`` with all its external tensors (the legacy exporter writes one file
+    per tensor above 2 GB of weights) streamed into ONE ``dst.data`` file: the weights are never all in
+    memory at once. A graph without external data is copied as is, unless its weights exceed
+    :data:`EXTERNAL_DATA_BYTES`, when they are moved to one data file too."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src), load_external_data=False)
+    external = [t for t in _all_tensors(model) if uses_external_data(t)]
+    if not external:
+        if src.stat().st_size > EXTERNAL_DATA_BYTES:  # inline but big: weights to one data file
+            save_onnx(onnx.load(str(src)), dst)
+        else:
+            shutil.copyfile(src, dst)
+        return
+    data_name = dst.name + ".data"
+    with open(dst.parent / data_name, "wb") as out:
+        for tensor in external:
+            info = ExternalDataInfo(tensor)
+            with open(src.parent / info.location, "rb") as f:
+                f.seek(info.offset or 0)
+                blob = f.read(info.length) if info.length else f.read()
+            pad = -out.tell() % 4096  # page-aligned, so runtimes can mmap
+            out.write(b"\0" * pad)
+            offset = out.tell()
+            out.write(blob)
+            del tensor.external_data[:]
+            for k, v in (("location", data_name), ("offset", offset), ("length", len(blob))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = k, str(v)
+    onnx.save_model(model, str(dst))
+
+
+def _all_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return list(_get_all_tensors(model))
+
+
 def _files(directory: Path) -> list[Path]:
     paths = [directory / MODEL_FILE]
     if (directory / DATA_FILE).exists():
@@ -109,6 +150,26 @@ def _fp32_cpu(module):
     if p is None or (p.dtype == torch.float32 and p.device.type == "cpu"):
         return module
     return copy.deepcopy(module).to("cpu", torch.float32)
+
+
+def weights_fingerprint(module, samples: int = 4096) -> str:
+    """sha256 over every parameter/buffer's name, shape, dtype and up to ``samples`` strided values.
+
+    Cheap (a few MB hashed for an SD UNet) and deterministic; part of the fp32 stage's key, so changed
+    weights re-export even if a caller passes a stale model hash.
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in (*module.named_parameters(), *module.named_buffers()):
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // samples)
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(flat[::step].to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def trace_inputs(desc: ComponentDescriptor) -> dict:
@@ -202,10 +263,11 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         wrapper = desc.wrapper(_fp32_cpu(modules[desc.source])).eval()
         torch_export(wrapper, desc, raw / MODEL_FILE, opset)
         # the legacy exporter writes one file per big tensor: consolidate into one (or none)
-        save_onnx(onnx.load(str(raw / MODEL_FILE)), tmp / MODEL_FILE)
+        consolidate(raw / MODEL_FILE, tmp / MODEL_FILE)
         shutil.rmtree(raw)
 
-    key = _key(desc, model_hash, "onnx-fp32", "fp32", opset, None, tools)
+    key = _key(desc, model_hash, "onnx-fp32", "fp32", opset, None, tools,
+               {"weights": weights_fingerprint(modules[desc.source])})
     art = _stage(desc, model_hash, cache_dir, "onnx-fp32", key, build_fp32, progress, (next(step), total))
 
     if gpu_optimize:

@@ -213,13 +213,19 @@ def refit_engine(engine, onnx_path: Path) -> None:
     architecture, new weights, e.g. another fine-tune of the same base). NOT RUN IN CI."""
     trt = import_tensorrt()
     logger = _logger(trt)
-    refitter = trt.Refitter(engine, logger)
+    try:
+        refitter = trt.Refitter(engine, logger)
+    except TypeError as exc:  # the binding returns no refitter for an engine built without REFIT
+        raise RuntimeError(f"the engine is not refittable (built without BuilderFlag.REFIT): {exc}") from exc
     parser_refitter = trt.OnnxParserRefitter(refitter, logger)
     if not parser_refitter.refit_from_file(str(onnx_path)):
         errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
         raise RuntimeError(f"{onnx_path}: TensorRT refit could not read the weights: {errors}")
+    missing = list(refitter.get_missing_weights())
+    if missing:
+        raise RuntimeError(f"{onnx_path}: TensorRT refit lacks {len(missing)} weights, e.g. {missing[:5]}")
     if not refitter.refit_cuda_engine():
-        raise RuntimeError(f"{onnx_path}: TensorRT refit failed (missing weights: {refitter.get_missing_weights()})")
+        raise RuntimeError(f"{onnx_path}: TensorRT refit_cuda_engine failed")
 
 
 class TensorRTEngine:

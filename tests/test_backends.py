@@ -191,7 +191,29 @@ def test_tensorrt_ep_options_with_profile(sd1, tmp_path):
     assert backend.onnx_precision == "fp32"  # TensorRT makes the fp16 engine itself
     (name, opts), *_ = backend.providers_for("unet", tmp_path / "unet")
     assert name == TENSORRT and opts["trt_fp16_enable"] == "1"
-    assert opts["trt_engine_cache_enable"] == "1" and opts["trt_timing_cache_path"] == str(tmp_path / "unet" / "ort-tensorrt")
+    assert opts["trt_engine_cache_enable"] == "1"
+    assert opts["trt_timing_cache_path"] == str(tmp_path / "unet" / "ort-tensorrt")
     assert opts["trt_profile_min_shapes"] == "sample:1x4x32x32,timestep:1,encoder_hidden_states:1x77x32"
     assert opts["trt_profile_opt_shapes"] == "sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x32"
     assert opts["trt_profile_max_shapes"] == "sample:4x4x96x96,timestep:4,encoder_hidden_states:4x154x32"
+
+
+def test_controlnet_into_unet_control_matches_diffusers(tmp_path):
+    """ORT backend: controlnet outputs fed by name into unet_control == diffusers' own ControlNet -> UNet
+    call (reference: ControlNetModel + UNet2DConditionModel with down/mid residuals), relL2 <= 1e-4."""
+    modules = dict(build_tiny("sd1").components, **build_tiny("controlnet_sd1").components)
+    backend = create_backend(EngineConfig(backend="onnxruntime", cache_dir=tmp_path), modules, "tiny-cn")
+    cn_feeds = feeds_for(backend, "controlnet", batch=2, height=8, width=8, seed=9)
+    residuals = backend.run("controlnet", cn_feeds)
+    feeds = {k: cn_feeds[k] for k in ("sample", "timestep", "encoder_hidden_states")}
+    got = backend.run("unet_control", {**feeds, **residuals})["model_output"]
+    t = {k: torch.from_numpy(v) for k, v in cn_feeds.items()}
+    with torch.no_grad():
+        down, mid = modules["controlnet"](t["sample"], t["timestep"], t["encoder_hidden_states"],
+                                          t["controlnet_cond"], return_dict=False)
+        ref = modules["unet"](t["sample"], t["timestep"], t["encoder_hidden_states"],
+                              down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                              return_dict=False)[0].numpy()
+        plain = modules["unet"](t["sample"], t["timestep"], t["encoder_hidden_states"], return_dict=False)[0].numpy()
+    assert rel_l2(got, ref) <= TOL
+    assert rel_l2(plain, ref) > 1e-3  # the residuals matter: the test could fail

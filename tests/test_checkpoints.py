@@ -69,7 +69,8 @@ def _unet_out(unet, xl: bool):
 @pytest.mark.parametrize("kind", ["sd1", "sd2v", "sdxl"])
 def test_single_file_round_trip(tiny_store, kind):
     """tiny model -> webui single file (our writer) -> loader (diffusers' ldm converters): every tensor equal
-    to the original modules and to the diffusers-folder copy loaded with from_pretrained (torch.equal), and the
+    to the original modules, to the diffusers-folder copy (our folder loader) and to diffusers' own
+    UNet2DConditionModel.from_pretrained of that folder (torch.equal), and the
     UNet / text encoder outputs equal to the folder copy's within atol 1e-5 (the weights are bitwise equal;
     fp32 CPU kernels may order sums differently for differently allocated tensors: ~7e-7 seen)."""
     ref = build_tiny(kind)
@@ -83,6 +84,10 @@ def test_single_file_round_trip(tiny_store, kind):
     for name in names:
         _assert_same_weights(ref.components[name], loaded.components[name], f"{kind}/{name}")
         _assert_same_weights(from_folder.components[name], loaded.components[name], f"{kind}/{name} (folder)")
+    from diffusers import UNet2DConditionModel
+
+    reference = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, low_cpu_mem_usage=False)
+    _assert_same_weights(reference, loaded.components["unet"], f"{kind}/unet (diffusers from_pretrained)")
     xl = kind == "sdxl"
     torch.testing.assert_close(_unet_out(loaded.components["unet"], xl),
                                _unet_out(from_folder.components["unet"], xl), atol=1e-5, rtol=1e-5)
@@ -127,6 +132,12 @@ def test_external_vae_file(tmp_path):
     assert all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
                for k in read_safetensors_header(path).shapes)
     _assert_same_weights(vae, load_vae(path), "vae")
+
+
+def test_vae_from_first_stage_model_keys(tiny_store):
+    """A file with ``first_stage_model.`` keys (a whole checkpoint) also serves as a VAE."""
+    single, _ = _paths(tiny_store, "sd1")
+    _assert_same_weights(build_tiny("sd1").components["vae"], load_vae(single), "vae")
 
 
 def test_pickle_refused_without_opt_in_and_loaded_with_it(tiny_store, tmp_path):
@@ -319,3 +330,95 @@ def test_pickle_vae_with_opt_in(tmp_path):
     with pytest.raises(ModelError, match="old.vae.pt.*pickle"):
         load_vae(path, config=cfg)
     _assert_same_weights(vae, load_vae(path, config=cfg, allow_pickle=True), "pickled vae")
+
+
+def test_sd2_prediction_from_yaml_when_metadata_lacks_it(tiny_store, tmp_path):
+    """No prediction_type in the metadata: a webui-style <name>.yaml beside the file decides."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    single, _ = _paths(tiny_store, "sd2v")
+    with safe_open(str(single), "pt") as f:
+        meta = f.metadata()
+    configs = json.loads(meta[METADATA_KEY])
+    del configs["prediction_type"], configs["native_size"]
+    path = tmp_path / "sd2.safetensors"
+    save_file(load_file(str(single)), str(path), metadata={**meta, METADATA_KEY: json.dumps(configs)})
+    (tmp_path / "sd2.yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    m = load_single_file(path)
+    assert m.prediction_type == "v_prediction" and m.native_size == 768
+    (tmp_path / "sd2.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
+    m = load_single_file(path)
+    assert m.prediction_type == "epsilon" and m.native_size == 512
+
+
+def test_sd2_v_heuristic_rule():
+    """The webui rule (sd_models_config.is_using_v_parameterization_for_sd2): mean(unet(x, 999) - x) < -1 -> v."""
+    from types import SimpleNamespace
+
+    from engine.models.checkpoints import _sd2_is_v
+
+    class FakeUnet(torch.nn.Module):
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+            self.config = SimpleNamespace(cross_attention_dim=16, in_channels=4)
+            self.dtype = torch.float32
+
+        def forward(self, x, t, encoder_hidden_states):
+            assert t.tolist() == [999] and encoder_hidden_states.shape == (1, 2, 16)
+            return SimpleNamespace(sample=x + self.shift)
+
+    assert _sd2_is_v(FakeUnet(-1.5)) and not _sd2_is_v(FakeUnet(-0.5))
+
+
+def test_unknown_diffusers_folder(tmp_path):
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "config.json").write_text('{"_class_name": "Transformer2DModel"}')
+    with pytest.raises(ModelError, match="weird: unknown architecture"):
+        load_checkpoint(tmp_path / "weird")
+    with pytest.raises(ModelError, match="weird: unknown architecture"):
+        load_controlnet(tmp_path / "weird")
+
+
+def test_write_tiny_store_is_deterministic(tiny_store, tmp_path):
+    """Two writes give byte-identical files (same sha256 for every file), so tiny-model hashes are stable."""
+    from engine.models.hashing import sha256_file
+    from engine.models.tiny import write_tiny_store
+
+    root = write_tiny_store(tmp_path / "again", kinds=("controlnet_sd1", "sd1"))
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    assert len(files) >= 8
+    for rel in files:
+        assert sha256_file(root / rel) == sha256_file(tiny_store / rel), rel
+    with pytest.raises(ValueError, match="unknown tiny model kind 'sd3'"):
+        write_tiny_store(tmp_path / "bad", kinds=("sd3",))
+
+
+def test_diffusers_folder_pickle_and_shards(tiny_store, tmp_path):
+    """Folder weights: .bin (pickle) follows the allow_pickle policy; sharded safetensors (index.json) load."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, folder = _paths(tiny_store, "sd1")
+    copy = tmp_path / "sd1-folder"
+    shutil.copytree(folder, copy)
+    vae_file = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(vae_file)), copy / "vae" / "diffusion_pytorch_model.bin")
+    vae_file.unlink()
+    unet_file = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(unet_file))
+    keys = sorted(sd)
+    shards = {"unet-1.safetensors": keys[: len(keys) // 2], "unet-2.safetensors": keys[len(keys) // 2:]}
+    for shard, names in shards.items():
+        save_file({k: sd[k] for k in names}, str(copy / "unet" / shard))
+    (copy / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: shard for shard, names in shards.items() for k in names}}))
+    unet_file.unlink()
+    with pytest.raises(ModelError, match=r"diffusion_pytorch_model.bin: pickle"):
+        load_checkpoint(copy)
+    m = load_checkpoint(copy, allow_pickle=True)
+    ref = load_checkpoint(folder)
+    for name in ("unet", "vae"):
+        _assert_same_weights(ref.components[name], m.components[name], name)

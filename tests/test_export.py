@@ -185,6 +185,18 @@ def test_precision_and_hash_changes_reexport(tmp_path, counted, sd1_vae):
     assert other.manifest["key"]["model_hash"] == "h2"
 
 
+def test_changed_weights_reexport_even_with_the_same_hash(tmp_path, counted):
+    vae = build_tiny("sd1").components["vae"]
+    first = export_component("vae_decoder", {"vae": vae}, "h1", tmp_path)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)
+    second = export_component("vae_decoder", {"vae": vae}, "h1", tmp_path)
+    assert len(counted) == 2 and second.sha256 != first.sha256
+    feeds = second.descriptor.sample_inputs(batch=1, height=4, width=4)
+    got, ref = run_both({"vae": vae}, second, feeds)
+    assert rel_l2(got["image"], ref["image"]) <= FP32_TOL
+
+
 def test_key_mismatch_or_corruption_rebuilds(tmp_path, counted, sd1_vae):
     art = export_component("vae_decoder", sd1_vae, "h1", tmp_path)
     # a manifest written by another opset/tool version does not match: rebuilt in place
@@ -207,18 +219,18 @@ def test_key_mismatch_or_corruption_rebuilds(tmp_path, counted, sd1_vae):
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_interrupted_export_leaves_nothing_that_loads(tmp_path, counted, monkeypatch, sd1_vae, exc):
-    real_save = xonnx.save_onnx
+    real = xonnx.consolidate
 
-    def half_written(model, path):
-        path.write_bytes(b"\x08\x07partial")  # a truncated graph, then the crash
+    def half_written(src, dst):
+        dst.write_bytes(b"\x08\x07partial")  # a truncated graph, then the crash
         raise exc
 
-    monkeypatch.setattr(xonnx, "save_onnx", half_written)
+    monkeypatch.setattr(xonnx, "consolidate", half_written)
     with pytest.raises(type(exc)):
         export_component("vae_decoder", sd1_vae, "h1", tmp_path)
     component_dir = tmp_path / "h1" / "vae_decoder"
     assert list(component_dir.iterdir()) == []  # no final dir, no temp dir
-    monkeypatch.setattr(xonnx, "save_onnx", real_save)
+    monkeypatch.setattr(xonnx, "consolidate", real)
     art = export_component("vae_decoder", sd1_vae, "h1", tmp_path)
     assert len(counted) == 2  # the interrupted one did not count as cached
     ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
@@ -297,3 +309,25 @@ def test_progress_callback(tmp_path, sd1_vae):
     export_component("vae_decoder", sd1_vae, "h1", tmp_path, precision="fp16",
                      progress=lambda what, done, total: events.append((what, done, total)))
     assert events == [("vae_decoder: onnx-fp32", 1, 2), ("vae_decoder: onnx-fp16", 2, 2)]
+
+
+def test_consolidate_streams_per_tensor_files_into_one(tmp_path, sd1_vae):
+    """What the legacy exporter writes above 2 GB (one file per tensor) becomes graph + ONE data file."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    art = export_component("vae_decoder", sd1_vae, "h1", tmp_path / "cache")
+    model = onnx.load(str(art.path))
+    convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=64)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    onnx.save_model(model, str(raw / "model.onnx"))
+    assert len(list(raw.iterdir())) > 10
+    out = tmp_path / "out"
+    out.mkdir()
+    xonnx.consolidate(raw / "model.onnx", out / "model.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    feeds = art.descriptor.sample_inputs(batch=1, height=4, width=4)
+    latent = {"latent": feeds["latent"].numpy()}
+    a = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"]).run(None, latent)
+    b = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, latent)
+    np.testing.assert_array_equal(a[0], b[0])

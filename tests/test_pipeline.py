@@ -189,4 +189,4 @@ def test_controlnet_unit_changes_image_and_is_reported(engines):
     # a unit outside its guidance window runs no ControlNet at all: same image as without
     off = dataclasses.replace(unit, guidance_start=1.0, guidance_end=1.0)
     late = engines("torch").generate(dataclasses.replace(base, controlnet_units=(off,), steps=4))
-    assert mad(plain.images[0], late.images[0]) < mad(plain.images[0], ctrl.images[0])
+    assert mad(plain.images[0], late.images[0]) == 0.0

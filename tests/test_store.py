@@ -55,6 +55,14 @@ def test_symlink_escaping_the_store(small_store, tmp_path):
     assert "evil.safetensors" not in [e.name for e in store.entries()]
     with pytest.raises(UnsafeModelPath, match="evil.safetensors.*outside the model store"):
         store.resolve("evil.safetensors")
+    with pytest.raises(UnsafeModelPath, match="evil.*outside the model store"):
+        store.resolve("evil")
+    with pytest.raises(UnsafeModelPath, match="evil-dir.*outside the model store"):
+        store.resolve("evil-dir")
+    # the same for ControlNets and VAEs
+    (small_store / "ControlNet" / "evil-cn.safetensors").symlink_to(target)
+    with pytest.raises(UnsafeModelPath, match="evil-cn.safetensors.*outside the model store"):
+        store.resolve("evil-cn.safetensors", Kind.CONTROLNET)
     # a symlink inside the store pointing inside the store is fine
     (small_store / "Stable-diffusion" / "alias.safetensors").symlink_to(
         small_store / "Stable-diffusion" / "tiny-sd1.safetensors")
@@ -202,3 +210,32 @@ def test_checkpoint_cache_is_bounded(small_store):
     b = store.load_model("tiny-sd1-diffusers")
     assert a is not b and store.load_model("tiny-sd1-diffusers") is b
     assert store.load_model("tiny-sd1") is not a  # evicted, loaded again
+
+
+def test_controlnet_titles_and_legacy_hash(tiny_model_store, caplog):
+    """sd-webui-controlnet names models "stem [old 8-hex model_hash]" (sha256 of 64 KiB at 1 MiB); both the
+    title and the hash round-trip through resolve without a hash-mismatch warning."""
+    import logging
+
+    entry = tiny_model_store.resolve("tiny-controlnet-sdxl", Kind.CONTROLNET)
+    data = entry.path.read_bytes()
+    assert len(data) > 0x110000
+    expected = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    title = tiny_model_store.controlnet_title(entry)
+    assert title == f"tiny-controlnet-sdxl [{expected}]"
+    with caplog.at_level(logging.WARNING, logger="engine.models.store"):
+        assert tiny_model_store.resolve(title, Kind.CONTROLNET) == entry
+    assert not [r for r in caplog.records if "requested hash" in r.getMessage()]
+
+
+def test_default_checkpoint(small_store, tiny_store, tmp_path):
+    store = ModelStore(small_store, bundled=None)
+    assert store.default_checkpoint().name == "tiny-sd1-diffusers"
+    assert store.default_checkpoint("tiny-sd1").name == "tiny-sd1.safetensors"
+    bundled = tmp_path / "bundled"
+    (bundled / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy2(tiny_store / "Stable-diffusion" / "tiny-sd1.safetensors",
+                 bundled / "Stable-diffusion" / "sdengine-demo.safetensors")
+    assert ModelStore(small_store, bundled=bundled).default_checkpoint().bundled
+    with pytest.raises(ModelNotFound, match="no checkpoints"):
+        ModelStore(tmp_path / "empty", bundled=None).default_checkpoint()

@@ -138,6 +138,9 @@ _RESULTS = {
     "parse_from_file": lambda path: True,
     "build_serialized_network": lambda net, cfg: b"PLAN",
     "serialize": lambda: b"TIMING",
+    "refit_from_file": lambda path: True,
+    "get_missing_weights": lambda: [],
+    "refit_cuda_engine": lambda: True,
 }
 
 
@@ -146,6 +149,8 @@ def fake_tensorrt(log):
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
     trt.Builder = lambda logger: _Rec(log, "builder")
     trt.OnnxParser = lambda network, logger: _Rec(log, "parser")
+    trt.Refitter = lambda engine, logger: _Rec(log, "refitter")
+    trt.OnnxParserRefitter = lambda refitter, logger: _Rec(log, "parser_refitter")
     trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", BF16="BF16", REFIT="REFIT")
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     return trt
@@ -183,3 +188,15 @@ def test_failed_parse_leaves_no_engine(unet_onnx, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="could not parse"):
         xtrt.build_engine(prepared, ShapeConfig(), "fp16", tmp_path)
     assert not (tmp_path / "tiny-sd1").exists()
+
+
+def test_refit_calls_and_missing_weights(tmp_path, monkeypatch):
+    log: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(log))
+    xtrt.refit_engine(object(), tmp_path / "model.onnx")
+    assert [c for c, _ in log] == ["parser_refitter.refit_from_file", "refitter.get_missing_weights",
+                                   "refitter.refit_cuda_engine"]
+    assert log[0][1] == (str(tmp_path / "model.onnx"),)
+    monkeypatch.setitem(_RESULTS, "get_missing_weights", lambda: ["unet.conv_in.weight"])
+    with pytest.raises(RuntimeError, match="lacks 1 weights"):
+        xtrt.refit_engine(object(), tmp_path / "model.onnx")

@@ -9,7 +9,9 @@ onnxruntime build lacks raises :class:`BackendUnavailable` naming it and listing
   input and output tensors and one binding: feeds are copied into the static inputs, the outputs are
   preallocated from the descriptor's output shapes, and ORT runs on torch's current stream
   (``user_compute_stream``). With ``cuda_graph=True`` the CUDA EP captures one CUDA graph per shape
-  (``enable_cuda_graph`` + the ``gpu_graph_id`` run option), which the static buffers make legal.
+  (``enable_cuda_graph`` + the ``gpu_graph_id`` run option), which the static buffers make legal; ORT then
+  keeps its own stream (capture is illegal on torch's legacy default stream) and torch's stream is
+  synchronised before each run. ORT synchronises its stream at the end of every run.
   Outputs are returned as clones, so they stay valid after the next run.
 - TensorRT EP: fp16 flag, engine and timing caches under the artefact directory, and min/opt/max profile
   shapes from the descriptor and a ShapeConfig.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -165,6 +168,7 @@ class OnnxRuntimeBackend(ComponentsMixin):
         self._sessions: dict[str, Any] = {}
         self._bound: dict[str, OrderedDict] = {}
         self._graph_ids = 0
+        self._lock = threading.Lock()  # one export / session creation at a time
 
     # -- sessions ---------------------------------------------------------------------------------------
     def artefact(self, component: str):
@@ -177,7 +181,8 @@ class OnnxRuntimeBackend(ComponentsMixin):
 
     def providers_for(self, component: str, artefact_dir: Path | None = None) -> list[tuple[str, dict]]:
         stream = None
-        if self.io_binding and self.config.device != "cpu":
+        # CUDA graphs cannot be captured on torch's legacy default stream: ORT keeps its own stream then
+        if self.io_binding and self.config.device != "cpu" and not self.cuda_graph:
             import torch
 
             stream = torch.cuda.current_stream(self.config.device).cuda_stream
@@ -192,21 +197,25 @@ class OnnxRuntimeBackend(ComponentsMixin):
 
     def session(self, component: str):
         if component not in self._sessions:
-            import onnxruntime as ort
-
-            if not self.has(component):
-                self.descriptor(component)  # raises InvalidRequest naming what the model has
-            art = self.artefact(component)
-            providers = self.providers_for(component, art.directory)
-            if self.use_trt_ep:
-                providers[0][1]["trt_engine_cache_path"] = str(art.directory / "ort-tensorrt")
-                (art.directory / "ort-tensorrt").mkdir(exist_ok=True)
-            log.info("%s: onnxruntime session on %s", component, [p for p, _ in providers])
-            self._sessions[component] = ort.InferenceSession(
-                str(art.path), sess_options=session_options(self.config),
-                providers=[p for p, _ in providers], provider_options=[o for _, o in providers],
-            )
+            with self._lock:
+                if component not in self._sessions:
+                    self._sessions[component] = self._create_session(component)
         return self._sessions[component]
+
+    def _create_session(self, component: str):
+        import onnxruntime as ort
+
+        if not self.has(component):
+            self.descriptor(component)  # raises InvalidRequest naming what the model has
+        art = self.artefact(component)
+        providers = self.providers_for(component, art.directory)
+        if self.use_trt_ep:
+            (art.directory / "ort-tensorrt").mkdir(exist_ok=True)
+        log.info("%s: onnxruntime session on %s", component, [p for p, _ in providers])
+        return ort.InferenceSession(
+            str(art.path), sess_options=session_options(self.config),
+            providers=[p for p, _ in providers], provider_options=[o for _, o in providers],
+        )
 
     # -- running ----------------------------------------------------------------------------------------
     def run(self, component: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
@@ -247,6 +256,8 @@ class OnnxRuntimeBackend(ComponentsMixin):
         with torch.no_grad():
             for name, static in bound.inputs.items():
                 static.copy_(torch.as_tensor(feeds[name]))
+        if self.cuda_graph and self.config.device != "cpu":
+            torch.cuda.current_stream(self.config.device).synchronize()  # ORT runs on its own stream
         session.run_with_iobinding(bound.binding, bound.run_options)
         out = {n: t.float().clone() for n, t in bound.outputs.items()}
         if self.config.device == "cpu":

@@ -367,15 +367,24 @@ def _strip_text_model(module, sd: Mapping) -> dict:
     return {k.removeprefix("text_model."): v for k, v in sd.items()}
 
 
-def _build_clip(config: Mapping, converted: Mapping, path, what: str, dtype, projection: bool):
+def _meta_clip(config: Mapping, projection: bool):
+    """A transformers CLIP text model on the meta device (no memory, no init)."""
+    import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    cfg = _text_config(config)
-    with __import__("torch").device("meta"):
-        probe = cls(cfg)
-    sd = _strip_text_model(probe, converted)
-    return _build(lambda: cls(cfg), sd, path, what, dtype)
+    with torch.device("meta"):
+        return cls(_text_config(config))
+
+
+def _build_clip(config: Mapping, converted: Mapping, path, what: str, dtype, projection: bool):
+    """Assign converted weights (``text_model.``-prefixed or flat) to a CLIP text model of ``config``.
+
+    transformers 5's CLIPTextModel is flat (``embeddings...``); CLIPTextModelWithProjection keeps
+    ``text_model.``; diffusers' converters emit ``text_model.`` keys, so the prefix is dropped when flat.
+    """
+    module = _meta_clip(config, projection)
+    return _build(lambda: module, _strip_text_model(module, converted), path, what, dtype)
 
 
 def _sd2_openclip_subset(state_dict: Mapping, prefix: str) -> dict:
@@ -389,7 +398,6 @@ def _sd2_openclip_subset(state_dict: Mapping, prefix: str) -> dict:
 def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype) -> dict:
     """Text encoders + tokenizers of a single-file checkpoint (diffusers' clip conversion functions)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
-    from transformers import CLIPTextModel
 
     from engine.models.convert import SD2_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX
     from engine.models.tokenizer import clip_tokenizer
@@ -403,18 +411,12 @@ def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path,
         out["text_encoder"] = _build_clip(configs["text_encoder"], conv, path, "text_encoder", dtype, False)
     if arch is Arch.SD2:
         sub = _sd2_openclip_subset(state_dict, SD2_OPENCLIP_PREFIX)
-        cfg = _text_config(configs["text_encoder"])
-        with __import__("torch").device("meta"):
-            probe = CLIPTextModel(cfg)
+        probe = _meta_clip(configs["text_encoder"], False)
         conv = convert_open_clip_checkpoint(probe, sub, prefix=SD2_OPENCLIP_PREFIX)
         out["text_encoder"] = _build_clip(configs["text_encoder"], conv, path, "text_encoder", dtype, False)
     if arch is Arch.SDXL:
-        from transformers import CLIPTextModelWithProjection
-
         sub = {k: v for k, v in state_dict.items() if k.startswith(SDXL_OPENCLIP_PREFIX)}
-        cfg = _text_config(configs["text_encoder_2"])
-        with __import__("torch").device("meta"):
-            probe = CLIPTextModelWithProjection(cfg)
+        probe = _meta_clip(configs["text_encoder_2"], True)
         conv = convert_open_clip_checkpoint(probe, sub, prefix=SDXL_OPENCLIP_PREFIX)
         out["text_encoder_2"] = _build_clip(configs["text_encoder_2"], conv, path, "text_encoder_2", dtype, True)
     out["tokenizer"] = clip_tokenizer(pads[0])
@@ -543,12 +545,58 @@ def _result(name, path, arch, prediction, sha256, native, components, sched) -> 
                        components=components, alphas_cumprod=scheduler_alphas_cumprod(sched), scheduler_config=sched)
 
 
+# weight file names of a diffusers / transformers component folder, safetensors first
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _folder_state_dict(sub: Path, names: tuple[str, ...], allow_pickle: bool) -> dict:
+    """The weights of one component folder: a single file or a sharded ``*.index.json`` (pickles per policy)."""
+    for name in names:
+        index = sub / f"{name}.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map") or {}
+            shards = sorted(set(weight_map.values()))
+            if any(Path(s).name != s for s in shards):
+                raise ModelError(index, "shard names must be plain file names")
+            out: dict = {}
+            for shard in shards:
+                out.update(read_state_dict(sub / shard, allow_pickle)[0])
+            return out
+        if (sub / name).is_file():
+            return read_state_dict(sub / name, allow_pickle)[0]
+    raise ModelError(sub, f"no weights found (looked for {', '.join(names)} and sharded indexes)")
+
+
+def _diffusers_module(sub: Path, cls, allow_pickle: bool, dtype, what: str):
+    """A diffusers model from ``sub/config.json`` + its weights, built on the meta device (no random init)."""
+    cfg_file = sub / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(sub, f"{what}: config.json is missing")
+    config = _read_json(cfg_file)
+    sd = _folder_state_dict(sub, _DIFFUSERS_WEIGHTS, allow_pickle)
+    return _build(lambda: cls.from_config(config), sd, sub, what, dtype)
+
+
+def _transformers_clip(sub: Path, projection: bool, allow_pickle: bool, dtype, what: str):
+    config = _read_json(sub / "config.json")
+    if not config:
+        raise ModelError(sub, f"{what}: config.json is missing")
+    config = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "dtype",
+                                                             "torch_dtype", "_name_or_path")}
+    sd = _folder_state_dict(sub, _TRANSFORMERS_WEIGHTS, allow_pickle)
+    return _build_clip(config, sd, sub, what, dtype, projection)
+
+
 def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None, sha256: str = "",
-                          dtype=None) -> LoadedModel:
-    """Load a diffusers pipeline folder (``model_index.json``) with ``local_files_only=True``."""
+                          allow_pickle: bool = False, dtype=None) -> LoadedModel:
+    """Load a diffusers pipeline folder (``model_index.json``): configs and weights from the folder only.
+
+    Modules are built on the meta device and the weights assigned (as for single files), so nothing is
+    fetched and ``.bin`` (pickle) weights follow the same ``allow_pickle`` policy as single files.
+    """
     import torch
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from engine.models.tokenizer import clip_tokenizer
 
@@ -557,19 +605,14 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
     arch = detect_folder_arch(folder)
     if arch is None or arch.kind is not Kind.CHECKPOINT:
         raise ModelError(folder, "unknown architecture: not a SD1.x/SD2.x/SDXL diffusers pipeline folder")
-    try:
-        components: dict[str, Any] = {
-            "unet": _unet_class().from_pretrained(folder, subfolder="unet", local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype),
-            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype),
-            "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, dtype=dtype),
-        }
-        if arch is Arch.SDXL:
-            components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-                folder / "text_encoder_2", local_files_only=True, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ModelError(folder, f"cannot load diffusers folder: {exc}") from exc
-    for key in list(components):
-        components[key] = components[key].eval().requires_grad_(False)
+    components: dict[str, Any] = {
+        "unet": _diffusers_module(folder / "unet", _unet_class(), allow_pickle, dtype, "unet"),
+        "vae": _diffusers_module(folder / "vae", AutoencoderKL, allow_pickle, dtype, "vae"),
+        "text_encoder": _transformers_clip(folder / "text_encoder", False, allow_pickle, dtype, "text_encoder"),
+    }
+    if arch is Arch.SDXL:
+        components["text_encoder_2"] = _transformers_clip(folder / "text_encoder_2", True, allow_pickle, dtype,
+                                                          "text_encoder_2")
     pads = FAMILIES[arch].text_pads
     components["tokenizer"] = clip_tokenizer(pads[0])
     if len(pads) > 1:
@@ -586,7 +629,6 @@ def load_checkpoint(path: str | os.PathLike, **kwargs) -> LoadedModel:
     """A checkpoint file or diffusers folder (see :func:`load_single_file`, :func:`load_diffusers_folder`)."""
     path = Path(path)
     if path.is_dir():
-        kwargs.pop("allow_pickle", None)
         return load_diffusers_folder(path, **kwargs)
     return load_single_file(path, **kwargs)
 
@@ -599,10 +641,7 @@ def load_vae(path: str | os.PathLike, *, config: Mapping | None = None, allow_pi
     dtype = dtype or torch.float32
     path = Path(path)
     if path.is_dir():
-        try:
-            return AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype).eval().requires_grad_(False)
-        except (OSError, ValueError) as exc:
-            raise ModelError(path, f"cannot load diffusers VAE folder: {exc}") from exc
+        return _diffusers_module(path, AutoencoderKL, allow_pickle, dtype, "vae")
     state_dict, metadata = read_state_dict(path, allow_pickle)
     arch = detect_arch({k: tuple(v.shape) for k, v in state_dict.items()})
     if arch not in (Arch.VAE, Arch.SD1, Arch.SD2, Arch.SDXL):
@@ -626,11 +665,7 @@ def load_controlnet(path: str | os.PathLike, *, name: str | None = None, sha256:
         arch = detect_folder_arch(path)
         if arch is None or not arch.is_controlnet:
             raise ModelError(path, "unknown architecture: not a diffusers ControlNet folder")
-        try:
-            module = ControlNetModel.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise ModelError(path, f"cannot load diffusers ControlNet folder: {exc}") from exc
-        module = module.eval().requires_grad_(False)
+        module = _diffusers_module(path, ControlNetModel, allow_pickle, dtype, "controlnet")
     else:
         state_dict, metadata = read_state_dict(path, allow_pickle)
         arch = detect_arch({k: tuple(v.shape) for k, v in state_dict.items()})

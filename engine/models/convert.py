@@ -255,6 +255,26 @@ def infer_arch(components: Mapping[str, Any]):
     return Arch.SD2 if components["text_encoder"].config.hidden_act == "gelu" else Arch.SD1
 
 
+def _canonical_header(path: str) -> None:
+    """Rewrite a safetensors header in place with sorted metadata keys.
+
+    safetensors stores ``__metadata__`` from a hash map, so its key order (and the file's bytes and hash)
+    changes from process to process; sorted keys make the file, and its webui hash, deterministic.
+    """
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+        text = json.dumps(ordered, separators=(",", ":")).encode()
+        if len(text) > n:  # cannot happen (same content, compact JSON); keep the file as written
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
 def save_single_file(components: Mapping[str, Any], path: str | os.PathLike, configs: Mapping[str, dict] | None = None,
                      prediction_type: str = "epsilon", arch=None, native_size: int | None = None) -> Path:
     """Write diffusers ``components`` as one webui ``.safetensors`` file, atomically.
@@ -281,6 +301,7 @@ def save_single_file(components: Mapping[str, Any], path: str | os.PathLike, con
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        _canonical_header(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

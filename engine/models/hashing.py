@@ -40,6 +40,17 @@ def short_hash(sha256: str) -> str:
     return sha256[:SHORT_HASH_LEN]
 
 
+def legacy_model_hash(path: str | os.PathLike) -> str | None:
+    """The webui's old 8-hex ``model_hash``: sha256 of 64 KiB at offset 1 MiB (sd-webui-controlnet still
+    shows it in ControlNet names such as ``control_v11p_sd15_canny [d14c016b]``). ``None`` for folders."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
 class HashCache:
     """sha256 of files and diffusers folders, cached in a JSON file keyed by (path, size, mtime)."""
 

@@ -36,7 +36,7 @@ from engine.models.checkpoints import (
     LoadedModel,
     detect_path_arch,
 )
-from engine.models.hashing import HashCache, short_hash
+from engine.models.hashing import HashCache, legacy_model_hash, short_hash
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ _VAE_FILE = re.compile(r"\.vae\.(safetensors|pt|ckpt|bin)$", re.I)
 _HASH_SUFFIX = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MAX_SUGGESTIONS = 8
+# the bundled demo models (engine/models/bundled), used when a request names no model
+DEMO_CHECKPOINT = "sdengine-demo.safetensors"
+DEMO_CONTROLNET = "sdengine-demo-canny.safetensors"
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,9 @@ class ModelStore:
             out.append((self.bundled, True))
         return out
 
-    def _scan(self, kind: Kind) -> list[ModelEntry]:
+    def _scan(self, kind: Kind, include_escaping: bool = False) -> list[ModelEntry]:
+        """Top-level entries of ``kind``; those resolving outside their root only with ``include_escaping``
+        (so that resolution can name them in an UnsafeModelPath error instead of "not found")."""
         entries, seen = [], set()
         for root, is_bundled in self.roots():
             folder = root / SUBDIRS[kind]
@@ -148,7 +153,7 @@ class ModelStore:
                     continue
                 if not self._is_model(path, kind):
                     continue
-                if not _inside(path, root):
+                if not include_escaping and not _inside(path, root):
                     log.warning("ignoring %s: it resolves outside the model store %s", path, root)
                     continue
                 seen.add(path.name)
@@ -187,13 +192,17 @@ class ModelStore:
     # ------------------------------------------------------------------------------------------ resolution
 
     def resolve(self, name: str, kind: Kind = Kind.CHECKPOINT, field: str = "model") -> ModelEntry:
-        """The entry a payload ``name`` means (webui matching). Raises UnsafeModelPath / ModelNotFound."""
+        """The entry a payload ``name`` means (webui matching). Raises UnsafeModelPath / ModelNotFound.
+
+        ``kind`` is a :class:`Kind` or its value ("checkpoint", "vae", "controlnet").
+        """
+        kind = Kind(kind)
         check_name(name, field)
-        entries = self._scan(kind)
+        entries = self._scan(kind, include_escaping=True)
         wanted, want_hash = name.strip(), None
         exact = [e for e in entries if e.name == wanted]
         if exact:
-            return self._checked(exact[0], None)
+            return self._checked(exact[0], None, field)
         if m := _HASH_SUFFIX.match(wanted):
             wanted, want_hash = m[1], m[2].lower()
         candidates = [
@@ -205,12 +214,13 @@ class ModelStore:
         for match in candidates:
             found = [e for e in entries if match(e)]
             if found:
-                return self._checked(found[0], want_hash)
-        # a name that exists on disk but was not listed (a symlink escaping the store, a sub-folder)
+                return self._checked(found[0], want_hash, field)
+        # a symlink escaping the store that is not a model (e.g. to a folder): still name it as unsafe
         for root, _ in self.roots():
-            for cand in (root / SUBDIRS[kind] / wanted,):
-                if os.path.lexists(cand) and not _inside(cand, root):
-                    raise UnsafeModelPath(str(cand), f"{field}: {name!r} resolves outside the model store {root}")
+            cand = root / SUBDIRS[kind] / wanted
+            if os.path.lexists(cand) and not _inside(cand, root):
+                raise UnsafeModelPath(str(cand), f"{field}: {name!r} resolves outside the model store {root}")
+        entries = [e for e in entries if _inside(e.path, e.root)]
         if want_hash and not wanted:  # "[hash]" alone: match by hash
             for e in entries:
                 if self.hashes.sha256(e.path).startswith(want_hash):
@@ -220,15 +230,35 @@ class ModelStore:
         raise ModelNotFound(name, f"{field}: no {kind.value} of this name in {self.root / SUBDIRS[kind]}"
                                   f"{' or the bundled models' if self.bundled else ''} (available: {available}{more})")
 
-    def _checked(self, entry: ModelEntry, want_hash: str | None) -> ModelEntry:
-        if not _inside(entry.path, entry.root):  # re-check at use time (the link may have changed)
-            raise UnsafeModelPath(str(entry.path), f"resolves outside the model store {entry.root}")
+    def _checked(self, entry: ModelEntry, want_hash: str | None, field: str) -> ModelEntry:
+        if not _inside(entry.path, entry.root):
+            raise UnsafeModelPath(str(entry.path), f"{field}: {entry.name!r} resolves outside the model store "
+                                                   f"{entry.root}")
         if want_hash:
             sha = self.hashes.sha256(entry.path)
-            if not sha.startswith(want_hash):
+            if not sha.startswith(want_hash) and legacy_model_hash(entry.path) != want_hash:
                 log.warning("%s: requested hash %s, the file has %s; using the file", entry.name, want_hash,
                             short_hash(sha))
         return entry
+
+    def default_checkpoint(self, preferred: str | None = None) -> ModelEntry:
+        """The checkpoint used when a request names none: ``preferred`` (EngineConfig.default_model), else
+        the bundled demo model, else the first checkpoint listed. ModelNotFound when the store is empty."""
+        if preferred:
+            return self.resolve(preferred, Kind.CHECKPOINT, field="default_model")
+        entries = self._scan(Kind.CHECKPOINT)
+        for e in entries:
+            if e.name == DEMO_CHECKPOINT and e.bundled:
+                return e
+        if not entries:
+            raise ModelNotFound(str(self.root / SUBDIRS[Kind.CHECKPOINT]), "no checkpoints in the model store "
+                                "and no bundled demo model")
+        return entries[0]
+
+    def controlnet_title(self, entry: ModelEntry) -> str:
+        """The name sd-webui-controlnet lists for a ControlNet: ``"{stem} [{legacy 8-hex hash}]"``."""
+        legacy = legacy_model_hash(entry.path)
+        return f"{entry.stem} [{legacy}]" if legacy else entry.stem
 
     def resolve_vae(self, checkpoint: ModelEntry, vae: str | None = VAE_AUTOMATIC) -> Path | None:
         """The external VAE file for ``checkpoint``: ``None`` means the checkpoint's own VAE.

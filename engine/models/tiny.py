@@ -193,6 +193,8 @@ def save_diffusers_folder(model: TinyModel, folder) -> None:
     import tempfile
     from pathlib import Path
 
+    import diffusers
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
@@ -202,7 +204,7 @@ def save_diffusers_folder(model: TinyModel, folder) -> None:
             comps["controlnet"].save_pretrained(tmp, safe_serialization=True)
         else:
             index = {"_class_name": "StableDiffusionXLPipeline" if "text_encoder_2" in comps else "StableDiffusionPipeline",
-                     "_diffusers_version": __import__("diffusers").__version__,
+                     "_diffusers_version": diffusers.__version__,
                      "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
             for name, module in comps.items():
                 if name.startswith("tokenizer"):
