@@ -80,18 +80,8 @@ class Engine:
         return self._store
 
     def default_model_name(self) -> str:
-        if self.config.default_model:
-            return self.config.default_model
-        from engine.models.checkpoints import Kind
-
-        entries = self.store.entries(Kind.CHECKPOINT)
-        for entry in entries:
-            if entry.stem == DEMO_MODEL:
-                return entry.stem
-        if not entries:
-            raise InvalidRequest("stable_diffusion_model", f"no checkpoint in the model store {self.config.models_dir}",
-                                 "a .safetensors checkpoint or diffusers folder under Stable-diffusion/")
-        return entries[0].stem
+        """EngineConfig.default_model, else the bundled demo model, else the store's first checkpoint."""
+        return self.store.default_checkpoint(self.config.default_model).name
 
     def runtime(self, name: str | None, vae: str = "Automatic") -> _Runtime:
         from engine.backends import create_backend
@@ -300,9 +290,6 @@ class Engine:
             "precision": self.config.precision.value,
             "timings": {k: round(v, 6) for k, v in timings.items()},
         }
-
-
-DEMO_MODEL = "sdengine-demo"
 
 
 class _ModelCall:

@@ -227,13 +227,13 @@ class ModelStore:
                     return e
         available = ", ".join(e.name for e in entries[:_MAX_SUGGESTIONS]) or "none"
         more = f", ... ({len(entries)} in all)" if len(entries) > _MAX_SUGGESTIONS else ""
-        raise ModelNotFound(name, f"{field}: no {kind.value} of this name in {self.root / SUBDIRS[kind]}"
+        raise ModelNotFound(name, f"{field}: no {kind.value} of this name in the store's {SUBDIRS[kind]}/"
                                   f"{' or the bundled models' if self.bundled else ''} (available: {available}{more})")
 
     def _checked(self, entry: ModelEntry, want_hash: str | None, field: str) -> ModelEntry:
         if not _inside(entry.path, entry.root):
-            raise UnsafeModelPath(str(entry.path), f"{field}: {entry.name!r} resolves outside the model store "
-                                                   f"{entry.root}")
+            # the message names the request's value, never the server's file system
+            raise UnsafeModelPath(entry.name, f"{field}: resolves outside the model store")
         if want_hash:
             sha = self.hashes.sha256(entry.path)
             if not sha.startswith(want_hash) and legacy_model_hash(entry.path) != want_hash:
