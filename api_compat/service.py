@@ -81,8 +81,10 @@ class _Worker:
                 if not self.queue:
                     return
                 task = self.queue.popleft()
-                task.status = Status.RUNNING
                 task.started = time.time()
+                # the record says running before any reader can see it running (a crash then reads "running")
+                service.store.set_running(task.task_id, task.started)
+                task.status = Status.RUNNING
                 self.running = task
             try:
                 service._run(self, task)
@@ -308,7 +310,6 @@ class LocalService:
 
     def _run(self, worker: _Worker, task: _Task) -> None:
         """Run one task to a final state; every exception ends as a failed task, never in the worker."""
-        self.store.set_running(task.task_id, task.started)
         first = time.monotonic()
 
         def progress(step: int, steps: int) -> None:
