@@ -22,7 +22,12 @@ $(STAMP): pyproject.toml requirements-pins.txt
 test: setup
 	$(BIN)/python -m pytest -q
 
+DEMO_CKPT := engine/models/bundled/Stable-diffusion/sdengine-demo.safetensors
 demo: setup
+	@if [ ! -f $(DEMO_CKPT) ] && [ -z "$$(ls models/Stable-diffusion 2>/dev/null)" ]; then \
+	  echo "NOTE: no trained demo model is bundled in this checkout: writing tiny models with RANDOM weights"; \
+	  echo "      to ./models (the picture will be noise-like, not the prompt)."; \
+	  $(BIN)/sdengine models write-tiny models; fi
 	$(BIN)/sdengine txt2img --prompt "a red circle on a blue background" --steps 20 --seed 1 --output outputs/demo.png
 
 bench: setup
