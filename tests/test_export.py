@@ -274,15 +274,16 @@ def test_sdxl_vae_stays_fp32_by_policy(exported, export_cache):
 def test_gpu_flavour_optimizer_on_tiny_unet(exported, export_cache):
     """The ORT transformer optimizer (GPU flavour) runs on the tiny UNet and fuses CUDA-only ops.
 
-    Its attention fusion crashes on numpy >= 2.4 (ORT <= 1.32); the guard retries without it and the
-    manifest says so. The fused graph holds CUDA-EP ops, so the CPU EP must refuse it.
+    Its attention fusion crashes on numpy >= 2.4 (ORT <= 1.32) unless export.optimize.numpy24_fix is in
+    place; with it, MultiHeadAttention is fused. The fused graph holds CUDA-EP ops: the CPU EP must refuse it.
     """
     modules, _ = exported("sd1")
     art = export_component("unet", modules, "tiny-sd1", export_cache, gpu_optimize=True)
     info = art.manifest["info"]["optimizer"]
-    assert info["model_type"] == "unet" and isinstance(info["attention_fusion"], bool)
+    assert info == {"model_type": "unet", "attention_fusion": True}  # numpy24_fix made the fusion work
     ops = {n.op_type for n in onnx.load(str(art.path)).graph.node}
     assert ops & {"GroupNorm", "NhwcConv", "SkipGroupNorm", "BiasSplitGelu"}
+    assert "MultiHeadAttention" in ops
     with pytest.raises(Exception, match="NOT_IMPLEMENTED|implementation"):
         ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
 
@@ -331,3 +332,16 @@ def test_consolidate_streams_per_tensor_files_into_one(tmp_path, sd1_vae):
     a = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"]).run(None, latent)
     b = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, latent)
     np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_numpy24_fix_is_scoped():
+    """The corrected get_num_heads is in place only inside the context; onnxruntime's own is restored."""
+    import sys
+
+    from export.optimize import _num_heads, numpy24_fix
+
+    with numpy24_fix():
+        patched = [m.FusionAttentionUnet for n, m in list(sys.modules.items())
+                   if n.rsplit(".", 1)[-1] == "fusion_attention_unet"]
+        assert patched and all(c.get_num_heads is _num_heads for c in patched)
+    assert all(c.get_num_heads is not _num_heads for c in patched)
