@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="training output folder (default training/out)")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the generated images")
+    p.add_argument("--shipped", action="store_true",
+                   help="evaluate the shipped single files (engine/models/bundled) through the engine's loaders")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -282,7 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "vae":
         print(json.dumps({"vae_reconstruction": vae_accuracy(args.out)}, indent=1))
         return
-    mods = load_modules(args.out, controlnet=args.what == "controlnet")
+    if args.shipped:
+        from training.export import CHECKPOINT, CONTROLNET, load_shipped
+
+        mods = load_shipped(CHECKPOINT, CONTROLNET if args.what == "controlnet" else None)
+    else:
+        mods = load_modules(args.out, controlnet=args.what == "controlnet")
     for cfg in args.cfg:
         if args.what == "model":
             acc, rows, images = evaluate_model(mods, steps=args.steps, cfg=cfg, seed=args.seed)

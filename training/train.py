@@ -105,24 +105,26 @@ class Deadline:
 
 
 def cosine_lr(opt, base: float, frac: float, warmup: float = 0.02) -> None:
-    lr = base * min(1.0, frac / warmup) if frac < warmup else base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    lr = base * frac / warmup if frac < warmup else base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
     for g in opt.param_groups:
         g["lr"] = lr
 
 
 # -- stage 1: VAE ------------------------------------------------------------------------------------------
-def train_vae(minutes: float, batch: int = 32, lr: float = 2e-3) -> None:
+def train_vae(minutes: float, batch: int = 32, lr: float = 2e-3, resume: bool = False) -> None:
+    """Train the VAE (L1 + MSE reconstruction, small KL); ``resume`` continues from ``out/vae``."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEED + int(resume))
     train, _ = S.split()
-    vae = AutoencoderKL(**VAE)
+    vae = AutoencoderKL.from_pretrained(OUT / "vae") if resume else AutoencoderKL(**VAE)
+    step0 = json.loads((OUT / "vae" / "train_state.json").read_text())["step"] if resume else 0
     log.info("VAE params: %d", sum(p.numel() for p in vae.parameters()))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     dl = Deadline(minutes, 180)
-    step, ema = 0, None
+    step, ema = step0, None
     while not dl.over():
-        cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start))
+        cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start), warmup=0.0 if resume else 0.02)
         _, imgs = S.sample_batch(train, batch, SEED + step)
         x = to_tensor(imgs)
         post = vae.encode(x).latent_dist
@@ -352,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, nargs="+", default=None,
                    help="time budget per stage (one value, or three for 'all': vae unet controlnet)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="vae: continue from out/vae")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -359,8 +364,11 @@ def main(argv: list[str] | None = None) -> None:
     budgets = args.minutes or [{"vae": 15, "unet": 60, "controlnet": 20, "decoder": 30}[s] for s in stages]
     if len(budgets) == 1 and len(stages) > 1:
         budgets = budgets * len(stages)
+    opts = {k: v for k, v in (("batch", args.batch), ("lr", args.lr)) if v is not None}
+    if args.resume:
+        opts["resume"] = True
     for stage, minutes in zip(stages, budgets):
-        STAGES[stage](minutes)
+        STAGES[stage](minutes, **opts)
 
 
 if __name__ == "__main__":
