@@ -26,6 +26,10 @@ def test_checkpoint_loads_as_tiny_sd1_with_real_vocab():
     assert len(vae.config.block_out_channels) == 4  # x8, as ControlNet's hint embedding needs
     assert 0.05 < vae.config.scaling_factor < 20  # 1/std of the latents, not SD's 0.18215 by accident
     assert m.scheduler_config["beta_schedule"] == SCHEDULER["beta_schedule"]
+    # the loader's noise schedule is the one the model was trained with (float32 training copy: 1e-6)
+    from training.train import alphas_cumprod
+
+    assert abs(m.alphas_cumprod - alphas_cumprod().double().numpy()).max() < 1e-6
 
 
 @pytest.mark.skipif(not CONTROLNET.exists(), reason="ControlNet not exported yet")

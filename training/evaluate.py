@@ -2,9 +2,9 @@
 
 :func:`analyse` reads a 64x64 RGB image with no knowledge of the prompt: the background is the median
 colour of the border, object pixels are those far from it, objects are the connected components of
-those pixels; colour = nearest palette colour of the object cores, shape = fill ratio of each object's
-bounding box (triangle 0.5, circle 0.79, square 1.0), size = bounding-box side, position = nearest
-anchor of the group's centroid, count = number of components. :func:`score` compares that with the
+those pixels; colour = nearest palette colour of the object cores, shape = where each object's soft
+coverage lies in its bounding box (mass in the top half: triangle; filled corners: square; else circle),
+size = bounding-box side, position = nearest anchor of the group's centroid, count = number of components. :func:`score` compares that with the
 :class:`~training.scenes.Scene` the prompt describes. It is calibrated on the generator's own images
 (:func:`ground_truth_accuracy`, ~100%).
 
@@ -31,7 +31,8 @@ log = logging.getLogger("training.evaluate")
 ATTRIBUTES = ("count", "size", "colour", "shape", "position", "background")
 OBJECT_DISTANCE = 60.0  # RGB distance from the background above which a pixel belongs to an object
 MIN_AREA = 12  # pixels; smaller components are noise
-TRIANGLE_MAX_FILL, CIRCLE_MAX_FILL = 0.66, 0.89
+TRIANGLE_MAX_TOP = 0.36  # share of the mass in the top half of the box (triangle 0.25, circle/square 0.5)
+CORNER, SQUARE_MIN_CORNER = 0.25, 0.46  # corner boxes of 25% of the side: square 0.6-1, circle 0.1-0.42
 LARGE_MIN_SIDE = 21
 
 
@@ -49,6 +50,24 @@ def _nearest(palette: dict[str, tuple[int, int, int]], rgb: np.ndarray) -> str:
     names = list(palette)
     d = np.linalg.norm(np.array([palette[n] for n in names], np.float32) - rgb[None], axis=1)
     return names[int(d.argmin())]
+
+
+def _shape(a: np.ndarray) -> str:
+    """Shape of one object from its soft coverage ``a`` over its bounding box.
+
+    An upward triangle has a quarter of its mass in the top half of the box (circle, square: a half); a
+    square fills the corners of its box, a circle leaves them empty.
+    """
+    h, w = a.shape
+    mass = a.sum()
+    if mass <= 0:
+        return "circle"
+    top = a[: h // 2].sum() + (a[h // 2].sum() / 2 if h % 2 else 0)
+    if top / mass < TRIANGLE_MAX_TOP:
+        return "triangle"
+    cy, cx = max(1, round(h * CORNER)), max(1, round(w * CORNER))
+    corners = np.mean([a[:cy, :cx].mean(), a[:cy, -cx:].mean(), a[-cy:, :cx].mean(), a[-cy:, -cx:].mean()])
+    return "square" if corners > SQUARE_MIN_CORNER else "circle"
 
 
 def analyse(image: np.ndarray) -> Detection:
@@ -71,14 +90,18 @@ def analyse(image: np.ndarray) -> Detection:
         return Detection(0, None, None, None, None, background)
     keep = np.isin(labels, comps)
     core = keep & (dist >= 0.7 * dist[keep].max())
-    colour = _nearest(S.COLOURS, np.median(img[core], axis=0))
-    fills, sides = [], []
+    obj_rgb = np.median(img[core], axis=0)
+    colour = _nearest(S.COLOURS, obj_rgb)
+    # soft coverage: 0 at the background colour, 1 at the object colour (robust to blurred edges)
+    alpha = np.clip(dist / max(float(np.linalg.norm(obj_rgb - bg_rgb)), 1.0), 0, 1)
+    shapes, sides = [], []
     for i in comps:
-        w, h, area = stats[i, cv2.CC_STAT_WIDTH], stats[i, cv2.CC_STAT_HEIGHT], stats[i, cv2.CC_STAT_AREA]
-        fills.append(area / float(w * h))
+        x, y, w, h = (stats[i, k] for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
+                                             cv2.CC_STAT_HEIGHT))
+        a = alpha[y:y + h, x:x + w] * (labels[y:y + h, x:x + w] == i)
+        shapes.append(_shape(a))
         sides.append(max(w, h))
-    fill = float(np.median(fills))
-    shape = "triangle" if fill < TRIANGLE_MAX_FILL else "circle" if fill < CIRCLE_MAX_FILL else "square"
+    shape = max(set(shapes), key=shapes.count)
     if len(comps) == 1:
         size = "large" if sides[0] >= LARGE_MIN_SIDE else "small"
     else:

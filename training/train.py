@@ -243,20 +243,32 @@ def load_vae():
 
 
 # -- stage 2: UNet + text encoder --------------------------------------------------------------------------
-def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 12000) -> None:
+def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 12000, resume: bool = False) -> None:
+    """Train the UNet and the text encoder jointly (eps, min-SNR-5, 10% empty captions, EMA saved).
+
+    ``resume`` continues from the saved (EMA) weights with a fresh optimizer and schedule.
+    """
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEED + 17 * int(resume))
     vae = load_vae()
     t0 = time.monotonic()
-    data = build_latent_dataset(vae, n_data, SEED + 7)
+    data = build_latent_dataset(vae, n_data, SEED + 7 + int(resume))
     ids_all = tokenize(data["captions"])
     empty_ids = tokenize([""])[0]
     log.info("encoded %d latents in %.0fs (std %.3f)", n_data, time.monotonic() - t0, data["latents"].std())
     minutes -= (time.monotonic() - t0) / 60
-    te = CLIPTextModel(CLIPTextConfig(**TEXT))
-    unet = UNet2DConditionModel(**UNET)
+    step = 0
+    if resume:
+        te = CLIPTextModel.from_pretrained(OUT / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(OUT / "unet")
+        step = json.loads((OUT / "unet" / "train_state.json").read_text())["step"]
+    else:
+        te = CLIPTextModel(CLIPTextConfig(**TEXT))
+        unet = UNet2DConditionModel(**UNET)
+    te.train()
+    unet.train()
     log.info("text encoder params %d, unet params %d", sum(p.numel() for p in te.parameters()),
              sum(p.numel() for p in unet.parameters()))
     params = list(unet.parameters()) + list(te.parameters())
@@ -264,9 +276,9 @@ def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 
     ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     ema_te = {k: v.detach().clone() for k, v in te.state_dict().items()}
     ac = alphas_cumprod()
-    g = torch.Generator().manual_seed(SEED + 1)
+    g = torch.Generator().manual_seed(SEED + 1 + step)
     dl = Deadline(minutes, 240)
-    step, run = 0, None
+    run, step0 = None, step
     while not dl.over():
         frac = (time.monotonic() - dl.start) / (dl.end - dl.start)
         cosine_lr(opt, lr, frac)
@@ -289,7 +301,7 @@ def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(0.999, (1 + step - step0) / (10 + step - step0))
         with torch.no_grad():
             for ema, mod in ((ema_unet, unet), (ema_te, te)):
                 for k, v in mod.state_dict().items():
