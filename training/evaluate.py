@@ -284,11 +284,49 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 10, scale: int = 2) ->
     cv2.imwrite(str(path), grid[:, :, ::-1])
 
 
+DEMO_PROMPTS = (
+    "a large red circle in the middle on a blue background",
+    "two green squares at the top on a black background",
+    "three yellow triangles on the left on a gray background",
+    "a small purple square at the bottom on a white background",
+    "a large yellow triangle on the right on a black background",
+    "three blue circles at the bottom on a white background",
+)
+
+
+def write_samples(mods: dict, dest: Path, *, steps: int = 20, cfg: float = 7.0, seed: int = 0,
+                  scale: int = 4) -> list[Path]:
+    """PNGs of :data:`DEMO_PROMPTS` (upscaled ``scale``x, nearest) plus a README listing prompt and settings."""
+    import cv2
+
+    dest.mkdir(parents=True, exist_ok=True)
+    images = generate(mods, list(DEMO_PROMPTS), steps=steps, cfg=cfg, seed=seed)
+    paths, lines = [], ["# Demo model samples", "",
+                        f"64x64 outputs, shown {scale}x (nearest). DDIM {steps} steps, CFG {cfg}, seed {seed}, "
+                        "batch of all prompts (`python -m training.evaluate samples`).", ""]
+    for i, (prompt, im) in enumerate(zip(DEMO_PROMPTS, images)):
+        path = dest / f"{i:02d}-{prompt.replace(' ', '-')}.png"
+        big = cv2.resize(im, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        cv2.imwrite(str(path), big[:, :, ::-1])
+        ok = score(_scene_of(prompt), analyse(im))["all"]
+        lines.append(f"- `{path.name}`: \"{prompt}\" (evaluator: {'right' if ok else 'wrong'})")
+        paths.append(path)
+    (dest / "README.md").write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def _scene_of(caption: str) -> S.Scene:
+    for s in S.all_scenes():
+        if s.caption == caption:
+            return s
+    raise ValueError(f"not a scene caption: {caption!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
     p = argparse.ArgumentParser(description="Evaluate the demo model")
-    p.add_argument("what", choices=["ground-truth", "vae", "model", "controlnet"])
+    p.add_argument("what", choices=["ground-truth", "vae", "model", "controlnet", "samples"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, nargs="+", default=[7.0])
     p.add_argument("--seed", type=int, default=0)
@@ -313,6 +351,11 @@ def main(argv: list[str] | None = None) -> None:
         mods = load_shipped(CHECKPOINT, CONTROLNET if args.what == "controlnet" else None)
     else:
         mods = load_modules(args.out, controlnet=args.what == "controlnet")
+    if args.what == "samples":
+        dest = args.grid or Path("docs/demo")
+        for path in write_samples(mods, dest, steps=args.steps, cfg=args.cfg[0], seed=args.seed):
+            log.info("wrote %s", path)
+        return
     for cfg in args.cfg:
         if args.what == "model":
             acc, rows, images = evaluate_model(mods, steps=args.steps, cfg=cfg, seed=args.seed)
