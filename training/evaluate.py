@@ -215,7 +215,13 @@ def generate(mods: dict, captions: list[str], *, steps: int = 20, cfg: float = 7
 
 
 def heldout_scenes(n: int = 100) -> list[S.Scene]:
+    """The 100 held-out prompt combinations (never seen in training)."""
     return S.split(n)[1]
+
+
+def validation_scenes(n: int = 50, seed: int = 7) -> list[S.Scene]:
+    """``n`` training combinations, for choosing sampler settings without looking at the held-out set."""
+    return random.Random(seed).sample(S.split()[0], n)
 
 
 def evaluate_model(mods: dict, *, steps: int = 20, cfg: float = 7.0, seed: int = 0, batch: int = 50,
@@ -335,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shipped", action="store_true",
                    help="evaluate the shipped single files (engine/models/bundled) through the engine's loaders")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--validation", action="store_true",
+                   help="model: score 50 training combinations instead of the held-out ones (to pick --cfg)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -358,8 +366,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     for cfg in args.cfg:
         if args.what == "model":
-            acc, rows, images = evaluate_model(mods, steps=args.steps, cfg=cfg, seed=args.seed)
-            print(json.dumps({"steps": args.steps, "cfg": cfg, **acc}))
+            scenes = validation_scenes() if args.validation else heldout_scenes()
+            acc, rows, images = evaluate_model(mods, steps=args.steps, cfg=cfg, seed=args.seed, scenes=scenes)
+            print(json.dumps({"set": "validation" if args.validation else "held-out", "steps": args.steps,
+                              "cfg": cfg, **acc}))
             for s, det, sc in rows:
                 if not sc["all"]:
                     log.info("miss: %r -> %s", s.caption, asdict(det))
