@@ -275,6 +275,14 @@ def evaluate_controlnet(mods: dict, *, steps: int = 20, cfg: float = 7.0, seed: 
     res["edge_iou_without_controlnet"] = float(np.mean([edge_iou(e, S.canny(o)) for e, o in zip(edges, base)]))
     res["edge_overlap_1px_without_controlnet"] = float(
         np.mean([edge_iou(e, S.canny(o), 1) for e, o in zip(edges, base)]))
+    # The ControlNet's own contribution: empty prompt, so only the edges can say where the shapes go.
+    for name, ctl in (("empty_prompt", edges), ("empty_prompt_without_controlnet", None)):
+        out = np.concatenate([
+            generate(mods, [""] * len(scenes[i:i + batch]), steps=steps, cfg=cfg, seed=seed + i,
+                     control=None if ctl is None else ctl[i:i + batch])
+            for i in range(0, len(scenes), batch)
+        ])
+        res[f"edge_overlap_1px_{name}"] = float(np.mean([edge_iou(e, S.canny(o), 1) for e, o in zip(edges, out)]))
     return res, scenes, edges, images
 
 

@@ -326,14 +326,16 @@ def _save_ema(unet, te, ema_unet, ema_te, state) -> None:
 
 
 # -- stage 3: ControlNet -----------------------------------------------------------------------------------
-def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: int = 8000) -> None:
+def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: int = 8000,
+                     resume: bool = False) -> None:
+    """Train a ControlNet (from the UNet's weights) on canny edges; ``resume`` continues from ``out/controlnet``."""
     from diffusers import ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(SEED + 3)
     vae = load_vae()
     t0 = time.monotonic()
-    data = build_latent_dataset(vae, n_data, SEED + 11, with_edges=True)
+    data = build_latent_dataset(vae, n_data, SEED + 11 + int(resume), with_edges=True)
     unet = UNet2DConditionModel.from_pretrained(OUT / "unet").eval().requires_grad_(False)
     te = CLIPTextModel.from_pretrained(OUT / "text_encoder").eval().requires_grad_(False)
     with torch.no_grad():
@@ -341,13 +343,19 @@ def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: 
         ctx_all = torch.cat([te(ids_all[i:i + 512]).last_hidden_state for i in range(0, n_data, 512)])
         ctx_empty = te(tokenize([""])).last_hidden_state[0]
     minutes -= (time.monotonic() - t0) / 60
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBED)
+    if resume:
+        cn = ControlNetModel.from_pretrained(OUT / "controlnet")
+        step = json.loads((OUT / "controlnet" / "train_state.json").read_text())["step"]
+    else:
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBED)
+        step = 0
+    cn.train()
     log.info("controlnet params %d", sum(p.numel() for p in cn.parameters()))
     opt = torch.optim.AdamW(cn.parameters(), lr=lr, weight_decay=0.0)
     ac = alphas_cumprod()
     g = torch.Generator().manual_seed(SEED + 4)
-    dl = Deadline(minutes, 180)
-    step, run = 0, None
+    dl = Deadline(minutes, 120)
+    run = None
     while not dl.over():
         cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start))
         idx = torch.randint(0, n_data, (batch,), generator=g)
