@@ -2,9 +2,9 @@
 
 :func:`analyse` reads a 64x64 RGB image with no knowledge of the prompt: the background is the median
 colour of the border, object pixels are those far from it, objects are the connected components of
-those pixels; colour = nearest palette colour of the object cores, shape = fill ratio of each object's
-bounding box (triangle 0.5, circle 0.79, square 1.0), size = bounding-box side, position = nearest
-anchor of the group's centroid, count = number of components. :func:`score` compares that with the
+those pixels; colour = nearest palette colour of the object cores, shape = where each object's soft
+coverage lies in its bounding box (mass in the top half: triangle; filled corners: square; else circle),
+size = bounding-box side, position = nearest anchor of the group's centroid, count = number of components. :func:`score` compares that with the
 :class:`~training.scenes.Scene` the prompt describes. It is calibrated on the generator's own images
 (:func:`ground_truth_accuracy`, ~100%).
 
@@ -31,7 +31,8 @@ log = logging.getLogger("training.evaluate")
 ATTRIBUTES = ("count", "size", "colour", "shape", "position", "background")
 OBJECT_DISTANCE = 60.0  # RGB distance from the background above which a pixel belongs to an object
 MIN_AREA = 12  # pixels; smaller components are noise
-TRIANGLE_MAX_FILL, CIRCLE_MAX_FILL = 0.66, 0.89
+TRIANGLE_MAX_TOP = 0.36  # share of the mass in the top half of the box (triangle 0.25, circle/square 0.5)
+CORNER, SQUARE_MIN_CORNER = 0.25, 0.46  # corner boxes of 25% of the side: square 0.6-1, circle 0.1-0.42
 LARGE_MIN_SIDE = 21
 
 
@@ -49,6 +50,24 @@ def _nearest(palette: dict[str, tuple[int, int, int]], rgb: np.ndarray) -> str:
     names = list(palette)
     d = np.linalg.norm(np.array([palette[n] for n in names], np.float32) - rgb[None], axis=1)
     return names[int(d.argmin())]
+
+
+def _shape(a: np.ndarray) -> str:
+    """Shape of one object from its soft coverage ``a`` over its bounding box.
+
+    An upward triangle has a quarter of its mass in the top half of the box (circle, square: a half); a
+    square fills the corners of its box, a circle leaves them empty.
+    """
+    h, w = a.shape
+    mass = a.sum()
+    if mass <= 0:
+        return "circle"
+    top = a[: h // 2].sum() + (a[h // 2].sum() / 2 if h % 2 else 0)
+    if top / mass < TRIANGLE_MAX_TOP:
+        return "triangle"
+    cy, cx = max(1, round(h * CORNER)), max(1, round(w * CORNER))
+    corners = np.mean([a[:cy, :cx].mean(), a[:cy, -cx:].mean(), a[-cy:, :cx].mean(), a[-cy:, -cx:].mean()])
+    return "square" if corners > SQUARE_MIN_CORNER else "circle"
 
 
 def analyse(image: np.ndarray) -> Detection:
@@ -71,14 +90,18 @@ def analyse(image: np.ndarray) -> Detection:
         return Detection(0, None, None, None, None, background)
     keep = np.isin(labels, comps)
     core = keep & (dist >= 0.7 * dist[keep].max())
-    colour = _nearest(S.COLOURS, np.median(img[core], axis=0))
-    fills, sides = [], []
+    obj_rgb = np.median(img[core], axis=0)
+    colour = _nearest(S.COLOURS, obj_rgb)
+    # soft coverage: 0 at the background colour, 1 at the object colour (robust to blurred edges)
+    alpha = np.clip(dist / max(float(np.linalg.norm(obj_rgb - bg_rgb)), 1.0), 0, 1)
+    shapes, sides = [], []
     for i in comps:
-        w, h, area = stats[i, cv2.CC_STAT_WIDTH], stats[i, cv2.CC_STAT_HEIGHT], stats[i, cv2.CC_STAT_AREA]
-        fills.append(area / float(w * h))
+        x, y, w, h = (stats[i, k] for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
+                                             cv2.CC_STAT_HEIGHT))
+        a = alpha[y:y + h, x:x + w] * (labels[y:y + h, x:x + w] == i)
+        shapes.append(_shape(a))
         sides.append(max(w, h))
-    fill = float(np.median(fills))
-    shape = "triangle" if fill < TRIANGLE_MAX_FILL else "circle" if fill < CIRCLE_MAX_FILL else "square"
+    shape = max(set(shapes), key=shapes.count)
     if len(comps) == 1:
         size = "large" if sides[0] >= LARGE_MIN_SIDE else "small"
     else:
@@ -192,7 +215,13 @@ def generate(mods: dict, captions: list[str], *, steps: int = 20, cfg: float = 7
 
 
 def heldout_scenes(n: int = 100) -> list[S.Scene]:
+    """The 100 held-out prompt combinations (never seen in training)."""
     return S.split(n)[1]
+
+
+def validation_scenes(n: int = 50, seed: int = 7) -> list[S.Scene]:
+    """``n`` training combinations, for choosing sampler settings without looking at the held-out set."""
+    return random.Random(seed).sample(S.split()[0], n)
 
 
 def evaluate_model(mods: dict, *, steps: int = 20, cfg: float = 7.0, seed: int = 0, batch: int = 50,
@@ -246,6 +275,14 @@ def evaluate_controlnet(mods: dict, *, steps: int = 20, cfg: float = 7.0, seed: 
     res["edge_iou_without_controlnet"] = float(np.mean([edge_iou(e, S.canny(o)) for e, o in zip(edges, base)]))
     res["edge_overlap_1px_without_controlnet"] = float(
         np.mean([edge_iou(e, S.canny(o), 1) for e, o in zip(edges, base)]))
+    # The ControlNet's own contribution: empty prompt, so only the edges can say where the shapes go.
+    for name, ctl in (("empty_prompt", edges), ("empty_prompt_without_controlnet", None)):
+        out = np.concatenate([
+            generate(mods, [""] * len(scenes[i:i + batch]), steps=steps, cfg=cfg, seed=seed + i,
+                     control=None if ctl is None else ctl[i:i + batch])
+            for i in range(0, len(scenes), batch)
+        ])
+        res[f"edge_overlap_1px_{name}"] = float(np.mean([edge_iou(e, S.canny(o), 1) for e, o in zip(edges, out)]))
     return res, scenes, edges, images
 
 
@@ -261,17 +298,59 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 10, scale: int = 2) ->
     cv2.imwrite(str(path), grid[:, :, ::-1])
 
 
+DEMO_PROMPTS = (
+    "a large red circle in the middle on a blue background",
+    "two green squares at the top on a black background",
+    "three yellow triangles on the left on a gray background",
+    "a small purple square at the bottom on a white background",
+    "a large yellow triangle on the right on a black background",
+    "three blue circles at the bottom on a white background",
+)
+
+
+def write_samples(mods: dict, dest: Path, *, steps: int = 20, cfg: float = 7.0, seed: int = 0,
+                  scale: int = 4) -> list[Path]:
+    """PNGs of :data:`DEMO_PROMPTS` (upscaled ``scale``x, nearest) plus a README listing prompt and settings."""
+    import cv2
+
+    dest.mkdir(parents=True, exist_ok=True)
+    images = generate(mods, list(DEMO_PROMPTS), steps=steps, cfg=cfg, seed=seed)
+    paths, lines = [], ["# Demo model samples", "",
+                        f"64x64 outputs, shown {scale}x (nearest). DDIM {steps} steps, CFG {cfg}, seed {seed}, "
+                        "batch of all prompts (`python -m training.evaluate samples`).", ""]
+    for i, (prompt, im) in enumerate(zip(DEMO_PROMPTS, images)):
+        path = dest / f"{i:02d}-{prompt.replace(' ', '-')}.png"
+        big = cv2.resize(im, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        cv2.imwrite(str(path), big[:, :, ::-1])
+        ok = score(_scene_of(prompt), analyse(im))["all"]
+        lines.append(f"- `{path.name}`: \"{prompt}\" (evaluator: {'right' if ok else 'wrong'})")
+        paths.append(path)
+    (dest / "README.md").write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def _scene_of(caption: str) -> S.Scene:
+    for s in S.all_scenes():
+        if s.caption == caption:
+            return s
+    raise ValueError(f"not a scene caption: {caption!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
     p = argparse.ArgumentParser(description="Evaluate the demo model")
-    p.add_argument("what", choices=["ground-truth", "vae", "model", "controlnet"])
+    p.add_argument("what", choices=["ground-truth", "vae", "model", "controlnet", "samples"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, nargs="+", default=[7.0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="training output folder (default training/out)")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the generated images")
+    p.add_argument("--shipped", action="store_true",
+                   help="evaluate the shipped single files (engine/models/bundled) through the engine's loaders")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--validation", action="store_true",
+                   help="model: score 50 training combinations instead of the held-out ones (to pick --cfg)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -282,11 +361,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "vae":
         print(json.dumps({"vae_reconstruction": vae_accuracy(args.out)}, indent=1))
         return
-    mods = load_modules(args.out, controlnet=args.what == "controlnet")
+    if args.shipped:
+        from training.export import CHECKPOINT, CONTROLNET, load_shipped
+
+        mods = load_shipped(CHECKPOINT, CONTROLNET if args.what == "controlnet" else None)
+    else:
+        mods = load_modules(args.out, controlnet=args.what == "controlnet")
+    if args.what == "samples":
+        dest = args.grid or Path("docs/demo")
+        for path in write_samples(mods, dest, steps=args.steps, cfg=args.cfg[0], seed=args.seed):
+            log.info("wrote %s", path)
+        return
     for cfg in args.cfg:
         if args.what == "model":
-            acc, rows, images = evaluate_model(mods, steps=args.steps, cfg=cfg, seed=args.seed)
-            print(json.dumps({"steps": args.steps, "cfg": cfg, **acc}))
+            scenes = validation_scenes() if args.validation else heldout_scenes()
+            acc, rows, images = evaluate_model(mods, steps=args.steps, cfg=cfg, seed=args.seed, scenes=scenes)
+            print(json.dumps({"set": "validation" if args.validation else "held-out", "steps": args.steps,
+                              "cfg": cfg, **acc}))
             for s, det, sc in rows:
                 if not sc["all"]:
                     log.info("miss: %r -> %s", s.caption, asdict(det))

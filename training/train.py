@@ -40,7 +40,7 @@ TEXT = dict(
 VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=S.SIZE,
+    block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=4, sample_size=S.SIZE,
     scaling_factor=1.0,
 )
 UNET = dict(
@@ -57,6 +57,7 @@ SCHEDULER = dict(
 )
 EMPTY_CAPTION_P = 0.1
 MIN_SNR_GAMMA = 5.0
+OBJECT_WEIGHT = 10.0
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -105,30 +106,50 @@ class Deadline:
 
 
 def cosine_lr(opt, base: float, frac: float, warmup: float = 0.02) -> None:
-    lr = base * min(1.0, frac / warmup) if frac < warmup else base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    lr = base * frac / warmup if frac < warmup else base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
     for g in opt.param_groups:
         g["lr"] = lr
 
 
+def object_weight(x: torch.Tensor, weight: float = OBJECT_WEIGHT) -> torch.Tensor:
+    """Per-pixel loss weights (N, 1, H, W): ``weight`` on and around objects (pixels unlike the corner), 1 else.
+
+    Objects cover a few percent of the pixels; without this the VAE learns the backgrounds first and slowly.
+    """
+    corner = x[:, :, :1, :1]
+    obj = ((x - corner).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    obj = torch.nn.functional.max_pool2d(obj, 5, stride=1, padding=2)  # include the edges around them
+    return 1 + (weight - 1) * obj
+
+
+def weighted_rec(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Object-weighted L1 + MSE reconstruction loss."""
+    w = object_weight(x)
+    d = rec - x
+    return ((d.abs() + d * d) * w).sum() / (w.sum() * x.shape[1])
+
+
 # -- stage 1: VAE ------------------------------------------------------------------------------------------
-def train_vae(minutes: float, batch: int = 32, lr: float = 2e-3) -> None:
+def train_vae(minutes: float, batch: int = 16, lr: float = 2e-3, resume: bool = False) -> None:
+    """Train the VAE (L1 + MSE reconstruction, small KL); ``resume`` continues from ``out/vae``."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEED + int(resume))
     train, _ = S.split()
-    vae = AutoencoderKL(**VAE)
+    vae = AutoencoderKL.from_pretrained(OUT / "vae") if resume else AutoencoderKL(**VAE)
+    step0 = json.loads((OUT / "vae" / "train_state.json").read_text())["step"] if resume else 0
     log.info("VAE params: %d", sum(p.numel() for p in vae.parameters()))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     dl = Deadline(minutes, 180)
-    step, ema = 0, None
+    step, ema = step0, None
     while not dl.over():
-        cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start))
+        cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start), warmup=0.0 if resume else 0.02)
         _, imgs = S.sample_batch(train, batch, SEED + step)
         x = to_tensor(imgs)
         post = vae.encode(x).latent_dist
         z = post.sample()
         rec = vae.decode(z).sample
-        l_rec = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+        l_rec = weighted_rec(rec, x)
         kl = post.kl().mean() / x[0].numel()
         loss = l_rec + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
@@ -146,7 +167,7 @@ def train_vae(minutes: float, batch: int = 32, lr: float = 2e-3) -> None:
     log.info("VAE done: %d steps, rec %.4f, scaling_factor %.4f", step, ema, vae.config.scaling_factor)
 
 
-def train_decoder(minutes: float, batch: int = 32, lr: float = 5e-4) -> None:
+def train_decoder(minutes: float, batch: int = 16, lr: float = 5e-4) -> None:
     """Fine-tune the VAE decoder only (encoder and scaling factor frozen), as SD's ft-MSE decoder was.
 
     Runs beside the UNet stage: the UNet only depends on the encoder's latents.
@@ -171,7 +192,7 @@ def train_decoder(minutes: float, batch: int = 32, lr: float = 5e-4) -> None:
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample
-        l_rec = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+        l_rec = weighted_rec(rec, x)
         opt.zero_grad(set_to_none=True)
         l_rec.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -222,20 +243,32 @@ def load_vae():
 
 
 # -- stage 2: UNet + text encoder --------------------------------------------------------------------------
-def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 12000) -> None:
+def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 12000, resume: bool = False) -> None:
+    """Train the UNet and the text encoder jointly (eps, min-SNR-5, 10% empty captions, EMA saved).
+
+    ``resume`` continues from the saved (EMA) weights with a fresh optimizer and schedule.
+    """
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEED + 17 * int(resume))
     vae = load_vae()
     t0 = time.monotonic()
-    data = build_latent_dataset(vae, n_data, SEED + 7)
+    data = build_latent_dataset(vae, n_data, SEED + 7 + int(resume))
     ids_all = tokenize(data["captions"])
     empty_ids = tokenize([""])[0]
     log.info("encoded %d latents in %.0fs (std %.3f)", n_data, time.monotonic() - t0, data["latents"].std())
     minutes -= (time.monotonic() - t0) / 60
-    te = CLIPTextModel(CLIPTextConfig(**TEXT))
-    unet = UNet2DConditionModel(**UNET)
+    step = 0
+    if resume:
+        te = CLIPTextModel.from_pretrained(OUT / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(OUT / "unet")
+        step = json.loads((OUT / "unet" / "train_state.json").read_text())["step"]
+    else:
+        te = CLIPTextModel(CLIPTextConfig(**TEXT))
+        unet = UNet2DConditionModel(**UNET)
+    te.train()
+    unet.train()
     log.info("text encoder params %d, unet params %d", sum(p.numel() for p in te.parameters()),
              sum(p.numel() for p in unet.parameters()))
     params = list(unet.parameters()) + list(te.parameters())
@@ -243,9 +276,9 @@ def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 
     ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     ema_te = {k: v.detach().clone() for k, v in te.state_dict().items()}
     ac = alphas_cumprod()
-    g = torch.Generator().manual_seed(SEED + 1)
+    g = torch.Generator().manual_seed(SEED + 1 + step)
     dl = Deadline(minutes, 240)
-    step, run = 0, None
+    run, step0 = None, step
     while not dl.over():
         frac = (time.monotonic() - dl.start) / (dl.end - dl.start)
         cosine_lr(opt, lr, frac)
@@ -268,7 +301,7 @@ def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(0.999, (1 + step - step0) / (10 + step - step0))
         with torch.no_grad():
             for ema, mod in ((ema_unet, unet), (ema_te, te)):
                 for k, v in mod.state_dict().items():
@@ -293,14 +326,16 @@ def _save_ema(unet, te, ema_unet, ema_te, state) -> None:
 
 
 # -- stage 3: ControlNet -----------------------------------------------------------------------------------
-def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: int = 8000) -> None:
+def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: int = 8000,
+                     resume: bool = False) -> None:
+    """Train a ControlNet (from the UNet's weights) on canny edges; ``resume`` continues from ``out/controlnet``."""
     from diffusers import ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(SEED + 3)
     vae = load_vae()
     t0 = time.monotonic()
-    data = build_latent_dataset(vae, n_data, SEED + 11, with_edges=True)
+    data = build_latent_dataset(vae, n_data, SEED + 11 + int(resume), with_edges=True)
     unet = UNet2DConditionModel.from_pretrained(OUT / "unet").eval().requires_grad_(False)
     te = CLIPTextModel.from_pretrained(OUT / "text_encoder").eval().requires_grad_(False)
     with torch.no_grad():
@@ -308,13 +343,19 @@ def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: 
         ctx_all = torch.cat([te(ids_all[i:i + 512]).last_hidden_state for i in range(0, n_data, 512)])
         ctx_empty = te(tokenize([""])).last_hidden_state[0]
     minutes -= (time.monotonic() - t0) / 60
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBED)
+    if resume:
+        cn = ControlNetModel.from_pretrained(OUT / "controlnet")
+        step = json.loads((OUT / "controlnet" / "train_state.json").read_text())["step"]
+    else:
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBED)
+        step = 0
+    cn.train()
     log.info("controlnet params %d", sum(p.numel() for p in cn.parameters()))
     opt = torch.optim.AdamW(cn.parameters(), lr=lr, weight_decay=0.0)
     ac = alphas_cumprod()
     g = torch.Generator().manual_seed(SEED + 4)
-    dl = Deadline(minutes, 180)
-    step, run = 0, None
+    dl = Deadline(minutes, 120)
+    run = None
     while not dl.over():
         cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start))
         idx = torch.randint(0, n_data, (batch,), generator=g)
@@ -352,6 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, nargs="+", default=None,
                    help="time budget per stage (one value, or three for 'all': vae unet controlnet)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="vae: continue from out/vae")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -359,8 +403,11 @@ def main(argv: list[str] | None = None) -> None:
     budgets = args.minutes or [{"vae": 15, "unet": 60, "controlnet": 20, "decoder": 30}[s] for s in stages]
     if len(budgets) == 1 and len(stages) > 1:
         budgets = budgets * len(stages)
+    opts = {k: v for k, v in (("batch", args.batch), ("lr", args.lr)) if v is not None}
+    if args.resume:
+        opts["resume"] = True
     for stage, minutes in zip(stages, budgets):
-        STAGES[stage](minutes)
+        STAGES[stage](minutes, **opts)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""Write the trained demo model as webui single-file checkpoints into the bundled model store.
+
+    PYTHONPATH=. python -m training.export
+
+Reads the diffusers folders under ``training/out/`` and writes, through ``engine.models.convert.save_single_file``
+(the webui layout, with the tiny diffusers configs in the safetensors metadata so the loader rebuilds the
+modules), in float16 (the loader casts to its working dtype):
+
+- ``engine/models/bundled/Stable-diffusion/sdengine-demo.safetensors`` (UNet + VAE + CLIP text encoder)
+- ``engine/models/bundled/ControlNet/sdengine-demo-canny.safetensors``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from training.scenes import SIZE
+
+log = logging.getLogger("training.export")
+
+BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "models" / "bundled"
+CHECKPOINT = BUNDLED / "Stable-diffusion" / "sdengine-demo.safetensors"
+CONTROLNET = BUNDLED / "ControlNet" / "sdengine-demo-canny.safetensors"
+
+
+def export(out: Path | None = None, checkpoint: Path = CHECKPOINT, controlnet: Path | None = CONTROLNET,
+           dtype: torch.dtype = torch.float16) -> list[Path]:
+    from engine.models.convert import save_single_file
+    from training.evaluate import load_modules
+
+    mods = load_modules(out, controlnet=controlnet is not None)
+    comps = {k: copy.deepcopy(mods[k]).to(dtype) for k in ("unet", "vae", "text_encoder")}
+    written = [save_single_file(comps, checkpoint, prediction_type="epsilon", native_size=SIZE)]
+    if controlnet is not None:
+        written.append(save_single_file({"controlnet": copy.deepcopy(mods["controlnet"]).to(dtype)}, controlnet))
+    for p in written:
+        log.info("wrote %s (%.1f MB)", p, p.stat().st_size / 1e6)
+    return written
+
+
+def load_shipped(checkpoint: Path = CHECKPOINT, controlnet: Path | None = None) -> dict:
+    """The shipped files loaded through the engine's loaders, as the module dict :mod:`training.evaluate` uses."""
+    from engine.models.checkpoints import load_controlnet, load_single_file
+
+    m = load_single_file(checkpoint)
+    mods = {k: m.components[k] for k in ("unet", "vae", "text_encoder")}
+    if controlnet is not None:
+        mods["controlnet"] = load_controlnet(controlnet).module
+    return mods
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Export the demo model into the bundled store")
+    p.add_argument("--out", type=Path, default=None, help="training output folder (default training/out)")
+    p.add_argument("--no-controlnet", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    export(args.out, controlnet=None if args.no_controlnet else CONTROLNET)
+
+
+if __name__ == "__main__":
+    main()
