@@ -28,7 +28,7 @@ demo: setup
 	  echo "NOTE: no trained demo model is bundled in this checkout: writing tiny models with RANDOM weights"; \
 	  echo "      to ./models (the picture will be noise-like, not the prompt)."; \
 	  $(BIN)/sdengine models write-tiny models; fi
-	$(BIN)/sdengine txt2img --prompt "a red circle on a blue background" --steps 20 --seed 1 --output outputs/demo.png
+	$(BIN)/sdengine txt2img --prompt "a large red circle in the middle on a blue background" --steps 20 --cfg-scale 1.5 --seed 1 --output outputs/demo.png
 
 bench: setup
 	for b in sampler_overhead pipeline_e2e submit_latency; do $(BIN)/python -m benchmarks $$b || exit 1; done
