@@ -49,19 +49,10 @@ class ResizeMode(str, Enum):
     @classmethod
     def parse(cls, value: Any, field_name: str = "resize_mode") -> "ResizeMode":
         """A mode from its name, a legacy alias or the extension's int (0, 1, 2; 3 = "Just Resize")."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            if value == 3:  # 'Just Resize (Latent upscale)'
-                return cls.RESIZE
-            if 0 <= value < len(cls):
-                return list(cls)[value]
-        if isinstance(value, str):
-            value = RESIZE_MODE_ALIASES.get(value, value)
-            for mode in cls:
-                if value == mode.value:
-                    return mode
-        raise InvalidRequest(field_name, f"unknown resize mode {value!r}", ", ".join(repr(m.value) for m in cls))
+        from engine.controlnet.units import parse_mode
+
+        # 3 = 'Just Resize (Latent upscale)'
+        return parse_mode(cls, value, field_name, "resize mode", RESIZE_MODE_ALIASES, {3: cls.RESIZE})
 
 
 RESIZE_MODE_ALIASES = {

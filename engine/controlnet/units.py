@@ -51,6 +51,25 @@ CONTROLNET_COMPONENT_PREFIX = "controlnet:"
 MID_RESIDUAL = "mid_residual"
 
 
+def parse_mode(cls: type[Enum], value: Any, field_name: str, what: str, aliases: dict[str, str] | None = None,
+               ints: dict[int, Enum] | None = None):
+    """A webui/extension enum member from its name, an alias, or the extension's legacy int (member order,
+    plus ``ints`` extras); anything else is an InvalidRequest naming ``field_name`` and the allowed names."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if ints and value in ints:
+            return ints[value]
+        if 0 <= value < len(cls):
+            return list(cls)[value]
+    if isinstance(value, str):
+        value = (aliases or {}).get(value, value)
+        for mode in cls:
+            if value == mode.value:
+                return mode
+    raise InvalidRequest(field_name, f"unknown {what} {value!r}", ", ".join(repr(m.value) for m in cls))
+
+
 class ControlMode(str, Enum):
     """The extension's control modes (external_code.ControlMode), by their API names."""
 
@@ -61,15 +80,7 @@ class ControlMode(str, Enum):
     @classmethod
     def parse(cls, value: Any, field_name: str = "control_mode") -> "ControlMode":
         """A mode from its name, or from the extension's legacy int (0, 1, 2 in this order)."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(cls):
-            return list(cls)[value]
-        if isinstance(value, str):
-            for mode in cls:
-                if value == mode.value:
-                    return mode
-        raise InvalidRequest(field_name, f"unknown control mode {value!r}", ", ".join(repr(m.value) for m in cls))
+        return parse_mode(cls, value, field_name, "control mode")
 
     @property
     def soft_injection(self) -> bool:
