@@ -33,7 +33,7 @@ OBJECT_DISTANCE = 60.0  # RGB distance from the background above which a pixel b
 MIN_AREA = 12  # pixels; smaller components are noise
 TRIANGLE_MAX_TOP = 0.36  # share of the mass in the top half of the box (triangle 0.25, circle/square 0.5)
 CORNER, SQUARE_MIN_CORNER = 0.25, 0.46  # corner boxes of 25% of the side: square 0.6-1, circle 0.1-0.42
-LARGE_MIN_SIDE = 21
+LARGE_MIN_SIDE = 23  # small objects are 16-20 px, large ones 25-31 px
 
 
 @dataclass(frozen=True)

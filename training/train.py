@@ -1,9 +1,8 @@
 """Training loops of the demo model: VAE, then UNet + text encoder, then ControlNet (canny).
 
-    PYTHONPATH=. python -m training.train vae --minutes 20
-    PYTHONPATH=. python -m training.train unet --minutes 60
-    PYTHONPATH=. python -m training.train decoder --minutes 40   # optional, beside the unet stage
-    PYTHONPATH=. python -m training.train controlnet --minutes 20
+    PYTHONPATH=. python -m training.train all        # vae, decoder, unet, controlnet: ~1 h on 2 cores
+    PYTHONPATH=. python -m training.train all --steps 2100 1200 2200 1300   # exact step budgets instead
+    PYTHONPATH=. python -m training.train unet --minutes 34 [--resume]   # one stage
 
 Each stage writes a diffusers-format folder under ``training/out/`` (``vae/``, ``text_encoder/``, ``unet/``,
 ``controlnet/``) every few minutes through a temporary folder and a rename, so stopping a stage keeps the
@@ -47,7 +46,7 @@ UNET = dict(
     sample_size=S.SIZE // 8, in_channels=4, out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(64, 64), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
+    block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
     norm_num_groups=16,
 )
 CONTROLNET_EMBED = (16, 32, 64, 64)
@@ -56,6 +55,7 @@ SCHEDULER = dict(
     steps_offset=1, clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon",
 )
 EMPTY_CAPTION_P = 0.1
+NO_POSITION_CAPTION_P = 0.15  # the caption without its position phrase: the model places the shapes itself
 MIN_SNR_GAMMA = 5.0
 OBJECT_WEIGHT = 10.0
 
@@ -89,14 +89,30 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 class Deadline:
-    def __init__(self, minutes: float, save_every_s: float):
+    """A stage's budget: ``steps`` optimiser steps when given (exact reruns), else ``minutes`` of wall time.
+
+    ``spent_s`` is time already used by the stage (data preparation) that counts against ``minutes``.
+    """
+
+    def __init__(self, minutes: float, save_every_s: float, steps: int | None = None, spent_s: float = 0.0):
         self.start = time.monotonic()
-        self.end = self.start + minutes * 60
+        self.end = self.start + max(minutes * 60 - spent_s, 0.0)
+        self.steps = steps
+        self.n = 0
         self.save_every = save_every_s
         self.last_save = self.start
 
     def over(self) -> bool:
-        return time.monotonic() >= self.end
+        """True when the budget is spent; call once per step, before it."""
+        done = self.n >= self.steps if self.steps is not None else time.monotonic() >= self.end
+        self.n += 1
+        return done
+
+    def frac(self) -> float:
+        """How much of the budget the current step is into (0..1), for the learning-rate schedule."""
+        if self.steps is not None:
+            return (self.n - 1) / max(self.steps, 1)
+        return (time.monotonic() - self.start) / max(self.end - self.start, 1e-9)
 
     def save_due(self) -> bool:
         if time.monotonic() - self.last_save >= self.save_every:
@@ -130,7 +146,7 @@ def weighted_rec(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # -- stage 1: VAE ------------------------------------------------------------------------------------------
-def train_vae(minutes: float, batch: int = 16, lr: float = 2e-3, resume: bool = False) -> None:
+def train_vae(minutes: float, steps: int | None = None, batch: int = 16, lr: float = 2e-3, resume: bool = False) -> None:
     """Train the VAE (L1 + MSE reconstruction, small KL); ``resume`` continues from ``out/vae``."""
     from diffusers import AutoencoderKL
 
@@ -140,10 +156,10 @@ def train_vae(minutes: float, batch: int = 16, lr: float = 2e-3, resume: bool = 
     step0 = json.loads((OUT / "vae" / "train_state.json").read_text())["step"] if resume else 0
     log.info("VAE params: %d", sum(p.numel() for p in vae.parameters()))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    dl = Deadline(minutes, 180)
+    dl = Deadline(minutes, 180, steps)
     step, ema = step0, None
     while not dl.over():
-        cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start), warmup=0.0 if resume else 0.02)
+        cosine_lr(opt, lr, dl.frac(), warmup=0.0 if resume else 0.02)
         _, imgs = S.sample_batch(train, batch, SEED + step)
         x = to_tensor(imgs)
         post = vae.encode(x).latent_dist
@@ -167,7 +183,7 @@ def train_vae(minutes: float, batch: int = 16, lr: float = 2e-3, resume: bool = 
     log.info("VAE done: %d steps, rec %.4f, scaling_factor %.4f", step, ema, vae.config.scaling_factor)
 
 
-def train_decoder(minutes: float, batch: int = 16, lr: float = 5e-4) -> None:
+def train_decoder(minutes: float, steps: int | None = None, batch: int = 16, lr: float = 5e-4) -> None:
     """Fine-tune the VAE decoder only (encoder and scaling factor frozen), as SD's ft-MSE decoder was.
 
     Runs beside the UNet stage: the UNet only depends on the encoder's latents.
@@ -182,11 +198,11 @@ def train_decoder(minutes: float, batch: int = 16, lr: float = 5e-4) -> None:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    dl = Deadline(minutes, 180)
+    dl = Deadline(minutes, 180, steps)
     step, ema = 0, None
     state = json.loads((OUT / "vae" / "train_state.json").read_text())
     while not dl.over():
-        cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start))
+        cosine_lr(opt, lr, dl.frac())
         _, imgs = S.sample_batch(train, batch, SEED + 10**6 + step)
         x = to_tensor(imgs)
         with torch.no_grad():
@@ -222,7 +238,8 @@ def build_latent_dataset(vae, n: int, seed: int, with_edges: bool = False) -> di
     train, _ = S.split()
     chosen, imgs = S.sample_batch(train, n, seed)
     lat = torch.cat([vae.encode(to_tensor(imgs[i:i + 256])).latent_dist.mean for i in range(0, n, 256)])
-    data = {"latents": lat * vae.config.scaling_factor, "captions": [s.caption for s in chosen]}
+    data = {"latents": lat * vae.config.scaling_factor, "captions": [s.caption for s in chosen],
+            "captions_without_position": [s.caption_without_position for s in chosen]}
     if with_edges:
         edges = np.stack([S.canny(im) for im in imgs])
         data["edges"] = torch.from_numpy(edges).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
@@ -243,8 +260,9 @@ def load_vae():
 
 
 # -- stage 2: UNet + text encoder --------------------------------------------------------------------------
-def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 12000, resume: bool = False) -> None:
-    """Train the UNet and the text encoder jointly (eps, min-SNR-5, 10% empty captions, EMA saved).
+def train_unet(minutes: float, steps: int | None = None, batch: int = 64, lr: float = 1e-3, n_data: int = 24000, resume: bool = False) -> None:
+    """Train the UNet and the text encoder jointly (eps, min-SNR-5, EMA saved); captions: 10% empty, 15%
+    without their position phrase, the rest whole.
 
     ``resume`` continues from the saved (EMA) weights with a fresh optimizer and schedule.
     """
@@ -256,9 +274,10 @@ def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 
     t0 = time.monotonic()
     data = build_latent_dataset(vae, n_data, SEED + 7 + int(resume))
     ids_all = tokenize(data["captions"])
+    ids_nopos = tokenize(data["captions_without_position"])
     empty_ids = tokenize([""])[0]
     log.info("encoded %d latents in %.0fs (std %.3f)", n_data, time.monotonic() - t0, data["latents"].std())
-    minutes -= (time.monotonic() - t0) / 60
+    spent = time.monotonic() - t0
     step = 0
     if resume:
         te = CLIPTextModel.from_pretrained(OUT / "text_encoder")
@@ -277,16 +296,18 @@ def train_unet(minutes: float, batch: int = 64, lr: float = 1e-3, n_data: int = 
     ema_te = {k: v.detach().clone() for k, v in te.state_dict().items()}
     ac = alphas_cumprod()
     g = torch.Generator().manual_seed(SEED + 1 + step)
-    dl = Deadline(minutes, 240)
+    dl = Deadline(minutes, 240, steps, spent)
     run, step0 = None, step
     while not dl.over():
-        frac = (time.monotonic() - dl.start) / (dl.end - dl.start)
+        frac = dl.frac()
         cosine_lr(opt, lr, frac)
         idx = torch.randint(0, n_data, (batch,), generator=g)
         z0 = data["latents"][idx]
         ids = ids_all[idx].clone()
-        drop = torch.rand(batch, generator=g) < EMPTY_CAPTION_P
-        ids[drop] = empty_ids
+        u = torch.rand(batch, generator=g)
+        nopos = (u >= EMPTY_CAPTION_P) & (u < EMPTY_CAPTION_P + NO_POSITION_CAPTION_P)
+        ids[nopos] = ids_nopos[idx][nopos]
+        ids[u < EMPTY_CAPTION_P] = empty_ids
         t = torch.randint(0, 1000, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         a = ac[t].view(-1, 1, 1, 1)
@@ -326,9 +347,14 @@ def _save_ema(unet, te, ema_unet, ema_te, state) -> None:
 
 
 # -- stage 3: ControlNet -----------------------------------------------------------------------------------
-def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: int = 8000,
+def train_controlnet(minutes: float, steps: int | None = None, batch: int = 32, lr: float = 1e-3, n_data: int = 8000,
                      resume: bool = False) -> None:
-    """Train a ControlNet (from the UNet's weights) on canny edges; ``resume`` continues from ``out/controlnet``."""
+    """Train a ControlNet (from the UNet's weights) on canny edges; ``resume`` continues from ``out/controlnet``.
+
+    Captions: half without their position phrase, a quarter empty, a quarter whole. With whole captions
+    only, the prompt already fixes the layout and the ControlNet learns nothing (the first demo model:
+    edge overlap equal with and without it); without the position, only the edges say where the shapes go.
+    """
     from diffusers import ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -339,10 +365,11 @@ def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: 
     unet = UNet2DConditionModel.from_pretrained(OUT / "unet").eval().requires_grad_(False)
     te = CLIPTextModel.from_pretrained(OUT / "text_encoder").eval().requires_grad_(False)
     with torch.no_grad():
-        ids_all = tokenize(data["captions"])
-        ctx_all = torch.cat([te(ids_all[i:i + 512]).last_hidden_state for i in range(0, n_data, 512)])
+        ctx_all, ctx_nopos = (
+            torch.cat([te(ids[i:i + 512]).last_hidden_state for i in range(0, n_data, 512)])
+            for ids in (tokenize(data["captions"]), tokenize(data["captions_without_position"])))
         ctx_empty = te(tokenize([""])).last_hidden_state[0]
-    minutes -= (time.monotonic() - t0) / 60
+    spent = time.monotonic() - t0
     if resume:
         cn = ControlNetModel.from_pretrained(OUT / "controlnet")
         step = json.loads((OUT / "controlnet" / "train_state.json").read_text())["step"]
@@ -354,14 +381,15 @@ def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: 
     opt = torch.optim.AdamW(cn.parameters(), lr=lr, weight_decay=0.0)
     ac = alphas_cumprod()
     g = torch.Generator().manual_seed(SEED + 4)
-    dl = Deadline(minutes, 120)
+    dl = Deadline(minutes, 120, steps, spent)
     run = None
     while not dl.over():
-        cosine_lr(opt, lr, (time.monotonic() - dl.start) / (dl.end - dl.start))
+        cosine_lr(opt, lr, dl.frac())
         idx = torch.randint(0, n_data, (batch,), generator=g)
         z0, cond, ctx = data["latents"][idx], data["edges"][idx], ctx_all[idx].clone()
-        drop = torch.rand(batch, generator=g) < 0.3  # learn to follow edges without the caption too
-        ctx[drop] = ctx_empty
+        u = torch.rand(batch, generator=g)
+        ctx[u < 0.5] = ctx_nopos[idx][u < 0.5]
+        ctx[(u >= 0.5) & (u < 0.75)] = ctx_empty
         t = torch.randint(0, 1000, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         a = ac[t].view(-1, 1, 1, 1)
@@ -384,14 +412,19 @@ def train_controlnet(minutes: float, batch: int = 64, lr: float = 5e-4, n_data: 
     log.info("ControlNet done: %d steps, loss %.4f", step, run)
 
 
-STAGES = {"vae": train_vae, "unet": train_unet, "controlnet": train_controlnet, "decoder": train_decoder}
+STAGES = {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "controlnet": train_controlnet}
+# ``all``: every stage from scratch in order, about an hour on a 2-core CPU.
+ALL_MINUTES = {"vae": 10, "decoder": 4, "unet": 34, "controlnet": 14}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("stage", choices=[*STAGES, "all"])
     p.add_argument("--minutes", type=float, nargs="+", default=None,
-                   help="time budget per stage (one value, or three for 'all': vae unet controlnet)")
+                   help="time budget per stage (one value, or four for 'all': vae decoder unet controlnet)")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="exact step budget per stage instead of --minutes (as many values as stages); the "
+                        "steps each stage reached are in its train_state.json")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="vae: continue from out/vae")
     p.add_argument("--batch", type=int, default=None)
@@ -399,15 +432,21 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    stages = ["vae", "unet", "controlnet"] if args.stage == "all" else [args.stage]
-    budgets = args.minutes or [{"vae": 15, "unet": 60, "controlnet": 20, "decoder": 30}[s] for s in stages]
+    stages = list(ALL_MINUTES) if args.stage == "all" else [args.stage]
+    budgets = args.minutes or [ALL_MINUTES[s] for s in stages]
     if len(budgets) == 1 and len(stages) > 1:
         budgets = budgets * len(stages)
     opts = {k: v for k, v in (("batch", args.batch), ("lr", args.lr)) if v is not None}
     if args.resume:
         opts["resume"] = True
-    for stage, minutes in zip(stages, budgets):
-        STAGES[stage](minutes, **opts)
+    steps = args.steps or [None] * len(stages)
+    if len(steps) == 1 and len(stages) > 1:
+        steps = steps * len(stages)
+    if len(budgets) != len(stages) or len(steps) != len(stages):
+        p.error(f"--minutes/--steps take one value or one per stage ({' '.join(stages)})")
+    for stage, minutes, n in zip(stages, budgets, steps):
+        log.info("stage %s: %s", stage, f"{n} steps" if n is not None else f"{minutes} minutes")
+        STAGES[stage](minutes, steps=n, **opts)
 
 
 if __name__ == "__main__":
