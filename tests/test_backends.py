@@ -127,14 +127,37 @@ def test_feed_errors_name_the_field(backends):
         backends["ort"].run("controlnet", {})
 
 
-def test_torch_backend_autocast_bf16(sd1, backends):
-    """bf16 autocast really runs in bf16: close to fp32 (relL2 < 5e-2) but not identical."""
-    bf16 = create_backend(EngineConfig(backend="torch", precision="bf16"), sd1, "tiny-sd1")
+def test_torch_backend_bf16_casts_weights_once(backends):
+    """bf16 really runs in bf16 (weights cast once, not per call): close to fp32 (relL2 < 5e-2), not equal."""
+    bf16 = create_backend(EngineConfig(backend="torch", precision="bf16"), build_tiny("sd1").components, "tiny-sd1")
     feeds = feeds_for(bf16, "unet", seed=4)
     a = bf16.run("unet", feeds)["model_output"]
     b = backends["torch"].run("unet", feeds)["model_output"]
     assert a.dtype == np.float32
     assert 1e-5 < rel_l2(a, b) < 5e-2
+    assert {p.dtype for p in bf16._wrapper("unet").parameters()} == {torch.bfloat16}
+
+
+def test_torch_backend_fp16_keeps_sdxl_vae_in_fp32():
+    """fp16: the UNet runs in fp16, the SDXL VAE (fp16 overflow, descriptor fp16=False) stays fp32 exactly
+    (reference: the same backend in fp32), as diffusers' force_upcast."""
+    comps32, comps16 = build_tiny("sdxl").components, build_tiny("sdxl").components
+    fp32 = create_backend(EngineConfig(backend="torch"), comps32, "tiny-sdxl")
+    fp16 = create_backend(EngineConfig(backend="torch", precision="fp16"), comps16, "tiny-sdxl")
+    assert not fp16.descriptor("vae_decoder").fp16 and fp16.descriptor("unet").fp16
+    feeds = feeds_for(fp32, "vae_decoder", seed=5)
+    np.testing.assert_array_equal(fp16.run("vae_decoder", feeds)["image"], fp32.run("vae_decoder", feeds)["image"])
+    assert {p.dtype for p in fp16._wrapper("vae_decoder").parameters()} == {torch.float32}
+    assert {p.dtype for p in fp16._wrapper("unet").parameters()} == {torch.float16}
+
+
+def test_cpu_half_precision_warns_when_emulated(caplog, monkeypatch):
+    import engine.backends.torch as tb
+
+    monkeypatch.setattr(tb, "cpu_has_native_half", lambda: False)
+    with caplog.at_level("WARNING", logger="engine.backends.torch"):
+        create_backend(EngineConfig(backend="torch", precision="bf16"), build_tiny("sd1").components, "t")
+    assert "emulated" in caplog.text and "fp32" in caplog.text
 
 
 # -- provider selection --------------------------------------------------------------------------------------

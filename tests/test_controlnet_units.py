@@ -177,3 +177,26 @@ def test_controlnet_residuals_torch_feeds():
 def test_prepared_unit_validates_image_shape():
     with pytest.raises(ValueError):
         PreparedUnit("a", np.zeros((3, 8, 8), np.float32))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_control_image_rows_built_once_per_request(kind):
+    """The control image repeated to the batch rows is built once per (rows, device, dtype) and reused by
+    every later model evaluation (no per-step copy); a different row count gets its own array."""
+    seen = []
+
+    def run(component, feeds):
+        seen.append(feeds["controlnet_cond"])
+        return FakeBackend(n_down=1).run(component, feeds)
+
+    def feeds_of(n):
+        x = np.zeros((n, 2, 2, 2), np.float32)
+        return {"sample": x if kind == "numpy" else torch.from_numpy(x)}
+
+    u = PreparedUnit("a", np.full((1, 3, 8, 8), 0.5, np.float32))
+    for step in range(3):
+        controlnet_residuals(run, [u], step, 3, feeds_of(4))
+    controlnet_residuals(run, [u], 0, 3, feeds_of(2))
+    assert seen[0] is seen[1] is seen[2] and seen[3] is not seen[0]
+    assert tuple(seen[0].shape) == (4, 3, 8, 8) and tuple(seen[3].shape) == (2, 3, 8, 8)
+    assert float(seen[3][1].mean()) == 0.5

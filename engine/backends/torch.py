@@ -1,10 +1,15 @@
 """The torch backend: the export.wrappers modules themselves, eager (optionally torch.compile).
 
 It is the reference every other backend is tested against: the ONNX graphs are traces of these same
-wrappers. Precision by autocast (fp32: none; fp16/bf16: ``torch.autocast`` on the device). CPU: numpy in,
-numpy float32 out. CUDA: torch tensors in (numpy accepted), torch float32 tensors out.
+wrappers. Precision: fp32 runs as is; fp16/bf16 cast each component's weights once (as diffusers'
+``.half()``) and run under ``torch.autocast`` (so fp32 feeds meet half weights, and autocast's fp32 ops
+stay fp32); a component whose descriptor forbids fp16 (the SDXL VAE, which overflows) stays fp32 in an
+fp16 run, as diffusers' ``force_upcast`` does. CPU: numpy in, numpy float32 out. CUDA: torch tensors in
+(numpy accepted), torch float32 tensors out. On a CPU without native bf16/fp16 arithmetic
+(AVX512-BF16/AMX) the half precisions are emulated and far slower than fp32: the backend says so.
 
-The backend moves the modules it runs to ``config.device`` (it owns them from then on).
+The backend moves the modules it runs to ``config.device`` and casts them to their compute dtype, in place
+(it owns them from then on).
 """
 
 from __future__ import annotations
@@ -32,11 +37,26 @@ class TorchBackend(ComponentsMixin):
         self._wrappers: dict[str, Any] = {}
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
+        if self.device.type == "cpu" and self.precision != Precision.FP32 and not cpu_has_native_half():
+            log.warning("precision %s on this CPU (no AVX512-BF16/AMX) is emulated and much slower than fp32 "
+                        "(a 3x3 conv measured ~100x); use precision fp32 on CPU", self.precision.value)
+
+    def _dtype(self, component: str):
+        """The compute dtype of ``component``: the engine's precision, except fp32 for fp16-unsafe ones."""
+        import torch
+
+        if self.precision == Precision.FP16 and not self.descriptor(component).fp16:
+            return torch.float32
+        return {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}.get(self.precision, torch.float32)
 
     def _wrapper(self, component: str):
         if component not in self._wrappers:
             desc = self.descriptor(component)
-            wrapper = desc.wrapper(self._components[desc.source]).eval().to(self.device)
+            dtype = self._dtype(component)
+            module = self._components[desc.source]
+            if next(module.parameters()).dtype != dtype:
+                module.to(dtype=dtype)  # once, in place (the backend owns its modules; no second copy)
+            wrapper = desc.wrapper(module).eval().to(self.device)
             if self.config.torch_compile:
                 import torch
 
@@ -44,11 +64,11 @@ class TorchBackend(ComponentsMixin):
             self._wrappers[component] = wrapper
         return self._wrappers[component]
 
-    def _autocast(self):
+    def _autocast(self, component: str):
         import torch
 
-        dtype = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}.get(self.precision)
-        if dtype is None:
+        dtype = self._dtype(component)
+        if dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
@@ -63,7 +83,7 @@ class TorchBackend(ComponentsMixin):
         desc = self.descriptor(component)
         self._check_feeds(desc, feeds)
         args = [self._tensor(feeds[spec.name], spec.dtype) for spec in desc.inputs]
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(component):
             out = self._wrapper(component)(*args)
         out = out if isinstance(out, (tuple, list)) else (out,)
         result = {}
@@ -71,3 +91,12 @@ class TorchBackend(ComponentsMixin):
             value = value.float()
             result[name] = value.cpu().numpy() if self.device.type == "cpu" else value
         return result
+
+
+def cpu_has_native_half() -> bool:
+    """Whether this CPU has bf16/fp16 arithmetic (AVX512-BF16, AVX512-FP16 or AMX); Linux /proc/cpuinfo."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"))

@@ -114,6 +114,8 @@ class PreparedUnit:
     control_mode: ControlMode = ControlMode.BALANCED
     module: str = "none"
     detected_map: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # control image repeated to n rows, per (n, array kind/device/dtype): built once per request, not per step
+    _rows_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "control_mode", ControlMode.parse(self.control_mode))
@@ -263,6 +265,16 @@ def _scatter_rows(part: Array, rows: np.ndarray, n_rows: int) -> Array:
     return full
 
 
+def _control_rows(unit: PreparedUnit, n_rows: int, ref: Array) -> Array:
+    """``unit.image`` repeated to ``n_rows`` rows as ref's kind, cached on the unit (on a GPU backend this
+    is one host->device copy per request and row count, not one per model evaluation)."""
+    key = (n_rows, type(ref).__name__, str(getattr(ref, "device", "cpu")), str(ref.dtype))
+    cached = unit._rows_cache.get(key)
+    if cached is None:
+        cached = unit._rows_cache[key] = _repeat_rows(unit.image, n_rows, ref)
+    return cached
+
+
 def _repeat_rows(image: np.ndarray, n_rows: int, ref: Array) -> Array:
     img = _like(image, ref)
     if _is_numpy(img):
@@ -303,7 +315,7 @@ def controlnet_residuals(
             continue  # cond-only unit, no conditional row in this batch: contributes nothing
         unit_feeds = dict(feeds) if rows is None else {k: _take_rows(v, rows) for k, v in feeds.items()}
         n_run = n_rows if rows is None else int(rows.size)
-        unit_feeds["controlnet_cond"] = _repeat_rows(unit.image, n_run, feeds["sample"])
+        unit_feeds["controlnet_cond"] = _control_rows(unit, n_run, feeds["sample"])
         outputs = _ordered_outputs(run(component_for(unit.model), unit_feeds))
         if rows is not None:
             outputs = [_scatter_rows(o, rows, n_rows) for o in outputs]
