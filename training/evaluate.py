@@ -384,23 +384,46 @@ DEMO_PROMPTS = (
 )
 
 
-def write_samples(mods: dict, dest: Path, *, steps: int = 20, cfg: float = 7.0, seed: int = 0,
-                  scale: int = 4) -> list[Path]:
-    """PNGs of :data:`DEMO_PROMPTS` (upscaled ``scale``x, nearest) plus a README listing prompt and settings."""
+def write_samples(engine, dest: Path, *, steps: int = 20, cfg: float = 1.5, seed: int = 1,
+                  sampler: str = "Euler a", scale: int = 4) -> list[Path]:
+    """PNGs of :data:`DEMO_PROMPTS` through the product pipeline (upscaled ``scale``x, nearest), a ControlNet
+    pair (control edges, output of a position-free prompt), and a README with prompt beside picture."""
     import cv2
 
     dest.mkdir(parents=True, exist_ok=True)
-    images = generate(mods, list(DEMO_PROMPTS), steps=steps, cfg=cfg, seed=seed)
-    paths, lines = [], ["# Demo model samples", "",
-                        f"64x64 outputs, shown {scale}x (nearest). DDIM {steps} steps, CFG {cfg}, seed {seed}, "
-                        "batch of all prompts (`python -m training.evaluate samples`).", ""]
-    for i, (prompt, im) in enumerate(zip(DEMO_PROMPTS, images)):
-        path = dest / f"{i:02d}-{prompt.replace(' ', '-')}.png"
+    for old in dest.glob("*.png"):
+        old.unlink()
+
+    def put(name: str, im: np.ndarray) -> Path:
+        path = dest / name
         big = cv2.resize(im, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        cv2.imwrite(str(path), big[:, :, ::-1])
+        cv2.imwrite(str(path), big if big.ndim == 2 else big[:, :, ::-1])
+        return path
+
+    images = engine_generate(engine, list(DEMO_PROMPTS), steps=steps, cfg=cfg, seed=seed, sampler=sampler)
+    paths = []
+    lines = ["# Demo model samples", "",
+             f"64x64 outputs of `sdengine-demo`, shown {scale}x (nearest), made through the engine exactly as "
+             f"`sdengine txt2img` makes them: {sampler}, {steps} steps, CFG {cfg}, seed {seed} + row "
+             "(`python -m training.evaluate samples`). The evaluator's verdict is the automatic one.", "",
+             "| prompt | image | evaluator |", "|---|---|---|"]
+    for i, (prompt, im) in enumerate(zip(DEMO_PROMPTS, images)):
+        path = put(f"{i:02d}-{prompt.replace(' ', '-')}.png", im)
         ok = score(_scene_of(prompt), analyse(im))["all"]
-        lines.append(f"- `{path.name}`: \"{prompt}\" (evaluator: {'right' if ok else 'wrong'})")
+        lines.append(f"| {prompt} | ![{prompt}]({path.name}) | {'right' if ok else 'wrong'} |")
         paths.append(path)
+    scene = S.Scene(3, "group", "red", "square", "left", "white")
+    edges = S.canny(S.render(scene, 5))
+    prompt = scene.caption_without_position
+    out = engine_generate(engine, [prompt], steps=steps, cfg=cfg, seed=seed, sampler=sampler, control=edges[None])[0]
+    plain = engine_generate(engine, [prompt], steps=steps, cfg=cfg, seed=seed, sampler=sampler)[0]
+    paths += [put("cn-control-edges.png", edges), put("cn-with-controlnet.png", out),
+              put("cn-without-controlnet.png", plain)]
+    lines += ["", f"ControlNet `sdengine-demo-canny`, prompt \"{prompt}\" (no position in it), control image: "
+              f"canny edges of a scene with the squares on the left, module `none`, weight 1:", "",
+              "| control image | with the ControlNet | without (same seed) |", "|---|---|---|",
+              "| ![edges](cn-control-edges.png) | ![with](cn-with-controlnet.png) | "
+              "![without](cn-without-controlnet.png) |"]
     (dest / "README.md").write_text("\n".join(lines) + "\n")
     return paths
 
@@ -421,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sampler", default="Euler a", help="engine modes: webui sampler name")
     p.add_argument("--backend", default="onnxruntime", help="engine modes: onnxruntime | torch")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, nargs="+", default=[7.0])
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.5])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="training output folder (default training/out)")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the generated images")
@@ -439,6 +462,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.what == "vae":
         print(json.dumps({"vae_reconstruction": vae_accuracy(args.out)}, indent=1))
+        return
+    if args.what == "samples":
+        engine = make_engine(args.backend, threads=args.threads)
+        for path in write_samples(engine, args.grid or Path("docs/demo"), steps=args.steps, cfg=args.cfg[0],
+                                  seed=args.seed or 1, sampler=args.sampler):
+            log.info("wrote %s", path)
         return
     if args.what in ("engine", "engine-controlnet"):
         engine = make_engine(args.backend, threads=args.threads)
@@ -465,11 +494,6 @@ def main(argv: list[str] | None = None) -> None:
         mods = load_shipped(CHECKPOINT, CONTROLNET if args.what == "controlnet" else None)
     else:
         mods = load_modules(args.out, controlnet=args.what == "controlnet")
-    if args.what == "samples":
-        dest = args.grid or Path("docs/demo")
-        for path in write_samples(mods, dest, steps=args.steps, cfg=args.cfg[0], seed=args.seed):
-            log.info("wrote %s", path)
-        return
     for cfg in args.cfg:
         if args.what == "model":
             scenes = validation_scenes() if args.validation else heldout_scenes()
