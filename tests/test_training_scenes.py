@@ -24,6 +24,23 @@ def test_caption_wording():
         "a large red circle in the middle on a blue background"
     assert S.Scene(2, "group", "green", "square", "top", "black").caption == \
         "two green squares at the top on a black background"
+    assert S.Scene(2, "group", "green", "square", "top", "black").caption_without_position == \
+        "two green squares on a black background"
+    assert S.Scene(1, "small", "blue", "triangle", "left", "white").caption_without_position == \
+        "a small blue triangle on a white background"
+
+
+def test_every_object_spans_two_latent_pixels_and_stays_in_the_frame():
+    """Single objects are >= 16 px (2 latent pixels of the x8 VAE), group members >= 12.6 px, and nothing
+    leaves the 64x64 frame by more than the position jitter (large objects at the sides touch the edge)."""
+    import random
+
+    assert S.EXTENT["small"] * 0.9 >= 16 and S.EXTENT["group"] * 0.9 >= 12.5
+    for scene in S.all_scenes():
+        half = S.EXTENT[scene.size] * 1.1 / 2
+        for cx, cy in S.object_centres(scene, random.Random(0)):
+            slack = S.JITTER + (0 if scene.size == "large" else 0.5)
+            assert -slack - 1 <= cx - half and cx + half <= S.SIZE + slack + 1, scene
 
 
 def test_render_is_deterministic_and_seeded():

@@ -49,8 +49,9 @@ POSITION_PHRASES = {
     "bottom": "at the bottom",
     "middle": "in the middle",
 }
-# Object extents in pixels (bounding-box side). Every object spans at least ~2 latent pixels of the x8 VAE
-# (8x8 latents): with 12-14 px objects the shape was below what the VAE keeps (round-trip ceiling 97%).
+# Object extents in pixels (bounding-box side): single objects span >= 2 latent pixels of the x8 VAE (8x8
+# latents), group members ~1.75. The first demo model drew 14 px singles and 12 px group members: their shape
+# was at the edge of what the VAE keeps (round-trip ceiling 97%, shape the only miss of the model).
 EXTENT = {"small": 18, "large": 28, "group": 14}
 GROUP_SPACING = {2: 24, 3: 22}
 JITTER = 2
