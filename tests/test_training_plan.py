@@ -15,13 +15,16 @@ def calls(monkeypatch):
     return seen
 
 
-def test_all_runs_the_plan_in_order_with_stage_options(calls):
-    T.main(["all", "--steps", "10", "20", "30", "40", "50"])
-    assert [c[0] for c in calls] == ["vae", "decoder", "unet", "unet", "controlnet"]
-    assert [c[2]["steps"] for c in calls] == [10, 20, 30, 40, 50]
-    assert calls[3][2]["resume"] is True and calls[3][2]["lr"] == 5e-4
-    assert "resume" not in calls[2][2] and "resume" not in calls[4][2]
+def test_all_runs_the_plan_in_order_with_stage_options(calls, monkeypatch):
+    T.main(["all", "--steps", "10", "20", "30", "40"])
+    assert [c[0] for c in calls] == ["vae", "decoder", "unet", "controlnet"]
+    assert [c[2]["steps"] for c in calls] == [10, 20, 30, 40]
     assert [c[1] for c in calls] == [m for _, m, _ in T.ALL_PLAN]
+    # a stage's own options (a resumed stage, say) reach it, and only it
+    calls.clear()
+    monkeypatch.setattr(T, "ALL_PLAN", [("unet", 5, {}), ("unet", 6, {"resume": True, "lr": 5e-4})])
+    T.main(["all"])
+    assert calls == [("unet", 5, {"steps": None}), ("unet", 6, {"steps": None, "resume": True, "lr": 5e-4})]
 
 
 def test_one_value_applies_to_every_stage_and_a_wrong_count_is_an_error(calls):
