@@ -391,7 +391,7 @@ def write_samples(engine, dest: Path, *, steps: int = 20, cfg: float = 1.5, seed
     import cv2
 
     dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.glob("*.png"):
+    for old in [*dest.glob("0*.png"), *dest.glob("cn-*.png")]:  # not the held-out grid
         old.unlink()
 
     def put(name: str, im: np.ndarray) -> Path:
