@@ -129,6 +129,22 @@ def accuracy(pairs) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in (*ATTRIBUTES, "all")}
 
 
+def scored(scenes, images) -> tuple[dict[str, float], list]:
+    """(accuracy per attribute and ``all``, rows of (scene, detection, score)); each image analysed once."""
+    rows = []
+    for scene, image in zip(scenes, images):
+        det = analyse(image)
+        rows.append((scene, det, score(scene, det)))
+    acc = {k: float(np.mean([r[2][k] for r in rows])) for k in (*ATTRIBUTES, "all")}
+    return acc, rows
+
+
+def control_edges(scenes: list[S.Scene], seed: int = 0) -> np.ndarray:
+    """Canny edges (N, 64, 64) of each scene rendered with its own seed (drawn from ``seed``): control images."""
+    rng = random.Random(seed)
+    return np.stack([S.canny(S.render(s, rng.randrange(2**31))) for s in scenes])
+
+
 def ground_truth_accuracy(n: int = 1000, seed: int = 0, shuffled: bool = False) -> dict[str, float]:
     """Evaluator accuracy on the generator's own images (``shuffled``: against other scenes' captions)."""
     chosen, images = S.sample_batch(S.all_scenes(), n, seed)
@@ -236,9 +252,7 @@ def evaluate_model(mods: dict, *, steps: int = 20, cfg: float = 7.0, seed: int =
         generate(mods, [s.caption for s in scenes[i:i + batch]], steps=steps, cfg=cfg, seed=seed + i)
         for i in range(0, len(scenes), batch)
     ])
-    rows = [(s, analyse(im), score(s, analyse(im))) for s, im in zip(scenes, images)]
-    acc = {k: float(np.mean([r[2][k] for r in rows])) for k in (*ATTRIBUTES, "all")}
-    return acc, rows, images
+    return (*scored(scenes, images), images)
 
 
 def edge_iou(a: np.ndarray, b: np.ndarray, tolerance: int = 0) -> float:
@@ -257,9 +271,7 @@ def edge_iou(a: np.ndarray, b: np.ndarray, tolerance: int = 0) -> float:
 def evaluate_controlnet(mods: dict, *, steps: int = 20, cfg: float = 7.0, seed: int = 0, batch: int = 50):
     """Held-out scenes: render, take canny edges as control, generate, compare the output's canny edges."""
     scenes = heldout_scenes()
-    rng = random.Random(seed)
-    truth = np.stack([S.render(s, rng.randrange(2**31)) for s in scenes])
-    edges = np.stack([S.canny(im) for im in truth])
+    edges = control_edges(scenes, seed)
     images = np.concatenate([
         generate(mods, [s.caption for s in scenes[i:i + batch]], steps=steps, cfg=cfg, seed=seed + i,
                  control=edges[i:i + batch])
@@ -326,9 +338,7 @@ def evaluate_engine(engine, *, scenes: list[S.Scene] | None = None, **gen) -> tu
     """:func:`evaluate_model` through the product pipeline: (accuracy, rows, images)."""
     scenes = scenes or heldout_scenes()
     images = engine_generate(engine, [s.caption for s in scenes], **gen)
-    rows = [(s, analyse(im), score(s, analyse(im))) for s, im in zip(scenes, images)]
-    acc = {k: float(np.mean([r[2][k] for r in rows])) for k in (*ATTRIBUTES, "all")}
-    return acc, rows, images
+    return (*scored(scenes, images), images)
 
 
 def evaluate_engine_controlnet(engine, *, scenes: list[S.Scene] | None = None, seed: int = 0, **gen) -> dict:
@@ -340,8 +350,7 @@ def evaluate_engine_controlnet(engine, *, scenes: list[S.Scene] | None = None, s
     Whole captions with the ControlNet: prompt accuracy (the edges must not break the prompt).
     """
     scenes = scenes or heldout_scenes()
-    rng = random.Random(seed)
-    edges = np.stack([S.canny(S.render(s, rng.randrange(2**31))) for s in scenes])
+    edges = control_edges(scenes, seed)
     nopos = [s.caption_without_position for s in scenes]
     res = {}
     for name, ctl in (("with_controlnet", edges), ("without_controlnet", None)):

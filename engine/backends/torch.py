@@ -15,6 +15,7 @@ The backend moves the modules it runs to ``config.device`` and casts them to the
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Any, Mapping
 
@@ -93,6 +94,7 @@ class TorchBackend(ComponentsMixin):
         return result
 
 
+@functools.cache
 def cpu_has_native_half() -> bool:
     """Whether this CPU has bf16/fp16 arithmetic (AVX512-BF16, AVX512-FP16 or AMX); Linux /proc/cpuinfo."""
     try:
