@@ -119,7 +119,7 @@ class AsgiClient:
 
     def __init__(self, app):
         self.loop = asyncio.new_event_loop()
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fuzz")
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
 
     def post(self, path, **kwargs):
         return self.loop.run_until_complete(self.client.post(path, **kwargs))
