@@ -65,6 +65,15 @@ def split_host(value: str) -> str:
     return value.rstrip(".")
 
 
+def _origin_of(scheme: str, host: str) -> str:
+    """The web origin of a request to ``host`` over ``scheme`` (default port left out, as browsers write it)."""
+    host = host.strip().lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    if default and host.endswith(default):
+        host = host[: -len(default)]
+    return f"{scheme}://{host}"
+
+
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
@@ -120,7 +129,7 @@ class _SiteGuard:
                 field="headers.Host", allowed=f"{shown} (sdengine serve --allowed-host NAME adds one)").to_dict())
         cors: list[tuple[bytes, bytes]] = []
         if origin is not None:
-            same_site = host is not None and origin.partition("://")[2] == host.strip().lower()
+            same_site = host is not None and origin == _origin_of(scope.get("scheme", "http"), host)
             if not same_site:
                 if origin not in self.origins and "*" not in self.origins:
                     return await _answer(send, 403, ApiError(
