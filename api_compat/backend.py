@@ -44,6 +44,7 @@ class Submission:
     payload: dict[str, Any]
     model: str | None
     created: float
+    nbytes: int = 0  # what the queued task holds: its unit images, compressed
 
 
 class TaskBackend(Protocol):
@@ -123,10 +124,16 @@ def error_of(exc: BaseException, task_id: str) -> tuple[str, str]:
 
 def result_dict(task_id: str, status: str, images: list[str], parameters: dict[str, Any], info: dict[str, Any],
                 error: tuple[str | None, str | None] | None = None) -> dict[str, Any]:
-    """The result shape of API.md ("Poll") for a final task."""
+    """The result shape of API.md ("Poll") for a final task (``images``: PNG paths)."""
     out: dict[str, Any] = {"taskId": task_id, "status": status, "images": images, "parameters": parameters,
                            "info": info}
     if status == "failed":
         code, message = error or (None, None)
         out["error"] = {"code": code or "internal_error", "message": message or ""}
+    elif status == "succeeded":
+        gone = [i for i, path in enumerate(images) if not Path(path).is_file()]
+        if gone:  # deleted by hand or by another tool: no URL may point at a missing file
+            out.update(status="failed", images=[], error={
+                "code": "expired", "message": f"the result image(s) {gone} are no longer on the server "
+                                              "(deleted after the task succeeded); submit the task again"})
     return out

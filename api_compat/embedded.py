@@ -52,6 +52,7 @@ class _Worker:
         self.backend = backend
         self.device = device
         self.queue: collections.deque[_Task] = collections.deque()
+        self.queued_bytes = 0
         self.running: _Task | None = None
         self.engines: dict[str, EngineLike] = {}
         self.thread = threading.Thread(target=self._loop, name=f"sdengine-worker-{device}", daemon=True)
@@ -65,6 +66,7 @@ class _Worker:
                 if not self.queue:
                     return
                 task = self.queue.popleft()
+                self.queued_bytes -= task.sub.nbytes
                 task.started = time.time()
                 # the record says running before any reader can see it running (a crash then reads "running")
                 backend.store.set_running(task.task_id, task.started)
@@ -88,9 +90,10 @@ class EmbeddedBackend:
     name = "embedded"
 
     def __init__(self, configs: dict[str, EngineConfig], results_dir: Path, *, engine_factory: EngineFactory,
-                 max_queue: int, max_age_s: float | None, max_tasks: int | None):
+                 max_queue: int, max_queue_bytes: int, max_age_s: float | None, max_tasks: int | None):
         self.configs = configs
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self._factory = engine_factory
         self.store = TaskStore(results_dir, max_age_s=max_age_s, max_tasks=max_tasks)
         self._cond = threading.Condition()
@@ -117,9 +120,14 @@ class EmbeddedBackend:
             if len(worker.queue) >= self.max_queue:
                 raise ApiError("queue_full", f"the queue is full ({self.max_queue} waiting tasks); retry later",
                                field=None, allowed=f"at most {self.max_queue} waiting tasks")
+            if worker.queue and worker.queued_bytes + sub.nbytes > self.max_queue_bytes:
+                raise ApiError("queue_full", f"the waiting tasks' images fill the queue ({worker.queued_bytes} of "
+                               f"{self.max_queue_bytes} bytes); retry later",
+                               allowed=f"at most {self.max_queue_bytes} bytes of images in waiting tasks")
             self.store.insert(sub.task_id, sub.config_id, sub.parameters, sub.created)
             self._live[sub.task_id] = task
             worker.queue.append(task)
+            worker.queued_bytes += sub.nbytes
             self._cond.notify_all()
 
     def result(self, task_id: str) -> dict[str, Any]:
@@ -150,6 +158,7 @@ class EmbeddedBackend:
                 queue = self._worker_of[task.sub.config_id].queue
                 if task.status is Status.WAITING and task in queue:
                     queue.remove(task)
+                    self._worker_of[task.sub.config_id].queued_bytes -= task.sub.nbytes
                     self._live.pop(task_id, None)
                     self.store.finish(task_id, Status.FAILED, error_code="cancelled",
                                       error_message="cancelled while waiting")
@@ -167,7 +176,7 @@ class EmbeddedBackend:
 
     def health(self) -> dict[str, Any]:
         with self._cond:
-            devices = {k: {"device": k, "waiting": len(w.queue), "running": w.running is not None, "capacity": self.max_queue,
+            devices = {k: {"device": k, "waiting": len(w.queue), "waiting_bytes": w.queued_bytes, "running": w.running is not None, "capacity": self.max_queue,
                            "alive": w.thread.is_alive(), "configs": sorted(c for c, x in self._worker_of.items()
                                                                            if x is w)}
                        for k, w in self._workers.items()}
@@ -181,6 +190,7 @@ class EmbeddedBackend:
             for worker in self._workers.values():
                 while worker.queue:
                     task = worker.queue.popleft()
+                    worker.queued_bytes -= task.sub.nbytes
                     self._live.pop(task.task_id, None)
                     self.store.finish(task.task_id, Status.FAILED, error_code="cancelled",
                                       error_message="the service was closed before the task ran")

@@ -65,6 +65,7 @@ class LocalService:
         engine_factory: EngineFactory | None = None,
         check_models: bool = True,
         max_queue: int = 256,
+        max_queue_bytes: int = 512 * 1024 * 1024,
         allow_url_fetch: bool = False,
         max_image_bytes: int = 20 * 1024 * 1024,
         max_image_pixels: int = 4096 * 4096,
@@ -87,6 +88,7 @@ class LocalService:
         self.limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_image_pixels,
                                   allow_url_fetch=allow_url_fetch)
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self._stores: dict[str, ModelStore | None] = {
             k: ModelStore.from_config(c) if check_models else None for k, c in self.configs.items()}
         self.backend: TaskBackend
@@ -100,7 +102,8 @@ class LocalService:
 
             self.backend = EmbeddedBackend(self.configs, self.results_dir,
                                            engine_factory=engine_factory or default_engine_factory,
-                                           max_queue=max_queue, max_age_s=max_age_s, max_tasks=max_tasks)
+                                           max_queue=max_queue, max_queue_bytes=max_queue_bytes,
+                                           max_age_s=max_age_s, max_tasks=max_tasks)
 
     @property
     def store(self):
@@ -134,7 +137,8 @@ class LocalService:
                 if getattr(parsed, name) == -1:
                     wire[name] = random.randrange(MAX_SEED)
         sub = Submission(task_id=uuid.uuid4().hex, config_id=config_id, request=translation.request,
-                         parameters=translation.parameters, payload=wire or {}, model=model, created=time.time())
+                         parameters=translation.parameters, payload=wire or {}, model=model, created=time.time(),
+                         nbytes=sum(getattr(u.image, "nbytes", 0) for u in translation.request.controlnet_units))
         self.backend.submit(sub)
         return {"taskId": sub.task_id, "status": Status.WAITING.value}
 
@@ -143,15 +147,16 @@ class LocalService:
         expired)."""
         return self.backend.result(self._task_id(query))
 
-    def cancel(self, task_id: str) -> dict[str, Any]:
-        """Waiting: failed ``cancelled`` at once. Running: the engine is asked to stop between steps."""
-        task_id = self._task_id({"taskId": task_id})
+    def cancel(self, query: dict[str, Any] | str) -> dict[str, Any]:
+        """``{"taskId": ...}`` or the id. Waiting: failed ``cancelled`` at once. Running: the engine is asked to
+        stop between steps."""
+        task_id = self._task_id(query)
         self.backend.cancel(task_id)
         return self.sd_get_result({"taskId": task_id})
 
-    def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the task is finished; raises ``TimeoutError`` after ``timeout`` seconds."""
-        task_id = self._task_id({"taskId": task_id})
+    def wait(self, query: dict[str, Any] | str, timeout: float | None = None) -> dict[str, Any]:
+        """``{"taskId": ...}`` or the id: block until the task is finished; ``TimeoutError`` after ``timeout`` s."""
+        task_id = self._task_id(query)
         self.backend.wait(task_id, timeout)
         return self.sd_get_result({"taskId": task_id})
 
@@ -203,10 +208,15 @@ class LocalService:
 
     @staticmethod
     def _task_id(query: dict[str, Any] | str) -> str:
+        """The task id of a query: missing or not a string is 422 (as any payload field), a string that is no
+        task id of this service 404."""
         task_id = query.get("taskId") if isinstance(query, dict) else query
-        if not isinstance(task_id, str) or not TASK_ID.match(task_id):
-            if isinstance(query, dict) and "taskId" not in query:
-                raise ApiError("invalid_request", "is required", field="taskId", allowed="a task id from sd_txt2img")
-            raise ApiError("not_found", f"no task {str(task_id)[:100]!r}", field="taskId",
+        if isinstance(query, dict) and "taskId" not in query:
+            raise ApiError("invalid_request", "is required", field="taskId", allowed="a task id from sd_txt2img")
+        if not isinstance(task_id, str):
+            raise ApiError("invalid_request", f"must be a string, got {type(task_id).__name__}", field="taskId",
+                           allowed="a task id from sd_txt2img (32 hex digits)")
+        if not TASK_ID.match(task_id):
+            raise ApiError("not_found", f"no task {task_id[:100]!r}", field="taskId",
                            allowed="a task id from sd_txt2img (32 hex digits)")
         return task_id

@@ -180,10 +180,14 @@ def test_queue_full(api, request):
 
 def test_unknown_task_and_bad_ids(api):
     svc = api()
-    for query in ({"taskId": HEX32}, {"taskId": "../../etc/passwd"}, {"taskId": 5}, {"taskId": None}):
+    for query in ({"taskId": HEX32}, {"taskId": "../../etc/passwd"}):
         with pytest.raises(ApiError) as exc:
             svc.sd_get_result(query)
         assert exc.value.code == "not_found" and exc.value.http_status == 404
+    for query in ({"taskId": 5}, {"taskId": None}):
+        with pytest.raises(ApiError) as exc:
+            svc.sd_get_result(query)
+        assert exc.value.code == "invalid_request" and exc.value.http_status == 422
     with pytest.raises(ApiError) as exc:
         svc.sd_get_result({})
     assert exc.value.field == "taskId" and exc.value.code == "invalid_request"
