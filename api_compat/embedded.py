@@ -39,6 +39,10 @@ class _Task:
     def task_id(self) -> str:
         return self.sub.task_id
 
+    @property
+    def request(self):
+        return self.sub.request
+
 
 def device_key(device: str) -> str:
     """"cuda" and "cuda:0" are the same device."""
