@@ -193,13 +193,16 @@ def test_queue_full(tmp_path):
 
 def test_unknown_task(tmp_path):
     with make(tmp_path, EngineDouble) as svc:
-        for query in ({"taskId": HEX32}, {"taskId": "../../etc/passwd"}, {"taskId": 5}, {"taskId": None}):
+        for query in ({"taskId": HEX32}, {"taskId": "../../etc/passwd"}):
             with pytest.raises(ApiError) as exc:
                 svc.sd_get_result(query)
             assert exc.value.code == "not_found" and exc.value.http_status == 404
-        with pytest.raises(ApiError) as exc:
-            svc.sd_get_result({})
-        assert exc.value.field == "taskId"
+        # a task id of the wrong type is a payload error (422) in every call, as a missing one
+        for call in (svc.sd_get_result, svc.cancel, svc.wait):
+            for query in ({"taskId": 5}, {"taskId": None}, {"taskId": ["a"]}, {"taskId": {}}, {}):
+                with pytest.raises(ApiError) as exc:
+                    call(query)
+                assert (exc.value.code, exc.value.http_status, exc.value.field) == ("invalid_request", 422, "taskId")
         with pytest.raises(ApiError):
             svc.cancel(HEX32)
 
