@@ -78,9 +78,11 @@ def _outputs(output: Path, count: int) -> list[Path]:
 @click.option("--batch-size", type=int)
 @click.option("--n-iter", type=int, help="Number of batches.")
 @click.option("--model", help="Checkpoint name from the model store.")
-@click.option("--backend", help="onnxruntime, torch or tensorrt.")
+@click.option("--backend", help="openvino, onnxruntime, torch or tensorrt (default: openvino on CPU when installed, "
+                                "else onnxruntime).")
 @click.option("--device", help="cpu or cuda[:N].")
-@click.option("--precision", help="fp32, fp16 or bf16.")
+@click.option("--precision", help="fp32, fp16 or bf16 (default: bf16 for openvino on a CPU with native bf16, else "
+                                  "fp32).")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where task records and PNGs are kept (default: outputs/sdengine or $SDENGINE_RESULTS_DIR).")
