@@ -325,8 +325,12 @@ class CeleryBackend:
 
         try:
             self.tasks.create(sub, queue, self.max_queue)
-            self.app.send_task(TASK_NAME, kwargs=message, queue=queue, task_id=sub.task_id)
         except (redis.RedisError, OSError) as exc:
+            log.error("queue %s unavailable: %s", redact(self.url), exc)
+            raise ApiError("backend_unavailable", "the task queue is unavailable; retry later") from None
+        try:
+            self.app.send_task(TASK_NAME, kwargs=message, queue=queue, task_id=sub.task_id)
+        except Exception as exc:  # kombu's OperationalError, redis errors: the record must not stay waiting
             log.error("queue %s unavailable: %s", redact(self.url), exc)
             try:
                 self.tasks.finish(sub.task_id, "failed", owner="", ttl=self.ttl,
