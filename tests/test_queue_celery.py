@@ -135,6 +135,24 @@ def test_task_whose_workers_keep_dying_fails_with_a_reason(cluster):
     assert files_of(images, task) == []
 
 
+def test_results_ttl_removes_records_and_pngs(cluster):
+    """Past the results TTL: Redis drops the record (the id then answers ``expired``), a worker removes the PNG."""
+    start, service, client, images = cluster
+    start()
+    with service(max_age_s=1) as svc:
+        first = svc.wait(svc.sd_txt2img({"prompt": "old", "seed": 1})["taskId"], 30)
+        assert first["status"] == "succeeded" and Path(first["images"][0]).is_file()
+        assert 0 < client.ttl(f"sdengine:task:{first['taskId']}") <= 1
+        time.sleep(1.5)
+        with pytest.raises(ApiError) as exc:
+            svc.sd_get_result({"taskId": first["taskId"]})
+        assert exc.value.code == "expired" and exc.value.http_status == 410
+        second = svc.wait(svc.sd_txt2img({"prompt": "new", "seed": 2})["taskId"], 30)
+        assert second["status"] == "succeeded"
+        wait_until(lambda: not Path(first["images"][0]).exists(), timeout=10)
+        assert files_of(images, second["taskId"]) == [f"{second['taskId']}-0.png"]
+
+
 def _serve(url, port, results, models, log, *extra):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--queue", url,
@@ -153,6 +171,20 @@ def _wait_http(http, proc, log):
         except httpx.TransportError:
             time.sleep(0.1)
     raise AssertionError(f"sdengine serve did not come up: {Path(log).read_text()[-3000:]}")
+
+
+def poll_all(http, ids, timeout):
+    """Each task's final result over HTTP, polled in submit order (the order they finish in, roughly)."""
+    end = time.monotonic() + timeout
+    done = {}
+    for t in ids:
+        while time.monotonic() < end:
+            r = http.post("/scc/sd_get_result", json={"taskId": t}).json()
+            if r["status"] in ("succeeded", "failed"):
+                done[t] = r
+                break
+            time.sleep(0.05)
+    return done
 
 
 def test_api_server_sigkill_and_restart_loses_nothing(cluster, tmp_path):
@@ -176,15 +208,7 @@ def test_api_server_sigkill_and_restart_loses_nothing(cluster, tmp_path):
             server = _serve(f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/3", port,
                             results, tmp_path / "no-models", log)
             _wait_http(http, server, log)
-            end = time.monotonic() + 90
-            done = {}
-            while len(done) < len(ids) and time.monotonic() < end:
-                for t in ids:
-                    if t not in done:
-                        r = http.post("/scc/sd_get_result", json={"taskId": t}).json()
-                        if r["status"] in ("succeeded", "failed"):
-                            done[t] = r
-                time.sleep(0.05)
+            done = poll_all(http, ids, 90)
             assert [done.get(t, {}).get("status") for t in ids] == ["succeeded"] * len(ids)
             png = http.get(done[ids[3]]["images"][0])
             assert png.status_code == 200 and png_seed(png.content) == 3
@@ -282,15 +306,7 @@ def test_many_tasks_over_http_through_two_workers_pixel_equal_to_embedded(queue_
             with ThreadPoolExecutor(8) as pool:
                 ids = list(pool.map(lambda p: http.post("/scc/sd_txt2img", json=p).json()["taskId"], payloads))
             assert len(set(ids)) == N_HTTP
-            end = time.monotonic() + 600
-            done: dict[str, dict] = {}
-            while len(done) < N_HTTP and time.monotonic() < end:
-                for t in ids:
-                    if t not in done:
-                        r = http.post("/scc/sd_get_result", json={"taskId": t}).json()
-                        if r["status"] in ("succeeded", "failed"):
-                            done[t] = r
-                time.sleep(0.1)
+            done = poll_all(http, ids, 600)
             assert [i for i, t in enumerate(ids) if done.get(t, {}).get("status") != "succeeded"] == []
             pngs = {t: http.get(done[t]["images"][0]).content for t in ids}
     finally:
