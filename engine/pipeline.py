@@ -94,7 +94,9 @@ class Engine:
         rt = self._runtimes.get(key)
         if rt is None:
             t0 = time.perf_counter()
-            backend = create_backend(self.config, model.components, model_hash=self._artefact_key(model))
+            # the engine owns the loaded model: a non-torch backend frees its torch weights once exported
+            backend = create_backend(self.config, model.components, model_hash=self._artefact_key(model),
+                                     release_weights=True)
             rt = _Runtime(model, backend, ModelSchedule(model.alphas_cumprod), EmbeddingCache())
             self._runtimes = {key: rt}  # one model resident at a time
             log.info("model %s [%s] ready on %s in %.2fs", model.name, model.short_hash,
@@ -117,7 +119,8 @@ class Engine:
         if component not in rt.controlnets:
             _check_controlnet_matches(rt.model, cn, field_name)
             # each ControlNet model has its own backend (its artefacts are keyed by its own hash)
-            backend = create_backend(self.config, {"controlnet": cn.module}, model_hash=cn.short_hash)
+            backend = create_backend(self.config, {"controlnet": cn.module}, model_hash=cn.short_hash,
+                                     release_weights=True)
             rt.controlnets[component] = (cn, backend)
         return rt.controlnets[component][0]
 
@@ -224,7 +227,7 @@ class Engine:
             for b in range(req.batch_size):
                 index = it * req.batch_size + b
                 infotexts.append(self._infotext(req, model, sampler, width, height, all_seeds, all_subseeds,
-                                                index, unit_labels))
+                                                index, unit_labels, _backend_label(rt.backend, self.config)))
 
         info = self._info(req, model, sampler, width, height, all_seeds, all_subseeds, infotexts, timer.timings)
         detected = [u.detected_map for u, spec in zip(units, req.controlnet_units) if spec.save_detected_map]
@@ -240,7 +243,8 @@ class Engine:
         return torch.from_numpy(arr).to(self.config.device)
 
     # ------------------------------------------------------------------------------------------ texts
-    def _infotext(self, req, model, sampler, width, height, seeds, subseeds, index, unit_labels) -> str:
+    def _infotext(self, req, model, sampler, width, height, seeds, subseeds, index, unit_labels,
+                  backend_label: str) -> str:
         params: dict[str, Any] = {
             "Steps": req.steps,
             **sampler.infotext,
@@ -255,7 +259,7 @@ class Engine:
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
             "ENSD": req.eta_noise_seed_delta if req.eta_noise_seed_delta else None,
             "Eta": req.eta if req.eta is not None else None,
-            "Backend": self.config.backend.value,
+            "Backend": backend_label,
         }
         for k, label in enumerate(unit_labels):
             params[f"ControlNet {k}"] = label
@@ -313,6 +317,11 @@ class _ModelCall:
             if residuals is not None:
                 return self.run("unet_control", {**feeds, **residuals})["model_output"]
         return self.run("unet", feeds)["model_output"]
+
+
+def _backend_label(backend, config) -> str:
+    """The infotext's Backend: the backend's own label where it has one (``openvino bf16``), else its name."""
+    return getattr(backend, "label", None) or config.backend.value
 
 
 def _model_label(model) -> str:

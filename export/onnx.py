@@ -152,15 +152,23 @@ def _fp32_cpu(module):
     return copy.deepcopy(module).to("cpu", torch.float32)
 
 
+RELEASED = "_sdengine_released_fingerprint"  # set on a module whose weights were released after export
+
+
 def weights_fingerprint(module, samples: int = 4096) -> str:
     """sha256 over every parameter/buffer's name, shape, dtype and up to ``samples`` strided values.
 
     Cheap (a few MB hashed for an SD UNet) and deterministic; part of the fp32 stage's key, so changed
-    weights re-export even if a caller passes a stale model hash.
+    weights re-export even if a caller passes a stale model hash. A released module (:func:`release_weights`)
+    answers the fingerprint it had.
     """
     import hashlib
 
     import torch
+
+    released = getattr(module, RELEASED, None)
+    if released is not None:
+        return released
 
     h = hashlib.sha256()
     with torch.no_grad():
@@ -170,6 +178,26 @@ def weights_fingerprint(module, samples: int = 4096) -> str:
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
             h.update(flat[::step].to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def release_weights(module) -> None:
+    """Free the torch weights of ``module`` (moved to the meta device) once every artefact made from it exists:
+    its config stays, and its fingerprint is remembered, so the artefacts' keys still match. Exporting from
+    a released module is refused (:func:`export_component` says so)."""
+    import gc
+
+    import torch
+
+    if getattr(module, RELEASED, None) is not None:
+        return
+    fingerprint = weights_fingerprint(module)
+    torch.nn.Module.to(module, device="meta")  # the nn.Module method: no library-specific checks
+    setattr(module, RELEASED, fingerprint)
+    gc.collect()
+
+
+def is_released(module) -> bool:
+    return getattr(module, RELEASED, None) is not None
 
 
 def trace_inputs(desc: ComponentDescriptor) -> dict:
@@ -258,6 +286,9 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
     tools = tool_versions("torch", "onnx", "diffusers", "transformers")
 
     def build_fp32(tmp: Path, manifest: dict) -> None:
+        if is_released(modules[desc.source]):
+            raise RuntimeError(f"{component}: the torch weights of {desc.source!r} were released after their export "
+                               f"and the artefact is gone from {cache_dir}: load the model again")
         raw = tmp / "raw"
         raw.mkdir()
         wrapper = desc.wrapper(_fp32_cpu(modules[desc.source])).eval()

@@ -147,7 +147,8 @@ def _np(name: str):
 class OnnxRuntimeBackend(ComponentsMixin):
     def __init__(self, config: EngineConfig, components: Mapping[str, Any], model_hash: str, *,
                  progress=None, cuda_graph: bool = False, io_binding: bool | None = None,
-                 gpu_optimize: bool | None = None, shape_config=None, available: list[str] | None = None):
+                 gpu_optimize: bool | None = None, shape_config=None, available: list[str] | None = None,
+                 release_weights: bool = False):
         import onnxruntime as ort
 
         self._init_components(components)
@@ -165,6 +166,7 @@ class OnnxRuntimeBackend(ComponentsMixin):
         self.cuda_graph = cuda_graph
         self.io_binding = (config.device != "cpu") if io_binding is None else io_binding
         self.shape_config = shape_config
+        self.release_weights = release_weights  # see engine.backends.weights
         self._sessions: dict[str, Any] = {}
         self._bound: dict[str, OrderedDict] = {}
         self._graph_ids = 0
@@ -208,6 +210,10 @@ class OnnxRuntimeBackend(ComponentsMixin):
         if not self.has(component):
             self.descriptor(component)  # raises InvalidRequest naming what the model has
         art = self.artefact(component)
+        if self.release_weights:
+            from engine.backends.weights import export_siblings_and_release
+
+            export_siblings_and_release(self, component)
         providers = self.providers_for(component, art.directory)
         if self.use_trt_ep:
             (art.directory / "ort-tensorrt").mkdir(exist_ok=True)

@@ -102,7 +102,7 @@ class OpenVinoBackend(ComponentsMixin):
 
     def __init__(self, config: EngineConfig, components: Mapping[str, Any], model_hash: str, *,
                  progress=None, max_compiled: int = MAX_COMPILED, capabilities: tuple[str, ...] | None = None,
-                 **_options):
+                 release_weights: bool = False):
         ov = import_openvino()
         if config.device != "cpu":
             raise InvalidRequest("device", f"{config.device!r} is not supported by the openvino backend", "cpu")
@@ -111,12 +111,13 @@ class OpenVinoBackend(ComponentsMixin):
         self.model_hash = model_hash
         self.progress = progress
         self.max_compiled = max(1, int(max_compiled))
+        self.release_weights = release_weights  # see engine.backends.weights
         caps = cpu_capabilities() if capabilities is None else tuple(capabilities)
         self.inference_precision = inference_precision(config.precision, caps)
         self.version = ov.__version__
         log.info("openvino %s on CPU, inference precision %s (CPU capabilities: %s)", self.version,
                  self.inference_precision, ", ".join(caps))
-        self._models: dict[str, Any] = {}  # component -> ov.Model (dynamic shapes), read from the IR
+        self._ir: dict[str, Any] = {}  # component -> IR path
         self._compiled: dict[str, OrderedDict] = {}
         self._lock = threading.Lock()
 
@@ -137,11 +138,18 @@ class OpenVinoBackend(ComponentsMixin):
         return convert_to_ir(self.artefact(component), self.model_hash, self.config.artefacts_dir) / IR_XML
 
     def model(self, component: str):
-        if component not in self._models:
+        """The component's ov.Model (dynamic shapes), read from its IR: memory-mapped weights, read per compile
+        and dropped after it, so only the compiled models hold weights."""
+        if component not in self._ir:
             if not self.has(component):
                 self.descriptor(component)  # raises InvalidRequest naming what the model has
-            self._models[component] = _core().read_model(str(self.ir_path(component)))
-        return self._models[component]
+            path = self.ir_path(component)
+            if self.release_weights:
+                from engine.backends.weights import export_siblings_and_release
+
+                export_siblings_and_release(self, component)
+            self._ir[component] = path
+        return _core().read_model(str(self._ir[component]))
 
     def compile_properties(self) -> dict:
         return {
@@ -162,6 +170,7 @@ class OpenVinoBackend(ComponentsMixin):
                 model.reshape({name: list(shape) for name, shape in shapes.items()})
                 log.info("%s: compiling for %s (%s)", component, dict(shapes), self.inference_precision)
                 compiled = _core().compile_model(model, "CPU", self.compile_properties())
+                del model
                 entry = cache[key] = (compiled, compiled.create_infer_request())
                 while len(cache) > self.max_compiled:
                     cache.popitem(last=False)
