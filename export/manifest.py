@@ -2,8 +2,9 @@
 
 An artefact is a directory ``{cache}/{model hash}/{component}/{name}/`` holding its files and a
 ``manifest.json``: ``{"key": {...what made it...}, "files": {...}, "info": {...}}``. An artefact is
-reused only when its manifest's ``key`` equals the key asked for and its files are intact (the graph file's
-sha256 and every file's size); anything else rebuilds it.
+reused only when its manifest's ``key`` equals the key asked for and its files are intact (every file's size,
+and the graph file's sha256, recomputed only when the file's mtime differs from the one recorded at build
+time: a load from cache hashes nothing); anything else rebuilds it.
 
 Building happens in a temporary sibling directory (``.tmp-{name}-{pid}-{random}``) that is renamed into
 place only when complete, manifest included, so an interrupted build leaves nothing that later loads
@@ -84,7 +85,8 @@ def valid_artefact(directory: Path, key: Mapping) -> dict | None:
         if not path.is_file() or path.stat().st_size != meta["size"]:
             log.warning("%s: %s missing or truncated, rebuilding", directory, name)
             return None
-        if meta.get("sha256") and sha256_file(path) != meta["sha256"]:
+        unchanged = meta.get("mtime_ns") is not None and path.stat().st_mtime_ns == meta["mtime_ns"]
+        if meta.get("sha256") and not unchanged and sha256_file(path) != meta["sha256"]:
             log.warning("%s: %s sha256 mismatch, rebuilding", directory, name)
             return None
     return manifest
@@ -126,7 +128,8 @@ def build_artefact(directory: Path, key: Mapping, info: Mapping | None = None,
         yield tmp, manifest
         for path in sorted(tmp.iterdir()):
             if path.is_file():
-                meta = {"size": path.stat().st_size}
+                st = path.stat()
+                meta = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
                 if path.name in hashed:
                     meta["sha256"] = sha256_file(path)
                 manifest["files"][path.name] = meta

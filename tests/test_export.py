@@ -345,3 +345,20 @@ def test_numpy24_fix_is_scoped():
                    if n.rsplit(".", 1)[-1] == "fusion_attention_unet"]
         assert patched and all(c.get_num_heads is _num_heads for c in patched)
     assert all(c.get_num_heads is not _num_heads for c in patched)
+
+
+def test_load_from_cache_hashes_nothing_for_unchanged_files(tmp_path, counted, sd1_vae, monkeypatch):
+    """The graph's sha256 is checked again only when its mtime differs from the build's (a touched or rewritten
+    file); an unchanged artefact is reused without reading it."""
+    import export.manifest as xmanifest
+
+    art = export_component("vae_decoder", sd1_vae, "h1", tmp_path)
+    assert art.manifest["files"]["model.onnx"]["mtime_ns"] == art.path.stat().st_mtime_ns
+    hashed = []
+    real = xmanifest.sha256_file
+    monkeypatch.setattr(xmanifest, "sha256_file", lambda p, *a: (hashed.append(p), real(p, *a))[1])
+    export_component("vae_decoder", sd1_vae, "h1", tmp_path)
+    assert hashed == [] and len(counted) == 1
+    os.utime(art.path, ns=(art.path.stat().st_atime_ns, art.path.stat().st_mtime_ns + 10**9))
+    export_component("vae_decoder", sd1_vae, "h1", tmp_path)
+    assert len(hashed) == 1 and len(counted) == 1  # touched, same bytes: hashed once more, still reused

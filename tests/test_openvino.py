@@ -208,6 +208,10 @@ def test_pipeline_openvino_matches_torch(engines, model):
     assert mad(ref.images[0], ref.images[1]) > 1.0  # the images differ between seeds: real content
     assert f32.info["backend"] == "openvino" and f32.info["precision"] == "fp32"
     assert bf16.info["precision"] == "bf16"
+    # the infotext names the inference precision the CPU really ran
+    assert "Backend: openvino f32" in f32.infotexts[0]
+    assert f"Backend: openvino {'bf16' if NATIVE_BF16 else 'f32'}" in bf16.infotexts[0]
+    assert "Backend: torch" in ref.infotexts[0]
 
 
 def test_pipeline_openvino_controlnet_matches_torch(engines):
