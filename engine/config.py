@@ -13,7 +13,9 @@ ENV_MODELS_DIR = "SDENGINE_MODELS_DIR"
 DEFAULT_MODELS_DIR = "models"
 
 
-class Backend(str, Enum):
+class BackendKind(str, Enum):
+    """The runtimes a model can run on (the backend objects themselves: engine.backends.Backend)."""
+
     ONNXRUNTIME = "onnxruntime"
     TORCH = "torch"
     TENSORRT = "tensorrt"
@@ -43,7 +45,7 @@ class EngineConfig:
     """How the engine runs. ``device`` is "cpu" or "cuda[:N]"; ``providers`` overrides the ORT provider list."""
 
     models_dir: Path = field(default_factory=default_models_dir)
-    backend: Backend = Backend.ONNXRUNTIME
+    backend: BackendKind = BackendKind.ONNXRUNTIME
     device: str = "cpu"
     precision: Precision = Precision.FP32
     default_model: str | None = None
@@ -58,7 +60,7 @@ class EngineConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "models_dir", Path(self.models_dir))
-        object.__setattr__(self, "backend", _enum(Backend, self.backend, "backend"))
+        object.__setattr__(self, "backend", _enum(BackendKind, self.backend, "backend"))
         object.__setattr__(self, "precision", _enum(Precision, self.precision, "precision"))
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise InvalidRequest("device", f"unknown device {self.device!r}", "cpu, cuda, cuda:N")

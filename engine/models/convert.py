@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import torch
 
 from engine.errors import ModelError
-from engine.models.checkpoints import Arch
+from engine.models.family import Arch
 
 METADATA_KEY = "sdengine.configs"
 METADATA_ARCH_KEY = "sdengine.arch"

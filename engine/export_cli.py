@@ -1,8 +1,9 @@
-"""``sdengine export MODEL``: export a model's components to ONNX (manifest-cached) with a progress bar."""
+"""``sdengine export MODEL``: export a model's components to ONNX (manifest-cached) with a progress bar.
+
+The command lives on the engine side: export/ is the lower layer and knows no engine type (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -11,18 +12,6 @@ import click
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-
-
-def artefact_hash(loaded) -> str:
-    """The model hash artefacts are keyed by: the checkpoint's short hash, plus the external VAE when one
-    replaced the checkpoint's own (its path, size and mtime), since the VAE's weights are then not the
-    checkpoint's."""
-    vae_path = getattr(loaded, "vae_path", None)
-    if not vae_path:
-        return loaded.short_hash
-    st = Path(vae_path).stat()
-    vae = hashlib.sha256(f"{Path(vae_path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
-    return f"{loaded.short_hash}-vae{vae}"
 
 
 def load(config, name: str, controlnet: bool):
@@ -34,7 +23,7 @@ def load(config, name: str, controlnet: bool):
         cn = store.load_controlnet(name, allow_pickle=config.allow_pickle)
         return {"controlnet": cn.module}, cn.short_hash
     loaded = store.load_model(name, allow_pickle=config.allow_pickle)
-    return loaded.components, artefact_hash(loaded)
+    return loaded.components, loaded.family.artefact_key  # the key the engine uses (engine.models.family)
 
 
 def _split(values) -> list[str]:
