@@ -358,13 +358,3 @@ class ModelStore:
     def clear(self) -> None:
         with self._lock:
             self._loaded.clear()
-
-
-def load_model(store: ModelStore, name: str, vae: str | None = VAE_AUTOMATIC, allow_pickle: bool = False,
-               dtype=None) -> LoadedModel:
-    """The pipeline's entry point: :meth:`ModelStore.load_model`."""
-    return store.load_model(name, vae=vae, allow_pickle=allow_pickle, dtype=dtype)
-
-
-def load_controlnet_model(store: ModelStore, name: str, allow_pickle: bool = False, dtype=None) -> LoadedControlNet:
-    return store.load_controlnet(name, allow_pickle=allow_pickle, dtype=dtype)
