@@ -28,12 +28,6 @@ from api_compat.schema import INT64_MAX, Txt2ImgPayload, units_of
 DEFAULT_SAMPLER = "Euler a"
 
 
-class NotSupported(InvalidRequest):
-    """A webui feature the engine does not implement, asked for at a non-default value."""
-
-    code = "not_supported"
-
-
 @dataclass(frozen=True)
 class Translation:
     """The engine request, the request echo for ``parameters``, and the model names to check in the store

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
-def load(config, name: str, controlnet: bool):
+def load(config, name: str, controlnet: bool, vae: str = "Automatic"):
     """(components, hash) of a checkpoint or ControlNet from the model store (imported lazily)."""
     from engine.models.store import ModelStore
 
@@ -22,7 +22,7 @@ def load(config, name: str, controlnet: bool):
     if controlnet:
         cn = store.load_controlnet(name, allow_pickle=config.allow_pickle)
         return {"controlnet": cn.module}, cn.short_hash
-    loaded = store.load_model(name, allow_pickle=config.allow_pickle)
+    loaded = store.load_model(name, vae=vae, allow_pickle=config.allow_pickle)
     return loaded.components, loaded.family.artefact_key  # the key the engine uses (engine.models.family)
 
 
@@ -41,9 +41,11 @@ def _split(values) -> list[str]:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Artefact cache (default: MODELS_DIR/cache).")
 @click.option("--controlnet", is_flag=True, help="MODEL names a ControlNet, not a checkpoint.")
+@click.option("--vae", default="Automatic", show_default=True,
+              help='External VAE from MODELS_DIR/VAE (as the payload\'s "sd_vae": "Automatic", "None" or a name).')
 @click.option("--gpu", is_flag=True, help="Also run onnxruntime's transformer optimizer (CUDA EP graphs).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.ckpt/.pt) checkpoints.")
-def export(model, precision, components, models_dir, cache_dir, controlnet, gpu, allow_pickle):
+def export(model, precision, components, models_dir, cache_dir, controlnet, vae, gpu, allow_pickle):
     """Export MODEL's components to ONNX under the artefact cache; up-to-date artefacts are skipped."""
     from engine.config import EngineConfig, default_models_dir
     from engine.errors import SdEngineError
@@ -53,7 +55,7 @@ def export(model, precision, components, models_dir, cache_dir, controlnet, gpu,
     try:
         config = EngineConfig(models_dir=models_dir or default_models_dir(), cache_dir=cache_dir,
                               allow_pickle=allow_pickle)
-        modules, model_hash = load(config, model, controlnet)
+        modules, model_hash = load(config, model, controlnet, vae)
         names = _split(components) or [c for c in available_components(modules) if c in DEFAULT_COMPONENTS
                                        or c == "controlnet"]
         stages = 1 + int(gpu) + int(precision == "fp16")

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from engine.errors import ModelError
-from engine.models.family import FAMILIES, SD2_BASE_CONFIG, Arch, Kind, ModelFamily, model_family  # noqa: F401
+from engine.models.family import FAMILIES, Arch, Kind, ModelFamily, model_family  # noqa: F401 (Arch, Kind re-exported)
 from engine.schedule import alphas_cumprod as scheduler_alphas_cumprod
 from engine.schedule import scheduler_config as default_scheduler_config
 
@@ -98,10 +98,6 @@ def read_safetensors_header(path: str | os.PathLike) -> Header:
     if 8 + n + end > size:
         raise ModelError(path, f"truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
     return Header(shapes, {str(k): str(v) for k, v in metadata.items()})
-
-
-def is_pickle(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
 
 def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:

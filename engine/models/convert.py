@@ -68,10 +68,6 @@ def _rename(rest: str, pairs) -> str:
     return rest
 
 
-def _config_get(config: Mapping, key: str, default=None):
-    return config[key] if key in config else default
-
-
 def unet_key_to_ldm(key: str, config: Mapping, controlnet: bool = False) -> str:
     """One diffusers UNet / ControlNet parameter name -> the LDM name (without prefix)."""
     lpb = config["layers_per_block"]

@@ -98,7 +98,6 @@ FAMILIES: Mapping[Arch, FamilyDef] = MappingProxyType({
     Arch.CONTROLNET_SDXL: FamilyDef("controlnet_sdxl.json"),
     Arch.VAE: FamilyDef("sd15.json"),
 })
-SD2_BASE_CONFIG = "sd21_base.json"
 
 
 def tokenizers(arch: Arch) -> dict:
