@@ -355,7 +355,14 @@ class LocalService:
                 path = self.store.image_file(task.task_id, i)
                 write_png(path, image, infotexts[i] if i < len(infotexts) else None)
                 names.append(path.name)
+            # ControlNet detected maps (units with save_detected_map) after the images, as the extension does
+            maps = list(getattr(result, "detected_maps", None) or [])
+            for detected in maps:
+                path = self.store.image_file(task.task_id, len(names))
+                write_png(path, detected, None)
+                names.append(path.name)
             info = dict(result.info)
+            info["detected_maps"] = len(maps)
             info.setdefault("infotexts", infotexts)
             info.setdefault("all_seeds", list(result.seeds))
             info.setdefault("all_subseeds", list(result.subseeds))

@@ -675,6 +675,12 @@ def webui_router(service, read_json):
     async def cn_version():
         return {"version": CONTROLNET_API_VERSION}
 
+    @router.get("/controlnet/settings", summary="sd-webui-controlnet settings clients read (unit count)")
+    async def cn_settings():
+        from api_compat.schema import MAX_UNITS
+
+        return {"control_net_unit_count": MAX_UNITS}
+
     @router.get("/controlnet/model_list", summary="ControlNet models ('name [hash]')")
     async def cn_model_list(update: bool = True):
         from engine.models.checkpoints import Kind
