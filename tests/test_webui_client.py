@@ -289,7 +289,7 @@ def test_progress_polled_from_a_second_thread(server):
             seen.append(requests.get(server.url + "/sdapi/v1/progress", auth=AUTH, timeout=30).json())
             time.sleep(0.05)
 
-    payload = {**WEBUI_DEFAULT_PAYLOAD, "seed": 3, "steps": 150, "width": 128, "height": 128}
+    payload = {**WEBUI_DEFAULT_PAYLOAD, "seed": 3, "steps": 150}
     poller = threading.Thread(target=poll)
     poller.start()
     try:
