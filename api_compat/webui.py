@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 WEBUI_VERSION = "v1.10.1"  # the webui API these routes follow
 CONTROLNET_API_VERSION = 2  # sd-webui-controlnet external_code.get_api_version()
 OPTIONS_FILE = "webui-options.json"
-POLL_S = 0.05  # how often a synchronous call looks at its task (and at its client's connection)
+POLL_S = 0.05  # how often a synchronous call looks at its running task (and at its client's connection)
+POLL_WAITING_S = 0.25  # ... at its task while it waits in the queue
 
 # the webui's StableDiffusionProcessingTxt2Img defaults for fields a client leaves out, where they differ from
 # the /scc defaults (sampler_index "Euler" is the webui API's own default)
@@ -417,6 +418,7 @@ def webui_router(service, read_json):
         headers = {k: v for k, v in request.headers.items()}
         task_id = (await asyncio.to_thread(submit, scc, headers))["taskId"]
         state.track(task_id)
+        since = time.monotonic()
         try:
             while True:
                 result = await asyncio.to_thread(service.sd_get_result, {"taskId": task_id})
@@ -426,7 +428,9 @@ def webui_router(service, read_json):
                     log.info("%s: the client of task %s disconnected; cancelling it", kind, task_id)
                     await asyncio.to_thread(service.cancel, {"taskId": task_id})
                     raise _error("cancelled", "the client disconnected", status=499)
-                await asyncio.sleep(POLL_S)
+                # a running task is watched closely; a waiting one (maybe behind many) more lightly
+                await asyncio.sleep(POLL_S if result["status"] == "running" or time.monotonic() - since < 1.0
+                                    else POLL_WAITING_S)
             interrupted = task_id in state.interrupted
         finally:
             state.untrack(task_id)
