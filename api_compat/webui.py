@@ -396,6 +396,10 @@ def png_info(value: Any, max_bytes: int) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- routes
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def webui_router(service, read_json):
     """The FastAPI router of the webui and ControlNet routes over ``service``. ``read_json(request)`` reads a
     POST body with the server's rules (JSON content type, size limit, body deadline, nesting depth) -- the
@@ -461,8 +465,7 @@ def webui_router(service, read_json):
         except ApiError as exc:
             return failure(exc)
 
-    body_schema = {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/Txt2ImgPayload"}}}}}
+    body_schema = _json_body({"$ref": "#/components/schemas/Txt2ImgPayload"})
     answer_doc = ('{"images": [base64 PNG], "parameters": {the request as the webui echoes it}, '
                   '"info": "<JSON string: seed, all_seeds, infotexts, ...>"}')
 
@@ -472,7 +475,8 @@ def webui_router(service, read_json):
     async def txt2img(request: Request):
         return await generate(request, "txt2img", service.sd_txt2img)
 
-    @router.post("/sdapi/v1/img2img", summary="img2img, synchronous (webui API)",
+    @router.post("/sdapi/v1/img2img", summary="img2img, synchronous (webui API)", openapi_extra=_json_body(
+                     {"type": "object", "description": "the webui img2img payload"}),
                  description="501 until the engine serves img2img (sd_img2img).")
     async def img2img(request: Request):
         submit = getattr(service, "sd_img2img", None)
@@ -569,6 +573,10 @@ def webui_router(service, read_json):
         return await asyncio.to_thread(current_options)
 
     @router.post("/sdapi/v1/options", summary="Set options; setting sd_model_checkpoint (or sd_vae) loads it",
+                 openapi_extra=_json_body({"type": "object", "properties": {
+                     "sd_model_checkpoint": {"type": "string"}, "sd_vae": {"type": "string"},
+                     "CLIP_stop_at_last_layers": {"type": "integer", "minimum": 1, "maximum": 12},
+                     "eta_noise_seed_delta": {"type": "integer", "minimum": 0}}}),
                  description="Settable: " + ", ".join(_OPTION_NAMES) + ". Any other option is refused (422) "
                              "naming it; read-only ones are accepted when they carry the current value.")
     async def set_options(request: Request):
@@ -664,7 +672,9 @@ def webui_router(service, read_json):
     async def skip():
         return await stop_running()
 
-    @router.post("/sdapi/v1/png-info", summary="The infotext of a PNG (info, items, parameters)")
+    @router.post("/sdapi/v1/png-info", summary="The infotext of a PNG (info, items, parameters)",
+                 openapi_extra=_json_body({"type": "object", "required": ["image"], "properties": {
+                     "image": {"type": "string", "description": "base64 or a data:image/...;base64, URI"}}}))
     async def png_info_route(request: Request):
         try:
             body = await read_json(request)
@@ -699,7 +709,13 @@ def webui_router(service, read_json):
     async def cn_module_list(alias_names: bool = False):
         return _modules(alias_names)
 
-    @router.post("/controlnet/detect", summary="Run a preprocessor on images (detected maps as base64 PNG)")
+    @router.post("/controlnet/detect", summary="Run a preprocessor on images (detected maps as base64 PNG)",
+                 openapi_extra=_json_body({"type": "object", "properties": {
+                     "controlnet_module": {"type": "string"},
+                     "controlnet_input_images": {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+                     "controlnet_processor_res": {"type": "number"}, "controlnet_threshold_a": {"type": "number"},
+                     "controlnet_threshold_b": {"type": "number"}, "controlnet_masks": {"type": "array"},
+                     "low_vram": {"type": "boolean"}}}))
     async def cn_detect(request: Request):
         try:
             body = await read_json(request)
