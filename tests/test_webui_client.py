@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-requests = pytest.importorskip("requests")
+import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = ("webui", "s3cret")
