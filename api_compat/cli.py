@@ -153,6 +153,12 @@ def _follow(service, task_id: str) -> dict[str, Any]:
             raise click.Abort() from None
 
 
+def _budget(gb: float | None):
+    if gb is None:
+        return "auto"
+    return int(gb * 2**30) if gb > 0 else None
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -189,10 +195,13 @@ def _is_loopback(host: str) -> bool:
               help="Seconds a connection may take to send its request line and headers.")
 @click.option("--read-timeout", default=60.0, show_default=True, type=float,
               help="Seconds a request body may take to arrive.")
+@click.option("--memory-budget-gb", type=float, default=None,
+              help="Refuse requests whose estimated peak memory is larger (default: half the machine's memory; "
+                   "0 turns the check off).")
 @click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
-          read_timeout, engine_factory):
+          read_timeout, memory_budget_gb, engine_factory):
     """Serve POST /scc/sd_txt2img and /scc/sd_get_result over HTTP (needs the 'server' extra).
 
     Safe by default on a machine with a browser: loopback bind, JSON-only POST bodies, Host and Origin
@@ -214,7 +223,7 @@ def serve(host, port, models_dir, results_dir, api_key, backend, device, precisi
 
     try:
         service = LocalService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
-                               max_queue_bytes=max_queue_mb * 1024 * 1024,
+                               max_queue_bytes=max_queue_mb * 1024 * 1024, memory_budget=_budget(memory_budget_gb),
                                engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
                                **_engine_options(backend, device, precision))
     except (ValueError, RuntimeError, TypeError) as exc:

@@ -27,7 +27,7 @@ from engine.config import EngineConfig
 from engine.errors import Cancelled, InvalidRequest, SdEngineError
 from engine.models.store import ModelStore
 
-from api_compat.engine_api import EngineFactory, EngineLike, check_models, default_engine_factory
+from api_compat.engine_api import EngineFactory, EngineLike, check_memory, check_models, default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits, write_png
 from api_compat.schema import parse_payload
@@ -109,6 +109,8 @@ class LocalService:
     ``engine_factory(config) -> engine`` builds an engine (default: ``engine.pipeline.Engine``).
     ``check_models``: model names are resolved in each configuration's model store at submit (an unknown
     name is refused before anything is queued); False leaves the lookup to the engine, when the task runs.
+    ``memory_budget``: bytes a request may need at its peak, estimated at submit by ``engine.memory`` from the
+    model's configs ("auto": half the machine's memory; None: no check; needs ``check_models``).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class LocalService:
         max_image_pixels: int = 4096 * 4096,
         max_age_s: float | None = 7 * 86400,
         max_tasks: int | None = 10000,
+        memory_budget: int | str | None = "auto",
         **engine_options: Any,
     ):
         if models_dir is not None:
@@ -139,6 +142,11 @@ class LocalService:
                                   allow_url_fetch=allow_url_fetch)
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
+        if memory_budget == "auto":
+            from engine.memory import default_budget
+
+            memory_budget = default_budget()
+        self.memory_budget = memory_budget  # bytes a request may need at its peak (engine.memory), None: off
         self._factory = engine_factory or default_engine_factory
         self._stores: dict[str, ModelStore | None] = {
             k: ModelStore.from_config(c) if check_models else None for k, c in self.configs.items()}
@@ -172,6 +180,7 @@ class LocalService:
         store = self._stores[config_id]
         if store is not None:
             check_models(store, translation.models)
+            check_memory(store, config, translation.request, self.memory_budget)
         task = _Task(task_id=uuid.uuid4().hex, config_id=config_id, request=translation.request,
                      parameters=translation.parameters,
                      nbytes=sum(getattr(u.image, "nbytes", 0) for u in translation.request.controlnet_units))

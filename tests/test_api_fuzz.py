@@ -132,8 +132,9 @@ class AsgiClient:
 
 @pytest.fixture(scope="module")
 def http_client(tmp_path_factory, tiny_engine):
+    # no memory budget here: _check mirrors validation without it (the budget has its own tests, test_memory.py)
     svc = LocalService(results_dir=tmp_path_factory.mktemp("fuzz"), max_queue=100000, max_tasks=200,
-                       **{**tiny_engine, "engine_factory": NullEngine})
+                       memory_budget=None, **{**tiny_engine, "engine_factory": NullEngine})
     client = AsgiClient(create_app(svc, max_body_bytes=256 * 1024))
     yield client
     client.close()
