@@ -325,8 +325,12 @@ class CeleryBackend:
 
         try:
             self.tasks.create(sub, queue, self.max_queue)
-            self.app.send_task(TASK_NAME, kwargs=message, queue=queue, task_id=sub.task_id)
         except (redis.RedisError, OSError) as exc:
+            log.error("queue %s unavailable: %s", redact(self.url), exc)
+            raise ApiError("backend_unavailable", "the task queue is unavailable; retry later") from None
+        try:
+            self.app.send_task(TASK_NAME, kwargs=message, queue=queue, task_id=sub.task_id)
+        except Exception as exc:  # kombu's OperationalError, redis errors: the record must not stay waiting
             log.error("queue %s unavailable: %s", redact(self.url), exc)
             try:
                 self.tasks.finish(sub.task_id, "failed", owner="", ttl=self.ttl,
@@ -593,8 +597,10 @@ class _Runtime:
                 pass
 
     def _maybe_cleanup(self, ttl: float | None) -> None:
-        """PNGs whose record expired (results TTL), and temp files an hour old, at most once a minute."""
-        if time.monotonic() - self._last_cleanup < 60.0:
+        """PNGs whose record expired (results TTL), and temp files an hour old; at most once a minute (once per
+        TTL when that is shorter). A PNG is written while its record exists (a waiting or running record lives
+        30 days), so a PNG older than the TTL without a record is one whose result expired."""
+        if time.monotonic() - self._last_cleanup < min(60.0, max(ttl or 60.0, 1.0)):
             return
         self._last_cleanup = time.monotonic()
         now = time.time()
@@ -606,7 +612,7 @@ class _Runtime:
                         os.unlink(entry.path)
                     continue
                 task_id = entry.name.split("-", 1)[0]
-                if ttl and age > ttl + 60 and TASK_ID.match(task_id) and not self.tasks.client.exists(
+                if ttl and age > ttl and TASK_ID.match(task_id) and not self.tasks.client.exists(
                         self.tasks.key("task", task_id)):
                     os.unlink(entry.path)
         except OSError:
