@@ -67,10 +67,10 @@ def check_models(store, models: Iterable[tuple]) -> None:
 
 # --------------------------------------------------------------------------------------------- memory budget
 def check_memory(store, config: EngineConfig, request: GenerationRequest, budget: int | None) -> None:
-    """Refuse (ApiError ``too_much_memory``, naming width/height or batch_size and the largest that fits) a
+    """Refuse a ``clip_skip`` beyond the model's text-encoder layers; refuse (ApiError ``too_much_memory``, naming width/height or batch_size and the largest that fits) a
     request whose estimated peak memory (``engine.memory``) is over ``budget`` bytes. Nothing is checked
     without a budget, a store, or when the model's architecture cannot be read from its headers."""
-    if budget is None or store is None:
+    if store is None:
         return
     from engine.memory import architecture_of, estimate, largest_batch, largest_fitting
 
@@ -82,6 +82,14 @@ def check_memory(store, config: EngineConfig, request: GenerationRequest, budget
     if found is None:
         return
     arch, native = found
+    if arch.text_layers is not None and request.clip_skip > arch.text_layers:
+        # the text encoder has no such layer (it failed in the worker, an ONNX Gather out of range)
+        raise ApiError("invalid_request", f"{request.clip_skip} is more than the {arch.text_layers} layers of the "
+                       f"text encoder of {entry.name}", field="clip_skip",
+                       allowed=f"an integer from 1 to {arch.text_layers} (also for "
+                               "override_settings.CLIP_stop_at_last_layers)")
+    if budget is None:
+        return
     width, height = request.width or native, request.height or native
     backend = getattr(config.backend, "value", str(config.backend))
     options = {"cfg": request.cfg_scale != 1.0, "backend": backend}

@@ -66,9 +66,11 @@ class Architecture:
     vae_channels: tuple[int, ...]
     vae_attention: bool = True
     weights_bytes: int = 0
+    text_layers: int | None = None  # fewest hidden layers of the text encoders (the largest clip_skip)
 
     @classmethod
-    def from_configs(cls, unet: Mapping[str, Any], vae: Mapping[str, Any], weights_bytes: int = 0) -> "Architecture":
+    def from_configs(cls, unet: Mapping[str, Any], vae: Mapping[str, Any], weights_bytes: int = 0,
+                     text: tuple[Mapping[str, Any], ...] = ()) -> "Architecture":
         channels = tuple(int(c) for c in unet["block_out_channels"])
         n = len(channels)
         # diffusers: num_attention_heads, else the legacy attention_head_dim (which SD1/SD2/SDXL configs use
@@ -77,8 +79,9 @@ class Architecture:
         heads = tuple(int(h) for h in _as_tuple(heads, n))
         kinds = tuple(unet.get("down_block_types") or ())
         attention = tuple("Attn" in str(k) for k in kinds) or (True,) * n
+        layers = [int(t["num_hidden_layers"]) for t in text if t and t.get("num_hidden_layers")]
         return cls(channels, heads, attention, tuple(int(c) for c in vae["block_out_channels"]),
-                   bool(vae.get("mid_block_add_attention", True)), int(weights_bytes))
+                   bool(vae.get("mid_block_add_attention", True)), int(weights_bytes), min(layers) if layers else None)
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,9 @@ def architecture_of(path: str | os.PathLike) -> tuple[Architecture, int] | None:
             arch = detect_folder_arch(path)
             if arch is not None and arch.value in _BUNDLED and native < 64:
                 native = _BUNDLED[arch.value][1]
-            result = (Architecture.from_configs(unet, vae, size), native)
+            text = tuple(json.loads((path / sub / "config.json").read_text())
+                         for sub in ("text_encoder", "text_encoder_2") if (path / sub / "config.json").is_file())
+            result = (Architecture.from_configs(unet, vae, size, text), native)
         elif path.suffix.lower() == ".safetensors":
             header = read_safetensors_header(path)
             from engine.models.convert import METADATA_KEY
@@ -208,7 +213,8 @@ def architecture_of(path: str | os.PathLike) -> tuple[Architecture, int] | None:
             else:
                 configs = None
             if configs and "unet" in configs and "vae" in configs:
-                result = (Architecture.from_configs(configs["unet"], configs["vae"], stat.st_size), native)
+                text = tuple(configs[k] for k in ("text_encoder", "text_encoder_2") if isinstance(configs.get(k), dict))
+                result = (Architecture.from_configs(configs["unet"], configs["vae"], stat.st_size, text), native)
     except (OSError, ValueError, KeyError, TypeError, SdEngineError):  # unreadable: the engine reports it
         result = None
     _ARCH_CACHE[key] = result

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api_compat import ApiError, LocalService
-from api_compat.engine_api import check_models
+from api_compat.engine_api import check_memory, check_models
 from api_compat.http import create_app
 from api_compat.schema import MAX_JSON_DEPTH, ControlNetUnitPayload, Txt2ImgPayload, parse_payload
 from api_compat.translate import translate
@@ -86,8 +86,10 @@ def store(tiny_engine):
 def _check(payload, store) -> GenerationRequest | None:
     """What sd_txt2img checks before it queues: schema, translation, model names in the store."""
     try:
-        translation = translate(parse_payload(payload), EngineConfig())
+        config = EngineConfig(default_model="tiny-sd1")  # as the HTTP service's configuration
+        translation = translate(parse_payload(payload), config)
         check_models(store, translation.models)
+        check_memory(store, config, translation.request, None)  # the model's limits (clip_skip), no budget
         return translation.request
     except ApiError as exc:
         assert exc.http_status in (400, 422) and str(exc)

@@ -190,3 +190,15 @@ def test_server_under_an_address_space_cap(tmp_path, tiny_store):
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
     assert b"MemoryError" not in out and b"Traceback" not in out, out.decode(errors="replace")[-3000:]
+
+
+def test_clip_skip_beyond_the_text_encoder_is_refused_at_submit(tmp_path, tiny_store):
+    """The probe: clip_skip 9-12 on a model with fewer layers was accepted and failed in the worker (an ONNX
+    Gather out of range). tiny-sd1's text encoder has 5 layers."""
+    with _service(tmp_path, tiny_store, None) as svc:
+        assert svc.sd_txt2img({"clip_skip": 5})["status"] == "waiting"
+        for payload in ({"clip_skip": 6}, {"clip_skip": 12}, {"override_settings": {"CLIP_stop_at_last_layers": 9}}):
+            with pytest.raises(ApiError) as exc:
+                svc.sd_txt2img(payload)
+            assert (exc.value.field, exc.value.http_status) == ("clip_skip", 422)
+            assert exc.value.allowed.startswith("an integer from 1 to 5")
