@@ -23,7 +23,7 @@ pytest.importorskip("openvino", reason="the openvino extra is part of the dev ex
 import engine.backends.openvino as xov  # noqa: E402
 from engine.backends import create_backend  # noqa: E402
 from engine.backends.openvino import IR_STAGE, OpenVinoBackend, import_openvino, inference_precision  # noqa: E402
-from engine.config import Backend, EngineConfig, Precision, default_backend, default_precision  # noqa: E402
+from engine.config import BackendKind as Backend, EngineConfig, Precision, default_backend, default_precision  # noqa: E402
 from engine.cpu import native_bf16  # noqa: E402
 from engine.errors import BackendUnavailable, InvalidRequest  # noqa: E402
 from engine.models.tiny import build_tiny  # noqa: E402
@@ -206,7 +206,7 @@ def test_pipeline_openvino_matches_torch(engines, model):
         assert mad(a, b) <= MAD_F32, f"openvino f32 vs torch: {mad(a, b):.3f}/255"
         assert mad(a, c) <= MAD_BF16, f"openvino bf16 vs torch: {mad(a, c):.3f}/255"
     assert mad(ref.images[0], ref.images[1]) > 1.0  # the images differ between seeds: real content
-    assert f32.info["backend"] == "openvino" and f32.info["precision"] == "fp32"
+    assert f32.info["backend"] == "openvino f32" and f32.info["precision"] == "fp32"
     assert bf16.info["precision"] == "bf16"
     # the infotext names the inference precision the CPU really ran
     assert "Backend: openvino f32" in f32.infotexts[0]
