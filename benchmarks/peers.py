@@ -336,6 +336,8 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="a narrow model: checks the harness, not a figure")
     ap.add_argument("--skip-prepare", action="store_true", help="do not time the cold path (artefacts exist)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.md"))
+    ap.add_argument("--benchmarks-md", type=Path, default=Path(__file__).parents[1] / "BENCHMARKS.md",
+                    help="replace its '## CPU peers' section with the result (not with --small)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -375,8 +377,24 @@ def main(argv=None) -> int:
     text = markdown(table, skipped, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
+    if not args.small and args.benchmarks_md and args.benchmarks_md.is_file():
+        update_section(args.benchmarks_md, text)
     print(text)
     return 0
+
+
+def update_section(path: Path, text: str, title: str = "## CPU peers") -> None:
+    """Replace the section of ``path`` that starts with ``title`` (up to the next ``## ``) by ``text``."""
+    doc = path.read_text(encoding="utf-8")
+    start = doc.find(title)
+    if start < 0:
+        doc = doc.rstrip("\n") + "\n\n" + text
+    else:
+        end = doc.find("\n## ", start + len(title))
+        doc = doc[:start] + text + (doc[end + 1:] if end >= 0 else "")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

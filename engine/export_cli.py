@@ -11,7 +11,9 @@ import click
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+# every component the engine's non-torch backends export before they release a module's torch weights
+# (engine/backends/weights.py): unet_control comes with unet, vae_encoder with vae_decoder
+DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_control", "vae_decoder", "vae_encoder")
 
 
 def load(config, name: str, controlnet: bool, vae: str = "Automatic"):
