@@ -138,9 +138,14 @@ def test_torch_backend_bf16_casts_weights_once(backends):
     assert {p.dtype for p in bf16._wrapper("unet").parameters()} == {torch.bfloat16}
 
 
-def test_torch_backend_fp16_keeps_sdxl_vae_in_fp32():
+def test_torch_backend_fp16_keeps_sdxl_vae_in_fp32(monkeypatch):
     """fp16: the UNet runs in fp16, the SDXL VAE (fp16 overflow, descriptor fp16=False) stays fp32 exactly
-    (reference: the same backend in fp32), as diffusers' force_upcast."""
+    (reference: the same backend in fp32), as diffusers' force_upcast. On CPU fp16 resolves to bf16 (or fp32):
+    the CUDA resolution (fp16) is forced here so that the fp16 policy runs."""
+    import engine.backends.torch as tb
+
+    monkeypatch.setattr(tb, "compute_dtype",
+                        lambda precision, device: torch.float16 if precision.value == "fp16" else torch.float32)
     comps32, comps16 = build_tiny("sdxl").components, build_tiny("sdxl").components
     fp32 = create_backend(EngineConfig(backend="torch"), comps32, "tiny-sdxl")
     fp16 = create_backend(EngineConfig(backend="torch", precision="fp16"), comps16, "tiny-sdxl")
@@ -151,13 +156,14 @@ def test_torch_backend_fp16_keeps_sdxl_vae_in_fp32():
     assert {p.dtype for p in fp16._wrapper("unet").parameters()} == {torch.float16}
 
 
-def test_cpu_half_precision_warns_when_emulated(caplog, monkeypatch):
+def test_cpu_half_precision_runs_fp32_when_emulated(caplog, monkeypatch):
     import engine.backends.torch as tb
 
-    monkeypatch.setattr(tb, "cpu_has_native_half", lambda: False)
+    monkeypatch.setattr(tb, "cpu_has_native_bf16", lambda: False)
     with caplog.at_level("WARNING", logger="engine.backends.torch"):
-        create_backend(EngineConfig(backend="torch", precision="bf16"), build_tiny("sd1").components, "t")
+        b = create_backend(EngineConfig(backend="torch", precision="bf16"), build_tiny("sd1").components, "t")
     assert "emulated" in caplog.text and "fp32" in caplog.text
+    assert b.dtype_of("unet") == "float32"
 
 
 # -- provider selection --------------------------------------------------------------------------------------
