@@ -14,6 +14,7 @@ COMMANDS = {
     "export": "export.cli:export",
     "txt2img": "api_compat.cli:txt2img",
     "serve": "api_compat.cli:serve",
+    "bench": "benchmarks._cli:bench",
 }
 
 
