@@ -78,9 +78,11 @@ def _outputs(output: Path, count: int) -> list[Path]:
 @click.option("--batch-size", type=int)
 @click.option("--n-iter", type=int, help="Number of batches.")
 @click.option("--model", help="Checkpoint name from the model store.")
-@click.option("--backend", help="onnxruntime, torch or tensorrt.")
+@click.option("--backend", help="openvino, onnxruntime, torch or tensorrt (default: openvino on CPU when installed, "
+                                "else onnxruntime).")
 @click.option("--device", help="cpu or cuda[:N].")
-@click.option("--precision", help="fp32, fp16 or bf16.")
+@click.option("--precision", help="fp32, fp16 or bf16 (default: bf16 for openvino on a CPU with native bf16, else "
+                                  "fp32).")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where task records and PNGs are kept (default: outputs/sdengine or $SDENGINE_RESULTS_DIR).")
@@ -174,27 +176,52 @@ def _is_loopback(host: str) -> bool:
 @click.option("--configs", "configs_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help='JSON file {"config-id": {engine options}} selected by the X-SP-RESOURCE-CONFIG-ID header.')
 @click.option("--max-queue", default=256, show_default=True, type=int)
+@click.option("--max-queue-mb", default=512, show_default=True, type=int,
+              help="Bound on the compressed ControlNet images held by waiting tasks.")
 @click.option("--max-body-mb", default=32, show_default=True, type=int)
 @click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A host name clients use for this server (the Host header); the bound address and, on a "
+                   "loopback bind, localhost are always allowed. '*' allows any (e.g. behind a proxy that checks).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="A web origin (https://app.example) allowed to call the API from a browser; others are refused.")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Allow a non-loopback bind without --api-key (anyone who can reach it can submit tasks).")
+@click.option("--header-timeout", default=10.0, show_default=True, type=float,
+              help="Seconds a connection may take to send its request line and headers.")
+@click.option("--read-timeout", default=60.0, show_default=True, type=float,
+              help="Seconds a request body may take to arrive.")
 @click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, backend, device, precision, configs_file, max_queue,
-          max_body_mb, allow_url_fetch, engine_factory):
-    """Serve POST /scc/sd_txt2img and /scc/sd_get_result over HTTP (needs the 'server' extra)."""
+          max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
+          read_timeout, engine_factory):
+    """Serve POST /scc/sd_txt2img and /scc/sd_get_result over HTTP (needs the 'server' extra).
+
+    Safe by default on a machine with a browser: loopback bind, JSON-only POST bodies, Host and Origin
+    checked (DNS rebinding, cross-site submits), header and body deadlines. A non-loopback bind needs
+    --api-key (or --insecure-no-auth)."""
     from engine.lazy import require
 
-    from api_compat.http import create_app
-    from api_compat.service import LocalService
+    from api_compat.http import allowed_hosts_for, create_app, uvicorn_config
 
     uvicorn = require("uvicorn", "server", "sdengine serve")
     if not _is_loopback(host) and not api_key:
-        click.echo(f"warning: serving on {host} without an API key; anyone who can reach it can submit tasks",
-                   err=True)
+        if not insecure_no_auth:
+            raise click.UsageError(f"refusing to serve on {host} (not loopback) without an API key: give --api-key "
+                                   "(or SDENGINE_API_KEY), bind 127.0.0.1, or pass --insecure-no-auth")
+        click.echo(f"warning: serving on {host} without an API key (--insecure-no-auth); anyone who can reach it "
+                   "can submit tasks", err=True)
     configs = json.loads(configs_file.read_text()) if configs_file else None
+    from api_compat.service import LocalService
+
     try:
         service = LocalService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
+                               max_queue_bytes=max_queue_mb * 1024 * 1024,
                                engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
                                **_engine_options(backend, device, precision))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
-    app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,
+                     allowed_hosts=allowed_hosts_for(host, allowed_hosts), cors_origins=cors_origins,
+                     read_timeout=read_timeout)
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, header_timeout=header_timeout)).run()
