@@ -63,9 +63,18 @@ def build_own_wheel(dest: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         # build from a copy without ignored folders (.venv, models, caches) so that nothing stray is packed
         src = Path(tmp) / "src"
-        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-            ".venv", ".git", "models", "outputs", "cache", "*.egg-info", "build", "dist", "__pycache__",
-            ".pytest_cache", ".hypothesis", "carry", "ort-gpu-parts", "training", "tests", "docs"))
+        top = {".venv", ".git", "models", "outputs", "cache", "build", "dist", ".pytest_cache", ".hypothesis",
+               "training", "tests", "docs"}
+
+        def ignore(folder: str, names: list[str]) -> set[str]:
+            skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+            if Path(folder) == ROOT:
+                skip |= top & set(names)
+            if Path(folder) == HERE:
+                skip |= {CARRY.name, PARTS.name} & set(names)
+            return skip
+
+        shutil.copytree(ROOT, src, ignore=ignore)
         pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest), str(src))
     wheels = list(dest.glob("sdengine-*.whl"))
     if len(wheels) != 1:
