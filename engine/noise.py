@@ -123,9 +123,15 @@ class ImageRNG:
 
 
 def to_like(t: Any, like: Array) -> Array:
-    """A CPU torch tensor as an array of ``like``'s kind, dtype and device."""
+    """A CPU torch tensor as an array of ``like``'s kind, dtype and device.
+
+    To a CUDA device the copy goes through pinned memory, non-blocking: a copy from pageable memory would
+    synchronise the stream, i.e. stop the host from queueing the next step while the GPU runs this one.
+    """
     if is_numpy(like):
         return t.numpy().astype(like.dtype, copy=False)
+    if like.device.type == "cuda":
+        return t.to(dtype=like.dtype).pin_memory().to(like.device, non_blocking=True)
     return t.to(device=like.device, dtype=like.dtype)
 
 

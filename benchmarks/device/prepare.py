@@ -42,7 +42,7 @@ LIMIT_MIB = 60
 PIECE = 50 * 2**20
 # distributions the GPU image lacks (diffusers and sdengine's own small dependencies), at our versions
 CARRIED = ("diffusers", "importlib-metadata", "zipp", "click", "pydantic", "pydantic-core", "annotated-types",
-           "typing-inspection", "pillow")
+           "typing-inspection", "typing-extensions", "pillow")
 ORT_GPU = "onnxruntime-gpu==1.31.1"
 TARGET = ["--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--platform",
           "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
