@@ -129,7 +129,7 @@ class Suite:
             return ModelStore(self.models_dir, bundled=None, cache_dir=self.cache_dir).load_model(name)
 
         model = components()
-        key = model.short_hash
+        key = model.family.artefact_key  # the key the engine uses: the harness then finds these artefacts
         base = dict(device=device, cache_dir=self.cache_dir)
         reference = create_backend(EngineConfig(backend="torch", precision="fp32", **base), model.components, key)
         latent = 8 if smoke else 64

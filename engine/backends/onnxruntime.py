@@ -123,7 +123,6 @@ class _Bound:
 
     def __init__(self, session, desc, shapes: Mapping[str, tuple], device: str, graph_id: int | None,
                  sync: bool = True):
-        import onnxruntime as ort
         import torch
 
         kind = "cpu" if device == "cpu" else "cuda"
