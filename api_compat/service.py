@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import EngineConfig
+from engine.config import ENV_RESULTS_DIR, EngineConfig, default_results_dir  # noqa: F401 (ENV_RESULTS_DIR re-exported)
 from engine.errors import Cancelled, InvalidRequest, SdEngineError
 from engine.models.store import ModelStore
+from engine.progress import Progress, ProgressReporter
 
 from api_compat.engine_api import EngineFactory, EngineLike, check_models, default_engine_factory
 from api_compat.errors import ApiError, api_error_from
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_HEADER = "X-SP-RESOURCE-CONFIG-ID"
 DEFAULT_CONFIG = "default"
-ENV_RESULTS_DIR = "SDENGINE_RESULTS_DIR"
 
 
 @dataclass
@@ -130,7 +130,7 @@ class LocalService:
         self.configs: dict[str, EngineConfig] = {DEFAULT_CONFIG: base}
         for config_id, options in (configs or {}).items():
             self.configs[str(config_id)] = EngineConfig(**{**engine_options, **options})
-        self.results_dir = Path(results_dir or os.environ.get(ENV_RESULTS_DIR) or "outputs/sdengine")
+        self.results_dir = Path(results_dir).absolute() if results_dir else default_results_dir()
         self.limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_image_pixels,
                                   allow_url_fetch=allow_url_fetch)
         self.max_queue = max_queue
@@ -191,8 +191,8 @@ class LocalService:
                 out = {"taskId": task_id, "status": task.status.value, "images": [], "parameters": task.parameters,
                        "info": {}}
                 if task.status is Status.RUNNING:
-                    out["progress"] = dict(task.progress or {"step": 0, "steps": task.request.steps,
-                                                             "fraction": 0.0, "eta_seconds": None})
+                    out["progress"] = dict(task.progress or Progress(
+                        "loading", steps=task.request.steps * task.request.n_iter).as_dict())
                 else:
                     out["queue_position"] = self._worker_of[task.config_id].queue.index(task)
                 return out
@@ -310,14 +310,19 @@ class LocalService:
 
     def _run(self, worker: _Worker, task: _Task) -> None:
         """Run one task to a final state; every exception ends as a failed task, never in the worker."""
-        first = time.monotonic()
+        last: list[Progress] = []
 
-        def progress(step: int, steps: int) -> None:
-            step, steps = int(step), max(int(steps), 1)
-            elapsed = time.monotonic() - first
-            eta = elapsed / step * (steps - step) if step > 0 else None
-            task.progress = {"step": step, "steps": steps, "fraction": min(step / steps, 1.0),
-                             "eta_seconds": None if eta is None else round(eta, 3)}
+        def record(event: Progress) -> None:
+            last[:] = [event]
+            task.progress = event.as_dict()
+
+        legacy = ProgressReporter(record, None, task.request.steps)
+
+        def progress(event: Progress | int, steps: int | None = None) -> None:
+            if steps is not None:  # an engine with the old progress(done, total) of sampling steps
+                legacy.sampled(int(event), int(steps))
+            else:
+                record(event)
 
         try:
             if task.cancel.is_set():
@@ -326,7 +331,9 @@ class LocalService:
             result = engine.generate(task.request, progress=progress, cancel=task.cancel)
             names = []
             infotexts = list(result.infotexts)
+            steps = last[0].steps if last else task.request.steps
             for i, image in enumerate(result.images):
+                record(Progress("saving", i, len(result.images), steps, steps, 0.0))
                 path = self.store.image_file(task.task_id, i)
                 write_png(path, image, infotexts[i] if i < len(infotexts) else None)
                 names.append(path.name)
