@@ -159,6 +159,9 @@ class Engine:
         family = rt.model.family
         timer.add("load", t0)
         width, height = self._validate(req, family)
+        warnings = [w for w in (family.size_warning(width, height),) if w]
+        for warning in warnings:
+            log.warning("%s: %s", rt.model.name, warning)
 
         # 2. plan: sigmas, the denoiser's schedule, seeds, ControlNet units
         plan = sampler.prepare(req.steps, family, eta=req.eta, eta_noise_seed_delta=req.eta_noise_seed_delta)
@@ -213,6 +216,7 @@ class Engine:
         infotexts = [generation.infotext(i) for i in range(total)]
         info = generation.info(infotexts, timer.timings, device=self.config.device,
                                precision=self.config.precision.value)
+        info["warnings"] = warnings
         detected = [u.detected_map for u, spec in zip(units, req.controlnet_units) if spec.save_detected_map]
         return GenerationResult(images=images, infotexts=infotexts, info=info, seeds=all_seeds,
                                 subseeds=all_subseeds, timings=dict(timer.timings), detected_maps=detected)
@@ -236,7 +240,7 @@ class Engine:
             field_name = f"alwayson_scripts.controlnet.units[{k}]"
             cn = self._controlnet(rt, unit.model, f"{field_name}.model")
             units.append(prepare_unit(unit, width, height, field=field_name))
-            labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]"))
+            labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]", units[-1].used))
         return units, labels
 
 
