@@ -1,6 +1,6 @@
 """LocalService: the sd_txt2img / sd_get_result contract in-process, over a bounded task queue.
 
-    with LocalService(models_dir="models") as api:
+    with LocalService() as api:                    # models and results under the home (engine.config)
         task = api.sd_txt2img({"prompt": "a cat", "steps": 20})
         result = api.wait(task["taskId"])          # {"taskId", "status", "images": [png paths], ...}
 

@@ -161,7 +161,7 @@ class Engine:
         width, height = self._validate(req, family)
         warnings = [w for w in (family.size_warning(width, height),) if w]
         for warning in warnings:
-            log.warning("%s: %s", rt.model.name, warning)
+            log.info("%s: %s", rt.model.name, warning)  # carried in info["warnings"]; the CLI prints it
 
         # 2. plan: sigmas, the denoiser's schedule, seeds, ControlNet units
         plan = sampler.prepare(req.steps, family, eta=req.eta, eta_noise_seed_delta=req.eta_noise_seed_delta)

@@ -61,9 +61,11 @@ def test_openapi_descriptions_point_to_the_page(tmp_path):
     from api_compat.http import create_app
     from api_compat.service import LocalService
 
+    from fastapi.testclient import TestClient
+
     with LocalService(tmp_path / "models", results_dir=tmp_path / "out", check_models=False) as service:
-        app = create_app(service)
-        spec = app.app.openapi() if hasattr(app, "app") else app.openapi()
+        with TestClient(create_app(service), base_url="http://localhost") as client:
+            spec = client.get("/openapi.json").json()
     assert "docs/API.md" in spec["info"]["description"]
     schemas = spec["components"]["schemas"]
     assert "docs/API.md" in schemas["Txt2ImgPayload"]["description"]
