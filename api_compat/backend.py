@@ -103,7 +103,14 @@ def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id
         path = image_file(images_dir, task_id, i)
         write_png(path, image, infotexts[i] if i < len(infotexts) else None)
         names.append(path.name)
+    # ControlNet detected maps (units with save_detected_map) follow the images, as the extension appends them
+    maps = list(getattr(result, "detected_maps", None) or [])
+    for detected in maps:
+        path = image_file(images_dir, task_id, len(names))
+        write_png(path, detected, None)
+        names.append(path.name)
     info = dict(result.info)
+    info["detected_maps"] = len(maps)
     info.setdefault("infotexts", infotexts)
     info.setdefault("all_seeds", list(result.seeds))
     info.setdefault("all_subseeds", list(result.subseeds))

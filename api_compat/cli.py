@@ -170,6 +170,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--api-key", envvar="SDENGINE_API_KEY", help="Require this key (Authorization: Bearer / X-API-Key).")
+@click.option("--api-auth", envvar="SDENGINE_API_AUTH", metavar="USER:PASS[,USER:PASS]",
+              help="HTTP Basic credentials, as the webui's --api-auth; with --api-key, either admits.")
 @click.option("--backend")
 @click.option("--device")
 @click.option("--precision")
@@ -200,23 +202,28 @@ def _is_loopback(host: str) -> bool:
               help="(--queue) Seconds before the task of a lost worker host is delivered again; give every "
                    "worker and server the same value, longer than the longest task.")
 @click.option("--engine-factory", hidden=True)
-def serve(host, port, models_dir, results_dir, api_key, backend, device, precision, configs_file, max_queue,
+def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
           read_timeout, queue, results_ttl, visibility_timeout, engine_factory):
-    """Serve POST /scc/sd_txt2img and /scc/sd_get_result over HTTP (needs the 'server' extra).
+    """Serve POST /scc/sd_txt2img and /scc/sd_get_result, and the webui's /sdapi/v1/... API, over HTTP (needs the
+    'server' extra).
 
     Safe by default on a machine with a browser: loopback bind, JSON-only POST bodies, Host and Origin
     checked (DNS rebinding, cross-site submits), header and body deadlines. A non-loopback bind needs
     --api-key (or --insecure-no-auth)."""
     from engine.lazy import require
 
-    from api_compat.http import allowed_hosts_for, create_app, uvicorn_config
+    from api_compat.http import allowed_hosts_for, create_app, parse_api_auth, uvicorn_config
 
     uvicorn = require("uvicorn", "server", "sdengine serve")
-    if not _is_loopback(host) and not api_key:
+    try:
+        basic = parse_api_auth(api_auth)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--api-auth") from None
+    if not _is_loopback(host) and not api_key and not basic:
         if not insecure_no_auth:
             raise click.UsageError(f"refusing to serve on {host} (not loopback) without an API key: give --api-key "
-                                   "(or SDENGINE_API_KEY), bind 127.0.0.1, or pass --insecure-no-auth")
+                                   "(or SDENGINE_API_KEY) or --api-auth, bind 127.0.0.1, or pass --insecure-no-auth")
         click.echo(f"warning: serving on {host} without an API key (--insecure-no-auth); anyone who can reach it "
                    "can submit tasks", err=True)
     configs = json.loads(configs_file.read_text()) if configs_file else None
@@ -233,7 +240,7 @@ def serve(host, port, models_dir, results_dir, api_key, backend, device, precisi
         raise click.ClickException(str(exc)) from None
     app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,
                      allowed_hosts=allowed_hosts_for(host, allowed_hosts), cors_origins=cors_origins,
-                     read_timeout=read_timeout)
+                     read_timeout=read_timeout, api_auth=basic)
     uvicorn.Server(uvicorn_config(app, host=host, port=port, header_timeout=header_timeout)).run()
 
 

@@ -21,6 +21,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from api_compat.errors import ApiError
+from engine.controlnet.images import ResizeMode
+from engine.controlnet.units import ControlMode
+from engine.errors import InvalidRequest
+from engine.models.store import unsafe_name_reasons
 
 INT64_MAX = 2**63 - 1
 MAX_SIZE = 2048
@@ -118,15 +122,9 @@ def _str_type(max_len: int = MAX_TEXT, *, nullable: bool = False):
 
 
 def check_model_name(value: str, *, allowed: str = "a model file or folder name from the model store") -> str:
-    """A name from the model store, never a path: ``..``, ``/``, ``\\``, drive letters, control characters
-    and absolute paths are rejected."""
-    if (
-        value in (".", "..")
-        or any(c in value for c in "/\\:")
-        or any(ord(c) < 32 for c in value)
-        or value.startswith("~")
-        or value != value.strip()
-    ):
+    """A name from the model store, never a path (the store's rule: engine.models.store.unsafe_name_reasons);
+    surrounding whitespace is refused too."""
+    if unsafe_name_reasons(value) or value != value.strip():
         raise _err("unsafe_model_path", "{value} is a path, not a model name", allowed, value=repr(value[:100]))
     return value
 
@@ -166,19 +164,20 @@ def _only_default(*defaults: Any, feature: str):
     return Annotated[Any, BeforeValidator(check), Field(json_schema_extra={"description": f"not supported; only {shown}"})]
 
 
-def _choice(mapping: dict[Any, str], default_text: str):
-    """A value from a fixed set, given by name (case-insensitive) or webui index; returns the canonical name."""
-    names = sorted(set(mapping.values()), key=list(mapping.values()).index)
+def _mode(enum: Any, default_text: str):
+    """An extension enum (engine.controlnet ResizeMode / ControlMode), parsed by the enum's own ``parse`` (names,
+    aliases, case-insensitive, or the extension's int); returns the canonical name."""
+    names = [m.value for m in enum]
     text = ", ".join(f'"{n}"' for n in names) + f" (or {default_text})"
-    lowered = {(k.lower() if isinstance(k, str) else k): v for k, v in mapping.items()}
 
     def check(value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise _err("enum", "must be one of the listed names, got {got}", text, got=type(value).__name__)
-        key = value.lower().strip() if isinstance(value, str) else value
-        if key not in lowered:
-            raise _err("enum", "unknown value {value}", text, value=repr(value if isinstance(value, int) else value[:100]))
-        return lowered[key]
+        try:
+            return enum.parse(value).value
+        except InvalidRequest:
+            raise _err("enum", "unknown value {value}", text,
+                       value=repr(value if isinstance(value, int) else value[:100])) from None
 
     return Annotated[str, BeforeValidator(check), Field(json_schema_extra={"enum": names})]
 
@@ -238,19 +237,6 @@ ShortText = _str_type(200)
 OptShortText = _str_type(200, nullable=True)
 Flag = _bool_type()
 
-RESIZE_MODES = {
-    0: "Just Resize", "just resize": "Just Resize",
-    1: "Crop and Resize", "crop and resize": "Crop and Resize", "inner fit (scale to fit)": "Crop and Resize",
-    2: "Resize and Fill", "resize and fill": "Resize and Fill", "outer fit (shrink to fit)": "Resize and Fill",
-    "envelope (outer fit)": "Resize and Fill",
-}
-CONTROL_MODES = {
-    0: "Balanced", "balanced": "Balanced",
-    1: "My prompt is more important", "my prompt is more important": "My prompt is more important",
-    2: "ControlNet is more important", "controlnet is more important": "ControlNet is more important",
-}
-
-
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -269,11 +255,11 @@ class ControlNetUnitPayload(_Model):
     weight: _float_type(0.0, 2.0) = 1.0
     guidance_start: _float_type(0.0, 1.0) = 0.0
     guidance_end: _float_type(0.0, 1.0) = 1.0
-    resize_mode: _choice(RESIZE_MODES, "0, 1, 2") = "Crop and Resize"
+    resize_mode: _mode(ResizeMode, "0, 1, 2") = "Crop and Resize"
     processor_res: _int_type(-1, 16384) = -1
     threshold_a: _float_type(-1e6, 1e6) = -1.0
     threshold_b: _float_type(-1e6, 1e6) = -1.0
-    control_mode: _choice(CONTROL_MODES, "0, 1, 2") = "Balanced"
+    control_mode: _mode(ControlMode, "0, 1, 2") = "Balanced"
     pixel_perfect: _bool_type(nullable=False) = False
     save_detected_map: _bool_type(nullable=False) = False
     # sd-webui-controlnet fields with no effect here (memory hints, UI state, hires-fix routing)

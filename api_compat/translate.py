@@ -32,12 +32,6 @@ DEFAULT_SAMPLER = "Euler a"
 PLAN_NATIVE_SIZE = 1024
 
 
-class NotSupported(InvalidRequest):
-    """A webui feature the engine does not implement, asked for at a non-default value."""
-
-    code = "not_supported"
-
-
 @dataclass(frozen=True)
 class Translation:
     """The engine request, the request echo for ``parameters``, and the model names to check in the store

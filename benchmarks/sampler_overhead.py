@@ -36,10 +36,11 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 
 def _kdiffusion():
     try:
-        from tests.test_samplers_reference import K
+        from benchmarks.references import load_kdiffusion
+
+        return load_kdiffusion().sampling
     except Exception:  # pragma: no cover - k-diffusion is a dev dependency
         return None
-    return K
 
 
 def run(repeats: int = 7, steps: int = 20, shape=(4, 4, 64, 64)) -> list[dict]:

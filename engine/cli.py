@@ -11,7 +11,7 @@ import click
 # command name -> "module:attribute" of a click command
 COMMANDS = {
     "models": "engine.models.cli:models",
-    "export": "export.cli:export",
+    "export": "engine.export_cli:export",
     "txt2img": "api_compat.cli:txt2img",
     "serve": "api_compat.cli:serve",
     "worker": "api_compat.cli:worker",

@@ -14,9 +14,9 @@ import bisect
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
+from engine.arrays import as_like, concat, stack, zeros_like
 from engine.errors import InvalidRequest
 from engine.prompts import CHUNK_LENGTH, Chunk, prompt_schedule, split_and, tokenize_prompt
 
@@ -66,107 +66,22 @@ class EncoderSpec:
 
 
 @dataclass(frozen=True)
-class FamilySpec:
+class TextSpec:
+    """How a model family turns text into conditioning. The families' specs are defined in
+    engine/models/family.py (the one place that knows each family's encoders and pad tokens)."""
+
     encoders: tuple[EncoderSpec, ...]
     pooled_component: str | None = None  # SDXL: the pooled output of this encoder (first chunk)
     time_ids: bool = False  # SDXL add_time_ids
     zero_empty_negative: bool = False  # SDXL: an empty negative prompt is all zeros (webui, diffusers)
 
 
-_EOS = "<|endoftext|>"
-_OPENCLIP_PAD = "!"
-
-
-class TextFamily(str, Enum):
-    """How a model family turns text into conditioning."""
-
-    SD1 = "sd1"
-    SD2 = "sd2"
-    SDXL = "sdxl"
-
-    @property
-    def spec(self) -> FamilySpec:
-        return _FAMILIES[self]
-
-
-_FAMILIES = {
-    TextFamily.SD1: FamilySpec((EncoderSpec("text_encoder", _EOS, "hidden_state"),)),
-    # diffusers' SD2 text encoder already lacks OpenCLIP's last layer: N=1 is the webui's SD2 "penultimate"
-    TextFamily.SD2: FamilySpec((EncoderSpec("text_encoder", _OPENCLIP_PAD, "hidden_state"),)),
-    TextFamily.SDXL: FamilySpec(
-        (
-            EncoderSpec("text_encoder", _EOS, "hidden_state_raw", skip_offset=1),
-            EncoderSpec("text_encoder_2", _OPENCLIP_PAD, "hidden_state_raw", skip_offset=1),
-        ),
-        pooled_component="text_encoder_2",
-        time_ids=True,
-        zero_empty_negative=True,
-    ),
-}
-
-
 @dataclass(frozen=True)
 class TextModelInfo:
-    """What conditioning needs to know about a loaded model: its family and its hash (the cache key)."""
+    """What conditioning needs to know about a loaded model: its text spec and its hash (the cache key)."""
 
-    family: TextFamily
+    text: TextSpec
     model_hash: str
-
-    def __post_init__(self):
-        if not isinstance(self.family, TextFamily):
-            try:
-                object.__setattr__(self, "family", TextFamily(str(self.family).lower()))
-            except ValueError:
-                allowed = ", ".join(f.value for f in TextFamily)
-                raise InvalidRequest("model", f"unknown text family {self.family!r}", allowed) from None
-
-
-# ------------------------------------------------------------------------- arrays: numpy or torch alike
-
-def _is_torch(x) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
-
-
-def _like(values, like):
-    """``values`` as an array of ``like``'s kind, dtype and device."""
-    if _is_torch(like):
-        import torch
-
-        return torch.as_tensor(values, dtype=like.dtype, device=like.device)
-    import numpy as np
-
-    return np.asarray(values, dtype=like.dtype)
-
-
-def concat(arrays, axis: int = 0):
-    """Concatenate numpy arrays or torch tensors."""
-    if _is_torch(arrays[0]):
-        import torch
-
-        return torch.cat(list(arrays), dim=axis)
-    import numpy as np
-
-    return np.concatenate(arrays, axis=axis)
-
-
-def stack(arrays):
-    if _is_torch(arrays[0]):
-        import torch
-
-        return torch.stack(list(arrays))
-    import numpy as np
-
-    return np.stack(arrays)
-
-
-def _zeros_like(x):
-    if _is_torch(x):
-        import torch
-
-        return torch.zeros_like(x)
-    import numpy as np
-
-    return np.zeros_like(x)
 
 
 def apply_emphasis(z, weights):
@@ -178,7 +93,7 @@ def apply_emphasis(z, weights):
     out = []
     for i in range(z.shape[0]):
         zi = z[i]
-        w = _like(weights[i], zi)
+        w = as_like(weights[i], zi)
         original = zi.mean()
         zi = zi * w[:, None]
         out.append(zi * (original / zi.mean()))
@@ -265,7 +180,7 @@ def encode_texts(backend, model: TextModelInfo, texts, clip_skip: int, cache: Em
     other texts go through the backend together, ``max_batch`` chunks per call.
     """
     result: dict[str, dict[str, EncodedText]] = {}
-    for encoder in model.family.spec.encoders:
+    for encoder in model.text.encoders:
         done: dict[str, EncodedText] = {}
         missing: list[tuple[str, list[Chunk]]] = []
         for text in dict.fromkeys(texts):
@@ -367,7 +282,7 @@ def encode_request(
         raise InvalidRequest("steps", f"invalid step count {steps}", "an integer >= 1")
     if clip_skip < 1:
         raise InvalidRequest("clip_skip", f"invalid clip skip {clip_skip}", "an integer >= 1")
-    spec = model.family.spec
+    spec = model.text
 
     rows: list[_Row] = []
     positive = []
@@ -431,7 +346,7 @@ def _build_step(rows, selection, context_of, pooled_of, empty, spec, positive, n
     contexts = []
     for row, text in zip(rows, selection):
         c = context_of(text)
-        contexts.append(_zeros_like(c) if row.zero else c)
+        contexts.append(zeros_like(c) if row.zero else c)
     k = max(c.shape[0] for c in contexts) // TOKENS_PER_CHUNK
     padded = []
     for c in contexts:
@@ -440,7 +355,7 @@ def _build_step(rows, selection, context_of, pooled_of, empty, spec, positive, n
     context = stack(padded)
     pooled = time_ids = None
     if spec.pooled_component is not None:
-        pooled = stack([_zeros_like(pooled_of(t)) if row.zero else pooled_of(t) for row, t in zip(rows, selection)])
+        pooled = stack([zeros_like(pooled_of(t)) if row.zero else pooled_of(t) for row, t in zip(rows, selection)])
     if spec.time_ids:
-        time_ids = _like([[height, width, 0, 0, height, width]] * len(rows), context)
+        time_ids = as_like([[height, width, 0, 0, height, width]] * len(rows), context)
     return StepConditioning(context, positive, negative, pooled, time_ids)

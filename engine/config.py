@@ -13,7 +13,9 @@ ENV_MODELS_DIR = "SDENGINE_MODELS_DIR"
 DEFAULT_MODELS_DIR = "models"
 
 
-class Backend(str, Enum):
+class BackendKind(str, Enum):
+    """The runtimes a model can run on (the backend objects themselves: engine.backends.Backend)."""
+
     ONNXRUNTIME = "onnxruntime"
     OPENVINO = "openvino"
     TORCH = "torch"
@@ -41,18 +43,18 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def default_backend(device: str, openvino: bool | None = None) -> Backend:
+def default_backend(device: str, openvino: bool | None = None) -> BackendKind:
     """The backend when none is asked: on CPU openvino (the fastest measured, docs/DECISIONS.md) when the
     ``openvino`` package is installed, else onnxruntime; on CUDA onnxruntime."""
     if device == "cpu" and (openvino_installed() if openvino is None else openvino):
-        return Backend.OPENVINO
-    return Backend.ONNXRUNTIME
+        return BackendKind.OPENVINO
+    return BackendKind.ONNXRUNTIME
 
 
-def default_precision(backend: Backend, device: str, native_bf16: bool | None = None) -> Precision:
+def default_precision(backend: BackendKind, device: str, native_bf16: bool | None = None) -> Precision:
     """The precision when none is asked: bf16 for openvino on a CPU with native bf16 (AVX512-BF16/AMX),
     fp32 everywhere else."""
-    if backend == Backend.OPENVINO and device == "cpu":
+    if backend == BackendKind.OPENVINO and device == "cpu":
         if native_bf16 is None:
             from engine.cpu import native_bf16 as probe
 
@@ -75,7 +77,7 @@ class EngineConfig:
     """
 
     models_dir: Path = field(default_factory=default_models_dir)
-    backend: Backend | None = None
+    backend: BackendKind | None = None
     device: str = "cpu"
     precision: Precision | None = None
     default_model: str | None = None
@@ -92,7 +94,7 @@ class EngineConfig:
         object.__setattr__(self, "models_dir", Path(self.models_dir))
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise InvalidRequest("device", f"unknown device {self.device!r}", "cpu, cuda, cuda:N")
-        backend = default_backend(self.device) if self.backend is None else _enum(Backend, self.backend, "backend")
+        backend = default_backend(self.device) if self.backend is None else _enum(BackendKind, self.backend, "backend")
         object.__setattr__(self, "backend", backend)
         precision = (default_precision(backend, self.device) if self.precision is None
                      else _enum(Precision, self.precision, "precision"))

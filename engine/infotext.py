@@ -8,6 +8,7 @@ Values holding ``,``, ``:`` or ``"`` are quoted with JSON string syntax, as the 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -59,3 +60,98 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
         params[key] = value
         i = j + 2 if last.startswith(", ", j) else len(last)
     return "\n".join(prompt_lines), "\n".join(neg_lines), params
+
+
+# ------------------------------------------------------------------------------------ describing a generation
+
+def model_label(model: Any) -> str:
+    """The webui names a checkpoint by its file name without extension."""
+    name = str(model.name)
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+
+
+def unit_infotext(unit: Any, model_label: str) -> str:
+    """The sd-webui-controlnet infotext of one unit."""
+    fields = {
+        "Module": unit.module, "Model": model_label, "Weight": unit.weight, "Resize Mode": unit.resize_mode,
+        "Processor Res": unit.processor_res, "Threshold A": unit.threshold_a, "Threshold B": unit.threshold_b,
+        "Guidance Start": unit.guidance_start, "Guidance End": unit.guidance_end,
+        "Pixel Perfect": unit.pixel_perfect, "Control Mode": unit.control_mode,
+    }
+    return ", ".join(f"{k}: {_fmt(v)}" for k, v in fields.items())
+
+
+_SAMPLER_EXTRAS = ("ENSD", "Eta", "Eta DDIM")  # written where the webui writes them, after "Clip skip"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What was generated, described as the webui does: one infotext per image and the info dict.
+
+    ``plan`` is the engine.samplers.SamplingPlan (its ``infotext`` carries the sampler's fields by the webui
+    rules: Eta only when not the sampler's default, ENSD only for samplers that use it).
+    """
+
+    request: Any  # engine.request.GenerationRequest
+    model: Any  # engine.models.checkpoints.LoadedModel
+    plan: Any
+    width: int
+    height: int
+    seeds: list[int]
+    subseeds: list[int]
+    unit_labels: list[str]
+    backend: str
+
+    def infotext(self, index: int) -> str:
+        req, model = self.request, self.model
+        sampler = {k: v for k, v in self.plan.infotext.items() if k not in _SAMPLER_EXTRAS}
+        extras = {k: v for k, v in self.plan.infotext.items() if k in _SAMPLER_EXTRAS}
+        params: dict[str, Any] = {
+            "Steps": req.steps,
+            **sampler,
+            "CFG scale": req.cfg_scale,
+            "Seed": self.seeds[index],
+            "Size": f"{self.width}x{self.height}",
+            "Model hash": model.short_hash,
+            "Model": model_label(model),
+            "VAE": model.vae_path.stem if getattr(model, "vae_path", None) else None,
+            "Variation seed": self.subseeds[index] if req.subseed_strength else None,
+            "Variation seed strength": req.subseed_strength if req.subseed_strength else None,
+            "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+            **extras,
+            "Backend": self.backend,
+        }
+        for k, label in enumerate(self.unit_labels):
+            params[f"ControlNet {k}"] = label
+        return create_infotext(req.prompt, req.negative_prompt, params)
+
+    def info(self, infotexts: list[str], timings: dict[str, float], *, device: str, precision: str) -> dict:
+        req, model = self.request, self.model
+        return {
+            "prompt": req.prompt,
+            "all_prompts": [req.prompt] * len(self.seeds),
+            "negative_prompt": req.negative_prompt,
+            "all_negative_prompts": [req.negative_prompt] * len(self.seeds),
+            "seed": self.seeds[0],
+            "all_seeds": list(self.seeds),
+            "subseed": self.subseeds[0],
+            "all_subseeds": list(self.subseeds),
+            "subseed_strength": req.subseed_strength,
+            "width": self.width,
+            "height": self.height,
+            "sampler_name": self.plan.sampler.name,
+            "scheduler": self.plan.sampler.schedule_label,
+            "cfg_scale": req.cfg_scale,
+            "steps": req.steps,
+            "batch_size": req.batch_size,
+            "n_iter": req.n_iter,
+            "clip_skip": req.clip_skip,
+            "sd_model_name": model_label(model),
+            "sd_model_hash": model.short_hash,
+            "sd_vae_name": model.vae_path.name if getattr(model, "vae_path", None) else None,
+            "infotexts": list(infotexts),
+            "backend": self.backend,
+            "device": device,
+            "precision": precision,
+            "timings": {k: round(v, 6) for k, v in timings.items()},
+        }

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from engine.errors import InvalidRequest
-from engine.samplers._array import is_numpy
+from engine.arrays import to_like
 
 Array = Any
 NoiseFn = Callable[[float, float], Array]
@@ -120,13 +120,6 @@ class ImageRNG:
         if self.is_first:
             return self.first()
         return torch.stack([torch.randn(self.shape, generator=g, device="cpu") for g in self.generators])
-
-
-def to_like(t: Any, like: Array) -> Array:
-    """A CPU torch tensor as an array of ``like``'s kind, dtype and device."""
-    if is_numpy(like):
-        return t.numpy().astype(like.dtype, copy=False)
-    return t.to(device=like.device, dtype=like.dtype)
 
 
 class BrownianNoise:

@@ -139,9 +139,6 @@ class ComponentDescriptor:
             raise InvalidRequest("tokens", f"{tokens} tokens", f"multiples of {TOKENS_PER_CHUNK}")
         return {"B": batch, "h": height, "w": width, "T": tokens}
 
-    def input_shapes(self, env: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
-        return {t.name: t.resolve(env) for t in self.inputs}
-
     def output_shapes(self, env: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return {t.name: t.resolve(env) for t in self.outputs}
 

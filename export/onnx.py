@@ -21,10 +21,10 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 from engine.errors import InvalidRequest
-from export.descriptors import ComponentDescriptor, available_components, describe
+from export.descriptors import ComponentDescriptor, describe
 from export.manifest import artefact_dir, build_artefact, sha256_files, valid_artefact
 
 log = logging.getLogger(__name__)
@@ -303,16 +303,3 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         key = _key(desc, model_hash, stage, "fp16", opset, parent.sha256, tools_fp16)
         art = _stage(desc, model_hash, cache_dir, stage, key, build_fp16, progress, (next(step), total))
     return art
-
-
-def export_model(modules: Mapping[str, Any], model_hash: str, cache_dir: Path, *,
-                 components: Iterable[str] | None = None, precision: str = "fp32", gpu_optimize: bool = False,
-                 opset: int = DEFAULT_OPSET, progress: ProgressCallback | None = None) -> dict[str, OnnxArtefact]:
-    """Export several components (default: every component the modules provide, except ``unet_control``)."""
-    if components is None:
-        components = [c for c in available_components(modules) if c != "unet_control"]
-    return {
-        c: export_component(c, modules, model_hash, cache_dir, precision=precision, gpu_optimize=gpu_optimize,
-                            opset=opset, progress=progress)
-        for c in components
-    }

@@ -17,12 +17,12 @@ import torch
 from engine.conditioning import (
     EmbeddingCache,
     StepConditioning,
-    TextFamily,
     TextModelInfo,
     apply_emphasis,
     encode_request,
 )
 from engine.errors import InvalidRequest
+from engine.models.family import FAMILIES, Arch
 from engine.models.tiny import build_tiny
 from engine.models.tokenizer import BOS_ID, EOS_ID, clip_tokenizer
 from export.wrappers import TextEncoderWrapper
@@ -80,7 +80,7 @@ def sdxl():
 def _sd_pipeline(tiny):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from engine.models.tiny import scheduler_config
+    from engine.schedule import scheduler_config
 
     c = tiny.components
     _patch_text_model(c["text_encoder"])
@@ -95,9 +95,9 @@ def _np(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-SD1 = TextModelInfo(TextFamily.SD1, "tiny-sd1")
-SD2 = TextModelInfo(TextFamily.SD2, "tiny-sd2v")
-SDXL = TextModelInfo(TextFamily.SDXL, "tiny-sdxl")
+SD1 = TextModelInfo(FAMILIES[Arch.SD1].text, "tiny-sd1")
+SD2 = TextModelInfo(FAMILIES[Arch.SD2].text, "tiny-sd2v")
+SDXL = TextModelInfo(FAMILIES[Arch.SDXL].text, "tiny-sdxl")
 
 
 # ----------------------------------------------------------------------------------- diffusers parity
@@ -134,7 +134,7 @@ def test_sdxl_matches_diffusers_encode_prompt(sdxl, clip_skip):
     negative prompt, add_time_ids; diffusers StableDiffusionXLPipeline.encode_prompt(clip_skip=N-1); atol 1e-5."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-    from engine.models.tiny import scheduler_config
+    from engine.schedule import scheduler_config
 
     c = sdxl.components
     pipe = StableDiffusionXLPipeline(
@@ -354,6 +354,7 @@ def test_bad_arguments(sd1):
     with pytest.raises(InvalidRequest) as err:
         encode_request(backend, SD1, [], [], 4)
     assert err.value.field == "prompt"
-    with pytest.raises(InvalidRequest):
-        TextModelInfo("sd9", "x")
-    assert TextModelInfo("SDXL", "x").family is TextFamily.SDXL
+    # the family definitions carry the text encoders and their pad tokens (engine/models/family.py)
+    assert FAMILIES[Arch.SDXL].text_encoders == ("text_encoder", "text_encoder_2")
+    assert FAMILIES[Arch.SDXL].text_pads == ("<|endoftext|>", "!") and FAMILIES[Arch.SD2].text_pads == ("!",)
+    assert FAMILIES[Arch.CONTROLNET_SD1].text is None

@@ -1,46 +1,24 @@
-"""``sdengine export``: through the click group, with a stand-in model store (the real one lives in
-engine.models.store on another branch; only ModelStore.from_config / load_model / load_controlnet are used)."""
+"""``sdengine export``: through the click group, on a real model store holding the tiny SD1 model."""
 
 from __future__ import annotations
 
-import sys
-import types
-from dataclasses import dataclass, field
+import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from engine.cli import main
-from engine.errors import ModelNotFound
-from engine.models.tiny import build_tiny
-
-
-@dataclass
-class Loaded:
-    components: dict
-    short_hash: str = "abc1234567"
-    vae_path: object = None
-    module: object = field(default=None)
 
 
 @pytest.fixture()
-def store(monkeypatch):
-    sd1 = build_tiny("sd1").components
+def store(tiny_store, tmp_path):
+    """A model store in tmp_path with tiny-sd1 as "tiny"; returns the artefact key the engine uses for it."""
+    from engine.models.store import ModelStore
 
-    class ModelStore:
-        @classmethod
-        def from_config(cls, config):
-            return cls()
-
-        def load_model(self, name, allow_pickle=False):
-            if name != "tiny":
-                raise ModelNotFound(name, "no such model")
-            return Loaded(sd1)
-
-    module = types.ModuleType("engine.models.store")
-    module.ModelStore = ModelStore
-    monkeypatch.setitem(sys.modules, "engine.models.store", module)
-    return sd1
+    (tmp_path / "Stable-diffusion").mkdir()
+    shutil.copy(tiny_store / "Stable-diffusion" / "tiny-sd1.safetensors",
+                tmp_path / "Stable-diffusion" / "tiny.safetensors")
+    return ModelStore(tmp_path, bundled=None).load_model("tiny").family.artefact_key
 
 
 def test_export_command(store, tmp_path):
@@ -48,7 +26,7 @@ def test_export_command(store, tmp_path):
     args = ["export", "tiny", "--components", "vae_decoder,text_encoder", "--models-dir", str(tmp_path)]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
-    cache = tmp_path / "cache" / "abc1234567"
+    cache = tmp_path / "cache" / store
     for component in ("vae_decoder", "text_encoder"):
         assert (cache / component / "onnx-fp32" / "manifest.json").is_file()
         assert f"{component}: {cache / component / 'onnx-fp32' / 'model.onnx'} (fp32)" in result.output
@@ -62,6 +40,6 @@ def test_export_command(store, tmp_path):
 def test_export_errors_are_messages(store, tmp_path):
     runner = CliRunner()
     missing = runner.invoke(main, ["export", "nope", "--models-dir", str(tmp_path)])
-    assert missing.exit_code == 1 and "nope: no such model" in missing.output
+    assert missing.exit_code == 1 and "nope" in missing.output and "tiny" in missing.output
     bad = runner.invoke(main, ["export", "tiny", "--components", "refiner", "--models-dir", str(tmp_path)])
     assert bad.exit_code == 1 and "component" in bad.output and "unet" in bad.output

@@ -23,7 +23,7 @@ pytest.importorskip("openvino", reason="the openvino extra is part of the dev ex
 import engine.backends.openvino as xov  # noqa: E402
 from engine.backends import create_backend  # noqa: E402
 from engine.backends.openvino import IR_STAGE, OpenVinoBackend, import_openvino, inference_precision  # noqa: E402
-from engine.config import Backend, EngineConfig, Precision, default_backend, default_precision  # noqa: E402
+from engine.config import BackendKind as Backend, EngineConfig, Precision, default_backend, default_precision  # noqa: E402
 from engine.cpu import native_bf16  # noqa: E402
 from engine.errors import BackendUnavailable, InvalidRequest  # noqa: E402
 from engine.models.tiny import build_tiny  # noqa: E402

@@ -106,7 +106,7 @@ def test_torch_backend_matches_diffusers_sd1(engines, tiny_model_store, case):
     noise, gens = _initial_noise(seeds, (4, 8, 8))
     from engine.samplers import resolve
 
-    sigmas = resolve(sampler, scheduler).sigmas(steps, engine.runtime("tiny-sd1").schedule)
+    sigmas = resolve(sampler, scheduler).sigmas(steps, engine.runtime("tiny-sd1").model.family.schedule)
     kwargs = {}
     if case == "Euler":
         kwargs["sigmas"] = [float(s) for s in sigmas[:-1]]

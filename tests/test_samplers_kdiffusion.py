@@ -55,6 +55,10 @@ def sigmas_for(schedule, steps):
 
 
 def run_pair(name, schedule, steps=8, denoise=toy_denoise, shape=SHAPE, **options):
+    # SAMPLERS[name] is the sampler as the engine runs it, the webui's default eta bound (1.0 for DPM fast /
+    # adaptive, whose k-diffusion default is 0): the reference gets the same eta.
+    if SPECS[name].default_eta is not None and "eta" not in options:
+        options["eta"] = SPECS[name].default_eta
     sigmas = sigmas_for(schedule, steps)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * sigmas[0]
     fn, takes_noise = KD_CALLS[name]
@@ -90,7 +94,9 @@ def assert_same_run(name, ours, ref, seen_ours, seen_ref, tol=TOL, relative=Fals
 @pytest.mark.parametrize("name", sorted(KD_CALLS))
 def test_matches_kdiffusion(name, schedule):
     ours, ref, seen_ours, seen_ref, n_ours, n_ref = run_pair(name, schedule)
-    assert_same_run(f"{name}/{schedule}", ours, ref, seen_ours, seen_ref)
+    # DPM fast at the webui's eta 1: its ancestral step is computed in Python floats here and in fp32
+    # tensors in k-diffusion; the tolerance is 1e-5 relative to the output's scale.
+    assert_same_run(f"{name}/{schedule}", ours, ref, seen_ours, seen_ref, relative=name == "DPM fast")
     # Noise is asked for at the same (sigma, sigma_next) as k-diffusion's noise_sampler (which is also called
     # where its result is multiplied by 0; we skip those draws, so ours is a prefix of the same sequence).
     assert len(n_ours.calls) <= len(n_ref.calls)

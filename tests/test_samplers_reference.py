@@ -9,36 +9,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from pathlib import Path
-
 import numpy as np
 import torch
 
-
-def _load_kdiffusion() -> types.ModuleType:
-    if "_kdiff_ref" in sys.modules:
-        return sys.modules["_kdiff_ref"]
-    root = Path(importlib.util.find_spec("k_diffusion").origin).parent
-    pkg = types.ModuleType("_kdiff_ref")
-    pkg.__path__ = [str(root)]
-    utils = types.ModuleType("_kdiff_ref.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    pkg.utils = utils
-    sys.modules["_kdiff_ref"] = pkg
-    sys.modules["_kdiff_ref.utils"] = utils
-    for name in ("sampling", "external"):
-        spec = importlib.util.spec_from_file_location(f"_kdiff_ref.{name}", root / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        setattr(pkg, name, module)
-    return pkg
+from benchmarks.references import load_kdiffusion
 
 
-KD = _load_kdiffusion()
+KD = load_kdiffusion()
 K = KD.sampling
 SHAPE = (2, 4, 8, 8)
 

@@ -11,7 +11,7 @@ import pytest
 from engine.errors import ModelNotFound, UnsafeModelPath
 from engine.models import hashing
 from engine.models.checkpoints import Arch, Kind
-from engine.models.store import ModelStore, load_model
+from engine.models.store import ModelStore
 
 UNSAFE = ["../tiny-sd1.safetensors", "..", "sub/tiny-sd1", "sub\\tiny-sd1", "/etc/passwd", "C:model.safetensors",
           "c:\\models\\x.safetensors", "tiny-sd1\x00.safetensors", "~root", "..tiny"]
@@ -174,18 +174,18 @@ def test_vae_choice(small_store, tiny_store):
     assert store.resolve_vae(ckpt, "Automatic") == beside
     assert "tiny-sd1.vae.safetensors" not in [e.name for e in store.entries(Kind.CHECKPOINT)]
     # load_model swaps the VAE: the external weights are used, "None" keeps the checkpoint's own
-    m = load_model(store, "tiny-sd1", vae="alt")
+    m = store.load_model("tiny-sd1", vae="alt")
     assert m.vae_path.name == "alt.safetensors"
     ref = other.state_dict()
     assert all((ref[k] == v).all() for k, v in m.components["vae"].state_dict().items())
-    own = load_model(store, "tiny-sd1", vae="None")
+    own = store.load_model("tiny-sd1", vae="None")
     assert own.vae_path is None
     assert not (own.components["vae"].state_dict()["decoder.conv_in.weight"] == ref["decoder.conv_in.weight"]).all()
 
 
 def test_load_model_cache(tiny_model_store):
-    a = load_model(tiny_model_store, "tiny-sd1")
-    b = load_model(tiny_model_store, "TINY-SD1.safetensors")
+    a = tiny_model_store.load_model("tiny-sd1")
+    b = tiny_model_store.load_model("TINY-SD1.safetensors")
     assert a is b
     path = tiny_model_store.resolve("tiny-sd1").path
     assert a.short_hash == hashlib.sha256(path.read_bytes()).hexdigest()[:10] and a.sha256.startswith(a.short_hash)
@@ -201,7 +201,7 @@ def test_pickle_listed_but_refused(small_store):
     rows = {e.name: e for e in store.list(hash=False)}
     assert rows["old.ckpt"].architecture is None
     with pytest.raises(ModelError, match="old.ckpt.*pickle"):
-        load_model(store, "old")
+        store.load_model("old")
 
 
 def test_checkpoint_cache_is_bounded(small_store):

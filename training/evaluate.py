@@ -171,23 +171,6 @@ def vae_accuracy(out: Path | None = None, n: int = 500, seed: int = 0) -> dict[s
 
 
 # -- sampling with the trained modules (deterministic DDIM, CFG) -------------------------------------------
-def load_modules(out: Path | None = None, controlnet: bool = False) -> dict:
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from training.train import OUT
-
-    out = Path(out or OUT)
-    mods = {
-        "vae": AutoencoderKL.from_pretrained(out / "vae").eval(),
-        "unet": UNet2DConditionModel.from_pretrained(out / "unet").eval(),
-        "text_encoder": CLIPTextModel.from_pretrained(out / "text_encoder").eval(),
-    }
-    if controlnet:
-        mods["controlnet"] = ControlNetModel.from_pretrained(out / "controlnet").eval()
-    return mods
-
-
 def ddim_timesteps(steps: int) -> list[int]:
     """The diffusers DDIM "leading" timesteps with steps_offset=1 (e.g. 951, 901, ..., 1 for 20 steps)."""
     ratio = 1000 // steps
@@ -502,6 +485,8 @@ def main(argv: list[str] | None = None) -> None:
 
         mods = load_shipped(CHECKPOINT, CONTROLNET if args.what == "controlnet" else None)
     else:
+        from training.export import load_modules
+
         mods = load_modules(args.out, controlnet=args.what == "controlnet")
     for cfg in args.cfg:
         if args.what == "model":

@@ -31,8 +31,6 @@ CONTROLNET = BUNDLED / "ControlNet" / "sdengine-demo-canny.safetensors"
 def export(out: Path | None = None, checkpoint: Path = CHECKPOINT, controlnet: Path | None = CONTROLNET,
            dtype: torch.dtype = torch.float16) -> list[Path]:
     from engine.models.convert import save_single_file
-    from training.evaluate import load_modules
-
     mods = load_modules(out, controlnet=controlnet is not None)
     comps = {k: copy.deepcopy(mods[k]).to(dtype) for k in ("unet", "vae", "text_encoder")}
     written = [save_single_file(comps, checkpoint, prediction_type="epsilon", native_size=SIZE)]
@@ -41,6 +39,24 @@ def export(out: Path | None = None, checkpoint: Path = CHECKPOINT, controlnet: P
     for p in written:
         log.info("wrote %s (%.1f MB)", p, p.stat().st_size / 1e6)
     return written
+
+
+def load_modules(out: Path | None = None, controlnet: bool = False) -> dict:
+    """The trained modules in the training output folder (diffusers / transformers folders)."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from training.train import OUT
+
+    out = Path(out or OUT)
+    mods = {
+        "vae": AutoencoderKL.from_pretrained(out / "vae").eval(),
+        "unet": UNet2DConditionModel.from_pretrained(out / "unet").eval(),
+        "text_encoder": CLIPTextModel.from_pretrained(out / "text_encoder").eval(),
+    }
+    if controlnet:
+        mods["controlnet"] = ControlNetModel.from_pretrained(out / "controlnet").eval()
+    return mods
 
 
 def load_shipped(checkpoint: Path = CHECKPOINT, controlnet: Path | None = None) -> dict:

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.schedule import alphas_cumprod as schedule_alphas_cumprod
+from engine.schedule import scheduler_config
 from training import scenes as S
 
 log = logging.getLogger("training")
@@ -50,10 +52,7 @@ UNET = dict(
     norm_num_groups=16,
 )
 CONTROLNET_EMBED = (16, 32, 64, 64)
-SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    steps_offset=1, clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon",
-)
+SCHEDULER = scheduler_config("epsilon")  # the SD noise schedule, defined once in engine/schedule.py
 EMPTY_CAPTION_P = 0.1
 # Share of captions without their position phrase in the UNet stage. 0: a UNet (64, 128) trained with 0.15
 # for 32 + 24 min still swapped left/right and top/bottom (position 60% right on validation prompts); the
@@ -64,10 +63,8 @@ OBJECT_WEIGHT = 10.0
 
 
 def alphas_cumprod() -> torch.Tensor:
-    """The SD scaled_linear schedule (betas linear in sqrt space from 0.00085 to 0.012, 1000 steps)."""
-    betas = torch.linspace(SCHEDULER["beta_start"] ** 0.5, SCHEDULER["beta_end"] ** 0.5, 1000,
-                           dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
+    """The SD noise schedule's alphas_cumprod (engine/schedule.py) as a float32 tensor."""
+    return torch.from_numpy(schedule_alphas_cumprod(SCHEDULER)).float()
 
 
 # -- saving ------------------------------------------------------------------------------------------------

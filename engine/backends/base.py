@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping, Protocol, runtime_checkable
 
-from engine.config import Backend as BackendKind
+from engine.config import BackendKind
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest
 

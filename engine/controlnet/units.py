@@ -62,10 +62,11 @@ def parse_mode(cls: type[Enum], value: Any, field_name: str, what: str, aliases:
             return ints[value]
         if 0 <= value < len(cls):
             return list(cls)[value]
-    if isinstance(value, str):
-        value = (aliases or {}).get(value, value)
+    if isinstance(value, str):  # names and aliases case-insensitively, as the API schema accepts them
+        key = value.strip().lower()
+        key = {k.lower(): v for k, v in (aliases or {}).items()}.get(key, key).lower()
         for mode in cls:
-            if value == mode.value:
+            if key == mode.value.lower():
                 return mode
     raise InvalidRequest(field_name, f"unknown {what} {value!r}", ", ".join(repr(m.value) for m in cls))
 

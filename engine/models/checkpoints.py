@@ -22,7 +22,6 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +29,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from engine.errors import ModelError
+from engine.models.family import FAMILIES, Arch, Kind, ModelFamily, model_family  # noqa: F401 (Arch, Kind re-exported)
+from engine.schedule import alphas_cumprod as scheduler_alphas_cumprod
+from engine.schedule import scheduler_config as default_scheduler_config
 
 log = logging.getLogger(__name__)
 
@@ -40,55 +42,6 @@ MAX_HEADER = 100 * 1024 * 1024
 
 _DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
            "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-
-
-class Kind(str, Enum):
-    CHECKPOINT = "checkpoint"
-    VAE = "vae"
-    CONTROLNET = "controlnet"
-
-
-class Arch(str, Enum):
-    SD1 = "sd1"
-    SD2 = "sd2"
-    SDXL = "sdxl"
-    CONTROLNET_SD1 = "controlnet_sd1"
-    CONTROLNET_SDXL = "controlnet_sdxl"
-    VAE = "vae"
-
-    @property
-    def is_controlnet(self) -> bool:
-        return self in (Arch.CONTROLNET_SD1, Arch.CONTROLNET_SDXL)
-
-    @property
-    def kind(self) -> Kind:
-        return Kind.CONTROLNET if self.is_controlnet else Kind.VAE if self is Arch.VAE else Kind.CHECKPOINT
-
-    @property
-    def base(self) -> "Arch":
-        """The checkpoint architecture a ControlNet belongs to (itself for checkpoints)."""
-        return {Arch.CONTROLNET_SD1: Arch.SD1, Arch.CONTROLNET_SDXL: Arch.SDXL}.get(self, self)
-
-
-@dataclass(frozen=True)
-class Family:
-    """What the engine needs to know about an architecture: defaults and the bundled config."""
-
-    bundled: str | None  # file in engine/models/configs
-    native_size: int = 512
-    prediction_type: str = "epsilon"
-    text_pads: tuple[str, ...] = ()  # tokenizer padding token per text encoder
-
-
-FAMILIES = {
-    Arch.SD1: Family("sd15.json", 512, "epsilon", ("<|endoftext|>",)),
-    Arch.SD2: Family("sd21_v.json", 768, "v_prediction", ("!",)),
-    Arch.SDXL: Family("sdxl_base.json", 1024, "epsilon", ("<|endoftext|>", "!")),
-    Arch.CONTROLNET_SD1: Family("controlnet_sd15.json"),
-    Arch.CONTROLNET_SDXL: Family("controlnet_sdxl.json"),
-    Arch.VAE: Family("sd15.json"),
-}
-SD2_BASE_CONFIG = "sd21_base.json"
 
 
 def bundled_config(name: str) -> dict:
@@ -145,10 +98,6 @@ def read_safetensors_header(path: str | os.PathLike) -> Header:
     if 8 + n + end > size:
         raise ModelError(path, f"truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
     return Header(shapes, {str(k): str(v) for k, v in metadata.items()})
-
-
-def is_pickle(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
 
 def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
@@ -278,26 +227,6 @@ def yaml_parameterization(path: Path) -> str | None:
 # ---------------------------------------------------------------------------------------------- results
 
 
-def scheduler_alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
-    """alphas_cumprod (float64) of a DDPM noise schedule config (scaled_linear or linear betas)."""
-    n = int(config.get("num_train_timesteps", 1000))
-    start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
-    schedule = config.get("beta_schedule", "scaled_linear")
-    if schedule == "scaled_linear":
-        betas = np.linspace(start ** 0.5, end ** 0.5, n, dtype=np.float64) ** 2
-    elif schedule == "linear":
-        betas = np.linspace(start, end, n, dtype=np.float64)
-    else:
-        raise ModelError("scheduler", f"unsupported beta_schedule {schedule!r} (allowed: scaled_linear, linear)")
-    return np.cumprod(1.0 - betas)
-
-
-def default_scheduler_config(prediction_type: str) -> dict:
-    from engine.models.tiny import scheduler_config
-
-    return scheduler_config(prediction_type)
-
-
 @dataclass(frozen=True)
 class LoadedModel:
     """A checkpoint loaded into diffusers / transformers modules (eval mode) plus what the engine needs."""
@@ -313,6 +242,14 @@ class LoadedModel:
     alphas_cumprod: np.ndarray = field(repr=False)
     scheduler_config: dict = field(repr=False)
     vae_path: Path | None = None
+    family: ModelFamily = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        # built once per loaded model (and again by dataclasses.replace, e.g. when an external VAE is set)
+        object.__setattr__(self, "family", model_family(
+            self.arch, unet_config=self.components["unet"].config, native_size=self.native_size,
+            prediction_type=self.prediction_type, alphas_cumprod=self.alphas_cumprod, sha256=self.sha256,
+            short_hash=self.short_hash, vae_path=self.vae_path))
 
 
 @dataclass(frozen=True)
@@ -400,9 +337,8 @@ def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path,
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
     from engine.models.convert import SD2_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX
-    from engine.models.tokenizer import clip_tokenizer
+    from engine.models.family import tokenizers
 
-    pads = FAMILIES[arch].text_pads
     out: dict[str, Any] = {}
     if arch in (Arch.SD1, Arch.SDXL):
         conv = convert_ldm_clip_checkpoint(state_dict)
@@ -419,9 +355,7 @@ def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path,
         probe = _meta_clip(configs["text_encoder_2"], True)
         conv = convert_open_clip_checkpoint(probe, sub, prefix=SDXL_OPENCLIP_PREFIX)
         out["text_encoder_2"] = _build_clip(configs["text_encoder_2"], conv, path, "text_encoder_2", dtype, True)
-    out["tokenizer"] = clip_tokenizer(pads[0])
-    if len(pads) > 1:
-        out["tokenizer_2"] = clip_tokenizer(pads[1])
+    out.update(tokenizers(arch))
     return out
 
 
@@ -598,7 +532,7 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
     import torch
     from diffusers import AutoencoderKL
 
-    from engine.models.tokenizer import clip_tokenizer
+    from engine.models.family import tokenizers
 
     dtype = dtype or torch.float32
     folder = Path(folder)
@@ -613,10 +547,7 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
     if arch is Arch.SDXL:
         components["text_encoder_2"] = _transformers_clip(folder / "text_encoder_2", True, allow_pickle, dtype,
                                                           "text_encoder_2")
-    pads = FAMILIES[arch].text_pads
-    components["tokenizer"] = clip_tokenizer(pads[0])
-    if len(pads) > 1:
-        components["tokenizer_2"] = clip_tokenizer(pads[1])
+    components.update(tokenizers(arch))
     sched = _read_json(folder / "scheduler" / "scheduler_config.json")
     prediction = sched.get("prediction_type") or FAMILIES[arch].prediction_type
     sched = dict(sched or default_scheduler_config(prediction), prediction_type=prediction)

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import torch
 
 from engine.errors import ModelError
-from engine.models.checkpoints import Arch
+from engine.models.family import Arch
 
 METADATA_KEY = "sdengine.configs"
 METADATA_ARCH_KEY = "sdengine.arch"
@@ -66,10 +66,6 @@ def _rename(rest: str, pairs) -> str:
         if rest.startswith(new + "."):
             return old + rest[len(new):]
     return rest
-
-
-def _config_get(config: Mapping, key: str, default=None):
-    return config[key] if key in config else default
 
 
 def unet_key_to_ldm(key: str, config: Mapping, controlnet: bool = False) -> str:

@@ -84,21 +84,28 @@ def bundled_root() -> Path:
     return Path(str(resources.files("engine.models").joinpath("bundled")))
 
 
-def check_name(value, field: str = "model") -> str:
-    """Refuse a payload name that could address anything outside the store (raises UnsafeModelPath)."""
-    if not isinstance(value, str) or not value.strip():
-        raise ModelNotFound(str(value), f"{field}: empty model name")
+def unsafe_name_reasons(value: str) -> list[str]:
+    """Why ``value`` could address something outside the model store (empty: it is a plain name). The one rule,
+    used by the store and by the API schema."""
     reasons = []
-    if "\x00" in value:
-        reasons.append("contains NUL")
+    if any(ord(c) < 32 for c in value):
+        reasons.append("contains a control character")
     if "/" in value or "\\" in value:
         reasons.append("contains a path separator")
     if value.strip() in (".", "..") or value.startswith(".."):
         reasons.append("is a relative parent reference (..)")
     if os.path.isabs(value) or value.startswith(("/", "\\", "~")):
         reasons.append("is an absolute path")
-    if _DRIVE.match(value):
-        reasons.append("has a drive letter")
+    if _DRIVE.match(value) or ":" in value:
+        reasons.append("has a drive letter or colon")
+    return reasons
+
+
+def check_name(value, field: str = "model") -> str:
+    """Refuse a payload name that could address anything outside the store (raises UnsafeModelPath)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ModelNotFound(str(value), f"{field}: empty model name")
+    reasons = unsafe_name_reasons(value)
     if reasons:
         raise UnsafeModelPath(repr(value), f"{field}: model names are file names inside the model store; this one "
                                            f"{' and '.join(reasons)}")
@@ -372,13 +379,3 @@ class ModelStore:
     def clear(self) -> None:
         with self._lock:
             self._loaded.clear()
-
-
-def load_model(store: ModelStore, name: str, vae: str | None = VAE_AUTOMATIC, allow_pickle: bool = False,
-               dtype=None) -> LoadedModel:
-    """The pipeline's entry point: :meth:`ModelStore.load_model`."""
-    return store.load_model(name, vae=vae, allow_pickle=allow_pickle, dtype=dtype)
-
-
-def load_controlnet_model(store: ModelStore, name: str, allow_pickle: bool = False, dtype=None) -> LoadedControlNet:
-    return store.load_controlnet(name, allow_pickle=allow_pickle, dtype=dtype)

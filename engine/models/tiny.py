@@ -56,12 +56,6 @@ UNET_SDXL = dict(
     projection_class_embeddings_input_dim=6 * 8 + 32,
 )
 
-SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    steps_offset=1, clip_sample=False, set_alpha_to_one=False,
-)
-
-
 @dataclass
 class TinyModel:
     """The diffusers / transformers modules of one tiny model plus what a loader would report."""
@@ -139,21 +133,22 @@ def build_controlnet(kind: str, seed: int = 3):
 
 def build_tiny(kind: str, seed: int = 0) -> TinyModel:
     """Build the tiny model ``kind`` (one of :data:`KINDS` or :data:`CONTROLNET_KINDS`) deterministically."""
-    from engine.models.tokenizer import clip_tokenizer
+    from engine.models.family import Arch
+    from engine.models.family import tokenizers
 
     if kind in CONTROLNET_KINDS:
         return TinyModel(kind, {"controlnet": build_controlnet(kind, seed + 3)})
     if kind == "sd1":
         return TinyModel(kind, {
             "text_encoder": build_text_encoder(TEXT_SD1, seed=seed),
-            "tokenizer": clip_tokenizer("<|endoftext|>"),
+            **tokenizers(Arch.SD1),
             "unet": build_unet(UNET_SD1, seed + 2),
             "vae": build_vae(seed + 1),
         }, "epsilon")
     if kind == "sd2v":
         return TinyModel(kind, {
             "text_encoder": build_text_encoder(TEXT_OPENCLIP, seed=seed),
-            "tokenizer": clip_tokenizer("!"),
+            **tokenizers(Arch.SD2),
             "unet": build_unet(UNET_SD2, seed + 2),
             "vae": build_vae(seed + 1),
         }, "v_prediction")
@@ -161,17 +156,11 @@ def build_tiny(kind: str, seed: int = 0) -> TinyModel:
         return TinyModel(kind, {
             "text_encoder": build_text_encoder(TEXT_SD1, seed=seed),
             "text_encoder_2": build_text_encoder(TEXT_SDXL_2, with_projection=True, seed=seed + 10),
-            "tokenizer": clip_tokenizer("<|endoftext|>"),
-            "tokenizer_2": clip_tokenizer("!"),
+            **tokenizers(Arch.SDXL),
             "unet": build_unet(UNET_SDXL, seed + 2),
             "vae": build_vae(seed + 1),
         }, "epsilon")
     raise ValueError(f"unknown tiny model kind {kind!r} (allowed: {', '.join(KINDS + CONTROLNET_KINDS)})")
-
-
-def scheduler_config(prediction_type: str = "epsilon") -> dict:
-    """The SD noise schedule (scaled_linear 0.00085..0.012, 1000 steps) as a diffusers scheduler config."""
-    return dict(SCHEDULER, prediction_type=prediction_type)
 
 
 # kind -> (store sub-folder, file stem)
@@ -213,6 +202,8 @@ def save_diffusers_folder(model: TinyModel, folder) -> None:
                 lib = "transformers" if name.startswith("text_encoder") else "diffusers"
                 index[name] = [lib, type(module).__name__]
             (tmp / "scheduler").mkdir()
+            from engine.schedule import scheduler_config
+
             sched = dict(scheduler_config(model.prediction_type), _class_name="EulerDiscreteScheduler")
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=1, sort_keys=True))
             (tmp / "model_index.json").write_text(json.dumps(index, indent=1, sort_keys=True))

@@ -49,3 +49,4 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
 def tokenize(text: str, pad_token: str = "<|endoftext|>") -> list[int]:
     """Token ids of ``text`` without padding or truncation, with BOS and EOS."""
     return clip_tokenizer(pad_token)(text, add_special_tokens=True, truncation=False)["input_ids"]
+

@@ -8,15 +8,14 @@ uses directly, applying each sampler's default schedule and "discard penultimate
 
 How the pipeline uses it::
 
-    r = resolve(request.sampler_name, request.scheduler)          # InvalidRequest names the field
-    model_schedule = r.model_schedule(ModelSchedule.scaled_linear())  # LCM: the model's LCM schedule
-    sigmas = r.sigmas(request.steps, model_schedule)
-    rng = ImageRNG((4, h, w), seeds, subseeds, subseed_strength, eta_noise_seed_delta=ensd)
-    x = to_like(rng.first(), like) * sigmas[0]
-    denoise = Denoiser(model_fn, model_schedule, prediction_type, cfg_scale, conditioning, sigmas)
-    x = r.sample(denoise, x, sigmas, noise=r.noise_sampler(x, rng, seeds, sigmas), callback=progress,
-                 eta=request.eta, s_churn=..., s_tmin=..., s_tmax=..., s_noise=...)
+    plan = resolve(request.sampler_name, request.scheduler).prepare(request.steps, family, eta=request.eta,
+                                                                    eta_noise_seed_delta=request.eta_noise_seed_delta)
+    rng = ImageRNG((4, h, w), seeds, subseeds, subseed_strength, eta_noise_seed_delta=plan.ensd)
+    x = to_like(rng.first(), like) * plan.sigmas[0]
+    denoise = Denoiser(model_fn, plan.schedule, prediction_type, cfg_scale, conditioning, plan.sigmas)
+    x = plan.sample(denoise, x, noise=plan.noise(x, rng, seeds), callback=progress, s_churn=..., ...)
     # x is the latent to decode (timestep samplers return the webui's VP latent, see samplers/timesteps.py)
+    plan.infotext  # {"Sampler": ..., "Schedule type": ..., "Eta": ... (webui rule), "ENSD": ... (webui rule)}
 
 Progress: one callback per sampler step; the number of model calls is not always ``len(sigmas) - 1``
 (second-order samplers, Restart, DPM adaptive; DDIM/PLMS stop one timestep early like the webui).
@@ -56,6 +55,20 @@ class SamplerSpec:
     default_eta: float | None = None
     lcm: bool = False  # runs on the model's LCM schedule (ModelSchedule.for_lcm), as the webui's LCM sampler
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def run(self, denoise: Callable, x: Any, sigmas: Any, *, noise: Callable | None = None,
+            callback: Callable | None = None, **options: Any) -> Any:
+        """The sampler as the webui runs it under this name: the spec's bound options (DPM++ 2M SDE Heun's
+        solver), the sampler's default eta; options the function does not take (eta for Euler, ...) are
+        ignored, as the webui does; None values mean the default; s_tmax 0 means infinity (webui)."""
+        params = inspect.signature(self.fn).parameters
+        kwargs = dict(self.options)
+        kwargs.update({k: v for k, v in options.items() if k in params and v is not None})
+        if kwargs.get("s_tmax") == 0:
+            kwargs["s_tmax"] = float("inf")
+        if "eta" in params and "eta" not in kwargs and self.default_eta is not None:
+            kwargs["eta"] = self.default_eta
+        return self.fn(denoise, x, sigmas, noise=noise, callback=callback, **kwargs)
 
 
 def _specs() -> tuple[SamplerSpec, ...]:
@@ -97,7 +110,9 @@ SPECS: Mapping[str, SamplerSpec] = MappingProxyType({spec.name: spec for spec in
 _BY_NAME: Mapping[str, SamplerSpec] = MappingProxyType(
     {n: spec for spec in SPECS.values() for n in (spec.name, *spec.aliases)})
 
-SAMPLERS: Mapping[str, SamplerFn] = MappingProxyType({n: spec.fn for n, spec in _BY_NAME.items()})
+# name -> the function the engine runs for that name (options bound: SPECS[name].run)
+_RUN = {spec.name: spec.run for spec in SPECS.values()}
+SAMPLERS: Mapping[str, SamplerFn] = MappingProxyType({n: _RUN[spec.name] for n, spec in _BY_NAME.items()})
 
 SCHEDULES: Mapping[str, Callable[..., np.ndarray]] = MappingProxyType({
     "Uniform": schedules.uniform,
@@ -200,16 +215,42 @@ class ResolvedSampler:
 
     def sample(self, denoise: Callable, x: Any, sigmas: Any, *, noise: Callable | None = None,
                callback: Callable | None = None, **options: Any) -> Any:
-        """Runs the sampler. Options the sampler does not take (eta for Euler, ...) are ignored, as the webui does;
-        None values mean the sampler's default; s_tmax 0 means infinity (webui)."""
-        params = inspect.signature(self.spec.fn).parameters
-        kwargs = dict(self.spec.options)
-        kwargs.update({k: v for k, v in options.items() if k in params and v is not None})
-        if kwargs.get("s_tmax") == 0:
-            kwargs["s_tmax"] = float("inf")
-        if "eta" in params and "eta" not in kwargs and self.spec.default_eta is not None:
-            kwargs["eta"] = self.spec.default_eta
-        return self.spec.fn(denoise, x, sigmas, noise=noise, callback=callback, **kwargs)
+        """Runs the sampler (:meth:`SamplerSpec.run`, the same function as ``SAMPLERS[name]``)."""
+        return self.spec.run(denoise, x, sigmas, noise=noise, callback=callback, **options)
+
+    def prepare(self, steps: int, family: Any, *, eta: float | None = None,
+                eta_noise_seed_delta: int = 0) -> "SamplingPlan":
+        """Everything the sampling loop needs for ``steps`` steps on a model family (anything with a
+        ``schedule``: engine.models.family.ModelFamily): sigmas, the denoiser's schedule (the LCM variant for
+        LCM; the family's SDXL flag for Align Your Steps), the noise seed delta the sampler uses, the noise
+        sampler, the infotext fields (webui rules)."""
+        schedule = self.model_schedule(family.schedule)
+        sigmas = self.sigmas(steps, schedule).astype(np.float32)
+        infotext = {**self.infotext, **self.extra_infotext(eta, eta_noise_seed_delta)}
+        return SamplingPlan(self, steps, sigmas, schedule, eta, eta_noise_seed_delta if self.spec.uses_ensd else 0,
+                            MappingProxyType(infotext))
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """A resolved sampler prepared for one request (see :meth:`ResolvedSampler.prepare`)."""
+
+    sampler: ResolvedSampler
+    steps: int
+    sigmas: np.ndarray  # float32, ending in 0
+    schedule: Any  # the ModelSchedule the Denoiser runs on
+    eta: float | None
+    ensd: int  # eta_noise_seed_delta the ImageRNG applies (0 for samplers that do not use it, as the webui)
+    infotext: Mapping[str, Any]
+
+    def noise(self, like: Any, rng: Any, seeds: Any) -> Callable:
+        return self.sampler.noise_sampler(like, rng, seeds, self.sigmas)
+
+    def sample(self, denoise: Callable, x: Any, *, noise: Callable | None = None, callback: Callable | None = None,
+               sigmas: Any = None, **options: Any) -> Any:
+        """Runs the sampler over ``sigmas`` (default: the plan's, as numpy) with the request's eta."""
+        return self.sampler.sample(denoise, x, self.sigmas if sigmas is None else sigmas, noise=noise,
+                                   callback=callback, eta=self.eta, **options)
 
 
 def _valid_samplers() -> str:
@@ -248,4 +289,5 @@ def resolve(sampler_name: str, scheduler: str | None = "Automatic") -> ResolvedS
     return ResolvedSampler(spec, scheduler, scheduler)
 
 
-__all__ = ["SAMPLERS", "SCHEDULES", "SCHEDULE_NAMES", "SPECS", "ResolvedSampler", "SamplerSpec", "resolve"]
+__all__ = ["SAMPLERS", "SCHEDULES", "SCHEDULE_NAMES", "SPECS", "ResolvedSampler", "SamplerSpec", "SamplingPlan",
+           "resolve"]

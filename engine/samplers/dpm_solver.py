@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from engine.samplers._array import floats, maximum, rms
+from engine.arrays import floats, maximum, rms
 from engine.samplers.kdiffusion import ancestral_step, need_noise
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.samplers._array import floats
+from engine.arrays import floats
 from engine.samplers.kdiffusion import need_noise
 from engine.samplers.schedules import karras
 

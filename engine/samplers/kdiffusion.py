@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engine.samplers._array import floats
+from engine.arrays import floats
 
 Denoise = Callable[[Any, float], Any]
 NoiseFn = Callable[[float, float], Any]

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from engine.samplers._array import floats
+from engine.arrays import floats
 from engine.samplers.kdiffusion import need_noise
 
 

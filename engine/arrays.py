@@ -1,4 +1,5 @@
-"""The few array operations samplers and the denoiser need, for numpy arrays and torch tensors alike."""
+"""The few array operations the engine needs, for numpy arrays and torch tensors alike (samplers, denoiser,
+conditioning, noise, pipeline). The one home of numpy/torch dispatch: other modules do not test array kinds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ Array = Any  # numpy.ndarray or torch.Tensor
 
 def is_numpy(x: Array) -> bool:
     return isinstance(x, np.ndarray)
+
+
+def is_torch(x: Array) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
 
 
 def floats(values: Array | Sequence[float]) -> list[float]:
@@ -26,6 +31,45 @@ def stack(items: Sequence[Array]) -> Array:
     import torch
 
     return torch.stack(list(items))
+
+
+def concat(items: Sequence[Array], axis: int = 0) -> Array:
+    if is_torch(items[0]):
+        import torch
+
+        return torch.cat(list(items), dim=axis)
+    return np.concatenate(items, axis=axis)
+
+
+def zeros_like(x: Array) -> Array:
+    if is_torch(x):
+        import torch
+
+        return torch.zeros_like(x)
+    return np.zeros_like(x)
+
+
+def to_like(t: Any, like: Array) -> Array:
+    """A CPU torch tensor as an array of ``like``'s kind, dtype and device."""
+    if is_numpy(like):
+        return t.numpy().astype(like.dtype, copy=False)
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def to_host(arr: Array) -> np.ndarray:
+    """A float32-or-wider numpy array of any array (a device tensor is copied to the host)."""
+    if isinstance(arr, np.ndarray):
+        return arr
+    return arr.detach().float().cpu().numpy()
+
+
+def to_device(arr: np.ndarray, device: str) -> Array:
+    """Sampling runs on numpy arrays on the CPU and on torch tensors on a CUDA device."""
+    if device == "cpu":
+        return arr
+    import torch
+
+    return torch.from_numpy(arr).to(device)
 
 
 def as_like(values: Any, like: Array, dtype: Any = None) -> Array:

@@ -1,8 +1,9 @@
-"""``sdengine export MODEL``: export a model's components to ONNX (manifest-cached) with a progress bar."""
+"""``sdengine export MODEL``: export a model's components to ONNX (manifest-cached) with a progress bar.
+
+The command lives on the engine side: export/ is the lower layer and knows no engine type (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -13,19 +14,7 @@ log = logging.getLogger(__name__)
 DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
-def artefact_hash(loaded) -> str:
-    """The model hash artefacts are keyed by: the checkpoint's short hash, plus the external VAE when one
-    replaced the checkpoint's own (its path, size and mtime), since the VAE's weights are then not the
-    checkpoint's."""
-    vae_path = getattr(loaded, "vae_path", None)
-    if not vae_path:
-        return loaded.short_hash
-    st = Path(vae_path).stat()
-    vae = hashlib.sha256(f"{Path(vae_path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
-    return f"{loaded.short_hash}-vae{vae}"
-
-
-def load(config, name: str, controlnet: bool):
+def load(config, name: str, controlnet: bool, vae: str = "Automatic"):
     """(components, hash) of a checkpoint or ControlNet from the model store (imported lazily)."""
     from engine.models.store import ModelStore
 
@@ -33,8 +22,8 @@ def load(config, name: str, controlnet: bool):
     if controlnet:
         cn = store.load_controlnet(name, allow_pickle=config.allow_pickle)
         return {"controlnet": cn.module}, cn.short_hash
-    loaded = store.load_model(name, allow_pickle=config.allow_pickle)
-    return loaded.components, artefact_hash(loaded)
+    loaded = store.load_model(name, vae=vae, allow_pickle=config.allow_pickle)
+    return loaded.components, loaded.family.artefact_key  # the key the engine uses (engine.models.family)
 
 
 def _split(values) -> list[str]:
@@ -52,9 +41,11 @@ def _split(values) -> list[str]:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Artefact cache (default: MODELS_DIR/cache).")
 @click.option("--controlnet", is_flag=True, help="MODEL names a ControlNet, not a checkpoint.")
+@click.option("--vae", default="Automatic", show_default=True,
+              help='External VAE from MODELS_DIR/VAE (as the payload\'s "sd_vae": "Automatic", "None" or a name).')
 @click.option("--gpu", is_flag=True, help="Also run onnxruntime's transformer optimizer (CUDA EP graphs).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.ckpt/.pt) checkpoints.")
-def export(model, precision, components, models_dir, cache_dir, controlnet, gpu, allow_pickle):
+def export(model, precision, components, models_dir, cache_dir, controlnet, vae, gpu, allow_pickle):
     """Export MODEL's components to ONNX under the artefact cache; up-to-date artefacts are skipped."""
     from engine.config import EngineConfig, default_models_dir
     from engine.errors import SdEngineError
@@ -64,7 +55,7 @@ def export(model, precision, components, models_dir, cache_dir, controlnet, gpu,
     try:
         config = EngineConfig(models_dir=models_dir or default_models_dir(), cache_dir=cache_dir,
                               allow_pickle=allow_pickle)
-        modules, model_hash = load(config, model, controlnet)
+        modules, model_hash = load(config, model, controlnet, vae)
         names = _split(components) or [c for c in available_components(modules) if c in DEFAULT_COMPONENTS
                                        or c == "controlnet"]
         stages = 1 + int(gpu) + int(precision == "fp16")
