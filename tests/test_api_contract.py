@@ -264,3 +264,32 @@ def test_queue_bound_in_bytes_of_images(api):
     open_gate(svc, token)
     assert [svc.wait(t, 20)["status"] for t in queued[1:]] == ["succeeded"] * 2
     assert sum(d["waiting_bytes"] for d in svc.health()["devices"].values()) == 0
+
+
+def test_webui_synchronous_call_and_interrupt(api):
+    """The webui route (/sdapi/v1/txt2img) is a task of either backend: it answers the webui shapes, shows in
+    /sdapi/v1/progress while it runs, and /sdapi/v1/interrupt cancels it (the call answers 409)."""
+    import json
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from api_compat.http import create_app
+
+    svc = api("double")
+    with TestClient(create_app(svc), base_url="http://localhost") as client:
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 5, "steps": 2, "width": 64, "height": 64})
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert len(r.json()["images"]) == 1 and info["all_seeds"] == [5]
+        assert svc.sd_get_result({"taskId": info["sdengine_task_id"]})["status"] == "succeeded"
+        token = gate_token(svc)
+        answer = {}
+        caller = threading.Thread(target=lambda: answer.update(r=client.post(
+            "/sdapi/v1/txt2img", json={"prompt": f"GATE:{token}", "steps": 5, "width": 64, "height": 64})))
+        caller.start()
+        assert wait_for(lambda: client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] > 0, 60)
+        assert client.post("/sdapi/v1/interrupt").json() == {}
+        caller.join(60)
+        assert answer["r"].status_code == 409 and answer["r"].json()["error"]["code"] == "cancelled"
+        assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
