@@ -235,6 +235,12 @@ def _follow(service, task_id: str) -> dict[str, Any]:
         bars.close()
 
 
+def _budget(gb: float | None):
+    if gb is None:
+        return "auto"
+    return int(gb * 2**30) if gb > 0 else None
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -289,10 +295,13 @@ def _is_loopback(host: str) -> bool:
 @click.option("--visibility-timeout", type=float, default=3600, show_default=True,
               help="(--queue) Seconds before the task of a lost worker host is delivered again; give every "
                    "worker and server the same value, longer than the longest task.")
+@click.option("--memory-budget-gb", type=float, default=None,
+              help="Refuse requests whose estimated peak memory is larger (default: half the machine's memory; "
+                   "with --queue: off unless given, as the workers' memory; 0 turns the check off).")
 @click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
-          read_timeout, queue, results_ttl, visibility_timeout, engine_factory):
+          read_timeout, queue, results_ttl, visibility_timeout, memory_budget_gb, engine_factory):
     """Serve POST /scc/sd_txt2img and /scc/sd_get_result, and the webui's /sdapi/v1/... API, over HTTP (needs the
     'server' extra).
 
@@ -320,7 +329,7 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
     queue_options = {"visibility_timeout": visibility_timeout} if queue else None
     try:
         service = LocalService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
-                               max_queue_bytes=max_queue_mb * 1024 * 1024,
+                               max_queue_bytes=max_queue_mb * 1024 * 1024, memory_budget=_budget(memory_budget_gb),
                                engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
                                max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
                                **_engine_options(backend, device, precision))

@@ -28,7 +28,7 @@ from engine.errors import InvalidRequest, ModelError, SdEngineError
 from engine.models.store import ModelStore
 
 from api_compat.backend import Submission, TaskBackend
-from api_compat.engine_api import EngineFactory, check_models, default_engine_factory
+from api_compat.engine_api import EngineFactory, check_memory, check_models, default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits
 from api_compat.schema import parse_payload
@@ -53,6 +53,8 @@ class LocalService:
     ``queue``: None runs the tasks here (``embedded``); ``"redis://[:PASSWORD@]HOST:PORT/DB"`` sends them to
     ``sdengine worker`` processes over Celery + Redis (``celery``; ``queue_options`` are
     :class:`api_compat.celery_queue.QueueOptions` fields). ``max_age_s`` is the results TTL in both.
+    ``memory_budget``: bytes a request may need at its peak, estimated at submit by ``engine.memory`` from the
+    model's configs ("auto": half the machine's memory; None: no check; needs ``check_models``).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class LocalService:
         max_tasks: int | None = 10000,
         queue: str | None = None,
         queue_options: dict[str, Any] | None = None,
+        memory_budget: int | str | None = "auto",
         **engine_options: Any,
     ):
         if models_dir is not None:
@@ -88,6 +91,13 @@ class LocalService:
                                   allow_url_fetch=allow_url_fetch)
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
+        if memory_budget == "auto" and queue:
+            memory_budget = None  # this server's memory says nothing of the workers' (docs/DECISIONS.md)
+        if memory_budget == "auto":
+            from engine.memory import default_budget
+
+            memory_budget = default_budget()
+        self.memory_budget = memory_budget  # bytes a request may need at its peak (engine.memory), None: off
         self._stores: dict[str, ModelStore | None] = {
             k: ModelStore.from_config(c) if check_models else None for k, c in self.configs.items()}
         self.backend: TaskBackend
@@ -127,6 +137,7 @@ class LocalService:
         store = self._stores[config_id]
         if store is not None:
             check_models(store, translation.models)
+            check_memory(store, config, translation.request, self.memory_budget)
         model = wire = None
         if self.backend.name != "embedded":
             model = self._route(store, config, translation.request.model)

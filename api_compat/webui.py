@@ -60,6 +60,18 @@ WEBUI_TXT2IMG_ECHO: dict[str, Any] = {
     "infotext": None,
 }
 
+_HIRES_ONLY = ("enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+               "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
+               "hr_scheduler", "hr_prompt", "hr_negative_prompt", "firstpass_image")
+# ... of StableDiffusionImg2ImgProcessingAPI
+WEBUI_IMG2IMG_ECHO: dict[str, Any] = {
+    **{k: v for k, v in WEBUI_TXT2IMG_ECHO.items() if k not in _HIRES_ONLY},
+    "init_images": None, "resize_mode": 0, "image_cfg_scale": None, "mask": None, "mask_blur_x": 4,
+    "mask_blur_y": 4, "mask_blur": None, "mask_round": True, "inpainting_fill": 0, "inpaint_full_res": True,
+    "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0, "initial_noise_multiplier": None,
+    "latent_mask": None, "include_init_images": False, "denoising_strength": 0.75,
+}
+
 # sd-webui-controlnet unit fields that carry UI or batch state; accepted at these inert values only
 _UNIT_INERT: dict[str, tuple[Any, ...]] = {
     "output_dir": ("", None), "use_preview_as_input": (False, None), "generated_image": (None, ""),
@@ -154,9 +166,9 @@ def webui_to_scc(payload: Any, options: dict[str, Any] | None = None) -> dict[st
     return out
 
 
-def webui_echo(payload: dict[str, Any]) -> dict[str, Any]:
-    """``parameters`` of a txt2img answer: the request as the webui echoes it (every field, defaults filled)."""
-    return {**WEBUI_TXT2IMG_ECHO, **payload}
+def webui_echo(payload: dict[str, Any], kind: str = "txt2img") -> dict[str, Any]:
+    """``parameters`` of an answer: the request as the webui echoes it (every field, defaults filled)."""
+    return {**(WEBUI_IMG2IMG_ECHO if kind == "img2img" else WEBUI_TXT2IMG_ECHO), **payload}
 
 
 def webui_info(info: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
@@ -325,8 +337,22 @@ def _schedulers() -> list[dict[str, Any]]:
 
 
 def _upscalers() -> list[dict[str, Any]]:
-    """What exists: "None" only until the engine has upscalers (hires fix is refused, schema.enable_hr)."""
-    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}]
+    """The image upscalers the engine has (engine.img2img, with the hires fix), else "None" only."""
+    try:
+        from engine.img2img import IMAGE_UPSCALERS
+    except ImportError:
+        IMAGE_UPSCALERS = ("None",)
+    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+            for n in IMAGE_UPSCALERS]
+
+
+def _latent_upscale_modes() -> list[dict[str, Any]]:
+    """The latent upscale modes of the hires fix (engine.img2img), else none."""
+    try:
+        from engine.img2img import LATENT_UPSCALERS
+    except ImportError:
+        return []
+    return [{"name": n} for n in LATENT_UPSCALERS]
 
 
 def _memory() -> dict[str, Any]:
@@ -461,7 +487,8 @@ def webui_router(service, read_json):
             images = await asyncio.to_thread(lambda: [_b64_png(p) for p in paths if p is not None])
             info = webui_info(result.get("info") or {}, body)
             info["sdengine_task_id"] = task_id
-            return {"images": images, "parameters": webui_echo(body), "info": json.dumps(info, ensure_ascii=False)}
+            return {"images": images, "parameters": webui_echo(body, kind),
+                    "info": json.dumps(info, ensure_ascii=False)}
         except ApiError as exc:
             return failure(exc)
 
@@ -506,13 +533,13 @@ def webui_router(service, read_json):
     async def schedulers():
         return _schedulers()
 
-    @router.get("/sdapi/v1/upscalers", summary="Upscalers (only 'None': no hires fix here)")
+    @router.get("/sdapi/v1/upscalers", summary="Image upscalers the engine has")
     async def upscalers():
         return _upscalers()
 
-    @router.get("/sdapi/v1/latent-upscale-modes", summary="Latent upscale modes (none: no hires fix here)")
+    @router.get("/sdapi/v1/latent-upscale-modes", summary="Latent upscale modes the engine has")
     async def latent_upscale_modes():
-        return []
+        return _latent_upscale_modes()
 
     @router.get("/sdapi/v1/loras", summary="LoRAs (none: the engine does not load LoRAs)")
     async def loras():

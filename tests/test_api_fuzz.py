@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api_compat import ApiError, LocalService
-from api_compat.engine_api import check_models
+from api_compat.engine_api import check_memory, check_models
 from api_compat.http import create_app
 from api_compat.schema import MAX_JSON_DEPTH, ControlNetUnitPayload, Txt2ImgPayload, parse_payload
 from api_compat.translate import translate
@@ -88,8 +88,10 @@ def store(tiny_engine):
 def _check(payload, store) -> GenerationRequest | None:
     """What sd_txt2img checks before it queues: schema, translation, model names in the store."""
     try:
-        translation = translate(parse_payload(payload), EngineConfig())
+        config = EngineConfig(default_model="tiny-sd1")  # as the HTTP service's configuration
+        translation = translate(parse_payload(payload), config)
         check_models(store, translation.models)
+        check_memory(store, config, translation.request, None)  # the model's limits (clip_skip), no budget
         return translation.request
     except ApiError as exc:
         assert exc.http_status in (400, 422) and str(exc)
@@ -134,8 +136,9 @@ class AsgiClient:
 
 @pytest.fixture(scope="module")
 def http_client(tmp_path_factory, tiny_engine):
+    # no memory budget here: _check mirrors validation without it (the budget has its own tests, test_memory.py)
     svc = LocalService(results_dir=tmp_path_factory.mktemp("fuzz"), max_queue=100000, max_tasks=200,
-                       **{**tiny_engine, "engine_factory": NullEngine})
+                       memory_budget=None, **{**tiny_engine, "engine_factory": NullEngine})
     client = AsgiClient(create_app(svc, max_body_bytes=256 * 1024))
     yield client
     client.close()
