@@ -166,6 +166,14 @@ FIELD_DOCS: dict[str, str] = {
     "image_cfg_scale": "img2img: instruct-pix2pix image guidance; refused for other models",
     "include_init_images": "img2img: return the init images too",
     "mask_round": "img2img: round the blurred mask",
+    "latent_mask": "img2img: a separate mask for the latent blend (webui)",
+    # webui settings accepted in override_settings with no effect on the result here
+    "samples_save": "webui setting; accepted, no effect (results are always saved)",
+    "samples_format": "webui setting; accepted, no effect (PNG)",
+    "grid_save": "webui setting; accepted, no effect (no grids)",
+    "save_to_dirs": "webui setting; accepted, no effect",
+    "live_previews_enable": "webui setting; accepted, no effect (no previews)",
+    "show_progressbar": "webui setting; accepted, no effect (progress is in sd_get_result)",
 }
 
 
