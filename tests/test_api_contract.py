@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from api_compat import ApiError, LocalService
-from tests.api_support import png_infotext, png_pixels, png_seed, tiny_engine  # noqa: F401 (fixture)
+from tests.api_support import png_pixels, png_seed, tiny_engine  # noqa: F401 (fixture)
 from tests.queue_support import ENV_GATES, queue_double_factory, queue_workers, redis_server  # noqa: F401
 
 HEX32 = "0123456789abcdef" * 2
