@@ -93,7 +93,7 @@ class Engine:
             t0 = time.perf_counter()
             # the engine owns the loaded model: a non-torch backend frees its torch weights once exported
             backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key,
-                                     progress=self._export_progress, release_weights=True)
+                                     progress=self._export_progress, owned=True)
             rt = _Runtime(model, backend, EmbeddingCache())
             self._runtimes = {key: rt}  # one model resident at a time
             log.info("model %s [%s] ready on %s in %.2fs", model.name, model.short_hash,
@@ -112,7 +112,7 @@ class Engine:
             rt.model.family.check_controlnet(cn, rt.model.name, field_name)
             # each ControlNet model has its own backend (its artefacts are keyed by its own hash)
             backend = create_backend(self.config, {"controlnet": cn.module}, model_hash=cn.short_hash,
-                                     progress=self._export_progress, release_weights=True)
+                                     progress=self._export_progress, owned=True)
             rt.controlnets[component] = (cn, backend)
         return rt.controlnets[component][0]
 

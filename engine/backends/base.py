@@ -37,13 +37,21 @@ BACKENDS: dict[BackendKind, str] = {
 }
 
 
-def create_backend(config: EngineConfig, components: Mapping[str, Any], model_hash: str, **options) -> Backend:
+# backends that run exported graphs and free the torch weights they were handed (engine.backends.weights)
+RELEASES_WEIGHTS = frozenset({BackendKind.ONNXRUNTIME, BackendKind.OPENVINO})
+
+
+def create_backend(config: EngineConfig, components: Mapping[str, Any], model_hash: str, *, owned: bool = False,
+                   **options) -> Backend:
     """The backend ``config.backend`` over the diffusers ``components`` of one model (hash ``model_hash``).
 
     ``options`` go to the backend class (e.g. ``progress`` callback for on-demand exports, ``cuda_graph``).
-    Construction is cheap: sessions/engines are created (and exported through the manifest cache) lazily,
-    on the first ``run`` of each component.
+    ``owned=True``: the caller hands the modules over (nothing else runs them), so a backend in
+    :data:`RELEASES_WEIGHTS` frees their torch weights once exported. Construction is cheap: sessions/engines
+    are created (and exported through the manifest cache) lazily, on the first ``run`` of each component.
     """
+    if owned and config.backend in RELEASES_WEIGHTS:
+        options["release_weights"] = True
     module, cls = BACKENDS[config.backend].split(":")
     return getattr(importlib.import_module(module), cls)(config, components, model_hash, **options)
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 class TensorRTBackend(ComponentsMixin):
     def __init__(self, config: EngineConfig, components: Mapping[str, Any], model_hash: str, *,
-                 shape_config=None, progress=None, refittable: bool = True, release_weights: bool = False):
+                 shape_config=None, progress=None, refittable: bool = True):
         from export.descriptors import ShapeConfig
         from export.tensorrt import import_tensorrt
 
@@ -38,7 +38,6 @@ class TensorRTBackend(ComponentsMixin):
         self.shape_config = shape_config or ShapeConfig()
         self.progress = progress
         self.refittable = refittable
-        # release_weights is accepted and not acted on: a refit reads the torch weights again
         self._engines: dict[str, Any] = {}
 
     def _prepared(self, component: str, components: Mapping[str, Any], model_hash: str):

@@ -1,9 +1,9 @@
 """Torch weights a non-torch backend does not run: exported, then released.
 
 A runtime that runs exported graphs (onnxruntime, openvino) holds its own copy of the weights; the torch
-modules it was handed are only needed to export. With ``release_weights=True`` (the Engine's choice: it owns
-the loaded model) the backend, before creating its first session from a source module, makes sure every ONNX
-artefact made from that module exists (``unet`` and ``unet_control`` from the UNet, ``vae_decoder`` and
+modules it was handed are only needed to export. With ``release_weights=True`` (set by
+``create_backend(..., owned=True)``: the Engine's choice, it owns the loaded model) the backend, before
+creating its first session from a source module, makes sure every ONNX artefact made from that module exists (``unet`` and ``unet_control`` from the UNet, ``vae_decoder`` and
 ``vae_encoder`` from the VAE), then frees the module's weights (:func:`export.onnx.release_weights`): from
 then on only the runtime's copy is resident. Backends built directly on shared modules (tests, benchmarks)
 keep them by default.
