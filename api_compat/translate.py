@@ -186,5 +186,6 @@ def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits
         s_noise=payload.s_noise,
         eta_noise_seed_delta=ensd,
         controlnet_units=tuple(units),
+        disable_extra_networks=bool(payload.disable_extra_networks),
     )
     return Translation(request=request, parameters=echo_parameters(payload, request), models=tuple(models))

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ class _Runtime:
     model: Any  # engine.models.checkpoints.LoadedModel
     backend: Any  # engine.backends.Backend
     prompt_cache: Any
+    networks: Any = None  # engine.networks.Networks of this model
     controlnets: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,7 +89,9 @@ class Engine:
         if rt is None:
             t0 = time.perf_counter()
             backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key)
-            rt = _Runtime(model, backend, EmbeddingCache())
+            from engine.networks import Networks
+
+            rt = _Runtime(model, backend, EmbeddingCache(), Networks(self.store, model, self.config.allow_pickle))
             self._runtimes = {key: rt}  # one model resident at a time
             log.info("model %s [%s] ready on %s in %.2fs", model.name, model.short_hash,
                      self.config.backend.value, time.perf_counter() - t0)
@@ -142,6 +145,13 @@ class Engine:
         family = rt.model.family
         timer.add("load", t0)
         width, height = self._validate(req, family)
+        # the prompt's <lora:...> tags -> the backend's weights (engine.networks); the text without them
+        t0 = time.perf_counter()
+        networks = self._networks(rt, req)
+        text_model = family.text
+        if networks.patch.text_key:
+            text_model = replace(text_model, model_hash=f"{text_model.model_hash}+{networks.patch.text_key}")
+        timer.add("networks", t0)
 
         # 2. plan: sigmas, the denoiser's schedule, seeds, ControlNet units
         plan = sampler.prepare(req.steps, family, eta=req.eta, eta_noise_seed_delta=req.eta_noise_seed_delta)
@@ -161,7 +171,7 @@ class Engine:
             # 3. condition: prompts -> per-step conditioning (cached per model)
             t0 = time.perf_counter()
             cond = encode_request(
-                rt.backend, family.text, [req.prompt] * req.batch_size, [req.negative_prompt] * req.batch_size,
+                rt.backend, text_model, [networks.prompt] * req.batch_size, [req.negative_prompt] * req.batch_size,
                 steps=plan.steps, clip_skip=req.clip_skip, width=width, height=height, cache=rt.prompt_cache,
                 max_chunks=self.config.max_prompt_chunks,
             )
@@ -190,7 +200,7 @@ class Engine:
 
         # 7. describe: webui infotexts and the info dict
         generation = Generation(req, rt.model, plan, width, height, all_seeds, all_subseeds, unit_labels,
-                                self.config.backend.value)
+                                self.config.backend.value, lora_hashes=networks.lora_hashes)
         infotexts = [generation.infotext(i) for i in range(total)]
         info = generation.info(infotexts, timer.timings, device=self.config.device,
                                precision=self.config.precision.value)
@@ -207,6 +217,18 @@ class Engine:
         if not 1 <= req.batch_size <= self.config.max_batch_size:
             raise InvalidRequest("batch_size", f"{req.batch_size} is out of range", f"1..{self.config.max_batch_size}")
         return width, height
+
+    def _networks(self, rt: _Runtime, req: GenerationRequest):
+        """The request's extra networks (engine.networks.PreparedNetworks), applied to the model's backend."""
+        from engine.errors import BackendUnavailable
+
+        prepared = rt.networks.prepare(req.prompt, disabled=req.disable_extra_networks, field="prompt")
+        if not hasattr(rt.backend, "set_patch"):
+            if prepared.patch.uses:
+                raise BackendUnavailable(f"the {self.config.backend.value} backend cannot apply LoRA weights")
+            return prepared
+        rt.backend.set_patch(prepared.patch)
+        return prepared
 
     def _controlnet_units(self, rt: _Runtime, req: GenerationRequest, width: int, height: int):
         """The request's ControlNet units, loaded and preprocessed, with their infotext labels."""

@@ -36,6 +36,8 @@ class TorchBackend(ComponentsMixin):
         self.device = torch.device(config.device)
         self.precision = config.precision
         self._wrappers: dict[str, Any] = {}
+        self._patch_keys: dict[str, str] = {}  # source module -> key of the LoRA patch its weights carry
+        self._originals: dict[str, dict[str, Any]] = {}  # source -> param -> the unpatched tensor
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         if self.device.type == "cpu" and self.precision != Precision.FP32 and not cpu_has_native_half():
@@ -64,6 +66,40 @@ class TorchBackend(ComponentsMixin):
                 wrapper = torch.compile(wrapper)
             self._wrappers[component] = wrapper
         return self._wrappers[component]
+
+    def set_patch(self, patch) -> None:
+        """Carry the weights of ``patch`` (an engine.networks.lora.WeightPatch; EMPTY: none).
+
+        In place: each touched parameter becomes ``apply_delta(original, delta)`` in its compute dtype, and the
+        original tensors of touched parameters are kept, so a change of set first restores them exactly
+        (switching sets never drifts: equal sets give bit-identical weights). Sources whose patch key is
+        unchanged are not touched.
+        """
+        import torch
+
+        from engine.networks.lora import SOURCES, apply_delta
+
+        for source in SOURCES:
+            key = patch.key(source)
+            if source not in self._components or self._patch_keys.get(source, "") == key:
+                continue
+            self._wrapper(source)  # cast and move the module first: the patch is applied in the compute dtype
+            module = self._components[source]
+            originals = self._originals.setdefault(source, {})
+            with torch.no_grad():
+                for name, original in originals.items():
+                    module.get_parameter(name).copy_(original)
+                touched = set()
+                for name, delta in patch.deltas(source):
+                    param = module.get_parameter(name)
+                    if name not in originals:
+                        originals[name] = param.detach().clone()
+                    param.copy_(apply_delta(originals[name], delta.to(param.device)))
+                    touched.add(name)
+                for name in [n for n in originals if n not in touched]:
+                    del originals[name]  # restored above: the parameter is its original again
+            self._patch_keys[source] = key
+            log.info("%s: LoRA patch %s (%d weights)", source, key or "removed", len(touched))
 
     def _autocast(self, component: str):
         import torch
