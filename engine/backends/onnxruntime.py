@@ -16,6 +16,14 @@ onnxruntime build lacks raises :class:`BackendUnavailable` naming it and listing
 - TensorRT EP: fp16 flag, engine and timing caches under the artefact directory, and min/opt/max profile
   shapes from the descriptor and a ShapeConfig.
 
+LoRA (:meth:`OnnxRuntimeBackend.set_patch`): the exported graphs keep their weights as external initializers
+and the export manifest maps each source parameter to its initializer (export.onnx). A patch becomes new
+values for the touched initializers, merged on the host once (``apply_delta`` over the source module's own
+weights, transposed / cast as the graph holds them), handed to a new session through
+``SessionOptions.add_external_initializers``. Sessions are cached per (component, patch of its source) in a
+bounded LRU (``max_sessions`` per component): switching back to a recent set reuses its session, and no
+ONNX export ever happens because of a LoRA.
+
 The CUDA and TensorRT EP paths cannot run in this project's CI (no GPU, CPU onnxruntime): what is tested
 here is the provider selection and option dicts, and the IO-binding path itself over CPU torch tensors on
 the CPU EP (``io_binding=True``), which is the same code with device type "cpu".
@@ -40,6 +48,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 MAX_BOUND_SHAPES = 8  # static buffer sets kept per component (LRU)
+MAX_SESSIONS = 2  # sessions kept per component, one per LoRA set (LRU; each holds its patched weights)
 
 _NP_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(double)": "float64"}
@@ -147,7 +156,8 @@ def _np(name: str):
 class OnnxRuntimeBackend(ComponentsMixin):
     def __init__(self, config: EngineConfig, components: Mapping[str, Any], model_hash: str, *,
                  progress=None, cuda_graph: bool = False, io_binding: bool | None = None,
-                 gpu_optimize: bool | None = None, shape_config=None, available: list[str] | None = None):
+                 gpu_optimize: bool | None = None, shape_config=None, available: list[str] | None = None,
+                 max_sessions: int = MAX_SESSIONS):
         import onnxruntime as ort
 
         self._init_components(components)
@@ -165,8 +175,10 @@ class OnnxRuntimeBackend(ComponentsMixin):
         self.cuda_graph = cuda_graph
         self.io_binding = (config.device != "cpu") if io_binding is None else io_binding
         self.shape_config = shape_config
-        self._sessions: dict[str, Any] = {}
-        self._bound: dict[str, OrderedDict] = {}
+        self._sessions: OrderedDict = OrderedDict()  # (component, patch key) -> (session, kept values)
+        self.max_sessions = max(1, max_sessions)
+        self._patch = None  # engine.networks.lora.WeightPatch
+        self._bound: dict[tuple, OrderedDict] = {}
         self._graph_ids = 0
         self._lock = threading.Lock()  # one export / session creation at a time
 
@@ -195,14 +207,60 @@ class OnnxRuntimeBackend(ComponentsMixin):
         return [(p, provider_options(p, self.config, cuda_graph=self.cuda_graph, cache_dir=cache,
                                      profile=profile, stream=stream)) for p in self.providers]
 
-    def session(self, component: str):
-        if component not in self._sessions:
-            with self._lock:
-                if component not in self._sessions:
-                    self._sessions[component] = self._create_session(component)
-        return self._sessions[component]
+    def set_patch(self, patch) -> None:
+        """Use the weights of ``patch`` (engine.networks.lora.WeightPatch) from the next run on."""
+        self._patch = patch
 
-    def _create_session(self, component: str):
+    def _patch_key(self, component: str) -> str:
+        from export.descriptors import SOURCES
+
+        return self._patch.key(SOURCES[component]) if self._patch is not None else ""
+
+    def session(self, component: str):
+        key = (component, self._patch_key(component))
+        entry = self._sessions.get(key)
+        if entry is None:
+            with self._lock:
+                entry = self._sessions.get(key)
+                if entry is None:
+                    entry = self._create_session(component, key[1])
+                    self._sessions[key] = entry
+                    same = [k for k in self._sessions if k[0] == component]
+                    while len(same) > self.max_sessions:
+                        old = same.pop(0)
+                        del self._sessions[old]
+                        self._bound.pop(old, None)
+        self._sessions.move_to_end(key)
+        return entry[0]
+
+    def patched_initializers(self, component: str, art) -> tuple[list[str], list]:
+        """``(initializer names, numpy values)`` of the current patch for ``component``'s graph ``art``."""
+        import numpy as np
+        import torch
+
+        from engine.networks.lora import apply_delta
+        from export.descriptors import SOURCES
+
+        source = SOURCES[component]
+        mapping = art.manifest["info"].get("parameters")
+        if mapping is None:
+            raise BackendUnavailable(f"{component}: this ONNX artefact has no parameter map; re-export it")
+        module = self._components[source]
+        names, values = [], []
+        for param, delta in self._patch.deltas(source):
+            if param not in mapping:
+                raise BackendUnavailable(
+                    f"{component}: the weight {param} cannot be replaced in the exported graph "
+                    f"({art.directory.name}: fused or folded); LoRA needs the unfused export (gpu_optimize=False)")
+            name, transposed, dtype = mapping[param]
+            with torch.no_grad():
+                weight = apply_delta(module.get_parameter(param).detach().to("cpu", torch.float32), delta)
+            value = weight.t() if transposed else weight
+            names.append(name)
+            values.append(np.ascontiguousarray(value.numpy().astype(dtype)))
+        return names, values
+
+    def _create_session(self, component: str, patch_key: str = ""):
         import onnxruntime as ort
 
         if not self.has(component):
@@ -211,11 +269,21 @@ class OnnxRuntimeBackend(ComponentsMixin):
         providers = self.providers_for(component, art.directory)
         if self.use_trt_ep:
             (art.directory / "ort-tensorrt").mkdir(exist_ok=True)
+        options = session_options(self.config)
+        kept: list = []
+        if patch_key:
+            names, values = self.patched_initializers(component, art)
+            kept = [ort.OrtValue.ortvalue_from_numpy(v) for v in values]  # must outlive the session
+            options.add_external_initializers(names, kept)
+            kept.append(values)
+            log.info("%s: onnxruntime session with LoRA patch %s (%d initializers replaced)", component,
+                     patch_key, len(names))
         log.info("%s: onnxruntime session on %s", component, [p for p, _ in providers])
-        return ort.InferenceSession(
-            str(art.path), sess_options=session_options(self.config),
+        session = ort.InferenceSession(
+            str(art.path), sess_options=options,
             providers=[p for p, _ in providers], provider_options=[o for _, o in providers],
         )
+        return session, kept
 
     # -- running ----------------------------------------------------------------------------------------
     def run(self, component: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
@@ -242,7 +310,7 @@ class OnnxRuntimeBackend(ComponentsMixin):
         session = self.session(component)
         shapes = {n: tuple(feeds[n].shape) for n in desc.input_names}
         key = tuple(sorted(shapes.items()))
-        cache = self._bound.setdefault(component, OrderedDict())
+        cache = self._bound.setdefault((component, self._patch_key(component)), OrderedDict())
         bound = cache.get(key)
         if bound is None:
             graph_id = None
