@@ -148,9 +148,10 @@ class Engine:
         # the prompt's <lora:...> tags -> the backend's weights (engine.networks); the text without them
         t0 = time.perf_counter()
         networks = self._networks(rt, req)
+        ti, ti_key = rt.networks.textual_inversion()
         text_model = family.text
-        if networks.patch.text_key:
-            text_model = replace(text_model, model_hash=f"{text_model.model_hash}+{networks.patch.text_key}")
+        if networks.patch.text_key or ti_key:  # the prompt cache must not serve other weights' encodings
+            text_model = replace(text_model, model_hash=f"{text_model.model_hash}+{networks.patch.text_key}+{ti_key}")
         timer.add("networks", t0)
 
         # 2. plan: sigmas, the denoiser's schedule, seeds, ControlNet units
@@ -173,7 +174,7 @@ class Engine:
             cond = encode_request(
                 rt.backend, text_model, [networks.prompt] * req.batch_size, [req.negative_prompt] * req.batch_size,
                 steps=plan.steps, clip_skip=req.clip_skip, width=width, height=height, cache=rt.prompt_cache,
-                max_chunks=self.config.max_prompt_chunks,
+                max_chunks=self.config.max_prompt_chunks, ti=ti,
             )
             timer.add("text_encoder", t0)
 
@@ -200,7 +201,8 @@ class Engine:
 
         # 7. describe: webui infotexts and the info dict
         generation = Generation(req, rt.model, plan, width, height, all_seeds, all_subseeds, unit_labels,
-                                self.config.backend.value, lora_hashes=networks.lora_hashes)
+                                self.config.backend.value, lora_hashes=networks.lora_hashes,
+                                ti_hashes=rt.networks.ti_hashes(cond.embeddings))
         infotexts = [generation.infotext(i) for i in range(total)]
         info = generation.info(infotexts, timer.timings, device=self.config.device,
                                precision=self.config.precision.value)

@@ -31,7 +31,7 @@ from export.manifest import artefact_dir, build_artefact, safe_name, valid_artef
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "engine.plan"
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2: the prepared graph carries the parameter map (LoRA refit)
 PREPARED_STAGE = "onnx-fp32-trt"
 WORKSPACE_BYTES = 8 << 30
 TRT_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -102,8 +102,8 @@ def prepare_onnx(art, progress=None):
     import onnx
     import onnxruntime as ort
 
-    from export.onnx import (DATA_FILE, EXTERNAL_DATA_BYTES, MODEL_FILE, OnnxArtefact, _files, sha256_files,
-                             tool_versions)
+    from export.onnx import (DATA_FILE, EXTERNAL_DATA_BYTES, MODEL_FILE, OnnxArtefact, _files,
+                             carry_parameter_map, sha256_files, tool_versions)
 
     desc = art.descriptor
     model_hash = art.manifest["key"]["model_hash"]
@@ -130,6 +130,7 @@ def prepare_onnx(art, progress=None):
             else:
                 onnx.shape_inference.infer_shapes_path(str(tmp / MODEL_FILE), str(tmp / MODEL_FILE))
             manifest["info"]["sha256"] = sha256_files(_files(tmp))
+            manifest["info"]["parameters"] = carry_parameter_map(art.manifest, tmp / MODEL_FILE)
     if progress:
         progress(f"{desc.component}: {PREPARED_STAGE}", 1, 1)
     return OnnxArtefact(desc.component, directory, manifest, desc)
@@ -208,9 +209,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def refit_engine(engine, onnx_path: Path) -> None:
+def refit_engine(engine, onnx_path: Path, named_weights: Mapping[str, Any] | None = None) -> None:
     """Replace the weights of a refittable ``ICudaEngine`` in place with those of ``onnx_path`` (same
-    architecture, new weights, e.g. another fine-tune of the same base). NOT RUN IN CI."""
+    architecture, new weights, e.g. another fine-tune of the same base), then the ``named_weights``
+    (ONNX initializer name -> numpy array: a LoRA set's patched tensors, ``Refitter.set_named_weights``).
+    NOT RUN IN CI."""
     trt = import_tensorrt()
     logger = _logger(trt)
     try:
@@ -221,6 +224,12 @@ def refit_engine(engine, onnx_path: Path) -> None:
     if not parser_refitter.refit_from_file(str(onnx_path)):
         errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
         raise RuntimeError(f"{onnx_path}: TensorRT refit could not read the weights: {errors}")
+    keep = []  # the arrays must stay alive until refit_cuda_engine
+    for name, array in (named_weights or {}).items():
+        weights = trt.Weights(array)
+        keep.append((array, weights))
+        if not refitter.set_named_weights(name, weights):
+            raise RuntimeError(f"{onnx_path}: TensorRT refit has no refittable weight named {name!r}")
     missing = list(refitter.get_missing_weights())
     if missing:
         raise RuntimeError(f"{onnx_path}: TensorRT refit lacks {len(missing)} weights, e.g. {missing[:5]}")
@@ -251,8 +260,8 @@ class TensorRTEngine:
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self._buffers: dict[tuple, Any] = {}
 
-    def refit(self, onnx_path: Path) -> None:
-        refit_engine(self.engine, onnx_path)
+    def refit(self, onnx_path: Path, named_weights: Mapping[str, Any] | None = None) -> None:
+        refit_engine(self.engine, onnx_path, named_weights)
 
     def run(self, feeds: Mapping[str, Any], stream=None) -> dict:
         import torch

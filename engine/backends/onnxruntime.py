@@ -233,32 +233,17 @@ class OnnxRuntimeBackend(ComponentsMixin):
         self._sessions.move_to_end(key)
         return entry[0]
 
-    def patched_initializers(self, component: str, art) -> tuple[list[str], list]:
-        """``(initializer names, numpy values)`` of the current patch for ``component``'s graph ``art``."""
-        import numpy as np
-        import torch
-
-        from engine.networks.lora import apply_delta
+    def patched_initializers(self, component: str, art) -> list[tuple[str, Any]]:
+        """``[(initializer name, numpy value)]`` of the current patch for ``component``'s graph ``art``."""
+        from engine.networks.lora import patched_tensors
         from export.descriptors import SOURCES
 
-        source = SOURCES[component]
         mapping = art.manifest["info"].get("parameters")
         if mapping is None:
             raise BackendUnavailable(f"{component}: this ONNX artefact has no parameter map; re-export it")
-        module = self._components[source]
-        names, values = [], []
-        for param, delta in self._patch.deltas(source):
-            if param not in mapping:
-                raise BackendUnavailable(
-                    f"{component}: the weight {param} cannot be replaced in the exported graph "
-                    f"({art.directory.name}: fused or folded); LoRA needs the unfused export (gpu_optimize=False)")
-            name, transposed, dtype = mapping[param]
-            with torch.no_grad():
-                weight = apply_delta(module.get_parameter(param).detach().to("cpu", torch.float32), delta)
-            value = weight.t() if transposed else weight
-            names.append(name)
-            values.append(np.ascontiguousarray(value.numpy().astype(dtype)))
-        return names, values
+        source = SOURCES[component]
+        return patched_tensors(self._patch, source, self._components[source], mapping,
+                               f"{component} ({art.directory.name})")
 
     def _create_session(self, component: str, patch_key: str = ""):
         import onnxruntime as ort
@@ -272,10 +257,11 @@ class OnnxRuntimeBackend(ComponentsMixin):
         options = session_options(self.config)
         kept: list = []
         if patch_key:
-            names, values = self.patched_initializers(component, art)
-            kept = [ort.OrtValue.ortvalue_from_numpy(v) for v in values]  # must outlive the session
+            tensors = self.patched_initializers(component, art)
+            names = [n for n, _ in tensors]
+            kept = [ort.OrtValue.ortvalue_from_numpy(v) for _, v in tensors]  # must outlive the session
             options.add_external_initializers(names, kept)
-            kept.append(values)
+            kept.append(tensors)
             log.info("%s: onnxruntime session with LoRA patch %s (%d initializers replaced)", component,
                      patch_key, len(names))
         log.info("%s: onnxruntime session on %s", component, [p for p, _ in providers])

@@ -31,15 +31,41 @@ class PreparedNetworks:
 
 
 class Networks:
-    """The LoRAs of one loaded model: resolves names in the store, maps files once (LRU), builds patches."""
+    """The extra networks of one loaded model: LoRAs (names resolved in the store, files mapped once, LRU) and
+    the textual-inversion embeddings of the store that fit it."""
 
     def __init__(self, store, model, allow_pickle: bool = False, max_cached: int = MAX_CACHED_LORAS):
+        from engine.networks.embeddings import EmbeddingDatabase
+
         self.store = store
         self.model = model
         self.allow_pickle = allow_pickle
         self.max_cached = max_cached
         self._mapped: OrderedDict = OrderedDict()
         self._tables: dict = {}
+        widths = {c: int(model.components[c].config.hidden_size) for c in model.family.text_encoders}
+        self.embeddings = EmbeddingDatabase(store, widths, allow_pickle)
+        self._ti = (None, None)
+
+    def textual_inversion(self):
+        """``(conditioning.TextualInversion or None, key)`` of the store's embeddings now (re-scanned)."""
+        from engine.conditioning import TextualInversion
+
+        db = self.embeddings
+        db.refresh()
+        if self._ti[0] != db.key:
+            ti = None
+            if db.embeddings:
+                ti = TextualInversion({n: e.count for n, e in db.embeddings.items()},
+                                      {n: {c: v.numpy() for c, v in e.vectors.items()}
+                                       for n, e in db.embeddings.items()})
+            self._ti = (db.key, ti)
+        return self._ti[1], db.key
+
+    def ti_hashes(self, names) -> tuple[tuple[str, str], ...]:
+        """webui ``TI hashes``: (name, first 12 hex of the file's sha256) of the embeddings used."""
+        return tuple((n, self.embeddings.embeddings[n].sha256[:12]) for n in names
+                     if n in self.embeddings.embeddings)
 
     def _load(self, name: str, field: str):
         from engine.models.family import Kind

@@ -167,6 +167,31 @@ class WeightPatch:
 EMPTY = WeightPatch()
 
 
+def patched_tensors(patch: WeightPatch, source: str, module, mapping: Mapping[str, list], where: str):
+    """``[(graph tensor name, numpy array)]``: the patched weights of ``source`` as an exported graph holds them.
+
+    ``mapping`` is an export manifest's ``info.parameters`` (parameter -> ``[name, transposed, dtype]``); the
+    patched value is ``apply_delta`` over the module's own weight, transposed and cast as the graph has it.
+    Raises BackendUnavailable naming ``where`` when a touched weight is not a plain tensor of the graph.
+    """
+    import numpy as np
+    import torch
+
+    from engine.errors import BackendUnavailable
+
+    out = []
+    for param, delta in patch.deltas(source):
+        if param not in mapping:
+            raise BackendUnavailable(f"{where}: the weight {param} cannot be replaced in the exported graph (fused "
+                                     "or folded by an optimizer); LoRA needs the unfused export (gpu_optimize=False)")
+        name, transposed, dtype = mapping[param]
+        with torch.no_grad():
+            weight = apply_delta(module.get_parameter(param).detach().to("cpu", torch.float32), delta)
+        value = weight.t() if transposed else weight
+        out.append((name, np.ascontiguousarray(value.numpy().astype(dtype))))
+    return out
+
+
 def apply_delta(weight, delta):
     """``weight + delta`` computed in float32, returned in the weight's dtype and shape (the one formula every
     backend uses, so equal patches give equal bits)."""
