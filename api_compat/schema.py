@@ -32,6 +32,10 @@ MIN_SIZE = 64
 MAX_UNITS = 10
 MAX_TEXT = 65536  # characters of a prompt
 MAX_NAME = 255
+# characters of a unit image string: the real limits are the decoded file's bytes and pixels (ImageLimits,
+# checked when it is decoded) and the HTTP body limit; this only bounds what is held before decoding
+MAX_IMAGE_TEXT = 48 * 1024 * 1024
+MAX_JSON_DEPTH = 16  # a payload needs 6 (alwayson_scripts.controlnet.units[i].field)
 
 
 # ----------------------------------------------------------------------------------------------- validators
@@ -244,8 +248,10 @@ class ControlNetUnitPayload(_Model):
     enabled: _bool_type(nullable=False) = True
     module: ShortText = "none"
     model: _name_type(kind="ControlNet model") = None
-    input_image: OptText = Field(None, description="base64 or data:image/...;base64, URI (http(s) if allowed)")
-    image: OptText = Field(None, description="alias of input_image")
+    input_image: _str_type(MAX_IMAGE_TEXT, nullable=True) = Field(
+        None, description="base64 or data:image/...;base64, URI (http(s) if allowed); limited by the decoded "
+                          "file's bytes and pixels")
+    image: _str_type(MAX_IMAGE_TEXT, nullable=True) = Field(None, description="alias of input_image")
     weight: _float_type(0.0, 2.0) = 1.0
     guidance_start: _float_type(0.0, 1.0) = 0.0
     guidance_end: _float_type(0.0, 1.0) = 1.0
@@ -452,10 +458,33 @@ def validation_error_to_api(exc: ValidationError, prefix: tuple[Any, ...] = ()) 
                     errors=errors)
 
 
+def deep_nesting(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """The path of the first list/object nested deeper than ``limit`` levels in a decoded JSON value ("" for the
+    value itself), or None. Iterative, so that any depth json.loads accepted is measured without recursion."""
+    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(value, 1, ())]
+    while stack:
+        item, depth, path = stack.pop()
+        if isinstance(item, dict):
+            children = item.items()
+        elif isinstance(item, list):
+            children = enumerate(item)
+        else:
+            continue
+        if depth > limit:
+            return field_path(path)
+        stack.extend((child, depth + 1, (*path, key)) for key, child in children
+                     if isinstance(child, (dict, list)))
+    return None
+
+
 def parse_payload(payload: Any) -> Txt2ImgPayload:
     """Validate a decoded JSON payload; raises :class:`ApiError` naming the field path."""
     if not isinstance(payload, dict):
         raise ApiError("bad_request", f"the payload must be a JSON object, got {type(payload).__name__}")
+    where = deep_nesting(payload)
+    if where is not None:
+        raise ApiError("invalid_request", f"is nested more than {MAX_JSON_DEPTH} levels deep", field=where or None,
+                       allowed=f"at most {MAX_JSON_DEPTH} levels of nesting (a payload needs 6)")
     try:
         parsed = Txt2ImgPayload.model_validate(payload)
     except ValidationError as exc:

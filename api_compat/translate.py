@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.controlnet.images import decode_image
+from engine.controlnet import check_unit_sizes
+from engine.controlnet.images import load_image
 from engine.controlnet.preprocessors import get_preprocessor
 from engine.errors import InvalidRequest
 from engine.models.checkpoints import Kind
@@ -26,6 +27,9 @@ from api_compat.images import ImageLimits
 from api_compat.schema import INT64_MAX, Txt2ImgPayload, units_of
 
 DEFAULT_SAMPLER = "Euler a"
+# the size a unit image is planned for when the request leaves width/height to the model (the largest native
+# size of the supported families, SDXL's)
+PLAN_NATIVE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def _check_limits(payload: Txt2ImgPayload, config: EngineConfig) -> None:
                                  f"-1 or an integer from 0 to {INT64_MAX - total + 1}")
 
 
-def _unit(path: str, unit, limits: ImageLimits) -> ControlNetUnit:
+def _unit(path: str, unit, limits: ImageLimits, width: int, height: int) -> ControlNetUnit:
     if unit.model is None:
         raise InvalidRequest(f"{path}.model", "is required for an enabled unit", "a ControlNet model name")
     if unit.input_image is not None and unit.image is not None and unit.input_image != unit.image:
@@ -78,9 +82,10 @@ def _unit(path: str, unit, limits: ImageLimits) -> ControlNetUnit:
         raise InvalidRequest(f"{path}.guidance_end", f"{unit.guidance_end:g} is before guidance_start "
                              f"{unit.guidance_start:g}", f"a number from {unit.guidance_start:g} to 1")
     preprocessor = get_preprocessor(unit.module.strip().lower(), field=f"{path}.module")  # "Canny" too
-    image = decode_image(source, field, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
-                         allow_urls=limits.allow_url_fetch)
-    return ControlNetUnit(
+    # decoded once to validate it; the task keeps the compressed bytes (decoded again when the unit runs)
+    image = load_image(source, field, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+                       allow_urls=limits.allow_url_fetch)
+    built = ControlNetUnit(
         model=unit.model,
         image=image,
         module=preprocessor.name,
@@ -95,6 +100,8 @@ def _unit(path: str, unit, limits: ImageLimits) -> ControlNetUnit:
         pixel_perfect=unit.pixel_perfect,
         save_detected_map=unit.save_detected_map,
     )
+    check_unit_sizes(built, width, height, limits.max_work_pixels, field)
+    return built
 
 
 def _image_summary(value: Any) -> Any:
@@ -159,7 +166,7 @@ def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits
     for path, unit in units_of(payload):
         if not unit.enabled:
             continue
-        units.append(_unit(path, unit, limits))
+        units.append(_unit(path, unit, limits, payload.width or PLAN_NATIVE_SIZE, payload.height or PLAN_NATIVE_SIZE))
         models.append((Kind.CONTROLNET, unit.model, f"{path}.model"))
 
     request = GenerationRequest(

@@ -14,6 +14,7 @@ COMMANDS = {
     "export": "engine.export_cli:export",
     "txt2img": "api_compat.cli:txt2img",
     "serve": "api_compat.cli:serve",
+    "worker": "api_compat.cli:worker",
 }
 
 

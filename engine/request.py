@@ -14,10 +14,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ControlNetUnit:
-    """One ControlNet unit, already validated. ``image`` is an RGB uint8 array (H, W, 3)."""
+    """One ControlNet unit, already validated. ``image`` is an RGB uint8 array (H, W, 3), or an
+    ``engine.controlnet.images.EncodedImage`` (the compressed file, decoded when the unit runs)."""
 
     model: str
-    image: np.ndarray = field(repr=False, compare=False)
+    image: Any = field(repr=False, compare=False)
     module: str = "none"
     weight: float = 1.0
     guidance_start: float = 0.0

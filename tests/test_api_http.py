@@ -24,20 +24,28 @@ from PIL import Image
 from api_compat import LocalService
 from api_compat.http import create_app
 from tests.api_support import EngineDouble, png_b64, png_infotext, png_pixels, png_seed, tiny_engine  # noqa: F401
+from tests.queue_support import queue_workers, redis_server  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def service(tmp_path, tiny_engine):
-    svc = LocalService(results_dir=tmp_path / "results", max_queue=8, configs={"other": {}}, **tiny_engine)
+@pytest.fixture(params=["embedded", "celery"])
+def service(request, tmp_path, tiny_engine):
+    """The same routes over both task backends: embedded, and celery with real Redis and `sdengine worker`s."""
+    if request.param == "celery":
+        workers = request.getfixturevalue("queue_workers")
+        workers.ensure("tiny")
+        svc = LocalService(results_dir=workers.results("tiny"), max_queue=8, configs={"other": {}},
+                           queue=workers.url("tiny"), **tiny_engine)
+    else:
+        svc = LocalService(results_dir=tmp_path / "results", max_queue=8, configs={"other": {}}, **tiny_engine)
     yield svc
     svc.close()
 
 
 @pytest.fixture
 def client(service):
-    with TestClient(create_app(service, max_body_bytes=64 * 1024)) as c:
+    with TestClient(create_app(service, max_body_bytes=64 * 1024), base_url="http://localhost") as c:
         yield c
 
 
@@ -58,7 +66,7 @@ def test_submit_poll_and_fetch_images(client):
     assert r.status_code == 200 and set(r.json()) == {"taskId", "status"} and r.json()["status"] == "waiting"
     result = poll(client, r.json()["taskId"])
     assert result["status"] == "succeeded" and result["parameters"]["prompt"] == "a cat"
-    assert all(u.startswith("http://testserver/scc/images/") for u in result["images"])
+    assert all(u.startswith("http://localhost/scc/images/") for u in result["images"])
     for i, url in enumerate(result["images"]):
         image = client.get(url)
         assert image.status_code == 200 and image.headers["content-type"] == "image/png"
@@ -118,7 +126,7 @@ def test_queue_full_is_429(tmp_path):
     svc = LocalService(tmp_path, results_dir=tmp_path / "r", engine_factory=Blocked, check_models=False,
                        max_queue=2)
     try:
-        with TestClient(create_app(svc)) as c:
+        with TestClient(create_app(svc), base_url="http://localhost") as c:
             codes = [c.post("/scc/sd_txt2img", json={}).status_code for _ in range(5)]
             assert codes.count(200) in (2, 3) and codes[-1] == 429
             r = c.post("/scc/sd_txt2img", json={})
@@ -192,7 +200,7 @@ def test_cancel_route(tmp_path):
     svc = LocalService(tmp_path, results_dir=tmp_path / "r", check_models=False,
                        engine_factory=lambda c: EngineDouble(c, step_delay=0.02))
     try:
-        with TestClient(create_app(svc)) as c:
+        with TestClient(create_app(svc), base_url="http://localhost") as c:
             task = c.post("/scc/sd_txt2img", json={"prompt": "SLOW", "steps": 150}).json()["taskId"]
             c.post("/scc/sd_cancel", json={"taskId": task})
             result = poll(c, task, 10)
@@ -203,7 +211,9 @@ def test_cancel_route(tmp_path):
 
 def test_health_and_openapi(client):
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["devices"]["cpu"]["alive"]
+    devices = health["devices"]
+    assert health["status"] == "ok" and devices and all(d["alive"] and d["device"] == "cpu" for d in devices.values())
+    assert all("default" in d["configs"] and "other" in d["configs"] for d in devices.values())
     spec = client.get("/openapi.json").json()
     assert "/scc/sd_txt2img" in spec["paths"] and "/scc/sd_get_result" in spec["paths"]
     body = spec["paths"]["/scc/sd_txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -215,7 +225,7 @@ def test_health_and_openapi(client):
 
 
 def test_api_key(service):
-    with TestClient(create_app(service, api_key="s3cret")) as c:
+    with TestClient(create_app(service, api_key="s3cret"), base_url="http://localhost") as c:
         assert c.post("/scc/sd_txt2img", json={}).status_code == 401
         assert c.post("/scc/sd_txt2img", json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.get("/openapi.json").status_code == 401
