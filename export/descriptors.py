@@ -156,7 +156,6 @@ class ComponentDescriptor:
                     mul, sym, div = _DIM.match(d).groups()
                     env.setdefault(sym, v * int(div or 1) // int(mul or 1))
         env.setdefault("T", TOKENS_PER_CHUNK)
-        env.setdefault("E", 1)
         return env
 
     def sample_inputs(self, batch: int = 2, height: int | None = None, width: int | None = None,
