@@ -250,3 +250,24 @@ def test_disable_extra_networks_removes_tags_without_applying(engines):
     disabled = engines("torch").generate(_req("a red circle<lora:kohya:0.8>", disable_extra_networks=True))
     np.testing.assert_array_equal(plain.images[0], disabled.images[0])
     assert "Lora hashes" not in disabled.infotexts[0]
+
+
+def test_sdxl_kohya_names_map_like_diffusers_names(tiny_store, tmp_path):
+    """An SDXL kohya LoRA in the original (LDM) UNet names (``input_blocks_4_1_...``) with lora_te1_/lora_te2_
+    maps onto the same parameters, with the same factors, as the same LoRA in diffusers names; every layer
+    lands (none is dropped)."""
+    from engine.networks.files import read_lora
+    from engine.networks.lora import map_lora
+
+    sdxl = load_checkpoint(tiny_store / "Stable-diffusion" / "tiny-sdxl.safetensors")
+    ldm = read_lora(save(kohya_lora(sdxl.components, seed=3, ldm_names=True), tmp_path / "ldm.safetensors"))
+    diff = read_lora(save(kohya_lora(sdxl.components, seed=3), tmp_path / "diff.safetensors"))
+    assert any(k.startswith("input_blocks_") for _, k in ldm.layers) and ldm.components == {
+        "unet", "text_encoder", "text_encoder_2"}
+    a = map_lora(ldm, "ldm", "0" * 64, sdxl.components, "sdxl", {})
+    b = map_lora(diff, "diff", "1" * 64, sdxl.components, "sdxl", {})
+    assert {s: sorted(t) for s, t in a.targets.items()} == {s: sorted(t) for s, t in b.targets.items()}
+    assert sum(len(t) for t in a.targets.values()) == len(ldm.layers)
+    for source, targets in a.targets.items():
+        for param, layer in targets.items():
+            torch.testing.assert_close(layer.delta(), b.targets[source][param].delta())
