@@ -95,14 +95,14 @@ def check_in_profile(profile: Mapping[str, tuple], shapes: Mapping[str, tuple]) 
 
 def prepare_onnx(art, progress=None):
     """The graph TensorRT parses: constant folding and redundant-node elimination (onnxruntime's BASIC level,
-    which rewrites only standard ONNX ops), then onnx shape inference; weights in one external file when big.
+    which rewrites only standard ONNX ops), then onnx shape inference; weights in one external data file.
 
     ``art`` is an export.onnx.OnnxArtefact (fp32). Returns the prepared OnnxArtefact (cached by manifest).
     """
     import onnx
     import onnxruntime as ort
 
-    from export.onnx import (DATA_FILE, EXTERNAL_DATA_BYTES, MODEL_FILE, OnnxArtefact, _files,
+    from export.onnx import (DATA_FILE, MODEL_FILE, OnnxArtefact, _files,
                              carry_parameter_map, sha256_files, tool_versions)
 
     desc = art.descriptor
@@ -115,20 +115,14 @@ def prepare_onnx(art, progress=None):
     manifest = valid_artefact(directory, key)
     if manifest is None:
         with build_artefact(directory, key, hashed=(MODEL_FILE,)) as (tmp, manifest):
-            big = sum(p.stat().st_size for p in _files(art.directory)) > EXTERNAL_DATA_BYTES
+            # the export keeps its weights external (export.onnx): so does the prepared graph
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             so.optimized_model_filepath = str(tmp / MODEL_FILE)
-            if big:
-                so.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
-                so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                            "1024")
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             ort.InferenceSession(str(art.path), so, providers=["CPUExecutionProvider"])
-            if not big:
-                model = onnx.shape_inference.infer_shapes(onnx.load(str(tmp / MODEL_FILE)))
-                onnx.save_model(model, str(tmp / MODEL_FILE))
-            else:
-                onnx.shape_inference.infer_shapes_path(str(tmp / MODEL_FILE), str(tmp / MODEL_FILE))
+            onnx.shape_inference.infer_shapes_path(str(tmp / MODEL_FILE), str(tmp / MODEL_FILE))
             manifest["info"]["sha256"] = sha256_files(_files(tmp))
             manifest["info"]["parameters"] = carry_parameter_map(art.manifest, tmp / MODEL_FILE)
     if progress:
