@@ -42,7 +42,7 @@ class TextEncoderWrapper(nn.Module):
         self.final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 
     def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor, extra_embeddings: torch.Tensor):
-        table = getattr(self.text_encoder, "text_model", self.text_encoder).embeddings.token_embedding
+        table = self.text_encoder.get_input_embeddings()
         vocab = table.weight.shape[0]
 
         def lookup(ids):  # the token embedding, extended by the extra rows (after the lookup: no table copy)

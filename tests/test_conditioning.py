@@ -55,7 +55,8 @@ class WrapperBackend:
     def run(self, component, feeds):
         ids = torch.as_tensor(np.asarray(feeds["input_ids"]), dtype=torch.int64)
         skip = torch.as_tensor(np.asarray(feeds["clip_skip"]), dtype=torch.int64)
-        extra = torch.as_tensor(np.asarray(feeds["extra_embeddings"]), dtype=torch.float32)
+        width = self.components[component].config.hidden_size
+        extra = torch.as_tensor(np.asarray(feeds.get("extra_embeddings", np.zeros((1, width)))), dtype=torch.float32)
         self.calls.append((component, ids.shape[0]))
         with torch.no_grad():
             hidden, raw, pooled = self.wrappers[component](ids, skip, extra)
