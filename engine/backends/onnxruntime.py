@@ -163,6 +163,11 @@ def run_options(graph_id: int | None, sync: bool):
     return options
 
 
+def _bound_key(component: str, patch_key: str):
+    """The IO-binding cache of a component's session: the component's name, with the LoRA patch key if any."""
+    return (component, patch_key) if patch_key else component
+
+
 def _np(name: str):
     import numpy as np
 
@@ -246,7 +251,7 @@ class OnnxRuntimeBackend(ComponentsMixin):
                     while len(same) > self.max_sessions:
                         old = same.pop(0)
                         del self._sessions[old]
-                        self._bound.pop(old, None)
+                        self._bound.pop(_bound_key(*old), None)
         self._sessions.move_to_end(key)
         return entry[0]
 
@@ -326,7 +331,7 @@ class OnnxRuntimeBackend(ComponentsMixin):
         session = self.session(component)
         shapes = {n: tuple(feeds[n].shape) for n in desc.input_names}
         key = tuple(sorted(shapes.items()))
-        cache = self._bound.setdefault((component, self._patch_key(component)), OrderedDict())
+        cache = self._bound.setdefault(_bound_key(component, self._patch_key(component)), OrderedDict())
         bound = cache.get(key)
         if bound is None:
             graph_id = None
