@@ -1,4 +1,4 @@
-"""``sdengine txt2img`` and ``sdengine serve`` (mapped in engine/cli.py)."""
+"""``sdengine txt2img``, ``sdengine img2img`` and ``sdengine serve`` (mapped in engine/cli.py)."""
 
 from __future__ import annotations
 
@@ -64,45 +64,108 @@ def _outputs(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i + 1}{output.suffix or '.png'}") for i in range(count)]
 
 
+def _image_b64(path: Path | None) -> str | None:
+    import base64
+
+    if path is None:
+        return None
+    try:
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}") from None
+
+
+_COMMON_OPTIONS = [
+    click.argument("payload", required=False, metavar="[PAYLOAD.json | -]"),
+    click.option("--prompt", help="Positive prompt (webui attention syntax)."),
+    click.option("--negative-prompt", help="Negative prompt."),
+    click.option("--steps", type=int),
+    click.option("--seed", type=int, help="-1 draws a random seed."),
+    click.option("--width", type=int),
+    click.option("--height", type=int),
+    click.option("--sampler", help='Sampler name, e.g. "Euler a" or "DPM++ 2M Karras".'),
+    click.option("--scheduler", help="Schedule type (Automatic, Karras, Exponential, ...)."),
+    click.option("--cfg-scale", type=float),
+    click.option("--batch-size", type=int),
+    click.option("--n-iter", type=int, help="Number of batches."),
+    click.option("--model", help="Checkpoint name from the model store."),
+    click.option("--backend", help="openvino, onnxruntime, torch or tensorrt (default: openvino on CPU when "
+                                   "installed, else onnxruntime)."),
+    click.option("--device", help="cpu or cuda[:N]."),
+    click.option("--precision", help="fp32, fp16 or bf16 (default: bf16 for openvino on a CPU with native bf16, "
+                                     "else fp32)."),
+    click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder."),
+    click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+                 help="Where task records and PNGs are kept (default: outputs/sdengine or $SDENGINE_RESULTS_DIR)."),
+    click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+                 help="Copy the image here (several images: NAME-1.png, NAME-2.png, ...)."),
+    click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images."),
+    click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (benchmarks, plugins)."),
+]
+
+
+def _common_options(fn):
+    for option in reversed(_COMMON_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 @click.command()
-@click.argument("payload", required=False, metavar="[PAYLOAD.json | -]")
-@click.option("--prompt", help="Positive prompt (webui attention syntax).")
-@click.option("--negative-prompt", help="Negative prompt.")
-@click.option("--steps", type=int)
-@click.option("--seed", type=int, help="-1 draws a random seed.")
-@click.option("--width", type=int)
-@click.option("--height", type=int)
-@click.option("--sampler", help='Sampler name, e.g. "Euler a" or "DPM++ 2M Karras".')
-@click.option("--scheduler", help="Schedule type (Automatic, Karras, Exponential, ...).")
-@click.option("--cfg-scale", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--n-iter", type=int, help="Number of batches.")
-@click.option("--model", help="Checkpoint name from the model store.")
-@click.option("--backend", help="onnxruntime, torch or tensorrt.")
-@click.option("--device", help="cpu or cuda[:N].")
-@click.option("--precision", help="fp32, fp16 or bf16.")
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.")
-@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where task records and PNGs are kept (default: outputs/sdengine or $SDENGINE_RESULTS_DIR).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="Copy the image here (several images: NAME-1.png, NAME-2.png, ...).")
-@click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
-@click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (benchmarks, plugins).")
+@_common_options
 def txt2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
             **flags):
     """Generate images from a sd_txt2img JSON payload (a file, or - for stdin) and/or flags.
 
     Flags override the payload's fields. Prints the paths of the PNGs (each carries the webui infotext).
     """
-    from api_compat.errors import ApiError
-    from api_compat.service import LocalService
-
     body = _read_payload(payload)
+    _apply_flags(body, flags)
+    _run(body, "sd_txt2img", backend, device, precision, models_dir, results_dir, output, allow_url_fetch,
+         engine_factory)
+
+
+@click.command()
+@_common_options
+@click.option("--init-image", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The init image (PNG, JPEG, WEBP ...); sets init_images.")
+@click.option("--mask", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Inpainting mask (white: repaint).")
+@click.option("--denoising-strength", type=float, help="0..1 (default 0.75).")
+@click.option("--resize-mode", help='0 "Just resize", 1 "Crop and resize", 2 "Resize and fill", '
+                                    '3 "Just resize (latent upscale)".')
+def img2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
+            init_image, mask, denoising_strength, resize_mode, **flags):
+    """Generate images from a sd_img2img JSON payload (a file, or - for stdin) and/or flags.
+
+    Flags override the payload's fields. Prints the paths of the PNGs (each carries the webui infotext).
+    """
+    body = _read_payload(payload)
+    _apply_flags(body, flags)
+    if init_image is not None:
+        body["init_images"] = [_image_b64(init_image)]
+    if mask is not None:
+        body["mask"] = _image_b64(mask)
+    if denoising_strength is not None:
+        body["denoising_strength"] = denoising_strength
+    if resize_mode is not None:
+        body["resize_mode"] = int(resize_mode) if resize_mode.isdigit() else resize_mode
+    _run(body, "sd_img2img", backend, device, precision, models_dir, results_dir, output, allow_url_fetch,
+         engine_factory)
+
+
+def _apply_flags(body: dict[str, Any], flags: dict[str, Any]) -> None:
     for option, field in FLAG_FIELDS.items():
         if flags.get(option) is not None:
             if field == "negative_prompt":
                 body.pop("negtive_prompt", None)
             body[field] = flags[option]
+
+
+def _run(body, method: str, backend, device, precision, models_dir, results_dir, output, allow_url_fetch,
+         engine_factory) -> None:
+    from api_compat.errors import ApiError
+    from api_compat.service import LocalService
+
     factory = _factory(engine_factory)
     try:
         service = LocalService(models_dir, results_dir=results_dir, engine_factory=factory,
@@ -111,10 +174,10 @@ def txt2img(payload, backend, device, precision, models_dir, results_dir, output
         raise click.ClickException(str(exc)) from None
     with service:
         try:
-            task_id = service.sd_txt2img(body)["taskId"]
+            task_id = getattr(service, method)(body)["taskId"]
         except ApiError as exc:
             raise click.ClickException(str(exc)) from None
-        result = _follow(service, task_id)
+        result = _follow(service, task_id, method[3:])
     if result["status"] != "succeeded":
         error = result.get("error") or {}
         raise click.ClickException(f"task {task_id} failed ({error.get('code')}): {error.get('message')}")
@@ -131,11 +194,11 @@ def txt2img(payload, backend, device, precision, models_dir, results_dir, output
     click.echo(f"task {task_id}: {len(images)} image(s), seeds {seeds}", err=True)
 
 
-def _follow(service, task_id: str) -> dict[str, Any]:
+def _follow(service, task_id: str, label: str = "txt2img") -> dict[str, Any]:
     """Poll the task with a progress bar (on stderr); Ctrl-C cancels it."""
     total = 1000
     done = 0
-    with click.progressbar(length=total, label="txt2img", file=sys.stderr, show_eta=True) as bar:
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True) as bar:
         try:
             while True:
                 result = service.sd_get_result({"taskId": task_id})
@@ -174,27 +237,52 @@ def _is_loopback(host: str) -> bool:
 @click.option("--configs", "configs_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help='JSON file {"config-id": {engine options}} selected by the X-SP-RESOURCE-CONFIG-ID header.')
 @click.option("--max-queue", default=256, show_default=True, type=int)
+@click.option("--max-queue-mb", default=512, show_default=True, type=int,
+              help="Bound on the compressed ControlNet images held by waiting tasks.")
 @click.option("--max-body-mb", default=32, show_default=True, type=int)
 @click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A host name clients use for this server (the Host header); the bound address and, on a "
+                   "loopback bind, localhost are always allowed. '*' allows any (e.g. behind a proxy that checks).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="A web origin (https://app.example) allowed to call the API from a browser; others are refused.")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Allow a non-loopback bind without --api-key (anyone who can reach it can submit tasks).")
+@click.option("--header-timeout", default=10.0, show_default=True, type=float,
+              help="Seconds a connection may take to send its request line and headers.")
+@click.option("--read-timeout", default=60.0, show_default=True, type=float,
+              help="Seconds a request body may take to arrive.")
 @click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, backend, device, precision, configs_file, max_queue,
-          max_body_mb, allow_url_fetch, engine_factory):
-    """Serve POST /scc/sd_txt2img and /scc/sd_get_result over HTTP (needs the 'server' extra)."""
+          max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
+          read_timeout, engine_factory):
+    """Serve POST /scc/sd_txt2img and /scc/sd_get_result over HTTP (needs the 'server' extra).
+
+    Safe by default on a machine with a browser: loopback bind, JSON-only POST bodies, Host and Origin
+    checked (DNS rebinding, cross-site submits), header and body deadlines. A non-loopback bind needs
+    --api-key (or --insecure-no-auth)."""
     from engine.lazy import require
 
-    from api_compat.http import create_app
-    from api_compat.service import LocalService
+    from api_compat.http import allowed_hosts_for, create_app, uvicorn_config
 
     uvicorn = require("uvicorn", "server", "sdengine serve")
     if not _is_loopback(host) and not api_key:
-        click.echo(f"warning: serving on {host} without an API key; anyone who can reach it can submit tasks",
-                   err=True)
+        if not insecure_no_auth:
+            raise click.UsageError(f"refusing to serve on {host} (not loopback) without an API key: give --api-key "
+                                   "(or SDENGINE_API_KEY), bind 127.0.0.1, or pass --insecure-no-auth")
+        click.echo(f"warning: serving on {host} without an API key (--insecure-no-auth); anyone who can reach it "
+                   "can submit tasks", err=True)
     configs = json.loads(configs_file.read_text()) if configs_file else None
+    from api_compat.service import LocalService
+
     try:
         service = LocalService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
+                               max_queue_bytes=max_queue_mb * 1024 * 1024,
                                engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
                                **_engine_options(backend, device, precision))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
-    app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,
+                     allowed_hosts=allowed_hosts_for(host, allowed_hosts), cors_origins=cors_origins,
+                     read_timeout=read_timeout)
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, header_timeout=header_timeout)).run()

@@ -1,6 +1,7 @@
 """The HTTP server (FastAPI, the ``server`` extra): the sd_txt2img / sd_get_result contract over HTTP.
 
     POST /scc/sd_txt2img      payload as JSON (+ optional X-SP-RESOURCE-CONFIG-ID header) -> {"taskId", "status"}
+    POST /scc/sd_img2img      the same for an img2img payload (init_images, denoising_strength, mask ...)
     POST /scc/sd_get_result   {"taskId"} -> result; images are URLs served by this server
     POST /scc/sd_cancel       {"taskId"} -> result (extra: cancel a waiting or running task)
     GET  /scc/images/{taskId}/{index}.png
@@ -8,28 +9,200 @@
     GET  /openapi.json, /docs
 
 Errors are JSON ``{"error": {"code", "message", "field", "allowed"}, "errors": [...]}`` with 400/422 (bad
-payload), 401 (API key), 404 (unknown task or image), 413 (body too large), 429 (queue full).
+payload), 401 (API key), 403 (cross-site Origin), 404 (unknown task or image), 408 (body too slow), 413 (body too
+large), 415 (POST body not JSON), 429 (queue full).
+
+Cross-site and DNS-rebinding safety (``sdengine serve`` sets these from its bind address): POST bodies must be
+``Content-Type: application/json`` (an HTML form cannot send that without a CORS preflight); the ``Host`` header
+must name an allowed host (the bound address, loopback names on a loopback bind, ``--allowed-host`` names); an
+``Origin`` other than the server's own is refused unless listed with ``--cors-origin``; headers must arrive
+within ``header_timeout`` seconds of the connection (or of the previous response) and a body within
+``read_timeout`` seconds.
 """
 
 # no "from __future__ import annotations": FastAPI must see the real Request type of the local import
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from engine.lazy import require
 
 from api_compat.errors import ApiError
-from api_compat.schema import Txt2ImgPayload
+from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, deep_nesting
 from api_compat.service import CONFIG_HEADER, LocalService
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024  # a 20 MB image in base64 plus the rest
 HEAVY_BODY = 64 * 1024  # larger submits are validated on a worker thread, off the event loop
+DEFAULT_READ_TIMEOUT = 60.0  # seconds for a whole request body
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds for the request line and headers
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("0.0.0.0", "::")
+_CORS_HEADERS = b"authorization, content-type, x-api-key, x-sp-resource-config-id"
+
+
+async def _answer(send, status: int, body: dict[str, Any], extra: list[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *extra]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def split_host(value: str) -> str:
+    """The host name of a ``Host`` header or an origin's netloc, lower case, without port or trailing dot."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [v6]:port
+        return value[1:value.find("]")] if "]" in value else value
+    if value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def _origin_of(scheme: str, host: str) -> str:
+    """The web origin of a request to ``host`` over ``scheme`` (default port left out, as browsers write it)."""
+    host = host.strip().lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    if default and host.endswith(default):
+        host = host[: -len(default)]
+    return f"{scheme}://{host}"
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def allowed_hosts_for(bind: str, extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """The host names a server bound to ``bind`` answers to: the bound address itself, the loopback names on a
+    loopback bind, and ``extra`` (configured names, or "*" for any). A wildcard bind (0.0.0.0, ::) admits any IP
+    literal (a DNS rebinding attack needs a name); names must be configured."""
+    names = {split_host(bind)} | {split_host(e) if e != "*" else "*" for e in extra}
+    host = split_host(bind)
+    if host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback) or host in WILDCARD_BINDS:
+        names.update(LOOPBACK_NAMES)
+    return tuple(sorted(names))
+
+
+class _SiteGuard:
+    """Pure ASGI, outermost: refuses a ``Host`` that is not allowed (DNS rebinding) and an ``Origin`` of another
+    site (cross-site submits from a web page), answers CORS preflights for ``cors_origins``."""
+
+    def __init__(self, app, allowed_hosts: Iterable[str] | None, cors_origins: Iterable[str]):
+        self.app = app
+        self.hosts = None if allowed_hosts is None else frozenset(split_host(h) if h != "*" else "*"
+                                                                  for h in allowed_hosts)
+        self.any_ip = self.hosts is not None and bool(self.hosts & set(WILDCARD_BINDS))
+        self.origins = frozenset(o.strip().lower().rstrip("/") for o in cors_origins)
+
+    def _host_ok(self, host: str) -> bool:
+        if self.hosts is None or "*" in self.hosts:
+            return True
+        name = split_host(host)
+        return name in self.hosts or (self.any_ip and _is_ip(name))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = origin = None
+        preflight = False
+        for name, value in scope.get("headers", ()):
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"origin":
+                origin = value.decode("latin-1").strip().lower().rstrip("/")
+            elif name == b"access-control-request-method":
+                preflight = True
+        if self.hosts is not None and not self._host_ok(host or ""):
+            shown = ", ".join(sorted(self.hosts)) + (" or any IP address" if self.any_ip else "")
+            return await _answer(send, 400, ApiError(
+                "invalid_host", f"the Host header {str(host)[:100]!r} is not a name of this server",
+                field="headers.Host", allowed=f"{shown} (sdengine serve --allowed-host NAME adds one)").to_dict())
+        cors: list[tuple[bytes, bytes]] = []
+        if origin is not None:
+            same_site = host is not None and origin == _origin_of(scope.get("scheme", "http"), host)
+            if not same_site:
+                if origin not in self.origins and "*" not in self.origins:
+                    return await _answer(send, 403, ApiError(
+                        "forbidden_origin", f"requests from the web origin {origin[:100]!r} are not allowed",
+                        field="headers.Origin",
+                        allowed="this server's own origin, or one given with sdengine serve --cors-origin ORIGIN"
+                    ).to_dict())
+                cors = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+                if scope["method"] == "OPTIONS" and preflight:
+                    await send({"type": "http.response.start", "status": 204, "headers": [
+                        *cors, (b"access-control-allow-methods", b"GET, POST"),
+                        (b"access-control-allow-headers", _CORS_HEADERS), (b"access-control-max-age", b"600")]})
+                    return await send({"type": "http.response.body", "body": b""})
+        if not cors:
+            return await self.app(scope, receive, send)
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *cors]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_cors)
+
+
+def header_timeout_protocol(header_timeout: float = DEFAULT_HEADER_TIMEOUT):
+    """uvicorn's HTTP protocol class (httptools or h11) with a deadline for the request line and headers: a
+    connection that has not sent a complete request head ``header_timeout`` seconds after it opened (or after
+    the previous response) is closed. uvicorn has no such option; its keep-alive timeout only starts after a
+    first response."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderTimeoutProtocol(AutoHTTPProtocol):
+        _head_timer = None
+        _head_cycle = None
+
+        def _arm_head_timer(self) -> None:
+            self._cancel_head_timer()
+            self._head_cycle = self.cycle  # a request whose head is complete makes a new cycle
+            self._head_timer = self.loop.call_later(header_timeout, self._head_timeout)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self.cycle is self._head_cycle and not self.transport.is_closing():
+                log.info("closing a connection that sent no complete request head within %g s", header_timeout)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            self._arm_head_timer()  # before super(): a pipelined request it starts makes a new cycle
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
+def uvicorn_config(app, *, host: str = "127.0.0.1", port: int = 7860, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+                   log_level: str = "info", **options):
+    """The uvicorn configuration ``sdengine serve`` runs: the header deadline, a 5 s keep-alive."""
+    uvicorn = require("uvicorn", "server", "sdengine serve")
+    return uvicorn.Config(app, host=host, port=port, http=header_timeout_protocol(header_timeout),
+                          timeout_keep_alive=5, log_level=log_level, **options)
 _IMAGE_NAME = re.compile(r"^(0|[1-9][0-9]{0,3})\.png$")
 
 
@@ -60,16 +233,17 @@ class _AuthMiddleware:
 
 
 class _ApiRoutes:
-    """The high-rate routes as plain ASGI (POST /scc/sd_txt2img, /scc/sd_get_result, /scc/sd_cancel): read the
+    """The high-rate routes as plain ASGI (POST /scc/sd_txt2img, /scc/sd_img2img, /scc/sd_get_result, /scc/sd_cancel): read the
     body under the size limit, call the service, answer JSON. FastAPI's routing, dependency solving and
     encoders cost about as much as the whole submit, so these skip them; everything else goes to ``app``."""
 
-    def __init__(self, app, service: LocalService, max_body_bytes: int):
+    def __init__(self, app, service: LocalService, max_body_bytes: int, read_timeout: float = DEFAULT_READ_TIMEOUT):
         self.app = app
         self.service = service
         self.max_body = max_body_bytes
-        self.routes = {"/scc/sd_txt2img": self._submit, "/scc/sd_get_result": self._result,
-                       "/scc/sd_cancel": self._cancel}
+        self.read_timeout = read_timeout
+        self.routes = {"/scc/sd_txt2img": self._submit, "/scc/sd_img2img": self._submit_img2img,
+                       "/scc/sd_get_result": self._result, "/scc/sd_cancel": self._cancel}
 
     async def __call__(self, scope, receive, send):
         handler = self.routes.get(scope.get("path")) if scope["type"] == "http" else None
@@ -79,6 +253,10 @@ class _ApiRoutes:
             if scope["method"] != "POST":
                 raise ApiError("method_not_allowed", f"use POST for {scope['path']}", allowed="POST")
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+            media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+                raise ApiError("unsupported_media_type", f"the body must be JSON, sent as {media or 'no type'!r}",
+                               field="headers.Content-Type", allowed="Content-Type: application/json")
             body, size = await self._read_json(headers, receive)
             if size > HEAVY_BODY or (isinstance(body, dict) and "alwayson_scripts" in body):
                 # image decoding (or an allowed URL fetch) must not stall the other requests
@@ -92,10 +270,7 @@ class _ApiRoutes:
             log.exception("internal error on %s", scope.get("path"))
             status, answer = 500, {"error": {"code": "internal_error", "message": type(exc).__name__,
                                              "field": None, "allowed": None}}
-        data = json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-        await send({"type": "http.response.body", "body": data})
+        await _answer(send, status, answer)
 
     async def _read_json(self, headers: dict[str, str], receive) -> tuple[Any, int]:
         too_large = ApiError("payload_too_large", f"the body is larger than {self.max_body} bytes",
@@ -104,20 +279,33 @@ class _ApiRoutes:
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             raise too_large
         chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ApiError("bad_request", "the client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise too_large
-            chunks.append(chunk)
-            more = message.get("more_body", False)
         try:
-            return json.loads(b"".join(chunks)), size
+            async with asyncio.timeout(self.read_timeout):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ApiError("bad_request", "the client disconnected")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body:
+                        raise too_large
+                    chunks.append(chunk)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            raise ApiError("request_timeout", f"the body did not arrive within {self.read_timeout:g} s",
+                           allowed=f"a complete body within {self.read_timeout:g} s") from None
+        try:
+            value = json.loads(b"".join(chunks))
+        except RecursionError:
+            raise ApiError("bad_request", "the body is JSON nested too deeply",
+                           allowed=f"at most {MAX_JSON_DEPTH} levels of nesting") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError("bad_request", f"the body is not valid JSON ({exc})", allowed="a JSON object") from None
+        where = deep_nesting(value)
+        if where is not None:
+            raise ApiError("bad_request", f"the body is JSON nested more than {MAX_JSON_DEPTH} levels deep",
+                           field=where or None, allowed=f"at most {MAX_JSON_DEPTH} levels of nesting")
+        return value, size
 
     @staticmethod
     def _query(body: Any) -> dict[str, Any]:
@@ -140,11 +328,14 @@ class _ApiRoutes:
     def _submit(self, body, headers, scope):
         return self.service.sd_txt2img(body, headers)
 
+    def _submit_img2img(self, body, headers, scope):
+        return self.service.sd_img2img(body, headers)
+
     def _result(self, body, headers, scope):
         return self._with_urls(self.service.sd_get_result(self._query(body)), headers, scope)
 
     def _cancel(self, body, headers, scope):
-        return self._with_urls(self.service.cancel(self._query(body).get("taskId")), headers, scope)
+        return self._with_urls(self.service.cancel(self._query(body)), headers, scope)
 
 
 _JSON_BODY = {"required": True, "content": {"application/json": {"schema": {
@@ -154,7 +345,7 @@ _ERROR = {"description": "error: {error: {code, message, field, allowed}, errors
 
 def _openapi_paths() -> dict[str, Any]:
     """OpenAPI entries of the routes served by :class:`_ApiRoutes`."""
-    errors = {"400": _ERROR, "401": _ERROR, "404": _ERROR, "413": _ERROR, "422": _ERROR, "429": _ERROR}
+    errors = {str(code): _ERROR for code in (400, 401, 403, 404, 408, 413, 415, 422, 429)}
     return {
         "/scc/sd_txt2img": {"post": {
             "summary": "Submit a text-to-image task", "operationId": "sd_txt2img",
@@ -162,6 +353,13 @@ def _openapi_paths() -> dict[str, Any]:
                             "description": "selects a named engine configuration"}],
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Txt2ImgPayload"}}}},
+            "responses": {"200": {"description": '{"taskId", "status"}'}, **errors}}},
+        "/scc/sd_img2img": {"post": {
+            "summary": "Submit an image-to-image (or inpainting) task", "operationId": "sd_img2img",
+            "parameters": [{"name": CONFIG_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+                            "description": "selects a named engine configuration"}],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Img2ImgPayload"}}}},
             "responses": {"200": {"description": '{"taskId", "status"}'}, **errors}}},
         "/scc/sd_get_result": {"post": {
             "summary": "Query a task's result (images are URLs of this server)", "operationId": "sd_get_result",
@@ -175,8 +373,14 @@ def _openapi_paths() -> dict[str, Any]:
 
 
 def create_app(service: LocalService, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
-               close_service: bool = False):
-    """The ASGI app over ``service``. ``close_service`` closes the service when the app shuts down."""
+               close_service: bool = False, allowed_hosts: Iterable[str] | None = LOOPBACK_NAMES,
+               cors_origins: Iterable[str] = (), read_timeout: float = DEFAULT_READ_TIMEOUT):
+    """The ASGI app over ``service``. ``close_service`` closes the service when the app shuts down.
+
+    ``allowed_hosts``: the names the ``Host`` header may carry (default: the loopback names; see
+    :func:`allowed_hosts_for`; None checks nothing, e.g. behind a proxy that does). ``cors_origins``: web
+    origins (``https://app.example``, or "*") allowed to call the API cross-site; any other ``Origin`` is
+    refused. ``read_timeout``: seconds a request body may take."""
     require("fastapi", "server", "The HTTP server (sdengine serve)")
     from contextlib import asynccontextmanager
 
@@ -221,13 +425,16 @@ def create_app(service: LocalService, *, api_key: str | None = None, max_body_by
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             schema.setdefault("paths", {}).update(_openapi_paths())
-            payload = Txt2ImgPayload.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(payload.pop("$defs", {}))
-            components["Txt2ImgPayload"] = payload
+            for model in (Txt2ImgPayload, Img2ImgPayload):
+                payload = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(payload.pop("$defs", {}))
+                components[model.__name__] = payload
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
-    asgi = _ApiRoutes(app, service, max_body_bytes)
-    return _AuthMiddleware(asgi, api_key) if api_key else asgi
+    asgi = _ApiRoutes(app, service, max_body_bytes, read_timeout)
+    if api_key:
+        asgi = _AuthMiddleware(asgi, api_key)
+    return _SiteGuard(asgi, allowed_hosts, cors_origins)

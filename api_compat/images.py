@@ -14,11 +14,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Bounds on a request image: encoded bytes, decoded pixels, and whether http(s) URLs are fetched."""
+    """Bounds on a request image: encoded bytes, decoded pixels, the pixels of every image preprocessing and
+    fitting make from it (``max_work_pixels``), and whether http(s) URLs are fetched."""
 
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     allow_url_fetch: bool = False
+    max_work_pixels: int = 4096 * 4096
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray, infotext: str | None) -> Path:

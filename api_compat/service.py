@@ -1,4 +1,4 @@
-"""LocalService: the sd_txt2img / sd_get_result contract in-process, over a bounded task queue.
+"""LocalService: the sd_txt2img / sd_img2img / sd_get_result contract in-process, over a bounded task queue.
 
     with LocalService(models_dir="models") as api:
         task = api.sd_txt2img({"prompt": "a cat", "steps": 20})
@@ -30,9 +30,9 @@ from engine.models.store import ModelStore
 from api_compat.engine_api import EngineFactory, EngineLike, check_models, default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits, write_png
-from api_compat.schema import parse_payload
+from api_compat.schema import parse_img2img, parse_payload
 from api_compat.store import TASK_ID, Status, TaskRecord, TaskStore
-from api_compat.translate import translate
+from api_compat.translate import translate, translate_img2img
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,21 @@ class _Task:
     config_id: str
     request: Any
     parameters: dict[str, Any]
+    nbytes: int = 0  # what the queued task holds: its unit images, compressed
     status: Status = Status.WAITING
     created: float = field(default_factory=time.time)
     started: float | None = None
     progress: dict[str, Any] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+
+
+def _image_bytes(request: Any) -> int:
+    """The compressed bytes of a request's images (ControlNet units, init image, mask) a waiting task holds."""
+    images = [u.image for u in request.controlnet_units]
+    if request.init is not None:
+        images += [request.init.image, request.init.mask]
+    return sum(getattr(image, "nbytes", 0) for image in images if image is not None)
 
 
 def _device_key(device: str) -> str:
@@ -68,6 +77,7 @@ class _Worker:
         self.service = service
         self.device = device
         self.queue: collections.deque[_Task] = collections.deque()
+        self.queued_bytes = 0
         self.running: _Task | None = None
         self.engines: dict[str, EngineLike] = {}
         self.thread = threading.Thread(target=self._loop, name=f"sdengine-worker-{device}", daemon=True)
@@ -81,6 +91,7 @@ class _Worker:
                 if not self.queue:
                     return
                 task = self.queue.popleft()
+                self.queued_bytes -= task.nbytes
                 task.started = time.time()
                 # the record says running before any reader can see it running (a crash then reads "running")
                 service.store.set_running(task.task_id, task.started)
@@ -117,6 +128,7 @@ class LocalService:
         engine_factory: EngineFactory | None = None,
         check_models: bool = True,
         max_queue: int = 256,
+        max_queue_bytes: int = 512 * 1024 * 1024,
         allow_url_fetch: bool = False,
         max_image_bytes: int = 20 * 1024 * 1024,
         max_image_pixels: int = 4096 * 4096,
@@ -134,6 +146,7 @@ class LocalService:
         self.limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_image_pixels,
                                   allow_url_fetch=allow_url_fetch)
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self._factory = engine_factory or default_engine_factory
         self._stores: dict[str, ModelStore | None] = {
             k: ModelStore.from_config(c) if check_models else None for k, c in self.configs.items()}
@@ -155,11 +168,20 @@ class LocalService:
     # ----------------------------------------------------------------------------------------- the API
     def sd_txt2img(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, str]:
         """Validate and queue a task; returns ``{"taskId", "status"}``. Raises :class:`ApiError`."""
+        return self._submit(payload, headers, img2img=False)
+
+    def sd_img2img(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, str]:
+        """The img2img sibling of :meth:`sd_txt2img` (webui img2img payload: init_images, denoising_strength,
+        resize_mode, mask ...): validate and queue a task; returns ``{"taskId", "status"}``; the result is read
+        with :meth:`sd_get_result`. Raises :class:`ApiError`."""
+        return self._submit(payload, headers, img2img=True)
+
+    def _submit(self, payload: dict[str, Any], headers: dict[str, str] | None, *, img2img: bool) -> dict[str, str]:
         config_id = self._config_id(headers)
         config = self.configs[config_id]
-        parsed = parse_payload(payload)
+        parsed = parse_img2img(payload) if img2img else parse_payload(payload)
         try:
-            translation = translate(parsed, config, self.limits)
+            translation = (translate_img2img if img2img else translate)(parsed, config, self.limits)
         except InvalidRequest as exc:
             raise api_error_from(exc) from None
         except SdEngineError as exc:  # e.g. a missing optional dependency of the engine
@@ -168,7 +190,8 @@ class LocalService:
         if store is not None:
             check_models(store, translation.models)
         task = _Task(task_id=uuid.uuid4().hex, config_id=config_id, request=translation.request,
-                     parameters=translation.parameters)
+                     parameters=translation.parameters,
+                     nbytes=_image_bytes(translation.request))
         worker = self._worker_of[config_id]
         with self._cond:
             if self._closing:
@@ -176,9 +199,14 @@ class LocalService:
             if len(worker.queue) >= self.max_queue:
                 raise ApiError("queue_full", f"the queue is full ({self.max_queue} waiting tasks); retry later",
                                field=None, allowed=f"at most {self.max_queue} waiting tasks")
+            if worker.queue and worker.queued_bytes + task.nbytes > self.max_queue_bytes:
+                raise ApiError("queue_full", f"the waiting tasks' images fill the queue ({worker.queued_bytes} of "
+                               f"{self.max_queue_bytes} bytes); retry later",
+                               allowed=f"at most {self.max_queue_bytes} bytes of images in waiting tasks")
             self.store.insert(task.task_id, config_id, task.parameters, task.created)
             self._live[task.task_id] = task
             worker.queue.append(task)
+            worker.queued_bytes += task.nbytes
             self._cond.notify_all()
         return {"taskId": task.task_id, "status": Status.WAITING.value}
 
@@ -201,9 +229,10 @@ class LocalService:
             raise ApiError("not_found", f"no task {task_id!r}", field="taskId")
         return self._record_dict(record)
 
-    def cancel(self, task_id: str) -> dict[str, Any]:
-        """Waiting: failed ``cancelled`` at once. Running: the engine is asked to stop between steps."""
-        task_id = self._task_id({"taskId": task_id})
+    def cancel(self, query: dict[str, Any] | str) -> dict[str, Any]:
+        """``{"taskId": ...}`` or the id. Waiting: failed ``cancelled`` at once. Running: the engine is asked to
+        stop between steps."""
+        task_id = self._task_id(query)
         with self._cond:
             task = self._live.get(task_id)
             if task is not None:
@@ -211,6 +240,7 @@ class LocalService:
                 queue = self._worker_of[task.config_id].queue
                 if task.status is Status.WAITING and task in queue:
                     queue.remove(task)
+                    self._worker_of[task.config_id].queued_bytes -= task.nbytes
                     self._live.pop(task_id, None)
                     self.store.finish(task_id, Status.FAILED, error_code="cancelled",
                                       error_message="cancelled while waiting")
@@ -218,9 +248,9 @@ class LocalService:
                     task.done.set()
         return self.sd_get_result({"taskId": task_id})
 
-    def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the task is finished; raises ``TimeoutError`` after ``timeout`` seconds."""
-        task_id = self._task_id({"taskId": task_id})
+    def wait(self, query: dict[str, Any] | str, timeout: float | None = None) -> dict[str, Any]:
+        """``{"taskId": ...}`` or the id: block until the task is finished; ``TimeoutError`` after ``timeout`` s."""
+        task_id = self._task_id(query)
         with self._cond:
             task = self._live.get(task_id)
         if task is not None and not task.done.wait(timeout):
@@ -233,7 +263,7 @@ class LocalService:
 
     def health(self) -> dict[str, Any]:
         with self._cond:
-            devices = {k: {"waiting": len(w.queue), "running": w.running is not None, "capacity": self.max_queue,
+            devices = {k: {"waiting": len(w.queue), "waiting_bytes": w.queued_bytes, "running": w.running is not None, "capacity": self.max_queue,
                            "alive": w.thread.is_alive(), "configs": sorted(c for c, x in self._worker_of.items()
                                                                            if x is w)}
                        for k, w in self._workers.items()}
@@ -248,6 +278,7 @@ class LocalService:
             for worker in self._workers.values():
                 while worker.queue:
                     task = worker.queue.popleft()
+                    worker.queued_bytes -= task.nbytes
                     self._live.pop(task.task_id, None)
                     self.store.finish(task.task_id, Status.FAILED, error_code="cancelled",
                                       error_message="the service was closed before the task ran")
@@ -282,11 +313,16 @@ class LocalService:
 
     @staticmethod
     def _task_id(query: dict[str, Any] | str) -> str:
+        """The task id of a query: missing or not a string is 422 (as any payload field), a string that is no
+        task id of this service 404."""
         task_id = query.get("taskId") if isinstance(query, dict) else query
-        if not isinstance(task_id, str) or not TASK_ID.match(task_id):
-            if isinstance(query, dict) and "taskId" not in query:
-                raise ApiError("invalid_request", "is required", field="taskId", allowed="a task id from sd_txt2img")
-            raise ApiError("not_found", f"no task {str(task_id)[:100]!r}", field="taskId",
+        if isinstance(query, dict) and "taskId" not in query:
+            raise ApiError("invalid_request", "is required", field="taskId", allowed="a task id from sd_txt2img")
+        if not isinstance(task_id, str):
+            raise ApiError("invalid_request", f"must be a string, got {type(task_id).__name__}", field="taskId",
+                           allowed="a task id from sd_txt2img (32 hex digits)")
+        if not TASK_ID.match(task_id):
+            raise ApiError("not_found", f"no task {task_id[:100]!r}", field="taskId",
                            allowed="a task id from sd_txt2img (32 hex digits)")
         return task_id
 
@@ -300,6 +336,12 @@ class LocalService:
         }
         if record.status is Status.FAILED:
             out["error"] = {"code": record.error_code or "internal_error", "message": record.error_message or ""}
+        elif record.status is Status.SUCCEEDED:
+            gone = [i for i, name in enumerate(record.images) if not (self.store.images_dir / name).is_file()]
+            if gone:  # deleted by hand or by another tool: no URL may point at a missing file
+                out.update(status=Status.FAILED.value, images=[], error={
+                    "code": "expired", "message": f"the result image(s) {gone} are no longer on the server "
+                                                  "(deleted after the task succeeded); submit the task again"})
         return out
 
     def _engine(self, worker: _Worker, task: _Task) -> EngineLike:

@@ -4,7 +4,11 @@ Layout of a results directory::
 
     tasks.sqlite3        one row per task (status, parameters, info, image file names, error)
     images/{taskId}-{i}.png
-    .lock                held (flock) by the process that has the store open
+    .lock                the pid of the process that has the store open (information only)
+
+The process that has a store open holds an exclusive ``flock`` on the results directory itself (an open file
+descriptor of the directory): deleting or replacing ``.lock`` or any other file cannot release it, and the
+kernel releases it when that process dies, however it dies.
 
 Opening a store marks every task still ``waiting`` or ``running`` -- left so by a process that died -- as
 ``failed`` with the error code ``interrupted``, deletes half-written files, and applies retention.
@@ -127,18 +131,24 @@ class TaskStore:
         self.cleanup()
 
     # ---------------------------------------------------------------------------------------------- setup
-    def _acquire_dir_lock(self):
-        handle = open(self.root / ".lock", "a+")  # noqa: SIM115 - held for the store's lifetime
+    def _acquire_dir_lock(self) -> int | None:
+        """An exclusive flock on the directory's own file descriptor (not on a file in it, which could be
+        deleted and re-created by anyone, letting a second process in); returns the descriptor, held open."""
         try:
             import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # pragma: no cover - not POSIX
-            pass
+            return None
+        fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            handle.close()
+            os.close(fd)
             raise StoreLocked(f"{self.root}: the results directory is in use by another process") from None
-        return handle
+        try:
+            (self.root / ".lock").write_text(f"{os.getpid()}\n")
+        except OSError:  # information only
+            pass
+        return fd
 
     def _recover(self) -> int:
         """Tasks a dead process left waiting/running -> failed ``interrupted``; stray files removed."""
@@ -279,4 +289,6 @@ class TaskStore:
             try:
                 self._db.close()
             finally:
-                self._lock_file.close()
+                if self._lock_file is not None:
+                    os.close(self._lock_file)
+                    self._lock_file = None

@@ -13,6 +13,7 @@ COMMANDS = {
     "models": "engine.models.cli:models",
     "export": "engine.export_cli:export",
     "txt2img": "api_compat.cli:txt2img",
+    "img2img": "api_compat.cli:img2img",
     "serve": "api_compat.cli:serve",
 }
 
@@ -32,7 +33,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
-    """sdengine: local Stable Diffusion inference with the sd_txt2img / sd_get_result contract."""
+    """sdengine: local Stable Diffusion inference with the sd_txt2img / sd_img2img / sd_get_result contract."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 

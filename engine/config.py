@@ -17,6 +17,7 @@ class BackendKind(str, Enum):
     """The runtimes a model can run on (the backend objects themselves: engine.backends.Backend)."""
 
     ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
     TORCH = "torch"
     TENSORRT = "tensorrt"
 
@@ -36,18 +37,49 @@ def _enum(enum: type[Enum], value, field_name: str):
         raise InvalidRequest(field_name, f"unknown value {value!r}", ", ".join(e.value for e in enum)) from None
 
 
+def openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def default_backend(device: str, openvino: bool | None = None) -> BackendKind:
+    """The backend when none is asked: on CPU openvino (the fastest measured, docs/DECISIONS.md) when the
+    ``openvino`` package is installed, else onnxruntime; on CUDA onnxruntime."""
+    if device == "cpu" and (openvino_installed() if openvino is None else openvino):
+        return BackendKind.OPENVINO
+    return BackendKind.ONNXRUNTIME
+
+
+def default_precision(backend: BackendKind, device: str, native_bf16: bool | None = None) -> Precision:
+    """The precision when none is asked: bf16 for openvino on a CPU with native bf16 (AVX512-BF16/AMX),
+    fp32 everywhere else."""
+    if backend == BackendKind.OPENVINO and device == "cpu":
+        if native_bf16 is None:
+            from engine.cpu import native_bf16 as probe
+
+            native_bf16 = probe()
+        if native_bf16:
+            return Precision.BF16
+    return Precision.FP32
+
+
 def default_models_dir() -> Path:
     return Path(os.environ.get(ENV_MODELS_DIR) or DEFAULT_MODELS_DIR)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine runs. ``device`` is "cpu" or "cuda[:N]"; ``providers`` overrides the ORT provider list."""
+    """How the engine runs. ``device`` is "cpu" or "cuda[:N]"; ``providers`` overrides the ORT provider list.
+
+    ``backend`` and ``precision`` left unset (None) are resolved here: :func:`default_backend` and
+    :func:`default_precision`; the resolved values are what the config holds.
+    """
 
     models_dir: Path = field(default_factory=default_models_dir)
-    backend: BackendKind = BackendKind.ONNXRUNTIME
+    backend: BackendKind | None = None
     device: str = "cpu"
-    precision: Precision = Precision.FP32
+    precision: Precision | None = None
     default_model: str | None = None
     providers: tuple[str, ...] | None = None
     cache_dir: Path | None = None  # default: models_dir / "cache"
@@ -60,10 +92,13 @@ class EngineConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "models_dir", Path(self.models_dir))
-        object.__setattr__(self, "backend", _enum(BackendKind, self.backend, "backend"))
-        object.__setattr__(self, "precision", _enum(Precision, self.precision, "precision"))
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise InvalidRequest("device", f"unknown device {self.device!r}", "cpu, cuda, cuda:N")
+        backend = default_backend(self.device) if self.backend is None else _enum(BackendKind, self.backend, "backend")
+        object.__setattr__(self, "backend", backend)
+        precision = (default_precision(backend, self.device) if self.precision is None
+                     else _enum(Precision, self.precision, "precision"))
+        object.__setattr__(self, "precision", precision)
 
     @property
     def artefacts_dir(self) -> Path:

@@ -243,14 +243,16 @@ class InitPlan:
     overlay: Any = field(default=None, repr=False)  # RGBA: the original's unmasked pixels
     paste_to: tuple[int, int, int, int] | None = None
     infotext: Mapping[str, Any] = field(default_factory=dict)
+    mask_round: bool = True
 
     def latent_mask(self) -> np.ndarray | None:
-        """(h, w) float32 of the webui's ``nmask``: 1 where the latent is repainted, 0 where it is kept."""
+        """(h, w) float32 of the webui's ``nmask``: 1 where the latent is repainted, 0 where it is kept
+        (rounded to 0/1 unless mask_round is off)."""
         if self.mask_image is None:
             return None
         h, w = self.latent_size
         latmask = np.asarray(self.mask_image.convert("RGB").resize((w, h)), dtype=np.float32)[..., 0] / 255
-        return np.around(latmask).astype(np.float32)
+        return (np.around(latmask) if self.mask_round else latmask).astype(np.float32)
 
     def finish(self, image: np.ndarray) -> np.ndarray:
         """webui apply_overlay: a decoded RGB uint8 image with the original's unmasked pixels pasted over."""
@@ -274,12 +276,14 @@ def prepare_init(init: Any, width: int, height: int, multiple: int = 8) -> InitP
     ``init`` is an engine.request.InitImage, (width, height) the generation size."""
     from PIL import Image, ImageOps
 
-    image = _pil(init.image).convert("RGB")
+    from engine.controlnet.images import as_array
+
+    image = _pil(as_array(init.image)).convert("RGB")
     infotext: dict[str, Any] = {}
     crop = None
     mask_image = overlay_mask = None
     if init.mask is not None:
-        mask = _pil(init.mask).convert("L")
+        mask = _pil(as_array(init.mask)).convert("L")
         if init.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
             infotext["Mask mode"] = "Inpaint not masked"
@@ -329,7 +333,7 @@ def prepare_init(init: Any, width: int, height: int, multiple: int = 8) -> InitP
     return InitPlan(np.ascontiguousarray(pixels), (height // 8, width // 8), init.resize_mode == 3 and crop is None,
                     init.inpainting_fill if mask_image is not None else None, mask_image, overlay,
                     None if crop is None else (crop[0], crop[1], crop[2] - crop[0], crop[3] - crop[1]),
-                    MappingProxyType({k: v for k, v in infotext.items() if v is not None}))
+                    MappingProxyType({k: v for k, v in infotext.items() if v is not None}), init.mask_round)
 
 
 # ------------------------------------------------------------------------------------------------ hires fix

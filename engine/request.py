@@ -14,10 +14,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ControlNetUnit:
-    """One ControlNet unit, already validated. ``image`` is an RGB uint8 array (H, W, 3)."""
+    """One ControlNet unit, already validated. ``image`` is an RGB uint8 array (H, W, 3), or an
+    ``engine.controlnet.images.EncodedImage`` (the compressed file, decoded when the unit runs)."""
 
     model: str
-    image: np.ndarray = field(repr=False, compare=False)
+    image: Any = field(repr=False, compare=False)
     module: str = "none"
     weight: float = 1.0
     guidance_start: float = 0.0
@@ -33,19 +34,21 @@ class ControlNetUnit:
 
 @dataclass(frozen=True)
 class InitImage:
-    """img2img: the init image (RGB uint8 (H, W, 3)) and how it is used, webui semantics for every field.
+    """img2img: the init image (RGB uint8 (H, W, 3), or an engine.controlnet.images.EncodedImage kept compressed
+    while queued) and how it is used, webui semantics for every field.
 
     ``resize_mode``: 0 "Just resize", 1 "Crop and resize", 2 "Resize and fill", 3 "Just resize (latent upscale)".
-    ``mask`` (L uint8 (H, W), white = repaint) turns on inpainting; ``inpainting_fill``: 0 fill, 1 original,
+    ``mask`` (uint8 (H, W) or (H, W, 3), or an EncodedImage; white = repaint) turns on inpainting; ``inpainting_fill``: 0 fill, 1 original,
     2 latent noise, 3 latent nothing. ``fix_steps`` is the webui's img2img_fix_steps setting.
     """
 
-    image: np.ndarray = field(repr=False, compare=False)
+    image: Any = field(repr=False, compare=False)
     denoising_strength: float = 0.75
     resize_mode: int = 0
-    mask: np.ndarray | None = field(default=None, repr=False, compare=False)
+    mask: Any = field(default=None, repr=False, compare=False)
     mask_blur_x: int = 4
     mask_blur_y: int = 4
+    mask_round: bool = True
     inpainting_fill: int = 1
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 0

@@ -1,7 +1,8 @@
 """Hypothesis fuzz of the sd_txt2img payload: validation alone (schema, translation, model names resolved in
 the real model store of the tiny models), and the HTTP app (its engine is a test double that returns at once,
 so the fuzz exercises validation, queueing and the HTTP layer, not generation). No input may raise anything
-but ApiError/InvalidRequest, and no HTTP answer may be a 5xx. Derandomized; >= 1,000 cases each."""
+but ApiError/InvalidRequest, and no HTTP answer may be a 5xx. Derandomized; >= 1,000 cases each. The probe of
+issue 12 added three families: deep nesting, thin images and cross-site requests (Origin, Host, body type)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import math
 
 import httpx
-
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from api_compat import ApiError, LocalService
 from api_compat.engine_api import check_models
 from api_compat.http import create_app
-from api_compat.schema import ControlNetUnitPayload, Txt2ImgPayload, parse_payload
+from api_compat.schema import MAX_JSON_DEPTH, ControlNetUnitPayload, Txt2ImgPayload, parse_payload
 from api_compat.translate import translate
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest
@@ -119,7 +120,7 @@ class AsgiClient:
 
     def __init__(self, app):
         self.loop = asyncio.new_event_loop()
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fuzz")
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
 
     def post(self, path, **kwargs):
         return self.loop.run_until_complete(self.client.post(path, **kwargs))
@@ -170,3 +171,94 @@ def test_fuzz_http_raw_bytes(http_client, body, path):
     r = http_client.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code < 500, r.text
     assert "error" in r.json() or r.status_code == 200
+
+
+# ------------------------------------------------------------------------- issue 12: the probe's families
+FAST = settings(max_examples=300, derandomize=True, deadline=None, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+@FAST
+@given(depth=st.integers(MAX_JSON_DEPTH + 1, 5000), opener=st.sampled_from(["[", '{"k":']),
+       where=st.sampled_from(["", '{"prompt": "x", "comments": ', '{"hr_additional_modules": ', '{"taskId": ']),
+       path=st.sampled_from(["/scc/sd_txt2img", "/scc/sd_get_result", "/scc/sd_cancel"]))
+def test_fuzz_deep_nesting(http_client, depth, opener, where, path):
+    closer = "]" if opener == "[" else "}"
+    body = where + opener * depth + "1" + closer * depth + ("}" if where else "")
+    r = http_client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested" in r.json()["error"]["message"], r.text[:300]
+
+
+@FAST
+@given(long=st.integers(1, 20000), short=st.integers(1, 64), tall=st.booleans(),
+       module=st.sampled_from(["canny", "none", "color", "blur_gaussian", "tile_resample"]),
+       resize_mode=st.integers(0, 2), res=st.sampled_from([-1, 64, 512, 2048]), pp=st.booleans(),
+       size=st.sampled_from([64, 512, 2048]))
+def test_fuzz_thin_images(http_client, long, short, tall, module, resize_mode, res, pp, size):
+    """Any accepted unit image has every working size within the limit (planned as the unit computes them);
+    any refused one names the unit's input_image."""
+    from PIL import Image as PILImage
+    import base64
+    import io
+
+    w, h = (short, long) if tall else (long, short)
+    buf = io.BytesIO()
+    PILImage.new("RGB", (w, h), (10, 200, 30)).save(buf, format="PNG")
+    unit = {"model": "tiny-controlnet-sd1", "module": module, "resize_mode": resize_mode, "processor_res": res,
+            "pixel_perfect": pp, "input_image": base64.b64encode(buf.getvalue()).decode()}
+    payload = {"width": size, "height": size, "alwayson_scripts": {"controlnet": {"units": [unit]}}}
+    r = http_client.post("/scc/sd_txt2img", content=json.dumps(payload).encode(),
+                         headers={"content-type": "application/json"})
+    assert r.status_code in (200, 422), r.text[:300]
+    if r.status_code == 422:
+        assert r.json()["error"]["field"] == "alwayson_scripts.controlnet.units[0].input_image", r.text[:300]
+        return
+    from engine.controlnet import unit_sizes
+    from engine.controlnet.images import MAX_ASPECT
+    from engine.request import ControlNetUnit
+
+    assert max(w, h) <= MAX_ASPECT * min(w, h)
+    planned = ControlNetUnit(model="m", image=np.zeros((h, w, 3), np.uint8), module=module,
+                             resize_mode=["Just Resize", "Crop and Resize", "Resize and Fill"][resize_mode],
+                             processor_res=res, pixel_perfect=pp)
+    assert all(1 <= sh * sw <= 4096 * 4096 and sh >= 1 and sw >= 1 for _, sh, sw in unit_sizes(planned, size, size))
+
+
+@SETTINGS
+@given(origin=st.one_of(st.none(), st.sampled_from(["http://localhost", "null", "http://evil.example",
+                                                    "https://localhost", "http://localhost:1", "file://"]),
+                        st.text(max_size=20)),
+       host=st.one_of(st.sampled_from(["localhost", "127.0.0.1:7860", "[::1]", "evil.example", "localhost.evil",
+                                       "", "127.0.0.1.nip.io"]), st.text(max_size=20)),
+       content_type=st.one_of(st.none(), st.sampled_from(["application/json", "text/plain",
+                                                          "application/x-www-form-urlencoded",
+                                                          "multipart/form-data; boundary=x",
+                                                          "application/json; charset=utf-8", "APPLICATION/JSON"]),
+                              st.text(max_size=20)),
+       path=st.sampled_from(["/scc/sd_txt2img", "/scc/sd_get_result", "/scc/sd_cancel"]))
+def test_fuzz_cross_site_requests(http_client, origin, host, content_type, path):
+    """A request from another site (Origin), to another name (Host, DNS rebinding) or with a body type an
+    HTML form can send is never accepted; no answer is a 5xx."""
+    from api_compat.http import LOOPBACK_NAMES, split_host
+
+    headers = {"host": host}
+    if origin is not None:
+        headers["origin"] = origin
+    if content_type is not None:
+        headers["content-type"] = content_type
+    try:
+        r = http_client.post(path, content=b'{"steps": 1}', headers=headers)
+    except (UnicodeEncodeError, httpx.LocalProtocolError):
+        return  # not sendable as HTTP
+    assert r.status_code < 500, r.text
+    good_host = split_host(host) in LOOPBACK_NAMES
+    same_site = origin is None or origin.strip().lower().rstrip("/") == "http://" + host.strip().lower().removesuffix(":80")
+    json_body = content_type is not None and content_type.split(";")[0].strip().lower() == "application/json"
+    if not good_host:
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+    elif not same_site:
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_origin"
+    elif not json_body:
+        assert r.status_code == 415
+    else:
+        assert r.status_code in (200, 404, 422)

@@ -37,7 +37,7 @@ def service(tmp_path, tiny_engine):
 
 @pytest.fixture
 def client(service):
-    with TestClient(create_app(service, max_body_bytes=64 * 1024)) as c:
+    with TestClient(create_app(service, max_body_bytes=64 * 1024), base_url="http://localhost") as c:
         yield c
 
 
@@ -58,7 +58,7 @@ def test_submit_poll_and_fetch_images(client):
     assert r.status_code == 200 and set(r.json()) == {"taskId", "status"} and r.json()["status"] == "waiting"
     result = poll(client, r.json()["taskId"])
     assert result["status"] == "succeeded" and result["parameters"]["prompt"] == "a cat"
-    assert all(u.startswith("http://testserver/scc/images/") for u in result["images"])
+    assert all(u.startswith("http://localhost/scc/images/") for u in result["images"])
     for i, url in enumerate(result["images"]):
         image = client.get(url)
         assert image.status_code == 200 and image.headers["content-type"] == "image/png"
@@ -118,7 +118,7 @@ def test_queue_full_is_429(tmp_path):
     svc = LocalService(tmp_path, results_dir=tmp_path / "r", engine_factory=Blocked, check_models=False,
                        max_queue=2)
     try:
-        with TestClient(create_app(svc)) as c:
+        with TestClient(create_app(svc), base_url="http://localhost") as c:
             codes = [c.post("/scc/sd_txt2img", json={}).status_code for _ in range(5)]
             assert codes.count(200) in (2, 3) and codes[-1] == 429
             r = c.post("/scc/sd_txt2img", json={})
@@ -192,7 +192,7 @@ def test_cancel_route(tmp_path):
     svc = LocalService(tmp_path, results_dir=tmp_path / "r", check_models=False,
                        engine_factory=lambda c: EngineDouble(c, step_delay=0.02))
     try:
-        with TestClient(create_app(svc)) as c:
+        with TestClient(create_app(svc), base_url="http://localhost") as c:
             task = c.post("/scc/sd_txt2img", json={"prompt": "SLOW", "steps": 150}).json()["taskId"]
             c.post("/scc/sd_cancel", json={"taskId": task})
             result = poll(c, task, 10)
@@ -215,7 +215,7 @@ def test_health_and_openapi(client):
 
 
 def test_api_key(service):
-    with TestClient(create_app(service, api_key="s3cret")) as c:
+    with TestClient(create_app(service, api_key="s3cret"), base_url="http://localhost") as c:
         assert c.post("/scc/sd_txt2img", json={}).status_code == 401
         assert c.post("/scc/sd_txt2img", json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.get("/openapi.json").status_code == 401

@@ -14,6 +14,7 @@ from api_compat import ApiError, LocalService
 from api_compat.schema import Txt2ImgPayload, field_path, parse_payload
 from api_compat.translate import translate
 from engine.config import EngineConfig
+from engine.controlnet.images import EncodedImage, as_array
 from engine.errors import InvalidRequest
 from tests.api_support import double_factory, png_b64
 
@@ -329,7 +330,10 @@ def test_unit_translation():
     assert (u.model, u.module, u.weight, u.guidance_start, u.guidance_end) == ("control_canny", "canny", 0.5, 0.1, 0.9)
     assert (u.resize_mode, u.processor_res, u.threshold_a, u.threshold_b) == ("Just Resize", 256, 50, 150)
     assert (u.control_mode, u.pixel_perfect) == ("ControlNet is more important", True)
-    assert u.image.shape == (16, 24, 3) and u.image.dtype.name == "uint8" and tuple(u.image[5, 5]) == (1, 2, 3)
+    # the request keeps the compressed file (what a queued task holds), decoded when the unit runs
+    assert isinstance(u.image, EncodedImage) and u.image.shape == (16, 24, 3) and u.image.nbytes < 200
+    pixels = as_array(u.image)
+    assert pixels.shape == (16, 24, 3) and pixels.dtype.name == "uint8" and tuple(pixels[5, 5]) == (1, 2, 3)
     echoed = t.parameters["alwayson_scripts"]["controlnet"]["units"][0]["input_image"]
     assert echoed.startswith("<image: ") or len(echoed) <= 256
 
@@ -362,7 +366,7 @@ def _unit_image(payload, **service_limits):
     from api_compat.images import ImageLimits
 
     units = translate(parse_payload(payload), EngineConfig(), ImageLimits(**service_limits)).request.controlnet_units
-    return units[0].image
+    return as_array(units[0].image)
 
 
 def test_image_encodings(service):

@@ -18,6 +18,7 @@ from PIL import Image
 from api_compat import ApiError, LocalService
 from api_compat.store import Status
 from engine.request import GenerationRequest
+from engine.config import EngineConfig
 from tests.api_support import EngineDouble, png_infotext, png_pixels, png_seed, tiny_engine  # noqa: F401 (fixture)
 
 HEX32 = "0123456789abcdef" * 2
@@ -192,13 +193,16 @@ def test_queue_full(tmp_path):
 
 def test_unknown_task(tmp_path):
     with make(tmp_path, EngineDouble) as svc:
-        for query in ({"taskId": HEX32}, {"taskId": "../../etc/passwd"}, {"taskId": 5}, {"taskId": None}):
+        for query in ({"taskId": HEX32}, {"taskId": "../../etc/passwd"}):
             with pytest.raises(ApiError) as exc:
                 svc.sd_get_result(query)
             assert exc.value.code == "not_found" and exc.value.http_status == 404
-        with pytest.raises(ApiError) as exc:
-            svc.sd_get_result({})
-        assert exc.value.field == "taskId"
+        # a task id of the wrong type is a payload error (422) in every call, as a missing one
+        for call in (svc.sd_get_result, svc.cancel, svc.wait):
+            for query in ({"taskId": 5}, {"taskId": None}, {"taskId": ["a"]}, {"taskId": {}}, {}):
+                with pytest.raises(ApiError) as exc:
+                    call(query)
+                assert (exc.value.code, exc.value.http_status, exc.value.field) == ("invalid_request", 422, "taskId")
         with pytest.raises(ApiError):
             svc.cancel(HEX32)
 
@@ -246,7 +250,9 @@ def test_one_worker_per_device_one_engine_per_config(tmp_path):
                for name in ("default", "gpu0", "gpu0-fp16", "cpu-bf16", "gpu0")}
         for name, task in ids.items():
             assert svc.wait(task, 10)["info"]["resource_config_id"] == name
-    assert sorted(built) == [("cpu", "bf16"), ("cpu", "fp32"), ("cuda", "fp16"), ("cuda:0", "fp32")]
+    # the default config's precision is the machine's default (bf16 for openvino on a CPU with native bf16)
+    default = ("cpu", EngineConfig().precision.value)
+    assert sorted(built) == sorted([("cpu", "bf16"), default, ("cuda", "fp16"), ("cuda:0", "fp32")])
 
 
 def test_retention_removes_rows_and_files(tmp_path):

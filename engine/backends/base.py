@@ -32,6 +32,7 @@ class Backend(Protocol):
 BACKENDS: dict[BackendKind, str] = {
     BackendKind.TORCH: "engine.backends.torch:TorchBackend",
     BackendKind.ONNXRUNTIME: "engine.backends.onnxruntime:OnnxRuntimeBackend",
+    BackendKind.OPENVINO: "engine.backends.openvino:OpenVinoBackend",
     BackendKind.TENSORRT: "engine.backends.tensorrt:TensorRTBackend",
 }
 

@@ -11,13 +11,18 @@ Nothing heavy is imported here: OpenCV is loaded on first use through ``engine.l
 from __future__ import annotations
 
 from engine.controlnet.images import (
+    EncodedImage,
     ResizeMode,
+    as_array,
     control_tensor,
     decode_image,
     fit_detected_map,
+    fitted_size,
     hwc3,
+    load_image,
     pixel_perfect_resolution,
 )
+from engine.errors import InvalidRequest
 from engine.controlnet.preprocessors import ALIASES, PREPROCESSORS, Preprocessor, get_preprocessor, preprocess
 from engine.controlnet.units import (
     ControlMode,
@@ -34,7 +39,7 @@ from engine.controlnet.units import (
 )
 
 __all__ = [
-    "ALIASES", "PREPROCESSORS", "ControlMode", "PreparedUnit", "Preprocessor", "ResizeMode", "active",
+    "ALIASES", "EncodedImage", "as_array", "check_unit_sizes", "load_image", "unit_sizes", "PREPROCESSORS", "ControlMode", "PreparedUnit", "Preprocessor", "ResizeMode", "active",
     "active_units", "combine_residuals", "cond_rows_mask", "control_tensor", "controlnet_component",
     "controlnet_residuals", "decode_image", "fit_detected_map", "get_preprocessor", "hwc3",
     "pixel_perfect_resolution", "prepare_unit", "preprocess", "residual_names", "residual_scales",
@@ -53,7 +58,7 @@ def prepare_unit(unit, width: int, height: int, field: str = "alwayson_scripts.c
     resize_mode = ResizeMode.parse(unit.resize_mode, f"{field}.resize_mode")
     control_mode = ControlMode.parse(unit.control_mode, f"{field}.control_mode")
     pre = get_preprocessor(unit.module, f"{field}.module")
-    image = hwc3(unit.image)
+    image = hwc3(as_array(unit.image))
     exact = pixel_perfect_resolution(image, height, width, resize_mode) if unit.pixel_perfect else None
     detected = pre(image, unit.processor_res, unit.threshold_a, unit.threshold_b, exact_res=exact)
     fitted = fit_detected_map(detected, resize_mode, height, width)
@@ -67,3 +72,30 @@ def prepare_unit(unit, width: int, height: int, field: str = "alwayson_scripts.c
         module=pre.name,
         detected_map=fitted,
     )
+
+
+def unit_sizes(unit, width: int, height: int) -> list[tuple[str, int, int]]:
+    """``(stage, h, w)`` of every image :func:`prepare_unit` makes from ``unit`` (its image given as an array or
+    an :class:`EncodedImage`: only the shape is read), computed as prepare_unit computes them."""
+    resize_mode = ResizeMode.parse(unit.resize_mode)
+    pre = get_preprocessor(unit.module)
+    h, w = unit.image.shape[:2]
+    exact = pixel_perfect_resolution(unit.image, height, width, resize_mode) if unit.pixel_perfect else None
+    work, out = pre.sizes(h, w, unit.processor_res, unit.threshold_a, unit.threshold_b, exact_res=exact)
+    fit = fitted_size(*out, resize_mode, height, width)
+    return [("input", h, w), ("preprocessor", *work), ("detected map", *out), ("fitted map", *fit),
+            ("control image", height, width)]
+
+
+def check_unit_sizes(unit, width: int, height: int, max_pixels: int, field: str) -> None:
+    """Refuse (InvalidRequest naming ``field``) a unit whose preprocessing or fitting would make an image of
+    more than ``max_pixels`` pixels or of no pixels: what a thin image (4096x1) or a large ``processor_res``
+    on an elongated one turns into."""
+    for stage, h, w in unit_sizes(unit, width, height):
+        if h < 1 or w < 1 or h * w > max_pixels:
+            ih, iw = unit.image.shape[:2]
+            raise InvalidRequest(field, f"this {iw}x{ih} image would become a {w}x{h} {stage} for a {width}x"
+                                        f"{height} image (module {unit.module!r}, resize mode {unit.resize_mode!r}, "
+                                        f"processor_res {unit.processor_res})",
+                                 f"images whose every working size has 1 to {max_pixels} pixels: a less elongated "
+                                 "image, a lower processor_res, or resize mode 'Just Resize'")

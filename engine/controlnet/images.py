@@ -21,6 +21,7 @@ import binascii
 import io
 import re
 import warnings
+from dataclasses import dataclass, field as dc_field
 from enum import Enum
 from typing import Any
 
@@ -64,6 +65,37 @@ RESIZE_MODE_ALIASES = {
 
 
 # --------------------------------------------------------------------------------------------- decoding
+# long side / short side of a request image: thinner images are blown up by every resize that fits them
+MAX_ASPECT = 16.0
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A request image that was decoded once to validate it, kept as its compressed file bytes: what a queued
+    task holds (a 4096x4096 PNG is 48 MiB decoded, often < 1 MiB compressed). :func:`as_array` decodes it when
+    the unit runs. ``shape`` is (H, W, 3) as the decoded array's."""
+
+    data: bytes = dc_field(repr=False)
+    width: int
+    height: int
+    max_pixels: int = 4096 * 4096
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def decode(self) -> np.ndarray:
+        return decode_bytes(self.data, "image", self.max_pixels)
+
+
+def as_array(image) -> np.ndarray:
+    """A unit image as RGB uint8: an :class:`EncodedImage` decoded, an array as is."""
+    return image.decode() if isinstance(image, EncodedImage) else np.asarray(image)
+
 
 
 def _base64_payload(data: str, field: str) -> str:
@@ -130,8 +162,9 @@ def hwc3(x: np.ndarray) -> np.ndarray:
     return (color * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
 
 
-def decode_bytes(raw: bytes, field: str, max_pixels: int) -> np.ndarray:
-    """Image file bytes -> RGB uint8 (H, W, 3); the pixel count is checked from the header first."""
+def decode_bytes(raw: bytes, field: str, max_pixels: int, max_aspect: float | None = None) -> np.ndarray:
+    """Image file bytes -> RGB uint8 (H, W, 3); the pixel count (and the aspect ratio, long side / short side,
+    when ``max_aspect`` is given) is checked from the header first."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -148,6 +181,9 @@ def decode_bytes(raw: bytes, field: str, max_pixels: int) -> np.ndarray:
             raise InvalidRequest(field, f"image has no pixels ({w}x{h})", f"1 to {max_pixels} pixels")
         if w * h > max_pixels:
             raise InvalidRequest(field, f"image has too many pixels ({w}x{h})", f"at most {max_pixels} pixels")
+        if max_aspect is not None and max(w, h) > max_aspect * min(w, h):
+            raise InvalidRequest(field, f"image is too elongated ({w}x{h}): fitting it to the generation size "
+                                        "would blow it up", f"an aspect ratio of at most {max_aspect:g}:1")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -165,6 +201,14 @@ def decode_bytes(raw: bytes, field: str, max_pixels: int) -> np.ndarray:
     return np.ascontiguousarray(hwc3(arr))
 
 
+def load_image(data: str, field: str, max_bytes: int = 32 << 20, max_pixels: int = 4096 * 4096,
+               allow_urls: bool = False, max_aspect: float | None = MAX_ASPECT) -> EncodedImage:
+    """:func:`decode_image`'s checks (the image is decoded once, then dropped), keeping the compressed bytes."""
+    raw = _raw_bytes(data, field, max_bytes, allow_urls)
+    decoded = decode_bytes(raw, field, max_pixels, max_aspect)
+    return EncodedImage(raw, width=decoded.shape[1], height=decoded.shape[0], max_pixels=max_pixels)
+
+
 def decode_image(
     data: str, field: str, max_bytes: int = 32 << 20, max_pixels: int = 4096 * 4096, allow_urls: bool = False
 ) -> np.ndarray:
@@ -175,6 +219,10 @@ def decode_image(
     more than ``max_pixels`` pixels (checked from the header, before any pixel is decoded), URLs when
     ``allow_urls`` is False.
     """
+    return decode_bytes(_raw_bytes(data, field, max_bytes, allow_urls), field, max_pixels)
+
+
+def _raw_bytes(data: str, field: str, max_bytes: int, allow_urls: bool) -> bytes:
     if not isinstance(data, str):
         raise InvalidRequest(field, f"expected a base64 string, got {type(data).__name__}",
                              "base64, or a data:image/...;base64, URI")
@@ -183,10 +231,8 @@ def decode_image(
         if not allow_urls:
             raise InvalidRequest(field, "image URLs are not allowed by this engine's configuration",
                                  "base64, or a data:image/...;base64, URI")
-        raw = _fetch(stripped, field, max_bytes)
-    else:
-        raw = _b64decode(_base64_payload(stripped, field), field, max_bytes)
-    return decode_bytes(raw, field, max_pixels)
+        return _fetch(stripped, field, max_bytes)
+    return _b64decode(_base64_payload(stripped, field), field, max_bytes)
 
 
 # --------------------------------------------------------------------------------------------- resizing
@@ -286,23 +332,30 @@ def fit_detected_map(detected_map: np.ndarray, resize_mode: ResizeMode | str, he
     x = hwc3(np.asarray(detected_map))
     if mode is ResizeMode.RESIZE:
         return np.ascontiguousarray(high_quality_resize(x, (width, height)))
-    old_h, old_w = float(x.shape[0]), float(x.shape[1])
-    k0, k1 = float(height) / old_h, float(width) / old_w
+    fit_h, fit_w = fitted_size(x.shape[0], x.shape[1], mode, height, width)
     if mode is ResizeMode.OUTER_FIT:
-        k = min(k0, k1)
         borders = np.concatenate([x[0, :, :], x[-1, :, :], x[:, 0, :], x[:, -1, :]], axis=0)
         fill = np.median(borders, axis=0).astype(x.dtype)
         out = np.tile(fill[None, None], [height, width, 1])
-        y = high_quality_resize(x, (int(np.round(old_w * k)), int(np.round(old_h * k))))
+        y = high_quality_resize(x, (fit_w, fit_h))
         new_h, new_w = y.shape[:2]
         pad_h, pad_w = max(0, (height - new_h) // 2), max(0, (width - new_w) // 2)
         out[pad_h:pad_h + new_h, pad_w:pad_w + new_w] = y
         return np.ascontiguousarray(out)
-    k = max(k0, k1)
-    y = high_quality_resize(x, (int(np.round(old_w * k)), int(np.round(old_h * k))))
+    y = high_quality_resize(x, (fit_w, fit_h))
     new_h, new_w = y.shape[:2]
     pad_h, pad_w = max(0, (new_h - height) // 2), max(0, (new_w - width) // 2)
     return np.ascontiguousarray(y[pad_h:pad_h + height, pad_w:pad_w + width])
+
+
+def fitted_size(height: int, width: int, resize_mode: ResizeMode | str, target_h: int, target_w: int) -> tuple[int, int]:
+    """The size :func:`fit_detected_map` resizes a (height, width) map to before it crops or pads it."""
+    mode = ResizeMode.parse(resize_mode)
+    if mode is ResizeMode.RESIZE:
+        return target_h, target_w
+    k0, k1 = float(target_h) / float(height), float(target_w) / float(width)
+    k = min(k0, k1) if mode is ResizeMode.OUTER_FIT else max(k0, k1)
+    return int(np.round(float(height) * k)), int(np.round(float(width) * k))
 
 
 def control_tensor(detected_map: np.ndarray) -> np.ndarray:

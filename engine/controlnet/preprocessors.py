@@ -56,6 +56,9 @@ class Preprocessor:
     threshold_a: Param | None = None
     threshold_b: Param | None = None
     label: str | None = None
+    # how fn resizes its input: "same" (it does not), "pad" (resize_image_with_pad: short side -> res, padded
+    # to multiples of 64), "short" (short side -> res), "rate" (divided by threshold_a when >= 1.1)
+    resize: str = "same"
 
     def resolve(self, processor_res: float = -1, threshold_a: float = -1, threshold_b: float = -1):
         """The effective (res, thr_a, thr_b), defaults applied; unused sliders come back as None."""
@@ -63,6 +66,25 @@ class Preprocessor:
         a = None if self.threshold_a is None else self.threshold_a.resolve(threshold_a)
         b = None if self.threshold_b is None else self.threshold_b.resolve(threshold_b)
         return res, a, b
+
+    def sizes(self, height: int, width: int, processor_res: float = -1, threshold_a: float = -1,
+              threshold_b: float = -1, exact_res: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``((work_h, work_w), (out_h, out_w))``: the largest array ``fn`` makes from an image of this size and
+        the detected map's size, computed as ``fn`` computes them (no pixel touched)."""
+        res, a, _ = self.resolve(processor_res, threshold_a, threshold_b)
+        if exact_res is not None and res is not None:
+            res = max(1, int(exact_res))
+        if self.resize == "pad":
+            k = float(res) / float(min(height, width))
+            h, w = int(np.round(float(height) * k)), int(np.round(float(width) * k))
+            return (h + _pad64(h), w + _pad64(w)), (h, w)
+        if self.resize == "short":
+            h, w = (res, int(round(width / height * res))) if height < width else (int(round(height / width * res)), res)
+            return (h, w), (h, w)
+        if self.resize == "rate" and a >= 1.1:
+            h, w = int(float(height) / float(a)), int(float(width) / float(a))
+            return (height, width), (h, w)
+        return (height, width), (height, width)
 
     def __call__(self, image: np.ndarray, processor_res: float = -1, threshold_a: float = -1,
                  threshold_b: float = -1, exact_res: int | None = None) -> np.ndarray:
@@ -199,15 +221,15 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     for p in (
         Preprocessor("none", _none),
         Preprocessor("invert", _invert, label="invert (from white bg & black line)"),
-        Preprocessor("canny", _canny, _RES, Param(100, 1, 255), Param(200, 1, 255)),
-        Preprocessor("threshold", _threshold, _RES, Param(127, 0, 255)),
-        Preprocessor("binary", _binary, _RES, Param(0, 0, 255)),
-        Preprocessor("blur_gaussian", _blur_gaussian, _RES, Param(9.0, 0.01, 64.0)),
-        Preprocessor("scribble_xdog", _scribble_xdog, _RES, Param(32, 1, 64)),
+        Preprocessor("canny", _canny, _RES, Param(100, 1, 255), Param(200, 1, 255), resize="pad"),
+        Preprocessor("threshold", _threshold, _RES, Param(127, 0, 255), resize="pad"),
+        Preprocessor("binary", _binary, _RES, Param(0, 0, 255), resize="pad"),
+        Preprocessor("blur_gaussian", _blur_gaussian, _RES, Param(9.0, 0.01, 64.0), resize="pad"),
+        Preprocessor("scribble_xdog", _scribble_xdog, _RES, Param(32, 1, 64), resize="pad"),
         Preprocessor("lineart_standard", _lineart_standard, _RES,
-                     label="lineart_standard (from white bg & black line)"),
-        Preprocessor("color", _color, _RES, label="t2ia_color_grid"),
-        Preprocessor("tile_resample", _tile_resample, None, Param(1.0, 1.0, 8.0)),
+                     label="lineart_standard (from white bg & black line)", resize="pad"),
+        Preprocessor("color", _color, _RES, label="t2ia_color_grid", resize="short"),
+        Preprocessor("tile_resample", _tile_resample, None, Param(1.0, 1.0, 8.0), resize="rate"),
         Preprocessor("recolor_luminance", _recolor("COLOR_BGR2LAB", 0), None, Param(1.0, 0.1, 2.0)),
         Preprocessor("recolor_intensity", _recolor("COLOR_BGR2HSV", 2), None, Param(1.0, 0.1, 2.0)),
     )

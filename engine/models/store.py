@@ -115,8 +115,16 @@ def check_name(value, field: str = "model") -> str:
 def _inside(path: Path, root: Path) -> bool:
     try:
         return path.resolve().is_relative_to(root.resolve())
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
+
+
+def _broken_link(path: Path) -> bool:
+    """A symlink whose target is missing, or that loops."""
+    try:
+        return path.is_symlink() and not path.exists()
+    except (OSError, RuntimeError):
+        return True
 
 
 class ModelStore:
@@ -222,11 +230,17 @@ class ModelStore:
             found = [e for e in entries if match(e)]
             if found:
                 return self._checked(found[0], want_hash, field)
-        # a symlink escaping the store that is not a model (e.g. to a folder): still name it as unsafe
+        # a symlink escaping the store that is not a model (e.g. to a folder): still name it as unsafe; a broken
+        # one (missing target, loop) is not found. Messages name the request's value, never a server path.
         for root, _ in self.roots():
             cand = root / SUBDIRS[kind] / wanted
-            if os.path.lexists(cand) and not _inside(cand, root):
-                raise UnsafeModelPath(str(cand), f"{field}: {name!r} resolves outside the model store {root}")
+            if not os.path.lexists(cand):
+                continue
+            if _broken_link(cand):
+                raise ModelNotFound(name, f"{field}: {name!r} is a broken link in the store's {SUBDIRS[kind]}/ "
+                                          "(its target is missing or it loops)")
+            if not _inside(cand, root):
+                raise UnsafeModelPath(name, f"{field}: {name!r} resolves outside the model store")
         entries = [e for e in entries if _inside(e.path, e.root)]
         if want_hash and not wanted:  # "[hash]" alone: match by hash
             for e in entries:

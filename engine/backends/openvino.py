@@ -1,0 +1,189 @@
+"""The OpenVINO backend (CPU): our own exported ONNX components, converted once to OpenVINO IR.
+
+Per component:
+
+1. the fp32 ONNX artefact (export.onnx, the same one onnxruntime runs);
+2. an ``openvino-ir`` artefact beside it (``model.xml`` + ``model.bin``, fp32 weights), converted once with
+   ``openvino.convert_model`` and cached under the same manifest rules (key: the ONNX graph's sha256 and the
+   openvino version; any mismatch rebuilds it). The IR is memory-mapped when read, so a load from cache is
+   a read of the graph and a compile, not a parse of the ONNX protobuf;
+3. one compiled model per set of input shapes (``Model.reshape`` to static shapes, then ``compile_model``),
+   kept in a small LRU (:data:`MAX_COMPILED` per component): static shapes let the CPU plugin pick its
+   kernels and memory plan once.
+
+Inference precision is the plugin's ``INFERENCE_PRECISION_HINT``: ``bf16`` where the CPU has native bf16
+(AVX512-BF16 or AMX: OpenVINO lists ``BF16`` in its optimization capabilities), ``f32`` otherwise. The
+engine's ``precision`` picks it (``EngineConfig`` resolves an unset precision to bf16 for this backend on
+such a CPU, see :func:`engine.config.default_precision`); bf16 asked on a CPU without it falls back to f32
+with a warning. The choice is logged and shown as the backend label (``openvino bf16``) in the infotext.
+
+Feeds are numpy arrays or CPU torch tensors, cast to the descriptor's dtypes; outputs are numpy float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Mapping
+
+from engine.backends.base import Array, ComponentsMixin
+from engine.config import EngineConfig, Precision
+from engine.errors import BackendUnavailable, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+MAX_COMPILED = 3  # compiled models (static shape sets) kept per component, least recently used dropped
+IR_STAGE = "openvino-ir"
+IR_FORMAT = 1
+IR_XML, IR_BIN = "model.xml", "model.bin"
+
+
+def import_openvino():
+    """The ``openvino`` module, or BackendUnavailable saying how to install it."""
+    try:
+        import openvino
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "the openvino backend needs the openvino package: pip install 'sdengine[openvino]'"
+        ) from exc
+    return openvino
+
+
+@functools.cache
+def _core():
+    return import_openvino().Core()
+
+
+def cpu_capabilities() -> tuple[str, ...]:
+    """OpenVINO's CPU optimization capabilities (e.g. FP32, BF16, INT8)."""
+    return tuple(_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def inference_precision(precision: Precision, capabilities: tuple[str, ...]) -> str:
+    """The CPU plugin's inference precision hint for the engine precision on a CPU with ``capabilities``."""
+    if precision == Precision.FP16:
+        raise InvalidRequest("precision", "fp16 is not supported by the openvino backend on CPU", "fp32, bf16")
+    if precision == Precision.BF16:
+        if "BF16" in capabilities:
+            return "bf16"
+        log.warning("precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX); openvino runs f32")
+    return "f32"
+
+
+def ir_key(onnx_artefact, version: str) -> dict:
+    return {"format": IR_FORMAT, "stage": IR_STAGE, "component": onnx_artefact.component,
+            "parent_sha256": onnx_artefact.sha256, "openvino": version, "compress_to_fp16": False}
+
+
+def convert_to_ir(onnx_artefact, model_hash: str, cache_dir) -> Any:
+    """The cached IR artefact directory of an ONNX artefact (converted when missing or stale)."""
+    from export.manifest import artefact_dir, build_artefact, valid_artefact
+
+    ov = import_openvino()
+    directory = artefact_dir(cache_dir, model_hash, onnx_artefact.component, IR_STAGE)
+    key = ir_key(onnx_artefact, ov.__version__)
+    if valid_artefact(directory, key) is not None:
+        log.info("%s: %s up to date (%s)", onnx_artefact.component, IR_STAGE, directory)
+        return directory
+    log.info("%s: converting %s to OpenVINO IR", onnx_artefact.component, onnx_artefact.path)
+    with build_artefact(directory, key, hashed=(IR_XML,)) as (tmp, _manifest):
+        # the ONNX frontend through Core.read_model (openvino.convert_model does the same, seconds slower)
+        model = _core().read_model(str(onnx_artefact.path))
+        ov.save_model(model, str(tmp / IR_XML), compress_to_fp16=False)
+        del model
+    return directory
+
+
+class OpenVinoBackend(ComponentsMixin):
+    """``run(component, feeds)`` over OpenVINO compiled models; see the module docstring."""
+
+    def __init__(self, config: EngineConfig, components: Mapping[str, Any], model_hash: str, *,
+                 progress=None, max_compiled: int = MAX_COMPILED, capabilities: tuple[str, ...] | None = None,
+                 **_options):
+        ov = import_openvino()
+        if config.device != "cpu":
+            raise InvalidRequest("device", f"{config.device!r} is not supported by the openvino backend", "cpu")
+        self._init_components(components)
+        self.config = config
+        self.model_hash = model_hash
+        self.progress = progress
+        self.max_compiled = max(1, int(max_compiled))
+        caps = cpu_capabilities() if capabilities is None else tuple(capabilities)
+        self.inference_precision = inference_precision(config.precision, caps)
+        self.version = ov.__version__
+        log.info("openvino %s on CPU, inference precision %s (CPU capabilities: %s)", self.version,
+                 self.inference_precision, ", ".join(caps))
+        self._models: dict[str, Any] = {}  # component -> ov.Model (dynamic shapes), read from the IR
+        self._compiled: dict[str, OrderedDict] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def label(self) -> str:
+        """What the infotext's and the info dict's backend field say: ``openvino bf16`` / ``openvino f32``."""
+        return f"openvino {self.inference_precision}"
+
+    # -- models -------------------------------------------------------------------------------------------
+    def artefact(self, component: str):
+        """The fp32 ONNX artefact of ``component`` (exported or found through its manifest)."""
+        from export.onnx import export_component
+
+        return export_component(component, self._components, self.model_hash, self.config.artefacts_dir,
+                                precision="fp32", progress=self.progress)
+
+    def ir_path(self, component: str):
+        return convert_to_ir(self.artefact(component), self.model_hash, self.config.artefacts_dir) / IR_XML
+
+    def model(self, component: str):
+        if component not in self._models:
+            if not self.has(component):
+                self.descriptor(component)  # raises InvalidRequest naming what the model has
+            self._models[component] = _core().read_model(str(self.ir_path(component)))
+        return self._models[component]
+
+    def compile_properties(self) -> dict:
+        return {
+            "INFERENCE_PRECISION_HINT": self.inference_precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+            "INFERENCE_NUM_THREADS": str(self.config.num_threads or os.cpu_count() or 1),
+        }
+
+    def compiled(self, component: str, shapes: Mapping[str, tuple]) -> Any:
+        """The compiled model of ``component`` for these static input shapes (LRU of :attr:`max_compiled`)."""
+        key = tuple(sorted(shapes.items()))
+        with self._lock:
+            cache = self._compiled.setdefault(component, OrderedDict())
+            entry = cache.get(key)
+            if entry is None:
+                model = self.model(component)
+                model.reshape({name: list(shape) for name, shape in shapes.items()})
+                log.info("%s: compiling for %s (%s)", component, dict(shapes), self.inference_precision)
+                compiled = _core().compile_model(model, "CPU", self.compile_properties())
+                entry = cache[key] = (compiled, compiled.create_infer_request())
+                while len(cache) > self.max_compiled:
+                    cache.popitem(last=False)
+            cache.move_to_end(key)
+            return entry
+
+    # -- running ------------------------------------------------------------------------------------------
+    def run(self, component: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        import numpy as np
+
+        desc = self.descriptor(component)
+        self._check_feeds(desc, feeds)
+        arrays = {}
+        for spec in desc.inputs:
+            value = feeds[spec.name]
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            arrays[spec.name] = np.ascontiguousarray(value, dtype=spec.dtype)
+        compiled, request = self.compiled(component, {n: a.shape for n, a in arrays.items()})
+        with self._lock:  # one infer request per compiled model
+            result = request.infer(arrays)
+            out = {}
+            for name in desc.output_names:
+                out[name] = np.array(result[compiled.output(name)], dtype=np.float32, copy=True)
+        return out

@@ -1,0 +1,25 @@
+"""What this CPU can do, read once from /proc/cpuinfo (Linux; elsewhere: no flags)."""
+
+from __future__ import annotations
+
+import functools
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The ``flags`` of the first processor in /proc/cpuinfo; empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16() -> bool:
+    """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+    return any(f in cpu_flags() for f in NATIVE_BF16_FLAGS)
