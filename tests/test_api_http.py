@@ -75,8 +75,11 @@ def test_validation_errors_name_the_field(client):
     body = r.json()
     assert body["error"]["field"] == "alwayson_scripts.controlnet.units[1].weight"
     assert body["error"]["allowed"] == "a number from 0 to 2" and body["error"]["code"] == "invalid_request"
-    r = client.post("/scc/sd_txt2img", json={"enable_hr": True})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "not_supported"
+    r = client.post("/scc/sd_txt2img", json={"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "hr_upscaler"
+    assert "Latent (nearest-exact)" in r.json()["error"]["allowed"] and "Lanczos" in r.json()["error"]["allowed"]
+    r = client.post("/scc/sd_txt2img", json={"image_cfg_scale": 1.5})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_field"
     r = client.post("/scc/sd_txt2img", json={"stepz": 1})
     assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_field"
     r = client.post("/scc/sd_txt2img", json={}, headers={"X-SP-RESOURCE-CONFIG-ID": "nope"})
