@@ -1,4 +1,4 @@
-"""``sdengine txt2img``, ``sdengine img2img`` and ``sdengine serve`` (mapped in engine/cli.py)."""
+"""``sdengine txt2img``, ``img2img``, ``serve`` and ``worker`` (mapped in engine/cli.py)."""
 
 from __future__ import annotations
 
@@ -252,11 +252,19 @@ def _is_loopback(host: str) -> bool:
               help="Seconds a connection may take to send its request line and headers.")
 @click.option("--read-timeout", default=60.0, show_default=True, type=float,
               help="Seconds a request body may take to arrive.")
+@click.option("--queue", envvar="SDENGINE_QUEUE", metavar="redis://[:PASSWORD@]HOST:PORT/DB",
+              help="Send the tasks to 'sdengine worker' processes over Celery + Redis (this server then runs no "
+                   "engine and needs no GPU). Default: run them in this process.")
+@click.option("--results-ttl", type=float, default=7 * 86400, show_default=True,
+              help="Seconds a finished task's result (record and PNGs) is kept; then it answers 'expired'.")
+@click.option("--visibility-timeout", type=float, default=3600, show_default=True,
+              help="(--queue) Seconds before the task of a lost worker host is delivered again; give every "
+                   "worker and server the same value, longer than the longest task.")
 @click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
-          read_timeout, engine_factory):
-    """Serve POST /scc/sd_txt2img and /scc/sd_get_result over HTTP (needs the 'server' extra).
+          read_timeout, queue, results_ttl, visibility_timeout, engine_factory):
+    """Serve POST /scc/sd_txt2img, /scc/sd_img2img and /scc/sd_get_result over HTTP (needs the 'server' extra).
 
     Safe by default on a machine with a browser: loopback bind, JSON-only POST bodies, Host and Origin
     checked (DNS rebinding, cross-site submits), header and body deadlines. A non-loopback bind needs
@@ -275,10 +283,12 @@ def serve(host, port, models_dir, results_dir, api_key, backend, device, precisi
     configs = json.loads(configs_file.read_text()) if configs_file else None
     from api_compat.service import LocalService
 
+    queue_options = {"visibility_timeout": visibility_timeout} if queue else None
     try:
         service = LocalService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
                                max_queue_bytes=max_queue_mb * 1024 * 1024,
                                engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
+                               max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
                                **_engine_options(backend, device, precision))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -286,3 +296,54 @@ def serve(host, port, models_dir, results_dir, api_key, backend, device, precisi
                      allowed_hosts=allowed_hosts_for(host, allowed_hosts), cors_origins=cors_origins,
                      read_timeout=read_timeout)
     uvicorn.Server(uvicorn_config(app, host=host, port=port, header_timeout=header_timeout)).run()
+
+
+@click.command()
+@click.option("--queue", envvar="SDENGINE_QUEUE", required=True, metavar="redis://[:PASSWORD@]HOST:PORT/DB",
+              help="The Redis the API servers send tasks to.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] (one worker per GPU).")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Where the PNGs are written: the same folder the API servers read (shared storage).")
+@click.option("--models", help="Serve only these checkpoints (comma-separated names from the model store); "
+                               "default: every checkpoint in the store, and tasks that name none.")
+@click.option("--backend", help="onnxruntime, torch or tensorrt.")
+@click.option("--precision", help="fp32, fp16 or bf16.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Exported ONNX / engine cache (default: MODELS_DIR/cache).")
+@click.option("--threads", type=int, help="CPU threads of the engine (default: all cores).")
+@click.option("--name", help="Worker name (default: sdengine-DEVICE-PID), shown by /health.")
+@click.option("--visibility-timeout", type=float, default=3600, show_default=True,
+              help="Seconds before the task of a lost worker host is delivered again (same value everywhere).")
+@click.option("--restore-interval", type=float, default=10, show_default=True, hidden=True)
+@click.option("--max-attempts", type=int, default=3, show_default=True,
+              help="Deliveries whose worker died before a task is failed (worker_lost).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (tests, plugins).")
+def worker(queue, device, models_dir, results_dir, models, backend, precision, cache_dir, threads, name,
+           visibility_timeout, restore_interval, max_attempts, loglevel, engine_factory):
+    """Run the engine for 'sdengine serve --queue' servers: a Celery worker on one device that loads the
+    engine once and runs one task at a time (needs the 'queue' extra)."""
+    from api_compat.celery_queue import QueueOptions, WorkerSettings, redact, run_worker
+    from engine.errors import SdEngineError
+    from engine.lazy import require
+
+    require("celery", "queue", "sdengine worker")
+    options = {"device": device, **_engine_options(backend, None, precision)}
+    if models_dir is not None:
+        options["models_dir"] = models_dir
+    if cache_dir is not None:
+        options["cache_dir"] = cache_dir
+    if threads:
+        options["num_threads"] = threads
+    settings = WorkerSettings(
+        url=queue, results_dir=results_dir, engine_options=options,
+        models=tuple(m.strip() for m in (models or "").split(",") if m.strip()), engine_factory=engine_factory,
+        options=QueueOptions(visibility_timeout=visibility_timeout, restore_interval=restore_interval,
+                             max_attempts=max_attempts), name=name)
+    try:
+        run_worker(settings, loglevel=loglevel)
+    except SdEngineError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{redact(queue)}: {exc}") from None

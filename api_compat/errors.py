@@ -19,6 +19,7 @@ HTTP_STATUS = {
     "unsupported_media_type": 415,
     "unauthorized": 401,
     "not_found": 404,
+    "expired": 410,
     "method_not_allowed": 405,
     "payload_too_large": 413,
     "queue_full": 429,

@@ -589,6 +589,11 @@ def parse_img2img(payload: Any) -> Img2ImgPayload:
     return parse_payload(payload, Img2ImgPayload)
 
 
+def parse_request(kind: str, payload: Any) -> GenerationPayload:
+    """``kind`` "txt2img" (sd_txt2img) or "img2img" (sd_img2img): the payload validated by its model."""
+    return parse_img2img(payload) if kind == "img2img" else parse_payload(payload)
+
+
 def units_of(payload: GenerationPayload) -> tuple[tuple[str, ControlNetUnitPayload], ...]:
     """The ControlNet units with their field path (``alwayson_scripts.controlnet.units[i]``)."""
     script = payload.alwayson_scripts.controlnet if payload.alwayson_scripts else None

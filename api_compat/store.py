@@ -47,7 +47,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     error_message TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished);
+CREATE TABLE IF NOT EXISTS expired (
+    task_id TEXT PRIMARY KEY,
+    at REAL NOT NULL
+);
 """
+EXPIRED_KEEP_S = 7 * 86400  # how long an expired task id still answers "expired" rather than "not_found"
 
 
 class Status(str, Enum):
@@ -230,6 +235,12 @@ class TaskStore:
         path = self.images_dir / record.images[index]
         return path if path.is_file() else None
 
+    def expired_at(self, task_id: str) -> float | None:
+        """When retention removed this task (None: never known, or removed more than 7 days ago)."""
+        with self._lock:
+            row = self._db.execute("SELECT at FROM expired WHERE task_id=?", (task_id,)).fetchone()
+        return row[0] if row else None
+
     def count(self, status: Status | None = None) -> int:
         with self._lock:
             if status is None:
@@ -263,6 +274,8 @@ class TaskStore:
                     except FileNotFoundError:
                         pass
                 self._db.execute("DELETE FROM tasks WHERE task_id=?", (task_id,))
+                self._db.execute("INSERT OR REPLACE INTO expired (task_id, at) VALUES (?, ?)", (task_id, now))
+            self._db.execute("DELETE FROM expired WHERE at < ?", (now - EXPIRED_KEEP_S,))
         if ids:
             log.info("retention removed %d finished task(s)", len(ids))
         return len(ids)

@@ -296,3 +296,17 @@ def translate_img2img(payload: Img2ImgPayload, config: EngineConfig,
     if "mask" in params:
         params["mask"] = _image_summary(params["mask"])
     return Translation(request=request, parameters=params, models=tuple(models))
+
+
+def translate_request(kind: str, payload: GenerationPayload, config: EngineConfig,
+                      limits: ImageLimits | None = None) -> Translation:
+    """``kind`` "txt2img" (:func:`translate`) or "img2img" (:func:`translate_img2img`)."""
+    return (translate_img2img if kind == "img2img" else translate)(payload, config, limits)
+
+
+def image_bytes(request: GenerationRequest) -> int:
+    """The compressed bytes of a request's images (ControlNet units, init image, mask) a waiting task holds."""
+    images = [u.image for u in request.controlnet_units]
+    if request.init is not None:
+        images += [request.init.image, request.init.mask]
+    return sum(getattr(image, "nbytes", 0) for image in images if image is not None)

@@ -15,6 +15,7 @@ COMMANDS = {
     "txt2img": "api_compat.cli:txt2img",
     "img2img": "api_compat.cli:img2img",
     "serve": "api_compat.cli:serve",
+    "worker": "api_compat.cli:worker",
 }
 
 

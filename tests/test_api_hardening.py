@@ -368,7 +368,7 @@ def test_queued_tasks_hold_compressed_images(tmp_path):
         ids = [svc.sd_txt2img(payload)["taskId"] for _ in range(3)]
         grown = _rss() - before
         assert grown < 100 << 20, f"3 queued tasks of 10 4096^2 images grew RSS by {grown >> 20} MiB"
-        queued = [svc._live[t] for t in ids]
+        queued = [svc.backend._live[t] for t in ids]
         assert all(isinstance(u.image, EncodedImage) for t in queued for u in t.request.controlnet_units)
         assert svc.health()["devices"]["cpu"]["waiting_bytes"] == 3 * 10 * len(buf.getvalue())
         with pytest.raises(ApiError) as exc:  # the byte bound, long before the count bound (256)

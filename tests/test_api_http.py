@@ -24,13 +24,21 @@ from PIL import Image
 from api_compat import LocalService
 from api_compat.http import create_app
 from tests.api_support import EngineDouble, png_b64, png_infotext, png_pixels, png_seed, tiny_engine  # noqa: F401
+from tests.queue_support import queue_workers, redis_server  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def service(tmp_path, tiny_engine):
-    svc = LocalService(results_dir=tmp_path / "results", max_queue=8, configs={"other": {}}, **tiny_engine)
+@pytest.fixture(params=["embedded", "celery"])
+def service(request, tmp_path, tiny_engine):
+    """The same routes over both task backends: embedded, and celery with real Redis and `sdengine worker`s."""
+    if request.param == "celery":
+        workers = request.getfixturevalue("queue_workers")
+        workers.ensure("tiny")
+        svc = LocalService(results_dir=workers.results("tiny"), max_queue=8, configs={"other": {}},
+                           queue=workers.url("tiny"), **tiny_engine)
+    else:
+        svc = LocalService(results_dir=tmp_path / "results", max_queue=8, configs={"other": {}}, **tiny_engine)
     yield svc
     svc.close()
 
@@ -206,7 +214,9 @@ def test_cancel_route(tmp_path):
 
 def test_health_and_openapi(client):
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["devices"]["cpu"]["alive"]
+    devices = health["devices"]
+    assert health["status"] == "ok" and devices and all(d["alive"] and d["device"] == "cpu" for d in devices.values())
+    assert all("default" in d["configs"] and "other" in d["configs"] for d in devices.values())
     spec = client.get("/openapi.json").json()
     assert "/scc/sd_txt2img" in spec["paths"] and "/scc/sd_get_result" in spec["paths"]
     body = spec["paths"]["/scc/sd_txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]

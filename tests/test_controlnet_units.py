@@ -68,8 +68,10 @@ def test_control_mode_parse():
     assert ControlMode.parse("Balanced") is ControlMode.BALANCED
     assert ControlMode.parse("My prompt is more important") is ControlMode.PROMPT
     assert ControlMode.parse(2) is ControlMode.CONTROL  # the extension's legacy int
+    # names are matched case-insensitively (the API schema uses this parser too)
+    assert ControlMode.parse(" balanced") is ControlMode.BALANCED
     with pytest.raises(InvalidRequest) as err:
-        ControlMode.parse("balanced", "alwayson_scripts.controlnet.units[0].control_mode")
+        ControlMode.parse("balance", "alwayson_scripts.controlnet.units[0].control_mode")
     assert "units[0].control_mode" in str(err.value) and "ControlNet is more important" in str(err.value)
 
 

@@ -23,7 +23,7 @@ pytest.importorskip("openvino", reason="the openvino extra is part of the dev ex
 import engine.backends.openvino as xov  # noqa: E402
 from engine.backends import create_backend  # noqa: E402
 from engine.backends.openvino import IR_STAGE, OpenVinoBackend, import_openvino, inference_precision  # noqa: E402
-from engine.config import BackendKind, EngineConfig, Precision, default_backend, default_precision  # noqa: E402
+from engine.config import BackendKind as Backend, EngineConfig, Precision, default_backend, default_precision  # noqa: E402
 from engine.cpu import native_bf16  # noqa: E402
 from engine.errors import BackendUnavailable, InvalidRequest  # noqa: E402
 from engine.models.tiny import build_tiny  # noqa: E402
@@ -135,9 +135,9 @@ def test_precision_choice_per_machine():
     assert inference_precision(Precision.FP32, ("FP32", "BF16")) == "f32"
     with pytest.raises(InvalidRequest, match="precision"):
         inference_precision(Precision.FP16, ("FP32", "BF16"))
-    assert default_precision(BackendKind.OPENVINO, "cpu", native_bf16=True) == Precision.BF16
-    assert default_precision(BackendKind.OPENVINO, "cpu", native_bf16=False) == Precision.FP32
-    assert default_precision(BackendKind.ONNXRUNTIME, "cpu", native_bf16=True) == Precision.FP32
+    assert default_precision(Backend.OPENVINO, "cpu", native_bf16=True) == Precision.BF16
+    assert default_precision(Backend.OPENVINO, "cpu", native_bf16=False) == Precision.FP32
+    assert default_precision(Backend.ONNXRUNTIME, "cpu", native_bf16=True) == Precision.FP32
     # unset precision resolves per machine; an explicit one is kept
     assert EngineConfig(backend="openvino").precision == (Precision.BF16 if native_bf16() else Precision.FP32)
     assert EngineConfig(backend="openvino", precision="fp32").precision == Precision.FP32
@@ -151,14 +151,14 @@ def test_default_backend_both_ways(monkeypatch):
     """openvino is the CPU default when installed; onnxruntime is the fallback without it, and on CUDA."""
     import engine.config as config
 
-    assert default_backend("cpu", openvino=True) == BackendKind.OPENVINO
-    assert default_backend("cpu", openvino=False) == BackendKind.ONNXRUNTIME
-    assert default_backend("cuda", openvino=True) == BackendKind.ONNXRUNTIME
-    assert EngineConfig().backend == BackendKind.OPENVINO  # installed here (dev extra)
+    assert default_backend("cpu", openvino=True) == Backend.OPENVINO
+    assert default_backend("cpu", openvino=False) == Backend.ONNXRUNTIME
+    assert default_backend("cuda", openvino=True) == Backend.ONNXRUNTIME
+    assert EngineConfig().backend == Backend.OPENVINO  # installed here (dev extra)
     monkeypatch.setattr(config, "openvino_installed", lambda: False)
-    assert EngineConfig().backend == BackendKind.ONNXRUNTIME
+    assert EngineConfig().backend == Backend.ONNXRUNTIME
     assert EngineConfig().precision == Precision.FP32
-    assert EngineConfig(backend="openvino").backend == BackendKind.OPENVINO  # an explicit choice is kept
+    assert EngineConfig(backend="openvino").backend == Backend.OPENVINO  # an explicit choice is kept
 
 
 def test_missing_openvino_is_a_clear_error(monkeypatch):

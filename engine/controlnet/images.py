@@ -49,11 +49,11 @@ class ResizeMode(str, Enum):
 
     @classmethod
     def parse(cls, value: Any, field_name: str = "resize_mode") -> "ResizeMode":
-        """A mode from its name, a legacy alias or the extension's int (0, 1, 2; 3 = "Just Resize")."""
+        """A mode from its name or a legacy alias (case-insensitive), or the extension's int (0, 1, 2).
+        The one parser: the API schema uses it too."""
         from engine.controlnet.units import parse_mode
 
-        # 3 = 'Just Resize (Latent upscale)'
-        return parse_mode(cls, value, field_name, "resize mode", RESIZE_MODE_ALIASES, {3: cls.RESIZE})
+        return parse_mode(cls, value, field_name, "resize mode", RESIZE_MODE_ALIASES)
 
 
 RESIZE_MODE_ALIASES = {

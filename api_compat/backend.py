@@ -1,0 +1,140 @@
+"""The task-backend seam: what :class:`api_compat.service.LocalService` hands a validated task to.
+
+Two implementations, chosen by ``LocalService(queue=...)``:
+
+- ``embedded`` (:mod:`api_compat.embedded`, the default): SQLite records and one worker thread per device, in
+  the API's own process;
+- ``celery`` (:mod:`api_compat.celery_queue`): a Redis broker and Redis task records, served by any number of
+  ``sdengine worker`` processes.
+
+The service validates (schema, engine limits, model names) and shapes nothing itself: a backend answers the
+result dict of API.md ("Poll") and raises :class:`ApiError` with the same codes in both implementations.
+Running one task (engine call, PNGs written atomically, the ``info`` dict, the error codes) is
+:func:`run_generation`, shared by both, so their results cannot drift.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine.errors import Cancelled, SdEngineError
+
+from api_compat.images import write_png
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 20
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A task the service accepted: the engine request (embedded), the validated payload with its seeds drawn
+    (the wire form for a queue: a worker translates it again), the ``parameters`` echo and the model it routes
+    to (the checkpoint entry name, or None for the configuration's default)."""
+
+    task_id: str
+    config_id: str
+    request: Any
+    parameters: dict[str, Any]
+    payload: dict[str, Any]
+    model: str | None
+    created: float
+    nbytes: int = 0  # what the queued task holds: its unit, init and mask images, compressed
+    kind: str = "txt2img"  # or "img2img": which payload ``payload`` is
+
+
+class TaskBackend(Protocol):
+    """submit, result (state, progress, images, error), cancel, wait, image files, health, close."""
+
+    name: str
+
+    def submit(self, task: Submission) -> None:
+        """Queue the task; raises ApiError ``queue_full`` / ``closed`` / ``backend_unavailable``."""
+
+    def result(self, task_id: str) -> dict[str, Any]:
+        """The result dict; raises ApiError ``not_found`` (unknown id) or ``expired`` (past the results TTL)."""
+
+    def cancel(self, task_id: str) -> None:
+        """Waiting: failed ``cancelled`` at once. Running: the worker stops between steps."""
+
+    def wait(self, task_id: str, timeout: float | None) -> None:
+        """Block until the task is final; TimeoutError after ``timeout`` s."""
+
+    def image_path(self, task_id: str, index: int) -> Path | None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def close(self, timeout: float | None = 60.0) -> None: ...
+
+
+def image_file(images_dir: Path, task_id: str, index: int) -> Path:
+    """Where image ``index`` of a task is written (ids only: the name never comes from a client)."""
+    return Path(images_dir) / f"{task_id}-{index}.png"
+
+
+class Progress:
+    """The progress callback of ``engine.generate``: step, steps, fraction and ETA (from the first call)."""
+
+    def __init__(self, steps: int | None):
+        self.first = time.monotonic()
+        self.value = {"step": 0, "steps": max(int(steps or DEFAULT_STEPS), 1), "fraction": 0.0, "eta_seconds": None}
+
+    def __call__(self, step: int, steps: int) -> dict[str, Any]:
+        step, steps = int(step), max(int(steps), 1)
+        elapsed = time.monotonic() - self.first
+        eta = elapsed / step * (steps - step) if step > 0 else None
+        self.value = {"step": step, "steps": steps, "fraction": min(step / steps, 1.0),
+                      "eta_seconds": None if eta is None else round(eta, 3)}
+        return self.value
+
+
+def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id: str, progress,
+                   cancel: threading.Event) -> tuple[dict[str, Any], list[str]]:
+    """Generate and write the PNGs (each atomically: temp file + rename, so a reader or a killed worker never
+    leaves a partial image under its final name). Returns ``(info, image file names)``."""
+    result = engine.generate(request, progress=progress, cancel=cancel)
+    names = []
+    infotexts = list(result.infotexts)
+    for i, image in enumerate(result.images):
+        path = image_file(images_dir, task_id, i)
+        write_png(path, image, infotexts[i] if i < len(infotexts) else None)
+        names.append(path.name)
+    info = dict(result.info)
+    info.setdefault("infotexts", infotexts)
+    info.setdefault("all_seeds", list(result.seeds))
+    info.setdefault("all_subseeds", list(result.subseeds))
+    info.setdefault("timings", dict(result.timings))
+    info.setdefault("resource_config_id", config_id)
+    return info, names
+
+
+def error_of(exc: BaseException, task_id: str) -> tuple[str, str]:
+    """The (code, message) a failed task reports for ``exc``, the same in every backend."""
+    if isinstance(exc, Cancelled):
+        return "cancelled", (str(exc) or "cancelled")[:2000]
+    if isinstance(exc, SdEngineError):
+        return exc.code, str(exc)[:2000]
+    log.error("task %s failed", task_id, exc_info=exc)
+    return "internal_error", f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def result_dict(task_id: str, status: str, images: list[str], parameters: dict[str, Any], info: dict[str, Any],
+                error: tuple[str | None, str | None] | None = None) -> dict[str, Any]:
+    """The result shape of API.md ("Poll") for a final task (``images``: PNG paths)."""
+    out: dict[str, Any] = {"taskId": task_id, "status": status, "images": images, "parameters": parameters,
+                           "info": info}
+    if status == "failed":
+        code, message = error or (None, None)
+        out["error"] = {"code": code or "internal_error", "message": message or ""}
+    elif status == "succeeded":
+        gone = [i for i, path in enumerate(images) if not Path(path).is_file()]
+        if gone:  # deleted by hand or by another tool: no URL may point at a missing file
+            out.update(status="failed", images=[], error={
+                "code": "expired", "message": f"the result image(s) {gone} are no longer on the server "
+                                              "(deleted after the task succeeded); submit the task again"})
+    return out

@@ -1,0 +1,271 @@
+"""The ``embedded`` task backend (the default): one worker thread and one bounded FIFO queue per device in the
+API's own process, records and PNGs in a :class:`TaskStore` (SQLite + files).
+
+The engine configurations on one device share its worker, which builds each configuration's engine on its first
+task. Tasks go waiting -> running -> succeeded | failed; one failing task never stops a worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.errors import Cancelled
+
+from api_compat.backend import Progress, Submission, error_of, result_dict, run_generation
+from api_compat.engine_api import EngineFactory, EngineLike
+from api_compat.errors import ApiError
+from api_compat.store import Status, TaskRecord, TaskStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Task:
+    sub: Submission
+    status: Status = Status.WAITING
+    started: float | None = None
+    progress: dict[str, Any] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def task_id(self) -> str:
+        return self.sub.task_id
+
+    @property
+    def request(self):
+        return self.sub.request
+
+
+def device_key(device: str) -> str:
+    """"cuda" and "cuda:0" are the same device."""
+    return "cuda:0" if device == "cuda" else device
+
+
+class _Worker:
+    """One FIFO queue and one thread per device; it keeps one engine per configuration that runs there."""
+
+    def __init__(self, backend: EmbeddedBackend, device: str):
+        self.backend = backend
+        self.device = device
+        self.queue: collections.deque[_Task] = collections.deque()
+        self.queued_bytes = 0
+        self.running: _Task | None = None
+        self.engines: dict[str, EngineLike] = {}
+        self.thread = threading.Thread(target=self._loop, name=f"sdengine-worker-{device}", daemon=True)
+
+    def _loop(self) -> None:
+        backend = self.backend
+        while True:
+            with backend._cond:
+                while not self.queue and not backend._closing:
+                    backend._cond.wait()
+                if not self.queue:
+                    return
+                task = self.queue.popleft()
+                self.queued_bytes -= task.sub.nbytes
+                task.started = time.time()
+                # the record says running before any reader can see it running (a crash then reads "running")
+                backend.store.set_running(task.task_id, task.started)
+                task.status = Status.RUNNING
+                self.running = task
+            try:
+                backend._run(self, task)
+            except BaseException:  # pragma: no cover - _run handles everything; keep the worker alive
+                log.exception("worker %s: unexpected error around task %s", self.device, task.task_id)
+            finally:
+                with backend._cond:
+                    self.running = None
+                    backend._live.pop(task.task_id, None)
+                    backend._cond.notify_all()
+                task.done.set()
+
+
+class EmbeddedBackend:
+    """Worker threads + :class:`TaskStore` under ``results_dir``. ``configs`` maps config ids to EngineConfigs."""
+
+    name = "embedded"
+
+    def __init__(self, configs: dict[str, EngineConfig], results_dir: Path, *, engine_factory: EngineFactory,
+                 max_queue: int, max_queue_bytes: int, max_age_s: float | None, max_tasks: int | None):
+        self.configs = configs
+        self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
+        self._factory = engine_factory
+        self.store = TaskStore(results_dir, max_age_s=max_age_s, max_tasks=max_tasks)
+        self._cond = threading.Condition()
+        self._live: dict[str, _Task] = {}
+        self._closing = False
+        self._closed = False
+        self._last_cleanup = time.monotonic()
+        self._workers: dict[str, _Worker] = {}
+        for config in configs.values():
+            device = device_key(config.device)
+            if device not in self._workers:
+                self._workers[device] = _Worker(self, device)
+        self._worker_of = {k: self._workers[device_key(c.device)] for k, c in configs.items()}
+        for worker in self._workers.values():
+            worker.thread.start()
+
+    # ------------------------------------------------------------------------------------------ the seam
+    def submit(self, sub: Submission) -> None:
+        task = _Task(sub)
+        worker = self._worker_of[sub.config_id]
+        with self._cond:
+            if self._closing:
+                raise ApiError("closed", "the service is closed")
+            if len(worker.queue) >= self.max_queue:
+                raise ApiError("queue_full", f"the queue is full ({self.max_queue} waiting tasks); retry later",
+                               field=None, allowed=f"at most {self.max_queue} waiting tasks")
+            if worker.queue and worker.queued_bytes + sub.nbytes > self.max_queue_bytes:
+                raise ApiError("queue_full", f"the waiting tasks' images fill the queue ({worker.queued_bytes} of "
+                               f"{self.max_queue_bytes} bytes); retry later",
+                               allowed=f"at most {self.max_queue_bytes} bytes of images in waiting tasks")
+            self.store.insert(sub.task_id, sub.config_id, sub.parameters, sub.created)
+            self._live[sub.task_id] = task
+            worker.queue.append(task)
+            worker.queued_bytes += sub.nbytes
+            self._cond.notify_all()
+
+    def result(self, task_id: str) -> dict[str, Any]:
+        with self._cond:
+            task = self._live.get(task_id)
+            if task is not None and task.status in (Status.WAITING, Status.RUNNING):
+                out = {"taskId": task_id, "status": task.status.value, "images": [],
+                       "parameters": task.sub.parameters, "info": {}}
+                if task.status is Status.RUNNING:
+                    out["progress"] = dict(task.progress or {"step": 0, "steps": task.sub.request.steps,
+                                                             "fraction": 0.0, "eta_seconds": None})
+                else:
+                    out["queue_position"] = self._worker_of[task.sub.config_id].queue.index(task)
+                return out
+        record = self.store.get(task_id)
+        if record is None:
+            expired = self.store.expired_at(task_id)
+            if expired is not None:
+                raise _expired(task_id, self.store.max_age_s)
+            raise ApiError("not_found", f"no task {task_id!r}", field="taskId")
+        return self._record_dict(record)
+
+    def cancel(self, task_id: str) -> None:
+        with self._cond:
+            task = self._live.get(task_id)
+            if task is not None:
+                task.cancel.set()
+                queue = self._worker_of[task.sub.config_id].queue
+                if task.status is Status.WAITING and task in queue:
+                    queue.remove(task)
+                    self._worker_of[task.sub.config_id].queued_bytes -= task.sub.nbytes
+                    self._live.pop(task_id, None)
+                    self.store.finish(task_id, Status.FAILED, error_code="cancelled",
+                                      error_message="cancelled while waiting")
+                    task.status = Status.FAILED
+                    task.done.set()
+
+    def wait(self, task_id: str, timeout: float | None) -> None:
+        with self._cond:
+            task = self._live.get(task_id)
+        if task is not None and not task.done.wait(timeout):
+            raise TimeoutError(f"task {task_id} did not finish within {timeout} s")
+
+    def image_path(self, task_id: str, index: int) -> Path | None:
+        return self.store.image_path(task_id, index)
+
+    def health(self) -> dict[str, Any]:
+        with self._cond:
+            devices = {k: {"device": k, "waiting": len(w.queue), "waiting_bytes": w.queued_bytes, "running": w.running is not None, "capacity": self.max_queue,
+                           "alive": w.thread.is_alive(), "configs": sorted(c for c, x in self._worker_of.items()
+                                                                           if x is w)}
+                       for k, w in self._workers.items()}
+        return {"status": "closed" if self._closing else "ok", "backend": self.name, "devices": devices}
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closing = True
+            for worker in self._workers.values():
+                while worker.queue:
+                    task = worker.queue.popleft()
+                    worker.queued_bytes -= task.sub.nbytes
+                    self._live.pop(task.task_id, None)
+                    self.store.finish(task.task_id, Status.FAILED, error_code="cancelled",
+                                      error_message="the service was closed before the task ran")
+                    task.status = Status.FAILED
+                    task.done.set()
+                if worker.running is not None:
+                    worker.running.cancel.set()
+            self._cond.notify_all()
+        for worker in self._workers.values():
+            worker.thread.join(timeout)
+        self._closed = True
+        self.store.close()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _record_dict(self, record: TaskRecord) -> dict[str, Any]:
+        return result_dict(record.task_id, record.status.value,
+                           [str(self.store.images_dir / name) for name in record.images], record.parameters,
+                           record.info, (record.error_code, record.error_message))
+
+    def _engine(self, worker: _Worker, task: _Task) -> EngineLike:
+        engine = worker.engines.get(task.sub.config_id)
+        if engine is None:
+            engine = worker.engines[task.sub.config_id] = self._factory(self.configs[task.sub.config_id])
+        return engine
+
+    def _run(self, worker: _Worker, task: _Task) -> None:
+        """Run one task to a final state; every exception ends as a failed task, never in the worker."""
+        tracker = Progress(task.sub.request.steps)
+
+        def progress(step: int, steps: int) -> None:
+            task.progress = tracker(step, steps)
+
+        try:
+            if task.cancel.is_set():
+                raise Cancelled("cancelled before the task started")
+            engine = self._engine(worker, task)
+            info, names = run_generation(engine, task.sub.request, images_dir=self.store.images_dir,
+                                         task_id=task.task_id, config_id=task.sub.config_id, progress=progress,
+                                         cancel=task.cancel)
+            self.store.finish(task.task_id, Status.SUCCEEDED, info=info, images=names)
+            task.status = Status.SUCCEEDED
+        except Exception as exc:
+            code, message = error_of(exc, task.task_id)
+            self._fail(task, code, message)
+        try:
+            self.store.checkpoint()
+        except Exception:  # pragma: no cover - the records are safe in the WAL
+            log.warning("WAL checkpoint failed", exc_info=True)
+        self._maybe_cleanup()
+
+    def _fail(self, task: _Task, code: str, message: str) -> None:
+        try:
+            self.store.finish(task.task_id, Status.FAILED, error_code=code, error_message=message)
+        except Exception:  # pragma: no cover - the store itself failed; the record stays 'running' until restart
+            log.exception("could not record the failure of task %s", task.task_id)
+        task.status = Status.FAILED
+
+    def _maybe_cleanup(self) -> None:
+        if time.monotonic() - self._last_cleanup > 60.0:
+            self._last_cleanup = time.monotonic()
+            try:
+                self.store.cleanup()
+            except Exception:  # pragma: no cover
+                log.exception("retention cleanup failed")
+
+
+def _expired(task_id: str, ttl: float | None) -> ApiError:
+    after = f" (results are kept {ttl:g} s)" if ttl else ""
+    return ApiError("expired", f"task {task_id!r} finished and its result has expired{after}; submit it again",
+                    field="taskId", allowed="a task id from sd_txt2img, within the results TTL")
