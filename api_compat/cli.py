@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from engine.cli import Shown
+
 log = logging.getLogger(__name__)
 
 FLAG_FIELDS = {  # option name -> payload field
@@ -64,83 +66,91 @@ def _outputs(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i + 1}{output.suffix or '.png'}") for i in range(count)]
 
 
-def _image_b64(path: Path | None) -> str | None:
+def _payload_default(field: str) -> str:
+    """The payload field's default as ``--help`` shows it (from the schema, so it cannot drift)."""
+    from api_compat.schema import Txt2ImgPayload
+
+    default = Txt2ImgPayload.model_fields[field].default
+    return json.dumps(default) if default is not None else "none"
+
+
+def _dirs_help():
+    from engine.config import default_models_dir, default_results_dir
+
+    return str(default_models_dir()), str(default_results_dir())
+
+
+BACKEND_DEFAULT = "openvino on CPU when installed, else onnxruntime"
+PRECISION_DEFAULT = "bf16 for openvino on a CPU with native bf16, else fp32"
+
+
+@click.command()
+@click.argument("payload", required=False, metavar="[PAYLOAD.json | -]")
+@click.option("--prompt", help="Positive prompt (webui attention syntax).", cls=Shown, shown=_payload_default("prompt"))
+@click.option("--negative-prompt", help="Negative prompt.", cls=Shown, shown=_payload_default("negtive_prompt"))
+@click.option("--steps", type=int, cls=Shown, shown=_payload_default("steps"))
+@click.option("--seed", type=int, help="-1 draws a random seed.", cls=Shown, shown=_payload_default("seed"))
+@click.option("--width", type=int, cls=Shown, shown="the model's native size (sdengine models info)")
+@click.option("--height", type=int, cls=Shown, shown="the model's native size (sdengine models info)")
+@click.option("--sampler", help='Sampler name, e.g. "Euler a" or "DPM++ 2M Karras".', cls=Shown, shown='"Euler a"')
+@click.option("--scheduler", help="Schedule type (Automatic, Karras, Exponential, ...).",
+              cls=Shown, shown=_payload_default("scheduler"))
+@click.option("--cfg-scale", type=float, cls=Shown, shown=_payload_default("cfg_scale"))
+@click.option("--batch-size", type=int, cls=Shown, shown=_payload_default("batch_size"))
+@click.option("--n-iter", type=int, help="Number of batches.", cls=Shown, shown=_payload_default("n_iter"))
+@click.option("--model", help="Checkpoint name from the model store.",
+              cls=Shown, shown="the bundled demo model (sdengine models list)")
+@click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
+@click.option("--device", help="cpu or cuda[:N].", cls=Shown, shown="cpu")
+@click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.",
+              cls=Shown, shown=f"$SDENGINE_MODELS_DIR or {_dirs_help()[0]}")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where task records and PNGs are kept.",
+              cls=Shown, shown=f"$SDENGINE_RESULTS_DIR or {_dirs_help()[1]}")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Copy the image here (several images: NAME-1.png, NAME-2.png, ...).",
+              cls=Shown, shown="no copy; the PNG stays in the results folder")
+@click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
+@click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (benchmarks, plugins).")
+def txt2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
+            **flags):
+    """Generate images from a sd_txt2img JSON payload (a file, or - for stdin) and/or flags.
+
+    Flags override the payload's fields (every field: docs/API.md). Prints the absolute paths of the PNGs
+    (each carries the webui infotext); progress and warnings go to stderr. Ctrl-C cancels the task (exit 130).
+    """
+    _run(_with_flags(_read_payload(payload), flags), "sd_txt2img", backend, device, precision, models_dir,
+         results_dir, output, allow_url_fetch, engine_factory)
+
+
+def _with_flags(body: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    for option, field in FLAG_FIELDS.items():
+        if flags.get(option) is not None:
+            if field == "negative_prompt":
+                body.pop("negtive_prompt", None)
+            body[field] = flags[option]
+    return body
+
+
+def _image_b64(path: Path) -> str:
     import base64
 
-    if path is None:
-        return None
     try:
         return base64.b64encode(path.read_bytes()).decode("ascii")
     except OSError as exc:
         raise click.BadParameter(f"cannot read {path}: {exc}") from None
 
 
-_COMMON_OPTIONS = [
-    click.argument("payload", required=False, metavar="[PAYLOAD.json | -]"),
-    click.option("--prompt", help="Positive prompt (webui attention syntax)."),
-    click.option("--negative-prompt", help="Negative prompt."),
-    click.option("--steps", type=int),
-    click.option("--seed", type=int, help="-1 draws a random seed."),
-    click.option("--width", type=int),
-    click.option("--height", type=int),
-    click.option("--sampler", help='Sampler name, e.g. "Euler a" or "DPM++ 2M Karras".'),
-    click.option("--scheduler", help="Schedule type (Automatic, Karras, Exponential, ...)."),
-    click.option("--cfg-scale", type=float),
-    click.option("--batch-size", type=int),
-    click.option("--n-iter", type=int, help="Number of batches."),
-    click.option("--model", help="Checkpoint name from the model store."),
-    click.option("--backend", help="openvino, onnxruntime, torch or tensorrt (default: openvino on CPU when "
-                                   "installed, else onnxruntime)."),
-    click.option("--device", help="cpu or cuda[:N]."),
-    click.option("--precision", help="fp32, fp16 or bf16 (default: bf16 for openvino on a CPU with native bf16, "
-                                     "else fp32)."),
-    click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder."),
-    click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
-                 help="Where task records and PNGs are kept (default: outputs/sdengine or $SDENGINE_RESULTS_DIR)."),
-    click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-                 help="Copy the image here (several images: NAME-1.png, NAME-2.png, ...)."),
-    click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images."),
-    click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (benchmarks, plugins)."),
-]
+def _img2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
+             init_image, mask, denoising_strength, resize_mode, **flags):
+    """Generate images from a sd_img2img JSON payload (a file, or - for stdin) and/or flags: --init-image (or
+    the payload's init_images), --mask for inpainting.
 
-
-def _common_options(fn):
-    for option in reversed(_COMMON_OPTIONS):
-        fn = option(fn)
-    return fn
-
-
-@click.command()
-@_common_options
-def txt2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
-            **flags):
-    """Generate images from a sd_txt2img JSON payload (a file, or - for stdin) and/or flags.
-
-    Flags override the payload's fields. Prints the paths of the PNGs (each carries the webui infotext).
+    Flags override the payload's fields (every field: docs/API.md). Prints the absolute paths of the PNGs
+    (each carries the webui infotext); progress and warnings go to stderr. Ctrl-C cancels the task (exit 130).
     """
-    body = _read_payload(payload)
-    _apply_flags(body, flags)
-    _run(body, "sd_txt2img", backend, device, precision, models_dir, results_dir, output, allow_url_fetch,
-         engine_factory)
-
-
-@click.command()
-@_common_options
-@click.option("--init-image", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="The init image (PNG, JPEG, WEBP ...); sets init_images.")
-@click.option("--mask", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Inpainting mask (white: repaint).")
-@click.option("--denoising-strength", type=float, help="0..1 (default 0.75).")
-@click.option("--resize-mode", help='0 "Just resize", 1 "Crop and resize", 2 "Resize and fill", '
-                                    '3 "Just resize (latent upscale)".')
-def img2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
-            init_image, mask, denoising_strength, resize_mode, **flags):
-    """Generate images from a sd_img2img JSON payload (a file, or - for stdin) and/or flags.
-
-    Flags override the payload's fields. Prints the paths of the PNGs (each carries the webui infotext).
-    """
-    body = _read_payload(payload)
-    _apply_flags(body, flags)
+    body = _with_flags(_read_payload(payload), flags)
     if init_image is not None:
         body["init_images"] = [_image_b64(init_image)]
     if mask is not None:
@@ -153,16 +163,8 @@ def img2img(payload, backend, device, precision, models_dir, results_dir, output
          engine_factory)
 
 
-def _apply_flags(body: dict[str, Any], flags: dict[str, Any]) -> None:
-    for option, field in FLAG_FIELDS.items():
-        if flags.get(option) is not None:
-            if field == "negative_prompt":
-                body.pop("negtive_prompt", None)
-            body[field] = flags[option]
-
-
-def _run(body, method: str, backend, device, precision, models_dir, results_dir, output, allow_url_fetch,
-         engine_factory) -> None:
+def _run(body: dict[str, Any], method: str, backend, device, precision, models_dir, results_dir, output,
+         allow_url_fetch, engine_factory) -> None:
     from api_compat.errors import ApiError
     from api_compat.service import LocalService
 
@@ -177,43 +179,119 @@ def _run(body, method: str, backend, device, precision, models_dir, results_dir,
             task_id = getattr(service, method)(body)["taskId"]
         except ApiError as exc:
             raise click.ClickException(str(exc)) from None
-        result = _follow(service, task_id, method[3:])
+        result = _follow(service, task_id)
     if result["status"] != "succeeded":
         error = result.get("error") or {}
         raise click.ClickException(f"task {task_id} failed ({error.get('code')}): {error.get('message')}")
-    images = [Path(p) for p in result["images"]]
+    for warning in result.get("info", {}).get("warnings") or []:
+        click.echo(f"warning: {warning}", err=True)
+    images = [Path(p).absolute() for p in result["images"]]
     if output is not None and images:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        targets = _outputs(output, len(images))
+        output.absolute().parent.mkdir(parents=True, exist_ok=True)
+        targets = _outputs(output.absolute(), len(images))
         for src, dst in zip(images, targets):
             shutil.copyfile(src, dst)
         images = targets
     for path in images:
         click.echo(str(path))
     seeds = result.get("info", {}).get("all_seeds")
-    click.echo(f"task {task_id}: {len(images)} image(s), seeds {seeds}", err=True)
+    click.echo(f"task {task_id}: {len(images)} image(s), seeds {seeds}; results in {service.results_dir}", err=True)
 
 
-def _follow(service, task_id: str, label: str = "txt2img") -> dict[str, Any]:
-    """Poll the task with a progress bar (on stderr); Ctrl-C cancels it."""
-    total = 1000
-    done = 0
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True) as bar:
+img2img = click.Command(
+    "img2img", callback=_img2img, help=_img2img.__doc__,
+    params=[p for p in txt2img.params] + [
+        click.Option(["--init-image"], type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                     help="The init image (PNG, JPEG, WEBP ...); sets init_images."),
+        click.Option(["--mask"], type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                     help="Inpainting mask (white: repaint)."),
+        click.Option(["--denoising-strength"], type=float, help="0..1 (default 0.75)."),
+        click.Option(["--resize-mode"], help='0 "Just resize", 1 "Crop and resize", 2 "Resize and fill", '
+                                             '3 "Just resize (latent upscale)" (default 0).'),
+    ],
+    context_settings=txt2img.context_settings)
+
+
+class _PhaseBars:
+    """Progress on stderr from the task's ``progress`` object: a line per phase, a bar of its own for each
+    export and for sampling (step i/n with the engine's ETA, measured from sampling steps only)."""
+
+    def __init__(self, file=None):
+        self.file = file or sys.stderr
+        self.key = None
+        self.bar = None
+        self.shown = 0
+
+    def update(self, progress: dict[str, Any]) -> None:
+        phase = progress.get("phase") or "sampling"
+        if phase == "sampling":
+            key, total, done = ("sampling",), max(int(progress.get("steps") or 1), 1), int(progress.get("step") or 0)
+        elif phase == "exporting":
+            detail = str(progress.get("detail") or "")
+            component = detail.split(" (")[0]
+            key, total, done = ("exporting", component), max(int(progress.get("phase_total") or 1), 1), int(
+                progress.get("phase_done") or 0)
+        else:
+            key, total, done = (phase,), 0, 0
+        if key != self.key:
+            self.close()
+            self.key = key
+            if total:
+                label = "sampling" if phase == "sampling" else f"exporting {key[1]}"
+                self.bar = click.progressbar(length=total, label=label, file=self.file, show_eta=False,
+                                             show_pos=True, item_show_func=lambda eta: eta)
+                self.bar.__enter__()
+                self.shown = 0
+            else:
+                detail = progress.get("detail")
+                click.echo(f"{phase}{': ' + str(detail) if detail else ''} ...", file=self.file)
+        if self.bar is not None and done > self.shown:
+            eta = progress.get("eta_seconds")
+            text = f"ETA {_clock(eta)}" if phase == "sampling" and eta is not None else None
+            self.bar.update(done - self.shown, text)
+            self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def _follow(service, task_id: str) -> dict[str, Any]:
+    """Poll the task, showing its phases (on stderr). Ctrl-C cancels the task, waits until it is recorded as
+    cancelled, and re-raises (the command group exits 130)."""
+    bars = _PhaseBars()
+    try:
+        while True:
+            result = service.sd_get_result({"taskId": task_id})
+            if result["status"] in ("succeeded", "failed"):
+                return result
+            if result.get("progress"):
+                bars.update(result["progress"])
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        bars.close()
+        service.cancel(task_id)
         try:
-            while True:
-                result = service.sd_get_result({"taskId": task_id})
-                if result["status"] in ("succeeded", "failed"):
-                    bar.update(total - done)
-                    return result
-                fraction = (result.get("progress") or {}).get("fraction") or 0.0
-                step = int(fraction * total)
-                if step > done:
-                    bar.update(step - done)
-                    done = step
-                time.sleep(0.05)
-        except KeyboardInterrupt:
-            service.cancel(task_id)
-            raise click.Abort() from None
+            final = service.wait(task_id, timeout=60)
+            click.echo(f"task {task_id} cancelled ({final['status']}: "
+                       f"{(final.get('error') or {}).get('code', '')})", err=True)
+        except TimeoutError:
+            click.echo(f"task {task_id}: cancel requested, still stopping", err=True)
+        raise
+    finally:
+        bars.close()
+
+
+def _budget(gb: float | None):
+    if gb is None:
+        return "auto"
+    return int(gb * 2**30) if gb > 0 else None
 
 
 def _is_loopback(host: str) -> bool:
@@ -228,14 +306,22 @@ def _is_loopback(host: str) -> bool:
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", default=7860, show_default=True, type=int)
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--api-key", envvar="SDENGINE_API_KEY", help="Require this key (Authorization: Bearer / X-API-Key).")
-@click.option("--backend")
-@click.option("--device")
-@click.option("--precision")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.",
+              cls=Shown, shown=f"$SDENGINE_MODELS_DIR or {_dirs_help()[0]}")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where task records and PNGs are kept.", cls=Shown,
+              shown=f"$SDENGINE_RESULTS_DIR or {_dirs_help()[1]}")
+@click.option("--api-key", envvar="SDENGINE_API_KEY", help="Require this key (Authorization: Bearer / X-API-Key).",
+              cls=Shown, shown="$SDENGINE_API_KEY, else no key (loopback only)")
+@click.option("--api-auth", envvar="SDENGINE_API_AUTH", metavar="USER:PASS[,USER:PASS]",
+              help="HTTP Basic credentials, as the webui's --api-auth; with --api-key, either admits.",
+              cls=Shown, shown="$SDENGINE_API_AUTH, else none")
+@click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
+@click.option("--device", help="cpu or cuda[:N].", cls=Shown, shown="cpu")
+@click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
 @click.option("--configs", "configs_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help='JSON file {"config-id": {engine options}} selected by the X-SP-RESOURCE-CONFIG-ID header.')
+              help='JSON file {"config-id": {engine options}} selected by the X-SP-RESOURCE-CONFIG-ID header.',
+              cls=Shown, shown="only the default configuration")
 @click.option("--max-queue", default=256, show_default=True, type=int)
 @click.option("--max-queue-mb", default=512, show_default=True, type=int,
               help="Bound on the compressed ControlNet images held by waiting tasks.")
@@ -243,9 +329,11 @@ def _is_loopback(host: str) -> bool:
 @click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A host name clients use for this server (the Host header); the bound address and, on a "
-                   "loopback bind, localhost are always allowed. '*' allows any (e.g. behind a proxy that checks).")
+                   "loopback bind, localhost are always allowed. '*' allows any (e.g. behind a proxy that checks).",
+              cls=Shown, shown="the bound address (and localhost on loopback)")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
-              help="A web origin (https://app.example) allowed to call the API from a browser; others are refused.")
+              help="A web origin (https://app.example) allowed to call the API from a browser; others are refused.",
+              cls=Shown, shown="none")
 @click.option("--insecure-no-auth", is_flag=True,
               help="Allow a non-loopback bind without --api-key (anyone who can reach it can submit tasks).")
 @click.option("--header-timeout", default=10.0, show_default=True, type=float,
@@ -254,30 +342,38 @@ def _is_loopback(host: str) -> bool:
               help="Seconds a request body may take to arrive.")
 @click.option("--queue", envvar="SDENGINE_QUEUE", metavar="redis://[:PASSWORD@]HOST:PORT/DB",
               help="Send the tasks to 'sdengine worker' processes over Celery + Redis (this server then runs no "
-                   "engine and needs no GPU). Default: run them in this process.")
+                   "engine and needs no GPU).", cls=Shown, shown="$SDENGINE_QUEUE, else run them in this process")
 @click.option("--results-ttl", type=float, default=7 * 86400, show_default=True,
               help="Seconds a finished task's result (record and PNGs) is kept; then it answers 'expired'.")
 @click.option("--visibility-timeout", type=float, default=3600, show_default=True,
               help="(--queue) Seconds before the task of a lost worker host is delivered again; give every "
                    "worker and server the same value, longer than the longest task.")
+@click.option("--memory-budget-gb", type=float, default=None,
+              help="Refuse requests whose estimated peak memory is larger (default: half the machine's memory; "
+                   "with --queue: off unless given, as the workers' memory; 0 turns the check off).")
 @click.option("--engine-factory", hidden=True)
-def serve(host, port, models_dir, results_dir, api_key, backend, device, precision, configs_file, max_queue,
+def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
-          read_timeout, queue, results_ttl, visibility_timeout, engine_factory):
-    """Serve POST /scc/sd_txt2img, /scc/sd_img2img and /scc/sd_get_result over HTTP (needs the 'server' extra).
+          read_timeout, queue, results_ttl, visibility_timeout, memory_budget_gb, engine_factory):
+    """Serve POST /scc/sd_txt2img and /scc/sd_get_result, and the webui's /sdapi/v1/... API, over HTTP (needs the
+    'server' extra).
 
     Safe by default on a machine with a browser: loopback bind, JSON-only POST bodies, Host and Origin
     checked (DNS rebinding, cross-site submits), header and body deadlines. A non-loopback bind needs
     --api-key (or --insecure-no-auth)."""
     from engine.lazy import require
 
-    from api_compat.http import allowed_hosts_for, create_app, uvicorn_config
+    from api_compat.http import allowed_hosts_for, create_app, parse_api_auth, uvicorn_config
 
     uvicorn = require("uvicorn", "server", "sdengine serve")
-    if not _is_loopback(host) and not api_key:
+    try:
+        basic = parse_api_auth(api_auth)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--api-auth") from None
+    if not _is_loopback(host) and not api_key and not basic:
         if not insecure_no_auth:
             raise click.UsageError(f"refusing to serve on {host} (not loopback) without an API key: give --api-key "
-                                   "(or SDENGINE_API_KEY), bind 127.0.0.1, or pass --insecure-no-auth")
+                                   "(or SDENGINE_API_KEY) or --api-auth, bind 127.0.0.1, or pass --insecure-no-auth")
         click.echo(f"warning: serving on {host} without an API key (--insecure-no-auth); anyone who can reach it "
                    "can submit tasks", err=True)
     configs = json.loads(configs_file.read_text()) if configs_file else None
@@ -286,7 +382,7 @@ def serve(host, port, models_dir, results_dir, api_key, backend, device, precisi
     queue_options = {"visibility_timeout": visibility_timeout} if queue else None
     try:
         service = LocalService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
-                               max_queue_bytes=max_queue_mb * 1024 * 1024,
+                               max_queue_bytes=max_queue_mb * 1024 * 1024, memory_budget=_budget(memory_budget_gb),
                                engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
                                max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
                                **_engine_options(backend, device, precision))
@@ -294,7 +390,7 @@ def serve(host, port, models_dir, results_dir, api_key, backend, device, precisi
         raise click.ClickException(str(exc)) from None
     app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,
                      allowed_hosts=allowed_hosts_for(host, allowed_hosts), cors_origins=cors_origins,
-                     read_timeout=read_timeout)
+                     read_timeout=read_timeout, api_auth=basic)
     uvicorn.Server(uvicorn_config(app, host=host, port=port, header_timeout=header_timeout)).run()
 
 
@@ -302,13 +398,14 @@ def serve(host, port, models_dir, results_dir, api_key, backend, device, precisi
 @click.option("--queue", envvar="SDENGINE_QUEUE", required=True, metavar="redis://[:PASSWORD@]HOST:PORT/DB",
               help="The Redis the API servers send tasks to.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] (one worker per GPU).")
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.",
+              cls=Shown, shown=f"$SDENGINE_MODELS_DIR or {_dirs_help()[0]}")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Where the PNGs are written: the same folder the API servers read (shared storage).")
 @click.option("--models", help="Serve only these checkpoints (comma-separated names from the model store); "
                                "default: every checkpoint in the store, and tasks that name none.")
-@click.option("--backend", help="onnxruntime, torch or tensorrt.")
-@click.option("--precision", help="fp32, fp16 or bf16.")
+@click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
+@click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Exported ONNX / engine cache (default: MODELS_DIR/cache).")
 @click.option("--threads", type=int, help="CPU threads of the engine (default: all cores).")

@@ -18,7 +18,9 @@ from engine.request import GenerationRequest, GenerationResult
 
 from api_compat.errors import ApiError, api_error_from
 
-ProgressFn = Callable[[int, int], None]
+# progress(engine.progress.Progress) per phase and step; the old progress(done, total) of sampling steps is
+# accepted from engines that call it so (the service handles both)
+ProgressFn = Callable[..., None]
 
 
 @runtime_checkable
@@ -63,3 +65,48 @@ def check_models(store, models: Iterable[tuple]) -> None:
             raise ApiError(exc.code, f"{name!r}: {message}", field=field,
                            allowed=f"a {kind.value} name from the model store") from None
 
+
+
+# --------------------------------------------------------------------------------------------- memory budget
+def check_memory(store, config: EngineConfig, request: GenerationRequest, budget: int | None) -> None:
+    """Refuse a ``clip_skip`` beyond the model's text-encoder layers; refuse (ApiError ``too_much_memory``, naming width/height or batch_size and the largest that fits) a
+    request whose estimated peak memory (``engine.memory``) is over ``budget`` bytes. Nothing is checked
+    without a budget, a store, or when the model's architecture cannot be read from its headers."""
+    if store is None:
+        return
+    from engine.memory import architecture_of, estimate, largest_batch, largest_fitting
+
+    try:
+        entry = store.resolve(request.model) if request.model else store.default_checkpoint(config.default_model)
+    except (InvalidRequest, ModelError):
+        return  # check_models (or the engine) reports it
+    found = architecture_of(entry.path)
+    if found is None:
+        return
+    arch, native = found
+    if arch.text_layers is not None and request.clip_skip > arch.text_layers:
+        # the text encoder has no such layer (it failed in the worker, an ONNX Gather out of range)
+        raise ApiError("invalid_request", f"{request.clip_skip} is more than the {arch.text_layers} layers of the "
+                       f"text encoder of {entry.name}", field="clip_skip",
+                       allowed=f"an integer from 1 to {arch.text_layers} (also for "
+                               "override_settings.CLIP_stop_at_last_layers)")
+    if budget is None:
+        return
+    width, height = request.width or native, request.height or native
+    backend = getattr(config.backend, "value", str(config.backend))
+    options = {"cfg": request.cfg_scale != 1.0, "backend": backend}
+    need = estimate(arch, width, height, request.batch_size, **options)
+    if need.total <= budget:
+        return
+    gib = 2**30
+    text = (f"{width}x{height} with batch_size {request.batch_size} needs about {need.total / gib:.1f} GiB on "
+            f"{backend} (model {entry.name}), more than this server's memory budget of {budget / gib:.1f} GiB")
+    batch = largest_batch(arch, width, height, budget, limit=request.batch_size, **options)
+    if request.batch_size > 1 and batch >= 1:
+        raise ApiError("too_much_memory", text, field="batch_size",
+                       allowed=f"batch_size at most {batch} at {width}x{height}")
+    size = largest_fitting(arch, width, height, request.batch_size, budget, **options)
+    allowed = (f"width x height at most {size[0]}x{size[1]} at batch_size {request.batch_size}" if size
+               else "none at this batch size: the model alone does not fit the budget")
+    field = "width" if request.width is not None or request.height is None else "height"
+    raise ApiError("too_much_memory", text, field=field, allowed=allowed)

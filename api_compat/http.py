@@ -7,10 +7,13 @@
     GET  /scc/images/{taskId}/{index}.png
     GET  /health              (no API key needed)
     GET  /openapi.json, /docs
+    /sdapi/v1/..., /controlnet/...   the webui's own API over the same service (api_compat/webui.py,
+                                     docs/WEBUI_API.md)
 
 Errors are JSON ``{"error": {"code", "message", "field", "allowed"}, "errors": [...]}`` with 400/422 (bad
 payload), 401 (API key), 403 (cross-site Origin), 404 (unknown task or image), 408 (body too slow), 413 (body too
-large), 415 (POST body not JSON), 429 (queue full).
+large), 415 (POST body not JSON), 429 (queue full); the webui routes also 409 (interrupted) and 501
+(img2img before the engine serves it).
 
 Cross-site and DNS-rebinding safety (``sdengine serve`` sets these from its bind address): POST bodies must be
 ``Content-Type: application/json`` (an HTML form cannot send that without a CORS preflight); the ``Host`` header
@@ -33,6 +36,7 @@ from typing import Any
 
 from engine.lazy import require
 
+from api_compat.apidoc import annotate_openapi
 from api_compat.errors import ApiError
 from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, deep_nesting
 from api_compat.service import CONFIG_HEADER, LocalService
@@ -206,29 +210,114 @@ def uvicorn_config(app, *, host: str = "127.0.0.1", port: int = 7860, header_tim
 _IMAGE_NAME = re.compile(r"^(0|[1-9][0-9]{0,3})\.png$")
 
 
-class _AuthMiddleware:
-    """Pure ASGI: requires ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` on every path but /health."""
+def check_json_media(headers: dict[str, str]) -> None:
+    """POST bodies must be JSON (an HTML form cannot send that without a CORS preflight)."""
+    media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise ApiError("unsupported_media_type", f"the body must be JSON, sent as {media or 'no type'!r}",
+                       field="headers.Content-Type", allowed="Content-Type: application/json")
 
-    def __init__(self, app, api_key: str):
+
+async def read_json_body(headers: dict[str, str], receive, max_body: int, read_timeout: float) -> tuple[Any, int]:
+    """The decoded JSON body and its size, read from ASGI ``receive`` under ``max_body`` bytes within
+    ``read_timeout`` seconds, nested at most MAX_JSON_DEPTH levels; raises :class:`ApiError`."""
+    too_large = ApiError("payload_too_large", f"the body is larger than {max_body} bytes",
+                         allowed=f"at most {max_body} bytes")
+    length = headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > max_body):
+        raise too_large
+    chunks, size, more = [], 0, True
+    try:
+        async with asyncio.timeout(read_timeout):
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ApiError("bad_request", "the client disconnected")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > max_body:
+                    raise too_large
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+    except TimeoutError:
+        raise ApiError("request_timeout", f"the body did not arrive within {read_timeout:g} s",
+                       allowed=f"a complete body within {read_timeout:g} s") from None
+    try:
+        value = json.loads(b"".join(chunks))
+    except RecursionError:
+        raise ApiError("bad_request", "the body is JSON nested too deeply",
+                       allowed=f"at most {MAX_JSON_DEPTH} levels of nesting") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError("bad_request", f"the body is not valid JSON ({exc})", allowed="a JSON object") from None
+    where = deep_nesting(value)
+    if where is not None:
+        raise ApiError("bad_request", f"the body is JSON nested more than {MAX_JSON_DEPTH} levels deep",
+                       field=where or None, allowed=f"at most {MAX_JSON_DEPTH} levels of nesting")
+    return value, size
+
+
+def parse_api_auth(value: str | Iterable[str] | None) -> tuple[tuple[str, str], ...]:
+    """The webui's ``--api-auth user:pass[,user2:pass2]`` as (user, password) pairs; a malformed entry is a
+    ValueError naming it (without its password)."""
+    if not value:
+        return ()
+    if not isinstance(value, str) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        return tuple(value)  # already parsed
+    entries = value.split(",") if isinstance(value, str) else [e for v in value for e in v.split(",")]
+    pairs = []
+    for entry in entries:
+        entry = entry.strip()
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"--api-auth: {user or entry[:20]!r} is not user:password (give user:password, "
+                             "several separated by commas)")
+        pairs.append((user, password))
+    return tuple(pairs)
+
+
+class _AuthMiddleware:
+    """Pure ASGI: on every path but /health, requires a valid credential: the API key (``Authorization: Bearer
+    KEY`` or ``X-API-Key: KEY``) or, with ``--api-auth``, HTTP Basic ``user:password`` as the webui does. Either
+    credential admits to every route (/scc and /sdapi alike)."""
+
+    def __init__(self, app, api_key: str | None, basic: Iterable[tuple[str, str]] = ()):
         self.app = app
-        self.key = api_key.encode()
+        self.key = api_key.encode() if api_key else None
+        self.basic = tuple(f"{u}:{p}".encode() for u, p in basic)
+
+    def _admitted(self, scope) -> bool:
+        import base64
+        import binascii
+
+        ok = False
+        for name, value in scope.get("headers", ()):
+            if name == b"x-api-key" and self.key is not None:
+                ok |= hmac.compare_digest(value, self.key)
+            elif name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                scheme, token = scheme.lower(), token.strip()
+                if scheme == b"bearer" and self.key is not None:
+                    ok |= hmac.compare_digest(token, self.key)
+                elif scheme == b"basic" and self.basic:
+                    try:
+                        given = base64.b64decode(token, validate=True)
+                    except (binascii.Error, ValueError):
+                        continue
+                    # every pair is compared (no early exit on a match)
+                    ok |= any([hmac.compare_digest(given, pair) for pair in self.basic])
+        return ok
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") == "/health":
+        if scope["type"] != "http" or scope.get("path") == "/health" or self._admitted(scope):
             return await self.app(scope, receive, send)
-        given = b""
-        for name, value in scope.get("headers", ()):
-            if name == b"x-api-key":
-                given = value
-            elif name == b"authorization" and value[:7].lower() == b"bearer ":
-                given = value[7:].strip()
-        if given and hmac.compare_digest(given, self.key):
-            return await self.app(scope, receive, send)
-        body = json.dumps(ApiError("unauthorized", "a valid API key is required",
-                                   allowed="Authorization: Bearer KEY or X-API-Key: KEY").to_dict()).encode()
+        ways = [w for w, on in (("Authorization: Bearer KEY or X-API-Key: KEY", self.key is not None),
+                                ("HTTP Basic user:password (--api-auth)", bool(self.basic))) if on]
+        challenge = b'Basic realm="sdengine"' if self.basic else b"Bearer"
+        body = json.dumps(ApiError("unauthorized", "valid credentials are required",
+                                   allowed=" or ".join(ways)).to_dict()).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
+                                (b"www-authenticate", challenge)]})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -253,10 +342,7 @@ class _ApiRoutes:
             if scope["method"] != "POST":
                 raise ApiError("method_not_allowed", f"use POST for {scope['path']}", allowed="POST")
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
-            media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-            if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
-                raise ApiError("unsupported_media_type", f"the body must be JSON, sent as {media or 'no type'!r}",
-                               field="headers.Content-Type", allowed="Content-Type: application/json")
+            check_json_media(headers)
             body, size = await self._read_json(headers, receive)
             if size > HEAVY_BODY or (isinstance(body, dict) and "alwayson_scripts" in body):
                 # image decoding (or an allowed URL fetch) must not stall the other requests
@@ -273,39 +359,14 @@ class _ApiRoutes:
         await _answer(send, status, answer)
 
     async def _read_json(self, headers: dict[str, str], receive) -> tuple[Any, int]:
-        too_large = ApiError("payload_too_large", f"the body is larger than {self.max_body} bytes",
-                             allowed=f"at most {self.max_body} bytes")
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            raise too_large
-        chunks, size, more = [], 0, True
-        try:
-            async with asyncio.timeout(self.read_timeout):
-                while more:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        raise ApiError("bad_request", "the client disconnected")
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > self.max_body:
-                        raise too_large
-                    chunks.append(chunk)
-                    more = message.get("more_body", False)
-        except TimeoutError:
-            raise ApiError("request_timeout", f"the body did not arrive within {self.read_timeout:g} s",
-                           allowed=f"a complete body within {self.read_timeout:g} s") from None
-        try:
-            value = json.loads(b"".join(chunks))
-        except RecursionError:
-            raise ApiError("bad_request", "the body is JSON nested too deeply",
-                           allowed=f"at most {MAX_JSON_DEPTH} levels of nesting") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError("bad_request", f"the body is not valid JSON ({exc})", allowed="a JSON object") from None
-        where = deep_nesting(value)
-        if where is not None:
-            raise ApiError("bad_request", f"the body is JSON nested more than {MAX_JSON_DEPTH} levels deep",
-                           field=where or None, allowed=f"at most {MAX_JSON_DEPTH} levels of nesting")
-        return value, size
+        return await read_json_body(headers, receive, self.max_body, self.read_timeout)
+
+    async def read_request(self, request) -> Any:
+        """A FastAPI/Starlette ``request``'s JSON body under the same rules as the /scc routes (JSON content
+        type, size limit, body deadline, nesting depth); raises :class:`ApiError`."""
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope.get("headers", ())}
+        check_json_media(headers)
+        return (await self._read_json(headers, request.receive))[0]
 
     @staticmethod
     def _query(body: Any) -> dict[str, Any]:
@@ -374,8 +435,13 @@ def _openapi_paths() -> dict[str, Any]:
 
 def create_app(service: LocalService, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                close_service: bool = False, allowed_hosts: Iterable[str] | None = LOOPBACK_NAMES,
-               cors_origins: Iterable[str] = (), read_timeout: float = DEFAULT_READ_TIMEOUT):
+               cors_origins: Iterable[str] = (), read_timeout: float = DEFAULT_READ_TIMEOUT,
+               api_auth: str | Iterable | None = None):
     """The ASGI app over ``service``. ``close_service`` closes the service when the app shuts down.
+
+    ``api_key`` and ``api_auth`` (the webui's ``user:pass[,user2:pass2]``, HTTP Basic) protect every route but
+    /health; with both, either credential admits. The webui's own routes (/sdapi/v1/..., /controlnet/...:
+    :mod:`api_compat.webui`) are served beside /scc/... over the same service.
 
     ``allowed_hosts``: the names the ``Host`` header may carry (default: the loopback names; see
     :func:`allowed_hosts_for`; None checks nothing, e.g. behind a proxy that does). ``cors_origins``: web
@@ -396,7 +462,9 @@ def create_app(service: LocalService, *, api_key: str | None = None, max_body_by
             service.close()
 
     app = FastAPI(title="sdengine", version="0.1.0", lifespan=lifespan,
-                  description="The sd_txt2img / sd_get_result task API (webui txt2img payload + ControlNet).")
+                  description="The sd_txt2img / sd_get_result task API (webui txt2img payload + ControlNet), and the "
+                              "webui's own API (/sdapi/v1/..., /controlnet/...; docs/WEBUI_API.md). Every field, "
+                              "default, range and error of the task API: docs/API.md in the sdengine repository.")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -430,11 +498,16 @@ def create_app(service: LocalService, *, api_key: str | None = None, max_body_by
                 payload = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(payload.pop("$defs", {}))
                 components[model.__name__] = payload
+            annotate_openapi(components)  # each field's meaning, and the pointer to docs/API.md
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
     asgi = _ApiRoutes(app, service, max_body_bytes, read_timeout)
-    if api_key:
-        asgi = _AuthMiddleware(asgi, api_key)
+    from api_compat.webui import webui_router
+
+    app.include_router(webui_router(service, asgi.read_request))
+    basic = parse_api_auth(api_auth)
+    if api_key or basic:
+        asgi = _AuthMiddleware(asgi, api_key, basic)
     return _SiteGuard(asgi, allowed_hosts, cors_origins)

@@ -1,6 +1,6 @@
 """LocalService: the sd_txt2img / sd_get_result contract in-process, over a bounded task queue.
 
-    with LocalService(models_dir="models") as api:
+    with LocalService() as api:                    # models and results under the home (engine.config)
         task = api.sd_txt2img({"prompt": "a cat", "steps": 20})
         result = api.wait(task["taskId"])          # {"taskId", "status", "images": [png paths], ...}
 
@@ -23,12 +23,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, default_results_dir
 from engine.errors import InvalidRequest, ModelError, SdEngineError
 from engine.models.store import ModelStore
 
 from api_compat.backend import Submission, TaskBackend
-from api_compat.engine_api import EngineFactory, check_models, default_engine_factory
+from api_compat.engine_api import EngineFactory, check_memory, check_models, default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits
 from api_compat.schema import parse_request
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_HEADER = "X-SP-RESOURCE-CONFIG-ID"
 DEFAULT_CONFIG = "default"
-ENV_RESULTS_DIR = "SDENGINE_RESULTS_DIR"
 MAX_SEED = 4294967294  # webui: -1 draws a seed in [0, 4294967294)
 
 
@@ -54,6 +53,8 @@ class LocalService:
     ``queue``: None runs the tasks here (``embedded``); ``"redis://[:PASSWORD@]HOST:PORT/DB"`` sends them to
     ``sdengine worker`` processes over Celery + Redis (``celery``; ``queue_options`` are
     :class:`api_compat.celery_queue.QueueOptions` fields). ``max_age_s`` is the results TTL in both.
+    ``memory_budget``: bytes a request may need at its peak, estimated at submit by ``engine.memory`` from the
+    model's configs ("auto": half the machine's memory; None: no check; needs ``check_models``).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class LocalService:
         max_tasks: int | None = 10000,
         queue: str | None = None,
         queue_options: dict[str, Any] | None = None,
+        memory_budget: int | str | None = "auto",
         **engine_options: Any,
     ):
         if models_dir is not None:
@@ -84,11 +86,18 @@ class LocalService:
         for config_id, options in (configs or {}).items():
             self.configs[str(config_id)] = EngineConfig(**{**engine_options, **options})
             self.config_options[str(config_id)] = {**engine_options, **options}
-        self.results_dir = Path(results_dir or os.environ.get(ENV_RESULTS_DIR) or "outputs/sdengine")
+        self.results_dir = Path(results_dir).absolute() if results_dir else default_results_dir()
         self.limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_image_pixels,
                                   allow_url_fetch=allow_url_fetch)
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
+        if memory_budget == "auto" and queue:
+            memory_budget = None  # this server's memory says nothing of the workers' (docs/DECISIONS.md)
+        if memory_budget == "auto":
+            from engine.memory import default_budget
+
+            memory_budget = default_budget()
+        self.memory_budget = memory_budget  # bytes a request may need at its peak (engine.memory), None: off
         self._stores: dict[str, ModelStore | None] = {
             k: ModelStore.from_config(c) if check_models else None for k, c in self.configs.items()}
         self.backend: TaskBackend
@@ -137,6 +146,7 @@ class LocalService:
         store = self._stores[config_id]
         if store is not None:
             check_models(store, translation.models)
+            check_memory(store, config, translation.request, self.memory_budget)
         model = wire = None
         if self.backend.name != "embedded":
             model = self._route(store, config, translation.request.model)

@@ -21,14 +21,16 @@ import numpy as np
 
 from engine.arrays import to_device, to_host
 from engine.config import EngineConfig
-from engine.errors import Cancelled, InvalidRequest
+from engine.errors import InvalidRequest
 from engine.infotext import Generation, hires_infotext, unit_infotext
 from engine.noise import ImageRNG
+from engine.progress import ProgressReporter
 from engine.request import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
+# progress(engine.progress.Progress) per phase and step; a legacy progress(done, total) gets sampling steps
+ProgressFn = Callable[..., None]
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Engine:
         self._runtimes: dict[tuple, _Runtime] = {}
         self._lock = threading.RLock()
         self._store = None
+        self._reporter: ProgressReporter | None = None  # the running request's (exports report to it)
+        self.clock = time.monotonic  # what the ETA is measured with (tests use a fake clock)
 
     # ------------------------------------------------------------------------------------------ models
     @property
@@ -90,7 +94,8 @@ class Engine:
         rt = self._runtimes.get(key)
         if rt is None:
             t0 = time.perf_counter()
-            backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key)
+            backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key,
+                                     progress=self._export_progress)
             rt = _Runtime(model, backend, EmbeddingCache())
             self._runtimes = {key: rt}  # one model resident at a time
             log.info("model %s [%s] ready on %s in %.2fs", model.name, model.short_hash,
@@ -108,9 +113,15 @@ class Engine:
         if component not in rt.controlnets:
             rt.model.family.check_controlnet(cn, rt.model.name, field_name)
             # each ControlNet model has its own backend (its artefacts are keyed by its own hash)
-            backend = create_backend(self.config, {"controlnet": cn.module}, model_hash=cn.short_hash)
+            backend = create_backend(self.config, {"controlnet": cn.module}, model_hash=cn.short_hash,
+                                     progress=self._export_progress)
             rt.controlnets[component] = (cn, backend)
         return rt.controlnets[component][0]
+
+    def _export_progress(self, what: str, done: int, total: int) -> None:
+        """The backends' exporter callback, routed to the running request's progress (phase exporting)."""
+        if self._reporter is not None:
+            self._reporter.export(what, done, total)
 
     @staticmethod
     def _run_fn(rt: _Runtime):
@@ -126,11 +137,16 @@ class Engine:
     # ------------------------------------------------------------------------------------------ generate
     def generate(self, request: GenerationRequest, *, progress: ProgressFn | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
+        """``progress(Progress)`` gets each phase (loading, exporting, encoding, sampling, decoding) and step
+        (engine.progress); ``cancel`` set stops the request between steps (``Cancelled``)."""
         with self._lock:
-            return self._generate(request, progress, cancel)
+            self._reporter = ProgressReporter(progress, cancel, request.n_iter * request.steps, clock=self.clock)
+            try:
+                return self._generate(request, self._reporter)
+            finally:
+                self._reporter = None
 
-    def _generate(self, req: GenerationRequest, progress: ProgressFn | None,
-                  cancel: threading.Event | None) -> GenerationResult:
+    def _generate(self, req: GenerationRequest, on_step: ProgressReporter) -> GenerationResult:
         """Orchestration only: each stage is a call into the room that owns its rules."""
         from engine.noise import resolve_seed
         from engine.samplers import resolve
@@ -140,11 +156,15 @@ class Engine:
         sampler = resolve(req.sampler_name, req.scheduler)
         hr_sampler = self._hires_sampler(req) if req.hires is not None else None
         t0 = time.perf_counter()
+        on_step.phase("loading", req.model or "default model")
         rt = self.runtime(req.model, req.vae)
         family = rt.model.family
         timer.add("load", t0)
         width, height = self._validate(req, family)
         hires = self._hires_size(req, family, width, height) if req.hires is not None else None
+        warnings = [w for w in (family.size_warning(width, height),) if w]
+        for warning in warnings:
+            log.info("%s: %s", rt.model.name, warning)  # carried in info["warnings"]; the CLI prints it
 
         # 2. plan: sigmas (cut at the denoising strength for img2img), the denoiser's schedule, seeds, units
         init = req.init
@@ -164,7 +184,7 @@ class Engine:
         units, unit_labels = self._controlnet_units(rt, req, width, height)
         hr_units = self._controlnet_units(rt, req, hires.width, hires.height)[0] if hires is not None else []
         timer.add("controlnet_preprocess", t0)
-        on_step = _StepReporter(progress, cancel, req.n_iter * (plan.steps + (hr_plan.steps if hr_plan else 0)))
+        on_step.steps = req.n_iter * (plan.steps + (hr_plan.steps if hr_plan else 0))
 
         # 3. init: the init image resized/masked (engine.img2img) and encoded, once for all iterations (webui)
         source = self._init_latents(rt, req, width, height, all_seeds[: req.batch_size], timer) \
@@ -176,6 +196,7 @@ class Engine:
             seeds, subseeds = all_seeds[batch], all_subseeds[batch]
             # 4. condition: prompts -> per-step conditioning (cached per model)
             t0 = time.perf_counter()
+            on_step.phase("encoding")
             cond = self._condition(rt, req.prompt, req.negative_prompt, req.steps, req, width, height)
             timer.add("text_encoder", t0)
 
@@ -189,6 +210,7 @@ class Engine:
             x = plan.start(noise, None if source is None else source.latent)
 
             # 6. sample: the sampler over the denoiser (CFG, ControlNet, inpainting blend) on the plan's sigmas
+            on_step.phase("sampling", f"batch {it + 1} of {req.n_iter}" if req.n_iter > 1 else "")
             latents = self._sample(rt, req, plan, x, rng, seeds, cond, units, req.cfg_scale, on_step,
                                    None if source is None else source.blend)
             timer.add("sampling", t0)
@@ -200,6 +222,7 @@ class Engine:
 
             # 8. decode (and paste the init image's kept pixels back, for inpainting)
             t0 = time.perf_counter()
+            on_step.phase("decoding")
             decoded = to_uint8(to_host(rt.backend.run("vae_decoder", {"latent": latents})["image"]))
             images.extend(decoded if source is None else [source.plan.finish(img) for img in decoded])
             timer.add("vae_decoder", t0)
@@ -217,6 +240,7 @@ class Engine:
         infotexts = [generation.infotext(i) for i in range(total)]
         info = generation.info(infotexts, timer.timings, device=self.config.device,
                                precision=self.config.precision.value)
+        info["warnings"] = warnings
         detected = [u.detected_map for u, spec in zip(units, req.controlnet_units) if spec.save_detected_map]
         return GenerationResult(images=images, infotexts=infotexts, info=info, seeds=all_seeds,
                                 subseeds=all_subseeds, timings=dict(timer.timings), detected_maps=detected)
@@ -233,7 +257,7 @@ class Engine:
         )
 
     def _sample(self, rt: _Runtime, req: GenerationRequest, plan, x, rng, seeds, cond, units, cfg_scale: float,
-                on_step: "_StepReporter", blend=None):
+                on_step: ProgressReporter, blend=None):
         """The sampler over the denoiser; ``blend`` (init latent, nmask) turns on the inpainting blend."""
         from engine.denoiser import Denoiser, LatentBlend
 
@@ -314,7 +338,7 @@ class Engine:
         return size
 
     def _hires_pass(self, rt: _Runtime, req: GenerationRequest, size, plan, units, latents, seeds, subseeds,
-                    on_step: "_StepReporter", timer: _Timer):
+                    on_step: ProgressReporter, timer: _Timer):
         """webui sample_hr_pass: latent upscalers resize the latent; image upscalers decode (truncated to
         uint8, as the webui), resize the image and encode it; then the latent is cut to the target size and
         an img2img pass runs with fresh per-image noise at that size."""
@@ -325,6 +349,7 @@ class Engine:
         if hr.upscaler in LATENT_UPSCALERS:
             x0 = upscale_latent(latents, size.upscale_height // 8, size.upscale_width // 8, hr.upscaler)
         else:
+            on_step.phase("decoding", "hires fix: the first pass, for the image upscaler")
             decoded = to_host(rt.backend.run("vae_decoder", {"latent": latents})["image"])
             lowres = (np.clip(decoded, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
             pixels = np.stack([upscale_image(img, size.upscale_width, size.upscale_height, hr.upscaler)
@@ -333,6 +358,7 @@ class Engine:
         x0 = size.truncate(x0)
         timer.add("hires_upscale", t0)
         t0 = time.perf_counter()
+        on_step.phase("encoding", "hires fix")
         cond = self._condition(rt, req.prompt if hr.prompt is None else hr.prompt,
                                req.negative_prompt if hr.negative_prompt is None else hr.negative_prompt,
                                plan.steps, req, size.width, size.height)
@@ -340,6 +366,7 @@ class Engine:
         t0 = time.perf_counter()
         rng = ImageRNG(tuple(x0.shape[1:]), seeds, subseeds, req.subseed_strength, eta_noise_seed_delta=plan.ensd)
         x = plan.start(to_device(rng.first().numpy(), self.config.device), x0)
+        on_step.phase("sampling", "hires fix")
         out = self._sample(rt, req, plan, x, rng, seeds, cond, units,
                            req.cfg_scale if hr.cfg_scale is None else hr.cfg_scale, on_step)
         timer.add("hires_sampling", t0)
@@ -366,7 +393,7 @@ class Engine:
             field_name = f"alwayson_scripts.controlnet.units[{k}]"
             cn = self._controlnet(rt, unit.model, f"{field_name}.model")
             units.append(prepare_unit(unit, width, height, field=field_name))
-            labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]"))
+            labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]", units[-1].used))
         return units, labels
 
 
@@ -378,23 +405,6 @@ class _Source:
     plan: Any
     latent: Any
     blend: tuple | None
-
-
-class _StepReporter:
-    """The samplers' per-step callback: progress over all iterations, and cooperative cancellation."""
-
-    def __init__(self, progress: ProgressFn | None, cancel: threading.Event | None, total: int):
-        self.progress, self.cancel, self.total, self.done = progress, cancel, total, 0
-
-    def check_cancel(self) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("generation cancelled")
-
-    def __call__(self, info: dict) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(min(self.done, self.total), self.total)
-        self.check_cancel()
 
 
 class _ModelCall:

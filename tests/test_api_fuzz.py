@@ -2,7 +2,8 @@
 the real model store of the tiny models), and the HTTP app (its engine is a test double that returns at once,
 so the fuzz exercises validation, queueing and the HTTP layer, not generation). No input may raise anything
 but ApiError/InvalidRequest, and no HTTP answer may be a 5xx. Derandomized; >= 1,000 cases each. The probe of
-issue 12 added three families: deep nesting, thin images and cross-site requests (Origin, Host, body type)."""
+issue 12 added three families: deep nesting, thin images and cross-site requests (Origin, Host, body type).
+Issue 15 added the webui's routes (/sdapi/v1/..., /controlnet/...) to them, and webui-shaped payloads."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api_compat import ApiError, LocalService
-from api_compat.engine_api import check_models
+from api_compat.engine_api import check_memory, check_models
 from api_compat.http import create_app
 from api_compat.schema import MAX_JSON_DEPTH, ControlNetUnitPayload, Img2ImgPayload, Txt2ImgPayload, parse_request
 from api_compat.translate import translate_request
+from api_compat.webui import webui_to_scc
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest
 from engine.request import GenerationRequest, GenerationResult
@@ -88,8 +90,10 @@ def store(tiny_engine):
 def _check(payload, store, kind: str = "txt2img") -> GenerationRequest | None:
     """What sd_txt2img (sd_img2img) checks before it queues: schema, translation, model names in the store."""
     try:
-        translation = translate_request(kind, parse_request(kind, payload), EngineConfig())
+        config = EngineConfig(default_model="tiny-sd1")  # as the HTTP service's configuration
+        translation = translate_request(kind, parse_request(kind, payload), config)
         check_models(store, translation.models)
+        check_memory(store, config, translation.request, None)  # the model's limits (clip_skip), no budget
         return translation.request
     except ApiError as exc:
         assert exc.http_status in (400, 422) and str(exc)
@@ -134,8 +138,9 @@ class AsgiClient:
 
 @pytest.fixture(scope="module")
 def http_client(tmp_path_factory, tiny_engine):
+    # no memory budget here: _check mirrors validation without it (the budget has its own tests, test_memory.py)
     svc = LocalService(results_dir=tmp_path_factory.mktemp("fuzz"), max_queue=100000, max_tasks=200,
-                       **{**tiny_engine, "engine_factory": NullEngine})
+                       memory_budget=None, **{**tiny_engine, "engine_factory": NullEngine})
     client = AsgiClient(create_app(svc, max_body_bytes=256 * 1024))
     yield client
     client.close()
@@ -208,9 +213,13 @@ def test_fuzz_img2img_payload(http_client, store, payload):
         assert r.json()["error"]["code"] and r.json()["error"]["message"]
 
 
+WEBUI_POSTS = ["/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options", "/sdapi/v1/png-info",
+               "/sdapi/v1/interrupt", "/controlnet/detect"]
+
+
 @settings(max_examples=300, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=200), st.sampled_from(["/scc/sd_txt2img", "/scc/sd_img2img", "/scc/sd_get_result",
-                                                 "/scc/sd_cancel"]))
+                                                 "/scc/sd_cancel", *WEBUI_POSTS]))
 def test_fuzz_http_raw_bytes(http_client, body, path):
     r = http_client.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code < 500, r.text
@@ -225,7 +234,8 @@ FAST = settings(max_examples=300, derandomize=True, deadline=None, database=None
 @FAST
 @given(depth=st.integers(MAX_JSON_DEPTH + 1, 5000), opener=st.sampled_from(["[", '{"k":']),
        where=st.sampled_from(["", '{"prompt": "x", "comments": ', '{"hr_additional_modules": ', '{"taskId": ']),
-       path=st.sampled_from(["/scc/sd_txt2img", "/scc/sd_get_result", "/scc/sd_cancel"]))
+       path=st.sampled_from(["/scc/sd_txt2img", "/scc/sd_get_result", "/scc/sd_cancel", "/sdapi/v1/txt2img",
+                             "/sdapi/v1/options", "/sdapi/v1/png-info", "/controlnet/detect"]))
 def test_fuzz_deep_nesting(http_client, depth, opener, where, path):
     closer = "]" if opener == "[" else "}"
     body = where + opener * depth + "1" + closer * depth + ("}" if where else "")
@@ -279,7 +289,8 @@ def test_fuzz_thin_images(http_client, long, short, tall, module, resize_mode, r
                                                           "multipart/form-data; boundary=x",
                                                           "application/json; charset=utf-8", "APPLICATION/JSON"]),
                               st.text(max_size=20)),
-       path=st.sampled_from(["/scc/sd_txt2img", "/scc/sd_get_result", "/scc/sd_cancel"]))
+       path=st.sampled_from(["/scc/sd_txt2img", "/scc/sd_get_result", "/scc/sd_cancel", "/sdapi/v1/txt2img",
+                             "/sdapi/v1/png-info", "/controlnet/detect"]))
 def test_fuzz_cross_site_requests(http_client, origin, host, content_type, path):
     """A request from another site (Origin), to another name (Host, DNS rebinding) or with a body type an
     HTML form can send is never accepted; no answer is a 5xx."""
@@ -306,3 +317,44 @@ def test_fuzz_cross_site_requests(http_client, origin, host, content_type, path)
         assert r.status_code == 415
     else:
         assert r.status_code in (200, 404, 422)
+
+
+# --------------------------------------------------------------------- issue 15: the webui's txt2img route
+webui_units = st.lists(st.one_of(
+    st.dictionaries(st.sampled_from(sorted(ControlNetUnitPayload.model_fields) + ["output_dir", "generated_image",
+                                                                                   "use_preview_as_input"]),
+                    scalars, max_size=5),
+    st.fixed_dictionaries({"model": st.just("tiny-controlnet-sd1"), "enabled": st.booleans(),
+                           "image": st.one_of(st.just(png_b64(8, 8)), st.fixed_dictionaries(
+                               {"image": st.just(png_b64(8, 8)), "mask": st.one_of(st.none(), scalars)}),
+                               json_values)},
+                          optional={"mask": st.one_of(st.none(), scalars), "low_vram": st.booleans(),
+                                    "hr_option": st.sampled_from(["Both", "Low res only"]),
+                                    "output_dir": st.sampled_from(["", "/tmp"])}),
+    scalars), max_size=2)
+webui_payloads = st.builds(
+    lambda fields, key, units: {**fields, **({"alwayson_scripts": {key: {"args": units}}} if units else {})},
+    st.dictionaries(top_keys, st.one_of(scalars, json_values), max_size=5),
+    st.sampled_from(["controlnet", "ControlNet", "CONTROLNET"]), st.one_of(st.none(), webui_units))
+
+
+@FAST
+@given(payload=st.one_of(webui_payloads, field_aware))
+def test_fuzz_webui_txt2img(http_client, store, payload):
+    """/sdapi/v1/txt2img: never a 5xx; accepted over HTTP <=> accepted in-process (webui_to_scc, then the /scc
+    checks); an accepted call answers the webui's shapes (info a JSON string)."""
+    try:
+        request = _check(webui_to_scc(payload), store)
+    except ApiError as exc:
+        assert exc.http_status in (400, 422) and exc.field
+        request = None
+    r = http_client.post("/sdapi/v1/txt2img", content=json.dumps(payload).encode(),
+                         headers={"content-type": "application/json"})
+    assert r.status_code in (200, 400, 413, 422), r.text[:300]
+    if r.status_code != 413:
+        assert (r.status_code == 200) == (request is not None), r.text[:300]
+    body = r.json()
+    if r.status_code == 200:
+        assert set(body) == {"images", "parameters", "info"} and isinstance(json.loads(body["info"]), dict)
+    else:
+        assert body["error"]["code"] and body["detail"]

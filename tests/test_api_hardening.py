@@ -352,7 +352,7 @@ def test_queued_tasks_hold_compressed_images(tmp_path):
         """TEST DOUBLE: holds the worker so that the tasks stay queued."""
 
         def generate(self, request, *, progress=None, cancel=None):
-            gate.wait(30)
+            gate.wait(600)  # released in finally; the submits below decode 30 large PNGs (slow on a busy CPU)
             return super().generate(request, progress=progress, cancel=cancel)
 
     buf = io.BytesIO()

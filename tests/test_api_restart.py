@@ -1,16 +1,22 @@
 """Results survive a crash: a process running LocalService is killed with SIGKILL while a slow task runs and
 another waits; the reopened store serves the finished result (PNG and record) and reads the killed tasks as
-failed with the code "interrupted" (never stuck in running)."""
+failed with the code "interrupted" (never stuck in running). The same for a synchronous webui call
+(/sdapi/v1/txt2img) on a killed `sdengine serve`, whose webui options survive the restart."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
+
+import httpx
 
 from api_compat import LocalService
 from tests.api_support import EngineDouble, png_b64, png_seed
@@ -80,3 +86,72 @@ def test_stray_files_are_removed_on_open(tmp_path):
     (images / "0123456789abcdef0123456789abcdef-0.png").write_bytes(b"no record")
     with LocalService(tmp_path / "models", results_dir=tmp_path, check_models=False, engine_factory=EngineDouble):
         assert not list(images.iterdir())
+
+
+def _serve(tmp_path, port):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop("SDENGINE_API_KEY", None)
+    log = open(tmp_path / f"serve-{port}-{time.monotonic_ns()}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir",
+                             str(tmp_path / "models"), "--results-dir", str(tmp_path / "r"),
+                             "--engine-factory", "tests.api_support:double_factory"],
+                            env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    end = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < end, "sdengine serve did not come up"
+        time.sleep(0.1)
+
+
+def test_sigkill_during_a_webui_call_then_restart(tmp_path):
+    """`sdengine serve` killed (SIGKILL) while a synchronous /sdapi/v1/txt2img call runs: after the restart the
+    call's task reads failed "interrupted" in sd_get_result, the webui options set before are still set, and
+    the webui routes work."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "models").mkdir()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(tmp_path, port)
+    try:
+        assert httpx.post(url + "/sdapi/v1/options", json={"eta_noise_seed_delta": 31337}).status_code == 200
+        caller = threading.Thread(target=lambda: _swallow(lambda: httpx.post(
+            url + "/sdapi/v1/txt2img", json={"prompt": "SLOW", "steps": 150, "width": 64, "height": 64},
+            timeout=120)), daemon=True)
+        caller.start()
+        end = time.monotonic() + 60
+        while True:
+            progress = httpx.get(url + "/sdapi/v1/progress").json()
+            if progress["state"]["sampling_step"] > 0:
+                break
+            assert time.monotonic() < end, "the webui call never ran"
+            time.sleep(0.02)
+        task = progress["current_task"][len("task("):-1]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    caller.join(30)
+    proc = _serve(tmp_path, port)
+    try:
+        result = httpx.post(url + "/scc/sd_get_result", json={"taskId": task}).json()
+        assert result["status"] == "failed" and result["error"]["code"] == "interrupted", result
+        assert httpx.get(url + "/sdapi/v1/options").json()["eta_noise_seed_delta"] == 31337
+        r = httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "after", "steps": 2, "width": 64, "height": 64},
+                       timeout=60)
+        assert r.status_code == 200 and len(r.json()["images"]) == 1
+        assert httpx.get(url + "/sdapi/v1/progress").json()["state"]["job_count"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _swallow(call):
+    try:
+        call()
+    except httpx.TransportError:
+        pass  # the server was killed under the call

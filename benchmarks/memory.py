@@ -1,0 +1,47 @@
+"""Peak memory per request size: the real engine, one process per (model, backend), sizes ascending; the
+growth of peak RSS (ru_maxrss) over the RSS before the request, beside engine.memory's estimate.
+
+    python -m benchmarks memory --models-dir DIR --model tiny-sd1 --backend onnxruntime --sizes 256 384 512
+
+One warm-up request (64x64) first; 1 step, CFG 7, batch 1 unless --batch. Memory, not time: no repeats needed
+(the peak of a deterministic graph), but the machine's other processes do not affect ru_maxrss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+
+
+def main(argv=None) -> dict:
+    from engine.memory import architecture_of, estimate
+    from engine.pipeline import Engine
+    from engine.request import GenerationRequest
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models-dir")
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 384, 512])
+    args = parser.parse_args(argv)
+    options = {k: v for k, v in (("models_dir", args.models_dir), ("cache_dir", args.cache_dir)) if v}
+    engine = Engine(backend=args.backend, **options)
+    engine.generate(GenerationRequest(model=args.model, steps=1, width=64, height=64, seed=1))
+    entry = engine.store.resolve(args.model) if args.model else engine.store.default_checkpoint()
+    arch, _ = architecture_of(entry.path)
+    rows = []
+    for size in sorted(args.sizes):
+        with open("/proc/self/statm") as f:
+            before = int(f.read().split()[1]) * resource.getpagesize()
+        engine.generate(GenerationRequest(model=args.model, steps=1, width=size, height=size,
+                                          batch_size=args.batch, seed=1))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        est = estimate(arch, size, size, args.batch, backend=args.backend)
+        rows.append({"model": entry.name, "backend": args.backend, "size": size, "batch": args.batch,
+                     "rss_before_mib": round(before / 2**20), "peak_mib": round(peak / 2**20),
+                     "growth_mib": round((peak - before) / 2**20), "estimated_mib": round(est.activations / 2**20)})
+        print(json.dumps(rows[-1]), flush=True)
+    return 0
