@@ -201,13 +201,14 @@ def _run(body: dict[str, Any], method: str, backend, device, precision, models_d
 img2img = click.Command(
     "img2img", callback=_img2img, help=_img2img.__doc__,
     params=[p for p in txt2img.params] + [
-        click.Option(["--init-image"], type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                     help="The init image (PNG, JPEG, WEBP ...); sets init_images."),
-        click.Option(["--mask"], type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                     help="Inpainting mask (white: repaint)."),
-        click.Option(["--denoising-strength"], type=float, help="0..1 (default 0.75)."),
-        click.Option(["--resize-mode"], help='0 "Just resize", 1 "Crop and resize", 2 "Resize and fill", '
-                                             '3 "Just resize (latent upscale)" (default 0).'),
+        Shown(["--init-image"], type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The init image (PNG, JPEG, WEBP ...); sets init_images.", shown="the payload's init_images"),
+        Shown(["--mask"], type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Inpainting mask (white: repaint).", shown="none: img2img without inpainting"),
+        Shown(["--denoising-strength"], type=float, help="0..1: how much of the init image is replaced.",
+              shown="0.75"),
+        Shown(["--resize-mode"], help='0 "Just resize", 1 "Crop and resize", 2 "Resize and fill", '
+                                      '3 "Just resize (latent upscale)".', shown='0 "Just resize"'),
     ],
     context_settings=txt2img.context_settings)
 

@@ -381,3 +381,39 @@ def test_hires_size_limit_names_the_field(tiny_store, tmp_path):
     with pytest.raises(InvalidRequest) as exc:
         small.generate(GenerationRequest(model=MODEL, prompt="x", steps=2, seed=1, hires=Hires(resize_x=256)))
     assert exc.value.field == "hr_resize_x"
+
+
+def test_cli_img2img(tmp_path, tiny_store):
+    """`sdengine img2img` on the real engine (tiny-sd1): an init image file, a mask, flags; errors name the field."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from engine.cli import main
+    from tests.api_support import png_infotext, png_pixels
+
+    models = tmp_path / "m" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    shutil.copyfile(tiny_store / "Stable-diffusion" / "tiny-sd1.safetensors", models / "tiny-sd1.safetensors")
+    init = smooth_image(48, 96)
+    Image.fromarray(init).save(tmp_path / "in.png")
+    mask = np.zeros((48, 96), np.uint8)
+    mask[8:40, 40:88] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    base = ["img2img", "--models-dir", str(tmp_path / "m"), "--results-dir", str(tmp_path / "r"), "--model",
+            "tiny-sd1", "--backend", "torch", "--steps", "4", "--seed", "3", "--width", "64", "--height", "64",
+            "--init-image",
+            str(tmp_path / "in.png")]
+    runner = CliRunner()
+    r = runner.invoke(main, base + ["--denoising-strength", "0.5", "--resize-mode", "Crop and resize",
+                                    "-o", str(tmp_path / "out.png")])
+    assert r.exit_code == 0, r.output
+    text = png_infotext(tmp_path / "out.png")
+    assert "Denoising strength: 0.5" in text and "Size: 64x64" in text
+    assert png_pixels(tmp_path / "out.png").shape == (64, 64, 3)
+    r = runner.invoke(main, base + ["--mask", str(tmp_path / "mask.png"), "-o", str(tmp_path / "inpaint.png")])
+    assert r.exit_code == 0, r.output
+    out = png_pixels(tmp_path / "inpaint.png")
+    assert out.shape == (48, 96, 3) and "Inpaint area: Only masked" in png_infotext(tmp_path / "inpaint.png")
+    r = runner.invoke(main, base + ["--denoising-strength", "1.5"])
+    assert r.exit_code == 1 and "denoising_strength" in r.output
