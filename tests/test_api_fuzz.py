@@ -188,7 +188,8 @@ IMG2IMG_GOOD = {
 img2img_keys = st.sampled_from(sorted(Img2ImgPayload.model_fields) + ["enable_hr", "image", "mask_blurr"])
 img2img_payloads = st.one_of(
     st.builds(lambda good, bad: {**good, **dict([bad] if bad else [])},
-              st.fixed_dictionaries({"init_images": IMG2IMG_GOOD["init_images"]}, optional=IMG2IMG_GOOD),
+              st.fixed_dictionaries({"init_images": IMG2IMG_GOOD["init_images"]},
+                                    optional={k: v for k, v in IMG2IMG_GOOD.items() if k != "init_images"}),
               st.one_of(st.none(), st.tuples(img2img_keys, scalars))),
     st.dictionaries(img2img_keys, st.one_of(scalars, json_values), max_size=6),
 )
