@@ -17,6 +17,7 @@ COMMANDS = {
     "serve": "api_compat.cli:serve",
     "worker": "api_compat.cli:worker",
     "paths": "engine.cli:paths",
+    "bench": "benchmarks._cli:bench",
 }
 
 

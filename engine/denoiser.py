@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.conditioning import StepConditioning
 from engine.errors import InvalidRequest
-from engine.arrays import as_like, floats, is_numpy, stack
+from engine.arrays import as_like, floats, is_numpy, stack, take_rows
 from engine.schedule import ModelSchedule
 
 Array = Any
@@ -91,7 +91,7 @@ class Denoiser:
         idx = list(rows.image)
         s_rows = [sigmas_b[b] for b in idx]
         t_rows = self.schedule.sigma_to_t(np.asarray(s_rows, dtype=np.float64))
-        x_rows = x[idx]
+        x_rows = take_rows(x, idx)
         c_in = self._col([1 / math.sqrt(s * s + 1) for s in s_rows], x)
         raw = self.model(x_rows * c_in, as_like(t_rows, x, dtype=_f32(x)), rows.cond, step)
         if self.prediction_type == "epsilon" or self.schedule.lcm_skip:
