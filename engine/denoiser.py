@@ -138,3 +138,22 @@ def _f32(x: Array) -> Any:
     import torch
 
     return torch.float32
+
+
+class LatentBlend:
+    """Inpainting with a normal checkpoint (webui CFGDenoiser with ``mask_before_denoising`` off): after every
+    denoiser call the kept region of the prediction is replaced by the init latent,
+    ``denoised = init * mask + nmask * denoised`` (``nmask`` 1 where the image is repainted, ``mask = 1 - nmask``);
+    :meth:`final` applies the same blend to the sampler's result, as the webui's ``sample`` does."""
+
+    def __init__(self, denoise: Callable[[Array, Any], Array], init: Array, nmask: Array):
+        self.denoise = denoise
+        self.init = init
+        self.nmask = nmask
+        self.mask = 1.0 - nmask
+
+    def __call__(self, x: Array, sigma: Any) -> Array:
+        return self.init * self.mask + self.nmask * self.denoise(x, sigma)
+
+    def final(self, x: Array) -> Array:
+        return x * self.nmask + self.init * self.mask
