@@ -92,7 +92,7 @@ def check_memory(store, config: EngineConfig, request: GenerationRequest, budget
         return
     width, height = request.width or native, request.height or native
     backend = getattr(config.backend, "value", str(config.backend))
-    options = {"cfg": request.cfg_scale != 1.0, "backend": backend}
+    options = {"cfg": request.cfg_scale != 1.0, "backend": backend, "tiling": config.vae_tiling}
     need = estimate(arch, width, height, request.batch_size, **options)
     if need.total <= budget:
         return

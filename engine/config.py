@@ -8,6 +8,7 @@ from enum import Enum
 from pathlib import Path
 
 from engine.errors import InvalidRequest
+from engine.tiling import VaeTiling
 
 ENV_MODELS_DIR = "SDENGINE_MODELS_DIR"
 DEFAULT_MODELS_DIR = "models"
@@ -89,6 +90,7 @@ class EngineConfig:
     allow_pickle: bool = False
     torch_compile: bool = False
     num_threads: int | None = None
+    vae_tiling: VaeTiling = field(default_factory=VaeTiling)  # tiled VAE decode above a size (engine.tiling)
 
     def __post_init__(self):
         object.__setattr__(self, "models_dir", Path(self.models_dir))

@@ -10,7 +10,9 @@ What dominates, measured on CPU (benchmarks/memory.py, BENCHMARKS.md "Memory per
   ``scaled_dot_product_attention`` (flash kernel) does not build them for the UNet; it does for the VAE's single
   head mid-block attention (measured). ``chunked:K`` (query chunks) divides them by K.
 * **Full-resolution VAE activations**: about 5 fp32 tensors of the decoder's first-block width at the image
-  size, per image in the batch (tiny-sd1: 16 channels, measured 260-400 B per pixel).
+  size, per image in the batch (tiny-sd1: 16 channels, measured 260-400 B per pixel). Above the engine's tiling
+  size (``engine.tiling.VaeTiling``, the same object the pipeline decodes with) they are those of one tile,
+  plus the blended image being assembled (3 channels, and its normalised copy: 6 fp32 per pixel).
 
 The UNet step and the VAE decode do not overlap, so the peak is the larger of the two stages, plus the model
 itself (weights as the backend holds them) and the process. Margin: the test (tests/test_memory.py) runs the
@@ -24,11 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from engine.tiling import VaeTiling
+
 FP32 = 4
 # scores + softmax alive at once in a full-attention graph
 FULL_ATTENTION_ARRAYS = 2.0
 # full-resolution fp32 tensors of the VAE decoder's first-block width alive at once (measured, see above)
 VAE_FULL_RES_TENSORS = 5.0
+# the tiled decode's output being assembled: sum, weights, normalised copy (fp32 values per pixel and image)
+TILED_OUTPUT_VALUES = 7.0
 # UNet conv activations: fp32 tensors of a level's width alive at once
 UNET_TENSORS = 8.0
 # what a backend holds per byte of weights in the checkpoint file (ORT keeps initializers and its own copies;
@@ -99,9 +105,11 @@ class Estimate:
 
 
 def estimate(arch: Architecture, width: int, height: int, batch_size: int = 1, *, cfg: bool = True,
-             backend: str = "onnxruntime", attention: tuple[str, str] | None = None) -> Estimate:
+             backend: str = "onnxruntime", attention: tuple[str, str] | None = None,
+             tiling: VaeTiling | None = VaeTiling()) -> Estimate:
     """Peak memory of one batch of a request. ``cfg``: the UNet runs conditional and unconditional rows
-    (cfg_scale != 1). ``attention``: (UNet, VAE) attention kinds; default: the backend's."""
+    (cfg_scale != 1). ``attention``: (UNet, VAE) attention kinds; default: the backend's. ``tiling``: the
+    engine's VAE tiling (``EngineConfig.vae_tiling``; None: never tiled)."""
     unet_kind, vae_kind = attention or BACKEND_ATTENTION.get(backend, ("full", "full"))
     rows = batch_size * (2 if cfg else 1)
     lh, lw = max(height // 8, 1), max(width // 8, 1)
@@ -113,9 +121,12 @@ def estimate(arch: Architecture, width: int, height: int, batch_size: int = 1, *
         conv += rows * channels * tokens * FP32 * UNET_TENSORS
         if has_attention:
             unet = max(unet, rows * heads * tokens * tokens * FP32 * _attention_factor(unet_kind))
-    vae_tokens = (lh * lw) if arch.vae_attention else 0
-    vae = batch_size * (arch.vae_channels[0] * width * height * FP32 * VAE_FULL_RES_TENSORS
+    tw, th = tiling.tile_shape(width, height) if tiling is not None else (width, height)
+    vae_tokens = (th // 8) * (tw // 8) if arch.vae_attention else 0
+    vae = batch_size * (arch.vae_channels[0] * tw * th * FP32 * VAE_FULL_RES_TENSORS
                         + vae_tokens * vae_tokens * FP32 * _attention_factor(vae_kind))
+    if (tw, th) != (width, height):
+        vae += batch_size * width * height * FP32 * TILED_OUTPUT_VALUES
     base = PROCESS_BYTES + int(arch.weights_bytes * WEIGHT_FACTOR.get(backend, 2.0))
     unet_total = int(unet + conv)
     return Estimate(total=base + max(unet_total, int(vae)), base=base, unet=unet_total, vae=int(vae))

@@ -2,7 +2,7 @@
 
 validate (engine.models.family) -> plan (engine.samplers: sigmas, denoiser schedule, noise; seeds; ControlNet
 units) -> condition (engine.conditioning) -> noise (engine.noise) -> sample (engine.denoiser + the sampler) ->
-decode (the backend's VAE) -> describe (engine.infotext: webui infotexts and the info dict).
+decode (the backend's VAE, tiled above a size: engine.tiling) -> describe (engine.infotext: webui infotexts and the info dict).
 See docs/ARCHITECTURE.md for what each room may touch.
 """
 
@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from engine.arrays import to_device, to_host
+from engine.arrays import to_device
 from engine.config import EngineConfig
 from engine.errors import Cancelled, InvalidRequest
 from engine.infotext import Generation, unit_infotext
 from engine.request import GenerationRequest, GenerationResult
+from engine.tiling import decode as decode_latents
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +184,9 @@ class Engine:
                                   s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
             timer.add("sampling", t0)
 
-            # 6. decode
+            # 6. decode (tiled above the configured size: engine.tiling)
             t0 = time.perf_counter()
-            images.extend(to_uint8(to_host(rt.backend.run("vae_decoder", {"latent": latents})["image"])))
+            images.extend(to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling)))
             timer.add("vae_decoder", t0)
 
         # 7. describe: webui infotexts and the info dict

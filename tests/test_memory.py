@@ -45,11 +45,13 @@ MEASURE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("backend,sizes", [("onnxruntime", [256, 384]), ("torch", [384])])
+@pytest.mark.parametrize("backend,sizes", [("onnxruntime", [256, 384]), ("torch", [384, 1024])])
 def test_estimate_matches_measured_peak(tiny_store, tmp_path_factory, backend, sizes):
     """The real engine (tiny-sd1, 1 step, CFG 7) in a fresh process: the growth of its peak RSS over a request
     lies within 35% + 64 MiB of the estimated activations (full attention on ONNX Runtime: 2 x rows x heads x
-    T^2 fp32 at the 48x48 latent of 384^2 is 324 MiB; torch's flash attention builds none in the UNet)."""
+    T^2 fp32 at the 48x48 latent of 384^2 is 324 MiB; torch's flash attention builds none in the UNet). 1024^2
+    on torch is decoded in 512^2 tiles (engine.tiling): estimated ~110 MiB, where the untiled decode's mid-block
+    attention alone would be 2 GiB."""
     cache = tmp_path_factory.getbasetemp() / "api-engine-cache"
     cache.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
@@ -84,6 +86,9 @@ def test_sd15_architecture_from_the_bundled_config():
     full = estimate(arch, 1024, 1024, 1, backend="onnxruntime")
     assert full.unet > 30 * 2**30  # 2 rows x 8 heads x 16384^2 x 4 B x 2 = 32 GiB
     assert estimate(arch, 1024, 1024, 1, backend="torch").unet < 1 * 2**30
+    # the tiled VAE decode (the engine's default above 768^2) is what brings 1024^2 on torch under 8 GB
+    assert estimate(arch, 1024, 1024, 1, backend="torch").total < 8e9 < estimate(arch, 1024, 1024, 1, backend="torch",
+                                                                                 tiling=None).total
 
 
 def _service(tmp_path, tiny_store, budget):
