@@ -131,6 +131,8 @@ if st == 'succeeded' or st == 'failed' then return {'final'} end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] and holder ~= ARGV[5] then return {'leased', holder} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local nb = tonumber(redis.call('HGET', KEYS[1], 'nbytes') or '0') or 0
+if st == 'waiting' and nb > 0 then redis.call('HINCRBY', KEYS[4], ARGV[6], -nb) end
 local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[3], 'worker', ARGV[1])
 redis.call('HDEL', KEYS[1], 'progress')
@@ -141,6 +143,8 @@ return {'run', tostring(n), redis.call('HGET', KEYS[1], 'cancel') or ''}
 _FINISH = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st or st == 'succeeded' or st == 'failed' then return 0 end
+local nb = tonumber(redis.call('HGET', KEYS[1], 'nbytes') or '0') or 0
+if st == 'waiting' and nb > 0 then redis.call('HINCRBY', KEYS[5], ARGV[11], -nb) end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[2], 'info', ARGV[3], 'images', ARGV[4],
            'error_code', ARGV[5], 'error_message', ARGV[6])
 redis.call('HDEL', KEYS[1], 'progress')
@@ -159,6 +163,8 @@ _CANCEL = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st == 'waiting' then
+  local nb = tonumber(redis.call('HGET', KEYS[1], 'nbytes') or '0') or 0
+  if nb > 0 then redis.call('HINCRBY', KEYS[4], ARGV[5], -nb) end
   redis.call('HSET', KEYS[1], 'status', 'failed', 'finished', ARGV[1], 'info', '{}', 'images', '[]',
              'error_code', 'cancelled', 'error_message', 'cancelled while waiting', 'cancel', '1')
   if tonumber(ARGV[2]) > 0 then
@@ -198,18 +204,33 @@ class RedisTasks:
     def waiting_key(self, queue: str) -> str:
         return f"{self.prefix}:waiting:{queue}"
 
+    @property
+    def bytes_key(self) -> str:
+        """Hash queue -> bytes of the ControlNet images its waiting tasks hold."""
+        return f"{self.prefix}:waiting-bytes"
+
     # -------------------------------------------------------------------------------------------- API side
-    def create(self, sub: Submission, queue: str, max_queue: int) -> None:
+    def create(self, sub: Submission, queue: str, max_queue: int, max_queue_bytes: int | None = None) -> None:
         waiting = self.waiting_key(queue)
-        if self.client.zcard(waiting) >= max_queue and self._prune(waiting) >= max_queue:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zcard(waiting)
+        pipe.hget(self.bytes_key, queue)
+        count, queued_bytes = pipe.execute()
+        queued_bytes = int(queued_bytes or 0)
+        if count >= max_queue and self._prune(waiting) >= max_queue:
             raise ApiError("queue_full", f"the queue is full ({max_queue} waiting tasks); retry later",
                            field=None, allowed=f"at most {max_queue} waiting tasks")
+        if max_queue_bytes is not None and count and queued_bytes + sub.nbytes > max_queue_bytes:
+            raise ApiError("queue_full", f"the waiting tasks' images fill the queue ({queued_bytes} of "
+                           f"{max_queue_bytes} bytes); retry later",
+                           allowed=f"at most {max_queue_bytes} bytes of images in waiting tasks")
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self.key("task", sub.task_id), mapping={
             "status": "waiting", "config_id": sub.config_id, "queue": queue, "created": repr(sub.created),
-            "parameters": json.dumps(sub.parameters, ensure_ascii=False), "attempts": 0})
+            "parameters": json.dumps(sub.parameters, ensure_ascii=False), "attempts": 0, "nbytes": sub.nbytes})
         pipe.expire(self.key("task", sub.task_id), PENDING_TTL_S)
         pipe.zadd(waiting, {sub.task_id: sub.created})
+        pipe.hincrby(self.bytes_key, queue, sub.nbytes)
         pipe.execute()
 
     def _prune(self, waiting: str) -> int:
@@ -240,16 +261,19 @@ class RedisTasks:
     def cancel(self, task_id: str, ttl: float | None) -> str:
         record = self.get(task_id)
         queue = record.get("queue", "") if record else ""
-        answer = self._cancel(keys=[self.key("task", task_id), self.waiting_key(queue), self.key("expired", task_id)],
-                              args=[repr(time.time()), int(ttl or 0), int(ttl or 0) + EXPIRED_KEEP_S, task_id])
+        answer = self._cancel(keys=[self.key("task", task_id), self.waiting_key(queue), self.key("expired", task_id),
+                                    self.bytes_key],
+                              args=[repr(time.time()), int(ttl or 0), int(ttl or 0) + EXPIRED_KEEP_S, task_id, queue])
         return answer.decode() if isinstance(answer, bytes) else str(answer)
 
     # ----------------------------------------------------------------------------------------- worker side
     def start(self, task_id: str, owner: str, steal: str = "") -> list[str]:
         record = self.get(task_id) or {}
         answer = self._start(
-            keys=[self.key("task", task_id), self.key("lease", task_id), self.waiting_key(record.get("queue", ""))],
-            args=[owner, int(self.options.lease_ttl * 1000), repr(time.time()), task_id, steal or "\x00"])
+            keys=[self.key("task", task_id), self.key("lease", task_id), self.waiting_key(record.get("queue", "")),
+                  self.bytes_key],
+            args=[owner, int(self.options.lease_ttl * 1000), repr(time.time()), task_id, steal or "\x00",
+                  record.get("queue", "")])
         return [a.decode() if isinstance(a, bytes) else str(a) for a in answer]
 
     def refresh(self, task_id: str, owner: str) -> bool:
@@ -269,9 +293,9 @@ class RedisTasks:
         code, message = error or ("", "")
         done = self._finish(
             keys=[self.key("task", task_id), self.key("lease", task_id), self.waiting_key(record.get("queue", "")),
-                  self.key("expired", task_id)],
+                  self.key("expired", task_id), self.bytes_key],
             args=[status, repr(time.time()), dumps(info or {}), json.dumps(images or []), code, message[:2000],
-                  int(ttl or 0), int(ttl or 0) + EXPIRED_KEEP_S, owner, task_id])
+                  int(ttl or 0), int(ttl or 0) + EXPIRED_KEEP_S, owner, task_id, record.get("queue", "")])
         return bool(done)
 
 
@@ -324,7 +348,7 @@ class CeleryBackend:
         import redis
 
         try:
-            self.tasks.create(sub, queue, self.max_queue)
+            self.tasks.create(sub, queue, self.max_queue, self.service.max_queue_bytes)
         except (redis.RedisError, OSError) as exc:
             log.error("queue %s unavailable: %s", redact(self.url), exc)
             raise ApiError("backend_unavailable", "the task queue is unavailable; retry later") from None
@@ -400,7 +424,9 @@ class CeleryBackend:
                 if now - info.get("seen", 0) > WORKER_SEEN_S:
                     continue
                 waiting = sum(int(self.tasks.client.zcard(self.tasks.waiting_key(q))) for q in info.get("queues", []))
-                devices[name.decode()] = {"waiting": waiting, "capacity": self.max_queue, "alive": True,
+                queued = self.tasks.client.hmget(self.tasks.bytes_key, info.get("queues") or ["-"])
+                devices[name.decode()] = {"waiting": waiting, "waiting_bytes": sum(int(b or 0) for b in queued),
+                                          "capacity": self.max_queue, "alive": True,
                                           "device": info.get("device"), "models": info.get("models"),
                                           "configs": sorted(self.service.configs), "pid": info.get("pid")}
             status = "closed" if self._closing else "ok"
@@ -646,10 +672,21 @@ def run_worker(settings: WorkerSettings, *, loglevel: str = "INFO") -> None:
 
     @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
     def txt2img(self, **message):
+        import redis
+
         rt = runtime.get("rt")
         if rt is None:
             rt = runtime["rt"] = _Runtime(settings)
-        return rt.run(message)
+        try:
+            return rt.run(message)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # Redis away: try again (same lease owner)
+            log.warning("task %s: Redis unavailable (%s); retrying", message.get("task_id"), exc)
+            raise self.retry(exc=exc, countdown=2, max_retries=None) from None
+        except Exception as exc:  # a bug of ours: the task must still end, with the reason
+            log.exception("task %s: unexpected error", message.get("task_id"))
+            rt.tasks.finish(str(message.get("task_id")), "failed", owner=rt.owner, ttl=message.get("ttl") or None,
+                            error=("internal_error", f"{type(exc).__name__}: {exc}"))
+            return "failed"
 
     name = settings.name or f"sdengine-{settings.engine_options.get('device', 'cpu')}-{os.getpid()}"
     nodename = f"{name}@{socket.gethostname()}"

@@ -209,7 +209,7 @@ def _is_loopback(host: str) -> bool:
                    "worker and server the same value, longer than the longest task.")
 @click.option("--memory-budget-gb", type=float, default=None,
               help="Refuse requests whose estimated peak memory is larger (default: half the machine's memory; "
-                   "0 turns the check off).")
+                   "with --queue: off unless given, as the workers' memory; 0 turns the check off).")
 @click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,

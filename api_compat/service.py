@@ -92,6 +92,8 @@ class LocalService:
                                   allow_url_fetch=allow_url_fetch)
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
+        if memory_budget == "auto" and queue:
+            memory_budget = None  # this server's memory says nothing of the workers' (docs/DECISIONS.md)
         if memory_budget == "auto":
             from engine.memory import default_budget
 

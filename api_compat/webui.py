@@ -487,6 +487,12 @@ def webui_router(service, read_json):
             images = await asyncio.to_thread(lambda: [_b64_png(p) for p in paths if p is not None])
             info = webui_info(result.get("info") or {}, body)
             info["sdengine_task_id"] = task_id
+            overrides = body.get("override_settings")
+            if body.get("override_settings_restore_afterwards") is False and isinstance(overrides, dict):
+                # the webui keeps the request's settings as the options afterwards
+                kept = {k: v for k, v in overrides.items() if k in _OPTION_NAMES and v is not None}
+                if kept:
+                    await asyncio.to_thread(state.save, {**state.options, **kept})
             return {"images": images, "parameters": webui_echo(body, kind),
                     "info": json.dumps(info, ensure_ascii=False)}
         except ApiError as exc:
@@ -634,7 +640,8 @@ def webui_router(service, read_json):
             if options.get("sd_vae") == "Automatic":
                 options.pop("sd_vae")
             load = {k: v for k, v in parsed.model_dump(exclude_unset=True).items()
-                    if k in ("sd_model_checkpoint", "sd_vae") and v is not None}
+                    if k in ("sd_model_checkpoint", "sd_vae") and v is not None
+                    and v not in (current.get(k), state.options.get(k))}  # posting back the current one
             if load:
                 # the webui loads the checkpoint before answering: a one-step task on the queue does, through
                 # the engine that serves the requests (the service has no other way into a worker's engine)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from api_compat import ApiError, LocalService
-from tests.api_support import png_infotext, png_pixels, png_seed, tiny_engine  # noqa: F401 (fixture)
+from tests.api_support import png_pixels, png_seed, tiny_engine  # noqa: F401 (fixture)
 from tests.queue_support import ENV_GATES, queue_double_factory, queue_workers, redis_server  # noqa: F401
 
 HEX32 = "0123456789abcdef" * 2
@@ -237,6 +237,33 @@ def test_expired_result(api):
         svc.sd_get_result({"taskId": task})
     assert exc.value.code == "expired" and exc.value.http_status == 410 and "expired" in str(exc.value)
     assert svc.image_path(task, 0) is None
+
+
+def test_queue_bound_in_bytes_of_images(api):
+    """Waiting tasks are bounded by the bytes of their (compressed) ControlNet images too, in both backends."""
+    import base64
+
+    from tests.api_support import png_b64
+
+    image = png_b64(32, 32, (200, 10, 10))
+    size = len(base64.b64decode(image))
+    payload = {"steps": 1, "width": 64, "height": 64, "alwayson_scripts": {"controlnet": {"units": [
+        {"model": "c", "module": "none", "input_image": image, "resize_mode": 0}]}}}
+    svc = api(max_queue_bytes=2 * size)
+    token = gate_token(svc)
+    first = svc.sd_txt2img({"prompt": f"GATE:{token}"})["taskId"]
+    assert wait_for(lambda: svc.sd_get_result({"taskId": first})["status"] == "running")
+    queued = [svc.sd_txt2img(payload)["taskId"] for _ in range(2)]
+    assert sum(d["waiting_bytes"] for d in svc.health()["devices"].values()) == 2 * size
+    with pytest.raises(ApiError) as exc:
+        svc.sd_txt2img(payload)
+    assert exc.value.code == "queue_full" and "bytes" in str(exc.value)
+    svc.cancel(queued[0])
+    assert sum(d["waiting_bytes"] for d in svc.health()["devices"].values()) == size
+    queued.append(svc.sd_txt2img(payload)["taskId"])
+    open_gate(svc, token)
+    assert [svc.wait(t, 20)["status"] for t in queued[1:]] == ["succeeded"] * 2
+    assert sum(d["waiting_bytes"] for d in svc.health()["devices"].values()) == 0
 
 
 def test_webui_synchronous_call_and_interrupt(api):

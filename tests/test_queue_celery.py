@@ -235,8 +235,12 @@ def test_redis_restart_with_aof_keeps_queued_tasks(tmp_path):
             worker = WorkerProcess(server.url(0), tmp_path / "results", tmp_path / "w.log", *DOUBLE,
                                    "--models-dir", str(tmp_path / "no-models")).start()
             results = [svc.wait(t, 60) for t in ids]
-        assert [r["status"] for r in results] == ["succeeded"] * 11
-        assert [png_seed(r["images"][0]) for r in results] == list(range(11))
+            assert [r["status"] for r in results] == ["succeeded"] * 11
+            assert [png_seed(r["images"][0]) for r in results] == list(range(11))
+            # a second restart under a running worker: it reconnects and takes the new tasks
+            server.restart()
+            more = [svc.sd_txt2img({"prompt": "later", "seed": 20 + i, "steps": 2})["taskId"] for i in range(3)]
+            assert [png_seed(svc.wait(t, 90)["images"][0]) for t in more] == [20, 21, 22]
     finally:
         if worker is not None:
             worker.kill()

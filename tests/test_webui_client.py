@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -99,7 +100,10 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("webui-server")
-    (root / "models").mkdir()
+    # a second checkpoint (the demo's weights under another name), for the options to switch to
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    shutil.copyfile(ROOT / "engine" / "models" / "bundled" / "Stable-diffusion" / "sdengine-demo.safetensors",
+                    root / "models" / "Stable-diffusion" / "demo-copy.safetensors")
     srv = Server(root)
     # the first generation exports the demo model (ONNX); every test after it runs warm
     r = srv.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 1})
@@ -232,6 +236,8 @@ def test_controlnet_as_the_extension_is_called(server):
 def test_models_options_and_listings(server):
     models = server.get("/sdapi/v1/sd-models").json()
     (demo,) = [m for m in models if m["model_name"] == "sdengine-demo"]
+    (copy,) = [m for m in models if m["model_name"] == "demo-copy"]
+    assert copy["filename"] == "Stable-diffusion/demo-copy.safetensors" and copy["sha256"] == demo["sha256"]
     assert demo["title"] == f"sdengine-demo.safetensors [{demo['hash']}]" and demo["sha256"].startswith(demo["hash"])
     samplers = {s["name"]: s for s in server.get("/sdapi/v1/samplers").json()}
     assert "k_euler_a" in samplers["Euler a"]["aliases"] and samplers["DPM++ 2M"]["options"]["scheduler"] == "karras"
@@ -246,9 +252,17 @@ def test_models_options_and_listings(server):
     options = server.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"] == demo["title"] and options["CLIP_stop_at_last_layers"] == 1
     # setting the checkpoint loads it (a one-step task on the queue) and it stays the current one
-    r = server.post("/sdapi/v1/options", {"sd_model_checkpoint": demo["title"], "CLIP_stop_at_last_layers": 2})
+    r = server.post("/sdapi/v1/options", {"sd_model_checkpoint": "demo-copy.safetensors"})
     assert r.status_code == 200, r.text
-    assert server.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+    options = server.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == f"demo-copy.safetensors [{demo['hash']}]"
+    body = server.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 3}).json()
+    assert json.loads(body["info"])["sd_model_name"] == "demo-copy"
+    # posting back what GET gave (clients do) loads nothing; switching back loads the demo again
+    assert server.post("/sdapi/v1/options", {**options, "CLIP_stop_at_last_layers": 2}).status_code == 200
+    assert server.post("/sdapi/v1/options", {"sd_model_checkpoint": demo["title"]}).status_code == 200
+    options = server.get("/sdapi/v1/options").json()
+    assert options["CLIP_stop_at_last_layers"] == 2 and options["sd_model_checkpoint"] == demo["title"]
     payload = {**WEBUI_DEFAULT_PAYLOAD, "seed": 8, "steps": 6}
     body = server.post("/sdapi/v1/txt2img", payload).json()
     info = json.loads(body["info"])
@@ -262,6 +276,10 @@ def test_models_options_and_listings(server):
     assert r.status_code == 422 and r.json()["error"]["field"] == "sd_model_checkpoint"
     r = server.post("/sdapi/v1/options", {"sd_hypernetwork": "x"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "sd_hypernetwork"
+    # override_settings_restore_afterwards false keeps the request's settings (as the webui)
+    body = server.post("/sdapi/v1/txt2img", {**payload, "override_settings": {"CLIP_stop_at_last_layers": 3},
+                                             "override_settings_restore_afterwards": False})
+    assert body.status_code == 200 and server.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 3
     assert server.post("/sdapi/v1/options", {"CLIP_stop_at_last_layers": 1}).status_code == 200
 
 
