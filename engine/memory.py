@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.tiling import VaeTiling
+from export.attention import DEFAULT_CHUNKS, attention_kind
 
 FP32 = 4
 # scores + softmax alive at once in a full-attention graph
@@ -42,7 +43,10 @@ UNET_TENSORS = 8.0
 WEIGHT_FACTOR = {"onnxruntime": 2.0, "torch": 1.1, "tensorrt": 1.2}
 PROCESS_BYTES = 450 * 2**20
 # attention kind of each backend's graph today: (UNet self-attention, VAE mid-block attention)
-BACKEND_ATTENTION = {"onnxruntime": ("full", "full"), "torch": ("flash", "full"), "tensorrt": ("flash", "flash")}
+# (the ONNX export computes attention in export.attention.DEFAULT_CHUNKS query slices for the CPU runtimes)
+_CHUNKED = attention_kind(DEFAULT_CHUNKS)
+BACKEND_ATTENTION = {"onnxruntime": (_CHUNKED, _CHUNKED), "openvino": (_CHUNKED, _CHUNKED),
+                     "torch": ("flash", "full"), "tensorrt": ("flash", "flash")}
 DEFAULT_BUDGET_FRACTION = 0.5
 PLAN_SIZES = tuple(range(64, 2049, 64))
 
