@@ -4,8 +4,8 @@ UNet and VAE configs), size, batch, backend and attention kind, and the budget c
 What dominates, measured on CPU (benchmarks/memory.py, BENCHMARKS.md "Memory per request size"):
 
 * **Attention score matrices.** A self-attention layer over T = h*w latent tokens holds scores and their
-  softmax, 2 x rows x heads x T^2 fp32 values, when the graph computes full attention (the ONNX export:
-  MatMul -> Softmax -> MatMul). T grows with the 4th power of the image side: tiny-sd1 (4 heads at the 64x64
+  softmax, 2 x rows x heads x T^2 fp32 values, when the graph computes full attention (the ONNX export before
+  export.attention: MatMul -> Softmax -> MatMul; now 16 query chunks on the CPU runtimes). T grows with the 4th power of the image side: tiny-sd1 (4 heads at the 64x64
   latent of a 512^2 image) measured +1.2 GiB, the demo model at 1024^2 20 GB. torch's CPU
   ``scaled_dot_product_attention`` (flash kernel) does not build them for the UNet; it does for the VAE's single
   head mid-block attention (measured). ``chunked:K`` (query chunks) divides them by K.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.tiling import VaeTiling
@@ -77,6 +77,7 @@ class Architecture:
     vae_attention: bool = True
     weights_bytes: int = 0
     text_layers: int | None = None  # fewest hidden layers of the text encoders (the largest clip_skip)
+    family: str | None = None  # engine.models.family.Arch value, when detected from the weights
 
     @classmethod
     def from_configs(cls, unet: Mapping[str, Any], vae: Mapping[str, Any], weights_bytes: int = 0,
@@ -212,7 +213,8 @@ def architecture_of(path: str | os.PathLike) -> tuple[Architecture, int] | None:
                 native = _BUNDLED[arch.value][1]
             text = tuple(json.loads((path / sub / "config.json").read_text())
                          for sub in ("text_encoder", "text_encoder_2") if (path / sub / "config.json").is_file())
-            result = (Architecture.from_configs(unet, vae, size, text), native)
+            result = (replace(Architecture.from_configs(unet, vae, size, text), family=getattr(arch, "value", None)),
+                      native)
         elif path.suffix.lower() == ".safetensors":
             header = read_safetensors_header(path)
             from engine.models.convert import METADATA_KEY
@@ -229,7 +231,8 @@ def architecture_of(path: str | os.PathLike) -> tuple[Architecture, int] | None:
                 configs = None
             if configs and "unet" in configs and "vae" in configs:
                 text = tuple(configs[k] for k in ("text_encoder", "text_encoder_2") if isinstance(configs.get(k), dict))
-                result = (Architecture.from_configs(configs["unet"], configs["vae"], stat.st_size, text), native)
+                result = (replace(Architecture.from_configs(configs["unet"], configs["vae"], stat.st_size, text),
+                                  family=getattr(arch, "value", None)), native)
     except (OSError, ValueError, KeyError, TypeError, SdEngineError):  # unreadable: the engine reports it
         result = None
     _ARCH_CACHE[key] = result

@@ -210,3 +210,18 @@ def test_clip_skip_beyond_the_text_encoder_is_refused_at_submit(tmp_path, tiny_s
                 svc.sd_txt2img(payload)
             assert (exc.value.field, exc.value.http_status) == ("clip_skip", 422)
             assert exc.value.allowed.startswith("an integer from 1 to 5")
+
+
+def test_over_long_prompts_are_refused_at_submit(tmp_path, tiny_store):
+    """The probe: prompts over the chunk limit were accepted and failed in the worker (`invalid_request` only after
+    queueing). engine.admission tokenises them at submit with the model's tokenizer, by the rule the worker
+    applies (engine.conditioning), and the error names the field."""
+    long = " ".join(["cat"] * (32 * 75 + 1))  # 2401 tokens: 33 chunks of 75, the limit is 32
+    with _service(tmp_path, tiny_store, None) as svc:
+        assert svc.sd_txt2img({"prompt": " ".join(["cat"] * (32 * 75))})["status"] == "waiting"  # exactly 32
+        for payload, field in (({"prompt": long}, "prompt"), ({"negtive_prompt": long}, "negtive_prompt"),
+                               ({"prompt": f"[dog:{long}:3]", "steps": 6}, "prompt")):
+            with pytest.raises(ApiError) as exc:
+                svc.sd_txt2img(payload)
+            assert (exc.value.code, exc.value.field, exc.value.http_status) == ("invalid_request", field, 422)
+            assert exc.value.allowed == "at most 32 chunks (2400 tokens)"
