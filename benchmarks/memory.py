@@ -32,12 +32,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 384, 512])
     parser.add_argument("--write-sd15", metavar="DIR", default=None)
+    parser.add_argument("--vae-tile", type=int, default=None,
+                        help="latent tile side of the tiled VAE decode (0: never tile, the decode before issue 12)")
     args = parser.parse_args(argv)
     if args.write_sd15:
         print(write_sd15(args.write_sd15), flush=True)
         return 0
     options = {k: v for k, v in (("models_dir", args.models_dir), ("cache_dir", args.cache_dir)) if v}
-    engine = Engine(backend=args.backend, **options)
+    from engine.tiling import VaeTiling
+
+    tiling = VaeTiling() if args.vae_tile is None else VaeTiling(tile=args.vae_tile) if args.vae_tile else VaeTiling(0)
+    engine = Engine(backend=args.backend, vae_tiling=tiling, **options)
     engine.generate(GenerationRequest(model=args.model, steps=1, width=64, height=64, seed=1))
     entry = engine.store.resolve(args.model) if args.model else engine.store.default_checkpoint()
     arch, _ = architecture_of(entry.path)
@@ -48,10 +53,11 @@ def main(argv=None) -> dict:
         engine.generate(GenerationRequest(model=args.model, steps=1, width=size, height=size,
                                           batch_size=args.batch, seed=1))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        est = estimate(arch, size, size, args.batch, backend=args.backend)
+        est = estimate(arch, size, size, args.batch, backend=args.backend, tiling=tiling)
         rows.append({"model": entry.name, "backend": args.backend, "size": size, "batch": args.batch,
                      "rss_before_mib": round(before / 2**20), "peak_mib": round(peak / 2**20),
-                     "growth_mib": round((peak - before) / 2**20), "estimated_mib": round(est.activations / 2**20)})
+                     "growth_mib": round((peak - before) / 2**20), "estimated_mib": round(est.activations / 2**20),
+                     "estimated_total_mib": round(est.total / 2**20), "vae_tile": tiling.tile})
         print(json.dumps(rows[-1]), flush=True)
     return 0
 
