@@ -24,10 +24,11 @@ test: setup
 
 DEMO_CKPT := engine/models/bundled/Stable-diffusion/sdengine-demo.safetensors
 demo: setup
-	@if [ ! -f $(DEMO_CKPT) ] && [ -z "$$(ls models/Stable-diffusion 2>/dev/null)" ]; then \
+	@MODELS="$$($(BIN)/python -c 'from engine.config import default_models_dir; print(default_models_dir())')"; \
+	if [ ! -f $(DEMO_CKPT) ] && [ -z "$$(ls "$$MODELS/Stable-diffusion" 2>/dev/null)" ]; then \
 	  echo "NOTE: no trained demo model is bundled in this checkout: writing tiny models with RANDOM weights"; \
-	  echo "      to ./models (the picture will be noise-like, not the prompt)."; \
-	  $(BIN)/sdengine models write-tiny models; fi
+	  echo "      to $$MODELS (the picture will be noise-like, not the prompt)."; \
+	  $(BIN)/sdengine models write-tiny "$$MODELS"; fi
 	$(BIN)/sdengine txt2img --prompt "a large red circle in the middle on a blue background" --steps 20 --cfg-scale 1.5 --seed 1 --output outputs/demo.png
 
 bench: setup

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from engine.errors import Cancelled, SdEngineError
+from engine.progress import Progress as PhaseEvent
+from engine.progress import ProgressReporter
 
 from api_compat.images import write_png
 
@@ -76,19 +77,30 @@ def image_file(images_dir: Path, task_id: str, index: int) -> Path:
     return Path(images_dir) / f"{task_id}-{index}.png"
 
 
+def initial_progress(steps: int | None) -> dict[str, Any]:
+    """The ``progress`` of a running task before the engine reported anything: it is loading."""
+    return PhaseEvent("loading", steps=max(int(steps or DEFAULT_STEPS), 1)).as_dict()
+
+
 class Progress:
-    """The progress callback of ``engine.generate``: step, steps, fraction and ETA (from the first call)."""
+    """The progress callback of ``engine.generate`` -> the ``progress`` object of ``sd_get_result``
+    (docs/API.md): the engine's phase events (engine.progress) as they come; an engine that calls the old
+    ``progress(done, total)`` gets its sampling steps with the same ETA rule (median step time)."""
 
     def __init__(self, steps: int | None):
-        self.first = time.monotonic()
-        self.value = {"step": 0, "steps": max(int(steps or DEFAULT_STEPS), 1), "fraction": 0.0, "eta_seconds": None}
+        self.value = initial_progress(steps)
+        self.last: PhaseEvent | None = None
+        self._legacy = ProgressReporter(self._record, None, max(int(steps or DEFAULT_STEPS), 1))
 
-    def __call__(self, step: int, steps: int) -> dict[str, Any]:
-        step, steps = int(step), max(int(steps), 1)
-        elapsed = time.monotonic() - self.first
-        eta = elapsed / step * (steps - step) if step > 0 else None
-        self.value = {"step": step, "steps": steps, "fraction": min(step / steps, 1.0),
-                      "eta_seconds": None if eta is None else round(eta, 3)}
+    def _record(self, event: PhaseEvent) -> None:
+        self.last = event
+        self.value = event.as_dict()
+
+    def __call__(self, event: PhaseEvent | int, steps: int | None = None) -> dict[str, Any]:
+        if steps is not None:
+            self._legacy.sampled(int(event), int(steps))
+        else:
+            self._record(event)
         return self.value
 
 
@@ -99,7 +111,9 @@ def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id
     result = engine.generate(request, progress=progress, cancel=cancel)
     names = []
     infotexts = list(result.infotexts)
+    steps = request.steps * request.n_iter
     for i, image in enumerate(result.images):
+        progress(PhaseEvent("saving", i, len(result.images), steps, steps, 0.0))
         path = image_file(images_dir, task_id, i)
         write_png(path, image, infotexts[i] if i < len(infotexts) else None)
         names.append(path.name)

@@ -43,7 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from engine.lazy import require
 
-from api_compat.backend import Submission, result_dict
+from api_compat.backend import Submission, initial_progress, result_dict
 from api_compat.errors import ApiError
 from api_compat.store import TASK_ID, dumps
 
@@ -308,8 +308,7 @@ def _record_result(record: dict[str, str], task_id: str, images_dir: Path, steps
                            (record.get("error_code") or None, record.get("error_message") or None))
     out: dict[str, Any] = {"taskId": task_id, "status": status, "images": [], "parameters": parameters, "info": {}}
     if status == "running":
-        out["progress"] = json.loads(record.get("progress") or "null") or {
-            "step": 0, "steps": steps or 20, "fraction": 0.0, "eta_seconds": None}
+        out["progress"] = json.loads(record.get("progress") or "null") or initial_progress(steps)
     return out
 
 
@@ -556,8 +555,8 @@ class _Runtime:
         tracker = Progress(message.get("steps"))
         names: list[str] = []
 
-        def progress(step: int, steps: int) -> None:
-            if self.tasks.progress(task_id, tracker(step, steps)):
+        def progress(event, steps: int | None = None) -> None:
+            if self.tasks.progress(task_id, tracker(event, steps)):
                 cancel.set()
 
         try:

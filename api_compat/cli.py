@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from engine.cli import Shown
+
 log = logging.getLogger(__name__)
 
 FLAG_FIELDS = {  # option name -> payload field
@@ -64,37 +66,59 @@ def _outputs(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i + 1}{output.suffix or '.png'}") for i in range(count)]
 
 
+def _payload_default(field: str) -> str:
+    """The payload field's default as ``--help`` shows it (from the schema, so it cannot drift)."""
+    from api_compat.schema import Txt2ImgPayload
+
+    default = Txt2ImgPayload.model_fields[field].default
+    return json.dumps(default) if default is not None else "none"
+
+
+def _dirs_help():
+    from engine.config import default_models_dir, default_results_dir
+
+    return str(default_models_dir()), str(default_results_dir())
+
+
+BACKEND_DEFAULT = "openvino on CPU when installed, else onnxruntime"
+PRECISION_DEFAULT = "bf16 for openvino on a CPU with native bf16, else fp32"
+
+
 @click.command()
 @click.argument("payload", required=False, metavar="[PAYLOAD.json | -]")
-@click.option("--prompt", help="Positive prompt (webui attention syntax).")
-@click.option("--negative-prompt", help="Negative prompt.")
-@click.option("--steps", type=int)
-@click.option("--seed", type=int, help="-1 draws a random seed.")
-@click.option("--width", type=int)
-@click.option("--height", type=int)
-@click.option("--sampler", help='Sampler name, e.g. "Euler a" or "DPM++ 2M Karras".')
-@click.option("--scheduler", help="Schedule type (Automatic, Karras, Exponential, ...).")
-@click.option("--cfg-scale", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--n-iter", type=int, help="Number of batches.")
-@click.option("--model", help="Checkpoint name from the model store.")
-@click.option("--backend", help="openvino, onnxruntime, torch or tensorrt (default: openvino on CPU when installed, "
-                                "else onnxruntime).")
-@click.option("--device", help="cpu or cuda[:N].")
-@click.option("--precision", help="fp32, fp16 or bf16 (default: bf16 for openvino on a CPU with native bf16, else "
-                                  "fp32).")
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.")
+@click.option("--prompt", help="Positive prompt (webui attention syntax).", cls=Shown, shown=_payload_default("prompt"))
+@click.option("--negative-prompt", help="Negative prompt.", cls=Shown, shown=_payload_default("negtive_prompt"))
+@click.option("--steps", type=int, cls=Shown, shown=_payload_default("steps"))
+@click.option("--seed", type=int, help="-1 draws a random seed.", cls=Shown, shown=_payload_default("seed"))
+@click.option("--width", type=int, cls=Shown, shown="the model's native size (sdengine models info)")
+@click.option("--height", type=int, cls=Shown, shown="the model's native size (sdengine models info)")
+@click.option("--sampler", help='Sampler name, e.g. "Euler a" or "DPM++ 2M Karras".', cls=Shown, shown='"Euler a"')
+@click.option("--scheduler", help="Schedule type (Automatic, Karras, Exponential, ...).",
+              cls=Shown, shown=_payload_default("scheduler"))
+@click.option("--cfg-scale", type=float, cls=Shown, shown=_payload_default("cfg_scale"))
+@click.option("--batch-size", type=int, cls=Shown, shown=_payload_default("batch_size"))
+@click.option("--n-iter", type=int, help="Number of batches.", cls=Shown, shown=_payload_default("n_iter"))
+@click.option("--model", help="Checkpoint name from the model store.",
+              cls=Shown, shown="the bundled demo model (sdengine models list)")
+@click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
+@click.option("--device", help="cpu or cuda[:N].", cls=Shown, shown="cpu")
+@click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.",
+              cls=Shown, shown=f"$SDENGINE_MODELS_DIR or {_dirs_help()[0]}")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where task records and PNGs are kept (default: outputs/sdengine or $SDENGINE_RESULTS_DIR).")
+              help="Where task records and PNGs are kept.",
+              cls=Shown, shown=f"$SDENGINE_RESULTS_DIR or {_dirs_help()[1]}")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="Copy the image here (several images: NAME-1.png, NAME-2.png, ...).")
+              help="Copy the image here (several images: NAME-1.png, NAME-2.png, ...).",
+              cls=Shown, shown="no copy; the PNG stays in the results folder")
 @click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
 @click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (benchmarks, plugins).")
 def txt2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
             **flags):
     """Generate images from a sd_txt2img JSON payload (a file, or - for stdin) and/or flags.
 
-    Flags override the payload's fields. Prints the paths of the PNGs (each carries the webui infotext).
+    Flags override the payload's fields (every field: docs/API.md). Prints the absolute paths of the PNGs
+    (each carries the webui infotext); progress and warnings go to stderr. Ctrl-C cancels the task (exit 130).
     """
     from api_compat.errors import ApiError
     from api_compat.service import LocalService
@@ -120,39 +144,95 @@ def txt2img(payload, backend, device, precision, models_dir, results_dir, output
     if result["status"] != "succeeded":
         error = result.get("error") or {}
         raise click.ClickException(f"task {task_id} failed ({error.get('code')}): {error.get('message')}")
-    images = [Path(p) for p in result["images"]]
+    for warning in result.get("info", {}).get("warnings") or []:
+        click.echo(f"warning: {warning}", err=True)
+    images = [Path(p).absolute() for p in result["images"]]
     if output is not None and images:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        targets = _outputs(output, len(images))
+        output.absolute().parent.mkdir(parents=True, exist_ok=True)
+        targets = _outputs(output.absolute(), len(images))
         for src, dst in zip(images, targets):
             shutil.copyfile(src, dst)
         images = targets
     for path in images:
         click.echo(str(path))
     seeds = result.get("info", {}).get("all_seeds")
-    click.echo(f"task {task_id}: {len(images)} image(s), seeds {seeds}", err=True)
+    click.echo(f"task {task_id}: {len(images)} image(s), seeds {seeds}; results in {service.results_dir}", err=True)
+
+
+class _PhaseBars:
+    """Progress on stderr from the task's ``progress`` object: a line per phase, a bar of its own for each
+    export and for sampling (step i/n with the engine's ETA, measured from sampling steps only)."""
+
+    def __init__(self, file=None):
+        self.file = file or sys.stderr
+        self.key = None
+        self.bar = None
+        self.shown = 0
+
+    def update(self, progress: dict[str, Any]) -> None:
+        phase = progress.get("phase") or "sampling"
+        if phase == "sampling":
+            key, total, done = ("sampling",), max(int(progress.get("steps") or 1), 1), int(progress.get("step") or 0)
+        elif phase == "exporting":
+            detail = str(progress.get("detail") or "")
+            component = detail.split(" (")[0]
+            key, total, done = ("exporting", component), max(int(progress.get("phase_total") or 1), 1), int(
+                progress.get("phase_done") or 0)
+        else:
+            key, total, done = (phase,), 0, 0
+        if key != self.key:
+            self.close()
+            self.key = key
+            if total:
+                label = "sampling" if phase == "sampling" else f"exporting {key[1]}"
+                self.bar = click.progressbar(length=total, label=label, file=self.file, show_eta=False,
+                                             show_pos=True, item_show_func=lambda eta: eta)
+                self.bar.__enter__()
+                self.shown = 0
+            else:
+                detail = progress.get("detail")
+                click.echo(f"{phase}{': ' + str(detail) if detail else ''} ...", file=self.file)
+        if self.bar is not None and done > self.shown:
+            eta = progress.get("eta_seconds")
+            text = f"ETA {_clock(eta)}" if phase == "sampling" and eta is not None else None
+            self.bar.update(done - self.shown, text)
+            self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
 def _follow(service, task_id: str) -> dict[str, Any]:
-    """Poll the task with a progress bar (on stderr); Ctrl-C cancels it."""
-    total = 1000
-    done = 0
-    with click.progressbar(length=total, label="txt2img", file=sys.stderr, show_eta=True) as bar:
+    """Poll the task, showing its phases (on stderr). Ctrl-C cancels the task, waits until it is recorded as
+    cancelled, and re-raises (the command group exits 130)."""
+    bars = _PhaseBars()
+    try:
+        while True:
+            result = service.sd_get_result({"taskId": task_id})
+            if result["status"] in ("succeeded", "failed"):
+                return result
+            if result.get("progress"):
+                bars.update(result["progress"])
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        bars.close()
+        service.cancel(task_id)
         try:
-            while True:
-                result = service.sd_get_result({"taskId": task_id})
-                if result["status"] in ("succeeded", "failed"):
-                    bar.update(total - done)
-                    return result
-                fraction = (result.get("progress") or {}).get("fraction") or 0.0
-                step = int(fraction * total)
-                if step > done:
-                    bar.update(step - done)
-                    done = step
-                time.sleep(0.05)
-        except KeyboardInterrupt:
-            service.cancel(task_id)
-            raise click.Abort() from None
+            final = service.wait(task_id, timeout=60)
+            click.echo(f"task {task_id} cancelled ({final['status']}: "
+                       f"{(final.get('error') or {}).get('code', '')})", err=True)
+        except TimeoutError:
+            click.echo(f"task {task_id}: cancel requested, still stopping", err=True)
+        raise
+    finally:
+        bars.close()
 
 
 def _budget(gb: float | None):
@@ -173,16 +253,22 @@ def _is_loopback(host: str) -> bool:
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", default=7860, show_default=True, type=int)
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--api-key", envvar="SDENGINE_API_KEY", help="Require this key (Authorization: Bearer / X-API-Key).")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.",
+              cls=Shown, shown=f"$SDENGINE_MODELS_DIR or {_dirs_help()[0]}")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where task records and PNGs are kept.", cls=Shown,
+              shown=f"$SDENGINE_RESULTS_DIR or {_dirs_help()[1]}")
+@click.option("--api-key", envvar="SDENGINE_API_KEY", help="Require this key (Authorization: Bearer / X-API-Key).",
+              cls=Shown, shown="$SDENGINE_API_KEY, else no key (loopback only)")
 @click.option("--api-auth", envvar="SDENGINE_API_AUTH", metavar="USER:PASS[,USER:PASS]",
-              help="HTTP Basic credentials, as the webui's --api-auth; with --api-key, either admits.")
-@click.option("--backend")
-@click.option("--device")
-@click.option("--precision")
+              help="HTTP Basic credentials, as the webui's --api-auth; with --api-key, either admits.",
+              cls=Shown, shown="$SDENGINE_API_AUTH, else none")
+@click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
+@click.option("--device", help="cpu or cuda[:N].", cls=Shown, shown="cpu")
+@click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
 @click.option("--configs", "configs_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help='JSON file {"config-id": {engine options}} selected by the X-SP-RESOURCE-CONFIG-ID header.')
+              help='JSON file {"config-id": {engine options}} selected by the X-SP-RESOURCE-CONFIG-ID header.',
+              cls=Shown, shown="only the default configuration")
 @click.option("--max-queue", default=256, show_default=True, type=int)
 @click.option("--max-queue-mb", default=512, show_default=True, type=int,
               help="Bound on the compressed ControlNet images held by waiting tasks.")
@@ -190,9 +276,11 @@ def _is_loopback(host: str) -> bool:
 @click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A host name clients use for this server (the Host header); the bound address and, on a "
-                   "loopback bind, localhost are always allowed. '*' allows any (e.g. behind a proxy that checks).")
+                   "loopback bind, localhost are always allowed. '*' allows any (e.g. behind a proxy that checks).",
+              cls=Shown, shown="the bound address (and localhost on loopback)")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
-              help="A web origin (https://app.example) allowed to call the API from a browser; others are refused.")
+              help="A web origin (https://app.example) allowed to call the API from a browser; others are refused.",
+              cls=Shown, shown="none")
 @click.option("--insecure-no-auth", is_flag=True,
               help="Allow a non-loopback bind without --api-key (anyone who can reach it can submit tasks).")
 @click.option("--header-timeout", default=10.0, show_default=True, type=float,
@@ -201,7 +289,7 @@ def _is_loopback(host: str) -> bool:
               help="Seconds a request body may take to arrive.")
 @click.option("--queue", envvar="SDENGINE_QUEUE", metavar="redis://[:PASSWORD@]HOST:PORT/DB",
               help="Send the tasks to 'sdengine worker' processes over Celery + Redis (this server then runs no "
-                   "engine and needs no GPU). Default: run them in this process.")
+                   "engine and needs no GPU).", cls=Shown, shown="$SDENGINE_QUEUE, else run them in this process")
 @click.option("--results-ttl", type=float, default=7 * 86400, show_default=True,
               help="Seconds a finished task's result (record and PNGs) is kept; then it answers 'expired'.")
 @click.option("--visibility-timeout", type=float, default=3600, show_default=True,
@@ -257,13 +345,14 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
 @click.option("--queue", envvar="SDENGINE_QUEUE", required=True, metavar="redis://[:PASSWORD@]HOST:PORT/DB",
               help="The Redis the API servers send tasks to.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] (one worker per GPU).")
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.",
+              cls=Shown, shown=f"$SDENGINE_MODELS_DIR or {_dirs_help()[0]}")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Where the PNGs are written: the same folder the API servers read (shared storage).")
 @click.option("--models", help="Serve only these checkpoints (comma-separated names from the model store); "
                                "default: every checkpoint in the store, and tasks that name none.")
-@click.option("--backend", help="onnxruntime, torch or tensorrt.")
-@click.option("--precision", help="fp32, fp16 or bf16.")
+@click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
+@click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Exported ONNX / engine cache (default: MODELS_DIR/cache).")
 @click.option("--threads", type=int, help="CPU threads of the engine (default: all cores).")

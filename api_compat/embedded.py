@@ -18,7 +18,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.errors import Cancelled
 
-from api_compat.backend import Progress, Submission, error_of, result_dict, run_generation
+from api_compat.backend import Progress, Submission, error_of, initial_progress, result_dict, run_generation
 from api_compat.engine_api import EngineFactory, EngineLike
 from api_compat.errors import ApiError
 from api_compat.store import Status, TaskRecord, TaskStore
@@ -141,8 +141,8 @@ class EmbeddedBackend:
                 out = {"taskId": task_id, "status": task.status.value, "images": [],
                        "parameters": task.sub.parameters, "info": {}}
                 if task.status is Status.RUNNING:
-                    out["progress"] = dict(task.progress or {"step": 0, "steps": task.sub.request.steps,
-                                                             "fraction": 0.0, "eta_seconds": None})
+                    out["progress"] = dict(task.progress or initial_progress(
+                        task.sub.request.steps * task.sub.request.n_iter))
                 else:
                     out["queue_position"] = self._worker_of[task.sub.config_id].queue.index(task)
                 return out
@@ -228,8 +228,8 @@ class EmbeddedBackend:
         """Run one task to a final state; every exception ends as a failed task, never in the worker."""
         tracker = Progress(task.sub.request.steps)
 
-        def progress(step: int, steps: int) -> None:
-            task.progress = tracker(step, steps)
+        def progress(event, steps: int | None = None) -> None:
+            task.progress = tracker(event, steps)
 
         try:
             if task.cancel.is_set():

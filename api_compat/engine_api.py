@@ -18,7 +18,9 @@ from engine.request import GenerationRequest, GenerationResult
 
 from api_compat.errors import ApiError, api_error_from
 
-ProgressFn = Callable[[int, int], None]
+# progress(engine.progress.Progress) per phase and step; the old progress(done, total) of sampling steps is
+# accepted from engines that call it so (the service handles both)
+ProgressFn = Callable[..., None]
 
 
 @runtime_checkable

@@ -35,6 +35,7 @@ from typing import Any
 
 from engine.lazy import require
 
+from api_compat.apidoc import annotate_openapi
 from api_compat.errors import ApiError
 from api_compat.schema import MAX_JSON_DEPTH, Txt2ImgPayload, deep_nesting
 from api_compat.service import CONFIG_HEADER, LocalService
@@ -450,7 +451,9 @@ def create_app(service: LocalService, *, api_key: str | None = None, max_body_by
             service.close()
 
     app = FastAPI(title="sdengine", version="0.1.0", lifespan=lifespan,
-                  description="The sd_txt2img / sd_get_result task API (webui txt2img payload + ControlNet), and the webui's own API (/sdapi/v1/..., /controlnet/...; docs/WEBUI_API.md).")
+                  description="The sd_txt2img / sd_get_result task API (webui txt2img payload + ControlNet), and the "
+                              "webui's own API (/sdapi/v1/..., /controlnet/...; docs/WEBUI_API.md). Every field, "
+                              "default, range and error of the task API: docs/API.md in the sdengine repository.")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -483,6 +486,7 @@ def create_app(service: LocalService, *, api_key: str | None = None, max_body_by
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(payload.pop("$defs", {}))
             components["Txt2ImgPayload"] = payload
+            annotate_openapi(components)  # each field's meaning, and the pointer to docs/API.md
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -243,7 +243,7 @@ class _Model(BaseModel):
 
 # --------------------------------------------------------------------------------------------------- models
 class ControlNetUnitPayload(_Model):
-    """One sd-webui-controlnet unit (API.md "ControlNet unit")."""
+    """One sd-webui-controlnet unit (docs/API.md "ControlNet unit")."""
 
     enabled: _bool_type(nullable=False) = True
     module: ShortText = "none"
@@ -284,7 +284,7 @@ UnitList = Annotated[list[ControlNetUnitPayload] | None, Field(max_length=MAX_UN
 
 
 class ControlNetArgs(_Model):
-    """``alwayson_scripts.controlnet``: the units as ``units`` (API.md) or ``args`` (the webui's spelling)."""
+    """``alwayson_scripts.controlnet``: the units as ``units`` (docs/API.md) or ``args`` (the webui's spelling)."""
 
     units: UnitList = None
     args: UnitList = None
@@ -443,7 +443,7 @@ def _convert(err: dict[str, Any], prefix: tuple[Any, ...]) -> dict[str, Any]:
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
         message = f"unknown field {name!r}" + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "")
         return {"code": "unknown_field", "field": field_path(loc), "message": message,
-                "allowed": ", ".join(sorted(known)) if known and len(known) <= 20 else "the fields of API.md"}
+                "allowed": ", ".join(sorted(known)) if known and len(known) <= 20 else "the fields listed in docs/API.md"}
     code = {"not_supported": "not_supported", "unsafe_model_path": "unsafe_model_path"}.get(kind, "invalid_request")
     message = "is required" if kind == "missing" else err.get("msg", "is invalid")
     return {"code": code, "field": field_path(loc), "message": message,

@@ -1,6 +1,6 @@
 """LocalService: the sd_txt2img / sd_get_result contract in-process, over a bounded task queue.
 
-    with LocalService(models_dir="models") as api:
+    with LocalService() as api:                    # models and results under the home (engine.config)
         task = api.sd_txt2img({"prompt": "a cat", "steps": 20})
         result = api.wait(task["taskId"])          # {"taskId", "status", "images": [png paths], ...}
 
@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, default_results_dir
 from engine.errors import InvalidRequest, ModelError, SdEngineError
 from engine.models.store import ModelStore
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_HEADER = "X-SP-RESOURCE-CONFIG-ID"
 DEFAULT_CONFIG = "default"
-ENV_RESULTS_DIR = "SDENGINE_RESULTS_DIR"
 MAX_SEED = 4294967294  # webui: -1 draws a seed in [0, 4294967294)
 
 
@@ -87,7 +86,7 @@ class LocalService:
         for config_id, options in (configs or {}).items():
             self.configs[str(config_id)] = EngineConfig(**{**engine_options, **options})
             self.config_options[str(config_id)] = {**engine_options, **options}
-        self.results_dir = Path(results_dir or os.environ.get(ENV_RESULTS_DIR) or "outputs/sdengine")
+        self.results_dir = Path(results_dir).absolute() if results_dir else default_results_dir()
         self.limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_image_pixels,
                                   allow_url_fetch=allow_url_fetch)
         self.max_queue = max_queue

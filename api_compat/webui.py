@@ -683,8 +683,9 @@ def webui_router(service, read_json):
         job_state.update(job=f"task({task_id})", interrupted=task_id in state.interrupted,
                          job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(state.tasks.get(task_id, 0))),
                          sampling_step=prog.get("step", 0), sampling_steps=prog.get("steps", 0))
+        phase = " ".join(str(p) for p in (prog.get("phase"), prog.get("detail")) if p) or None
         return {"progress": prog.get("fraction", 0.0), "eta_relative": prog.get("eta_seconds") or 0.0,
-                "state": job_state, "current_image": None, "textinfo": None, "current_task": f"task({task_id})"}
+                "state": job_state, "current_image": None, "textinfo": phase, "current_task": f"task({task_id})"}
 
     async def stop_running() -> dict:
         for task_id in state.tracked():

@@ -10,8 +10,11 @@ from pathlib import Path
 from engine.errors import InvalidRequest
 from engine.tiling import VaeTiling
 
+# Where files live (docs/API.md "Where files live"): one home, each part movable on its own
+ENV_HOME = "SDENGINE_HOME"
 ENV_MODELS_DIR = "SDENGINE_MODELS_DIR"
-DEFAULT_MODELS_DIR = "models"
+ENV_CACHE_DIR = "SDENGINE_CACHE_DIR"
+ENV_RESULTS_DIR = "SDENGINE_RESULTS_DIR"
 
 
 class BackendKind(str, Enum):
@@ -36,6 +39,18 @@ def _enum(enum: type[Enum], value, field_name: str):
         return enum(str(value).lower())
     except ValueError:
         raise InvalidRequest(field_name, f"unknown value {value!r}", ", ".join(e.value for e in enum)) from None
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().absolute()
+
+
+def sdengine_home() -> Path:
+    """``$SDENGINE_HOME``, else ``$XDG_DATA_HOME/sdengine``, else ``~/.local/share/sdengine`` (absolute)."""
+    if os.environ.get(ENV_HOME):
+        return _absolute(os.environ[ENV_HOME])
+    data = os.environ.get("XDG_DATA_HOME") or Path("~") / ".local" / "share"
+    return _absolute(Path(data) / "sdengine")
 
 
 def openvino_installed() -> bool:
@@ -66,7 +81,18 @@ def default_precision(backend: BackendKind, device: str, native_bf16: bool | Non
 
 
 def default_models_dir() -> Path:
-    return Path(os.environ.get(ENV_MODELS_DIR) or DEFAULT_MODELS_DIR)
+    """``$SDENGINE_MODELS_DIR``, else ``{home}/models``."""
+    return _absolute(os.environ.get(ENV_MODELS_DIR) or sdengine_home() / "models")
+
+
+def default_cache_dir(models_dir: str | os.PathLike) -> Path:
+    """``$SDENGINE_CACHE_DIR``, else ``{models_dir}/cache``."""
+    return _absolute(os.environ.get(ENV_CACHE_DIR) or Path(models_dir) / "cache")
+
+
+def default_results_dir() -> Path:
+    """``$SDENGINE_RESULTS_DIR``, else ``{home}/outputs``."""
+    return _absolute(os.environ.get(ENV_RESULTS_DIR) or sdengine_home() / "outputs")
 
 
 @dataclass(frozen=True)
@@ -83,7 +109,7 @@ class EngineConfig:
     precision: Precision | None = None
     default_model: str | None = None
     providers: tuple[str, ...] | None = None
-    cache_dir: Path | None = None  # default: models_dir / "cache"
+    cache_dir: Path | None = None  # default: $SDENGINE_CACHE_DIR, else models_dir / "cache"
     max_batch_size: int = 8
     max_size: int = 2048
     max_prompt_chunks: int = 32
@@ -93,7 +119,9 @@ class EngineConfig:
     vae_tiling: VaeTiling = field(default_factory=VaeTiling)  # tiled VAE decode above a size (engine.tiling)
 
     def __post_init__(self):
-        object.__setattr__(self, "models_dir", Path(self.models_dir))
+        object.__setattr__(self, "models_dir", _absolute(self.models_dir))
+        object.__setattr__(self, "cache_dir", _absolute(self.cache_dir) if self.cache_dir
+                           else default_cache_dir(self.models_dir))
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise InvalidRequest("device", f"unknown device {self.device!r}", "cpu, cuda, cuda:N")
         backend = default_backend(self.device) if self.backend is None else _enum(BackendKind, self.backend, "backend")
@@ -104,4 +132,4 @@ class EngineConfig:
 
     @property
     def artefacts_dir(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else self.models_dir / "cache"
+        return self.cache_dir

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 
 def quote(value: Any) -> str:
@@ -70,11 +70,15 @@ def model_label(model: Any) -> str:
     return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
 
 
-def unit_infotext(unit: Any, model_label: str) -> str:
-    """The sd-webui-controlnet infotext of one unit."""
+def unit_infotext(unit: Any, model_label: str, used: Mapping[str, Any] | None = None) -> str:
+    """The sd-webui-controlnet infotext of one unit; ``used``: the preprocessor values actually used
+    (``PreparedUnit.used``: defaults for -1 / out of range, the pixel-perfect resolution), as the extension writes."""
+    used = used or {}
     fields = {
         "Module": unit.module, "Model": model_label, "Weight": unit.weight, "Resize Mode": unit.resize_mode,
-        "Processor Res": unit.processor_res, "Threshold A": unit.threshold_a, "Threshold B": unit.threshold_b,
+        "Processor Res": used.get("processor_res", unit.processor_res),
+        "Threshold A": used.get("threshold_a", unit.threshold_a),
+        "Threshold B": used.get("threshold_b", unit.threshold_b),
         "Guidance Start": unit.guidance_start, "Guidance End": unit.guidance_end,
         "Pixel Perfect": unit.pixel_perfect, "Control Mode": unit.control_mode,
     }

@@ -19,14 +19,16 @@ import numpy as np
 
 from engine.arrays import to_device
 from engine.config import EngineConfig
-from engine.errors import Cancelled, InvalidRequest
+from engine.errors import InvalidRequest
 from engine.infotext import Generation, unit_infotext
+from engine.progress import ProgressReporter
 from engine.request import GenerationRequest, GenerationResult
 from engine.tiling import decode as decode_latents
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
+# progress(engine.progress.Progress) per phase and step; a legacy progress(done, total) gets sampling steps
+ProgressFn = Callable[..., None]
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Engine:
         self._runtimes: dict[tuple, _Runtime] = {}
         self._lock = threading.RLock()
         self._store = None
+        self._reporter: ProgressReporter | None = None  # the running request's (exports report to it)
+        self.clock = time.monotonic  # what the ETA is measured with (tests use a fake clock)
 
     # ------------------------------------------------------------------------------------------ models
     @property
@@ -88,7 +92,8 @@ class Engine:
         rt = self._runtimes.get(key)
         if rt is None:
             t0 = time.perf_counter()
-            backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key)
+            backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key,
+                                     progress=self._export_progress)
             rt = _Runtime(model, backend, EmbeddingCache())
             self._runtimes = {key: rt}  # one model resident at a time
             log.info("model %s [%s] ready on %s in %.2fs", model.name, model.short_hash,
@@ -106,9 +111,15 @@ class Engine:
         if component not in rt.controlnets:
             rt.model.family.check_controlnet(cn, rt.model.name, field_name)
             # each ControlNet model has its own backend (its artefacts are keyed by its own hash)
-            backend = create_backend(self.config, {"controlnet": cn.module}, model_hash=cn.short_hash)
+            backend = create_backend(self.config, {"controlnet": cn.module}, model_hash=cn.short_hash,
+                                     progress=self._export_progress)
             rt.controlnets[component] = (cn, backend)
         return rt.controlnets[component][0]
+
+    def _export_progress(self, what: str, done: int, total: int) -> None:
+        """The backends' exporter callback, routed to the running request's progress (phase exporting)."""
+        if self._reporter is not None:
+            self._reporter.export(what, done, total)
 
     @staticmethod
     def _run_fn(rt: _Runtime):
@@ -124,11 +135,16 @@ class Engine:
     # ------------------------------------------------------------------------------------------ generate
     def generate(self, request: GenerationRequest, *, progress: ProgressFn | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
+        """``progress(Progress)`` gets each phase (loading, exporting, encoding, sampling, decoding) and step
+        (engine.progress); ``cancel`` set stops the request between steps (``Cancelled``)."""
         with self._lock:
-            return self._generate(request, progress, cancel)
+            self._reporter = ProgressReporter(progress, cancel, request.n_iter * request.steps, clock=self.clock)
+            try:
+                return self._generate(request, self._reporter)
+            finally:
+                self._reporter = None
 
-    def _generate(self, req: GenerationRequest, progress: ProgressFn | None,
-                  cancel: threading.Event | None) -> GenerationResult:
+    def _generate(self, req: GenerationRequest, on_step: ProgressReporter) -> GenerationResult:
         """Orchestration only: each stage is a call into the room that owns its rules."""
         from engine.conditioning import encode_request
         from engine.denoiser import Denoiser
@@ -139,10 +155,14 @@ class Engine:
         # 1. validate: the sampler name, the model, the request against the model's family and the limits
         sampler = resolve(req.sampler_name, req.scheduler)
         t0 = time.perf_counter()
+        on_step.phase("loading", req.model or "default model")
         rt = self.runtime(req.model, req.vae)
         family = rt.model.family
         timer.add("load", t0)
         width, height = self._validate(req, family)
+        warnings = [w for w in (family.size_warning(width, height),) if w]
+        for warning in warnings:
+            log.info("%s: %s", rt.model.name, warning)  # carried in info["warnings"]; the CLI prints it
 
         # 2. plan: sigmas, the denoiser's schedule, seeds, ControlNet units
         plan = sampler.prepare(req.steps, family, eta=req.eta, eta_noise_seed_delta=req.eta_noise_seed_delta)
@@ -153,7 +173,7 @@ class Engine:
         t0 = time.perf_counter()
         units, unit_labels = self._controlnet_units(rt, req, width, height)
         timer.add("controlnet_preprocess", t0)
-        on_step = _StepReporter(progress, cancel, req.n_iter * plan.steps)
+        on_step.steps = req.n_iter * plan.steps
 
         images: list[np.ndarray] = []
         for it in range(req.n_iter):
@@ -161,6 +181,7 @@ class Engine:
             seeds, subseeds = all_seeds[batch], all_subseeds[batch]
             # 3. condition: prompts -> per-step conditioning (cached per model)
             t0 = time.perf_counter()
+            on_step.phase("encoding")
             cond = encode_request(
                 rt.backend, family.text, [req.prompt] * req.batch_size, [req.negative_prompt] * req.batch_size,
                 steps=plan.steps, clip_skip=req.clip_skip, width=width, height=height, cache=rt.prompt_cache,
@@ -179,13 +200,14 @@ class Engine:
             # 5. sample: the sampler over the denoiser (CFG, ControlNet) on the plan's schedule
             denoiser = Denoiser(_ModelCall(self._run_fn(rt), units, plan.steps), plan.schedule,
                                 family.prediction_type, req.cfg_scale, cond.at, plan.sigmas)
-            on_step.check_cancel()
+            on_step.phase("sampling", f"batch {it + 1} of {req.n_iter}" if req.n_iter > 1 else "")
             latents = plan.sample(denoiser, x, sigmas=sigmas, noise=noise, callback=on_step, s_churn=req.s_churn,
                                   s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
             timer.add("sampling", t0)
 
             # 6. decode (tiled above the configured size: engine.tiling)
             t0 = time.perf_counter()
+            on_step.phase("decoding")
             images.extend(to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling)))
             timer.add("vae_decoder", t0)
 
@@ -195,6 +217,7 @@ class Engine:
         infotexts = [generation.infotext(i) for i in range(total)]
         info = generation.info(infotexts, timer.timings, device=self.config.device,
                                precision=self.config.precision.value)
+        info["warnings"] = warnings
         detected = [u.detected_map for u, spec in zip(units, req.controlnet_units) if spec.save_detected_map]
         return GenerationResult(images=images, infotexts=infotexts, info=info, seeds=all_seeds,
                                 subseeds=all_subseeds, timings=dict(timer.timings), detected_maps=detected)
@@ -218,25 +241,8 @@ class Engine:
             field_name = f"alwayson_scripts.controlnet.units[{k}]"
             cn = self._controlnet(rt, unit.model, f"{field_name}.model")
             units.append(prepare_unit(unit, width, height, field=field_name))
-            labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]"))
+            labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]", units[-1].used))
         return units, labels
-
-
-class _StepReporter:
-    """The samplers' per-step callback: progress over all iterations, and cooperative cancellation."""
-
-    def __init__(self, progress: ProgressFn | None, cancel: threading.Event | None, total: int):
-        self.progress, self.cancel, self.total, self.done = progress, cancel, total, 0
-
-    def check_cancel(self) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("generation cancelled")
-
-    def __call__(self, info: dict) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(min(self.done, self.total), self.total)
-        self.check_cancel()
 
 
 class _ModelCall:

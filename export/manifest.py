@@ -79,6 +79,15 @@ def valid_artefact(directory: Path, key: Mapping) -> dict | None:
     if manifest.get("key") != _normalise(key):
         log.info("%s: manifest key differs, rebuilding", directory)
         return None
+    return valid_files(directory, manifest)
+
+
+def valid_files(directory: Path, manifest: dict | None = None) -> dict | None:
+    """The manifest of ``directory`` if every file it lists is intact (size, and sha256 where recorded)."""
+    directory = Path(directory)
+    manifest = manifest if manifest is not None else read_manifest(directory)
+    if manifest is None:
+        return None
     for name, meta in manifest.get("files", {}).items():
         path = directory / name
         if not path.is_file() or path.stat().st_size != meta["size"]:

@@ -16,6 +16,7 @@ mismatch rebuilds it. Components whose descriptor forbids fp16 (the SDXL VAE) st
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import shutil
 import warnings
@@ -38,7 +39,10 @@ DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_BYTES = 1 << 30
 ONNX_PRECISIONS = ("fp32", "fp16")
 
-ProgressCallback = Callable[[str, int, int], None]  # (what, done, total)
+# (what, done, total); what = "{component}: {stage} ({event})", event: building (before a build, done = stages
+# finished), built, up to date (a cache hit) -- engine.progress reads the event, the export command counts builds
+ProgressCallback = Callable[[str, int, int], None]
+BUILDING, BUILT, UP_TO_DATE = "building", "built", "up to date"
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,8 @@ class OnnxArtefact:
     component: str
     directory: Path
     manifest: dict
-    descriptor: ComponentDescriptor
+    descriptor: ComponentDescriptor | None  # None: found by cached_artefact, without the model's modules
+    built: bool = False  # built by this call (False: every stage was up to date)
 
     @property
     def path(self) -> Path:
@@ -223,16 +228,57 @@ def _stage(desc, model_hash, cache_dir, stage, key, build, progress, step) -> On
     directory = artefact_dir(cache_dir, model_hash, desc.component, stage)
     manifest = valid_artefact(directory, key)
     what = f"{desc.component}: {stage}"
-    if manifest is not None:
+    built = manifest is None
+    if not built:
         log.info("%s: up to date (%s)", what, directory)
     else:
         log.info("%s: building into %s", what, directory)
+        if progress:
+            progress(f"{what} ({BUILDING})", step[0] - 1, step[1])
         with build_artefact(directory, key, hashed=(MODEL_FILE,)) as (tmp, manifest):
             build(tmp, manifest)
             _finish(tmp, manifest, desc)
     if progress:
-        progress(what, *step)
-    return OnnxArtefact(desc.component, directory, manifest, desc)
+        progress(f"{what} ({BUILT if built else UP_TO_DATE})", *step)
+    return OnnxArtefact(desc.component, directory, manifest, desc, built)
+
+
+def _tools_for(stage: str) -> dict[str, str]:
+    tools = tool_versions("torch", "onnx", "diffusers", "transformers")
+    if stage.endswith("-gpu") and stage.startswith("onnx-fp32"):
+        return {**tools, **tool_versions("onnxruntime", "onnxruntime-gpu", "numpy")}
+    if stage.startswith("onnx-fp16"):
+        return {**tools, **tool_versions("onnxruntime", "onnxruntime-gpu")}
+    return tools
+
+
+def cached_artefact(component: str, model_hash: str, cache_dir: Path, *, precision: str = "fp32",
+                    gpu_optimize: bool = False, opset: int = DEFAULT_OPSET) -> OnnxArtefact | None:
+    """The artefact :func:`export_component` would return, found WITHOUT the model's modules (no model load):
+    every stage's manifest is read and its key checked on what does not need the modules (exporter format,
+    model hash -- the checkpoint file's hash, cached by path/size/mtime --, component, stage, precision, opset,
+    tool versions, the parent stage's sha256) and its files checked (sizes, the graph's sha256). None when
+    anything is missing or differs; :func:`export_component` then decides, with the full key."""
+    from export.manifest import valid_files
+
+    stages = ["onnx-fp32"] + ([stage_name("fp32", True)] if gpu_optimize else [])
+    if precision == "fp16":
+        stages.append(stage_name("fp16", gpu_optimize))
+    parent_sha, art = None, None
+    for stage in stages:
+        directory = artefact_dir(cache_dir, model_hash, component, stage)
+        manifest = valid_files(directory)
+        if manifest is None:
+            return None
+        key = manifest.get("key", {})
+        expected = {"format": EXPORTER_VERSION, "model_hash": model_hash, "component": component, "stage": stage,
+                    "precision": "fp16" if stage.startswith("onnx-fp16") else "fp32", "opset": opset,
+                    "parent_sha256": parent_sha, "tools": _tools_for(stage)}
+        if any(key.get(k) != v for k, v in expected.items()):
+            return None
+        parent_sha = manifest["info"]["sha256"]
+        art = OnnxArtefact(component, directory, manifest, None)
+    return art
 
 
 def export_component(component: str, modules: Mapping[str, Any], model_hash: str, cache_dir: Path, *,
@@ -278,6 +324,7 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
                 "attention": attention_kind(attention_chunks) if hasattr(modules[desc.source], "set_attn_processor")
                 else "full"})
     art = _stage(desc, model_hash, cache_dir, "onnx-fp32", key, build_fp32, progress, (next(step), total))
+    built = art.built
 
     if gpu_optimize:
         parent = art
@@ -295,6 +342,7 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         stage = stage_name("fp32", True)
         key = _key(desc, model_hash, stage, "fp32", opset, parent.sha256, tools_gpu)
         art = _stage(desc, model_hash, cache_dir, stage, key, build_gpu, progress, (next(step), total))
+        built = built or art.built
 
     if precision == "fp16":
         parent = art
@@ -311,4 +359,5 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         stage = stage_name("fp16", gpu_optimize)
         key = _key(desc, model_hash, stage, "fp16", opset, parent.sha256, tools_fp16)
         art = _stage(desc, model_hash, cache_dir, stage, key, build_fp16, progress, (next(step), total))
-    return art
+        built = built or art.built
+    return dataclasses.replace(art, built=built)

@@ -3,7 +3,7 @@
 ``optimize_for_gpu`` runs ``onnxruntime.transformers.optimizer.optimize_model`` with the descriptor's
 ``optimizer_type`` ("unet", "vae", "clip") and ``use_gpu=True``. Its fusions (MultiHeadAttention, GroupNorm
 in NHWC, BiasSplitGelu, NhwcConv) are CUDA-EP kernels: the result runs on the CUDA EP only, which is why the
-CPU flavour never uses it (it also gave no CPU speed-up, see /work/shared/GPU.md).
+CPU flavour never uses it (it also gave no CPU speed-up in a probe on this project's machine).
 
 Known problem, guarded: with numpy >= 2.4, onnxruntime <= 1.32's ``FusionAttentionUnet.get_num_heads`` calls
 ``int()`` on a 1-element array and raises ``TypeError``. :func:`numpy24_fix` swaps in a corrected copy of that

@@ -1,6 +1,6 @@
 """ONNX -> TensorRT engine plans, cached by what made them; refit; the engine runtime.
 
-NOT RUN IN CI: TensorRT cannot be installed in this project's environment (see /work/shared/GPU.md), so
+NOT RUN IN CI: TensorRT cannot be installed in this project's environment (no GPU, no NVIDIA packages), so
 the code that calls ``tensorrt`` is written against its documented Python API (TensorRT 10: ``Builder``,
 ``OnnxParser.parse_from_file``, ``IBuilderConfig`` with ``BuilderFlag.FP16/BF16/REFIT``, optimisation
 profiles, timing cache, ``Refitter`` + ``OnnxParserRefitter.refit_from_file``, ``Runtime``,

@@ -4,8 +4,17 @@ copy what they need into their own ``tmp_path``."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 
 import pytest
+
+
+def pytest_configure(config):
+    # the engine's home (models, cache, results by default) is a temporary folder: tests never write to ~
+    os.environ["SDENGINE_HOME"] = tempfile.mkdtemp(prefix="sdengine-test-home-")
+    for name in ("SDENGINE_MODELS_DIR", "SDENGINE_CACHE_DIR", "SDENGINE_RESULTS_DIR"):
+        os.environ.pop(name, None)
 
 
 

@@ -309,7 +309,14 @@ def test_progress_callback(tmp_path, sd1_vae):
     events = []
     export_component("vae_decoder", sd1_vae, "h1", tmp_path, precision="fp16",
                      progress=lambda what, done, total: events.append((what, done, total)))
-    assert events == [("vae_decoder: onnx-fp32", 1, 2), ("vae_decoder: onnx-fp16", 2, 2)]
+    # each build is announced ("building", stages done so far) and reported ("built"); a cache hit says so
+    assert events == [("vae_decoder: onnx-fp32 (building)", 0, 2), ("vae_decoder: onnx-fp32 (built)", 1, 2),
+                      ("vae_decoder: onnx-fp16 (building)", 1, 2), ("vae_decoder: onnx-fp16 (built)", 2, 2)]
+    events.clear()
+    art = export_component("vae_decoder", sd1_vae, "h1", tmp_path, precision="fp16",
+                           progress=lambda what, done, total: events.append((what, done, total)))
+    assert events == [("vae_decoder: onnx-fp32 (up to date)", 1, 2), ("vae_decoder: onnx-fp16 (up to date)", 2, 2)]
+    assert not art.built
 
 
 def test_consolidate_streams_per_tensor_files_into_one(tmp_path, sd1_vae):

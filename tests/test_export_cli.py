@@ -29,7 +29,9 @@ def test_export_command(store, tmp_path):
     cache = tmp_path / "cache" / store
     for component in ("vae_decoder", "text_encoder"):
         assert (cache / component / "onnx-fp32" / "manifest.json").is_file()
-        assert f"{component}: {cache / component / 'onnx-fp32' / 'model.onnx'} (fp32)" in result.output
+        assert f"{component}: built: {cache / component / 'onnx-fp32' / 'model.onnx'} (fp32)" in result.output
+    assert "tiny: built text_encoder, vae_decoder" in result.output or "tiny: built vae_decoder, text_encoder" in \
+        result.output
     stamp = (cache / "vae_decoder" / "onnx-fp32" / "model.onnx").stat().st_mtime_ns
     again = runner.invoke(main, args + ["--precision", "fp16"])
     assert again.exit_code == 0, again.output
@@ -43,3 +45,47 @@ def test_export_errors_are_messages(store, tmp_path):
     assert missing.exit_code == 1 and "nope" in missing.output and "tiny" in missing.output
     bad = runner.invoke(main, ["export", "tiny", "--components", "refiner", "--models-dir", str(tmp_path)])
     assert bad.exit_code == 1 and "component" in bad.output and "unet" in bad.output
+
+
+def test_export_cache_hit_says_up_to_date_without_loading_or_rehashing(store, tmp_path, monkeypatch):
+    """A cache hit is found from the manifests and the cached file hash: the model is neither loaded nor
+    hashed again (counted, not timed); a touched file is hashed once more, and still up to date."""
+    import engine.models.checkpoints as checkpoints
+    import engine.models.hashing as hashing
+
+    runner = CliRunner()
+    args = ["export", "tiny", "--components", "vae_decoder", "--models-dir", str(tmp_path)]
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0 and "vae_decoder: built:" in first.output, first.output
+    counts = {"hash": 0, "load": 0}
+    real_hash, real_load = hashing.sha256_file, checkpoints.load_checkpoint
+
+    def counting_hash(path):
+        counts["hash"] += 1
+        return real_hash(path)
+
+    def counting_load(*args, **kwargs):
+        counts["load"] += 1
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(hashing, "sha256_file", counting_hash)
+    monkeypatch.setattr(checkpoints, "load_checkpoint", counting_load)
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert "vae_decoder: up to date:" in again.output and "tiny: up to date" in again.output
+    assert "built" not in again.output
+    assert counts == {"hash": 0, "load": 0}
+    # same bytes, new mtime: hashed again (once), same hash, still up to date, still no load
+    ckpt = tmp_path / "Stable-diffusion" / "tiny.safetensors"
+    st = ckpt.stat()
+    import os
+
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = runner.invoke(main, args)
+    assert touched.exit_code == 0 and "vae_decoder: up to date:" in touched.output, touched.output
+    assert counts == {"hash": 1, "load": 0}
+    # a removed artefact file: the quick check fails, the model is loaded and the component rebuilt
+    (tmp_path / "cache" / store / "vae_decoder" / "onnx-fp32" / "model.onnx").unlink()
+    rebuilt = runner.invoke(main, args)
+    assert rebuilt.exit_code == 0 and "vae_decoder: built:" in rebuilt.output, rebuilt.output
+    assert counts["load"] == 1

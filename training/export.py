@@ -6,7 +6,9 @@ Reads the diffusers folders under ``training/out/`` and writes, through ``engine
 (the webui layout, with the tiny diffusers configs in the safetensors metadata so the loader rebuilds the
 modules), in float16 (the loader casts to its working dtype):
 
-- ``engine/models/bundled/Stable-diffusion/sdengine-demo.safetensors`` (UNet + VAE + CLIP text encoder)
+- ``engine/models/bundled/Stable-diffusion/sdengine-demo.safetensors`` (UNet + VAE + CLIP text encoder, with its
+  model card -- vocabulary and best settings from training/scenes.py -- in the metadata; ``--card-only``
+  rewrites just that, keeping the tensors)
 - ``engine/models/bundled/ControlNet/sdengine-demo-canny.safetensors``
 """
 
@@ -33,12 +35,32 @@ def export(out: Path | None = None, checkpoint: Path = CHECKPOINT, controlnet: P
     from engine.models.convert import save_single_file
     mods = load_modules(out, controlnet=controlnet is not None)
     comps = {k: copy.deepcopy(mods[k]).to(dtype) for k in ("unet", "vae", "text_encoder")}
-    written = [save_single_file(comps, checkpoint, prediction_type="epsilon", native_size=SIZE)]
+    written = [save_single_file(comps, checkpoint, prediction_type="epsilon", native_size=SIZE,
+                                extra_metadata=card_metadata())]
     if controlnet is not None:
         written.append(save_single_file({"controlnet": copy.deepcopy(mods["controlnet"]).to(dtype)}, controlnet))
     for p in written:
         log.info("wrote %s (%.1f MB)", p, p.stat().st_size / 1e6)
     return written
+
+
+def card_metadata() -> dict[str, str]:
+    """The model card the checkpoint carries (engine.models.card): vocabulary and best settings, from scenes.py."""
+    import json
+
+    from engine.models.card import SETTINGS_KEY, VOCABULARY_KEY
+    from training.scenes import BEST_SETTINGS, vocabulary
+
+    return {VOCABULARY_KEY: json.dumps(vocabulary(), sort_keys=True),
+            SETTINGS_KEY: json.dumps(BEST_SETTINGS, sort_keys=True)}
+
+
+def write_card(checkpoint: Path = CHECKPOINT) -> Path:
+    """Add / refresh the model card of an exported checkpoint without retraining or re-exporting: only the
+    header changes (atomically), the tensors stay byte-identical."""
+    from engine.models.card import write_metadata
+
+    return write_metadata(checkpoint, card_metadata())
 
 
 def load_modules(out: Path | None = None, controlnet: bool = False) -> dict:
@@ -74,8 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Export the demo model into the bundled store")
     p.add_argument("--out", type=Path, default=None, help="training output folder (default training/out)")
     p.add_argument("--no-controlnet", action="store_true")
+    p.add_argument("--card-only", action="store_true",
+                   help="only (re)write the model card (vocabulary, settings) into the shipped checkpoint's metadata")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.card_only:
+        log.info("model card written into %s", write_card())
+        return
     export(args.out, controlnet=None if args.no_controlnet else CONTROLNET)
 
 

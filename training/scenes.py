@@ -158,3 +158,30 @@ def sample_batch(scenes: list[Scene], n: int, seed: int) -> tuple[list[Scene], n
     chosen = [scenes[rng.randrange(len(scenes))] for _ in range(n)]
     images = np.stack([render(s, rng.randrange(2**31)) for s in chosen])
     return chosen, images
+
+
+# the demo model's best settings (what training/evaluate.py scores the shipped model with; README, BENCHMARKS.md)
+BEST_SETTINGS = {"sampler_name": "Euler a", "steps": 20, "cfg_scale": 1.5}
+
+
+def vocabulary() -> dict:
+    """What the captions say, as the model file carries it (``sdengine models info``): every word list with
+    its template, the rules of the scene generator, and examples."""
+    return {
+        "counts": [COUNT_WORDS[c] for c in COUNTS],
+        "sizes": list(SIZES),
+        "colours": list(COLOURS),
+        "shapes": list(SHAPES),
+        "positions": [POSITION_PHRASES[p] for p in POSITIONS],
+        "backgrounds": list(BACKGROUNDS),
+        "template": "{count} [{size}] {colour} {shape}[s] {position} on a {background} background",
+        "rules": [
+            "a size word only with a single object (groups of two or three are drawn small)",
+            "an object is never the colour of its background (no blue on blue)",
+            "the position phrase may be left out (a ControlNet then decides where the shapes go)",
+            f"{SIZE}x{SIZE} pixels: the native size; other sizes are served but paint badly",
+        ],
+        "examples": [Scene(1, "large", "red", "circle", "middle", "blue").caption,
+                     Scene(2, "group", "green", "square", "top", "black").caption,
+                     Scene(3, "group", "yellow", "triangle", "left", "gray").caption],
+    }

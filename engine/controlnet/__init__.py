@@ -61,6 +61,13 @@ def prepare_unit(unit, width: int, height: int, field: str = "alwayson_scripts.c
     image = hwc3(as_array(unit.image))
     exact = pixel_perfect_resolution(image, height, width, resize_mode) if unit.pixel_perfect else None
     detected = pre(image, unit.processor_res, unit.threshold_a, unit.threshold_b, exact_res=exact)
+    res, thr_a, thr_b = pre.resolve(unit.processor_res, unit.threshold_a, unit.threshold_b)
+    if exact is not None and res is not None:
+        res = max(1, int(exact))
+    # as the extension's infotext: the values used; a slider the preprocessor does not have keeps its value
+    used = {"processor_res": unit.processor_res if res is None else res,
+            "threshold_a": unit.threshold_a if thr_a is None else thr_a,
+            "threshold_b": unit.threshold_b if thr_b is None else thr_b}
     fitted = fit_detected_map(detected, resize_mode, height, width)
     return PreparedUnit(
         model=unit.model,
@@ -71,6 +78,7 @@ def prepare_unit(unit, width: int, height: int, field: str = "alwayson_scripts.c
         control_mode=control_mode,
         module=pre.name,
         detected_map=fitted,
+        used=used,
     )
 
 

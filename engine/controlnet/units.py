@@ -115,6 +115,8 @@ class PreparedUnit:
     control_mode: ControlMode = ControlMode.BALANCED
     module: str = "none"
     detected_map: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # the preprocessor values actually used (defaults applied, pixel perfect resolved), for the infotext
+    used: dict = field(default_factory=dict, compare=False)
     # control image repeated to n rows, per (n, array kind/device/dtype): built once per request, not per step
     _rows_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

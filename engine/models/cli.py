@@ -6,7 +6,10 @@ from pathlib import Path
 
 import click
 
+from engine.cli import Shown
 from engine.errors import ModelError
+
+MODELS_DIR_DEFAULT = "$SDENGINE_MODELS_DIR or {home}/models (sdengine paths)"
 
 
 def _store(models_dir):
@@ -22,7 +25,7 @@ def models() -> None:
 
 @models.command("list")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Model store root (default: $SDENGINE_MODELS_DIR or ./models).")
+              help="Model store root.", cls=Shown, shown=MODELS_DIR_DEFAULT)
 @click.option("--no-hash", is_flag=True, help="Skip hashing (hashes are cached after the first listing).")
 def list_models(models_dir, no_hash: bool) -> None:
     """Print name, kind, architecture and short hash of every model."""
@@ -42,6 +45,27 @@ def list_models(models_dir, no_hash: bool) -> None:
         arch = r.architecture.value if r.architecture else "unknown"
         click.echo(f"{r.name:<{width}}  {r.kind.value:<10}  {arch:<15}  {r.short_hash or '-':<10}  "
                    f"{'bundled' if r.bundled else 'store'}")
+
+
+@models.command("info")
+@click.argument("name", required=False)
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model store root.", cls=Shown, shown=MODELS_DIR_DEFAULT)
+def info(name, models_dir) -> None:
+    """What model NAME is and knows: family, native size, prediction type, hash, components, the ControlNets
+    that fit, and -- when the file carries them -- its prompt vocabulary and best settings. NAME defaults to
+    the default model. Nothing is loaded (header, configs and the cached hash only)."""
+    from engine.models.card import card, card_lines
+
+    store = _store(models_dir)
+    try:
+        if name is None:
+            name = store.default_checkpoint().name
+        result = card(store, name)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in card_lines(result):
+        click.echo(line)
 
 
 @models.command("write-tiny")

@@ -272,11 +272,13 @@ def _canonical_header(path: str) -> None:
 
 
 def save_single_file(components: Mapping[str, Any], path: str | os.PathLike, configs: Mapping[str, dict] | None = None,
-                     prediction_type: str = "epsilon", arch=None, native_size: int | None = None) -> Path:
+                     prediction_type: str = "epsilon", arch=None, native_size: int | None = None,
+                     extra_metadata: Mapping[str, str] | None = None) -> Path:
     """Write diffusers ``components`` as one webui ``.safetensors`` file, atomically.
 
     ``configs`` maps component name -> diffusers config (default: read from the modules); they are stored in
-    the metadata under :data:`METADATA_KEY` with ``prediction_type`` and ``native_size``.
+    the metadata under :data:`METADATA_KEY` with ``prediction_type`` and ``native_size``. ``extra_metadata``:
+    more string metadata (the model card's vocabulary and settings, engine.models.card).
     """
     from safetensors.torch import save_file
 
@@ -291,7 +293,8 @@ def save_single_file(components: Mapping[str, Any], path: str | os.PathLike, con
         meta["prediction_type"] = prediction_type
         if native_size:
             meta["native_size"] = int(native_size)
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True), METADATA_ARCH_KEY: arch.value}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True), METADATA_ARCH_KEY: arch.value,
+                **(extra_metadata or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -156,6 +156,15 @@ class ModelFamily:
                                  f"the checkpoint {model_name} ({self.arch.value})",
                                  f"a ControlNet of the same family ({fits})")
 
+    def size_warning(self, width: int, height: int) -> str | None:
+        """A warning when a side is more than twice or less than half the native size: such a request is
+        served (as the webui does), but a model paints badly far from the size it was trained at."""
+        n = self.native_size
+        if all(n / 2 <= v <= 2 * n for v in (width, height)):
+            return None
+        return (f"{width}x{height} is far from the model's native size {n}x{n}: the model was trained at "
+                f"{n}x{n} and paints badly at other sizes (leave width and height empty for the native size)")
+
     def check_size(self, width: int, height: int, max_size: int) -> None:
         """InvalidRequest naming ``width``/``height`` unless both are multiples of the pixel multiple in range."""
         for name, value in (("width", width), ("height", height)):

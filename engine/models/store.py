@@ -1,6 +1,7 @@
 """The model store: a webui-layout folder of checkpoints, VAEs and ControlNets, plus the bundled models.
 
-Layout (``EngineConfig.models_dir``, default ``./models`` or ``$SDENGINE_MODELS_DIR``)::
+Layout (``EngineConfig.models_dir``: ``--models-dir``, ``$SDENGINE_MODELS_DIR`` or ``{home}/models``, see
+docs/API.md "Where files live")::
 
     Stable-diffusion/   checkpoints: *.safetensors (pickles listed, loaded only with allow_pickle),
                         diffusers folders (model_index.json); <name>.vae.safetensors beside = its VAE
@@ -132,11 +133,11 @@ class ModelStore:
 
     def __init__(self, root: str | os.PathLike | None = None, *, bundled: str | os.PathLike | None = "default",
                  cache_dir: str | os.PathLike | None = None, max_loaded: int = 1, max_controlnets: int = 4):
-        from engine.config import default_models_dir
+        from engine.config import default_cache_dir, default_models_dir
 
-        self.root = Path(root) if root is not None else default_models_dir()
+        self.root = Path(root).absolute() if root is not None else default_models_dir()
         self.bundled = bundled_root() if bundled == "default" else (Path(bundled) if bundled else None)
-        self.cache_dir = Path(cache_dir) if cache_dir else self.root / CACHE_DIR
+        self.cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(self.root)
         self.hashes = HashCache(self.cache_dir / "hashes.json")
         self.limits = {"checkpoint": max(max_loaded, 1), "controlnet": max(max_controlnets, 1)}
         self._loaded: OrderedDict[tuple, object] = OrderedDict()
