@@ -1,4 +1,4 @@
-"""Tiled VAE decode: a large latent decoded as overlapping latent tiles through ``run("vae_decoder", ...)``, the
+"""Tiled VAE decode (and encode): a large latent decoded as overlapping latent tiles through ``run("vae_decoder", ...)``, the
 tiles blended with linear ramps over their overlaps (the diffusers / webui approach: ``AutoencoderKL.tiled_decode``
 blends the same way), so that no full-resolution activation of the whole image (nor the mid-block attention over
 all latent tokens) is ever alive. Works on every backend: it only slices the latent and runs the component.
@@ -72,24 +72,39 @@ def _ramps(starts: list[int], size: int, scale: int) -> list[np.ndarray]:
     return out
 
 
+def _tiled(run, component: str, feed: str, output: str, x, tile: int, overlap: int, down: int, up: int):
+    """``run(component, {feed: tile})[output]`` over overlapping tiles of ``x`` (B, C, H, W), blended. Tiles are
+    placed in units of ``down`` input pixels (= ``up`` output pixels): latent pixels for both directions."""
+    b, _, H, W = x.shape
+    h, w = H // down, W // down
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+    wy, wx = _ramps(ys, th, up), _ramps(xs, tw, up)
+    out = total = None
+    for y0, ry in zip(ys, wy):
+        for x0, rx in zip(xs, wx):
+            part = contiguous(x[:, :, y0 * down:(y0 + th) * down, x0 * down:(x0 + tw) * down])
+            result = to_host(run(component, {feed: part})[output]).astype(np.float32, copy=False)
+            if out is None:
+                out = np.zeros((b, result.shape[1], h * up, w * up), dtype=np.float32)
+                total = np.zeros((h * up, w * up), dtype=np.float32)  # 1 unless 3 tiles meet
+            weight = ry[:, None] * rx[None, :]
+            Y, X = y0 * up, x0 * up
+            out[:, :, Y:Y + th * up, X:X + tw * up] += result * weight
+            total[Y:Y + th * up, X:X + tw * up] += weight
+    return out / total
+
+
 def decode_tiled(run: Callable[[str, Mapping], dict], latent, tile: int, overlap: int) -> np.ndarray:
     """``run("vae_decoder", {"latent": tile})`` over overlapping tiles of ``latent`` (B, 4, h, w) -> the image
     (B, 3, 8h, 8w) float32 on the host, tiles blended linearly over their overlaps."""
-    b, _, h, w = latent.shape
-    th, tw = min(tile, h), min(tile, w)
-    ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
-    wy, wx = _ramps(ys, th, LATENT_SCALE), _ramps(xs, tw, LATENT_SCALE)
-    out = np.zeros((b, 3, h * LATENT_SCALE, w * LATENT_SCALE), dtype=np.float32)
-    total = np.zeros((h * LATENT_SCALE, w * LATENT_SCALE), dtype=np.float32)  # 1 unless 3 tiles meet
-    for y0, ry in zip(ys, wy):
-        for x0, rx in zip(xs, wx):
-            part = contiguous(latent[:, :, y0:y0 + th, x0:x0 + tw])
-            image = to_host(run("vae_decoder", {"latent": part})["image"]).astype(np.float32, copy=False)
-            Y, X = y0 * LATENT_SCALE, x0 * LATENT_SCALE
-            weight = ry[:, None] * rx[None, :]
-            out[:, :, Y:Y + th * LATENT_SCALE, X:X + tw * LATENT_SCALE] += image * weight
-            total[Y:Y + th * LATENT_SCALE, X:X + tw * LATENT_SCALE] += weight
-    return out / total
+    return _tiled(run, "vae_decoder", "latent", "image", latent, tile, overlap, 1, LATENT_SCALE)
+
+
+def encode_tiled(run: Callable[[str, Mapping], dict], image, tile: int, overlap: int) -> np.ndarray:
+    """``run("vae_encoder", {"image": tile})`` over overlapping tiles of ``image`` (B, 3, H, W) (tile and overlap
+    in latent pixels) -> the latent (B, 4, H/8, W/8) float32 on the host, blended over the overlaps."""
+    return _tiled(run, "vae_encoder", "image", "latent", image, tile, overlap, LATENT_SCALE, 1)
 
 
 def decode(run: Callable[[str, Mapping], dict], latent, tiling: VaeTiling | None) -> np.ndarray:
@@ -98,3 +113,11 @@ def decode(run: Callable[[str, Mapping], dict], latent, tiling: VaeTiling | None
     if tiling is not None and tiling.applies(w * LATENT_SCALE, h * LATENT_SCALE):
         return decode_tiled(run, latent, tiling.tile, tiling.overlap)
     return to_host(run("vae_decoder", {"latent": latent})["image"])
+
+
+def encode(run: Callable[[str, Mapping], dict], image, tiling: VaeTiling | None) -> np.ndarray:
+    """The VAE encode (img2img, hires): tiled when ``tiling`` applies to the image size, else one call."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    if tiling is not None and tiling.applies(w, h):
+        return encode_tiled(run, image, tiling.tile, tiling.overlap)
+    return to_host(run("vae_encoder", {"image": image})["latent"])
