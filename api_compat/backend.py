@@ -45,7 +45,8 @@ class Submission:
     payload: dict[str, Any]
     model: str | None
     created: float
-    nbytes: int = 0  # what the queued task holds: its unit images, compressed
+    nbytes: int = 0  # what the queued task holds: its unit, init and mask images, compressed
+    kind: str = "txt2img"  # or "img2img": which payload ``payload`` is
 
 
 class TaskBackend(Protocol):

@@ -337,7 +337,8 @@ class CeleryBackend:
         options = {k: _plain(v) for k, v in self.service.config_options[sub.config_id].items()
                    if k not in WORKER_LOCAL}
         limits = asdict(self.service.limits)
-        message = {"task_id": sub.task_id, "config_id": sub.config_id, "payload": sub.payload, "options": options,
+        message = {"task_id": sub.task_id, "config_id": sub.config_id, "kind": sub.kind, "payload": sub.payload,
+                   "options": options,
                    "limits": limits, "ttl": self.ttl or 0, "steps": getattr(sub.request, "steps", None)}
         try:
             json.dumps(message)
@@ -548,8 +549,8 @@ class _Runtime:
         from api_compat.backend import Progress, error_of, run_generation
         from api_compat.errors import api_error_from
         from api_compat.images import ImageLimits
-        from api_compat.schema import parse_payload
-        from api_compat.translate import translate
+        from api_compat.schema import parse_request
+        from api_compat.translate import translate_request
         from engine.errors import Cancelled, InvalidRequest
 
         tracker = Progress(message.get("steps"))
@@ -568,8 +569,9 @@ class _Runtime:
                     options.pop(key, None)
             config = EngineConfig(**options)
             try:
-                translation = translate(parse_payload(message["payload"]), config,
-                                        ImageLimits(**(message.get("limits") or {})))
+                kind = message.get("kind", "txt2img")
+                translation = translate_request(kind, parse_request(kind, message["payload"]), config,
+                                                ImageLimits(**(message.get("limits") or {})))
             except InvalidRequest as exc:
                 raise api_error_from(exc) from None
             key = json.dumps(options, sort_keys=True, default=str)

@@ -1,4 +1,4 @@
-"""``sdengine txt2img``, ``sdengine serve`` and ``sdengine worker`` (mapped in engine/cli.py)."""
+"""``sdengine txt2img``, ``img2img``, ``serve`` and ``worker`` (mapped in engine/cli.py)."""
 
 from __future__ import annotations
 
@@ -120,15 +120,54 @@ def txt2img(payload, backend, device, precision, models_dir, results_dir, output
     Flags override the payload's fields (every field: docs/API.md). Prints the absolute paths of the PNGs
     (each carries the webui infotext); progress and warnings go to stderr. Ctrl-C cancels the task (exit 130).
     """
-    from api_compat.errors import ApiError
-    from api_compat.service import LocalService
+    _run(_with_flags(_read_payload(payload), flags), "sd_txt2img", backend, device, precision, models_dir,
+         results_dir, output, allow_url_fetch, engine_factory)
 
-    body = _read_payload(payload)
+
+def _with_flags(body: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     for option, field in FLAG_FIELDS.items():
         if flags.get(option) is not None:
             if field == "negative_prompt":
                 body.pop("negtive_prompt", None)
             body[field] = flags[option]
+    return body
+
+
+def _image_b64(path: Path) -> str:
+    import base64
+
+    try:
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}") from None
+
+
+def _img2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
+             init_image, mask, denoising_strength, resize_mode, **flags):
+    """Generate images from a sd_img2img JSON payload (a file, or - for stdin) and/or flags: --init-image (or
+    the payload's init_images), --mask for inpainting.
+
+    Flags override the payload's fields (every field: docs/API.md). Prints the absolute paths of the PNGs
+    (each carries the webui infotext); progress and warnings go to stderr. Ctrl-C cancels the task (exit 130).
+    """
+    body = _with_flags(_read_payload(payload), flags)
+    if init_image is not None:
+        body["init_images"] = [_image_b64(init_image)]
+    if mask is not None:
+        body["mask"] = _image_b64(mask)
+    if denoising_strength is not None:
+        body["denoising_strength"] = denoising_strength
+    if resize_mode is not None:
+        body["resize_mode"] = int(resize_mode) if resize_mode.isdigit() else resize_mode
+    _run(body, "sd_img2img", backend, device, precision, models_dir, results_dir, output, allow_url_fetch,
+         engine_factory)
+
+
+def _run(body: dict[str, Any], method: str, backend, device, precision, models_dir, results_dir, output,
+         allow_url_fetch, engine_factory) -> None:
+    from api_compat.errors import ApiError
+    from api_compat.service import LocalService
+
     factory = _factory(engine_factory)
     try:
         service = LocalService(models_dir, results_dir=results_dir, engine_factory=factory,
@@ -137,7 +176,7 @@ def txt2img(payload, backend, device, precision, models_dir, results_dir, output
         raise click.ClickException(str(exc)) from None
     with service:
         try:
-            task_id = service.sd_txt2img(body)["taskId"]
+            task_id = getattr(service, method)(body)["taskId"]
         except ApiError as exc:
             raise click.ClickException(str(exc)) from None
         result = _follow(service, task_id)
@@ -157,6 +196,21 @@ def txt2img(payload, backend, device, precision, models_dir, results_dir, output
         click.echo(str(path))
     seeds = result.get("info", {}).get("all_seeds")
     click.echo(f"task {task_id}: {len(images)} image(s), seeds {seeds}; results in {service.results_dir}", err=True)
+
+
+img2img = click.Command(
+    "img2img", callback=_img2img, help=_img2img.__doc__,
+    params=[p for p in txt2img.params] + [
+        Shown(["--init-image"], type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The init image (PNG, JPEG, WEBP ...); sets init_images.", shown="the payload's init_images"),
+        Shown(["--mask"], type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Inpainting mask (white: repaint).", shown="none: img2img without inpainting"),
+        Shown(["--denoising-strength"], type=float, help="0..1: how much of the init image is replaced.",
+              shown="0.75"),
+        Shown(["--resize-mode"], help='0 "Just resize", 1 "Crop and resize", 2 "Resize and fill", '
+                                      '3 "Just resize (latent upscale)".', shown='0 "Just resize"'),
+    ],
+    context_settings=txt2img.context_settings)
 
 
 class _PhaseBars:

@@ -1,6 +1,7 @@
 """The HTTP server (FastAPI, the ``server`` extra): the sd_txt2img / sd_get_result contract over HTTP.
 
     POST /scc/sd_txt2img      payload as JSON (+ optional X-SP-RESOURCE-CONFIG-ID header) -> {"taskId", "status"}
+    POST /scc/sd_img2img      the same for an img2img payload (init_images, denoising_strength, mask ...)
     POST /scc/sd_get_result   {"taskId"} -> result; images are URLs served by this server
     POST /scc/sd_cancel       {"taskId"} -> result (extra: cancel a waiting or running task)
     GET  /scc/images/{taskId}/{index}.png
@@ -37,7 +38,7 @@ from engine.lazy import require
 
 from api_compat.apidoc import annotate_openapi
 from api_compat.errors import ApiError
-from api_compat.schema import MAX_JSON_DEPTH, Txt2ImgPayload, deep_nesting
+from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, deep_nesting
 from api_compat.service import CONFIG_HEADER, LocalService
 
 log = logging.getLogger(__name__)
@@ -321,7 +322,7 @@ class _AuthMiddleware:
 
 
 class _ApiRoutes:
-    """The high-rate routes as plain ASGI (POST /scc/sd_txt2img, /scc/sd_get_result, /scc/sd_cancel): read the
+    """The high-rate routes as plain ASGI (POST /scc/sd_txt2img, /scc/sd_img2img, /scc/sd_get_result, /scc/sd_cancel): read the
     body under the size limit, call the service, answer JSON. FastAPI's routing, dependency solving and
     encoders cost about as much as the whole submit, so these skip them; everything else goes to ``app``."""
 
@@ -330,8 +331,8 @@ class _ApiRoutes:
         self.service = service
         self.max_body = max_body_bytes
         self.read_timeout = read_timeout
-        self.routes = {"/scc/sd_txt2img": self._submit, "/scc/sd_get_result": self._result,
-                       "/scc/sd_cancel": self._cancel}
+        self.routes = {"/scc/sd_txt2img": self._submit, "/scc/sd_img2img": self._submit_img2img,
+                       "/scc/sd_get_result": self._result, "/scc/sd_cancel": self._cancel}
 
     async def __call__(self, scope, receive, send):
         handler = self.routes.get(scope.get("path")) if scope["type"] == "http" else None
@@ -388,6 +389,9 @@ class _ApiRoutes:
     def _submit(self, body, headers, scope):
         return self.service.sd_txt2img(body, headers)
 
+    def _submit_img2img(self, body, headers, scope):
+        return self.service.sd_img2img(body, headers)
+
     def _result(self, body, headers, scope):
         return self._with_urls(self.service.sd_get_result(self._query(body)), headers, scope)
 
@@ -410,6 +414,13 @@ def _openapi_paths() -> dict[str, Any]:
                             "description": "selects a named engine configuration"}],
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Txt2ImgPayload"}}}},
+            "responses": {"200": {"description": '{"taskId", "status"}'}, **errors}}},
+        "/scc/sd_img2img": {"post": {
+            "summary": "Submit an image-to-image (or inpainting) task", "operationId": "sd_img2img",
+            "parameters": [{"name": CONFIG_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+                            "description": "selects a named engine configuration"}],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Img2ImgPayload"}}}},
             "responses": {"200": {"description": '{"taskId", "status"}'}, **errors}}},
         "/scc/sd_get_result": {"post": {
             "summary": "Query a task's result (images are URLs of this server)", "operationId": "sd_get_result",
@@ -482,10 +493,11 @@ def create_app(service: LocalService, *, api_key: str | None = None, max_body_by
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             schema.setdefault("paths", {}).update(_openapi_paths())
-            payload = Txt2ImgPayload.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(payload.pop("$defs", {}))
-            components["Txt2ImgPayload"] = payload
+            for model in (Txt2ImgPayload, Img2ImgPayload):
+                payload = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(payload.pop("$defs", {}))
+                components[model.__name__] = payload
             annotate_openapi(components)  # each field's meaning, and the pointer to docs/API.md
             app.openapi_schema = schema
         return app.openapi_schema

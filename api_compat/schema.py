@@ -1,14 +1,15 @@
-"""The sd_txt2img payload (pydantic v2): the cloud API's fields, the webui v1.10 txt2img extras, ControlNet units.
+"""The sd_txt2img and sd_img2img payloads (pydantic v2): the cloud API's fields, the webui v1.10 txt2img extras
+(with the hires fix) and img2img fields (init image, inpainting), ControlNet units.
 
 Every field is checked here for its type and its own range; checks that need the engine configuration or
 more than one field (size limits, negative prompt alias, guidance order, images) live in ``translate.py``.
 Errors carry the field path and the allowed values; :func:`validation_error_to_api` turns them into an
 :class:`~api_compat.errors.ApiError`.
 
-Webui fields the engine does not implement (restore_faces, enable_hr, tiling, styles, refiner_checkpoint, ...)
-are accepted at their default value and rejected otherwise with a "not supported" error; fields that only
-matter when such a feature is on (hr_scale, hr_upscaler, refiner_switch_at, denoising_strength ...) are
-accepted with their type checked and ignored, as the webui does. Unknown fields are an error.
+Webui fields the engine does not implement (restore_faces, tiling, styles, refiner_checkpoint, image_cfg_scale,
+...) are accepted at their default value and rejected otherwise with a "not supported" error; fields that only
+matter when such a feature is on (the hr_* fields without enable_hr, refiner_switch_at ...) are accepted with
+their type checked and ignored, as the webui does. Unknown fields are an error.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from api_compat.errors import ApiError
 from engine.controlnet.images import ResizeMode
 from engine.controlnet.units import ControlMode
 from engine.errors import InvalidRequest
+from engine.img2img import INPAINTING_FILLS, RESIZE_MODES
 from engine.models.store import unsafe_name_reasons
 
 INT64_MAX = 2**63 - 1
@@ -308,17 +310,33 @@ class AlwaysOnScripts(_Model):
         return data
 
 
+Ignored = Annotated[Any, Field(json_schema_extra={"description": "accepted and ignored: no effect on the result"})]
+
+
 class OverrideSettings(_Model):
-    """The webui settings a request may override (``override_settings``)."""
+    """The webui settings a request may override (``override_settings``). ``img2img_fix_steps``,
+    ``initial_noise_multiplier`` and ``upscaler_for_img2img`` only act on img2img (as in the webui: the hires
+    pass always runs its exact steps). Settings about saving and display have no effect on the result and are
+    ignored; any other key is an error naming it."""
 
     CLIP_stop_at_last_layers: _int_type(1, 12, nullable=True) = None
     sd_model_checkpoint: ModelName = None
     sd_vae: _name_type(special=("Automatic", "None"), kind="VAE") = None
     eta_noise_seed_delta: _int_type(0, INT64_MAX, nullable=True) = None
+    img2img_fix_steps: Flag = None
+    initial_noise_multiplier: _float_type(0.0, 1.5, nullable=True) = None
+    upscaler_for_img2img: OptShortText = None
+    # webui settings about saving files and live previews: no effect on the images or the infotext here
+    samples_save: Ignored = None
+    samples_format: Ignored = None
+    grid_save: Ignored = None
+    save_to_dirs: Ignored = None
+    live_previews_enable: Ignored = None
+    show_progressbar: Ignored = None
 
 
-class Txt2ImgPayload(_Model):
-    """The sd_txt2img request (cloud fields first, then webui v1.10 extras)."""
+class GenerationPayload(_Model):
+    """The fields sd_txt2img and sd_img2img share (cloud fields first, then webui v1.10 extras)."""
 
     # the cloud API's fields
     stable_diffusion_model: ModelName = None
@@ -349,7 +367,7 @@ class Txt2ImgPayload(_Model):
     s_noise: _float_type(0.0, 2.0) = 1.0
     sampler_index: OptShortText = Field(None, description="legacy webui name of sampler_name")
     override_settings: OverrideSettings | None = None
-    # webui fields with no effect on a txt2img result here
+    # webui fields with no effect on the result here
     override_settings_restore_afterwards: Flag = None
     do_not_save_samples: Flag = None
     do_not_save_grid: Flag = None
@@ -357,24 +375,9 @@ class Txt2ImgPayload(_Model):
     save_images: Flag = None
     disable_extra_networks: Flag = None
     comments: _comments_type() = None
-    # only used by features that are off (hires fix, refiner): type-checked, ignored, as the webui does
-    denoising_strength: _float_type(0.0, 1.0, nullable=True) = None
-    firstphase_width: _int_type(0, MAX_SIZE, nullable=True) = None
-    firstphase_height: _int_type(0, MAX_SIZE, nullable=True) = None
-    hr_scale: _float_type(0.0, 8.0, nullable=True) = None
-    hr_upscaler: OptShortText = None
-    hr_second_pass_steps: _int_type(0, 150, nullable=True) = None
-    hr_resize_x: _int_type(0, 8192, nullable=True) = None
-    hr_resize_y: _int_type(0, 8192, nullable=True) = None
-    hr_checkpoint_name: OptShortText = None
-    hr_sampler_name: OptShortText = None
-    hr_scheduler: OptShortText = None
-    hr_prompt: OptText = None
-    hr_negative_prompt: OptText = None
-    hr_additional_modules: _list_type(16) = None
+    # only used by features that are off (refiner): type-checked, ignored, as the webui does
     refiner_switch_at: _float_type(0.0, 1.0, nullable=True) = None
     # webui features the engine does not implement: default only
-    enable_hr: _only_default(False, None, feature="hires fix (enable_hr)") = None
     restore_faces: _only_default(False, None, feature="face restoration") = None
     tiling: _only_default(False, None, feature="tiling") = None
     styles: _only_default(None, [], feature="prompt styles") = None
@@ -382,15 +385,98 @@ class Txt2ImgPayload(_Model):
     seed_resize_from_w: _only_default(-1, 0, None, feature="seed resize") = None
     s_min_uncond: _only_default(0, 0.0, None, feature="negative guidance minimum sigma (s_min_uncond)") = None
     refiner_checkpoint: _only_default(None, "", "None", feature="refiner checkpoints") = None
-    firstpass_image: _only_default(None, "", feature="a first-pass image") = None
     force_task_id: _only_default(None, "", feature="client-chosen task ids") = None
     script_name: _only_default(None, "", feature="scripts (script_name)") = None
     script_args: _only_default(None, [], feature="scripts (script_args)") = None
     infotext: _only_default(None, "", feature="infotext parameters") = None
 
 
+
+
+class Txt2ImgPayload(GenerationPayload):
+    """The sd_txt2img request: the shared fields and the hires fix (webui ``enable_hr``)."""
+
+    enable_hr: Flag = None
+    denoising_strength: _float_type(0.0, 1.0, nullable=True) = Field(
+        None, description="hires fix: the second pass's denoising strength (default 0.75)")
+    hr_scale: _float_type(1.0, 8.0, nullable=True) = Field(None, description="default 2")
+    hr_upscaler: OptShortText = Field(None, description='default "Latent"; "Latent", "Latent (antialiased)", '
+                                      '"Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", '
+                                      '"Latent (nearest-exact)", "None", "Lanczos", "Nearest"')
+    hr_second_pass_steps: _int_type(0, 150, nullable=True) = None
+    hr_resize_x: _int_type(0, 8192, nullable=True) = None
+    hr_resize_y: _int_type(0, 8192, nullable=True) = None
+    hr_sampler_name: OptShortText = None
+    hr_scheduler: OptShortText = None
+    hr_prompt: OptText = None
+    hr_negative_prompt: OptText = None
+    hr_cfg: _float_type(0.0, 30.0, nullable=True) = None
+    # hires fields with no effect here
+    firstphase_width: _int_type(0, MAX_SIZE, nullable=True) = None
+    firstphase_height: _int_type(0, MAX_SIZE, nullable=True) = None
+    hr_additional_modules: _list_type(16) = None
+    hr_checkpoint_name: _only_default(None, "", "Use same checkpoint", feature="a hires checkpoint") = None
+    firstpass_image: _only_default(None, "", feature="a first-pass image") = None
+
+
+def _choice_type(names: tuple[str, ...], default: int):
+    """A webui enum given as its index or its name (case-insensitive) -> the index."""
+    text = ", ".join(f'{i} or "{n}"' for i, n in enumerate(names))
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise _err("enum", "must be an index or a name, got {got}", text, got=type(value).__name__)
+        if isinstance(value, int) and 0 <= value < len(names):
+            return value
+        if isinstance(value, str):
+            for i, name in enumerate(names):
+                if value.strip().lower() == name.lower():
+                    return i
+        raise _err("enum", "unknown value {value}", text, value=repr(value if isinstance(value, int) else value[:100]))
+
+    return Annotated[int, BeforeValidator(check), Field(json_schema_extra={"description": f"allowed: {text}"})]
+
+
+def _images_type(max_len: int = 16):
+    text = f"a list of 1 to {max_len} base64 images (or data:image/...;base64, URIs)"
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, list) or not value:
+            raise _err("list_type", "must be a non-empty list of images", text)
+        if len(value) > max_len:
+            raise _err("too_long", "has {n} entries", text, n=len(value))
+        for item in value:
+            if not isinstance(item, str) or not item:
+                raise _err("string_type", "every entry must be a base64 image string", text)
+        return value
+
+    return Annotated[list[str], BeforeValidator(check), Field(json_schema_extra={"description": text})]
+
+
+class Img2ImgPayload(GenerationPayload):
+    """The sd_img2img request: the shared fields, the init image and inpainting (webui v1.10 img2img)."""
+
+    init_images: _images_type() = Field(..., description="the first image is used, as the webui")
+    denoising_strength: _float_type(0.0, 1.0) = 0.75
+    resize_mode: _choice_type(RESIZE_MODES, 0) = 0
+    mask: OptText = Field(None, description="inpainting mask (white: repaint), base64 or data URI")
+    mask_blur: _int_type(0, 64, nullable=True) = Field(None, description="sets mask_blur_x and mask_blur_y")
+    mask_blur_x: _int_type(0, 64) = 4
+    mask_blur_y: _int_type(0, 64) = 4
+    mask_round: _bool_type(nullable=False) = True
+    inpainting_fill: _choice_type(INPAINTING_FILLS, 0) = 0
+    inpaint_full_res: _bool_type(nullable=False) = True
+    inpaint_full_res_padding: _int_type(0, 1024) = 0
+    inpainting_mask_invert: _bool_type(nullable=False) = False
+    initial_noise_multiplier: _float_type(0.0, 1.5, nullable=True) = None
+    include_init_images: Flag = None
+    image_cfg_scale: _only_default(None, feature="image_cfg_scale (instruct-pix2pix models only)") = None
+    latent_mask: _only_default(None, "", feature="a separate latent mask") = None
+
+
 FIELD_NAMES = {
     (): set(Txt2ImgPayload.model_fields),
+    "img2img": set(Img2ImgPayload.model_fields),
     ("override_settings",): set(OverrideSettings.model_fields),
     ("alwayson_scripts", "controlnet"): set(ControlNetArgs.model_fields),
     "unit": set(ControlNetUnitPayload.model_fields),
@@ -418,14 +504,14 @@ _ALLOWED_BY_TYPE = {
 }
 
 
-def _known_fields(loc: tuple[Any, ...]) -> set[str]:
+def _known_fields(loc: tuple[Any, ...], top: str | tuple = ()) -> set[str]:
     parent = tuple(loc[:-1])
     if len(parent) >= 2 and isinstance(parent[-1], int):
         return FIELD_NAMES["unit"]
-    return FIELD_NAMES.get(parent, set())
+    return FIELD_NAMES.get(top if not parent else parent, set())
 
 
-def _convert(err: dict[str, Any], prefix: tuple[Any, ...]) -> dict[str, Any]:
+def _convert(err: dict[str, Any], prefix: tuple[Any, ...], top: str | tuple = ()) -> dict[str, Any]:
     loc = prefix + tuple(err.get("loc", ()))
     kind = err.get("type", "")
     ctx = err.get("ctx") or {}
@@ -439,7 +525,7 @@ def _convert(err: dict[str, Any], prefix: tuple[Any, ...]) -> dict[str, Any]:
             known = ", ".join(sorted(FIELD_NAMES[("override_settings",)]))
             return {"code": "not_supported", "field": field_path(loc),
                     "message": f"overriding the setting {name!r} is not supported", "allowed": known}
-        known = _known_fields(loc)
+        known = _known_fields(loc, top)
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
         message = f"unknown field {name!r}" + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "")
         return {"code": "unknown_field", "field": field_path(loc), "message": message,
@@ -450,9 +536,10 @@ def _convert(err: dict[str, Any], prefix: tuple[Any, ...]) -> dict[str, Any]:
             "allowed": allowed if allowed is not None else _ALLOWED_BY_TYPE.get(kind)}
 
 
-def validation_error_to_api(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> ApiError:
-    """Every problem pydantic found, the first one as the error's code/field/message."""
-    errors = [_convert(e, prefix) for e in exc.errors(include_url=False, include_input=False)]
+def validation_error_to_api(exc: ValidationError, prefix: tuple[Any, ...] = (), top: str | tuple = ()) -> ApiError:
+    """Every problem pydantic found, the first one as the error's code/field/message (``top``: the key of the
+    payload's field names in FIELD_NAMES, for "did you mean")."""
+    errors = [_convert(e, prefix, top) for e in exc.errors(include_url=False, include_input=False)]
     first = errors[0]
     return ApiError(first["code"], first["message"], field=first["field"] or None, allowed=first["allowed"],
                     errors=errors)
@@ -477,8 +564,9 @@ def deep_nesting(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
     return None
 
 
-def parse_payload(payload: Any) -> Txt2ImgPayload:
-    """Validate a decoded JSON payload; raises :class:`ApiError` naming the field path."""
+def parse_payload(payload: Any, model: type[GenerationPayload] = Txt2ImgPayload) -> GenerationPayload:
+    """Validate a decoded JSON payload (sd_txt2img; ``model=Img2ImgPayload`` for sd_img2img); raises
+    :class:`ApiError` naming the field path."""
     if not isinstance(payload, dict):
         raise ApiError("bad_request", f"the payload must be a JSON object, got {type(payload).__name__}")
     where = deep_nesting(payload)
@@ -486,9 +574,9 @@ def parse_payload(payload: Any) -> Txt2ImgPayload:
         raise ApiError("invalid_request", f"is nested more than {MAX_JSON_DEPTH} levels deep", field=where or None,
                        allowed=f"at most {MAX_JSON_DEPTH} levels of nesting (a payload needs 6)")
     try:
-        parsed = Txt2ImgPayload.model_validate(payload)
+        parsed = model.model_validate(payload)
     except ValidationError as exc:
-        raise validation_error_to_api(exc) from None
+        raise validation_error_to_api(exc, top="img2img" if model is Img2ImgPayload else ()) from None
     script = parsed.alwayson_scripts.controlnet if parsed.alwayson_scripts else None
     if script is not None and script.units is not None and script.args is not None:
         raise ApiError("invalid_request", "give the units either as 'units' or as 'args', not both",
@@ -496,7 +584,17 @@ def parse_payload(payload: Any) -> Txt2ImgPayload:
     return parsed
 
 
-def units_of(payload: Txt2ImgPayload) -> tuple[tuple[str, ControlNetUnitPayload], ...]:
+def parse_img2img(payload: Any) -> Img2ImgPayload:
+    """Validate a decoded sd_img2img payload; raises :class:`ApiError` naming the field path."""
+    return parse_payload(payload, Img2ImgPayload)
+
+
+def parse_request(kind: str, payload: Any) -> GenerationPayload:
+    """``kind`` "txt2img" (sd_txt2img) or "img2img" (sd_img2img): the payload validated by its model."""
+    return parse_img2img(payload) if kind == "img2img" else parse_payload(payload)
+
+
+def units_of(payload: GenerationPayload) -> tuple[tuple[str, ControlNetUnitPayload], ...]:
     """The ControlNet units with their field path (``alwayson_scripts.controlnet.units[i]``)."""
     script = payload.alwayson_scripts.controlnet if payload.alwayson_scripts else None
     if script is None:

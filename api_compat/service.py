@@ -31,9 +31,9 @@ from api_compat.backend import Submission, TaskBackend
 from api_compat.engine_api import EngineFactory, check_memory, check_models, default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits
-from api_compat.schema import parse_payload
+from api_compat.schema import parse_request
 from api_compat.store import TASK_ID, Status
-from api_compat.translate import translate
+from api_compat.translate import image_bytes, translate_request
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +125,20 @@ class LocalService:
     # ----------------------------------------------------------------------------------------- the API
     def sd_txt2img(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, str]:
         """Validate and queue a task; returns ``{"taskId", "status"}``. Raises :class:`ApiError`."""
+        return self._submit(payload, headers, "txt2img")
+
+    def sd_img2img(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, str]:
+        """The img2img sibling of :meth:`sd_txt2img` (the webui img2img payload: init_images,
+        denoising_strength, resize_mode, mask ...): validate and queue a task; returns ``{"taskId", "status"}``;
+        the result is read with :meth:`sd_get_result`. Raises :class:`ApiError`."""
+        return self._submit(payload, headers, "img2img")
+
+    def _submit(self, payload: dict[str, Any], headers: dict[str, str] | None, kind: str) -> dict[str, str]:
         config_id = self._config_id(headers)
         config = self.configs[config_id]
-        parsed = parse_payload(payload)
+        parsed = parse_request(kind, payload)
         try:
-            translation = translate(parsed, config, self.limits)
+            translation = translate_request(kind, parsed, config, self.limits)
         except InvalidRequest as exc:
             raise api_error_from(exc) from None
         except SdEngineError as exc:  # e.g. a missing optional dependency of the engine
@@ -148,7 +157,7 @@ class LocalService:
                     wire[name] = random.randrange(MAX_SEED)
         sub = Submission(task_id=uuid.uuid4().hex, config_id=config_id, request=translation.request,
                          parameters=translation.parameters, payload=wire or {}, model=model, created=time.time(),
-                         nbytes=sum(getattr(u.image, "nbytes", 0) for u in translation.request.controlnet_units))
+                         nbytes=image_bytes(translation.request), kind=kind)
         self.backend.submit(sub)
         return {"taskId": sub.task_id, "status": Status.WAITING.value}
 

@@ -1,4 +1,4 @@
-"""sd_txt2img payload -> frozen :class:`engine.request.GenerationRequest` (api_compat translates; it does not
+"""sd_txt2img / sd_img2img payload -> frozen :class:`engine.request.GenerationRequest` (api_compat translates; it does not
 compute).
 
 The checks that need the engine (size and batch limits of the configuration; sampler, schedule and
@@ -20,11 +20,12 @@ from engine.controlnet.images import load_image
 from engine.controlnet.preprocessors import get_preprocessor
 from engine.errors import InvalidRequest
 from engine.models.checkpoints import Kind
-from engine.request import ControlNetUnit, GenerationRequest
+from engine.img2img import check_image_upscaler, hires_size
+from engine.request import ControlNetUnit, GenerationRequest, Hires, InitImage
 from engine.samplers import resolve
 
 from api_compat.images import ImageLimits
-from api_compat.schema import INT64_MAX, Txt2ImgPayload, units_of
+from api_compat.schema import INT64_MAX, GenerationPayload, Img2ImgPayload, Txt2ImgPayload, units_of
 
 DEFAULT_SAMPLER = "Euler a"
 # the size a unit image is planned for when the request leaves width/height to the model (the largest native
@@ -42,7 +43,7 @@ class Translation:
     models: tuple[tuple[Kind, str, str], ...]
 
 
-def _negative_prompt(payload: Txt2ImgPayload) -> str:
+def _negative_prompt(payload: GenerationPayload) -> str:
     sic, alias = payload.negtive_prompt, payload.negative_prompt
     if sic is not None and alias is not None and sic != alias:
         raise InvalidRequest("negative_prompt", "both negtive_prompt and its alias negative_prompt are given, "
@@ -50,7 +51,7 @@ def _negative_prompt(payload: Txt2ImgPayload) -> str:
     return sic if sic is not None else (alias or "")
 
 
-def _check_limits(payload: Txt2ImgPayload, config: EngineConfig) -> None:
+def _check_limits(payload: GenerationPayload, config: EngineConfig) -> None:
     for name in ("width", "height"):
         value = getattr(payload, name)
         if value is not None and value > config.max_size:
@@ -111,7 +112,7 @@ def _image_summary(value: Any) -> Any:
     return f"<image: {len(value)} characters, sha256 {digest}>"
 
 
-def echo_parameters(payload: Txt2ImgPayload, request: GenerationRequest) -> dict[str, Any]:
+def echo_parameters(payload: GenerationPayload, request: GenerationRequest) -> dict[str, Any]:
     """The request as ``parameters`` of sd_get_result: the payload with defaults filled in (null fields left
     out), resolved negative prompt and sampler, and unit images replaced by a short summary."""
     params = payload.model_dump(mode="json", exclude_none=True)
@@ -127,9 +128,9 @@ def echo_parameters(payload: Txt2ImgPayload, request: GenerationRequest) -> dict
     return params
 
 
-def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits | None = None) -> Translation:
-    """Validate what needs the configuration and build the engine request (decoding unit images)."""
-    limits = limits or ImageLimits()
+def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: ImageLimits
+                    ) -> tuple[dict[str, Any], list[tuple[Kind, str, str]]]:
+    """The GenerationRequest fields sd_txt2img and sd_img2img share, and the model names to check."""
     negative = _negative_prompt(payload)
     _check_limits(payload, config)
     sampler = payload.sampler_name or payload.sampler_index or DEFAULT_SAMPLER
@@ -169,7 +170,7 @@ def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits
         units.append(_unit(path, unit, limits, payload.width or PLAN_NATIVE_SIZE, payload.height or PLAN_NATIVE_SIZE))
         models.append((Kind.CONTROLNET, unit.model, f"{path}.model"))
 
-    request = GenerationRequest(
+    fields = dict(
         model=model,
         prompt=payload.prompt,
         negative_prompt=negative,
@@ -194,4 +195,118 @@ def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits
         eta_noise_seed_delta=ensd,
         controlnet_units=tuple(units),
     )
+    return fields, models
+
+
+def _hires(payload: Txt2ImgPayload, config: EngineConfig) -> Hires | None:
+    """The hires fix of a txt2img payload (None unless enable_hr), its names and sizes checked."""
+    if not payload.enable_hr:
+        return None
+    upscaler = check_image_upscaler(payload.hr_upscaler or "Latent", "hr_upscaler", latent=True)
+    for name in ("hr_sampler_name", "hr_scheduler"):
+        value = getattr(payload, name)
+        if value and value not in ("Use same sampler", "Use same scheduler"):
+            try:
+                resolve(value if name == "hr_sampler_name" else DEFAULT_SAMPLER,
+                        value if name == "hr_scheduler" else "Automatic")
+            except InvalidRequest as exc:
+                exc.field = name
+                raise
+    hires = Hires(
+        scale=2.0 if payload.hr_scale is None else payload.hr_scale,
+        resize_x=payload.hr_resize_x or 0,
+        resize_y=payload.hr_resize_y or 0,
+        upscaler=upscaler,
+        steps=payload.hr_second_pass_steps or 0,
+        denoising_strength=0.75 if payload.denoising_strength is None else payload.denoising_strength,
+        sampler_name=payload.hr_sampler_name or None,
+        scheduler=payload.hr_scheduler or None,
+        prompt=payload.hr_prompt or None,  # "" means the first pass's prompt, as the webui
+        negative_prompt=payload.hr_negative_prompt or None,
+        cfg_scale=payload.hr_cfg,
+    )
+    if hires.denoising_strength <= 0:
+        raise InvalidRequest("denoising_strength", "0 leaves nothing for the hires pass to do",
+                             "a number above 0 and at most 1")
+    if payload.width is not None and payload.height is not None:  # else the model's native size, checked later
+        size = hires_size(payload.width, payload.height, hires)
+        if not (64 <= size.width <= config.max_size and 64 <= size.height <= config.max_size):
+            raise InvalidRequest(size.field, f"gives a second pass of {size.width}x{size.height}, larger or smaller "
+                                 "than this engine allows", size.allowed(8, config.max_size))
+    return hires
+
+
+def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits | None = None) -> Translation:
+    """Validate what needs the configuration and build the engine request (decoding unit images)."""
+    limits = limits or ImageLimits()
+    fields, models = _request_fields(payload, config, limits)
+    request = GenerationRequest(**fields, hires=_hires(payload, config))
     return Translation(request=request, parameters=echo_parameters(payload, request), models=tuple(models))
+
+
+def translate_img2img(payload: Img2ImgPayload, config: EngineConfig,
+                      limits: ImageLimits | None = None) -> Translation:
+    """sd_img2img: the shared fields, the first init image (as the webui) and the mask, decoded once to check
+    them and kept compressed; override_settings' img2img settings."""
+    limits = limits or ImageLimits()
+    fields, models = _request_fields(payload, config, limits)
+    overrides = payload.override_settings
+    upscaler = "None"
+    if overrides is not None and overrides.upscaler_for_img2img is not None:
+        upscaler = check_image_upscaler(overrides.upscaler_for_img2img, "override_settings.upscaler_for_img2img",
+                                        latent=False)
+    multiplier = payload.initial_noise_multiplier
+    if multiplier is None:
+        multiplier = overrides.initial_noise_multiplier if overrides is not None and \
+            overrides.initial_noise_multiplier is not None else 1.0
+    fix_steps = bool(overrides is not None and overrides.img2img_fix_steps)
+    if fix_steps and payload.denoising_strength <= 0:
+        raise InvalidRequest("denoising_strength", "0 with img2img_fix_steps leaves no steps to run",
+                             "a number above 0 and at most 1")
+    image = load_image(payload.init_images[0], "init_images[0]", max_bytes=limits.max_bytes,
+                       max_pixels=limits.max_pixels, allow_urls=limits.allow_url_fetch)
+    mask = None
+    if payload.mask:
+        mask = load_image(payload.mask, "mask", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+                          allow_urls=limits.allow_url_fetch)
+        if payload.inpaint_full_res and (mask.width, mask.height) != (image.width, image.height):
+            raise InvalidRequest("mask", f"is {mask.width}x{mask.height}, the init image {image.width}x"
+                                 f"{image.height}", "a mask of the init image's size (inpaint_full_res)")
+    blur_x = payload.mask_blur_x if payload.mask_blur is None else payload.mask_blur
+    blur_y = payload.mask_blur_y if payload.mask_blur is None else payload.mask_blur
+    init = InitImage(
+        image=image,
+        denoising_strength=payload.denoising_strength,
+        resize_mode=payload.resize_mode,
+        mask=mask,
+        mask_blur_x=blur_x,
+        mask_blur_y=blur_y,
+        mask_round=payload.mask_round,
+        inpainting_fill=payload.inpainting_fill,
+        inpaint_full_res=payload.inpaint_full_res,
+        inpaint_full_res_padding=payload.inpaint_full_res_padding,
+        inpainting_mask_invert=payload.inpainting_mask_invert,
+        initial_noise_multiplier=multiplier,
+        fix_steps=fix_steps,
+        upscaler=upscaler,
+    )
+    request = GenerationRequest(**fields, init=init)
+    params = echo_parameters(payload, request)
+    params["init_images"] = [_image_summary(v) for v in payload.init_images]
+    if "mask" in params:
+        params["mask"] = _image_summary(params["mask"])
+    return Translation(request=request, parameters=params, models=tuple(models))
+
+
+def translate_request(kind: str, payload: GenerationPayload, config: EngineConfig,
+                      limits: ImageLimits | None = None) -> Translation:
+    """``kind`` "txt2img" (:func:`translate`) or "img2img" (:func:`translate_img2img`)."""
+    return (translate_img2img if kind == "img2img" else translate)(payload, config, limits)
+
+
+def image_bytes(request: GenerationRequest) -> int:
+    """The compressed bytes of a request's images (ControlNet units, init image, mask) a waiting task holds."""
+    images = [u.image for u in request.controlnet_units]
+    if request.init is not None:
+        images += [request.init.image, request.init.mask]
+    return sum(getattr(image, "nbytes", 0) for image in images if image is not None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_") and not m.ispkg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,8 @@ def check_memory(arch, native: int, model_name: str, config: EngineConfig, reque
     options = {"cfg": request.cfg_scale != 1.0, "backend": backend, "tiling": config.vae_tiling}
     need = estimate(arch, width, height, request.batch_size, **options)
     if need.total <= budget:
+        if getattr(request, "hires", None) is not None:
+            _check_hires_memory(arch, model_name, request, width, height, budget, options)
         return
     text = (f"{width}x{height} with batch_size {request.batch_size} needs about {need.total / GIB:.1f} GiB on "
             f"{backend} (model {model_name}), more than this server's memory budget of {budget / GIB:.1f} GiB")
@@ -75,3 +77,26 @@ def check_memory(arch, native: int, model_name: str, config: EngineConfig, reque
                else "none at this batch size: the model alone does not fit the budget")
     field = "width" if request.width is not None or request.height is None else "height"
     raise TooMuchMemory(field, text, allowed)
+
+
+def _check_hires_memory(arch, model_name: str, request: GenerationRequest, width: int, height: int, budget: int,
+                        options: dict) -> None:
+    """The hires fix's second pass, at its own size, within the budget; else TooMuchMemory naming hr_scale
+    (or hr_resize_x/y) with the largest that fits."""
+    from engine.img2img import hires_size
+    from engine.memory import estimate, largest_fitting
+
+    size = hires_size(width, height, request.hires)
+    need = estimate(arch, size.width, size.height, request.batch_size, **options)
+    if need.total <= budget:
+        return
+    fits = largest_fitting(arch, size.width, size.height, request.batch_size, budget, **options)
+    if fits and size.field == "hr_scale":
+        allowed = f"hr_scale at most {fits[0] / width:.2f} ({fits[0]}x{fits[1]}) for {width}x{height}"
+    elif fits:
+        allowed = f"a second pass of at most {fits[0]}x{fits[1]}"
+    else:
+        allowed = "none at this batch size"
+    raise TooMuchMemory(size.field, f"the hires fix's second pass at {size.width}x{size.height} with batch_size "
+                        f"{request.batch_size} needs about {need.total / GIB:.1f} GiB (model {model_name}), more "
+                        f"than this server's memory budget of {budget / GIB:.1f} GiB", allowed)

@@ -57,9 +57,15 @@ def contiguous(x: Array) -> Array:
 
 
 def to_like(t: Any, like: Array) -> Array:
-    """A CPU torch tensor as an array of ``like``'s kind, dtype and device."""
+    """A CPU torch tensor as an array of ``like``'s kind, dtype and device.
+
+    To a CUDA device the copy goes through pinned memory, non-blocking: a copy from pageable memory would
+    synchronise the stream, i.e. stop the host from queueing the next step while the GPU runs this one.
+    """
     if is_numpy(like):
         return t.numpy().astype(like.dtype, copy=False)
+    if like.device.type == "cuda":
+        return t.to(dtype=like.dtype).pin_memory().to(like.device, non_blocking=True)
     return t.to(device=like.device, dtype=like.dtype)
 
 
@@ -87,7 +93,29 @@ def as_like(values: Any, like: Array, dtype: Any = None) -> Array:
 
     if isinstance(values, torch.Tensor):
         return values.to(device=like.device, dtype=dtype or like.dtype)
-    return torch.as_tensor(np.asarray(values), device=like.device, dtype=dtype or like.dtype)
+    host = torch.as_tensor(np.asarray(values), dtype=dtype or like.dtype)
+    if like.device.type == "cuda":  # pinned and non-blocking: a pageable copy would synchronise the stream
+        return host.pin_memory().to(like.device, non_blocking=True)
+    return host.to(like.device)
+
+
+def take_rows(x: Array, index: Sequence[int]) -> Array:
+    """``x[index]`` along the first axis. The usual CFG layouts (all rows, or all rows k times over) are
+    concatenations on the device; any other index goes to a CUDA device non-blocking (no stream sync)."""
+    index = list(index)
+    n = int(x.shape[0])
+    if index and len(index) % n == 0 and index == list(range(n)) * (len(index) // n):
+        k = len(index) // n
+        return x if k == 1 else concat([x] * k)
+    if is_numpy(x):
+        return x[index]
+    return x.index_select(0, as_like(np.asarray(index, dtype=np.int64), x, dtype=_int64()))
+
+
+def _int64():
+    import torch
+
+    return torch.int64
 
 
 def maximum(a: Array, b: Array) -> Array:

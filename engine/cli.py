@@ -13,9 +13,11 @@ COMMANDS = {
     "models": "engine.models.cli:models",
     "export": "engine.export_cli:export",
     "txt2img": "api_compat.cli:txt2img",
+    "img2img": "api_compat.cli:img2img",
     "serve": "api_compat.cli:serve",
     "worker": "api_compat.cli:worker",
     "paths": "engine.cli:paths",
+    "bench": "benchmarks._cli:bench",
 }
 
 
@@ -85,7 +87,7 @@ def _version() -> str:
 @click.version_option(_version(), "-V", "--version", prog_name="sdengine")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
-    """sdengine: local Stable Diffusion inference with the sd_txt2img / sd_get_result contract.
+    """sdengine: local Stable Diffusion inference with the sd_txt2img / sd_img2img / sd_get_result contract.
 
     Files live under one home (models, artefact cache, results); see `sdengine paths` and docs/API.md.
     """

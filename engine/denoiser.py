@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.conditioning import StepConditioning
 from engine.errors import InvalidRequest
-from engine.arrays import as_like, floats, is_numpy, stack
+from engine.arrays import as_like, floats, is_numpy, stack, take_rows
 from engine.schedule import ModelSchedule
 
 Array = Any
@@ -91,7 +91,7 @@ class Denoiser:
         idx = list(rows.image)
         s_rows = [sigmas_b[b] for b in idx]
         t_rows = self.schedule.sigma_to_t(np.asarray(s_rows, dtype=np.float64))
-        x_rows = x[idx]
+        x_rows = take_rows(x, idx)
         c_in = self._col([1 / math.sqrt(s * s + 1) for s in s_rows], x)
         raw = self.model(x_rows * c_in, as_like(t_rows, x, dtype=_f32(x)), rows.cond, step)
         if self.prediction_type == "epsilon" or self.schedule.lcm_skip:
@@ -138,3 +138,22 @@ def _f32(x: Array) -> Any:
     import torch
 
     return torch.float32
+
+
+class LatentBlend:
+    """Inpainting with a normal checkpoint (webui CFGDenoiser with ``mask_before_denoising`` off): after every
+    denoiser call the kept region of the prediction is replaced by the init latent,
+    ``denoised = init * mask + nmask * denoised`` (``nmask`` 1 where the image is repainted, ``mask = 1 - nmask``);
+    :meth:`final` applies the same blend to the sampler's result, as the webui's ``sample`` does."""
+
+    def __init__(self, denoise: Callable[[Array, Any], Array], init: Array, nmask: Array):
+        self.denoise = denoise
+        self.init = init
+        self.nmask = nmask
+        self.mask = 1.0 - nmask
+
+    def __call__(self, x: Array, sigma: Any) -> Array:
+        return self.init * self.mask + self.nmask * self.denoise(x, sigma)
+
+    def final(self, x: Array) -> Array:
+        return x * self.nmask + self.init * self.mask

@@ -8,7 +8,8 @@ Values holding ``,``, ``:`` or ``"`` are quoted with JSON string syntax, as the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Mapping
 
 
@@ -105,6 +106,8 @@ class Generation:
     subseeds: list[int]
     unit_labels: list[str]
     backend: str
+    denoising_strength: float | None = None  # img2img, hires fix
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # img2img / hires fields
 
     def infotext(self, index: int) -> str:
         req, model = self.request, self.model
@@ -121,8 +124,10 @@ class Generation:
             "VAE": model.vae_path.stem if getattr(model, "vae_path", None) else None,
             "Variation seed": self.subseeds[index] if req.subseed_strength else None,
             "Variation seed strength": req.subseed_strength if req.subseed_strength else None,
+            "Denoising strength": self.denoising_strength,
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
             **extras,
+            **self.extra,
             "Backend": self.backend,
         }
         for k, label in enumerate(self.unit_labels):
@@ -141,6 +146,7 @@ class Generation:
             "subseed": self.subseeds[0],
             "all_subseeds": list(self.subseeds),
             "subseed_strength": req.subseed_strength,
+            "denoising_strength": self.denoising_strength,
             "width": self.width,
             "height": self.height,
             "sampler_name": self.plan.sampler.name,
@@ -159,3 +165,29 @@ class Generation:
             "precision": precision,
             "timings": {k: round(v, 6) for k, v in timings.items()},
         }
+
+
+def hires_infotext(req: Any, hr_plan: Any, plan: Any) -> dict[str, Any]:
+    """The webui's hires fields (processing.StableDiffusionProcessingTxt2Img.init): "Hires upscale" or "Hires
+    resize", "Hires steps" (when set), "Hires upscaler", and the hires sampler, schedule, prompts and CFG when
+    they differ from the first pass's."""
+    hr = req.hires
+    out: dict[str, Any] = {}
+    if not hr.resize_x and not hr.resize_y:
+        out["Hires upscale"] = hr.scale
+    else:
+        out["Hires resize"] = f"{hr.resize_x}x{hr.resize_y}"
+    out["Hires steps"] = hr.steps or None
+    out["Hires upscaler"] = hr.upscaler
+    if hr_plan.sampler.name != plan.sampler.name:
+        out["Hires sampler"] = hr_plan.sampler.name
+    if hr.scheduler not in (None, "Use same scheduler") and hr_plan.sampler.schedule_label != \
+            plan.sampler.schedule_label:
+        out["Hires schedule type"] = hr_plan.sampler.schedule_label
+    if hr.prompt is not None and hr.prompt != req.prompt:
+        out["Hires prompt"] = hr.prompt
+    if hr.negative_prompt is not None and hr.negative_prompt != req.negative_prompt:
+        out["Hires negative prompt"] = hr.negative_prompt
+    if hr.cfg_scale is not None and hr.cfg_scale != req.cfg_scale:
+        out["Hires CFG Scale"] = hr.cfg_scale
+    return {k: v for k, v in out.items() if v is not None}

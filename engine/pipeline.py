@@ -1,8 +1,10 @@
-"""The txt2img loop, written once for every backend: orchestration of the rooms that own the rules.
+"""The txt2img / img2img loop, written once for every backend: orchestration of the rooms that own the rules.
 
-validate (engine.models.family) -> plan (engine.samplers: sigmas, denoiser schedule, noise; seeds; ControlNet
-units) -> condition (engine.conditioning) -> noise (engine.noise) -> sample (engine.denoiser + the sampler) ->
-decode (the backend's VAE, tiled above a size: engine.tiling) -> describe (engine.infotext: webui infotexts and the info dict).
+validate (engine.models.family) -> plan (engine.samplers: sigmas, cut at the denoising strength for img2img,
+denoiser schedule, noise; seeds; ControlNet units) -> init (engine.img2img: init image, mask; the backend's VAE
+encoder) -> condition (engine.conditioning) -> noise (engine.noise) -> sample (engine.denoiser + the sampler,
+with the inpainting blend) -> hires fix (engine.img2img upscalers, then a second img2img pass) -> decode (the
+backend's VAE, tiled above a size: engine.tiling) -> describe (engine.infotext: webui infotexts and the info dict).
 See docs/ARCHITECTURE.md for what each room may touch.
 """
 
@@ -17,13 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from engine.arrays import to_device
+from engine.arrays import to_device, to_host
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest
-from engine.infotext import Generation, unit_infotext
+from engine.infotext import Generation, hires_infotext, unit_infotext
+from engine.noise import ImageRNG
 from engine.progress import ProgressReporter
 from engine.request import GenerationRequest, GenerationResult
 from engine.tiling import decode as decode_latents
+from engine.tiling import encode as encode_image
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ class _Runtime:
 
 
 class Engine:
-    """The txt2img engine: ``Engine(config).generate(request) -> GenerationResult``.
+    """The txt2img / img2img engine: ``Engine(config).generate(request) -> GenerationResult``.
 
     Models, backends and encoded prompts are cached between requests; one lock serialises generation
     (one engine drives one device).
@@ -146,74 +150,95 @@ class Engine:
 
     def _generate(self, req: GenerationRequest, on_step: ProgressReporter) -> GenerationResult:
         """Orchestration only: each stage is a call into the room that owns its rules."""
-        from engine.conditioning import encode_request
-        from engine.denoiser import Denoiser
-        from engine.noise import ImageRNG, resolve_seed
+        from engine.noise import resolve_seed
         from engine.samplers import resolve
 
         timer = _Timer()
-        # 1. validate: the sampler name, the model, the request against the model's family and the limits
+        # 1. validate: the sampler names, the model, the request against the model's family and the limits
         sampler = resolve(req.sampler_name, req.scheduler)
+        hr_sampler = self._hires_sampler(req) if req.hires is not None else None
         t0 = time.perf_counter()
         on_step.phase("loading", req.model or "default model")
         rt = self.runtime(req.model, req.vae)
         family = rt.model.family
         timer.add("load", t0)
         width, height = self._validate(req, family)
+        hires = self._hires_size(req, family, width, height) if req.hires is not None else None
         warnings = [w for w in (family.size_warning(width, height),) if w]
         for warning in warnings:
             log.info("%s: %s", rt.model.name, warning)  # carried in info["warnings"]; the CLI prints it
 
-        # 2. plan: sigmas, the denoiser's schedule, seeds, ControlNet units
-        plan = sampler.prepare(req.steps, family, eta=req.eta, eta_noise_seed_delta=req.eta_noise_seed_delta)
+        # 2. plan: sigmas (cut at the denoising strength for img2img), the denoiser's schedule, seeds, units
+        init = req.init
+        plan = sampler.prepare(req.steps, family, eta=req.eta, eta_noise_seed_delta=req.eta_noise_seed_delta,
+                               denoising_strength=None if init is None else init.denoising_strength,
+                               fix_steps=init is not None and init.fix_steps)
+        hr_plan = None
+        if hires is not None:  # the webui's hires pass always runs exactly its steps ("fix steps")
+            hr_plan = hr_sampler.prepare(req.hires.steps or req.steps, family, eta=req.eta,
+                                         eta_noise_seed_delta=req.eta_noise_seed_delta,
+                                         denoising_strength=req.hires.denoising_strength, fix_steps=True)
         total = req.batch_size * req.n_iter
         seed, subseed = resolve_seed(req.seed), resolve_seed(req.subseed)
         all_seeds = [seed + i for i in range(total)]
         all_subseeds = [subseed + i for i in range(total)]
         t0 = time.perf_counter()
         units, unit_labels = self._controlnet_units(rt, req, width, height)
+        hr_units = self._controlnet_units(rt, req, hires.width, hires.height)[0] if hires is not None else []
         timer.add("controlnet_preprocess", t0)
-        on_step.steps = req.n_iter * plan.steps
+        on_step.steps = req.n_iter * (plan.steps + (hr_plan.steps if hr_plan else 0))
+
+        # 3. init: the init image resized/masked (engine.img2img) and encoded, once for all iterations (webui)
+        source = self._init_latents(rt, req, width, height, all_seeds[: req.batch_size], timer) \
+            if init is not None else None
 
         images: list[np.ndarray] = []
         for it in range(req.n_iter):
             batch = slice(it * req.batch_size, (it + 1) * req.batch_size)
             seeds, subseeds = all_seeds[batch], all_subseeds[batch]
-            # 3. condition: prompts -> per-step conditioning (cached per model)
+            # 4. condition: prompts -> per-step conditioning (cached per model)
             t0 = time.perf_counter()
             on_step.phase("encoding")
-            cond = encode_request(
-                rt.backend, family.text, [req.prompt] * req.batch_size, [req.negative_prompt] * req.batch_size,
-                steps=plan.steps, clip_skip=req.clip_skip, width=width, height=height, cache=rt.prompt_cache,
-                max_chunks=self.config.max_prompt_chunks,
-            )
+            cond = self._condition(rt, req.prompt, req.negative_prompt, req.steps, req, width, height)
             timer.add("text_encoder", t0)
 
-            # 4. noise: webui-seeded initial latents and the sampler's noise
+            # 5. noise: webui-seeded initial latents (the init latent noised to the plan's first sigma)
             t0 = time.perf_counter()
             rng = ImageRNG((4, height // 8, width // 8), seeds, subseeds, req.subseed_strength,
                            eta_noise_seed_delta=plan.ensd)
-            sigmas = to_device(plan.sigmas, self.config.device)
-            x = to_device(rng.first().numpy(), self.config.device) * sigmas[0]
-            noise = plan.noise(x, rng, seeds)
+            noise = to_device(rng.first().numpy(), self.config.device)
+            if init is not None and init.initial_noise_multiplier != 1.0:
+                noise = noise * init.initial_noise_multiplier
+            x = plan.start(noise, None if source is None else source.latent)
 
-            # 5. sample: the sampler over the denoiser (CFG, ControlNet) on the plan's schedule
-            denoiser = Denoiser(_ModelCall(self._run_fn(rt), units, plan.steps), plan.schedule,
-                                family.prediction_type, req.cfg_scale, cond.at, plan.sigmas)
+            # 6. sample: the sampler over the denoiser (CFG, ControlNet, inpainting blend) on the plan's sigmas
             on_step.phase("sampling", f"batch {it + 1} of {req.n_iter}" if req.n_iter > 1 else "")
-            latents = plan.sample(denoiser, x, sigmas=sigmas, noise=noise, callback=on_step, s_churn=req.s_churn,
-                                  s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
+            latents = self._sample(rt, req, plan, x, rng, seeds, cond, units, req.cfg_scale, on_step,
+                                   None if source is None else source.blend)
             timer.add("sampling", t0)
 
-            # 6. decode (tiled above the configured size: engine.tiling)
+            # 7. hires fix: upscale (latent or image), then an img2img pass at the new size
+            if hires is not None:
+                latents = self._hires_pass(rt, req, hires, hr_plan, hr_units, latents, seeds, subseeds, on_step,
+                                           timer)
+
+            # 8. decode (and paste the init image's kept pixels back, for inpainting)
             t0 = time.perf_counter()
             on_step.phase("decoding")
-            images.extend(to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling)))
+            decoded = to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling))  # engine.tiling
+            images.extend(decoded if source is None else [source.plan.finish(img) for img in decoded])
             timer.add("vae_decoder", t0)
 
-        # 7. describe: webui infotexts and the info dict
+        # 9. describe: webui infotexts and the info dict
+        extra: dict[str, Any] = {}
+        if source is not None:
+            extra.update(source.plan.infotext)
+        if hires is not None:
+            extra.update(hires_infotext(req, hr_plan, plan))
+        strength = init.denoising_strength if init is not None else \
+            req.hires.denoising_strength if req.hires is not None else None
         generation = Generation(req, rt.model, plan, width, height, all_seeds, all_subseeds, unit_labels,
-                                self.config.backend.value)
+                                self.config.backend.value, denoising_strength=strength, extra=extra)
         infotexts = [generation.infotext(i) for i in range(total)]
         info = generation.info(infotexts, timer.timings, device=self.config.device,
                                precision=self.config.precision.value)
@@ -221,6 +246,134 @@ class Engine:
         detected = [u.detected_map for u, spec in zip(units, req.controlnet_units) if spec.save_detected_map]
         return GenerationResult(images=images, infotexts=infotexts, info=info, seeds=all_seeds,
                                 subseeds=all_subseeds, timings=dict(timer.timings), detected_maps=detected)
+
+    # ------------------------------------------------------------------------------------------ stages
+    def _condition(self, rt: _Runtime, prompt: str, negative_prompt: str, steps: int, req: GenerationRequest,
+                   width: int, height: int):
+        from engine.conditioning import encode_request
+
+        return encode_request(
+            rt.backend, rt.model.family.text, [prompt] * req.batch_size, [negative_prompt] * req.batch_size,
+            steps=steps, clip_skip=req.clip_skip, width=width, height=height, cache=rt.prompt_cache,
+            max_chunks=self.config.max_prompt_chunks,
+        )
+
+    def _sample(self, rt: _Runtime, req: GenerationRequest, plan, x, rng, seeds, cond, units, cfg_scale: float,
+                on_step: ProgressReporter, blend=None):
+        """The sampler over the denoiser; ``blend`` (init latent, nmask) turns on the inpainting blend."""
+        from engine.denoiser import Denoiser, LatentBlend
+
+        sigmas = to_device(plan.sigmas, self.config.device)
+        noise = plan.noise(x, rng, seeds)
+        denoiser = Denoiser(_ModelCall(self._run_fn(rt), units, plan.steps), plan.schedule,
+                            rt.model.family.prediction_type, cfg_scale, cond.at, plan.sigmas)
+        if blend is not None:
+            denoiser = LatentBlend(denoiser, *blend)
+        on_step.check_cancel()
+        latents = plan.sample(denoiser, x, sigmas=sigmas, noise=noise, callback=on_step, s_churn=req.s_churn,
+                              s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
+        return latents if blend is None else denoiser.final(latents)
+
+    def _encode(self, rt: _Runtime, pixels: np.ndarray):
+        """(B, 3, H, W) floats in [0, 1] -> (B, 4, H/8, W/8) latents through the backend's VAE encoder."""
+        image = to_device(np.ascontiguousarray(pixels, dtype=np.float32), self.config.device)
+        # tiled above the configured size (engine.tiling)
+        return to_device(encode_image(rt.backend.run, image, self.config.vae_tiling), self.config.device)
+
+    def _init_latents(self, rt: _Runtime, req: GenerationRequest, width: int, height: int, seeds: list[int],
+                      timer: _Timer) -> "_Source":
+        """img2img: the init image prepared by the webui rules (engine.img2img), encoded, resized for the
+        latent-upscale mode, repeated over the batch; with a mask, the masked latent filled and the blend."""
+        from engine.img2img import prepare_init, upscale_latent
+
+        t0 = time.perf_counter()
+        init_plan = prepare_init(req.init, width, height)
+        timer.add("init_image", t0)
+        t0 = time.perf_counter()
+        latent = to_host(self._encode(rt, init_plan.pixels)).astype(np.float32)
+        h, w = init_plan.latent_size
+        if init_plan.resize_latent and latent.shape[2:] != (h, w):
+            latent = upscale_latent(latent, h, w, "Latent")
+        latent = np.repeat(latent, req.batch_size, axis=0)
+        timer.add("vae_encoder", t0)
+        nmask = init_plan.latent_mask()
+        blend = None
+        if nmask is not None:
+            nmask = np.broadcast_to(nmask[None, None], latent.shape).astype(np.float32)
+            mask = 1.0 - nmask
+            if init_plan.inpainting_fill == 2:  # latent noise: the first batch's seeds, plain draws (webui)
+                latent = latent * mask + ImageRNG((4, h, w), seeds).first().numpy() * nmask
+            elif init_plan.inpainting_fill == 3:  # latent nothing
+                latent = latent * mask
+            blend = (to_device(latent, self.config.device), to_device(np.ascontiguousarray(nmask),
+                                                                        self.config.device))
+        return _Source(init_plan, to_device(latent, self.config.device), blend)
+
+    def _hires_sampler(self, req: GenerationRequest):
+        """The hires pass's sampler: hr_sampler_name (else the first pass's) with hr_scheduler; the webui's hires
+        pass uses "Automatic" when hr_scheduler is unset ("Use same scheduler": the first pass's)."""
+        from engine.samplers import resolve
+
+        hr = req.hires
+        name = req.sampler_name if hr.sampler_name in (None, "", "Use same sampler") else hr.sampler_name
+        scheduler = req.scheduler if hr.scheduler == "Use same scheduler" else (hr.scheduler or "Automatic")
+        try:
+            return resolve(name, scheduler)
+        except InvalidRequest as exc:
+            if exc.field == "sampler_name" and name == hr.sampler_name:
+                exc.field = "hr_sampler_name"
+            elif exc.field == "scheduler" and hr.scheduler not in (None, "Use same scheduler"):
+                exc.field = "hr_scheduler"
+            raise
+
+    def _hires_size(self, req: GenerationRequest, family, width: int, height: int) -> "HiresSize":
+        """The second pass's size by the webui rules (engine.img2img.hires_size), checked like width/height;
+        an error names hr_scale (or hr_resize_x/y) with the allowed range."""
+        from engine.img2img import hires_size
+
+        size = hires_size(width, height, req.hires)
+        try:
+            family.check_size(size.width, size.height, self.config.max_size)
+        except InvalidRequest as exc:
+            raise InvalidRequest(size.field, f"gives a second pass of {size.width}x{size.height}, which is not "
+                                 f"allowed for this model", size.allowed(family.pixel_multiple,
+                                                                           self.config.max_size)) from None
+        return size
+
+    def _hires_pass(self, rt: _Runtime, req: GenerationRequest, size, plan, units, latents, seeds, subseeds,
+                    on_step: ProgressReporter, timer: _Timer):
+        """webui sample_hr_pass: latent upscalers resize the latent; image upscalers decode (truncated to
+        uint8, as the webui), resize the image and encode it; then the latent is cut to the target size and
+        an img2img pass runs with fresh per-image noise at that size."""
+        from engine.img2img import LATENT_UPSCALERS, upscale_image, upscale_latent
+
+        hr = req.hires
+        t0 = time.perf_counter()
+        if hr.upscaler in LATENT_UPSCALERS:
+            x0 = upscale_latent(latents, size.upscale_height // 8, size.upscale_width // 8, hr.upscaler)
+        else:
+            on_step.phase("decoding", "hires fix: the first pass, for the image upscaler")
+            decoded = decode_latents(rt.backend.run, latents, self.config.vae_tiling)
+            lowres = (np.clip(decoded, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
+            pixels = np.stack([upscale_image(img, size.upscale_width, size.upscale_height, hr.upscaler)
+                               for img in lowres]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+            x0 = self._encode(rt, pixels)
+        x0 = size.truncate(x0)
+        timer.add("hires_upscale", t0)
+        t0 = time.perf_counter()
+        on_step.phase("encoding", "hires fix")
+        cond = self._condition(rt, req.prompt if hr.prompt is None else hr.prompt,
+                               req.negative_prompt if hr.negative_prompt is None else hr.negative_prompt,
+                               plan.steps, req, size.width, size.height)
+        timer.add("text_encoder", t0)
+        t0 = time.perf_counter()
+        rng = ImageRNG(tuple(x0.shape[1:]), seeds, subseeds, req.subseed_strength, eta_noise_seed_delta=plan.ensd)
+        x = plan.start(to_device(rng.first().numpy(), self.config.device), x0)
+        on_step.phase("sampling", "hires fix")
+        out = self._sample(rt, req, plan, x, rng, seeds, cond, units,
+                           req.cfg_scale if hr.cfg_scale is None else hr.cfg_scale, on_step)
+        timer.add("hires_sampling", t0)
+        return out
 
     def _validate(self, req: GenerationRequest, family) -> tuple[int, int]:
         """(width, height) of the request (the family's native size by default), checked against the family's
@@ -230,6 +383,8 @@ class Engine:
         family.check_size(width, height, self.config.max_size)
         if not 1 <= req.batch_size <= self.config.max_batch_size:
             raise InvalidRequest("batch_size", f"{req.batch_size} is out of range", f"1..{self.config.max_batch_size}")
+        if req.init is not None and req.hires is not None:
+            raise InvalidRequest("enable_hr", "the hires fix is a txt2img feature", "false for img2img")
         return width, height
 
     def _controlnet_units(self, rt: _Runtime, req: GenerationRequest, width: int, height: int):
@@ -243,6 +398,16 @@ class Engine:
             units.append(prepare_unit(unit, width, height, field=field_name))
             labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]", units[-1].used))
         return units, labels
+
+
+@dataclass(frozen=True)
+class _Source:
+    """img2img: the prepared init image (engine.img2img.InitPlan), its latent on the device, and the
+    inpainting blend (init latent, nmask) or None."""
+
+    plan: Any
+    latent: Any
+    blend: tuple | None
 
 
 class _ModelCall:

@@ -33,8 +33,56 @@ class ControlNetUnit:
 
 
 @dataclass(frozen=True)
+class InitImage:
+    """img2img: the init image (RGB uint8 (H, W, 3), or an engine.controlnet.images.EncodedImage kept compressed
+    while queued) and how it is used, webui semantics for every field.
+
+    ``resize_mode``: 0 "Just resize", 1 "Crop and resize", 2 "Resize and fill", 3 "Just resize (latent upscale)".
+    ``mask`` (uint8 (H, W) or (H, W, 3), or an EncodedImage; white = repaint) turns on inpainting; ``inpainting_fill``: 0 fill, 1 original,
+    2 latent noise, 3 latent nothing. ``fix_steps`` is the webui's img2img_fix_steps setting.
+    """
+
+    image: Any = field(repr=False, compare=False)
+    denoising_strength: float = 0.75
+    resize_mode: int = 0
+    mask: Any = field(default=None, repr=False, compare=False)
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_round: bool = True
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: bool = False
+    initial_noise_multiplier: float = 1.0
+    fix_steps: bool = False
+    upscaler: str = "None"  # the webui's upscaler_for_img2img (image resizes that enlarge)
+
+
+@dataclass(frozen=True)
+class Hires:
+    """txt2img hires fix (webui ``enable_hr``): the second pass, webui semantics for every field.
+
+    ``resize_x``/``resize_y`` 0 mean "use ``scale``"; ``steps`` 0 means the first pass's steps; ``sampler_name``
+    None means the first pass's sampler; ``scheduler`` None means "Automatic" (the webui's hires pass rule);
+    ``prompt``/``negative_prompt`` None mean the first pass's; ``cfg_scale`` None means the first pass's.
+    """
+
+    scale: float = 2.0
+    resize_x: int = 0
+    resize_y: int = 0
+    upscaler: str = "Latent"
+    steps: int = 0
+    denoising_strength: float = 0.75
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    cfg_scale: float | None = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """A txt2img request in engine terms (webui semantics for every field).
+    """A txt2img or img2img request in engine terms (webui semantics for every field).
 
     ``model`` None means the engine's default model. ``width``/``height`` None mean the model's native
     size. ``eta`` None means the sampler's default. ``seed`` -1 draws a random seed.
@@ -63,6 +111,8 @@ class GenerationRequest:
     s_noise: float = 1.0
     eta_noise_seed_delta: int = 0
     controlnet_units: tuple[ControlNetUnit, ...] = ()
+    init: InitImage | None = None  # img2img (and inpainting with a mask)
+    hires: Hires | None = None  # txt2img's second pass
 
 
 @dataclass

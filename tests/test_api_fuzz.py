@@ -1,4 +1,4 @@
-"""Hypothesis fuzz of the sd_txt2img payload: validation alone (schema, translation, model names resolved in
+"""Hypothesis fuzz of the sd_txt2img and sd_img2img payloads: validation alone (schema, translation, model names resolved in
 the real model store of the tiny models), and the HTTP app (its engine is a test double that returns at once,
 so the fuzz exercises validation, queueing and the HTTP layer, not generation). No input may raise anything
 but ApiError/InvalidRequest, and no HTTP answer may be a 5xx. Derandomized; >= 1,000 cases each. The probe of
@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from api_compat import ApiError, LocalService
 from api_compat.engine_api import check_memory, check_models
 from api_compat.http import create_app
-from api_compat.schema import MAX_JSON_DEPTH, ControlNetUnitPayload, Txt2ImgPayload, parse_payload
-from api_compat.translate import translate
+from api_compat.schema import MAX_JSON_DEPTH, ControlNetUnitPayload, Img2ImgPayload, Txt2ImgPayload, parse_request
+from api_compat.translate import translate_request
 from api_compat.webui import webui_to_scc
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest
@@ -62,7 +62,9 @@ GOOD = {  # plausible values per field, so that about half of the field-aware pa
     "n_iter": st.integers(1, 4), "clip_skip": st.integers(1, 12),
     "sampler_name": st.sampled_from(["Euler a", "DPM++ 2M Karras", "k_lms", "DDIM", "Heun"]),
     "scheduler": st.sampled_from(["Automatic", "Karras", "Exponential"]), "subseed_strength": st.floats(0, 1),
-    "eta": st.one_of(st.none(), st.floats(0, 1)), "tiling": st.just(False), "enable_hr": st.just(False),
+    "eta": st.one_of(st.none(), st.floats(0, 1)), "tiling": st.just(False), "enable_hr": st.booleans(),
+    "hr_scale": st.floats(1, 4), "hr_upscaler": st.sampled_from(["Latent", "Lanczos", "Latent (nearest)", "ESRGAN"]),
+    "hr_resize_x": st.sampled_from([0, 96, 1000]), "denoising_strength": st.floats(0, 1),
     "alwayson_scripts": st.fixed_dictionaries({"controlnet": st.fixed_dictionaries({"units": st.lists(
         st.fixed_dictionaries({"model": st.just("tiny-controlnet-sd1"), "input_image": st.just(png_b64(8, 8))},
                               optional={"weight": st.floats(0, 2), "module": st.sampled_from(["canny", "none"]),
@@ -85,11 +87,11 @@ def store(tiny_engine):
     return ModelStore(tiny_engine["models_dir"], cache_dir=tiny_engine["cache_dir"])
 
 
-def _check(payload, store) -> GenerationRequest | None:
-    """What sd_txt2img checks before it queues: schema, translation, model names in the store."""
+def _check(payload, store, kind: str = "txt2img") -> GenerationRequest | None:
+    """What sd_txt2img (sd_img2img) checks before it queues: schema, translation, model names in the store."""
     try:
         config = EngineConfig(default_model="tiny-sd1")  # as the HTTP service's configuration
-        translation = translate(parse_payload(payload), config)
+        translation = translate_request(kind, parse_request(kind, payload), config)
         check_models(store, translation.models)
         check_memory(store, config, translation.request, None)  # the model's limits (clip_skip), no budget
         return translation.request
@@ -170,13 +172,55 @@ def test_fuzz_payload(http_client, store, payload, header):
         assert body["error"]["code"] and body["error"]["message"]
 
 
+IMG2IMG_GOOD = {
+    **{k: v for k, v in GOOD.items() if k in Img2ImgPayload.model_fields},
+    "init_images": st.one_of(st.just([png_b64(8, 8)]), st.just([png_b64(40, 16), png_b64(8, 8)])),
+    "denoising_strength": st.floats(0, 1), "resize_mode": st.one_of(st.integers(0, 3), st.sampled_from(
+        ["Crop and resize", "Just resize (latent upscale)", "Stretch"])),
+    "mask": st.sampled_from([png_b64(8, 8), png_b64(16, 16), "", None]), "mask_blur": st.integers(0, 64),
+    "inpainting_fill": st.one_of(st.integers(0, 3), st.sampled_from(["latent noise", "original"])),
+    "inpaint_full_res": st.booleans(), "inpaint_full_res_padding": st.integers(0, 64),
+    "inpainting_mask_invert": st.sampled_from([0, 1, True]), "initial_noise_multiplier": st.floats(0, 1.5),
+    "override_settings": st.fixed_dictionaries({}, optional={
+        "img2img_fix_steps": st.booleans(), "upscaler_for_img2img": st.sampled_from(["None", "Lanczos", "SwinIR"]),
+        "initial_noise_multiplier": st.floats(0, 2), "samples_format": st.just("png")}),
+}
+img2img_keys = st.sampled_from(sorted(Img2ImgPayload.model_fields) + ["enable_hr", "image", "mask_blurr"])
+img2img_payloads = st.one_of(
+    st.builds(lambda good, bad: {**good, **dict([bad] if bad else [])},
+              st.fixed_dictionaries({"init_images": IMG2IMG_GOOD["init_images"]},
+                                    optional={k: v for k, v in IMG2IMG_GOOD.items() if k != "init_images"}),
+              st.one_of(st.none(), st.tuples(img2img_keys, scalars))),
+    st.dictionaries(img2img_keys, st.one_of(scalars, json_values), max_size=6),
+)
+
+
+@SETTINGS
+@given(payload=img2img_payloads)
+def test_fuzz_img2img_payload(http_client, store, payload):
+    """sd_img2img: validation in-process (only ApiError/InvalidRequest; accepted requests carry an init image
+    and a strength in range), then over HTTP (never a 5xx; accepted in-process <=> 200)."""
+    request = _check(payload, store, "img2img")
+    if request is not None:
+        assert request.init is not None and 0 <= request.init.denoising_strength <= 1
+        assert request.init.resize_mode in (0, 1, 2, 3) and request.init.inpainting_fill in (0, 1, 2, 3)
+        assert request.init.upscaler in ("None", "Lanczos", "Nearest") and request.hires is None
+    r = http_client.post("/scc/sd_img2img", content=json.dumps(payload).encode(),
+                         headers={"content-type": "application/json"})
+    assert r.status_code in (200, 400, 413, 422), r.text[:500]
+    if r.status_code != 413:
+        assert (r.status_code == 200) == (request is not None), r.text[:500]
+    if r.status_code != 200:
+        assert r.json()["error"]["code"] and r.json()["error"]["message"]
+
+
 WEBUI_POSTS = ["/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options", "/sdapi/v1/png-info",
                "/sdapi/v1/interrupt", "/controlnet/detect"]
 
 
 @settings(max_examples=300, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(st.binary(max_size=200), st.sampled_from(["/scc/sd_txt2img", "/scc/sd_get_result", "/scc/sd_cancel",
-                                                 *WEBUI_POSTS]))
+@given(st.binary(max_size=200), st.sampled_from(["/scc/sd_txt2img", "/scc/sd_img2img", "/scc/sd_get_result",
+                                                 "/scc/sd_cancel", *WEBUI_POSTS]))
 def test_fuzz_http_raw_bytes(http_client, body, path):
     r = http_client.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code < 500, r.text

@@ -363,7 +363,11 @@ def test_queued_tasks_hold_compressed_images(tmp_path):
     svc = LocalService(tmp_path, results_dir=tmp_path / "r", engine_factory=Held, check_models=False,
                        max_queue_bytes=len(buf.getvalue()) * 10 * 3)
     try:
-        svc.sd_txt2img({"steps": 1})  # occupies the worker
+        first = svc.sd_txt2img({"steps": 1})["taskId"]  # occupies the worker
+        deadline = time.monotonic() + 120
+        while not svc.health()["devices"]["cpu"]["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert svc.sd_get_result({"taskId": first})["status"] == "running", svc.sd_get_result({"taskId": first})
         before = _rss()
         ids = [svc.sd_txt2img(payload)["taskId"] for _ in range(3)]
         grown = _rss() - before

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
@@ -83,8 +84,11 @@ def test_validation_errors_name_the_field(client):
     body = r.json()
     assert body["error"]["field"] == "alwayson_scripts.controlnet.units[1].weight"
     assert body["error"]["allowed"] == "a number from 0 to 2" and body["error"]["code"] == "invalid_request"
-    r = client.post("/scc/sd_txt2img", json={"enable_hr": True})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "not_supported"
+    r = client.post("/scc/sd_txt2img", json={"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "hr_upscaler"
+    assert "Latent (nearest-exact)" in r.json()["error"]["allowed"] and "Lanczos" in r.json()["error"]["allowed"]
+    r = client.post("/scc/sd_txt2img", json={"image_cfg_scale": 1.5})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_field"
     r = client.post("/scc/sd_txt2img", json={"stepz": 1})
     assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_field"
     r = client.post("/scc/sd_txt2img", json={}, headers={"X-SP-RESOURCE-CONFIG-ID": "nope"})
@@ -216,12 +220,57 @@ def test_health_and_openapi(client):
     assert all("default" in d["configs"] and "other" in d["configs"] for d in devices.values())
     spec = client.get("/openapi.json").json()
     assert "/scc/sd_txt2img" in spec["paths"] and "/scc/sd_get_result" in spec["paths"]
+    img2img = spec["paths"]["/scc/sd_img2img"]["post"]
+    assert img2img["operationId"] == "sd_img2img"
+    assert img2img["requestBody"]["content"]["application/json"]["schema"]["$ref"] == \
+        "#/components/schemas/Img2ImgPayload"
+    i2i = spec["components"]["schemas"]["Img2ImgPayload"]
+    assert {"init_images", "denoising_strength", "resize_mode", "mask", "inpainting_fill"} <= set(i2i["properties"])
+    assert "init_images" in i2i["required"] and "enable_hr" not in i2i["properties"]
+    assert {"enable_hr", "hr_scale", "hr_upscaler", "hr_cfg"} <= set(spec["components"]["schemas"][
+        "Txt2ImgPayload"]["properties"])
     body = spec["paths"]["/scc/sd_txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["$ref"] == "#/components/schemas/Txt2ImgPayload"
     schemas = spec["components"]["schemas"]
     assert "negtive_prompt" in schemas["Txt2ImgPayload"]["properties"]
     assert "ControlNetUnitPayload" in schemas and "input_image" in schemas["ControlNetUnitPayload"]["properties"]
     assert not [r for r in json.dumps(spec).split('"$ref": "')[1:] if not r.startswith("#/components/schemas/")]
+
+
+def test_img2img_route(client):
+    """POST /scc/sd_img2img: the same task model (taskId, sd_get_result), an inpainting payload with a mask,
+    over both task backends (the Celery worker translates the img2img payload by its kind)."""
+    import base64
+    import io
+
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+
+    def b64(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    payload = {"init_images": [b64(init)], "prompt": "a cat", "seed": 4, "steps": 4, "width": 64, "height": 64,
+               "denoising_strength": 0.5, "mask": b64(mask), "mask_blur": 0, "inpaint_full_res": False,
+               "inpainting_fill": 1, "override_settings": {"img2img_fix_steps": True, "samples_save": True}}
+    r = client.post("/scc/sd_img2img", json=payload)
+    assert r.status_code == 200 and set(r.json()) == {"taskId", "status"}, r.text
+    result = poll(client, r.json()["taskId"])
+    assert result["status"] == "succeeded", result
+    assert result["parameters"]["denoising_strength"] == 0.5
+    assert result["parameters"]["init_images"][0] == payload["init_images"][0] or \
+        result["parameters"]["init_images"][0].startswith("<image:")
+    text = result["info"]["infotexts"][0]
+    assert "Denoising strength: 0.5" in text and "Seed: 4" in text
+    png = client.get(result["images"][0].replace("http://localhost", ""))
+    pixels = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+    assert (pixels[:8] == (200, 40, 40)).all(), "the unmasked pixels are the init image's"
+    bad = client.post("/scc/sd_img2img", json={**payload, "override_settings": {"upscaler_for_img2img": "ESRGAN"}})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "override_settings.upscaler_for_img2img"
+    bad = client.post("/scc/sd_img2img", json={"prompt": "no image"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "init_images"
 
 
 def test_api_key(service):

@@ -19,23 +19,28 @@ from pathlib import Path
 import httpx
 
 from api_compat import LocalService
-from tests.api_support import EngineDouble, png_seed
+from tests.api_support import EngineDouble, png_b64, png_seed
 
 CHILD = textwrap.dedent("""
     import json, sys, time
     from api_compat import LocalService
-    from tests.api_support import EngineDouble
+    from tests.api_support import EngineDouble, png_b64
 
     results = sys.argv[1]
     svc = LocalService(results + "/models", results_dir=results, check_models=False,
                        engine_factory=lambda c: EngineDouble(c, step_delay=0.5))
     done = svc.sd_txt2img({"prompt": "finished", "seed": 5, "steps": 2})["taskId"]
     assert svc.wait(done, 60)["status"] == "succeeded"
-    slow = svc.sd_txt2img({"prompt": "SLOW", "seed": 6, "steps": 150})["taskId"]
+    init = {"init_images": [png_b64()], "denoising_strength": 0.5}
+    done_i2i = svc.sd_img2img({**init, "prompt": "finished", "seed": 9, "steps": 2})["taskId"]
+    assert svc.wait(done_i2i, 60)["status"] == "succeeded"
+    slow = svc.sd_img2img({**init, "prompt": "SLOW", "seed": 6, "steps": 150})["taskId"]
     waiting = svc.sd_txt2img({"prompt": "waits", "seed": 7})["taskId"]
+    waiting_i2i = svc.sd_img2img({**init, "prompt": "waits", "seed": 10})["taskId"]
     while svc.sd_get_result({"taskId": slow})["status"] != "running":
         time.sleep(0.01)
-    print(json.dumps({"done": done, "slow": slow, "waiting": waiting}), flush=True)
+    print(json.dumps({"done": done, "done_i2i": done_i2i, "slow": slow, "waiting": waiting,
+                      "waiting_i2i": waiting_i2i}), flush=True)
     time.sleep(600)
 """)
 
@@ -56,16 +61,21 @@ def test_sigkill_mid_run_then_reopen(tmp_path):
 
     with LocalService(tmp_path / "models", results_dir=tmp_path, check_models=False,
                       engine_factory=EngineDouble) as svc:
-        assert svc.store.recovered == 2
+        assert svc.store.recovered == 3
         done = svc.sd_get_result({"taskId": ids["done"]})
         assert done["status"] == "succeeded" and png_seed(done["images"][0]) == 5
         assert svc.image_path(ids["done"], 0) is not None
-        for key, was in (("slow", "running"), ("waiting", "waiting")):
+        done_i2i = svc.sd_get_result({"taskId": ids["done_i2i"]})
+        assert done_i2i["status"] == "succeeded" and png_seed(done_i2i["images"][0]) == 9
+        assert done_i2i["parameters"]["denoising_strength"] == 0.5 and done_i2i["parameters"]["init_images"]
+        for key, was in (("slow", "running"), ("waiting", "waiting"), ("waiting_i2i", "waiting")):
             result = svc.sd_get_result({"taskId": ids[key]})
             assert result["status"] == "failed", result
             assert result["error"]["code"] == "interrupted" and was in result["error"]["message"]
         # the reopened service works
         again = svc.sd_txt2img({"prompt": "after restart", "seed": 8})["taskId"]
+        assert svc.wait(again, 30)["status"] == "succeeded"
+        again = svc.sd_img2img({"init_images": [png_b64()], "prompt": "after restart", "seed": 8})["taskId"]
         assert svc.wait(again, 30)["status"] == "succeeded"
 
 

@@ -94,7 +94,7 @@ SEED_FIELDS = {
     "s_noise": ([0, 1, 1.003], [-0.5, 3]),
     "sampler_index": (["Euler", None], ["Nope", 1]),
     "denoising_strength": ([None, 0.7], [2]),
-    "hr_scale": ([2.0, None], ["x"]),
+    "hr_scale": ([2.0, None], ["x", 0.5, 9]),
     "do_not_save_samples": ([True, False, None], ["maybe"]),
 }
 
@@ -208,7 +208,6 @@ def test_resource_config_header(service):
 
 
 NOT_SUPPORTED = {  # webui v1.10 txt2img fields the engine does not implement: default accepted, else refused
-    "enable_hr": ([False, None], [True]),
     "restore_faces": ([False, None], [True]),
     "tiling": ([False, None], [True]),
     "styles": ([[], None], [["my style"]]),

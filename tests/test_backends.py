@@ -138,9 +138,14 @@ def test_torch_backend_bf16_casts_weights_once(backends):
     assert {p.dtype for p in bf16._wrapper("unet").parameters()} == {torch.bfloat16}
 
 
-def test_torch_backend_fp16_keeps_sdxl_vae_in_fp32():
+def test_torch_backend_fp16_keeps_sdxl_vae_in_fp32(monkeypatch):
     """fp16: the UNet runs in fp16, the SDXL VAE (fp16 overflow, descriptor fp16=False) stays fp32 exactly
-    (reference: the same backend in fp32), as diffusers' force_upcast."""
+    (reference: the same backend in fp32), as diffusers' force_upcast. On CPU fp16 resolves to bf16 (or fp32):
+    the CUDA resolution (fp16) is forced here so that the fp16 policy runs."""
+    import engine.backends.torch as tb
+
+    monkeypatch.setattr(tb, "compute_dtype",
+                        lambda precision, device: torch.float16 if precision.value == "fp16" else torch.float32)
     comps32, comps16 = build_tiny("sdxl").components, build_tiny("sdxl").components
     fp32 = create_backend(EngineConfig(backend="torch"), comps32, "tiny-sdxl")
     fp16 = create_backend(EngineConfig(backend="torch", precision="fp16"), comps16, "tiny-sdxl")
@@ -151,13 +156,14 @@ def test_torch_backend_fp16_keeps_sdxl_vae_in_fp32():
     assert {p.dtype for p in fp16._wrapper("unet").parameters()} == {torch.float16}
 
 
-def test_cpu_half_precision_warns_when_emulated(caplog, monkeypatch):
+def test_cpu_half_precision_runs_fp32_when_emulated(caplog, monkeypatch):
     import engine.backends.torch as tb
 
-    monkeypatch.setattr(tb, "cpu_has_native_half", lambda: False)
+    monkeypatch.setattr(tb, "cpu_has_native_bf16", lambda: False)
     with caplog.at_level("WARNING", logger="engine.backends.torch"):
-        create_backend(EngineConfig(backend="torch", precision="bf16"), build_tiny("sd1").components, "t")
+        b = create_backend(EngineConfig(backend="torch", precision="bf16"), build_tiny("sd1").components, "t")
     assert "emulated" in caplog.text and "fp32" in caplog.text
+    assert b.dtype_of("unet") == "float32"
 
 
 # -- provider selection --------------------------------------------------------------------------------------
@@ -240,3 +246,45 @@ def test_controlnet_into_unet_control_matches_diffusers(tmp_path):
         plain = modules["unet"](t["sample"], t["timestep"], t["encoder_hidden_states"], return_dict=False)[0].numpy()
     assert rel_l2(got, ref) <= TOL
     assert rel_l2(plain, ref) > 1e-3  # the residuals matter: the test could fail
+
+
+def test_run_options_of_bound_shapes():
+    """CUDA graph id per shape; no end-of-run stream sync when ORT runs on torch's stream (sync=False)."""
+    from engine.backends.onnxruntime import run_options
+
+    graph = run_options(3, sync=True)
+    assert graph.get_run_config_entry("gpu_graph_id") == "3"
+    with pytest.raises(Exception):
+        graph.get_run_config_entry("disable_synchronize_execution_providers")
+    stream = run_options(None, sync=False)
+    assert stream.get_run_config_entry("disable_synchronize_execution_providers") == "1"
+
+
+def test_cuda_graph_refused_falls_back_without_graph(sd1, tmp_path, monkeypatch, caplog):
+    """A session whose graph cannot be captured is recreated without enable_cuda_graph (warning), and its
+    shapes get no graph id. Simulated on the CPU EP: the first session creation raises onnxruntime's message."""
+    backend = create_backend(EngineConfig(backend="onnxruntime", cache_dir=tmp_path), sd1, "tiny-sd1",
+                             io_binding=True, cuda_graph=True)
+    calls = []
+    real = ort.InferenceSession
+
+    def session(path, sess_options=None, providers=None, provider_options=None):
+        calls.append(provider_options)
+        if len(calls) == 1:
+            raise RuntimeError("This session cannot use the graph capture feature as requested by the user as "
+                               "all compute graph nodes have not been partitioned to the CUDA EP.")
+        return real(path, sess_options=sess_options, providers=providers, provider_options=provider_options)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(backend, "providers_for",
+                        lambda c, d=None: [(CPU, {"enable_cuda_graph": "1"})])
+    feeds = feeds_for(backend, "vae_decoder", 1, 4, 4)
+    with caplog.at_level("WARNING", logger="engine.backends.onnxruntime"):
+        out = backend.run("vae_decoder", feeds)["image"]
+    assert "no CUDA graph" in caplog.text and backend._no_graph == {"vae_decoder"}
+    assert calls == [[{"enable_cuda_graph": "1"}], [{}]]
+    bound = next(iter(backend._bound["vae_decoder"].values()))
+    with pytest.raises(Exception):
+        bound.run_options.get_run_config_entry("gpu_graph_id")
+    ref = create_backend(EngineConfig(backend="torch"), sd1, "tiny-sd1").run("vae_decoder", feeds)["image"]
+    assert rel_l2(out, ref) <= TOL

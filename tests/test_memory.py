@@ -118,6 +118,12 @@ def test_budget_refuses_naming_the_field_and_the_largest_that_fits(tmp_path, tin
         with pytest.raises(ApiError) as exc:
             svc.sd_txt2img({"width": 512, "height": 512, "batch_size": 8})
         assert exc.value.field == "batch_size" and exc.value.allowed.startswith("batch_size at most ")
+        # the hires fix's second pass is held to the same budget, naming hr_scale
+        assert svc.sd_txt2img({"width": 192, "height": 192, "enable_hr": True, "hr_scale": 2})["status"] == "waiting"
+        with pytest.raises(ApiError) as exc:
+            svc.sd_txt2img({"width": 384, "height": 384, "enable_hr": True, "hr_scale": 4})
+        assert (exc.value.code, exc.value.field) == ("too_much_memory", "hr_scale")
+        assert exc.value.allowed.startswith("hr_scale at most ") and "second pass at 1536x1536" in str(exc.value)
 
 
 def _png(width, height) -> str:

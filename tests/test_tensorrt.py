@@ -200,3 +200,20 @@ def test_refit_calls_and_missing_weights(tmp_path, monkeypatch):
     monkeypatch.setitem(_RESULTS, "get_missing_weights", lambda: ["unet.conv_in.weight"])
     with pytest.raises(RuntimeError, match="lacks 1 weights"):
         xtrt.refit_engine(object(), tmp_path / "model.onnx")
+
+
+def test_default_profile_covers_img2img_and_a_512_hires_pass(sd1):
+    """The default ShapeConfig (sides 256..1024 px) covers the VAE encoder of img2img and a 512 -> 1024 hires
+    second pass (UNet, encoder, decoder at 1024); a 768 -> 1536 pass is refused naming the input and the
+    supported range (rebuild with a wider ShapeConfig)."""
+    sc = ShapeConfig()
+    enc = describe("vae_encoder", sd1).profile(sc)
+    check_in_profile(enc, {"image": (1, 3, 512, 512)})
+    check_in_profile(enc, {"image": (2, 3, 1024, 1024)})
+    unet = describe("unet", sd1).profile(sc)
+    check_in_profile(unet, {"sample": (2, 4, 128, 128), "timestep": (2,), "encoder_hidden_states": (2, 77, 32)})
+    dec = describe("vae_decoder", sd1).profile(sc)
+    check_in_profile(dec, {"latent": (1, 4, 128, 128)})
+    with pytest.raises(InvalidRequest, match="image.*outside") as exc:
+        check_in_profile(enc, {"image": (1, 3, 1536, 1536)})
+    assert "1024" in exc.value.allowed

@@ -354,6 +354,36 @@ def evaluate_engine_controlnet(engine, *, scenes: list[S.Scene] | None = None, s
     return res
 
 
+def recolour_pairs(scenes: list[S.Scene] | None = None) -> list[tuple[S.Scene, S.Scene]]:
+    """(init scene, target scene) per held-out target: the same scene drawn in the first other colour that
+    is not the background's (the img2img task "a red circle on the left" -> "a blue circle on the left")."""
+    from dataclasses import replace
+
+    pairs = []
+    for scene in scenes or heldout_scenes():
+        for colour in S.COLOURS:
+            if colour != scene.colour and S.COLOURS[colour] != S.BACKGROUNDS[scene.background]:
+                pairs.append((replace(scene, colour=colour), scene))
+                break
+    return pairs
+
+
+def evaluate_engine_img2img(engine, *, pairs: list[tuple[S.Scene, S.Scene]], strength: float = 0.75,
+                            steps: int = 20, cfg: float = 1.5, sampler: str = "Euler a",
+                            seed: int = 0) -> tuple[dict[str, float], list]:
+    """Recolouring through img2img: init image = the init scene rendered (seed ``seed + i``), prompt = the
+    target scene's caption, denoising ``strength``; the evaluator must read the target scene in the result."""
+    from engine.request import GenerationRequest, InitImage
+
+    images = []
+    for i, (init, target) in enumerate(pairs):
+        res = engine.generate(GenerationRequest(prompt=target.caption, steps=steps, cfg_scale=cfg, seed=seed + i,
+                                                sampler_name=sampler, width=S.SIZE, height=S.SIZE,
+                                                init=InitImage(S.render(init, seed + i), strength)))
+        images.append(res.images[0])
+    return scored([t for _, t in pairs], images)
+
+
 def save_grid(images: np.ndarray, path: Path, cols: int = 10, scale: int = 2) -> None:
     import cv2
 

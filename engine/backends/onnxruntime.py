@@ -11,8 +11,13 @@ onnxruntime build lacks raises :class:`BackendUnavailable` naming it and listing
   (``user_compute_stream``). With ``cuda_graph=True`` the CUDA EP captures one CUDA graph per shape
   (``enable_cuda_graph`` + the ``gpu_graph_id`` run option), which the static buffers make legal; ORT then
   keeps its own stream (capture is illegal on torch's legacy default stream) and torch's stream is
-  synchronised before each run. ORT synchronises its stream at the end of every run.
-  Outputs are returned as clones, so they stay valid after the next run.
+  synchronised before each run, and ORT synchronises its stream at the end of every run. Without CUDA
+  graphs ORT runs on torch's stream and skips that end-of-run synchronisation
+  (``disable_synchronize_execution_providers``): the copies in and out are ordered on the same stream, so
+  the sampler loop has no host sync per model call. A component whose graph cannot be captured (nodes that
+  the CUDA EP leaves to the CPU) gets a session without CUDA graph, with a warning.
+  Outputs are returned as clones, so they stay valid after the next run. The CUDA libraries of
+  onnxruntime-gpu come from the CUDA torch of the process (``onnxruntime.preload_dlls``, once).
 - TensorRT EP: fp16 flag, engine and timing caches under the artefact directory, and min/opt/max profile
   shapes from the descriptor and a ShapeConfig.
 
@@ -116,8 +121,8 @@ def session_options(config: EngineConfig):
 class _Bound:
     """Static inputs, preallocated outputs and an IO binding for one component at one set of shapes."""
 
-    def __init__(self, session, desc, shapes: Mapping[str, tuple], device: str, graph_id: int | None):
-        import onnxruntime as ort
+    def __init__(self, session, desc, shapes: Mapping[str, tuple], device: str, graph_id: int | None,
+                 sync: bool = True):
         import torch
 
         kind = "cpu" if device == "cpu" else "cuda"
@@ -133,9 +138,20 @@ class _Bound:
         for group, bind in ((self.inputs, self.binding.bind_input), (self.outputs, self.binding.bind_output)):
             for name, t in group.items():
                 bind(name, kind, index, _np(types[name]), tuple(t.shape), t.data_ptr())
-        self.run_options = ort.RunOptions()
-        if graph_id is not None:
-            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.run_options = run_options(graph_id, sync=sync or kind == "cpu")
+
+
+def run_options(graph_id: int | None, sync: bool):
+    """RunOptions of one bound shape: its CUDA graph id; ``sync=False`` leaves the end-of-run stream
+    synchronisation out (ORT then runs on torch's stream, which orders everything after it)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    if graph_id is not None:
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    if not sync:
+        options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    return options
 
 
 def _np(name: str):
@@ -168,6 +184,7 @@ class OnnxRuntimeBackend(ComponentsMixin):
         self._sessions: dict[str, Any] = {}
         self._bound: dict[str, OrderedDict] = {}
         self._graph_ids = 0
+        self._no_graph: set[str] = set()  # components whose session could not capture a CUDA graph
         self._lock = threading.Lock()  # one export / session creation at a time
 
     # -- sessions ---------------------------------------------------------------------------------------
@@ -212,10 +229,23 @@ class OnnxRuntimeBackend(ComponentsMixin):
         if self.use_trt_ep:
             (art.directory / "ort-tensorrt").mkdir(exist_ok=True)
         log.info("%s: onnxruntime session on %s", component, [p for p, _ in providers])
-        return ort.InferenceSession(
-            str(art.path), sess_options=session_options(self.config),
-            providers=[p for p, _ in providers], provider_options=[o for _, o in providers],
-        )
+        if self.config.device != "cpu":
+            _preload_cuda_libraries()
+
+        def create(providers):
+            return ort.InferenceSession(
+                str(art.path), sess_options=session_options(self.config),
+                providers=[p for p, _ in providers], provider_options=[o for _, o in providers],
+            )
+
+        try:
+            return create(providers)
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, RuntimeException)
+            if not self.cuda_graph or "graph" not in str(exc).lower():
+                raise
+            log.warning("%s: no CUDA graph (%s); running it without", component, str(exc)[:300])
+            self._no_graph.add(component)
+            return create([(p, {k: v for k, v in o.items() if k != "enable_cuda_graph"}) for p, o in providers])
 
     # -- running ----------------------------------------------------------------------------------------
     def run(self, component: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
@@ -246,10 +276,11 @@ class OnnxRuntimeBackend(ComponentsMixin):
         bound = cache.get(key)
         if bound is None:
             graph_id = None
-            if self.cuda_graph:
+            if self.cuda_graph and component not in self._no_graph:
                 graph_id = self._graph_ids
                 self._graph_ids += 1
-            bound = cache[key] = _Bound(session, desc, shapes, self.config.device, graph_id)
+            # ORT on torch's stream (no CUDA graph mode) needs no end-of-run sync; on its own stream it does
+            bound = cache[key] = _Bound(session, desc, shapes, self.config.device, graph_id, sync=self.cuda_graph)
             while len(cache) > MAX_BOUND_SHAPES and not self.cuda_graph:
                 cache.popitem(last=False)
         cache.move_to_end(key)
@@ -263,3 +294,22 @@ class OnnxRuntimeBackend(ComponentsMixin):
         if self.config.device == "cpu":
             return {n: t.numpy() for n, t in out.items()}
         return out
+
+
+_preloaded = False
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries onnxruntime-gpu needs from the CUDA torch of this process, once."""
+    global _preloaded
+    if _preloaded:
+        return
+    _preloaded = True
+    try:
+        import torch  # noqa: F401  (its CUDA libraries first: then onnxruntime finds them loaded)
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+    except Exception as exc:  # a missing library shows up, named, when the session is created
+        log.info("onnxruntime.preload_dlls: %s", exc)

@@ -1,33 +1,100 @@
-"""The torch backend: the export.wrappers modules themselves, eager (optionally torch.compile).
+"""The torch backend: the export.wrappers modules themselves, eager or compiled (``torch.compile``).
 
 It is the reference every other backend is tested against: the ONNX graphs are traces of these same
-wrappers. Precision: fp32 runs as is; fp16/bf16 cast each component's weights once (as diffusers'
-``.half()``) and run under ``torch.autocast`` (so fp32 feeds meet half weights, and autocast's fp32 ops
-stay fp32); a component whose descriptor forbids fp16 (the SDXL VAE, which overflows) stays fp32 in an
-fp16 run, as diffusers' ``force_upcast`` does. CPU: numpy in, numpy float32 out. CUDA: torch tensors in
-(numpy accepted), torch float32 tensors out. On a CPU without native bf16/fp16 arithmetic
-(AVX512-BF16/AMX) the half precisions are emulated and far slower than fp32: the backend says so.
+wrappers. CPU: numpy in, numpy float32 out. CUDA: torch tensors in (numpy accepted), torch float32 tensors out.
 
-The backend moves the modules it runs to ``config.device`` and casts them to their compute dtype, in place
-(it owns them from then on).
+Precision (``config.precision``), resolved per device once (:func:`compute_dtype`):
+
+- fp32 runs as is.
+- CUDA: fp16 / bf16 as asked.
+- CPU: half precision means bf16 where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16, read
+  from /proc/cpuinfo at run time; torch bf16 then runs ~1.5-2x fp32 on convs/matmuls), fp16 included (torch's
+  CPU fp16 kernels are slower than its bf16 ones). Without native bf16 a half precision would be emulated
+  (~100x slower on a 3x3 conv): the backend runs fp32 instead and logs a warning.
+
+Weights are cast once, in place (the backend owns the modules it is handed; no second copy). A component whose
+descriptor forbids fp16 (the SDXL VAE, which overflows) stays fp32 in an fp16 run, as diffusers'
+``force_upcast`` does. :class:`TorchOptions` holds the speed settings; their defaults depend on the device:
+
+- ``autocast``: run half components under ``torch.autocast`` (fp32 feeds meet half weights; autocast keeps
+  norms/softmax in fp32). Default on CPU. On CUDA the default is diffusers' way: float feeds are cast to the
+  component's dtype (``timestep`` and ``time_ids`` stay fp32: the modules cast their embeddings themselves) and
+  no autocast dispatch runs per op.
+- ``channels_last``: conv-heavy modules (UNet, ControlNet, VAE) and their 4-D feeds in NHWC. Default on CUDA
+  (cuDNN's fp16 convs are NHWC kernels).
+- ``sdpa``: diffusers' ``AttnProcessor2_0`` (``scaled_dot_product_attention``: flash / memory-efficient
+  kernels on CUDA). Default everywhere.
+- ``fuse_qkv``: diffusers' ``fuse_qkv_projections`` (one QKV matmul for self-attention, one KV matmul for
+  cross-attention; the unfused weights stay, so the ONNX export of the same modules is unchanged). Default on
+  CUDA.
+- ``compile``: ``torch.compile`` (inductor) of the conv-heavy components with ``dynamic=False``, i.e. one
+  compiled graph per static input shape (recompiled on a new shape, up to torch's cache limit); mode
+  "reduce-overhead" (CUDA graphs) on CUDA, the default mode on CPU. ``config.torch_compile`` turns it on.
+  Outputs of a CUDA-graph run are copied before they are returned (the next replay overwrites them).
+- ``vae_tiling``: diffusers' tiled VAE decode (large images in bounded memory; seams are blended, so the
+  output differs slightly from the untiled decode). Off by default.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import logging
 from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
+from engine.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
+
+# components whose modules are conv-heavy (channels_last, torch.compile)
+CONV_COMPONENTS = ("unet", "unet_control", "controlnet", "vae_decoder", "vae_encoder")
+# feeds that stay fp32 in a pure-half run: the modules build their sinusoidal embeddings from them in fp32
+FP32_FEEDS = ("timestep", "time_ids", "clip_skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchOptions:
+    """Speed settings of the torch backend (see the module docstring); :meth:`for_device` gives the defaults."""
+
+    autocast: bool = True
+    channels_last: bool = False
+    sdpa: bool = True
+    fuse_qkv: bool = False
+    compile: bool = False
+    compile_mode: str | None = None
+    compile_components: tuple[str, ...] = CONV_COMPONENTS
+    vae_tiling: bool = False
+
+    @classmethod
+    def for_device(cls, device: str, compile: bool = False, **overrides) -> "TorchOptions":
+        cuda = str(device).startswith("cuda")
+        base = dict(autocast=not cuda, channels_last=cuda, fuse_qkv=cuda, compile=compile,
+                    compile_mode="reduce-overhead" if cuda else None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in overrides:
+            if key not in names:
+                raise InvalidRequest(f"torch_options.{key}", "unknown option", ", ".join(sorted(names)))
+        base.update(overrides)
+        return cls(**base)
+
+
+def compute_dtype(precision: Precision, device: str, native_bf16: bool | None = None):
+    """The torch dtype a half-safe component runs in for ``precision`` on ``device`` (see the module docstring)."""
+    import torch
+
+    if precision == Precision.FP32:
+        return torch.float32
+    if str(device).startswith("cuda"):
+        return torch.float16 if precision == Precision.FP16 else torch.bfloat16
+    native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+    return torch.bfloat16 if native else torch.float32
 
 
 class TorchBackend(ComponentsMixin):
     def __init__(self, config: EngineConfig, components: Mapping[str, Any], model_hash: str | None = None,
-                 **options):
+                 *, torch_options: TorchOptions | Mapping[str, Any] | None = None, progress=None):
         import torch
 
         self._init_components(components)
@@ -35,70 +102,138 @@ class TorchBackend(ComponentsMixin):
         self.model_hash = model_hash
         self.device = torch.device(config.device)
         self.precision = config.precision
+        if isinstance(torch_options, TorchOptions):
+            self.options = torch_options
+        else:
+            self.options = TorchOptions.for_device(config.device, compile=config.torch_compile,
+                                                   **dict(torch_options or {}))
+        self.half_dtype = compute_dtype(self.precision, config.device)
         self._wrappers: dict[str, Any] = {}
+        self._prepared: set[str] = set()  # source modules already cast/moved/fused
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
-        if self.device.type == "cpu" and self.precision != Precision.FP32 and not cpu_has_native_half():
-            log.warning("precision %s on this CPU (no AVX512-BF16/AMX) is emulated and much slower than fp32 "
-                        "(a 3x3 conv measured ~100x); use precision fp32 on CPU", self.precision.value)
+        if self.device.type == "cpu" and self.precision != Precision.FP32:
+            if self.half_dtype == torch.float32:
+                log.warning("precision %s: this CPU has no native bf16 (AVX512-BF16/AMX), where half precision is "
+                            "emulated and much slower (a 3x3 conv measured ~100x): running fp32",
+                            self.precision.value)
+            elif self.precision == Precision.FP16:
+                log.info("precision fp16 on CPU runs as bf16 (this CPU has native bf16; torch's CPU fp16 is slower)")
 
+    # -- preparation ----------------------------------------------------------------------------------------
     def _dtype(self, component: str):
-        """The compute dtype of ``component``: the engine's precision, except fp32 for fp16-unsafe ones."""
+        """The compute dtype of ``component``: the resolved half dtype, except fp32 for fp16-unsafe ones."""
         import torch
 
-        if self.precision == Precision.FP16 and not self.descriptor(component).fp16:
+        if self.half_dtype == torch.float16 and not self.descriptor(component).fp16:
             return torch.float32
-        return {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}.get(self.precision, torch.float32)
+        return self.half_dtype
+
+    def dtype_of(self, component: str) -> str:
+        """The compute dtype of ``component`` as a string ("float16", "bfloat16", "float32")."""
+        return str(self._dtype(component)).replace("torch.", "")
+
+    def _prepare_module(self, component: str, module) -> None:
+        """Cast, move and optimise one source module, once (it may serve several components)."""
+        import torch
+
+        desc = self.descriptor(component)
+        if desc.source in self._prepared:
+            return
+        opts = self.options
+        dtype = self._dtype(component)
+        if opts.sdpa and hasattr(module, "set_attn_processor") and not opts.fuse_qkv:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            _set_processor(module, AttnProcessor2_0)
+        if next(module.parameters()).dtype != dtype:
+            module.to(dtype=dtype)  # once, in place (the backend owns its modules; no second copy)
+        module.to(self.device)
+        if opts.fuse_qkv and hasattr(module, "fuse_qkv_projections"):
+            try:
+                module.fuse_qkv_projections()
+            except (ValueError, AttributeError) as exc:  # e.g. added KV projections
+                log.info("%s: no fused QKV (%s)", desc.source, exc)
+        if opts.channels_last and component in CONV_COMPONENTS:
+            module.to(memory_format=torch.channels_last)
+        if opts.vae_tiling and hasattr(module, "enable_tiling") and component.startswith("vae"):
+            module.enable_tiling()
+        self._prepared.add(desc.source)
 
     def _wrapper(self, component: str):
         if component not in self._wrappers:
             desc = self.descriptor(component)
-            dtype = self._dtype(component)
             module = self._components[desc.source]
-            if next(module.parameters()).dtype != dtype:
-                module.to(dtype=dtype)  # once, in place (the backend owns its modules; no second copy)
+            self._prepare_module(component, module)
             wrapper = desc.wrapper(module).eval().to(self.device)
-            if self.config.torch_compile:
+            if self.options.compile and component in self.options.compile_components:
                 import torch
 
-                wrapper = torch.compile(wrapper)
+                log.info("%s: torch.compile (mode %s, one graph per static shape)", component,
+                         self.options.compile_mode or "default")
+                wrapper = torch.compile(wrapper, mode=self.options.compile_mode, dynamic=False)
             self._wrappers[component] = wrapper
         return self._wrappers[component]
+
+    @property
+    def _cuda_graphs(self) -> bool:
+        return (self.device.type == "cuda" and self.options.compile
+                and self.options.compile_mode in ("reduce-overhead", "max-autotune"))
 
     def _autocast(self, component: str):
         import torch
 
         dtype = self._dtype(component)
-        if dtype == torch.float32:
+        if dtype == torch.float32 or not self.options.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _tensor(self, value, dtype: str):
+    def _feed(self, value, spec, component: str):
         import torch
 
-        return torch.as_tensor(value, device=self.device).to(getattr(torch, dtype))
+        t = torch.as_tensor(value, device=self.device)
+        if spec.dtype != "float32":
+            return t.to(getattr(torch, spec.dtype))
+        dtype = torch.float32
+        if not self.options.autocast and spec.name not in FP32_FEEDS:
+            dtype = self._dtype(component)  # pure half: the feeds meet the weights in their dtype
+        t = t.to(dtype)
+        if self.options.channels_last and t.ndim == 4 and component in CONV_COMPONENTS:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
 
+    # -- running --------------------------------------------------------------------------------------------
     def run(self, component: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
         import torch
 
         desc = self.descriptor(component)
         self._check_feeds(desc, feeds)
-        args = [self._tensor(feeds[spec.name], spec.dtype) for spec in desc.inputs]
+        wrapper = self._wrapper(component)
+        args = [self._feed(feeds[spec.name], spec, component) for spec in desc.inputs]
+        graphs = self._cuda_graphs and component in self.options.compile_components
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.inference_mode(), self._autocast(component):
-            out = self._wrapper(component)(*args)
+            out = wrapper(*args)
         out = out if isinstance(out, (tuple, list)) else (out,)
         result = {}
         for name, value in zip(desc.output_names, out):
             value = value.float()
-            result[name] = value.cpu().numpy() if self.device.type == "cpu" else value
+            if graphs:
+                value = value.clone()  # the next CUDA-graph replay overwrites its outputs
+            result[name] = value.cpu().numpy() if self.device.type == "cpu" else value.contiguous()
         return result
 
 
-@functools.cache
-def cpu_has_native_half() -> bool:
-    """Whether this CPU has bf16/fp16 arithmetic (AVX512-BF16, AVX512-FP16 or AMX); Linux /proc/cpuinfo."""
-    try:
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"))
+def _set_processor(module, cls) -> None:
+    """Set ``cls()`` as the attention processor of every attention layer that uses a plain processor."""
+    procs = module.attn_processors
+    if all(type(p).__name__ in ("AttnProcessor", "AttnProcessor2_0") for p in procs.values()):
+        module.set_attn_processor(cls())
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16): engine.cpu.native_bf16."""
+    from engine.cpu import native_bf16
+
+    return native_bf16()

@@ -54,6 +54,7 @@ class SamplerSpec:
     fixed_schedule: bool = False  # DDIM, PLMS, UniPC, DPM fast/adaptive ignore the scheduler, as in the webui
     default_eta: float | None = None
     lcm: bool = False  # runs on the model's LCM schedule (ModelSchedule.for_lcm), as the webui's LCM sampler
+    timestep: bool = False  # a webui timestep sampler (VP space start and end, see samplers/timesteps.py)
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def run(self, denoise: Callable, x: Any, sigmas: Any, *, noise: Callable | None = None,
@@ -99,9 +100,9 @@ def _specs() -> tuple[SamplerSpec, ...]:
         SamplerSpec("DPM adaptive", dpm_solver.dpm_adaptive, ("k_dpm_ad",), uses_ensd=True, fixed_schedule=True,
                     default_eta=1.0),
         SamplerSpec("Restart", extra.restart, ("restart",), "Karras", second_order=True),
-        SamplerSpec("DDIM", timesteps.ddim, ("ddim",), "DDIM", fixed_schedule=True, default_eta=0.0),
-        SamplerSpec("PLMS", timesteps.plms, ("plms",), "DDIM", fixed_schedule=True),
-        SamplerSpec("UniPC", timesteps.unipc, ("unipc",), "UniPC", fixed_schedule=True),
+        SamplerSpec("DDIM", timesteps.ddim, ("ddim",), "DDIM", fixed_schedule=True, default_eta=0.0, timestep=True),
+        SamplerSpec("PLMS", timesteps.plms, ("plms",), "DDIM", fixed_schedule=True, timestep=True),
+        SamplerSpec("UniPC", timesteps.unipc, ("unipc",), "UniPC", fixed_schedule=True, timestep=True),
         SamplerSpec("LCM", extra.lcm, ("k_lcm",), lcm=True),
     )
 
@@ -218,17 +219,42 @@ class ResolvedSampler:
         """Runs the sampler (:meth:`SamplerSpec.run`, the same function as ``SAMPLERS[name]``)."""
         return self.spec.run(denoise, x, sigmas, noise=noise, callback=callback, **options)
 
-    def prepare(self, steps: int, family: Any, *, eta: float | None = None,
-                eta_noise_seed_delta: int = 0) -> "SamplingPlan":
+    def prepare(self, steps: int, family: Any, *, eta: float | None = None, eta_noise_seed_delta: int = 0,
+                denoising_strength: float | None = None, fix_steps: bool = False,
+                field: str = "denoising_strength") -> "SamplingPlan":
         """Everything the sampling loop needs for ``steps`` steps on a model family (anything with a
         ``schedule``: engine.models.family.ModelFamily): sigmas, the denoiser's schedule (the LCM variant for
         LCM; the family's SDXL flag for Align Your Steps), the noise seed delta the sampler uses, the noise
-        sampler, the infotext fields (webui rules)."""
+        sampler, the infotext fields (webui rules).
+
+        With ``denoising_strength`` (img2img, the hires pass) the plan starts part-way, as the webui's
+        ``sample_img2img`` (sd_samplers_common.setup_img2img_steps): without ``fix_steps`` the schedule has
+        ``steps`` steps and the last ``int(min(strength, 0.999) * steps) + 1`` of them run; with ``fix_steps``
+        (the webui's img2img_fix_steps, and always in the hires pass) the schedule has
+        ``int(steps / min(strength, 0.999))`` steps and exactly ``steps`` run. ``full_sigmas`` keeps the whole
+        schedule (the Brownian tree spans it, as the webui's). ``field`` names the strength in errors.
+        """
         schedule = self.model_schedule(family.schedule)
-        sigmas = self.sigmas(steps, schedule).astype(np.float32)
         infotext = {**self.infotext, **self.extra_infotext(eta, eta_noise_seed_delta)}
-        return SamplingPlan(self, steps, sigmas, schedule, eta, eta_noise_seed_delta if self.spec.uses_ensd else 0,
-                            MappingProxyType(infotext))
+        ensd = eta_noise_seed_delta if self.spec.uses_ensd else 0
+        if denoising_strength is None:
+            sigmas = self.sigmas(steps, schedule).astype(np.float32)
+            return SamplingPlan(self, steps, sigmas, schedule, eta, ensd, MappingProxyType(infotext))
+        if self.spec.timestep:
+            raise InvalidRequest("sampler_name", f"{self.spec.name} is a timestep sampler, which this engine does "
+                                 "not run from an init image (img2img, hires fix)",
+                                 ", ".join(n for n, s in SPECS.items() if not s.timestep))
+        strength = float(denoising_strength)
+        if not 0.0 <= strength <= 1.0 or (fix_steps and strength <= 0.0):
+            raise InvalidRequest(field, f"{strength:g} is out of range",
+                                 "a number from 0 (exclusive) to 1" if fix_steps else "a number from 0 to 1")
+        if fix_steps:
+            total, t_enc = int(steps / min(strength, 0.999)), steps - 1
+        else:
+            total, t_enc = steps, int(min(strength, 0.999) * steps)
+        full = self.sigmas(total, schedule).astype(np.float32)
+        sigmas = full[total - t_enc - 1:]
+        return SamplingPlan(self, t_enc + 1, sigmas, schedule, eta, ensd, MappingProxyType(infotext), full)
 
 
 @dataclass(frozen=True)
@@ -242,9 +268,17 @@ class SamplingPlan:
     eta: float | None
     ensd: int  # eta_noise_seed_delta the ImageRNG applies (0 for samplers that do not use it, as the webui)
     infotext: Mapping[str, Any]
+    full_sigmas: np.ndarray | None = None  # img2img: the whole schedule ``sigmas`` is the tail of
 
     def noise(self, like: Any, rng: Any, seeds: Any) -> Callable:
-        return self.sampler.noise_sampler(like, rng, seeds, self.sigmas)
+        return self.sampler.noise_sampler(like, rng, seeds, self.sigmas if self.full_sigmas is None
+                                          else self.full_sigmas)
+
+    def start(self, noise: Any, init: Any = None) -> Any:
+        """The sampler's first x: ``noise * sigmas[0]`` (txt2img), or the init latent noised to the first sigma
+        (img2img: ``init + noise * sigmas[0]``, the webui's ``xi``)."""
+        x = noise * float(self.sigmas[0])
+        return x if init is None else init + x
 
     def sample(self, denoise: Callable, x: Any, *, noise: Callable | None = None, callback: Callable | None = None,
                sigmas: Any = None, **options: Any) -> Any:
