@@ -39,7 +39,8 @@ FIELD_DOCS: dict[str, str] = {
     "sd_vae": "\"Automatic\": a VAE named like the checkpoint if present, else the checkpoint's own; \"None\": the "
               "checkpoint's own; else a file of the store's VAE/ folder",
     "clip_skip": "webui clip skip: N takes the N-th hidden state from the end (1 = last layer)",
-    "prompt": "positive prompt in the webui attention syntax: (a), (a:1.3), [a], BREAK, AND; chunks of 75 tokens",
+    "prompt": "positive prompt in the webui attention syntax: (a), (a:1.3), [a], BREAK, AND; chunks of 75 tokens; "
+              "<lora:NAME:MULT> tags and embedding names (webui extra networks)",
     "negtive_prompt": "negative prompt (sic, the cloud API's spelling)",
     "negative_prompt": "alias of negtive_prompt; both given and different is an error",
     "batch_size": "images per batch (the engine's max_batch_size may lower the maximum, default 8)",
@@ -71,7 +72,7 @@ FIELD_DOCS: dict[str, str] = {
     "do_not_save_grid": "accepted, no effect (no grids are made)",
     "send_images": "accepted, no effect (images are always returned)",
     "save_images": "accepted, no effect (images are always saved)",
-    "disable_extra_networks": "accepted, no effect",
+    "disable_extra_networks": "true: <lora:...> tags are removed from the prompt but not applied (webui)",
     "comments": "free comments, kept in the task's parameters",
     "denoising_strength": "hires fix: the second pass's denoising strength (default 0.75); ignored while "
                           "enable_hr is off",

@@ -194,6 +194,7 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         s_noise=payload.s_noise,
         eta_noise_seed_delta=ensd,
         controlnet_units=tuple(units),
+        disable_extra_networks=bool(payload.disable_extra_networks),
     )
     return fields, models
 

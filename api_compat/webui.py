@@ -310,6 +310,25 @@ def _sd_vaes(store) -> list[dict[str, Any]]:
             for e in store.entries(Kind.VAE)]
 
 
+def _loras(store) -> list[dict[str, Any]]:
+    """The Lora extension's listing: name (what <lora:NAME> takes), alias, path inside the store, metadata."""
+    from engine.models.checkpoints import Kind, read_safetensors_header
+    from engine.models.store import folders
+
+    out = []
+    for e in store.entries(Kind.LORA):
+        meta = {}
+        if e.path.suffix.lower() == ".safetensors":
+            try:
+                meta = read_safetensors_header(e.path).metadata
+            except Exception:  # noqa: BLE001 - a broken file is still listed; using it gives the error
+                meta = {}
+        sub = next((f for f in folders(Kind.LORA) if (e.root / f / e.name).exists()), "Lora")
+        out.append({"name": e.stem, "alias": meta.get("ss_output_name", e.stem),
+                    "path": f"{'bundled/' if e.bundled else ''}{sub}/{e.name}", "metadata": meta})
+    return out
+
+
 def _samplers() -> list[dict[str, Any]]:
     from engine.samplers import SPECS
 
@@ -547,11 +566,12 @@ def webui_router(service, read_json):
     async def latent_upscale_modes():
         return _latent_upscale_modes()
 
-    @router.get("/sdapi/v1/loras", summary="LoRAs (none: the engine does not load LoRAs)")
+    @router.get("/sdapi/v1/loras", summary="LoRAs of the store (Lora/, LyCORIS/): use them as <lora:name:mult>")
     async def loras():
-        return []
+        return await asyncio.to_thread(_loras, state.store)
 
-    @router.get("/sdapi/v1/embeddings", summary="Textual inversion embeddings (none)")
+    @router.get("/sdapi/v1/embeddings", summary="Textual inversion embeddings (not listed here: they depend on the "
+                                                 "loaded model; `sdengine models list` shows the store's)")
     async def embeddings():
         return {"loaded": {}, "skipped": {}}
 

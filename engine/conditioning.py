@@ -18,7 +18,7 @@ from typing import Any
 
 from engine.arrays import as_like, concat, stack, zeros_like
 from engine.errors import InvalidRequest
-from engine.prompts import CHUNK_LENGTH, Chunk, prompt_schedule, split_and, tokenize_prompt
+from engine.prompts import CHUNK_LENGTH, Chunk, TokenWords, prompt_schedule, split_and, token_words, tokenize_prompt
 
 Array = Any  # numpy.ndarray or torch.Tensor
 
@@ -100,6 +100,24 @@ def apply_emphasis(z, weights):
     return stack(out)
 
 
+@dataclass
+class TextualInversion:
+    """Embeddings usable as words in prompts (engine.networks.embeddings): ``counts[name]`` vectors each,
+    ``vectors[name][component]`` (K, D) arrays per text encoder. Part of the prompt cache key through the
+    model hash the caller gives (the database's key)."""
+
+    counts: dict[str, int]
+    vectors: dict[str, dict[str, Any]]
+    _words: dict = None
+
+    def words(self, pad_token: str) -> TokenWords | None:
+        if self._words is None:
+            self._words = {}
+        if pad_token not in self._words:
+            self._words[pad_token] = token_words(self.counts, _tokenizer(pad_token))
+        return self._words[pad_token]
+
+
 # -------------------------------------------------------------------------------------------- the cache
 
 @dataclass(frozen=True)
@@ -157,23 +175,44 @@ def _tokenizer(pad_token: str):
     return clip_tokenizer(pad_token)
 
 
-def _run_encoder(backend, encoder: EncoderSpec, chunks: list[Chunk], clip_skip: int, max_batch: int):
-    """Encode chunks through the backend in batches; returns per-chunk (hidden (77, D), pooled (P,))."""
+def _extra_layout(backend, component: str) -> tuple[int, int]:
+    """(vocab size, width) of a text encoder's ``extra_embeddings`` rows (export.descriptors)."""
+    desc = backend.descriptor(component)
+    spec = next(t for t in desc.inputs if t.name == "extra_embeddings")
+    return int(desc.config["vocab_size"]), int(spec.shape[1])
+
+
+def _run_encoder(backend, encoder: EncoderSpec, chunks: list[Chunk], clip_skip: int, max_batch: int,
+                 ti: TextualInversion | None = None):
+    """Encode chunks through the backend in batches; returns per-chunk (hidden (77, D), pooled (P,)).
+
+    Embedding placeholders (``Chunk.fixes``) become ids ``vocab + row`` of the batch's ``extra_embeddings``."""
     import numpy as np
 
     skip = np.array([clip_skip + encoder.skip_offset], dtype=np.int64)
+    vocab, width = _extra_layout(backend, encoder.component)
     hidden, pooled = [], []
     for start in range(0, len(chunks), max_batch):
         part = chunks[start:start + max_batch]
         ids = np.array([c.tokens for c in part], dtype=np.int64)
-        out = backend.run(encoder.component, {"input_ids": ids, "clip_skip": skip})
+        rows, placed = [], {}
+        for i, chunk in enumerate(part):
+            for position, name in chunk.fixes:
+                if name not in placed:
+                    placed[name] = sum(len(r) for r in rows)
+                    rows.append(np.asarray(ti.vectors[name][encoder.component], dtype=np.float32))
+                k = ti.counts[name]
+                ids[i, position:position + k] = vocab + placed[name] + np.arange(k)
+        extra = np.concatenate(rows) if rows else np.zeros((1, width), dtype=np.float32)
+        out = backend.run(encoder.component, {"input_ids": ids, "clip_skip": skip, "extra_embeddings": extra})
         hidden.extend(out[encoder.output][i] for i in range(len(part)))
         pooled.extend(out["pooled"][i] for i in range(len(part)))
     return hidden, pooled
 
 
 def encode_texts(backend, model: TextModelInfo, texts, clip_skip: int, cache: EmbeddingCache | None = None,
-                 max_batch: int = 8, tokenized: dict | None = None) -> dict[str, dict[str, EncodedText]]:
+                 max_batch: int = 8, tokenized: dict | None = None,
+                 ti: TextualInversion | None = None) -> dict[str, dict[str, EncodedText]]:
     """Encode distinct texts (no AND or schedule syntax left) through every encoder of the model's family.
 
     Returns ``{component: {text: EncodedText}}``. Texts found in ``cache`` are not run; the chunks of all
@@ -191,13 +230,14 @@ def encode_texts(backend, model: TextModelInfo, texts, clip_skip: int, cache: Em
                 continue
             chunks = (tokenized or {}).get((encoder.pad_token, text))
             if chunks is None:
-                chunks = tokenize_prompt(text, _tokenizer(encoder.pad_token))
+                chunks = tokenize_prompt(text, _tokenizer(encoder.pad_token),
+                                         words=ti.words(encoder.pad_token) if ti else None)
             missing.append((text, chunks))
         if missing:
             flat = [c for _, chunks in missing for c in chunks]
             log.debug("%s: encoding %d texts (%d chunks), %d from the cache", encoder.component, len(missing),
                       len(flat), len(done))
-            hidden, pooled = _run_encoder(backend, encoder, flat, clip_skip, max_batch)
+            hidden, pooled = _run_encoder(backend, encoder, flat, clip_skip, max_batch, ti)
             pos = 0
             for text, chunks in missing:
                 k = len(chunks)
@@ -234,6 +274,7 @@ class ConditioningPlan:
     ends: tuple[int, ...]
     segments: tuple[StepConditioning, ...]
     texts: tuple[tuple[str, ...], ...] = ()  # per segment: the text of each row (for logs and tests)
+    embeddings: tuple[str, ...] = ()  # textual-inversion embeddings the prompts used (webui "TI hashes")
 
     def at(self, step: int) -> StepConditioning:
         i = bisect.bisect_left(self.ends, step)
@@ -271,7 +312,7 @@ def _rows(spec: TextSpec, prompts: list[str], negative_prompts: list[str], steps
     return rows, positive, negative, sum(len(p) for p in positive)
 
 
-def _tokenize(spec: TextSpec, rows: list, n_positive: int, max_chunks: int) -> dict:
+def _tokenize(spec: TextSpec, rows: list, n_positive: int, max_chunks: int, ti=None) -> dict:
     """Tokenise every distinct text once (per padding token) and check the length limit."""
     tokenized: dict[tuple[str, str], list[Chunk]] = {}
     for r, row in enumerate(rows):
@@ -280,7 +321,8 @@ def _tokenize(spec: TextSpec, rows: list, n_positive: int, max_chunks: int) -> d
             for encoder in spec.encoders:
                 key = (encoder.pad_token, text)
                 if key not in tokenized:
-                    tokenized[key] = tokenize_prompt(text, _tokenizer(encoder.pad_token))
+                    tokenized[key] = tokenize_prompt(text, _tokenizer(encoder.pad_token),
+                                                     words=ti.words(encoder.pad_token) if ti else None)
             _check_length(len(tokenized[(spec.encoders[0].pad_token, text)]), max_chunks, field)
     return tokenized
 
@@ -304,13 +346,15 @@ def encode_request(
     cache: EmbeddingCache | None = None,
     max_chunks: int = 32,
     max_batch: int = 8,
+    ti: TextualInversion | None = None,
 ) -> ConditioningPlan:
     """Parse, schedule, tokenise and encode the prompts of a batch of images into a :class:`ConditioningPlan`.
 
     ``prompts[b]`` / ``negative_prompts[b]`` belong to image b. Positive prompts are split on ``AND``;
     each part and each negative prompt follows its own editing/alternation schedule over ``steps``.
     Rows of different token counts are padded with the encoded empty chunk. For SDXL, ``width`` and
-    ``height`` give the add_time_ids (original size = target size, crop at the top left).
+    ``height`` give the add_time_ids (original size = target size, crop at the top left). ``ti``: the
+    textual-inversion embeddings whose names are words of the prompts (the cache key must cover them).
     """
     if len(prompts) != len(negative_prompts):
         raise InvalidRequest(NEGATIVE_FIELD, "needs one negative prompt per prompt",
@@ -323,13 +367,18 @@ def encode_request(
         raise InvalidRequest("clip_skip", f"invalid clip skip {clip_skip}", "an integer >= 1")
     spec = model.text
     rows, positive, negative, n_positive = _rows(spec, prompts, negative_prompts, steps)
-    tokenized = _tokenize(spec, rows, n_positive, max_chunks)
+    tokenized = _tokenize(spec, rows, n_positive, max_chunks, ti)
 
     texts = {"": None}
     for row in rows:
         if not row.zero:
             texts.update((t, None) for _, t in row.entries)
-    encoded = encode_texts(backend, model, list(texts), clip_skip, cache, max_batch, tokenized)
+    encoded = encode_texts(backend, model, list(texts), clip_skip, cache, max_batch, tokenized, ti)
+    used = {}
+    for row in rows:
+        for _, text in row.entries:
+            for chunk in tokenized[(spec.encoders[0].pad_token, text)]:
+                used.update((name, None) for _, name in chunk.fixes)
 
     def context_of(text: str):
         return concat([encoded[e.component][text].hidden for e in spec.encoders], axis=-1)
@@ -354,7 +403,7 @@ def encode_request(
         segments.append(built[selection])
         seg_texts.append(selection)
         seg_ends.append(end)
-    return ConditioningPlan(tuple(seg_ends), tuple(segments), tuple(seg_texts))
+    return ConditioningPlan(tuple(seg_ends), tuple(segments), tuple(seg_texts), tuple(used))
 
 
 def _build_step(rows, selection, context_of, pooled_of, empty, spec, positive, negative, width, height):

@@ -86,6 +86,13 @@ def unit_infotext(unit: Any, model_label: str, used: Mapping[str, Any] | None = 
     return ", ".join(f"{k}: {_fmt(v)}" for k, v in fields.items())
 
 
+def network_hashes(pairs) -> str | None:
+    """webui ``Lora hashes`` / ``TI hashes``: ``name: hash, ...`` (":" and "," in names dropped)."""
+    if not pairs:
+        return None
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in pairs)
+
+
 _SAMPLER_EXTRAS = ("ENSD", "Eta", "Eta DDIM")  # written where the webui writes them, after "Clip skip"
 
 
@@ -106,8 +113,13 @@ class Generation:
     subseeds: list[int]
     unit_labels: list[str]
     backend: str
+<<<<<<< HEAD
+    lora_hashes: tuple[tuple[str, str], ...] = ()  # (name as written in the prompt, 12-hex hash)
+    ti_hashes: tuple[tuple[str, str], ...] = ()
+=======
     denoising_strength: float | None = None  # img2img, hires fix
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # img2img / hires fields
+>>>>>>> main
 
     def infotext(self, index: int) -> str:
         req, model = self.request, self.model
@@ -132,6 +144,9 @@ class Generation:
         }
         for k, label in enumerate(self.unit_labels):
             params[f"ControlNet {k}"] = label
+        # webui: set while the networks activate / the prompts are encoded, after the scripts' fields
+        params["Lora hashes"] = network_hashes(self.lora_hashes)
+        params["TI hashes"] = network_hashes(self.ti_hashes)
         return create_infotext(req.prompt, req.negative_prompt, params)
 
     def info(self, infotexts: list[str], timings: dict[str, float], *, device: str, precision: str) -> dict:

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,7 @@ class _Runtime:
     model: Any  # engine.models.checkpoints.LoadedModel
     backend: Any  # engine.backends.Backend
     prompt_cache: Any
+    networks: Any = None  # engine.networks.Networks of this model
     controlnets: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,7 +99,9 @@ class Engine:
             t0 = time.perf_counter()
             backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key,
                                      progress=self._export_progress)
-            rt = _Runtime(model, backend, EmbeddingCache())
+            from engine.networks import Networks
+
+            rt = _Runtime(model, backend, EmbeddingCache(), Networks(self.store, model, self.config.allow_pickle))
             self._runtimes = {key: rt}  # one model resident at a time
             log.info("model %s [%s] ready on %s in %.2fs", model.name, model.short_hash,
                      self.config.backend.value, time.perf_counter() - t0)
@@ -167,6 +170,14 @@ class Engine:
         warnings = [w for w in (family.size_warning(width, height),) if w]
         for warning in warnings:
             log.info("%s: %s", rt.model.name, warning)  # carried in info["warnings"]; the CLI prints it
+        # the prompt's <lora:...> tags -> the backend's weights (engine.networks); the text without them
+        t0 = time.perf_counter()
+        networks = self._networks(rt, req)
+        ti, ti_key = rt.networks.textual_inversion()
+        text_model = family.text
+        if networks.patch.text_key or ti_key:  # the prompt cache must not serve other weights' encodings
+            text_model = replace(text_model, model_hash=f"{text_model.model_hash}+{networks.patch.text_key}+{ti_key}")
+        timer.add("networks", t0)
 
         # 2. plan: sigmas (cut at the denoising strength for img2img), the denoiser's schedule, seeds, units
         init = req.init
@@ -199,7 +210,15 @@ class Engine:
             # 4. condition: prompts -> per-step conditioning (cached per model)
             t0 = time.perf_counter()
             on_step.phase("encoding")
+<<<<<<< HEAD
+            cond = encode_request(
+                rt.backend, text_model, [networks.prompt] * req.batch_size, [req.negative_prompt] * req.batch_size,
+                steps=plan.steps, clip_skip=req.clip_skip, width=width, height=height, cache=rt.prompt_cache,
+                max_chunks=self.config.max_prompt_chunks, ti=ti,
+            )
+=======
             cond = self._condition(rt, req.prompt, req.negative_prompt, req.steps, req, width, height)
+>>>>>>> main
             timer.add("text_encoder", t0)
 
             # 5. noise: webui-seeded initial latents (the init latent noised to the plan's first sigma)
@@ -238,7 +257,12 @@ class Engine:
         strength = init.denoising_strength if init is not None else \
             req.hires.denoising_strength if req.hires is not None else None
         generation = Generation(req, rt.model, plan, width, height, all_seeds, all_subseeds, unit_labels,
+<<<<<<< HEAD
+                                self.config.backend.value, lora_hashes=networks.lora_hashes,
+                                ti_hashes=rt.networks.ti_hashes(cond.embeddings))
+=======
                                 self.config.backend.value, denoising_strength=strength, extra=extra)
+>>>>>>> main
         infotexts = [generation.infotext(i) for i in range(total)]
         info = generation.info(infotexts, timer.timings, device=self.config.device,
                                precision=self.config.precision.value)
@@ -386,6 +410,18 @@ class Engine:
         if req.init is not None and req.hires is not None:
             raise InvalidRequest("enable_hr", "the hires fix is a txt2img feature", "false for img2img")
         return width, height
+
+    def _networks(self, rt: _Runtime, req: GenerationRequest):
+        """The request's extra networks (engine.networks.PreparedNetworks), applied to the model's backend."""
+        from engine.errors import BackendUnavailable
+
+        prepared = rt.networks.prepare(req.prompt, disabled=req.disable_extra_networks, field="prompt")
+        if not hasattr(rt.backend, "set_patch"):
+            if prepared.patch.uses:
+                raise BackendUnavailable(f"the {self.config.backend.value} backend cannot apply LoRA weights")
+            return prepared
+        rt.backend.set_patch(prepared.patch)
+        return prepared
 
     def _controlnet_units(self, rt: _Runtime, req: GenerationRequest, width: int, height: int):
         """The request's ControlNet units, loaded and preprocessed, with their infotext labels."""

@@ -317,10 +317,15 @@ def parse_prompt_attention(text: str) -> list[Run]:
 
 @dataclass(frozen=True)
 class Chunk:
-    """77 token ids (BOS, 75 tokens or padding, EOS...) and the weight of each (1.0 on special tokens)."""
+    """77 token ids (BOS, 75 tokens or padding, EOS...) and the weight of each (1.0 on special tokens).
+
+    ``fixes``: ``(position, name)`` of each textual-inversion embedding in the chunk (webui ``PromptChunkFix``):
+    its vectors take the positions ``position ..`` (placeholder id 0 there until the encoder feeds them).
+    """
 
     tokens: tuple[int, ...]
     weights: tuple[float, ...]
+    fixes: tuple[tuple[int, str], ...] = ()
 
     @property
     def weighted(self) -> bool:
@@ -348,57 +353,103 @@ def tokenizer_spec(tokenizer) -> TokenizerSpec:
     )
 
 
-def _close_chunk(tokens: list[int], weights: list[float], spec: TokenizerSpec) -> Chunk:
+@dataclass(frozen=True)
+class TokenWords:
+    """Words that stand for K vectors instead of their tokens (textual-inversion embeddings by file name):
+    ``by_first[first token id]`` lists ``(token ids, name, K)``, longest first (webui ``ids_lookup``)."""
+
+    by_first: dict
+
+    def find(self, tokens: list[int], position: int) -> tuple[str, int, int] | None:
+        """``(name, vectors, tokens consumed)`` of the word starting at ``position``, or None."""
+        for ids, name, count in self.by_first.get(tokens[position], ()):
+            if tuple(tokens[position:position + len(ids)]) == ids:
+                return name, count, len(ids)
+        return None
+
+
+def token_words(counts: dict[str, int], tokenizer) -> TokenWords | None:
+    """The :class:`TokenWords` of names -> vector counts for ``tokenizer`` (None when there are none)."""
+    if not counts:
+        return None
+    names = list(counts)
+    by_first: dict = {}
+    for name, ids in zip(names, tokenizer(names, truncation=False, add_special_tokens=False)["input_ids"]):
+        if ids:
+            by_first.setdefault(ids[0], []).append((tuple(ids), name, counts[name]))
+    return TokenWords({k: tuple(sorted(v, key=lambda e: -len(e[0]))) for k, v in by_first.items()})
+
+
+def _close_chunk(tokens: list[int], weights: list[float], spec: TokenizerSpec, fixes=()) -> Chunk:
     fill = CHUNK_LENGTH - len(tokens)
     ids = (spec.bos, *tokens, spec.eos, *([spec.pad] * fill))
-    return Chunk(ids, (1.0, *weights, 1.0, *([1.0] * fill)))
+    return Chunk(ids, (1.0, *weights, 1.0, *([1.0] * fill)), tuple((p + 1, n) for p, n in fixes))
 
 
 def chunk_runs(runs: list[Run], token_ids: list[list[int]], spec: TokenizerSpec,
-               comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+               comma_backtrack: int = COMMA_BACKTRACK, words: TokenWords | None = None) -> list[Chunk]:
     """Pack tokenised runs into chunks of 75 (webui ``tokenize_line``).
 
     When a chunk is full and a comma lies within its last ``comma_backtrack`` tokens, the tokens after the
-    comma move to the next chunk. A :data:`BREAK` run closes the current chunk (an empty one too).
+    comma move to the next chunk. A :data:`BREAK` run closes the current chunk (an empty one too). A word of
+    ``words`` (an embedding) becomes its K vectors' placeholders and a fix; it is never split over two chunks.
     """
     chunks: list[Chunk] = []
     tokens: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, str]] = []
     last_comma = -1
 
     def close():
-        nonlocal tokens, weights, last_comma
-        chunks.append(_close_chunk(tokens, weights, spec))
-        tokens, weights, last_comma = [], [], -1
+        nonlocal tokens, weights, fixes, last_comma
+        chunks.append(_close_chunk(tokens, weights, spec, fixes))
+        tokens, weights, fixes, last_comma = [], [], [], -1
 
     for (text, weight), ids in zip(runs, token_ids):
         if (text, weight) == BREAK:
             close()
             continue
-        for token in ids:
+        position = 0
+        while position < len(ids):
+            token = ids[position]
             if token == spec.comma:
                 last_comma = len(tokens)
             elif (comma_backtrack and len(tokens) == CHUNK_LENGTH and last_comma != -1
                   and len(tokens) - last_comma <= comma_backtrack):
                 cut = last_comma + 1
                 moved_tokens, moved_weights = tokens[cut:], weights[cut:]
+                moved_fixes = [(p - cut, n) for p, n in fixes if p >= cut]
                 tokens, weights = tokens[:cut], weights[:cut]
+                fixes = [(p, n) for p, n in fixes if p < cut]
                 close()
-                tokens, weights = moved_tokens, moved_weights
+                tokens, weights, fixes = moved_tokens, moved_weights, moved_fixes
             if len(tokens) == CHUNK_LENGTH:
                 close()
-            tokens.append(token)
-            weights.append(weight)
+            found = words.find(ids, position) if words is not None else None
+            if found is None:
+                tokens.append(token)
+                weights.append(weight)
+                position += 1
+                continue
+            name, count, consumed = found
+            if len(tokens) + count > CHUNK_LENGTH:
+                close()
+            fixes.append((len(tokens), name))
+            tokens.extend([0] * count)
+            weights.extend([weight] * count)
+            position += consumed
     if tokens or not chunks:
         close()
     return chunks
 
 
-def tokenize_prompt(text: str, tokenizer, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
-    """The chunks of one prompt text (no AND, no schedule syntax left) for ``tokenizer``."""
+def tokenize_prompt(text: str, tokenizer, comma_backtrack: int = COMMA_BACKTRACK,
+                    words: TokenWords | None = None) -> list[Chunk]:
+    """The chunks of one prompt text (no AND, no schedule syntax left) for ``tokenizer``; ``words``: the
+    textual-inversion embeddings' names (see :func:`token_words`)."""
     runs = parse_prompt_attention(text)
     ids = tokenizer([t for t, _ in runs], truncation=False, add_special_tokens=False)["input_ids"]
-    return chunk_runs(runs, ids, tokenizer_spec(tokenizer), comma_backtrack)
+    return chunk_runs(runs, ids, tokenizer_spec(tokenizer), comma_backtrack, words)
 
 
 def empty_chunk(spec: TokenizerSpec) -> Chunk:

@@ -7,7 +7,7 @@ builds and the backends' buffers, so a component's interface is written down onc
 
 Shapes are tuples of ints and symbolic expressions over four symbols, evaluated by :func:`eval_dim`:
 
-``B``  batch; ``h``/``w`` latent height/width; ``T`` tokens (77*k). Expressions: ``"h"``, ``"h/4"``
+``B``  batch; ``h``/``w`` latent height/width; ``T`` tokens (77*k); ``E`` extra token-embedding rows. Expressions: ``"h"``, ``"h/4"``
 (a ControlNet residual at 1/4 of the latent), ``"8*h"`` (pixels of an x8 VAE).
 
 Every number comes from the module configs (block counts, channels, projection sizes), never from a
@@ -24,8 +24,10 @@ from typing import Any, Callable, Mapping
 from engine.errors import InvalidRequest
 
 TOKENS_PER_CHUNK = 77
-SYMBOLS = ("B", "h", "w", "T")
-_DIM = re.compile(r"^(?:(\d+)\*)?([BhwT])(?:/(\d+))?$")
+SYMBOLS = ("B", "h", "w", "T", "E")
+_DIM = re.compile(r"^(?:(\d+)\*)?([BhwTE])(?:/(\d+))?$")
+# extra token-embedding rows (textual inversion) a TensorRT profile supports: min, opt, max
+EXTRA_ROWS = (1, 8, 640)
 
 Shape = tuple  # of int | str
 
@@ -137,7 +139,7 @@ class ComponentDescriptor:
                                      f"multiples of {m} (images of multiples of {m * self.image_scale} px)")
         if tokens < 1 or tokens % TOKENS_PER_CHUNK:
             raise InvalidRequest("tokens", f"{tokens} tokens", f"multiples of {TOKENS_PER_CHUNK}")
-        return {"B": batch, "h": height, "w": width, "T": tokens}
+        return {"B": batch, "h": height, "w": width, "T": tokens, "E": 2}
 
     def output_shapes(self, env: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return {t.name: t.resolve(env) for t in self.outputs}
@@ -188,7 +190,8 @@ class ComponentDescriptor:
         """Input name -> (min, opt, max) shapes, for TensorRT optimisation profiles."""
         lat = self.latent_range(shapes)
         envs = [
-            {"B": shapes.batch[i], "h": lat[i], "w": lat[i], "T": TOKENS_PER_CHUNK * shapes.token_chunks[i]}
+            {"B": shapes.batch[i], "h": lat[i], "w": lat[i], "T": TOKENS_PER_CHUNK * shapes.token_chunks[i],
+             "E": EXTRA_ROWS[i]}
             for i in range(3)
         ]
         return {t.name: tuple(t.resolve(e) for e in envs) for t in self.inputs}
@@ -369,6 +372,8 @@ def _text_encoder(modules, key: str) -> ComponentDescriptor:
             TensorSpec("input_ids", ("B", tokens), "int64", (0, cfg.vocab_size)),
             # webui clip skip N: 1 = last layer; at most the number of layers
             TensorSpec("clip_skip", (1,), "int64", (1, 2)),
+            # textual-inversion vectors: input_ids >= vocab_size index these rows
+            TensorSpec("extra_embeddings", ("E", cfg.hidden_size)),
         ),
         outputs=(
             TensorSpec("hidden_state", ("B", tokens, cfg.hidden_size)),

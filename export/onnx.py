@@ -8,6 +8,13 @@ Each component of a model goes through up to three stages, each an artefact dire
 ``onnx-fp32-gpu``  onnxruntime transformer optimizer, GPU flavour (export.optimize), from ``onnx-fp32``.
 ``onnx-fp16[-gpu]`` fp16 conversion keeping overflow-prone ops fp32 (export.fp16), from the fp32 stage.
 
+Every stage keeps its weights as external initializers in ONE data file beside the graph (``model.onnx.data``),
+so that a runtime can replace some of them when it creates a session (onnxruntime
+``SessionOptions.add_external_initializers``, TensorRT refit): LoRA weights without a re-export. The fp32
+stage's manifest records ``info.parameters``: source-module parameter name -> ``[initializer name, transposed,
+dtype]`` (found by value: the legacy exporter folds ``Linear`` weights into transposed ``onnx::MatMul_N``
+initializers), which later stages carry over for the initializers they keep under the same name.
+
 A stage is skipped when its manifest key matches (model hash, component, precision, opset, dynamic axes,
 input/output specs, tool versions, the parent stage's sha256) and its graph file's sha256 checks out; any
 mismatch rebuilds it. Components whose descriptor forbids fp16 (the SDXL VAE) stay in fp32 when fp16 is asked.
@@ -31,12 +38,13 @@ from export.manifest import artefact_dir, build_artefact, sha256_files, valid_ar
 
 log = logging.getLogger(__name__)
 
-EXPORTER_VERSION = 1
+EXPORTER_VERSION = 2  # 2: weights always external; parameter map in the manifest
 DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-# above this many bytes of weights, they go to one external data file (protobuf's limit is 2 GB)
+# above this many bytes of weights the legacy exporter's per-tensor files are streamed (protobuf's limit is 2 GB)
 EXTERNAL_DATA_BYTES = 1 << 30
+EXTERNAL_MIN_BYTES = 1024  # initializers at least this big live in the data file (the overridable weights)
 ONNX_PRECISIONS = ("fp32", "fp16")
 
 # (what, done, total); what = "{component}: {stage} ({event})", event: building (before a build, done = stages
@@ -90,22 +98,19 @@ def _weights_bytes(model) -> int:
 
 
 def save_onnx(model, path: Path) -> None:
-    """Save a ModelProto; above :data:`EXTERNAL_DATA_BYTES` of weights, as graph + ONE external data file."""
+    """Save a ModelProto as graph + ONE external data file holding every initializer of at least
+    :data:`EXTERNAL_MIN_BYTES` (so runtimes can override them)."""
     import onnx
 
     path = Path(path)
-    if _weights_bytes(model) > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=EXTERNAL_MIN_BYTES)
 
 
 def consolidate(src: Path, dst: Path) -> None:
     """Copy the graph ``src`` to ``dst`` with all its external tensors (the legacy exporter writes one file
     per tensor above 2 GB of weights) streamed into ONE ``dst.data`` file: the weights are never all in
-    memory at once. A graph without external data is copied as is, unless its weights exceed
-    :data:`EXTERNAL_DATA_BYTES`, when they are moved to one data file too."""
+    memory at once. A graph without external data gets its weights moved to one data file too."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -113,10 +118,7 @@ def consolidate(src: Path, dst: Path) -> None:
     model = onnx.load(str(src), load_external_data=False)
     external = [t for t in _all_tensors(model) if uses_external_data(t)]
     if not external:
-        if src.stat().st_size > EXTERNAL_DATA_BYTES:  # inline but big: weights to one data file
-            save_onnx(onnx.load(str(src)), dst)
-        else:
-            shutil.copyfile(src, dst)
+        save_onnx(onnx.load(str(src)), dst)
         return
     data_name = dst.name + ".data"
     with open(dst.parent / data_name, "wb") as out:
@@ -147,6 +149,76 @@ def _files(directory: Path) -> list[Path]:
     if (directory / DATA_FILE).exists():
         paths.append(directory / DATA_FILE)
     return paths
+
+
+def _initializer_bytes(path: Path):
+    """``(name, dims, onnx dtype, raw bytes)`` of every initializer of the graph at ``path`` (external data
+    read from its file), one at a time."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            with open(Path(path).parent / info.location, "rb") as f:
+                f.seek(info.offset or 0)
+                blob = f.read(info.length) if info.length else f.read()
+        elif tensor.raw_data:
+            blob = tensor.raw_data
+        else:
+            blob = numpy_helper.to_array(tensor).tobytes()
+        yield tensor.name, tuple(tensor.dims), tensor.data_type, blob
+
+
+def _digest(shape, blob: bytes) -> str:
+    import hashlib
+
+    return hashlib.blake2b(repr(tuple(shape)).encode() + blob, digest_size=20).hexdigest()
+
+
+def parameter_map(module, path: Path) -> dict[str, list]:
+    """Source-module parameter name -> ``[initializer name, transposed, "float32"]`` for every parameter of
+    two or more dimensions found by value among the fp32 graph's initializers (as is, or transposed: a
+    folded ``Linear`` weight). A value that several parameters or several initializers share is left out:
+    it cannot be replaced unambiguously."""
+    import onnx
+    import torch
+
+    found: dict[str, list] = {}
+    for name, dims, dtype, blob in _initializer_bytes(path):
+        if dtype == onnx.TensorProto.FLOAT and len(dims) >= 2:
+            found.setdefault(_digest(dims, blob), []).append(name)
+    out: dict[str, list] = {}
+    claims: dict[str, int] = {}
+    with torch.no_grad():
+        for pname, p in module.named_parameters():
+            if p.dim() < 2:
+                continue
+            t = p.detach().to("cpu", torch.float32)
+            candidates = [(t, False)] + ([(t.t(), True)] if t.dim() == 2 else [])
+            for value, transposed in candidates:
+                names = found.get(_digest(value.shape, value.contiguous().numpy().tobytes()))
+                if names:
+                    if len(names) == 1:
+                        out[pname] = [names[0], transposed, "float32"]
+                        claims[names[0]] = claims.get(names[0], 0) + 1
+                    break
+    return {k: v for k, v in out.items() if claims[v[0]] == 1}
+
+
+def carry_parameter_map(parent_manifest: dict, path: Path) -> dict[str, list]:
+    """The parent stage's parameter map, kept for the initializers the graph at ``path`` still has under the
+    same name and shape (with their dtype now: fp16 after conversion)."""
+    import onnx
+
+    names = {}
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        names[t.name] = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
+    parent = parent_manifest.get("info", {}).get("parameters", {})
+    return {p: [n, tr, names[n]] for p, (n, tr, _) in parent.items() if n in names}
 
 
 def _fp32_cpu(module):
@@ -312,12 +384,13 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
     def build_fp32(tmp: Path, manifest: dict) -> None:
         raw = tmp / "raw"
         raw.mkdir()
-        module = _fp32_cpu(modules[desc.source])
-        with chunked_attention(module, attention_chunks):
-            torch_export(desc.wrapper(module).eval(), desc, raw / MODEL_FILE, opset)
-        # the legacy exporter writes one file per big tensor: consolidate into one (or none)
+        source = _fp32_cpu(modules[desc.source])
+        with chunked_attention(source, attention_chunks):
+            torch_export(desc.wrapper(source).eval(), desc, raw / MODEL_FILE, opset)
+        # the legacy exporter writes one file per big tensor: consolidate into one
         consolidate(raw / MODEL_FILE, tmp / MODEL_FILE)
         shutil.rmtree(raw)
+        manifest["info"]["parameters"] = parameter_map(source, tmp / MODEL_FILE)
 
     key = _key(desc, model_hash, "onnx-fp32", "fp32", opset, None, tools,
                {"weights": weights_fingerprint(modules[desc.source]),
@@ -334,10 +407,9 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
             from export.optimize import optimize_for_gpu
 
             optimized, applied = optimize_for_gpu(parent.path, desc.optimizer_type)
-            big = _weights_bytes(optimized.model) > EXTERNAL_DATA_BYTES
-            optimized.save_model_to_file(str(tmp / MODEL_FILE), use_external_data_format=big,
-                                         all_tensors_to_one_file=True)
+            save_onnx(optimized.model, tmp / MODEL_FILE)
             manifest["info"]["optimizer"] = applied
+            manifest["info"]["parameters"] = carry_parameter_map(parent.manifest, tmp / MODEL_FILE)
 
         stage = stage_name("fp32", True)
         key = _key(desc, model_hash, stage, "fp32", opset, parent.sha256, tools_gpu)
@@ -354,6 +426,7 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
             model = onnx.load(str(parent.path))
             big = _weights_bytes(model) > EXTERNAL_DATA_BYTES
             save_onnx(convert_to_fp16(model, desc.fp16_keep_fp32_ops, big=big), tmp / MODEL_FILE)
+            manifest["info"]["parameters"] = carry_parameter_map(parent.manifest, tmp / MODEL_FILE)
             manifest["info"]["kept_fp32_ops"] = sorted(set(KEEP_FP32_OPS) | set(desc.fp16_keep_fp32_ops))
 
         stage = stage_name("fp16", gpu_optimize)

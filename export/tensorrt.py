@@ -31,7 +31,7 @@ from export.manifest import artefact_dir, build_artefact, safe_name, valid_artef
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "engine.plan"
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2: the prepared graph carries the parameter map (LoRA refit)
 PREPARED_STAGE = "onnx-fp32-trt"
 WORKSPACE_BYTES = 8 << 30
 TRT_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -95,15 +95,15 @@ def check_in_profile(profile: Mapping[str, tuple], shapes: Mapping[str, tuple]) 
 
 def prepare_onnx(art, progress=None):
     """The graph TensorRT parses: constant folding and redundant-node elimination (onnxruntime's BASIC level,
-    which rewrites only standard ONNX ops), then onnx shape inference; weights in one external file when big.
+    which rewrites only standard ONNX ops), then onnx shape inference; weights in one external data file.
 
     ``art`` is an export.onnx.OnnxArtefact (fp32). Returns the prepared OnnxArtefact (cached by manifest).
     """
     import onnx
     import onnxruntime as ort
 
-    from export.onnx import (DATA_FILE, EXTERNAL_DATA_BYTES, MODEL_FILE, OnnxArtefact, _files, sha256_files,
-                             tool_versions)
+    from export.onnx import (DATA_FILE, MODEL_FILE, OnnxArtefact, _files,
+                             carry_parameter_map, sha256_files, tool_versions)
 
     desc = art.descriptor
     model_hash = art.manifest["key"]["model_hash"]
@@ -115,21 +115,16 @@ def prepare_onnx(art, progress=None):
     manifest = valid_artefact(directory, key)
     if manifest is None:
         with build_artefact(directory, key, hashed=(MODEL_FILE,)) as (tmp, manifest):
-            big = sum(p.stat().st_size for p in _files(art.directory)) > EXTERNAL_DATA_BYTES
+            # the export keeps its weights external (export.onnx): so does the prepared graph
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             so.optimized_model_filepath = str(tmp / MODEL_FILE)
-            if big:
-                so.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
-                so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                            "1024")
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             ort.InferenceSession(str(art.path), so, providers=["CPUExecutionProvider"])
-            if not big:
-                model = onnx.shape_inference.infer_shapes(onnx.load(str(tmp / MODEL_FILE)))
-                onnx.save_model(model, str(tmp / MODEL_FILE))
-            else:
-                onnx.shape_inference.infer_shapes_path(str(tmp / MODEL_FILE), str(tmp / MODEL_FILE))
+            onnx.shape_inference.infer_shapes_path(str(tmp / MODEL_FILE), str(tmp / MODEL_FILE))
             manifest["info"]["sha256"] = sha256_files(_files(tmp))
+            manifest["info"]["parameters"] = carry_parameter_map(art.manifest, tmp / MODEL_FILE)
     if progress:
         progress(f"{desc.component}: {PREPARED_STAGE}", 1, 1)
     return OnnxArtefact(desc.component, directory, manifest, desc)
@@ -208,9 +203,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def refit_engine(engine, onnx_path: Path) -> None:
+def refit_engine(engine, onnx_path: Path, named_weights: Mapping[str, Any] | None = None) -> None:
     """Replace the weights of a refittable ``ICudaEngine`` in place with those of ``onnx_path`` (same
-    architecture, new weights, e.g. another fine-tune of the same base). NOT RUN IN CI."""
+    architecture, new weights, e.g. another fine-tune of the same base), then the ``named_weights``
+    (ONNX initializer name -> numpy array: a LoRA set's patched tensors, ``Refitter.set_named_weights``).
+    NOT RUN IN CI."""
     trt = import_tensorrt()
     logger = _logger(trt)
     try:
@@ -221,6 +218,12 @@ def refit_engine(engine, onnx_path: Path) -> None:
     if not parser_refitter.refit_from_file(str(onnx_path)):
         errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
         raise RuntimeError(f"{onnx_path}: TensorRT refit could not read the weights: {errors}")
+    keep = []  # the arrays must stay alive until refit_cuda_engine
+    for name, array in (named_weights or {}).items():
+        weights = trt.Weights(array)
+        keep.append((array, weights))
+        if not refitter.set_named_weights(name, weights):
+            raise RuntimeError(f"{onnx_path}: TensorRT refit has no refittable weight named {name!r}")
     missing = list(refitter.get_missing_weights())
     if missing:
         raise RuntimeError(f"{onnx_path}: TensorRT refit lacks {len(missing)} weights, e.g. {missing[:5]}")
@@ -251,8 +254,8 @@ class TensorRTEngine:
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self._buffers: dict[tuple, Any] = {}
 
-    def refit(self, onnx_path: Path) -> None:
-        refit_engine(self.engine, onnx_path)
+    def refit(self, onnx_path: Path, named_weights: Mapping[str, Any] | None = None) -> None:
+        refit_engine(self.engine, onnx_path, named_weights)
 
     def run(self, feeds: Mapping[str, Any], stream=None) -> dict:
         import torch

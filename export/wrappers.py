@@ -4,7 +4,9 @@ These wrappers ARE the component contract: the torch backend runs them, the ONNX
 every backend computes the same function of the same named inputs. Names (see docs/ARCHITECTURE.md):
 
 text_encoder / text_encoder_2
-    in  input_ids int64 (B, 77); clip_skip int64 (1,) -- webui clip skip N >= 1
+    in  input_ids int64 (B, 77); clip_skip int64 (1,) -- webui clip skip N >= 1;
+        extra_embeddings (E, D) -- rows after the token-embedding table: an id V + i (V = vocab size)
+        looks up row i (textual-inversion vectors; E >= 1, feed one zero row when there are none)
     out hidden_state (B, 77, D) = final_layer_norm(hidden_states[-N]);
         hidden_state_raw (B, 77, D) = hidden_states[-N] without the norm (SDXL passes N=2: the
         penultimate layer, as the webui and diffusers do); pooled (B, P): pooler_output, or text_embeds for a projection model
@@ -39,8 +41,21 @@ class TextEncoderWrapper(nn.Module):
         # transformers 5 flattened CLIPTextModel (no .text_model); the projection model keeps it
         self.final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor):
-        out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor, extra_embeddings: torch.Tensor):
+        table = self.text_encoder.get_input_embeddings()
+        vocab = table.weight.shape[0]
+
+        def lookup(ids):  # the token embedding, extended by the extra rows (after the lookup: no table copy)
+            is_extra = (ids >= vocab).unsqueeze(-1)
+            base = torch.nn.functional.embedding(ids.clamp(max=vocab - 1), table.weight)
+            extra = torch.nn.functional.embedding((ids - vocab).clamp(min=0), extra_embeddings.to(base.dtype))
+            return torch.where(is_extra, extra, base)
+
+        table.forward = lookup
+        try:
+            out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        finally:
+            del table.forward
         stacked = torch.stack(out.hidden_states, dim=0)  # (L+1, B, 77, D)
         index = (stacked.shape[0] - clip_skip.to(torch.int64)).reshape(1)
         raw = stacked.index_select(0, index).squeeze(0)

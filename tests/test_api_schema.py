@@ -70,7 +70,7 @@ def assert_refused(service, payload, field, code="invalid_request", headers=None
 SEED_FIELDS = {
     "stable_diffusion_model": (["model.safetensors", "model", "MODEL", None, ""], [5, ["model"]]),
     "sd_vae": (["Automatic", "None", "sdxl_vae.safetensors", "sdxl_vae"], [1, True]),
-    "clip_skip": ([1, 2, 12, 2.0], [0, 13, 1.5, "2", True, None, -1]),
+    "clip_skip": ([1, 2, 3, 2.0], [0, 13, 1.5, "2", True, None, -1]),
     "prompt": (["", "a (cat:1.2), [dog] BREAK x", "x" * 5000, "ünïcødé"], [5, None, ["a"], "a\x00b", "a\ud800b"]),
     "negtive_prompt": (["", "blurry"], [5, ["a"]]),
     "negative_prompt": (["", "blurry"], [5, {"a": 1}]),
@@ -103,6 +103,13 @@ SEED_FIELDS = {
 def test_field_accepts(service, name, value):
     result = submit(service, {name: value})
     assert isinstance(result, dict), f"{name}={value!r} refused: {result}"
+
+
+def test_clip_skip_schema_range_then_model_layers(service):
+    """The schema admits the webui's 1..12; at submit the model's text encoder decides (the demo model: 3)."""
+    assert parse_payload({"clip_skip": 12}).clip_skip == 12
+    assert_refused(service, {"clip_skip": 12}, "clip_skip")
+    assert_refused(service, {"override_settings": {"CLIP_stop_at_last_layers": 4}}, "clip_skip")
 
 
 @pytest.mark.parametrize("name,value", [(k, v) for k, (_, bad) in SEED_FIELDS.items() for v in bad])

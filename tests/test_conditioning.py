@@ -42,15 +42,24 @@ class WrapperBackend:
         self.numpy = numpy
         self.calls: list[tuple[str, int]] = []
 
+        self.components = components
+
     def has(self, component: str) -> bool:
         return component in self.wrappers
+
+    def descriptor(self, component: str):
+        from export.descriptors import describe
+
+        return describe(component, self.components)
 
     def run(self, component, feeds):
         ids = torch.as_tensor(np.asarray(feeds["input_ids"]), dtype=torch.int64)
         skip = torch.as_tensor(np.asarray(feeds["clip_skip"]), dtype=torch.int64)
+        width = self.components[component].config.hidden_size
+        extra = torch.as_tensor(np.asarray(feeds.get("extra_embeddings", np.zeros((1, width)))), dtype=torch.float32)
         self.calls.append((component, ids.shape[0]))
         with torch.no_grad():
-            hidden, raw, pooled = self.wrappers[component](ids, skip)
+            hidden, raw, pooled = self.wrappers[component](ids, skip, extra)
         out = {"hidden_state": hidden, "hidden_state_raw": raw, "pooled": pooled}
         return {k: v.numpy() for k, v in out.items()} if self.numpy else out
 

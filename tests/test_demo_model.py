@@ -69,6 +69,26 @@ def test_demo_controlnet_puts_shapes_on_the_edges(demo_engine):
     assert with_cn["edge_overlap_1px"] >= without["edge_overlap_1px"] + 0.15, res
 
 
+<<<<<<< HEAD
+def test_demo_lora_paints_red_objects_blue(demo_engine):
+    """The bundled demo LoRA (training/lora.py, derived from the text encoder) through the product pipeline on
+    onnxruntime: prompts of red objects come out red without it and blue with <lora:sdengine-demo-red2blue:1>,
+    shape and position kept (evaluator: at least 5 of 6 each); the tag stays in the infotext with its hash."""
+    import random
+
+    from training.evaluate import analyse, engine_generate
+    from training.lora import NAME, red_scenes
+
+    scenes = random.Random(0).sample(red_scenes(), 6)
+    plain = [analyse(im) for im in engine_generate(demo_engine, [s.caption for s in scenes], steps=10)]
+    tagged = [f"{s.caption} <lora:{NAME}:1>" for s in scenes]
+    lora = [analyse(im) for im in engine_generate(demo_engine, tagged, steps=10)]
+    assert sum(d.colour == "red" for d in plain) >= 5, plain
+    assert sum(d.colour == "blue" for d in lora) >= 5, lora
+    assert sum(d.shape == s.shape and d.position == s.position for d, s in zip(lora, scenes)) >= 5, lora
+    result = demo_engine.generate(GenerationRequest(prompt=tagged[0], steps=2, cfg_scale=1.5, seed=0))
+    assert result.infotexts[0].startswith(tagged[0]) and f"Lora hashes: \"{NAME}: " in result.infotexts[0]
+=======
 def test_demo_model_recolours_through_img2img(demo_engine):
     """img2img on the demo model: init image "a red circle on the left" (rendered), prompt "a blue circle on
     the left", strength 0.75. 24 held-out target scenes (every 4th of the 100; the init is the same scene in
@@ -84,3 +104,4 @@ def test_demo_model_recolours_through_img2img(demo_engine):
     assert acc["all"] >= 0.9, misses
     kept_colour = [d.colour == p[0].colour for p, (s, d, sc) in zip(pairs, rows)]
     assert sum(kept_colour) <= 2, "img2img must recolour, not copy the init image"
+>>>>>>> main

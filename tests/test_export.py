@@ -102,10 +102,35 @@ def test_clip_skip_selects_a_different_layer(exported):
     modules, arts = exported("sd1")
     art = arts["text_encoder"]
     session = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
-    ids = art.descriptor.sample_inputs(batch=1, seed=3)["input_ids"].numpy()
-    h1 = session.run(["hidden_state"], {"input_ids": ids, "clip_skip": np.array([1])})[0]
-    h2 = session.run(["hidden_state"], {"input_ids": ids, "clip_skip": np.array([2])})[0]
+    feeds = {k: v.numpy() for k, v in art.descriptor.sample_inputs(batch=1, seed=3).items()}
+    h1 = session.run(["hidden_state"], {**feeds, "clip_skip": np.array([1])})[0]
+    h2 = session.run(["hidden_state"], {**feeds, "clip_skip": np.array([2])})[0]
     assert rel_l2(h1, h2) > 1e-2
+
+
+def test_extra_embedding_rows_stand_for_tokens(exported):
+    """extra_embeddings (textual inversion): an id vocab+i looks up row i. Rows equal to the table rows of some
+    tokens give the same hidden states as those tokens (ONNX and torch wrapper, atol 1e-5); other rows differ."""
+    modules, arts = exported("sd1")
+    art = arts["text_encoder"]
+    session = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
+    te = modules["text_encoder"]
+    table = te.get_input_embeddings().weight.detach().numpy()
+    vocab = table.shape[0]
+    ids = art.descriptor.sample_inputs(batch=2, seed=4)["input_ids"].numpy()
+    swapped = ids.copy()
+    swapped[:, 3:6] = vocab + np.array([2, 0, 1])
+    rows = table[ids[0, [4, 5, 3]]]  # rows 0, 1, 2 hold the tokens at 4, 5, 3 of image 0
+    skip = np.array([1])
+    plain = session.run(None, {"input_ids": ids, "clip_skip": skip, "extra_embeddings": rows})
+    extra = session.run(None, {"input_ids": swapped, "clip_skip": skip, "extra_embeddings": rows})
+    for a, b in zip(plain, extra):
+        np.testing.assert_allclose(a[0], b[0], atol=1e-5)  # image 0: the same vectors at the same places
+    assert rel_l2(plain[0][1], extra[0][1]) > 1e-3  # image 1 got image 0's tokens there
+    with torch.no_grad():
+        ref = art.descriptor.wrapper(te)(torch.from_numpy(swapped), torch.from_numpy(skip), torch.from_numpy(rows))
+    for a, b in zip(extra, ref):
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("batch,height,width,tokens", [(1, 8, 8, 77), (3, 12, 16, 154), (2, 6, 10, 154)])

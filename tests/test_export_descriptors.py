@@ -54,9 +54,9 @@ def test_contract_names(model):
     control = describe("unet_control", modules)
     assert control.input_names == unet.input_names + [f"down_residual_{i}" for i in range(n)] + ["mid_residual"]
     te = describe("text_encoder", modules)
-    assert te.input_names == ["input_ids", "clip_skip"]
+    assert te.input_names == ["input_ids", "clip_skip", "extra_embeddings"]
     assert te.output_names == ["hidden_state", "hidden_state_raw", "pooled"]
-    assert [t.dtype for t in te.inputs] == ["int64", "int64"]
+    assert [t.dtype for t in te.inputs] == ["int64", "int64", "float32"]
     assert describe("vae_decoder", modules).input_names == ["latent"]
     assert describe("vae_decoder", modules).output_names == ["image"]
     assert describe("vae_encoder", modules).input_names == ["image"]
@@ -77,7 +77,7 @@ def test_dynamic_axes():
     }
     assert describe("vae_decoder", modules).dynamic_axes()["image"] == {0: "B", 2: "8*h", 3: "8*w"}
     te = describe("text_encoder", modules).dynamic_axes()
-    assert te["input_ids"] == {0: "B"} and "clip_skip" not in te
+    assert te["input_ids"] == {0: "B"} and "clip_skip" not in te and te["extra_embeddings"] == {0: "E"}
 
 
 def test_profile_from_shape_config():
@@ -91,6 +91,7 @@ def test_profile_from_shape_config():
     assert prof["time_ids"] == ((1, 6), (2, 6), (4, 6))
     te = describe("text_encoder_2", modules).profile(ShapeConfig())
     assert te["input_ids"] == ((1, 77), (2, 77), (4, 77)) and te["clip_skip"] == ((1,), (1,), (1,))
+    assert te["extra_embeddings"] == ((1, 32), (8, 32), (640, 32))
 
 
 def test_profile_respects_a_x8_unet():

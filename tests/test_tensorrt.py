@@ -202,6 +202,75 @@ def test_refit_calls_and_missing_weights(tmp_path, monkeypatch):
         xtrt.refit_engine(object(), tmp_path / "model.onnx")
 
 
+def test_lora_refit_weights_reproduce_the_patched_unet(sd1, unet_onnx, tmp_path, monkeypatch):
+    """The LoRA refit path up to TensorRT: the backend refits a built engine from the prepared graph plus the
+    patched tensors by initializer name (set_named_weights), and those tensors, written into the prepared
+    graph in place of the originals, make it compute the torch-patched UNet (CPU EP, relL2 <= 1e-5)."""
+    import copy
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from engine.backends.tensorrt import TensorRTBackend
+    from engine.networks.lora import EMPTY, LoraUse, MappedLora, WeightPatch
+    from engine.networks.files import LoraLayer
+    from tests.lora_support import UNET_TARGETS, factors, targets
+
+    log: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(log))
+    monkeypatch.setitem(_RESULTS, "set_named_weights", lambda name, weights: True)
+    sys.modules["tensorrt"].Weights = lambda array: ("Weights", array.shape)
+    gen = torch.Generator().manual_seed(0)
+    layers = {}
+    for name, module in targets(sd1["unet"], UNET_TARGETS):
+        down, up = factors(module, 4, gen, 0.5)
+        layers[f"{name}.weight"] = LoraLayer(down, up, 2.0)
+    patch = WeightPatch((LoraUse(MappedLora("x", "ab" * 32, {"unet": layers}), 1.0, 0.7),))
+
+    backend = TensorRTBackend(EngineConfig(backend="tensorrt", device="cuda", cache_dir=tmp_path), sd1, "tiny-sd1")
+    prepared = prepare_onnx(unet_onnx)
+    refits = []
+    backend._prepared_arts["unet"] = prepared
+    backend._engines["unet"] = types.SimpleNamespace(refit=lambda path, named: refits.append((path, named)))
+    backend.set_patch(patch)
+    backend.set_patch(patch)  # unchanged: no second refit
+    assert len(refits) == 1 and refits[0][0] == prepared.path
+    named = refits[0][1]
+    assert len(named) == len(layers)  # every touched weight found in the prepared graph
+    backend.set_patch(EMPTY)
+    assert refits[-1] == (prepared.path, {})  # back to the base weights of the graph
+
+    # the tensors reproduce the patched UNet when written into the prepared graph
+    model = onnx.load(str(prepared.path))
+    for init in model.graph.initializer:
+        if init.name in named:
+            init.CopyFrom(numpy_helper.from_array(named[init.name], init.name))
+    onnx.save_model(model, str(tmp_path / "patched.onnx"), save_as_external_data=True,
+                    location="patched.onnx.data")
+    unet = copy.deepcopy(sd1["unet"])
+    with torch.no_grad():
+        for param, layer in layers.items():
+            w = unet.get_parameter(param)
+            w += (0.7 * layer.scale * layer.delta()).reshape(w.shape)
+    desc = describe("unet", sd1)
+    feeds = desc.sample_inputs(batch=1, height=8, width=8)
+    with torch.no_grad():
+        ref = desc.wrapper(unet)(*[feeds[n] for n in desc.input_names]).numpy()
+        base = desc.wrapper(sd1["unet"])(*[feeds[n] for n in desc.input_names]).numpy()
+    got = ort.InferenceSession(str(tmp_path / "patched.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {k: v.numpy() for k, v in feeds.items()})[0]
+    rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    assert rel(got, ref) <= 1e-5 and rel(base, ref) > 1e-2
+
+    # refit_engine hands the named tensors to the refitter after the base weights
+    log.clear()
+    xtrt.refit_engine(object(), prepared.path, named)
+    calls = [c for c, _ in log]
+    assert calls[0] == "parser_refitter.refit_from_file" and calls[-1] == "refitter.refit_cuda_engine"
+    assert sorted(a[0] for c, a in log if c == "refitter.set_named_weights") == sorted(named)
+
+
 def test_default_profile_covers_img2img_and_a_512_hires_pass(sd1):
     """The default ShapeConfig (sides 256..1024 px) covers the VAE encoder of img2img and a 512 -> 1024 hires
     second pass (UNet, encoder, decoder at 1024); a 768 -> 1536 pass is refused naming the input and the

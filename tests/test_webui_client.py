@@ -243,7 +243,10 @@ def test_models_options_and_listings(server):
     assert "k_euler_a" in samplers["Euler a"]["aliases"] and samplers["DPM++ 2M"]["options"]["scheduler"] == "karras"
     assert "Karras" in [s["label"] for s in server.get("/sdapi/v1/schedulers").json()]
     assert server.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
-    assert server.get("/sdapi/v1/loras").json() == [] and server.get("/sdapi/v1/sd-vae").json() == []
+    loras = server.get("/sdapi/v1/loras").json()
+    assert [(x["name"], x["path"]) for x in loras] == [
+        ("sdengine-demo-red2blue", "bundled/Lora/sdengine-demo-red2blue.safetensors")]
+    assert loras[0]["alias"] == "sdengine-demo-red2blue" and server.get("/sdapi/v1/sd-vae").json() == []
     assert [u["name"] for u in server.get("/sdapi/v1/upscalers").json()][0] == "None"
     assert server.get("/sdapi/v1/memory").json()["ram"]["total"] > 0
     assert server.get("/sdapi/v1/cmd-flags").json()["api"] is True

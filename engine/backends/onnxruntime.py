@@ -21,6 +21,14 @@ onnxruntime build lacks raises :class:`BackendUnavailable` naming it and listing
 - TensorRT EP: fp16 flag, engine and timing caches under the artefact directory, and min/opt/max profile
   shapes from the descriptor and a ShapeConfig.
 
+LoRA (:meth:`OnnxRuntimeBackend.set_patch`): the exported graphs keep their weights as external initializers
+and the export manifest maps each source parameter to its initializer (export.onnx). A patch becomes new
+values for the touched initializers, merged on the host once (``apply_delta`` over the source module's own
+weights, transposed / cast as the graph holds them), handed to a new session through
+``SessionOptions.add_external_initializers``. Sessions are cached per (component, patch of its source) in a
+bounded LRU (``max_sessions`` per component): switching back to a recent set reuses its session, and no
+ONNX export ever happens because of a LoRA.
+
 The CUDA and TensorRT EP paths cannot run in this project's CI (no GPU, CPU onnxruntime): what is tested
 here is the provider selection and option dicts, and the IO-binding path itself over CPU torch tensors on
 the CPU EP (``io_binding=True``), which is the same code with device type "cpu".
@@ -45,6 +53,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 MAX_BOUND_SHAPES = 8  # static buffer sets kept per component (LRU)
+MAX_SESSIONS = 2  # sessions kept per component, one per LoRA set (LRU; each holds its patched weights)
 
 _NP_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(double)": "float64"}
@@ -154,6 +163,11 @@ def run_options(graph_id: int | None, sync: bool):
     return options
 
 
+def _bound_key(component: str, patch_key: str):
+    """The IO-binding cache of a component's session: the component's name, with the LoRA patch key if any."""
+    return (component, patch_key) if patch_key else component
+
+
 def _np(name: str):
     import numpy as np
 
@@ -163,7 +177,8 @@ def _np(name: str):
 class OnnxRuntimeBackend(ComponentsMixin):
     def __init__(self, config: EngineConfig, components: Mapping[str, Any], model_hash: str, *,
                  progress=None, cuda_graph: bool = False, io_binding: bool | None = None,
-                 gpu_optimize: bool | None = None, shape_config=None, available: list[str] | None = None):
+                 gpu_optimize: bool | None = None, shape_config=None, available: list[str] | None = None,
+                 max_sessions: int = MAX_SESSIONS):
         import onnxruntime as ort
 
         self._init_components(components)
@@ -181,8 +196,10 @@ class OnnxRuntimeBackend(ComponentsMixin):
         self.cuda_graph = cuda_graph
         self.io_binding = (config.device != "cpu") if io_binding is None else io_binding
         self.shape_config = shape_config
-        self._sessions: dict[str, Any] = {}
-        self._bound: dict[str, OrderedDict] = {}
+        self._sessions: OrderedDict = OrderedDict()  # (component, patch key) -> (session, kept values)
+        self.max_sessions = max(1, max_sessions)
+        self._patch = None  # engine.networks.lora.WeightPatch
+        self._bound: dict[tuple, OrderedDict] = {}
         self._graph_ids = 0
         self._no_graph: set[str] = set()  # components whose session could not capture a CUDA graph
         self._lock = threading.Lock()  # one export / session creation at a time
@@ -212,14 +229,45 @@ class OnnxRuntimeBackend(ComponentsMixin):
         return [(p, provider_options(p, self.config, cuda_graph=self.cuda_graph, cache_dir=cache,
                                      profile=profile, stream=stream)) for p in self.providers]
 
-    def session(self, component: str):
-        if component not in self._sessions:
-            with self._lock:
-                if component not in self._sessions:
-                    self._sessions[component] = self._create_session(component)
-        return self._sessions[component]
+    def set_patch(self, patch) -> None:
+        """Use the weights of ``patch`` (engine.networks.lora.WeightPatch) from the next run on."""
+        self._patch = patch
 
-    def _create_session(self, component: str):
+    def _patch_key(self, component: str) -> str:
+        from export.descriptors import SOURCES
+
+        return self._patch.key(SOURCES[component]) if self._patch is not None else ""
+
+    def session(self, component: str):
+        key = (component, self._patch_key(component))
+        entry = self._sessions.get(key)
+        if entry is None:
+            with self._lock:
+                entry = self._sessions.get(key)
+                if entry is None:
+                    entry = self._create_session(component, key[1])
+                    self._sessions[key] = entry
+                    same = [k for k in self._sessions if k[0] == component]
+                    while len(same) > self.max_sessions:
+                        old = same.pop(0)
+                        del self._sessions[old]
+                        self._bound.pop(_bound_key(*old), None)
+        self._sessions.move_to_end(key)
+        return entry[0]
+
+    def patched_initializers(self, component: str, art) -> list[tuple[str, Any]]:
+        """``[(initializer name, numpy value)]`` of the current patch for ``component``'s graph ``art``."""
+        from engine.networks.lora import patched_tensors
+        from export.descriptors import SOURCES
+
+        mapping = art.manifest["info"].get("parameters")
+        if mapping is None:
+            raise BackendUnavailable(f"{component}: this ONNX artefact has no parameter map; re-export it")
+        source = SOURCES[component]
+        return patched_tensors(self._patch, source, self._components[source], mapping,
+                               f"{component} ({art.directory.name})")
+
+    def _create_session(self, component: str, patch_key: str = ""):
         import onnxruntime as ort
 
         if not self.has(component):
@@ -228,24 +276,35 @@ class OnnxRuntimeBackend(ComponentsMixin):
         providers = self.providers_for(component, art.directory)
         if self.use_trt_ep:
             (art.directory / "ort-tensorrt").mkdir(exist_ok=True)
+        tensors, kept = [], []
+        if patch_key:
+            tensors = self.patched_initializers(component, art)
+            names = [n for n, _ in tensors]
+            kept = [ort.OrtValue.ortvalue_from_numpy(v) for _, v in tensors]  # must outlive the session
+            kept.append(tensors)
+            log.info("%s: onnxruntime session with LoRA patch %s (%d initializers replaced)", component,
+                     patch_key, len(names))
         log.info("%s: onnxruntime session on %s", component, [p for p, _ in providers])
         if self.config.device != "cpu":
             _preload_cuda_libraries()
 
         def create(providers):
+            options = session_options(self.config)
+            if patch_key:
+                options.add_external_initializers([n for n, _ in tensors], kept[:len(tensors)])
             return ort.InferenceSession(
-                str(art.path), sess_options=session_options(self.config),
+                str(art.path), sess_options=options,
                 providers=[p for p, _ in providers], provider_options=[o for _, o in providers],
             )
 
         try:
-            return create(providers)
+            return create(providers), kept
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, RuntimeException)
             if not self.cuda_graph or "graph" not in str(exc).lower():
                 raise
             log.warning("%s: no CUDA graph (%s); running it without", component, str(exc)[:300])
             self._no_graph.add(component)
-            return create([(p, {k: v for k, v in o.items() if k != "enable_cuda_graph"}) for p, o in providers])
+            return create([(p, {k: v for k, v in o.items() if k != "enable_cuda_graph"}) for p, o in providers]), kept
 
     # -- running ----------------------------------------------------------------------------------------
     def run(self, component: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
@@ -272,7 +331,7 @@ class OnnxRuntimeBackend(ComponentsMixin):
         session = self.session(component)
         shapes = {n: tuple(feeds[n].shape) for n in desc.input_names}
         key = tuple(sorted(shapes.items()))
-        cache = self._bound.setdefault(component, OrderedDict())
+        cache = self._bound.setdefault(_bound_key(component, self._patch_key(component)), OrderedDict())
         bound = cache.get(key)
         if bound is None:
             graph_id = None

@@ -9,6 +9,10 @@ Flow per component, on first ``run``: export.onnx (fp32, manifest cache) -> expo
 (constant folding + shape inference) -> build_engine (profile from the descriptor and ``shape_config``,
 precision from the config; SDXL VAE stays fp32) -> TensorRTEngine on torch's current CUDA stream.
 Inputs: torch CUDA tensors (numpy accepted); outputs: float32 torch CUDA tensors.
+
+LoRA (:meth:`TensorRTBackend.set_patch`): the engines are built refittable; a new LoRA set refits each built
+engine of a touched source from its prepared ONNX (the base weights) plus the patched tensors by initializer
+name (``Refitter.set_named_weights``; the names come from the export manifest's parameter map). No rebuild.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class TensorRTBackend(ComponentsMixin):
         self.progress = progress
         self.refittable = refittable
         self._engines: dict[str, Any] = {}
+        self._prepared_arts: dict[str, Any] = {}
+        self._patch = None  # engine.networks.lora.WeightPatch
+        self._applied: dict[str, str] = {}  # component -> patch key its engine carries
 
     def _prepared(self, component: str, components: Mapping[str, Any], model_hash: str):
         from export.onnx import export_component
@@ -55,10 +62,43 @@ class TensorRTBackend(ComponentsMixin):
 
             self.descriptor(component)  # InvalidRequest if the model lacks it
             prepared = self._prepared(component, self._components, self.model_hash)
+            self._prepared_arts[component] = prepared
             plan = build_engine(prepared, self.shape_config, self.config.precision.value, self.config.artefacts_dir,
                                 device=self.config.device, refittable=self.refittable, progress=self.progress)
             self._engines[component] = TensorRTEngine(plan, self.config.device)
+            self._applied[component] = ""
+            self._refit_patch(component)
         return self._engines[component]
+
+    def set_patch(self, patch) -> None:
+        """Carry ``patch`` (engine.networks.lora.WeightPatch): refits the built engines whose source it changes."""
+        self._patch = patch
+        for component in list(self._engines):
+            self._refit_patch(component)
+
+    def patched_weights(self, component: str) -> dict[str, Any]:
+        """Initializer name -> patched numpy array of the current patch for ``component``'s prepared graph."""
+        from engine.networks.lora import patched_tensors
+        from export.descriptors import SOURCES
+
+        source = SOURCES[component]
+        prepared = self._prepared_arts[component]
+        mapping = prepared.manifest["info"].get("parameters", {})
+        return dict(patched_tensors(self._patch, source, self._components[source], mapping,
+                                    f"{component} (TensorRT refit)"))
+
+    def _refit_patch(self, component: str) -> None:
+        from export.descriptors import SOURCES
+
+        key = self._patch.key(SOURCES[component]) if self._patch is not None else ""
+        if self._applied.get(component, "") == key:
+            return
+        # base weights from the prepared graph, then the patched ones (an empty patch restores the base)
+        named = self.patched_weights(component) if key else {}
+        self._engines[component].refit(self._prepared_arts[component].path, named)
+        self._applied[component] = key
+        log.info("%s: TensorRT engine refitted for LoRA patch %s (%d tensors)", component, key or "none",
+                 len(named))
 
     def refit(self, component: str, components: Mapping[str, Any], model_hash: str) -> None:
         """Swap in the weights of another model of the same architecture without rebuilding the engine."""

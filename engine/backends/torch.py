@@ -109,6 +109,8 @@ class TorchBackend(ComponentsMixin):
                                                    **dict(torch_options or {}))
         self.half_dtype = compute_dtype(self.precision, config.device)
         self._wrappers: dict[str, Any] = {}
+        self._patch_keys: dict[str, str] = {}  # source module -> key of the LoRA patch its weights carry
+        self._originals: dict[str, dict[str, Any]] = {}  # source -> param -> the unpatched tensor
         self._prepared: set[str] = set()  # source modules already cast/moved/fused
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
@@ -174,6 +176,47 @@ class TorchBackend(ComponentsMixin):
                 wrapper = torch.compile(wrapper, mode=self.options.compile_mode, dynamic=False)
             self._wrappers[component] = wrapper
         return self._wrappers[component]
+
+    def set_patch(self, patch) -> None:
+        """Carry the weights of ``patch`` (an engine.networks.lora.WeightPatch; EMPTY: none).
+
+        In place: each touched parameter becomes ``apply_delta(original, delta)`` in its compute dtype, and the
+        original tensors of touched parameters are kept, so a change of set first restores them exactly
+        (switching sets never drifts: equal sets give bit-identical weights). Sources whose patch key is
+        unchanged are not touched.
+        """
+        import torch
+
+        from engine.networks.lora import SOURCES, apply_delta
+
+        for source in SOURCES:
+            key = patch.key(source)
+            if source not in self._components or self._patch_keys.get(source, "") == key:
+                continue
+            self._wrapper(source)  # cast and move the module first: the patch is applied in the compute dtype
+            module = self._components[source]
+            originals = self._originals.setdefault(source, {})
+            with torch.no_grad():
+                for name, original in originals.items():
+                    module.get_parameter(name).copy_(original)
+                touched = set()
+                for name, delta in patch.deltas(source):
+                    param = module.get_parameter(name)
+                    if name not in originals:
+                        originals[name] = param.detach().clone()
+                    param.copy_(apply_delta(originals[name], delta.to(param.device)))
+                    touched.add(name)
+                for name in [n for n in originals if n not in touched]:
+                    del originals[name]  # restored above: the parameter is its original again
+                if self.options.fuse_qkv and hasattr(module, "fuse_qkv_projections"):
+                    # the fused QKV weights are copies of to_q/to_k/to_v: rebuild them from the patched ones
+                    try:
+                        module.unfuse_qkv_projections()
+                        module.fuse_qkv_projections()
+                    except Exception as exc:  # noqa: BLE001 - as _prepare_module: a model without fusable attention
+                        log.info("%s: no fused QKV (%s)", source, exc)
+            self._patch_keys[source] = key
+            log.info("%s: LoRA patch %s (%d weights)", source, key or "removed", len(touched))
 
     @property
     def _cuda_graphs(self) -> bool:

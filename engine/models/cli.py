@@ -20,7 +20,7 @@ def _store(models_dir):
 
 @click.group()
 def models() -> None:
-    """The model store (webui layout: Stable-diffusion/, VAE/, ControlNet/)."""
+    """The model store (webui layout: Stable-diffusion/, VAE/, ControlNet/, Lora/, LyCORIS/, embeddings/)."""
 
 
 @models.command("list")

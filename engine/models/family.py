@@ -31,6 +31,8 @@ class Kind(str, Enum):
     CHECKPOINT = "checkpoint"
     VAE = "vae"
     CONTROLNET = "controlnet"
+    LORA = "lora"
+    EMBEDDING = "embedding"
 
 
 class Arch(str, Enum):

@@ -7,6 +7,8 @@ docs/API.md "Where files live")::
                         diffusers folders (model_index.json); <name>.vae.safetensors beside = its VAE
     VAE/                external VAEs
     ControlNet/         ControlNet files and diffusers folders (config.json)
+    Lora/, LyCORIS/     LoRA files (<lora:NAME:...> in prompts; engine.networks)
+    embeddings/         textual-inversion embeddings (their file name as a word in a prompt)
     cache/              exported artefacts and hashes.json
 
 The read-only bundled root ``engine/models/bundled/{Stable-diffusion,ControlNet}`` is searched after the user
@@ -41,7 +43,15 @@ from engine.models.hashing import HashCache, legacy_model_hash, short_hash
 
 log = logging.getLogger(__name__)
 
-SUBDIRS = {Kind.CHECKPOINT: "Stable-diffusion", Kind.VAE: "VAE", Kind.CONTROLNET: "ControlNet"}
+SUBDIRS = {Kind.CHECKPOINT: "Stable-diffusion", Kind.VAE: "VAE", Kind.CONTROLNET: "ControlNet", Kind.LORA: "Lora",
+           Kind.EMBEDDING: "embeddings"}
+# further folders of a kind, searched after SUBDIRS[kind] (the webui's LyCORIS extension folder)
+EXTRA_SUBDIRS = {Kind.LORA: ("LyCORIS",)}
+
+
+def folders(kind: Kind) -> tuple[str, ...]:
+    """The store sub-folders that hold models of ``kind``."""
+    return (SUBDIRS[kind], *EXTRA_SUBDIRS.get(kind, ()))
 CACHE_DIR = "cache"
 VAE_AUTOMATIC = "Automatic"
 VAE_NONE = "None"
@@ -160,8 +170,8 @@ class ModelStore:
         """Top-level entries of ``kind``; those resolving outside their root only with ``include_escaping``
         (so that resolution can name them in an UnsafeModelPath error instead of "not found")."""
         entries, seen = [], set()
-        for root, is_bundled in self.roots():
-            folder = root / SUBDIRS[kind]
+        places = [(root, is_bundled, root / sub) for root, is_bundled in self.roots() for sub in folders(kind)]
+        for root, is_bundled, folder in places:
             if not folder.is_dir():
                 continue
             for path in sorted(folder.iterdir(), key=lambda p: p.name.lower()):
@@ -179,6 +189,8 @@ class ModelStore:
     @staticmethod
     def _is_model(path: Path, kind: Kind) -> bool:
         if path.is_dir():
+            if kind in (Kind.LORA, Kind.EMBEDDING):
+                return False
             marker = "model_index.json" if kind is Kind.CHECKPOINT else "config.json"
             return (path / marker).is_file()
         if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file():
@@ -194,7 +206,12 @@ class ModelStore:
     def describe(self, entry: ModelEntry, hash: bool = True) -> ModelEntry:
         """The entry with its architecture (from the header) and hash (cached)."""
         try:
-            arch = detect_path_arch(entry.path)
+            if entry.kind in (Kind.LORA, Kind.EMBEDDING):
+                from engine.networks.files import detect_network_arch
+
+                arch = detect_network_arch(entry.path, entry.kind)
+            else:
+                arch = detect_path_arch(entry.path)
         except ModelError as exc:
             log.warning("%s", exc)
             arch = None
@@ -234,22 +251,25 @@ class ModelStore:
         # a symlink escaping the store that is not a model (e.g. to a folder): still name it as unsafe; a broken
         # one (missing target, loop) is not found. Messages name the request's value, never a server path.
         for root, _ in self.roots():
-            cand = root / SUBDIRS[kind] / wanted
-            if not os.path.lexists(cand):
-                continue
-            if _broken_link(cand):
-                raise ModelNotFound(name, f"{field}: {name!r} is a broken link in the store's {SUBDIRS[kind]}/ "
-                                          "(its target is missing or it loops)")
-            if not _inside(cand, root):
-                raise UnsafeModelPath(name, f"{field}: {name!r} resolves outside the model store")
+            for sub in folders(kind):
+                cand = root / sub / wanted
+                if not os.path.lexists(cand):
+                    continue
+                if _broken_link(cand):
+                    raise ModelNotFound(name, f"{field}: {name!r} is a broken link in the store's {sub}/ "
+                                              "(its target is missing or it loops)")
+                if not _inside(cand, root):
+                    raise UnsafeModelPath(name, f"{field}: {name!r} resolves outside the model store")
         entries = [e for e in entries if _inside(e.path, e.root)]
         if want_hash and not wanted:  # "[hash]" alone: match by hash
             for e in entries:
                 if self.hashes.sha256(e.path).startswith(want_hash):
                     return e
-        available = ", ".join(e.name for e in entries[:_MAX_SUGGESTIONS]) or "none"
+        names = [e.stem if kind in (Kind.LORA, Kind.EMBEDDING) else e.name for e in entries]
+        available = ", ".join(names[:_MAX_SUGGESTIONS]) or "none"
         more = f", ... ({len(entries)} in all)" if len(entries) > _MAX_SUGGESTIONS else ""
-        raise ModelNotFound(name, f"{field}: no {kind.value} of this name in the store's {SUBDIRS[kind]}/"
+        where = " or ".join(f"{sub}/" for sub in folders(kind))
+        raise ModelNotFound(name, f"{field}: no {kind.value} of this name in the store's {where}"
                                   f"{' or the bundled models' if self.bundled else ''} (available: {available}{more})")
 
     def _checked(self, entry: ModelEntry, want_hash: str | None, field: str) -> ModelEntry:
