@@ -210,15 +210,8 @@ class Engine:
             # 4. condition: prompts -> per-step conditioning (cached per model)
             t0 = time.perf_counter()
             on_step.phase("encoding")
-<<<<<<< HEAD
-            cond = encode_request(
-                rt.backend, text_model, [networks.prompt] * req.batch_size, [req.negative_prompt] * req.batch_size,
-                steps=plan.steps, clip_skip=req.clip_skip, width=width, height=height, cache=rt.prompt_cache,
-                max_chunks=self.config.max_prompt_chunks, ti=ti,
-            )
-=======
-            cond = self._condition(rt, req.prompt, req.negative_prompt, req.steps, req, width, height)
->>>>>>> main
+            cond = self._condition(rt, networks.prompt, req.negative_prompt, req.steps, req, width, height,
+                                   text_model=text_model, ti=ti)
             timer.add("text_encoder", t0)
 
             # 5. noise: webui-seeded initial latents (the init latent noised to the plan's first sigma)
@@ -257,12 +250,9 @@ class Engine:
         strength = init.denoising_strength if init is not None else \
             req.hires.denoising_strength if req.hires is not None else None
         generation = Generation(req, rt.model, plan, width, height, all_seeds, all_subseeds, unit_labels,
-<<<<<<< HEAD
                                 self.config.backend.value, lora_hashes=networks.lora_hashes,
-                                ti_hashes=rt.networks.ti_hashes(cond.embeddings))
-=======
-                                self.config.backend.value, denoising_strength=strength, extra=extra)
->>>>>>> main
+                                ti_hashes=rt.networks.ti_hashes(cond.embeddings), denoising_strength=strength,
+                                extra=extra)
         infotexts = [generation.infotext(i) for i in range(total)]
         info = generation.info(infotexts, timer.timings, device=self.config.device,
                                precision=self.config.precision.value)
@@ -273,13 +263,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ stages
     def _condition(self, rt: _Runtime, prompt: str, negative_prompt: str, steps: int, req: GenerationRequest,
-                   width: int, height: int):
+                   width: int, height: int, text_model=None, ti=None):
+        """Prompts -> per-step conditioning; ``text_model``/``ti``: the text model keyed by the applied networks
+        and the textual inversions (engine.networks), else the family's."""
         from engine.conditioning import encode_request
 
         return encode_request(
-            rt.backend, rt.model.family.text, [prompt] * req.batch_size, [negative_prompt] * req.batch_size,
-            steps=steps, clip_skip=req.clip_skip, width=width, height=height, cache=rt.prompt_cache,
-            max_chunks=self.config.max_prompt_chunks,
+            rt.backend, text_model or rt.model.family.text, [prompt] * req.batch_size,
+            [negative_prompt] * req.batch_size, steps=steps, clip_skip=req.clip_skip, width=width, height=height,
+            cache=rt.prompt_cache, max_chunks=self.config.max_prompt_chunks, ti=ti,
         )
 
     def _sample(self, rt: _Runtime, req: GenerationRequest, plan, x, rng, seeds, cond, units, cfg_scale: float,
