@@ -113,10 +113,10 @@ class Generation:
     subseeds: list[int]
     unit_labels: list[str]
     backend: str
-    lora_hashes: tuple[tuple[str, str], ...] = ()  # (name as written in the prompt, 12-hex hash)
-    ti_hashes: tuple[tuple[str, str], ...] = ()
     denoising_strength: float | None = None  # img2img, hires fix
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # img2img / hires fields
+    lora_hashes: tuple[tuple[str, str], ...] = ()  # (name as written in the prompt, 12-hex hash)
+    ti_hashes: tuple[tuple[str, str], ...] = ()
 
     def infotext(self, index: int) -> str:
         req, model = self.request, self.model

@@ -52,6 +52,7 @@ class _Runtime:
     backend: Any  # engine.backends.Backend
     prompt_cache: Any
     networks: Any = None  # engine.networks.Networks of this model
+    text: Any = None  # (TextModelInfo, TextualInversion) of the request being generated (LoRA/embeddings)
     controlnets: dict[str, Any] = field(default_factory=dict)
 
 
@@ -177,6 +178,7 @@ class Engine:
         text_model = family.text
         if networks.patch.text_key or ti_key:  # the prompt cache must not serve other weights' encodings
             text_model = replace(text_model, model_hash=f"{text_model.model_hash}+{networks.patch.text_key}+{ti_key}")
+        rt.text = (text_model, ti)  # what _condition encodes with for this request
         timer.add("networks", t0)
 
         # 2. plan: sigmas (cut at the denoising strength for img2img), the denoiser's schedule, seeds, units
@@ -210,8 +212,7 @@ class Engine:
             # 4. condition: prompts -> per-step conditioning (cached per model)
             t0 = time.perf_counter()
             on_step.phase("encoding")
-            cond = self._condition(rt, networks.prompt, req.negative_prompt, req.steps, req, width, height,
-                                   text_model=text_model, ti=ti)
+            cond = self._condition(rt, req.prompt, req.negative_prompt, req.steps, req, width, height)
             timer.add("text_encoder", t0)
 
             # 5. noise: webui-seeded initial latents (the init latent noised to the plan's first sigma)
@@ -250,9 +251,8 @@ class Engine:
         strength = init.denoising_strength if init is not None else \
             req.hires.denoising_strength if req.hires is not None else None
         generation = Generation(req, rt.model, plan, width, height, all_seeds, all_subseeds, unit_labels,
-                                self.config.backend.value, lora_hashes=networks.lora_hashes,
-                                ti_hashes=rt.networks.ti_hashes(cond.embeddings), denoising_strength=strength,
-                                extra=extra)
+                                self.config.backend.value, denoising_strength=strength, extra=extra,
+                                lora_hashes=networks.lora_hashes, ti_hashes=rt.networks.ti_hashes(cond.embeddings))
         infotexts = [generation.infotext(i) for i in range(total)]
         info = generation.info(infotexts, timer.timings, device=self.config.device,
                                precision=self.config.precision.value)
@@ -263,15 +263,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ stages
     def _condition(self, rt: _Runtime, prompt: str, negative_prompt: str, steps: int, req: GenerationRequest,
-                   width: int, height: int, text_model=None, ti=None):
-        """Prompts -> per-step conditioning; ``text_model``/``ti``: the text model keyed by the applied networks
-        and the textual inversions (engine.networks), else the family's."""
+                   width: int, height: int):
         from engine.conditioning import encode_request
+        from engine.networks.syntax import strip_networks
 
+        text_model, ti = rt.text or (rt.model.family.text, None)
         return encode_request(
-            rt.backend, text_model or rt.model.family.text, [prompt] * req.batch_size,
-            [negative_prompt] * req.batch_size, steps=steps, clip_skip=req.clip_skip, width=width, height=height,
-            cache=rt.prompt_cache, max_chunks=self.config.max_prompt_chunks, ti=ti,
+            rt.backend, text_model, [strip_networks(prompt)] * req.batch_size, [negative_prompt] * req.batch_size,
+            steps=steps, clip_skip=req.clip_skip, width=width, height=height, cache=rt.prompt_cache,
+            max_chunks=self.config.max_prompt_chunks, ti=ti,
         )
 
     def _sample(self, rt: _Runtime, req: GenerationRequest, plan, x, rng, seeds, cond, units, cfg_scale: float,

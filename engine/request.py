@@ -111,9 +111,9 @@ class GenerationRequest:
     s_noise: float = 1.0
     eta_noise_seed_delta: int = 0
     controlnet_units: tuple[ControlNetUnit, ...] = ()
-    disable_extra_networks: bool = False  # webui: <lora:...> tags are removed from the prompt but not applied
     init: InitImage | None = None  # img2img (and inpainting with a mask)
     hires: Hires | None = None  # txt2img's second pass
+    disable_extra_networks: bool = False  # webui: <lora:...> tags are removed from the prompt but not applied
 
 
 @dataclass

@@ -69,6 +69,23 @@ def test_demo_controlnet_puts_shapes_on_the_edges(demo_engine):
     assert with_cn["edge_overlap_1px"] >= without["edge_overlap_1px"] + 0.15, res
 
 
+def test_demo_model_recolours_through_img2img(demo_engine):
+    """img2img on the demo model: init image "a red circle on the left" (rendered), prompt "a blue circle on
+    the left", strength 0.75. 24 held-out target scenes (every 4th of the 100; the init is the same scene in
+    another colour): the evaluator must read the target scene (colour, shape, count, size, position,
+    background) in >= 90% of them; the init's own colour must be gone."""
+    from training.evaluate import evaluate_engine_img2img, heldout_scenes, recolour_pairs
+
+    pairs = recolour_pairs(heldout_scenes()[::4][:24])
+    assert len(pairs) == 24 and all(a.colour != b.colour for a, b in pairs)
+    acc, rows = evaluate_engine_img2img(demo_engine, pairs=pairs, strength=0.75, steps=20, cfg=1.5,
+                                        sampler="Euler a")
+    misses = [(p[0].caption, s.caption, d) for p, (s, d, sc) in zip(pairs, rows) if not sc["all"]]
+    assert acc["all"] >= 0.9, misses
+    kept_colour = [d.colour == p[0].colour for p, (s, d, sc) in zip(pairs, rows)]
+    assert sum(kept_colour) <= 2, "img2img must recolour, not copy the init image"
+
+
 def test_demo_lora_paints_red_objects_blue(demo_engine):
     """The bundled demo LoRA (training/lora.py, derived from the text encoder) through the product pipeline on
     onnxruntime: prompts of red objects come out red without it and blue with <lora:sdengine-demo-red2blue:1>,
@@ -87,20 +104,3 @@ def test_demo_lora_paints_red_objects_blue(demo_engine):
     assert sum(d.shape == s.shape and d.position == s.position for d, s in zip(lora, scenes)) >= 5, lora
     result = demo_engine.generate(GenerationRequest(prompt=tagged[0], steps=2, cfg_scale=1.5, seed=0))
     assert result.infotexts[0].startswith(tagged[0]) and f"Lora hashes: \"{NAME}: " in result.infotexts[0]
-
-
-def test_demo_model_recolours_through_img2img(demo_engine):
-    """img2img on the demo model: init image "a red circle on the left" (rendered), prompt "a blue circle on
-    the left", strength 0.75. 24 held-out target scenes (every 4th of the 100; the init is the same scene in
-    another colour): the evaluator must read the target scene (colour, shape, count, size, position,
-    background) in >= 90% of them; the init's own colour must be gone."""
-    from training.evaluate import evaluate_engine_img2img, heldout_scenes, recolour_pairs
-
-    pairs = recolour_pairs(heldout_scenes()[::4][:24])
-    assert len(pairs) == 24 and all(a.colour != b.colour for a, b in pairs)
-    acc, rows = evaluate_engine_img2img(demo_engine, pairs=pairs, strength=0.75, steps=20, cfg=1.5,
-                                        sampler="Euler a")
-    misses = [(p[0].caption, s.caption, d) for p, (s, d, sc) in zip(pairs, rows) if not sc["all"]]
-    assert acc["all"] >= 0.9, misses
-    kept_colour = [d.colour == p[0].colour for p, (s, d, sc) in zip(pairs, rows)]
-    assert sum(kept_colour) <= 2, "img2img must recolour, not copy the init image"
