@@ -67,72 +67,16 @@ def check_models(store, models: Iterable[tuple]) -> None:
 
 
 
-# --------------------------------------------------------------------------------------------- memory budget
+# --------------------------------------------------------------------------------------------- admission
 def check_memory(store, config: EngineConfig, request: GenerationRequest, budget: int | None) -> None:
-    """Refuse a ``clip_skip`` beyond the model's text-encoder layers; refuse (ApiError ``too_much_memory``, naming width/height or batch_size and the largest that fits) a
-    request whose estimated peak memory (``engine.memory``) is over ``budget`` bytes. Nothing is checked
-    without a budget, a store, or when the model's architecture cannot be read from its headers."""
+    """The engine's submit-time check (``engine.admission.check_request``: clip_skip, prompt length, the memory
+    budget) as :class:`ApiError` (``invalid_request`` / ``too_much_memory``, with the field and the allowed
+    values). Nothing is checked without a store."""
     if store is None:
         return
-    from engine.memory import architecture_of, estimate, largest_batch, largest_fitting
+    from engine.admission import check_request
 
     try:
-        entry = store.resolve(request.model) if request.model else store.default_checkpoint(config.default_model)
-    except (InvalidRequest, ModelError):
-        return  # check_models (or the engine) reports it
-    found = architecture_of(entry.path)
-    if found is None:
-        return
-    arch, native = found
-    if arch.text_layers is not None and request.clip_skip > arch.text_layers:
-        # the text encoder has no such layer (it failed in the worker, an ONNX Gather out of range)
-        raise ApiError("invalid_request", f"{request.clip_skip} is more than the {arch.text_layers} layers of the "
-                       f"text encoder of {entry.name}", field="clip_skip",
-                       allowed=f"an integer from 1 to {arch.text_layers} (also for "
-                               "override_settings.CLIP_stop_at_last_layers)")
-    if budget is None:
-        return
-    width, height = request.width or native, request.height or native
-    backend = getattr(config.backend, "value", str(config.backend))
-    options = {"cfg": request.cfg_scale != 1.0, "backend": backend}
-    need = estimate(arch, width, height, request.batch_size, **options)
-    if need.total <= budget:
-        if getattr(request, "hires", None) is not None:
-            _check_hires_memory(arch, entry, request, width, height, budget, options)
-        return
-    gib = 2**30
-    text = (f"{width}x{height} with batch_size {request.batch_size} needs about {need.total / gib:.1f} GiB on "
-            f"{backend} (model {entry.name}), more than this server's memory budget of {budget / gib:.1f} GiB")
-    batch = largest_batch(arch, width, height, budget, limit=request.batch_size, **options)
-    if request.batch_size > 1 and batch >= 1:
-        raise ApiError("too_much_memory", text, field="batch_size",
-                       allowed=f"batch_size at most {batch} at {width}x{height}")
-    size = largest_fitting(arch, width, height, request.batch_size, budget, **options)
-    allowed = (f"width x height at most {size[0]}x{size[1]} at batch_size {request.batch_size}" if size
-               else "none at this batch size: the model alone does not fit the budget")
-    field = "width" if request.width is not None or request.height is None else "height"
-    raise ApiError("too_much_memory", text, field=field, allowed=allowed)
-
-
-def _check_hires_memory(arch, entry, request: GenerationRequest, width: int, height: int, budget: int,
-                        options: dict) -> None:
-    """The hires fix's second pass, at its own size, within the budget; else ``too_much_memory`` naming hr_scale
-    (or hr_resize_x/y) with the largest that fits."""
-    from engine.img2img import hires_size
-    from engine.memory import estimate, largest_fitting
-
-    size = hires_size(width, height, request.hires)
-    need = estimate(arch, size.width, size.height, request.batch_size, **options)
-    if need.total <= budget:
-        return
-    gib = 2**30
-    fits = largest_fitting(arch, size.width, size.height, request.batch_size, budget, **options)
-    if fits and size.field == "hr_scale":
-        allowed = f"hr_scale at most {fits[0] / width:.2f} ({fits[0]}x{fits[1]}) for {width}x{height}"
-    elif fits:
-        allowed = f"a second pass of at most {fits[0]}x{fits[1]}"
-    else:
-        allowed = "none at this batch size"
-    raise ApiError("too_much_memory", f"the hires fix's second pass at {size.width}x{size.height} with batch_size "
-                   f"{request.batch_size} needs about {need.total / gib:.1f} GiB (model {entry.name}), more than "
-                   f"this server's memory budget of {budget / gib:.1f} GiB", field=size.field, allowed=allowed)
+        check_request(store, config, request, budget)
+    except InvalidRequest as exc:
+        raise api_error_from(exc) from None

@@ -49,6 +49,13 @@ def zeros_like(x: Array) -> Array:
     return np.zeros_like(x)
 
 
+def contiguous(x: Array) -> Array:
+    """``x`` in contiguous memory (a slice handed to a runtime)."""
+    if is_torch(x):
+        return x.contiguous()
+    return np.ascontiguousarray(x)
+
+
 def to_like(t: Any, like: Array) -> Array:
     """A CPU torch tensor as an array of ``like``'s kind, dtype and device.
 

@@ -294,6 +294,46 @@ def _check_length(chunks: int, limit: int, field: str) -> None:
         )
 
 
+def _rows(spec: TextSpec, prompts: list[str], negative_prompts: list[str], steps: int):
+    """The rows to encode: each positive prompt's AND parts and each negative prompt, with their schedules."""
+    rows: list[_Row] = []
+    positive = []
+    for prompt in prompts:
+        parts = []
+        for text, weight in split_and(prompt):
+            parts.append((len(rows), weight))
+            rows.append(_Row(tuple(prompt_schedule(text, steps))))
+        positive.append(tuple(parts))
+    negative = []
+    for prompt in negative_prompts:
+        negative.append(len(rows))
+        entries = tuple(prompt_schedule(prompt, steps))
+        rows.append(_Row(entries, zero=spec.zero_empty_negative and all(t == "" for _, t in entries)))
+    return rows, positive, negative, sum(len(p) for p in positive)
+
+
+def _tokenize(spec: TextSpec, rows: list, n_positive: int, max_chunks: int, ti=None) -> dict:
+    """Tokenise every distinct text once (per padding token) and check the length limit."""
+    tokenized: dict[tuple[str, str], list[Chunk]] = {}
+    for r, row in enumerate(rows):
+        field = PROMPT_FIELD if r < n_positive else NEGATIVE_FIELD
+        for _, text in row.entries:
+            for encoder in spec.encoders:
+                key = (encoder.pad_token, text)
+                if key not in tokenized:
+                    tokenized[key] = tokenize_prompt(text, _tokenizer(encoder.pad_token),
+                                                     words=ti.words(encoder.pad_token) if ti else None)
+            _check_length(len(tokenized[(spec.encoders[0].pad_token, text)]), max_chunks, field)
+    return tokenized
+
+
+def check_prompts(spec: TextSpec, prompt: str, negative_prompt: str, steps: int, max_chunks: int) -> None:
+    """What :func:`encode_request` would refuse about the prompts' length, found without encoding anything (the
+    model's tokenizer only): InvalidRequest naming ``prompt`` / ``negtive_prompt``. For the submit-time check."""
+    rows, _, _, n_positive = _rows(spec, [prompt], [negative_prompt], max(int(steps), 1))
+    _tokenize(spec, rows, n_positive, max_chunks)
+
+
 def encode_request(
     backend,
     model: TextModelInfo,
@@ -326,33 +366,8 @@ def encode_request(
     if clip_skip < 1:
         raise InvalidRequest("clip_skip", f"invalid clip skip {clip_skip}", "an integer >= 1")
     spec = model.text
-
-    rows: list[_Row] = []
-    positive = []
-    for prompt in prompts:
-        parts = []
-        for text, weight in split_and(prompt):
-            parts.append((len(rows), weight))
-            rows.append(_Row(tuple(prompt_schedule(text, steps))))
-        positive.append(tuple(parts))
-    negative = []
-    for prompt in negative_prompts:
-        negative.append(len(rows))
-        entries = tuple(prompt_schedule(prompt, steps))
-        rows.append(_Row(entries, zero=spec.zero_empty_negative and all(t == "" for _, t in entries)))
-    n_positive = sum(len(p) for p in positive)
-
-    # tokenise every distinct text once (per padding token) and check the length limit
-    tokenized: dict[tuple[str, str], list[Chunk]] = {}
-    for r, row in enumerate(rows):
-        field = PROMPT_FIELD if r < n_positive else NEGATIVE_FIELD
-        for _, text in row.entries:
-            for encoder in spec.encoders:
-                key = (encoder.pad_token, text)
-                if key not in tokenized:
-                    tokenized[key] = tokenize_prompt(text, _tokenizer(encoder.pad_token),
-                                                     words=ti.words(encoder.pad_token) if ti else None)
-            _check_length(len(tokenized[(spec.encoders[0].pad_token, text)]), max_chunks, field)
+    rows, positive, negative, n_positive = _rows(spec, prompts, negative_prompts, steps)
+    tokenized = _tokenize(spec, rows, n_positive, max_chunks, ti)
 
     texts = {"": None}
     for row in rows:

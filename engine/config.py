@@ -8,6 +8,7 @@ from enum import Enum
 from pathlib import Path
 
 from engine.errors import InvalidRequest
+from engine.tiling import VaeTiling
 
 # Where files live (docs/API.md "Where files live"): one home, each part movable on its own
 ENV_HOME = "SDENGINE_HOME"
@@ -115,6 +116,7 @@ class EngineConfig:
     allow_pickle: bool = False
     torch_compile: bool = False
     num_threads: int | None = None
+    vae_tiling: VaeTiling = field(default_factory=VaeTiling)  # tiled VAE decode above a size (engine.tiling)
 
     def __post_init__(self):
         object.__setattr__(self, "models_dir", _absolute(self.models_dir))

@@ -27,6 +27,12 @@ class InvalidRequest(SdEngineError, ValueError):
         super().__init__(text)
 
 
+class TooMuchMemory(InvalidRequest):
+    """The request's estimated peak memory is over the budget (engine.memory); ``field`` names what to lower."""
+
+    code = "too_much_memory"
+
+
 class ModelError(SdEngineError):
     """A model file or folder cannot be resolved or loaded. ``path`` names it."""
 

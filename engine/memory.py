@@ -4,13 +4,15 @@ UNet and VAE configs), size, batch, backend and attention kind, and the budget c
 What dominates, measured on CPU (benchmarks/memory.py, BENCHMARKS.md "Memory per request size"):
 
 * **Attention score matrices.** A self-attention layer over T = h*w latent tokens holds scores and their
-  softmax, 2 x rows x heads x T^2 fp32 values, when the graph computes full attention (the ONNX export:
-  MatMul -> Softmax -> MatMul). T grows with the 4th power of the image side: tiny-sd1 (4 heads at the 64x64
+  softmax, 2 x rows x heads x T^2 fp32 values, when the graph computes full attention (the ONNX export before
+  export.attention: MatMul -> Softmax -> MatMul; now 16 query chunks on the CPU runtimes). T grows with the 4th power of the image side: tiny-sd1 (4 heads at the 64x64
   latent of a 512^2 image) measured +1.2 GiB, the demo model at 1024^2 20 GB. torch's CPU
   ``scaled_dot_product_attention`` (flash kernel) does not build them for the UNet; it does for the VAE's single
   head mid-block attention (measured). ``chunked:K`` (query chunks) divides them by K.
 * **Full-resolution VAE activations**: about 5 fp32 tensors of the decoder's first-block width at the image
-  size, per image in the batch (tiny-sd1: 16 channels, measured 260-400 B per pixel).
+  size, per image in the batch (tiny-sd1: 16 channels, measured 260-400 B per pixel). Above the engine's tiling
+  size (``engine.tiling.VaeTiling``, the same object the pipeline decodes with) they are those of one tile,
+  plus the blended image being assembled (3 channels, and its normalised copy: 6 fp32 per pixel).
 
 The UNet step and the VAE decode do not overlap, so the peak is the larger of the two stages, plus the model
 itself (weights as the backend holds them) and the process. Margin: the test (tests/test_memory.py) runs the
@@ -21,14 +23,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from engine.tiling import VaeTiling
+from export.attention import DEFAULT_CHUNKS, attention_kind
 
 FP32 = 4
 # scores + softmax alive at once in a full-attention graph
 FULL_ATTENTION_ARRAYS = 2.0
 # full-resolution fp32 tensors of the VAE decoder's first-block width alive at once (measured, see above)
 VAE_FULL_RES_TENSORS = 5.0
+# the tiled decode's output being assembled: sum, weights, normalised copy (fp32 values per pixel and image)
+TILED_OUTPUT_VALUES = 7.0
 # UNet conv activations: fp32 tensors of a level's width alive at once
 UNET_TENSORS = 8.0
 # what a backend holds per byte of weights in the checkpoint file (ORT keeps initializers and its own copies;
@@ -36,7 +43,10 @@ UNET_TENSORS = 8.0
 WEIGHT_FACTOR = {"onnxruntime": 2.0, "torch": 1.1, "tensorrt": 1.2}
 PROCESS_BYTES = 450 * 2**20
 # attention kind of each backend's graph today: (UNet self-attention, VAE mid-block attention)
-BACKEND_ATTENTION = {"onnxruntime": ("full", "full"), "torch": ("flash", "full"), "tensorrt": ("flash", "flash")}
+# (the ONNX export computes attention in export.attention.DEFAULT_CHUNKS query slices for the CPU runtimes)
+_CHUNKED = attention_kind(DEFAULT_CHUNKS)
+BACKEND_ATTENTION = {"onnxruntime": (_CHUNKED, _CHUNKED), "openvino": (_CHUNKED, _CHUNKED),
+                     "torch": ("flash", "full"), "tensorrt": ("flash", "flash")}
 DEFAULT_BUDGET_FRACTION = 0.5
 PLAN_SIZES = tuple(range(64, 2049, 64))
 
@@ -67,6 +77,7 @@ class Architecture:
     vae_attention: bool = True
     weights_bytes: int = 0
     text_layers: int | None = None  # fewest hidden layers of the text encoders (the largest clip_skip)
+    family: str | None = None  # engine.models.family.Arch value, when detected from the weights
 
     @classmethod
     def from_configs(cls, unet: Mapping[str, Any], vae: Mapping[str, Any], weights_bytes: int = 0,
@@ -99,9 +110,11 @@ class Estimate:
 
 
 def estimate(arch: Architecture, width: int, height: int, batch_size: int = 1, *, cfg: bool = True,
-             backend: str = "onnxruntime", attention: tuple[str, str] | None = None) -> Estimate:
+             backend: str = "onnxruntime", attention: tuple[str, str] | None = None,
+             tiling: VaeTiling | None = VaeTiling()) -> Estimate:
     """Peak memory of one batch of a request. ``cfg``: the UNet runs conditional and unconditional rows
-    (cfg_scale != 1). ``attention``: (UNet, VAE) attention kinds; default: the backend's."""
+    (cfg_scale != 1). ``attention``: (UNet, VAE) attention kinds; default: the backend's. ``tiling``: the
+    engine's VAE tiling (``EngineConfig.vae_tiling``; None: never tiled)."""
     unet_kind, vae_kind = attention or BACKEND_ATTENTION.get(backend, ("full", "full"))
     rows = batch_size * (2 if cfg else 1)
     lh, lw = max(height // 8, 1), max(width // 8, 1)
@@ -113,9 +126,12 @@ def estimate(arch: Architecture, width: int, height: int, batch_size: int = 1, *
         conv += rows * channels * tokens * FP32 * UNET_TENSORS
         if has_attention:
             unet = max(unet, rows * heads * tokens * tokens * FP32 * _attention_factor(unet_kind))
-    vae_tokens = (lh * lw) if arch.vae_attention else 0
-    vae = batch_size * (arch.vae_channels[0] * width * height * FP32 * VAE_FULL_RES_TENSORS
+    tw, th = tiling.tile_shape(width, height) if tiling is not None else (width, height)
+    vae_tokens = (th // 8) * (tw // 8) if arch.vae_attention else 0
+    vae = batch_size * (arch.vae_channels[0] * tw * th * FP32 * VAE_FULL_RES_TENSORS
                         + vae_tokens * vae_tokens * FP32 * _attention_factor(vae_kind))
+    if (tw, th) != (width, height):
+        vae += batch_size * width * height * FP32 * TILED_OUTPUT_VALUES
     base = PROCESS_BYTES + int(arch.weights_bytes * WEIGHT_FACTOR.get(backend, 2.0))
     unet_total = int(unet + conv)
     return Estimate(total=base + max(unet_total, int(vae)), base=base, unet=unet_total, vae=int(vae))
@@ -197,7 +213,8 @@ def architecture_of(path: str | os.PathLike) -> tuple[Architecture, int] | None:
                 native = _BUNDLED[arch.value][1]
             text = tuple(json.loads((path / sub / "config.json").read_text())
                          for sub in ("text_encoder", "text_encoder_2") if (path / sub / "config.json").is_file())
-            result = (Architecture.from_configs(unet, vae, size, text), native)
+            result = (replace(Architecture.from_configs(unet, vae, size, text), family=getattr(arch, "value", None)),
+                      native)
         elif path.suffix.lower() == ".safetensors":
             header = read_safetensors_header(path)
             from engine.models.convert import METADATA_KEY
@@ -214,7 +231,8 @@ def architecture_of(path: str | os.PathLike) -> tuple[Architecture, int] | None:
                 configs = None
             if configs and "unet" in configs and "vae" in configs:
                 text = tuple(configs[k] for k in ("text_encoder", "text_encoder_2") if isinstance(configs.get(k), dict))
-                result = (Architecture.from_configs(configs["unet"], configs["vae"], stat.st_size, text), native)
+                result = (replace(Architecture.from_configs(configs["unet"], configs["vae"], stat.st_size, text),
+                                  family=getattr(arch, "value", None)), native)
     except (OSError, ValueError, KeyError, TypeError, SdEngineError):  # unreadable: the engine reports it
         result = None
     _ARCH_CACHE[key] = result

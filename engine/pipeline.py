@@ -4,7 +4,7 @@ validate (engine.models.family) -> plan (engine.samplers: sigmas, cut at the den
 denoiser schedule, noise; seeds; ControlNet units) -> init (engine.img2img: init image, mask; the backend's VAE
 encoder) -> condition (engine.conditioning) -> noise (engine.noise) -> sample (engine.denoiser + the sampler,
 with the inpainting blend) -> hires fix (engine.img2img upscalers, then a second img2img pass) -> decode (the
-backend's VAE) -> describe (engine.infotext: webui infotexts and the info dict).
+backend's VAE, tiled above a size: engine.tiling) -> describe (engine.infotext: webui infotexts and the info dict).
 See docs/ARCHITECTURE.md for what each room may touch.
 """
 
@@ -26,6 +26,8 @@ from engine.infotext import Generation, hires_infotext, unit_infotext
 from engine.noise import ImageRNG
 from engine.progress import ProgressReporter
 from engine.request import GenerationRequest, GenerationResult
+from engine.tiling import decode as decode_latents
+from engine.tiling import encode as encode_image
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +239,7 @@ class Engine:
             # 8. decode (and paste the init image's kept pixels back, for inpainting)
             t0 = time.perf_counter()
             on_step.phase("decoding")
-            decoded = to_uint8(to_host(rt.backend.run("vae_decoder", {"latent": latents})["image"]))
+            decoded = to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling))  # engine.tiling
             images.extend(decoded if source is None else [source.plan.finish(img) for img in decoded])
             timer.add("vae_decoder", t0)
 
@@ -293,8 +295,9 @@ class Engine:
 
     def _encode(self, rt: _Runtime, pixels: np.ndarray):
         """(B, 3, H, W) floats in [0, 1] -> (B, 4, H/8, W/8) latents through the backend's VAE encoder."""
-        return rt.backend.run("vae_encoder", {"image": to_device(np.ascontiguousarray(pixels, dtype=np.float32),
-                                                                 self.config.device)})["latent"]
+        image = to_device(np.ascontiguousarray(pixels, dtype=np.float32), self.config.device)
+        # tiled above the configured size (engine.tiling)
+        return to_device(encode_image(rt.backend.run, image, self.config.vae_tiling), self.config.device)
 
     def _init_latents(self, rt: _Runtime, req: GenerationRequest, width: int, height: int, seeds: list[int],
                       timer: _Timer) -> "_Source":
@@ -369,7 +372,7 @@ class Engine:
             x0 = upscale_latent(latents, size.upscale_height // 8, size.upscale_width // 8, hr.upscaler)
         else:
             on_step.phase("decoding", "hires fix: the first pass, for the image upscaler")
-            decoded = to_host(rt.backend.run("vae_decoder", {"latent": latents})["image"])
+            decoded = decode_latents(rt.backend.run, latents, self.config.vae_tiling)
             lowres = (np.clip(decoded, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
             pixels = np.stack([upscale_image(img, size.upscale_width, size.upscale_height, hr.upscaler)
                                for img in lowres]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0

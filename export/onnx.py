@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping
 
 from engine.errors import InvalidRequest
 from export.descriptors import ComponentDescriptor, describe
+from export.attention import DEFAULT_CHUNKS, attention_kind, chunked_attention
 from export.manifest import artefact_dir, build_artefact, sha256_files, valid_artefact
 
 log = logging.getLogger(__name__)
@@ -382,11 +383,13 @@ def cached_artefact(component: str, model_hash: str, cache_dir: Path, *, precisi
 
 def export_component(component: str, modules: Mapping[str, Any], model_hash: str, cache_dir: Path, *,
                      precision: str = "fp32", gpu_optimize: bool = False, opset: int = DEFAULT_OPSET,
-                     progress: ProgressCallback | None = None) -> OnnxArtefact:
+                     progress: ProgressCallback | None = None, attention_chunks: int | None = None) -> OnnxArtefact:
     """Export ``component`` of the model whose diffusers modules are ``modules`` (hash ``model_hash``).
 
     Returns the cached artefact when its manifest matches; otherwise exports (and optimises / converts)
     and returns the new one. ``precision`` "fp16" falls back to fp32 for components that must stay fp32.
+    ``attention_chunks``: attention computed in that many query slices (export.attention; 0/1: full attention,
+    for runtimes that fuse it); default: chunked (DEFAULT_CHUNKS) unless ``gpu_optimize``. Part of the key.
     """
     import onnx
 
@@ -403,6 +406,9 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
     step = iter(range(1, total + 1))
     tools = tool_versions("torch", "onnx", "diffusers", "transformers")
 
+    if attention_chunks is None:
+        attention_chunks = 0 if gpu_optimize else DEFAULT_CHUNKS
+
     def build_fp32(tmp: Path, manifest: dict) -> None:
         if is_released(modules[desc.source]):
             raise RuntimeError(f"{component}: the torch weights of {desc.source!r} were released after their export "
@@ -410,15 +416,17 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         raw = tmp / "raw"
         raw.mkdir()
         source = _fp32_cpu(modules[desc.source])
-        wrapper = desc.wrapper(source).eval()
-        torch_export(wrapper, desc, raw / MODEL_FILE, opset)
+        with chunked_attention(source, attention_chunks):
+            torch_export(desc.wrapper(source).eval(), desc, raw / MODEL_FILE, opset)
         # the legacy exporter writes one file per big tensor: consolidate into one
         consolidate(raw / MODEL_FILE, tmp / MODEL_FILE)
         shutil.rmtree(raw)
         manifest["info"]["parameters"] = parameter_map(source, tmp / MODEL_FILE)
 
     key = _key(desc, model_hash, "onnx-fp32", "fp32", opset, None, tools,
-               {"weights": weights_fingerprint(modules[desc.source])})
+               {"weights": weights_fingerprint(modules[desc.source]),
+                "attention": attention_kind(attention_chunks) if hasattr(modules[desc.source], "set_attn_processor")
+                else "full"})
     art = _stage(desc, model_hash, cache_dir, "onnx-fp32", key, build_fp32, progress, (next(step), total))
     built = art.built
 

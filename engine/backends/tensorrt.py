@@ -51,8 +51,9 @@ class TensorRTBackend(ComponentsMixin):
         from export.onnx import export_component
         from export.tensorrt import prepare_onnx
 
+        # full attention: TensorRT fuses MatMul-Softmax-MatMul into its own flash kernel (chunks would split it)
         art = export_component(component, components, model_hash, self.config.artefacts_dir, precision="fp32",
-                               progress=self.progress)
+                               progress=self.progress, attention_chunks=0)
         return prepare_onnx(art, progress=self.progress)
 
     def engine(self, component: str):
