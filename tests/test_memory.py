@@ -52,8 +52,9 @@ def test_estimate_matches_measured_peak(tiny_store, tmp_path_factory, backend, s
     T^2 fp32 at the 48x48 latent of 384^2 is 324 MiB; torch's flash attention builds none in the UNet). 1024^2
     on torch is decoded in 512^2 tiles (engine.tiling): estimated ~110 MiB, where the untiled decode's mid-block
     attention alone would be 2 GiB."""
-    cache = tmp_path_factory.getbasetemp() / "api-engine-cache"
-    cache.mkdir(exist_ok=True)
+    # A cache of its own: the warm-up exports every component in the measuring process whatever ran before in
+    # the session (with a cache shared with other tests the result depended on the test order).
+    cache = tmp_path_factory.mktemp("memory-cache")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-c", MEASURE, str(tiny_store), str(cache), backend, *map(str, sizes)],
                           capture_output=True, env=env, cwd=ROOT, timeout=600)
