@@ -27,20 +27,26 @@ ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 
 MEASURE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from engine.pipeline import Engine
     from engine.request import GenerationRequest
 
     models, cache, backend = sys.argv[1], sys.argv[2], sys.argv[3]
     engine = Engine(models_dir=models, cache_dir=cache, backend=backend)
     engine.generate(GenerationRequest(model="tiny-sd1", steps=1, width=64, height=64, seed=1))  # warm-up
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
     out = []
-    for size in map(int, sys.argv[4:]):  # ascending: each peak is above the previous ones
-        with open("/proc/self/statm") as f:
-            before = int(f.read().split()[1]) * resource.getpagesize()
+    for size in map(int, sys.argv[4:]):
+        # Reset the high-water mark to the current RSS (Linux clear_refs 5): the peak of loading and exporting
+        # during the warm-up is not the request's.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS")
         engine.generate(GenerationRequest(model="tiny-sd1", steps=1, width=size, height=size, seed=1))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        out.append([size, peak - before])
+        out.append([size, status("VmHWM") - before])
     print(json.dumps(out))
 """)
 
