@@ -329,6 +329,43 @@ def _loras(store) -> list[dict[str, Any]]:
     return out
 
 
+def _current_checkpoint(store, options: dict[str, Any], default_model: str | None):
+    """The checkpoint the webui routes use now: the ``sd_model_checkpoint`` option, else the store's default."""
+    from engine.models.checkpoints import Kind
+
+    name = options.get("sd_model_checkpoint")
+    return (store.resolve(name, Kind.CHECKPOINT, field="sd_model_checkpoint") if name
+            else store.default_checkpoint(default_model))
+
+
+def _embeddings(store, options: dict[str, Any], config) -> dict[str, dict[str, Any]]:
+    """The webui's embedding listing: ``loaded`` = the store's embeddings the current checkpoint uses (its text
+    encoders' widths, read from its header: nothing is loaded), ``skipped`` = the others (another architecture,
+    more than 75 vectors). Without a known checkpoint (a pickle, an empty store) every readable one is
+    ``loaded``, as the webui does before it knows the expected shape."""
+    from engine.models.checkpoints import text_encoder_widths
+    from engine.networks.embeddings import fits, store_embeddings
+
+    widths = None
+    try:
+        found = text_encoder_widths(_current_checkpoint(store, options, config.default_model).path)
+        widths = found[1] if found else None
+    except Exception as exc:  # noqa: BLE001 - an empty or broken store still lists the embeddings
+        log.warning("embeddings: the current checkpoint's text encoders are unknown: %s", exc)
+    out: dict[str, dict[str, Any]] = {"loaded": {}, "skipped": {}}
+    for info in store_embeddings(store, config.allow_pickle):
+        if info.name in out["loaded"]:
+            continue  # the first usable file of a name wins (the engine's rule)
+        usable = widths is None or fits(info.shapes, widths)
+        if not usable and info.name in out["skipped"]:
+            continue
+        out["skipped"].pop(info.name, None)
+        out["loaded" if usable else "skipped"][info.name] = {
+            "step": info.step, "sd_checkpoint": info.sd_checkpoint, "sd_checkpoint_name": info.sd_checkpoint_name,
+            "shape": info.shape, "vectors": info.vectors}
+    return out
+
+
 def _samplers() -> list[dict[str, Any]]:
     from engine.samplers import SPECS
 
@@ -570,10 +607,10 @@ def webui_router(service, read_json):
     async def loras():
         return await asyncio.to_thread(_loras, state.store)
 
-    @router.get("/sdapi/v1/embeddings", summary="Textual inversion embeddings (not listed here: they depend on the "
-                                                 "loaded model; `sdengine models list` shows the store's)")
+    @router.get("/sdapi/v1/embeddings", summary="Textual-inversion embeddings of the store (embeddings/): loaded = "
+                                                 "usable with the current checkpoint, skipped = the others")
     async def embeddings():
-        return {"loaded": {}, "skipped": {}}
+        return await asyncio.to_thread(_embeddings, state.store, dict(state.options), service.configs[DEFAULT_CONFIG])
 
     @router.get("/sdapi/v1/scripts", summary="Scripts (ControlNet is the one always-on script)")
     async def scripts():
@@ -602,15 +639,11 @@ def webui_router(service, read_json):
 
     # ------------------------------------------------------------------------------------ options
     def current_options() -> dict[str, Any]:
-        from engine.models.checkpoints import Kind
-
         store = state.store
         opts = state.options
         name = opts.get("sd_model_checkpoint")
         try:
-            entry = (store.resolve(name, Kind.CHECKPOINT, field="sd_model_checkpoint") if name
-                     else store.default_checkpoint(service.configs[DEFAULT_CONFIG].default_model))
-            entry = store.describe(entry)
+            entry = store.describe(_current_checkpoint(store, opts, service.configs[DEFAULT_CONFIG].default_model))
             title, sha = entry.title, entry.short_hash
         except Exception as exc:  # an empty or changed store: say so rather than fail the whole call
             log.warning("options: %s", exc)

@@ -141,3 +141,57 @@ def test_webui_pt_formats(tmp_path):
     save({"a": vec, "b": vec.clone()}, tmp_path / "c.safetensors")
     with pytest.raises(ModelError, match="not a textual-inversion embedding"):
         read_embedding(tmp_path / "c.safetensors")
+
+
+def test_webui_listing_follows_the_current_checkpoint(ti_store, tmp_path):
+    """``/sdapi/v1/embeddings`` (api_compat.webui._embeddings, the route's body; the HTTP route itself is tested
+    in tests/test_webui_client.py): ``loaded`` are exactly the embeddings the engine's database uses with the
+    current checkpoint (text-encoder widths read from the checkpoint's header, compared here with the loaded
+    model's), ``skipped`` the others; shape = vector width (SDXL: clip_l + clip_g); pickles only with
+    allow_pickle, with the webui's step / sd_checkpoint fields from the file."""
+    from safetensors.torch import save_file
+
+    from api_compat.webui import _embeddings
+    from engine.config import EngineConfig
+    from engine.models.store import ModelStore
+    from engine.networks.embeddings import EmbeddingDatabase
+
+    root = tmp_path / "models"
+    shutil.copytree(ti_store, root)
+    sd1 = load_checkpoint(root / "Stable-diffusion" / "tiny-sd1.safetensors")
+    sdxl = load_checkpoint(root / "Stable-diffusion" / "tiny-sdxl.safetensors")
+    w1 = sd1.components["text_encoder"].config.hidden_size
+    wl, wg = (sdxl.components[c].config.hidden_size for c in ("text_encoder", "text_encoder_2"))
+    save_file({"emb_params": torch.zeros(2, w1)}, str(root / "embeddings" / "trained.safetensors"),
+              metadata={"step": "1200", "sd_checkpoint": "a1b2c3d4", "sd_checkpoint_name": "tiny-sd1"})
+    save({"emb_params": torch.zeros(76, w1)}, root / "embeddings" / "toolong.safetensors")
+    save({"emb_params": torch.zeros(1, 768)}, root / "embeddings" / "sd15size.safetensors")
+    torch.save({"string_to_param": {"*": torch.zeros(4, w1)}, "name": "old", "step": 7,
+                "sd_checkpoint": "ffff0000", "sd_checkpoint_name": "base"}, root / "embeddings" / "old.pt")
+    store = ModelStore(root, bundled=None, cache_dir=tmp_path / "cache")
+    config = EngineConfig(models_dir=root, backend="torch")
+
+    def row(step, shape, vectors, ckpt=None, ckpt_name=None):
+        return {"step": step, "sd_checkpoint": ckpt, "sd_checkpoint_name": ckpt_name, "shape": shape,
+                "vectors": vectors}
+
+    listing = _embeddings(store, {"sd_model_checkpoint": "tiny-sd1.safetensors"}, config)
+    assert listing == {
+        "loaded": {WORD: row(None, w1, VECTORS), "trained": row(1200, w1, 2, "a1b2c3d4", "tiny-sd1")},
+        "skipped": {f"{WORD}xl": row(None, wl + wg, VECTORS), "toolong": row(None, w1, 76),
+                    "sd15size": row(None, 768, 1)}}
+    db = EmbeddingDatabase(store, {"text_encoder": w1})
+    db.refresh()
+    assert set(db.embeddings) == set(listing["loaded"])
+
+    listing = _embeddings(store, {"sd_model_checkpoint": "tiny-sdxl"}, config)
+    assert set(listing["loaded"]) == {f"{WORD}xl"} and listing["loaded"][f"{WORD}xl"]["shape"] == wl + wg
+    assert set(listing["skipped"]) == {WORD, "trained", "toolong", "sd15size"}
+    db = EmbeddingDatabase(store, {"text_encoder": wl, "text_encoder_2": wg})
+    db.refresh()
+    assert set(db.embeddings) == set(listing["loaded"])
+
+    # the webui's .pt: listed (with its training fields) only where pickles are allowed
+    pickled = _embeddings(store, {"sd_model_checkpoint": "tiny-sd1.safetensors"},
+                          EngineConfig(models_dir=root, backend="torch", allow_pickle=True))
+    assert pickled["loaded"]["old"] == row(7, w1, 4, "ffff0000", "base")

@@ -286,6 +286,43 @@ def test_models_options_and_listings(server):
     assert server.post("/sdapi/v1/options", {"CLIP_stop_at_last_layers": 1}).status_code == 200
 
 
+def test_embeddings_listing(server):
+    """/sdapi/v1/embeddings in the webui's shape ({"loaded": {name: {step, sd_checkpoint, sd_checkpoint_name,
+    shape, vectors}}, "skipped": {...}}) for files written into the store while the server runs: loaded = those
+    the current checkpoint (the demo model, one 64-wide text encoder) uses, skipped = SD1.5-width and SDXL
+    (clip_l + clip_g) files; a pickle is not listed (pickles are refused by this server). The loaded one is
+    the one a prompt triggers (TI hashes), the skipped one is not."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.infotext import parse_infotext
+
+    folder = server.root / "models" / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        save_file({"emb_params": torch.randn(2, 64, generator=torch.Generator().manual_seed(0))},
+                  str(folder / "sdglow.safetensors"),
+                  metadata={"step": "300", "sd_checkpoint": "0123abcd", "sd_checkpoint_name": "sdengine-demo"})
+        save_file({"clip_l": torch.zeros(3, 768), "clip_g": torch.zeros(3, 1280)}, str(folder / "sdglowxl.safetensors"))
+        save_file({"emb_params": torch.zeros(1, 768)}, str(folder / "sdglowbig.safetensors"))
+        torch.save({"string_to_param": {"*": torch.zeros(2, 64)}, "step": 5}, folder / "sdold.pt")
+        listing = server.get("/sdapi/v1/embeddings").json()
+        none = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+        assert listing == {
+            "loaded": {"sdglow": {"step": 300, "sd_checkpoint": "0123abcd", "sd_checkpoint_name": "sdengine-demo",
+                                  "shape": 64, "vectors": 2}},
+            "skipped": {"sdglowxl": {**none, "shape": 2048, "vectors": 3},
+                        "sdglowbig": {**none, "shape": 768, "vectors": 1}}}
+        for prompt, used in ((PROMPT + ", sdglow", True), (PROMPT + ", sdglowbig", False)):
+            r = server.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "prompt": prompt, "steps": 2})
+            assert r.status_code == 200, r.text
+            params = parse_infotext(json.loads(r.json()["info"])["infotexts"][0])[2]
+            assert ("sdglow: " in params.get("TI hashes", "")) is used, params
+    finally:
+        shutil.rmtree(folder)
+    assert server.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+
+
 def _long(seed: int) -> dict:
     return {**WEBUI_DEFAULT_PAYLOAD, "seed": seed, "steps": 150, "width": 256, "height": 256, "n_iter": 4}
 

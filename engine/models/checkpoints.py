@@ -199,6 +199,44 @@ def detect_path_arch(path: str | os.PathLike) -> Arch | None:
     return None
 
 
+# where each text encoder of a single-file checkpoint keeps its token-embedding table (width = hidden size)
+_TEXT_PREFIXES = {
+    Arch.SD1: {"text_encoder": "cond_stage_model.transformer."},
+    Arch.SD2: {"text_encoder": "cond_stage_model.model."},
+    Arch.SDXL: {"text_encoder": "conditioner.embedders.0.transformer.", "text_encoder_2": "conditioner.embedders.1.model."},
+}
+
+
+def text_encoder_widths(path: str | os.PathLike) -> tuple[Arch, dict[str, int]] | None:
+    """``(arch, {text-encoder component: hidden size})`` of a checkpoint without loading it: a single file from
+    its safetensors header (the token-embedding tables), a diffusers folder from its configs. ``None`` for
+    pickles, unknown layouts and non-checkpoints."""
+    path = Path(path)
+    if path.is_dir():
+        arch = detect_folder_arch(path)
+        if arch not in _TEXT_PREFIXES:
+            return None
+        widths = {c: _read_json(path / c / "config.json").get("hidden_size") for c in FAMILIES[arch].text_encoders}
+    elif path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        header = read_safetensors_header(path)
+        arch = detect_arch(header.shapes)
+        if arch not in _TEXT_PREFIXES:
+            return None
+        widths = {}
+        for component, prefix in _TEXT_PREFIXES[arch].items():
+            tables = [s for k, s in header.shapes.items()
+                      if k.startswith(prefix) and k.endswith("token_embedding.weight") and len(s) == 2]
+            widths[component] = tables[0][1] if tables else None
+        if None in widths.values():  # no table in the file: the configs it would be built from
+            configs = metadata_configs(header.metadata, path) or _family_configs(arch)
+            widths = {c: w or (configs.get(c) or {}).get("hidden_size") for c, w in widths.items()}
+    else:
+        return None
+    if any(not isinstance(w, int) for w in widths.values()):
+        return None
+    return arch, widths
+
+
 def metadata_configs(metadata: Mapping[str, str], path) -> dict | None:
     from engine.models.convert import METADATA_KEY
 

@@ -118,19 +118,26 @@ def refused_kind(keys) -> str | None:
     return None
 
 
+def load_pickle(path: Path, allow_pickle: bool) -> Any:
+    """The object of a pickle file (``torch.load(weights_only=True)``); refused unless ``allow_pickle``."""
+    import torch
+
+    if not allow_pickle:
+        raise ModelError(path, "pickle files can run code when loaded and are refused; convert it to "
+                               ".safetensors or opt in with allow_pickle (EngineConfig.allow_pickle)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
+        raise ModelError(path, f"cannot load pickle file (weights_only=True): {exc}") from exc
+
+
 def read_tensors(path: Path, allow_pickle: bool) -> dict:
     """Every tensor of a LoRA or embedding file (nested dicts of pickles flattened with dots)."""
     import torch
 
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ModelError(path, "pickle files can run code when loaded and are refused; convert it to "
-                                   ".safetensors or opt in with allow_pickle (EngineConfig.allow_pickle)")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
-            raise ModelError(path, f"cannot load pickle file (weights_only=True): {exc}") from exc
+        obj = load_pickle(path, allow_pickle)
         out: dict = {}
 
         def walk(prefix: str, value) -> None:
