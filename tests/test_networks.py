@@ -233,6 +233,44 @@ def test_switching_sets_is_bit_identical_to_a_fresh_engine(engines, monkeypatch)
     assert len(exports) == len(set(exports)) and set(exports) <= {"text_encoder", "unet", "vae_decoder"}
 
 
+# fp16 onnxruntime (CPU EP) vs the torch backend in fp32, same LoRA set: measured on the tiny SD1 model, seeds
+# 5-7, four sets (none, kohya, kohya TE/UNet split + PEFT, kohya + LoCon): mean 0.05-0.10/255, largest pixel
+# difference 1/255. Bounds with ~5x margin; the LoRA itself moves the fp16 image by ~7.8/255.
+FP16_MEAN_BOUND = 0.5
+FP16_MAX_BOUND = 4
+
+
+def test_lora_on_fp16_onnxruntime_matches_torch_fp32_and_switches_bit_identically(engines, lora_store,
+                                                                                 tmp_path_factory):
+    """A LoRA on an fp16 onnxruntime export (precision fp16, CPU EP): images vs the reference, the torch backend
+    in fp32 with the same LoRA set (itself within 2/255 of diffusers, test_lora_images_match_diffusers), within
+    FP16_MEAN_BOUND/255 mean absolute difference and FP16_MAX_BOUND/255 per pixel (fp16 rounding; observed
+    figures above). Switching sets back and forth on the fp16 engine returns bit-identical images, equal to a
+    fresh fp16 engine's for that set."""
+    prompts = ["a red circle", "a red circle <lora:kohya:0.8>",
+               "a red <lora:kohya:0.3:0.9> circle <lora:peft:unet=0.5:te=-0.4>",
+               "a red circle <lora:kohya:0.8> <lora:locon:-0.5>"]
+    cache = tmp_path_factory.mktemp("lora-fp16-artefacts")
+    fp16 = Engine(models_dir=lora_store, backend="onnxruntime", precision="fp16", cache_dir=cache)
+    seen: dict[int, np.ndarray] = {}
+    for i in [0, 1, 2, 3, 1, 0, 2]:
+        image = fp16.generate(_req(prompts[i])).images[0]
+        if i in seen:
+            np.testing.assert_array_equal(image, seen[i], err_msg=f"fp16: set {prompts[i]!r} drifted")
+        seen[i] = image
+    assert sorted(p.parent.parent.name for p in cache.glob("*/*/onnx-fp16/manifest.json")) == [
+        "text_encoder", "unet", "vae_decoder"], "the fp16 graphs must be the ones that ran"
+    for i, prompt in enumerate(prompts):
+        reference = engines("torch").generate(_req(prompt)).images[0]
+        diff = np.abs(seen[i].astype(np.int64) - reference.astype(np.int64))
+        assert mad(seen[i], reference) <= FP16_MEAN_BOUND and diff.max() <= FP16_MAX_BOUND, (
+            f"{prompt!r}: fp16 onnxruntime vs torch fp32: mean {mad(seen[i], reference):.3f}/255, max {diff.max()}")
+    assert mad(seen[0], seen[1]) > 3.0 and mad(seen[1], seen[3]) > 1.0, "the LoRAs must move the fp16 image"
+    fresh = Engine(models_dir=lora_store, backend="onnxruntime", precision="fp16", cache_dir=cache)
+    np.testing.assert_array_equal(fresh.generate(_req(prompts[2])).images[0], seen[2],
+                                  err_msg="fp16: a fresh engine with the set differs")
+
+
 def test_infotext_keeps_tags_and_names_lora_hashes(engines, lora_store):
     from engine.networks.files import addnet_hash
 
