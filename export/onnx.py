@@ -208,6 +208,50 @@ def parameter_map(module, path: Path) -> dict[str, list]:
     return {k: v for k, v in out.items() if claims[v[0]] == 1}
 
 
+class SourceWeights:
+    """The source module's weights as an exported graph holds them, read from the artefacts (the torch weights
+    may have been released).
+
+    ``graph_mapping``: the graph's own parameter map (parameter -> ``[initializer, transposed, dtype]``; a later
+    stage such as fp16 carries the names with its dtype). ``weights(param)``: the fp32 value of a mapped
+    parameter in the module's own layout (a folded ``Linear`` weight transposed back), read by offset from the
+    external data of the component's ``onnx-fp32`` stage -- bit-identical to the module's fp32 weight at
+    export (the map was found by value). A runtime merges a LoRA over these (engine.networks.lora).
+    """
+
+    def __init__(self, artefact: "OnnxArtefact"):
+        import json
+
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+        self.graph_mapping: dict[str, list] | None = artefact.manifest.get("info", {}).get("parameters")
+        fp32 = artefact.directory if artefact.directory.name == "onnx-fp32" else artefact.directory.parent / "onnx-fp32"
+        manifest = json.loads((fp32 / "manifest.json").read_text())
+        self.mapping: dict[str, list] = manifest.get("info", {}).get("parameters") or {}
+        wanted = {name for name, _, _ in self.mapping.values()}
+        self._where: dict[str, tuple] = {}  # initializer -> (file, offset, dims, numpy dtype)
+        model = onnx.load(str(fp32 / MODEL_FILE), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.name in wanted and uses_external_data(t):
+                info = ExternalDataInfo(t)
+                self._where[t.name] = (fp32 / info.location, info.offset or 0, tuple(t.dims),
+                                       onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        del model
+
+    def __contains__(self, param: str) -> bool:
+        return param in self.mapping and self.mapping[param][0] in self._where
+
+    def __call__(self, param: str):
+        import numpy as np
+
+        name, transposed, _ = self.mapping[param]
+        path, offset, dims, dtype = self._where[name]
+        count = int(np.prod(dims, dtype=np.int64))
+        value = np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(dims)
+        return np.ascontiguousarray(value.T if transposed else value, dtype=np.float32)
+
+
 def carry_parameter_map(parent_manifest: dict, path: Path) -> dict[str, list]:
     """The parent stage's parameter map, kept for the initializers the graph at ``path`` still has under the
     same name and shape (with their dtype now: fp16 after conversion)."""

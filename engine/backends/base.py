@@ -37,9 +37,10 @@ BACKENDS: dict[BackendKind, str] = {
 }
 
 
-# backends that run exported graphs and free the torch weights they were handed (engine.backends.weights).
-# Not onnxruntime: its LoRA path (set_patch) merges a patch over the torch weights of the source module.
-RELEASES_WEIGHTS = frozenset({BackendKind.OPENVINO})
+# backends that run exported graphs and free the torch weights they were handed (engine.backends.weights); their
+# LoRA merges read the base weights from the artefacts (export.onnx.SourceWeights). Not TensorRT: its refit of
+# another model (TensorRTBackend.refit) exports from modules.
+RELEASES_WEIGHTS = frozenset({BackendKind.ONNXRUNTIME, BackendKind.OPENVINO})
 
 
 def create_backend(config: EngineConfig, components: Mapping[str, Any], model_hash: str, *, owned: bool = False,

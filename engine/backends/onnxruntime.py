@@ -23,8 +23,9 @@ onnxruntime build lacks raises :class:`BackendUnavailable` naming it and listing
 
 LoRA (:meth:`OnnxRuntimeBackend.set_patch`): the exported graphs keep their weights as external initializers
 and the export manifest maps each source parameter to its initializer (export.onnx). A patch becomes new
-values for the touched initializers, merged on the host once (``apply_delta`` over the source module's own
-weights, transposed / cast as the graph holds them), handed to a new session through
+values for the touched initializers, merged on the host once (``apply_delta`` over the base weights read
+from the artefact's external data, export.onnx.SourceWeights, transposed / cast as the graph holds them: the
+torch weights are released once exported), handed to a new session through
 ``SessionOptions.add_external_initializers``. Sessions are cached per (component, patch of its source) in a
 bounded LRU (``max_sessions`` per component): switching back to a recent set reuses its session, and no
 ONNX export ever happens because of a LoRA.
@@ -196,11 +197,11 @@ class OnnxRuntimeBackend(ComponentsMixin):
         self.cuda_graph = cuda_graph
         self.io_binding = (config.device != "cpu") if io_binding is None else io_binding
         self.shape_config = shape_config
-        # see engine.backends.weights; off under the Engine: a LoRA patch is merged over the torch weights
-        self.release_weights = release_weights
+        self.release_weights = release_weights  # see engine.backends.weights
         self._sessions: OrderedDict = OrderedDict()  # (component, patch key) -> (session, kept values)
         self.max_sessions = max(1, max_sessions)
         self._patch = None  # engine.networks.lora.WeightPatch
+        self._bases: dict = {}  # artefact directory -> export.onnx.SourceWeights (LoRA base weights)
         self._bound: dict[tuple, OrderedDict] = {}
         self._graph_ids = 0
         self._no_graph: set[str] = set()  # components whose session could not capture a CUDA graph
@@ -258,16 +259,19 @@ class OnnxRuntimeBackend(ComponentsMixin):
         return entry[0]
 
     def patched_initializers(self, component: str, art) -> list[tuple[str, Any]]:
-        """``[(initializer name, numpy value)]`` of the current patch for ``component``'s graph ``art``."""
+        """``[(initializer name, numpy value)]`` of the current patch for ``component``'s graph ``art``: merged over
+        the base weights read from the artefact (export.onnx.SourceWeights), not the torch module's, which
+        may be released."""
         from engine.networks.lora import patched_tensors
         from export.descriptors import SOURCES
+        from export.onnx import SourceWeights
 
-        mapping = art.manifest["info"].get("parameters")
-        if mapping is None:
+        base = self._bases.get(art.directory)
+        if base is None:
+            base = self._bases[art.directory] = SourceWeights(art)
+        if base.graph_mapping is None:
             raise BackendUnavailable(f"{component}: this ONNX artefact has no parameter map; re-export it")
-        source = SOURCES[component]
-        return patched_tensors(self._patch, source, self._components[source], mapping,
-                               f"{component} ({art.directory.name})")
+        return patched_tensors(self._patch, SOURCES[component], base, f"{component} ({art.directory.name})")
 
     def _create_session(self, component: str, patch_key: str = ""):
         import onnxruntime as ort

@@ -80,12 +80,11 @@ class TensorRTBackend(ComponentsMixin):
         """Initializer name -> patched numpy array of the current patch for ``component``'s prepared graph."""
         from engine.networks.lora import patched_tensors
         from export.descriptors import SOURCES
+        from export.onnx import SourceWeights
 
-        source = SOURCES[component]
-        prepared = self._prepared_arts[component]
-        mapping = prepared.manifest["info"].get("parameters", {})
-        return dict(patched_tensors(self._patch, source, self._components[source], mapping,
-                                    f"{component} (TensorRT refit)"))
+        # base weights from the prepared graph's fp32 stage (the torch weights are not needed)
+        base = SourceWeights(self._prepared_arts[component])
+        return dict(patched_tensors(self._patch, SOURCES[component], base, f"{component} (TensorRT refit)"))
 
     def _refit_patch(self, component: str) -> None:
         from export.descriptors import SOURCES

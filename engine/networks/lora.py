@@ -167,12 +167,13 @@ class WeightPatch:
 EMPTY = WeightPatch()
 
 
-def patched_tensors(patch: WeightPatch, source: str, module, mapping: Mapping[str, list], where: str):
+def patched_tensors(patch: WeightPatch, source: str, base, where: str):
     """``[(graph tensor name, numpy array)]``: the patched weights of ``source`` as an exported graph holds them.
 
-    ``mapping`` is an export manifest's ``info.parameters`` (parameter -> ``[name, transposed, dtype]``); the
-    patched value is ``apply_delta`` over the module's own weight, transposed and cast as the graph has it.
-    Raises BackendUnavailable naming ``where`` when a touched weight is not a plain tensor of the graph.
+    ``base`` is the graph's :class:`export.onnx.SourceWeights` (parameter -> ``[name, transposed, dtype]`` and
+    the fp32 values the export was made from, read from the artefact: the torch weights may be released); the
+    patched value is ``apply_delta`` over that weight, transposed and cast as the graph has it (fp16 in an fp16
+    stage). Raises BackendUnavailable naming ``where`` when a touched weight is not a plain tensor of the graph.
     """
     import numpy as np
     import torch
@@ -181,12 +182,12 @@ def patched_tensors(patch: WeightPatch, source: str, module, mapping: Mapping[st
 
     out = []
     for param, delta in patch.deltas(source):
-        if param not in mapping:
+        if param not in (base.graph_mapping or {}) or param not in base:
             raise BackendUnavailable(f"{where}: the weight {param} cannot be replaced in the exported graph (fused "
                                      "or folded by an optimizer); LoRA needs the unfused export (gpu_optimize=False)")
-        name, transposed, dtype = mapping[param]
+        name, transposed, dtype = base.graph_mapping[param]
         with torch.no_grad():
-            weight = apply_delta(module.get_parameter(param).detach().to("cpu", torch.float32), delta)
+            weight = apply_delta(torch.from_numpy(base(param)), delta)
         value = weight.t() if transposed else weight
         out.append((name, np.ascontiguousarray(value.numpy().astype(dtype))))
     return out
