@@ -229,8 +229,10 @@ def test_switching_sets_is_bit_identical_to_a_fresh_engine(engines, monkeypatch)
         np.testing.assert_array_equal(seen[0], seen[4])  # "a red circle" twice: unpatched again
         assert mad(seen[0], seen[1]) > 3.0 and mad(seen[1], seen[2]) > 1.0
     # the shared artefact cache was filled by the module's engines or by the first fresh one: at most one
-    # export per component, whatever the number of LoRA sets
-    assert len(exports) == len(set(exports)) and set(exports) <= {"text_encoder", "unet", "vae_decoder"}
+    # export per component, whatever the number of LoRA sets (onnxruntime also exports the siblings of a source
+    # module, unet_control and vae_encoder, before it frees the torch weights: engine.backends.weights)
+    assert len(exports) == len(set(exports)) and set(exports) <= {"text_encoder", "unet", "unet_control",
+                                                                  "vae_decoder", "vae_encoder"}
 
 
 # fp16 onnxruntime (CPU EP) vs the torch backend in fp32, same LoRA set: measured on the tiny SD1 model, seeds
@@ -258,8 +260,8 @@ def test_lora_on_fp16_onnxruntime_matches_torch_fp32_and_switches_bit_identicall
         if i in seen:
             np.testing.assert_array_equal(image, seen[i], err_msg=f"fp16: set {prompts[i]!r} drifted")
         seen[i] = image
-    assert sorted(p.parent.parent.name for p in cache.glob("*/*/onnx-fp16/manifest.json")) == [
-        "text_encoder", "unet", "vae_decoder"], "the fp16 graphs must be the ones that ran"
+    ran = {p.parent.parent.name for p in cache.glob("*/*/onnx-fp16/manifest.json")}
+    assert {"text_encoder", "unet", "vae_decoder"} <= ran, f"the fp16 graphs must be the ones that ran: {ran}"
     for i, prompt in enumerate(prompts):
         reference = engines("torch").generate(_req(prompt)).images[0]
         diff = np.abs(seen[i].astype(np.int64) - reference.astype(np.int64))
