@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"usage: python -m benchmarks NAME [args...]; NAME is one of: {', '.join(names)}\n")
         return 2
     module = importlib.import_module(f"benchmarks.{argv[0]}")
-    return int(module.main(argv[1:]) or 0)
+    result = module.main(argv[1:])
+    return result if isinstance(result, int) else 0  # some benchmarks return their figures (a dict)
 
 
 if __name__ == "__main__":
