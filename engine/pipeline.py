@@ -92,8 +92,13 @@ class Engine:
         from engine.backends import create_backend
         from engine.conditioning import EmbeddingCache
 
+        from engine.backends.base import RELEASES_WEIGHTS
+
         name = name or self.default_model_name()
-        model = self.store.load_model(name, vae=vae, allow_pickle=self.config.allow_pickle)
+        # a backend that runs exported graphs needs no torch weights when its cache holds every artefact: the
+        # modules are built from the file headers first (meta), the weights read only if an export is needed
+        meta = self.config.backend in RELEASES_WEIGHTS
+        model = self.store.load_model(name, vae=vae, allow_pickle=self.config.allow_pickle, meta=meta)
         key = (str(model.path), model.sha256, str(model.vae_path))
         rt = self._runtimes.get(key)
         if rt is None:
@@ -101,6 +106,11 @@ class Engine:
             # the engine owns the loaded model: a non-torch backend frees its torch weights once exported
             backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key,
                                      progress=self._export_progress, owned=True)
+            if model.meta:
+                from engine.backends.weights import adopt_cached
+
+                adopt_cached(backend, model.components,
+                             lambda: self.store.load_weights(model, allow_pickle=self.config.allow_pickle))
             from engine.networks import Networks
 
             rt = _Runtime(model, backend, EmbeddingCache(), Networks(self.store, model, self.config.allow_pickle))

@@ -322,6 +322,25 @@ def is_released(module) -> bool:
     return getattr(module, RELEASED, None) is not None
 
 
+LOADER = "_sdengine_weights_loader"  # set on a released module whose weights can be loaded back (a callable)
+
+
+def mark_released(module, fingerprint: str, loader: Callable[[], None] | None = None) -> None:
+    """Mark ``module`` (built without its weights, on the meta device) as released with the weights
+    ``fingerprint`` its artefacts were made with: its cached artefacts are found without its weights.
+    ``loader()`` puts the weights back when an export is needed after all (:func:`export_component` calls it)."""
+    setattr(module, RELEASED, fingerprint)
+    if loader is not None:
+        setattr(module, LOADER, loader)
+
+
+def mark_loaded(module) -> None:
+    """``module`` has its weights again (released / meta-built, then loaded): it exports and fingerprints as any."""
+    for attr in (RELEASED, LOADER):
+        if attr in module.__dict__:
+            delattr(module, attr)
+
+
 def trace_inputs(desc: ComponentDescriptor) -> dict:
     """Small sample inputs for tracing: batch 2, latent height != width (so no axis is specialised)."""
     m = desc.latent_multiple
@@ -425,6 +444,25 @@ def cached_artefact(component: str, model_hash: str, cache_dir: Path, *, precisi
     return art
 
 
+def cached_weights_fingerprint(component: str, model_hash: str, cache_dir: Path, *, precision: str = "fp32",
+                               gpu_optimize: bool = False) -> str | None:
+    """The weights fingerprint the cached artefacts of ``component`` were exported with (the fp32 stage's key),
+    found without the model's modules (:func:`cached_artefact`; an fp16 request falls back to the fp32 stages,
+    as :func:`export_component` does for components that stay fp32); None when not cached."""
+    import json
+
+    art = cached_artefact(component, model_hash, cache_dir, precision=precision, gpu_optimize=gpu_optimize)
+    if art is None and precision != "fp32":
+        art = cached_artefact(component, model_hash, cache_dir, precision="fp32", gpu_optimize=gpu_optimize)
+    if art is None:
+        return None
+    fp32 = artefact_dir(cache_dir, model_hash, component, "onnx-fp32") / "manifest.json"
+    try:
+        return json.loads(fp32.read_text())["key"]["weights"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def export_component(component: str, modules: Mapping[str, Any], model_hash: str, cache_dir: Path, *,
                      precision: str = "fp32", gpu_optimize: bool = False, opset: int = DEFAULT_OPSET,
                      progress: ProgressCallback | None = None, attention_chunks: int | None = None) -> OnnxArtefact:
@@ -454,6 +492,10 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         attention_chunks = 0 if gpu_optimize else DEFAULT_CHUNKS
 
     def build_fp32(tmp: Path, manifest: dict) -> None:
+        loader = getattr(modules[desc.source], LOADER, None)
+        if is_released(modules[desc.source]) and loader is not None:
+            log.info("%s: loading the weights of %r back to export it", component, desc.source)
+            loader()
         if is_released(modules[desc.source]):
             raise RuntimeError(f"{component}: the torch weights of {desc.source!r} were released after their export "
                                f"and the artefact is gone from {cache_dir}: load the model again")

@@ -85,3 +85,104 @@ def test_owned_modules_release_only_on_backends_that_run_exported_graphs(tmp_pat
     feeds = feeds_for(torch_b, "vae_decoder")
     torch_b.run("vae_decoder", feeds)
     assert not is_released(torch_b._components["vae"])
+
+
+# ------------------------------------------------------------------------------------- load from cache, no weights
+ENGINE_BACKENDS = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("openvino") is None, reason="openvino extra"))]
+
+
+def _requests():
+    from engine.request import GenerationRequest, InitImage
+
+    txt = GenerationRequest(model="tiny-sd1", prompt="a red house", steps=3, width=64, height=64, seed=5)
+    init = (np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3) * 7) % 251
+    img = GenerationRequest(model="tiny-sd1", prompt="a red house", steps=4, width=64, height=64, seed=6,
+                            init=InitImage(init.astype(np.uint8), 0.6))
+    return txt, img
+
+
+def _no_tensor_reads(monkeypatch):
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint's tensors were read")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+
+
+def config_dict(module) -> dict:
+    cfg = module.config
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sd1-diffusers", "tiny-sdxl"])
+def test_meta_load_builds_the_same_modules(tiny_store, model):
+    """``load_checkpoint(meta=True)`` (headers only) builds the modules, configs, family and prediction type a
+    full load builds (webui single file and diffusers folder), with every parameter on the meta device."""
+    from engine.models.checkpoints import load_checkpoint
+
+    path = tiny_store / "Stable-diffusion" / (model if model.endswith("diffusers") else f"{model}.safetensors")
+    full = load_checkpoint(path, sha256="ab" * 32)
+    meta = load_checkpoint(path, sha256="ab" * 32, meta=True)
+    assert meta.meta and not full.meta
+    assert (meta.arch, meta.prediction_type, meta.native_size) == (full.arch, full.prediction_type, full.native_size)
+    assert meta.family.artefact_key == full.family.artefact_key
+    np.testing.assert_array_equal(meta.alphas_cumprod, full.alphas_cumprod)
+    for key, module in full.components.items():
+        if not hasattr(module, "state_dict"):
+            continue
+        assert config_dict(meta.components[key]) == config_dict(module), key
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
+        assert {k: (tuple(v.shape), v.dtype) for k, v in meta.components[key].state_dict().items()} == shapes, key
+        assert on_meta(meta.components[key]), key
+
+
+def test_meta_load_refuses_what_needs_the_weights(tmp_path):
+    """A pickle's layout is only known by unpickling: ``meta=True`` says so (the store then loads it fully)."""
+    from engine.models.checkpoints import NeedsWeights, read_state_dict
+
+    (tmp_path / "x.ckpt").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(NeedsWeights, match="safetensors header"):
+        read_state_dict(tmp_path / "x.ckpt", allow_pickle=True, meta=True)
+
+
+@pytest.mark.parametrize("kind", ENGINE_BACKENDS)
+def test_load_from_cache_reads_no_weights(kind, tiny_store, tmp_path, monkeypatch):
+    """A second engine on a warm artefact cache builds the model from the file headers and never reads its
+    tensors (``safetensors.torch.load_file`` refuses here): txt2img and img2img (VAE encoder) images are
+    bit-identical to the engine that exported (reference: the same backend with the torch weights loaded)."""
+    from engine.pipeline import Engine
+
+    txt, img = _requests()
+    first = Engine(models_dir=tiny_store, cache_dir=tmp_path, backend=kind, precision="fp32")
+    expected = [np.asarray(first.generate(r).images[0]) for r in (txt, img)]
+    _no_tensor_reads(monkeypatch)
+    second = Engine(models_dir=tiny_store, cache_dir=tmp_path, backend=kind, precision="fp32")
+    rt = second.runtime("tiny-sd1")
+    assert rt.model.meta
+    for source in ("text_encoder", "unet", "vae"):
+        assert is_released(rt.model.components[source]) and on_meta(rt.model.components[source]), source
+    for r, want in zip((txt, img), expected):
+        np.testing.assert_array_equal(np.asarray(second.generate(r).images[0]), want)
+
+
+@pytest.mark.parametrize("kind", ENGINE_BACKENDS)
+def test_missing_artefact_loads_the_weights_back(kind, tiny_store, tmp_path):
+    """An artefact deleted after a load from cache (the VAE encoder's): the img2img request that needs it loads
+    the weights back, exports, releases them again, and paints the same image as the exporting engine."""
+    import shutil
+
+    from engine.pipeline import Engine
+
+    txt, img = _requests()
+    first = Engine(models_dir=tiny_store, cache_dir=tmp_path, backend=kind, precision="fp32")
+    want_txt, want_img = (np.asarray(first.generate(r).images[0]) for r in (txt, img))
+    second = Engine(models_dir=tiny_store, cache_dir=tmp_path, backend=kind, precision="fp32")
+    rt = second.runtime("tiny-sd1")
+    np.testing.assert_array_equal(np.asarray(second.generate(txt).images[0]), want_txt)
+    assert is_released(rt.model.components["vae"])
+    shutil.rmtree(tmp_path / rt.model.family.artefact_key / "vae_encoder")
+    np.testing.assert_array_equal(np.asarray(second.generate(img).images[0]), want_img)
+    assert (tmp_path / rt.model.family.artefact_key / "vae_encoder" / "onnx-fp32" / "model.onnx").is_file()
+    assert is_released(rt.model.components["vae"]) and on_meta(rt.model.components["vae"])

@@ -216,6 +216,14 @@ class OnnxRuntimeBackend(ComponentsMixin):
                                 precision=self.onnx_precision, gpu_optimize=self.gpu_optimize,
                                 progress=self.progress)
 
+    def cached_fingerprint(self, component: str) -> str | None:
+        """The weights fingerprint of ``component``'s cached artefacts, found without the modules' weights
+        (engine.backends.weights.adopt_cached); None when something must be exported."""
+        from export.onnx import cached_weights_fingerprint
+
+        return cached_weights_fingerprint(component, self.model_hash, self.config.artefacts_dir,
+                                          precision=self.onnx_precision, gpu_optimize=self.gpu_optimize)
+
     def providers_for(self, component: str, artefact_dir: Path | None = None) -> list[tuple[str, dict]]:
         stream = None
         # CUDA graphs cannot be captured on torch's legacy default stream: ORT keeps its own stream then

@@ -134,6 +134,14 @@ class OpenVinoBackend(ComponentsMixin):
         return export_component(component, self._components, self.model_hash, self.config.artefacts_dir,
                                 precision="fp32", progress=self.progress)
 
+    def cached_fingerprint(self, component: str) -> str | None:
+        """The weights fingerprint of ``component``'s cached fp32 ONNX artefact, found without the modules'
+        weights (engine.backends.weights.adopt_cached; the IR is converted from the ONNX graph, no weights
+        needed); None when something must be exported."""
+        from export.onnx import cached_weights_fingerprint
+
+        return cached_weights_fingerprint(component, self.model_hash, self.config.artefacts_dir)
+
     def ir_path(self, component: str):
         return convert_to_ir(self.artefact(component), self.model_hash, self.config.artefacts_dir) / IR_XML
 

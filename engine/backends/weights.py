@@ -7,6 +7,12 @@ creating its first session from a source module, makes sure every ONNX artefact 
 ``vae_encoder`` from the VAE), then frees the module's weights (:func:`export.onnx.release_weights`): from
 then on only the runtime's copy is resident. Backends built directly on shared modules (tests, benchmarks)
 keep them by default.
+
+The other way round (:func:`adopt_cached`): a model loaded without its weights (``load_checkpoint(meta=True)``:
+modules from the safetensors headers, on the meta device) runs on such a backend when the backend's cache holds
+every artefact made from each module; the modules are marked released with their artefacts' weights
+fingerprint. A load from cache then reads no weights into torch at all. Where an artefact is missing, the
+weights are loaded first (and released again after the export).
 """
 
 from __future__ import annotations
@@ -30,3 +36,27 @@ def export_siblings_and_release(backend, component: str) -> None:
             backend.artefact(sibling)
     release_weights(module)
     log.info("%s: torch weights released (the %s runtime holds its own copy)", source, backend.config.backend.value)
+
+
+def adopt_cached(backend, components, load_weights) -> bool:
+    """Modules built without weights (``components`` of a ``meta=True`` load) on ``backend``: when its cache holds
+    every artefact of every component made from each module (``backend.cached_fingerprint``), mark each module
+    released with its artefacts' weights fingerprint, ``load_weights`` as the way back for a later export, and
+    answer True; otherwise call ``load_weights()`` now (the normal export-then-release path follows) and
+    answer False."""
+    from export.descriptors import SOURCES
+    from export.onnx import mark_released
+
+    fingerprints: dict[str, str] = {}
+    for component, source in SOURCES.items():
+        if source not in components or not backend.has(component):
+            continue
+        fingerprint = backend.cached_fingerprint(component)
+        if fingerprint is None or fingerprints.setdefault(source, fingerprint) != fingerprint:
+            log.info("%s: not in the artefact cache; loading the model's weights to export it", component)
+            load_weights()
+            return False
+    for source, fingerprint in fingerprints.items():
+        mark_released(components[source], fingerprint, load_weights)
+    log.info("every artefact cached: %s run without loading their torch weights", ", ".join(sorted(fingerprints)))
+    return True

@@ -58,6 +58,7 @@ class Header:
 
     shapes: dict[str, tuple[int, ...]]
     metadata: dict[str, str]
+    dtypes: dict[str, str] = field(default_factory=dict)  # safetensors dtype names (F32, F16, BF16, ...)
 
 
 def read_safetensors_header(path: str | os.PathLike) -> Header:
@@ -84,10 +85,11 @@ def read_safetensors_header(path: str | os.PathLike) -> Header:
     if not isinstance(header, dict):
         raise ModelError(path, "corrupt safetensors header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    shapes, end = {}, 0
+    shapes, dtypes, end = {}, {}, 0
     for name, info in header.items():
         try:
             shapes[name] = tuple(int(s) for s in info["shape"])
+            dtypes[name] = str(info["dtype"])
             start, stop = (int(o) for o in info["data_offsets"])
             nbytes = int(np.prod(shapes[name], dtype=np.int64)) * _DTYPES.get(info["dtype"], 1)
         except (KeyError, TypeError, ValueError) as exc:
@@ -97,15 +99,36 @@ def read_safetensors_header(path: str | os.PathLike) -> Header:
         end = max(end, stop)
     if 8 + n + end > size:
         raise ModelError(path, f"truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
-    return Header(shapes, {str(k): str(v) for k, v in metadata.items()})
+    return Header(shapes, {str(k): str(v) for k, v in metadata.items()}, dtypes)
 
 
-def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
-    """``(state_dict, metadata)`` of a single file. Pickles are refused unless ``allow_pickle``."""
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class NeedsWeights(Exception):
+    """A load without weights (``meta=True``) is not possible for this file: load it with its weights."""
+
+
+def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False,
+                    meta: bool = False) -> tuple[dict, dict[str, str]]:
+    """``(state_dict, metadata)`` of a single file. Pickles are refused unless ``allow_pickle``.
+
+    ``meta=True``: tensors on the meta device with the header's shapes and dtypes, no tensor data read (a
+    safetensors header only); raises :class:`NeedsWeights` for a pickle (its layout is only known by
+    unpickling)."""
     import torch
 
     path = Path(path)
     suffix = path.suffix.lower()
+    if meta:
+        if suffix not in SAFETENSORS_SUFFIXES:
+            raise NeedsWeights(f"{path.name}: only a safetensors header can be read without its tensors")
+        header = read_safetensors_header(path)
+        if any(header.dtypes.get(k) not in _TORCH_DTYPES for k in header.shapes):
+            raise NeedsWeights(f"{path.name}: a tensor dtype without a torch equivalent")
+        return ({k: torch.empty(shape, dtype=getattr(torch, _TORCH_DTYPES[header.dtypes[k]]), device="meta")
+                 for k, shape in header.shapes.items()}, header.metadata)
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise ModelError(path, "pickle checkpoints can run code when loaded and are refused; convert it to "
@@ -280,6 +303,9 @@ class LoadedModel:
     alphas_cumprod: np.ndarray = field(repr=False)
     scheduler_config: dict = field(repr=False)
     vae_path: Path | None = None
+    # True: the modules were built without their weights (meta device, see load_checkpoint(meta=True)); a
+    # backend that finds every artefact in its cache runs them, else the engine loads the weights in
+    meta: bool = False
     family: ModelFamily = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -468,13 +494,14 @@ def build_controlnet(arch: Arch, state_dict: Mapping, config: Mapping, path, dty
 
 
 def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256: str = "",
-                     allow_pickle: bool = False, dtype=None) -> LoadedModel:
-    """Load a webui single-file SD1/SD2/SDXL checkpoint into diffusers modules."""
+                     allow_pickle: bool = False, dtype=None, meta: bool = False) -> LoadedModel:
+    """Load a webui single-file SD1/SD2/SDXL checkpoint into diffusers modules (``meta``: see
+    :func:`load_checkpoint`)."""
     import torch
 
     dtype = dtype or torch.float32
     path = Path(path)
-    state_dict, metadata = read_state_dict(path, allow_pickle)
+    state_dict, metadata = read_state_dict(path, allow_pickle, meta=meta)
     arch = detect_arch({k: tuple(v.shape) for k, v in state_dict.items()})
     if arch is None or arch.kind is not Kind.CHECKPOINT:
         what = "unknown architecture" if arch is None else f"a {arch.kind.value} file, not a checkpoint"
@@ -485,17 +512,19 @@ def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256
         if "model.diffusion_model.input_blocks.0.0.weight" in state_dict else 4
     if in_ch != 4:
         raise ModelError(path, f"UNet with {in_ch} input channels (inpainting / instruct models) is not supported")
-    meta = metadata_configs(metadata, path)
-    configs = meta or _family_configs(arch)
+    stated = metadata_configs(metadata, path)
+    configs = stated or _family_configs(arch)
     components = build_components(arch, state_dict, configs, path, dtype)
     unet = components["unet"]
     del state_dict
 
-    prediction = (meta or {}).get("prediction_type") or yaml_parameterization(path)
+    prediction = (stated or {}).get("prediction_type") or yaml_parameterization(path)
     fam = FAMILIES[arch]
-    native = (meta or {}).get("native_size")
+    native = (stated or {}).get("native_size")
     if prediction is None:
         if arch is Arch.SD2:
+            if meta:
+                raise NeedsWeights(f"{path.name}: the SD2 prediction type is found by running the UNet")
             prediction = "v_prediction" if _sd2_is_v(unet) else "epsilon"
             log.info("%s: SD2 prediction type by the webui heuristic: %s", path.name, prediction)
         else:
@@ -506,15 +535,16 @@ def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256
             native = 512
             unet.register_to_config(sample_size=native // 8)
     sched = dict(configs.get("scheduler") or default_scheduler_config(prediction), prediction_type=prediction)
-    return _result(name or path.stem, path, arch, prediction, sha256, int(native), components, sched)
+    return _result(name or path.stem, path, arch, prediction, sha256, int(native), components, sched, meta)
 
 
-def _result(name, path, arch, prediction, sha256, native, components, sched) -> LoadedModel:
+def _result(name, path, arch, prediction, sha256, native, components, sched, meta=False) -> LoadedModel:
     from engine.models.hashing import short_hash
 
     return LoadedModel(name=name, path=Path(path), arch=arch, prediction_type=prediction,
                        short_hash=short_hash(sha256) if sha256 else "", sha256=sha256, native_size=native,
-                       components=components, alphas_cumprod=scheduler_alphas_cumprod(sched), scheduler_config=sched)
+                       components=components, alphas_cumprod=scheduler_alphas_cumprod(sched), scheduler_config=sched,
+                       meta=meta)
 
 
 # weight file names of a diffusers / transformers component folder, safetensors first
@@ -522,7 +552,7 @@ _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_
 _TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-def _folder_state_dict(sub: Path, names: tuple[str, ...], allow_pickle: bool) -> dict:
+def _folder_state_dict(sub: Path, names: tuple[str, ...], allow_pickle: bool, meta: bool = False) -> dict:
     """The weights of one component folder: a single file or a sharded ``*.index.json`` (pickles per policy)."""
     for name in names:
         index = sub / f"{name}.index.json"
@@ -533,35 +563,35 @@ def _folder_state_dict(sub: Path, names: tuple[str, ...], allow_pickle: bool) ->
                 raise ModelError(index, "shard names must be plain file names")
             out: dict = {}
             for shard in shards:
-                out.update(read_state_dict(sub / shard, allow_pickle)[0])
+                out.update(read_state_dict(sub / shard, allow_pickle, meta)[0])
             return out
         if (sub / name).is_file():
-            return read_state_dict(sub / name, allow_pickle)[0]
+            return read_state_dict(sub / name, allow_pickle, meta)[0]
     raise ModelError(sub, f"no weights found (looked for {', '.join(names)} and sharded indexes)")
 
 
-def _diffusers_module(sub: Path, cls, allow_pickle: bool, dtype, what: str):
+def _diffusers_module(sub: Path, cls, allow_pickle: bool, dtype, what: str, meta: bool = False):
     """A diffusers model from ``sub/config.json`` + its weights, built on the meta device (no random init)."""
     cfg_file = sub / "config.json"
     if not cfg_file.is_file():
         raise ModelError(sub, f"{what}: config.json is missing")
     config = _read_json(cfg_file)
-    sd = _folder_state_dict(sub, _DIFFUSERS_WEIGHTS, allow_pickle)
+    sd = _folder_state_dict(sub, _DIFFUSERS_WEIGHTS, allow_pickle, meta)
     return _build(lambda: cls.from_config(config), sd, sub, what, dtype)
 
 
-def _transformers_clip(sub: Path, projection: bool, allow_pickle: bool, dtype, what: str):
+def _transformers_clip(sub: Path, projection: bool, allow_pickle: bool, dtype, what: str, meta: bool = False):
     config = _read_json(sub / "config.json")
     if not config:
         raise ModelError(sub, f"{what}: config.json is missing")
     config = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "dtype",
                                                              "torch_dtype", "_name_or_path")}
-    sd = _folder_state_dict(sub, _TRANSFORMERS_WEIGHTS, allow_pickle)
+    sd = _folder_state_dict(sub, _TRANSFORMERS_WEIGHTS, allow_pickle, meta)
     return _build_clip(config, sd, sub, what, dtype, projection)
 
 
 def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None, sha256: str = "",
-                          allow_pickle: bool = False, dtype=None) -> LoadedModel:
+                          allow_pickle: bool = False, dtype=None, meta: bool = False) -> LoadedModel:
     """Load a diffusers pipeline folder (``model_index.json``): configs and weights from the folder only.
 
     Modules are built on the meta device and the weights assigned (as for single files), so nothing is
@@ -578,31 +608,55 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
     if arch is None or arch.kind is not Kind.CHECKPOINT:
         raise ModelError(folder, "unknown architecture: not a SD1.x/SD2.x/SDXL diffusers pipeline folder")
     components: dict[str, Any] = {
-        "unet": _diffusers_module(folder / "unet", _unet_class(), allow_pickle, dtype, "unet"),
-        "vae": _diffusers_module(folder / "vae", AutoencoderKL, allow_pickle, dtype, "vae"),
-        "text_encoder": _transformers_clip(folder / "text_encoder", False, allow_pickle, dtype, "text_encoder"),
+        "unet": _diffusers_module(folder / "unet", _unet_class(), allow_pickle, dtype, "unet", meta),
+        "vae": _diffusers_module(folder / "vae", AutoencoderKL, allow_pickle, dtype, "vae", meta),
+        "text_encoder": _transformers_clip(folder / "text_encoder", False, allow_pickle, dtype, "text_encoder", meta),
     }
     if arch is Arch.SDXL:
         components["text_encoder_2"] = _transformers_clip(folder / "text_encoder_2", True, allow_pickle, dtype,
-                                                          "text_encoder_2")
+                                                          "text_encoder_2", meta)
     components.update(tokenizers(arch))
     sched = _read_json(folder / "scheduler" / "scheduler_config.json")
     prediction = sched.get("prediction_type") or FAMILIES[arch].prediction_type
     sched = dict(sched or default_scheduler_config(prediction), prediction_type=prediction)
     sched = {k: v for k, v in sched.items() if not k.startswith("_")}
     native = int(components["unet"].config.sample_size) * 8
-    return _result(name or folder.name, folder, arch, prediction, sha256, native, components, sched)
+    return _result(name or folder.name, folder, arch, prediction, sha256, native, components, sched, meta)
 
 
 def load_checkpoint(path: str | os.PathLike, **kwargs) -> LoadedModel:
-    """A checkpoint file or diffusers folder (see :func:`load_single_file`, :func:`load_diffusers_folder`)."""
+    """A checkpoint file or diffusers folder (see :func:`load_single_file`, :func:`load_diffusers_folder`).
+
+    ``meta=True``: the same modules, configs and checks, built from the safetensors headers only (parameters on
+    the meta device, no tensor read, about a second for SDXL): what a backend that runs cached exported graphs
+    needs. Raises :class:`NeedsWeights` where the weights are needed to load at all (pickles, an SD2 file
+    without a stated prediction type); :func:`load_weights_into` puts the weights in later."""
     path = Path(path)
     if path.is_dir():
         return load_diffusers_folder(path, **kwargs)
     return load_single_file(path, **kwargs)
 
 
-def load_vae(path: str | os.PathLike, *, config: Mapping | None = None, allow_pickle: bool = False, dtype=None):
+def load_weights_into(skeleton: Mapping[str, Any], loaded: Mapping[str, Any]) -> None:
+    """Move the weights of the ``loaded`` modules into the same-named ``skeleton`` modules (built with
+    ``meta=True`` or released after export) in place: the objects the backends hold get their weights back."""
+    from export.onnx import mark_loaded
+
+    for key, module in skeleton.items():
+        full = loaded.get(key)
+        if not hasattr(module, "load_state_dict") or full is None or full is module:
+            continue
+        module.load_state_dict(full.state_dict(), strict=True, assign=True)
+        for name, buf in full.named_buffers():  # non-persistent buffers (CLIP position_ids) are not in the state dict
+            owner, leaf = (module.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]) if "." in name \
+                else (module, name)
+            owner._buffers[leaf] = buf
+        module.eval().requires_grad_(False)
+        mark_loaded(module)
+
+
+def load_vae(path: str | os.PathLike, *, config: Mapping | None = None, allow_pickle: bool = False, dtype=None,
+             meta: bool = False):
     """An external VAE (single file with ``first_stage_model.`` or bare ldm keys, or a diffusers folder)."""
     import torch
     from diffusers import AutoencoderKL
@@ -610,13 +664,13 @@ def load_vae(path: str | os.PathLike, *, config: Mapping | None = None, allow_pi
     dtype = dtype or torch.float32
     path = Path(path)
     if path.is_dir():
-        return _diffusers_module(path, AutoencoderKL, allow_pickle, dtype, "vae")
-    state_dict, metadata = read_state_dict(path, allow_pickle)
+        return _diffusers_module(path, AutoencoderKL, allow_pickle, dtype, "vae", meta)
+    state_dict, metadata = read_state_dict(path, allow_pickle, meta)
     arch = detect_arch({k: tuple(v.shape) for k, v in state_dict.items()})
     if arch not in (Arch.VAE, Arch.SD1, Arch.SD2, Arch.SDXL):
         raise ModelError(path, "unknown architecture: no VAE keys (encoder./decoder./first_stage_model.)")
-    meta = metadata_configs(metadata, path) or {}
-    cfg = dict(meta.get("vae") or config or bundled_config("sd15.json")["vae"])
+    stated = metadata_configs(metadata, path) or {}
+    cfg = dict(stated.get("vae") or config or bundled_config("sd15.json")["vae"])
     return _vae_from_state_dict(state_dict, cfg, path, dtype)
 
 

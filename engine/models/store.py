@@ -329,34 +329,59 @@ class ModelStore:
         return entry.sha256 or self.hashes.sha256(entry.path)
 
     def load_model(self, name: str, vae: str | None = VAE_AUTOMATIC, allow_pickle: bool = False,
-                   dtype=None) -> LoadedModel:
-        """Resolve and load a checkpoint (+ VAE), cached in-process by (path, hash, vae path, dtype).
+                   dtype=None, meta: bool = False) -> LoadedModel:
+        """Resolve and load a checkpoint (+ VAE), cached in-process by (path, hash, vae path, dtype, meta).
 
-        At most ``max_loaded`` checkpoints stay cached; older ones are dropped before a new one is loaded.
+        ``meta=True``: the modules without their weights where the files allow it (safetensors;
+        :func:`engine.models.checkpoints.load_checkpoint`), else with them (``model.meta`` says which);
+        :meth:`load_weights` puts them in later. At most ``max_loaded`` checkpoints stay cached; older ones are
+        dropped before a new one is loaded.
         """
         entry = self.resolve(name, Kind.CHECKPOINT, field="sd_model_checkpoint")
         vae_path = self.resolve_vae(entry, vae)
         sha = self.hash_of(entry)
-        key = ("checkpoint", str(entry.path.resolve()), sha, str(vae_path.resolve()) if vae_path else None, str(dtype))
+        key = ("checkpoint", str(entry.path.resolve()), sha, str(vae_path.resolve()) if vae_path else None, str(dtype),
+               meta)
         with self._load_lock:
             if (hit := self._cached(key)) is not None:
                 return hit
             self._make_room("checkpoint")
-            model = self._load_checkpoint(entry, vae_path, sha, allow_pickle, dtype)
+            model = None
+            if meta:
+                from engine.models.checkpoints import NeedsWeights
+
+                try:
+                    model = self._load_checkpoint(entry, vae_path, sha, allow_pickle, dtype, meta=True)
+                except NeedsWeights as exc:
+                    log.info("%s: loading with its weights (%s)", entry.name, exc)
+            if model is None:
+                model = self._load_checkpoint(entry, vae_path, sha, allow_pickle, dtype)
             self._remember(key, model)
             return model
 
-    def _load_checkpoint(self, entry, vae_path, sha, allow_pickle, dtype) -> LoadedModel:
+    def load_weights(self, model: LoadedModel, allow_pickle: bool = False, dtype=None) -> None:
+        """Load the weights of ``model`` (loaded with ``meta=True``, or released after an export) into its
+        modules, in place (engine.models.checkpoints.load_weights_into)."""
+        from engine.models.checkpoints import load_weights_into
+
+        entry = self.resolve(model.name, Kind.CHECKPOINT, field="sd_model_checkpoint")
+        with self._load_lock:
+            full = self._load_checkpoint(entry, model.vae_path, model.sha256, allow_pickle, dtype)
+            load_weights_into(model.components, full.components)
+
+    def _load_checkpoint(self, entry, vae_path, sha, allow_pickle, dtype, meta: bool = False) -> LoadedModel:
         from dataclasses import replace
 
         from engine.models.checkpoints import load_checkpoint, load_vae
 
-        log.info("loading %s%s", entry.name, f" with VAE {vae_path.name}" if vae_path else "")
-        model = load_checkpoint(entry.path, name=entry.name, sha256=sha, allow_pickle=allow_pickle, dtype=dtype)
+        log.info("loading %s%s%s", entry.name, f" with VAE {vae_path.name}" if vae_path else "",
+                 " (modules without weights)" if meta else "")
+        model = load_checkpoint(entry.path, name=entry.name, sha256=sha, allow_pickle=allow_pickle, dtype=dtype,
+                                meta=meta)
         if vae_path is not None:
             own = model.components["vae"]
             cfg = {k: v for k, v in own.config.items() if not k.startswith("_")}
-            ext = load_vae(vae_path, config=cfg, allow_pickle=allow_pickle, dtype=dtype)
+            ext = load_vae(vae_path, config=cfg, allow_pickle=allow_pickle, dtype=dtype, meta=meta)
             # the latent scale belongs to the model family (SDXL 0.13025), not to the VAE file
             ext.register_to_config(scaling_factor=own.config.scaling_factor)
             model = replace(model, components={**model.components, "vae": ext}, vae_path=vae_path)
