@@ -7,8 +7,9 @@ import ipaddress
 import json
 import logging
 import shutil
+import signal
 import sys
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -265,28 +266,37 @@ def _clock(seconds: float) -> str:
 
 def _follow(service, task_id: str) -> dict[str, Any]:
     """Poll the task, showing its phases (on stderr). Ctrl-C cancels the task, waits until it is recorded as
-    cancelled, and re-raises (the command group exits 130)."""
+    cancelled, and raises KeyboardInterrupt (the command group exits 130).
+
+    While polling, SIGINT only sets an event that the loop checks: the interrupt never lands inside the
+    service's code (a lock held, a store write half done), which under load could leave the process hung."""
     bars = _PhaseBars()
+    stop = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
-        while True:
+        while not stop.is_set():
             result = service.sd_get_result({"taskId": task_id})
             if result["status"] in ("succeeded", "failed"):
                 return result
             if result.get("progress"):
                 bars.update(result["progress"])
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        bars.close()
-        service.cancel(task_id)
-        try:
-            final = service.wait(task_id, timeout=60)
-            click.echo(f"task {task_id} cancelled ({final['status']}: "
-                       f"{(final.get('error') or {}).get('code', '')})", err=True)
-        except TimeoutError:
-            click.echo(f"task {task_id}: cancel requested, still stopping", err=True)
-        raise
+            stop.wait(0.05)
+    except KeyboardInterrupt:  # before the handler was installed, or not on the main thread
+        pass
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         bars.close()
+    service.cancel(task_id)
+    try:
+        final = service.wait(task_id, timeout=60)
+        click.echo(f"task {task_id} cancelled ({final['status']}: "
+                   f"{(final.get('error') or {}).get('code', '')})", err=True)
+    except TimeoutError:
+        click.echo(f"task {task_id}: cancel requested, still stopping", err=True)
+    raise KeyboardInterrupt
 
 
 def _budget(gb: float | None):
