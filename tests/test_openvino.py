@@ -22,7 +22,7 @@ pytest.importorskip("openvino", reason="the openvino extra is part of the dev ex
 
 import engine.backends.openvino as xov  # noqa: E402
 from engine.backends import create_backend  # noqa: E402
-from engine.backends.openvino import IR_STAGE, OpenVinoBackend, import_openvino, inference_precision  # noqa: E402
+from engine.backends.openvino import IR_FP16_STAGE, IR_STAGE, OpenVinoBackend, import_openvino, inference_precision  # noqa: E402
 from engine.config import BackendKind as Backend, EngineConfig, Precision, default_backend, default_precision  # noqa: E402
 from engine.cpu import native_bf16  # noqa: E402
 from engine.errors import BackendUnavailable, InvalidRequest  # noqa: E402
@@ -127,6 +127,20 @@ def test_ir_is_converted_once_and_rebuilt_for_another_openvino(sd1, tmp_path, mo
     monkeypatch.setattr(ov, "__version__", "0.0-other")
     create_backend(config, {"vae": sd1["vae"]}, "h").run("vae_decoder", feeds)
     assert len(calls) == 2  # the manifest key names the openvino version: a mismatch rebuilds
+
+
+def test_bf16_compiles_read_fp16_weights_f32_compiles_fp32(sd1, tmp_path):
+    """The IR a compile reads follows the inference precision: bf16 -> ``openvino-ir-fp16`` (weights stored
+    fp16: half the bytes), f32 -> ``openvino-ir`` (fp32, parity). Both sit beside the same ONNX artefact."""
+    feeds = None
+    for precision, caps in (("fp32", ("FP32",)), ("bf16", ("FP32", "BF16"))):
+        config = EngineConfig(backend="openvino", precision=precision, cache_dir=tmp_path)
+        b = create_backend(config, {"vae": sd1["vae"]}, "h", capabilities=caps)
+        feeds = feeds or feeds_for(b, "vae_decoder", 1, 4, 4)
+        b.run("vae_decoder", feeds)
+    fp32 = (tmp_path / "h" / "vae_decoder" / IR_STAGE / "model.bin").stat().st_size
+    fp16 = (tmp_path / "h" / "vae_decoder" / IR_FP16_STAGE / "model.bin").stat().st_size
+    assert 0.45 < fp16 / fp32 < 0.6, (fp16, fp32)
 
 
 def test_precision_choice_per_machine():

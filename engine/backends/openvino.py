@@ -3,10 +3,12 @@
 Per component:
 
 1. the fp32 ONNX artefact (export.onnx, the same one onnxruntime runs);
-2. an ``openvino-ir`` artefact beside it (``model.xml`` + ``model.bin``, fp32 weights), converted once with
-   ``openvino.convert_model`` and cached under the same manifest rules (key: the ONNX graph's sha256 and the
-   openvino version; any mismatch rebuilds it). The IR is memory-mapped when read, so a load from cache is
-   a read of the graph and a compile, not a parse of the ONNX protobuf;
+2. an OpenVINO IR artefact beside it (``model.xml`` + ``model.bin``), converted once and cached under the same
+   manifest rules (key: the ONNX graph's sha256 and the openvino version; any mismatch rebuilds it): fp32
+   weights (``openvino-ir``) for f32 inference, fp16-compressed weights (``openvino-ir-fp16``) for bf16
+   inference -- the compiled model keeps the IR's constants mapped beside its own bf16 copy, so fp16 weights
+   halve that mapped share of its resident memory (docs/DECISIONS.md). The IR is memory-mapped when read,
+   so a load from cache is a read of the graph and a compile, not a parse of the ONNX protobuf;
 3. one compiled model per set of input shapes (``Model.reshape`` to static shapes, then ``compile_model``),
    kept in a small LRU (:data:`MAX_COMPILED` per component): static shapes let the CPU plugin pick its
    kernels and memory plan once.
@@ -36,7 +38,8 @@ from engine.errors import BackendUnavailable, InvalidRequest
 log = logging.getLogger(__name__)
 
 MAX_COMPILED = 3  # compiled models (static shape sets) kept per component, least recently used dropped
-IR_STAGE = "openvino-ir"
+IR_STAGE = "openvino-ir"  # fp32 weights: the f32 inference precision (parity with torch fp32)
+IR_FP16_STAGE = "openvino-ir-fp16"  # fp16-compressed weights: the bf16 inference precision
 IR_FORMAT = 1
 IR_XML, IR_BIN = "model.xml", "model.bin"
 
@@ -73,26 +76,33 @@ def inference_precision(precision: Precision, capabilities: tuple[str, ...]) -> 
     return "f32"
 
 
-def ir_key(onnx_artefact, version: str) -> dict:
-    return {"format": IR_FORMAT, "stage": IR_STAGE, "component": onnx_artefact.component,
-            "parent_sha256": onnx_artefact.sha256, "openvino": version, "compress_to_fp16": False}
+def ir_stage(inference_precision: str) -> str:
+    """The IR artefact a compile in ``inference_precision`` reads: bf16 compiles read fp16-compressed weights
+    (half the bytes mapped beside the compiled model; fp32 -> fp16 -> bf16 rounds as fp32 -> bf16 does but
+    for ties, and SD weights lie well inside fp16's range), f32 compiles the fp32 weights."""
+    return IR_FP16_STAGE if inference_precision == "bf16" else IR_STAGE
 
 
-def convert_to_ir(onnx_artefact, model_hash: str, cache_dir) -> Any:
+def ir_key(onnx_artefact, version: str, stage: str = IR_STAGE) -> dict:
+    return {"format": IR_FORMAT, "stage": stage, "component": onnx_artefact.component,
+            "parent_sha256": onnx_artefact.sha256, "openvino": version, "compress_to_fp16": stage == IR_FP16_STAGE}
+
+
+def convert_to_ir(onnx_artefact, model_hash: str, cache_dir, stage: str = IR_STAGE) -> Any:
     """The cached IR artefact directory of an ONNX artefact (converted when missing or stale)."""
     from export.manifest import artefact_dir, build_artefact, valid_artefact
 
     ov = import_openvino()
-    directory = artefact_dir(cache_dir, model_hash, onnx_artefact.component, IR_STAGE)
-    key = ir_key(onnx_artefact, ov.__version__)
+    directory = artefact_dir(cache_dir, model_hash, onnx_artefact.component, stage)
+    key = ir_key(onnx_artefact, ov.__version__, stage)
     if valid_artefact(directory, key) is not None:
-        log.info("%s: %s up to date (%s)", onnx_artefact.component, IR_STAGE, directory)
+        log.info("%s: %s up to date (%s)", onnx_artefact.component, stage, directory)
         return directory
-    log.info("%s: converting %s to OpenVINO IR", onnx_artefact.component, onnx_artefact.path)
+    log.info("%s: converting %s to OpenVINO IR (%s)", onnx_artefact.component, onnx_artefact.path, stage)
     with build_artefact(directory, key, hashed=(IR_XML,)) as (tmp, _manifest):
         # the ONNX frontend through Core.read_model (openvino.convert_model does the same, seconds slower)
         model = _core().read_model(str(onnx_artefact.path))
-        ov.save_model(model, str(tmp / IR_XML), compress_to_fp16=False)
+        ov.save_model(model, str(tmp / IR_XML), compress_to_fp16=stage == IR_FP16_STAGE)
         del model
     return directory
 
@@ -143,7 +153,8 @@ class OpenVinoBackend(ComponentsMixin):
         return cached_weights_fingerprint(component, self.model_hash, self.config.artefacts_dir)
 
     def ir_path(self, component: str):
-        return convert_to_ir(self.artefact(component), self.model_hash, self.config.artefacts_dir) / IR_XML
+        return convert_to_ir(self.artefact(component), self.model_hash, self.config.artefacts_dir,
+                             ir_stage(self.inference_precision)) / IR_XML
 
     def model(self, component: str):
         """The component's ov.Model (dynamic shapes), read from its IR: memory-mapped weights, read per compile
