@@ -135,7 +135,6 @@ def _sdengine(system: str, workdir: Path, size: int, steps: int):
 
 
 def _diffusers_like(system: str, workdir: Path, size: int, steps: int, prepare: bool):
-    import numpy as np
     import torch
     from diffusers import EulerAncestralDiscreteScheduler
 
@@ -168,9 +167,8 @@ def _diffusers_like(system: str, workdir: Path, size: int, steps: int, prepare: 
     pipe.set_progress_bar_config(disable=True)
 
     def generate():
+        # optimum >= 2 runs diffusers' own pipeline code: a torch generator for every system
         kwargs = {"generator": torch.Generator("cpu").manual_seed(SEED)}
-        if system.startswith("optimum"):
-            kwargs = {"generator": np.random.RandomState(SEED)} if system == "optimum-ort" else kwargs
         return pipe(PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=CFG, height=size,
                     width=size, output_type="np", **kwargs).images[0]
 
