@@ -46,6 +46,7 @@ from engine.lazy import require
 from api_compat.backend import Submission, initial_progress, result_dict
 from api_compat.errors import ApiError
 from api_compat.store import TASK_ID, dumps
+from export.manifest import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -467,16 +468,6 @@ class WorkerSettings:
     name: str | None = None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class _Runtime:
     """Lives in a worker's pool process: engines (one per configuration, kept), the Redis records."""
 
@@ -502,7 +493,7 @@ class _Runtime:
     def _dead_local_holder(self, holder: str) -> bool:
         host, _, rest = holder.partition(":")
         pid = rest.partition(":")[0]
-        return host == self.host and pid.isdigit() and not _pid_alive(int(pid))
+        return host == self.host and pid.isdigit() and not pid_alive(int(pid))
 
     def run(self, message: dict[str, Any]) -> str:
         from engine.config import EngineConfig

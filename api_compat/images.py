@@ -5,11 +5,12 @@ the ``parameters`` text chunk."""
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from engine.atomic import atomic_file
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,6 @@ def write_png(path: str | os.PathLike, image: np.ndarray, infotext: str | None) 
     if infotext:
         meta.add_text("parameters", infotext)
     array = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG", pnginfo=meta)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path) as f:
+        Image.fromarray(array).save(f, format="PNG", pnginfo=meta)
     return path

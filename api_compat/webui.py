@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -259,20 +258,10 @@ class WebuiState:
 
     def save(self, options: dict[str, Any]) -> None:
         """Replace the options, written to a temp file then renamed."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(options, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        from engine.atomic import atomic_file
+
+        with atomic_file(self.path, "w", encoding="utf-8") as f:
+            json.dump(options, f, indent=1)
         self.options = dict(options)
 
     def track(self, task_id: str) -> None:

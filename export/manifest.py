@@ -104,11 +104,12 @@ def valid_files(directory: Path, manifest: dict | None = None) -> dict | None:
 def _clean_stale(parent: Path, name: str) -> None:
     for tmp in parent.glob(f".tmp-{name}-*"):
         pid = tmp.name.split("-")[-2] if tmp.name.count("-") >= 3 else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

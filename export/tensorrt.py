@@ -18,8 +18,6 @@ TensorRT version, GPU name, refittable). The timing cache is shared per GPU + Te
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -197,10 +195,10 @@ def build_engine(prepared, shape_config: ShapeConfig, precision: str, cache: Pat
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from engine.atomic import atomic_file
+
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def refit_engine(engine, onnx_path: Path, named_weights: Mapping[str, Any] | None = None) -> None:

@@ -16,10 +16,11 @@ import json
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from engine.atomic import atomic_file
 
 VOCABULARY_KEY = "sdengine.vocabulary"
 SETTINGS_KEY = "sdengine.settings"
@@ -170,20 +171,11 @@ def write_metadata(path: str | os.PathLike, updates: Mapping[str, str]) -> Path:
         meta.update({str(k): str(v) for k, v in updates.items()})
         text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":")).encode()
         text += b" " * (-len(text) % _HEADER_ALIGN)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as dst:
-                dst.write(struct.pack("<Q", len(text)))
-                dst.write(text)
-                while chunk := src.read(_COPY_CHUNK):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.chmod(tmp, os.stat(path).st_mode & 0o777)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, mode_of=path) as dst:
+            dst.write(struct.pack("<Q", len(text)))
+            dst.write(text)
+            while chunk := src.read(_COPY_CHUNK):
+                dst.write(chunk)
     return path
 
 

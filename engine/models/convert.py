@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from engine.atomic import atomic_path
 from engine.errors import ModelError
 from engine.models.family import Arch
 
@@ -295,14 +295,7 @@ def save_single_file(components: Mapping[str, Any], path: str | os.PathLike, con
             meta["native_size"] = int(native_size)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True), METADATA_ARCH_KEY: arch.value,
                 **(extra_metadata or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
         _canonical_header(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -16,9 +16,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
+
+from engine.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,8 @@ class HashCache:
         if not self.cache_file:
             return
         try:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=".hashes-", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with atomic_file(self.cache_file, "w", encoding="utf-8") as f:
                 json.dump(self._entries, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.cache_file)
         except OSError as exc:  # a read-only store still works, it just hashes again next time
             log.warning("cannot write hash cache %s: %s", self.cache_file, exc)
 
