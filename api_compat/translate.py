@@ -203,7 +203,8 @@ def _hires(payload: Txt2ImgPayload, config: EngineConfig) -> Hires | None:
     """The hires fix of a txt2img payload (None unless enable_hr), its names and sizes checked."""
     if not payload.enable_hr:
         return None
-    upscaler = check_image_upscaler(payload.hr_upscaler or "Latent", "hr_upscaler", latent=True)
+    # None (not given): "Latent", and no "Hires upscaler" in the infotext (webui)
+    upscaler = check_image_upscaler(payload.hr_upscaler, "hr_upscaler", latent=True) if payload.hr_upscaler else None
     for name in ("hr_sampler_name", "hr_scheduler"):
         value = getattr(payload, name)
         if value and value not in ("Use same sampler", "Use same scheduler"):

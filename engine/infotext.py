@@ -190,7 +190,8 @@ def hires_infotext(req: Any, hr_plan: Any, plan: Any) -> dict[str, Any]:
     else:
         out["Hires resize"] = f"{hr.resize_x}x{hr.resize_y}"
     out["Hires steps"] = hr.steps or None
-    out["Hires upscaler"] = hr.upscaler
+    if hr.upscaler is not None:  # the webui writes it only when hr_upscaler was given
+        out["Hires upscaler"] = hr.upscaler
     if hr_plan.sampler.name != plan.sampler.name:
         out["Hires sampler"] = hr_plan.sampler.name
     if hr.scheduler not in (None, "Use same scheduler") and hr_plan.sampler.schedule_label != \

@@ -378,13 +378,13 @@ class Engine:
 
         hr = req.hires
         t0 = time.perf_counter()
-        if hr.upscaler in LATENT_UPSCALERS:
-            x0 = upscale_latent(latents, size.upscale_height // 8, size.upscale_width // 8, hr.upscaler)
+        if hr.upscaler_name in LATENT_UPSCALERS:
+            x0 = upscale_latent(latents, size.upscale_height // 8, size.upscale_width // 8, hr.upscaler_name)
         else:
             on_step.phase("decoding", "hires fix: the first pass, for the image upscaler")
             decoded = decode_latents(rt.backend.run, latents, self.config.vae_tiling)
             lowres = (np.clip(decoded, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
-            pixels = np.stack([upscale_image(img, size.upscale_width, size.upscale_height, hr.upscaler)
+            pixels = np.stack([upscale_image(img, size.upscale_width, size.upscale_height, hr.upscaler_name)
                                for img in lowres]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
             x0 = self._encode(rt, pixels)
         x0 = size.truncate(x0)

@@ -58,19 +58,24 @@ class InitImage:
     upscaler: str = "None"  # the webui's upscaler_for_img2img (image resizes that enlarge)
 
 
+DEFAULT_HIRES_UPSCALER = "Latent"  # the webui's latent_upscale_default_mode
+
+
 @dataclass(frozen=True)
 class Hires:
     """txt2img hires fix (webui ``enable_hr``): the second pass, webui semantics for every field.
 
     ``resize_x``/``resize_y`` 0 mean "use ``scale``"; ``steps`` 0 means the first pass's steps; ``sampler_name``
     None means the first pass's sampler; ``scheduler`` None means "Automatic" (the webui's hires pass rule);
-    ``prompt``/``negative_prompt`` None mean the first pass's; ``cfg_scale`` None means the first pass's.
+    ``prompt``/``negative_prompt`` None mean the first pass's; ``cfg_scale`` None means the first pass's;
+    ``upscaler`` None means "Latent" (the webui's default latent upscale mode), and the infotext then leaves
+    "Hires upscaler" out, as the webui does when ``hr_upscaler`` is not given.
     """
 
     scale: float = 2.0
     resize_x: int = 0
     resize_y: int = 0
-    upscaler: str = "Latent"
+    upscaler: str | None = None
     steps: int = 0
     denoising_strength: float = 0.75
     sampler_name: str | None = None
@@ -78,6 +83,11 @@ class Hires:
     prompt: str | None = None
     negative_prompt: str | None = None
     cfg_scale: float | None = None
+
+    @property
+    def upscaler_name(self) -> str:
+        """The upscaler the second pass uses."""
+        return self.upscaler or DEFAULT_HIRES_UPSCALER
 
 
 @dataclass(frozen=True)

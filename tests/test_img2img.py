@@ -345,6 +345,11 @@ def test_hires_latent_first_pass_is_plain_txt2img(engine, monkeypatch):
     res = engine.generate(GenerationRequest(**base, hires=Hires(1.5, upscaler="Latent")))
     assert np.array_equal(seen[0], plain.latents[0])
     assert res.images[0].shape == (96, 96, 3)
+    assert "Hires upscaler: Latent" in res.infotexts[0]
+    # not given: the same "Latent" pass, and the webui leaves the field out of the infotext
+    unset = engine.generate(GenerationRequest(**base, hires=Hires(1.5)))
+    assert np.array_equal(unset.images[0], res.images[0])
+    assert "Hires upscaler" not in unset.infotexts[0] and "Hires upscale: 1.5" in unset.infotexts[0]
 
 
 def test_hires_upscalers_differ_and_are_deterministic(engine):
