@@ -1,12 +1,16 @@
 """CPU peers side by side: sdengine's backends vs diffusers, optimum (ONNX Runtime) and optimum-intel (OpenVINO).
 
     python -m benchmarks peers [--workdir DIR] [--peers-venv DIR] [--systems a,b,...] [--size 256] [--steps 10]
-                               [--rounds 3] [--out FILE.md]
+                               [--rounds 3] [--out FILE.md] [--tiny]
 
 One model folder for everyone: the SD1.5 architecture (engine/models/configs/sd15.json) with random weights
 (seed 0), written once as a diffusers folder into ``{workdir}/models/Stable-diffusion/sd15-random`` (the speed
 of a network does not depend on its weight values). One request for everyone: a fixed prompt, empty negative
 prompt, ``--size``², ``--steps`` steps of Euler a, CFG 7, batch 1, seed 1.
+
+``--tiny`` writes the tests' tiny SD1 model (engine.models.tiny) instead: with ``--size 64 --steps 20`` what is
+timed is the per-request overhead around the networks (``optimum-openvino-static``: optimum-intel reshaped to
+the request's static shapes, its fastest mode for a fixed size).
 
 Every system runs in its own process (``python -m benchmarks.peers --child SYSTEM ...``):
 
@@ -54,15 +58,16 @@ SYSTEMS = {
     "optimum-ort": ("peers", ("optimum", "optimum-onnx", "onnxruntime", "diffusers")),
     "optimum-openvino": ("peers", ("optimum-intel", "openvino", "diffusers")),
     "optimum-openvino-f32": ("peers", ("optimum-intel", "openvino", "diffusers")),
+    "optimum-openvino-static": ("peers", ("optimum-intel", "openvino", "diffusers")),
 }
 DEFAULT_SYSTEMS = "sdengine-onnxruntime,sdengine-openvino,diffusers,optimum-ort,optimum-openvino"
 PEER_MODULES = {"diffusers": "diffusers", "optimum-ort": "optimum.onnxruntime", "optimum-openvino": "optimum.intel",
-                "optimum-openvino-f32": "optimum.intel"}
+                "optimum-openvino-f32": "optimum.intel", "optimum-openvino-static": "optimum.intel"}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
 
 
 # ------------------------------------------------------------------------------------------------ the model
-def write_model(folder: Path, small: bool = False) -> None:
+def write_model(folder: Path, small: bool = False, tiny: bool = False) -> None:
     """The SD1.5-architecture diffusers folder with random weights (seed 0), tokenizer files for every
     transformers version (vocab.json + merges.txt beside what save_pretrained writes). ``small``: narrower
     blocks and one text layer (a check of this harness in minutes, not a figure)."""
@@ -84,11 +89,16 @@ def write_model(folder: Path, small: bool = False) -> None:
     tmp = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(0)
-    modules = {
-        "unet": UNet2DConditionModel(**cfg["unet"]),
-        "vae": AutoencoderKL(**cfg["vae"]),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-    }
+    if tiny:  # the tests' tiny SD1 (engine.models.tiny): what is left is per-request overhead
+        from engine.models.tiny import build_tiny
+
+        modules = {k: v for k, v in build_tiny("sd1").components.items() if k in ("unet", "vae", "text_encoder")}
+    else:
+        modules = {
+            "unet": UNet2DConditionModel(**cfg["unet"]),
+            "vae": AutoencoderKL(**cfg["vae"]),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+        }
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.35.0",
              "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
              "scheduler": ["diffusers", "PNDMScheduler"], "tokenizer": ["transformers", "CLIPTokenizer"]}
@@ -161,8 +171,13 @@ def _diffusers_like(system: str, workdir: Path, size: int, steps: int, prepare: 
         if prepare or not exported.is_dir():
             OVStableDiffusionPipeline.from_pretrained(folder, export=True, compile=False).save_pretrained(exported)
         ov_config = {"INFERENCE_PRECISION_HINT": "f32"} if system.endswith("-f32") else {}
-        pipe = OVStableDiffusionPipeline.from_pretrained(exported, ov_config=ov_config)
+        static = system.endswith("-static")
+        pipe = OVStableDiffusionPipeline.from_pretrained(exported, ov_config=ov_config, compile=not static)
         label = "f32 hint" if ov_config else "default hint (bf16 where the CPU has it)"
+        if static:  # optimum-intel's static-shape mode: reshaped to the request, then compiled
+            pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
+            pipe.compile()
+            label += ", static shapes"
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
 
@@ -288,16 +303,23 @@ def summarize(prepared: dict, rounds: list[dict], systems: list[str]) -> dict:
     return table
 
 
+def _secs(x: float) -> str:
+    """Seconds as the table shows them: ms under a second (the tiny model's per-request times)."""
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.1f} s"
+
+
 def markdown(table: dict, skipped: dict, args, baseline: str = "diffusers") -> str:
     flags = ", ".join(cpu_flags()) or "none of " + ", ".join(CPU_FLAGS)
     base = table.get(baseline, {}).get("warm_s")
+    tiny = getattr(args, "tiny", False)
+    model = "the tests' tiny SD1 model (per-request overhead)" if tiny else "SD1.5 architecture"
     lines = [
         f"## CPU peers (`python -m benchmarks peers`) ({datetime.date.today().isoformat()})",
         "",
-        f"Command: `python -m benchmarks peers --size {args.size} --steps {args.steps} --rounds {args.rounds} "
+        f"Command: `python -m benchmarks peers{' --tiny' if tiny else ''} --size {args.size} --steps {args.steps} --rounds {args.rounds} "
         f"--systems {','.join(args.systems)}`, run under the machine's heavy-job lock (other agents' light jobs "
         "still ran: absolute times are inflated, ratios within the run are the figures to read).",
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores; CPU flags: {flags}. Workload: SD1.5 architecture, random "
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores; CPU flags: {flags}. Workload: {model}, random "
         f"weights, {args.size}x{args.size}, {args.steps} steps Euler a, CFG {CFG:g}, batch 1, end to end (text "
         f"encoder, sampling, VAE decode). Each system in its own process; {args.rounds} interleaved rounds.",
         "",
@@ -308,11 +330,11 @@ def markdown(table: dict, skipped: dict, args, baseline: str = "diffusers") -> s
     for system, row in sorted(table.items(), key=lambda kv: kv[1]["warm_s"]):
         ratio = f"{base / row['warm_s']:.2f}x" if base else "n/a"
         cold = f"{row['cold_s']:.0f} s" if row["cold_s"] is not None else "n/a"
-        lines.append(f"| {system} | {row['label']} | {row['warm_s']:.1f} s | {ratio} | {row['first_s']:.1f} s | "
-                     f"{row['load_s']:.1f} s | {cold} | {row['peak_rss_gb']:.2f} GB |")
+        lines.append(f"| {system} | {row['label']} | {_secs(row['warm_s'])} | {ratio} | {_secs(row['first_s'])} | "
+                     f"{_secs(row['load_s'])} | {cold} | {row['peak_rss_gb']:.2f} GB |")
     lines.append("")
     lines.append("Warm runs per round: " + "; ".join(
-        f"{s} {', '.join(f'{x:.1f}' for x in r['warm_runs_s'])}" for s, r in table.items()) + " (s).")
+        f"{s} {', '.join(_secs(x) for x in r['warm_runs_s'])}" for s, r in table.items()) + ".")
     lines.append("Versions: " + "; ".join(
         f"{s}: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}" for s, r in table.items()) + ".")
     for system, note in skipped.items():
@@ -332,6 +354,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=2, help="generations per process in a round (first + warm)")
     ap.add_argument("--small", action="store_true", help="a narrow model: checks the harness, not a figure")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the tests' tiny SD1 model (use --size 64 --steps 20): per-request overhead, not network speed")
     ap.add_argument("--skip-prepare", action="store_true", help="do not time the cold path (artefacts exist)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.md"))
     ap.add_argument("--benchmarks-md", type=Path, default=Path(__file__).parents[1] / "BENCHMARKS.md",
@@ -354,7 +378,7 @@ def main(argv=None) -> int:
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
     log(f"writing the model folder into {args.workdir}")
-    write_model(args.workdir / "models" / "Stable-diffusion" / MODEL, small=args.small)
+    write_model(args.workdir / "models" / "Stable-diffusion" / MODEL, small=args.small, tiny=args.tiny)
     run, skipped = pythons(args.systems, args.peers_venv)
     for system, note in skipped.items():
         log(f"skipping {system}: {note}")
@@ -375,7 +399,7 @@ def main(argv=None) -> int:
     text = markdown(table, skipped, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    if not args.small and args.benchmarks_md and args.benchmarks_md.is_file():
+    if not args.small and not args.tiny and args.benchmarks_md and args.benchmarks_md.is_file():
         update_section(args.benchmarks_md, text)
     print(text)
     return 0
