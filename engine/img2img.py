@@ -187,28 +187,24 @@ def expand_crop_region(region, processing_width: int, processing_height: int, im
     ratio_crop_region = (x2 - x1) / (y2 - y1)
     ratio_processing = processing_width / processing_height
     if ratio_crop_region > ratio_processing:
-        diff = int((x2 - x1) / ratio_processing - (y2 - y1))
-        y1 -= diff // 2
-        y2 += diff - diff // 2
-        if y2 >= image_height:
-            y1 -= y2 - image_height
-            y2 = image_height
-        if y1 < 0:
-            y2 -= y1
-            y1 = 0
-        y2 = min(y2, image_height)
+        y1, y2 = _grow_span(y1, y2, int((x2 - x1) / ratio_processing - (y2 - y1)), image_height)
     else:
-        diff = int((y2 - y1) * ratio_processing - (x2 - x1))
-        x1 -= diff // 2
-        x2 += diff - diff // 2
-        if x2 >= image_width:
-            x1 -= x2 - image_width
-            x2 = image_width
-        if x1 < 0:
-            x2 -= x1
-            x1 = 0
-        x2 = min(x2, image_width)
+        x1, x2 = _grow_span(x1, x2, int((y2 - y1) * ratio_processing - (x2 - x1)), image_width)
     return x1, y1, x2, y2
+
+
+def _grow_span(lo: int, hi: int, diff: int, limit: int) -> tuple[int, int]:
+    """One axis of expand_crop_region: ``[lo, hi)`` grown by ``diff`` around its centre, shifted back inside
+    ``[0, limit)`` and clipped to it."""
+    lo -= diff // 2
+    hi += diff - diff // 2
+    if hi >= limit:
+        lo -= hi - limit
+        hi = limit
+    if lo < 0:
+        hi -= lo
+        lo = 0
+    return lo, min(hi, limit)
 
 
 def fill(image, mask):
