@@ -19,8 +19,9 @@ Every system runs in its own process (``python -m benchmarks.peers --child SYSTE
   load and the first generation. Reported as the cold cost.
 - *rounds*: ``--rounds`` rounds; in each round every system (the order rotated per round: interleaved) starts
   a fresh process that loads from the cache (timed: load), generates once (timed: first run: compiles,
-  allocations) and once more (timed: warm). The table reports the median over rounds of each, and the peak
-  RSS of the process (``ru_maxrss``, the largest over rounds).
+  allocations) and ``--runs`` - 1 times more (timed: warm, the median of those runs; the tiny model's
+  milliseconds want ``--runs 12``). The table reports the median over rounds of each, and the peak RSS of the
+  process (``ru_maxrss``, the largest over rounds).
 
 The peers live in a separate virtual environment (``--peers-venv``, default ``$SDENGINE_PEERS_VENV`` or
 ``.venv-peers``), never beside the engine: they are a benchmark extra, not a dependency. A peer whose
@@ -284,6 +285,11 @@ def spawn(system: str, python: str, workdir: Path, size: int, steps: int, runs: 
     return result
 
 
+def _warm(result: dict) -> float:
+    """A round's warm time: the median of its runs after the first (``--runs``; the first run compiles)."""
+    return statistics.median(result["runs_s"][1:] or result["runs_s"])
+
+
 def summarize(prepared: dict, rounds: list[dict], systems: list[str]) -> dict:
     table = {}
     for system in systems:
@@ -292,8 +298,8 @@ def summarize(prepared: dict, rounds: list[dict], systems: list[str]) -> dict:
             continue
         table[system] = {
             "label": rs[0]["label"], "versions": rs[0]["versions"],
-            "warm_s": statistics.median(r["runs_s"][-1] for r in rs),
-            "warm_runs_s": [r["runs_s"][-1] for r in rs],
+            "warm_s": statistics.median(_warm(r) for r in rs),
+            "warm_runs_s": [_warm(r) for r in rs],
             "first_s": statistics.median(r["runs_s"][0] for r in rs),
             "load_s": statistics.median(r["load_s"] for r in rs),
             "peak_rss_gb": max(r["peak_rss_mb"] for r in rs) / 1024,
@@ -316,7 +322,8 @@ def markdown(table: dict, skipped: dict, args, baseline: str = "diffusers") -> s
     lines = [
         f"## CPU peers (`python -m benchmarks peers`) ({datetime.date.today().isoformat()})",
         "",
-        f"Command: `python -m benchmarks peers{' --tiny' if tiny else ''} --size {args.size} --steps {args.steps} --rounds {args.rounds} "
+        f"Command: `python -m benchmarks peers{' --tiny' if tiny else ''} --size {args.size} --steps {args.steps} "
+        f"--rounds {args.rounds} --runs {args.runs} "
         f"--systems {','.join(args.systems)}`, run under the machine's heavy-job lock (other agents' light jobs "
         "still ran: absolute times are inflated, ratios within the run are the figures to read).",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores; CPU flags: {flags}. Workload: {model}, random "

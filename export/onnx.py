@@ -5,8 +5,16 @@ Each component of a model goes through up to three stages, each an artefact dire
 
 ``onnx-fp32``      torch.onnx.export (legacy tracer, ``dynamo=False``) of the export.wrappers module, opset 17,
                    dynamic axes from the descriptor; big models keep their weights in ONE external data file.
-``onnx-fp32-gpu``  onnxruntime transformer optimizer, GPU flavour (export.optimize), from ``onnx-fp32``.
+                   Attention in export.attention.DEFAULT_CHUNKS query slices (ONNX Runtime on CPU: no fused
+                   attention kernel, so the chunks bound the T x T score matrices).
+``onnx-fp32-full`` the same with full attention (MatMul -> Softmax -> MatMul), for the runtimes that fuse it
+                   into a kernel that never holds the score matrices: OpenVINO's CPU plugin, onnxruntime's GPU
+                   optimizer, TensorRT (:func:`fp32_stage`).
+``onnx-fp32-gpu``  onnxruntime transformer optimizer, GPU flavour (export.optimize), from ``onnx-fp32-full``.
 ``onnx-fp16[-gpu]`` fp16 conversion keeping overflow-prone ops fp32 (export.fp16), from the fp32 stage.
+
+Every manifest names the fp32 stage its weights come from (``info.fp32_stage``; absent in caches written before
+it: ``onnx-fp32``).
 
 Every stage keeps its weights as external initializers in ONE data file beside the graph (``model.onnx.data``),
 so that a runtime can replace some of them when it creates a session (onnxruntime
@@ -91,6 +99,29 @@ def tool_versions(*names: str) -> dict[str, str]:
 
 def stage_name(precision: str, gpu_optimize: bool) -> str:
     return f"onnx-{precision}" + ("-gpu" if gpu_optimize else "")
+
+
+FP32_STAGE = "onnx-fp32"
+FP32_FULL_STAGE = "onnx-fp32-full"
+
+
+def attention_chunks_for(gpu_optimize: bool, attention_chunks: int | None = None) -> int:
+    """The attention chunks of an export: as asked, else full attention (0) for the GPU optimizer (it fuses
+    attention) and export.attention.DEFAULT_CHUNKS otherwise."""
+    if attention_chunks is None:
+        return 0 if gpu_optimize else DEFAULT_CHUNKS
+    return int(attention_chunks)
+
+
+def fp32_stage(attention_chunks: int) -> str:
+    """The fp32 stage's directory for an export with ``attention_chunks`` (0/1: full attention): one directory
+    per attention layout, so runtimes that want different ones share a cache without re-exporting in turn."""
+    return FP32_STAGE if attention_chunks > 1 else FP32_FULL_STAGE
+
+
+def fp32_stage_of(manifest: Mapping) -> str:
+    """The fp32 stage an artefact's weights come from (its manifest's ``info.fp32_stage``)."""
+    return manifest.get("info", {}).get("fp32_stage", FP32_STAGE)
 
 
 def _weights_bytes(model) -> int:
@@ -226,7 +257,7 @@ class SourceWeights:
         from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
         self.graph_mapping: dict[str, list] | None = artefact.manifest.get("info", {}).get("parameters")
-        fp32 = artefact.directory if artefact.directory.name == "onnx-fp32" else artefact.directory.parent / "onnx-fp32"
+        fp32 = artefact.directory.parent / fp32_stage_of(artefact.manifest)
         manifest = json.loads((fp32 / "manifest.json").read_text())
         self.mapping: dict[str, list] = manifest.get("info", {}).get("parameters") or {}
         wanted = {name for name, _, _ in self.mapping.values()}
@@ -416,7 +447,8 @@ def _tools_for(stage: str) -> dict[str, str]:
 
 
 def cached_artefact(component: str, model_hash: str, cache_dir: Path, *, precision: str = "fp32",
-                    gpu_optimize: bool = False, opset: int = DEFAULT_OPSET) -> OnnxArtefact | None:
+                    gpu_optimize: bool = False, opset: int = DEFAULT_OPSET,
+                    attention_chunks: int | None = None) -> OnnxArtefact | None:
     """The artefact :func:`export_component` would return, found WITHOUT the model's modules (no model load):
     every stage's manifest is read and its key checked on what does not need the modules (exporter format,
     model hash -- the checkpoint file's hash, cached by path/size/mtime --, component, stage, precision, opset,
@@ -424,7 +456,8 @@ def cached_artefact(component: str, model_hash: str, cache_dir: Path, *, precisi
     anything is missing or differs; :func:`export_component` then decides, with the full key."""
     from export.manifest import valid_files
 
-    stages = ["onnx-fp32"] + ([stage_name("fp32", True)] if gpu_optimize else [])
+    stages = [fp32_stage(attention_chunks_for(gpu_optimize, attention_chunks))]
+    stages += [stage_name("fp32", True)] if gpu_optimize else []
     if precision == "fp16":
         stages.append(stage_name("fp16", gpu_optimize))
     parent_sha, art = None, None
@@ -445,18 +478,19 @@ def cached_artefact(component: str, model_hash: str, cache_dir: Path, *, precisi
 
 
 def cached_weights_fingerprint(component: str, model_hash: str, cache_dir: Path, *, precision: str = "fp32",
-                               gpu_optimize: bool = False) -> str | None:
+                               gpu_optimize: bool = False, attention_chunks: int | None = None) -> str | None:
     """The weights fingerprint the cached artefacts of ``component`` were exported with (the fp32 stage's key),
     found without the model's modules (:func:`cached_artefact`; an fp16 request falls back to the fp32 stages,
     as :func:`export_component` does for components that stay fp32); None when not cached."""
     import json
 
-    art = cached_artefact(component, model_hash, cache_dir, precision=precision, gpu_optimize=gpu_optimize)
+    where = {"gpu_optimize": gpu_optimize, "attention_chunks": attention_chunks}
+    art = cached_artefact(component, model_hash, cache_dir, precision=precision, **where)
     if art is None and precision != "fp32":
-        art = cached_artefact(component, model_hash, cache_dir, precision="fp32", gpu_optimize=gpu_optimize)
+        art = cached_artefact(component, model_hash, cache_dir, precision="fp32", **where)
     if art is None:
         return None
-    fp32 = artefact_dir(cache_dir, model_hash, component, "onnx-fp32") / "manifest.json"
+    fp32 = art.directory.parent / fp32_stage_of(art.manifest) / "manifest.json"
     try:
         return json.loads(fp32.read_text())["key"]["weights"]
     except (OSError, ValueError, KeyError):
@@ -488,8 +522,8 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
     step = iter(range(1, total + 1))
     tools = tool_versions("torch", "onnx", "diffusers", "transformers")
 
-    if attention_chunks is None:
-        attention_chunks = 0 if gpu_optimize else DEFAULT_CHUNKS
+    attention_chunks = attention_chunks_for(gpu_optimize, attention_chunks)
+    fp32_name = fp32_stage(attention_chunks)
 
     def build_fp32(tmp: Path, manifest: dict) -> None:
         loader = getattr(modules[desc.source], LOADER, None)
@@ -508,12 +542,13 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         consolidate(raw / MODEL_FILE, tmp / MODEL_FILE)
         shutil.rmtree(raw)
         manifest["info"]["parameters"] = parameter_map(source, tmp / MODEL_FILE)
+        manifest["info"]["fp32_stage"] = fp32_name
 
-    key = _key(desc, model_hash, "onnx-fp32", "fp32", opset, None, tools,
+    key = _key(desc, model_hash, fp32_name, "fp32", opset, None, tools,
                {"weights": weights_fingerprint(modules[desc.source]),
                 "attention": attention_kind(attention_chunks) if hasattr(modules[desc.source], "set_attn_processor")
                 else "full"})
-    art = _stage(desc, model_hash, cache_dir, "onnx-fp32", key, build_fp32, progress, (next(step), total))
+    art = _stage(desc, model_hash, cache_dir, fp32_name, key, build_fp32, progress, (next(step), total))
     built = art.built
 
     if gpu_optimize:
@@ -527,6 +562,7 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
             save_onnx(optimized.model, tmp / MODEL_FILE)
             manifest["info"]["optimizer"] = applied
             manifest["info"]["parameters"] = carry_parameter_map(parent.manifest, tmp / MODEL_FILE)
+            manifest["info"]["fp32_stage"] = fp32_stage_of(parent.manifest)
 
         stage = stage_name("fp32", True)
         key = _key(desc, model_hash, stage, "fp32", opset, parent.sha256, tools_gpu)
@@ -545,6 +581,7 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
             save_onnx(convert_to_fp16(model, desc.fp16_keep_fp32_ops, big=big), tmp / MODEL_FILE)
             manifest["info"]["parameters"] = carry_parameter_map(parent.manifest, tmp / MODEL_FILE)
             manifest["info"]["kept_fp32_ops"] = sorted(set(KEEP_FP32_OPS) | set(desc.fp16_keep_fp32_ops))
+            manifest["info"]["fp32_stage"] = fp32_stage_of(parent.manifest)
 
         stage = stage_name("fp16", gpu_optimize)
         key = _key(desc, model_hash, stage, "fp16", opset, parent.sha256, tools_fp16)

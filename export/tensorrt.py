@@ -101,7 +101,7 @@ def prepare_onnx(art, progress=None):
     import onnxruntime as ort
 
     from export.onnx import (DATA_FILE, MODEL_FILE, OnnxArtefact, _files,
-                             carry_parameter_map, sha256_files, tool_versions)
+                             carry_parameter_map, fp32_stage_of, sha256_files, tool_versions)
 
     desc = art.descriptor
     model_hash = art.manifest["key"]["model_hash"]
@@ -123,6 +123,7 @@ def prepare_onnx(art, progress=None):
             onnx.shape_inference.infer_shapes_path(str(tmp / MODEL_FILE), str(tmp / MODEL_FILE))
             manifest["info"]["sha256"] = sha256_files(_files(tmp))
             manifest["info"]["parameters"] = carry_parameter_map(art.manifest, tmp / MODEL_FILE)
+            manifest["info"]["fp32_stage"] = fp32_stage_of(art.manifest)
     if progress:
         progress(f"{desc.component}: {PREPARED_STAGE}", 1, 1)
     return OnnxArtefact(desc.component, directory, manifest, desc)

@@ -84,7 +84,10 @@ class HashCache:
     def file_sha256(self, path: str | os.PathLike) -> str:
         """sha256 of ``path``, from the cache when size and mtime match, else computed and stored."""
         path = Path(path).resolve()
-        st = path.stat()
+        return self._digest(path, path.stat())
+
+    def _digest(self, path: Path, st: os.stat_result) -> str:
+        """sha256 of the resolved ``path`` whose stat is ``st``: the cached one while size and mtime match."""
         key = str(path)
         with self._lock:
             entry = self._load().get(key)
@@ -98,14 +101,23 @@ class HashCache:
         return digest
 
     def folder_sha256(self, folder: str | os.PathLike) -> str:
-        """The stable hash of a diffusers folder (see the module docstring)."""
+        """The stable hash of a diffusers folder (see the module docstring). Checked on every request that uses
+        the folder: one directory walk and one stat per file (symlinked files resolved), no path objects."""
         folder = Path(folder).resolve()
-        files = sorted(
-            p for p in folder.rglob("*") if p.is_file() and p.suffix in FOLDER_HASH_SUFFIXES
-        )
+        files = []  # (relative posix path, resolved path, stat)
+        todo = [(str(folder), "")]
+        while todo:
+            directory, prefix = todo.pop()
+            with os.scandir(directory) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append((entry.path, f"{prefix}{entry.name}/"))
+                    elif entry.name.endswith(FOLDER_HASH_SUFFIXES) and entry.is_file():
+                        real = os.path.realpath(entry.path) if entry.is_symlink() else entry.path
+                        files.append((prefix + entry.name, real, os.stat(real)))
         h = hashlib.sha256()
-        for p in sorted(files, key=lambda p: p.relative_to(folder).as_posix()):
-            h.update(f"{p.relative_to(folder).as_posix()}\t{self.file_sha256(p)}\n".encode())
+        for rel, real, st in sorted(files):
+            h.update(f"{rel}\t{self._digest(Path(real), st)}\n".encode())
         return h.hexdigest()
 
     def sha256(self, path: str | os.PathLike) -> str:
