@@ -125,6 +125,11 @@ def session_options(config: EngineConfig):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if config.device == "cpu":
+        # No memory pattern on CPU: with it, the second run of a shape allocates the recorded pattern as one new
+        # block while the arena keeps the first run's chunks (SD1.5 VAE decoder at 256^2: resident 594 -> 818
+        # MiB on the second run, 594 without the pattern, same speed). The arena alone reuses its chunks.
+        so.enable_mem_pattern = False
     return so
 
 
