@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from engine.deferred import has_attribute
 from engine.errors import InvalidRequest
 
 TOKENS_PER_CHUNK = 77
@@ -363,7 +364,7 @@ def _text_encoder(modules, key: str) -> ComponentDescriptor:
 
     te = modules[key]
     cfg = te.config
-    pooled = cfg.projection_dim if hasattr(te, "text_projection") else cfg.hidden_size
+    pooled = cfg.projection_dim if has_attribute(te, "text_projection") else cfg.hidden_size
     tokens = cfg.max_position_embeddings
     return ComponentDescriptor(
         component=key,

@@ -367,6 +367,9 @@ def mark_released(module, fingerprint: str, loader: Callable[[], None] | None = 
 
 def mark_loaded(module) -> None:
     """``module`` has its weights again (released / meta-built, then loaded): it exports and fingerprints as any."""
+    from engine.deferred import real_module
+
+    module = real_module(module)
     for attr in (RELEASED, LOADER):
         if attr in module.__dict__:
             delattr(module, attr)
@@ -509,6 +512,8 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
     """
     import onnx
 
+    from engine.deferred import has_attribute, real_module
+
     precision = getattr(precision, "value", precision)
     if precision not in ONNX_PRECISIONS:
         raise InvalidRequest("precision", f"{precision!r} has no ONNX export", ", ".join(ONNX_PRECISIONS))
@@ -535,7 +540,7 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
                                f"and the artefact is gone from {cache_dir}: load the model again")
         raw = tmp / "raw"
         raw.mkdir()
-        source = _fp32_cpu(modules[desc.source])
+        source = _fp32_cpu(real_module(modules[desc.source]))
         with chunked_attention(source, attention_chunks):
             torch_export(desc.wrapper(source).eval(), desc, raw / MODEL_FILE, opset)
         # the legacy exporter writes one file per big tensor: consolidate into one
@@ -546,7 +551,7 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
 
     key = _key(desc, model_hash, fp32_name, "fp32", opset, None, tools,
                {"weights": weights_fingerprint(modules[desc.source]),
-                "attention": attention_kind(attention_chunks) if hasattr(modules[desc.source], "set_attn_processor")
+                "attention": attention_kind(attention_chunks) if has_attribute(modules[desc.source], "set_attn_processor")
                 else "full"})
     art = _stage(desc, model_hash, cache_dir, fp32_name, key, build_fp32, progress, (next(step), total))
     built = art.built

@@ -29,7 +29,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from engine.errors import ModelError
-from engine.models.family import FAMILIES, Arch, Kind, ModelFamily, model_family  # noqa: F401 (Arch, Kind re-exported)
+from engine.deferred import deferred_components
+from engine.models.family import FAMILIES, Arch, Kind, ModelFamily, model_family, tokenizers  # noqa: F401 (Arch, Kind re-exported)
 from engine.schedule import alphas_cumprod as scheduler_alphas_cumprod
 from engine.schedule import scheduler_config as default_scheduler_config
 
@@ -494,8 +495,9 @@ def build_controlnet(arch: Arch, state_dict: Mapping, config: Mapping, path, dty
 
 
 def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256: str = "",
-                     allow_pickle: bool = False, dtype=None, meta: bool = False) -> LoadedModel:
-    """Load a webui single-file SD1/SD2/SDXL checkpoint into diffusers modules (``meta``: see
+                     allow_pickle: bool = False, dtype=None, meta: bool = False,
+                     card: Mapping | None = None) -> LoadedModel:
+    """Load a webui single-file SD1/SD2/SDXL checkpoint into diffusers modules (``meta``, ``card``: see
     :func:`load_checkpoint`)."""
     import torch
 
@@ -514,9 +516,9 @@ def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256
         raise ModelError(path, f"UNet with {in_ch} input channels (inpainting / instruct models) is not supported")
     stated = metadata_configs(metadata, path)
     configs = stated or _family_configs(arch)
-    components = build_components(arch, state_dict, configs, path, dtype)
-    unet = components["unet"]
-    del state_dict
+    components = None
+    if card is None or not meta:
+        components = build_components(arch, state_dict, configs, path, dtype)
 
     prediction = (stated or {}).get("prediction_type") or yaml_parameterization(path)
     fam = FAMILIES[arch]
@@ -525,15 +527,29 @@ def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256
         if arch is Arch.SD2:
             if meta:
                 raise NeedsWeights(f"{path.name}: the SD2 prediction type is found by running the UNet")
-            prediction = "v_prediction" if _sd2_is_v(unet) else "epsilon"
+            prediction = "v_prediction" if _sd2_is_v(components["unet"]) else "epsilon"
             log.info("%s: SD2 prediction type by the webui heuristic: %s", path.name, prediction)
         else:
             prediction = fam.prediction_type
+    sample_size = None
     if native is None:
         native = fam.native_size
         if arch is Arch.SD2 and prediction == "epsilon":  # SD2 base: 512 px (the bundled config is 768-v)
             native = 512
-            unet.register_to_config(sample_size=native // 8)
+            sample_size = native // 8
+
+    def finish(built: dict) -> dict:
+        if sample_size is not None:
+            built["unet"].register_to_config(sample_size=sample_size)
+        return built
+
+    if components is None:  # the card's deferred modules; the first use builds them as above
+        components = {**deferred_components(card, lambda: finish(build_components(arch, state_dict, configs, path,
+                                                                                      dtype)), path.stem),
+                      **tokenizers(arch)}
+    else:
+        del state_dict
+        finish(components)
     sched = dict(configs.get("scheduler") or default_scheduler_config(prediction), prediction_type=prediction)
     return _result(name or path.stem, path, arch, prediction, sha256, int(native), components, sched, meta)
 
@@ -591,14 +607,14 @@ def _transformers_clip(sub: Path, projection: bool, allow_pickle: bool, dtype, w
 
 
 def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None, sha256: str = "",
-                          allow_pickle: bool = False, dtype=None, meta: bool = False) -> LoadedModel:
+                          allow_pickle: bool = False, dtype=None, meta: bool = False,
+                          card: Mapping | None = None) -> LoadedModel:
     """Load a diffusers pipeline folder (``model_index.json``): configs and weights from the folder only.
 
     Modules are built on the meta device and the weights assigned (as for single files), so nothing is
     fetched and ``.bin`` (pickle) weights follow the same ``allow_pickle`` policy as single files.
     """
     import torch
-    from diffusers import AutoencoderKL
 
     from engine.models.family import tokenizers
 
@@ -607,14 +623,23 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
     arch = detect_folder_arch(folder)
     if arch is None or arch.kind is not Kind.CHECKPOINT:
         raise ModelError(folder, "unknown architecture: not a SD1.x/SD2.x/SDXL diffusers pipeline folder")
-    components: dict[str, Any] = {
-        "unet": _diffusers_module(folder / "unet", _unet_class(), allow_pickle, dtype, "unet", meta),
-        "vae": _diffusers_module(folder / "vae", AutoencoderKL, allow_pickle, dtype, "vae", meta),
-        "text_encoder": _transformers_clip(folder / "text_encoder", False, allow_pickle, dtype, "text_encoder", meta),
-    }
-    if arch is Arch.SDXL:
-        components["text_encoder_2"] = _transformers_clip(folder / "text_encoder_2", True, allow_pickle, dtype,
-                                                          "text_encoder_2", meta)
+
+    def build() -> dict[str, Any]:
+        from diffusers import AutoencoderKL
+
+        built: dict[str, Any] = {
+            "unet": _diffusers_module(folder / "unet", _unet_class(), allow_pickle, dtype, "unet", meta),
+            "vae": _diffusers_module(folder / "vae", AutoencoderKL, allow_pickle, dtype, "vae", meta),
+            "text_encoder": _transformers_clip(folder / "text_encoder", False, allow_pickle, dtype, "text_encoder",
+                                               meta),
+        }
+        if arch is Arch.SDXL:
+            built["text_encoder_2"] = _transformers_clip(folder / "text_encoder_2", True, allow_pickle, dtype,
+                                                         "text_encoder_2", meta)
+        return built
+
+    # the card's deferred modules (built by the first use) or the modules now
+    components = deferred_components(card, build, folder.name) if card is not None and meta else build()
     components.update(tokenizers(arch))
     sched = _read_json(folder / "scheduler" / "scheduler_config.json")
     prediction = sched.get("prediction_type") or FAMILIES[arch].prediction_type
@@ -630,7 +655,9 @@ def load_checkpoint(path: str | os.PathLike, **kwargs) -> LoadedModel:
     ``meta=True``: the same modules, configs and checks, built from the safetensors headers only (parameters on
     the meta device, no tensor read, about a second for SDXL): what a backend that runs cached exported graphs
     needs. Raises :class:`NeedsWeights` where the weights are needed to load at all (pickles, an SD2 file
-    without a stated prediction type); :func:`load_weights_into` puts the weights in later."""
+    without a stated prediction type); :func:`load_weights_into` puts the weights in later. ``card`` (with
+    ``meta``): the file's module card (engine.deferred): the modules are deferred, built by their first
+    use other than their configs."""
     path = Path(path)
     if path.is_dir():
         return load_diffusers_folder(path, **kwargs)
@@ -640,12 +667,14 @@ def load_checkpoint(path: str | os.PathLike, **kwargs) -> LoadedModel:
 def load_weights_into(skeleton: Mapping[str, Any], loaded: Mapping[str, Any]) -> None:
     """Move the weights of the ``loaded`` modules into the same-named ``skeleton`` modules (built with
     ``meta=True`` or released after export) in place: the objects the backends hold get their weights back."""
+    from engine.deferred import real_module
     from export.onnx import mark_loaded
 
     for key, module in skeleton.items():
         full = loaded.get(key)
         if not hasattr(module, "load_state_dict") or full is None or full is module:
             continue
+        module = real_module(module)
         module.load_state_dict(full.state_dict(), strict=True, assign=True)
         for name, buf in full.named_buffers():  # non-persistent buffers (CLIP position_ids) are not in the state dict
             owner, leaf = (module.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]) if "." in name \

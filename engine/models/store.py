@@ -9,7 +9,7 @@ docs/API.md "Where files live")::
     ControlNet/         ControlNet files and diffusers folders (config.json)
     Lora/, LyCORIS/     LoRA files (<lora:NAME:...> in prompts; engine.networks)
     embeddings/         textual-inversion embeddings (their file name as a word in a prompt)
-    cache/              exported artefacts and hashes.json
+    cache/              exported artefacts, hashes.json, modules/ (module cards: engine.deferred)
 
 The read-only bundled root ``engine/models/bundled/{Stable-diffusion,ControlNet}`` is searched after the user
 store. Only top-level entries are listed (no sub-folders), so a name is a single path component.
@@ -149,6 +149,8 @@ class ModelStore:
         self.bundled = bundled_root() if bundled == "default" else (Path(bundled) if bundled else None)
         self.cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(self.root)
         self.hashes = HashCache(self.cache_dir / "hashes.json")
+        # module cards (engine.deferred): a load from cache builds no module it does not use
+        self.cards_dir = self.cache_dir / "modules"
         self.limits = {"checkpoint": max(max_loaded, 1), "controlnet": max(max_controlnets, 1)}
         self._loaded: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
@@ -374,10 +376,16 @@ class ModelStore:
 
         from engine.models.checkpoints import load_checkpoint, load_vae
 
+        from engine import deferred
+
+        card = deferred.read_card(self.cards_dir, sha, dtype, ("unet", "vae", "text_encoder")) if meta else None
         log.info("loading %s%s%s", entry.name, f" with VAE {vae_path.name}" if vae_path else "",
+                 " (modules from their card, built on first use)" if card else
                  " (modules without weights)" if meta else "")
         model = load_checkpoint(entry.path, name=entry.name, sha256=sha, allow_pickle=allow_pickle, dtype=dtype,
-                                meta=meta)
+                                meta=meta, card=card)
+        if card is None:  # the checkpoint's own modules (before an external VAE replaces its VAE)
+            deferred.write_card(self.cards_dir, model.components, sha, dtype)
         if vae_path is not None:
             own = model.components["vae"]
             cfg = {k: v for k, v in own.config.items() if not k.startswith("_")}
