@@ -43,14 +43,19 @@ def test_chunked_export_matches_full_and_diffusers(tiny, tmp_path):
     for component, feeds in cases.items():
         chunked = export_component(component, tiny, "tiny-attn", tmp_path, attention_chunks=16)
         full = export_component(component, tiny, "tiny-attn", tmp_path, attention_chunks=0)
-        assert chunked.directory == full.directory  # the same stage folder: only the key tells them apart
+        # one fp32 stage folder per attention layout (backends sharing a cache do not re-export in turn)
+        assert (chunked.directory.name, full.directory.name) == ("onnx-fp32", "onnx-fp32-full")
+        assert chunked.directory.parent == full.directory.parent
         desc = describe(component, tiny)
         with torch.no_grad():
             ref = desc.wrapper(tiny[desc.source]).eval()(*(torch.from_numpy(feeds[n]) for n in desc.input_names))
         ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).numpy()
-        # `full` was exported last: the chunked graph is rebuilt from its own key, never the stale full one
+        # `full` was exported last: the chunked graph is still there, valid under its own key
         again = export_component(component, tiny, "tiny-attn", tmp_path, attention_chunks=16)
+        assert not again.built and again.directory == chunked.directory
         assert again.manifest["key"]["attention"] == "chunked:16" and full.manifest["key"]["attention"] == "full"
+        assert (again.manifest["info"]["fp32_stage"], full.manifest["info"]["fp32_stage"]) == (
+            "onnx-fp32", "onnx-fp32-full")
         out_chunked, out_full = _run(again, feeds), _run(full, feeds)
         np.testing.assert_allclose(out_chunked, ref, atol=1e-4, rtol=0)
         np.testing.assert_allclose(out_full, ref, atol=1e-4, rtol=0)

@@ -378,12 +378,12 @@ class ModelStore:
 
         from engine import deferred
 
-        card = deferred.read_card(self.cards_dir, sha, dtype, ("unet", "vae", "text_encoder")) if meta else None
+        card = deferred.read_card(self.cards_dir, sha, dtype, ("unet", "vae", "text_encoder"))
         log.info("loading %s%s%s", entry.name, f" with VAE {vae_path.name}" if vae_path else "",
-                 " (modules from their card, built on first use)" if card else
+                 " (modules from their card, built on first use)" if card and meta else
                  " (modules without weights)" if meta else "")
         model = load_checkpoint(entry.path, name=entry.name, sha256=sha, allow_pickle=allow_pickle, dtype=dtype,
-                                meta=meta, card=card)
+                                meta=meta, card=card if meta else None)
         if card is None:  # the checkpoint's own modules (before an external VAE replaces its VAE)
             deferred.write_card(self.cards_dir, model.components, sha, dtype)
         if vae_path is not None:
