@@ -69,10 +69,6 @@ class DeferredModule:
     def built(self) -> bool:
         return self._module is not None
 
-    @property
-    def class_name(self) -> str:
-        return self._card["class"]
-
     def _materialize(self, why: str):
         with self._lock:
             if self._module is None:
@@ -134,10 +130,6 @@ def has_attribute(module, name: str) -> bool:
     if isinstance(module, DeferredModule) and not module.built and name in PROBED:
         return name in module._card.get("attrs", ())
     return hasattr(module, name)
-
-
-def is_deferred(module) -> bool:
-    return isinstance(module, DeferredModule) and not module.built
 
 
 # ------------------------------------------------------------------------------------------------ cards
