@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
@@ -145,6 +146,30 @@ def drop_mapped_pages(path) -> int:
     return dropped
 
 
+@contextmanager
+def dropping_mapped_pages(path, interval: float = 0.05):
+    """Within the block, drop the mapped pages of ``path`` every ``interval`` seconds (:func:`drop_mapped_pages`),
+    and once more at its end. A compile reads each constant of the mapped IR once to make its own copy; the
+    pages it has read would otherwise all stay resident until the compile returns, beside the copy: the SD1.5
+    UNet's f32 compile peaked at 6.7 GB (3.3 GB of mapped IR + 3.4 GB compiled), 3.4 GB after it. Dropping
+    while it reads bounds the mapped share to what it reads in one interval; a page read again faults back
+    from the page cache."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(interval):
+            drop_mapped_pages(path)
+
+    thread = threading.Thread(target=loop, name="drop-mapped-pages", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        drop_mapped_pages(path)
+
+
 class OpenVinoBackend(ComponentsMixin):
     """``run(component, feeds)`` over OpenVINO compiled models; see the module docstring."""
 
@@ -231,11 +256,11 @@ class OpenVinoBackend(ComponentsMixin):
                 model = self.model(component)
                 model.reshape({name: list(shape) for name, shape in shapes.items()})
                 log.info("%s: compiling for %s (%s)", component, dict(shapes), self.inference_precision)
-                compiled = _core().compile_model(model, "CPU", self.compile_properties())
-                del model
-                # the compiled model runs its own copy of the weights: the IR's mapped pages need not stay resident
-                dropped = drop_mapped_pages(self._ir[component].with_suffix(".bin"))
-                log.debug("%s: dropped %d MiB of mapped IR weights", component, dropped >> 20)
+                # the compiled model runs its own copy of the weights: the IR's mapped pages need not stay
+                # resident, neither while it compiles nor after
+                with dropping_mapped_pages(self._ir[component].with_suffix(".bin")):
+                    compiled = _core().compile_model(model, "CPU", self.compile_properties())
+                    del model
                 entry = cache[key] = (compiled, compiled.create_infer_request())
                 while len(cache) > self.max_compiled:
                     cache.popitem(last=False)
