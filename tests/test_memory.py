@@ -23,11 +23,8 @@ from api_compat import ApiError, LocalService
 from engine.memory import Architecture, architecture_of, estimate, largest_fitting
 from tests.api_support import double_factory
 
-try:
-    import openvino  # noqa: F401
-    needs_openvino = pytest.mark.skipif(False, reason="")
-except ImportError:
-    needs_openvino = pytest.mark.skip(reason="the openvino extra is part of the dev extra")
+needs_openvino = pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None,
+                                    reason="the openvino extra is part of the dev extra")
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20

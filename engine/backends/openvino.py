@@ -113,6 +113,16 @@ def convert_to_ir(onnx_artefact, model_hash: str, cache_dir, stage: str = IR_STA
 MADV_DONTNEED = 4  # Linux <sys/mman.h>
 
 
+@functools.cache
+def _libc():
+    """libc with ``madvise`` typed (loaded once: :func:`dropping_mapped_pages` calls it every 50 ms)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def drop_mapped_pages(path) -> int:
     """Drop this process's resident pages of the read-only file mappings of ``path`` (``madvise(MADV_DONTNEED)``);
     returns the bytes of the mappings. A compiled model keeps the IR's weight file mapped although, in bf16,
@@ -126,8 +136,7 @@ def drop_mapped_pages(path) -> int:
     if not sys.platform.startswith("linux"):
         return 0
     target = os.path.realpath(path)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc = _libc()
     dropped = 0
     try:
         with open("/proc/self/maps") as f:
