@@ -167,11 +167,11 @@ def _img2img(payload, backend, device, precision, models_dir, results_dir, outpu
 def _run(body: dict[str, Any], method: str, backend, device, precision, models_dir, results_dir, output,
          allow_url_fetch, engine_factory) -> None:
     from api_compat.errors import ApiError
-    from api_compat.service import LocalService
+    from api_compat.service import TaskService
 
     factory = _factory(engine_factory)
     try:
-        service = LocalService(models_dir, results_dir=results_dir, engine_factory=factory,
+        service = TaskService(models_dir, results_dir=results_dir, engine_factory=factory,
                                allow_url_fetch=allow_url_fetch, **_engine_options(backend, device, precision))
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -388,11 +388,11 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
         click.echo(f"warning: serving on {host} without an API key (--insecure-no-auth); anyone who can reach it "
                    "can submit tasks", err=True)
     configs = json.loads(configs_file.read_text()) if configs_file else None
-    from api_compat.service import LocalService
+    from api_compat.service import TaskService
 
     queue_options = {"visibility_timeout": visibility_timeout} if queue else None
     try:
-        service = LocalService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
+        service = TaskService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
                                max_queue_bytes=max_queue_mb * 1024 * 1024, memory_budget=_budget(memory_budget_gb),
                                engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
                                max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
@@ -432,7 +432,8 @@ def worker(queue, device, models_dir, results_dir, models, backend, precision, c
            visibility_timeout, restore_interval, max_attempts, loglevel, engine_factory):
     """Run the engine for 'sdengine serve --queue' servers: a Celery worker on one device that loads the
     engine once and runs one task at a time (needs the 'queue' extra)."""
-    from api_compat.celery_queue import QueueOptions, WorkerSettings, redact, run_worker
+    from api_compat.tasks.celery_app import QueueOptions, redact
+    from api_compat.tasks.worker import WorkerSettings, run_worker
     from engine.errors import SdEngineError
     from engine.lazy import require
 

@@ -39,7 +39,7 @@ from engine.lazy import require
 from api_compat.apidoc import annotate_openapi
 from api_compat.errors import ApiError
 from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, deep_nesting
-from api_compat.service import CONFIG_HEADER, LocalService
+from api_compat.service import CONFIG_HEADER, TaskService
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ class _ApiRoutes:
     body under the size limit, call the service, answer JSON. FastAPI's routing, dependency solving and
     encoders cost about as much as the whole submit, so these skip them; everything else goes to ``app``."""
 
-    def __init__(self, app, service: LocalService, max_body_bytes: int, read_timeout: float = DEFAULT_READ_TIMEOUT):
+    def __init__(self, app, service: TaskService, max_body_bytes: int, read_timeout: float = DEFAULT_READ_TIMEOUT):
         self.app = app
         self.service = service
         self.max_body = max_body_bytes
@@ -433,7 +433,7 @@ def _openapi_paths() -> dict[str, Any]:
     }
 
 
-def create_app(service: LocalService, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+def create_app(service: TaskService, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                close_service: bool = False, allowed_hosts: Iterable[str] | None = LOOPBACK_NAMES,
                cors_origins: Iterable[str] = (), read_timeout: float = DEFAULT_READ_TIMEOUT,
                api_auth: str | Iterable | None = None):

@@ -1,16 +1,20 @@
-"""LocalService: the sd_txt2img / sd_get_result contract in-process, over a bounded task queue.
+"""TaskService: the sd_txt2img / sd_get_result contract in-process, in front of a task backend -- the embedded
+queue in this process or the remote Celery + Redis queue.
 
-    with LocalService() as api:                    # models and results under the home (engine.config)
+    with TaskService() as api:                     # models and results under the home (engine.config)
         task = api.sd_txt2img({"prompt": "a cat", "steps": 20})
         result = api.wait(task["taskId"])          # {"taskId", "status", "images": [png paths], ...}
 
 Validation happens at submit (an :class:`ApiError` is raised and nothing is queued); then the task goes to a
-task backend (:mod:`api_compat.backend`): ``embedded`` by default (one worker thread and one bounded FIFO queue
-per device in this process, records in SQLite, :mod:`api_compat.embedded`), or ``celery`` with
-``queue="redis://HOST:6379/0"`` (a Redis broker and Redis records, served by ``sdengine worker`` processes,
-:mod:`api_compat.celery_queue`). The engine configurations (the default one, and each named one selected with
-the ``X-SP-RESOURCE-CONFIG-ID`` header) are the same in both. Tasks go waiting -> running -> succeeded | failed;
-one failing task never stops a worker.
+task backend (:mod:`api_compat.tasks`, the seam :mod:`api_compat.tasks.backend`): ``embedded`` by default (one
+worker thread and one bounded FIFO queue per device in this process, records in SQLite,
+:mod:`api_compat.tasks.embedded`), or ``celery`` with ``queue="redis://HOST:6379/0"`` (a Redis broker and Redis
+records, served by ``sdengine worker`` processes, :mod:`api_compat.tasks.celery_producer`). The engine
+configurations (the default one, and each named one selected with the ``X-SP-RESOURCE-CONFIG-ID`` header) are
+the same in both. Tasks go waiting -> running -> succeeded | failed; one failing task never stops a worker.
+
+``LocalService`` is the old name of :class:`TaskService` (it never was local only: it fronts the remote queue
+too); it still works and warns (``DeprecationWarning``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import random
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +32,15 @@ from engine.config import EngineConfig, default_results_dir
 from engine.errors import InvalidRequest, ModelError, SdEngineError
 from engine.models.store import ModelStore
 
-from api_compat.backend import Submission, TaskBackend
 from api_compat.engine_api import EngineFactory, check_memory, check_models, default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits
 from api_compat.schema import parse_request
-from api_compat.store import TASK_ID, Status
+from api_compat.tasks.backend import Submission, TaskBackend
+from api_compat.tasks.celery_app import QueueOptions
+from api_compat.tasks.celery_producer import CeleryBackend
+from api_compat.tasks.embedded import EmbeddedBackend
+from api_compat.tasks.store import TASK_ID, Status
 from api_compat.translate import image_bytes, translate_request
 
 log = logging.getLogger(__name__)
@@ -42,8 +50,11 @@ DEFAULT_CONFIG = "default"
 MAX_SEED = 4294967294  # webui: -1 draws a seed in [0, 4294967294)
 
 
-class LocalService:
-    """The API. ``engine_options`` are :class:`EngineConfig` fields (backend, device, precision ...).
+class TaskService:
+    """The API in front of a task backend: it validates and translates each payload, then hands the task to the
+    embedded queue (worker threads in this process) or to the remote Celery + Redis queue (``sdengine worker``
+    processes); results, cancels and health come from the same backend. ``engine_options`` are
+    :class:`EngineConfig` fields (backend, device, precision ...).
 
     ``configs`` maps a resource-configuration id to engine options applied over ``engine_options``; the
     ``X-SP-RESOURCE-CONFIG-ID`` header picks one (absent: the default configuration).
@@ -52,7 +63,7 @@ class LocalService:
     name is refused before anything is queued); False leaves the lookup to the engine, when the task runs.
     ``queue``: None runs the tasks here (``embedded``); ``"redis://[:PASSWORD@]HOST:PORT/DB"`` sends them to
     ``sdengine worker`` processes over Celery + Redis (``celery``; ``queue_options`` are
-    :class:`api_compat.celery_queue.QueueOptions` fields). ``max_age_s`` is the results TTL in both.
+    :class:`api_compat.tasks.celery_app.QueueOptions` fields). ``max_age_s`` is the results TTL in both.
     ``memory_budget``: bytes a request may need at its peak, estimated at submit by ``engine.memory`` from the
     model's configs ("auto": half the machine's memory; None: no check; needs ``check_models``).
     """
@@ -102,13 +113,9 @@ class LocalService:
             k: ModelStore.from_config(c) if check_models else None for k, c in self.configs.items()}
         self.backend: TaskBackend
         if queue:
-            from api_compat.celery_queue import CeleryBackend, QueueOptions
-
             self.backend = CeleryBackend(queue, self, self.results_dir, max_queue=max_queue, results_ttl=max_age_s,
                                          options=QueueOptions(**(queue_options or {})))
         else:
-            from api_compat.embedded import EmbeddedBackend
-
             self.backend = EmbeddedBackend(self.configs, self.results_dir,
                                            engine_factory=engine_factory or default_engine_factory,
                                            max_queue=max_queue, max_queue_bytes=max_queue_bytes,
@@ -193,7 +200,7 @@ class LocalService:
         the workers. Celery: the queued tasks stay queued for the workers."""
         self.backend.close(timeout)
 
-    def __enter__(self) -> LocalService:
+    def __enter__(self) -> TaskService:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -239,3 +246,11 @@ class LocalService:
             raise ApiError("not_found", f"no task {task_id[:100]!r}", field="taskId",
                            allowed="a task id from sd_txt2img (32 hex digits)")
         return task_id
+
+
+def __getattr__(name: str):
+    if name == "LocalService":  # the old name (deprecated)
+        warnings.warn("api_compat.service.LocalService is now TaskService (it fronts the embedded and the remote "
+                      "queue alike); LocalService will be removed", DeprecationWarning, stacklevel=2)
+        return TaskService
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

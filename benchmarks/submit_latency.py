@@ -87,7 +87,7 @@ def time_calls(fn, repeats: int, warmup: int = 100) -> list[float]:
 def bench_in_process(repeats: int) -> dict[str, dict[str, float]]:
     from api_compat import LocalService
     from api_compat.schema import parse_payload
-    from api_compat.store import TaskStore
+    from api_compat.tasks.store import TaskStore
     from api_compat.translate import translate
     from engine.config import EngineConfig
 

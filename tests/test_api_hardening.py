@@ -24,7 +24,7 @@ from PIL import Image
 from api_compat import ApiError, LocalService
 from api_compat.http import allowed_hosts_for, create_app, uvicorn_config
 from api_compat.schema import MAX_JSON_DEPTH, parse_payload
-from api_compat.store import StoreLocked, TaskStore
+from api_compat.tasks.store import StoreLocked, TaskStore
 from engine.controlnet import PREPROCESSORS, unit_sizes
 from engine.controlnet.images import EncodedImage, fit_detected_map
 from engine.request import ControlNetUnit
@@ -427,7 +427,7 @@ def test_the_results_lock_holds_across_processes(tmp_path):
     first = TaskStore(tmp_path)
     try:
         os.unlink(tmp_path / ".lock")
-        code = ("import sys\nfrom api_compat.store import TaskStore, StoreLocked\n"
+        code = ("import sys\nfrom api_compat.tasks.store import TaskStore, StoreLocked\n"
                 "try:\n    TaskStore(sys.argv[1])\nexcept StoreLocked:\n    sys.exit(3)\n")
         proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True,
                               env={**os.environ, "PYTHONPATH": str(root)}, timeout=60)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from api_compat import ApiError, LocalService
-from api_compat.store import Status
+from api_compat.tasks.store import Status
 from engine.request import GenerationRequest
 from engine.config import EngineConfig
 from tests.api_support import EngineDouble, png_infotext, png_pixels, png_seed, tiny_engine  # noqa: F401 (fixture)
@@ -274,7 +274,7 @@ def test_retention_removes_rows_and_files(tmp_path):
 
 
 def test_a_second_process_cannot_open_the_same_results(tmp_path):
-    from api_compat.store import StoreLocked
+    from api_compat.tasks.store import StoreLocked
 
     with make(tmp_path, EngineDouble):
         with pytest.raises(StoreLocked):

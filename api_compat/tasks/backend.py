@@ -1,11 +1,11 @@
-"""The task-backend seam: what :class:`api_compat.service.LocalService` hands a validated task to.
+"""The task-backend seam: what :class:`api_compat.service.TaskService` hands a validated task to.
 
-Two implementations, chosen by ``LocalService(queue=...)``:
+Two implementations, chosen by ``TaskService(queue=...)``:
 
-- ``embedded`` (:mod:`api_compat.embedded`, the default): SQLite records and one worker thread per device, in
-  the API's own process;
-- ``celery`` (:mod:`api_compat.celery_queue`): a Redis broker and Redis task records, served by any number of
-  ``sdengine worker`` processes.
+- ``embedded`` (:mod:`api_compat.tasks.embedded`, the default): SQLite records and one worker thread per device,
+  in the API's own process;
+- ``celery`` (:mod:`api_compat.tasks.celery_producer`, :mod:`api_compat.tasks.worker`): a Redis broker and Redis
+  task records, served by any number of ``sdengine worker`` processes.
 
 The service validates (schema, engine limits, model names) and shapes nothing itself: a backend answers the
 result dict of API.md ("Poll") and raises :class:`ApiError` with the same codes in both implementations.

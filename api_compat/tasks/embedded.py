@@ -18,10 +18,10 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.errors import Cancelled
 
-from api_compat.backend import Progress, Submission, error_of, initial_progress, result_dict, run_generation
+from api_compat.tasks.backend import Progress, Submission, error_of, initial_progress, result_dict, run_generation
 from api_compat.engine_api import EngineFactory, EngineLike
 from api_compat.errors import ApiError
-from api_compat.store import Status, TaskRecord, TaskStore
+from api_compat.tasks.store import Status, TaskRecord, TaskStore
 
 log = logging.getLogger(__name__)
 
