@@ -32,6 +32,7 @@ from engine.config import EngineConfig, default_results_dir
 from engine.errors import InvalidRequest, ModelError, SdEngineError
 from engine.models.store import ModelStore
 
+from api_compat.detect import parse_detect
 from api_compat.engine_api import EngineFactory, check_memory, check_models, default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits
@@ -165,6 +166,26 @@ class TaskService:
         sub = Submission(task_id=uuid.uuid4().hex, config_id=config_id, request=translation.request,
                          parameters=translation.parameters, payload=wire or {}, model=model, created=time.time(),
                          nbytes=image_bytes(translation.request), kind=kind)
+        self.backend.submit(sub)
+        return {"taskId": sub.task_id, "status": Status.WAITING.value}
+
+    def controlnet_detect(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, str]:
+        """sd-webui-controlnet's ``/controlnet/detect`` body (``controlnet_module``, ``controlnet_input_images``,
+        the sliders) as a task: validated here (images decoded under the image limits, the working size
+        checked), the preprocessor runs on the backend's worker, never in this process. Returns ``{"taskId",
+        "status"}``; the succeeded result's images are the detected maps. Raises :class:`ApiError`."""
+        request = parse_detect(payload, self.limits)
+        config_id = self._config_id(headers)
+        model, wire = None, {}
+        if self.backend.name != "embedded":  # a worker parses the body again
+            wire = dict(payload)
+            try:  # the default checkpoint's queue: a worker serving only named checkpoints still takes it
+                model = self._route(self._stores[config_id], self.configs[config_id], None)
+            except ApiError:
+                model = None
+        sub = Submission(task_id=uuid.uuid4().hex, config_id=config_id, request=request,
+                         parameters=request.parameters(), payload=wire, model=model, created=time.time(),
+                         nbytes=request.nbytes, kind="detect")
         self.backend.submit(sub)
         return {"taskId": sub.task_id, "status": Status.WAITING.value}
 

@@ -151,7 +151,7 @@ def test_webui_listing_follows_the_current_checkpoint(ti_store, tmp_path):
     allow_pickle, with the webui's step / sd_checkpoint fields from the file."""
     from safetensors.torch import save_file
 
-    from api_compat.webui import _embeddings
+    from api_compat.webui.listings import embeddings as _embeddings
     from engine.config import EngineConfig
     from engine.models.store import ModelStore
     from engine.networks.embeddings import EmbeddingDatabase

@@ -46,7 +46,7 @@ class Submission:
     model: str | None
     created: float
     nbytes: int = 0  # what the queued task holds: its unit, init and mask images, compressed
-    kind: str = "txt2img"  # or "img2img": which payload ``payload`` is
+    kind: str = "txt2img"  # or "img2img", "detect" (/controlnet/detect): which payload ``payload`` is
 
 
 class TaskBackend(Protocol):

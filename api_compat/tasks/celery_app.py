@@ -7,13 +7,16 @@ on a Redis broker and the task records in the same Redis (the ``queue`` extra: `
 Who does what:
 
 - The API (:class:`~api_compat.tasks.celery_producer.CeleryBackend`, inside
-  ``TaskService(queue="redis://...")``) validates the payload exactly as the embedded backend does, draws the random seeds, writes the task record (``waiting``) and publishes a
-  JSON message (the payload, the resource configuration's engine options) to the queue of the task's checkpoint
-  (``sdengine.model.<name>``; ``sdengine.default`` when the API has no model store to resolve names).
+  ``TaskService(queue="redis://...")``) validates the payload exactly as the embedded backend does, draws the
+  random seeds, writes the task record (``waiting``) and publishes a JSON message (the payload, the resource
+  configuration's engine options) to the queue of the task's checkpoint (``sdengine.model.<name>``;
+  ``sdengine.default`` when the API has no model store to resolve names).
 - A worker (:func:`~api_compat.tasks.worker.run_worker`, ``sdengine worker``) consumes the queues of the
-  checkpoints it serves, one task at a time per device (Celery prefork pool, concurrency 1, prefetch 1), keeps its engines in the pool
-  process, translates the payload again, runs :func:`api_compat.tasks.backend.run_generation` (PNGs written
-  atomically into the shared results directory), and writes progress (per step) and the final state.
+  checkpoints it serves, one task at a time per device (Celery prefork pool, concurrency 1, prefetch 1), keeps
+  its engines in the pool process, translates the payload again, runs
+  :func:`api_compat.tasks.backend.run_generation` (PNGs written atomically into the shared results directory),
+  and writes progress (per step) and the final state. A ``/controlnet/detect`` task runs the preprocessors
+  (:func:`api_compat.detect.run_detect`) on the default checkpoint's queue, without an engine.
 
 Nothing is lost when a worker dies: messages are acknowledged late (after the record is final) and rejected
 back to the queue when the pool process dies (``task_reject_on_worker_lost``: at once); when a whole worker

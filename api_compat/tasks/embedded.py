@@ -19,6 +19,7 @@ from engine.config import EngineConfig
 from engine.errors import Cancelled
 
 from api_compat.tasks.backend import Progress, Submission, error_of, initial_progress, result_dict, run_generation
+from api_compat.detect import run_detect
 from api_compat.engine_api import EngineFactory, EngineLike
 from api_compat.errors import ApiError
 from api_compat.tasks.store import Status, TaskRecord, TaskStore
@@ -234,10 +235,14 @@ class EmbeddedBackend:
         try:
             if task.cancel.is_set():
                 raise Cancelled("cancelled before the task started")
-            engine = self._engine(worker, task)
-            info, names = run_generation(engine, task.sub.request, images_dir=self.store.images_dir,
-                                         task_id=task.task_id, config_id=task.sub.config_id, progress=progress,
-                                         cancel=task.cancel)
+            if task.sub.kind == "detect":  # /controlnet/detect: the preprocessors, no engine
+                info, names = run_detect(task.sub.request, images_dir=self.store.images_dir, task_id=task.task_id,
+                                         progress=progress, cancel=task.cancel)
+            else:
+                engine = self._engine(worker, task)
+                info, names = run_generation(engine, task.sub.request, images_dir=self.store.images_dir,
+                                             task_id=task.task_id, config_id=task.sub.config_id,
+                                             progress=progress, cancel=task.cancel)
             self.store.finish(task.task_id, Status.SUCCEEDED, info=info, images=names)
             task.status = Status.SUCCEEDED
         except Exception as exc:

@@ -22,6 +22,7 @@ from engine.errors import Cancelled, InvalidRequest
 from engine.models.checkpoints import Kind
 from engine.models.store import ModelStore
 
+from api_compat.detect import parse_detect, run_detect
 from api_compat.engine_api import default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits
@@ -122,28 +123,16 @@ class _Runtime:
                 cancel.set()
 
         try:
-            options = {**self.settings.engine_options, **(message.get("options") or {})}
-            for key in WORKER_LOCAL:
-                if key in self.settings.engine_options:
-                    options[key] = self.settings.engine_options[key]
-                else:
-                    options.pop(key, None)
-            config = EngineConfig(**options)
-            try:
-                kind = message.get("kind", "txt2img")
-                translation = translate_request(kind, parse_request(kind, message["payload"]), config,
-                                                ImageLimits(**(message.get("limits") or {})))
-            except InvalidRequest as exc:
-                raise api_error_from(exc) from None
-            key = json.dumps(options, sort_keys=True, default=str)
-            engine = self.engines.get(key)
-            if engine is None:
-                engine = self.engines[key] = self.factory(config)
-            if self.tasks.progress(task_id, tracker.value):
-                raise Cancelled("cancelled before the task started")
-            info, names = run_generation(engine, translation.request, images_dir=self.images_dir, task_id=task_id,
-                                         config_id=message.get("config_id", "default"), progress=progress,
+            kind = message.get("kind", "txt2img")
+            limits = ImageLimits(**(message.get("limits") or {}))
+            if kind == "detect":  # /controlnet/detect: the preprocessors, no engine
+                request = parse_detect(message["payload"], limits)
+                if self.tasks.progress(task_id, tracker.value):
+                    raise Cancelled("cancelled before the task started")
+                info, names = run_detect(request, images_dir=self.images_dir, task_id=task_id, progress=progress,
                                          cancel=cancel)
+            else:
+                info, names = self._generate(kind, message, limits, task_id, tracker, progress, cancel)
             if not self._finish(task_id, "succeeded", ttl, info=info, images=names):
                 self._remove(names)  # cancelled (or ended) meanwhile: its record says so; no orphan files
         except ApiError as exc:
@@ -151,6 +140,29 @@ class _Runtime:
         except Exception as exc:
             self._remove(names)
             self._finish(task_id, "failed", ttl, error=error_of(exc, task_id))
+
+    def _generate(self, kind: str, message, limits: ImageLimits, task_id: str, tracker: Progress, progress,
+                  cancel: threading.Event) -> tuple[dict[str, Any], list[str]]:
+        """Translate the payload again, on this worker's engine for the task's configuration, and run it."""
+        options = {**self.settings.engine_options, **(message.get("options") or {})}
+        for key in WORKER_LOCAL:
+            if key in self.settings.engine_options:
+                options[key] = self.settings.engine_options[key]
+            else:
+                options.pop(key, None)
+        config = EngineConfig(**options)
+        try:
+            translation = translate_request(kind, parse_request(kind, message["payload"]), config, limits)
+        except InvalidRequest as exc:
+            raise api_error_from(exc) from None
+        key = json.dumps(options, sort_keys=True, default=str)
+        engine = self.engines.get(key)
+        if engine is None:
+            engine = self.engines[key] = self.factory(config)
+        if self.tasks.progress(task_id, tracker.value):
+            raise Cancelled("cancelled before the task started")
+        return run_generation(engine, translation.request, images_dir=self.images_dir, task_id=task_id,
+                              config_id=message.get("config_id", "default"), progress=progress, cancel=cancel)
 
     def _finish(self, task_id, status, ttl, **kw) -> bool:
         return self.tasks.finish(task_id, status, owner=self.owner, ttl=ttl, **kw)

@@ -1,0 +1,132 @@
+"""The webui's listings (``/sdapi/v1/sd-models``, ``sd-vae``, ``loras``, ``embeddings``, ``samplers``,
+``schedulers``, ``upscalers``, ``latent-upscale-modes``, ``cmd-flags``, ``memory``): what the model store and
+the engine's registries hold, in the webui's shapes. Nothing here loads a model."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from engine.img2img import IMAGE_UPSCALERS, LATENT_UPSCALERS
+from engine.models.checkpoints import Kind, read_safetensors_header, text_encoder_widths
+from engine.models.store import SUBDIRS, folders
+from engine.networks.embeddings import fits, store_embeddings
+from engine.samplers import SCHEDULE_NAMES, SPECS
+
+log = logging.getLogger(__name__)
+
+SCRIPTS = {"txt2img": ["controlnet"], "img2img": ["controlnet"]}  # ControlNet is the one always-on script
+_SCHEDULE_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
+
+
+def sd_models(store) -> list[dict[str, Any]]:
+    out = []
+    for e in store.list(Kind.CHECKPOINT):
+        out.append({"title": e.title, "model_name": e.stem, "hash": e.short_hash, "sha256": e.sha256,
+                    "filename": f"{'bundled/' if e.bundled else ''}{SUBDIRS[Kind.CHECKPOINT]}/{e.name}",
+                    "config": None})
+    return out
+
+
+def sd_vaes(store) -> list[dict[str, Any]]:
+    return [{"model_name": e.name, "filename": f"{SUBDIRS[Kind.VAE]}/{e.name}"}
+            for e in store.entries(Kind.VAE)]
+
+
+def loras(store) -> list[dict[str, Any]]:
+    """The Lora extension's listing: name (what <lora:NAME> takes), alias, path inside the store, metadata."""
+    out = []
+    for e in store.entries(Kind.LORA):
+        meta = {}
+        if e.path.suffix.lower() == ".safetensors":
+            try:
+                meta = read_safetensors_header(e.path).metadata
+            except Exception:  # noqa: BLE001 - a broken file is still listed; using it gives the error
+                meta = {}
+        sub = next((f for f in folders(Kind.LORA) if (e.root / f / e.name).exists()), "Lora")
+        out.append({"name": e.stem, "alias": meta.get("ss_output_name", e.stem),
+                    "path": f"{'bundled/' if e.bundled else ''}{sub}/{e.name}", "metadata": meta})
+    return out
+
+
+def current_checkpoint(store, options: dict[str, Any], default_model: str | None):
+    """The checkpoint the webui routes use now: the ``sd_model_checkpoint`` option, else the store's default."""
+    name = options.get("sd_model_checkpoint")
+    return (store.resolve(name, Kind.CHECKPOINT, field="sd_model_checkpoint") if name
+            else store.default_checkpoint(default_model))
+
+
+def embeddings(store, options: dict[str, Any], config) -> dict[str, dict[str, Any]]:
+    """The webui's embedding listing: ``loaded`` = the store's embeddings the current checkpoint uses (its text
+    encoders' widths, read from its header: nothing is loaded), ``skipped`` = the others (another architecture,
+    more than 75 vectors). Without a known checkpoint (a pickle, an empty store) every readable one is
+    ``loaded``, as the webui does before it knows the expected shape."""
+    widths = None
+    try:
+        found = text_encoder_widths(current_checkpoint(store, options, config.default_model).path)
+        widths = found[1] if found else None
+    except Exception as exc:  # noqa: BLE001 - an empty or broken store still lists the embeddings
+        log.warning("embeddings: the current checkpoint's text encoders are unknown: %s", exc)
+    out: dict[str, dict[str, Any]] = {"loaded": {}, "skipped": {}}
+    for info in store_embeddings(store, config.allow_pickle):
+        if info.name in out["loaded"]:
+            continue  # the first usable file of a name wins (the engine's rule)
+        usable = widths is None or fits(info.shapes, widths)
+        if not usable and info.name in out["skipped"]:
+            continue
+        out["skipped"].pop(info.name, None)
+        out["loaded" if usable else "skipped"][info.name] = {
+            "step": info.step, "sd_checkpoint": info.sd_checkpoint, "sd_checkpoint_name": info.sd_checkpoint_name,
+            "shape": info.shape, "vectors": info.vectors}
+    return out
+
+
+def samplers() -> list[dict[str, Any]]:
+    out = []
+    for spec in SPECS.values():
+        options: dict[str, str] = {}
+        if spec.schedule and spec.schedule not in ("DDIM", "UniPC"):
+            options["scheduler"] = spec.schedule.lower().replace(" ", "_")
+        for flag, name in (("discard_penultimate", "discard_next_to_last_sigma"), ("second_order", "second_order"),
+                           ("brownian", "brownian_noise"), ("uses_ensd", "uses_ensd")):
+            if getattr(spec, flag):
+                options[name] = "True"
+        out.append({"name": spec.name, "aliases": list(spec.aliases), "options": options})
+    return out
+
+
+def schedulers() -> list[dict[str, Any]]:
+    return [{"name": label.lower().replace(" ", "_"), "label": label, "aliases": None,
+             "default_rho": _SCHEDULE_RHO.get(label, -1.0), "need_inner_model": False} for label in SCHEDULE_NAMES]
+
+
+def upscalers() -> list[dict[str, Any]]:
+    """The image upscalers the engine has (engine.img2img, with the hires fix)."""
+    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+            for n in IMAGE_UPSCALERS]
+
+
+def latent_upscale_modes() -> list[dict[str, Any]]:
+    """The latent upscale modes of the hires fix (engine.img2img)."""
+    return [{"name": n} for n in LATENT_UPSCALERS]
+
+
+def cmd_flags(config) -> dict[str, Any]:
+    """The server's flags under the webui's names (no secrets)."""
+    return {"api": True, "nowebui": True, "api_auth": None, "listen": None, "port": None,
+            "ckpt_dir": str(Path(config.models_dir) / "Stable-diffusion"), "device": config.device,
+            "backend": config.backend.value, "precision": config.precision.value, "sdengine": True}
+
+
+def memory() -> dict[str, Any]:
+    """RAM from the OS (cheap); CUDA is not queried (that would import torch in the server process)."""
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+        free = os.sysconf("SC_AVPHYS_PAGES") * page
+        ram: dict[str, Any] = {"free": free, "used": total - free, "total": total}
+    except (ValueError, OSError, AttributeError):
+        ram = {"error": "unavailable on this system"}
+    return {"ram": ram, "cuda": {"error": "not reported by sdengine (the engine runs in its worker)"}}

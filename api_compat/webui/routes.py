@@ -1,0 +1,343 @@
+"""The webui's routes (``/sdapi/v1/...``) as :class:`WebuiRoutes`: one method per route over a
+:class:`~api_compat.service.TaskService`, registered on a FastAPI router by :meth:`RouteSet.router` (the
+ControlNet extension's routes are :class:`api_compat.webui.controlnet.ControlNetRoutes`).
+
+A synchronous ``POST /sdapi/v1/txt2img`` validates the payload with the same schema as ``/scc``, submits a task
+to the same queue and task store (it shows in ``sd_get_result``, the queue limit answers 429), waits for it,
+and answers in the webui's shapes (:mod:`api_compat.webui.adapter`). ``/sdapi/v1/interrupt`` cancels the
+running webui task; a client that disconnects cancels its own task.
+"""
+
+# no "from __future__ import annotations": FastAPI must see the real Request type of the route methods
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from api_compat.errors import HTTP_STATUS, ApiError
+from api_compat.schema import OverrideSettings, validation_error_to_api
+from api_compat.service import DEFAULT_CONFIG
+from api_compat.webui import listings
+from api_compat.webui.adapter import api_error, png_info, webui_echo, webui_info, webui_to_scc
+from api_compat.webui.options import OPTION_NAMES, WebuiState
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05  # how often a synchronous call looks at its running task (and at its client's connection)
+POLL_WAITING_S = 0.25  # ... at its task while it waits in the queue
+
+
+def route(method: str, path: str, **options: Any) -> Callable:
+    """Marks a method of a :class:`RouteSet` as the route ``method path`` (``options``: FastAPI's
+    ``add_api_route`` keywords: summary, description, openapi_extra)."""
+
+    def mark(fn: Callable) -> Callable:
+        fn.webui_route = (method, path, options)
+        return fn
+
+    return mark
+
+
+def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` of a route that reads its JSON body itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+class RouteSet:
+    """Routes over ``service`` and the webui's shared ``state``, in definition order. ``read_json(request)``
+    reads a POST body with the server's rules (JSON content type, size limit, body deadline, nesting depth) --
+    the same reader as the /scc routes."""
+
+    def __init__(self, service, read_json, state: WebuiState):
+        self.service = service
+        self.read_json = read_json
+        self.state = state
+
+    def router(self, router: APIRouter | None = None) -> APIRouter:
+        """Registers every marked method on ``router`` (a new one by default), in the order they are defined."""
+        router = router or APIRouter()
+        for name, fn in vars(type(self)).items():
+            spec = getattr(fn, "webui_route", None)
+            if spec is not None:
+                method, path, options = spec
+                router.add_api_route(path, getattr(self, name), methods=[method], **options)
+        return router
+
+    @staticmethod
+    def failure(exc: ApiError) -> JSONResponse:
+        # the webui's clients read "detail" (FastAPI's error key); ours read "error"
+        return JSONResponse({**exc.to_dict(), "detail": str(exc)}, status_code=exc.http_status)
+
+    async def run_task(self, request: Request, kind: str, submit, payload: Any, track: bool = True) -> dict[str, Any]:
+        """Submit through the service, wait for the task (cancelled if the client goes away, or by /interrupt
+        when ``track``)."""
+        service, state = self.service, self.state
+        headers = {k: v for k, v in request.headers.items()}
+        task_id = (await asyncio.to_thread(submit, payload, headers))["taskId"]
+        if track:
+            state.track(task_id)
+        since = time.monotonic()
+        try:
+            while True:
+                result = await asyncio.to_thread(service.sd_get_result, {"taskId": task_id})
+                if result["status"] in ("succeeded", "failed"):
+                    break
+                if await request.is_disconnected():
+                    log.info("%s: the client of task %s disconnected; cancelling it", kind, task_id)
+                    await asyncio.to_thread(service.cancel, {"taskId": task_id})
+                    raise api_error("cancelled", "the client disconnected", status=499)
+                # a running task is watched closely; a waiting one (maybe behind many) more lightly
+                await asyncio.sleep(POLL_S if result["status"] == "running" or time.monotonic() - since < 1.0
+                                    else POLL_WAITING_S)
+            interrupted = task_id in state.interrupted
+        finally:
+            if track:
+                state.untrack(task_id)
+        if result["status"] == "failed":
+            error = result.get("error") or {}
+            code = error.get("code") or "internal_error"
+            if code == "cancelled":
+                why = "interrupted (POST /sdapi/v1/interrupt)" if interrupted else error.get("message", "cancelled")
+                raise api_error("cancelled", f"task {task_id} was {why}; no images", status=409)
+            raise api_error(code, f"task {task_id} failed: {error.get('message', '')}",
+                            status=HTTP_STATUS.get(code, 500))
+        result["_task_id"] = task_id
+        return result
+
+    async def images_of(self, task_id: str, count: int) -> list[str]:
+        """The task's PNGs as base64 (as the webui answers images)."""
+        paths = [self.service.image_path(task_id, i) for i in range(count)]
+        return await asyncio.to_thread(lambda: [_b64_png(p) for p in paths if p is not None])
+
+
+def _b64_png(path: Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+_ANSWER_DOC = ('{"images": [base64 PNG], "parameters": {the request as the webui echoes it}, '
+               '"info": "<JSON string: seed, all_seeds, infotexts, ...>"}')
+
+
+class WebuiRoutes(RouteSet):
+    """The AUTOMATIC1111 webui's own API (``/sdapi/v1/...``; docs/WEBUI_API.md lists the routes)."""
+
+    async def generate(self, request: Request, kind: str, submit) -> Any:
+        state = self.state
+        try:
+            body = await self.read_json(request)
+            scc = webui_to_scc(body, state.options)
+            result = await self.run_task(request, kind, submit, scc)
+            task_id = result["_task_id"]
+            count = len(result.get("images") or [])
+            send = body.get("send_images", True) is not False
+            images = await self.images_of(task_id, count) if send else []
+            info = webui_info(result.get("info") or {}, body)
+            info["sdengine_task_id"] = task_id
+            overrides = body.get("override_settings")
+            if body.get("override_settings_restore_afterwards") is False and isinstance(overrides, dict):
+                # the webui keeps the request's settings as the options afterwards
+                kept = {k: v for k, v in overrides.items() if k in OPTION_NAMES and v is not None}
+                if kept:
+                    await asyncio.to_thread(state.save, {**state.options, **kept})
+            return {"images": images, "parameters": webui_echo(body, kind),
+                    "info": json.dumps(info, ensure_ascii=False)}
+        except ApiError as exc:
+            return self.failure(exc)
+
+    # ------------------------------------------------------------------------------------- generation
+    @route("POST", "/sdapi/v1/txt2img", summary="txt2img, synchronous (webui API)",
+           openapi_extra=json_body({"$ref": "#/components/schemas/Txt2ImgPayload"}),
+           description=f"Waits for the task; answers {_ANSWER_DOC}. ControlNet detected maps are appended "
+                       "to images as the extension does. 409 when interrupted, 429 when the queue is full.")
+    async def txt2img(self, request: Request):
+        return await self.generate(request, "txt2img", self.service.sd_txt2img)
+
+    @route("POST", "/sdapi/v1/img2img", summary="img2img, synchronous (webui API)",
+           openapi_extra=json_body({"type": "object", "description": "the webui img2img payload"}),
+           description=f"Waits for the task (sd_img2img: init_images, denoising_strength, mask ...); answers "
+                       f"{_ANSWER_DOC}. 409 when interrupted, 429 when the queue is full.")
+    async def img2img(self, request: Request):
+        return await self.generate(request, "img2img", self.service.sd_img2img)
+
+    # ----------------------------------------------------------------------------------------- listings
+    @route("GET", "/sdapi/v1/sd-models", summary="Checkpoints (title 'name [hash]', model_name, hash, sha256)")
+    async def sd_models(self):
+        return await asyncio.to_thread(listings.sd_models, self.state.store)
+
+    @route("GET", "/sdapi/v1/sd-vae", summary="VAEs")
+    async def sd_vae(self):
+        return await asyncio.to_thread(listings.sd_vaes, self.state.store)
+
+    @route("GET", "/sdapi/v1/samplers", summary="Samplers (name, aliases, options)")
+    async def samplers(self):
+        return listings.samplers()
+
+    @route("GET", "/sdapi/v1/schedulers", summary="Schedule types")
+    async def schedulers(self):
+        return listings.schedulers()
+
+    @route("GET", "/sdapi/v1/upscalers", summary="Image upscalers the engine has")
+    async def upscalers(self):
+        return listings.upscalers()
+
+    @route("GET", "/sdapi/v1/latent-upscale-modes", summary="Latent upscale modes the engine has")
+    async def latent_upscale_modes(self):
+        return listings.latent_upscale_modes()
+
+    @route("GET", "/sdapi/v1/loras", summary="LoRAs of the store (Lora/, LyCORIS/): use them as <lora:name:mult>")
+    async def loras(self):
+        return await asyncio.to_thread(listings.loras, self.state.store)
+
+    @route("GET", "/sdapi/v1/embeddings", summary="Textual-inversion embeddings of the store (embeddings/): loaded "
+                                                  "= usable with the current checkpoint, skipped = the others")
+    async def embeddings(self):
+        return await asyncio.to_thread(listings.embeddings, self.state.store, dict(self.state.options),
+                                       self.service.configs[DEFAULT_CONFIG])
+
+    @route("GET", "/sdapi/v1/scripts", summary="Scripts (ControlNet is the one always-on script)")
+    async def scripts(self):
+        return {k: list(v) for k, v in listings.SCRIPTS.items()}
+
+    @route("GET", "/sdapi/v1/cmd-flags", summary="The server's flags under the webui's names (no secrets)")
+    async def cmd_flags(self):
+        return listings.cmd_flags(self.service.configs[DEFAULT_CONFIG])
+
+    @route("GET", "/sdapi/v1/memory", summary="RAM (CUDA not reported)")
+    async def memory(self):
+        return listings.memory()
+
+    @route("POST", "/sdapi/v1/refresh-checkpoints", summary="Re-list the model store (it is listed on each call)")
+    async def refresh_checkpoints(self, request: Request):
+        self.state.refresh()
+        return None
+
+    @route("POST", "/sdapi/v1/refresh-vae", summary="Re-list the VAEs (listed on each call)")
+    async def refresh_vae(self, request: Request):
+        self.state.refresh()
+        return None
+
+    # ------------------------------------------------------------------------------------------ options
+    @route("GET", "/sdapi/v1/options", summary="The webui options this server has")
+    async def get_options(self):
+        return await asyncio.to_thread(self.state.current_options)
+
+    @route("POST", "/sdapi/v1/options", summary="Set options; setting sd_model_checkpoint (or sd_vae) loads it",
+           openapi_extra=json_body({"type": "object", "properties": {
+               "sd_model_checkpoint": {"type": "string"}, "sd_vae": {"type": "string"},
+               "CLIP_stop_at_last_layers": {"type": "integer", "minimum": 1, "maximum": 12},
+               "eta_noise_seed_delta": {"type": "integer", "minimum": 0}}}),
+           description="Settable: " + ", ".join(OPTION_NAMES) + ". Any other option is refused (422) "
+                       "naming it; read-only ones are accepted when they carry the current value.")
+    async def set_options(self, request: Request):
+        state, service = self.state, self.service
+        try:
+            body = await self.read_json(request)
+            if not isinstance(body, dict):
+                raise ApiError("bad_request", "the body must be a JSON object of options",
+                               allowed='{"sd_model_checkpoint": "..."}')
+            current = await asyncio.to_thread(state.current_options)
+            wanted = {}
+            for key, value in body.items():
+                if key in OPTION_NAMES:
+                    wanted[key] = value
+                elif key in current and current[key] == value:
+                    continue  # a read-only option echoed back unchanged (clients post what GET gave them)
+                else:
+                    raise api_error("not_supported", f"setting the option {key!r} is not supported", str(key),
+                                    ", ".join(OPTION_NAMES))
+            try:
+                parsed = OverrideSettings.model_validate(wanted)
+            except ValidationError as exc:
+                raise validation_error_to_api(exc) from None
+            options = {**state.options, **parsed.model_dump(exclude_unset=True)}
+            if options.get("sd_vae") == "Automatic":
+                options.pop("sd_vae")
+            load = {k: v for k, v in parsed.model_dump(exclude_unset=True).items()
+                    if k in ("sd_model_checkpoint", "sd_vae") and v is not None
+                    and v not in (current.get(k), state.options.get(k))}  # posting back the current one
+            if load:
+                # the webui loads the checkpoint before answering: a one-step task on the queue does, through
+                # the engine that serves the requests (the service has no other way into a worker's engine)
+                probe = {"prompt": "", "steps": 1, "n_iter": 1, "batch_size": 1, "seed": 0,
+                         "sampler_name": "Euler", "override_settings": {**load}}
+                try:
+                    await self.run_task(request, "options", service.sd_txt2img, probe)
+                except ApiError as exc:  # name the option, not the probe's override_settings
+                    field = (exc.field or "").removeprefix("override_settings.") or None
+                    message = str(exc).removeprefix(f"{exc.field}: ") if exc.field else str(exc)
+                    message = message.removesuffix(f" (allowed: {exc.allowed})") if exc.allowed else message
+                    raise api_error(exc.code, message, field, exc.allowed, status=exc.http_status) from None
+            await asyncio.to_thread(state.save, {k: v for k, v in options.items() if v is not None})
+            return None
+        except ApiError as exc:
+            return self.failure(exc)
+
+    # ------------------------------------------------------------------------------- progress, control
+    @route("GET", "/sdapi/v1/progress", summary="Progress of the webui task running now")
+    async def progress(self, skip_current_image: bool = False):
+        state = self.state
+        tracked = state.tracked()
+        running = None
+        for task_id in tracked:
+            try:
+                result = await asyncio.to_thread(self.service.sd_get_result, {"taskId": task_id})
+            except ApiError:
+                continue
+            if result["status"] == "running":
+                running = (task_id, result)
+                break
+        job_state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                     "job_count": len(tracked), "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+                     "sampling_steps": 0}
+        if running is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": job_state, "current_image": None,
+                    "textinfo": None, "current_task": None}
+        task_id, result = running
+        prog = result.get("progress") or {}
+        job_state.update(job=f"task({task_id})", interrupted=task_id in state.interrupted,
+                         job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(state.tasks.get(task_id, 0))),
+                         sampling_step=prog.get("step", 0), sampling_steps=prog.get("steps", 0))
+        phase = " ".join(str(p) for p in (prog.get("phase"), prog.get("detail")) if p) or None
+        return {"progress": prog.get("fraction", 0.0), "eta_relative": prog.get("eta_seconds") or 0.0,
+                "state": job_state, "current_image": None, "textinfo": phase, "current_task": f"task({task_id})"}
+
+    async def stop_running(self) -> dict:
+        for task_id in self.state.tracked():
+            try:
+                result = await asyncio.to_thread(self.service.sd_get_result, {"taskId": task_id})
+            except ApiError:
+                continue
+            if result["status"] == "running":
+                with self.state.lock:
+                    self.state.interrupted.add(task_id)
+                await asyncio.to_thread(self.service.cancel, {"taskId": task_id})
+        return {}
+
+    @route("POST", "/sdapi/v1/interrupt", summary="Cancel the running webui task (its call answers 409)")
+    async def interrupt(self):
+        return await self.stop_running()
+
+    @route("POST", "/sdapi/v1/skip", summary="As interrupt (the engine cannot skip one image of a batch)")
+    async def skip(self):
+        return await self.stop_running()
+
+    @route("POST", "/sdapi/v1/png-info", summary="The infotext of a PNG (info, items, parameters)",
+           openapi_extra=json_body({"type": "object", "required": ["image"], "properties": {
+               "image": {"type": "string", "description": "base64 or a data:image/...;base64, URI"}}}))
+    async def png_info_route(self, request: Request):
+        try:
+            body = await self.read_json(request)
+            if not isinstance(body, dict):
+                raise ApiError("bad_request", "the body must be a JSON object", allowed='{"image": "<base64>"}')
+            return await asyncio.to_thread(png_info, body.get("image"), self.service.limits.max_bytes)
+        except ApiError as exc:
+            return self.failure(exc)
