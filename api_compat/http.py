@@ -7,13 +7,12 @@
     GET  /scc/images/{taskId}/{index}.png
     GET  /health              (no API key needed)
     GET  /openapi.json, /docs
-    /sdapi/v1/..., /controlnet/...   the webui's own API over the same service (api_compat/webui.py,
+    /sdapi/v1/..., /controlnet/...   the webui's own API over the same service (api_compat/webui/,
                                      docs/WEBUI_API.md)
 
 Errors are JSON ``{"error": {"code", "message", "field", "allowed"}, "errors": [...]}`` with 400/422 (bad
 payload), 401 (API key), 403 (cross-site Origin), 404 (unknown task or image), 408 (body too slow), 413 (body too
-large), 415 (POST body not JSON), 429 (queue full); the webui routes also 409 (interrupted) and 501
-(img2img before the engine serves it).
+large), 415 (POST body not JSON), 429 (queue full); the webui routes also 409 (interrupted).
 
 Cross-site and DNS-rebinding safety (``sdengine serve`` sets these from its bind address): POST bodies must be
 ``Content-Type: application/json`` (an HTML form cannot send that without a CORS preflight); the ``Host`` header

@@ -293,3 +293,34 @@ def test_webui_synchronous_call_and_interrupt(api):
         caller.join(60)
         assert answer["r"].status_code == 409 and answer["r"].json()["error"]["code"] == "cancelled"
         assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def _png_b64(pixels: np.ndarray) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_controlnet_detect_is_a_task_on_both_backends(api):
+    """/controlnet/detect's body is validated at submit and its preprocessor runs on the backend's worker: the
+    result's images are the detected maps, pixel-equal to the engine's preprocessor called directly."""
+    from engine.controlnet.preprocessors import get_preprocessor
+
+    svc = api("double")
+    pixels = np.zeros((64, 48, 3), np.uint8)
+    pixels[16:40, 8:30] = 255
+    body = {"controlnet_module": "canny", "controlnet_input_images": [_png_b64(pixels)] * 2,
+            "controlnet_processor_res": 64, "controlnet_threshold_a": 100, "controlnet_threshold_b": 200}
+    task = svc.controlnet_detect(body)
+    result = svc.wait(task["taskId"], timeout=60)
+    assert result["status"] == "succeeded", result
+    assert result["info"]["detected_maps"] == 2 and len(result["images"]) == 2
+    expected = get_preprocessor("canny")(pixels, 64, 100, 200)
+    for path in result["images"]:
+        assert np.array_equal(png_pixels(path), expected)
+    with pytest.raises(ApiError) as err:
+        svc.controlnet_detect({**body, "controlnet_input_images": ["not base64"]})
+    assert err.value.field == "controlnet_input_images[0]" and err.value.code == "invalid_request"

@@ -177,3 +177,40 @@ def test_options_survive_a_restart(tmp_path):
         assert r.status_code == 422 and r.json()["error"]["field"] == "CLIP_stop_at_last_layers"
         r = c.post("/sdapi/v1/options", content=b"x=1", headers={"content-type": "text/plain"})
         assert r.status_code == 415
+
+
+def test_controlnet_detect_runs_on_the_worker_not_in_the_router(service, monkeypatch):
+    """The preprocessor of /controlnet/detect runs on the task backend's worker thread (a task in sd_get_result),
+    never on the server's event loop or its request threads."""
+    import api_compat.detect as detect
+
+    seen = []
+    real = detect.get_preprocessor
+
+    def spy(name, **kw):
+        pre = real(name, **kw)
+
+        def run(*args, **kwargs):
+            seen.append(threading.current_thread().name)
+            return pre(*args, **kwargs)
+
+        run.sizes = pre.sizes
+        return run
+
+    monkeypatch.setattr(detect, "get_preprocessor", spy)
+    image = base64.b64encode(_png_bytes()).decode()
+    with TestClient(create_app(service), base_url="http://localhost") as c:
+        r = c.post("/controlnet/detect", json={"controlnet_module": "invert", "controlnet_input_images": [image]})
+    assert r.status_code == 200 and r.json()["info"] == "Success" and len(r.json()["images"]) == 1
+    assert seen and all(name.startswith("sdengine-worker-") for name in seen), seen
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 40, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
