@@ -172,7 +172,7 @@ def _run(body: dict[str, Any], method: str, backend, device, precision, models_d
     factory = _factory(engine_factory)
     try:
         service = TaskService(models_dir, results_dir=results_dir, engine_factory=factory,
-                               allow_url_fetch=allow_url_fetch, **_engine_options(backend, device, precision))
+                              allow_url_fetch=allow_url_fetch, **_engine_options(backend, device, precision))
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     with service:
@@ -393,10 +393,10 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
     queue_options = {"visibility_timeout": visibility_timeout} if queue else None
     try:
         service = TaskService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
-                               max_queue_bytes=max_queue_mb * 1024 * 1024, memory_budget=_budget(memory_budget_gb),
-                               engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
-                               max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
-                               **_engine_options(backend, device, precision))
+                              max_queue_bytes=max_queue_mb * 1024 * 1024, memory_budget=_budget(memory_budget_gb),
+                              engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
+                              max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
+                              **_engine_options(backend, device, precision))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
     app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,
