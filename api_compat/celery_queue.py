@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from engine.lazy import require
+from core.lazy import require
 
 from api_compat.backend import Submission, initial_progress, result_dict
 from api_compat.errors import ApiError
 from api_compat.store import TASK_ID, dumps
-from export.manifest import pid_alive
+from core.process import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -542,7 +542,7 @@ class _Runtime:
         from api_compat.images import ImageLimits
         from api_compat.schema import parse_request
         from api_compat.translate import translate_request
-        from engine.errors import Cancelled, InvalidRequest
+        from core.errors import Cancelled, InvalidRequest
 
         tracker = Progress(message.get("steps"))
         names: list[str] = []

@@ -258,7 +258,7 @@ class WebuiState:
 
     def save(self, options: dict[str, Any]) -> None:
         """Replace the options, written to a temp file then renamed."""
-        from engine.atomic import atomic_file
+        from core.atomic import atomic_file
 
         with atomic_file(self.path, "w", encoding="utf-8") as f:
             json.dump(options, f, indent=1)
@@ -815,7 +815,7 @@ def _detect(body: Any, limits) -> dict[str, Any]:
 
     from engine.controlnet.images import decode_image
     from engine.controlnet.preprocessors import get_preprocessor
-    from engine.errors import InvalidRequest
+    from core.errors import InvalidRequest
 
     from api_compat.errors import api_error_from
 

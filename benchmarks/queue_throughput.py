@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from core.cpu import cpu_flags  # noqa: E402  (after the path set-up: run as a script too)
+
 DEMO = {"prompt": "a large red circle in the middle on a blue background", "steps": 20, "cfg_scale": 1.5,
         "width": 64, "height": 64, "sampler_name": "Euler a"}
 
@@ -69,7 +71,7 @@ class Worker:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "worker", "--queue", url, "--results-dir", str(results),
+            [sys.executable, "-m", "cli", "worker", "--queue", url, "--results-dir", str(results),
              "--models-dir", str(models), "--cache-dir", str(cache), "--threads", "1", "--name", name,
              "--backend", "onnxruntime", "--loglevel", "WARNING"],
             cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -139,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     client = redis.Redis(port=port)
     workers: list[Worker] = []
     out: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                             "flags": sorted({f for f in ("avx512_bf16", "amx_bf16", "amx_tile")
-                                              if f in Path("/proc/cpuinfo").read_text()})},
+                             "flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"})},
                  "date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()}}
     try:
         # ---------------------------------------------------------------------------------- throughput

@@ -61,7 +61,7 @@ class BlockedEngine(NullEngine):
     def generate(self, request, *, progress=None, cancel=None):
         while not cancel.is_set():
             time.sleep(0.01)
-        raise __import__("engine.errors", fromlist=["Cancelled"]).Cancelled("benchmark over")
+        raise __import__("core.errors", fromlist=["Cancelled"]).Cancelled("benchmark over")
 
 
 def stats_ms(samples: list[float]) -> dict[str, float]:
@@ -199,7 +199,7 @@ def bench_http(concurrency: int, rounds: int, engine: str = "BlockedEngine", win
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir", f"{tmp}/m",
+            [sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir", f"{tmp}/m",
              "--results-dir", f"{tmp}/r", "--max-queue", str(concurrency * (rounds * (1 + len(windows)) + 2) + 10),
              "--engine-factory", f"benchmarks.submit_latency:{engine}"],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -7,7 +7,7 @@ engine.memory for the budget, the model's configs for clip_skip) and are not res
 from __future__ import annotations
 
 from engine.config import EngineConfig
-from engine.errors import InvalidRequest, ModelError, TooMuchMemory
+from core.errors import InvalidRequest, ModelError, TooMuchMemory
 from engine.request import GenerationRequest
 
 GIB = 2**30

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.tiling import VaeTiling
 
 # Where files live (docs/API.md "Where files live"): one home, each part movable on its own
@@ -72,7 +72,7 @@ def default_precision(backend: BackendKind, device: str, native_bf16: bool | Non
     fp32 everywhere else."""
     if backend == BackendKind.OPENVINO and device == "cpu":
         if native_bf16 is None:
-            from engine.cpu import native_bf16 as probe
+            from core.cpu import native_bf16 as probe
 
             native_bf16 = probe()
         if native_bf16:

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")

@@ -199,7 +199,7 @@ def architecture_of(path: str | os.PathLike) -> tuple[Architecture, int] | None:
     key = (str(path), stat.st_mtime_ns, stat.st_size)
     if key in _ARCH_CACHE:
         return _ARCH_CACHE[key]
-    from engine.errors import SdEngineError
+    from core.errors import SdEngineError
     from engine.models.checkpoints import bundled_config, detect_arch, detect_folder_arch, read_safetensors_header
 
     result = None

@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.arrays import to_device, to_host
 from engine.config import EngineConfig
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.infotext import Generation, hires_infotext, unit_infotext
 from engine.noise import ImageRNG
 from engine.progress import ProgressReporter
@@ -418,7 +418,7 @@ class Engine:
 
     def _networks(self, rt: _Runtime, req: GenerationRequest):
         """The request's extra networks (engine.networks.PreparedNetworks), applied to the model's backend."""
-        from engine.errors import BackendUnavailable
+        from core.errors import BackendUnavailable
 
         prepared = rt.networks.prepare(req.prompt, disabled=req.disable_extra_networks, field="prompt")
         if not hasattr(rt.backend, "set_patch"):

@@ -39,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
+from core.events import BUILDING, BUILT, UP_TO_DATE
+from core.tokens import TOKENS_PER_CHUNK
 from export.descriptors import ComponentDescriptor, describe
 from export.attention import DEFAULT_CHUNKS, attention_kind, chunked_attention
 from export.manifest import artefact_dir, build_artefact, sha256_files, valid_artefact
@@ -55,10 +57,8 @@ EXTERNAL_DATA_BYTES = 1 << 30
 EXTERNAL_MIN_BYTES = 1024  # initializers at least this big live in the data file (the overridable weights)
 ONNX_PRECISIONS = ("fp32", "fp16")
 
-# (what, done, total); what = "{component}: {stage} ({event})", event: building (before a build, done = stages
-# finished), built, up to date (a cache hit) -- engine.progress reads the event, the export command counts builds
+# (what, done, total); what = "{component}: {stage} ({event})", the events of core.events
 ProgressCallback = Callable[[str, int, int], None]
-BUILDING, BUILT, UP_TO_DATE = "building", "built", "up to date"
 
 
 @dataclass(frozen=True)
@@ -367,7 +367,7 @@ def mark_released(module, fingerprint: str, loader: Callable[[], None] | None = 
 
 def mark_loaded(module) -> None:
     """``module`` has its weights again (released / meta-built, then loaded): it exports and fingerprints as any."""
-    from engine.deferred import real_module
+    from core.deferred import real_module
 
     module = real_module(module)
     for attr in (RELEASED, LOADER):
@@ -379,7 +379,7 @@ def trace_inputs(desc: ComponentDescriptor) -> dict:
     """Small sample inputs for tracing: batch 2, latent height != width (so no axis is specialised)."""
     m = desc.latent_multiple
     h = m * -(-8 // m)
-    return desc.sample_inputs(batch=2, height=h, width=h + m, tokens=77, seed=0)
+    return desc.sample_inputs(batch=2, height=h, width=h + m, tokens=TOKENS_PER_CHUNK, seed=0)
 
 
 def torch_export(wrapper, desc: ComponentDescriptor, path: Path, opset: int) -> None:
@@ -512,7 +512,7 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
     """
     import onnx
 
-    from engine.deferred import has_attribute, real_module
+    from core.deferred import has_attribute, real_module
 
     precision = getattr(precision, "value", precision)
     if precision not in ONNX_PRECISIONS:

@@ -21,8 +21,8 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.errors import InvalidRequest
-from engine.lazy import require
+from core.errors import InvalidRequest
+from core.lazy import require
 from export.descriptors import ComponentDescriptor, ShapeConfig
 from export.manifest import artefact_dir, build_artefact, safe_name, valid_artefact
 
@@ -196,7 +196,7 @@ def build_engine(prepared, shape_config: ShapeConfig, precision: str, cache: Pat
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    from engine.atomic import atomic_file
+    from core.atomic import atomic_file
 
     with atomic_file(path) as f:
         f.write(data)

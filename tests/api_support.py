@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.errors import Cancelled, InvalidRequest
+from core.errors import Cancelled, InvalidRequest
 from engine.request import GenerationRequest, GenerationResult
 
 SEED_RE = re.compile(r"Seed: (\d+)")

@@ -24,7 +24,7 @@ from api_compat.schema import MAX_JSON_DEPTH, ControlNetUnitPayload, Img2ImgPayl
 from api_compat.translate import translate_request
 from api_compat.webui import webui_to_scc
 from engine.config import EngineConfig
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.request import GenerationRequest, GenerationResult
 from engine.models.store import ModelStore
 from tests.api_support import png_b64, tiny_engine  # noqa: F401 (fixture)

@@ -229,7 +229,7 @@ def test_stalled_connections_are_closed(service):
 
 
 def test_serve_refuses_a_non_loopback_bind_without_a_key(tmp_path, monkeypatch):
-    from engine.cli import main
+    from cli import main
 
     monkeypatch.delenv("SDENGINE_API_KEY", raising=False)
     r = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0", "--results-dir", str(tmp_path / "r")])

@@ -346,7 +346,7 @@ def test_sdengine_serve_subprocess(tmp_path, tiny_store):
     sock.close()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SDENGINE_API_KEY": "k"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir", str(models),
+        [sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir", str(models),
          "--results-dir", str(tmp_path / "r")],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -376,7 +376,7 @@ def test_sdengine_serve_subprocess(tmp_path, tiny_store):
 
 def test_cli_txt2img_payload_and_flags(tmp_path, tiny_store):
     """`sdengine txt2img` on the real engine (tiny-sd1, ONNX Runtime): payload file, stdin and flags."""
-    from engine.cli import main
+    from cli import main
 
     payload = tmp_path / "p.json"
     payload.write_text(json.dumps({"prompt": "from file", "negtive_prompt": "n", "seed": 5, "steps": 2, "width": 64,
@@ -409,7 +409,7 @@ def test_cli_txt2img_payload_and_flags(tmp_path, tiny_store):
 
 
 def test_missing_server_extra_has_a_clear_message(service, monkeypatch):
-    from engine.errors import MissingDependency
+    from core.errors import MissingDependency
 
     monkeypatch.setitem(sys.modules, "fastapi", None)
     with pytest.raises(MissingDependency, match=r"sdengine\[server\]"):

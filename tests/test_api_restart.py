@@ -93,7 +93,7 @@ def _serve(tmp_path, port):
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     env.pop("SDENGINE_API_KEY", None)
     log = open(tmp_path / f"serve-{port}-{time.monotonic_ns()}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir",
                              str(tmp_path / "models"), "--results-dir", str(tmp_path / "r"),
                              "--engine-factory", "tests.api_support:double_factory"],
                             env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)

@@ -15,7 +15,7 @@ from api_compat.schema import Txt2ImgPayload, field_path, parse_payload
 from api_compat.translate import translate
 from engine.config import EngineConfig
 from engine.controlnet.images import EncodedImage, as_array
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from tests.api_support import double_factory, png_b64
 
 CN = "alwayson_scripts.controlnet.units[0]"

@@ -38,7 +38,7 @@ class Gate(EngineDouble):
         progress(1, request.steps)
         while not self.release.wait(0.01):
             if cancel.is_set():
-                from engine.errors import Cancelled
+                from core.errors import Cancelled
 
                 raise Cancelled("cancelled at step 1")
         return super().generate(request, progress=progress, cancel=cancel)

@@ -194,7 +194,7 @@ def test_infotext_eta_and_ensd_follow_the_webui_rule(engine, sampler, eta, ensd,
 
 
 def test_controlnet_fit_is_decided_by_the_family(engine):
-    from engine.errors import InvalidRequest
+    from core.errors import InvalidRequest
 
     sd2 = engine.runtime("tiny-sd2v").model.family
     sd1 = engine.runtime("tiny-sd1").model.family
@@ -215,7 +215,7 @@ def test_export_with_external_vae_is_found_by_the_engine(tiny_store, tmp_path):
 
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from cli import main
     import export.onnx as onnx_export
 
     store = tmp_path / "models"
@@ -302,7 +302,7 @@ def test_no_import_cycles():
             visit(node)
 
 
-LEAVES = ("engine.errors", "engine.lazy", "engine.atomic", "engine.deferred")  # import only each other
+LEAVES = ("core.errors", "core.lazy", "core.atomic", "core.deferred")  # import only each other
 
 
 def test_layers_depend_in_one_direction():

@@ -170,7 +170,7 @@ def test_server_under_an_address_space_cap(tmp_path, tiny_store):
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir", str(models),
+        [sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir", str(models),
          "--results-dir", str(tmp_path / "r"), "--memory-budget-gb", "1.0", "--backend", "onnxruntime"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=limit)
     try:

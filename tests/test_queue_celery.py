@@ -155,7 +155,7 @@ def test_results_ttl_removes_records_and_pngs(cluster):
 
 def _serve(url, port, results, models, log, *extra):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--queue", url,
+    return subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--queue", url,
                              "--results-dir", str(results), "--models-dir", str(models), *extra],
                             cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -333,7 +333,7 @@ def test_many_tasks_over_http_through_two_workers_pixel_equal_to_embedded(queue_
 
 
 def test_worker_refuses_unknown_model(redis_server, tiny_store, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "worker", "--queue", redis_server.url(5),
+    proc = subprocess.run([sys.executable, "-m", "cli", "worker", "--queue", redis_server.url(5),
                            "--results-dir", str(tmp_path), "--models-dir", str(tiny_store), "--models", "nope"],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=120)

@@ -1,6 +1,6 @@
 """A client written the way webui API clients are written -- plain ``requests`` calls, the webui's full default
 txt2img payload, HTTP Basic auth (``--api-auth``), base64 images, ``info`` parsed as JSON -- against the real
-server process (``python -m engine.cli serve``) on the bundled demo model (ONNX Runtime backend).
+server process (``python -m cli serve``) on the bundled demo model (ONNX Runtime backend).
 
 Reference for the pixels: the same server's ``/scc/sd_txt2img`` for the same payload; tolerance: none (pixel-equal,
 both run the same engine on the same queue).
@@ -53,7 +53,7 @@ def _free_port() -> int:
 
 
 class Server:
-    """``python -m engine.cli serve`` in a subprocess (127.0.0.1, a free port, --api-auth)."""
+    """``python -m cli serve`` in a subprocess (127.0.0.1, a free port, --api-auth)."""
 
     def __init__(self, root: Path, *extra: str):
         self.root = root
@@ -63,7 +63,7 @@ class Server:
         env.pop("SDENGINE_API_KEY", None)
         self.log = open(root / f"server-{self.port}.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--port", str(self.port), "--models-dir",
+            [sys.executable, "-m", "cli", "serve", "--port", str(self.port), "--models-dir",
              str(root / "models"), "--results-dir", str(root / "results"), "--backend", "onnxruntime",
              "--api-auth", ":".join(AUTH), *extra],
             env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 from engine.config import BackendKind
 from engine.config import EngineConfig
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 Array = Any  # numpy.ndarray or torch.Tensor
 

@@ -46,7 +46,7 @@ from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
-from engine.errors import BackendUnavailable, InvalidRequest
+from core.errors import BackendUnavailable, InvalidRequest
 
 log = logging.getLogger(__name__)
 

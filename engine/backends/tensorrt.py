@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig
-from engine.errors import BackendUnavailable
+from core.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 

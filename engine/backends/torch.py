@@ -44,7 +44,8 @@ from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
-from engine.errors import InvalidRequest
+from core.cpu import native_bf16 as cpu_has_native_bf16  # the one probe (AVX512-BF16 or AMX-BF16)
+from core.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -273,10 +274,3 @@ def _set_processor(module, cls) -> None:
     procs = module.attn_processors
     if all(type(p).__name__ in ("AttnProcessor", "AttnProcessor2_0") for p in procs.values()):
         module.set_attn_processor(cls())
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16): engine.cpu.native_bf16."""
-    from engine.cpu import native_bf16
-
-    return native_bf16()

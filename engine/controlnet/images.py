@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import InvalidRequest
-from engine.lazy import require
+from core.errors import InvalidRequest
+from core.lazy import require
 
 # Formats PIL may open for a request image (no EPS/PDF/... decoders reachable from a request).
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")

@@ -31,8 +31,9 @@ from typing import Any, Mapping
 
 import torch
 
-from engine.atomic import atomic_path
-from engine.errors import ModelError
+from core.atomic import atomic_path
+from core.errors import ModelError
+from core.safetensors_header import sort_metadata
 from engine.models.family import Arch
 
 METADATA_KEY = "sdengine.configs"
@@ -251,26 +252,6 @@ def infer_arch(components: Mapping[str, Any]):
     return Arch.SD2 if components["text_encoder"].config.hidden_act == "gelu" else Arch.SD1
 
 
-def _canonical_header(path: str) -> None:
-    """Rewrite a safetensors header in place with sorted metadata keys.
-
-    safetensors stores ``__metadata__`` from a hash map, so its key order (and the file's bytes and hash)
-    changes from process to process; sorted keys make the file, and its webui hash, deterministic.
-    """
-    import struct
-
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        meta = header.pop("__metadata__", None)
-        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
-        text = json.dumps(ordered, separators=(",", ":")).encode()
-        if len(text) > n:  # cannot happen (same content, compact JSON); keep the file as written
-            return
-        f.seek(8)
-        f.write(text + b" " * (n - len(text)))
-
-
 def save_single_file(components: Mapping[str, Any], path: str | os.PathLike, configs: Mapping[str, dict] | None = None,
                      prediction_type: str = "epsilon", arch=None, native_size: int | None = None,
                      extra_metadata: Mapping[str, str] | None = None) -> Path:
@@ -297,5 +278,5 @@ def save_single_file(components: Mapping[str, Any], path: str | os.PathLike, con
                 **(extra_metadata or {})}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        _canonical_header(tmp)
+        sort_metadata(tmp)
     return path

@@ -21,10 +21,8 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from engine.conditioning import EncoderSpec, TextModelInfo, TextSpec
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.schedule import ModelSchedule
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class Kind(str, Enum):

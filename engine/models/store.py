@@ -9,7 +9,7 @@ docs/API.md "Where files live")::
     ControlNet/         ControlNet files and diffusers folders (config.json)
     Lora/, LyCORIS/     LoRA files (<lora:NAME:...> in prompts; engine.networks)
     embeddings/         textual-inversion embeddings (their file name as a word in a prompt)
-    cache/              exported artefacts, hashes.json, modules/ (module cards: engine.deferred)
+    cache/              exported artefacts, hashes.json, modules/ (module cards: core.deferred)
 
 The read-only bundled root ``engine/models/bundled/{Stable-diffusion,ControlNet}`` is searched after the user
 store. Only top-level entries are listed (no sub-folders), so a name is a single path component.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from engine.errors import ModelError, ModelNotFound, UnsafeModelPath
+from core.errors import ModelError, ModelNotFound, UnsafeModelPath
 from engine.models.checkpoints import (
     WEIGHT_SUFFIXES,
     Arch,
@@ -149,7 +149,7 @@ class ModelStore:
         self.bundled = bundled_root() if bundled == "default" else (Path(bundled) if bundled else None)
         self.cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(self.root)
         self.hashes = HashCache(self.cache_dir / "hashes.json")
-        # module cards (engine.deferred): a load from cache builds no module it does not use
+        # module cards (core.deferred): a load from cache builds no module it does not use
         self.cards_dir = self.cache_dir / "modules"
         self.limits = {"checkpoint": max(max_loaded, 1), "controlnet": max(max_controlnets, 1)}
         self._loaded: OrderedDict[tuple, object] = OrderedDict()
@@ -376,7 +376,7 @@ class ModelStore:
 
         from engine.models.checkpoints import load_checkpoint, load_vae
 
-        from engine import deferred
+        from core import deferred
 
         card = deferred.read_card(self.cards_dir, sha, dtype, ("unet", "vae", "text_encoder"))
         log.info("loading %s%s%s", entry.name, f" with VAE {vae_path.name}" if vae_path else "",

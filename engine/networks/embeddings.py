@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelError
+from core.errors import ModelError
+from core.tokens import CHUNK_LENGTH
 from engine.networks.files import read_tensors
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class Embedding:
         return int(next(iter(self.vectors.values())).shape[0])
 
 
-MAX_VECTORS = 75  # an embedding never straddles two 75-token chunks: longer ones are skipped
+MAX_VECTORS = CHUNK_LENGTH  # an embedding never straddles two 75-token chunks: longer ones are skipped
 
 
 def _vector_keys(keys, path: Path) -> dict[str, str]:

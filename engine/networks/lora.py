@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from engine.errors import ModelError
+from core.errors import ModelError
 from engine.networks.files import LoraFile, LoraLayer, guess_lora_arch
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def patched_tensors(patch: WeightPatch, source: str, base, where: str):
     import numpy as np
     import torch
 
-    from engine.errors import BackendUnavailable
+    from core.errors import BackendUnavailable
 
     out = []
     for param, delta in patch.deltas(source):

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.samplers import dpm_solver, extra, kdiffusion, schedules, timesteps
 
 log = logging.getLogger(__name__)

@@ -176,7 +176,7 @@ def card_path(cards_dir: Path, sha256: str, dtype) -> Path:
 
 def write_card(cards_dir: Path | None, modules: Mapping[str, Any], sha256: str, dtype) -> None:
     """Write the card of ``modules`` (atomically; a read-only store just loads slower next time)."""
-    from engine.atomic import atomic_file
+    from core.atomic import atomic_file
 
     if cards_dir is None or not sha256:
         return
