@@ -92,7 +92,7 @@ class Engine:
         from engine.backends import create_backend
         from engine.conditioning import EmbeddingCache
 
-        from engine.backends.base import RELEASES_WEIGHTS
+        from engine.backends import RELEASES_WEIGHTS
 
         name = name or self.default_model_name()
         # a backend that runs exported graphs needs no torch weights when its cache holds every artefact: the

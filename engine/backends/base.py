@@ -1,4 +1,4 @@
-"""The backend protocol and the factory.
+"""The backend protocol and what every backend shares (the factory: engine.backends).
 
 A backend runs named components (export.descriptors) on named arrays::
 
@@ -11,11 +11,8 @@ dtypes and returns float32 outputs. Buffers, IO binding and CUDA graphs stay ins
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Mapping, Protocol, runtime_checkable
 
-from engine.config import BackendKind
-from engine.config import EngineConfig
 from core.errors import InvalidRequest
 
 Array = Any  # numpy.ndarray or torch.Tensor
@@ -26,36 +23,6 @@ class Backend(Protocol):
     def run(self, component: str, feeds: Mapping[str, Array]) -> dict[str, Array]: ...
 
     def has(self, component: str) -> bool: ...
-
-
-# backend kind -> "module:class"; each class takes (config, components, model_hash, **options)
-BACKENDS: dict[BackendKind, str] = {
-    BackendKind.TORCH: "engine.backends.torch:TorchBackend",
-    BackendKind.ONNXRUNTIME: "engine.backends.onnxruntime:OnnxRuntimeBackend",
-    BackendKind.OPENVINO: "engine.backends.openvino:OpenVinoBackend",
-    BackendKind.TENSORRT: "engine.backends.tensorrt:TensorRTBackend",
-}
-
-
-# backends that run exported graphs and free the torch weights they were handed (engine.backends.weights); their
-# LoRA merges read the base weights from the artefacts (export.onnx.SourceWeights). Not TensorRT: its refit of
-# another model (TensorRTBackend.refit) exports from modules.
-RELEASES_WEIGHTS = frozenset({BackendKind.ONNXRUNTIME, BackendKind.OPENVINO})
-
-
-def create_backend(config: EngineConfig, components: Mapping[str, Any], model_hash: str, *, owned: bool = False,
-                   **options) -> Backend:
-    """The backend ``config.backend`` over the diffusers ``components`` of one model (hash ``model_hash``).
-
-    ``options`` go to the backend class (e.g. ``progress`` callback for on-demand exports, ``cuda_graph``).
-    ``owned=True``: the caller hands the modules over (nothing else runs them), so a backend in
-    :data:`RELEASES_WEIGHTS` frees their torch weights once exported. Construction is cheap: sessions/engines
-    are created (and exported through the manifest cache) lazily, on the first ``run`` of each component.
-    """
-    if owned and config.backend in RELEASES_WEIGHTS:
-        options["release_weights"] = True
-    module, cls = BACKENDS[config.backend].split(":")
-    return getattr(importlib.import_module(module), cls)(config, components, model_hash, **options)
 
 
 class ComponentsMixin:
