@@ -27,14 +27,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from core.atomic import atomic_path
 from core.errors import ModelError
 from core.safetensors_header import sort_metadata
 from engine.models.family import Arch
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA_KEY = "sdengine.configs"
 METADATA_ARCH_KEY = "sdengine.arch"
@@ -168,6 +169,8 @@ def openclip_to_ldm(state_dict: Mapping[str, torch.Tensor], num_layers: int, ext
     ``extra_layer`` appends an identity residual block and an identity ``text_projection`` (SD2: diffusers
     dropped OpenCLIP's last layer and its projection; the loader drops them again).
     """
+    import torch
+
     sd = _hf_clip_keys(state_dict)
     out = {
         "token_embedding.weight": sd["embeddings.token_embedding.weight"],
