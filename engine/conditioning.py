@@ -19,6 +19,7 @@ from typing import Any
 from engine.arrays import as_like, concat, stack, zeros_like
 from core.errors import InvalidRequest
 from core.tokens import CHUNK_LENGTH, TOKENS_PER_CHUNK
+from engine.models.tokenizer import clip_tokenizer
 from engine.prompts import Chunk, TokenWords, prompt_schedule, split_and, token_words, tokenize_prompt
 
 Array = Any  # numpy.ndarray or torch.Tensor
@@ -170,8 +171,6 @@ class EmbeddingCache:
 # ----------------------------------------------------------------------------------------------- encode
 
 def _tokenizer(pad_token: str):
-    from engine.models.tokenizer import clip_tokenizer
-
     return clip_tokenizer(pad_token)
 
 

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from core.errors import InvalidRequest
+from engine.controlnet.images import as_array
 from engine.models.family import VAE_SCALE_FACTOR
 
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
@@ -275,8 +276,6 @@ def prepare_init(init: Any, width: int, height: int, multiple: int | None = None
     factor (image pixels per latent pixel; ``multiple``: the latent-upscale mode's size multiple, default it)."""
     multiple = multiple or scale
     from PIL import Image, ImageOps
-
-    from engine.controlnet.images import as_array
 
     image = _pil(as_array(init.image)).convert("RGB")
     infotext: dict[str, Any] = {}

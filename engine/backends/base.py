@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 from core.errors import InvalidRequest
+from export.descriptors import SOURCES, describe
 
 Array = Any  # numpy.ndarray or torch.Tensor
 
@@ -33,14 +34,10 @@ class ComponentsMixin:
         self._descriptors: dict = {}
 
     def has(self, component: str) -> bool:
-        from export.descriptors import SOURCES
-
         return SOURCES.get(component) in self._components
 
     def descriptor(self, component: str):
         """The export.descriptors.ComponentDescriptor of ``component`` (names, shapes, latent multiple)."""
-        from export.descriptors import describe
-
         if component not in self._descriptors:
             self._descriptors[component] = describe(component, self._components)
         return self._descriptors[component]

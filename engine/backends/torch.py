@@ -46,6 +46,7 @@ from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
 from core.cpu import native_bf16 as cpu_has_native_bf16  # the one probe (AVX512-BF16 or AMX-BF16)
 from core.errors import InvalidRequest
+from engine.networks.lora import SOURCES, apply_delta
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +188,6 @@ class TorchBackend(ComponentsMixin):
         unchanged are not touched.
         """
         import torch
-
-        from engine.networks.lora import SOURCES, apply_delta
 
         for source in SOURCES:
             key = patch.key(source)

@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from core.errors import ModelNotFound
 from core.safetensors_header import data_sha256, read_safetensors_header, write_metadata  # noqa: F401 (tools use them)
-from engine.models.checkpoints import SAFETENSORS_SUFFIXES
+from engine.models.checkpoints import SAFETENSORS_SUFFIXES, Kind, detect_path_arch, metadata_configs
+from engine.models.family import FAMILIES
+from engine.models.store import DEMO_CHECKPOINT, bundled_root
 
 VOCABULARY_KEY = "sdengine.vocabulary"
 SETTINGS_KEY = "sdengine.settings"
@@ -70,11 +73,6 @@ def vocabulary_of(path: str | os.PathLike) -> dict[str, Any] | None:
 def card(store, name: str) -> ModelCard:
     """The model card of checkpoint (or ControlNet) ``name`` of ``store`` (an engine ModelStore), from the
     file's header, its folder's configs and the store's hash cache. Nothing is loaded."""
-    from engine.models.checkpoints import Kind, detect_path_arch, metadata_configs
-    from engine.models.family import FAMILIES
-
-    from core.errors import ModelNotFound
-
     try:
         entry = store.resolve(name, Kind.CHECKPOINT, field="model")
     except ModelNotFound as missing:
@@ -159,13 +157,9 @@ _README_BLOCK = re.compile(r"(<!-- generated:demo_card -->\n)(.*?)\n?(<!-- /gene
 
 def demo_card_text() -> str:
     """The README's description of the bundled demo model, from the shipped file's card."""
-    from engine.models.store import DEMO_CHECKPOINT, bundled_root
-
     path = bundled_root() / "Stable-diffusion" / DEMO_CHECKPOINT
     metadata = read_metadata(path)
     vocabulary, settings = _json(metadata, VOCABULARY_KEY) or {}, _json(metadata, SETTINGS_KEY) or {}
-    from engine.models.checkpoints import metadata_configs
-
     native = (metadata_configs(metadata, path) or {}).get("native_size")
     lines = ["```", f"native size: {native}x{native} (the default width/height)" if native else "native size: -"]
     if settings:

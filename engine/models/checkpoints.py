@@ -28,11 +28,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from core.errors import ModelError
-from core.deferred import deferred_components
+from core.deferred import deferred_components, real_module
 from core.safetensors_header import read_safetensors_header
+from engine.models.convert import METADATA_KEY, SD2_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX
 from engine.models.family import FAMILIES, Arch, Kind, ModelFamily, model_family, tokenizers  # noqa: F401 (Arch, Kind re-exported)
+from engine.models.hashing import short_hash
 from engine.schedule import alphas_cumprod as scheduler_alphas_cumprod
 from engine.schedule import scheduler_config as default_scheduler_config
+from export.onnx import mark_loaded
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +211,6 @@ def text_encoder_widths(path: str | os.PathLike) -> tuple[Arch, dict[str, int]] 
 
 
 def metadata_configs(metadata: Mapping[str, str], path) -> dict | None:
-    from engine.models.convert import METADATA_KEY
-
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return None
@@ -346,9 +347,6 @@ def _sd2_openclip_subset(state_dict: Mapping, prefix: str) -> dict:
 def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype) -> dict:
     """Text encoders + tokenizers of a single-file checkpoint (diffusers' clip conversion functions)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
-
-    from engine.models.convert import SD2_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX
-    from engine.models.family import tokenizers
 
     out: dict[str, Any] = {}
     if arch in (Arch.SD1, Arch.SDXL):
@@ -501,8 +499,6 @@ def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256
 
 
 def _result(name, path, arch, prediction, sha256, native, components, sched, meta=False) -> LoadedModel:
-    from engine.models.hashing import short_hash
-
     return LoadedModel(name=name, path=Path(path), arch=arch, prediction_type=prediction,
                        short_hash=short_hash(sha256) if sha256 else "", sha256=sha256, native_size=native,
                        components=components, alphas_cumprod=scheduler_alphas_cumprod(sched), scheduler_config=sched,
@@ -562,8 +558,6 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
     """
     import torch
 
-    from engine.models.family import tokenizers
-
     dtype = dtype or torch.float32
     folder = Path(folder)
     arch = detect_folder_arch(folder)
@@ -613,9 +607,6 @@ def load_checkpoint(path: str | os.PathLike, **kwargs) -> LoadedModel:
 def load_weights_into(skeleton: Mapping[str, Any], loaded: Mapping[str, Any]) -> None:
     """Move the weights of the ``loaded`` modules into the same-named ``skeleton`` modules (built with
     ``meta=True`` or released after export) in place: the objects the backends hold get their weights back."""
-    from core.deferred import real_module
-    from export.onnx import mark_loaded
-
     for key, module in skeleton.items():
         full = loaded.get(key)
         if not hasattr(module, "load_state_dict") or full is None or full is module:
@@ -654,8 +645,6 @@ def load_controlnet(path: str | os.PathLike, *, name: str | None = None, sha256:
     """A ControlNet single file (``control_model.``, bare ldm or diffusers keys) or diffusers folder."""
     import torch
     from diffusers import ControlNetModel
-
-    from engine.models.hashing import short_hash
 
     dtype = dtype or torch.float32
     path = Path(path)

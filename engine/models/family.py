@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from engine.conditioning import EncoderSpec, TextModelInfo, TextSpec
 from core.errors import InvalidRequest
+from engine.models.tokenizer import clip_tokenizer
 from engine.schedule import ModelSchedule
 
 
@@ -106,8 +107,6 @@ FAMILIES: Mapping[Arch, FamilyDef] = MappingProxyType({
 
 def tokenizers(arch: Arch) -> dict:
     """``{"tokenizer": ..., "tokenizer_2": ...}`` of a checkpoint family, padded with the family's pad tokens."""
-    from engine.models.tokenizer import clip_tokenizer
-
     pads = FAMILIES[arch].text_pads
     return {("tokenizer" if i == 0 else f"tokenizer_{i + 1}"): clip_tokenizer(pad) for i, pad in enumerate(pads)}
 
