@@ -5,10 +5,12 @@ FROM python:3.12-slim
 RUN useradd --create-home sdengine
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY core core
 COPY engine engine
 COPY export export
 COPY api_compat api_compat
 COPY benchmarks benchmarks
+COPY cli cli
 RUN pip install --no-cache-dir ".[server,queue,gpu]"
 USER sdengine
 ENV OMP_NUM_THREADS=1

@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.controlnet.images import decode_image
 from engine.controlnet.preprocessors import get_preprocessor
-from engine.errors import Cancelled, InvalidRequest
+from core.errors import Cancelled, InvalidRequest
 from engine.progress import Progress as PhaseEvent
 
 from api_compat.errors import ApiError, api_error_from

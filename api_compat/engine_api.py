@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 from engine.config import EngineConfig
-from engine.errors import InvalidRequest, ModelError
+from core.errors import InvalidRequest, ModelError
 from engine.request import GenerationRequest, GenerationResult
 
 from api_compat.errors import ApiError, api_error_from
@@ -27,7 +27,7 @@ ProgressFn = Callable[..., None]
 class EngineLike(Protocol):
     """What the task workers drive: ``engine.pipeline.Engine``, or anything with the same ``generate``.
 
-    ``generate`` raises ``engine.errors.Cancelled`` when ``cancel`` is set, ``InvalidRequest``/``ModelError``
+    ``generate`` raises ``core.errors.Cancelled`` when ``cancel`` is set, ``InvalidRequest``/``ModelError``
     for bad input; any other exception is an internal error of that task.
     """
 

@@ -67,7 +67,7 @@ class ApiError(Exception):
 
 
 def api_error_from(exc) -> ApiError:
-    """An ``engine.errors.InvalidRequest`` (field, message, allowed) as an :class:`ApiError` with the same parts."""
+    """An ``core.errors.InvalidRequest`` (field, message, allowed) as an :class:`ApiError` with the same parts."""
     message = str(exc)
     if exc.field and message.startswith(f"{exc.field}: "):
         message = message[len(exc.field) + 2:]

@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from engine.lazy import require
+from core.lazy import require
 
 from api_compat.apidoc import annotate_openapi
 from api_compat.errors import ApiError

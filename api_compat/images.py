@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.atomic import atomic_file
+from core.atomic import atomic_file
 
 
 @dataclass(frozen=True)

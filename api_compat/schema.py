@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 from api_compat.errors import ApiError
 from engine.controlnet.images import ResizeMode
 from engine.controlnet.units import ControlMode
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.img2img import INPAINTING_FILLS, RESIZE_MODES
 from engine.models.store import unsafe_name_reasons
 

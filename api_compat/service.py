@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig, default_results_dir
-from engine.errors import InvalidRequest, ModelError, SdEngineError
+from core.errors import InvalidRequest, ModelError, SdEngineError
 from engine.models.store import ModelStore
 
 from api_compat.detect import parse_detect

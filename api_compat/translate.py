@@ -18,7 +18,7 @@ from engine.config import EngineConfig
 from engine.controlnet import check_unit_sizes
 from engine.controlnet.images import load_image
 from engine.controlnet.preprocessors import get_preprocessor
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
 from engine.request import ControlNetUnit, GenerationRequest, Hires, InitImage

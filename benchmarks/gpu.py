@@ -593,7 +593,7 @@ def environment(device: str) -> dict:
         info["driver"] = out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["driver"] = None
-    from engine.cpu import cpu_flags
+    from core.cpu import cpu_flags
 
     info["cpu_flags"] = sorted(cpu_flags() & {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"})
     info["cpu_count"] = os.cpu_count()

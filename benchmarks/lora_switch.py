@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.unet import MACHINE, SD15_UNET
+from core.cpu import cpu_flags
 
 
 def lora_file(unet, path: Path, rank: int, seed: int) -> Path:
@@ -125,8 +126,7 @@ def main(argv=None) -> dict:
         torch_backend.set_patch(EMPTY)
         torch_remove_s = time.perf_counter() - t
 
-        cpu = open("/proc/cpuinfo").read()
-        flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f") if f in cpu})
+        flags = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "avx512f"})
         result = {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": MACHINE,
             "cpu_flags": flags, "platform": platform.platform(), "torch": torch.__version__,

@@ -218,11 +218,9 @@ def child(system: str, workdir: Path, size: int, steps: int, runs: int, prepare:
 
 # ------------------------------------------------------------------------------------------------ driver
 def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    from core.cpu import cpu_flags as probe
+
+    flags = probe()
     return [f for f in CPU_FLAGS if f in flags]
 
 

@@ -6,7 +6,7 @@
    once, wall time from the first submit to the last final state; 1 worker vs 2 workers, each worker one
    engine thread (``--threads 1``, OMP_NUM_THREADS=1). Rounds: 1 worker, 2 workers, 1 worker, 2 workers ...
    (the second worker is started and warmed before its first round and stopped after it), median per count.
-2. Submit latency: ``LocalService.sd_txt2img`` with the embedded backend vs the celery backend (the same
+2. Submit latency: ``TaskService.sd_txt2img`` with the embedded backend vs the celery backend (the same
    payload and validation; check_models off in both, so that the difference is the backend: SQLite insert +
    enqueue vs Redis record + Celery publish). Nothing consumes the queues. Blocks of 100 alternate between
    the two after a warm-up; median / p90 / p99.
@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from core.cpu import cpu_flags  # noqa: E402  (after the path set-up: run as a script too)
 
 DEMO = {"prompt": "a large red circle in the middle on a blue background", "steps": 20, "cfg_scale": 1.5,
         "width": 64, "height": 64, "sampler_name": "Euler a"}
@@ -69,7 +71,7 @@ class Worker:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "worker", "--queue", url, "--results-dir", str(results),
+            [sys.executable, "-m", "cli", "worker", "--queue", url, "--results-dir", str(results),
              "--models-dir", str(models), "--cache-dir", str(cache), "--threads", "1", "--name", name,
              "--backend", "onnxruntime", "--loglevel", "WARNING"],
             cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("redis-server is not installed (apt-get install redis-server)\n")
         return 2
 
-    from api_compat import LocalService
+    from api_compat import TaskService
     from benchmarks.submit_latency import PAYLOAD, BlockedEngine
 
     tmp = Path(tempfile.mkdtemp(prefix="sdengine-queue-bench-"))
@@ -139,14 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     client = redis.Redis(port=port)
     workers: list[Worker] = []
     out: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                             "flags": sorted({f for f in ("avx512_bf16", "amx_bf16", "amx_tile")
-                                              if f in Path("/proc/cpuinfo").read_text()})},
+                             "flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"})},
                  "date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()}}
     try:
         # ---------------------------------------------------------------------------------- throughput
         workers.append(Worker(url, results, cache, models, tmp / "w0.log", "bench0"))
         workers[0].wait_ready(client)
-        svc = LocalService(models, results_dir=results, queue=url, max_queue=10000, backend="onnxruntime")
+        svc = TaskService(models, results_dir=results, queue=url, max_queue=10000, backend="onnxruntime")
         throughput_round(svc, 2, 10**6)  # warm-up: export + load in worker 0
         rates: dict[int, list[float]] = {1: [], 2: []}
         for r in range(args.rounds):
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # --------------------------------------------------------------------------- whole-task latency
         lat: dict[str, list[float]] = {"embedded": [], "celery": []}
-        with LocalService(models, results_dir=tmp / "embedded", backend="onnxruntime", cache_dir=cache,
+        with TaskService(models, results_dir=tmp / "embedded", backend="onnxruntime", cache_dir=cache,
                           num_threads=1) as emb:
             emb.wait(emb.sd_txt2img({**DEMO, "seed": 1})["taskId"], 600)
             svc.wait(svc.sd_txt2img({**DEMO, "seed": 1})["taskId"], 600)
@@ -183,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         # ------------------------------------------------------------------------------ submit latency
         idle = f"redis://127.0.0.1:{port}/1"  # no worker consumes DB 1
         sub: dict[str, list[float]] = {"embedded": [], "celery": []}
-        with LocalService(models, results_dir=tmp / "submit-embedded", engine_factory=BlockedEngine,
+        with TaskService(models, results_dir=tmp / "submit-embedded", engine_factory=BlockedEngine,
                           check_models=False, max_queue=10**6) as emb, \
-                LocalService(models, results_dir=tmp / "submit-celery", check_models=False, queue=idle,
+                TaskService(models, results_dir=tmp / "submit-celery", check_models=False, queue=idle,
                              max_queue=10**6) as cel:
             for s in (emb, cel):
                 for _ in range(100):

@@ -1,4 +1,4 @@
-"""Submit latency of sd_txt2img: in-process (LocalService.sd_txt2img) and over HTTP (uvicorn on loopback).
+"""Submit latency of sd_txt2img: in-process (TaskService.sd_txt2img) and over HTTP (uvicorn on loopback).
 
     PYTHONPATH=. python benchmarks/submit_latency.py [--repeats N] [--http-rounds N] [--concurrency 200]
 
@@ -61,7 +61,7 @@ class BlockedEngine(NullEngine):
     def generate(self, request, *, progress=None, cancel=None):
         while not cancel.is_set():
             time.sleep(0.01)
-        raise __import__("engine.errors", fromlist=["Cancelled"]).Cancelled("benchmark over")
+        raise __import__("core.errors", fromlist=["Cancelled"]).Cancelled("benchmark over")
 
 
 def stats_ms(samples: list[float]) -> dict[str, float]:
@@ -85,7 +85,7 @@ def time_calls(fn, repeats: int, warmup: int = 100) -> list[float]:
 
 
 def bench_in_process(repeats: int) -> dict[str, dict[str, float]]:
-    from api_compat import LocalService
+    from api_compat import TaskService
     from api_compat.schema import parse_payload
     from api_compat.tasks.store import TaskStore
     from api_compat.translate import translate
@@ -104,7 +104,7 @@ def bench_in_process(repeats: int) -> dict[str, dict[str, float]]:
         store.close()
     for label, factory in (("sd_txt2img, worker idle", BlockedEngine), ("sd_txt2img, worker draining", NullEngine)):
         with tempfile.TemporaryDirectory() as tmp:
-            with LocalService(Path(tmp) / "models", results_dir=tmp, engine_factory=factory, check_models=False,
+            with TaskService(Path(tmp) / "models", results_dir=tmp, engine_factory=factory, check_models=False,
                               max_queue=repeats + 1000, max_tasks=None) as svc:
                 rows[label] = stats_ms(time_calls(lambda: svc.sd_txt2img(PAYLOAD), repeats))
     return rows
@@ -199,7 +199,7 @@ def bench_http(concurrency: int, rounds: int, engine: str = "BlockedEngine", win
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir", f"{tmp}/m",
+            [sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir", f"{tmp}/m",
              "--results-dir", f"{tmp}/r", "--max-queue", str(concurrency * (rounds * (1 + len(windows)) + 2) + 10),
              "--engine-factory", f"benchmarks.submit_latency:{engine}"],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

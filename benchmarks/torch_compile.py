@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
 
     from engine.backends import create_backend
     from engine.config import EngineConfig
-    from engine.cpu import cpu_flags, native_bf16
+    from core.cpu import cpu_flags, native_bf16
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks torch_compile", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,sd15")

@@ -7,7 +7,11 @@ engine.memory for the budget, the model's configs for clip_skip) and are not res
 from __future__ import annotations
 
 from engine.config import EngineConfig
-from engine.errors import InvalidRequest, ModelError, TooMuchMemory
+from core.errors import InvalidRequest, ModelError, TooMuchMemory
+from engine.conditioning import check_prompts
+from engine.img2img import hires_size
+from engine.memory import architecture_of, estimate, largest_batch, largest_fitting
+from engine.models.family import FAMILIES, Arch
 from engine.request import GenerationRequest
 
 GIB = 2**30
@@ -20,9 +24,6 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     ``width``/``height`` or ``batch_size`` and the largest that fits when the estimated peak is over ``budget``
     bytes (None: no budget). A model the store cannot resolve, or whose architecture its headers do not tell,
     is left to the model check and the engine."""
-    from engine.conditioning import check_prompts
-    from engine.memory import architecture_of
-
     try:
         entry = store.resolve(request.model) if request.model else store.default_checkpoint(config.default_model)
     except (InvalidRequest, ModelError):
@@ -44,8 +45,6 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
 
 
 def _text_spec(family: str | None):
-    from engine.models.family import FAMILIES, Arch
-
     try:
         return FAMILIES[Arch(family)].text if family else None
     except (ValueError, KeyError):
@@ -57,8 +56,6 @@ def check_memory(arch, native: int, model_name: str, config: EngineConfig, reque
     """TooMuchMemory when ``request``'s estimated peak (engine.memory, with the config's backend and VAE tiling)
     is over ``budget`` bytes, naming ``batch_size`` when a smaller batch fits at this size, else ``width`` (or
     ``height``) with the largest size of the same aspect ratio that fits."""
-    from engine.memory import estimate, largest_batch, largest_fitting
-
     width, height = request.width or native, request.height or native
     backend = getattr(config.backend, "value", str(config.backend))
     options = {"cfg": request.cfg_scale != 1.0, "backend": backend, "tiling": config.vae_tiling}
@@ -83,9 +80,6 @@ def _check_hires_memory(arch, model_name: str, request: GenerationRequest, width
                         options: dict) -> None:
     """The hires fix's second pass, at its own size, within the budget; else TooMuchMemory naming hr_scale
     (or hr_resize_x/y) with the largest that fits."""
-    from engine.img2img import hires_size
-    from engine.memory import estimate, largest_fitting
-
     size = hires_size(width, height, request.hires)
     need = estimate(arch, size.width, size.height, request.batch_size, **options)
     if need.total <= budget:

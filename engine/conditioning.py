@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.arrays import as_like, concat, stack, zeros_like
-from engine.errors import InvalidRequest
-from engine.prompts import CHUNK_LENGTH, Chunk, TokenWords, prompt_schedule, split_and, token_words, tokenize_prompt
+from core.errors import InvalidRequest
+from core.tokens import CHUNK_LENGTH, TOKENS_PER_CHUNK
+from engine.models.tokenizer import clip_tokenizer
+from engine.prompts import Chunk, TokenWords, prompt_schedule, split_and, token_words, tokenize_prompt
 
 Array = Any  # numpy.ndarray or torch.Tensor
 
@@ -50,7 +52,6 @@ class StepConditioning:
 
 # ------------------------------------------------------------------------------------ model families
 
-TOKENS_PER_CHUNK = CHUNK_LENGTH + 2
 PROMPT_FIELD = "prompt"
 NEGATIVE_FIELD = "negtive_prompt"  # sic: the API's field name
 
@@ -170,8 +171,6 @@ class EmbeddingCache:
 # ----------------------------------------------------------------------------------------------- encode
 
 def _tokenizer(pad_token: str):
-    from engine.models.tokenizer import clip_tokenizer
-
     return clip_tokenizer(pad_token)
 
 

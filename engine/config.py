@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from engine.errors import InvalidRequest
+from core.cpu import native_bf16 as cpu_native_bf16
+from core.errors import InvalidRequest
 from engine.tiling import VaeTiling
 
 # Where files live (docs/API.md "Where files live"): one home, each part movable on its own
@@ -54,8 +56,6 @@ def sdengine_home() -> Path:
 
 
 def openvino_installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("openvino") is not None
 
 
@@ -72,9 +72,7 @@ def default_precision(backend: BackendKind, device: str, native_bf16: bool | Non
     fp32 everywhere else."""
     if backend == BackendKind.OPENVINO and device == "cpu":
         if native_bf16 is None:
-            from engine.cpu import native_bf16 as probe
-
-            native_bf16 = probe()
+            native_bf16 = cpu_native_bf16()
         if native_bf16:
             return Precision.BF16
     return Precision.FP32

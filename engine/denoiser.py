@@ -14,14 +14,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from engine.conditioning import StepConditioning
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.arrays import as_like, floats, is_numpy, stack, take_rows
-from engine.schedule import ModelSchedule
+from engine.schedule import PREDICTION_TYPES, ModelSchedule
 
 Array = Any
 ModelFn = Callable[[Array, Array, StepConditioning, int], Array]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
+from engine.controlnet.images import as_array
+from engine.models.family import VAE_SCALE_FACTOR
 
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
@@ -267,12 +269,13 @@ class InitPlan:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def prepare_init(init: Any, width: int, height: int, multiple: int = 8) -> InitPlan:
+def prepare_init(init: Any, width: int, height: int, multiple: int | None = None,
+                 scale: int = VAE_SCALE_FACTOR) -> InitPlan:
     """The webui's img2img init (processing.StableDiffusionProcessingImg2Img.init) for one init image:
-    ``init`` is an engine.request.InitImage, (width, height) the generation size."""
+    ``init`` is an engine.request.InitImage, (width, height) the generation size, ``scale`` the family's VAE
+    factor (image pixels per latent pixel; ``multiple``: the latent-upscale mode's size multiple, default it)."""
+    multiple = multiple or scale
     from PIL import Image, ImageOps
-
-    from engine.controlnet.images import as_array
 
     image = _pil(as_array(init.image)).convert("RGB")
     infotext: dict[str, Any] = {}
@@ -326,7 +329,7 @@ def prepare_init(init: Any, width: int, height: int, multiple: int = 8) -> InitP
     pixels = (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None]
     if init.initial_noise_multiplier != 1.0:
         infotext["Noise multiplier"] = init.initial_noise_multiplier
-    return InitPlan(np.ascontiguousarray(pixels), (height // 8, width // 8), init.resize_mode == 3 and crop is None,
+    return InitPlan(np.ascontiguousarray(pixels), (height // scale, width // scale), init.resize_mode == 3 and crop is None,
                     init.inpainting_fill if mask_image is not None else None, mask_image, overlay,
                     None if crop is None else (crop[0], crop[1], crop[2] - crop[0], crop[3] - crop[1]),
                     MappingProxyType({k: v for k, v in infotext.items() if v is not None}), init.mask_round)
@@ -345,10 +348,17 @@ class HiresSize:
     field: str  # the payload field the size comes from (hr_scale, hr_resize_x, hr_resize_y)
     first_width: int
     first_height: int
+    scale: int = VAE_SCALE_FACTOR  # image pixels per latent pixel (the family's VAE factor)
+
+    @property
+    def upscale_latent(self) -> tuple[int, int]:
+        """(height, width) of the first pass's latent upscaled (before the cut)."""
+        return self.upscale_height // self.scale, self.upscale_width // self.scale
 
     def truncate(self, latents: Any) -> Any:
-        ty = self.upscale_height // 8 - self.height // 8
-        tx = self.upscale_width // 8 - self.width // 8
+        f = self.scale
+        ty = self.upscale_height // f - self.height // f
+        tx = self.upscale_width // f - self.width // f
         if not tx and not ty:
             return latents
         h, w = latents.shape[2], latents.shape[3]
@@ -362,9 +372,10 @@ class HiresSize:
         return f"sizes giving a second pass of multiples of {multiple} from 64 to {max_size} pixels a side"
 
 
-def hires_size(width: int, height: int, hires: Any) -> HiresSize:
+def hires_size(width: int, height: int, hires: Any, scale: int = VAE_SCALE_FACTOR) -> HiresSize:
     """The webui's hires target for a first pass of ``width x height`` (``hires``: engine.request.Hires); the
-    second pass runs at the latent size the webui gets: ``upscale // 8`` latent pixels, less the cut."""
+    second pass runs at the latent size the webui gets: ``upscale // scale`` latent pixels (``scale``: the
+    family's VAE factor, 8), less the cut."""
     rx, ry = int(hires.resize_x or 0), int(hires.resize_y or 0)
     target = None
     if rx == 0 and ry == 0:
@@ -379,5 +390,6 @@ def hires_size(width: int, height: int, hires: Any) -> HiresSize:
             uw, uh = rx, rx * height // width
         else:
             uw, uh = ry * width // height, ry
-    tx, ty = ((uw - target[0]) // 8, (uh - target[1]) // 8) if target else (0, 0)
-    return HiresSize(8 * (uw // 8 - tx), 8 * (uh // 8 - ty), uw, uh, name, width, height)
+    f = scale
+    tx, ty = ((uw - target[0]) // f, (uh - target[1]) // f) if target else (0, 0)
+    return HiresSize(f * (uw // f - tx), f * (uh // f - ty), uw, uh, name, width, height, f)

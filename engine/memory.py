@@ -21,11 +21,18 @@ real engine and requires the measured peak growth to lie within 35% (+ 64 MiB) o
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from core.errors import SdEngineError
+from core.safetensors_header import read_safetensors_header
+from engine.models.checkpoints import bundled_config, detect_arch, detect_folder_arch
+from engine.models.convert import METADATA_KEY
+from engine.models.family import FAMILIES, VAE_SCALE_FACTOR, Arch, Kind
 from engine.tiling import VaeTiling
 from export.attention import DEFAULT_CHUNKS, attention_kind
 
@@ -80,6 +87,11 @@ class Architecture:
     text_layers: int | None = None  # fewest hidden layers of the text encoders (the largest clip_skip)
     family: str | None = None  # engine.models.family.Arch value, when detected from the weights
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel: the family's (the SD VAEs' 8 when the family is unknown)."""
+        return FAMILIES[Arch(self.family)].vae_scale_factor if self.family else VAE_SCALE_FACTOR
+
     @classmethod
     def from_configs(cls, unet: Mapping[str, Any], vae: Mapping[str, Any], weights_bytes: int = 0,
                      text: tuple[Mapping[str, Any], ...] = ()) -> "Architecture":
@@ -118,7 +130,8 @@ def estimate(arch: Architecture, width: int, height: int, batch_size: int = 1, *
     engine's VAE tiling (``EngineConfig.vae_tiling``; None: never tiled)."""
     unet_kind, vae_kind = attention or BACKEND_ATTENTION.get(backend, ("full", "full"))
     rows = batch_size * (2 if cfg else 1)
-    lh, lw = max(height // 8, 1), max(width // 8, 1)
+    f = arch.vae_scale_factor
+    lh, lw = max(height // f, 1), max(width // f, 1)
     unet = 0.0
     conv = 0.0
     for level, (channels, heads, has_attention) in enumerate(zip(arch.unet_channels, arch.unet_heads,
@@ -128,7 +141,7 @@ def estimate(arch: Architecture, width: int, height: int, batch_size: int = 1, *
         if has_attention:
             unet = max(unet, rows * heads * tokens * tokens * FP32 * _attention_factor(unet_kind))
     tw, th = tiling.tile_shape(width, height) if tiling is not None else (width, height)
-    vae_tokens = (th // 8) * (tw // 8) if arch.vae_attention else 0
+    vae_tokens = (th // f) * (tw // f) if arch.vae_attention else 0
     vae = batch_size * (arch.vae_channels[0] * tw * th * FP32 * VAE_FULL_RES_TENSORS
                         + vae_tokens * vae_tokens * FP32 * _attention_factor(vae_kind))
     if (tw, th) != (width, height):
@@ -180,17 +193,22 @@ def largest_batch(arch: Architecture, width: int, height: int, budget: int, limi
     return n
 
 
-_BUNDLED = {"sd1": ("sd15.json", 512), "sd2": ("sd21_v.json", 768), "sdxl": ("sdxl_base.json", 1024)}
 _ARCH_CACHE: dict[tuple, tuple[Architecture, int] | None] = {}
+
+
+def _is_checkpoint(arch: Arch | None) -> bool:
+    return arch is not None and arch.kind is Kind.CHECKPOINT
+
+
+def _family(arch: Arch | None):
+    """The family table's entry of a checkpoint architecture; SD1's (512, factor 8) when unknown."""
+    return FAMILIES[arch if _is_checkpoint(arch) else Arch.SD1]
 
 
 def architecture_of(path: str | os.PathLike) -> tuple[Architecture, int] | None:
     """(Architecture, native size) of a checkpoint file or diffusers folder, from its configs (the file's
     ``sdengine.configs`` metadata, the folder's config.json files, else the bundled config of the detected
     family); only headers are read. None when unknown (a pickle, an unrecognised layout)."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     try:
         stat = path.stat()
@@ -199,35 +217,30 @@ def architecture_of(path: str | os.PathLike) -> tuple[Architecture, int] | None:
     key = (str(path), stat.st_mtime_ns, stat.st_size)
     if key in _ARCH_CACHE:
         return _ARCH_CACHE[key]
-    from engine.errors import SdEngineError
-    from engine.models.checkpoints import bundled_config, detect_arch, detect_folder_arch, read_safetensors_header
-
     result = None
     try:
         if path.is_dir():
             unet = json.loads((path / "unet" / "config.json").read_text())
             vae = json.loads((path / "vae" / "config.json").read_text())
             size = sum(f.stat().st_size for f in path.rglob("*.safetensors"))
-            native = int(unet.get("sample_size", 64)) * 8
             arch = detect_folder_arch(path)
-            if arch is not None and arch.value in _BUNDLED and native < 64:
-                native = _BUNDLED[arch.value][1]
+            native = int(unet.get("sample_size", 64)) * _family(arch).vae_scale_factor
+            if _is_checkpoint(arch) and native < 64:
+                native = FAMILIES[arch].native_size
             text = tuple(json.loads((path / sub / "config.json").read_text())
                          for sub in ("text_encoder", "text_encoder_2") if (path / sub / "config.json").is_file())
             result = (replace(Architecture.from_configs(unet, vae, size, text), family=getattr(arch, "value", None)),
                       native)
         elif path.suffix.lower() == ".safetensors":
             header = read_safetensors_header(path)
-            from engine.models.convert import METADATA_KEY
-
             raw = header.metadata.get(METADATA_KEY)
             arch = detect_arch(header.shapes)
             if raw:
                 configs = json.loads(raw)
-                native = int(configs.get("native_size") or _BUNDLED.get(getattr(arch, "value", ""), ("", 512))[1])
-            elif arch is not None and arch.value in _BUNDLED:
-                name, native = _BUNDLED[arch.value]
-                configs = bundled_config(name)
+                native = int(configs.get("native_size") or _family(arch).native_size)
+            elif _is_checkpoint(arch):
+                native = FAMILIES[arch].native_size
+                configs = bundled_config(FAMILIES[arch].bundled)
             else:
                 configs = None
             if configs and "unet" in configs and "vae" in configs:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.arrays import to_like
 
 Array = Any

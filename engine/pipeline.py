@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.arrays import to_device, to_host
 from engine.config import EngineConfig
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.infotext import Generation, hires_infotext, unit_infotext
 from engine.noise import ImageRNG
 from engine.progress import ProgressReporter
@@ -92,7 +92,7 @@ class Engine:
         from engine.backends import create_backend
         from engine.conditioning import EmbeddingCache
 
-        from engine.backends.base import RELEASES_WEIGHTS
+        from engine.backends import RELEASES_WEIGHTS
 
         name = name or self.default_model_name()
         # a backend that runs exported graphs needs no torch weights when its cache holds every artefact: the
@@ -228,7 +228,7 @@ class Engine:
 
             # 5. noise: webui-seeded initial latents (the init latent noised to the plan's first sigma)
             t0 = time.perf_counter()
-            rng = ImageRNG((4, height // 8, width // 8), seeds, subseeds, req.subseed_strength,
+            rng = ImageRNG(family.latent_shape(width, height), seeds, subseeds, req.subseed_strength,
                            eta_noise_seed_delta=plan.ensd)
             noise = to_device(rng.first().numpy(), self.config.device)
             if init is not None and init.initial_noise_multiplier != 1.0:
@@ -316,7 +316,7 @@ class Engine:
         from engine.img2img import prepare_init, upscale_latent
 
         t0 = time.perf_counter()
-        init_plan = prepare_init(req.init, width, height)
+        init_plan = prepare_init(req.init, width, height, scale=rt.model.family.vae_scale_factor)
         timer.add("init_image", t0)
         t0 = time.perf_counter()
         latent = to_host(self._encode(rt, init_plan.pixels)).astype(np.float32)
@@ -331,7 +331,8 @@ class Engine:
             nmask = np.broadcast_to(nmask[None, None], latent.shape).astype(np.float32)
             mask = 1.0 - nmask
             if init_plan.inpainting_fill == 2:  # latent noise: the first batch's seeds, plain draws (webui)
-                latent = latent * mask + ImageRNG((4, h, w), seeds).first().numpy() * nmask
+                noise = ImageRNG((rt.model.family.latent_channels, h, w), seeds).first().numpy()
+                latent = latent * mask + noise * nmask
             elif init_plan.inpainting_fill == 3:  # latent nothing
                 latent = latent * mask
             blend = (to_device(latent, self.config.device), to_device(np.ascontiguousarray(nmask),
@@ -360,7 +361,7 @@ class Engine:
         an error names hr_scale (or hr_resize_x/y) with the allowed range."""
         from engine.img2img import hires_size
 
-        size = hires_size(width, height, req.hires)
+        size = hires_size(width, height, req.hires, scale=family.vae_scale_factor)
         try:
             family.check_size(size.width, size.height, self.config.max_size)
         except InvalidRequest as exc:
@@ -379,7 +380,7 @@ class Engine:
         hr = req.hires
         t0 = time.perf_counter()
         if hr.upscaler_name in LATENT_UPSCALERS:
-            x0 = upscale_latent(latents, size.upscale_height // 8, size.upscale_width // 8, hr.upscaler_name)
+            x0 = upscale_latent(latents, *size.upscale_latent, hr.upscaler_name)
         else:
             on_step.phase("decoding", "hires fix: the first pass, for the image upscaler")
             decoded = decode_latents(rt.backend.run, latents, self.config.vae_tiling)
@@ -418,7 +419,7 @@ class Engine:
 
     def _networks(self, rt: _Runtime, req: GenerationRequest):
         """The request's extra networks (engine.networks.PreparedNetworks), applied to the model's backend."""
-        from engine.errors import BackendUnavailable
+        from core.errors import BackendUnavailable
 
         prepared = rt.networks.prepare(req.prompt, disabled=req.disable_extra_networks, field="prompt")
         if not hasattr(rt.backend, "set_patch"):

@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-PHASES = ("loading", "exporting", "encoding", "sampling", "decoding", "saving")
+from core.errors import Cancelled
+from core.events import BUILDING, UP_TO_DATE  # the exporter's events: "{component}: {stage} ({event})"
 
-from export.onnx import BUILDING, UP_TO_DATE  # the exporter's events: "{component}: {stage} ({event})"
+PHASES = ("loading", "exporting", "encoding", "sampling", "decoding", "saving")
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,6 @@ class ProgressReporter:
 
     # ----------------------------------------------------------------------------------------- plumbing
     def check_cancel(self) -> None:
-        from engine.errors import Cancelled
-
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("generation cancelled")
 

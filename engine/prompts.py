@@ -28,7 +28,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-CHUNK_LENGTH = 75  # tokens per chunk, without BOS/EOS
+from core.tokens import CHUNK_LENGTH  # tokens per chunk, without BOS/EOS
+
 COMMA_BACKTRACK = 20  # webui opts.comma_padding_backtrack
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1

@@ -13,7 +13,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from engine.errors import ModelError
+from core.errors import ModelError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a UNet predicts: noise (eps) or v
 
 # SD1/SD2/SDXL: ldm make_beta_schedule "linear" = diffusers "scaled_linear", 0.00085..0.012 over 1000 steps.
 SD_SCHEDULER: Mapping[str, Any] = MappingProxyType(dict(

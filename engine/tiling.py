@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.arrays import contiguous, to_host
+from engine.models.family import VAE_SCALE_FACTOR
 
-LATENT_SCALE = 8  # image pixels per latent pixel (every supported VAE)
+LATENT_SCALE = VAE_SCALE_FACTOR  # image pixels per latent pixel (every supported family's VAE)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The lower layer (knows no engine type; imports only the leaf modules engine.errors / engine.lazy / engine.atomic). Model descriptors -> ONNX -> optimised ONNX -> TensorRT plans, with a manifest beside each artefact.
+"""The lower layer (knows no engine type; imports only core/). Model descriptors -> ONNX -> optimised ONNX ->
+TensorRT plans, with a manifest beside each artefact.
 
 - descriptors.py  ComponentDescriptor: names, dtypes, dynamic axes, sample inputs, min/opt/max profiles
 - wrappers.py     the torch modules that define each component's named inputs/outputs (the contract)

@@ -21,10 +21,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from engine.deferred import has_attribute
-from engine.errors import InvalidRequest
+from core.deferred import has_attribute
+from core.errors import InvalidRequest
+from core.tokens import TOKENS_PER_CHUNK
 
-TOKENS_PER_CHUNK = 77
 SYMBOLS = ("B", "h", "w", "T", "E")
 _DIM = re.compile(r"^(?:(\d+)\*)?([BhwTE])(?:/(\d+))?$")
 # extra token-embedding rows (textual inversion) a TensorRT profile supports: min, opt, max

@@ -23,18 +23,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from core.hashing import sha256_file
+from core.process import pid_alive
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-CHUNK = 1 << 22
-
-
-def sha256_file(path: Path, h=None) -> str:
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_files(paths: list[Path]) -> str:
@@ -106,17 +100,6 @@ def _clean_stale(parent: Path, name: str) -> None:
         pid = tmp.name.split("-")[-2] if tmp.name.count("-") >= 3 else ""
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (one of another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextmanager

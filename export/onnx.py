@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import hashlib
+import json
 import logging
 import shutil
 import warnings
@@ -39,10 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from engine.errors import InvalidRequest
+from core.deferred import has_attribute, real_module
+from core.errors import InvalidRequest
+from core.events import BUILDING, BUILT, UP_TO_DATE
+from core.tokens import TOKENS_PER_CHUNK
 from export.descriptors import ComponentDescriptor, describe
 from export.attention import DEFAULT_CHUNKS, attention_kind, chunked_attention
-from export.manifest import artefact_dir, build_artefact, sha256_files, valid_artefact
+from export.fp16 import KEEP_FP32_OPS, convert_to_fp16
+from export.manifest import artefact_dir, build_artefact, sha256_files, valid_artefact, valid_files
+from export.optimize import optimize_for_gpu
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +63,8 @@ EXTERNAL_DATA_BYTES = 1 << 30
 EXTERNAL_MIN_BYTES = 1024  # initializers at least this big live in the data file (the overridable weights)
 ONNX_PRECISIONS = ("fp32", "fp16")
 
-# (what, done, total); what = "{component}: {stage} ({event})", event: building (before a build, done = stages
-# finished), built, up to date (a cache hit) -- engine.progress reads the event, the export command counts builds
+# (what, done, total); what = "{component}: {stage} ({event})", the events of core.events
 ProgressCallback = Callable[[str, int, int], None]
-BUILDING, BUILT, UP_TO_DATE = "building", "built", "up to date"
 
 
 @dataclass(frozen=True)
@@ -204,8 +210,6 @@ def _initializer_bytes(path: Path):
 
 
 def _digest(shape, blob: bytes) -> str:
-    import hashlib
-
     return hashlib.blake2b(repr(tuple(shape)).encode() + blob, digest_size=20).hexdigest()
 
 
@@ -251,8 +255,6 @@ class SourceWeights:
     """
 
     def __init__(self, artefact: "OnnxArtefact"):
-        import json
-
         import onnx
         from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -315,8 +317,6 @@ def weights_fingerprint(module, samples: int = 4096) -> str:
     weights re-export even if a caller passes a stale model hash. A released module (:func:`release_weights`)
     answers the fingerprint it had.
     """
-    import hashlib
-
     import torch
 
     released = getattr(module, RELEASED, None)
@@ -337,8 +337,6 @@ def release_weights(module) -> None:
     """Free the torch weights of ``module`` (moved to the meta device) once every artefact made from it exists:
     its config stays, and its fingerprint is remembered, so the artefacts' keys still match. Exporting from
     a released module is refused (:func:`export_component` says so)."""
-    import gc
-
     import torch
 
     if getattr(module, RELEASED, None) is not None:
@@ -367,8 +365,6 @@ def mark_released(module, fingerprint: str, loader: Callable[[], None] | None = 
 
 def mark_loaded(module) -> None:
     """``module`` has its weights again (released / meta-built, then loaded): it exports and fingerprints as any."""
-    from engine.deferred import real_module
-
     module = real_module(module)
     for attr in (RELEASED, LOADER):
         if attr in module.__dict__:
@@ -379,7 +375,7 @@ def trace_inputs(desc: ComponentDescriptor) -> dict:
     """Small sample inputs for tracing: batch 2, latent height != width (so no axis is specialised)."""
     m = desc.latent_multiple
     h = m * -(-8 // m)
-    return desc.sample_inputs(batch=2, height=h, width=h + m, tokens=77, seed=0)
+    return desc.sample_inputs(batch=2, height=h, width=h + m, tokens=TOKENS_PER_CHUNK, seed=0)
 
 
 def torch_export(wrapper, desc: ComponentDescriptor, path: Path, opset: int) -> None:
@@ -457,8 +453,6 @@ def cached_artefact(component: str, model_hash: str, cache_dir: Path, *, precisi
     model hash -- the checkpoint file's hash, cached by path/size/mtime --, component, stage, precision, opset,
     tool versions, the parent stage's sha256) and its files checked (sizes, the graph's sha256). None when
     anything is missing or differs; :func:`export_component` then decides, with the full key."""
-    from export.manifest import valid_files
-
     stages = [fp32_stage(attention_chunks_for(gpu_optimize, attention_chunks))]
     stages += [stage_name("fp32", True)] if gpu_optimize else []
     if precision == "fp16":
@@ -485,8 +479,6 @@ def cached_weights_fingerprint(component: str, model_hash: str, cache_dir: Path,
     """The weights fingerprint the cached artefacts of ``component`` were exported with (the fp32 stage's key),
     found without the model's modules (:func:`cached_artefact`; an fp16 request falls back to the fp32 stages,
     as :func:`export_component` does for components that stay fp32); None when not cached."""
-    import json
-
     where = {"gpu_optimize": gpu_optimize, "attention_chunks": attention_chunks}
     art = cached_artefact(component, model_hash, cache_dir, precision=precision, **where)
     if art is None and precision != "fp32":
@@ -511,8 +503,6 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
     for runtimes that fuse it); default: chunked (DEFAULT_CHUNKS) unless ``gpu_optimize``. Part of the key.
     """
     import onnx
-
-    from engine.deferred import has_attribute, real_module
 
     precision = getattr(precision, "value", precision)
     if precision not in ONNX_PRECISIONS:
@@ -561,8 +551,6 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         tools_gpu = {**tools, **tool_versions("onnxruntime", "onnxruntime-gpu", "numpy")}
 
         def build_gpu(tmp: Path, manifest: dict) -> None:
-            from export.optimize import optimize_for_gpu
-
             optimized, applied = optimize_for_gpu(parent.path, desc.optimizer_type)
             save_onnx(optimized.model, tmp / MODEL_FILE)
             manifest["info"]["optimizer"] = applied
@@ -579,8 +567,6 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         tools_fp16 = {**tools, **tool_versions("onnxruntime", "onnxruntime-gpu")}
 
         def build_fp16(tmp: Path, manifest: dict) -> None:
-            from export.fp16 import KEEP_FP32_OPS, convert_to_fp16
-
             model = onnx.load(str(parent.path))
             big = _weights_bytes(model) > EXTERNAL_DATA_BYTES
             save_onnx(convert_to_fp16(model, desc.fp16_keep_fp32_ops, big=big), tmp / MODEL_FILE)

@@ -20,6 +20,7 @@ use the optimizer.
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,6 @@ def _num_heads(self, reshape_q, is_torch2: bool = False) -> int:
 @contextmanager
 def numpy24_fix():
     """Swap in :func:`_num_heads` for the duration of one optimisation, then restore onnxruntime's own."""
-    import sys
-
     import onnxruntime.transformers.optimizer  # noqa: F401  (puts its folder on sys.path, imports the fusions)
 
     # the transformer tools import their modules both as "fusion_attention_unet" and under the package

@@ -21,10 +21,21 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.errors import InvalidRequest
-from engine.lazy import require
+from core.atomic import atomic_file
+from core.errors import InvalidRequest
+from core.lazy import require
 from export.descriptors import ComponentDescriptor, ShapeConfig
 from export.manifest import artefact_dir, build_artefact, safe_name, valid_artefact
+from export.onnx import (
+    DATA_FILE,
+    MODEL_FILE,
+    OnnxArtefact,
+    _files,
+    carry_parameter_map,
+    fp32_stage_of,
+    sha256_files,
+    tool_versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +110,6 @@ def prepare_onnx(art, progress=None):
     """
     import onnx
     import onnxruntime as ort
-
-    from export.onnx import (DATA_FILE, MODEL_FILE, OnnxArtefact, _files,
-                             carry_parameter_map, fp32_stage_of, sha256_files, tool_versions)
 
     desc = art.descriptor
     model_hash = art.manifest["key"]["model_hash"]
@@ -196,8 +204,6 @@ def build_engine(prepared, shape_config: ShapeConfig, precision: str, cache: Pat
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    from engine.atomic import atomic_file
-
     with atomic_file(path) as f:
         f.write(data)
 

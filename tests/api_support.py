@@ -1,7 +1,7 @@
 """Shared pieces of the api_compat tests.
 
 ``tiny_engine`` (fixture): the real engine (``engine.pipeline.Engine``, ONNX Runtime backend) on the session's
-tiny models, as LocalService keyword arguments; the end-to-end tests run it. Tests that need behaviour a real
+tiny models, as TaskService keyword arguments; the end-to-end tests run it. Tests that need behaviour a real
 engine cannot be made to show on demand (a failing run, a run slow enough to cancel or kill) use
 :class:`EngineDouble`, a TEST DOUBLE, directly.
 """
@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.errors import Cancelled, InvalidRequest
+from core.errors import Cancelled, InvalidRequest
 from engine.request import GenerationRequest, GenerationResult
 
 SEED_RE = re.compile(r"Seed: (\d+)")
@@ -78,7 +78,7 @@ _ENGINES: dict = {}
 
 
 def shared_engine(config):
-    """The real ``Engine(config)``, one per configuration for the whole test session (LocalService builds one
+    """The real ``Engine(config)``, one per configuration for the whole test session (TaskService builds one
     per configuration it serves; sharing them across tests saves the model loads)."""
     engine = _ENGINES.get(config)
     if engine is None:
@@ -90,7 +90,7 @@ def shared_engine(config):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_store, tmp_path_factory):
-    """``LocalService(results_dir=..., **tiny_engine)`` runs the real engine on the tiny models: ONNX Runtime
+    """``TaskService(results_dir=..., **tiny_engine)`` runs the real engine on the tiny models: ONNX Runtime
     (the default backend), ``tiny-sd1`` by default, exported ONNX and the hash cache in a session folder (the
     shared store stays read-only; the same folder from every test module, so the export happens once)."""
     cache = tmp_path_factory.getbasetemp() / "api-engine-cache"

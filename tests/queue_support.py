@@ -8,7 +8,7 @@ loopback port with its files in a temp folder, AOF on (``appendfsync always``), 
   the tests that need a task to fail, stall or be cancelled on demand (Redis DB 1);
 - ``tiny``: two workers running the real engine (ONNX Runtime) on the session's tiny models (Redis DB 2).
 
-Workers run ``python -m engine.cli worker`` exactly as users start it, one process group each (so a test can
+Workers run ``python -m cli worker`` exactly as users start it, one process group each (so a test can
 SIGKILL the pool process alone, or the whole worker).
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import Cancelled
+from core.errors import Cancelled
 from tests.api_support import EngineDouble
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "worker", "--queue", self.url, "--results-dir",
+            [sys.executable, "-m", "cli", "worker", "--queue", self.url, "--results-dir",
              str(self.results_dir), "--threads", "1", "--name", self.name, "--loglevel", "INFO", *self.args],
             cwd=ROOT, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         return self

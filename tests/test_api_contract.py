@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api_compat import ApiError, LocalService
+from api_compat import ApiError, TaskService
 from tests.api_support import png_pixels, png_seed, tiny_engine  # noqa: F401 (fixture)
 from tests.queue_support import ENV_GATES, queue_double_factory, queue_workers, redis_server  # noqa: F401
 
@@ -24,7 +24,7 @@ BACKENDS = ["embedded", "celery"]
 
 @pytest.fixture(params=BACKENDS)
 def api(request, tmp_path, monkeypatch, tiny_engine):
-    """``api(engine, **kw)`` -> a LocalService on ``engine`` ("double" or "tiny") and the chosen backend."""
+    """``api(engine, **kw)`` -> a TaskService on ``engine`` ("double" or "tiny") and the chosen backend."""
     kind = request.param
     made = []
     gates = tmp_path / "gates"
@@ -43,9 +43,9 @@ def api(request, tmp_path, monkeypatch, tiny_engine):
             monkeypatch.setenv(ENV_GATES, str(gates))
         if engine == "double":
             kw.setdefault("check_models", False)
-            svc = LocalService(tmp_path / "models", engine_factory=queue_double_factory, **kw)
+            svc = TaskService(tmp_path / "models", engine_factory=queue_double_factory, **kw)
         else:
-            svc = LocalService(**{**tiny_engine, **kw})
+            svc = TaskService(**{**tiny_engine, **kw})
         svc.gate_dir, svc.gate_tokens = gate_dir, []
         made.append(svc)
         return svc

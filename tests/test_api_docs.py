@@ -59,11 +59,11 @@ def test_unknown_field_error_points_to_the_page():
 def test_openapi_descriptions_point_to_the_page(tmp_path):
     pytest.importorskip("fastapi")
     from api_compat.http import create_app
-    from api_compat.service import LocalService
+    from api_compat.service import TaskService
 
     from fastapi.testclient import TestClient
 
-    with LocalService(tmp_path / "models", results_dir=tmp_path / "out", check_models=False) as service:
+    with TaskService(tmp_path / "models", results_dir=tmp_path / "out", check_models=False) as service:
         with TestClient(create_app(service), base_url="http://localhost") as client:
             spec = client.get("/openapi.json").json()
     assert "docs/API.md" in spec["info"]["description"]

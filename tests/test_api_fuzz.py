@@ -17,14 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api_compat import ApiError, LocalService
+from api_compat import ApiError, TaskService
 from api_compat.engine_api import check_memory, check_models
 from api_compat.http import create_app
 from api_compat.schema import MAX_JSON_DEPTH, ControlNetUnitPayload, Img2ImgPayload, Txt2ImgPayload, parse_request
 from api_compat.translate import translate_request
 from api_compat.webui import webui_to_scc
 from engine.config import EngineConfig
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.request import GenerationRequest, GenerationResult
 from engine.models.store import ModelStore
 from tests.api_support import png_b64, tiny_engine  # noqa: F401 (fixture)
@@ -139,7 +139,7 @@ class AsgiClient:
 @pytest.fixture(scope="module")
 def http_client(tmp_path_factory, tiny_engine):
     # no memory budget here: _check mirrors validation without it (the budget has its own tests, test_memory.py)
-    svc = LocalService(results_dir=tmp_path_factory.mktemp("fuzz"), max_queue=100000, max_tasks=200,
+    svc = TaskService(results_dir=tmp_path_factory.mktemp("fuzz"), max_queue=100000, max_tasks=200,
                        memory_budget=None, **{**tiny_engine, "engine_factory": NullEngine})
     client = AsgiClient(create_app(svc, max_body_bytes=256 * 1024))
     yield client
@@ -363,7 +363,7 @@ def test_fuzz_webui_txt2img(http_client, store, payload):
 
 @pytest.fixture(scope="module")
 def options_client(tmp_path_factory, tiny_engine):
-    svc = LocalService(results_dir=tmp_path_factory.mktemp("fuzz-options"), max_tasks=200,
+    svc = TaskService(results_dir=tmp_path_factory.mktemp("fuzz-options"), max_tasks=200,
                        **{**tiny_engine, "engine_factory": NullEngine})
     client = AsgiClient(create_app(svc, max_body_bytes=256 * 1024))
     yield client

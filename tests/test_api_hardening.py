@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from api_compat import ApiError, LocalService
+from api_compat import ApiError, TaskService
 from api_compat.http import allowed_hosts_for, create_app, uvicorn_config
 from api_compat.schema import MAX_JSON_DEPTH, parse_payload
 from api_compat.tasks.store import StoreLocked, TaskStore
@@ -63,7 +63,7 @@ def cn_payload(image: str, **unit) -> dict:
 
 @pytest.fixture
 def service(tmp_path, tiny_engine):
-    svc = LocalService(results_dir=tmp_path / "results", max_queue=8, **tiny_engine)
+    svc = TaskService(results_dir=tmp_path / "results", max_queue=8, **tiny_engine)
     yield svc
     svc.close()
 
@@ -229,7 +229,7 @@ def test_stalled_connections_are_closed(service):
 
 
 def test_serve_refuses_a_non_loopback_bind_without_a_key(tmp_path, monkeypatch):
-    from engine.cli import main
+    from cli import main
 
     monkeypatch.delenv("SDENGINE_API_KEY", raising=False)
     r = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0", "--results-dir", str(tmp_path / "r")])
@@ -360,7 +360,7 @@ def test_queued_tasks_hold_compressed_images(tmp_path):
     big = base64.b64encode(buf.getvalue()).decode()
     units = [{"model": "c", "module": "none", "input_image": big, "resize_mode": 0} for _ in range(10)]
     payload = {"steps": 1, "width": 64, "height": 64, "alwayson_scripts": {"controlnet": {"units": units}}}
-    svc = LocalService(tmp_path, results_dir=tmp_path / "r", engine_factory=Held, check_models=False,
+    svc = TaskService(tmp_path, results_dir=tmp_path / "r", engine_factory=Held, check_models=False,
                        max_queue_bytes=len(buf.getvalue()) * 10 * 3)
     try:
         first = svc.sd_txt2img({"steps": 1})["taskId"]  # occupies the worker
@@ -389,7 +389,7 @@ def test_queued_tasks_hold_compressed_images(tmp_path):
 # --------------------------------------------------------------------------------- results and store
 def test_deleted_result_reads_expired(tmp_path, tiny_engine):
     results = tmp_path / "results"
-    with LocalService(results_dir=results, **tiny_engine) as svc:
+    with TaskService(results_dir=results, **tiny_engine) as svc:
         with TestClient(create_app(svc), base_url="http://localhost") as c:
             task = c.post("/scc/sd_txt2img", json={"steps": 1, "width": 64, "height": 64}).json()["taskId"]
             assert poll(c, task)["status"] == "succeeded"
@@ -399,7 +399,7 @@ def test_deleted_result_reads_expired(tmp_path, tiny_engine):
             assert result["status"] == "failed" and result["images"] == []
             assert result["error"]["code"] == "expired" and "no longer on the server" in result["error"]["message"]
             assert c.get(f"/scc/images/{task}/0.png").status_code == 404
-    with LocalService(results_dir=results, **tiny_engine) as svc:  # after a restart
+    with TaskService(results_dir=results, **tiny_engine) as svc:  # after a restart
         result = svc.sd_get_result({"taskId": task})
         assert result["status"] == "failed" and result["error"]["code"] == "expired"
 
@@ -450,7 +450,7 @@ def test_broken_model_links_are_not_found_without_server_paths(tmp_path, tiny_st
     os.symlink("/nonexistent/x.safetensors", ckpts / "dangling.safetensors")
     os.symlink(str(tmp_path / "gone.safetensors"), ckpts / "gone.safetensors")
     options = {**tiny_engine, "models_dir": models, "cache_dir": tmp_path / "cache"}
-    with LocalService(results_dir=tmp_path / "r", **options) as svc:
+    with TaskService(results_dir=tmp_path / "r", **options) as svc:
         with TestClient(create_app(svc), base_url="http://localhost") as c:
             for name in ("loop.safetensors", "a.safetensors", "dangling.safetensors", "gone.safetensors", "loop"):
                 r = c.post("/scc/sd_txt2img", json={"stable_diffusion_model": name, "steps": 1})

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from api_compat import LocalService
+from api_compat import TaskService
 from api_compat.http import create_app
 from tests.api_support import EngineDouble, png_b64, png_infotext, png_pixels, png_seed, tiny_engine  # noqa: F401
 from tests.queue_support import queue_workers, redis_server  # noqa: F401 (fixtures)
@@ -36,10 +36,10 @@ def service(request, tmp_path, tiny_engine):
     if request.param == "celery":
         workers = request.getfixturevalue("queue_workers")
         workers.ensure("tiny")
-        svc = LocalService(results_dir=workers.results("tiny"), max_queue=8, configs={"other": {}},
+        svc = TaskService(results_dir=workers.results("tiny"), max_queue=8, configs={"other": {}},
                            queue=workers.url("tiny"), **tiny_engine)
     else:
-        svc = LocalService(results_dir=tmp_path / "results", max_queue=8, configs={"other": {}}, **tiny_engine)
+        svc = TaskService(results_dir=tmp_path / "results", max_queue=8, configs={"other": {}}, **tiny_engine)
     yield svc
     svc.close()
 
@@ -127,7 +127,7 @@ def test_queue_full_is_429(tmp_path):
             gate.wait(10)
             return super().generate(request, progress=progress, cancel=cancel)
 
-    svc = LocalService(tmp_path, results_dir=tmp_path / "r", engine_factory=Blocked, check_models=False,
+    svc = TaskService(tmp_path, results_dir=tmp_path / "r", engine_factory=Blocked, check_models=False,
                        max_queue=2)
     try:
         with TestClient(create_app(svc), base_url="http://localhost") as c:
@@ -201,7 +201,7 @@ def test_unknown_task_is_404(client):
 
 
 def test_cancel_route(tmp_path):
-    svc = LocalService(tmp_path, results_dir=tmp_path / "r", check_models=False,
+    svc = TaskService(tmp_path, results_dir=tmp_path / "r", check_models=False,
                        engine_factory=lambda c: EngineDouble(c, step_delay=0.02))
     try:
         with TestClient(create_app(svc), base_url="http://localhost") as c:
@@ -346,7 +346,7 @@ def test_sdengine_serve_subprocess(tmp_path, tiny_store):
     sock.close()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SDENGINE_API_KEY": "k"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir", str(models),
+        [sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir", str(models),
          "--results-dir", str(tmp_path / "r")],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -376,7 +376,7 @@ def test_sdengine_serve_subprocess(tmp_path, tiny_store):
 
 def test_cli_txt2img_payload_and_flags(tmp_path, tiny_store):
     """`sdengine txt2img` on the real engine (tiny-sd1, ONNX Runtime): payload file, stdin and flags."""
-    from engine.cli import main
+    from cli import main
 
     payload = tmp_path / "p.json"
     payload.write_text(json.dumps({"prompt": "from file", "negtive_prompt": "n", "seed": 5, "steps": 2, "width": 64,
@@ -409,7 +409,7 @@ def test_cli_txt2img_payload_and_flags(tmp_path, tiny_store):
 
 
 def test_missing_server_extra_has_a_clear_message(service, monkeypatch):
-    from engine.errors import MissingDependency
+    from core.errors import MissingDependency
 
     monkeypatch.setitem(sys.modules, "fastapi", None)
     with pytest.raises(MissingDependency, match=r"sdengine\[server\]"):

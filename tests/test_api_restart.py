@@ -1,4 +1,4 @@
-"""Results survive a crash: a process running LocalService is killed with SIGKILL while a slow task runs and
+"""Results survive a crash: a process running TaskService is killed with SIGKILL while a slow task runs and
 another waits; the reopened store serves the finished result (PNG and record) and reads the killed tasks as
 failed with the code "interrupted" (never stuck in running). The same for a synchronous webui call
 (/sdapi/v1/txt2img) on a killed `sdengine serve`, whose webui options survive the restart."""
@@ -18,16 +18,16 @@ from pathlib import Path
 
 import httpx
 
-from api_compat import LocalService
+from api_compat import TaskService
 from tests.api_support import EngineDouble, png_b64, png_seed
 
 CHILD = textwrap.dedent("""
     import json, sys, time
-    from api_compat import LocalService
+    from api_compat import TaskService
     from tests.api_support import EngineDouble, png_b64
 
     results = sys.argv[1]
-    svc = LocalService(results + "/models", results_dir=results, check_models=False,
+    svc = TaskService(results + "/models", results_dir=results, check_models=False,
                        engine_factory=lambda c: EngineDouble(c, step_delay=0.5))
     done = svc.sd_txt2img({"prompt": "finished", "seed": 5, "steps": 2})["taskId"]
     assert svc.wait(done, 60)["status"] == "succeeded"
@@ -59,7 +59,7 @@ def test_sigkill_mid_run_then_reopen(tmp_path):
         child.wait(30)
     assert child.returncode == -signal.SIGKILL
 
-    with LocalService(tmp_path / "models", results_dir=tmp_path, check_models=False,
+    with TaskService(tmp_path / "models", results_dir=tmp_path, check_models=False,
                       engine_factory=EngineDouble) as svc:
         assert svc.store.recovered == 3
         done = svc.sd_get_result({"taskId": ids["done"]})
@@ -84,7 +84,7 @@ def test_stray_files_are_removed_on_open(tmp_path):
     images.mkdir(parents=True)
     (images / ".0123456789abcdef0123456789abcdef-0.png.x.tmp").write_bytes(b"half")
     (images / "0123456789abcdef0123456789abcdef-0.png").write_bytes(b"no record")
-    with LocalService(tmp_path / "models", results_dir=tmp_path, check_models=False, engine_factory=EngineDouble):
+    with TaskService(tmp_path / "models", results_dir=tmp_path, check_models=False, engine_factory=EngineDouble):
         assert not list(images.iterdir())
 
 
@@ -93,7 +93,7 @@ def _serve(tmp_path, port):
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     env.pop("SDENGINE_API_KEY", None)
     log = open(tmp_path / f"serve-{port}-{time.monotonic_ns()}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir",
                              str(tmp_path / "models"), "--results-dir", str(tmp_path / "r"),
                              "--engine-factory", "tests.api_support:double_factory"],
                             env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)

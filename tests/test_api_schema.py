@@ -10,12 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from api_compat import ApiError, LocalService
+from api_compat import ApiError, TaskService
 from api_compat.schema import Txt2ImgPayload, field_path, parse_payload
 from api_compat.translate import translate
 from engine.config import EngineConfig
 from engine.controlnet.images import EncodedImage, as_array
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from tests.api_support import double_factory, png_b64
 
 CN = "alwayson_scripts.controlnet.units[0]"
@@ -30,7 +30,7 @@ def service(tmp_path_factory):
                       ("ControlNet", "control_canny.safetensors")):
         (models / sub).mkdir()
         (models / sub / name).write_bytes(b"x")
-    svc = LocalService(models, results_dir=tmp_path_factory.mktemp("results"), engine_factory=double_factory,
+    svc = TaskService(models, results_dir=tmp_path_factory.mktemp("results"), engine_factory=double_factory,
                        configs={"big": {"max_batch_size": 16}, "small": {"max_size": 512}})
     yield svc
     svc.close()
@@ -145,7 +145,7 @@ def test_model_store_link_out_of_the_store_is_refused(tmp_path):
     (models / "Stable-diffusion").mkdir(parents=True)
     (tmp_path / "secret.safetensors").write_bytes(b"x")
     (models / "Stable-diffusion" / "secret.safetensors").symlink_to(tmp_path / "secret.safetensors")
-    with LocalService(models, results_dir=tmp_path / "r", engine_factory=double_factory) as svc:
+    with TaskService(models, results_dir=tmp_path / "r", engine_factory=double_factory) as svc:
         for name in ("secret.safetensors", "secret", "SECRET"):
             assert_refused(svc, {"stable_diffusion_model": name}, "stable_diffusion_model", "unsafe_model_path")
 
@@ -423,7 +423,7 @@ def test_bad_images(service, value, why):
 
 def test_service_image_limits(tmp_path):
     big = base64.b64encode(b"\x89PNG" + b"\x00" * 2000).decode()
-    with LocalService(tmp_path / "m", results_dir=tmp_path / "r", engine_factory=double_factory, check_models=False,
+    with TaskService(tmp_path / "m", results_dir=tmp_path / "r", engine_factory=double_factory, check_models=False,
                       max_image_bytes=1000, max_image_pixels=63 * 63) as svc:
         assert "larger than 1000 bytes" in str(assert_refused(svc, cn(unit(input_image=big)), f"{CN}.input_image"))
         err = assert_refused(svc, cn(unit(input_image=png_b64(64, 64))), f"{CN}.input_image")

@@ -1,4 +1,4 @@
-"""LocalService task mechanics: states, progress, cancellation, failure isolation, queue bounds, PNG output,
+"""TaskService task mechanics: states, progress, cancellation, failure isolation, queue bounds, PNG output,
 retention, and 200 concurrent submits with none lost.
 
 The end-to-end tests run the real engine on the tiny models (``tiny_engine``). Failure, slowness and
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api_compat import ApiError, LocalService
+from api_compat import ApiError, TaskService
 from api_compat.tasks.store import Status
 from engine.request import GenerationRequest
 from engine.config import EngineConfig
@@ -38,7 +38,7 @@ class Gate(EngineDouble):
         progress(1, request.steps)
         while not self.release.wait(0.01):
             if cancel.is_set():
-                from engine.errors import Cancelled
+                from core.errors import Cancelled
 
                 raise Cancelled("cancelled at step 1")
         return super().generate(request, progress=progress, cancel=cancel)
@@ -46,7 +46,7 @@ class Gate(EngineDouble):
 
 def make(tmp_path, factory, **kw):
     kw.setdefault("check_models", False)
-    return LocalService(tmp_path / "models", results_dir=tmp_path / "results", engine_factory=factory, **kw)
+    return TaskService(tmp_path / "models", results_dir=tmp_path / "results", engine_factory=factory, **kw)
 
 
 def wait_for(predicate, timeout=10.0):
@@ -60,7 +60,7 @@ def wait_for(predicate, timeout=10.0):
 
 def test_succeeded_result_and_png_infotext(tmp_path, tiny_engine):
     """Real engine (tiny-sd1, ONNX Runtime): 2 x 2 images, each PNG with its own seed in the webui infotext."""
-    with LocalService(results_dir=tmp_path / "results", **tiny_engine) as svc:
+    with TaskService(results_dir=tmp_path / "results", **tiny_engine) as svc:
         task = svc.sd_txt2img({"prompt": "a red cube", "negtive_prompt": "blurry", "seed": 77, "batch_size": 2,
                                "n_iter": 2, "steps": 3, "width": 64, "height": 64})
         result = svc.wait(task["taskId"], timeout=120)
@@ -285,7 +285,7 @@ def test_200_concurrent_submits_none_lost(tmp_path, tiny_engine):
     """200 tasks from 16 threads at once on the real engine (tiny-sd1, 1 Euler step, CFG 1, 64x64): every one
     finishes with its own seed (PNG infotext and parameters), none lost; a few images equal, pixel for pixel, a
     direct Engine.generate of the same request."""
-    with LocalService(results_dir=tmp_path / "results", max_queue=256, **tiny_engine) as svc:
+    with TaskService(results_dir=tmp_path / "results", max_queue=256, **tiny_engine) as svc:
         def one(i):
             return i, svc.sd_txt2img({"prompt": f"task {i}", "seed": 1000 * i, "steps": 1, "width": 64,
                                       "height": 64, "sampler_name": "Euler", "cfg_scale": 1})["taskId"]

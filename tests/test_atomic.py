@@ -1,4 +1,4 @@
-"""engine.atomic: a file is replaced whole or not at all, and no temp file is left behind either way."""
+"""core.atomic: a file is replaced whole or not at all, and no temp file is left behind either way."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from engine.atomic import atomic_file, atomic_path
+from core.atomic import atomic_file, atomic_path
 
 
 def test_atomic_file_replaces_whole_and_leaves_no_temp(tmp_path):

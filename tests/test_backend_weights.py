@@ -13,7 +13,7 @@ import pytest
 
 from engine.backends import create_backend
 from engine.config import EngineConfig
-from engine.deferred import DeferredModule
+from core.deferred import DeferredModule
 from engine.models.tiny import build_tiny
 from export.onnx import is_released
 
@@ -164,7 +164,7 @@ def test_load_from_cache_reads_no_weights(kind, tiny_store, tmp_path, monkeypatc
     assert rt.model.meta
     for r, want in zip((txt, img), expected):
         np.testing.assert_array_equal(np.asarray(second.generate(r).images[0]), want)
-    # the modules came from the store's module card (engine.deferred) and nothing built them: configs sufficed
+    # the modules came from the store's module card (core.deferred) and nothing built them: configs sufficed
     for source in ("text_encoder", "unet", "vae"):
         module = rt.model.components[source]
         assert isinstance(module, DeferredModule) and not module.built, source

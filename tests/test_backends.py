@@ -20,7 +20,7 @@ from engine.backends.onnxruntime import (CPU, CUDA, TENSORRT, OnnxRuntimeBackend
                                          session_options)
 from engine.backends.torch import TorchBackend
 from engine.config import EngineConfig
-from engine.errors import BackendUnavailable, InvalidRequest
+from core.errors import BackendUnavailable, InvalidRequest
 from engine.models.tiny import build_tiny
 from export.descriptors import ShapeConfig
 

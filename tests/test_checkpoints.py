@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import ModelError
+from core.errors import ModelError
 from engine.models.checkpoints import (
     Arch,
     detect_path_arch,

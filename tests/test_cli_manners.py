@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 from click.testing import CliRunner
 
-from engine.cli import COMMANDS, EXIT_INTERRUPTED, main
+from cli import COMMANDS, EXIT_INTERRUPTED, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def test_ctrl_c_cancels_the_task_and_exits_130(tiny_store, tmp_path):
     results = tmp_path / "results"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "txt2img", "--model", "tiny-sd1", "--steps", "150", "--n-iter", "50",
+        [sys.executable, "-m", "cli", "txt2img", "--model", "tiny-sd1", "--steps", "150", "--n-iter", "50",
          "--sampler", "Euler", "--seed", "1", "--backend", "torch", "--models-dir", str(tiny_store),
          "--results-dir", str(results)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -91,8 +91,8 @@ def test_ctrl_c_cancels_the_task_and_exits_130(tiny_store, tmp_path):
     assert proc.returncode == EXIT_INTERRUPTED, err
     match = re.search(r"task ([0-9a-f]{32}) cancelled", err)
     assert match, err
-    from api_compat.service import LocalService
+    from api_compat.service import TaskService
 
-    with LocalService(tiny_store, results_dir=results, check_models=False) as service:
+    with TaskService(tiny_store, results_dir=results, check_models=False) as service:
         record = service.sd_get_result({"taskId": match[1]})
     assert record["status"] == "failed" and record["error"]["code"] == "cancelled", record

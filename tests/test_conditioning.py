@@ -21,7 +21,7 @@ from engine.conditioning import (
     apply_emphasis,
     encode_request,
 )
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.models.family import FAMILIES, Arch
 from engine.models.tiny import build_tiny
 from engine.models.tokenizer import BOS_ID, EOS_ID, clip_tokenizer

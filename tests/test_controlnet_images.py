@@ -27,7 +27,7 @@ from engine.controlnet.images import (  # noqa: E402
     hwc3,
     pixel_perfect_resolution,
 )
-from engine.errors import InvalidRequest  # noqa: E402
+from core.errors import InvalidRequest  # noqa: E402
 from engine.request import ControlNetUnit  # noqa: E402
 
 FIELD = "alwayson_scripts.controlnet.units[0].input_image"

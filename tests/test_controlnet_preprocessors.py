@@ -12,7 +12,7 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 
 from engine.controlnet.preprocessors import ALIASES, PREPROCESSORS, get_preprocessor, preprocess  # noqa: E402
-from engine.errors import InvalidRequest  # noqa: E402
+from core.errors import InvalidRequest  # noqa: E402
 
 
 def rect_image(h=128, w=128, top=32, left=40, bottom=96, right=100, fg=(255, 255, 255), bg=(0, 0, 0)):

@@ -24,7 +24,7 @@ from engine.controlnet.units import (
     residual_scales,
     webui_sampling_step,
 )
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 IMG = np.zeros((1, 3, 16, 16), np.float32)
 

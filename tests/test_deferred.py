@@ -1,4 +1,4 @@
-"""Module cards (engine.deferred): a load from cache answers each component with a module that knows its config
+"""Module cards (core.deferred): a load from cache answers each component with a module that knows its config
 from the card and builds itself on first real use -- the same module a load without a card builds."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.deferred import PROBED, DeferredModule, card_of, deferred_components, has_attribute, real_module
+from core.deferred import PROBED, DeferredModule, card_of, deferred_components, has_attribute, real_module
 from export.onnx import LOADER, RELEASED, is_released, mark_released
 
 ROOT = Path(__file__).resolve().parents[1]

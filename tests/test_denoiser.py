@@ -9,7 +9,7 @@ import torch
 
 from engine.conditioning import StepConditioning
 from engine.denoiser import Denoiser, ModelSchedule
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from tests.test_samplers_reference import KD
 
 MODEL = ModelSchedule.scaled_linear()

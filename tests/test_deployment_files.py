@@ -20,7 +20,7 @@ def compose():
 
 
 def test_commands_parse_with_the_real_cli(compose, monkeypatch):
-    from engine.cli import COMMANDS, LazyGroup, main
+    from cli import COMMANDS, LazyGroup, main
 
     monkeypatch.setenv("SDENGINE_QUEUE", "redis://:pw@redis:6379/0")
     group = LazyGroup()

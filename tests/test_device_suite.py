@@ -2,7 +2,7 @@
 
 What can fail: our wheel not building offline or not importing from where it was installed (package data:
 the demo model, configs); a backend's half precision off the torch fp32 reference beyond the suite's stated
-tolerance (relative L2 3e-2); the demo model through LocalService off the golden image (2/255 fp32, 6/255
+tolerance (relative L2 3e-2); the demo model through TaskService off the golden image (2/255 fp32, 6/255
 half) or misread by the evaluator; a harness system failing; the onnxruntime-gpu pieces not rejoining
 bit-exactly. Only CUDA behaviour is left for the GPU run.
 """

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import export.onnx as xonnx
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.models.tiny import build_tiny
 from export.manifest import MANIFEST
 from export.onnx import export_component

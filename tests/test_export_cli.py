@@ -7,7 +7,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from cli import main
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.models.tiny import build_tiny
 from export.descriptors import (COMPONENTS, ShapeConfig, available_components, describe, eval_dim,
                                 residual_specs)

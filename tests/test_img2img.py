@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.img2img import prepare_init, resize_image
 from engine.pipeline import Engine
 from engine.request import GenerationRequest, Hires, InitImage
@@ -394,7 +394,7 @@ def test_cli_img2img(tmp_path, tiny_store):
 
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from cli import main
     from tests.api_support import png_infotext, png_pixels
 
     models = tmp_path / "m" / "Stable-diffusion"

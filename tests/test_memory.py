@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api_compat import ApiError, LocalService
+from api_compat import ApiError, TaskService
 from engine.memory import Architecture, architecture_of, estimate, largest_fitting
 from tests.api_support import double_factory
 
@@ -114,7 +114,7 @@ def _service(tmp_path, tiny_store, budget):
     shutil.copyfile(tiny_store / "Stable-diffusion" / "tiny-sd1.safetensors", models / "tiny-sd1.safetensors")
     # onnxruntime's estimate (16 query chunks) is the one these budgets are written for; the CPU default is
     # openvino where installed, whose fused attention holds no score matrices
-    return LocalService(tmp_path / "m", results_dir=tmp_path / "r", engine_factory=double_factory,
+    return TaskService(tmp_path / "m", results_dir=tmp_path / "r", engine_factory=double_factory,
                         default_model="tiny-sd1", memory_budget=budget, backend="onnxruntime")
 
 
@@ -170,7 +170,7 @@ def test_server_under_an_address_space_cap(tmp_path, tiny_store):
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--models-dir", str(models),
+        [sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir", str(models),
          "--results-dir", str(tmp_path / "r"), "--memory-budget-gb", "1.0", "--backend", "onnxruntime"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=limit)
     try:

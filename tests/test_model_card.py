@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from cli import main
 from engine.models import card
 from training.export import CHECKPOINT
 

@@ -6,7 +6,7 @@ import hashlib
 
 from click.testing import CliRunner
 
-from engine.cli import main
+from cli import main
 
 
 def test_models_list(tiny_store, tmp_path, monkeypatch):

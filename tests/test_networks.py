@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine.errors import InvalidRequest, ModelError, ModelNotFound
+from core.errors import InvalidRequest, ModelError, ModelNotFound
 from engine.infotext import parse_infotext
 from engine.models.checkpoints import load_checkpoint
 from engine.models.family import Kind
@@ -104,7 +104,7 @@ def test_store_lists_and_resolves_loras(lora_store, tmp_path):
 
 
 def test_models_list_shows_loras(lora_store):
-    from engine.cli import main
+    from cli import main
 
     result = CliRunner().invoke(main, ["models", "list", "--models-dir", str(lora_store), "--no-hash"])
     assert result.exit_code == 0, result.output

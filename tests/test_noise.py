@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.noise import MAX_SEED, ImageRNG, make_noise_sampler, resolve_seed, slerp
 
 SHAPE = (4, 8, 12)

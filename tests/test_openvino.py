@@ -25,8 +25,8 @@ import engine.backends.openvino as xov  # noqa: E402
 from engine.backends import create_backend  # noqa: E402
 from engine.backends.openvino import IR_FP16_STAGE, IR_STAGE, OpenVinoBackend, import_openvino, inference_precision  # noqa: E402
 from engine.config import BackendKind as Backend, EngineConfig, Precision, default_backend, default_precision  # noqa: E402
-from engine.cpu import native_bf16  # noqa: E402
-from engine.errors import BackendUnavailable, InvalidRequest  # noqa: E402
+from core.cpu import native_bf16  # noqa: E402
+from core.errors import BackendUnavailable, InvalidRequest  # noqa: E402
 from engine.models.tiny import build_tiny  # noqa: E402
 from engine.pipeline import Engine  # noqa: E402
 from engine.request import ControlNetUnit, GenerationRequest  # noqa: E402

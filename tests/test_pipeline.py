@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import Cancelled, InvalidRequest
+from core.errors import Cancelled, InvalidRequest
 from engine.pipeline import Engine
 from engine.request import GenerationRequest
 

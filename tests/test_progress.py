@@ -117,10 +117,10 @@ def test_legacy_done_total_callback_gets_sampling_steps(tiny_store, tmp_path):
 
 
 def test_service_progress_has_phases(tiny_store, tmp_path):
-    from api_compat.service import LocalService
+    from api_compat.service import TaskService
 
     seen = []
-    with LocalService(tiny_store, results_dir=tmp_path / "out", backend="torch", cache_dir=tmp_path / "c") as svc:
+    with TaskService(tiny_store, results_dir=tmp_path / "out", backend="torch", cache_dir=tmp_path / "c") as svc:
         engine_generate = Engine.generate
 
         def spy(self, request, *, progress=None, cancel=None):

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from api_compat import ApiError, LocalService
+from api_compat import ApiError, TaskService
 from engine.request import GenerationRequest
 from tests.api_support import png_pixels, png_seed, tiny_engine  # noqa: F401 (fixture)
 from tests.queue_support import (ROOT, QueueDouble, RedisServer, WorkerProcess, free_port, pool_pid,  # noqa: F401
@@ -50,7 +50,7 @@ def cluster(redis_server, tmp_path):
         return made
 
     def service(**kw):
-        return LocalService(tmp_path / "no-models", results_dir=tmp_path / "results", check_models=False,
+        return TaskService(tmp_path / "no-models", results_dir=tmp_path / "results", check_models=False,
                             queue=redis_server.url(db), **kw)
 
     yield start, service, client, tmp_path / "results" / "images"
@@ -155,7 +155,7 @@ def test_results_ttl_removes_records_and_pngs(cluster):
 
 def _serve(url, port, results, models, log, *extra):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--queue", url,
+    return subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--queue", url,
                              "--results-dir", str(results), "--models-dir", str(models), *extra],
                             cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -225,7 +225,7 @@ def test_redis_restart_with_aof_keeps_queued_tasks(tmp_path):
     server.start()
     worker = None
     try:
-        with LocalService(tmp_path / "no-models", results_dir=tmp_path / "results", check_models=False,
+        with TaskService(tmp_path / "no-models", results_dir=tmp_path / "results", check_models=False,
                           queue=server.url(0)) as svc:
             ids = [svc.sd_txt2img({"prompt": "queued", "seed": i, "steps": 2})["taskId"] for i in range(10)]
             server.restart()
@@ -260,7 +260,7 @@ def test_routing_by_model(redis_server, tiny_store, tmp_path):
     try:
         for w in (sd1, sd2):
             w.wait_ready(client)
-        with LocalService(tiny_store, results_dir=tmp_path / "r", queue=redis_server.url(db),
+        with TaskService(tiny_store, results_dir=tmp_path / "r", queue=redis_server.url(db),
                           default_model="tiny-sd2v") as svc:
             named = {m: svc.sd_txt2img({"stable_diffusion_model": m, "seed": 1})["taskId"]
                      for m in ("tiny-sd1", "tiny-sdxl", "tiny-sd2v.safetensors")}
@@ -322,7 +322,7 @@ def test_many_tasks_over_http_through_two_workers_pixel_equal_to_embedded(queue_
     assert {r["attempts"] for r in records} == {"1"}, "each task ran once"
     groups = {os.getpgid(pool_pid(r)) for r in records}
     assert groups == {w.proc.pid for w in workers}, "both workers took tasks"
-    with LocalService(results_dir=tmp_path / "embedded", max_queue=N_HTTP, **tiny_engine) as svc:
+    with TaskService(results_dir=tmp_path / "embedded", max_queue=N_HTTP, **tiny_engine) as svc:
         local = [svc.sd_txt2img(p)["taskId"] for p in payloads]
         embedded = [svc.wait(t, 600) for t in local]
     for i, (t, e) in enumerate(zip(ids, embedded)):
@@ -333,7 +333,7 @@ def test_many_tasks_over_http_through_two_workers_pixel_equal_to_embedded(queue_
 
 
 def test_worker_refuses_unknown_model(redis_server, tiny_store, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "worker", "--queue", redis_server.url(5),
+    proc = subprocess.run([sys.executable, "-m", "cli", "worker", "--queue", redis_server.url(5),
                            "--results-dir", str(tmp_path), "--models-dir", str(tiny_store), "--models", "nope"],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=120)
@@ -341,7 +341,7 @@ def test_worker_refuses_unknown_model(redis_server, tiny_store, tmp_path):
 
 
 def test_unreachable_redis_is_503(tmp_path):
-    with LocalService(tmp_path / "m", results_dir=tmp_path / "r", check_models=False,
+    with TaskService(tmp_path / "m", results_dir=tmp_path / "r", check_models=False,
                       queue=f"redis://127.0.0.1:{free_port()}/0") as svc:
         with pytest.raises(ApiError) as exc:
             svc.sd_txt2img({"prompt": "x"})

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from engine.denoiser import ModelSchedule
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.samplers import SAMPLERS, SCHEDULE_NAMES, SCHEDULES, SPECS, resolve
 
 GOLDEN = {

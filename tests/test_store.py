@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from engine.errors import ModelNotFound, UnsafeModelPath
+from core.errors import ModelNotFound, UnsafeModelPath
 from engine.models import hashing
 from engine.models.checkpoints import Arch, Kind
 from engine.models.store import ModelStore
@@ -194,7 +194,7 @@ def test_load_model_cache(tiny_model_store):
 
 
 def test_pickle_listed_but_refused(small_store):
-    from engine.errors import ModelError
+    from core.errors import ModelError
 
     (small_store / "Stable-diffusion" / "old.ckpt").write_bytes(b"not really a pickle")
     store = ModelStore(small_store, bundled=None)

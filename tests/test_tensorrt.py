@@ -20,7 +20,7 @@ import export.onnx as xonnx
 import export.tensorrt as xtrt
 from engine.backends import create_backend
 from engine.config import EngineConfig
-from engine.errors import BackendUnavailable, InvalidRequest, MissingDependency
+from core.errors import BackendUnavailable, InvalidRequest, MissingDependency
 from engine.models.tiny import build_tiny
 from export.descriptors import ShapeConfig, describe
 from export.onnx import export_component

@@ -131,7 +131,7 @@ def test_webui_pt_formats(tmp_path):
     """string_to_param (.pt, only with allow_pickle), a diffusers single-tensor dict, a one-vector embedding."""
     vec = torch.randn(2, 8)
     torch.save({"string_to_param": {"*": vec}, "name": "x", "step": 10}, tmp_path / "a.pt")
-    from engine.errors import ModelError
+    from core.errors import ModelError
 
     with pytest.raises(ModelError, match="pickle files can run code"):
         read_embedding(tmp_path / "a.pt")

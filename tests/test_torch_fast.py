@@ -23,7 +23,7 @@ import engine.backends.torch as tb
 from engine.backends import create_backend
 from engine.backends.torch import TorchOptions, compute_dtype, cpu_has_native_bf16
 from engine.config import EngineConfig, Precision
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.models.tiny import build_tiny
 
 NATIVE_BF16 = cpu_has_native_bf16()

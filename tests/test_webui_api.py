@@ -12,7 +12,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from api_compat import ApiError, LocalService
+from api_compat import ApiError, TaskService
 from api_compat.http import create_app, parse_api_auth
 from api_compat.schema import parse_payload
 from api_compat.webui import WEBUI_TXT2IMG_ECHO, webui_to_scc, webui_parameters
@@ -92,7 +92,7 @@ def test_api_auth_parsing():
 
 @pytest.fixture
 def service(tmp_path):
-    svc = LocalService(tmp_path / "m", results_dir=tmp_path / "r", engine_factory=EngineDouble,
+    svc = TaskService(tmp_path / "m", results_dir=tmp_path / "r", engine_factory=EngineDouble,
                        check_models=False, max_queue=1)
     yield svc
     svc.close()
@@ -165,11 +165,11 @@ def test_openapi_describes_every_route(service):
 
 def test_options_survive_a_restart(tmp_path):
     kwargs = dict(results_dir=tmp_path / "r", engine_factory=EngineDouble, check_models=False)
-    svc = LocalService(tmp_path / "m", **kwargs)
+    svc = TaskService(tmp_path / "m", **kwargs)
     with TestClient(create_app(svc, close_service=True), base_url="http://localhost") as c:
         r = c.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 3, "eta_noise_seed_delta": 31337})
         assert r.status_code == 200, r.text
-    svc = LocalService(tmp_path / "m", **kwargs)
+    svc = TaskService(tmp_path / "m", **kwargs)
     with TestClient(create_app(svc, close_service=True), base_url="http://localhost") as c:
         options = c.get("/sdapi/v1/options").json()
         assert options["CLIP_stop_at_last_layers"] == 3 and options["eta_noise_seed_delta"] == 31337

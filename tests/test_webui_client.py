@@ -1,6 +1,6 @@
 """A client written the way webui API clients are written -- plain ``requests`` calls, the webui's full default
 txt2img payload, HTTP Basic auth (``--api-auth``), base64 images, ``info`` parsed as JSON -- against the real
-server process (``python -m engine.cli serve``) on the bundled demo model (ONNX Runtime backend).
+server process (``python -m cli serve``) on the bundled demo model (ONNX Runtime backend).
 
 Reference for the pixels: the same server's ``/scc/sd_txt2img`` for the same payload; tolerance: none (pixel-equal,
 both run the same engine on the same queue).
@@ -53,7 +53,7 @@ def _free_port() -> int:
 
 
 class Server:
-    """``python -m engine.cli serve`` in a subprocess (127.0.0.1, a free port, --api-auth)."""
+    """``python -m cli serve`` in a subprocess (127.0.0.1, a free port, --api-auth)."""
 
     def __init__(self, root: Path, *extra: str):
         self.root = root
@@ -63,7 +63,7 @@ class Server:
         env.pop("SDENGINE_API_KEY", None)
         self.log = open(root / f"server-{self.port}.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--port", str(self.port), "--models-dir",
+            [sys.executable, "-m", "cli", "serve", "--port", str(self.port), "--models-dir",
              str(root / "models"), "--results-dir", str(root / "results"), "--backend", "onnxruntime",
              "--api-auth", ":".join(AUTH), *extra],
             env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
@@ -446,7 +446,7 @@ HIRES = ("enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_u
 def test_img2img(server):
     """img2img as webui clients send it (init_images from a txt2img answer): pixel-equal to /scc/sd_img2img, or
     501 naming the feature while the engine has no img2img."""
-    from api_compat import LocalService
+    from api_compat import TaskService
 
     base = server.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "seed": 21, "steps": 6}).json()
     payload = {**{k: v for k, v in WEBUI_DEFAULT_PAYLOAD.items() if k not in HIRES}, "seed": 22, "steps": 8,
@@ -454,7 +454,7 @@ def test_img2img(server):
                "mask_blur": 4, "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 32,
                "inpainting_mask_invert": 0, "include_init_images": False}
     r = server.post("/sdapi/v1/img2img", payload)
-    if not hasattr(LocalService, "sd_img2img"):
+    if not hasattr(TaskService, "sd_img2img"):
         assert r.status_code == 501 and "img2img" in r.json()["error"]["message"], r.text
         return
     assert r.status_code == 200, r.text

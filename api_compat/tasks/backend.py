@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine.errors import Cancelled, SdEngineError
+from core.errors import Cancelled, SdEngineError
 from engine.progress import Progress as PhaseEvent
 from engine.progress import ProgressReporter
 

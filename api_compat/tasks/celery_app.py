@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from engine.lazy import require
+from core.lazy import require
 
 TASK_NAME = "sdengine.txt2img"
 # engine options that belong to the worker's machine, never forwarded from the API

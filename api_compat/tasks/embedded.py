@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.errors import Cancelled
+from core.errors import Cancelled
 
 from api_compat.tasks.backend import Progress, Submission, error_of, initial_progress, result_dict, run_generation
 from api_compat.detect import run_detect

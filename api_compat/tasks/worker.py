@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.errors import Cancelled, InvalidRequest
+from core.errors import Cancelled, InvalidRequest
 from engine.models.checkpoints import Kind
 from engine.models.store import ModelStore
 
@@ -32,7 +32,7 @@ from api_compat.tasks.celery_app import TASK_NAME, WORKER_LOCAL, QueueOptions, m
 from api_compat.tasks.redis_records import RedisTasks
 from api_compat.tasks.store import TASK_ID
 from api_compat.translate import translate_request
-from export.manifest import pid_alive
+from core.process import pid_alive
 
 log = logging.getLogger(__name__)
 

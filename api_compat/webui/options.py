@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_file
+from core.atomic import atomic_file
 from engine.models.store import ModelStore
 
 from api_compat.schema import OverrideSettings

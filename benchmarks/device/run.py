@@ -12,7 +12,7 @@ a. **install** what is carried (benchmarks/device/prepare.py): the wheels of ``c
 b. **correctness**: every backend present (torch fp16, torch compiled fp16, onnxruntime CUDA EP fp16,
    TensorRT) against the torch fp32 reference on the same inputs, per component (text encoder, UNet, VAE
    decoder) of the SD1.5 architecture (random weights; tiny model with ``--smoke``): outputs finite and
-   relative L2 <= :data:`HALF_TOL`; then the bundled demo model through the whole API (``LocalService``,
+   relative L2 <= :data:`HALF_TOL`; then the bundled demo model through the whole API (``TaskService``,
    sd_txt2img -> PNG) on the device, fp32 and half: mean absolute difference to the golden image
    (tests/golden) <= :data:`GOLDEN_TOL` and the demo evaluator reads the prompt's scene.
 c. **the harness** (benchmarks/gpu.py): SD1.5 workloads first, SDXL last, while the time budget lasts.
@@ -177,7 +177,7 @@ class Suite:
         import numpy as np
         from PIL import Image
 
-        from api_compat import LocalService
+        from api_compat import TaskService
 
         golden = np.asarray(Image.open(ROOT / "tests" / "golden" / "demo-seed1-euler-a.png").convert("RGB"))
         try:
@@ -195,7 +195,7 @@ class Suite:
                 row: dict[str, Any] = {"backend": backend, "precision": prec}
                 rows.append(row)
                 try:
-                    with LocalService(models_dir=self.work / "empty-store", results_dir=self.work / "results",
+                    with TaskService(models_dir=self.work / "empty-store", results_dir=self.work / "results",
                                       backend=backend, device=self.args.device, precision=prec,
                                       cache_dir=self.cache_dir / "demo") as sd:
                         task = sd.sd_txt2img({"prompt": DEMO_PROMPT, "steps": 20, "cfg_scale": 1.5, "seed": 1,
@@ -267,7 +267,7 @@ def markdown(report: dict, out: Path) -> str:
                 cells = [f"{r[c]['rel_l2']:.1e} ({r[c]['dtype']})" if c in r else "-" for c in HALF_TOL]
                 lines.append(f"| {r['backend']} | " + " | ".join(cells) + f" | {r['status'][:160]} |")
         if s["step"] == "demo model through the API" and s.get("rows"):
-            lines += ["", "Demo model through LocalService (golden image tests/golden/demo-seed1-euler-a.png; "
+            lines += ["", "Demo model through TaskService (golden image tests/golden/demo-seed1-euler-a.png; "
                       f"tolerance mean |diff| fp32 {GOLDEN_TOL['fp32']}/255, half {GOLDEN_TOL['half']}/255):", "",
                       "| backend | precision | mean abs diff (/255) | evaluator | status |", "|---|---|---|---|---|"]
             for r in s["rows"]:

@@ -46,7 +46,11 @@ from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
-from engine.errors import BackendUnavailable, InvalidRequest
+from core.errors import BackendUnavailable, InvalidRequest
+from engine.backends.weights import export_siblings_and_release
+from engine.networks.lora import patched_tensors
+from export.descriptors import SOURCES, ShapeConfig
+from export.onnx import SourceWeights, cached_weights_fingerprint, export_component
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +219,6 @@ class OnnxRuntimeBackend(ComponentsMixin):
     # -- sessions ---------------------------------------------------------------------------------------
     def artefact(self, component: str):
         """Export (or find in the manifest cache) the ONNX artefact of ``component``."""
-        from export.onnx import export_component
-
         return export_component(component, self._components, self.model_hash, self.config.artefacts_dir,
                                 precision=self.onnx_precision, gpu_optimize=self.gpu_optimize,
                                 progress=self.progress)
@@ -224,8 +226,6 @@ class OnnxRuntimeBackend(ComponentsMixin):
     def cached_fingerprint(self, component: str) -> str | None:
         """The weights fingerprint of ``component``'s cached artefacts, found without the modules' weights
         (engine.backends.weights.adopt_cached); None when something must be exported."""
-        from export.onnx import cached_weights_fingerprint
-
         return cached_weights_fingerprint(component, self.model_hash, self.config.artefacts_dir,
                                           precision=self.onnx_precision, gpu_optimize=self.gpu_optimize)
 
@@ -238,8 +238,6 @@ class OnnxRuntimeBackend(ComponentsMixin):
             stream = torch.cuda.current_stream(self.config.device).cuda_stream
         profile = None
         if self.use_trt_ep:
-            from export.descriptors import ShapeConfig
-
             profile = self.descriptor(component).profile(self.shape_config or ShapeConfig())
         cache = artefact_dir / "ort-tensorrt" if artefact_dir is not None else None
         return [(p, provider_options(p, self.config, cuda_graph=self.cuda_graph, cache_dir=cache,
@@ -250,8 +248,6 @@ class OnnxRuntimeBackend(ComponentsMixin):
         self._patch = patch
 
     def _patch_key(self, component: str) -> str:
-        from export.descriptors import SOURCES
-
         return self._patch.key(SOURCES[component]) if self._patch is not None else ""
 
     def session(self, component: str):
@@ -275,10 +271,6 @@ class OnnxRuntimeBackend(ComponentsMixin):
         """``[(initializer name, numpy value)]`` of the current patch for ``component``'s graph ``art``: merged over
         the base weights read from the artefact (export.onnx.SourceWeights), not the torch module's, which
         may be released."""
-        from engine.networks.lora import patched_tensors
-        from export.descriptors import SOURCES
-        from export.onnx import SourceWeights
-
         base = self._bases.get(art.directory)
         if base is None:
             base = self._bases[art.directory] = SourceWeights(art)
@@ -293,8 +285,6 @@ class OnnxRuntimeBackend(ComponentsMixin):
             self.descriptor(component)  # raises InvalidRequest naming what the model has
         art = self.artefact(component)
         if self.release_weights:
-            from engine.backends.weights import export_siblings_and_release
-
             export_siblings_and_release(self, component)
         providers = self.providers_for(component, art.directory)
         if self.use_trt_ep:

@@ -25,9 +25,11 @@ Feeds are numpy arrays or CPU torch tensors, cast to the descriptor's dtypes; ou
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
+import sys
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -35,7 +37,10 @@ from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
-from engine.errors import BackendUnavailable, InvalidRequest
+from core.errors import BackendUnavailable, InvalidRequest
+from engine.backends.weights import export_siblings_and_release
+from export.manifest import artefact_dir, build_artefact, valid_artefact
+from export.onnx import cached_weights_fingerprint, export_component
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +98,6 @@ def ir_key(onnx_artefact, version: str, stage: str = IR_STAGE) -> dict:
 
 def convert_to_ir(onnx_artefact, model_hash: str, cache_dir, stage: str = IR_STAGE) -> Any:
     """The cached IR artefact directory of an ONNX artefact (converted when missing or stale)."""
-    from export.manifest import artefact_dir, build_artefact, valid_artefact
-
     ov = import_openvino()
     directory = artefact_dir(cache_dir, model_hash, onnx_artefact.component, stage)
     key = ir_key(onnx_artefact, ov.__version__, stage)
@@ -116,8 +119,6 @@ MADV_DONTNEED = 4  # Linux <sys/mman.h>
 @functools.cache
 def _libc():
     """libc with ``madvise`` typed (loaded once: :func:`dropping_mapped_pages` calls it every 50 ms)."""
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
@@ -130,9 +131,6 @@ def drop_mapped_pages(path) -> int:
     set (SD1.5 UNet: 1.6 of 3.9 GB). Dropping them is transparent -- a read-only file mapping faults its pages
     back from the file when read again (f32 compiles read some constants in place: those come back, and are
     then the only copy). Linux only (elsewhere: 0, nothing done); writable mappings are left alone."""
-    import ctypes
-    import sys
-
     if not sys.platform.startswith("linux"):
         return 0
     target = os.path.realpath(path)
@@ -215,8 +213,6 @@ class OpenVinoBackend(ComponentsMixin):
         and never holds the T x T scores (measured: tiny-sd1 UNet at 1024^2 bf16, peak +137 MiB full vs +269
         MiB in 16 query chunks; 64^2: 1.2 vs 2.2 ms per call), so the query chunks ONNX Runtime needs only cost
         here (:data:`ATTENTION_CHUNKS`)."""
-        from export.onnx import export_component
-
         return export_component(component, self._components, self.model_hash, self.config.artefacts_dir,
                                 precision="fp32", progress=self.progress, attention_chunks=ATTENTION_CHUNKS)
 
@@ -224,8 +220,6 @@ class OpenVinoBackend(ComponentsMixin):
         """The weights fingerprint of ``component``'s cached fp32 ONNX artefact, found without the modules'
         weights (engine.backends.weights.adopt_cached; the IR is converted from the ONNX graph, no weights
         needed); None when something must be exported."""
-        from export.onnx import cached_weights_fingerprint
-
         return cached_weights_fingerprint(component, self.model_hash, self.config.artefacts_dir,
                                           attention_chunks=ATTENTION_CHUNKS)
 
@@ -241,8 +235,6 @@ class OpenVinoBackend(ComponentsMixin):
                 self.descriptor(component)  # raises InvalidRequest naming what the model has
             path = self.ir_path(component)
             if self.release_weights:
-                from engine.backends.weights import export_siblings_and_release
-
                 export_siblings_and_release(self, component)
             self._ir[component] = path
         return _core().read_model(str(self._ir[component]))

@@ -22,7 +22,11 @@ from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig
-from engine.errors import BackendUnavailable
+from core.errors import BackendUnavailable
+from engine.networks.lora import patched_tensors
+from export.descriptors import SOURCES, ShapeConfig
+from export.onnx import SourceWeights, export_component
+from export import tensorrt as trt_export  # by module: its functions are looked up at call time (tests patch them)
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +34,7 @@ log = logging.getLogger(__name__)
 class TensorRTBackend(ComponentsMixin):
     def __init__(self, config: EngineConfig, components: Mapping[str, Any], model_hash: str, *,
                  shape_config=None, progress=None, refittable: bool = True):
-        from export.descriptors import ShapeConfig
-        from export.tensorrt import import_tensorrt
-
-        import_tensorrt()  # MissingDependency naming the 'tensorrt' extra
+        trt_export.import_tensorrt()  # MissingDependency naming the 'tensorrt' extra
         if not config.device.startswith("cuda"):
             raise BackendUnavailable(f"the TensorRT backend needs a CUDA device, got device={config.device!r}")
         self._init_components(components)
@@ -48,24 +49,20 @@ class TensorRTBackend(ComponentsMixin):
         self._applied: dict[str, str] = {}  # component -> patch key its engine carries
 
     def _prepared(self, component: str, components: Mapping[str, Any], model_hash: str):
-        from export.onnx import export_component
-        from export.tensorrt import prepare_onnx
-
         # full attention: TensorRT fuses MatMul-Softmax-MatMul into its own flash kernel (chunks would split it)
         art = export_component(component, components, model_hash, self.config.artefacts_dir, precision="fp32",
                                progress=self.progress, attention_chunks=0)
-        return prepare_onnx(art, progress=self.progress)
+        return trt_export.prepare_onnx(art, progress=self.progress)
 
     def engine(self, component: str):
         if component not in self._engines:
-            from export.tensorrt import TensorRTEngine, build_engine
-
             self.descriptor(component)  # InvalidRequest if the model lacks it
             prepared = self._prepared(component, self._components, self.model_hash)
             self._prepared_arts[component] = prepared
-            plan = build_engine(prepared, self.shape_config, self.config.precision.value, self.config.artefacts_dir,
-                                device=self.config.device, refittable=self.refittable, progress=self.progress)
-            self._engines[component] = TensorRTEngine(plan, self.config.device)
+            plan = trt_export.build_engine(prepared, self.shape_config, self.config.precision.value,
+                                           self.config.artefacts_dir, device=self.config.device,
+                                           refittable=self.refittable, progress=self.progress)
+            self._engines[component] = trt_export.TensorRTEngine(plan, self.config.device)
             self._applied[component] = ""
             self._refit_patch(component)
         return self._engines[component]
@@ -78,17 +75,11 @@ class TensorRTBackend(ComponentsMixin):
 
     def patched_weights(self, component: str) -> dict[str, Any]:
         """Initializer name -> patched numpy array of the current patch for ``component``'s prepared graph."""
-        from engine.networks.lora import patched_tensors
-        from export.descriptors import SOURCES
-        from export.onnx import SourceWeights
-
         # base weights from the prepared graph's fp32 stage (the torch weights are not needed)
         base = SourceWeights(self._prepared_arts[component])
         return dict(patched_tensors(self._patch, SOURCES[component], base, f"{component} (TensorRT refit)"))
 
     def _refit_patch(self, component: str) -> None:
-        from export.descriptors import SOURCES
-
         key = self._patch.key(SOURCES[component]) if self._patch is not None else ""
         if self._applied.get(component, "") == key:
             return
@@ -107,9 +98,7 @@ class TensorRTBackend(ComponentsMixin):
         self._descriptors.pop(component, None)
 
     def run(self, component: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
-        from export.tensorrt import check_in_profile
-
         desc = self.descriptor(component)
         self._check_feeds(desc, feeds)
-        check_in_profile(desc.profile(self.shape_config), {n: tuple(v.shape) for n, v in feeds.items()})
+        trt_export.check_in_profile(desc.profile(self.shape_config), {n: tuple(v.shape) for n, v in feeds.items()})
         return self.engine(component).run(feeds)

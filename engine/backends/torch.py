@@ -44,7 +44,9 @@ from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
-from engine.errors import InvalidRequest
+from core.cpu import native_bf16 as cpu_has_native_bf16  # the one probe (AVX512-BF16 or AMX-BF16)
+from core.errors import InvalidRequest
+from engine.networks.lora import SOURCES, apply_delta
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +189,6 @@ class TorchBackend(ComponentsMixin):
         """
         import torch
 
-        from engine.networks.lora import SOURCES, apply_delta
-
         for source in SOURCES:
             key = patch.key(source)
             if source not in self._components or self._patch_keys.get(source, "") == key:
@@ -273,10 +273,3 @@ def _set_processor(module, cls) -> None:
     procs = module.attn_processors
     if all(type(p).__name__ in ("AttnProcessor", "AttnProcessor2_0") for p in procs.values()):
         module.set_attn_processor(cls())
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16): engine.cpu.native_bf16."""
-    from engine.cpu import native_bf16
-
-    return native_bf16()

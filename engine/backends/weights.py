@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import logging
 
+from export.descriptors import SOURCES
+from export.onnx import is_released, mark_released, release_weights
+
+
 log = logging.getLogger(__name__)
 
 
 def export_siblings_and_release(backend, component: str) -> None:
     """Export every component ``backend`` can make from ``component``'s source module, then release it."""
-    from export.descriptors import SOURCES
-    from export.onnx import is_released, release_weights
-
     source = SOURCES[component]
     module = backend._components.get(source)
     if module is None or is_released(module) or not hasattr(module, "parameters"):
@@ -44,9 +45,6 @@ def adopt_cached(backend, components, load_weights) -> bool:
     released with its artefacts' weights fingerprint, ``load_weights`` as the way back for a later export, and
     answer True; otherwise call ``load_weights()`` now (the normal export-then-release path follows) and
     answer False."""
-    from export.descriptors import SOURCES
-    from export.onnx import mark_released
-
     fingerprints: dict[str, str] = {}
     for component, source in SOURCES.items():
         if source not in components or not backend.has(component):

@@ -5,7 +5,7 @@ sampler: preprocess (pixel-perfect resolution if asked), fit the detected map to
 unit's resize mode, and build the (1, 3, H, W) control tensor. The denoiser then calls
 :func:`controlnet_residuals` at every model evaluation.
 
-Nothing heavy is imported here: OpenCV is loaded on first use through ``engine.lazy.require``.
+Nothing heavy is imported here: OpenCV is loaded on first use through ``core.lazy.require``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from engine.controlnet.images import (
     load_image,
     pixel_perfect_resolution,
 )
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 from engine.controlnet.preprocessors import ALIASES, PREPROCESSORS, Preprocessor, get_preprocessor, preprocess
 from engine.controlnet.units import (
     ControlMode,

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import InvalidRequest
-from engine.lazy import require
+from core.errors import InvalidRequest
+from core.lazy import require
+from engine.controlnet.units import parse_mode
 
 # Formats PIL may open for a request image (no EPS/PDF/... decoders reachable from a request).
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -51,8 +52,6 @@ class ResizeMode(str, Enum):
     def parse(cls, value: Any, field_name: str = "resize_mode") -> "ResizeMode":
         """A mode from its name or a legacy alias (case-insensitive), or the extension's int (0, 1, 2).
         The one parser: the API schema uses it too."""
-        from engine.controlnet.units import parse_mode
-
         return parse_mode(cls, value, field_name, "resize mode", RESIZE_MODE_ALIASES)
 
 

@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 
 from engine.controlnet.images import hwc3
-from engine.errors import InvalidRequest
-from engine.lazy import require
+from core.errors import InvalidRequest
+from core.lazy import require
 
 
 def _cv2():

@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 Array = Any  # numpy.ndarray or torch.Tensor
 

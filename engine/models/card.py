@@ -6,8 +6,8 @@ model was trained on and its best settings. The vocabulary and the settings live
 (keys :data:`VOCABULARY_KEY` and :data:`SETTINGS_KEY`, JSON), written by ``training/export.py`` from
 ``training/scenes.py``: nothing here is a hand-kept list.
 
-:func:`write_metadata` adds or replaces metadata of a safetensors file atomically (temporary file, rename)
-and keeps every tensor byte identical (only the header changes; data offsets are relative to its end).
+:func:`write_metadata` (core.safetensors_header) adds or replaces metadata of a safetensors file atomically
+(temporary file, rename) and keeps every tensor byte identical (only the header changes).
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.atomic import atomic_file
+from core.errors import ModelNotFound
+from core.safetensors_header import data_sha256, read_safetensors_header, write_metadata  # noqa: F401 (tools use them)
+from engine.models.checkpoints import SAFETENSORS_SUFFIXES, Kind, detect_path_arch, metadata_configs
+from engine.models.family import FAMILIES
+from engine.models.store import DEMO_CHECKPOINT, bundled_root
 
 VOCABULARY_KEY = "sdengine.vocabulary"
 SETTINGS_KEY = "sdengine.settings"
-_HEADER_ALIGN = 8
-_COPY_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,6 @@ class ModelCard:
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file (empty for folders and other formats)."""
-    from engine.models.checkpoints import SAFETENSORS_SUFFIXES, read_safetensors_header
-
     path = Path(path)
     if path.is_dir() or path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         return {}
@@ -74,11 +73,6 @@ def vocabulary_of(path: str | os.PathLike) -> dict[str, Any] | None:
 def card(store, name: str) -> ModelCard:
     """The model card of checkpoint (or ControlNet) ``name`` of ``store`` (an engine ModelStore), from the
     file's header, its folder's configs and the store's hash cache. Nothing is loaded."""
-    from engine.models.checkpoints import Kind, detect_path_arch, metadata_configs
-    from engine.models.family import FAMILIES
-
-    from engine.errors import ModelNotFound
-
     try:
         entry = store.resolve(name, Kind.CHECKPOINT, field="model")
     except ModelNotFound as missing:
@@ -157,54 +151,15 @@ def card_lines(c: ModelCard) -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------------------------------------ writing
-def write_metadata(path: str | os.PathLike, updates: Mapping[str, str]) -> Path:
-    """Add or replace string metadata of the safetensors file ``path``, atomically; tensors stay byte-identical.
-
-    The new header keeps the tensor entries as they are (their offsets are relative to the data section) and
-    sorts the metadata keys (deterministic bytes, so a deterministic webui hash)."""
-    path = Path(path)
-    with open(path, "rb") as src:
-        (n,) = struct.unpack("<Q", src.read(8))
-        header = json.loads(src.read(n))
-        meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-        meta.update({str(k): str(v) for k, v in updates.items()})
-        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % _HEADER_ALIGN)
-        with atomic_file(path, mode_of=path) as dst:
-            dst.write(struct.pack("<Q", len(text)))
-            dst.write(text)
-            while chunk := src.read(_COPY_CHUNK):
-                dst.write(chunk)
-    return path
-
-
-def data_sha256(path: str | os.PathLike) -> str:
-    """sha256 of the tensor bytes of a safetensors file (everything after the header)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + n)
-        while chunk := f.read(_COPY_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------ README
 _README_BLOCK = re.compile(r"(<!-- generated:demo_card -->\n)(.*?)\n?(<!-- /generated:demo_card -->)", re.S)
 
 
 def demo_card_text() -> str:
     """The README's description of the bundled demo model, from the shipped file's card."""
-    from engine.models.store import DEMO_CHECKPOINT, bundled_root
-
     path = bundled_root() / "Stable-diffusion" / DEMO_CHECKPOINT
     metadata = read_metadata(path)
     vocabulary, settings = _json(metadata, VOCABULARY_KEY) or {}, _json(metadata, SETTINGS_KEY) or {}
-    from engine.models.checkpoints import metadata_configs
-
     native = (metadata_configs(metadata, path) or {}).get("native_size")
     lines = ["```", f"native size: {native}x{native} (the default width/height)" if native else "native size: -"]
     if settings:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,21 +27,21 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from engine.errors import ModelError
-from engine.deferred import deferred_components
+from core.errors import ModelError
+from core.deferred import deferred_components, real_module
+from core.safetensors_header import read_safetensors_header
+from engine.models.convert import METADATA_KEY, SD2_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX
 from engine.models.family import FAMILIES, Arch, Kind, ModelFamily, model_family, tokenizers  # noqa: F401 (Arch, Kind re-exported)
+from engine.models.hashing import short_hash
 from engine.schedule import alphas_cumprod as scheduler_alphas_cumprod
 from engine.schedule import scheduler_config as default_scheduler_config
+from export.onnx import mark_loaded
 
 log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
-MAX_HEADER = 100 * 1024 * 1024
-
-_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-           "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
 def bundled_config(name: str) -> dict:
@@ -51,56 +50,6 @@ def bundled_config(name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class Header:
-    """The safetensors header: tensor shapes and the string metadata."""
-
-    shapes: dict[str, tuple[int, ...]]
-    metadata: dict[str, str]
-    dtypes: dict[str, str] = field(default_factory=dict)  # safetensors dtype names (F32, F16, BF16, ...)
-
-
-def read_safetensors_header(path: str | os.PathLike) -> Header:
-    """Parse and validate a safetensors header without reading tensors.
-
-    Raises :class:`ModelError` naming the file when the header is malformed or the file is shorter than the
-    header says (a truncated download).
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ModelError(path, f"not a safetensors file: only {len(raw)} bytes (truncated or empty)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER or n + 8 > size:
-                raise ModelError(path, f"corrupt or truncated safetensors file: header of {n} bytes, file of {size}")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except OSError as exc:
-        raise ModelError(path, f"cannot read file: {exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(path, f"corrupt safetensors header: {exc}") from exc
-    if not isinstance(header, dict):
-        raise ModelError(path, "corrupt safetensors header: not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    shapes, dtypes, end = {}, {}, 0
-    for name, info in header.items():
-        try:
-            shapes[name] = tuple(int(s) for s in info["shape"])
-            dtypes[name] = str(info["dtype"])
-            start, stop = (int(o) for o in info["data_offsets"])
-            nbytes = int(np.prod(shapes[name], dtype=np.int64)) * _DTYPES.get(info["dtype"], 1)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(path, f"corrupt safetensors header entry {name!r}: {exc}") from exc
-        if stop - start != nbytes and info["dtype"] in _DTYPES:
-            raise ModelError(path, f"corrupt safetensors header: tensor {name!r} has {stop - start} bytes, needs {nbytes}")
-        end = max(end, stop)
-    if 8 + n + end > size:
-        raise ModelError(path, f"truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
-    return Header(shapes, {str(k): str(v) for k, v in metadata.items()}, dtypes)
 
 
 _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -262,8 +211,6 @@ def text_encoder_widths(path: str | os.PathLike) -> tuple[Arch, dict[str, int]] 
 
 
 def metadata_configs(metadata: Mapping[str, str], path) -> dict | None:
-    from engine.models.convert import METADATA_KEY
-
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return None
@@ -400,9 +347,6 @@ def _sd2_openclip_subset(state_dict: Mapping, prefix: str) -> dict:
 def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype) -> dict:
     """Text encoders + tokenizers of a single-file checkpoint (diffusers' clip conversion functions)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
-
-    from engine.models.convert import SD2_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX
-    from engine.models.family import tokenizers
 
     out: dict[str, Any] = {}
     if arch in (Arch.SD1, Arch.SDXL):
@@ -555,8 +499,6 @@ def load_single_file(path: str | os.PathLike, *, name: str | None = None, sha256
 
 
 def _result(name, path, arch, prediction, sha256, native, components, sched, meta=False) -> LoadedModel:
-    from engine.models.hashing import short_hash
-
     return LoadedModel(name=name, path=Path(path), arch=arch, prediction_type=prediction,
                        short_hash=short_hash(sha256) if sha256 else "", sha256=sha256, native_size=native,
                        components=components, alphas_cumprod=scheduler_alphas_cumprod(sched), scheduler_config=sched,
@@ -616,8 +558,6 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
     """
     import torch
 
-    from engine.models.family import tokenizers
-
     dtype = dtype or torch.float32
     folder = Path(folder)
     arch = detect_folder_arch(folder)
@@ -656,7 +596,7 @@ def load_checkpoint(path: str | os.PathLike, **kwargs) -> LoadedModel:
     the meta device, no tensor read, about a second for SDXL): what a backend that runs cached exported graphs
     needs. Raises :class:`NeedsWeights` where the weights are needed to load at all (pickles, an SD2 file
     without a stated prediction type); :func:`load_weights_into` puts the weights in later. ``card`` (with
-    ``meta``): the file's module card (engine.deferred): the modules are deferred, built by their first
+    ``meta``): the file's module card (core.deferred): the modules are deferred, built by their first
     use other than their configs."""
     path = Path(path)
     if path.is_dir():
@@ -667,9 +607,6 @@ def load_checkpoint(path: str | os.PathLike, **kwargs) -> LoadedModel:
 def load_weights_into(skeleton: Mapping[str, Any], loaded: Mapping[str, Any]) -> None:
     """Move the weights of the ``loaded`` modules into the same-named ``skeleton`` modules (built with
     ``meta=True`` or released after export) in place: the objects the backends hold get their weights back."""
-    from engine.deferred import real_module
-    from export.onnx import mark_loaded
-
     for key, module in skeleton.items():
         full = loaded.get(key)
         if not hasattr(module, "load_state_dict") or full is None or full is module:
@@ -708,8 +645,6 @@ def load_controlnet(path: str | os.PathLike, *, name: str | None = None, sha256:
     """A ControlNet single file (``control_model.``, bare ldm or diffusers keys) or diffusers folder."""
     import torch
     from diffusers import ControlNetModel
-
-    from engine.models.hashing import short_hash
 
     dtype = dtype or torch.float32
     path = Path(path)

@@ -27,13 +27,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-
-from engine.atomic import atomic_path
-from engine.errors import ModelError
+from core.atomic import atomic_path
+from core.errors import ModelError
+from core.safetensors_header import sort_metadata
 from engine.models.family import Arch
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA_KEY = "sdengine.configs"
 METADATA_ARCH_KEY = "sdengine.arch"
@@ -167,6 +169,8 @@ def openclip_to_ldm(state_dict: Mapping[str, torch.Tensor], num_layers: int, ext
     ``extra_layer`` appends an identity residual block and an identity ``text_projection`` (SD2: diffusers
     dropped OpenCLIP's last layer and its projection; the loader drops them again).
     """
+    import torch
+
     sd = _hf_clip_keys(state_dict)
     out = {
         "token_embedding.weight": sd["embeddings.token_embedding.weight"],
@@ -251,26 +255,6 @@ def infer_arch(components: Mapping[str, Any]):
     return Arch.SD2 if components["text_encoder"].config.hidden_act == "gelu" else Arch.SD1
 
 
-def _canonical_header(path: str) -> None:
-    """Rewrite a safetensors header in place with sorted metadata keys.
-
-    safetensors stores ``__metadata__`` from a hash map, so its key order (and the file's bytes and hash)
-    changes from process to process; sorted keys make the file, and its webui hash, deterministic.
-    """
-    import struct
-
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        meta = header.pop("__metadata__", None)
-        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
-        text = json.dumps(ordered, separators=(",", ":")).encode()
-        if len(text) > n:  # cannot happen (same content, compact JSON); keep the file as written
-            return
-        f.seek(8)
-        f.write(text + b" " * (n - len(text)))
-
-
 def save_single_file(components: Mapping[str, Any], path: str | os.PathLike, configs: Mapping[str, dict] | None = None,
                      prediction_type: str = "epsilon", arch=None, native_size: int | None = None,
                      extra_metadata: Mapping[str, str] | None = None) -> Path:
@@ -297,5 +281,5 @@ def save_single_file(components: Mapping[str, Any], path: str | os.PathLike, con
                 **(extra_metadata or {})}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        _canonical_header(tmp)
+        sort_metadata(tmp)
     return path

@@ -21,10 +21,9 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from engine.conditioning import EncoderSpec, TextModelInfo, TextSpec
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
+from engine.models.tokenizer import clip_tokenizer
 from engine.schedule import ModelSchedule
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class Kind(str, Enum):
@@ -58,6 +57,8 @@ class Arch(str, Enum):
 
 _EOS = "<|endoftext|>"
 _OPENCLIP_PAD = "!"
+LATENT_CHANNELS = 4  # the SD VAEs' latent channels (SD1, SD2, SDXL)
+VAE_SCALE_FACTOR = 8  # image pixels per latent pixel (the VAE's 3 downsamplings)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class FamilyDef:
     text: TextSpec | None = None  # None: not a checkpoint
     controlnets: tuple[Arch, ...] = ()  # ControlNet architectures whose residuals fit this UNet
     sdxl_schedule: bool = False  # "Align Your Steps" uses the SDXL table
+    latent_channels: int = LATENT_CHANNELS
+    vae_scale_factor: int = VAE_SCALE_FACTOR
 
     @property
     def text_pads(self) -> tuple[str, ...]:
@@ -104,8 +107,6 @@ FAMILIES: Mapping[Arch, FamilyDef] = MappingProxyType({
 
 def tokenizers(arch: Arch) -> dict:
     """``{"tokenizer": ..., "tokenizer_2": ...}`` of a checkpoint family, padded with the family's pad tokens."""
-    from engine.models.tokenizer import clip_tokenizer
-
     pads = FAMILIES[arch].text_pads
     return {("tokenizer" if i == 0 else f"tokenizer_{i + 1}"): clip_tokenizer(pad) for i, pad in enumerate(pads)}
 
@@ -129,7 +130,7 @@ class ModelFamily:
     arch: Arch
     native_size: int
     prediction_type: str
-    pixel_multiple: int  # image sizes must be multiples of this (8 x the UNet's total downscale)
+    pixel_multiple: int  # image sizes must be multiples of this (the VAE factor x the UNet's total downscale)
     schedule: ModelSchedule = field(repr=False)
     model_hash: str = ""  # the conditioning cache key (sha256, or the short hash)
     artefact_key: str = ""
@@ -146,6 +147,20 @@ class ModelFamily:
     @property
     def text_encoders(self) -> tuple[str, ...]:
         return self.definition.text_encoders
+
+    @property
+    def latent_channels(self) -> int:
+        return self.definition.latent_channels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel."""
+        return self.definition.vae_scale_factor
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """One image's latent shape (channels, height, width) for an image of ``width x height``."""
+        f = self.vae_scale_factor
+        return self.latent_channels, height // f, width // f
 
     def fits_controlnet(self, arch: Arch) -> bool:
         return arch in self.definition.controlnets
@@ -185,6 +200,6 @@ def model_family(arch: Arch, *, unet_config: Mapping[str, Any], native_size: int
     definition = FAMILIES[arch]
     schedule = ModelSchedule(np.asarray(alphas_cumprod), sdxl=definition.sdxl_schedule)
     return ModelFamily(arch=arch, native_size=int(native_size), prediction_type=prediction_type,
-                       pixel_multiple=8 * 2 ** (levels - 1), schedule=schedule,
+                       pixel_multiple=definition.vae_scale_factor * 2 ** (levels - 1), schedule=schedule,
                        model_hash=sha256 or short_hash,
                        artefact_key=artefact_key(short_hash, vae_path) if short_hash else "")

@@ -19,22 +19,13 @@ import os
 import threading
 from pathlib import Path
 
-from engine.atomic import atomic_file
+from core.atomic import atomic_file
+from core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
 SHORT_HASH_LEN = 10
-CHUNK = 1 << 20
 FOLDER_HASH_SUFFIXES = (".safetensors", ".bin", ".json")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def short_hash(sha256: str) -> str:

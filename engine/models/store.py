@@ -9,7 +9,7 @@ docs/API.md "Where files live")::
     ControlNet/         ControlNet files and diffusers folders (config.json)
     Lora/, LyCORIS/     LoRA files (<lora:NAME:...> in prompts; engine.networks)
     embeddings/         textual-inversion embeddings (their file name as a word in a prompt)
-    cache/              exported artefacts, hashes.json, modules/ (module cards: engine.deferred)
+    cache/              exported artefacts, hashes.json, modules/ (module cards: core.deferred)
 
 The read-only bundled root ``engine/models/bundled/{Stable-diffusion,ControlNet}`` is searched after the user
 store. Only top-level entries are listed (no sub-folders), so a name is a single path component.
@@ -26,20 +26,27 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from engine.errors import ModelError, ModelNotFound, UnsafeModelPath
+from core import deferred
+from core.errors import ModelError, ModelNotFound, UnsafeModelPath
+from engine.config import default_cache_dir, default_models_dir
+from engine.models import checkpoints  # by module: load_checkpoint is looked up at call time (tests count loads)
 from engine.models.checkpoints import (
     WEIGHT_SUFFIXES,
     Arch,
     Kind,
     LoadedControlNet,
     LoadedModel,
+    NeedsWeights,
     detect_path_arch,
+    load_controlnet,
+    load_weights_into,
 )
 from engine.models.hashing import HashCache, legacy_model_hash, short_hash
+from engine.networks.files import detect_network_arch
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +150,11 @@ class ModelStore:
 
     def __init__(self, root: str | os.PathLike | None = None, *, bundled: str | os.PathLike | None = "default",
                  cache_dir: str | os.PathLike | None = None, max_loaded: int = 1, max_controlnets: int = 4):
-        from engine.config import default_cache_dir, default_models_dir
-
         self.root = Path(root).absolute() if root is not None else default_models_dir()
         self.bundled = bundled_root() if bundled == "default" else (Path(bundled) if bundled else None)
         self.cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(self.root)
         self.hashes = HashCache(self.cache_dir / "hashes.json")
-        # module cards (engine.deferred): a load from cache builds no module it does not use
+        # module cards (core.deferred): a load from cache builds no module it does not use
         self.cards_dir = self.cache_dir / "modules"
         self.limits = {"checkpoint": max(max_loaded, 1), "controlnet": max(max_controlnets, 1)}
         self._loaded: OrderedDict[tuple, object] = OrderedDict()
@@ -209,8 +214,6 @@ class ModelStore:
         """The entry with its architecture (from the header) and hash (cached)."""
         try:
             if entry.kind in (Kind.LORA, Kind.EMBEDDING):
-                from engine.networks.files import detect_network_arch
-
                 arch = detect_network_arch(entry.path, entry.kind)
             else:
                 arch = detect_path_arch(entry.path)
@@ -350,8 +353,6 @@ class ModelStore:
             self._make_room("checkpoint")
             model = None
             if meta:
-                from engine.models.checkpoints import NeedsWeights
-
                 try:
                     model = self._load_checkpoint(entry, vae_path, sha, allow_pickle, dtype, meta=True)
                 except NeedsWeights as exc:
@@ -364,40 +365,30 @@ class ModelStore:
     def load_weights(self, model: LoadedModel, allow_pickle: bool = False, dtype=None) -> None:
         """Load the weights of ``model`` (loaded with ``meta=True``, or released after an export) into its
         modules, in place (engine.models.checkpoints.load_weights_into)."""
-        from engine.models.checkpoints import load_weights_into
-
         entry = self.resolve(model.name, Kind.CHECKPOINT, field="sd_model_checkpoint")
         with self._load_lock:
             full = self._load_checkpoint(entry, model.vae_path, model.sha256, allow_pickle, dtype)
             load_weights_into(model.components, full.components)
 
     def _load_checkpoint(self, entry, vae_path, sha, allow_pickle, dtype, meta: bool = False) -> LoadedModel:
-        from dataclasses import replace
-
-        from engine.models.checkpoints import load_checkpoint, load_vae
-
-        from engine import deferred
-
         card = deferred.read_card(self.cards_dir, sha, dtype, ("unet", "vae", "text_encoder"))
         log.info("loading %s%s%s", entry.name, f" with VAE {vae_path.name}" if vae_path else "",
                  " (modules from their card, built on first use)" if card and meta else
                  " (modules without weights)" if meta else "")
-        model = load_checkpoint(entry.path, name=entry.name, sha256=sha, allow_pickle=allow_pickle, dtype=dtype,
-                                meta=meta, card=card if meta else None)
+        model = checkpoints.load_checkpoint(entry.path, name=entry.name, sha256=sha, allow_pickle=allow_pickle,
+                                            dtype=dtype, meta=meta, card=card if meta else None)
         if card is None:  # the checkpoint's own modules (before an external VAE replaces its VAE)
             deferred.write_card(self.cards_dir, model.components, sha, dtype)
         if vae_path is not None:
             own = model.components["vae"]
             cfg = {k: v for k, v in own.config.items() if not k.startswith("_")}
-            ext = load_vae(vae_path, config=cfg, allow_pickle=allow_pickle, dtype=dtype, meta=meta)
+            ext = checkpoints.load_vae(vae_path, config=cfg, allow_pickle=allow_pickle, dtype=dtype, meta=meta)
             # the latent scale belongs to the model family (SDXL 0.13025), not to the VAE file
             ext.register_to_config(scaling_factor=own.config.scaling_factor)
             model = replace(model, components={**model.components, "vae": ext}, vae_path=vae_path)
         return model
 
     def load_controlnet(self, name: str, allow_pickle: bool = False, dtype=None) -> LoadedControlNet:
-        from engine.models.checkpoints import load_controlnet
-
         entry = self.resolve(name, Kind.CONTROLNET, field="controlnet.model")
         sha = self.hash_of(entry)
         key = ("controlnet", str(entry.path.resolve()), sha, str(dtype))

@@ -14,10 +14,20 @@ levels, so latent sizes must be multiples of 2 (images of multiples of 16 px).
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from engine.models.convert import save_single_file
+from engine.models.family import Arch, tokenizers
+from engine.schedule import scheduler_config
+
 
 KINDS = ("sd1", "sd2v", "sdxl")
 CONTROLNET_KINDS = ("controlnet_sd1", "controlnet_sdxl")
@@ -133,9 +143,6 @@ def build_controlnet(kind: str, seed: int = 3):
 
 def build_tiny(kind: str, seed: int = 0) -> TinyModel:
     """Build the tiny model ``kind`` (one of :data:`KINDS` or :data:`CONTROLNET_KINDS`) deterministically."""
-    from engine.models.family import Arch
-    from engine.models.family import tokenizers
-
     if kind in CONTROLNET_KINDS:
         return TinyModel(kind, {"controlnet": build_controlnet(kind, seed + 3)})
     if kind == "sd1":
@@ -176,12 +183,6 @@ STORE_NAMES = {
 def save_diffusers_folder(model: TinyModel, folder) -> None:
     """Write ``model`` as a diffusers folder (model_index.json + one sub-folder per component; ControlNet:
     config.json + weights), safetensors weights. Written to a temporary folder, then renamed."""
-    import json
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     import diffusers
 
     folder = Path(folder)
@@ -202,8 +203,6 @@ def save_diffusers_folder(model: TinyModel, folder) -> None:
                 lib = "transformers" if name.startswith("text_encoder") else "diffusers"
                 index[name] = [lib, type(module).__name__]
             (tmp / "scheduler").mkdir()
-            from engine.schedule import scheduler_config
-
             sched = dict(scheduler_config(model.prediction_type), _class_name="EulerDiscreteScheduler")
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=1, sort_keys=True))
             (tmp / "model_index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
@@ -222,10 +221,6 @@ def write_tiny_store(root, kinds=("sd1", "sd2v", "sdxl", "controlnet_sd1", "cont
     ``ControlNet/tiny-controlnet-sd1.safetensors`` + ``ControlNet/tiny-controlnet-sd1-diffusers/``; the empty
     ``VAE/`` folder is created too. Deterministic for a given ``seed``. Returns ``root`` as a Path.
     """
-    from pathlib import Path
-
-    from engine.models.convert import save_single_file
-
     root = Path(root)
     for sub in ("Stable-diffusion", "VAE", "ControlNet"):
         (root / sub).mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,11 @@ import json
 from functools import lru_cache
 from importlib import resources
 
+from core.tokens import TOKENS_PER_CHUNK
+
 BOS_ID = 49406
 EOS_ID = 49407
-MAX_LENGTH = 77
+MAX_LENGTH = TOKENS_PER_CHUNK
 
 
 def _data_file(name: str):

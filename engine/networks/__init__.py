@@ -13,6 +13,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from engine.conditioning import TextualInversion
+from engine.models.family import Kind
+from engine.networks.embeddings import EmbeddingDatabase
+from engine.networks.files import addnet_hash, read_lora
 from engine.networks.lora import EMPTY, LoraUse, WeightPatch, map_lora
 from engine.networks.syntax import ParsedPrompt, parse_prompt
 
@@ -35,8 +39,6 @@ class Networks:
     the textual-inversion embeddings of the store that fit it."""
 
     def __init__(self, store, model, allow_pickle: bool = False, max_cached: int = MAX_CACHED_LORAS):
-        from engine.networks.embeddings import EmbeddingDatabase
-
         self.store = store
         self.model = model
         self.allow_pickle = allow_pickle
@@ -49,8 +51,6 @@ class Networks:
 
     def textual_inversion(self):
         """``(conditioning.TextualInversion or None, key)`` of the store's embeddings now (re-scanned)."""
-        from engine.conditioning import TextualInversion
-
         db = self.embeddings
         db.refresh()
         if self._ti[0] != db.key:
@@ -68,9 +68,6 @@ class Networks:
                      if n in self.embeddings.embeddings)
 
     def _load(self, name: str, field: str):
-        from engine.models.family import Kind
-        from engine.networks.files import addnet_hash, read_lora
-
         entry = self.store.resolve(name, Kind.LORA, field=field)
         st = entry.path.stat()
         key = (str(entry.path.resolve()), st.st_size, st.st_mtime_ns)

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelError
-from engine.networks.files import read_tensors
+from core.errors import ModelError
+from core.tokens import CHUNK_LENGTH
+from engine.models.checkpoints import SAFETENSORS_SUFFIXES, read_safetensors_header
+from engine.models.family import Kind
+from engine.models.hashing import sha256_file
+from engine.networks.files import load_pickle, read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ class Embedding:
         return int(next(iter(self.vectors.values())).shape[0])
 
 
-MAX_VECTORS = 75  # an embedding never straddles two 75-token chunks: longer ones are skipped
+MAX_VECTORS = CHUNK_LENGTH  # an embedding never straddles two 75-token chunks: longer ones are skipped
 
 
 def _vector_keys(keys, path: Path) -> dict[str, str]:
@@ -121,9 +125,6 @@ def embedding_info(path: Path, name: str, allow_pickle: bool = False) -> Embeddi
     ``allow_pickle``) is loaded. ModelError for unreadable or non-embedding files."""
     import torch
 
-    from engine.models.checkpoints import SAFETENSORS_SUFFIXES, read_safetensors_header
-    from engine.networks.files import load_pickle
-
     path = Path(path)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         header = read_safetensors_header(path)
@@ -188,8 +189,6 @@ def fit_to_model(vectors: dict[str, Any], widths: dict[str, int]) -> dict[str, A
 def store_embeddings(store, allow_pickle: bool = False) -> list[EmbeddingInfo]:
     """:class:`EmbeddingInfo` of each embedding file of the store (``embeddings/``), in the store's order;
     unreadable files (and pickles without ``allow_pickle``) are logged and left out, as the engine skips them."""
-    from engine.models.family import Kind
-
     out = []
     for entry in store.entries(Kind.EMBEDDING):
         try:
@@ -213,8 +212,6 @@ class EmbeddingDatabase:
         self.key = ""
 
     def refresh(self) -> None:
-        from engine.models.family import Kind
-
         entries = self.store.entries(Kind.EMBEDDING)
         state = []
         for entry in entries:
@@ -240,8 +237,6 @@ class EmbeddingDatabase:
         log.info("textual-inversion embeddings loaded: %d (%s)", len(embeddings), ", ".join(embeddings) or "none")
 
     def _load(self, path: Path, name: str) -> Embedding | None:
-        from engine.models.hashing import sha256_file
-
         try:
             vectors = read_embedding(path, self.allow_pickle)
         except ModelError as exc:

@@ -15,15 +15,15 @@ are refused with a :class:`ModelError` naming the file and its kind.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.errors import ModelError
-from engine.models.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_header
+from core.errors import ModelError
+from core.safetensors_header import data_sha256, read_safetensors_header
+from engine.models.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from engine.models.family import Arch, Kind
 
 # component prefixes of the kohya format
@@ -237,10 +237,4 @@ def detect_network_arch(path: str | os.PathLike, kind: Kind) -> Arch | None:
 
 def addnet_hash(path: str | os.PathLike) -> str:
     """The webui's LoRA hash of a safetensors file ("addnet" hash): sha256 of the bytes after the header."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        f.seek(8 + n)
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return data_sha256(path)

@@ -18,7 +18,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from engine.errors import ModelError
+from core.errors import BackendUnavailable, ModelError
+from engine.models.convert import unet_key_to_ldm
 from engine.networks.files import LoraFile, LoraLayer, guess_lora_arch
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ def module_table(source: str, module) -> dict[str, str]:
         param = f"{name}.weight"
         table.setdefault(_norm(name), param)
         if config is not None:
-            from engine.models.convert import unet_key_to_ldm
-
             try:
                 ldm = unet_key_to_ldm(param, config)
             except (ModelError, KeyError, TypeError):
@@ -177,8 +176,6 @@ def patched_tensors(patch: WeightPatch, source: str, base, where: str):
     """
     import numpy as np
     import torch
-
-    from engine.errors import BackendUnavailable
 
     out = []
     for param, delta in patch.deltas(source):

@@ -23,7 +23,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 

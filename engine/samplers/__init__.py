@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from engine.errors import InvalidRequest
+from core.errors import InvalidRequest
+from engine.noise import make_noise_sampler
 from engine.samplers import dpm_solver, extra, kdiffusion, schedules, timesteps
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,6 @@ class ResolvedSampler:
     def noise_sampler(self, like: Any, rng: Any, seeds: Any, sigmas: Any) -> Callable:
         """The webui's noise for this sampler: a Brownian tree seeded with the batch's seeds for the SDE samplers,
         otherwise the next draws of the per-image generators (engine.noise.ImageRNG)."""
-        from engine.noise import make_noise_sampler
-
         if self.spec.brownian:
             return make_noise_sampler(like, brownian=True, seeds=seeds, sigmas=sigmas)
         return make_noise_sampler(like, rng)

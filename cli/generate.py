@@ -1,9 +1,7 @@
-"""``sdengine txt2img``, ``img2img``, ``serve`` and ``worker`` (mapped in engine/cli.py)."""
+"""``sdengine txt2img`` and ``img2img``: one task through the task service, its progress on stderr."""
 
 from __future__ import annotations
 
-import importlib
-import ipaddress
 import json
 import logging
 import shutil
@@ -15,7 +13,7 @@ from typing import Any
 
 import click
 
-from engine.cli import Shown
+from cli.options import BACKEND_DEFAULT, PRECISION_DEFAULT, Shown, dirs_help, engine_options, load_factory
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +31,6 @@ FLAG_FIELDS = {  # option name -> payload field
     "n_iter": "n_iter",
     "model": "stable_diffusion_model",
 }
-
-
-def _factory(spec: str | None):
-    if not spec:
-        return None
-    module, _, attr = spec.partition(":")
-    if not attr:
-        raise click.BadParameter("expected module:attribute", param_hint="--engine-factory")
-    return getattr(importlib.import_module(module), attr)
-
-
-def _engine_options(backend, device, precision) -> dict[str, Any]:
-    return {k: v for k, v in (("backend", backend), ("device", device), ("precision", precision)) if v}
 
 
 def _read_payload(source: str | None) -> dict[str, Any]:
@@ -75,16 +60,6 @@ def _payload_default(field: str) -> str:
     return json.dumps(default) if default is not None else "none"
 
 
-def _dirs_help():
-    from engine.config import default_models_dir, default_results_dir
-
-    return str(default_models_dir()), str(default_results_dir())
-
-
-BACKEND_DEFAULT = "openvino on CPU when installed, else onnxruntime"
-PRECISION_DEFAULT = "bf16 for openvino on a CPU with native bf16, else fp32"
-
-
 @click.command()
 @click.argument("payload", required=False, metavar="[PAYLOAD.json | -]")
 @click.option("--prompt", help="Positive prompt (webui attention syntax).", cls=Shown, shown=_payload_default("prompt"))
@@ -105,10 +80,10 @@ PRECISION_DEFAULT = "bf16 for openvino on a CPU with native bf16, else fp32"
 @click.option("--device", help="cpu or cuda[:N].", cls=Shown, shown="cpu")
 @click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.",
-              cls=Shown, shown=f"$SDENGINE_MODELS_DIR or {_dirs_help()[0]}")
+              cls=Shown, shown=f"$SDENGINE_MODELS_DIR or {dirs_help()[0]}")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where task records and PNGs are kept.",
-              cls=Shown, shown=f"$SDENGINE_RESULTS_DIR or {_dirs_help()[1]}")
+              cls=Shown, shown=f"$SDENGINE_RESULTS_DIR or {dirs_help()[1]}")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Copy the image here (several images: NAME-1.png, NAME-2.png, ...).",
               cls=Shown, shown="no copy; the PNG stays in the results folder")
@@ -169,10 +144,10 @@ def _run(body: dict[str, Any], method: str, backend, device, precision, models_d
     from api_compat.errors import ApiError
     from api_compat.service import TaskService
 
-    factory = _factory(engine_factory)
+    factory = load_factory(engine_factory)
     try:
         service = TaskService(models_dir, results_dir=results_dir, engine_factory=factory,
-                              allow_url_fetch=allow_url_fetch, **_engine_options(backend, device, precision))
+                              allow_url_fetch=allow_url_fetch, **engine_options(backend, device, precision))
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     with service:
@@ -299,160 +274,3 @@ def _follow(service, task_id: str) -> dict[str, Any]:
     raise KeyboardInterrupt
 
 
-def _budget(gb: float | None):
-    if gb is None:
-        return "auto"
-    return int(gb * 2**30) if gb > 0 else None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@click.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
-@click.option("--port", default=7860, show_default=True, type=int)
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.",
-              cls=Shown, shown=f"$SDENGINE_MODELS_DIR or {_dirs_help()[0]}")
-@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where task records and PNGs are kept.", cls=Shown,
-              shown=f"$SDENGINE_RESULTS_DIR or {_dirs_help()[1]}")
-@click.option("--api-key", envvar="SDENGINE_API_KEY", help="Require this key (Authorization: Bearer / X-API-Key).",
-              cls=Shown, shown="$SDENGINE_API_KEY, else no key (loopback only)")
-@click.option("--api-auth", envvar="SDENGINE_API_AUTH", metavar="USER:PASS[,USER:PASS]",
-              help="HTTP Basic credentials, as the webui's --api-auth; with --api-key, either admits.",
-              cls=Shown, shown="$SDENGINE_API_AUTH, else none")
-@click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
-@click.option("--device", help="cpu or cuda[:N].", cls=Shown, shown="cpu")
-@click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
-@click.option("--configs", "configs_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help='JSON file {"config-id": {engine options}} selected by the X-SP-RESOURCE-CONFIG-ID header.',
-              cls=Shown, shown="only the default configuration")
-@click.option("--max-queue", default=256, show_default=True, type=int)
-@click.option("--max-queue-mb", default=512, show_default=True, type=int,
-              help="Bound on the compressed ControlNet images held by waiting tasks.")
-@click.option("--max-body-mb", default=32, show_default=True, type=int)
-@click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
-@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
-              help="A host name clients use for this server (the Host header); the bound address and, on a "
-                   "loopback bind, localhost are always allowed. '*' allows any (e.g. behind a proxy that checks).",
-              cls=Shown, shown="the bound address (and localhost on loopback)")
-@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
-              help="A web origin (https://app.example) allowed to call the API from a browser; others are refused.",
-              cls=Shown, shown="none")
-@click.option("--insecure-no-auth", is_flag=True,
-              help="Allow a non-loopback bind without --api-key (anyone who can reach it can submit tasks).")
-@click.option("--header-timeout", default=10.0, show_default=True, type=float,
-              help="Seconds a connection may take to send its request line and headers.")
-@click.option("--read-timeout", default=60.0, show_default=True, type=float,
-              help="Seconds a request body may take to arrive.")
-@click.option("--queue", envvar="SDENGINE_QUEUE", metavar="redis://[:PASSWORD@]HOST:PORT/DB",
-              help="Send the tasks to 'sdengine worker' processes over Celery + Redis (this server then runs no "
-                   "engine and needs no GPU).", cls=Shown, shown="$SDENGINE_QUEUE, else run them in this process")
-@click.option("--results-ttl", type=float, default=7 * 86400, show_default=True,
-              help="Seconds a finished task's result (record and PNGs) is kept; then it answers 'expired'.")
-@click.option("--visibility-timeout", type=float, default=3600, show_default=True,
-              help="(--queue) Seconds before the task of a lost worker host is delivered again; give every "
-                   "worker and server the same value, longer than the longest task.")
-@click.option("--memory-budget-gb", type=float, default=None,
-              help="Refuse requests whose estimated peak memory is larger (default: half the machine's memory; "
-                   "with --queue: off unless given, as the workers' memory; 0 turns the check off).")
-@click.option("--engine-factory", hidden=True)
-def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, device, precision, configs_file, max_queue,
-          max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
-          read_timeout, queue, results_ttl, visibility_timeout, memory_budget_gb, engine_factory):
-    """Serve POST /scc/sd_txt2img and /scc/sd_get_result, and the webui's /sdapi/v1/... API, over HTTP (needs the
-    'server' extra).
-
-    Safe by default on a machine with a browser: loopback bind, JSON-only POST bodies, Host and Origin
-    checked (DNS rebinding, cross-site submits), header and body deadlines. A non-loopback bind needs
-    --api-key (or --insecure-no-auth)."""
-    from engine.lazy import require
-
-    from api_compat.http import allowed_hosts_for, create_app, parse_api_auth, uvicorn_config
-
-    uvicorn = require("uvicorn", "server", "sdengine serve")
-    try:
-        basic = parse_api_auth(api_auth)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--api-auth") from None
-    if not _is_loopback(host) and not api_key and not basic:
-        if not insecure_no_auth:
-            raise click.UsageError(f"refusing to serve on {host} (not loopback) without an API key: give --api-key "
-                                   "(or SDENGINE_API_KEY) or --api-auth, bind 127.0.0.1, or pass --insecure-no-auth")
-        click.echo(f"warning: serving on {host} without an API key (--insecure-no-auth); anyone who can reach it "
-                   "can submit tasks", err=True)
-    configs = json.loads(configs_file.read_text()) if configs_file else None
-    from api_compat.service import TaskService
-
-    queue_options = {"visibility_timeout": visibility_timeout} if queue else None
-    try:
-        service = TaskService(models_dir, results_dir=results_dir, configs=configs, max_queue=max_queue,
-                              max_queue_bytes=max_queue_mb * 1024 * 1024, memory_budget=_budget(memory_budget_gb),
-                              engine_factory=_factory(engine_factory), allow_url_fetch=allow_url_fetch,
-                              max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
-                              **_engine_options(backend, device, precision))
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise click.ClickException(str(exc)) from None
-    app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,
-                     allowed_hosts=allowed_hosts_for(host, allowed_hosts), cors_origins=cors_origins,
-                     read_timeout=read_timeout, api_auth=basic)
-    uvicorn.Server(uvicorn_config(app, host=host, port=port, header_timeout=header_timeout)).run()
-
-
-@click.command()
-@click.option("--queue", envvar="SDENGINE_QUEUE", required=True, metavar="redis://[:PASSWORD@]HOST:PORT/DB",
-              help="The Redis the API servers send tasks to.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] (one worker per GPU).")
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.",
-              cls=Shown, shown=f"$SDENGINE_MODELS_DIR or {_dirs_help()[0]}")
-@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Where the PNGs are written: the same folder the API servers read (shared storage).")
-@click.option("--models", help="Serve only these checkpoints (comma-separated names from the model store); "
-                               "default: every checkpoint in the store, and tasks that name none.")
-@click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
-@click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Exported ONNX / engine cache (default: MODELS_DIR/cache).")
-@click.option("--threads", type=int, help="CPU threads of the engine (default: all cores).")
-@click.option("--name", help="Worker name (default: sdengine-DEVICE-PID), shown by /health.")
-@click.option("--visibility-timeout", type=float, default=3600, show_default=True,
-              help="Seconds before the task of a lost worker host is delivered again (same value everywhere).")
-@click.option("--restore-interval", type=float, default=10, show_default=True, hidden=True)
-@click.option("--max-attempts", type=int, default=3, show_default=True,
-              help="Deliveries whose worker died before a task is failed (worker_lost).")
-@click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (tests, plugins).")
-def worker(queue, device, models_dir, results_dir, models, backend, precision, cache_dir, threads, name,
-           visibility_timeout, restore_interval, max_attempts, loglevel, engine_factory):
-    """Run the engine for 'sdengine serve --queue' servers: a Celery worker on one device that loads the
-    engine once and runs one task at a time (needs the 'queue' extra)."""
-    from api_compat.tasks.celery_app import QueueOptions, redact
-    from api_compat.tasks.worker import WorkerSettings, run_worker
-    from engine.errors import SdEngineError
-    from engine.lazy import require
-
-    require("celery", "queue", "sdengine worker")
-    options = {"device": device, **_engine_options(backend, None, precision)}
-    if models_dir is not None:
-        options["models_dir"] = models_dir
-    if cache_dir is not None:
-        options["cache_dir"] = cache_dir
-    if threads:
-        options["num_threads"] = threads
-    settings = WorkerSettings(
-        url=queue, results_dir=results_dir, engine_options=options,
-        models=tuple(m.strip() for m in (models or "").split(",") if m.strip()), engine_factory=engine_factory,
-        options=QueueOptions(visibility_timeout=visibility_timeout, restore_interval=restore_interval,
-                             max_attempts=max_attempts), name=name)
-    try:
-        run_worker(settings, loglevel=loglevel)
-    except SdEngineError as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"{redact(queue)}: {exc}") from None

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from engine.cli import Shown
-from engine.errors import ModelError
+from cli.options import Shown
+from core.errors import ModelError
 
 MODELS_DIR_DEFAULT = "$SDENGINE_MODELS_DIR or {home}/models (sdengine paths)"
 

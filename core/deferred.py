@@ -24,6 +24,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from core.atomic import atomic_file
+
+
 log = logging.getLogger(__name__)
 
 CARD_FORMAT = 1
@@ -176,8 +179,6 @@ def card_path(cards_dir: Path, sha256: str, dtype) -> Path:
 
 def write_card(cards_dir: Path | None, modules: Mapping[str, Any], sha256: str, dtype) -> None:
     """Write the card of ``modules`` (atomically; a read-only store just loads slower next time)."""
-    from engine.atomic import atomic_file
-
     if cards_dir is None or not sha256:
         return
     path = card_path(cards_dir, sha256, dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from engine.errors import MissingDependency
+from core.errors import MissingDependency
 
 
 def require(module: str, extra: str, purpose: str) -> ModuleType:

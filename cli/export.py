@@ -1,6 +1,7 @@
 """``sdengine export MODEL``: export a model's components to ONNX (manifest-cached) with a progress bar.
 
-The command lives on the engine side: export/ is the lower layer and knows no engine type (docs/ARCHITECTURE.md)."""
+The command composes the engine's model store (the model, its artefact key) with export/ (the lower layer, which
+knows no engine type: docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from engine.cli import Shown
+from cli.options import Shown
 from engine.config import default_models_dir
-from export.onnx import BUILDING
+from core.events import BUILDING
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def export(model, precision, components, models_dir, cache_dir, controlnet, vae,
     the model: the command then says "up to date" and returns at once. Otherwise it says what it built.
     """
     from engine.config import EngineConfig
-    from engine.errors import SdEngineError
+    from core.errors import SdEngineError
     from export.descriptors import available_components
     from export.onnx import cached_artefact, export_component
 

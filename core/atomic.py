@@ -1,6 +1,6 @@
 """Files written whole or not at all: a temp file beside the target, flushed and fsynced, then ``os.replace``.
 
-A leaf module (standard library only): export/ may use it as it uses engine.errors. Nothing half-written is
+A leaf module (standard library only): export/ may use it as it uses core.errors. Nothing half-written is
 left behind -- on any error the temp file is removed and the target keeps its old content.
 """
 
