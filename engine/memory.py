@@ -16,7 +16,7 @@ What dominates, measured on CPU (benchmarks/memory.py, BENCHMARKS.md "Memory per
 
 The UNet step and the VAE decode do not overlap, so the peak is the larger of the two stages, plus the model
 itself (weights as the backend holds them) and the process. Margin: the test (tests/test_memory.py) runs the
-real engine and requires the measured peak growth to lie within 35% (+ 64 MiB) of the estimate.
+real engine and requires the measured peak growth to lie within 35% (+ 96 MiB) of the estimate.
 """
 
 from __future__ import annotations

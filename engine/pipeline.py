@@ -6,6 +6,10 @@ encoder) -> condition (engine.conditioning) -> noise (engine.noise) -> sample (e
 with the inpainting blend) -> hires fix (engine.img2img upscalers, then a second img2img pass) -> decode (the
 backend's VAE, tiled above a size: engine.tiling) -> describe (engine.infotext: webui infotexts and the info dict).
 See docs/ARCHITECTURE.md for what each room may touch.
+
+What belongs to one request (its progress reporter, timings, LoRA-keyed text model, passes, seeds, init image)
+travels in a frozen :class:`_Context` handed to each stage; the Engine and its cached :class:`_Runtime` keep only
+what outlives a request (models, backends, prompt cache, ControlNets).
 """
 
 from __future__ import annotations
@@ -14,18 +18,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from engine.arrays import to_device, to_host
+from engine.backends import create_backend
+from engine.backends import RELEASES_WEIGHTS
+from engine.backends.weights import adopt_cached
+from engine.conditioning import EmbeddingCache, TextModelInfo, TextualInversion, encode_request
 from engine.config import EngineConfig
-from core.errors import InvalidRequest
+from engine.controlnet import cond_rows_mask, controlnet_component, controlnet_residuals, prepare_unit
+from engine.denoiser import Denoiser, LatentBlend
+from core.errors import BackendUnavailable, InvalidRequest
+from engine.img2img import LATENT_UPSCALERS, HiresSize, hires_size, prepare_init, upscale_image, upscale_latent
 from engine.infotext import Generation, hires_infotext, unit_infotext
-from engine.noise import ImageRNG
+from engine.models.store import ModelStore
+from engine.networks import Networks, PreparedNetworks
+from engine.networks.syntax import strip_networks
+from engine.noise import ImageRNG, resolve_seed
 from engine.progress import ProgressReporter
 from engine.request import GenerationRequest, GenerationResult
+from engine.samplers import SamplingPlan, resolve
 from engine.tiling import decode as decode_latents
 from engine.tiling import encode as encode_image
 
@@ -33,6 +49,10 @@ log = logging.getLogger(__name__)
 
 # progress(engine.progress.Progress) per phase and step; a legacy progress(done, total) gets sampling steps
 ProgressFn = Callable[..., None]
+
+# the reporter of the request this thread (context) runs: the backends' exporter callback, bound once when a
+# cached backend is made, reports to it (Engine._export_progress); unset outside Engine.generate
+_REPORTER: ContextVar[ProgressReporter | None] = ContextVar("sdengine_request_reporter", default=None)
 
 
 @dataclass
@@ -46,21 +66,71 @@ class _Timer:
 @dataclass
 class _Runtime:
     """A loaded model (with its ModelFamily) on its backend, with its prompt cache and ControlNets (kept between
-    requests)."""
+    requests; nothing of one request is stored here)."""
 
     model: Any  # engine.models.checkpoints.LoadedModel
     backend: Any  # engine.backends.Backend
     prompt_cache: Any
     networks: Any = None  # engine.networks.Networks of this model
-    text: Any = None  # (TextModelInfo, TextualInversion) of the request being generated (LoRA/embeddings)
     controlnets: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One sampling pass of a request (the first, or the hires fix's second): its plan, ControlNet units (with
+    their infotext labels), size, prompts, CFG scale and the steps its prompt schedule spans (webui: the request's
+    steps for the first pass, the plan's for the hires pass)."""
+
+    plan: SamplingPlan
+    units: list
+    labels: list[str]
+    width: int
+    height: int
+    prompt: str
+    negative_prompt: str
+    cfg_scale: float
+    prompt_steps: int
+
+
+@dataclass(frozen=True)
+class _Source:
+    """img2img: the prepared init image (engine.img2img.InitPlan), its latent on the device, and the
+    inpainting blend (init latent, nmask) or None."""
+
+    plan: Any
+    latent: Any
+    blend: tuple | None
+
+
+@dataclass(frozen=True)
+class _Context:
+    """One request on its runtime: what its stages share, made by Engine.generate and handed to each stage
+    (never kept on the Engine or the cached _Runtime). Filled in order: validated, planned (Engine._plan), the
+    init image encoded (Engine._init_latents)."""
+
+    req: GenerationRequest
+    rt: _Runtime
+    reporter: ProgressReporter
+    timer: _Timer
+    width: int  # the first pass's size
+    height: int
+    hires: HiresSize | None = None  # the hires fix's sizes
+    warnings: list[str] = field(default_factory=list)
+    networks: PreparedNetworks | None = None  # the prompt's LoRA patch (on the backend) and infotext hashes
+    text_model: TextModelInfo | None = None  # keyed by the request's LoRA and embeddings (the prompt cache's key)
+    ti: TextualInversion | None = None  # the store's embeddings that fit the model
+    seeds: list[int] = field(default_factory=list)  # of every image (batch_size * n_iter)
+    subseeds: list[int] = field(default_factory=list)
+    first: _Pass | None = None
+    second: _Pass | None = None  # the hires fix's pass
+    source: _Source | None = None  # img2img
 
 
 class Engine:
     """The txt2img / img2img engine: ``Engine(config).generate(request) -> GenerationResult``.
 
     Models, backends and encoded prompts are cached between requests; one lock serialises generation
-    (one engine drives one device).
+    (one engine drives one device). What belongs to a request lives in its _Context, not on the engine.
     """
 
     def __init__(self, config: EngineConfig | None = None, **options: Any):
@@ -72,15 +142,12 @@ class Engine:
         self._runtimes: dict[tuple, _Runtime] = {}
         self._lock = threading.RLock()
         self._store = None
-        self._reporter: ProgressReporter | None = None  # the running request's (exports report to it)
         self.clock = time.monotonic  # what the ETA is measured with (tests use a fake clock)
 
     # ------------------------------------------------------------------------------------------ models
     @property
     def store(self):
         if self._store is None:
-            from engine.models.store import ModelStore
-
             self._store = ModelStore.from_config(self.config)
         return self._store
 
@@ -89,11 +156,6 @@ class Engine:
         return self.store.default_checkpoint(self.config.default_model).name
 
     def runtime(self, name: str | None, vae: str = "Automatic") -> _Runtime:
-        from engine.backends import create_backend
-        from engine.conditioning import EmbeddingCache
-
-        from engine.backends import RELEASES_WEIGHTS
-
         name = name or self.default_model_name()
         # a backend that runs exported graphs needs no torch weights when its cache holds every artefact: the
         # modules are built from the file headers first (meta), the weights read only if an export is needed
@@ -107,12 +169,8 @@ class Engine:
             backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key,
                                      progress=self._export_progress, owned=True)
             if model.meta:
-                from engine.backends.weights import adopt_cached
-
                 adopt_cached(backend, model.components,
                              lambda: self.store.load_weights(model, allow_pickle=self.config.allow_pickle))
-            from engine.networks import Networks
-
             rt = _Runtime(model, backend, EmbeddingCache(), Networks(self.store, model, self.config.allow_pickle))
             self._runtimes = {key: rt}  # one model resident at a time
             log.info("model %s [%s] ready on %s in %.2fs", model.name, model.short_hash,
@@ -121,10 +179,6 @@ class Engine:
 
     def _controlnet(self, rt: _Runtime, name: str, field_name: str):
         """Loads the ControlNet ``name`` into the runtime's backend (component ``controlnet:<name>``)."""
-        from engine.controlnet import controlnet_component
-
-        from engine.backends import create_backend
-
         cn = self.store.load_controlnet(name, allow_pickle=self.config.allow_pickle)
         component = controlnet_component(name)
         if component not in rt.controlnets:
@@ -135,10 +189,13 @@ class Engine:
             rt.controlnets[component] = (cn, backend)
         return rt.controlnets[component][0]
 
-    def _export_progress(self, what: str, done: int, total: int) -> None:
-        """The backends' exporter callback, routed to the running request's progress (phase exporting)."""
-        if self._reporter is not None:
-            self._reporter.export(what, done, total)
+    @staticmethod
+    def _export_progress(what: str, done: int, total: int) -> None:
+        """The backends' exporter callback, routed to the progress of the request running in this thread
+        (phase exporting); an export outside a request (a direct ``runtime(...).backend.run``) reports nowhere."""
+        reporter = _REPORTER.get()
+        if reporter is not None:
+            reporter.export(what, done, total)
 
     @staticmethod
     def _run_fn(rt: _Runtime):
@@ -157,23 +214,22 @@ class Engine:
         """``progress(Progress)`` gets each phase (loading, exporting, encoding, sampling, decoding) and step
         (engine.progress); ``cancel`` set stops the request between steps (``Cancelled``)."""
         with self._lock:
-            self._reporter = ProgressReporter(progress, cancel, request.n_iter * request.steps, clock=self.clock)
+            reporter = ProgressReporter(progress, cancel, request.n_iter * request.steps, clock=self.clock)
+            token = _REPORTER.set(reporter)
             try:
-                return self._generate(request, self._reporter)
+                return self._generate(request, reporter)
             finally:
-                self._reporter = None
+                _REPORTER.reset(token)
 
-    def _generate(self, req: GenerationRequest, on_step: ProgressReporter) -> GenerationResult:
-        """Orchestration only: each stage is a call into the room that owns its rules."""
-        from engine.noise import resolve_seed
-        from engine.samplers import resolve
-
+    def _generate(self, req: GenerationRequest, reporter: ProgressReporter) -> GenerationResult:
+        """Orchestration only: each stage is a call into the room that owns its rules, with the request's
+        _Context."""
         timer = _Timer()
         # 1. validate: the sampler names, the model, the request against the model's family and the limits
         sampler = resolve(req.sampler_name, req.scheduler)
         hr_sampler = self._hires_sampler(req) if req.hires is not None else None
         t0 = time.perf_counter()
-        on_step.phase("loading", req.model or "default model")
+        reporter.phase("loading", req.model or "default model")
         rt = self.runtime(req.model, req.vae)
         family = rt.model.family
         timer.add("load", t0)
@@ -182,18 +238,33 @@ class Engine:
         warnings = [w for w in (family.size_warning(width, height),) if w]
         for warning in warnings:
             log.info("%s: %s", rt.model.name, warning)  # carried in info["warnings"]; the CLI prints it
-        # the prompt's <lora:...> tags -> the backend's weights (engine.networks); the text without them
+        # the prompt's <lora:...> tags -> the backend's weights (engine.networks); the text model keyed by them
         t0 = time.perf_counter()
-        networks = self._networks(rt, req)
-        ti, ti_key = rt.networks.textual_inversion()
-        text_model = family.text
-        if networks.patch.text_key or ti_key:  # the prompt cache must not serve other weights' encodings
-            text_model = replace(text_model, model_hash=f"{text_model.model_hash}+{networks.patch.text_key}+{ti_key}")
-        rt.text = (text_model, ti)  # what _condition encodes with for this request
+        networks, text_model, ti = self._networks(rt, req)
         timer.add("networks", t0)
+        ctx = _Context(req, rt, reporter, timer, width, height, hires, warnings, networks, text_model, ti)
 
         # 2. plan: sigmas (cut at the denoising strength for img2img), the denoiser's schedule, seeds, units
-        init = req.init
+        ctx = self._plan(ctx, sampler, hr_sampler)
+
+        # 3. init: the init image resized/masked (engine.img2img) and encoded, once for all iterations (webui)
+        if req.init is not None:
+            ctx = replace(ctx, source=self._init_latents(ctx))
+
+        # 4.-8. each batch: condition, noise, sample, hires fix, decode
+        images: list[np.ndarray] = []
+        for it in range(req.n_iter):
+            batch, cond = self._batch(ctx, it)
+            images.extend(batch)
+
+        # 9. describe: webui infotexts and the info dict
+        return self._describe(ctx, images, cond)
+
+    # ------------------------------------------------------------------------------------------ stages
+    def _plan(self, ctx: _Context, sampler, hr_sampler) -> _Context:
+        """The passes (engine.samplers: sigmas cut at the denoising strength for img2img, the denoiser's
+        schedule; the ControlNet units at each pass's size) and the seeds of every image."""
+        req, family, init, hires = ctx.req, ctx.rt.model.family, ctx.req.init, ctx.hires
         plan = sampler.prepare(req.steps, family, eta=req.eta, eta_noise_seed_delta=req.eta_noise_seed_delta,
                                denoising_strength=None if init is None else init.denoising_strength,
                                fix_steps=init is not None and init.fix_steps)
@@ -204,102 +275,102 @@ class Engine:
                                          denoising_strength=req.hires.denoising_strength, fix_steps=True)
         total = req.batch_size * req.n_iter
         seed, subseed = resolve_seed(req.seed), resolve_seed(req.subseed)
-        all_seeds = [seed + i for i in range(total)]
-        all_subseeds = [subseed + i for i in range(total)]
         t0 = time.perf_counter()
-        units, unit_labels = self._controlnet_units(rt, req, width, height)
-        hr_units = self._controlnet_units(rt, req, hires.width, hires.height)[0] if hires is not None else []
-        timer.add("controlnet_preprocess", t0)
-        on_step.steps = req.n_iter * (plan.steps + (hr_plan.steps if hr_plan else 0))
-
-        # 3. init: the init image resized/masked (engine.img2img) and encoded, once for all iterations (webui)
-        source = self._init_latents(rt, req, width, height, all_seeds[: req.batch_size], timer) \
-            if init is not None else None
-
-        images: list[np.ndarray] = []
-        for it in range(req.n_iter):
-            batch = slice(it * req.batch_size, (it + 1) * req.batch_size)
-            seeds, subseeds = all_seeds[batch], all_subseeds[batch]
-            # 4. condition: prompts -> per-step conditioning (cached per model)
-            t0 = time.perf_counter()
-            on_step.phase("encoding")
-            cond = self._condition(rt, req.prompt, req.negative_prompt, req.steps, req, width, height)
-            timer.add("text_encoder", t0)
-
-            # 5. noise: webui-seeded initial latents (the init latent noised to the plan's first sigma)
-            t0 = time.perf_counter()
-            rng = ImageRNG(family.latent_shape(width, height), seeds, subseeds, req.subseed_strength,
-                           eta_noise_seed_delta=plan.ensd)
-            noise = to_device(rng.first().numpy(), self.config.device)
-            if init is not None and init.initial_noise_multiplier != 1.0:
-                noise = noise * init.initial_noise_multiplier
-            x = plan.start(noise, None if source is None else source.latent)
-
-            # 6. sample: the sampler over the denoiser (CFG, ControlNet, inpainting blend) on the plan's sigmas
-            on_step.phase("sampling", f"batch {it + 1} of {req.n_iter}" if req.n_iter > 1 else "")
-            latents = self._sample(rt, req, plan, x, rng, seeds, cond, units, req.cfg_scale, on_step,
-                                   None if source is None else source.blend)
-            timer.add("sampling", t0)
-
-            # 7. hires fix: upscale (latent or image), then an img2img pass at the new size
-            if hires is not None:
-                latents = self._hires_pass(rt, req, hires, hr_plan, hr_units, latents, seeds, subseeds, on_step,
-                                           timer)
-
-            # 8. decode (and paste the init image's kept pixels back, for inpainting)
-            t0 = time.perf_counter()
-            on_step.phase("decoding")
-            decoded = to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling))  # engine.tiling
-            images.extend(decoded if source is None else [source.plan.finish(img) for img in decoded])
-            timer.add("vae_decoder", t0)
-
-        # 9. describe: webui infotexts and the info dict
-        extra: dict[str, Any] = {}
-        if source is not None:
-            extra.update(source.plan.infotext)
+        first = _Pass(plan, *self._controlnet_units(ctx.rt, req, ctx.width, ctx.height), ctx.width, ctx.height,
+                      req.prompt, req.negative_prompt, req.cfg_scale, req.steps)
+        second = None
         if hires is not None:
-            extra.update(hires_infotext(req, hr_plan, plan))
+            hr = req.hires
+            second = _Pass(hr_plan, *self._controlnet_units(ctx.rt, req, hires.width, hires.height), hires.width,
+                           hires.height, req.prompt if hr.prompt is None else hr.prompt,
+                           req.negative_prompt if hr.negative_prompt is None else hr.negative_prompt,
+                           req.cfg_scale if hr.cfg_scale is None else hr.cfg_scale, hr_plan.steps)
+        ctx.timer.add("controlnet_preprocess", t0)
+        ctx.reporter.steps = req.n_iter * (plan.steps + (hr_plan.steps if hr_plan else 0))
+        return replace(ctx, first=first, second=second, seeds=[seed + i for i in range(total)],
+                       subseeds=[subseed + i for i in range(total)])
+
+    def _batch(self, ctx: _Context, it: int) -> tuple[list[np.ndarray], Any]:
+        """Iteration ``it`` of the request (one batch of ``batch_size`` images): its images, and its first
+        pass's conditioning (engine.conditioning.Conditioning)."""
+        req, rt, first, source = ctx.req, ctx.rt, ctx.first, ctx.source
+        batch = slice(it * req.batch_size, (it + 1) * req.batch_size)
+        seeds, subseeds = ctx.seeds[batch], ctx.subseeds[batch]
+        # 4. condition: prompts -> per-step conditioning (cached per model)
+        t0 = time.perf_counter()
+        ctx.reporter.phase("encoding")
+        cond = self._condition(ctx, first)
+        ctx.timer.add("text_encoder", t0)
+
+        # 5. noise: webui-seeded initial latents (the init latent noised to the plan's first sigma)
+        t0 = time.perf_counter()
+        rng = ImageRNG(ctx.rt.model.family.latent_shape(ctx.width, ctx.height), seeds, subseeds,
+                       req.subseed_strength, eta_noise_seed_delta=first.plan.ensd)
+        noise = to_device(rng.first().numpy(), self.config.device)
+        if req.init is not None and req.init.initial_noise_multiplier != 1.0:
+            noise = noise * req.init.initial_noise_multiplier
+        x = first.plan.start(noise, None if source is None else source.latent)
+
+        # 6. sample: the sampler over the denoiser (CFG, ControlNet, inpainting blend) on the plan's sigmas
+        ctx.reporter.phase("sampling", f"batch {it + 1} of {req.n_iter}" if req.n_iter > 1 else "")
+        latents = self._sample(ctx, first, x, rng, cond, None if source is None else source.blend)
+        ctx.timer.add("sampling", t0)
+
+        # 7. hires fix: upscale (latent or image), then an img2img pass at the new size
+        if ctx.second is not None:
+            latents = self._hires_pass(ctx, latents, seeds, subseeds)
+
+        # 8. decode (and paste the init image's kept pixels back, for inpainting)
+        t0 = time.perf_counter()
+        ctx.reporter.phase("decoding")
+        decoded = to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling))  # engine.tiling
+        images = decoded if source is None else [source.plan.finish(img) for img in decoded]
+        ctx.timer.add("vae_decoder", t0)
+        return images, cond
+
+    def _describe(self, ctx: _Context, images: list[np.ndarray], cond) -> GenerationResult:
+        """webui infotexts and the info dict (engine.infotext), the result."""
+        req, rt, init = ctx.req, ctx.rt, ctx.req.init
+        extra: dict[str, Any] = {}
+        if ctx.source is not None:
+            extra.update(ctx.source.plan.infotext)
+        if ctx.second is not None:
+            extra.update(hires_infotext(req, ctx.second.plan, ctx.first.plan))
         strength = init.denoising_strength if init is not None else \
             req.hires.denoising_strength if req.hires is not None else None
         # the backend's own label where it has one (``openvino bf16``: the precision the CPU really runs)
         backend_label = getattr(rt.backend, "label", None) or self.config.backend.value
-        generation = Generation(req, rt.model, plan, width, height, all_seeds, all_subseeds, unit_labels,
-                                backend_label, denoising_strength=strength, extra=extra,
-                                lora_hashes=networks.lora_hashes, ti_hashes=rt.networks.ti_hashes(cond.embeddings))
-        infotexts = [generation.infotext(i) for i in range(total)]
-        info = generation.info(infotexts, timer.timings, device=self.config.device,
+        generation = Generation(req, rt.model, ctx.first.plan, ctx.width, ctx.height, ctx.seeds, ctx.subseeds,
+                                ctx.first.labels, backend_label, denoising_strength=strength, extra=extra,
+                                lora_hashes=ctx.networks.lora_hashes, ti_hashes=rt.networks.ti_hashes(cond.embeddings))
+        infotexts = [generation.infotext(i) for i in range(len(ctx.seeds))]
+        info = generation.info(infotexts, ctx.timer.timings, device=self.config.device,
                                precision=self.config.precision.value)
-        info["warnings"] = warnings
-        detected = [u.detected_map for u, spec in zip(units, req.controlnet_units) if spec.save_detected_map]
-        return GenerationResult(images=images, infotexts=infotexts, info=info, seeds=all_seeds,
-                                subseeds=all_subseeds, timings=dict(timer.timings), detected_maps=detected)
+        info["warnings"] = ctx.warnings
+        detected = [u.detected_map for u, spec in zip(ctx.first.units, req.controlnet_units) if spec.save_detected_map]
+        return GenerationResult(images=images, infotexts=infotexts, info=info, seeds=ctx.seeds,
+                                subseeds=ctx.subseeds, timings=dict(ctx.timer.timings), detected_maps=detected)
 
-    # ------------------------------------------------------------------------------------------ stages
-    def _condition(self, rt: _Runtime, prompt: str, negative_prompt: str, steps: int, req: GenerationRequest,
-                   width: int, height: int):
-        from engine.conditioning import encode_request
-        from engine.networks.syntax import strip_networks
-
-        text_model, ti = rt.text or (rt.model.family.text, None)
+    def _condition(self, ctx: _Context, p: _Pass):
+        """The pass's prompts -> per-step conditioning with the request's text model and embeddings."""
+        n = ctx.req.batch_size
         return encode_request(
-            rt.backend, text_model, [strip_networks(prompt)] * req.batch_size, [negative_prompt] * req.batch_size,
-            steps=steps, clip_skip=req.clip_skip, width=width, height=height, cache=rt.prompt_cache,
-            max_chunks=self.config.max_prompt_chunks, ti=ti,
+            ctx.rt.backend, ctx.text_model, [strip_networks(p.prompt)] * n, [p.negative_prompt] * n,
+            steps=p.prompt_steps, clip_skip=ctx.req.clip_skip, width=p.width, height=p.height,
+            cache=ctx.rt.prompt_cache, max_chunks=self.config.max_prompt_chunks, ti=ctx.ti,
         )
 
-    def _sample(self, rt: _Runtime, req: GenerationRequest, plan, x, rng, seeds, cond, units, cfg_scale: float,
-                on_step: ProgressReporter, blend=None):
-        """The sampler over the denoiser; ``blend`` (init latent, nmask) turns on the inpainting blend."""
-        from engine.denoiser import Denoiser, LatentBlend
-
+    def _sample(self, ctx: _Context, p: _Pass, x, rng: ImageRNG, cond, blend=None):
+        """The pass's sampler over the denoiser; ``blend`` (init latent, nmask) turns on the inpainting blend."""
+        req, plan = ctx.req, p.plan
         sigmas = to_device(plan.sigmas, self.config.device)
-        noise = plan.noise(x, rng, seeds)
-        denoiser = Denoiser(_ModelCall(self._run_fn(rt), units, plan.steps), plan.schedule,
-                            rt.model.family.prediction_type, cfg_scale, cond.at, plan.sigmas)
+        noise = plan.noise(x, rng, rng.seeds)
+        denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt), p.units, plan.steps), plan.schedule,
+                            ctx.rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
         if blend is not None:
             denoiser = LatentBlend(denoiser, *blend)
-        on_step.check_cancel()
-        latents = plan.sample(denoiser, x, sigmas=sigmas, noise=noise, callback=on_step, s_churn=req.s_churn,
+        ctx.reporter.check_cancel()
+        latents = plan.sample(denoiser, x, sigmas=sigmas, noise=noise, callback=ctx.reporter, s_churn=req.s_churn,
                               s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
         return latents if blend is None else denoiser.final(latents)
 
@@ -309,30 +380,28 @@ class Engine:
         # tiled above the configured size (engine.tiling)
         return to_device(encode_image(rt.backend.run, image, self.config.vae_tiling), self.config.device)
 
-    def _init_latents(self, rt: _Runtime, req: GenerationRequest, width: int, height: int, seeds: list[int],
-                      timer: _Timer) -> "_Source":
+    def _init_latents(self, ctx: _Context) -> _Source:
         """img2img: the init image prepared by the webui rules (engine.img2img), encoded, resized for the
         latent-upscale mode, repeated over the batch; with a mask, the masked latent filled and the blend."""
-        from engine.img2img import prepare_init, upscale_latent
-
+        req = ctx.req
         t0 = time.perf_counter()
-        init_plan = prepare_init(req.init, width, height, scale=rt.model.family.vae_scale_factor)
-        timer.add("init_image", t0)
+        init_plan = prepare_init(req.init, ctx.width, ctx.height, scale=ctx.rt.model.family.vae_scale_factor)
+        ctx.timer.add("init_image", t0)
         t0 = time.perf_counter()
-        latent = to_host(self._encode(rt, init_plan.pixels)).astype(np.float32)
+        latent = to_host(self._encode(ctx.rt, init_plan.pixels)).astype(np.float32)
         h, w = init_plan.latent_size
         if init_plan.resize_latent and latent.shape[2:] != (h, w):
             latent = upscale_latent(latent, h, w, "Latent")
         latent = np.repeat(latent, req.batch_size, axis=0)
-        timer.add("vae_encoder", t0)
+        ctx.timer.add("vae_encoder", t0)
         nmask = init_plan.latent_mask()
         blend = None
         if nmask is not None:
             nmask = np.broadcast_to(nmask[None, None], latent.shape).astype(np.float32)
             mask = 1.0 - nmask
             if init_plan.inpainting_fill == 2:  # latent noise: the first batch's seeds, plain draws (webui)
-                noise = ImageRNG((rt.model.family.latent_channels, h, w), seeds).first().numpy()
-                latent = latent * mask + noise * nmask
+                noise = ImageRNG((ctx.rt.model.family.latent_channels, h, w), ctx.seeds[: req.batch_size]).first()
+                latent = latent * mask + noise.numpy() * nmask
             elif init_plan.inpainting_fill == 3:  # latent nothing
                 latent = latent * mask
             blend = (to_device(latent, self.config.device), to_device(np.ascontiguousarray(nmask),
@@ -342,8 +411,6 @@ class Engine:
     def _hires_sampler(self, req: GenerationRequest):
         """The hires pass's sampler: hr_sampler_name (else the first pass's) with hr_scheduler; the webui's hires
         pass uses "Automatic" when hr_scheduler is unset ("Use same scheduler": the first pass's)."""
-        from engine.samplers import resolve
-
         hr = req.hires
         name = req.sampler_name if hr.sampler_name in (None, "", "Use same sampler") else hr.sampler_name
         scheduler = req.scheduler if hr.scheduler == "Use same scheduler" else (hr.scheduler or "Automatic")
@@ -356,11 +423,9 @@ class Engine:
                 exc.field = "hr_scheduler"
             raise
 
-    def _hires_size(self, req: GenerationRequest, family, width: int, height: int) -> "HiresSize":
+    def _hires_size(self, req: GenerationRequest, family, width: int, height: int) -> HiresSize:
         """The second pass's size by the webui rules (engine.img2img.hires_size), checked like width/height;
         an error names hr_scale (or hr_resize_x/y) with the allowed range."""
-        from engine.img2img import hires_size
-
         size = hires_size(width, height, req.hires, scale=family.vae_scale_factor)
         try:
             family.check_size(size.width, size.height, self.config.max_size)
@@ -370,39 +435,34 @@ class Engine:
                                                                            self.config.max_size)) from None
         return size
 
-    def _hires_pass(self, rt: _Runtime, req: GenerationRequest, size, plan, units, latents, seeds, subseeds,
-                    on_step: ProgressReporter, timer: _Timer):
+    def _hires_pass(self, ctx: _Context, latents, seeds: list[int], subseeds: list[int]):
         """webui sample_hr_pass: latent upscalers resize the latent; image upscalers decode (truncated to
         uint8, as the webui), resize the image and encode it; then the latent is cut to the target size and
         an img2img pass runs with fresh per-image noise at that size."""
-        from engine.img2img import LATENT_UPSCALERS, upscale_image, upscale_latent
-
-        hr = req.hires
+        hr, size, p = ctx.req.hires, ctx.hires, ctx.second
         t0 = time.perf_counter()
         if hr.upscaler_name in LATENT_UPSCALERS:
             x0 = upscale_latent(latents, *size.upscale_latent, hr.upscaler_name)
         else:
-            on_step.phase("decoding", "hires fix: the first pass, for the image upscaler")
-            decoded = decode_latents(rt.backend.run, latents, self.config.vae_tiling)
+            ctx.reporter.phase("decoding", "hires fix: the first pass, for the image upscaler")
+            decoded = decode_latents(ctx.rt.backend.run, latents, self.config.vae_tiling)
             lowres = (np.clip(decoded, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
             pixels = np.stack([upscale_image(img, size.upscale_width, size.upscale_height, hr.upscaler_name)
                                for img in lowres]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-            x0 = self._encode(rt, pixels)
+            x0 = self._encode(ctx.rt, pixels)
         x0 = size.truncate(x0)
-        timer.add("hires_upscale", t0)
+        ctx.timer.add("hires_upscale", t0)
         t0 = time.perf_counter()
-        on_step.phase("encoding", "hires fix")
-        cond = self._condition(rt, req.prompt if hr.prompt is None else hr.prompt,
-                               req.negative_prompt if hr.negative_prompt is None else hr.negative_prompt,
-                               plan.steps, req, size.width, size.height)
-        timer.add("text_encoder", t0)
+        ctx.reporter.phase("encoding", "hires fix")
+        cond = self._condition(ctx, p)
+        ctx.timer.add("text_encoder", t0)
         t0 = time.perf_counter()
-        rng = ImageRNG(tuple(x0.shape[1:]), seeds, subseeds, req.subseed_strength, eta_noise_seed_delta=plan.ensd)
-        x = plan.start(to_device(rng.first().numpy(), self.config.device), x0)
-        on_step.phase("sampling", "hires fix")
-        out = self._sample(rt, req, plan, x, rng, seeds, cond, units,
-                           req.cfg_scale if hr.cfg_scale is None else hr.cfg_scale, on_step)
-        timer.add("hires_sampling", t0)
+        rng = ImageRNG(tuple(x0.shape[1:]), seeds, subseeds, ctx.req.subseed_strength,
+                       eta_noise_seed_delta=p.plan.ensd)
+        x = p.plan.start(to_device(rng.first().numpy(), self.config.device), x0)
+        ctx.reporter.phase("sampling", "hires fix")
+        out = self._sample(ctx, p, x, rng, cond)
+        ctx.timer.add("hires_sampling", t0)
         return out
 
     def _validate(self, req: GenerationRequest, family) -> tuple[int, int]:
@@ -418,21 +478,25 @@ class Engine:
         return width, height
 
     def _networks(self, rt: _Runtime, req: GenerationRequest):
-        """The request's extra networks (engine.networks.PreparedNetworks), applied to the model's backend."""
-        from core.errors import BackendUnavailable
-
+        """The request's extra networks (engine.networks.PreparedNetworks), applied to the model's backend, and
+        the text model and textual-inversion embeddings its prompts are encoded with: ``(prepared, text_model,
+        ti)``; the text model's key names the LoRA and embeddings, so the prompt cache never serves other
+        weights' encodings."""
         prepared = rt.networks.prepare(req.prompt, disabled=req.disable_extra_networks, field="prompt")
         if not hasattr(rt.backend, "set_patch"):
             if prepared.patch.uses:
                 raise BackendUnavailable(f"the {self.config.backend.value} backend cannot apply LoRA weights")
-            return prepared
-        rt.backend.set_patch(prepared.patch)
-        return prepared
+        else:
+            rt.backend.set_patch(prepared.patch)
+        ti, ti_key = rt.networks.textual_inversion()
+        text_model = rt.model.family.text
+        if prepared.patch.text_key or ti_key:
+            text_model = replace(text_model, model_hash=f"{text_model.model_hash}+{prepared.patch.text_key}+{ti_key}")
+        return prepared, text_model, ti
 
     def _controlnet_units(self, rt: _Runtime, req: GenerationRequest, width: int, height: int):
-        """The request's ControlNet units, loaded and preprocessed, with their infotext labels."""
-        from engine.controlnet import prepare_unit
-
+        """The request's ControlNet units at ``width x height``, loaded and preprocessed, with their infotext
+        labels: ``(units, labels)``."""
         units, labels = [], []
         for k, unit in enumerate(req.controlnet_units):
             field_name = f"alwayson_scripts.controlnet.units[{k}]"
@@ -440,16 +504,6 @@ class Engine:
             units.append(prepare_unit(unit, width, height, field=field_name))
             labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]", units[-1].used))
         return units, labels
-
-
-@dataclass(frozen=True)
-class _Source:
-    """img2img: the prepared init image (engine.img2img.InitPlan), its latent on the device, and the
-    inpainting blend (init latent, nmask) or None."""
-
-    plan: Any
-    latent: Any
-    blend: tuple | None
 
 
 class _ModelCall:
@@ -461,8 +515,6 @@ class _ModelCall:
         self.steps = steps
 
     def __call__(self, x_in, t_in, cond, step: int):
-        from engine.controlnet import cond_rows_mask, controlnet_residuals
-
         feeds = {"sample": x_in, "timestep": t_in, "encoder_hidden_states": cond.context[: x_in.shape[0]]}
         if cond.pooled is not None:
             feeds["text_embeds"] = cond.pooled[: x_in.shape[0]]

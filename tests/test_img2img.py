@@ -270,17 +270,18 @@ def test_latent_upscale_mode_resizes_the_encoded_latent(engine):
 
     rt = engine.runtime(MODEL)
     init = smooth_image(48, 96)
-    source = engine._init_latents(rt, GenerationRequest(model=MODEL, init=InitImage(init, 0.5, resize_mode=3)),
-                                  64, 64, [1], engine_timer())
+    source = engine._init_latents(request_context(
+        rt, GenerationRequest(model=MODEL, init=InitImage(init, 0.5, resize_mode=3)), 64, 64, [1]))
     own = encode_reference(rt.model.components["vae"], init).numpy()
     expected = upscale_latent(own, 8, 8, "Latent")
     assert np.abs(np.asarray(source.latent) - expected).max() < 1e-4
 
 
-def engine_timer():
-    from engine.pipeline import _Timer
+def request_context(rt, req, width, height, seeds):
+    from engine.pipeline import _Context, _Timer
+    from engine.progress import ProgressReporter
 
-    return _Timer()
+    return _Context(req, rt, ProgressReporter(None, None, 1), _Timer(), width, height, seeds=seeds)
 
 
 # ---------------------------------------------------------------------------------------- hires fix
@@ -337,9 +338,9 @@ def test_hires_latent_first_pass_is_plain_txt2img(engine, monkeypatch):
     seen = []
     original = Engine._hires_pass
 
-    def spy(self, rt, req, size, plan, units, latents, *args):
+    def spy(self, ctx, latents, *args):
         seen.append(np.array(latents))
-        return original(self, rt, req, size, plan, units, latents, *args)
+        return original(self, ctx, latents, *args)
 
     monkeypatch.setattr(Engine, "_hires_pass", spy)
     res = engine.generate(GenerationRequest(**base, hires=Hires(1.5, upscaler="Latent")))

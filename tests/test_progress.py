@@ -5,6 +5,8 @@ exporter's own events on a first run, the ETA against a fake clock (a model that
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from engine.pipeline import Engine
@@ -106,6 +108,31 @@ def test_first_run_reports_exporting_with_its_own_counts(tiny_store, tmp_path):
     Engine(models_dir=tiny_store, backend="onnxruntime", cache_dir=tmp_path / "cache").generate(
         req, progress=events.append)
     assert "exporting" not in {e.phase for e in events}
+
+
+def test_export_progress_goes_to_the_request_of_its_own_thread(tiny_store, tmp_path):
+    """The exporter callback a cached backend holds reports to the request running in the calling thread; an
+    export in another thread (outside any request) reports nowhere (the reporter is the request's, not the
+    engine's)."""
+    engine = Engine(models_dir=tiny_store, backend="torch", cache_dir=tmp_path)
+    rt = engine.runtime("tiny-sd1")
+    run, unet_calls = rt.backend.run, []
+
+    def run_and_export(component, feeds):
+        if component == "unet" and not unet_calls:
+            outside = threading.Thread(target=engine._export_progress, args=("unet: elsewhere (built)", 1, 1))
+            outside.start()
+            outside.join()
+            engine._export_progress("unet: here (built)", 1, 1)
+            unet_calls.append(component)
+        return run(component, feeds)
+
+    rt.backend.run = run_and_export
+    events: list[Progress] = []
+    engine.generate(GenerationRequest(model="tiny-sd1", prompt="x", steps=2, seed=1, sampler_name="Euler"),
+                    progress=events.append)
+    assert [e.detail for e in events if e.phase == "exporting"] == ["unet: here (built)"]
+    engine._export_progress("unet: after (built)", 1, 1)  # no request running: nothing to report to, no error
 
 
 def test_legacy_done_total_callback_gets_sampling_steps(tiny_store, tmp_path):

@@ -6,13 +6,13 @@
 :func:`resolve` turns a request's ``sampler_name`` + ``scheduler`` into a :class:`ResolvedSampler` the pipeline
 uses directly, applying each sampler's default schedule and "discard penultimate sigma" like the webui.
 
-How the pipeline uses it::
+How the pipeline (engine.pipeline) uses it::
 
     plan = resolve(request.sampler_name, request.scheduler).prepare(request.steps, family, eta=request.eta,
                                                                     eta_noise_seed_delta=request.eta_noise_seed_delta)
     rng = ImageRNG((4, h, w), seeds, subseeds, subseed_strength, eta_noise_seed_delta=plan.ensd)
-    x = to_like(rng.first(), like) * plan.sigmas[0]
-    denoise = Denoiser(model_fn, plan.schedule, prediction_type, cfg_scale, conditioning, plan.sigmas)
+    x = plan.start(to_device(rng.first().numpy(), device), init_latent)  # noise * sigmas[0] (+ img2img's latent)
+    denoise = Denoiser(model_fn, plan.schedule, prediction_type, cfg_scale, conditioning.at, plan.sigmas)
     x = plan.sample(denoise, x, noise=plan.noise(x, rng, seeds), callback=progress, s_churn=..., ...)
     # x is the latent to decode (timestep samplers return the webui's VP latent, see samplers/timesteps.py)
     plan.infotext  # {"Sampler": ..., "Schedule type": ..., "Eta": ... (webui rule), "ENSD": ... (webui rule)}
