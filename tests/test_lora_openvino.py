@@ -84,8 +84,10 @@ def cache(tmp_path_factory):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("component", ["unet", "text_encoder"])
 def test_patched_components_match_torch(sd1, patches, cache, component, precision):
-    """Each patch on openvino vs the torch backend with the same patch: relL2 within openvino's own tolerance,
-    while the patch moves the output by more than 10x that; every touched parameter is a replaced constant."""
+    """Each patch on openvino vs the torch backend with the same patch: relL2 within openvino's own tolerance
+    (measured on the tiny SD1 model: f32 1.5e-6 UNet, 3e-7 text encoder; bf16 4-5e-2 UNet, 0.6-1.1e-2 text
+    encoder), while the patch moves each output by 0.7-1.6 relL2; every touched parameter is a replaced
+    constant."""
     ref = create_backend(EngineConfig(backend="torch", cache_dir=cache), sd1, "tiny-sd1")
     ov = create_backend(EngineConfig(backend="openvino", precision=precision, cache_dir=cache), sd1, "tiny-sd1")
     feeds = feeds_for(ref, component, seed=4)
