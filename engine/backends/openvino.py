@@ -24,8 +24,8 @@ and cast to the constant's element type (fp16 in the bf16 IR, as the unpatched c
 swapped into the ov.Model read for the compile (:func:`patch_constants`), before ``compile_model``. Compiled
 models are cached per (LoRA patch key of the component's source, input shapes): at most :data:`MAX_SETS`
 patch keys per component, and the :data:`MAX_COMPILED` bound holds over all of a component's compiled models
-(each holds its own copy of the weights), so switching back to a recent set is a lookup and a request without
-LoRA after one with it runs the never-patched compiled model.
+(each holds its own copy of the weights), so switching back to a recent set is a lookup, and a request without
+LoRA after one with it runs the never-patched compiled model (cached, or compiled again from the unchanged IR).
 
 Inference precision is the plugin's ``INFERENCE_PRECISION_HINT``: ``bf16`` where the CPU has native bf16
 (AVX512-BF16 or AMX: OpenVINO lists ``BF16`` in its optimization capabilities), ``f32`` otherwise. The
