@@ -223,12 +223,12 @@ def main(argv=None) -> dict:
             f"| torch: switch sets in place | {f(result['torch_switch'])} |\n"
             f"| torch: remove the set (restore originals) | {torch_remove_s:.2f} s (1 run) |\n"
             + "".join(
-                f"| openvino {o['label']}: ONNX export (full attention) + IR conversion | {o['export_s']:.1f} s + "
+                f"| {o['label']}: ONNX export (full attention) + IR conversion | {o['export_s']:.1f} s + "
                 f"{o['ir_s']:.1f} s (1 run) |\n"
-                f"| openvino {o['label']}: compile of the base UNet | {o['base_compile_s']:.2f} s (1 run) |\n"
-                f"| openvino {o['label']}: switch to a new set (IR read + merge + compile) | {f(o['new_set'])} |\n"
-                f"| openvino {o['label']}: switch back to a recent set (cache) | {f(o['cached_set'])} |\n"
-                f"| openvino {o['label']}: process resident memory, base compiled -> base + 2 sets compiled | "
+                f"| {o['label']}: compile of the base UNet | {o['base_compile_s']:.2f} s (1 run) |\n"
+                f"| {o['label']}: switch to a new set (IR read + merge + compile) | {f(o['new_set'])} |\n"
+                f"| {o['label']}: switch back to a recent set (cache) | {f(o['cached_set'])} |\n"
+                f"| {o['label']}: process resident memory, base compiled -> base + 2 sets compiled | "
                 f"{o['rss_base_mb']:.0f} -> {o['rss_sets_mb']:.0f} MiB |\n"
                 for o in openvino.values()))
     return result
