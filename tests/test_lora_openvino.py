@@ -16,7 +16,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("openvino", reason="the openvino extra is part of the dev extra")
 
