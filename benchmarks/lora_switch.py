@@ -1,6 +1,6 @@
 """Cost of switching LoRA sets vs re-exporting, SD1.5-architecture UNet (random weights), CPU.
 
-    PYTHONPATH=. python -m benchmarks.lora_switch [--rank 16] [--repeats 3] [--markdown PATH]
+    PYTHONPATH=. python -m benchmarks.lora_switch [--rank 16] [--repeats 3] [--openvino bf16,fp32] [--markdown PATH]
 
 The LoRAs are kohya files written here (rank ``--rank``, every attention projection, feed-forward and
 transformer proj in/out of the SD1.5 UNet: 192 layers, as a typical character/style LoRA), read and mapped by
@@ -10,7 +10,12 @@ engine.networks (the product path). Timed, in one process, through the engine's 
   onnxruntime session on it;
 - onnxruntime: switching to a new set (host merge of the patched initializers + a new session with
   ``add_external_initializers``), and back to a recent set (the cached session);
-- torch: switching sets in place (restore the originals + add the new deltas).
+- torch: switching sets in place (restore the originals + add the new deltas);
+- openvino, per inference precision of ``--openvino`` (bf16 needs a CPU with native bf16, else it runs f32;
+  empty: skipped): its own export (full attention) and IR conversion, the compile of the base UNet at batch 2,
+  64x64 latents, 77 tokens (512x512 with CFG), then switching to a new set (the IR read, the patched constants
+  merged and swapped in, a compile) and back to a recent set (the compiled-model cache), with the process's
+  resident memory with the base compiled and with the base and both sets compiled (three models).
 Each switch is timed ``--repeats`` times (alternating two sets, so every switch is a real change) after one
 warm-up; median (min) reported.
 """
@@ -52,6 +57,64 @@ def lora_file(unet, path: Path, rank: int, seed: int) -> Path:
     return path
 
 
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def openvino_switch(modules, patches, config, precision: str, repeats: int) -> dict:
+    """openvino at ``precision``: export + IR, base compile, new set, switch back (see the module docstring)."""
+    import gc
+
+    from engine.backends import create_backend
+    from engine.config import EngineConfig
+    from engine.networks.lora import EMPTY
+
+    backend = create_backend(EngineConfig(backend="openvino", precision=precision, **config), modules,
+                             "bench-lora", max_compiled=3)
+    desc = backend.descriptor("unet")
+    shapes = {n: tuple(v.shape) for n, v in desc.sample_inputs(2, 64, 64, 77).items()}
+    t = time.perf_counter()
+    art = backend.artefact("unet")
+    export_s = time.perf_counter() - t
+    t = time.perf_counter()
+    backend.ir_path("unet", art)
+    ir_s = time.perf_counter() - t
+    backend.set_patch(EMPTY)
+    t = time.perf_counter()
+    backend.compiled("unet", shapes)
+    base_compile_s = time.perf_counter() - t
+    gc.collect()
+    rss_base = rss_mb()
+
+    def new_set(patch):  # with max_sets=1 each switch drops the other set: read, merge, compile
+        backend.set_patch(patch)
+        t = time.perf_counter()
+        backend.compiled("unet", shapes)
+        return time.perf_counter() - t
+
+    backend.max_sets = 1
+    new_set(patches[0])  # warm-up
+    new = [new_set(patches[(i + 1) % 2]) for i in range(repeats)]
+    backend.max_sets = 3
+    for patch in (*patches, EMPTY):  # untimed: the base and both sets compiled
+        backend.set_patch(patch)
+        backend.compiled("unet", shapes)
+    gc.collect()
+    rss_sets = rss_mb()
+    cached = []
+    for i in range(repeats):
+        backend.set_patch(patches[i % 2])
+        t = time.perf_counter()
+        backend.compiled("unet", shapes)
+        cached.append(time.perf_counter() - t)
+    label = backend.label
+    del backend
+    gc.collect()
+    return {"label": label, "export_s": export_s, "ir_s": ir_s, "base_compile_s": base_compile_s,
+            "new_set": stat(new), "cached_set": stat(cached), "rss_base_mb": rss_base, "rss_sets_mb": rss_sets}
+
+
 def stat(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "runs_s": times}
 
@@ -68,6 +131,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--openvino", default="bf16,fp32",
+                    help="openvino inference precisions to time, comma-separated (empty: none)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -125,6 +190,11 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         torch_backend.set_patch(EMPTY)
         torch_remove_s = time.perf_counter() - t
+        del torch_backend
+
+        openvino = {}
+        for precision in [p for p in args.openvino.split(",") if p]:
+            openvino[precision] = openvino_switch(modules, patches, config, precision, args.repeats)
 
         flags = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "avx512f"})
         result = {
@@ -132,7 +202,7 @@ def main(argv=None) -> dict:
             "cpu_flags": flags, "platform": platform.platform(), "torch": torch.__version__,
             "rank": args.rank, "layers": layers, "export_s": export_s, "base_session_s": base_session_s,
             "ort_new_set": stat(ort_new), "ort_cached_set": stat(ort_cached), "torch_switch": stat(torch_times),
-            "torch_remove_s": torch_remove_s, "load_avg": os.getloadavg(),
+            "torch_remove_s": torch_remove_s, "openvino": openvino, "load_avg": os.getloadavg(),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -151,7 +221,16 @@ def main(argv=None) -> dict:
             f"| onnxruntime: switch to a new set (merge + session) | {f(result['ort_new_set'])} |\n"
             f"| onnxruntime: switch back to a recent set (LRU) | {f(result['ort_cached_set'])} |\n"
             f"| torch: switch sets in place | {f(result['torch_switch'])} |\n"
-            f"| torch: remove the set (restore originals) | {torch_remove_s:.2f} s (1 run) |\n")
+            f"| torch: remove the set (restore originals) | {torch_remove_s:.2f} s (1 run) |\n"
+            + "".join(
+                f"| {o['label']}: ONNX export (full attention) + IR conversion | {o['export_s']:.1f} s + "
+                f"{o['ir_s']:.1f} s (1 run) |\n"
+                f"| {o['label']}: compile of the base UNet | {o['base_compile_s']:.2f} s (1 run) |\n"
+                f"| {o['label']}: switch to a new set (IR read + merge + compile) | {f(o['new_set'])} |\n"
+                f"| {o['label']}: switch back to a recent set (cache) | {f(o['cached_set'])} |\n"
+                f"| {o['label']}: process resident memory, base compiled -> base + 2 sets compiled | "
+                f"{o['rss_base_mb']:.0f} -> {o['rss_sets_mb']:.0f} MiB |\n"
+                for o in openvino.values()))
     return result
 
 

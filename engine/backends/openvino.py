@@ -14,6 +14,19 @@ Per component:
    kept in a small LRU (:data:`MAX_COMPILED` per component): static shapes let the CPU plugin pick its
    kernels and memory plan once.
 
+LoRA (:meth:`OpenVinoBackend.set_patch`, as onnxruntime does it): the IR is never re-made for a LoRA. OpenVINO's
+ONNX frontend keeps each initializer's name as the tensor name of its ``Constant`` (also through
+``save_model``'s fp16 compression, where the Constant is fp16 and a Convert follows it), and the ONNX export's
+manifest maps each source parameter to its initializer (export.onnx). A patch becomes new values for the
+touched constants -- ``apply_delta`` over the base weights read from the fp32 ONNX artefact
+(export.onnx.SourceWeights: the torch weights are released once exported), transposed as the graph holds them
+and cast to the constant's element type (fp16 in the bf16 IR, as the unpatched compile reads it) --
+swapped into the ov.Model read for the compile (:func:`patch_constants`), before ``compile_model``. Compiled
+models are cached per (LoRA patch key of the component's source, input shapes): at most :data:`MAX_SETS`
+patch keys per component, and the :data:`MAX_COMPILED` bound holds over all of a component's compiled models
+(each holds its own copy of the weights), so switching back to a recent set is a lookup, and a request without
+LoRA after one with it runs the never-patched compiled model (cached, or compiled again from the unchanged IR).
+
 Inference precision is the plugin's ``INFERENCE_PRECISION_HINT``: ``bf16`` where the CPU has native bf16
 (AVX512-BF16 or AMX: OpenVINO lists ``BF16`` in its optimization capabilities), ``f32`` otherwise. The
 engine's ``precision`` picks it (``EngineConfig`` resolves an unset precision to bf16 for this backend on
@@ -45,6 +58,7 @@ from export.onnx import cached_weights_fingerprint, export_component
 log = logging.getLogger(__name__)
 
 MAX_COMPILED = 3  # compiled models (static shape sets) kept per component, least recently used dropped
+MAX_SETS = 2  # LoRA sets (patch keys, unpatched included) with compiled models kept per component (LRU)
 IR_STAGE = "openvino-ir"  # fp32 weights: the f32 inference precision (parity with torch fp32)
 IR_FP16_STAGE = "openvino-ir-fp16"  # fp16-compressed weights: the bf16 inference precision
 IR_FORMAT = 1
@@ -177,12 +191,51 @@ def dropping_mapped_pages(path, interval: float = 0.05):
         drop_mapped_pages(path)
 
 
+def patch_constants(model, tensors, where: str) -> int:
+    """Replace, in the ov.Model ``model``, the Constant whose output tensor is named after each initializer of
+    ``tensors`` (``[(ONNX initializer name, numpy value)]``, engine.networks.lora.patched_tensors) by a new
+    Constant holding the value cast to the old one's element type (fp16 in a compressed IR: the value is cast
+    from fp32 as ``save_model``'s compression casts the unpatched weight; a patched value beyond fp16's range
+    stays fp32 before the Convert). Returns the number of constants replaced; raises BackendUnavailable naming
+    ``where`` when a tensor is not a constant of the IR or has another shape (nothing is replaced then)."""
+    import numpy as np
+
+    ov = import_openvino()
+    wanted = {name for name, _ in tensors}
+    found = {}
+    for node in model.get_ops():
+        if node.get_type_name() == "Constant":
+            for name in node.output(0).get_names() & wanted:
+                found[name] = node
+    plan = []
+    for name, value in tensors:
+        node = found.get(name)
+        if node is None or tuple(node.get_output_shape(0)) != tuple(value.shape):
+            what = "is not a constant of the IR" if node is None else \
+                f"is {tuple(node.get_output_shape(0))} in the IR, the patch gives {tuple(value.shape)}"
+            raise BackendUnavailable(f"{where}: the LoRA weight {name} {what}; openvino cannot apply this LoRA")
+        dtype = node.get_element_type().to_dtype()
+        if dtype == np.float16 and np.abs(value).max(initial=0.0) > np.finfo(np.float16).max:
+            dtype = np.float32  # the Convert after it takes f32 as well
+        plan.append((node, np.ascontiguousarray(value, dtype=dtype)))
+    for node, value in plan:
+        new = ov.op.Constant(value)  # a copy: the compiled model may keep reading its constants
+        new.set_friendly_name(node.get_friendly_name())
+        node.output(0).replace(new.output(0))
+    return len(plan)
+
+
+def _cache_key(component: str, patch_key: str):
+    """The compiled-model cache of a component: its name, with the LoRA patch key if any."""
+    return (component, patch_key) if patch_key else component
+
+
 class OpenVinoBackend(ComponentsMixin):
     """``run(component, feeds)`` over OpenVINO compiled models; see the module docstring."""
 
     def __init__(self, config: EngineConfig, components: Mapping[str, Any], model_hash: str, *,
-                 progress=None, max_compiled: int = MAX_COMPILED, capabilities: tuple[str, ...] | None = None,
-                 release_weights: bool = False):
+                 progress=None, max_compiled: int = MAX_COMPILED, max_sets: int = MAX_SETS,
+                 capabilities: tuple[str, ...] | None = None, release_weights: bool = False):
         ov = import_openvino()
         if config.device != "cpu":
             raise InvalidRequest("device", f"{config.device!r} is not supported by the openvino backend", "cpu")
@@ -191,6 +244,7 @@ class OpenVinoBackend(ComponentsMixin):
         self.model_hash = model_hash
         self.progress = progress
         self.max_compiled = max(1, int(max_compiled))
+        self.max_sets = max(1, int(max_sets))
         self.release_weights = release_weights  # see engine.backends.weights
         caps = cpu_capabilities() if capabilities is None else tuple(capabilities)
         self.inference_precision = inference_precision(config.precision, caps)
@@ -198,7 +252,12 @@ class OpenVinoBackend(ComponentsMixin):
         log.info("openvino %s on CPU, inference precision %s (CPU capabilities: %s)", self.version,
                  self.inference_precision, ", ".join(caps))
         self._ir: dict[str, Any] = {}  # component -> IR path
-        self._compiled: dict[str, OrderedDict] = {}
+        self._onnx: dict[str, Any] = {}  # component -> the ONNX artefact its IR was converted from
+        # component (unpatched) or (component, LoRA patch key) -> {shapes: (compiled, infer request)}
+        self._compiled: dict[Any, OrderedDict] = {}
+        self._recent: dict[str, OrderedDict] = {}  # component -> {(patch key, shapes): None}, least recent first
+        self._patch = None  # engine.networks.lora.WeightPatch
+        self._bases: dict = {}  # ONNX artefact directory -> export.onnx.SourceWeights (LoRA base weights)
         self._lock = threading.Lock()
 
     @property
@@ -223,8 +282,8 @@ class OpenVinoBackend(ComponentsMixin):
         return cached_weights_fingerprint(component, self.model_hash, self.config.artefacts_dir,
                                           attention_chunks=ATTENTION_CHUNKS)
 
-    def ir_path(self, component: str):
-        return convert_to_ir(self.artefact(component), self.model_hash, self.config.artefacts_dir,
+    def ir_path(self, component: str, artefact=None):
+        return convert_to_ir(artefact or self.artefact(component), self.model_hash, self.config.artefacts_dir,
                              ir_stage(self.inference_precision)) / IR_XML
 
     def model(self, component: str):
@@ -233,11 +292,41 @@ class OpenVinoBackend(ComponentsMixin):
         if component not in self._ir:
             if not self.has(component):
                 self.descriptor(component)  # raises InvalidRequest naming what the model has
-            path = self.ir_path(component)
+            art = self.artefact(component)
+            path = self.ir_path(component, art)
             if self.release_weights:
                 export_siblings_and_release(self, component)
-            self._ir[component] = path
+            self._ir[component], self._onnx[component] = path, art
         return _core().read_model(str(self._ir[component]))
+
+    def set_patch(self, patch) -> None:
+        """Use the weights of ``patch`` (engine.networks.lora.WeightPatch; ``EMPTY`` for none) from the next run
+        on: the compiled models of its set are found in the cache or compiled from the patched IR."""
+        self._patch = patch
+
+    def patch_key(self, component: str) -> str:
+        """The current patch's key for ``component``'s source module ("" when it leaves it unpatched)."""
+        from export.descriptors import SOURCES
+
+        return self._patch.key(SOURCES[component]) if self._patch is not None else ""
+
+    def patched_constants(self, component: str) -> list[tuple[str, Any]]:
+        """``[(initializer name, fp32 numpy value)]`` of the current patch for ``component``: merged over the base
+        weights read from the fp32 ONNX artefact its IR was converted from (export.onnx.SourceWeights), not the
+        torch module's, which may be released (and is never exported again); the tensors onnxruntime overrides."""
+        from engine.networks.lora import patched_tensors
+        from export.descriptors import SOURCES
+        from export.onnx import SourceWeights
+
+        if component not in self._onnx:
+            self.model(component)
+        art = self._onnx[component]
+        base = self._bases.get(art.directory)
+        if base is None:
+            base = self._bases[art.directory] = SourceWeights(art)
+        if base.graph_mapping is None:
+            raise BackendUnavailable(f"{component}: this ONNX artefact has no parameter map; re-export it")
+        return patched_tensors(self._patch, SOURCES[component], base, f"{component} ({art.directory.name})")
 
     def compile_properties(self) -> dict:
         return {
@@ -248,13 +337,19 @@ class OpenVinoBackend(ComponentsMixin):
         }
 
     def compiled(self, component: str, shapes: Mapping[str, tuple]) -> Any:
-        """The compiled model of ``component`` for these static input shapes (LRU of :attr:`max_compiled`)."""
-        key = tuple(sorted(shapes.items()))
+        """The compiled model of ``component`` for these static input shapes and the current LoRA patch (LRU of
+        :attr:`max_compiled` per component, over at most :attr:`max_sets` patch keys)."""
+        shape_key = tuple(sorted(shapes.items()))
         with self._lock:
-            cache = self._compiled.setdefault(component, OrderedDict())
-            entry = cache.get(key)
+            patch_key = self.patch_key(component)
+            cache = self._compiled.setdefault(_cache_key(component, patch_key), OrderedDict())
+            entry = cache.get(shape_key)
             if entry is None:
                 model = self.model(component)
+                if patch_key:
+                    count = patch_constants(model, self.patched_constants(component), component)
+                    log.info("%s: openvino model with LoRA patch %s (%d constants replaced)", component,
+                             patch_key, count)
                 model.reshape({name: list(shape) for name, shape in shapes.items()})
                 log.info("%s: compiling for %s (%s)", component, dict(shapes), self.inference_precision)
                 # the compiled model runs its own copy of the weights: the IR's mapped pages need not stay
@@ -262,11 +357,31 @@ class OpenVinoBackend(ComponentsMixin):
                 with dropping_mapped_pages(self._ir[component].with_suffix(".bin")):
                     compiled = _core().compile_model(model, "CPU", self.compile_properties())
                     del model
-                entry = cache[key] = (compiled, compiled.create_infer_request())
-                while len(cache) > self.max_compiled:
-                    cache.popitem(last=False)
-            cache.move_to_end(key)
+                entry = cache[shape_key] = (compiled, compiled.create_infer_request())
+            cache.move_to_end(shape_key)
+            recent = self._recent.setdefault(component, OrderedDict())
+            recent[(patch_key, shape_key)] = None
+            recent.move_to_end((patch_key, shape_key))
+            self._evict(component)
             return entry
+
+    def _evict(self, component: str) -> None:
+        """Drop ``component``'s compiled models of all but the :attr:`max_sets` most recent patch keys, then the
+        least recently used ones beyond :attr:`max_compiled`."""
+        recent = self._recent[component]
+        sets: list[str] = []
+        for patch_key, _ in reversed(recent):
+            if patch_key not in sets:
+                sets.append(patch_key)
+        stale = [k for k in recent if k[0] not in sets[:self.max_sets]]
+        while len(recent) - len(stale) > self.max_compiled:
+            stale.append(next(k for k in recent if k not in stale))
+        for patch_key, shape_key in stale:
+            del recent[(patch_key, shape_key)]
+            cache = self._compiled[_cache_key(component, patch_key)]
+            del cache[shape_key]
+            if patch_key and not cache:
+                del self._compiled[_cache_key(component, patch_key)]
 
     # -- running ------------------------------------------------------------------------------------------
     def run(self, component: str, feeds: Mapping[str, Array]) -> dict[str, Array]:

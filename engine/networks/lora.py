@@ -8,7 +8,8 @@ the right shape, else the file is refused as made for another architecture) and 
 
 Backends apply a :class:`WeightPatch` without re-exporting anything (see engine/backends): the torch backend
 adds the deltas to its weights in place and restores the originals exactly; the onnxruntime backend feeds
-the patched tensors as initializer overrides of the exported graph; TensorRT refits its engines.
+the patched tensors as initializer overrides of the exported graph; openvino swaps them into the constants of
+the IR it compiles; TensorRT refits its engines.
 """
 
 from __future__ import annotations
