@@ -22,7 +22,7 @@ pytest.importorskip("openvino", reason="the openvino extra is part of the dev ex
 import engine.backends.openvino as xov  # noqa: E402
 from engine.backends import create_backend  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.errors import BackendUnavailable  # noqa: E402
+from core.errors import BackendUnavailable  # noqa: E402
 from engine.infotext import parse_infotext  # noqa: E402
 from engine.models.checkpoints import load_checkpoint  # noqa: E402
 from engine.models.tiny import build_tiny  # noqa: E402
@@ -249,7 +249,7 @@ def test_webui_txt2img_with_lora_on_the_default_backend(lora_store, tmp_path):
     200, the LoRA applied (the image differs from the same request without the tag) and named in the infotext."""
     from fastapi.testclient import TestClient
 
-    from api_compat import LocalService
+    from api_compat import TaskService
     from api_compat.http import create_app
     from engine.config import BackendKind, default_backend
     from tests.api_support import png_pixels
@@ -257,7 +257,7 @@ def test_webui_txt2img_with_lora_on_the_default_backend(lora_store, tmp_path):
     assert default_backend("cpu") == BackendKind.OPENVINO
     payload = {"prompt": "a red circle <lora:kohya:0.8>", "negative_prompt": "blurry", "steps": 4, "seed": 5,
                "width": 64, "height": 64, "cfg_scale": 6, "sampler_name": "Euler"}
-    with LocalService(lora_store, cache_dir=tmp_path / "cache", results_dir=tmp_path / "out",
+    with TaskService(lora_store, cache_dir=tmp_path / "cache", results_dir=tmp_path / "out",
                       default_model="tiny-sd1") as service:
         with TestClient(create_app(service), base_url="http://localhost") as client:
             with_lora = client.post("/sdapi/v1/txt2img", json=payload)
