@@ -541,11 +541,12 @@ class _Runtime:
         from api_compat.errors import api_error_from
         from api_compat.images import ImageLimits
         from api_compat.schema import parse_request
-        from api_compat.translate import translate_request
+        from api_compat.translate import field_origins, translate_request
         from engine.errors import Cancelled, InvalidRequest
 
         tracker = Progress(message.get("steps"))
         names: list[str] = []
+        origins: dict[str, str] = {}  # request path -> payload path, once the payload is parsed
 
         def progress(event, steps: int | None = None) -> None:
             if self.tasks.progress(task_id, tracker(event, steps)):
@@ -559,12 +560,13 @@ class _Runtime:
                 else:
                     options.pop(key, None)
             config = EngineConfig(**options)
+            kind = message.get("kind", "txt2img")
+            parsed = parse_request(kind, message["payload"])
+            origins = field_origins(parsed)
             try:
-                kind = message.get("kind", "txt2img")
-                translation = translate_request(kind, parse_request(kind, message["payload"]), config,
-                                                ImageLimits(**(message.get("limits") or {})))
+                translation = translate_request(kind, parsed, config, ImageLimits(**(message.get("limits") or {})))
             except InvalidRequest as exc:
-                raise api_error_from(exc) from None
+                raise api_error_from(exc, origins) from None
             key = json.dumps(options, sort_keys=True, default=str)
             engine = self.engines.get(key)
             if engine is None:
@@ -580,7 +582,7 @@ class _Runtime:
             self._finish(task_id, "failed", ttl, error=(exc.code, str(exc)))
         except Exception as exc:
             self._remove(names)
-            self._finish(task_id, "failed", ttl, error=error_of(exc, task_id))
+            self._finish(task_id, "failed", ttl, error=error_of(exc, task_id, origins))
 
     def _finish(self, task_id, status, ttl, **kw) -> bool:
         return self.tasks.finish(task_id, status, owner=self.owner, ttl=ttl, **kw)

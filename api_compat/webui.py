@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api_compat.errors import HTTP_STATUS, ApiError
+from engine.rules import RANGES
+
+from api_compat.errors import HTTP_STATUS, ApiError, payload_path
 from api_compat.schema import OverrideSettings
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,9 @@ _UNIT_INERT: dict[str, tuple[Any, ...]] = {
     "advanced_weighting": (None,), "pulid_mode": (None, "Fidelity"),
 }
 _OPTION_NAMES = tuple(OverrideSettings.model_fields)  # the options GET/POST /sdapi/v1/options set
+# the options face's field origins: POST /sdapi/v1/options loads a model through a probe payload that carries
+# the options as override_settings; its errors name the option
+_PROBE_ORIGINS = {f"override_settings.{name}": name for name in _OPTION_NAMES}
 
 
 def _error(code: str, message: str, field: str | None = None, allowed: str | None = None,
@@ -650,7 +655,8 @@ def webui_router(service, read_json):
     @router.post("/sdapi/v1/options", summary="Set options; setting sd_model_checkpoint (or sd_vae) loads it",
                  openapi_extra=_json_body({"type": "object", "properties": {
                      "sd_model_checkpoint": {"type": "string"}, "sd_vae": {"type": "string"},
-                     "CLIP_stop_at_last_layers": {"type": "integer", "minimum": 1, "maximum": 12},
+                     "CLIP_stop_at_last_layers": {"type": "integer", "minimum": RANGES["clip_skip"].lo,
+                                                  "maximum": RANGES["clip_skip"].hi},
                      "eta_noise_seed_delta": {"type": "integer", "minimum": 0}}}),
                  description="Settable: " + ", ".join(_OPTION_NAMES) + ". Any other option is refused (422) "
                              "naming it; read-only ones are accepted when they carry the current value.")
@@ -692,10 +698,8 @@ def webui_router(service, read_json):
                 try:
                     await run_task(request, "options", service.sd_txt2img, probe)
                 except ApiError as exc:  # name the option, not the probe's override_settings
-                    field = (exc.field or "").removeprefix("override_settings.") or None
-                    message = str(exc).removeprefix(f"{exc.field}: ") if exc.field else str(exc)
-                    message = message.removesuffix(f" (allowed: {exc.allowed})") if exc.allowed else message
-                    raise _error(exc.code, message, field, exc.allowed, status=exc.http_status) from None
+                    raise _error(exc.code, exc.message, payload_path(exc.field, _PROBE_ORIGINS), exc.allowed,
+                                 status=exc.http_status) from None
             await asyncio.to_thread(state.save, {k: v for k, v in options.items() if v is not None})
             return None
         except ApiError as exc:

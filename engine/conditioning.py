@@ -52,7 +52,7 @@ class StepConditioning:
 
 TOKENS_PER_CHUNK = CHUNK_LENGTH + 2
 PROMPT_FIELD = "prompt"
-NEGATIVE_FIELD = "negtive_prompt"  # sic: the API's field name
+NEGATIVE_FIELD = "negative_prompt"
 
 
 @dataclass(frozen=True)
