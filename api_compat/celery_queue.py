@@ -565,8 +565,8 @@ class _Runtime:
             origins = field_origins(parsed)
             try:
                 translation = translate_request(kind, parsed, config, ImageLimits(**(message.get("limits") or {})))
-            except InvalidRequest as exc:
-                raise api_error_from(exc, origins) from None
+            except InvalidRequest as exc:  # in the payload's terms
+                raise api_error_from(exc) from None
             key = json.dumps(options, sort_keys=True, default=str)
             engine = self.engines.get(key)
             if engine is None:

@@ -141,7 +141,7 @@ class LocalService:
         try:
             translation = translate_request(kind, parsed, config, self.limits)
         except InvalidRequest as exc:
-            raise api_error_from(exc, origins) from None
+            raise api_error_from(exc) from None  # already in the payload's terms
         except SdEngineError as exc:  # e.g. a missing optional dependency of the engine
             raise ApiError(exc.code, str(exc)) from None
         store = self._stores[config_id]

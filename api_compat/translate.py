@@ -4,15 +4,17 @@ compute).
 The checks that need the engine (the configuration's limits: engine.rules.check_limits; sampler, schedule and
 preprocessor names from the engine's registries; unit images decoded by the engine's decoder) raise
 ``InvalidRequest`` naming the ``GenerationRequest`` path; :func:`field_origins` records which payload field each
-request field came from, and ``api_compat.errors.api_error_from`` maps an error back to it. The payload's own
-shape rules that involve more than one field (negative prompt alias, unit image alias) raise :class:`ApiError`
-with the payload path. Model names are collected in :attr:`Translation.models` and resolved in the model store
+request field came from, and :func:`translate` / :func:`translate_img2img` raise it naming the payload's field
+(``api_compat.errors.payload_path``, the one mapping; the service maps the later checks' errors, and a failed
+task's, by the same origins). The payload's own shape rules that involve more than one field (negative prompt
+alias, unit image alias) raise :class:`ApiError` with the payload path. Model names are collected in :attr:`Translation.models` and resolved in the model store
 by the service (:func:`api_compat.engine_api.check_models`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,7 @@ from engine.request import ControlNetUnit, GenerationRequest, Hires, InitImage
 from engine.rules import SIZE_MULTIPLE, check_limits, default, resolve_hires_sampler, size_fits
 from engine.samplers import resolve
 
-from api_compat.errors import ApiError
+from api_compat.errors import ApiError, in_payload_terms
 from api_compat.images import ImageLimits
 from api_compat.schema import GenerationPayload, Img2ImgPayload, Txt2ImgPayload, units_of
 
@@ -264,18 +266,35 @@ def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]
     return hires
 
 
+def _payload_terms(build):
+    """``build`` (a translation) with its InvalidRequest naming the payload's field instead of the request's."""
+
+    @functools.wraps(build)
+    def translated(payload: GenerationPayload, *args: Any, **kw: Any) -> Translation:
+        try:
+            return build(payload, *args, **kw)
+        except InvalidRequest as exc:
+            raise in_payload_terms(exc, field_origins(payload)) from None
+
+    return translated
+
+
+@_payload_terms
 def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits | None = None) -> Translation:
-    """Validate what needs the configuration and build the engine request (decoding unit images)."""
+    """Validate what needs the configuration and build the engine request (decoding unit images); an
+    InvalidRequest names the payload's field."""
     limits = limits or ImageLimits()
     fields, models = _request_fields(payload, config, limits)
     request = GenerationRequest(**fields, hires=_hires(payload, config, fields))
     return Translation(request=request, parameters=echo_parameters(payload, request), models=tuple(models))
 
 
+@_payload_terms
 def translate_img2img(payload: Img2ImgPayload, config: EngineConfig,
                       limits: ImageLimits | None = None) -> Translation:
     """sd_img2img: the shared fields, the first init image (as the webui) and the mask, decoded once to check
-    them and kept compressed; override_settings' img2img settings."""
+    them and kept compressed; override_settings' img2img settings. An InvalidRequest names the payload's
+    field."""
     limits = limits or ImageLimits()
     fields, models = _request_fields(payload, config, limits)
     overrides = payload.override_settings
