@@ -25,13 +25,14 @@ from typing import Any, Protocol
 from engine.errors import Cancelled, SdEngineError
 from engine.progress import Progress as PhaseEvent
 from engine.progress import ProgressReporter
+from engine.rules import default
 
 from api_compat.errors import in_payload_terms
 from api_compat.images import write_png
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 20
+DEFAULT_STEPS = default("steps")  # what progress shows before the engine reports
 
 
 @dataclass(frozen=True)
