@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.config import EngineConfig
+from engine.request import DEFAULT_HIRES_UPSCALER
+from engine.rules import default
+
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "API.md"
 DOC_REF = "docs/API.md"  # how errors and the OpenAPI document name it
 
@@ -43,15 +47,16 @@ FIELD_DOCS: dict[str, str] = {
               "<lora:NAME:MULT> tags and embedding names (webui extra networks)",
     "negtive_prompt": "negative prompt (sic, the cloud API's spelling)",
     "negative_prompt": "alias of negtive_prompt; both given and different is an error",
-    "batch_size": "images per batch (the engine's max_batch_size may lower the maximum, default 8)",
+    "batch_size": "images per batch (the engine's max_batch_size may lower the maximum, default "
+                  f"{EngineConfig.max_batch_size})",
     "steps": "sampling steps",
     "cfg_scale": "classifier-free guidance scale; 1 or less skips the negative pass",
     "width": "image width in pixels; empty: the model's native size (see `sdengine models info`); must also be a "
              "multiple of the model's pixel multiple (64 for SD); far from the native size the result carries a "
              "warning",
     "height": "image height in pixels; as width",
-    "sampler_name": "webui sampler name or alias (\"Euler a\", \"DPM++ 2M Karras\", ...); empty: \"Euler a\"; an "
-                    "unknown name is an error listing the valid ones",
+    "sampler_name": "webui sampler name or alias (\"Euler a\", \"DPM++ 2M Karras\", ...); empty: "
+                    f"\"{default('sampler_name')}\"; an unknown name is an error listing the valid ones",
     "seed": "-1 draws a random seed; image i of the request uses seed + i",
     "alwayson_scripts": "extension arguments; only `controlnet` is supported",
     # webui extras
@@ -74,13 +79,13 @@ FIELD_DOCS: dict[str, str] = {
     "save_images": "accepted, no effect (images are always saved)",
     "disable_extra_networks": "true: <lora:...> tags are removed from the prompt but not applied (webui)",
     "comments": "free comments, kept in the task's parameters",
-    "denoising_strength": "hires fix: the second pass's denoising strength (default 0.75); ignored while "
-                          "enable_hr is off",
+    "denoising_strength": "hires fix: the second pass's denoising strength (default "
+                          f"{default('hires.denoising_strength'):g}); ignored while enable_hr is off",
     "firstphase_width": "legacy hires fix field; type-checked and ignored",
     "firstphase_height": "legacy hires fix field; type-checked and ignored",
-    "hr_scale": "hires fix upscale factor (default 2; the second pass must fit the size limits); ignored while "
-                "enable_hr is off",
-    "hr_upscaler": "hires fix upscaler: Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic "
+    "hr_scale": f"hires fix upscale factor (default {default('hires.scale'):g}; the second pass must fit the size "
+                "limits); ignored while enable_hr is off",
+    "hr_upscaler": f"hires fix upscaler: {DEFAULT_HIRES_UPSCALER} (default), Latent (antialiased), Latent (bicubic), Latent (bicubic "
                    "antialiased), Latent (nearest), Latent (nearest-exact), None, Lanczos, Nearest; model upscalers "
                    "are refused",
     "hr_second_pass_steps": "hires fix steps of the second pass (0: steps); it runs exactly these steps",

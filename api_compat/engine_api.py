@@ -9,14 +9,14 @@ can run.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 from engine.config import EngineConfig
 from core.errors import InvalidRequest, ModelError
 from engine.request import GenerationRequest, GenerationResult
 
-from api_compat.errors import ApiError, api_error_from
+from api_compat.errors import ApiError, api_error_from, payload_path
 
 # progress(engine.progress.Progress) per phase and step; the old progress(done, total) of sampling steps is
 # accepted from engines that call it so (the service handles both)
@@ -51,24 +51,24 @@ def default_engine_factory(config: EngineConfig) -> EngineLike:
 
 
 # ---------------------------------------------------------------------------------------------- model store
-def check_models(store, models: Iterable[tuple]) -> None:
-    """Resolve each ``(Kind, name, field path)`` in ``store`` (an ``engine.models.store.ModelStore``); the first
+def check_models(store, models: Iterable[tuple], origins: Mapping[str, str] | None = None) -> None:
+    """Resolve each ``(Kind, name, request path)`` in ``store`` (an ``engine.models.store.ModelStore``); the first
     name it cannot resolve raises :class:`ApiError` (``model_not_found`` or ``unsafe_model_path``, with the
-    field path and the names the store holds)."""
+    payload path (``origins``: api_compat.translate.field_origins) and the names the store holds)."""
     for kind, name, field in models:
         try:
             store.resolve(name, kind, field=field)
         except InvalidRequest as exc:
-            raise api_error_from(exc) from None
+            raise api_error_from(exc, origins) from None
         except ModelError as exc:
-            message = str(exc).removeprefix(f"{exc.path}: ").removeprefix(f"{field}: ")
-            raise ApiError(exc.code, f"{name!r}: {message}", field=field,
+            raise ApiError(exc.code, f"{name!r}: {exc.message}", field=payload_path(field, origins),
                            allowed=f"a {kind.value} name from the model store") from None
 
 
 
 # --------------------------------------------------------------------------------------------- admission
-def check_memory(store, config: EngineConfig, request: GenerationRequest, budget: int | None) -> None:
+def check_memory(store, config: EngineConfig, request: GenerationRequest, budget: int | None,
+                 origins: Mapping[str, str] | None = None) -> None:
     """The engine's submit-time check (``engine.admission.check_request``: clip_skip, prompt length, the memory
     budget) as :class:`ApiError` (``invalid_request`` / ``too_much_memory``, with the field and the allowed
     values). Nothing is checked without a store."""
@@ -79,4 +79,4 @@ def check_memory(store, config: EngineConfig, request: GenerationRequest, budget
     try:
         check_request(store, config, request, budget)
     except InvalidRequest as exc:
-        raise api_error_from(exc) from None
+        raise api_error_from(exc, origins) from None

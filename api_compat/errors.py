@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+from core.errors import InvalidRequest, ModelError
 
 # code -> HTTP status
 HTTP_STATUS = {
@@ -66,11 +69,37 @@ class ApiError(Exception):
         }
 
 
-def api_error_from(exc) -> ApiError:
-    """An ``core.errors.InvalidRequest`` (field, message, allowed) as an :class:`ApiError` with the same parts."""
-    message = str(exc)
-    if exc.field and message.startswith(f"{exc.field}: "):
-        message = message[len(exc.field) + 2:]
-    if exc.allowed and message.endswith(f" (allowed: {exc.allowed})"):
-        message = message[: -len(f" (allowed: {exc.allowed})")]
-    return ApiError(exc.code, message, field=exc.field, allowed=exc.allowed)
+def payload_path(field: str | None, origins: Mapping[str, str] | None) -> str | None:
+    """The payload path a request path (``controlnet_units[1].model``, ``hires.scale``) came from, by the
+    field-origin map of the face that received the request (``api_compat.translate.field_origins``: request path
+    -> payload path; the webui's options face maps the probe's paths to its options). The longest entry that is
+    the path or a parent of it wins (``controlnet_units[0]`` maps ``controlnet_units[0].weight``); a path with no
+    entry is the same in the payload. The one place an engine error's field is put into a face's terms."""
+    if not field or not origins:
+        return field
+    if field in origins:
+        return origins[field]
+    for end in range(len(field) - 1, 0, -1):
+        if field[end] in ".[" and field[:end] in origins:
+            return origins[field[:end]] + field[end:]
+    return field
+
+
+def api_error_from(exc, origins: Mapping[str, str] | None = None) -> ApiError:
+    """An ``core.errors.InvalidRequest`` (field, message, allowed) as an :class:`ApiError` with the same parts,
+    its field put into the payload's terms (:func:`payload_path`)."""
+    return ApiError(exc.code, exc.message, field=payload_path(exc.field, origins), allowed=exc.allowed)
+
+
+def in_payload_terms(exc: BaseException, origins: Mapping[str, str] | None) -> BaseException:
+    """An engine error about a request field (InvalidRequest, ModelError) as the same error about the payload's
+    field (what a failed task reports); any other exception as it is."""
+    field = getattr(exc, "field", None)
+    mapped = payload_path(field, origins)
+    if mapped == field:
+        return exc
+    if isinstance(exc, InvalidRequest):
+        return exc.at(mapped)
+    if isinstance(exc, ModelError):
+        return type(exc)(exc.path, exc.message, mapped)
+    return exc

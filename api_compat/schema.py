@@ -1,8 +1,10 @@
 """The sd_txt2img and sd_img2img payloads (pydantic v2): the cloud API's fields, the webui v1.10 txt2img extras
 (with the hires fix) and img2img fields (init image, inpainting), ControlNet units.
 
-Every field is checked here for its type and its own range; checks that need the engine configuration or
-more than one field (size limits, negative prompt alias, guidance order, images) live in ``translate.py``.
+Every field is checked here for its type and its own range; the ranges, limits and defaults are the engine's
+(:mod:`engine.rules`, read when this module is imported): this module only says which payload field is which
+request field, and its type. Checks that need the engine configuration or more than one field (size limits,
+negative prompt alias, guidance order, images) live in ``translate.py``.
 Errors carry the field path and the allowed values; :func:`validation_error_to_api` turns them into an
 :class:`~api_compat.errors.ApiError`.
 
@@ -22,16 +24,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from api_compat.errors import ApiError
+from engine import rules
 from engine.controlnet.images import ResizeMode
 from engine.controlnet.units import ControlMode
 from core.errors import InvalidRequest
-from engine.img2img import INPAINTING_FILLS, RESIZE_MODES
+from engine.img2img import IMAGE_UPSCALERS, INPAINTING_FILLS, LATENT_UPSCALERS, RESIZE_MODES
 from engine.models.store import unsafe_name_reasons
+from engine.request import DEFAULT_HIRES_UPSCALER
+from engine.rules import MAX_SIZE, MAX_UNITS, default
 
-INT64_MAX = 2**63 - 1
-MAX_SIZE = 2048
-MIN_SIZE = 64
-MAX_UNITS = 10
 MAX_TEXT = 65536  # characters of a prompt
 MAX_NAME = 255
 # characters of a unit image string: the real limits are the decoded file's bytes and pixels (ImageLimits,
@@ -69,6 +70,14 @@ def _int_type(lo: int, hi: int, *, special: tuple[int, ...] = (), nullable: bool
     schema: dict[str, Any] = {"minimum": min((lo, *special)), "maximum": hi, "description": f"allowed: {text}"}
     base = int | None if nullable else int
     return Annotated[base, BeforeValidator(check), Field(json_schema_extra=schema)]
+
+
+def _ranged(path: str, *, nullable: bool = False):
+    """The type of a payload field that carries the request field ``path``, with its range from engine.rules."""
+    r = rules.RANGES[path]
+    if r.integer:
+        return _int_type(r.lo, r.hi, special=r.special, nullable=nullable, multiple=r.multiple, allowed=r.allowed)
+    return _float_type(r.lo, r.hi, nullable=nullable, special=r.special)
 
 
 def _float_type(lo: float, hi: float, *, nullable: bool = False, special: tuple[float, ...] = ()):
@@ -231,7 +240,7 @@ def _comments_type():
     return Annotated[dict[str, Any] | None, BeforeValidator(check)]
 
 
-Int64 = _int_type(-1, INT64_MAX, allowed="-1 (random) or an integer from 0 to 2**63-1")
+Seed = _ranged("seed")
 ModelName = _name_type(kind="checkpoint")
 Text = _str_type()
 OptText = _str_type(nullable=True)
@@ -248,22 +257,22 @@ class ControlNetUnitPayload(_Model):
     """One sd-webui-controlnet unit (docs/API.md "ControlNet unit")."""
 
     enabled: _bool_type(nullable=False) = True
-    module: ShortText = "none"
+    module: ShortText = default("controlnet_units.module")
     model: _name_type(kind="ControlNet model") = None
     input_image: _str_type(MAX_IMAGE_TEXT, nullable=True) = Field(
         None, description="base64 or data:image/...;base64, URI (http(s) if allowed); limited by the decoded "
                           "file's bytes and pixels")
     image: _str_type(MAX_IMAGE_TEXT, nullable=True) = Field(None, description="alias of input_image")
-    weight: _float_type(0.0, 2.0) = 1.0
-    guidance_start: _float_type(0.0, 1.0) = 0.0
-    guidance_end: _float_type(0.0, 1.0) = 1.0
-    resize_mode: _mode(ResizeMode, "0, 1, 2") = "Crop and Resize"
-    processor_res: _int_type(-1, 16384) = -1
-    threshold_a: _float_type(-1e6, 1e6) = -1.0
-    threshold_b: _float_type(-1e6, 1e6) = -1.0
-    control_mode: _mode(ControlMode, "0, 1, 2") = "Balanced"
-    pixel_perfect: _bool_type(nullable=False) = False
-    save_detected_map: _bool_type(nullable=False) = False
+    weight: _ranged("controlnet_units.weight") = default("controlnet_units.weight")
+    guidance_start: _ranged("controlnet_units.guidance_start") = default("controlnet_units.guidance_start")
+    guidance_end: _ranged("controlnet_units.guidance_end") = default("controlnet_units.guidance_end")
+    resize_mode: _mode(ResizeMode, "0, 1, 2") = default("controlnet_units.resize_mode")
+    processor_res: _ranged("controlnet_units.processor_res") = default("controlnet_units.processor_res")
+    threshold_a: _ranged("controlnet_units.threshold_a") = default("controlnet_units.threshold_a")
+    threshold_b: _ranged("controlnet_units.threshold_b") = default("controlnet_units.threshold_b")
+    control_mode: _mode(ControlMode, "0, 1, 2") = default("controlnet_units.control_mode")
+    pixel_perfect: _bool_type(nullable=False) = default("controlnet_units.pixel_perfect")
+    save_detected_map: _bool_type(nullable=False) = default("controlnet_units.save_detected_map")
     # sd-webui-controlnet fields with no effect here (memory hints, UI state, hires-fix routing)
     low_vram: Flag = None
     lowvram: Flag = None
@@ -319,12 +328,12 @@ class OverrideSettings(_Model):
     pass always runs its exact steps). Settings about saving and display have no effect on the result and are
     ignored; any other key is an error naming it."""
 
-    CLIP_stop_at_last_layers: _int_type(1, 12, nullable=True) = None
+    CLIP_stop_at_last_layers: _ranged("clip_skip", nullable=True) = None
     sd_model_checkpoint: ModelName = None
     sd_vae: _name_type(special=("Automatic", "None"), kind="VAE") = None
-    eta_noise_seed_delta: _int_type(0, INT64_MAX, nullable=True) = None
+    eta_noise_seed_delta: _ranged("eta_noise_seed_delta", nullable=True) = None
     img2img_fix_steps: Flag = None
-    initial_noise_multiplier: _float_type(0.0, 1.5, nullable=True) = None
+    initial_noise_multiplier: _ranged("init.initial_noise_multiplier", nullable=True) = None
     upscaler_for_img2img: OptShortText = None
     # webui settings about saving files and live previews: no effect on the images or the infotext here
     samples_save: Ignored = None
@@ -339,32 +348,30 @@ class GenerationPayload(_Model):
     """The fields sd_txt2img and sd_img2img share (cloud fields first, then webui v1.10 extras)."""
 
     # the cloud API's fields
-    stable_diffusion_model: ModelName = None
-    sd_vae: _name_type(special=("Automatic", "None"), kind="VAE") = "Automatic"
-    clip_skip: _int_type(1, 12) = 1
-    prompt: Text = ""
+    stable_diffusion_model: ModelName = default("model")
+    sd_vae: _name_type(special=("Automatic", "None"), kind="VAE") = default("vae")
+    clip_skip: _ranged("clip_skip") = default("clip_skip")
+    prompt: Text = default("prompt")
     negtive_prompt: OptText = Field(None, description="negative prompt (sic, as the cloud API spells it)")
     negative_prompt: OptText = Field(None, description="alias of negtive_prompt")
-    batch_size: _int_type(1, 64) = 1
-    steps: _int_type(1, 150) = 20
-    cfg_scale: _float_type(0.0, 30.0) = 7.0
-    width: _int_type(MIN_SIZE, MAX_SIZE, nullable=True, multiple=8,
-                     allowed=f"a multiple of 8 from {MIN_SIZE} to {MAX_SIZE}") = None
-    height: _int_type(MIN_SIZE, MAX_SIZE, nullable=True, multiple=8,
-                      allowed=f"a multiple of 8 from {MIN_SIZE} to {MAX_SIZE}") = None
+    batch_size: _ranged("batch_size") = default("batch_size")
+    steps: _ranged("steps") = default("steps")
+    cfg_scale: _ranged("cfg_scale") = default("cfg_scale")
+    width: _ranged("width", nullable=True) = default("width")
+    height: _ranged("height", nullable=True) = default("height")
     sampler_name: OptShortText = None
-    seed: Int64 = -1
+    seed: Seed = default("seed")
     alwayson_scripts: AlwaysOnScripts | None = None
     # webui extras the engine implements
-    n_iter: _int_type(1, 100) = 1
-    scheduler: ShortText = "Automatic"
-    subseed: Int64 = -1
-    subseed_strength: _float_type(0.0, 1.0) = 0.0
-    eta: _float_type(0.0, 1.0, nullable=True) = None
-    s_churn: _float_type(0.0, 100.0) = 0.0
-    s_tmin: _float_type(0.0, 1e4) = 0.0
-    s_tmax: _float_type(0.0, 1e4, nullable=True) = None
-    s_noise: _float_type(0.0, 2.0) = 1.0
+    n_iter: _ranged("n_iter") = default("n_iter")
+    scheduler: ShortText = default("scheduler")
+    subseed: Seed = default("subseed")
+    subseed_strength: _ranged("subseed_strength") = default("subseed_strength")
+    eta: _ranged("eta", nullable=True) = default("eta")
+    s_churn: _ranged("s_churn") = default("s_churn")
+    s_tmin: _ranged("s_tmin") = default("s_tmin")
+    s_tmax: _ranged("s_tmax", nullable=True) = None  # null: infinity (the request's default)
+    s_noise: _ranged("s_noise") = default("s_noise")
     sampler_index: OptShortText = Field(None, description="legacy webui name of sampler_name")
     override_settings: OverrideSettings | None = None
     # webui fields with no effect on the result here
@@ -397,20 +404,20 @@ class Txt2ImgPayload(GenerationPayload):
     """The sd_txt2img request: the shared fields and the hires fix (webui ``enable_hr``)."""
 
     enable_hr: Flag = None
-    denoising_strength: _float_type(0.0, 1.0, nullable=True) = Field(
-        None, description="hires fix: the second pass's denoising strength (default 0.75)")
-    hr_scale: _float_type(1.0, 8.0, nullable=True) = Field(None, description="default 2")
-    hr_upscaler: OptShortText = Field(None, description='default "Latent"; "Latent", "Latent (antialiased)", '
-                                      '"Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", '
-                                      '"Latent (nearest-exact)", "None", "Lanczos", "Nearest"')
-    hr_second_pass_steps: _int_type(0, 150, nullable=True) = None
-    hr_resize_x: _int_type(0, 8192, nullable=True) = None
-    hr_resize_y: _int_type(0, 8192, nullable=True) = None
+    denoising_strength: _ranged("hires.denoising_strength", nullable=True) = Field(
+        None, description="hires fix: the second pass's denoising strength "
+                          f"(default {default('hires.denoising_strength'):g})")
+    hr_scale: _ranged("hires.scale", nullable=True) = Field(None, description=f"default {default('hires.scale'):g}")
+    hr_upscaler: OptShortText = Field(None, description=f'default "{DEFAULT_HIRES_UPSCALER}"; ' + ", ".join(
+        f'"{name}"' for name in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)))
+    hr_second_pass_steps: _ranged("hires.steps", nullable=True) = None
+    hr_resize_x: _ranged("hires.resize_x", nullable=True) = None
+    hr_resize_y: _ranged("hires.resize_y", nullable=True) = None
     hr_sampler_name: OptShortText = None
     hr_scheduler: OptShortText = None
     hr_prompt: OptText = None
     hr_negative_prompt: OptText = None
-    hr_cfg: _float_type(0.0, 30.0, nullable=True) = None
+    hr_cfg: _ranged("hires.cfg_scale", nullable=True) = None
     # hires fields with no effect here
     firstphase_width: _int_type(0, MAX_SIZE, nullable=True) = None
     firstphase_height: _int_type(0, MAX_SIZE, nullable=True) = None
@@ -419,20 +426,18 @@ class Txt2ImgPayload(GenerationPayload):
     firstpass_image: _only_default(None, "", feature="a first-pass image") = None
 
 
-def _choice_type(names: tuple[str, ...], default: int):
-    """A webui enum given as its index or its name (case-insensitive) -> the index."""
+def _choice_type(names: tuple[str, ...]):
+    """A webui enum given as its index or its name (engine.rules.parse_choice) -> the index."""
     text = ", ".join(f'{i} or "{n}"' for i, n in enumerate(names))
 
     def check(value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise _err("enum", "must be an index or a name, got {got}", text, got=type(value).__name__)
-        if isinstance(value, int) and 0 <= value < len(names):
-            return value
-        if isinstance(value, str):
-            for i, name in enumerate(names):
-                if value.strip().lower() == name.lower():
-                    return i
-        raise _err("enum", "unknown value {value}", text, value=repr(value if isinstance(value, int) else value[:100]))
+        try:
+            return rules.parse_choice(value, names, "")
+        except InvalidRequest:
+            raise _err("enum", "unknown value {value}", text,
+                       value=repr(value if isinstance(value, int) else value[:100])) from None
 
     return Annotated[int, BeforeValidator(check), Field(json_schema_extra={"description": f"allowed: {text}"})]
 
@@ -457,18 +462,19 @@ class Img2ImgPayload(GenerationPayload):
     """The sd_img2img request: the shared fields, the init image and inpainting (webui v1.10 img2img)."""
 
     init_images: _images_type() = Field(..., description="the first image is used, as the webui")
-    denoising_strength: _float_type(0.0, 1.0) = 0.75
-    resize_mode: _choice_type(RESIZE_MODES, 0) = 0
+    denoising_strength: _ranged("init.denoising_strength") = default("init.denoising_strength")
+    resize_mode: _choice_type(RESIZE_MODES) = default("init.resize_mode")
     mask: OptText = Field(None, description="inpainting mask (white: repaint), base64 or data URI")
-    mask_blur: _int_type(0, 64, nullable=True) = Field(None, description="sets mask_blur_x and mask_blur_y")
-    mask_blur_x: _int_type(0, 64) = 4
-    mask_blur_y: _int_type(0, 64) = 4
-    mask_round: _bool_type(nullable=False) = True
-    inpainting_fill: _choice_type(INPAINTING_FILLS, 0) = 0
-    inpaint_full_res: _bool_type(nullable=False) = True
-    inpaint_full_res_padding: _int_type(0, 1024) = 0
-    inpainting_mask_invert: _bool_type(nullable=False) = False
-    initial_noise_multiplier: _float_type(0.0, 1.5, nullable=True) = None
+    mask_blur: _ranged("init.mask_blur_x", nullable=True) = Field(None, description="sets mask_blur_x and "
+                                                                                     "mask_blur_y")
+    mask_blur_x: _ranged("init.mask_blur_x") = default("init.mask_blur_x")
+    mask_blur_y: _ranged("init.mask_blur_y") = default("init.mask_blur_y")
+    mask_round: _bool_type(nullable=False) = default("init.mask_round")
+    inpainting_fill: _choice_type(INPAINTING_FILLS) = rules.WEBUI_IMG2IMG_DEFAULTS["init.inpainting_fill"]
+    inpaint_full_res: _bool_type(nullable=False) = rules.WEBUI_IMG2IMG_DEFAULTS["init.inpaint_full_res"]
+    inpaint_full_res_padding: _ranged("init.inpaint_full_res_padding") = default("init.inpaint_full_res_padding")
+    inpainting_mask_invert: _bool_type(nullable=False) = default("init.inpainting_mask_invert")
+    initial_noise_multiplier: _ranged("init.initial_noise_multiplier", nullable=True) = None
     include_init_images: Flag = None
     image_cfg_scale: _only_default(None, feature="image_cfg_scale (instruct-pix2pix models only)") = None
     latent_mask: _only_default(None, "", feature="a separate latent mask") = None

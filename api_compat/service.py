@@ -31,6 +31,7 @@ from typing import Any
 from engine.config import EngineConfig, default_results_dir
 from core.errors import InvalidRequest, ModelError, SdEngineError
 from engine.models.store import ModelStore
+from engine.rules import MAX_SEED
 
 from api_compat.detect import parse_detect
 from api_compat.engine_api import EngineFactory, check_memory, check_models, default_engine_factory
@@ -42,13 +43,12 @@ from api_compat.tasks.celery_app import QueueOptions
 from api_compat.tasks.celery_producer import CeleryBackend
 from api_compat.tasks.embedded import EmbeddedBackend
 from api_compat.tasks.store import TASK_ID, Status
-from api_compat.translate import image_bytes, translate_request
+from api_compat.translate import field_origins, image_bytes, translate_request
 
 log = logging.getLogger(__name__)
 
 CONFIG_HEADER = "X-SP-RESOURCE-CONFIG-ID"
 DEFAULT_CONFIG = "default"
-MAX_SEED = 4294967294  # webui: -1 draws a seed in [0, 4294967294)
 
 
 class TaskService:
@@ -145,16 +145,17 @@ class TaskService:
         config_id = self._config_id(headers)
         config = self.configs[config_id]
         parsed = parse_request(kind, payload)
+        origins = field_origins(parsed)  # errors about the request name the payload's fields
         try:
             translation = translate_request(kind, parsed, config, self.limits)
         except InvalidRequest as exc:
-            raise api_error_from(exc) from None
+            raise api_error_from(exc) from None  # already in the payload's terms
         except SdEngineError as exc:  # e.g. a missing optional dependency of the engine
             raise ApiError(exc.code, str(exc)) from None
         store = self._stores[config_id]
         if store is not None:
-            check_models(store, translation.models)
-            check_memory(store, config, translation.request, self.memory_budget)
+            check_models(store, translation.models, origins)
+            check_memory(store, config, translation.request, self.memory_budget, origins)
         model = wire = None
         if self.backend.name != "embedded":
             model = self._route(store, config, translation.request.model)
@@ -165,7 +166,7 @@ class TaskService:
                     wire[name] = random.randrange(MAX_SEED)
         sub = Submission(task_id=uuid.uuid4().hex, config_id=config_id, request=translation.request,
                          parameters=translation.parameters, payload=wire or {}, model=model, created=time.time(),
-                         nbytes=image_bytes(translation.request), kind=kind)
+                         nbytes=image_bytes(translation.request), kind=kind, origins=origins)
         self.backend.submit(sub)
         return {"taskId": sub.task_id, "status": Status.WAITING.value}
 

@@ -1,15 +1,20 @@
 """sd_txt2img / sd_img2img payload -> frozen :class:`engine.request.GenerationRequest` (api_compat translates; it does not
 compute).
 
-The checks that need the engine (size and batch limits of the configuration; sampler, schedule and
-preprocessor names from the engine's registries; unit images decoded by the engine's decoder) or more than one
-field (negative prompt alias, guidance order, unit image alias) happen here, each raising ``InvalidRequest``
-with the field path. Model names are collected in :attr:`Translation.models` and resolved in the model store
+The checks that need the engine (the configuration's limits: engine.rules.check_limits; sampler, schedule and
+preprocessor names from the engine's registries; unit images decoded by the engine's decoder) raise
+``InvalidRequest`` naming the ``GenerationRequest`` path; :func:`field_origins` records which payload field each
+request field came from, and :func:`translate` / :func:`translate_img2img` raise it naming the payload's field
+(``api_compat.errors.payload_path``, the one mapping; the service maps the later checks' errors, and a failed
+task's, by the same origins). The payload's own shape rules that involve more than one field (negative prompt
+alias, unit image alias) raise :class:`ApiError` with the payload path. Model names are collected in :attr:`Translation.models` and resolved in the model store
 by the service (:func:`api_compat.engine_api.check_models`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +27,13 @@ from core.errors import InvalidRequest
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
 from engine.request import ControlNetUnit, GenerationRequest, Hires, InitImage
+from engine.rules import SIZE_MULTIPLE, check_limits, default, resolve_hires_sampler, size_fits
 from engine.samplers import resolve
 
+from api_compat.errors import ApiError, in_payload_terms
 from api_compat.images import ImageLimits
-from api_compat.schema import INT64_MAX, GenerationPayload, Img2ImgPayload, Txt2ImgPayload, units_of
+from api_compat.schema import GenerationPayload, Img2ImgPayload, Txt2ImgPayload, units_of
 
-DEFAULT_SAMPLER = "Euler a"
 # the size a unit image is planned for when the request leaves width/height to the model (the largest native
 # size of the supported families, SDXL's)
 PLAN_NATIVE_SIZE = 1024
@@ -36,55 +42,86 @@ PLAN_NATIVE_SIZE = 1024
 @dataclass(frozen=True)
 class Translation:
     """The engine request, the request echo for ``parameters``, and the model names to check in the store
-    (kind, name, field path)."""
+    (kind, name, request path)."""
 
     request: GenerationRequest
     parameters: dict[str, Any]
     models: tuple[tuple[Kind, str, str], ...]
 
 
+# request path -> payload path where the names differ (and the field is not one of the choices below)
+_HIRES_ORIGINS = {"hires": "enable_hr", "hires.scale": "hr_scale", "hires.resize_x": "hr_resize_x",
+                  "hires.resize_y": "hr_resize_y", "hires.upscaler": "hr_upscaler",
+                  "hires.steps": "hr_second_pass_steps", "hires.denoising_strength": "denoising_strength",
+                  "hires.sampler_name": "hr_sampler_name", "hires.scheduler": "hr_scheduler",
+                  "hires.prompt": "hr_prompt", "hires.negative_prompt": "hr_negative_prompt",
+                  "hires.cfg_scale": "hr_cfg"}
+_INIT_ORIGINS = {f"init.{f.name}": f.name for f in dataclasses.fields(InitImage)} | {
+    "init": "init_images", "init.image": "init_images[0]", "init.fix_steps": "override_settings.img2img_fix_steps",
+    "init.upscaler": "override_settings.upscaler_for_img2img"}
+
+
+def field_origins(payload: GenerationPayload) -> dict[str, str]:
+    """Which payload field each ``GenerationRequest`` field comes from (request path -> payload path), for
+    /scc payloads and the webui's (which become one): the alias given, override_settings over the request's
+    own fields, a unit's place among the payload's units (disabled ones are not in the request), the hires fix's
+    and img2img's names. Fields named alike in both are left out."""
+    overrides = payload.override_settings
+    given = overrides.model_dump(exclude_none=True) if overrides is not None else {}
+    origins = {
+        "negative_prompt": "negative_prompt" if payload.negtive_prompt is None and payload.negative_prompt is not None
+        else "negtive_prompt",
+        "sampler_name": "sampler_index" if payload.sampler_name is None and payload.sampler_index is not None
+        else "sampler_name",
+        "model": "override_settings.sd_model_checkpoint" if "sd_model_checkpoint" in given
+        else "stable_diffusion_model",
+        "vae": "override_settings.sd_vae" if given.get("sd_vae") else "sd_vae",
+        "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
+    }
+    k = 0
+    for path, unit in units_of(payload):
+        if unit.enabled:
+            origins[f"controlnet_units[{k}]"] = path
+            image_given = unit.input_image is None and unit.image  # the alias alone (else input_image is named)
+            origins[f"controlnet_units[{k}].image"] = f"{path}.image" if image_given else f"{path}.input_image"
+            k += 1
+    if isinstance(payload, Img2ImgPayload):
+        origins.update(_INIT_ORIGINS)
+        if payload.mask_blur is not None:
+            origins["init.mask_blur_x"] = origins["init.mask_blur_y"] = "mask_blur"
+        if payload.initial_noise_multiplier is None and "initial_noise_multiplier" in given:
+            origins["init.initial_noise_multiplier"] = "override_settings.initial_noise_multiplier"
+    else:
+        origins.update(_HIRES_ORIGINS)
+    return origins
+
+
 def _negative_prompt(payload: GenerationPayload) -> str:
     sic, alias = payload.negtive_prompt, payload.negative_prompt
     if sic is not None and alias is not None and sic != alias:
-        raise InvalidRequest("negative_prompt", "both negtive_prompt and its alias negative_prompt are given, "
-                             "with different values", "one of them, or both equal")
+        raise ApiError("invalid_request", "both negtive_prompt and its alias negative_prompt are given, with "
+                       "different values", field="negative_prompt", allowed="one of them, or both equal")
     return sic if sic is not None else (alias or "")
 
 
-def _check_limits(payload: GenerationPayload, config: EngineConfig) -> None:
-    for name in ("width", "height"):
-        value = getattr(payload, name)
-        if value is not None and value > config.max_size:
-            raise InvalidRequest(name, f"{value} is larger than this engine allows",
-                                 f"a multiple of 8 from 64 to {config.max_size}")
-    if payload.batch_size > config.max_batch_size:
-        raise InvalidRequest("batch_size", f"{payload.batch_size} is larger than this engine allows",
-                             f"an integer from 1 to {config.max_batch_size}")
-    total = payload.batch_size * payload.n_iter
-    for name in ("seed", "subseed"):
-        value = getattr(payload, name)
-        if value != -1 and value + total - 1 > INT64_MAX:
-            raise InvalidRequest(name, f"{value} + {total - 1} (one seed per image) overflows int64",
-                                 f"-1 or an integer from 0 to {INT64_MAX - total + 1}")
-
-
-def _unit(path: str, unit, limits: ImageLimits, width: int, height: int) -> ControlNetUnit:
+def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: int) -> ControlNetUnit:
+    """A payload unit at ``path`` (its payload path, for the alias rule) as the request's unit at ``field``
+    (``controlnet_units[k]``)."""
     if unit.model is None:
-        raise InvalidRequest(f"{path}.model", "is required for an enabled unit", "a ControlNet model name")
+        raise InvalidRequest(f"{field}.model", "is required for an enabled unit", "a ControlNet model name")
     if unit.input_image is not None and unit.image is not None and unit.input_image != unit.image:
-        raise InvalidRequest(f"{path}.image", "both input_image and its alias image are given, with different values",
-                             "one of them")
+        raise ApiError("invalid_request", "both input_image and its alias image are given, with different values",
+                       field=f"{path}.image", allowed="one of them")
     source = unit.input_image if unit.input_image is not None else unit.image
-    field = f"{path}.input_image" if unit.input_image is not None else f"{path}.image"
     if not source:
-        raise InvalidRequest(f"{path}.input_image", "is required for an enabled unit",
+        raise InvalidRequest(f"{field}.image", "is required for an enabled unit",
                              "base64 or a data:image/...;base64, URI")
     if unit.guidance_start > unit.guidance_end:
-        raise InvalidRequest(f"{path}.guidance_end", f"{unit.guidance_end:g} is before guidance_start "
+        raise InvalidRequest(f"{field}.guidance_end", f"{unit.guidance_end:g} is before guidance_start "
                              f"{unit.guidance_start:g}", f"a number from {unit.guidance_start:g} to 1")
-    preprocessor = get_preprocessor(unit.module.strip().lower(), field=f"{path}.module")  # "Canny" too
+    preprocessor = get_preprocessor(unit.module.strip().lower(), field=f"{field}.module")  # "Canny" too
     # decoded once to validate it; the task keeps the compressed bytes (decoded again when the unit runs)
-    image = load_image(source, field, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+    image = load_image(source, f"{field}.image", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
                        allow_urls=limits.allow_url_fetch)
     built = ControlNetUnit(
         model=unit.model,
@@ -101,7 +138,7 @@ def _unit(path: str, unit, limits: ImageLimits, width: int, height: int) -> Cont
         pixel_perfect=unit.pixel_perfect,
         save_detected_map=unit.save_detected_map,
     )
-    check_unit_sizes(built, width, height, limits.max_work_pixels, field)
+    check_unit_sizes(built, width, height, limits.max_work_pixels, f"{field}.image")
     return built
 
 
@@ -132,14 +169,10 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
                     ) -> tuple[dict[str, Any], list[tuple[Kind, str, str]]]:
     """The GenerationRequest fields sd_txt2img and sd_img2img share, and the model names to check."""
     negative = _negative_prompt(payload)
-    _check_limits(payload, config)
-    sampler = payload.sampler_name or payload.sampler_index or DEFAULT_SAMPLER
-    try:
-        resolve(sampler, payload.scheduler)
-    except InvalidRequest as exc:
-        if exc.field == "sampler_name" and payload.sampler_name is None and payload.sampler_index is not None:
-            exc.field = "sampler_index"
-        raise
+    check_limits(config, width=payload.width, height=payload.height, batch_size=payload.batch_size,
+                 n_iter=payload.n_iter, seed=payload.seed, subseed=payload.subseed)
+    sampler = payload.sampler_name or payload.sampler_index or default("sampler_name")
+    resolve(sampler, payload.scheduler)
 
     overrides = payload.override_settings
     model = payload.stable_diffusion_model
@@ -152,23 +185,23 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
             clip_skip = overrides.CLIP_stop_at_last_layers
         if overrides.sd_model_checkpoint is not None:
             model = overrides.sd_model_checkpoint
-            models.append((Kind.CHECKPOINT, model, "override_settings.sd_model_checkpoint"))
         if overrides.sd_vae is not None:
             vae = overrides.sd_vae
         if overrides.eta_noise_seed_delta is not None:
             ensd = overrides.eta_noise_seed_delta
-    if payload.stable_diffusion_model is not None and not models:
-        models.append((Kind.CHECKPOINT, payload.stable_diffusion_model, "stable_diffusion_model"))
+    if model is not None:
+        models.append((Kind.CHECKPOINT, model, "model"))
     if vae not in ("Automatic", "None"):
-        field = "override_settings.sd_vae" if overrides and overrides.sd_vae else "sd_vae"
-        models.append((Kind.VAE, vae, field))
+        models.append((Kind.VAE, vae, "vae"))
 
     units = []
     for path, unit in units_of(payload):
         if not unit.enabled:
             continue
-        units.append(_unit(path, unit, limits, payload.width or PLAN_NATIVE_SIZE, payload.height or PLAN_NATIVE_SIZE))
-        models.append((Kind.CONTROLNET, unit.model, f"{path}.model"))
+        field = f"controlnet_units[{len(units)}]"
+        units.append(_unit(path, field, unit, limits, payload.width or PLAN_NATIVE_SIZE,
+                           payload.height or PLAN_NATIVE_SIZE))
+        models.append((Kind.CONTROLNET, unit.model, f"{field}.model"))
 
     fields = dict(
         model=model,
@@ -199,80 +232,91 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
     return fields, models
 
 
-def _hires(payload: Txt2ImgPayload, config: EngineConfig) -> Hires | None:
-    """The hires fix of a txt2img payload (None unless enable_hr), its names and sizes checked."""
+def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]) -> Hires | None:
+    """The hires fix of a txt2img payload (None unless enable_hr), its names and sizes checked (``fields``: the
+    first pass's request fields)."""
     if not payload.enable_hr:
         return None
     # None (not given): "Latent", and no "Hires upscaler" in the infotext (webui)
-    upscaler = check_image_upscaler(payload.hr_upscaler, "hr_upscaler", latent=True) if payload.hr_upscaler else None
-    for name in ("hr_sampler_name", "hr_scheduler"):
-        value = getattr(payload, name)
-        if value and value not in ("Use same sampler", "Use same scheduler"):
-            try:
-                resolve(value if name == "hr_sampler_name" else DEFAULT_SAMPLER,
-                        value if name == "hr_scheduler" else "Automatic")
-            except InvalidRequest as exc:
-                exc.field = name
-                raise
+    upscaler = check_image_upscaler(payload.hr_upscaler, "hires.upscaler", latent=True) if payload.hr_upscaler \
+        else None
     hires = Hires(
-        scale=2.0 if payload.hr_scale is None else payload.hr_scale,
+        scale=default("hires.scale") if payload.hr_scale is None else payload.hr_scale,
         resize_x=payload.hr_resize_x or 0,
         resize_y=payload.hr_resize_y or 0,
         upscaler=upscaler,
         steps=payload.hr_second_pass_steps or 0,
-        denoising_strength=0.75 if payload.denoising_strength is None else payload.denoising_strength,
+        denoising_strength=default("hires.denoising_strength") if payload.denoising_strength is None
+        else payload.denoising_strength,
         sampler_name=payload.hr_sampler_name or None,
         scheduler=payload.hr_scheduler or None,
         prompt=payload.hr_prompt or None,  # "" means the first pass's prompt, as the webui
         negative_prompt=payload.hr_negative_prompt or None,
         cfg_scale=payload.hr_cfg,
     )
+    resolve_hires_sampler(fields["sampler_name"], fields["scheduler"], hires, resolve)
     if hires.denoising_strength <= 0:
-        raise InvalidRequest("denoising_strength", "0 leaves nothing for the hires pass to do",
+        raise InvalidRequest("hires.denoising_strength", "0 leaves nothing for the hires pass to do",
                              "a number above 0 and at most 1")
     if payload.width is not None and payload.height is not None:  # else the model's native size, checked later
         size = hires_size(payload.width, payload.height, hires)
-        if not (64 <= size.width <= config.max_size and 64 <= size.height <= config.max_size):
+        if not size_fits(size.width, size.height, config.max_size):
             raise InvalidRequest(size.field, f"gives a second pass of {size.width}x{size.height}, larger or smaller "
-                                 "than this engine allows", size.allowed(8, config.max_size))
+                                 "than this engine allows", size.allowed(SIZE_MULTIPLE, config.max_size))
     return hires
 
 
+def _payload_terms(build):
+    """``build`` (a translation) with its InvalidRequest naming the payload's field instead of the request's."""
+
+    @functools.wraps(build)
+    def translated(payload: GenerationPayload, *args: Any, **kw: Any) -> Translation:
+        try:
+            return build(payload, *args, **kw)
+        except InvalidRequest as exc:
+            raise in_payload_terms(exc, field_origins(payload)) from None
+
+    return translated
+
+
+@_payload_terms
 def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits | None = None) -> Translation:
-    """Validate what needs the configuration and build the engine request (decoding unit images)."""
+    """Validate what needs the configuration and build the engine request (decoding unit images); an
+    InvalidRequest names the payload's field."""
     limits = limits or ImageLimits()
     fields, models = _request_fields(payload, config, limits)
-    request = GenerationRequest(**fields, hires=_hires(payload, config))
+    request = GenerationRequest(**fields, hires=_hires(payload, config, fields))
     return Translation(request=request, parameters=echo_parameters(payload, request), models=tuple(models))
 
 
+@_payload_terms
 def translate_img2img(payload: Img2ImgPayload, config: EngineConfig,
                       limits: ImageLimits | None = None) -> Translation:
     """sd_img2img: the shared fields, the first init image (as the webui) and the mask, decoded once to check
-    them and kept compressed; override_settings' img2img settings."""
+    them and kept compressed; override_settings' img2img settings. An InvalidRequest names the payload's
+    field."""
     limits = limits or ImageLimits()
     fields, models = _request_fields(payload, config, limits)
     overrides = payload.override_settings
-    upscaler = "None"
+    upscaler = default("init.upscaler")
     if overrides is not None and overrides.upscaler_for_img2img is not None:
-        upscaler = check_image_upscaler(overrides.upscaler_for_img2img, "override_settings.upscaler_for_img2img",
-                                        latent=False)
+        upscaler = check_image_upscaler(overrides.upscaler_for_img2img, "init.upscaler", latent=False)
     multiplier = payload.initial_noise_multiplier
     if multiplier is None:
         multiplier = overrides.initial_noise_multiplier if overrides is not None and \
-            overrides.initial_noise_multiplier is not None else 1.0
+            overrides.initial_noise_multiplier is not None else default("init.initial_noise_multiplier")
     fix_steps = bool(overrides is not None and overrides.img2img_fix_steps)
     if fix_steps and payload.denoising_strength <= 0:
-        raise InvalidRequest("denoising_strength", "0 with img2img_fix_steps leaves no steps to run",
+        raise InvalidRequest("init.denoising_strength", "0 with img2img_fix_steps leaves no steps to run",
                              "a number above 0 and at most 1")
-    image = load_image(payload.init_images[0], "init_images[0]", max_bytes=limits.max_bytes,
+    image = load_image(payload.init_images[0], "init.image", max_bytes=limits.max_bytes,
                        max_pixels=limits.max_pixels, allow_urls=limits.allow_url_fetch)
     mask = None
     if payload.mask:
-        mask = load_image(payload.mask, "mask", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+        mask = load_image(payload.mask, "init.mask", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
                           allow_urls=limits.allow_url_fetch)
         if payload.inpaint_full_res and (mask.width, mask.height) != (image.width, image.height):
-            raise InvalidRequest("mask", f"is {mask.width}x{mask.height}, the init image {image.width}x"
+            raise InvalidRequest("init.mask", f"is {mask.width}x{mask.height}, the init image {image.width}x"
                                  f"{image.height}", "a mask of the init image's size (inpaint_full_res)")
     blur_x = payload.mask_blur_x if payload.mask_blur is None else payload.mask_blur
     blur_y = payload.mask_blur_y if payload.mask_blur is None else payload.mask_blur

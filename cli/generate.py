@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from cli.options import BACKEND_DEFAULT, PRECISION_DEFAULT, Shown, dirs_help, engine_options, load_factory
+from engine.rules import default
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def _payload_default(field: str) -> str:
 @click.option("--seed", type=int, help="-1 draws a random seed.", cls=Shown, shown=_payload_default("seed"))
 @click.option("--width", type=int, cls=Shown, shown="the model's native size (sdengine models info)")
 @click.option("--height", type=int, cls=Shown, shown="the model's native size (sdengine models info)")
-@click.option("--sampler", help='Sampler name, e.g. "Euler a" or "DPM++ 2M Karras".', cls=Shown, shown='"Euler a"')
+@click.option("--sampler", help='Sampler name, e.g. "Euler a" or "DPM++ 2M Karras".', cls=Shown,
+              shown=json.dumps(default("sampler_name")))
 @click.option("--scheduler", help="Schedule type (Automatic, Karras, Exponential, ...).",
               cls=Shown, shown=_payload_default("scheduler"))
 @click.option("--cfg-scale", type=float, cls=Shown, shown=_payload_default("cfg_scale"))

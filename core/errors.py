@@ -12,19 +12,29 @@ class SdEngineError(Exception):
 class InvalidRequest(SdEngineError, ValueError):
     """A request field has a value the engine cannot use.
 
-    ``field`` is the payload path (``alwayson_scripts.controlnet.units[1].weight``), ``allowed`` a short
-    description of the allowed values.
+    ``field`` is the :class:`engine.request.GenerationRequest` path (``controlnet_units[1].weight``,
+    ``hires.scale``, ``init.mask``), ``message`` what is wrong, ``allowed`` a short description of the allowed
+    values. The API maps ``field`` back to the payload path of the face that received the request
+    (``api_compat.errors.api_error_from``); the message is never parsed.
     """
 
     code = "invalid_request"
 
     def __init__(self, field: str, message: str, allowed: str | None = None):
+        super().__init__(field, message, allowed)
         self.field = field
+        self.message = message
         self.allowed = allowed
-        text = f"{field}: {message}"
-        if allowed:
-            text += f" (allowed: {allowed})"
-        super().__init__(text)
+
+    def __str__(self) -> str:
+        text = f"{self.field}: {self.message}"
+        if self.allowed:
+            text += f" (allowed: {self.allowed})"
+        return text
+
+    def at(self, field: str) -> "InvalidRequest":
+        """The same error about another field (same class, message and allowed values)."""
+        return type(self)(field, self.message, self.allowed)
 
 
 class TooMuchMemory(InvalidRequest):
@@ -34,13 +44,21 @@ class TooMuchMemory(InvalidRequest):
 
 
 class ModelError(SdEngineError):
-    """A model file or folder cannot be resolved or loaded. ``path`` names it."""
+    """A model file or folder cannot be resolved or loaded. ``path`` names it; ``field`` (when set) is the request
+    field that named it, ``message`` what is wrong."""
 
     code = "model_error"
 
-    def __init__(self, path: str, message: str):
+    def __init__(self, path: str, message: str, field: str | None = None):
+        super().__init__(str(path), message, field)
         self.path = str(path)
-        super().__init__(f"{path}: {message}")
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        if self.field:
+            return f"{self.path}: {self.field}: {self.message}"
+        return f"{self.path}: {self.message}"
 
 
 class ModelNotFound(ModelError):

@@ -35,8 +35,7 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     if arch.text_layers is not None and request.clip_skip > arch.text_layers:
         # the text encoder has no such layer (it failed in the worker, an ONNX Gather out of range)
         raise InvalidRequest("clip_skip", f"{request.clip_skip} is more than the {arch.text_layers} layers of the "
-                             f"text encoder of {entry.name}", f"an integer from 1 to {arch.text_layers} (also for "
-                             "override_settings.CLIP_stop_at_last_layers)")
+                             f"text encoder of {entry.name}", f"an integer from 1 to {arch.text_layers}")
     spec = _text_spec(arch.family)
     if spec is not None:
         check_prompts(spec, request.prompt, request.negative_prompt, request.steps, config.max_prompt_chunks)
@@ -79,13 +78,13 @@ def check_memory(arch, native: int, model_name: str, config: EngineConfig, reque
 def _check_hires_memory(arch, model_name: str, request: GenerationRequest, width: int, height: int, budget: int,
                         options: dict) -> None:
     """The hires fix's second pass, at its own size, within the budget; else TooMuchMemory naming hr_scale
-    (or hr_resize_x/y) with the largest that fits."""
+    (or hires.resize_x/y) with the largest that fits."""
     size = hires_size(width, height, request.hires)
     need = estimate(arch, size.width, size.height, request.batch_size, **options)
     if need.total <= budget:
         return
     fits = largest_fitting(arch, size.width, size.height, request.batch_size, budget, **options)
-    if fits and size.field == "hr_scale":
+    if fits and size.field == "hires.scale":
         allowed = f"hr_scale at most {fits[0] / width:.2f} ({fits[0]}x{fits[1]}) for {width}x{height}"
     elif fits:
         allowed = f"a second pass of at most {fits[0]}x{fits[1]}"

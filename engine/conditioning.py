@@ -53,7 +53,7 @@ class StepConditioning:
 # ------------------------------------------------------------------------------------ model families
 
 PROMPT_FIELD = "prompt"
-NEGATIVE_FIELD = "negtive_prompt"  # sic: the API's field name
+NEGATIVE_FIELD = "negative_prompt"
 
 
 @dataclass(frozen=True)

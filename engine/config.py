@@ -10,6 +10,7 @@ from pathlib import Path
 
 from core.cpu import native_bf16 as cpu_native_bf16
 from core.errors import InvalidRequest
+from engine.rules import MAX_SIZE
 from engine.tiling import VaeTiling
 
 # Where files live (docs/API.md "Where files live"): one home, each part movable on its own
@@ -109,7 +110,7 @@ class EngineConfig:
     providers: tuple[str, ...] | None = None
     cache_dir: Path | None = None  # default: $SDENGINE_CACHE_DIR, else models_dir / "cache"
     max_batch_size: int = 8
-    max_size: int = 2048
+    max_size: int = MAX_SIZE
     max_prompt_chunks: int = 32
     allow_pickle: bool = False
     torch_compile: bool = False

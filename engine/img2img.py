@@ -30,6 +30,7 @@ import numpy as np
 from core.errors import InvalidRequest
 from engine.controlnet.images import as_array
 from engine.models.family import VAE_SCALE_FACTOR
+from engine.rules import MIN_SIZE
 
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
@@ -43,20 +44,6 @@ LATENT_UPSCALERS: Mapping[str, tuple[str, bool]] = MappingProxyType({
     "Latent (nearest-exact)": ("nearest-exact", False),
 })
 IMAGE_UPSCALERS = ("None", "Lanczos", "Nearest")
-
-
-def parse_choice(value: Any, names: tuple[str, ...], field_name: str) -> int:
-    """A webui enum given as its index or its name (case-insensitive) -> the index."""
-    allowed = ", ".join(f'{i} "{n}"' for i, n in enumerate(names))
-    if isinstance(value, bool):
-        raise InvalidRequest(field_name, f"unknown value {value!r}", allowed)
-    if isinstance(value, int) and 0 <= value < len(names):
-        return value
-    if isinstance(value, str):
-        for i, name in enumerate(names):
-            if value.strip().lower() == name.lower():
-                return i
-    raise InvalidRequest(field_name, f"unknown value {str(value)[:100]!r}", allowed)
 
 
 def check_image_upscaler(name: str, field_name: str, *, latent: bool) -> str:
@@ -291,7 +278,7 @@ def prepare_init(init: Any, width: int, height: int, multiple: int | None = None
             infotext["Mask blur"] = init.mask_blur_x if init.mask_blur_x == init.mask_blur_y else None
         if init.inpaint_full_res:
             if mask.size != image.size:
-                raise InvalidRequest("mask", f"is {mask.width}x{mask.height}, the init image "
+                raise InvalidRequest("init.mask", f"is {mask.width}x{mask.height}, the init image "
                                      f"{image.width}x{image.height}", "a mask of the init image's size for "
                                      "inpaint_full_res")
             region = crop_region(np.asarray(mask), init.inpaint_full_res_padding)
@@ -345,7 +332,7 @@ class HiresSize:
     height: int
     upscale_width: int
     upscale_height: int
-    field: str  # the payload field the size comes from (hr_scale, hr_resize_x, hr_resize_y)
+    field: str  # the request field the size comes from (hires.scale, hires.resize_x, hires.resize_y)
     first_width: int
     first_height: int
     scale: int = VAE_SCALE_FACTOR  # image pixels per latent pixel (the family's VAE factor)
@@ -365,11 +352,11 @@ class HiresSize:
         return latents[:, :, ty // 2:h - (ty + 1) // 2, tx // 2:w - (tx + 1) // 2]
 
     def allowed(self, multiple: int, max_size: int) -> str:
-        if self.field == "hr_scale":
+        if self.field == "hires.scale":
             top = max_size / max(self.first_width, self.first_height)
-            return (f"a scale giving a second pass of multiples of {multiple} from 64 to {max_size} pixels a side "
-                    f"(at most {top:g} for {self.first_width}x{self.first_height})")
-        return f"sizes giving a second pass of multiples of {multiple} from 64 to {max_size} pixels a side"
+            return (f"a scale giving a second pass of multiples of {multiple} from {MIN_SIZE} to {max_size} pixels "
+                    f"a side (at most {top:g} for {self.first_width}x{self.first_height})")
+        return f"sizes giving a second pass of multiples of {multiple} from {MIN_SIZE} to {max_size} pixels a side"
 
 
 def hires_size(width: int, height: int, hires: Any, scale: int = VAE_SCALE_FACTOR) -> HiresSize:
@@ -379,13 +366,13 @@ def hires_size(width: int, height: int, hires: Any, scale: int = VAE_SCALE_FACTO
     rx, ry = int(hires.resize_x or 0), int(hires.resize_y or 0)
     target = None
     if rx == 0 and ry == 0:
-        uw, uh, name = int(width * hires.scale), int(height * hires.scale), "hr_scale"
+        uw, uh, name = int(width * hires.scale), int(height * hires.scale), "hires.scale"
     elif ry == 0:
-        uw, uh, name = rx, rx * height // width, "hr_resize_x"
+        uw, uh, name = rx, rx * height // width, "hires.resize_x"
     elif rx == 0:
-        uw, uh, name = ry * width // height, ry, "hr_resize_y"
+        uw, uh, name = ry * width // height, ry, "hires.resize_y"
     else:
-        name, target = "hr_resize_x", (rx, ry)
+        name, target = "hires.resize_x", (rx, ry)
         if width / height < rx / ry:
             uw, uh = rx, rx * height // width
         else:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from engine.rules import USE_SAME_SCHEDULER
+
 
 def quote(value: Any) -> str:
     text = _fmt(value)
@@ -194,7 +196,7 @@ def hires_infotext(req: Any, hr_plan: Any, plan: Any) -> dict[str, Any]:
         out["Hires upscaler"] = hr.upscaler
     if hr_plan.sampler.name != plan.sampler.name:
         out["Hires sampler"] = hr_plan.sampler.name
-    if hr.scheduler not in (None, "Use same scheduler") and hr_plan.sampler.schedule_label != \
+    if hr.scheduler not in (None, USE_SAME_SCHEDULER) and hr_plan.sampler.schedule_label != \
             plan.sampler.schedule_label:
         out["Hires schedule type"] = hr_plan.sampler.schedule_label
     if hr.prompt is not None and hr.prompt != req.prompt:

@@ -18,11 +18,10 @@ import numpy as np
 
 from core.errors import InvalidRequest
 from engine.arrays import to_like
+from engine.rules import MAX_SEED
 
 Array = Any
 NoiseFn = Callable[[float, float], Array]
-
-MAX_SEED = 4294967294  # webui: random seed in [0, 4294967294)
 
 
 def resolve_seed(seed: int | None) -> int:

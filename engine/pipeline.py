@@ -41,6 +41,7 @@ from engine.networks.syntax import strip_networks
 from engine.noise import ImageRNG, resolve_seed
 from engine.progress import ProgressReporter
 from engine.request import GenerationRequest, GenerationResult
+from engine.rules import resolve_hires_sampler
 from engine.samplers import SamplingPlan, resolve
 from engine.tiling import decode as decode_latents
 from engine.tiling import encode as encode_image
@@ -409,19 +410,8 @@ class Engine:
         return _Source(init_plan, to_device(latent, self.config.device), blend)
 
     def _hires_sampler(self, req: GenerationRequest):
-        """The hires pass's sampler: hr_sampler_name (else the first pass's) with hr_scheduler; the webui's hires
-        pass uses "Automatic" when hr_scheduler is unset ("Use same scheduler": the first pass's)."""
-        hr = req.hires
-        name = req.sampler_name if hr.sampler_name in (None, "", "Use same sampler") else hr.sampler_name
-        scheduler = req.scheduler if hr.scheduler == "Use same scheduler" else (hr.scheduler or "Automatic")
-        try:
-            return resolve(name, scheduler)
-        except InvalidRequest as exc:
-            if exc.field == "sampler_name" and name == hr.sampler_name:
-                exc.field = "hr_sampler_name"
-            elif exc.field == "scheduler" and hr.scheduler not in (None, "Use same scheduler"):
-                exc.field = "hr_scheduler"
-            raise
+        """The hires pass's sampler by the webui rules (engine.rules.hires_sampler)."""
+        return resolve_hires_sampler(req.sampler_name, req.scheduler, req.hires, resolve)
 
     def _hires_size(self, req: GenerationRequest, family, width: int, height: int) -> HiresSize:
         """The second pass's size by the webui rules (engine.img2img.hires_size), checked like width/height;
@@ -474,7 +464,7 @@ class Engine:
         if not 1 <= req.batch_size <= self.config.max_batch_size:
             raise InvalidRequest("batch_size", f"{req.batch_size} is out of range", f"1..{self.config.max_batch_size}")
         if req.init is not None and req.hires is not None:
-            raise InvalidRequest("enable_hr", "the hires fix is a txt2img feature", "false for img2img")
+            raise InvalidRequest("hires", "the hires fix is a txt2img feature", "false for img2img")
         return width, height
 
     def _networks(self, rt: _Runtime, req: GenerationRequest):
@@ -499,7 +489,7 @@ class Engine:
         labels: ``(units, labels)``."""
         units, labels = [], []
         for k, unit in enumerate(req.controlnet_units):
-            field_name = f"alwayson_scripts.controlnet.units[{k}]"
+            field_name = f"controlnet_units[{k}]"
             cn = self._controlnet(rt, unit.model, f"{field_name}.model")
             units.append(prepare_unit(unit, width, height, field=field_name))
             labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]", units[-1].used))

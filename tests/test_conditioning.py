@@ -336,7 +336,7 @@ def test_cache_is_lru():
     assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
 
 
-@pytest.mark.parametrize("which,field", [("prompt", "prompt"), ("negative", "negtive_prompt")])
+@pytest.mark.parametrize("which,field", [("prompt", "prompt"), ("negative", "negative_prompt")])
 def test_too_many_chunks_is_invalid_request(sd1, which, field):
     backend = WrapperBackend(sd1.components)
     long_text = " ".join(["cat"] * 76)  # two chunks

@@ -383,10 +383,10 @@ def test_hires_size_limit_names_the_field(tiny_store, tmp_path):
     small = Engine(models_dir=tiny_store, backend="torch", cache_dir=tmp_path, max_size=96)
     with pytest.raises(InvalidRequest) as exc:
         small.generate(GenerationRequest(model=MODEL, prompt="x", steps=2, seed=1, hires=Hires(2.0)))
-    assert exc.value.field == "hr_scale" and "at most 1.5 for 64x64" in exc.value.allowed
+    assert exc.value.field == "hires.scale" and "at most 1.5 for 64x64" in exc.value.allowed
     with pytest.raises(InvalidRequest) as exc:
         small.generate(GenerationRequest(model=MODEL, prompt="x", steps=2, seed=1, hires=Hires(resize_x=256)))
-    assert exc.value.field == "hr_resize_x"
+    assert exc.value.field == "hires.resize_x"
 
 
 def test_cli_img2img(tmp_path, tiny_store):

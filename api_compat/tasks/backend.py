@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from core.errors import Cancelled, SdEngineError
 from engine.progress import Progress as PhaseEvent
 from engine.progress import ProgressReporter
+from engine.rules import default
 
+from api_compat.errors import in_payload_terms
 from api_compat.images import write_png
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 20
+DEFAULT_STEPS = default("steps")  # what progress shows before the engine reports
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Submission:
     created: float
     nbytes: int = 0  # what the queued task holds: its unit, init and mask images, compressed
     kind: str = "txt2img"  # or "img2img", "detect" (/controlnet/detect): which payload ``payload`` is
+    origins: Mapping[str, str] = field(default_factory=dict)  # request path -> payload path (errors)
 
 
 class TaskBackend(Protocol):
@@ -134,12 +138,13 @@ def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id
     return info, names
 
 
-def error_of(exc: BaseException, task_id: str) -> tuple[str, str]:
-    """The (code, message) a failed task reports for ``exc``, the same in every backend."""
+def error_of(exc: BaseException, task_id: str, origins: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The (code, message) a failed task reports for ``exc``, the same in every backend; an error about a
+    request field names the payload's (``origins``: api_compat.translate.field_origins)."""
     if isinstance(exc, Cancelled):
         return "cancelled", (str(exc) or "cancelled")[:2000]
     if isinstance(exc, SdEngineError):
-        return exc.code, str(exc)[:2000]
+        return exc.code, str(in_payload_terms(exc, origins))[:2000]
     log.error("task %s failed", task_id, exc_info=exc)
     return "internal_error", f"{type(exc).__name__}: {exc}"[:2000]
 

@@ -246,7 +246,7 @@ class EmbeddedBackend:
             self.store.finish(task.task_id, Status.SUCCEEDED, info=info, images=names)
             task.status = Status.SUCCEEDED
         except Exception as exc:
-            code, message = error_of(exc, task.task_id)
+            code, message = error_of(exc, task.task_id, task.sub.origins)
             self._fail(task, code, message)
         try:
             self.store.checkpoint()

@@ -31,7 +31,7 @@ from api_compat.tasks.backend import Progress, error_of, run_generation
 from api_compat.tasks.celery_app import TASK_NAME, WORKER_LOCAL, QueueOptions, make_app, queue_name, redact
 from api_compat.tasks.redis_records import RedisTasks
 from api_compat.tasks.store import TASK_ID
-from api_compat.translate import translate_request
+from api_compat.translate import field_origins, translate_request
 from core.process import pid_alive
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class _Runtime:
     def _execute(self, message, task_id, ttl, cancel: threading.Event) -> None:
         tracker = Progress(message.get("steps"))
         names: list[str] = []
+        origins: dict[str, str] = {}  # request path -> payload path, once the payload is parsed
 
         def progress(event, steps: int | None = None) -> None:
             if self.tasks.progress(task_id, tracker(event, steps)):
@@ -132,18 +133,19 @@ class _Runtime:
                 info, names = run_detect(request, images_dir=self.images_dir, task_id=task_id, progress=progress,
                                          cancel=cancel)
             else:
-                info, names = self._generate(kind, message, limits, task_id, tracker, progress, cancel)
+                info, names = self._generate(kind, message, limits, task_id, tracker, progress, cancel, origins)
             if not self._finish(task_id, "succeeded", ttl, info=info, images=names):
                 self._remove(names)  # cancelled (or ended) meanwhile: its record says so; no orphan files
         except ApiError as exc:
             self._finish(task_id, "failed", ttl, error=(exc.code, str(exc)))
         except Exception as exc:
             self._remove(names)
-            self._finish(task_id, "failed", ttl, error=error_of(exc, task_id))
+            self._finish(task_id, "failed", ttl, error=error_of(exc, task_id, origins))
 
     def _generate(self, kind: str, message, limits: ImageLimits, task_id: str, tracker: Progress, progress,
-                  cancel: threading.Event) -> tuple[dict[str, Any], list[str]]:
-        """Translate the payload again, on this worker's engine for the task's configuration, and run it."""
+                  cancel: threading.Event, origins: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+        """Translate the payload again, on this worker's engine for the task's configuration, and run it
+        (``origins`` is filled with the payload's field origins, for the errors of a failed task)."""
         options = {**self.settings.engine_options, **(message.get("options") or {})}
         for key in WORKER_LOCAL:
             if key in self.settings.engine_options:
@@ -151,9 +153,11 @@ class _Runtime:
             else:
                 options.pop(key, None)
         config = EngineConfig(**options)
+        parsed = parse_request(kind, message["payload"])
+        origins.update(field_origins(parsed))
         try:
-            translation = translate_request(kind, parse_request(kind, message["payload"]), config, limits)
-        except InvalidRequest as exc:
+            translation = translate_request(kind, parsed, config, limits)
+        except InvalidRequest as exc:  # in the payload's terms
             raise api_error_from(exc) from None
         key = json.dumps(options, sort_keys=True, default=str)
         engine = self.engines.get(key)

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 OPTIONS_FILE = "webui-options.json"
 OPTION_NAMES = tuple(OverrideSettings.model_fields)  # the options GET/POST /sdapi/v1/options set
+# the options face's field origins: POST /sdapi/v1/options loads a model through a probe payload that carries
+# the options as override_settings; its errors name the option
+PROBE_ORIGINS = {f"override_settings.{name}": name for name in OPTION_NAMES}
 
 
 class WebuiState:

@@ -23,12 +23,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from api_compat.errors import HTTP_STATUS, ApiError
+from api_compat.errors import HTTP_STATUS, ApiError, payload_path
 from api_compat.schema import OverrideSettings, validation_error_to_api
 from api_compat.service import DEFAULT_CONFIG
 from api_compat.webui import listings
 from api_compat.webui.adapter import api_error, png_info, webui_echo, webui_info, webui_to_scc
-from api_compat.webui.options import OPTION_NAMES, WebuiState
+from api_compat.webui.options import OPTION_NAMES, PROBE_ORIGINS, WebuiState
+from engine.rules import RANGES
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,8 @@ class WebuiRoutes(RouteSet):
     @route("POST", "/sdapi/v1/options", summary="Set options; setting sd_model_checkpoint (or sd_vae) loads it",
            openapi_extra=json_body({"type": "object", "properties": {
                "sd_model_checkpoint": {"type": "string"}, "sd_vae": {"type": "string"},
-               "CLIP_stop_at_last_layers": {"type": "integer", "minimum": 1, "maximum": 12},
+               "CLIP_stop_at_last_layers": {"type": "integer", "minimum": RANGES["clip_skip"].lo,
+                                            "maximum": RANGES["clip_skip"].hi},
                "eta_noise_seed_delta": {"type": "integer", "minimum": 0}}}),
            description="Settable: " + ", ".join(OPTION_NAMES) + ". Any other option is refused (422) "
                        "naming it; read-only ones are accepted when they carry the current value.")
@@ -272,10 +274,8 @@ class WebuiRoutes(RouteSet):
                 try:
                     await self.run_task(request, "options", service.sd_txt2img, probe)
                 except ApiError as exc:  # name the option, not the probe's override_settings
-                    field = (exc.field or "").removeprefix("override_settings.") or None
-                    message = str(exc).removeprefix(f"{exc.field}: ") if exc.field else str(exc)
-                    message = message.removesuffix(f" (allowed: {exc.allowed})") if exc.allowed else message
-                    raise api_error(exc.code, message, field, exc.allowed, status=exc.http_status) from None
+                    raise api_error(exc.code, exc.message, payload_path(exc.field, PROBE_ORIGINS), exc.allowed,
+                                    status=exc.http_status) from None
             await asyncio.to_thread(state.save, {k: v for k, v in options.items() if v is not None})
             return None
         except ApiError as exc:

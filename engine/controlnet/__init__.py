@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 
-def prepare_unit(unit, width: int, height: int, field: str = "alwayson_scripts.controlnet.units[0]") -> PreparedUnit:
+def prepare_unit(unit, width: int, height: int, field: str = "controlnet_units[0]") -> PreparedUnit:
     """A request unit (``engine.request.ControlNetUnit``) -> a :class:`PreparedUnit` at ``width`` x ``height``.
 
     As the extension: ``processor_res`` comes from the target size when ``pixel_perfect`` (else the unit's

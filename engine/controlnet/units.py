@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from core.errors import InvalidRequest
+from engine.rules import parse_choice
 
 Array = Any  # numpy.ndarray or torch.Tensor
 
@@ -54,21 +55,14 @@ MID_RESIDUAL = "mid_residual"
 def parse_mode(cls: type[Enum], value: Any, field_name: str, what: str, aliases: dict[str, str] | None = None,
                ints: dict[int, Enum] | None = None):
     """A webui/extension enum member from its name, an alias, or the extension's legacy int (member order,
-    plus ``ints`` extras); anything else is an InvalidRequest naming ``field_name`` and the allowed names."""
+    plus ``ints`` extras), by the one choice parser (engine.rules.parse_choice); anything else is an
+    InvalidRequest naming ``field_name`` and the allowed names."""
     if isinstance(value, cls):
         return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        if ints and value in ints:
-            return ints[value]
-        if 0 <= value < len(cls):
-            return list(cls)[value]
-    if isinstance(value, str):  # names and aliases case-insensitively, as the API schema accepts them
-        key = value.strip().lower()
-        key = {k.lower(): v for k, v in (aliases or {}).items()}.get(key, key).lower()
-        for mode in cls:
-            if key == mode.value.lower():
-                return mode
-    raise InvalidRequest(field_name, f"unknown {what} {value!r}", ", ".join(repr(m.value) for m in cls))
+    members = list(cls)
+    index = parse_choice(value, [m.value for m in members], field_name, what=what, aliases=aliases,
+                         ints={k: members.index(v) for k, v in (ints or {}).items()})
+    return members[index]
 
 
 class ControlMode(str, Enum):

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 from engine.conditioning import EncoderSpec, TextModelInfo, TextSpec
 from core.errors import InvalidRequest
 from engine.models.tokenizer import clip_tokenizer
+from engine.rules import check_size
 from engine.schedule import ModelSchedule
 
 
@@ -183,11 +184,9 @@ class ModelFamily:
                 f"{n}x{n} and paints badly at other sizes (leave width and height empty for the native size)")
 
     def check_size(self, width: int, height: int, max_size: int) -> None:
-        """InvalidRequest naming ``width``/``height`` unless both are multiples of the pixel multiple in range."""
-        for name, value in (("width", width), ("height", height)):
-            if value % self.pixel_multiple or not 64 <= value <= max_size:
-                raise InvalidRequest(name, f"{value} is not allowed for this model",
-                                     f"multiples of {self.pixel_multiple} from 64 to {max_size}")
+        """InvalidRequest naming ``width``/``height`` unless both are multiples of the pixel multiple in range
+        (engine.rules.check_size)."""
+        check_size(width, height, self.pixel_multiple, max_size)
 
 
 def model_family(arch: Arch, *, unet_config: Mapping[str, Any], native_size: int, prediction_type: str,

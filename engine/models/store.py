@@ -122,11 +122,11 @@ def unsafe_name_reasons(value: str) -> list[str]:
 def check_name(value, field: str = "model") -> str:
     """Refuse a payload name that could address anything outside the store (raises UnsafeModelPath)."""
     if not isinstance(value, str) or not value.strip():
-        raise ModelNotFound(str(value), f"{field}: empty model name")
+        raise ModelNotFound(str(value), "empty model name", field)
     reasons = unsafe_name_reasons(value)
     if reasons:
-        raise UnsafeModelPath(repr(value), f"{field}: model names are file names inside the model store; this one "
-                                           f"{' and '.join(reasons)}")
+        raise UnsafeModelPath(repr(value), f"model names are file names inside the model store; this one "
+                                           f"{' and '.join(reasons)}", field)
     return value
 
 
@@ -261,10 +261,10 @@ class ModelStore:
                 if not os.path.lexists(cand):
                     continue
                 if _broken_link(cand):
-                    raise ModelNotFound(name, f"{field}: {name!r} is a broken link in the store's {sub}/ "
-                                              "(its target is missing or it loops)")
+                    raise ModelNotFound(name, f"{name!r} is a broken link in the store's {sub}/ "
+                                              "(its target is missing or it loops)", field)
                 if not _inside(cand, root):
-                    raise UnsafeModelPath(name, f"{field}: {name!r} resolves outside the model store")
+                    raise UnsafeModelPath(name, f"{name!r} resolves outside the model store", field)
         entries = [e for e in entries if _inside(e.path, e.root)]
         if want_hash and not wanted:  # "[hash]" alone: match by hash
             for e in entries:
@@ -274,13 +274,13 @@ class ModelStore:
         available = ", ".join(names[:_MAX_SUGGESTIONS]) or "none"
         more = f", ... ({len(entries)} in all)" if len(entries) > _MAX_SUGGESTIONS else ""
         where = " or ".join(f"{sub}/" for sub in folders(kind))
-        raise ModelNotFound(name, f"{field}: no {kind.value} of this name in the store's {where}"
-                                  f"{' or the bundled models' if self.bundled else ''} (available: {available}{more})")
+        raise ModelNotFound(name, f"no {kind.value} of this name in the store's {where}"
+                                  f"{' or the bundled models' if self.bundled else ''} (available: {available}{more})", field)
 
     def _checked(self, entry: ModelEntry, want_hash: str | None, field: str) -> ModelEntry:
         if not _inside(entry.path, entry.root):
             # the message names the request's value, never the server's file system
-            raise UnsafeModelPath(entry.name, f"{field}: resolves outside the model store")
+            raise UnsafeModelPath(entry.name, "resolves outside the model store", field)
         if want_hash:
             sha = self.hashes.sha256(entry.path)
             if not sha.startswith(want_hash) and legacy_model_hash(entry.path) != want_hash:
