@@ -18,6 +18,7 @@ HTTP_STATUS = {
     "bad_request": 400,
     "invalid_host": 400,
     "forbidden_origin": 403,
+    "forbidden": 403,
     "request_timeout": 408,
     "unsupported_media_type": 415,
     "unauthorized": 401,

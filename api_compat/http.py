@@ -435,11 +435,13 @@ def _openapi_paths() -> dict[str, Any]:
 def create_app(service: TaskService, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                close_service: bool = False, allowed_hosts: Iterable[str] | None = LOOPBACK_NAMES,
                cors_origins: Iterable[str] = (), read_timeout: float = DEFAULT_READ_TIMEOUT,
-               api_auth: str | Iterable | None = None):
+               api_auth: str | Iterable | None = None, freeze_settings: bool = False):
     """The ASGI app over ``service``. ``close_service`` closes the service when the app shuts down.
 
     ``api_key`` and ``api_auth`` (the webui's ``user:pass[,user2:pass2]``, HTTP Basic) protect every route but
-    /health; with both, either credential admits. The webui's own routes (/sdapi/v1/..., /controlnet/...:
+    /health; with both, either credential admits. Without either, the webui options (POST /sdapi/v1/options:
+    server-wide, persistent) are written by loopback clients only. ``freeze_settings`` (the webui's flag): the
+    webui options are read-only (POST /sdapi/v1/options answers 403). The webui's own routes (/sdapi/v1/..., /controlnet/...:
     :mod:`api_compat.webui`) are served beside /scc/... over the same service.
 
     ``allowed_hosts``: the names the ``Host`` header may carry (default: the loopback names; see
@@ -505,8 +507,9 @@ def create_app(service: TaskService, *, api_key: str | None = None, max_body_byt
     asgi = _ApiRoutes(app, service, max_body_bytes, read_timeout)
     from api_compat.webui import webui_router
 
-    app.include_router(webui_router(service, asgi.read_request))
     basic = parse_api_auth(api_auth)
+    app.include_router(webui_router(service, asgi.read_request, freeze_settings=freeze_settings,
+                                    authenticated=bool(api_key or basic)))
     if api_key or basic:
         asgi = _AuthMiddleware(asgi, api_key, basic)
     return _SiteGuard(asgi, allowed_hosts, cors_origins)

@@ -141,7 +141,12 @@ class TaskService:
         the result is read with :meth:`sd_get_result`. Raises :class:`ApiError`."""
         return self._submit(payload, headers, "img2img")
 
-    def _submit(self, payload: dict[str, Any], headers: dict[str, str] | None, kind: str) -> dict[str, str]:
+    def check(self, payload: dict[str, Any], headers: dict[str, str] | None = None, kind: str = "txt2img") -> None:
+        """Every submit-time check of ``payload`` (schema, engine rules, the model store, the memory budget),
+        nothing queued: raises the :class:`ApiError` submitting it would raise."""
+        self._validate(payload, headers, kind)
+
+    def _validate(self, payload: dict[str, Any], headers: dict[str, str] | None, kind: str):
         config_id = self._config_id(headers)
         config = self.configs[config_id]
         parsed = parse_request(kind, payload)
@@ -156,6 +161,10 @@ class TaskService:
         if store is not None:
             check_models(store, translation.models, origins)
             check_memory(store, config, translation.request, self.memory_budget, origins)
+        return config_id, config, parsed, origins, translation, store
+
+    def _submit(self, payload: dict[str, Any], headers: dict[str, str] | None, kind: str) -> dict[str, str]:
+        config_id, config, parsed, origins, translation, store = self._validate(payload, headers, kind)
         model = wire = None
         if self.backend.name != "embedded":
             model = self._route(store, config, translation.request.model)

@@ -78,6 +78,8 @@ def field_origins(payload: GenerationPayload) -> dict[str, str]:
         "vae": "override_settings.sd_vae" if given.get("sd_vae") else "sd_vae",
         "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
     }
+    if "CLIP_stop_at_last_layers" in given:  # the webui's clip skip wins over clip_skip
+        origins["clip_skip"] = "override_settings.CLIP_stop_at_last_layers"
     k = 0
     for path, unit in units_of(payload):
         if unit.enabled:

@@ -74,10 +74,12 @@ def _is_loopback(host: str) -> bool:
 @click.option("--memory-budget-gb", type=float, default=None,
               help="Refuse requests whose estimated peak memory is larger (default: half the machine's memory; "
                    "with --queue: off unless given, as the workers' memory; 0 turns the check off).")
+@click.option("--freeze-settings", is_flag=True,
+              help="The webui options are read-only (POST /sdapi/v1/options answers 403), as the webui's flag.")
 @click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
-          read_timeout, queue, results_ttl, visibility_timeout, memory_budget_gb, engine_factory):
+          read_timeout, queue, results_ttl, visibility_timeout, memory_budget_gb, freeze_settings, engine_factory):
     """Serve POST /scc/sd_txt2img and /scc/sd_get_result, and the webui's /sdapi/v1/... API, over HTTP (needs the
     'server' extra).
 
@@ -113,7 +115,7 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
         raise click.ClickException(str(exc)) from None
     app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,
                      allowed_hosts=allowed_hosts_for(host, allowed_hosts), cors_origins=cors_origins,
-                     read_timeout=read_timeout, api_auth=basic)
+                     read_timeout=read_timeout, api_auth=basic, freeze_settings=freeze_settings)
     uvicorn.Server(uvicorn_config(app, host=host, port=port, header_timeout=header_timeout)).run()
 
 

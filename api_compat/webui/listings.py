@@ -1,6 +1,8 @@
 """The webui's listings (``/sdapi/v1/sd-models``, ``sd-vae``, ``loras``, ``embeddings``, ``samplers``,
-``schedulers``, ``upscalers``, ``latent-upscale-modes``, ``cmd-flags``, ``memory``): what the model store and
-the engine's registries hold, in the webui's shapes. Nothing here loads a model."""
+``schedulers``, ``upscalers``, ``latent-upscale-modes``, ``scripts``, ``script-info``, ``hypernetworks``,
+``face-restorers``, ``realesrgan-models``, ``prompt-styles``, ``cmd-flags``, ``memory``): what the model store and
+the engine's registries hold, in the webui's shapes (an empty list for what the engine does not have). Nothing
+here loads a model."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from engine.samplers import SCHEDULE_NAMES, SPECS
 
 log = logging.getLogger(__name__)
 
-SCRIPTS = {"txt2img": ["controlnet"], "img2img": ["controlnet"]}  # ControlNet is the one always-on script
+# the scripts this engine runs, by the names the webui lists them under (a script's title, lower case): ControlNet
+# (sd-webui-controlnet's "controlnet") is the one always-on script, on both tabs; there are no selectable scripts
+SCRIPTS = {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
 _SCHEDULE_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
 
 
@@ -130,3 +134,41 @@ def memory() -> dict[str, Any]:
     except (ValueError, OSError, AttributeError):
         ram = {"error": "unavailable on this system"}
     return {"ram": ram, "cuda": {"error": "not reported by sdengine (the engine runs in its worker)"}}
+
+
+def scripts() -> dict[str, list[str]]:
+    """``/sdapi/v1/scripts``: ``{"txt2img": [...], "img2img": [...]}`` of the scripts this engine runs."""
+    return {k: list(v) for k, v in SCRIPTS.items()}
+
+
+def script_info() -> list[dict[str, Any]]:
+    """``/sdapi/v1/script-info``: the webui's ScriptInfo items (name, is_alwayson, is_img2img, args) of
+    :func:`scripts`; ControlNet's arguments are its units (one ScriptArg each, as the extension's script takes a
+    unit per argument)."""
+    from engine.rules import MAX_UNITS
+
+    args = [{"label": f"ControlNet Unit {i}", "value": None, "minimum": None, "maximum": None, "step": None,
+             "choices": None} for i in range(MAX_UNITS)]
+    return [{"name": name, "is_alwayson": True, "is_img2img": tab == "img2img", "args": args}
+            for tab, names in SCRIPTS.items() for name in names]
+
+
+def hypernetworks() -> list[dict[str, Any]]:
+    """``[{name, path}]`` of the hypernetworks the engine applies: none (a ``<hypernet:...>`` prompt tag is
+    refused, naming it)."""
+    return []
+
+
+def face_restorers() -> list[dict[str, Any]]:
+    """``[{name, cmd_dir}]``: none (``restore_faces`` is refused)."""
+    return []
+
+
+def realesrgan_models() -> list[dict[str, Any]]:
+    """``[{name, path, scale}]``: none (the image upscalers are the ones of :func:`upscalers`)."""
+    return []
+
+
+def prompt_styles() -> list[dict[str, Any]]:
+    """``[{name, prompt, negative_prompt}]``: none (``styles`` is refused)."""
+    return []

@@ -21,14 +21,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from api_compat.errors import HTTP_STATUS, ApiError, payload_path
-from api_compat.schema import OverrideSettings, validation_error_to_api
 from api_compat.service import DEFAULT_CONFIG
 from api_compat.webui import listings
 from api_compat.webui.adapter import api_error, png_info, webui_echo, webui_info, webui_to_scc
-from api_compat.webui.options import OPTION_NAMES, PROBE_ORIGINS, WebuiState
+from api_compat.webui.option_table import DEFAULTS, EFFECTS, LOADING_OPTIONS, REQUEST_OPTIONS
+from api_compat.webui.option_table import MAX_BODY_BYTES as MAX_OPTIONS_BODY
+from api_compat.webui.options import PROBE_ORIGINS, WebuiState, option_of, probe_payload
 from engine.rules import RANGES
 
 log = logging.getLogger(__name__)
@@ -115,13 +115,35 @@ class RouteSet:
         return result
 
     async def images_of(self, task_id: str, count: int) -> list[str]:
-        """The task's PNGs as base64 (as the webui answers images)."""
+        """The task's images as base64 (as the webui answers images), in the ``samples_format`` option's format
+        (PNG as stored; JPEG/WebP with the infotext as EXIF UserComment, as the webui encodes them)."""
         paths = [self.service.image_path(task_id, i) for i in range(count)]
-        return await asyncio.to_thread(lambda: [_b64_png(p) for p in paths if p is not None])
+        fmt = str(self.state.value("samples_format")).lower()
+        quality, lossless = self.state.value("jpeg_quality"), self.state.value("webp_lossless")
+        return await asyncio.to_thread(lambda: [_b64_image(p, fmt, quality, lossless) for p in paths if p is not None])
 
 
-def _b64_png(path: Path) -> str:
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+def _b64_image(path: Path, fmt: str = "png", quality: int = 80, lossless: bool = False) -> str:
+    data = Path(path).read_bytes()
+    if fmt in ("jpg", "jpeg", "webp"):
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            text = img.info.get("parameters")
+            exif = Image.Exif()
+            if isinstance(text, str) and text:
+                # EXIF UserComment (in the Exif IFD), UTF-16 with its character-code prefix, as the webui writes it
+                exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")
+            out = io.BytesIO()
+            rgb = img.convert("RGB")
+            if fmt == "webp":
+                rgb.save(out, format="WEBP", quality=quality, lossless=lossless, exif=exif.tobytes())
+            else:
+                rgb.save(out, format="JPEG", quality=quality, exif=exif.tobytes())
+            data = out.getvalue()
+    return base64.b64encode(data).decode("ascii")
 
 
 _ANSWER_DOC = ('{"images": [base64 PNG], "parameters": {the request as the webui echoes it}, '
@@ -135,24 +157,45 @@ class WebuiRoutes(RouteSet):
         state = self.state
         try:
             body = await self.read_json(request)
-            scc = webui_to_scc(body, state.options)
-            result = await self.run_task(request, kind, submit, scc)
+            result, warnings = await self.run_with_options(request, kind, submit, body)
             task_id = result["_task_id"]
             count = len(result.get("images") or [])
             send = body.get("send_images", True) is not False
             images = await self.images_of(task_id, count) if send else []
             info = webui_info(result.get("info") or {}, body)
             info["sdengine_task_id"] = task_id
+            if warnings:
+                info["warnings"] = [*(info.get("warnings") or []), *warnings]
             overrides = body.get("override_settings")
             if body.get("override_settings_restore_afterwards") is False and isinstance(overrides, dict):
-                # the webui keeps the request's settings as the options afterwards
-                kept = {k: v for k, v in overrides.items() if k in OPTION_NAMES and v is not None}
+                # the webui keeps the request's settings as the options afterwards (the request checked them)
+                kept = {k: v for k, v in overrides.items() if k in REQUEST_OPTIONS and v is not None}
                 if kept:
                     await asyncio.to_thread(state.save, {**state.options, **kept})
             return {"images": images, "parameters": webui_echo(body, kind),
                     "info": json.dumps(info, ensure_ascii=False)}
         except ApiError as exc:
             return self.failure(exc)
+
+    async def run_with_options(self, request: Request, kind: str, submit, body: Any
+                               ) -> tuple[dict[str, Any], list[str]]:
+        """Run ``body`` with the options that act on requests (as override_settings it did not set). A stored
+        option the request cannot take (e.g. a clip skip the current model has no layer for) is left out, with a
+        warning in the answer's info and the log, rather than failing every request."""
+        options = self.state.request_options()
+        own = body.get("override_settings") if isinstance(body, dict) else None
+        own = own if isinstance(own, dict) else {}
+        warnings: list[str] = []
+        while True:
+            scc = webui_to_scc(body, options)
+            try:
+                return await self.run_task(request, kind, submit, scc), warnings
+            except ApiError as exc:
+                key = option_of(exc.field)
+                if key is None or key not in options or own.get(key) is not None:
+                    raise
+                warnings.append(self.state.warn_unfit(key, exc))
+                options = {k: v for k, v in options.items() if k != key}
 
     # ------------------------------------------------------------------------------------- generation
     @route("POST", "/sdapi/v1/txt2img", summary="txt2img, synchronous (webui API)",
@@ -204,9 +247,30 @@ class WebuiRoutes(RouteSet):
         return await asyncio.to_thread(listings.embeddings, self.state.store, dict(self.state.options),
                                        self.service.configs[DEFAULT_CONFIG])
 
-    @route("GET", "/sdapi/v1/scripts", summary="Scripts (ControlNet is the one always-on script)")
+    @route("GET", "/sdapi/v1/scripts", summary="Scripts by the names the webui and extensions use (ControlNet: "
+                                               "\"controlnet\", the one always-on script; no selectable scripts)")
     async def scripts(self):
-        return {k: list(v) for k, v in listings.SCRIPTS.items()}
+        return listings.scripts()
+
+    @route("GET", "/sdapi/v1/script-info", summary="The scripts with their arguments (ControlNet: one per unit)")
+    async def script_info(self):
+        return listings.script_info()
+
+    @route("GET", "/sdapi/v1/hypernetworks", summary="Hypernetworks: none (the engine does not apply them)")
+    async def hypernetworks(self):
+        return listings.hypernetworks()
+
+    @route("GET", "/sdapi/v1/face-restorers", summary="Face restorers: none (the engine has no face restoration)")
+    async def face_restorers(self):
+        return listings.face_restorers()
+
+    @route("GET", "/sdapi/v1/realesrgan-models", summary="Real-ESRGAN models: none (no model upscalers are shipped)")
+    async def realesrgan_models(self):
+        return listings.realesrgan_models()
+
+    @route("GET", "/sdapi/v1/prompt-styles", summary="Prompt styles: none (the engine has no styles)")
+    async def prompt_styles(self):
+        return listings.prompt_styles()
 
     @route("GET", "/sdapi/v1/cmd-flags", summary="The server's flags under the webui's names (no secrets)")
     async def cmd_flags(self):
@@ -236,47 +300,40 @@ class WebuiRoutes(RouteSet):
                "sd_model_checkpoint": {"type": "string"}, "sd_vae": {"type": "string"},
                "CLIP_stop_at_last_layers": {"type": "integer", "minimum": RANGES["clip_skip"].lo,
                                             "maximum": RANGES["clip_skip"].hi},
-               "eta_noise_seed_delta": {"type": "integer", "minimum": 0}}}),
-           description="Settable: " + ", ".join(OPTION_NAMES) + ". Any other option is refused (422) "
-                       "naming it; read-only ones are accepted when they carry the current value.")
+               "eta_noise_seed_delta": {"type": "integer", "minimum": 0},
+               "samples_format": {"type": "string", "enum": ["png", "jpg", "jpeg", "webp"]}},
+               "additionalProperties": True}),
+           description="Takes any of the webui's options (GET shows them all); the ones with an effect here: "
+                       + ", ".join(EFFECTS) + " (checked as a request's override_settings, on the current model); "
+                       "the others are stored and shown, with no effect. An unknown option, a value of the wrong "
+                       "type or over 4 KiB is refused (422) naming the option.")
     async def set_options(self, request: Request):
-        state, service = self.state, self.service
+        state = self.state
         try:
+            state.may_write(request.client.host if request.client else None)
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > MAX_OPTIONS_BODY:
+                raise ApiError("payload_too_large", f"the options body is {length} bytes",
+                               allowed=f"at most {MAX_OPTIONS_BODY} bytes of options")
             body = await self.read_json(request)
-            if not isinstance(body, dict):
-                raise ApiError("bad_request", "the body must be a JSON object of options",
-                               allowed='{"sd_model_checkpoint": "..."}')
             current = await asyncio.to_thread(state.current_options)
-            wanted = {}
-            for key, value in body.items():
-                if key in OPTION_NAMES:
-                    wanted[key] = value
-                elif key in current and current[key] == value:
-                    continue  # a read-only option echoed back unchanged (clients post what GET gave them)
-                else:
-                    raise api_error("not_supported", f"setting the option {key!r} is not supported", str(key),
-                                    ", ".join(OPTION_NAMES))
-            try:
-                parsed = OverrideSettings.model_validate(wanted)
-            except ValidationError as exc:
-                raise validation_error_to_api(exc) from None
-            options = {**state.options, **parsed.model_dump(exclude_unset=True)}
-            if options.get("sd_vae") == "Automatic":
-                options.pop("sd_vae")
-            load = {k: v for k, v in parsed.model_dump(exclude_unset=True).items()
-                    if k in ("sd_model_checkpoint", "sd_vae") and v is not None
-                    and v not in (current.get(k), state.options.get(k))}  # posting back the current one
+            wanted = state.parse(body, current)
+            options = {**state.options, **wanted}
+            headers = {k: v for k, v in request.headers.items()}
+            # checked on the model they will run on, with the same error a request would get
+            await asyncio.to_thread(state.check, options, headers)
+            load = {k: options[k] for k in LOADING_OPTIONS
+                    if k in wanted and options.get(k) not in (None, DEFAULTS[k], state.options.get(k))}
             if load:
                 # the webui loads the checkpoint before answering: a one-step task on the queue does, through
                 # the engine that serves the requests (the service has no other way into a worker's engine)
-                probe = {"prompt": "", "steps": 1, "n_iter": 1, "batch_size": 1, "seed": 0,
-                         "sampler_name": "Euler", "override_settings": {**load}}
                 try:
-                    await self.run_task(request, "options", service.sd_txt2img, probe)
+                    await self.run_task(request, "options", self.service.sd_txt2img,
+                                        probe_payload(state.request_options(options)))
                 except ApiError as exc:  # name the option, not the probe's override_settings
                     raise api_error(exc.code, exc.message, payload_path(exc.field, PROBE_ORIGINS), exc.allowed,
                                     status=exc.http_status) from None
-            await asyncio.to_thread(state.save, {k: v for k, v in options.items() if v is not None})
+            await asyncio.to_thread(state.save, options)
             return None
         except ApiError as exc:
             return self.failure(exc)
