@@ -73,6 +73,10 @@ def test_a_ui_option_is_stored_and_read_back(service, tmp_path):
     ({"sd_vae": 3}, "invalid_request", 422, "sd_vae"),
     ({"font": "x" * (MAX_VALUE_BYTES + 1)}, "invalid_request", 422, "font"),
     ({"sd_checkpoint_hash": "abc"}, "not_supported", 422, "sd_checkpoint_hash"),
+    # options that would change the images, which the engine does not do: their defaults only
+    ({"sd_hypernetwork": "x"}, "not_supported", 422, "sd_hypernetwork"),
+    ({"face_restoration": True}, "not_supported", 422, "face_restoration"),
+    ({"s_noise": 0.9}, "not_supported", 422, "s_noise"),
 ])
 def test_a_bad_option_is_refused_naming_it_and_nothing_is_stored(service, tmp_path, body, code, status, field):
     with client(service) as c:
@@ -91,6 +95,12 @@ def test_the_options_body_is_bounded(service):
         r = c.post("/sdapi/v1/options", content=b"{" + b" " * 300_000 + b"}",
                    headers={"content-type": "application/json"})
         assert r.status_code == 413
+
+
+def test_unsupported_options_at_their_defaults_are_accepted(service):
+    with client(service) as c:
+        r = c.post("/sdapi/v1/options", json={"sd_hypernetwork": "None", "face_restoration": False, "s_noise": 1})
+        assert r.status_code == 200, r.text
 
 
 def test_api_restricted_options_are_accepted_and_left_alone(service):

@@ -150,6 +150,24 @@ REQUEST_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", 
                    "img2img_fix_steps", "initial_noise_multiplier", "upscaler_for_img2img")
 # options that load a model when they change (POST /options waits for the load, as the webui does)
 LOADING_OPTIONS = ("sd_model_checkpoint", "sd_vae")
+# options that change the images in the webui and that this engine does not implement (as options): accepted at
+# the webui's default only, any other value refused naming the option (the request rule: a field asking for
+# something the engine does not do is an error; its inert default is fine). Sampler parameters the engine has as
+# request fields (eta, s_churn, ...) are set per request here, not as server-wide defaults.
+UNSUPPORTED = frozenset({
+    "face_restoration", "tiling", "sd_hypernetwork", "sd_unet", "emphasis", "comma_padding_backtrack",
+    "sdxl_clip_l_skip", "sdxl_crop_top", "sdxl_crop_left", "enable_quantization", "enable_batch_seeds",
+    "randn_source", "sd_vae_encode_method", "sd_vae_decode_method", "inpainting_mask_weight", "img2img_extra_noise",
+    "img2img_color_correction", "s_min_uncond", "s_min_uncond_all", "token_merging_ratio",
+    "token_merging_ratio_img2img", "token_merging_ratio_hr", "pad_cond_uncond", "pad_cond_uncond_v0",
+    "fp8_storage", "use_old_emphasis_implementation", "use_old_karras_scheduler_sigmas",
+    "no_dpmpp_sde_batch_determinism", "use_old_hires_fix_width_height", "hires_fix_use_firstpass_conds",
+    "use_old_scheduling", "use_downcasted_alpha_bar", "extra_networks_default_multiplier", "eta_ddim",
+    "eta_ancestral", "ddim_discretize", "s_churn", "s_tmin", "s_tmax", "s_noise", "sigma_min", "sigma_max", "rho",
+    "always_discard_next_to_last_sigma", "sgm_noise_multiplier", "uni_pc_variant", "uni_pc_skip_type",
+    "uni_pc_order", "uni_pc_lower_order_final", "sd_noise_schedule", "skip_early_cond", "beta_dist_alpha",
+    "beta_dist_beta",
+})
 # the webui's restrict_api options: POST /options accepts them and leaves them unchanged (as the webui does)
 API_RESTRICTED = frozenset({"api_enable_requests", "api_forbid_local_requests", "api_useragent"})
 # options only the server sets (GET shows them; a client posting them back unchanged is fine)
@@ -207,6 +225,9 @@ def check_value(key: str, value: Any) -> Any:
         ok = value is None or isinstance(value, str)
     if not ok:
         raise OptionProblem(key, f"must be {_type_name(default)}, got {type(value).__name__}", _type_name(default))
+    if key in UNSUPPORTED and value != default:
+        raise OptionProblem(key, f"not supported: {value!r} asks for something this engine does not do as a server "
+                            "option; leave it at the webui's default", json.dumps(default))
     if key == "samples_format" and value.lower() not in SAMPLES_FORMATS:
         raise OptionProblem(key, f"{value!r} is not a format the answers can have", ", ".join(SAMPLES_FORMATS))
     if key == "jpeg_quality" and not 1 <= value <= 100:

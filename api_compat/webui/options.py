@@ -172,7 +172,8 @@ class WebuiState:
             try:
                 wanted[key] = check_value(key, value)
             except OptionProblem as exc:
-                raise ApiError("invalid_request", exc.message, field=key, allowed=exc.allowed) from None
+                code = "not_supported" if exc.message.startswith("not supported") else "invalid_request"
+                raise ApiError(code, exc.message, field=key, allowed=exc.allowed) from None
         if wanted.get("sd_vae") == "Automatic":
             wanted["sd_vae"] = DEFAULTS["sd_vae"]
         return wanted
