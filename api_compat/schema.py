@@ -26,7 +26,7 @@ from pydantic_core import PydanticCustomError
 from api_compat.errors import ApiError
 from engine import rules
 from engine.controlnet.images import ResizeMode
-from engine.controlnet.units import ControlMode
+from engine.controlnet.units import ControlMode, HiresOption
 from core.errors import InvalidRequest
 from engine.img2img import IMAGE_UPSCALERS, INPAINTING_FILLS, LATENT_UPSCALERS, RESIZE_MODES
 from engine.models.store import unsafe_name_reasons
@@ -209,6 +209,23 @@ def _bool_type(*, nullable: bool = True):
     return Annotated[base, BeforeValidator(check)]
 
 
+def _weights_type(max_len: int = 32):
+    """A list of finite numbers (ControlNet advanced weighting), or null."""
+    text = f"null or a list of 1 to {max_len} numbers from 0 to 2"
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, list) or not 1 <= len(value) <= max_len:
+            raise _err("list_type", "must be a list of numbers", text)
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0.0 <= item <= 2.0:
+                raise _err("out_of_range", "every weight must be a number from 0 to 2", text)
+        return [float(item) for item in value]
+
+    return Annotated[list[float] | None, BeforeValidator(check), Field(json_schema_extra={"description": text})]
+
+
 def _list_type(max_len: int, *, item: str = "string"):
     def check(value: Any) -> Any:
         if value is None:
@@ -258,7 +275,8 @@ class ControlNetUnitPayload(_Model):
 
     enabled: _bool_type(nullable=False) = True
     module: ShortText = default("controlnet_units.module")
-    model: _name_type(kind="ControlNet model") = None
+    model: _name_type(special=("None",), kind="ControlNet model") = Field(
+        None, description='"None" (or null) only for modules that need no ControlNet model (reference_*)')
     input_image: _str_type(MAX_IMAGE_TEXT, nullable=True) = Field(
         None, description="base64 or data:image/...;base64, URI (http(s) if allowed); limited by the decoded "
                           "file's bytes and pixels")
@@ -273,11 +291,15 @@ class ControlNetUnitPayload(_Model):
     control_mode: _mode(ControlMode, "0, 1, 2") = default("controlnet_units.control_mode")
     pixel_perfect: _bool_type(nullable=False) = default("controlnet_units.pixel_perfect")
     save_detected_map: _bool_type(nullable=False) = default("controlnet_units.save_detected_map")
-    # sd-webui-controlnet fields with no effect here (memory hints, UI state, hires-fix routing)
+    hr_option: _mode(HiresOption, "0, 1, 2") = Field(default("controlnet_units.hr_option"), description=(
+        "with the hires fix: the passes the unit acts in (its detected maps are returned for both passes)"))
+    advanced_weighting: _weights_type() = Field(None, description=(
+        "per-residual control weights (SD1.x: 13, SDXL: 10; down residuals in UNet order, then the middle "
+        "block), or null"))
+    # sd-webui-controlnet fields with no effect here (memory hints, UI state)
     low_vram: Flag = None
     lowvram: Flag = None
     is_ui: Flag = None
-    hr_option: OptShortText = None
     inpaint_crop_input_image: Flag = None
     # sd-webui-controlnet features the engine does not implement
     guess_mode: _only_default(False, None, feature="guess mode (use control_mode)") = None

@@ -15,9 +15,14 @@ import numpy as np
 @dataclass(frozen=True)
 class ControlNetUnit:
     """One ControlNet unit, already validated. ``image`` is an RGB uint8 array (H, W, 3), or an
-    ``engine.controlnet.images.EncodedImage`` (the compressed file, decoded when the unit runs)."""
+    ``engine.controlnet.images.EncodedImage`` (the compressed file, decoded when the unit runs).
 
-    model: str
+    ``model`` None: a module that needs no ControlNet model (sd-webui-controlnet's ``reference_*``).
+    ``hr_option`` (with the hires fix): the passes the unit acts in, "Both", "Low res only" or "High res only"
+    (its detected maps are made for both passes either way, as the extension does). ``advanced_weighting``:
+    per-residual control weights (down residuals in UNet order, then the middle block), or None."""
+
+    model: str | None
     image: Any = field(repr=False, compare=False)
     module: str = "none"
     weight: float = 1.0
@@ -30,6 +35,8 @@ class ControlNetUnit:
     control_mode: str = "Balanced"  # | "My prompt is more important" | "ControlNet is more important"
     pixel_perfect: bool = False
     save_detected_map: bool = False
+    hr_option: str = "Both"
+    advanced_weighting: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
