@@ -153,8 +153,6 @@ FIELD_DOCS: dict[str, str] = {
     "is_ui": "accepted, no effect (UI state)",
     "hr_option": "with the hires fix: the passes the unit acts in; its detected maps are returned for both "
                  "passes (the hires pass's first), as sd-webui-controlnet does",
-    "advanced_weighting": "per-residual control weights (SD1.x: 13, SDXL: 10: the down residuals in UNet order, "
-                          "then the middle block), or null for weight",
     "inpaint_crop_input_image": "accepted, no effect",
     "guess_mode": "guess mode; use control_mode",
     "mask": "ControlNet masks",

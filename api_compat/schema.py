@@ -209,23 +209,6 @@ def _bool_type(*, nullable: bool = True):
     return Annotated[base, BeforeValidator(check)]
 
 
-def _weights_type(max_len: int = 32):
-    """A list of finite numbers (ControlNet advanced weighting), or null."""
-    text = f"null or a list of 1 to {max_len} numbers from 0 to 2"
-
-    def check(value: Any) -> Any:
-        if value is None:
-            return None
-        if not isinstance(value, list) or not 1 <= len(value) <= max_len:
-            raise _err("list_type", "must be a list of numbers", text)
-        for item in value:
-            if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0.0 <= item <= 2.0:
-                raise _err("out_of_range", "every weight must be a number from 0 to 2", text)
-        return [float(item) for item in value]
-
-    return Annotated[list[float] | None, BeforeValidator(check), Field(json_schema_extra={"description": text})]
-
-
 def _list_type(max_len: int, *, item: str = "string"):
     def check(value: Any) -> Any:
         if value is None:
@@ -293,9 +276,6 @@ class ControlNetUnitPayload(_Model):
     save_detected_map: _bool_type(nullable=False) = default("controlnet_units.save_detected_map")
     hr_option: _mode(HiresOption, "0, 1, 2") = Field(default("controlnet_units.hr_option"), description=(
         "with the hires fix: the passes the unit acts in (its detected maps are returned for both passes)"))
-    advanced_weighting: _weights_type() = Field(None, description=(
-        "per-residual control weights (SD1.x: 13, SDXL: 10; down residuals in UNet order, then the middle "
-        "block), or null"))
     # sd-webui-controlnet fields with no effect here (memory hints, UI state)
     low_vram: Flag = None
     lowvram: Flag = None

@@ -118,8 +118,9 @@ def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: 
         raise ApiError("invalid_request", "both input_image and its alias image are given, with different values",
                        field=f"{path}.image", allowed="one of them")
     preprocessor = get_preprocessor(unit.module.strip().lower(), field=f"{field}.module")  # "Canny" too
-    model = None if unit.model in (None, "None") else unit.model
-    if model is None and not preprocessor.model_free:
+    # the extension ignores a model-free unit's model ("None" by convention); any other unit needs one
+    model = "None" if preprocessor.model_free else None if unit.model == "None" else unit.model
+    if model is None:
         raise InvalidRequest(f"{field}.model", f"is required for an enabled unit with module {unit.module!r}",
                              "a ControlNet model name")
     if unit.guidance_start > unit.guidance_end:
@@ -156,7 +157,6 @@ def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: 
         pixel_perfect=unit.pixel_perfect,
         save_detected_map=unit.save_detected_map,
         hr_option=unit.hr_option,
-        advanced_weighting=None if unit.advanced_weighting is None else tuple(unit.advanced_weighting),
     )
     check_unit_sizes(built, width, height, limits.max_work_pixels, f"{field}.image")
     return built
@@ -222,7 +222,7 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         field = f"controlnet_units[{len(units)}]"
         units.append(_unit(path, field, unit, limits, payload.width or PLAN_NATIVE_SIZE,
                            payload.height or PLAN_NATIVE_SIZE, init))
-        if units[-1].model is not None:
+        if not get_preprocessor(units[-1].module).model_free:  # model-free units name no model
             models.append((Kind.CONTROLNET, units[-1].model, f"{field}.model"))
 
     fields = dict(

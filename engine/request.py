@@ -17,12 +17,11 @@ class ControlNetUnit:
     """One ControlNet unit, already validated. ``image`` is an RGB uint8 array (H, W, 3), or an
     ``engine.controlnet.images.EncodedImage`` (the compressed file, decoded when the unit runs).
 
-    ``model`` None: a module that needs no ControlNet model (sd-webui-controlnet's ``reference_*``).
+    ``model`` "None": a module that needs no ControlNet model (sd-webui-controlnet's ``reference_*``).
     ``hr_option`` (with the hires fix): the passes the unit acts in, "Both", "Low res only" or "High res only"
-    (its detected maps are made for both passes either way, as the extension does). ``advanced_weighting``:
-    per-residual control weights (down residuals in UNet order, then the middle block), or None."""
+    (its detected maps are made for both passes either way, as the extension does)."""
 
-    model: str | None
+    model: str
     image: Any = field(repr=False, compare=False)
     module: str = "none"
     weight: float = 1.0
@@ -36,7 +35,6 @@ class ControlNetUnit:
     pixel_perfect: bool = False
     save_detected_map: bool = False
     hr_option: str = "Both"
-    advanced_weighting: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

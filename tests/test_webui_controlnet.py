@@ -29,6 +29,7 @@ from api_compat import ApiError
 from api_compat.schema import parse_img2img, parse_payload
 from api_compat.translate import translate, translate_img2img
 from api_compat.webui import webui_to_scc
+from core.errors import InvalidRequest
 from engine.config import EngineConfig
 from engine.controlnet import preprocessors
 from engine.controlnet.preprocessors import PREPROCESSORS, Preprocessor
@@ -124,7 +125,8 @@ class Server:
                 pass
             assert self.proc.poll() is None and time.monotonic() < end, self.console()[-3000:]
             time.sleep(0.2)
-        self.model = requests.get(self.url + "/controlnet/model_list").json()["model_list"][0]
+        models = requests.get(self.url + "/controlnet/model_list").json()["model_list"]
+        self.model = next(m for m in models if m.startswith(CN_NAME))
 
     def console(self) -> str:
         return self.log_path.read_bytes().decode(errors="replace")
@@ -300,19 +302,21 @@ def test_control_types(server):
                           "IP-Adapter", "Reference", "T2I-Adapter", "Segmentation", "Tile", "Recolor"}
     canny = types["Canny"]
     assert canny["module_list"][:2] == ["none", "canny"] and "invert (from white bg & black line)" in canny["module_list"]
-    assert canny["model_list"] == ["None", server.model] and canny["default_model"] == server.model
+    models = server.get("/controlnet/model_list").json()["model_list"]  # ours and the bundled demo canny
+    assert len(models) == 2 and canny["model_list"] == ["None", *models]
+    assert canny["default_model"].startswith(CN_NAME)  # the extension prefers a v1.1 ("11") model
     assert canny["default_option"] == "canny"
     # a type with nothing here: only "none" / "None", as the extension answers for it
     assert types["Depth"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
                               "default_model": "None"}
-    assert types["All"]["model_list"] == ["None", server.model]
+    assert types["All"]["model_list"] == ["None", *models]
 
 
 def _pose() -> dict:
     points = [(32, 10), (32, 20), (22, 20), (18, 32), (16, 44), (42, 20), (46, 32), (48, 44), (26, 44), (26, 56),
               (26, 62), (38, 44), (38, 56), (38, 62), (30, 8), (34, 8), (28, 9), (36, 9)]
     flat = [v for x, y in points for v in (x, y, 1)]
-    flat[-3:] = [0, 0, 0]  # a keypoint below confidence 1 is absent
+    flat[-3:] = [60, 70, 0.5]  # a keypoint below confidence 1 is absent
     return {"people": [{"pose_keypoints_2d": flat, "hand_left_keypoints_2d": None, "hand_right_keypoints_2d": None,
                         "face_keypoints_2d": None}], "canvas_width": 64, "canvas_height": 72}
 
@@ -323,9 +327,9 @@ def test_render_openpose_json(server):
     assert r.status_code == 200 and r.json()["info"] == "Success"
     a, b = (_pixels(i) for i in r.json()["images"])
     assert a.shape == (72, 64, 3) and np.array_equal(a, b)
-    assert tuple(a[10, 32]) == (255, 0, 0)  # the nose joint, the first colour
+    assert tuple(a[20, 32]) == (255, 85, 0)  # the neck joint, the second colour
     assert tuple(a[44, 16]) == (170, 255, 0)  # the right wrist, the fifth
-    assert tuple(a[9, 36]) == (0, 0, 0)  # the absent keypoint is not drawn
+    assert tuple(a[70, 60]) == (0, 0, 0)  # the absent keypoint is not drawn
     assert server.post("/controlnet/render_openpose_json", []).json()["info"] == "No pose data detected."
     bad = server.post("/controlnet/render_openpose_json", [{"foo": 10, "bar": 100}])
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "[0].canvas_height"
@@ -336,35 +340,31 @@ CONFIG = EngineConfig()
 
 
 def _translate_unit(**fields):
-    payload = webui_to_scc(txt2img([unit(model="m", image=PICTURE, **fields)]))
+    payload = webui_to_scc(txt2img([unit(**{"model": "m", "image": PICTURE, **fields})]))
     return translate(parse_payload(payload), CONFIG)
 
 
 def test_unit_without_a_model_reaches_the_engine_for_model_free_modules(monkeypatch):
     """A module that needs no ControlNet model (the extension's reference_*, registered here as one) goes to the
-    engine with model None and no ControlNet to look up; any other module still needs a model."""
+    engine with model "None" (whatever the payload named) and no ControlNet to look up; any other module still
+    needs a model."""
     monkeypatch.setitem(PREPROCESSORS, "reference_test", Preprocessor("reference_test", lambda img, r, a, b: img,
                                                                      model_free=True))
     done = _translate_unit(module="reference_test", model="None")
-    assert done.request.controlnet_units[0].model is None
+    assert done.request.controlnet_units[0].model == "None"
     assert not [m for m in done.models if m[2].startswith("controlnet_units")]
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         _translate_unit(module="canny", model="None")
-    assert exc.value.field == "alwayson_scripts.ControlNet.args[0].model"
+    assert exc.value.field == "alwayson_scripts.controlnet.args[0].model"
     assert preprocessors.get_preprocessor("canny").model_free is False
 
 
-def test_advanced_weighting_and_hr_option_reach_the_engine():
-    done = _translate_unit(advanced_weighting=[0.75] * 13, hr_option="low res only")
-    built = done.request.controlnet_units[0]
-    assert built.advanced_weighting == (0.75,) * 13 and built.hr_option == "Low res only"
-    assert _translate_unit().request.controlnet_units[0].advanced_weighting is None
-    with pytest.raises(ApiError) as exc:
-        _translate_unit(advanced_weighting=["x"])
-    assert exc.value.field == "alwayson_scripts.ControlNet.args[0].advanced_weighting"
+def test_hr_option_reaches_the_engine():
+    assert _translate_unit(hr_option="low res only").request.controlnet_units[0].hr_option == "Low res only"
+    assert _translate_unit().request.controlnet_units[0].hr_option == "Both"
     with pytest.raises(ApiError) as exc:
         _translate_unit(hr_option="Sometimes")
-    assert exc.value.field == "alwayson_scripts.ControlNet.args[0].hr_option"
+    assert exc.value.field == "alwayson_scripts.controlnet.args[0].hr_option"
 
 
 def test_img2img_unit_takes_the_init_image_and_its_resize_mode():
@@ -372,6 +372,6 @@ def test_img2img_unit_takes_the_init_image_and_its_resize_mode():
     done = translate_img2img(parse_img2img(payload), CONFIG)
     built = done.request.controlnet_units[0]
     assert built.image is done.request.init.image and built.resize_mode == "Resize and Fill"
-    with pytest.raises(ApiError) as exc:  # txt2img has no init image to take
+    with pytest.raises(InvalidRequest) as exc:  # txt2img has no init image to take
         translate(parse_payload(webui_to_scc(txt2img([unit(model="m")]))), CONFIG)
-    assert exc.value.field == "alwayson_scripts.ControlNet.args[0].input_image"
+    assert exc.value.field == "alwayson_scripts.controlnet.args[0].input_image"
