@@ -128,16 +128,19 @@ FIELD_DOCS: dict[str, str] = {
     "module": "preprocessor: none, canny, invert, threshold, blur_gaussian, scribble_xdog, ...; unknown is an "
               "error listing the valid ones",
     "model": "ControlNet from the model store's ControlNet/ folder, webui matching (exact, case-insensitive, "
-             "\"name [hash]\"); required for an enabled unit; must fit the checkpoint's family",
+             "\"name [hash]\"); required for an enabled unit (\"None\" only for a module that needs no model); "
+             "must fit the checkpoint's family",
     "input_image": "the control image: base64 or data:image/...;base64, URI (http(s) only when the engine allows "
-                   "fetching); required for an enabled unit",
+                   "fetching); required for an enabled unit, except in img2img, where a unit without one takes "
+                   "the init image (and the img2img resize_mode), as sd-webui-controlnet does",
     "image": "alias of input_image",
     "weight": "residual weight",
     "guidance_start": "the unit runs at step i of n when guidance_start <= i/n <= guidance_end",
     "guidance_end": "see guidance_start; must not be below it",
     "ControlNetUnitPayload.resize_mode": "how the control image is fitted to the image size",
-    "processor_res": "preprocessor resolution; -1 or out of range: the preprocessor's default (512); the "
-                     "infotext shows the value used",
+    "processor_res": "preprocessor resolution; -1 or out of range: the preprocessor's default (512), logged "
+                     "(\"[canny.processor_res] Invalid value(-100), using default value 512.\"); the infotext "
+                     "shows the value used",
     "threshold_a": "preprocessor's first parameter (canny: low threshold); -1 or out of range: its default "
                    "(canny 100); the infotext shows the value used",
     "threshold_b": "preprocessor's second parameter (canny: high threshold); -1 or out of range: its default "
@@ -148,7 +151,8 @@ FIELD_DOCS: dict[str, str] = {
     "low_vram": "accepted, no effect (memory hint)",
     "lowvram": "accepted, no effect (memory hint)",
     "is_ui": "accepted, no effect (UI state)",
-    "hr_option": "accepted, no effect (hires fix routing)",
+    "hr_option": "with the hires fix: the passes the unit acts in; its detected maps are returned for both "
+                 "passes (the hires pass's first), as sd-webui-controlnet does",
     "inpaint_crop_input_image": "accepted, no effect",
     "guess_mode": "guess mode; use control_mode",
     "mask": "ControlNet masks",

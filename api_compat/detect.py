@@ -6,6 +6,8 @@ generations are (docs/DECISIONS.md, "/controlnet/detect through the task queue")
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,11 @@ from api_compat.images import ImageLimits, write_png
 from api_compat.tasks.backend import image_file
 
 DETECT_FIELDS = {"controlnet_module": "none", "controlnet_input_images": [], "controlnet_masks": [],
-                 "controlnet_processor_res": 512, "controlnet_threshold_a": 64, "controlnet_threshold_b": 64,
+                 "controlnet_processor_res": -1, "controlnet_threshold_a": -1, "controlnet_threshold_b": -1,
                  "low_vram": False}
 MAX_DETECT_IMAGES = 16
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,14 +83,23 @@ def parse_detect(body: Any, limits: ImageLimits) -> DetectRequest:
     numbers = {}
     for key in ("controlnet_processor_res", "controlnet_threshold_a", "controlnet_threshold_b"):
         value = body.get(key, DETECT_FIELDS[key])
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 16384:
-            raise _error("invalid_request", "must be a number", key, "a number from -1 to 16384")
-        numbers[key] = float(value)
-    res, a, b = (numbers["controlnet_processor_res"], numbers["controlnet_threshold_a"],
-                 numbers["controlnet_threshold_b"])
-    module = str(body.get("controlnet_module") or "none").strip().lower()
+        if value is None:
+            value = DETECT_FIELDS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                abs(value) > 2**31:
+            raise _error("invalid_request", "must be a number", key, "a number (out of the preprocessor's range "
+                         "or -1: its default)")
+        numbers[key] = int(value) if key == "controlnet_processor_res" else float(value)
+    given = str(body.get("controlnet_module") or "none")
+    module = given.strip().lower()
     try:
         pre = get_preprocessor(module, field="controlnet_module")
+        # the extension's bound check: out of the slider's range -> its default, logged as the extension does
+        values, adjusted = pre.check_params(given, numbers["controlnet_processor_res"],
+                                            numbers["controlnet_threshold_a"], numbers["controlnet_threshold_b"])
+        for change in adjusted:
+            log.warning("%s", change.message())
+        res, a, b = values["processor_res"], values["threshold_a"], values["threshold_b"]
         images = []
         for i, data in enumerate(encoded):
             field = f"controlnet_input_images[{i}]"

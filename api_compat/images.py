@@ -4,6 +4,8 @@ the ``parameters`` text chunk."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,3 +40,12 @@ def write_png(path: str | os.PathLike, image: np.ndarray, infotext: str | None) 
     with atomic_file(path) as f:
         Image.fromarray(array).save(f, format="PNG", pnginfo=meta)
     return path
+
+
+def png_base64(image: np.ndarray) -> str:
+    """``image`` (H, W, 3 uint8) as a base64 PNG, as the webui answers images it does not keep."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.asarray(image, dtype=np.uint8))).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -26,7 +26,7 @@ from pydantic_core import PydanticCustomError
 from api_compat.errors import ApiError
 from engine import rules
 from engine.controlnet.images import ResizeMode
-from engine.controlnet.units import ControlMode
+from engine.controlnet.units import ControlMode, HiresOption
 from core.errors import InvalidRequest
 from engine.img2img import IMAGE_UPSCALERS, INPAINTING_FILLS, LATENT_UPSCALERS, RESIZE_MODES
 from engine.models.store import unsafe_name_reasons
@@ -258,7 +258,8 @@ class ControlNetUnitPayload(_Model):
 
     enabled: _bool_type(nullable=False) = True
     module: ShortText = default("controlnet_units.module")
-    model: _name_type(kind="ControlNet model") = None
+    model: _name_type(special=("None",), kind="ControlNet model") = Field(
+        None, description='"None" (or null) only for modules that need no ControlNet model (reference_*)')
     input_image: _str_type(MAX_IMAGE_TEXT, nullable=True) = Field(
         None, description="base64 or data:image/...;base64, URI (http(s) if allowed); limited by the decoded "
                           "file's bytes and pixels")
@@ -273,11 +274,12 @@ class ControlNetUnitPayload(_Model):
     control_mode: _mode(ControlMode, "0, 1, 2") = default("controlnet_units.control_mode")
     pixel_perfect: _bool_type(nullable=False) = default("controlnet_units.pixel_perfect")
     save_detected_map: _bool_type(nullable=False) = default("controlnet_units.save_detected_map")
-    # sd-webui-controlnet fields with no effect here (memory hints, UI state, hires-fix routing)
+    hr_option: _mode(HiresOption, "0, 1, 2") = Field(default("controlnet_units.hr_option"), description=(
+        "with the hires fix: the passes the unit acts in (its detected maps are returned for both passes)"))
+    # sd-webui-controlnet fields with no effect here (memory hints, UI state)
     low_vram: Flag = None
     lowvram: Flag = None
     is_ui: Flag = None
-    hr_option: OptShortText = None
     inpaint_crop_input_image: Flag = None
     # sd-webui-controlnet features the engine does not implement
     guess_mode: _only_default(False, None, feature="guess mode (use control_mode)") = None

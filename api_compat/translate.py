@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from engine.config import EngineConfig
 from engine.controlnet import check_unit_sizes
-from engine.controlnet.images import load_image
+from engine.controlnet.images import ResizeMode, load_image
 from engine.controlnet.preprocessors import get_preprocessor
 from core.errors import InvalidRequest
 from engine.models.checkpoints import Kind
@@ -33,6 +34,8 @@ from engine.samplers import resolve
 from api_compat.errors import ApiError, in_payload_terms
 from api_compat.images import ImageLimits
 from api_compat.schema import GenerationPayload, Img2ImgPayload, Txt2ImgPayload, units_of
+
+log = logging.getLogger(__name__)
 
 # the size a unit image is planned for when the request leaves width/height to the model (the largest native
 # size of the supported families, SDXL's)
@@ -86,6 +89,8 @@ def field_origins(payload: GenerationPayload) -> dict[str, str]:
             origins[f"controlnet_units[{k}]"] = path
             image_given = unit.input_image is None and unit.image  # the alias alone (else input_image is named)
             origins[f"controlnet_units[{k}].image"] = f"{path}.image" if image_given else f"{path}.input_image"
+            if isinstance(payload, Img2ImgPayload) and not unit.input_image and not unit.image:
+                origins[f"controlnet_units[{k}].image"] = "init_images[0]"  # the unit takes the init image
             k += 1
     if isinstance(payload, Img2ImgPayload):
         origins.update(_INIT_ORIGINS)
@@ -106,39 +111,54 @@ def _negative_prompt(payload: GenerationPayload) -> str:
     return sic if sic is not None else (alias or "")
 
 
-def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: int) -> ControlNetUnit:
+def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: int,
+          init: tuple[Any, str] | None = None) -> ControlNetUnit:
     """A payload unit at ``path`` (its payload path, for the alias rule) as the request's unit at ``field``
-    (``controlnet_units[k]``)."""
-    if unit.model is None:
-        raise InvalidRequest(f"{field}.model", "is required for an enabled unit", "a ControlNet model name")
+    (``controlnet_units[k]``). ``init``: img2img's init image and the unit resize mode it implies, taken by a
+    unit without an image of its own (as sd-webui-controlnet does)."""
     if unit.input_image is not None and unit.image is not None and unit.input_image != unit.image:
         raise ApiError("invalid_request", "both input_image and its alias image are given, with different values",
                        field=f"{path}.image", allowed="one of them")
-    source = unit.input_image if unit.input_image is not None else unit.image
-    if not source:
-        raise InvalidRequest(f"{field}.image", "is required for an enabled unit",
-                             "base64 or a data:image/...;base64, URI")
+    preprocessor = get_preprocessor(unit.module.strip().lower(), field=f"{field}.module")  # "Canny" too
+    # the extension ignores a model-free unit's model ("None" by convention); any other unit needs one
+    model = "None" if preprocessor.model_free else None if unit.model == "None" else unit.model
+    if model is None:
+        raise InvalidRequest(f"{field}.model", f"is required for an enabled unit with module {unit.module!r}",
+                             "a ControlNet model name")
     if unit.guidance_start > unit.guidance_end:
         raise InvalidRequest(f"{field}.guidance_end", f"{unit.guidance_end:g} is before guidance_start "
                              f"{unit.guidance_start:g}", f"a number from {unit.guidance_start:g} to 1")
-    preprocessor = get_preprocessor(unit.module.strip().lower(), field=f"{field}.module")  # "Canny" too
-    # decoded once to validate it; the task keeps the compressed bytes (decoded again when the unit runs)
-    image = load_image(source, f"{field}.image", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
-                       allow_urls=limits.allow_url_fetch)
+    # the extension's bound check: a slider value out of the preprocessor's range becomes its default, logged
+    sliders, adjusted = preprocessor.check_params(unit.module, unit.processor_res, unit.threshold_a,
+                                                  unit.threshold_b)
+    for change in adjusted:
+        log.warning("%s", change.message())
+    source = unit.input_image if unit.input_image is not None else unit.image
+    resize_mode = unit.resize_mode
+    if source:
+        # decoded once to validate it; the task keeps the compressed bytes (decoded again when the unit runs)
+        image = load_image(source, f"{field}.image", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+                           allow_urls=limits.allow_url_fetch)
+    elif init is not None:
+        image, resize_mode = init
+    else:
+        raise InvalidRequest(f"{field}.image", "is required for an enabled unit (in img2img the init image is "
+                             "used when a unit has none)", "base64 or a data:image/...;base64, URI")
     built = ControlNetUnit(
-        model=unit.model,
+        model=model,
         image=image,
         module=preprocessor.name,
         weight=unit.weight,
         guidance_start=unit.guidance_start,
         guidance_end=unit.guidance_end,
-        resize_mode=unit.resize_mode,
-        processor_res=unit.processor_res,
-        threshold_a=unit.threshold_a,
-        threshold_b=unit.threshold_b,
+        resize_mode=resize_mode,
+        processor_res=int(sliders["processor_res"]),
+        threshold_a=sliders["threshold_a"],
+        threshold_b=sliders["threshold_b"],
         control_mode=unit.control_mode,
         pixel_perfect=unit.pixel_perfect,
         save_detected_map=unit.save_detected_map,
+        hr_option=unit.hr_option,
     )
     check_unit_sizes(built, width, height, limits.max_work_pixels, f"{field}.image")
     return built
@@ -167,9 +187,10 @@ def echo_parameters(payload: GenerationPayload, request: GenerationRequest) -> d
     return params
 
 
-def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: ImageLimits
-                    ) -> tuple[dict[str, Any], list[tuple[Kind, str, str]]]:
-    """The GenerationRequest fields sd_txt2img and sd_img2img share, and the model names to check."""
+def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: ImageLimits,
+                    init: tuple[Any, str] | None = None) -> tuple[dict[str, Any], list[tuple[Kind, str, str]]]:
+    """The GenerationRequest fields sd_txt2img and sd_img2img share, and the model names to check (``init``:
+    img2img's init image and the resize mode it implies, for units without an image)."""
     negative = _negative_prompt(payload)
     check_limits(config, width=payload.width, height=payload.height, batch_size=payload.batch_size,
                  n_iter=payload.n_iter, seed=payload.seed, subseed=payload.subseed)
@@ -202,8 +223,9 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
             continue
         field = f"controlnet_units[{len(units)}]"
         units.append(_unit(path, field, unit, limits, payload.width or PLAN_NATIVE_SIZE,
-                           payload.height or PLAN_NATIVE_SIZE))
-        models.append((Kind.CONTROLNET, unit.model, f"{field}.model"))
+                           payload.height or PLAN_NATIVE_SIZE, init))
+        if not get_preprocessor(units[-1].module).model_free:  # model-free units name no model
+            models.append((Kind.CONTROLNET, units[-1].model, f"{field}.model"))
 
     fields = dict(
         model=model,
@@ -298,7 +320,10 @@ def translate_img2img(payload: Img2ImgPayload, config: EngineConfig,
     them and kept compressed; override_settings' img2img settings. An InvalidRequest names the payload's
     field."""
     limits = limits or ImageLimits()
-    fields, models = _request_fields(payload, config, limits)
+    image = load_image(payload.init_images[0], "init.image", max_bytes=limits.max_bytes,
+                       max_pixels=limits.max_pixels, allow_urls=limits.allow_url_fetch)
+    fields, models = _request_fields(payload, config, limits,
+                                     (image, ResizeMode.of_img2img(payload.resize_mode).value))
     overrides = payload.override_settings
     upscaler = default("init.upscaler")
     if overrides is not None and overrides.upscaler_for_img2img is not None:
@@ -311,8 +336,6 @@ def translate_img2img(payload: Img2ImgPayload, config: EngineConfig,
     if fix_steps and payload.denoising_strength <= 0:
         raise InvalidRequest("init.denoising_strength", "0 with img2img_fix_steps leaves no steps to run",
                              "a number above 0 and at most 1")
-    image = load_image(payload.init_images[0], "init.image", max_bytes=limits.max_bytes,
-                       max_pixels=limits.max_pixels, allow_urls=limits.allow_url_fetch)
     mask = None
     if payload.mask:
         mask = load_image(payload.mask, "init.mask", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
@@ -357,4 +380,5 @@ def image_bytes(request: GenerationRequest) -> int:
     images = [u.image for u in request.controlnet_units]
     if request.init is not None:
         images += [request.init.image, request.init.mask]
-    return sum(getattr(image, "nbytes", 0) for image in images if image is not None)
+    unique = {id(image): image for image in images if image is not None}  # units may share the init image
+    return sum(getattr(image, "nbytes", 0) for image in unique.values())

@@ -30,7 +30,7 @@ from engine.backends import RELEASES_WEIGHTS
 from engine.backends.weights import adopt_cached
 from engine.conditioning import EmbeddingCache, TextModelInfo, TextualInversion, encode_request
 from engine.config import EngineConfig
-from engine.controlnet import cond_rows_mask, controlnet_component, controlnet_residuals, prepare_unit
+from engine.controlnet import HiresOption, cond_rows_mask, controlnet_component, controlnet_residuals, prepare_unit
 from engine.denoiser import Denoiser, LatentBlend
 from core.errors import BackendUnavailable, InvalidRequest
 from engine.img2img import LATENT_UPSCALERS, HiresSize, hires_size, prepare_init, upscale_image, upscale_latent
@@ -348,7 +348,13 @@ class Engine:
         info = generation.info(infotexts, ctx.timer.timings, device=self.config.device,
                                precision=self.config.precision.value)
         info["warnings"] = ctx.warnings
-        detected = [u.detected_map for u, spec in zip(ctx.first.units, req.controlnet_units) if spec.save_detected_map]
+        # the extension's detected maps: per unit, the hires pass's map then the first pass's
+        detected = []
+        for k, spec in enumerate(req.controlnet_units):
+            if spec.save_detected_map:
+                if ctx.second is not None:
+                    detected.append(ctx.second.units[k].detected_map)
+                detected.append(ctx.first.units[k].detected_map)
         return GenerationResult(images=images, infotexts=infotexts, info=info, seeds=ctx.seeds,
                                 subseeds=ctx.subseeds, timings=dict(ctx.timer.timings), detected_maps=detected)
 
@@ -366,7 +372,10 @@ class Engine:
         req, plan = ctx.req, p.plan
         sigmas = to_device(plan.sigmas, self.config.device)
         noise = plan.noise(x, rng, rng.seeds)
-        denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt), p.units, plan.steps), plan.schedule,
+        # with the hires fix, a unit acts in the passes its hr_option names (sd-webui-controlnet)
+        units = [u for u, spec in zip(p.units, req.controlnet_units)
+                 if ctx.second is None or HiresOption.parse(spec.hr_option).acts_in(p is ctx.second)]
+        denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt), units, plan.steps), plan.schedule,
                             ctx.rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
         if blend is not None:
             denoiser = LatentBlend(denoiser, *blend)

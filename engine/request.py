@@ -15,7 +15,11 @@ import numpy as np
 @dataclass(frozen=True)
 class ControlNetUnit:
     """One ControlNet unit, already validated. ``image`` is an RGB uint8 array (H, W, 3), or an
-    ``engine.controlnet.images.EncodedImage`` (the compressed file, decoded when the unit runs)."""
+    ``engine.controlnet.images.EncodedImage`` (the compressed file, decoded when the unit runs).
+
+    ``model`` "None": a module that needs no ControlNet model (sd-webui-controlnet's ``reference_*``).
+    ``hr_option`` (with the hires fix): the passes the unit acts in, "Both", "Low res only" or "High res only"
+    (its detected maps are made for both passes either way, as the extension does)."""
 
     model: str
     image: Any = field(repr=False, compare=False)
@@ -30,6 +34,7 @@ class ControlNetUnit:
     control_mode: str = "Balanced"  # | "My prompt is more important" | "ControlNet is more important"
     pixel_perfect: bool = False
     save_detected_map: bool = False
+    hr_option: str = "Both"
 
 
 @dataclass(frozen=True)

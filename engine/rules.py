@@ -115,7 +115,9 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     "controlnet_units.weight": Range(0.0, 2.0),
     "controlnet_units.guidance_start": Range(0.0, 1.0),
     "controlnet_units.guidance_end": Range(0.0, 1.0),
-    "controlnet_units.processor_res": _int(-1, 16384),
+    # any value: outside the preprocessor's own range (and -1) it gets the preprocessor's default, logged
+    # (sd-webui-controlnet's bound check; engine.controlnet.preprocessors.Preprocessor.check_params)
+    "controlnet_units.processor_res": _int(-(2**31), 2**31 - 1),
     "controlnet_units.threshold_a": Range(-1e6, 1e6),
     "controlnet_units.threshold_b": Range(-1e6, 1e6),
 })

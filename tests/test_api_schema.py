@@ -300,7 +300,7 @@ UNIT_FIELDS = {
     "guidance_end": ([1, 0.5], [1.5, -1]),
     "resize_mode": (["Just Resize", "Crop and Resize", "Resize and Fill", "just resize", 0, 1, 2,
                      "Inner Fit (Scale to Fit)", "Envelope (Outer Fit)"], [3, "Stretch", True, 1.5]),
-    "processor_res": ([-1, 512, 64], [1.5, "512", -2]),
+    "processor_res": ([-1, 512, 64, -100, 99999], [1.5, "512", 2**40]),  # out of the preprocessor's range: its default
     "threshold_a": ([-1, 100, 0.5], ["100", float("nan")]),
     "threshold_b": ([-1, 200], [[1]]),
     "control_mode": (["Balanced", "My prompt is more important", "ControlNet is more important", 0, 1, 2],

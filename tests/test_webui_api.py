@@ -194,7 +194,7 @@ def test_controlnet_detect_runs_on_the_worker_not_in_the_router(service, monkeyp
             seen.append(threading.current_thread().name)
             return pre(*args, **kwargs)
 
-        run.sizes = pre.sizes
+        run.sizes, run.check_params = pre.sizes, pre.check_params
         return run
 
     monkeypatch.setattr(detect, "get_preprocessor", spy)

@@ -7,12 +7,18 @@ import base64
 import binascii
 import io
 import json
+import logging
 import time
 from typing import Any
 
 from engine.infotext import parse_infotext
 
 from api_compat.errors import ApiError
+from api_compat.schema import FIELD_NAMES
+
+log = logging.getLogger(__name__)
+# the unit fields the schema knows (the extension's legacy "guidance" is read as guidance_end)
+UNIT_FIELDS = frozenset(FIELD_NAMES["unit"])
 
 WEBUI_VERSION = "v1.10.1"  # the webui API these routes follow
 # the webui's StableDiffusionProcessingTxt2Img defaults for fields a client leaves out, where they differ from
@@ -54,7 +60,7 @@ _UNIT_INERT: dict[str, tuple[Any, ...]] = {
     "output_dir": ("", None), "use_preview_as_input": (False, None), "generated_image": (None, ""),
     "batch_input_gallery": (None, []), "batch_mask_gallery": (None, []), "batch_mask_dir": (None, ""),
     "animatediff_batch": (False, None), "batch_modifiers": (None, []), "enabled_advanced_weighting": (None, False),
-    "advanced_weighting": (None,), "pulid_mode": (None, "Fidelity"),
+    "pulid_mode": (None, "Fidelity"),
 }
 
 
@@ -71,10 +77,41 @@ def _same(value: Any, default: Any) -> bool:
     return value is default or (type(value) is type(default) and value == default)
 
 
-def _unit_to_scc(unit: Any, path: str) -> Any:
-    """One sd-webui-controlnet unit dict as the /scc schema takes it: ``image`` given as the extension's
-    ``{"image": b64, "mask": null}`` becomes the string; inert UI fields are dropped (other values refused);
-    ``save_detected_map`` defaults to the extension's True."""
+def _unit_image(value: Any, path: str) -> Any:
+    """A unit's ``image`` in any of the extension's forms -> the one image string (or None): a string;
+    ``{"image": b64, "mask": null}``; ``[image, mask]``; ``[{"image": ..., "mask": ...}]``. Several images
+    (the extension's multi-input, IP-Adapter units only) and masks are refused naming the field."""
+    if isinstance(value, list):
+        if not value:
+            raise api_error("invalid_request", "is an empty list", path, "an image, or a list of one image")
+        if isinstance(value[0], dict):  # [{"image": ..., "mask": ...}, ...]
+            if len(value) > 1:
+                raise api_error("not_supported", f"not supported: {len(value)} input images (multi-input is for "
+                                "IP-Adapter units, which this engine does not run)", path, "one image")
+            return _unit_image(value[0], f"{path}[0]")
+        if len(value) > 2 or any(not isinstance(v, (str, type(None))) for v in value):
+            raise api_error("invalid_request", "must be [image, mask] or a list of {image, mask} objects", path,
+                            "an image, {\"image\": ..., \"mask\": null}, [image, null]")
+        if len(value) == 2 and value[1] not in (None, ""):
+            raise api_error("not_supported", "not supported: the engine does not implement ControlNet masks",
+                            f"{path}[1]", "null")
+        return value[0]
+    if isinstance(value, dict):  # the extension's {"image": ..., "mask": ...}
+        extra = sorted(set(value) - {"image", "mask"})
+        if extra:
+            raise api_error("unknown_field", f"unknown field {extra[0]!r}", f"{path}.{extra[0]}", "image, mask")
+        if value.get("mask") not in (None, ""):
+            raise api_error("not_supported", "not supported: the engine does not implement ControlNet masks",
+                            f"{path}.mask", "null")
+        return value.get("image")
+    return value
+
+
+def _unit_to_scc(unit: Any, path: str, known: frozenset[str] = frozenset()) -> Any:
+    """One sd-webui-controlnet unit dict as the /scc schema takes it: ``image`` in the extension's other forms
+    becomes the string (:func:`_unit_image`); inert UI fields are dropped (other values refused); keys the
+    extension's unit model does not know either (``known``: the schema's unit fields) are ignored as the
+    extension ignores them, with a logged warning; ``save_detected_map`` defaults to the extension's True."""
     if not isinstance(unit, dict):
         return unit  # the schema names the field and the type
     unit = dict(unit)
@@ -85,17 +122,16 @@ def _unit_to_scc(unit: Any, path: str) -> Any:
                 shown = ", ".join("null" if d is None else json.dumps(d) for d in inert)
                 raise api_error("not_supported", f"not supported: {name} is sd-webui-controlnet UI/batch state this "
                              "engine does not implement; leave it at its default", f"{path}.{name}", shown)
+    if "guidance" in unit and "guidance_end" not in unit:  # the extension's legacy name
+        unit["guidance_end"] = unit.pop("guidance")
+    if known:
+        for name in [k for k in unit if k not in known]:
+            unit.pop(name)
+            log.warning("%s.%s: unknown ControlNet unit field, ignored (as sd-webui-controlnet ignores it)",
+                        path, name)
     for name in ("image", "input_image"):
-        value = unit.get(name)
-        if isinstance(value, dict):  # the extension's {"image": ..., "mask": ...}
-            extra = sorted(set(value) - {"image", "mask"})
-            if extra:
-                raise api_error("unknown_field", f"unknown field {extra[0]!r}", f"{path}.{name}.{extra[0]}",
-                             "image, mask")
-            if value.get("mask") not in (None, ""):
-                raise api_error("not_supported", "not supported: the engine does not implement ControlNet masks",
-                             f"{path}.{name}.mask", "null")
-            unit[name] = value.get("image")
+        if name in unit:
+            unit[name] = _unit_image(unit[name], f"{path}.{name}")
     for name in ("image", "input_image"):  # a null alias next to the given one is not a second image
         other = "input_image" if name == "image" else "image"
         if name in unit and unit[name] is None and unit.get(other) is not None:
@@ -128,8 +164,8 @@ def webui_to_scc(payload: Any, options: dict[str, Any] | None = None) -> dict[st
                 script = dict(script)
                 for units_key in ("args", "units"):
                     if isinstance(script.get(units_key), list):
-                        script[units_key] = [_unit_to_scc(u, f"alwayson_scripts.{key}.{units_key}[{i}]")
-                                             for i, u in enumerate(script[units_key])]
+                        script[units_key] = [_unit_to_scc(u, f"alwayson_scripts.{key}.{units_key}[{i}]",
+                                                          UNIT_FIELDS) for i, u in enumerate(script[units_key])]
                 scripts[key] = script
         out["alwayson_scripts"] = scripts
     if options:

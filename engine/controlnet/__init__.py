@@ -26,6 +26,7 @@ from core.errors import InvalidRequest
 from engine.controlnet.preprocessors import ALIASES, PREPROCESSORS, Preprocessor, get_preprocessor, preprocess
 from engine.controlnet.units import (
     ControlMode,
+    HiresOption,
     PreparedUnit,
     active,
     active_units,
@@ -39,7 +40,7 @@ from engine.controlnet.units import (
 )
 
 __all__ = [
-    "ALIASES", "EncodedImage", "as_array", "check_unit_sizes", "load_image", "unit_sizes", "PREPROCESSORS", "ControlMode", "PreparedUnit", "Preprocessor", "ResizeMode", "active",
+    "ALIASES", "EncodedImage", "as_array", "check_unit_sizes", "load_image", "unit_sizes", "PREPROCESSORS", "ControlMode", "HiresOption", "PreparedUnit", "Preprocessor", "ResizeMode", "active",
     "active_units", "combine_residuals", "cond_rows_mask", "control_tensor", "controlnet_component",
     "controlnet_residuals", "decode_image", "fit_detected_map", "get_preprocessor", "hwc3",
     "pixel_perfect_resolution", "prepare_unit", "preprocess", "residual_names", "residual_scales",

@@ -54,6 +54,12 @@ class ResizeMode(str, Enum):
         The one parser: the API schema uses it too."""
         return parse_mode(cls, value, field_name, "resize mode", RESIZE_MODE_ALIASES)
 
+    @classmethod
+    def of_img2img(cls, mode: int) -> "ResizeMode":
+        """The mode of a unit that takes img2img's init image: the img2img ``resize_mode`` (0 "Just resize",
+        1 "Crop and resize", 2 "Resize and fill", 3 "Just resize (latent upscale)") as the extension maps it."""
+        return [cls.RESIZE, cls.INNER_FIT, cls.OUTER_FIT][mode] if 0 <= mode < 3 else cls.RESIZE
+
 
 RESIZE_MODE_ALIASES = {
     "Inner Fit (Scale to Fit)": "Crop and Resize",

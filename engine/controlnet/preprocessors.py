@@ -7,7 +7,9 @@ does not download: asking for one is an :class:`InvalidRequest` that says so and
 
 Parameters follow the extension's slider configs: each preprocessor declares a default and a range for
 ``processor_res``, ``threshold_a`` and ``threshold_b``; -1 (any negative) or a value outside the range gives
-the default (API.md; the extension itself only replaces negative values). Algorithms follow
+the default, as the extension's bound check does (:meth:`Preprocessor.check_params` also says which values it
+replaced, for the extension's log line "[canny.processor_res] Invalid value(-100), using default value 512.").
+Algorithms follow
 scripts/processor.py: most first resize the input so its short side is ``processor_res`` (INTER_CUBIC up,
 INTER_AREA down), pad it to a multiple of 64 with edge pixels, run, and crop the padding off.
 """
@@ -30,17 +32,41 @@ def _cv2():
 
 @dataclass(frozen=True)
 class Param:
-    """One slider: its default and inclusive range."""
+    """One slider: its default and inclusive range, and how the extension's UI shows it (label, step)."""
 
     default: float
     minimum: float
     maximum: float
+    label: str = ""
+    step: float = 0.01
 
     def resolve(self, value: float | None) -> float:
         """``value`` if it is given and in range, else the default (-1 means "default")."""
         if value is None or value < 0 or not (self.minimum <= value <= self.maximum):
             return self.default
         return value
+
+    def api_json(self) -> dict:
+        """The slider as sd-webui-controlnet's ``/controlnet/module_list`` ``module_detail`` shows it."""
+        return {"name": self.label, "value": self.default, "min": self.minimum, "max": self.maximum,
+                "step": self.step}
+
+
+@dataclass(frozen=True)
+class Adjusted:
+    """A slider value that was out of the preprocessor's range and replaced by its default (``slider``:
+    processor_res, threshold_a or threshold_b)."""
+
+    module: str
+    slider: str
+    given: float
+    default: float
+
+    def message(self) -> str:
+        """The extension's log line, to the character: ``[canny.processor_res] Invalid value(-100), using
+        default value 512.`` (processor_res is an integer there, the thresholds floats)."""
+        given = int(self.given) if self.slider == "processor_res" else float(self.given)
+        return f"[{self.module}.{self.slider}] Invalid value({given}), using default value {self.default}."
 
 
 @dataclass(frozen=True)
@@ -56,6 +82,11 @@ class Preprocessor:
     threshold_a: Param | None = None
     threshold_b: Param | None = None
     label: str | None = None
+    # sd-webui-controlnet's control-type tags and list priority (Preprocessor.tags, sorting_priority), and
+    # whether the unit needs no ControlNet model at all (do_not_need_model: the reference_* modules)
+    tags: tuple[str, ...] = ()
+    priority: int = 0
+    model_free: bool = False
     # how fn resizes its input: "same" (it does not), "pad" (resize_image_with_pad: short side -> res, padded
     # to multiples of 64), "short" (short side -> res), "rate" (divided by threshold_a when >= 1.1)
     resize: str = "same"
@@ -66,6 +97,27 @@ class Preprocessor:
         a = None if self.threshold_a is None else self.threshold_a.resolve(threshold_a)
         b = None if self.threshold_b is None else self.threshold_b.resolve(threshold_b)
         return res, a, b
+
+    def sliders(self) -> dict[str, Param]:
+        """The sliders this preprocessor has, by their unit field (processor_res, threshold_a, threshold_b)."""
+        return {name: param for name, param in (("processor_res", self.resolution), ("threshold_a", self.threshold_a),
+                                                ("threshold_b", self.threshold_b)) if param is not None}
+
+    def check_params(self, module: str, processor_res: float, threshold_a: float, threshold_b: float
+                     ) -> tuple[dict[str, float], list[Adjusted]]:
+        """The extension's bound check of a unit's sliders: a value outside the slider's range becomes its
+        default. Returns ``({field: value}, adjustments)``: every given value, out-of-range ones of the sliders
+        this preprocessor has replaced; an adjustment for each that was not -1 ("default"), to be logged as
+        :meth:`Adjusted.message` says. ``module``: the name the request used."""
+        values = {"processor_res": processor_res, "threshold_a": threshold_a, "threshold_b": threshold_b}
+        adjusted = []
+        for name, param in self.sliders().items():
+            value = values[name]
+            if not param.minimum <= value <= param.maximum:
+                values[name] = param.default
+                if value != -1:
+                    adjusted.append(Adjusted(module, name, value, param.default))
+        return values, adjusted
 
     def sizes(self, height: int, width: int, processor_res: float = -1, threshold_a: float = -1,
               threshold_b: float = -1, exact_res: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -214,24 +266,39 @@ def _recolor(conversion: str, channel: int):
 
 # --------------------------------------------------------------------------------------------- registry
 
-_RES = Param(512, 64, 2048)
+_RES = Param(512, 64, 2048, "Resolution", 8)
 
+
+def _slider(default: float, minimum: float, maximum: float, label: str, step: float = 0.01) -> Param:
+    return Param(default, minimum, maximum, label, step)
+
+
+# sliders, labels, tags and priorities as the extension declares them (model_free_preprocessors.py and the
+# legacy table); binary is the extension's v1.0 module, kept for clients that still send it
 PREPROCESSORS: dict[str, Preprocessor] = {
     p.name: p
     for p in (
-        Preprocessor("none", _none),
-        Preprocessor("invert", _invert, label="invert (from white bg & black line)"),
-        Preprocessor("canny", _canny, _RES, Param(100, 1, 255), Param(200, 1, 255), resize="pad"),
-        Preprocessor("threshold", _threshold, _RES, Param(127, 0, 255), resize="pad"),
-        Preprocessor("binary", _binary, _RES, Param(0, 0, 255), resize="pad"),
-        Preprocessor("blur_gaussian", _blur_gaussian, _RES, Param(9.0, 0.01, 64.0), resize="pad"),
-        Preprocessor("scribble_xdog", _scribble_xdog, _RES, Param(32, 1, 64), resize="pad"),
+        Preprocessor("none", _none, tags=("InstructP2P",), priority=10),
+        Preprocessor("invert", _invert, label="invert (from white bg & black line)",
+                     tags=("Canny", "Lineart", "Scribble", "MLSD"), priority=20),
+        Preprocessor("canny", _canny, _RES, _slider(100, 1, 255, "Low Threshold", 1),
+                     _slider(200, 1, 255, "High Threshold", 1), resize="pad", tags=("Canny",), priority=100),
+        Preprocessor("threshold", _threshold, _RES, _slider(127, 0, 255, "Binarization Threshold"), resize="pad"),
+        Preprocessor("binary", _binary, _RES, _slider(0, 0, 255, "Binary Threshold"), resize="pad"),
+        Preprocessor("blur_gaussian", _blur_gaussian, _RES, _slider(9.0, 0.01, 64.0, "Sigma"), resize="pad",
+                     tags=("Tile",)),
+        Preprocessor("scribble_xdog", _scribble_xdog, _RES, _slider(32, 1, 64, "XDoG Threshold"), resize="pad",
+                     tags=("Scribble", "SparseCtrl")),
         Preprocessor("lineart_standard", _lineart_standard, _RES,
-                     label="lineart_standard (from white bg & black line)", resize="pad"),
-        Preprocessor("color", _color, _RES, label="t2ia_color_grid", resize="short"),
-        Preprocessor("tile_resample", _tile_resample, None, Param(1.0, 1.0, 8.0), resize="rate"),
-        Preprocessor("recolor_luminance", _recolor("COLOR_BGR2LAB", 0), None, Param(1.0, 0.1, 2.0)),
-        Preprocessor("recolor_intensity", _recolor("COLOR_BGR2HSV", 2), None, Param(1.0, 0.1, 2.0)),
+                     label="lineart_standard (from white bg & black line)", resize="pad", tags=("Lineart",),
+                     priority=100),
+        Preprocessor("color", _color, _RES, label="t2ia_color_grid", resize="short", tags=("T2I-Adapter",)),
+        Preprocessor("tile_resample", _tile_resample, None, _slider(1.0, 1.0, 8.0, "Down Sampling Rate"),
+                     resize="rate", tags=("Tile",), priority=100),
+        Preprocessor("recolor_luminance", _recolor("COLOR_BGR2LAB", 0), None,
+                     _slider(1.0, 0.1, 2.0, "Gamma Correction", 0.001), tags=("Recolor",), priority=100),
+        Preprocessor("recolor_intensity", _recolor("COLOR_BGR2HSV", 2), None,
+                     _slider(1.0, 0.1, 2.0, "Gamma Correction", 0.001), tags=("Recolor",)),
     )
 }
 
@@ -259,6 +326,20 @@ UNSUPPORTED: tuple[str, ...] = (
     "reference_only", "reference_adain", "reference_adain+attn", "inpaint", "inpaint_global_harmonious",
     "inpaint_only", "tile_colorfix", "tile_colorfix+sharp", "shuffle",
 )
+
+
+# sd-webui-controlnet's control types (its preprocessors' tags), as /controlnet/control_types lists them
+CONTROL_TYPES: tuple[str, ...] = ("All",) + tuple(sorted((
+    "Canny", "Depth", "IP-Adapter", "Inpaint", "Instant-ID", "InstructP2P", "Lineart", "MLSD", "NormalMap",
+    "OpenPose", "Recolor", "Reference", "Revision", "Scribble", "Segmentation", "Shuffle", "SoftEdge",
+    "SparseCtrl", "T2I-Adapter", "Tile")))
+
+
+def sorted_preprocessors() -> list[Preprocessor]:
+    """The registry in the extension's list order: "none", then by priority and label, descending."""
+    rest = [p for p in PREPROCESSORS.values() if p.name != "none"]
+    rest.sort(key=lambda p: str(p.priority).zfill(8) + (p.label or p.name), reverse=True)
+    return [PREPROCESSORS["none"], *rest]
 
 
 def available() -> list[str]:

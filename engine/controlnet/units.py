@@ -323,3 +323,25 @@ def controlnet_residuals(
         return None
     total = combine_residuals(per_unit, scales, masks)
     return dict(zip(residual_names(len(total)), total))
+
+
+class HiresOption(str, Enum):
+    """The extension's ``hr_option`` (enums.HiResFixOption): the passes of a hires-fix request a unit acts in.
+    Its detected maps are made for both passes whatever the option (the extension preprocesses for both)."""
+
+    BOTH = "Both"
+    LOW_RES_ONLY = "Low res only"
+    HIGH_RES_ONLY = "High res only"
+
+    @classmethod
+    def parse(cls, value: Any, field_name: str = "hr_option") -> "HiresOption":
+        """An option from its name (any case), or its index in this order."""
+        return parse_mode(cls, value, field_name, "hires option")
+
+    def acts_in(self, hires_pass: bool) -> bool:
+        """Whether the unit acts in the first pass (``hires_pass`` False) or in the hires fix's pass (True)."""
+        if self is HiresOption.LOW_RES_ONLY:
+            return not hires_pass
+        if self is HiresOption.HIGH_RES_ONLY:
+            return hires_pass
+        return True
