@@ -73,7 +73,8 @@ def _same(value: Any, default: Any) -> bool:
 
 def _unit_to_scc(unit: Any, path: str) -> Any:
     """One sd-webui-controlnet unit dict as the /scc schema takes it: ``image`` given as the extension's
-    ``{"image": b64, "mask": null}`` becomes the string; inert UI fields are dropped (other values refused);
+    ``{"image": b64, "mask": null}`` becomes the string (other keys of it go to the unit as ``image.KEY``, an
+    unknown field there); inert UI fields are dropped (other values refused);
     ``save_detected_map`` defaults to the extension's True."""
     if not isinstance(unit, dict):
         return unit  # the schema names the field and the type
@@ -88,10 +89,9 @@ def _unit_to_scc(unit: Any, path: str) -> Any:
     for name in ("image", "input_image"):
         value = unit.get(name)
         if isinstance(value, dict):  # the extension's {"image": ..., "mask": ...}
-            extra = sorted(set(value) - {"image", "mask"})
-            if extra:
-                raise api_error("unknown_field", f"unknown field {extra[0]!r}", f"{path}.{name}.{extra[0]}",
-                             "image, mask")
+            for key in sorted(set(value) - {"image", "mask"}, key=str):
+                # unknown keys: the schema's leniency (ignored and named, or refused with --strict) at their path
+                unit[f"{name}.{key}"] = value[key]
             if value.get("mask") not in (None, ""):
                 raise api_error("not_supported", "not supported: the engine does not implement ControlNet masks",
                              f"{path}.{name}.mask", "null")
