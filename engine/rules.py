@@ -13,7 +13,8 @@ one parser of webui choices (an index or a name).
 - **Choices** given by index or name: :func:`parse_choice`.
 
 ``api_compat.schema`` builds its field types, bounds and defaults from here; api_compat keeps only the shape of
-its payloads (types, aliases, which fields exist).
+its payloads (types, aliases, which fields exist), and with it the leniency policy (unknown fields ignored and
+named, or refused with ``--strict``; disabled extension scripts accepted): :mod:`api_compat.leniency`.
 """
 
 from __future__ import annotations
