@@ -547,12 +547,13 @@ def test_client_extras_are_ignored_and_named(server):
     cn = "alwayson_scripts.controlnet.args[0]"
     assert named == {"seed_enable_extras", "override_settings_texts", f"{cn}.foo", f"{cn}.guessmode",
                      f"{cn}.image.origin"}, info["warnings"]
-    assert info["sd_model_name"] == "sdengine-demo" and "Sampler: Euler a," in info["infotexts"][0]
+    # demo-copy holds the same weights: either is the checkpoint of that hash
+    assert info["sd_model_hash"] == checkpoint["hash"] and "Sampler: Euler a," in info["infotexts"][0]
     # without what was ignored and with the canonical names: the same pixels
     plain_unit = {k: v for k, v in unit.items() if k not in ("foo", "is_ui", "guessmode")}
     plain_unit["image"] = _edges_png()
     plain = {**WEBUI_DEFAULT_PAYLOAD, "seed": 7, "steps": 3, "scheduler": "Automatic", "sampler_name": "Euler a",
-             "override_settings": {"sd_model_checkpoint": "sdengine-demo"},
+             "override_settings": {"sd_model_checkpoint": info["sd_model_name"]},
              "alwayson_scripts": {"ControlNet": {"args": [plain_unit]}}}
     again = server.post("/sdapi/v1/txt2img", plain)
     assert again.status_code == 200 and not json.loads(again.json()["info"]).get("warnings"), again.text
