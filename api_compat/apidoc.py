@@ -177,7 +177,7 @@ FIELD_DOCS: dict[str, str] = {
     "inpaint_full_res": "img2img: inpaint the masked area at full resolution",
     "inpaint_full_res_padding": "img2img: padding around the masked area in pixels",
     "inpainting_mask_invert": "img2img: repaint the black part of the mask instead",
-    "image_cfg_scale": "img2img: instruct-pix2pix image guidance; refused for other models",
+    "image_cfg_scale": "img2img: instruct-pix2pix image guidance; accepted and ignored (no model here is instruct-pix2pix)",
     "include_init_images": "img2img: return the init images too",
     "mask_round": "img2img: round the blurred mask",
     "latent_mask": "img2img: a separate mask for the latent blend (webui)",

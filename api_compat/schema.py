@@ -8,10 +8,11 @@ negative prompt alias, guidance order, images) live in ``translate.py``.
 Errors carry the field path and the allowed values; :func:`validation_error_to_api` turns them into an
 :class:`~api_compat.errors.ApiError`.
 
-Webui fields the engine does not implement (restore_faces, tiling, styles, refiner_checkpoint, image_cfg_scale,
-...) are accepted at their default value and rejected otherwise with a "not supported" error; fields that only
-matter when such a feature is on (the hr_* fields without enable_hr, refiner_switch_at ...) are accepted with
-their type checked and ignored, as the webui does. Unknown fields are an error.
+Webui fields the engine does not implement (restore_faces, tiling, styles, refiner_checkpoint, ...) are accepted
+at their default value and rejected otherwise with a "not supported" error; fields that only matter when such a
+feature is on (the hr_* fields without enable_hr, refiner_switch_at, image_cfg_scale of instruct-pix2pix models
+...) are accepted with their type checked and ignored, as the webui does. Unknown fields follow the leniency
+policy (:mod:`api_compat.leniency`): ignored and named in ``info.warnings``, or an error with ``strict``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import difflib
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from api_compat import leniency
 from api_compat.errors import ApiError
 from engine import rules
 from engine.controlnet.images import ResizeMode
@@ -349,6 +351,17 @@ class OverrideSettings(_Model):
 class GenerationPayload(_Model):
     """The fields sd_txt2img and sd_img2img share (cloud fields first, then webui v1.10 extras)."""
 
+    _ignored: tuple[str, ...] = PrivateAttr(default=())  # unknown fields parse_payload left out (their paths)
+
+    @property
+    def ignored_fields(self) -> tuple[str, ...]:
+        """The payload paths of the unknown fields that were ignored (api_compat.leniency)."""
+        return self._ignored
+
+    def warnings(self) -> tuple[str, ...]:
+        """``info.warnings`` entries of the payload itself (the ignored unknown fields)."""
+        return leniency.ignored_warnings(self._ignored)
+
     # the cloud API's fields
     stable_diffusion_model: ModelName = default("model")
     sd_vae: _name_type(special=("Automatic", "None"), kind="VAE") = default("vae")
@@ -478,7 +491,9 @@ class Img2ImgPayload(GenerationPayload):
     inpainting_mask_invert: _bool_type(nullable=False) = default("init.inpainting_mask_invert")
     initial_noise_multiplier: _ranged("init.initial_noise_multiplier", nullable=True) = None
     include_init_images: Flag = None
-    image_cfg_scale: _only_default(None, feature="image_cfg_scale (instruct-pix2pix models only)") = None
+    # instruct-pix2pix models only (the webui ignores it on any other model; this engine runs none): inert
+    image_cfg_scale: _float_type(0.0, 30.0, nullable=True) = Field(
+        None, description="instruct-pix2pix models only: accepted and ignored (no model here uses it)")
     latent_mask: _only_default(None, "", feature="a separate latent mask") = None
 
 
@@ -572,19 +587,35 @@ def deep_nesting(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
     return None
 
 
-def parse_payload(payload: Any, model: type[GenerationPayload] = Txt2ImgPayload) -> GenerationPayload:
+def parse_payload(payload: Any, model: type[GenerationPayload] = Txt2ImgPayload, *,
+                  strict: bool = False) -> GenerationPayload:
     """Validate a decoded JSON payload (sd_txt2img; ``model=Img2ImgPayload`` for sd_img2img); raises
-    :class:`ApiError` naming the field path."""
+    :class:`ApiError` naming the field path. Unknown fields are left out and listed in the result's
+    ``ignored_fields`` (``strict``: an ``unknown_field`` error); disabled extension scripts are left out
+    (api_compat.leniency)."""
     if not isinstance(payload, dict):
         raise ApiError("bad_request", f"the payload must be a JSON object, got {type(payload).__name__}")
     where = deep_nesting(payload)
     if where is not None:
         raise ApiError("invalid_request", f"is nested more than {MAX_JSON_DEPTH} levels deep", field=where or None,
                        allowed=f"at most {MAX_JSON_DEPTH} levels of nesting (a payload needs 6)")
-    try:
-        parsed = model.model_validate(payload)
-    except ValidationError as exc:
-        raise validation_error_to_api(exc, top="img2img" if model is Img2ImgPayload else ()) from None
+    top = "img2img" if model is Img2ImgPayload else ()
+    payload = leniency.check_scripts(payload)
+    ignored: list[str] = []
+    for _ in range(3):  # unknown keys nested in objects that failed otherwise show once those are valid
+        try:
+            parsed = model.model_validate(payload)
+            break
+        except ValidationError as exc:
+            unknown = [] if strict else [tuple(e["loc"]) for e in exc.errors(include_url=False, include_input=False)
+                                         if e["type"] == "extra_forbidden"]
+            if not unknown:
+                raise validation_error_to_api(exc, top=top) from None
+            ignored += [field_path(loc) for loc in unknown]
+            payload = leniency.without(payload, unknown)
+    else:
+        raise validation_error_to_api(exc, top=top) from None
+    parsed._ignored = tuple(ignored)
     script = parsed.alwayson_scripts.controlnet if parsed.alwayson_scripts else None
     if script is not None and script.units is not None and script.args is not None:
         raise ApiError("invalid_request", "give the units either as 'units' or as 'args', not both",
@@ -592,14 +623,15 @@ def parse_payload(payload: Any, model: type[GenerationPayload] = Txt2ImgPayload)
     return parsed
 
 
-def parse_img2img(payload: Any) -> Img2ImgPayload:
+def parse_img2img(payload: Any, *, strict: bool = False) -> Img2ImgPayload:
     """Validate a decoded sd_img2img payload; raises :class:`ApiError` naming the field path."""
-    return parse_payload(payload, Img2ImgPayload)
+    return parse_payload(payload, Img2ImgPayload, strict=strict)
 
 
-def parse_request(kind: str, payload: Any) -> GenerationPayload:
-    """``kind`` "txt2img" (sd_txt2img) or "img2img" (sd_img2img): the payload validated by its model."""
-    return parse_img2img(payload) if kind == "img2img" else parse_payload(payload)
+def parse_request(kind: str, payload: Any, *, strict: bool = False) -> GenerationPayload:
+    """``kind`` "txt2img" (sd_txt2img) or "img2img" (sd_img2img): the payload validated by its model
+    (``strict``: unknown fields are errors, api_compat.leniency)."""
+    return parse_img2img(payload, strict=strict) if kind == "img2img" else parse_payload(payload, strict=strict)
 
 
 def units_of(payload: GenerationPayload) -> tuple[tuple[str, ControlNetUnitPayload], ...]:

@@ -33,6 +33,7 @@ from core.errors import InvalidRequest, ModelError, SdEngineError
 from engine.models.store import ModelStore
 from engine.rules import MAX_SEED
 
+from api_compat import leniency
 from api_compat.detect import parse_detect
 from api_compat.engine_api import EngineFactory, check_memory, check_models, default_engine_factory
 from api_compat.errors import ApiError, api_error_from
@@ -67,6 +68,8 @@ class TaskService:
     :class:`api_compat.tasks.celery_app.QueueOptions` fields). ``max_age_s`` is the results TTL in both.
     ``memory_budget``: bytes a request may need at its peak, estimated at submit by ``engine.memory`` from the
     model's configs ("auto": half the machine's memory; None: no check; needs ``check_models``).
+    ``strict``: unknown payload fields are an ``unknown_field`` error instead of ignored and named in the
+    result's ``info.warnings`` (the leniency policy: :mod:`api_compat.leniency`).
     """
 
     def __init__(
@@ -87,8 +90,10 @@ class TaskService:
         queue: str | None = None,
         queue_options: dict[str, Any] | None = None,
         memory_budget: int | str | None = "auto",
+        strict: bool = False,
         **engine_options: Any,
     ):
+        self.strict = strict
         if models_dir is not None:
             engine_options["models_dir"] = models_dir
         base = EngineConfig(**engine_options)
@@ -149,7 +154,7 @@ class TaskService:
     def _validate(self, payload: dict[str, Any], headers: dict[str, str] | None, kind: str):
         config_id = self._config_id(headers)
         config = self.configs[config_id]
-        parsed = parse_request(kind, payload)
+        parsed = parse_request(kind, payload, strict=self.strict)
         origins = field_origins(parsed)  # errors about the request name the payload's fields
         try:
             translation = translate_request(kind, parsed, config, self.limits)
@@ -175,8 +180,12 @@ class TaskService:
                     wire[name] = random.randrange(MAX_SEED)
         sub = Submission(task_id=uuid.uuid4().hex, config_id=config_id, request=translation.request,
                          parameters=translation.parameters, payload=wire or {}, model=model, created=time.time(),
-                         nbytes=image_bytes(translation.request), kind=kind, origins=origins)
+                         nbytes=image_bytes(translation.request), kind=kind, origins=origins,
+                         warnings=parsed.warnings())
         self.backend.submit(sub)
+        if parsed.ignored_fields:
+            log.warning("task %s: ignored unknown field(s) %s (serve --strict refuses them)", sub.task_id,
+                        ", ".join(parsed.ignored_fields[:leniency.MAX_WARNINGS]))
         return {"taskId": sub.task_id, "status": Status.WAITING.value}
 
     def controlnet_detect(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, str]:

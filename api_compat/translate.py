@@ -279,9 +279,6 @@ def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]
         cfg_scale=payload.hr_cfg,
     )
     resolve_hires_sampler(fields["sampler_name"], fields["scheduler"], hires, resolve)
-    if hires.denoising_strength <= 0:
-        raise InvalidRequest("hires.denoising_strength", "0 leaves nothing for the hires pass to do",
-                             "a number above 0 and at most 1")
     if payload.width is not None and payload.height is not None:  # else the model's native size, checked later
         size = hires_size(payload.width, payload.height, hires)
         if not size_fits(size.width, size.height, config.max_size):

@@ -76,10 +76,14 @@ def _is_loopback(host: str) -> bool:
                    "with --queue: off unless given, as the workers' memory; 0 turns the check off).")
 @click.option("--freeze-settings", is_flag=True,
               help="The webui options are read-only (POST /sdapi/v1/options answers 403), as the webui's flag.")
+@click.option("--strict", is_flag=True,
+              help="Refuse unknown payload fields (422 unknown_field) instead of ignoring them as the webui does "
+                   "(then they are named in the result's info.warnings and the log).")
 @click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
-          read_timeout, queue, results_ttl, visibility_timeout, memory_budget_gb, freeze_settings, engine_factory):
+          read_timeout, queue, results_ttl, visibility_timeout, memory_budget_gb, freeze_settings, strict,
+          engine_factory):
     """Serve POST /scc/sd_txt2img and /scc/sd_get_result, and the webui's /sdapi/v1/... API, over HTTP (needs the
     'server' extra).
 
@@ -110,7 +114,7 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
                               max_queue_bytes=max_queue_mb * 1024 * 1024, memory_budget=_budget(memory_budget_gb),
                               engine_factory=load_factory(engine_factory), allow_url_fetch=allow_url_fetch,
                               max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
-                              **engine_options(backend, device, precision))
+                              strict=strict, **engine_options(backend, device, precision))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
     app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,

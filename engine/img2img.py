@@ -47,12 +47,16 @@ IMAGE_UPSCALERS = ("None", "Lanczos", "Nearest")
 
 
 def check_image_upscaler(name: str, field_name: str, *, latent: bool) -> str:
-    """The upscaler names this engine has (model upscalers such as ESRGAN are not shipped)."""
+    """The upscaler of that name this engine has, as it names it (the name matched in any case; model upscalers
+    such as ESRGAN are not shipped)."""
     names = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS) if latent else IMAGE_UPSCALERS
-    if name not in names:
+    if name in names:
+        return name
+    found = [n for n in names if isinstance(name, str) and n.lower() == name.strip().lower()]  # any case
+    if not found:
         raise InvalidRequest(field_name, f"the upscaler {str(name)[:100]!r} is not available in this engine",
                              ", ".join(names))
-    return name
+    return found[0]
 
 
 # ------------------------------------------------------------------------------------------------ resizing

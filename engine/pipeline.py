@@ -451,6 +451,8 @@ class Engine:
             x0 = self._encode(ctx.rt, pixels)
         x0 = size.truncate(x0)
         ctx.timer.add("hires_upscale", t0)
+        if p.plan.steps == 0:  # denoising strength 0: the webui's 0-step pass returns the upscaled latent
+            return to_device(x0, self.config.device)
         t0 = time.perf_counter()
         ctx.reporter.phase("encoding", "hires fix")
         cond = self._condition(ctx, p)

@@ -13,7 +13,8 @@ one parser of webui choices (an index or a name).
 - **Choices** given by index or name: :func:`parse_choice`.
 
 ``api_compat.schema`` builds its field types, bounds and defaults from here; api_compat keeps only the shape of
-its payloads (types, aliases, which fields exist).
+its payloads (types, aliases, which fields exist), and with it the leniency policy (unknown fields ignored and
+named, or refused with ``--strict``; disabled extension scripts accepted): :mod:`api_compat.leniency`.
 """
 
 from __future__ import annotations
@@ -159,9 +160,15 @@ def check_limits(config: Any, *, width: int | None, height: int | None, batch_si
 def hires_sampler(sampler_name: str, scheduler: str, hires: Hires) -> tuple[str, str]:
     """The hires pass's (sampler, scheduler) by the webui rules: ``hires.sampler_name`` (None, "" or "Use same
     sampler": the first pass's); ``hires.scheduler`` None is "Automatic", "Use same scheduler" the first pass's."""
-    name = sampler_name if hires.sampler_name in (None, "", USE_SAME_SAMPLER) else hires.sampler_name
-    chosen = scheduler if hires.scheduler == USE_SAME_SCHEDULER else (hires.scheduler or HIRES_SCHEDULER)
+    name = sampler_name if _same(hires.sampler_name, USE_SAME_SAMPLER) else hires.sampler_name
+    chosen = scheduler if hires.scheduler and _same(hires.scheduler, USE_SAME_SCHEDULER) \
+        else (hires.scheduler or HIRES_SCHEDULER)
     return name, chosen
+
+
+def _same(value: str | None, use_same: str) -> bool:
+    """None, "" or the "Use same ..." choice, in any case."""
+    return not value or value.strip().lower() == use_same.lower()
 
 
 def resolve_hires_sampler(sampler_name: str, scheduler: str, hires: Hires, resolve: Callable[[str, str], Any]) -> Any:
@@ -173,7 +180,7 @@ def resolve_hires_sampler(sampler_name: str, scheduler: str, hires: Hires, resol
     except InvalidRequest as exc:
         if exc.field == "sampler_name" and name == hires.sampler_name:
             raise exc.at("hires.sampler_name") from None
-        if exc.field == "scheduler" and hires.scheduler not in (None, USE_SAME_SCHEDULER):
+        if exc.field == "scheduler" and not _same(hires.scheduler, USE_SAME_SCHEDULER):
             raise exc.at("hires.scheduler") from None
         raise
 

@@ -203,10 +203,12 @@ def test_validation_is_the_same(api):
     cases = [({"steps": 0}, "steps"), ({"sampler_name": "Nope"}, "sampler_name"),
              ({"stable_diffusion_model": "missing-model"}, "stable_diffusion_model"),
              ({"width": 4096}, "width"), ({"bogus": 1}, "bogus")]
+    svc.strict = True  # unknown fields too (sdengine serve --strict; by default they are ignored and named)
     for payload, field in cases:
         with pytest.raises(ApiError) as exc:
             svc.sd_txt2img(payload)
         assert exc.value.field == field and exc.value.allowed, (payload, exc.value.to_dict())
+    svc.strict = False
     with pytest.raises(ApiError) as exc:
         svc.sd_txt2img({}, {"X-SP-RESOURCE-CONFIG-ID": "nope"})
     assert exc.value.code == "unknown_config"

@@ -51,7 +51,7 @@ def test_unknown_field_error_points_to_the_page():
     from api_compat.schema import parse_payload
 
     with pytest.raises(ApiError) as err:
-        parse_payload({"promt": "a cat"})
+        parse_payload({"promt": "a cat"}, strict=True)
     assert err.value.code == "unknown_field" and "docs/API.md" in err.value.allowed
     assert "'prompt'" in err.value.message  # the "did you mean"
 

@@ -77,7 +77,29 @@ def test_submit_poll_and_fetch_images(client):
     assert result["info"]["all_seeds"] == [11, 12] and result["info"]["sd_model_name"] == "tiny-sd1"
 
 
-def test_validation_errors_name_the_field(client):
+def test_webui_client_payload_is_served_leniently(client):
+    """What webui clients send (the extension's template, client libraries): unknown fields (ignored and named in
+    info.warnings, here and where the worker translates the payload again), a scheduler by its /schedulers name,
+    a sampler in another case, the hires fix at denoising strength 0 (the webui upscales and decodes), a
+    disabled ADetailer."""
+    r = client.post("/scc/sd_txt2img", json={
+        "prompt": "a cat", "seed": 3, "steps": 2, "width": 64, "height": 64, "seed_enable_extras": True,
+        "override_settings_texts": [], "scheduler": "automatic", "sampler_name": "euler A", "enable_hr": True,
+        "denoising_strength": 0, "hr_scale": 2, "hr_scheduler": "karras",
+        "alwayson_scripts": {"ADetailer": {"args": [False, False, {"ad_model": "face_yolov8n.pt"}]}}})
+    assert r.status_code == 200, r.text
+    result = poll(client, r.json()["taskId"])
+    assert result["status"] == "succeeded", result
+    warnings = result["info"]["warnings"]
+    for name in ("seed_enable_extras", "override_settings_texts"):
+        assert f"{name}: unknown field, ignored (sdengine serve --strict refuses it)" in warnings, warnings
+    image = client.get(result["images"][0])
+    assert png_pixels(image.content).shape == (128, 128, 3)  # the hires size, with no second pass run
+    text = png_infotext(image.content)
+    assert "Sampler: Euler a, Schedule type: Automatic" in text and "Denoising strength: 0," in text, text
+
+
+def test_validation_errors_name_the_field(client, service):
     r = client.post("/scc/sd_txt2img", json={"alwayson_scripts": {"controlnet": {"units": [
         {"model": "c", "input_image": png_b64()}, {"model": "c", "input_image": png_b64(), "weight": 5}]}}})
     assert r.status_code == 422
@@ -87,10 +109,12 @@ def test_validation_errors_name_the_field(client):
     r = client.post("/scc/sd_txt2img", json={"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "hr_upscaler"
     assert "Latent (nearest-exact)" in r.json()["error"]["allowed"] and "Lanczos" in r.json()["error"]["allowed"]
-    r = client.post("/scc/sd_txt2img", json={"image_cfg_scale": 1.5})
+    service.strict = True  # sdengine serve --strict
+    r = client.post("/scc/sd_txt2img", json={"image_cfg_scale": 1.5})  # an img2img field
     assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_field"
     r = client.post("/scc/sd_txt2img", json={"stepz": 1})
     assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_field"
+    service.strict = False
     r = client.post("/scc/sd_txt2img", json={}, headers={"X-SP-RESOURCE-CONFIG-ID": "nope"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "headers.X-SP-RESOURCE-CONFIG-ID"
     r = client.post("/scc/sd_txt2img", json={}, headers={"X-SP-RESOURCE-CONFIG-ID": "other"})

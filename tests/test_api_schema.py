@@ -36,6 +36,15 @@ def service(tmp_path_factory):
     svc.close()
 
 
+@pytest.fixture(scope="module")
+def strict_service(service, tmp_path_factory):
+    """The same store, ``strict=True`` (sdengine serve --strict): unknown fields are errors."""
+    svc = TaskService(service.configs["default"].models_dir, results_dir=tmp_path_factory.mktemp("strict"),
+                      engine_factory=double_factory, strict=True)
+    yield svc
+    svc.close()
+
+
 def unit(**fields):
     return {"model": "control_canny", "input_image": png_b64(), **fields}
 
@@ -256,16 +265,26 @@ def test_hires_fields_are_ignored_while_hires_is_off(service):
     (cn(unit(wieght=1)), f"{CN}.wieght", "weight"),
     ({"alwayson_scripts": {"controlnet": {"unitz": []}}}, "alwayson_scripts.controlnet.unitz", "units"),
 ])
-def test_unknown_fields_are_named(service, payload, field, hint):
-    err = assert_refused(service, payload, field, "unknown_field")
+def test_unknown_fields_are_named(service, strict_service, payload, field, hint):
+    """Strict: an error naming the field, with a "did you mean"; by default (the leniency policy) the field is
+    ignored and named in the result's info.warnings."""
+    err = assert_refused(strict_service, payload, field, "unknown_field")
     assert repr(hint) in str(err), f"expected a suggestion of {hint!r}: {err}"
+    answer = submit(service, payload)
+    result = service.wait(answer["taskId"], timeout=60)
+    assert result["status"] == "succeeded", result
+    assert [w for w in result["info"]["warnings"] if w.startswith(f"{field}: unknown field, ignored")], result["info"]
 
 
-def test_other_scripts_and_settings_are_not_supported(service):
-    assert_refused(service, {"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts.ADetailer",
+def test_other_scripts_and_settings_are_not_supported(service, strict_service):
+    enabled = {"args": [True, False, {"ad_model": "face_yolov8n.pt"}]}
+    assert_refused(service, {"alwayson_scripts": {"ADetailer": enabled}}, "alwayson_scripts.ADetailer",
                    "not_supported")
-    assert_refused(service, {"override_settings": {"sd_hypernetwork": "x"}}, "override_settings.sd_hypernetwork",
+    assert_refused(service, {"alwayson_scripts": {"My Script": {"args": []}}}, "alwayson_scripts.My Script",
                    "not_supported")
+    assert_refused(strict_service, {"override_settings": {"sd_hypernetwork": "x"}},
+                   "override_settings.sd_hypernetwork", "not_supported")
+    assert isinstance(submit(service, {"override_settings": {"sd_hypernetwork": "x"}}), dict)
 
 
 def test_payload_must_be_an_object(service):

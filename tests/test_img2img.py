@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from core.errors import InvalidRequest
-from engine.img2img import prepare_init, resize_image
+from engine.img2img import prepare_init, resize_image, upscale_latent
 from engine.pipeline import Engine
 from engine.request import GenerationRequest, Hires, InitImage
 
@@ -305,6 +305,9 @@ class _Recorder:
             def has(self, component):
                 return outer.inner.has(component)
 
+            def __getattr__(self, name):  # descriptors, labels, ...: the wrapped backend's
+                return getattr(outer.inner, name)
+
         self.rt.backend = Spy()
         return self
 
@@ -329,6 +332,20 @@ def test_hires_first_pass_is_plain_txt2img_and_second_pass_at_2x(engine):
                   "Size: 64x64", "Steps: 5"):
         assert field in text, (field, text)
     assert res.info["width"] == 64 and res.info["denoising_strength"] == 0.6
+
+
+def test_hires_at_denoising_strength_0_decodes_the_upscaled_first_pass(engine):
+    """The webui's setup_img2img_steps at strength 0 gives the hires pass 0 steps and sigmas [0]: the upscaled
+    latent is decoded as it is (the webui's own API test sends enable_hr with denoising_strength 0)."""
+    base = dict(model=MODEL, prompt="a red circle", steps=3, seed=5, sampler_name="Euler a")
+    with _Recorder(engine) as plain:
+        engine.generate(GenerationRequest(**base))
+    with _Recorder(engine) as hires:
+        res = engine.generate(GenerationRequest(**base, hires=Hires(2.0, upscaler="Latent (nearest)",
+                                                                     denoising_strength=0.0)))
+    expected = upscale_latent(plain.latents[0], 16, 16, "Latent (nearest)")
+    assert np.array_equal(hires.latents[-1], expected)
+    assert res.images[0].shape == (128, 128, 3) and "Denoising strength: 0," in res.infotexts[0]
 
 
 def test_hires_latent_first_pass_is_plain_txt2img(engine, monkeypatch):

@@ -272,6 +272,23 @@ def test_hires_sampler_rule():
     assert err.value.field == "sampler_name"
 
 
+def test_sampler_and_schedule_names_as_the_webui_takes_them():
+    """Samplers by name or alias in any case; schedules by label or by the name /sdapi/v1/schedulers lists
+    ("automatic", "karras", "sgm_uniform"), any case; "Use same scheduler" in any case."""
+    from engine.samplers import resolve
+    from api_compat.webui.listings import schedulers
+
+    for name, scheduler, expected in (("euler A", "automatic", ("Euler a", "Automatic")),
+                                      ("k_euler_a", "KARRAS", ("Euler a", "Karras")),
+                                      ("dpm++ 2m karras", None, ("DPM++ 2M", "Karras")),
+                                      ("Euler", "sgm_uniform", ("Euler", "SGM Uniform"))):
+        r = resolve(name, scheduler)
+        assert (r.name, r.schedule_label) == expected, name
+    for row in schedulers():
+        assert resolve("Euler", row["name"]).schedule_label == resolve("Euler", row["label"]).schedule_label
+    assert rules.hires_sampler("Euler", "Karras", Hires(scheduler="use same scheduler")) == ("Euler", "Karras")
+
+
 def test_check_limits():
     from engine.config import EngineConfig
 

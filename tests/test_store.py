@@ -91,6 +91,16 @@ def test_webui_name_matching(tiny_model_store):
     assert s.resolve("Tiny-ControlNet-SD1", Kind.CONTROLNET).name == "tiny-controlnet-sd1.safetensors"
 
 
+def test_checkpoint_by_bare_hash(tiny_model_store):
+    """The webui's checkpoint aliases: the sha256, its first 10 hex digits, the legacy 8-digit hash (any case)."""
+    from engine.models.hashing import legacy_model_hash
+
+    path = tiny_model_store.resolve("tiny-sd1").path
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    for name in (sha, sha[:10], sha[:10].upper(), legacy_model_hash(path), f"[{sha[:10]}]"):
+        assert tiny_model_store.resolve(name).path == path, name
+
+
 def test_listing(tiny_model_store):
     rows = {e.name: e for e in tiny_model_store.list()}
     assert rows["tiny-sd1.safetensors"].architecture is Arch.SD1

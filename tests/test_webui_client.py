@@ -463,3 +463,105 @@ def test_img2img(server):
     assert info["all_seeds"] == [22] and body["parameters"]["denoising_strength"] == 0.5
     _, (scc,) = scc_images(server, payload, "/scc/sd_img2img")
     assert np.array_equal(b64_pixels(body["images"][0]), scc)
+
+
+# ------------------------------------------------------------------ what webui test suites and clients send
+# the txt2img payload of the webui's own API tests (test/test_txt2img.py), and the variants they send
+WEBUI_SUITE_TXT2IMG = {
+    "batch_size": 1, "cfg_scale": 7, "denoising_strength": 0, "enable_hr": False, "eta": 0, "firstphase_height": 0,
+    "firstphase_width": 0, "height": 64, "n_iter": 1, "negative_prompt": "", "prompt": "example prompt",
+    "restore_faces": False, "s_churn": 0, "s_noise": 1, "s_tmax": 0, "s_tmin": 0, "sampler_index": "Euler a",
+    "seed": -1, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "steps": 3, "styles": [], "subseed": -1,
+    "subseed_strength": 0, "tiling": False, "width": 64,
+}
+SUITE_VARIANTS = {
+    "simple": {}, "negative_prompt": {"negative_prompt": "example negative prompt"},
+    "complex_prompt": {"prompt": "((emphasis)), (emphasis1:1.1), [to:1], [from::2], [from:to:0.3], [alt|alt1]"},
+    "not_square": {"height": 128}, "hrfix": {"enable_hr": True}, "PLMS": {"sampler_index": "PLMS"},
+    "DDIM": {"sampler_index": "DDIM"}, "UniPC": {"sampler_index": "UniPC"},
+}
+
+
+@pytest.mark.parametrize("variant", SUITE_VARIANTS)
+def test_webui_suite_txt2img_payloads(server, variant):
+    """The webui's own API tests' txt2img payloads answer 200; the hires fix at their denoising_strength 0 runs
+    as the webui runs it: the first pass upscaled (hr_scale 2) and decoded, no second pass sampled."""
+    r = server.post("/sdapi/v1/txt2img", {**WEBUI_SUITE_TXT2IMG, **SUITE_VARIANTS[variant]})
+    assert r.status_code == 200, r.text
+    if variant == "hrfix":
+        assert b64_pixels(r.json()["images"][0]).shape == (128, 128, 3)
+        assert "Denoising strength: 0, " in json.loads(r.json()["info"])["infotexts"][0]
+
+
+def _png_uri(array: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("variant", ["simple", "masked", "inverted_mask"])
+def test_webui_suite_img2img_payloads(server, variant):
+    """The webui's own API tests' img2img payloads (data: URIs, inpainting with and without inverted masks)."""
+    init = np.zeros((64, 64, 3), np.uint8)
+    init[16:48, 16:48] = (200, 30, 30)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    payload = {
+        "batch_size": 1, "cfg_scale": 7, "denoising_strength": 0.75, "eta": 0, "height": 64,
+        "include_init_images": False, "init_images": [_png_uri(init)], "inpaint_full_res": False,
+        "inpaint_full_res_padding": 0, "inpainting_fill": 0, "inpainting_mask_invert": False, "mask": None,
+        "mask_blur": 4, "n_iter": 1, "negative_prompt": "", "override_settings": {}, "prompt": "example prompt",
+        "resize_mode": 0, "restore_faces": False, "s_churn": 0, "s_noise": 1, "s_tmax": 0, "s_tmin": 0,
+        "sampler_index": "Euler a", "seed": -1, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "steps": 3,
+        "styles": [], "subseed": -1, "subseed_strength": 0, "tiling": False, "width": 64,
+    }
+    if variant != "simple":
+        payload.update(mask=_png_uri(mask), inpainting_mask_invert=variant == "inverted_mask")
+    r = server.post("/sdapi/v1/img2img", payload)
+    assert r.status_code == 200, r.text
+
+
+def test_client_extras_are_ignored_and_named(server):
+    """What extension test templates and client libraries send beside the payload: unknown fields (top level, in
+    a ControlNet unit and its image object) are ignored and named in info.warnings; a scheduler by its
+    /schedulers name, a sampler in another case, a checkpoint by its short hash, image_cfg_scale on img2img,
+    extension scripts in their disabled form are accepted; an enabled one is refused naming the script."""
+    scheduler = server.get("/sdapi/v1/schedulers").json()[0]["name"]
+    checkpoint = next(m for m in server.get("/sdapi/v1/sd-models").json() if m["model_name"] == "sdengine-demo")
+    models = server.get("/controlnet/model_list").json()["model_list"]
+    unit = {"enabled": True, "module": "none", "model": models[0], "image": {"image": _edges_png(), "mask": None,
+            "origin": "upload"}, "foo": True, "is_ui": False, "guessmode": False, "processor_res": 64}
+    disabled = {"ADetailer": {"args": [False, False, {"ad_model": "face_yolov8n.pt"}]},
+                "Dynamic Prompts v2.17.1": {"args": [False]}, "Regional Prompter": {"args": [False, False]},
+                "Self Attention Guidance": {"args": [False, 0.75, 1.0]}}
+    payload = {**WEBUI_DEFAULT_PAYLOAD, "seed": 7, "steps": 3, "seed_enable_extras": True,
+               "override_settings_texts": [], "scheduler": scheduler, "sampler_name": "euler A",
+               "override_settings": {"sd_model_checkpoint": checkpoint["hash"]},
+               "alwayson_scripts": {"ControlNet": {"args": [unit]}, **disabled}}
+    r = server.post("/sdapi/v1/txt2img", payload)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    named = {w.split(":")[0] for w in info["warnings"] if "unknown field, ignored" in w}
+    cn = "alwayson_scripts.controlnet.args[0]"
+    assert named == {"seed_enable_extras", "override_settings_texts", f"{cn}.foo", f"{cn}.guessmode",
+                     f"{cn}.image.origin"}, info["warnings"]
+    # demo-copy holds the same weights: either is the checkpoint of that hash
+    assert info["sd_model_hash"] == checkpoint["hash"] and "Sampler: Euler a," in info["infotexts"][0]
+    # without what was ignored and with the canonical names: the same pixels
+    plain_unit = {k: v for k, v in unit.items() if k not in ("foo", "is_ui", "guessmode")}
+    plain_unit["image"] = _edges_png()
+    plain = {**WEBUI_DEFAULT_PAYLOAD, "seed": 7, "steps": 3, "scheduler": "Automatic", "sampler_name": "Euler a",
+             "override_settings": {"sd_model_checkpoint": info["sd_model_name"]},
+             "alwayson_scripts": {"ControlNet": {"args": [plain_unit]}}}
+    again = server.post("/sdapi/v1/txt2img", plain)
+    assert again.status_code == 200 and not json.loads(again.json()["info"]).get("warnings"), again.text
+    assert np.array_equal(b64_pixels(r.json()["images"][0]), b64_pixels(again.json()["images"][0]))
+    r = server.post("/sdapi/v1/img2img", {**{k: v for k, v in WEBUI_DEFAULT_PAYLOAD.items() if k not in HIRES},
+                                          "steps": 3, "init_images": [_edges_png()], "image_cfg_scale": 1.5})
+    assert r.status_code == 200 and not json.loads(r.json()["info"]).get("warnings"), r.text
+    enabled = {"ADetailer": {"args": [True, False, {"ad_model": "face_yolov8n.pt"}]}}
+    r = server.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "alwayson_scripts": enabled})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "alwayson_scripts.ADetailer", r.text
+    assert r.json()["error"]["code"] == "not_supported"

@@ -51,6 +51,7 @@ class Submission:
     nbytes: int = 0  # what the queued task holds: its unit, init and mask images, compressed
     kind: str = "txt2img"  # or "img2img", "detect" (/controlnet/detect): which payload ``payload`` is
     origins: Mapping[str, str] = field(default_factory=dict)  # request path -> payload path (errors)
+    warnings: tuple[str, ...] = ()  # the payload's own (ignored unknown fields: api_compat.leniency)
 
 
 class TaskBackend(Protocol):
@@ -110,9 +111,10 @@ class Progress:
 
 
 def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id: str, progress,
-                   cancel: threading.Event) -> tuple[dict[str, Any], list[str]]:
+                   cancel: threading.Event, warnings: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
     """Generate and write the PNGs (each atomically: temp file + rename, so a reader or a killed worker never
-    leaves a partial image under its final name). Returns ``(info, image file names)``."""
+    leaves a partial image under its final name). Returns ``(info, image file names)``; ``info["warnings"]``
+    has the payload's ``warnings`` before the engine's."""
     result = engine.generate(request, progress=progress, cancel=cancel)
     names = []
     infotexts = list(result.infotexts)
@@ -129,6 +131,8 @@ def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id
         write_png(path, detected, None)
         names.append(path.name)
     info = dict(result.info)
+    if warnings:
+        info["warnings"] = [*warnings, *(info.get("warnings") or [])]
     info["detected_maps"] = len(maps)
     info.setdefault("infotexts", infotexts)
     info.setdefault("all_seeds", list(result.seeds))

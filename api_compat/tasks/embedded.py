@@ -242,7 +242,7 @@ class EmbeddedBackend:
                 engine = self._engine(worker, task)
                 info, names = run_generation(engine, task.sub.request, images_dir=self.store.images_dir,
                                              task_id=task.task_id, config_id=task.sub.config_id,
-                                             progress=progress, cancel=task.cancel)
+                                             progress=progress, cancel=task.cancel, warnings=task.sub.warnings)
             self.store.finish(task.task_id, Status.SUCCEEDED, info=info, images=names)
             task.status = Status.SUCCEEDED
         except Exception as exc:

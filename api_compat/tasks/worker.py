@@ -166,7 +166,8 @@ class _Runtime:
         if self.tasks.progress(task_id, tracker.value):
             raise Cancelled("cancelled before the task started")
         return run_generation(engine, translation.request, images_dir=self.images_dir, task_id=task_id,
-                              config_id=message.get("config_id", "default"), progress=progress, cancel=cancel)
+                              config_id=message.get("config_id", "default"), progress=progress, cancel=cancel,
+                              warnings=parsed.warnings())
 
     def _finish(self, task_id, status, ttl, **kw) -> bool:
         return self.tasks.finish(task_id, status, owner=self.owner, ttl=ttl, **kw)

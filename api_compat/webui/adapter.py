@@ -18,7 +18,6 @@ from api_compat.schema import FIELD_NAMES
 
 log = logging.getLogger(__name__)
 # the unit fields the schema knows (the extension's legacy "guidance" is read as guidance_end)
-UNIT_FIELDS = frozenset(FIELD_NAMES["unit"])
 
 WEBUI_VERSION = "v1.10.1"  # the webui API these routes follow
 # the webui's StableDiffusionProcessingTxt2Img defaults for fields a client leaves out, where they differ from
@@ -97,9 +96,6 @@ def _unit_image(value: Any, path: str) -> Any:
                             f"{path}[1]", "null")
         return value[0]
     if isinstance(value, dict):  # the extension's {"image": ..., "mask": ...}
-        extra = sorted(set(value) - {"image", "mask"})
-        if extra:
-            raise api_error("unknown_field", f"unknown field {extra[0]!r}", f"{path}.{extra[0]}", "image, mask")
         if value.get("mask") not in (None, ""):
             raise api_error("not_supported", "not supported: the engine does not implement ControlNet masks",
                             f"{path}.mask", "null")
@@ -107,11 +103,12 @@ def _unit_image(value: Any, path: str) -> Any:
     return value
 
 
-def _unit_to_scc(unit: Any, path: str, known: frozenset[str] = frozenset()) -> Any:
+def _unit_to_scc(unit: Any, path: str) -> Any:
     """One sd-webui-controlnet unit dict as the /scc schema takes it: ``image`` in the extension's other forms
-    becomes the string (:func:`_unit_image`); inert UI fields are dropped (other values refused); keys the
-    extension's unit model does not know either (``known``: the schema's unit fields) are ignored as the
-    extension ignores them, with a logged warning; ``save_detected_map`` defaults to the extension's True."""
+    becomes the string (:func:`_unit_image`; other keys of an ``{"image", "mask"}`` object go to the unit as
+    ``image.KEY``); inert UI fields are dropped (other values refused); keys the extension's unit model does not
+    know are left to the schema's leniency (api_compat.leniency: ignored and named in info.warnings, refused with
+    --strict); ``save_detected_map`` defaults to the extension's True."""
     if not isinstance(unit, dict):
         return unit  # the schema names the field and the type
     unit = dict(unit)
@@ -124,12 +121,12 @@ def _unit_to_scc(unit: Any, path: str, known: frozenset[str] = frozenset()) -> A
                              "engine does not implement; leave it at its default", f"{path}.{name}", shown)
     if "guidance" in unit and "guidance_end" not in unit:  # the extension's legacy name
         unit["guidance_end"] = unit.pop("guidance")
-    if known:
-        for name in [k for k in unit if k not in known]:
-            unit.pop(name)
-            log.warning("%s.%s: unknown ControlNet unit field, ignored (as sd-webui-controlnet ignores it)",
-                        path, name)
     for name in ("image", "input_image"):
+        value = unit.get(name)
+        if isinstance(value, dict):  # the extension's {"image": ..., "mask": ...}
+            for key in sorted(set(value) - {"image", "mask"}, key=str):
+                # unknown keys: the schema's leniency (ignored and named, or refused with --strict) at their path
+                unit[f"{name}.{key}"] = value[key]
         if name in unit:
             unit[name] = _unit_image(unit[name], f"{path}.{name}")
     for name in ("image", "input_image"):  # a null alias next to the given one is not a second image
@@ -164,8 +161,8 @@ def webui_to_scc(payload: Any, options: dict[str, Any] | None = None) -> dict[st
                 script = dict(script)
                 for units_key in ("args", "units"):
                     if isinstance(script.get(units_key), list):
-                        script[units_key] = [_unit_to_scc(u, f"alwayson_scripts.{key}.{units_key}[{i}]",
-                                                          UNIT_FIELDS) for i, u in enumerate(script[units_key])]
+                        script[units_key] = [_unit_to_scc(u, f"alwayson_scripts.{key}.{units_key}[{i}]")
+                                             for i, u in enumerate(script[units_key])]
                 scripts[key] = script
         out["alwayson_scripts"] = scripts
     if options:

@@ -64,6 +64,7 @@ VAE_AUTOMATIC = "Automatic"
 VAE_NONE = "None"
 _VAE_FILE = re.compile(r"\.vae\.(safetensors|pt|ckpt|bin)$", re.I)
 _HASH_SUFFIX = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
+_BARE_HASH = re.compile(r"^(?:[0-9a-fA-F]{8}|[0-9a-fA-F]{10}|[0-9a-fA-F]{64})$")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MAX_SUGGESTIONS = 8
 # the bundled demo models (engine/models/bundled), used when a request names no model
@@ -266,9 +267,12 @@ class ModelStore:
                 if not _inside(cand, root):
                     raise UnsafeModelPath(name, f"{name!r} resolves outside the model store", field)
         entries = [e for e in entries if _inside(e.path, e.root)]
-        if want_hash and not wanted:  # "[hash]" alone: match by hash
+        if not want_hash and _BARE_HASH.match(wanted) and kind == Kind.CHECKPOINT:
+            want_hash = wanted.lower()  # a bare hash, as the webui's checkpoint aliases (sha256, short, legacy)
+        if want_hash and (not wanted or wanted.lower() == want_hash):  # "[hash]" or the hash alone
             for e in entries:
-                if self.hashes.sha256(e.path).startswith(want_hash):
+                sha = self.hashes.sha256(e.path)
+                if sha.startswith(want_hash) or (len(want_hash) == 8 and legacy_model_hash(e.path) == want_hash):
                     return e
         names = [e.stem if kind in (Kind.LORA, Kind.EMBEDDING) else e.name for e in entries]
         available = ", ".join(names[:_MAX_SUGGESTIONS]) or "none"

@@ -33,6 +33,7 @@ import numpy as np
 
 from core.errors import InvalidRequest
 from engine.noise import make_noise_sampler
+from engine.rules import parse_choice
 from engine.samplers import dpm_solver, extra, kdiffusion, schedules, timesteps
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,8 @@ class ResolvedSampler:
         ``sample_img2img`` (sd_samplers_common.setup_img2img_steps): without ``fix_steps`` the schedule has
         ``steps`` steps and the last ``int(min(strength, 0.999) * steps) + 1`` of them run; with ``fix_steps``
         (the webui's img2img_fix_steps, and always in the hires pass) the schedule has
-        ``int(steps / min(strength, 0.999))`` steps and exactly ``steps`` run. ``full_sigmas`` keeps the whole
+        ``int(steps / min(strength, 0.999))`` steps and exactly ``steps`` run (none at strength 0: the plan has 0
+        steps and sigmas ``[0]``, and the caller runs no sampler). ``full_sigmas`` keeps the whole
         schedule (the Brownian tree spans it, as the webui's). ``field`` names the strength in errors.
         """
         schedule = self.model_schedule(family.schedule)
@@ -244,9 +246,13 @@ class ResolvedSampler:
                                  "not run from an init image (img2img, hires fix)",
                                  ", ".join(n for n, s in SPECS.items() if not s.timestep))
         strength = float(denoising_strength)
-        if not 0.0 <= strength <= 1.0 or (fix_steps and strength <= 0.0):
-            raise InvalidRequest(field, f"{strength:g} is out of range",
-                                 "a number from 0 (exclusive) to 1" if fix_steps else "a number from 0 to 1")
+        if not 0.0 <= strength <= 1.0:
+            raise InvalidRequest(field, f"{strength:g} is out of range", "a number from 0 to 1")
+        if fix_steps and strength == 0.0:
+            # the webui's setup_img2img_steps: a schedule of 0 steps, sigmas [0]: the init latent comes back as
+            # it went in (the webui's hires fix with denoising strength 0 upscales and decodes)
+            none = np.zeros(1, np.float32)
+            return SamplingPlan(self, 0, none, schedule, eta, ensd, MappingProxyType(infotext), none)
         if fix_steps:
             total, t_enc = int(steps / min(strength, 0.999)), steps - 1
         else:
@@ -290,29 +296,33 @@ def _valid_samplers() -> str:
     return ", ".join(SPECS)
 
 
+def _sampler(name: str) -> SamplerSpec | None:
+    """A sampler by its name or an alias, in any case (the webui's samplers_map is lower-cased)."""
+    key = name.strip().lower()
+    return next((spec for n, spec in _BY_NAME.items() if n.lower() == key), None)
+
+
 def resolve(sampler_name: str, scheduler: str | None = "Automatic") -> ResolvedSampler:
-    """webui name (or alias, or "<name> <schedule>" like "DPM++ 2M Karras") + scheduler -> ResolvedSampler.
+    """webui name (or alias, any case, or "<name> <schedule>" like "DPM++ 2M Karras") + scheduler (its label,
+    "Karras", or its name, "karras", as /sdapi/v1/schedulers lists them; any case) -> ResolvedSampler.
 
     Like the webui (modules/sd_samplers.get_sampler_and_scheduler), a schedule label trailing the sampler name
     is split off and wins over ``scheduler``. Unknown names raise InvalidRequest naming the field (the webui
     falls back to its default sampler; the API contract makes it an error).
     """
-    scheduler = scheduler or "Automatic"
-    if scheduler not in SCHEDULE_NAMES:
-        if scheduler in _SCHEDULE_ALIASES:
-            scheduler = _SCHEDULE_ALIASES[scheduler]
-        else:
-            raise InvalidRequest("scheduler", f"unknown schedule {scheduler!r}", ", ".join(SCHEDULE_NAMES))
-    spec = _BY_NAME.get(sampler_name) if isinstance(sampler_name, str) else None
+    scheduler = SCHEDULE_NAMES[parse_choice(str(scheduler or "Automatic"), SCHEDULE_NAMES, "scheduler",
+                                            what="schedule", aliases=_SCHEDULE_ALIASES,
+                                            allowed=", ".join(SCHEDULE_NAMES))]
+    spec = _sampler(sampler_name) if isinstance(sampler_name, str) else None
     if spec is None and isinstance(sampler_name, str):
         suffixes = {**{label: label for label in SCHEDULE_NAMES}, "SGMUniform": "SGM Uniform"}
         for suffix in sorted(suffixes, key=len, reverse=True):
             base = sampler_name[: -len(suffix) - 1]
-            if sampler_name.endswith(" " + suffix) and base in _BY_NAME:
-                spec, scheduler = _BY_NAME[base], suffixes[suffix]  # the name's schedule wins, as in the webui
+            if sampler_name.lower().endswith(" " + suffix.lower()) and _sampler(base) is not None:
+                spec, scheduler = _sampler(base), suffixes[suffix]  # the name's schedule wins, as in the webui
                 break
     if spec is None:
-        raise InvalidRequest("sampler_name", f"unknown sampler {sampler_name!r}", _valid_samplers())
+        raise InvalidRequest("sampler_name", f"unknown sampler {str(sampler_name)[:100]!r}", _valid_samplers())
     if spec.fixed_schedule:
         if scheduler != "Automatic":
             log.info("sampler %s ignores scheduler %s, as the webui does", spec.name, scheduler)
