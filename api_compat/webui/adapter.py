@@ -14,7 +14,6 @@ from typing import Any
 from engine.infotext import parse_infotext
 
 from api_compat.errors import ApiError
-from api_compat.schema import FIELD_NAMES
 
 log = logging.getLogger(__name__)
 # the unit fields the schema knows (the extension's legacy "guidance" is read as guidance_end)
