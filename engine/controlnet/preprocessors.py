@@ -232,6 +232,9 @@ PREPROCESSORS: dict[str, Preprocessor] = {
         Preprocessor("tile_resample", _tile_resample, None, Param(1.0, 1.0, 8.0), resize="rate"),
         Preprocessor("recolor_luminance", _recolor("COLOR_BGR2LAB", 0), None, Param(1.0, 0.1, 2.0)),
         Preprocessor("recolor_intensity", _recolor("COLOR_BGR2HSV", 2), None, Param(1.0, 0.1, 2.0)),
+        # model-free attention injection (engine.controlnet.reference): the map is the image; threshold_a is the
+        # style fidelity (the extension's "Style Fidelity (only for Balanced mode)" slider)
+        Preprocessor("reference_only", _none, None, Param(0.5, 0.0, 1.0)),
     )
 }
 
@@ -256,7 +259,7 @@ MODEL_BASED: tuple[str, ...] = (
 )
 # Model-free modules whose behaviour this engine does not implement (attention/output hijacks, inpainting).
 UNSUPPORTED: tuple[str, ...] = (
-    "reference_only", "reference_adain", "reference_adain+attn", "inpaint", "inpaint_global_harmonious",
+    "reference_adain", "reference_adain+attn", "inpaint", "inpaint_global_harmonious",
     "inpaint_only", "tile_colorfix", "tile_colorfix+sharp", "shuffle",
 )
 
