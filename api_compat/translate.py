@@ -23,6 +23,7 @@ from engine.config import EngineConfig
 from engine.controlnet import check_unit_sizes
 from engine.controlnet.images import load_image
 from engine.controlnet.preprocessors import get_preprocessor
+from engine.controlnet.units import REFERENCE_MODULES
 from core.errors import InvalidRequest
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
@@ -106,8 +107,11 @@ def _negative_prompt(payload: GenerationPayload) -> str:
 
 def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: int) -> ControlNetUnit:
     """A payload unit at ``path`` (its payload path, for the alias rule) as the request's unit at ``field``
-    (``controlnet_units[k]``)."""
-    if unit.model is None:
+    (``controlnet_units[k]``). A model-free module (reference_only) takes no model: the one given is ignored, as
+    the extension ignores it ("None" by convention)."""
+    preprocessor = get_preprocessor(unit.module.strip().lower(), field=f"{field}.module")  # "Canny" too
+    model_free = preprocessor.name in REFERENCE_MODULES
+    if unit.model is None and not model_free:
         raise InvalidRequest(f"{field}.model", "is required for an enabled unit", "a ControlNet model name")
     if unit.input_image is not None and unit.image is not None and unit.input_image != unit.image:
         raise ApiError("invalid_request", "both input_image and its alias image are given, with different values",
@@ -124,7 +128,7 @@ def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: 
     image = load_image(source, f"{field}.image", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
                        allow_urls=limits.allow_url_fetch)
     built = ControlNetUnit(
-        model=unit.model,
+        model="None" if model_free else unit.model,
         image=image,
         module=preprocessor.name,
         weight=unit.weight,
@@ -137,6 +141,7 @@ def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: 
         control_mode=unit.control_mode,
         pixel_perfect=unit.pixel_perfect,
         save_detected_map=unit.save_detected_map,
+        advanced_weighting=None if unit.advanced_weighting is None else tuple(unit.advanced_weighting),
     )
     check_unit_sizes(built, width, height, limits.max_work_pixels, f"{field}.image")
     return built
@@ -201,7 +206,8 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         field = f"controlnet_units[{len(units)}]"
         units.append(_unit(path, field, unit, limits, payload.width or PLAN_NATIVE_SIZE,
                            payload.height or PLAN_NATIVE_SIZE))
-        models.append((Kind.CONTROLNET, unit.model, f"{field}.model"))
+        if units[-1].module not in REFERENCE_MODULES:  # model-free units name no model
+            models.append((Kind.CONTROLNET, unit.model, f"{field}.model"))
 
     fields = dict(
         model=model,

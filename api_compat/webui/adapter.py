@@ -54,7 +54,7 @@ _UNIT_INERT: dict[str, tuple[Any, ...]] = {
     "output_dir": ("", None), "use_preview_as_input": (False, None), "generated_image": (None, ""),
     "batch_input_gallery": (None, []), "batch_mask_gallery": (None, []), "batch_mask_dir": (None, ""),
     "animatediff_batch": (False, None), "batch_modifiers": (None, []), "enabled_advanced_weighting": (None, False),
-    "advanced_weighting": (None,), "pulid_mode": (None, "Fidelity"),
+    "pulid_mode": (None, "Fidelity"),
 }
 
 
