@@ -290,7 +290,8 @@ def server(tmp_path_factory):
 
 
 def _extension_payload(unit: dict) -> dict:
-    """The extension's web-API test payload in its CI mode (64x64, 3 steps) with one unit."""
+    """The extension's web-API test payload in its CI mode (64x64, 3 steps) with one unit (its unknown top-level
+    field seed_enable_extras left out: the leniency policy, not these features, decides it)."""
     base_unit = {"control_mode": "Balanced", "enabled": True, "guidance_end": 1, "guidance_start": 0,
                  "pixel_perfect": True, "processor_res": 512, "resize_mode": "Crop and Resize", "threshold_a": -1,
                  "threshold_b": -1, "weight": 1, "module": "canny", "model": "control_v11p_sd15_canny",
@@ -299,7 +300,7 @@ def _extension_payload(unit: dict) -> dict:
             "cfg_scale": 7, "comments": {}, "disable_extra_networks": False, "do_not_save_grid": False,
             "do_not_save_samples": False, "enable_hr": False, "height": 64, "width": 64, "n_iter": 1,
             "negative_prompt": "", "prompt": "(masterpiece: 1.3), (highres: 1.3), best quality,",
-            "sampler_name": "Euler a", "seed": 42, "seed_enable_extras": False, "steps": 3, "subseed": -1,
+            "sampler_name": "Euler a", "seed": 42, "steps": 3, "subseed": -1,
             "subseed_strength": 0, "override_settings": {}, "override_settings_restore_afterwards": False}
 
 
