@@ -125,10 +125,11 @@ FIELD_DOCS: dict[str, str] = {
     "args": _SEE_UNIT + " (the webui's spelling of units)",
     # ControlNet unit
     "enabled": "a listed unit runs unless false (the webui defaults to false; a listed unit is meant to run)",
-    "module": "preprocessor: none, canny, invert, threshold, blur_gaussian, scribble_xdog, ...; unknown is an "
-              "error listing the valid ones",
+    "module": "preprocessor: none, canny, invert, threshold, blur_gaussian, scribble_xdog, ...; reference_only "
+              "(model-free attention injection from the image, threshold_a = style fidelity, default 0.5); "
+              "unknown is an error listing the valid ones",
     "model": "ControlNet from the model store's ControlNet/ folder, webui matching (exact, case-insensitive, "
-             "\"name [hash]\"); required for an enabled unit (\"None\" only for a module that needs no model); "
+             "\"name [hash]\"); required for an enabled unit (\"None\" for a module that needs no model: reference_only); "
              "must fit the checkpoint's family",
     "input_image": "the control image: base64 or data:image/...;base64, URI (http(s) only when the engine allows "
                    "fetching); required for an enabled unit, except in img2img, where a unit without one takes "
@@ -148,6 +149,9 @@ FIELD_DOCS: dict[str, str] = {
     "control_mode": "Balanced; My prompt is more important; ControlNet is more important",
     "pixel_perfect": "processor_res from the image size (the webui's pixel perfect)",
     "save_detected_map": "also return the preprocessed control image with the result",
+    "advanced_weighting": "per-residual weights (down residuals in UNet order, then the middle block: 13 for "
+                          "SD1.x/SD2.x ControlNets, 10 for SDXL, or the ControlNet's own count); they replace "
+                          "weight and the control mode's scales (the extension's rule); null: not used",
     "low_vram": "accepted, no effect (memory hint)",
     "lowvram": "accepted, no effect (memory hint)",
     "is_ui": "accepted, no effect (UI state)",

@@ -254,6 +254,25 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _weights_type(path: str, max_len: int):
+    """Null, or a list of 1 to ``max_len`` numbers, each in the range of ``path`` (engine.rules.RANGES)."""
+    r = rules.RANGES[path]
+    text = f"a list of 1 to {max_len} numbers from {r.lo:g} to {r.hi:g}, or null"
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= max_len:
+            raise _err("list_type", "must be a list of 1 to {n} numbers", text, n=max_len)
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                    not r.lo <= v <= r.hi:
+                raise _err("out_of_range", "{value} is not a number in range", text, value=v)
+        return [float(v) for v in value]
+
+    return Annotated[list[float] | None, BeforeValidator(check)]
+
+
 # --------------------------------------------------------------------------------------------------- models
 class ControlNetUnitPayload(_Model):
     """One sd-webui-controlnet unit (docs/API.md "ControlNet unit")."""
@@ -278,7 +297,11 @@ class ControlNetUnitPayload(_Model):
     save_detected_map: _bool_type(nullable=False) = default("controlnet_units.save_detected_map")
     hr_option: _mode(HiresOption, "0, 1, 2") = Field(default("controlnet_units.hr_option"), description=(
         "with the hires fix: the passes the unit acts in (its detected maps are returned for both passes)"))
-    # sd-webui-controlnet fields with no effect here (memory hints, UI state)
+    advanced_weighting: _weights_type("controlnet_units.advanced_weighting", rules.MAX_LAYER_WEIGHTS) = Field(
+        None, description="per-residual control weights (down residuals in UNet order, then the middle block: 13 "
+                          "for SD1.x/SD2.x ControlNets, 10 for SDXL); they replace weight and the control mode's "
+                          "scales")
+    # sd-webui-controlnet fields with no effect here (memory hints, UI state, hires-fix routing)
     low_vram: Flag = None
     lowvram: Flag = None
     is_ui: Flag = None

@@ -115,7 +115,8 @@ def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: 
           init: tuple[Any, str] | None = None) -> ControlNetUnit:
     """A payload unit at ``path`` (its payload path, for the alias rule) as the request's unit at ``field``
     (``controlnet_units[k]``). ``init``: img2img's init image and the unit resize mode it implies, taken by a
-    unit without an image of its own (as sd-webui-controlnet does)."""
+    unit without an image of its own (as sd-webui-controlnet does). A model-free module (reference_only) takes no model: the one
+    given is ignored, as the extension ignores it ("None" by convention)."""
     if unit.input_image is not None and unit.image is not None and unit.input_image != unit.image:
         raise ApiError("invalid_request", "both input_image and its alias image are given, with different values",
                        field=f"{path}.image", allowed="one of them")
@@ -159,6 +160,7 @@ def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: 
         pixel_perfect=unit.pixel_perfect,
         save_detected_map=unit.save_detected_map,
         hr_option=unit.hr_option,
+        advanced_weighting=None if unit.advanced_weighting is None else tuple(unit.advanced_weighting),
     )
     check_unit_sizes(built, width, height, limits.max_work_pixels, f"{field}.image")
     return built

@@ -14,6 +14,7 @@ what outlives a request (models, backends, prompt cache, ControlNets).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -29,8 +30,10 @@ from engine.backends import create_backend
 from engine.backends import RELEASES_WEIGHTS
 from engine.backends.weights import adopt_cached
 from engine.conditioning import EmbeddingCache, TextModelInfo, TextualInversion, encode_request
-from engine.config import EngineConfig
+from engine.config import BackendKind, EngineConfig
 from engine.controlnet import HiresOption, cond_rows_mask, controlnet_component, controlnet_residuals, prepare_unit
+from engine.controlnet.reference import ReferenceInjection, supports_reference
+from engine.controlnet.units import REFERENCE_MODULES, extension_residuals, residual_count
 from engine.denoiser import Denoiser, LatentBlend
 from core.errors import BackendUnavailable, InvalidRequest
 from engine.img2img import LATENT_UPSCALERS, HiresSize, hires_size, prepare_init, upscale_image, upscale_latent
@@ -41,7 +44,8 @@ from engine.networks.syntax import strip_networks
 from engine.noise import ImageRNG, resolve_seed
 from engine.progress import ProgressReporter
 from engine.request import GenerationRequest, GenerationResult
-from engine.rules import resolve_hires_sampler
+from engine.models.family import Arch
+from engine.rules import check_layer_weights, resolve_hires_sampler
 from engine.samplers import SamplingPlan, resolve
 from engine.tiling import decode as decode_latents
 from engine.tiling import encode as encode_image
@@ -143,6 +147,7 @@ class Engine:
         self._runtimes: dict[tuple, _Runtime] = {}
         self._lock = threading.RLock()
         self._store = None
+        self._torch_twin: Engine | None = None  # serves reference units for a backend of exported graphs
         self.clock = time.monotonic  # what the ETA is measured with (tests use a fake clock)
 
     # ------------------------------------------------------------------------------------------ models
@@ -225,6 +230,9 @@ class Engine:
     def _generate(self, req: GenerationRequest, reporter: ProgressReporter) -> GenerationResult:
         """Orchestration only: each stage is a call into the room that owns its rules, with the request's
         _Context."""
+        reference = [k for k, u in enumerate(req.controlnet_units) if u.module in REFERENCE_MODULES]
+        if reference and self.config.backend is not BackendKind.TORCH:
+            return self._on_torch(req, reporter, reference)
         timer = _Timer()
         # 1. validate: the sampler names, the model, the request against the model's family and the limits
         sampler = resolve(req.sampler_name, req.scheduler)
@@ -260,6 +268,21 @@ class Engine:
 
         # 9. describe: webui infotexts and the info dict
         return self._describe(ctx, images, cond)
+
+    def _on_torch(self, req: GenerationRequest, reporter: ProgressReporter, reference: list[int]):
+        """A request with reference units (attention hooks, engine.controlnet.reference) on a backend that runs
+        exported graphs: served by a torch engine of the same configuration (made on first use, its model kept
+        as this engine keeps its own), said in the log, the infotext ("Backend: torch") and info["warnings"]."""
+        if self._torch_twin is None:
+            self._torch_twin = Engine(replace(self.config, backend=BackendKind.TORCH))
+            self._torch_twin.clock = self.clock
+        fields = ", ".join(f"controlnet_units[{k}] ({req.controlnet_units[k].module})" for k in reference)
+        note = (f"{fields}: served on the torch backend (the {self.config.backend.value} backend runs exported "
+                "graphs, whose attention cannot be hooked)")
+        log.info("%s", note)
+        result = self._torch_twin._generate(req, reporter)
+        result.info["warnings"] = [*result.info.get("warnings", []), note]
+        return result
 
     # ------------------------------------------------------------------------------------------ stages
     def _plan(self, ctx: _Context, sampler, hr_sampler) -> _Context:
@@ -375,7 +398,13 @@ class Engine:
         # with the hires fix, a unit acts in the passes its hr_option names (sd-webui-controlnet)
         units = [u for u, spec in zip(p.units, req.controlnet_units)
                  if ctx.second is None or HiresOption.parse(spec.hr_option).acts_in(p is ctx.second)]
-        denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt), units, plan.steps), plan.schedule,
+        reference = None
+        if any(u.reference for u in units):
+            family = ctx.rt.model.family
+            reference = ReferenceInjection(ctx.rt.backend, units, plan.steps, family.schedule.alphas_cumprod,
+                                           lambda pixels: self._encode(ctx.rt, pixels), seed=rng.seeds[0],
+                                           sdxl=family.arch is Arch.SDXL, hires=p is ctx.second)
+        denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt), units, plan.steps, reference), plan.schedule,
                             ctx.rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
         if blend is not None:
             denoiser = LatentBlend(denoiser, *blend)
@@ -501,8 +530,22 @@ class Engine:
         units, labels = [], []
         for k, unit in enumerate(req.controlnet_units):
             field_name = f"controlnet_units[{k}]"
+            if unit.module in REFERENCE_MODULES:  # model-free: attention injection (engine.controlnet.reference)
+                if not supports_reference(rt.backend):
+                    raise BackendUnavailable(f"the {self.config.backend.value} backend cannot hook attention "
+                                             f"({field_name}.module {unit.module!r})")
+                units.append(prepare_unit(unit, width, height, field=field_name))
+                labels.append(unit_infotext(unit, "None", units[-1].used))
+                continue
             cn = self._controlnet(rt, unit.model, f"{field_name}.model")
-            units.append(prepare_unit(unit, width, height, field=field_name))
+            weights = None
+            if unit.advanced_weighting is not None:
+                weights = check_layer_weights(unit.advanced_weighting, residual_count(cn.module),
+                                              f"{field_name}.advanced_weighting",
+                                              layout=extension_residuals(cn.arch is Arch.CONTROLNET_SDXL))
+                log.info("%s: advanced weighting %s (replaces the weight and the control mode's scales)",
+                         field_name, list(weights))
+            units.append(prepare_unit(unit, width, height, field=field_name, advanced_weighting=weights))
             labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]", units[-1].used))
         return units, labels
 
@@ -510,22 +553,26 @@ class Engine:
 class _ModelCall:
     """``model(x_in, t_in, cond, step)`` for the Denoiser: UNet (and ControlNet units) through the backend."""
 
-    def __init__(self, run, units, steps: int):
+    def __init__(self, run, units, steps: int, reference: ReferenceInjection | None = None):
         self.run = run
         self.units = units
         self.steps = steps
+        self.reference = reference  # the pass's reference units (attention injection), if any
 
     def __call__(self, x_in, t_in, cond, step: int):
         feeds = {"sample": x_in, "timestep": t_in, "encoder_hidden_states": cond.context[: x_in.shape[0]]}
         if cond.pooled is not None:
             feeds["text_embeds"] = cond.pooled[: x_in.shape[0]]
             feeds["time_ids"] = cond.time_ids[: x_in.shape[0]]
-        if self.units:
-            mask = cond_rows_mask(cond.positive, int(x_in.shape[0]))
-            residuals = controlnet_residuals(self.run, self.units, step, self.steps, feeds, mask)
+        if not self.units:
+            return self.run("unet", feeds)["model_output"]
+        mask = cond_rows_mask(cond.positive, int(x_in.shape[0]))
+        residuals = controlnet_residuals(self.run, self.units, step, self.steps, feeds, mask)
+        injected = self.reference.inject(self.run, feeds, step, mask) if self.reference else contextlib.nullcontext()
+        with injected:
             if residuals is not None:
                 return self.run("unet_control", {**feeds, **residuals})["model_output"]
-        return self.run("unet", feeds)["model_output"]
+            return self.run("unet", feeds)["model_output"]
 
 
 def to_uint8(images) -> list[np.ndarray]:

@@ -35,6 +35,9 @@ class ControlNetUnit:
     pixel_perfect: bool = False
     save_detected_map: bool = False
     hr_option: str = "Both"
+    # per-residual control weights (down residuals in UNet order, then the middle block): they replace the scales
+    # of ``weight`` and the control mode, as sd-webui-controlnet's ``advanced_weighting`` (None: not used)
+    advanced_weighting: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

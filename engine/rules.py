@@ -36,6 +36,9 @@ MAX_SIZE = 2048  # pixels a side any configuration allows (EngineConfig.max_size
 SIZE_MULTIPLE = 8  # every family's sizes are multiples of this; a model's own: ModelFamily.pixel_multiple
 MAX_HIRES_RESIZE = 8192  # hires.resize_x / resize_y as given (the second pass itself is held to MAX_SIZE)
 MAX_UNITS = 10  # ControlNet units in one request
+# sd-webui-controlnet's advanced_weighting: one weight per ControlNet residual (down residuals in UNet order, then
+# the middle block), 13 for SD1.x/SD2.x ControlNets (12 + 1), 10 for SDXL ones (9 + 1)
+MAX_LAYER_WEIGHTS = 13
 
 USE_SAME_SAMPLER = "Use same sampler"
 USE_SAME_SCHEDULER = "Use same scheduler"
@@ -121,6 +124,7 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     "controlnet_units.processor_res": _int(-(2**31), 2**31 - 1),
     "controlnet_units.threshold_a": Range(-1e6, 1e6),
     "controlnet_units.threshold_b": Range(-1e6, 1e6),
+    "controlnet_units.advanced_weighting": Range(0.0, 2.0),  # each weight (the range of ``weight``)
 })
 
 
@@ -154,6 +158,26 @@ def check_limits(config: Any, *, width: int | None, height: int | None, batch_si
         if value != -1 and value + total - 1 > INT64_MAX:
             raise InvalidRequest(name, f"{value} + {total - 1} (one seed per image) overflows int64",
                                  f"-1 or an integer from 0 to {INT64_MAX - total + 1}")
+
+
+def check_layer_weights(weights: Any, n_residuals: int, field: str, layout: int | None = None) -> tuple[float, ...]:
+    """A unit's ``advanced_weighting`` against its ControlNet: one weight per residual (``n_residuals``), each in
+    ``RANGES["controlnet_units.advanced_weighting"]``. ``layout`` is the extension's count for the model's family
+    (13 SD1.x/SD2.x, 10 SDXL): a list of that length is accepted too and, as the extension pairs weights with
+    residuals (``zip``), its first ``n_residuals`` weights are used (a ControlNet with fewer residuals than its
+    family's, as the demo one). Returns the weights used; anything else is an InvalidRequest naming ``field``."""
+    rng = RANGES["controlnet_units.advanced_weighting"]
+    counts = sorted({n_residuals} | ({layout} if layout and layout > n_residuals else set()))
+    shown = " or ".join(str(c) for c in counts)
+    allowed = (f"a list of {shown} numbers from {rng.lo:g} to {rng.hi:g} (down residuals in UNet order, then the "
+               "middle block), or null")
+    if not isinstance(weights, (list, tuple)) or len(weights) not in counts:
+        got = f"{len(weights)} weights" if isinstance(weights, (list, tuple)) else repr(weights)[:100]
+        raise InvalidRequest(field, f"{got} for a ControlNet with {n_residuals} residuals", allowed)
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not rng.lo <= w <= rng.hi:
+            raise InvalidRequest(field, f"weight {w!r} is out of range", allowed)
+    return tuple(float(w) for w in weights[:n_residuals])
 
 
 # ------------------------------------------------------------------------------------------------ hires fix

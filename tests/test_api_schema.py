@@ -313,7 +313,7 @@ UNIT_FIELDS = {
     "enabled": ([True, False], ["yes", 2]),
     "module": (["none", "canny", "Canny", "invert", "threshold", "blur_gaussian", "scribble_xdog", "lineart_standard",
                 "invert (from white bg & black line)", "t2ia_color_grid"],
-               ["depth_midas_bogus", "depth_midas", "reference_only", 5]),
+               ["depth_midas_bogus", "depth_midas", "reference_adain", 5]),
     "weight": ([0, 1, 2, 0.5], [-0.1, 2.1, "1"]),
     "guidance_start": ([0, 0.5], [-0.1, 1.1, "0"]),
     "guidance_end": ([1, 0.5], [1.5, -1]),

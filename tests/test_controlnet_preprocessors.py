@@ -168,6 +168,6 @@ def test_unknown_and_model_based_modules_are_invalid_requests():
         get_preprocessor("depth_midas", field)
     assert err.value.field == field and "not available offline" in str(err.value) and "canny" in err.value.allowed
     with pytest.raises(InvalidRequest, match="not supported"):
-        get_preprocessor("reference_only", field)
+        get_preprocessor("reference_adain", field)
     with pytest.raises(InvalidRequest, match="unknown preprocessor"):
         get_preprocessor("cany", field)

@@ -33,6 +33,11 @@ descriptor forbids fp16 (the SDXL VAE, which overflows) stays fp32 in an fp16 ru
   Outputs of a CUDA-graph run are copied before they are returned (the next replay overwrites them).
 - ``vae_tiling``: diffusers' tiled VAE decode (large images in bounded memory; seams are blended, so the
   output differs slightly from the untiled decode). Off by default.
+
+Attention hooks (sd-webui-controlnet's reference units, engine.controlnet.reference):
+:meth:`TorchBackend.self_attention_layers` lists the UNet's self-attention layers and
+:meth:`TorchBackend.attention_processors` installs processors on them for a block; while they are installed the
+UNet components run eagerly (a compiled graph would not follow the processors' Python state).
 """
 
 from __future__ import annotations
@@ -114,6 +119,8 @@ class TorchBackend(ComponentsMixin):
         self._patch_keys: dict[str, str] = {}  # source module -> key of the LoRA patch its weights carry
         self._originals: dict[str, dict[str, Any]] = {}  # source -> param -> the unpatched tensor
         self._prepared: set[str] = set()  # source modules already cast/moved/fused
+        self._hooked = 0  # attention_processors blocks open: the UNet components run eagerly
+        self._eager: dict[str, Any] = {}  # uncompiled wrappers of compiled components
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         if self.device.type == "cpu" and self.precision != Precision.FP32:
@@ -218,6 +225,51 @@ class TorchBackend(ComponentsMixin):
             self._patch_keys[source] = key
             log.info("%s: LoRA patch %s (%d weights)", source, key or "removed", len(touched))
 
+    # -- attention hooks ------------------------------------------------------------------------------------
+    def self_attention_layers(self, component: str = "unet") -> list[tuple[Any, int]]:
+        """``(attention module, channels)`` of every self-attention layer (attn1 of a transformer block that is not
+        cross-attention only) of the UNet, in the order of the webui's UNet: down blocks, middle block, up blocks."""
+        from diffusers.models.attention import BasicTransformerBlock
+
+        self._wrapper(component)  # cast and move the module first
+        unet = self._components[self.descriptor(component).source]
+        parts = [getattr(unet, name, None) for name in ("down_blocks", "mid_block", "up_blocks")]
+        layers = []
+        for part in parts:
+            if part is None:
+                continue
+            for module in part.modules():
+                if isinstance(module, BasicTransformerBlock) and not getattr(module, "only_cross_attention", False):
+                    norm = getattr(module.norm1, "normalized_shape", None)
+                    channels = int(norm[0]) if norm else int(module.attn1.query_dim)
+                    layers.append((module.attn1, channels))
+        return layers
+
+    @contextlib.contextmanager
+    def attention_processors(self, processors: Mapping[Any, Any]):
+        """Within the block, each attention module of ``processors`` (from :meth:`self_attention_layers`) runs its
+        processor; the previous ones are restored after it."""
+        previous = {attn: attn.processor for attn in processors}
+        for attn, processor in processors.items():
+            attn.processor = processor  # as Attention.set_processor sets a processor that is not a module
+        self._hooked += 1
+        try:
+            yield
+        finally:
+            self._hooked -= 1
+            for attn, processor in previous.items():
+                attn.processor = processor
+
+    def _runner(self, component: str):
+        """The module ``run`` calls: the (maybe compiled) wrapper, or its eager twin while hooks are installed."""
+        wrapper = self._wrapper(component)
+        if not self._hooked or not self.options.compile or component not in self.options.compile_components:
+            return wrapper
+        if component not in self._eager:
+            desc = self.descriptor(component)
+            self._eager[component] = desc.wrapper(self._components[desc.source]).eval().to(self.device)
+        return self._eager[component]
+
     @property
     def _cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and self.options.compile
@@ -251,9 +303,9 @@ class TorchBackend(ComponentsMixin):
 
         desc = self.descriptor(component)
         self._check_feeds(desc, feeds)
-        wrapper = self._wrapper(component)
+        wrapper = self._runner(component)
         args = [self._feed(feeds[spec.name], spec, component) for spec in desc.inputs]
-        graphs = self._cuda_graphs and component in self.options.compile_components
+        graphs = self._cuda_graphs and component in self.options.compile_components and not self._hooked
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.inference_mode(), self._autocast(component):

@@ -48,13 +48,16 @@ __all__ = [
 ]
 
 
-def prepare_unit(unit, width: int, height: int, field: str = "controlnet_units[0]") -> PreparedUnit:
+def prepare_unit(unit, width: int, height: int, field: str = "controlnet_units[0]",
+                 advanced_weighting: tuple[float, ...] | None = None) -> PreparedUnit:
     """A request unit (``engine.request.ControlNetUnit``) -> a :class:`PreparedUnit` at ``width`` x ``height``.
 
     As the extension: ``processor_res`` comes from the target size when ``pixel_perfect`` (else the unit's
     value, -1 / out of range = the preprocessor's default;
     the pixel-perfect value is used unchecked, as the extension does); the detected map is fitted with the unit's
     resize mode; ``PreparedUnit.detected_map`` is that fitted map (what ``save_detected_map`` returns).
+    ``advanced_weighting``: the unit's per-residual weights, checked against its ControlNet
+    (engine.rules.check_layer_weights).
     """
     resize_mode = ResizeMode.parse(unit.resize_mode, f"{field}.resize_mode")
     control_mode = ControlMode.parse(unit.control_mode, f"{field}.control_mode")
@@ -80,6 +83,8 @@ def prepare_unit(unit, width: int, height: int, field: str = "controlnet_units[0
         module=pre.name,
         detected_map=fitted,
         used=used,
+        advanced_weighting=advanced_weighting,
+        threshold_a=thr_a,
     )
 
 

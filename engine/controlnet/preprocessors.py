@@ -299,6 +299,10 @@ PREPROCESSORS: dict[str, Preprocessor] = {
                      _slider(1.0, 0.1, 2.0, "Gamma Correction", 0.001), tags=("Recolor",), priority=100),
         Preprocessor("recolor_intensity", _recolor("COLOR_BGR2HSV", 2), None,
                      _slider(1.0, 0.1, 2.0, "Gamma Correction", 0.001), tags=("Recolor",)),
+        # model-free attention injection (engine.controlnet.reference): the map is the image; threshold_a is the
+        # style fidelity (the extension's "Style Fidelity (only for Balanced mode)" slider)
+        Preprocessor("reference_only", _none, None, _slider(0.5, 0.0, 1.0, "Style Fidelity (only for Balanced mode)"),
+                     model_free=True, tags=("Reference",)),
     )
 }
 
@@ -323,7 +327,7 @@ MODEL_BASED: tuple[str, ...] = (
 )
 # Model-free modules whose behaviour this engine does not implement (attention/output hijacks, inpainting).
 UNSUPPORTED: tuple[str, ...] = (
-    "reference_only", "reference_adain", "reference_adain+attn", "inpaint", "inpaint_global_harmonious",
+    "reference_adain", "reference_adain+attn", "inpaint", "inpaint_global_harmonious",
     "inpaint_only", "tile_colorfix", "tile_colorfix+sharp", "shuffle",
 )
 

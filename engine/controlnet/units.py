@@ -21,8 +21,14 @@ What the extension does (scripts/hook.py, scripts/controlnet.py), and what is im
   0.825^12 .. 0.825^4 and its middle block 0.825^3, not 1.0); :func:`residual_scales` does the same for any
   n <= 13. cfg_injection multiplies every residual by the cond mark: rows of the negative prompt get no
   control at all ("same scales, conditional half only").
+* **Advanced weighting** (the unit's ``advanced_weighting``, hook.py: ``control_scales =
+  param.advanced_weighting``): one scale per residual (down residuals in UNet order, then the middle block) that
+  *replaces* the scales above -- neither ``weight`` nor the soft-injection scales apply to it (the extension logs
+  "Advanced weighting overwrites soft_injection effect"); cfg_injection's cond mark still does.
 * **Several units** add their scaled residuals (in unit order) before the UNet adds the sum.
-* A unit whose weight is 0 contributes exactly zero; it is skipped instead of run (same result, one
+* **Model-free units** (``reference_only``: :mod:`engine.controlnet.reference`) run no ControlNet and add no
+  residual; :func:`controlnet_residuals` skips them.
+* A unit whose scales are all 0 contributes exactly zero; it is skipped instead of run (same result, one
   ControlNet pass less). A cond-only unit runs its ControlNet on the cond rows only (ControlNet rows are
   independent), the other rows of its residuals are zero -- the same numbers as running all rows and masking.
 
@@ -49,6 +55,8 @@ SOFT_INJECTION_BASE = 0.825
 # The extension's residual layout: 12 down-block residuals + 1 middle block (SD1.x / SD2.x ControlNets).
 SOFT_INJECTION_COUNT = 13
 CONTROLNET_COMPONENT_PREFIX = "controlnet:"
+# model-free modules that inject attention instead of residuals (engine.controlnet.reference implements them)
+REFERENCE_MODULES = ("reference_only", "reference_adain", "reference_adain+attn")
 MID_RESIDUAL = "mid_residual"
 
 
@@ -87,6 +95,17 @@ class ControlMode(str, Enum):
         return self is ControlMode.CONTROL
 
 
+def extension_residuals(sdxl: bool) -> int:
+    """The extension's residual count of a family's ControlNets (its ``control_scales`` and the length its
+    ``advanced_weighting`` expects): 13 for SD1.x/SD2.x (12 down + middle), 10 for SDXL (9 + middle)."""
+    return 10 if sdxl else SOFT_INJECTION_COUNT
+
+
+def residual_count(controlnet: Any) -> int:
+    """Residuals of a diffusers ControlNetModel (its down-block zero convs + the middle block)."""
+    return len(controlnet.controlnet_down_blocks) + 1
+
+
 def controlnet_component(model: str) -> str:
     """Backend component key of the ControlNet ``model``: ``"controlnet:<model>"``."""
     return CONTROLNET_COMPONENT_PREFIX + model
@@ -109,6 +128,10 @@ class PreparedUnit:
     control_mode: ControlMode = ControlMode.BALANCED
     module: str = "none"
     detected_map: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # per-residual scales replacing weight and the control mode's (see the module docstring); None: not used
+    advanced_weighting: tuple[float, ...] | None = None
+    # the preprocessor's slider values as used (threshold_a of reference_only: the style fidelity)
+    threshold_a: float | None = None
     # the preprocessor values actually used (defaults applied, pixel perfect resolved), for the infotext
     used: dict = field(default_factory=dict, compare=False)
     # control image repeated to n rows, per (n, array kind/device/dtype): built once per request, not per step
@@ -122,6 +145,18 @@ class PreparedUnit:
     @property
     def component(self) -> str:
         return controlnet_component(self.model)
+
+    @property
+    def reference(self) -> bool:
+        """A model-free reference unit (attention injection, no ControlNet): :mod:`engine.controlnet.reference`."""
+        return self.module in REFERENCE_MODULES
+
+    @property
+    def contributes(self) -> bool:
+        """Whether the unit's residuals can be non-zero (a zero weight, or all-zero advanced weights, cannot)."""
+        if self.advanced_weighting is not None:
+            return any(w != 0 for w in self.advanced_weighting)
+        return self.weight != 0
 
 
 def sampling_percent(step: int, steps: int) -> float:
@@ -145,8 +180,9 @@ def active(unit: PreparedUnit, step: int, steps: int) -> bool:
 
 
 def active_units(units: Sequence[PreparedUnit], step: int, steps: int) -> list[PreparedUnit]:
-    """The units that run at this step and can change the result (weight != 0), in unit order."""
-    return [u for u in units if u.weight != 0 and active(u, step, steps)]
+    """The ControlNet units (not the model-free reference ones) that run at this step and can change the result
+    (:attr:`PreparedUnit.contributes`), in unit order."""
+    return [u for u in units if not u.reference and u.contributes and active(u, step, steps)]
 
 
 def residual_scales(unit: PreparedUnit, n_residuals: int) -> list[float]:
@@ -154,9 +190,15 @@ def residual_scales(unit: PreparedUnit, n_residuals: int) -> list[float]:
 
     Balanced: ``weight``. "My prompt is more important" / "ControlNet is more important":
     ``weight * 0.825 ** (12 - i)``, the extension's 13 soft-injection scales truncated to ``n_residuals``.
+    ``advanced_weighting`` (checked against the ControlNet by engine.rules.check_layer_weights) replaces both.
     """
     if n_residuals < 1:
         raise ValueError(f"n_residuals must be >= 1, got {n_residuals}")
+    if unit.advanced_weighting is not None:
+        if len(unit.advanced_weighting) != n_residuals:
+            raise ValueError(f"advanced_weighting has {len(unit.advanced_weighting)} weights, the ControlNet "
+                             f"{n_residuals} residuals")
+        return [float(w) for w in unit.advanced_weighting]
     w = float(unit.weight)
     if not unit.control_mode.soft_injection:
         return [w] * n_residuals
