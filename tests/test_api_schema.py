@@ -118,7 +118,9 @@ def test_clip_skip_schema_range_then_model_layers(service):
     """The schema admits the webui's 1..12; at submit the model's text encoder decides (the demo model: 3)."""
     assert parse_payload({"clip_skip": 12}).clip_skip == 12
     assert_refused(service, {"clip_skip": 12}, "clip_skip")
-    assert_refused(service, {"override_settings": {"CLIP_stop_at_last_layers": 4}}, "clip_skip")
+    # the error names the field the payload used (issue 23: one field-origin map per face)
+    assert_refused(service, {"override_settings": {"CLIP_stop_at_last_layers": 4}},
+                   "override_settings.CLIP_stop_at_last_layers")
 
 
 @pytest.mark.parametrize("name,value", [(k, v) for k, (_, bad) in SEED_FIELDS.items() for v in bad])
