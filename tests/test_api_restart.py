@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pytest
 
 from api_compat import TaskService
 from tests.api_support import EngineDouble, png_b64, png_seed
@@ -150,14 +153,14 @@ def test_stray_files_are_removed_on_open(tmp_path):
         assert not list(images.iterdir())
 
 
-def _serve(tmp_path, port):
+def _serve(tmp_path, port, *args, factory="tests.api_support:double_factory", env=None):
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("SDENGINE_API_KEY", None)
     log = open(tmp_path / f"serve-{port}-{time.monotonic_ns()}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir",
                              str(tmp_path / "models"), "--results-dir", str(tmp_path / "r"),
-                             "--engine-factory", "tests.api_support:double_factory"],
+                             "--engine-factory", factory, *args],
                             env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
     end = time.monotonic() + 60
     while True:
@@ -222,3 +225,105 @@ def _swallow(call):
         call()
     except httpx.TransportError:
         pass  # the server was killed under the call
+
+
+# ------------------------------------------------------------------------------ SIGKILL of the real server
+KILL_POINTS = ("waiting", "loading", "sampling", "png", "random", "random")
+
+
+def _kill_when(point: str, url: str, ids: list[str], images: Path, rng: random.Random) -> str:
+    """Wait for ``point`` (a task waiting, loading its model, sampling, writing a PNG; or a random moment), then
+    return what was seen (the test SIGKILLs the server at once)."""
+    if point == "waiting":
+        return "waiting"
+    if point == "random":
+        time.sleep(rng.uniform(0.0, 4.0))
+        return "random"
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        if point == "png":
+            if any(p.name.endswith(".tmp") for p in images.iterdir()):
+                return "png"
+            time.sleep(0.002)
+            continue
+        for task in ids:
+            result = httpx.post(url + "/scc/sd_get_result", json={"taskId": task}, timeout=10).json()
+            if result["status"] == "running" and result["progress"]["phase"] == point:
+                return point
+        time.sleep(0.005)
+    raise AssertionError(f"never saw a task {point}")
+
+
+def _pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_every_task_runs(tmp_path):
+    """`sdengine serve` on the real engine (demo model, torch) killed with SIGKILL again and again -- while
+    tasks wait, while the model loads, mid-sampling, inside a PNG write (held open by tests.restart_support),
+    at random moments -- and restarted on the same results folder, new tasks submitted each round: every
+    accepted task ends succeeded, with exactly one PNG, no temp file is left, and the pixels equal an
+    uninterrupted run of the same payload with the task's seed (drawn at submit for seed -1)."""
+    seed = int(os.environ.get("SDENGINE_TEST_SEED") or time.time_ns() % 100000)
+    rng = random.Random(seed)
+    (tmp_path / "models").mkdir()
+    images = tmp_path / "r" / "images"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    args = ("--backend", "torch", "--max-attempts", "20")
+    env = {"SDENGINE_TEST_PNG_PAUSE": "0.3"}
+    payloads: dict[str, dict] = {}
+    seen = []
+    for n, point in enumerate(KILL_POINTS):
+        proc = _serve(tmp_path, port, *args, factory="tests.restart_support:factory", env=env)
+        try:
+            new = []
+            for j in range(2):
+                payload = {"prompt": f"a house, round {n} task {j}", "steps": rng.choice((4, 8)), "width": 96,
+                           "height": 96, "seed": rng.choice((-1, rng.randrange(10**6)))}
+                r = httpx.post(url + "/scc/sd_txt2img", json=payload, timeout=30)
+                assert r.status_code == 200, r.text
+                payloads[r.json()["taskId"]] = payload
+                new.append(r.json()["taskId"])
+            seen.append(_kill_when(point, url, list(payloads), images, rng))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+    assert {"waiting", "loading", "sampling", "png"} <= set(seen), seen
+
+    proc = _serve(tmp_path, port, *args, factory="tests.restart_support:factory")
+    start = time.monotonic()
+    try:
+        results = {}
+        end = time.monotonic() + 300
+        for task in payloads:
+            while (result := httpx.post(url + "/scc/sd_get_result", json={"taskId": task}, timeout=10).json())[
+                    "status"] in ("waiting", "running"):
+                assert time.monotonic() < end, f"seed {seed}: {result}"
+                time.sleep(0.1)
+            assert result["status"] == "succeeded", f"seed {seed}: {result}"
+            assert len(result["images"]) == 1 and result["info"]["all_seeds"]
+            results[task] = result
+        print(f"seed {seed}: kills {seen}; the last restart ran the rest in {time.monotonic() - start:.1f} s")
+        files = sorted(p.name for p in images.iterdir())
+        assert files == sorted(f"{task}-0.png" for task in payloads), f"seed {seed}: {files}"
+        # an uninterrupted run of each payload, with the seed its task ran with
+        for task, payload in payloads.items():
+            drawn = results[task]["info"]["all_seeds"][0]
+            assert payload["seed"] in (-1, drawn)
+            r = httpx.post(url + "/scc/sd_txt2img", json={**payload, "seed": drawn}, timeout=30)
+            while (again := httpx.post(url + "/scc/sd_get_result", json=r.json(), timeout=10).json())[
+                    "status"] in ("waiting", "running"):
+                time.sleep(0.05)
+            assert again["status"] == "succeeded", again
+            assert np.array_equal(_pixels(images / f"{task}-0.png"),
+                                  _pixels(images / f"{again['taskId']}-0.png")), f"seed {seed}: task {task}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
