@@ -12,6 +12,7 @@ Code outside a module's import (engine/, on a request or worker thread) takes th
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 from types import ModuleType
 from typing import Any
@@ -19,13 +20,19 @@ from typing import Any
 from core.errors import MissingDependency
 
 _lock = threading.RLock()  # re-entrant: a module imported under it may load another one
-_loaded: dict[tuple[str, str | None], Any] = {}
+_loaded: dict[tuple[str, str], Any] = {}
 
 
 def load(module: str, name: str | None = None) -> Any:
     """``module`` imported (or its attribute ``name``, ``from module import name``), single-flight: the first
-    call imports under the lock, concurrent first calls wait for it, later calls return the cached object.
+    call imports under the lock, concurrent first calls wait for it; a name, once resolved, is returned without
+    the lock (a module always goes through ``sys.modules``, so a module made unimportable there stays so).
     Raises ImportError as the import statement would."""
+    if name is None:
+        if module in sys.modules:  # imported (or being imported: the import system waits for it)
+            return importlib.import_module(module)
+        with _lock:
+            return importlib.import_module(module)
     key = (module, name)
     try:
         return _loaded[key]
@@ -33,13 +40,10 @@ def load(module: str, name: str | None = None) -> Any:
         pass
     with _lock:
         if key not in _loaded:
-            value: Any = importlib.import_module(module)
-            if name is not None:
-                try:
-                    value = getattr(value, name)
-                except AttributeError:
-                    raise ImportError(f"cannot import name {name!r} from {module!r}", name=module) from None
-            _loaded[key] = value
+            try:
+                _loaded[key] = getattr(importlib.import_module(module), name)
+            except AttributeError:
+                raise ImportError(f"cannot import name {name!r} from {module!r}", name=module) from None
         return _loaded[key]
 
 
