@@ -19,6 +19,7 @@ too); it still works and warns (``DeprecationWarning``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -43,7 +44,7 @@ from api_compat.tasks.backend import Submission, TaskBackend
 from api_compat.tasks.celery_app import QueueOptions
 from api_compat.tasks.celery_producer import CeleryBackend
 from api_compat.tasks.embedded import EmbeddedBackend
-from api_compat.tasks.store import TASK_ID, Status
+from api_compat.tasks.store import TASK_ID, PendingTask, Status
 from api_compat.translate import field_origins, image_bytes, translate_request
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class TaskService:
     model's configs ("auto": half the machine's memory; None: no check; needs ``check_models``).
     ``strict``: unknown payload fields are an ``unknown_field`` error instead of ignored and named in the
     result's ``info.warnings`` (the leniency policy: :mod:`api_compat.leniency`).
+    ``max_attempts``: starts of a task that may die with their worker (embedded: with this process) before the
+    task is failed ``worker_lost``; a killed process's other accepted tasks run when it is started again.
     """
 
     def __init__(
@@ -91,8 +94,11 @@ class TaskService:
         queue_options: dict[str, Any] | None = None,
         memory_budget: int | str | None = "auto",
         strict: bool = False,
+        max_attempts: int = 3,
         **engine_options: Any,
     ):
+        if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
+            raise ValueError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
         self.strict = strict
         if models_dir is not None:
             engine_options["models_dir"] = models_dir
@@ -120,12 +126,14 @@ class TaskService:
         self.backend: TaskBackend
         if queue:
             self.backend = CeleryBackend(queue, self, self.results_dir, max_queue=max_queue, results_ttl=max_age_s,
-                                         options=QueueOptions(**(queue_options or {})))
+                                         options=QueueOptions(**{"max_attempts": max_attempts,
+                                                                 **(queue_options or {})}))
         else:
             self.backend = EmbeddedBackend(self.configs, self.results_dir,
                                            engine_factory=engine_factory or default_engine_factory,
                                            max_queue=max_queue, max_queue_bytes=max_queue_bytes,
-                                           max_age_s=max_age_s, max_tasks=max_tasks)
+                                           max_age_s=max_age_s, max_tasks=max_tasks, restore=self._restore,
+                                           max_attempts=max_attempts)
 
     @property
     def store(self):
@@ -155,13 +163,7 @@ class TaskService:
         config_id = self._config_id(headers)
         config = self.configs[config_id]
         parsed = parse_request(kind, payload, strict=self.strict)
-        origins = field_origins(parsed)  # errors about the request name the payload's fields
-        try:
-            translation = translate_request(kind, parsed, config, self.limits)
-        except InvalidRequest as exc:
-            raise api_error_from(exc) from None  # already in the payload's terms
-        except SdEngineError as exc:  # e.g. a missing optional dependency of the engine
-            raise ApiError(exc.code, str(exc)) from None
+        translation, origins = self._translate(kind, parsed, config)
         store = self._stores[config_id]
         if store is not None:
             check_models(store, translation.models, origins)
@@ -170,23 +172,49 @@ class TaskService:
 
     def _submit(self, payload: dict[str, Any], headers: dict[str, str] | None, kind: str) -> dict[str, str]:
         config_id, config, parsed, origins, translation, store = self._validate(payload, headers, kind)
-        model = wire = None
+        # seeds drawn here and kept in the task's payload, so that a task run again (its worker or this process
+        # died) makes the same images
+        wire, drawn = dict(payload), {}
+        for name in ("seed", "subseed"):
+            if getattr(parsed, name) == -1:
+                wire[name] = drawn[name] = random.randrange(MAX_SEED)
+        model = None
         if self.backend.name != "embedded":
             model = self._route(store, config, translation.request.model)
-            wire = dict(payload)
-            # seeds drawn here, so that a task delivered again (its worker died) makes the same images
-            for name in ("seed", "subseed"):
-                if getattr(parsed, name) == -1:
-                    wire[name] = random.randrange(MAX_SEED)
-        sub = Submission(task_id=uuid.uuid4().hex, config_id=config_id, request=translation.request,
-                         parameters=translation.parameters, payload=wire or {}, model=model, created=time.time(),
-                         nbytes=image_bytes(translation.request), kind=kind, origins=origins,
-                         warnings=parsed.warnings())
+        request = dataclasses.replace(translation.request, **drawn) if drawn else translation.request
+        sub = Submission(task_id=uuid.uuid4().hex, config_id=config_id, request=request,
+                         parameters=translation.parameters, payload=wire, model=model, created=time.time(),
+                         nbytes=image_bytes(request), kind=kind, origins=origins, warnings=parsed.warnings())
         self.backend.submit(sub)
         if parsed.ignored_fields:
             log.warning("task %s: ignored unknown field(s) %s (serve --strict refuses them)", sub.task_id,
                         ", ".join(parsed.ignored_fields[:leniency.MAX_WARNINGS]))
         return {"taskId": sub.task_id, "status": Status.WAITING.value}
+
+    def _translate(self, kind: str, parsed, config: EngineConfig):
+        """(the engine request's translation, the payload's field origins) of a parsed payload."""
+        origins = field_origins(parsed)  # errors about the request name the payload's fields
+        try:
+            return translate_request(kind, parsed, config, self.limits), origins
+        except InvalidRequest as exc:
+            raise api_error_from(exc) from None  # already in the payload's terms
+        except SdEngineError as exc:  # e.g. a missing optional dependency of the engine
+            raise ApiError(exc.code, str(exc)) from None
+
+    def _restore(self, pending: PendingTask) -> Submission:
+        """The embedded backend's task left by a dead process, from its stored payload (seeds drawn at submit):
+        parsed and translated again as at submit, so it makes the images the first run would have made."""
+        if pending.kind == "detect":
+            request = parse_detect(pending.payload, self.limits)
+            return Submission(task_id=pending.task_id, config_id=pending.config_id, request=request,
+                              parameters=pending.parameters, payload=pending.payload, model=None,
+                              created=pending.created, nbytes=request.nbytes, kind="detect")
+        parsed = parse_request(pending.kind, pending.payload, strict=self.strict)
+        translation, origins = self._translate(pending.kind, parsed, self.configs[pending.config_id])
+        return Submission(task_id=pending.task_id, config_id=pending.config_id, request=translation.request,
+                          parameters=pending.parameters, payload=pending.payload, model=None,
+                          created=pending.created, nbytes=image_bytes(translation.request), kind=pending.kind,
+                          origins=origins, warnings=parsed.warnings())
 
     def controlnet_detect(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, str]:
         """sd-webui-controlnet's ``/controlnet/detect`` body (``controlnet_module``, ``controlnet_input_images``,
@@ -195,9 +223,8 @@ class TaskService:
         "status"}``; the succeeded result's images are the detected maps. Raises :class:`ApiError`."""
         request = parse_detect(payload, self.limits)
         config_id = self._config_id(headers)
-        model, wire = None, {}
-        if self.backend.name != "embedded":  # a worker parses the body again
-            wire = dict(payload)
+        model, wire = None, payload  # a worker (or this process after a crash) parses the body again
+        if self.backend.name != "embedded":
             try:  # the default checkpoint's queue: a worker serving only named checkpoints still takes it
                 model = self._route(self._stores[config_id], self.configs[config_id], None)
             except ApiError:

@@ -12,6 +12,11 @@ latency = request written -> response read, per request. A /health GET burst is 
 server's floor without any API work).
 
 Prints a markdown table (and --json). The engine is a null engine: this measures the API, not generation.
+
+``--load``: the submit latency while the worker generates (issue 25): `sdengine serve` on the real engine (the
+demo model, small images), ``--threads`` client threads each submitting ``/scc/sd_txt2img`` one after another
+(so the worker always has work), and ``--webui`` more clients looping synchronous ``/sdapi/v1/txt2img`` calls;
+latency of each submit (request -> taskId), median/p90/p99/max. Only this mode runs then.
 """
 
 from __future__ import annotations
@@ -229,6 +234,86 @@ def bench_http(concurrency: int, rounds: int, engine: str = "BlockedEngine", win
     }
 
 
+LOAD_PAYLOAD = {"prompt": "a red house by a lake", "steps": 4, "width": 64, "height": 64}
+
+
+def bench_load(threads: int, submits: int, webui: int, backend: str | None) -> dict:
+    """Submit latency over HTTP while the real engine generates (see the module docstring)."""
+    import http.client
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    env.pop("SDENGINE_API_KEY", None)
+    body = json.dumps(LOAD_PAYLOAD).encode()
+    headers = {"Content-Type": "application/json"}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir", f"{tmp}/m",
+             "--results-dir", f"{tmp}/r", "--max-queue", str(threads * submits + webui + 10),
+             *(("--backend", backend) if backend else ())],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            end = time.monotonic() + 120
+            while True:
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+                    conn.request("POST", "/sdapi/v1/txt2img", body, headers)  # warm: the engine is loaded
+                    if conn.getresponse().status == 200:
+                        break
+                except OSError:
+                    if time.monotonic() > end or server.poll() is not None:
+                        raise RuntimeError("the server did not start") from None
+                    time.sleep(0.2)
+            latencies: list[float] = []
+            statuses: dict[str, int] = {}
+            stop = threading.Event()
+            lock = threading.Lock()
+
+            def submitter():
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+                for _ in range(submits):
+                    t0 = time.perf_counter()
+                    conn.request("POST", "/scc/sd_txt2img", body, headers)
+                    response = conn.getresponse()
+                    response.read()
+                    with lock:
+                        latencies.append(time.perf_counter() - t0)
+                        statuses[str(response.status)] = statuses.get(str(response.status), 0) + 1
+                    time.sleep(0.005)
+
+            def webui_client():
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                while not stop.is_set():
+                    try:
+                        conn.request("POST", "/sdapi/v1/txt2img", body, headers)
+                        conn.getresponse().read()
+                    except OSError:  # the server is gone (the end of the run)
+                        return
+
+            others = [threading.Thread(target=webui_client, daemon=True) for _ in range(webui)]
+            for t in others:
+                t.start()
+            time.sleep(0.5 if webui else 0)
+            t0 = time.perf_counter()
+            workers = [threading.Thread(target=submitter) for _ in range(threads)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            wall = time.perf_counter() - t0
+            stop.set()
+        finally:
+            server.kill()
+            server.wait(30)
+    return {f"HTTP POST /scc/sd_txt2img, {threads} threads, {webui} webui callers, worker generating":
+            stats_ms(latencies), "statuses": statuses, "submit phase wall time (s)": wall}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3000)
@@ -237,8 +322,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--engine", default="BlockedEngine", choices=["BlockedEngine", "NullEngine"],
                         help="server's engine: BlockedEngine (worker busy in native code) or NullEngine (draining)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--load", action="store_true", help="only the submit latency while the worker generates")
+    parser.add_argument("--threads", type=int, default=8, help="--load: client threads submitting")
+    parser.add_argument("--submits", type=int, default=60, help="--load: submits per thread")
+    parser.add_argument("--webui", type=int, default=16, help="--load: clients looping /sdapi/v1/txt2img")
+    parser.add_argument("--backend", help="--load: the server's engine backend (default: serve's)")
     args = parser.parse_args(argv)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    if args.load:
+        results = bench_load(args.threads, args.submits, args.webui, args.backend)
+        name, s = next(iter(results.items()))
+        print(f"| measurement | n | median ms | p90 ms | p99 ms | max ms |\n|---|---|---|---|---|---|\n"
+              f"| {name} | {s['n']} | {s['median']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {s['max']:.3f} |\n"
+              f"statuses {results['statuses']}; submit phase {results['submit phase wall time (s)']:.1f} s; "
+              f"load average before: {load}; {os.cpu_count()} CPUs")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return results
     results = {"in_process": bench_in_process(args.repeats),
                "http": bench_http(args.concurrency, args.http_rounds, args.engine)}
     lines = ["| measurement | n | median ms | p90 ms | p99 ms | max ms |", "|---|---|---|---|---|---|"]

@@ -71,6 +71,10 @@ def _is_loopback(host: str) -> bool:
 @click.option("--visibility-timeout", type=float, default=3600, show_default=True,
               help="(--queue) Seconds before the task of a lost worker host is delivered again; give every "
                    "worker and server the same value, longer than the longest task.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Starts of one task that may die with this server (killed, out of memory) or, with --queue, with "
+                   "its worker before the task is failed (worker_lost); the server's other accepted tasks run "
+                   "again when it is restarted on the same --results-dir.")
 @click.option("--memory-budget-gb", type=float, default=None,
               help="Refuse requests whose estimated peak memory is larger (default: half the machine's memory; "
                    "with --queue: off unless given, as the workers' memory; 0 turns the check off).")
@@ -82,8 +86,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
-          read_timeout, queue, results_ttl, visibility_timeout, memory_budget_gb, freeze_settings, strict,
-          engine_factory):
+          read_timeout, queue, results_ttl, visibility_timeout, max_attempts, memory_budget_gb, freeze_settings,
+          strict, engine_factory):
     """Serve POST /scc/sd_txt2img and /scc/sd_get_result, and the webui's /sdapi/v1/... API, over HTTP (needs the
     'server' extra).
 
@@ -114,7 +118,7 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
                               max_queue_bytes=max_queue_mb * 1024 * 1024, memory_budget=_budget(memory_budget_gb),
                               engine_factory=load_factory(engine_factory), allow_url_fetch=allow_url_fetch,
                               max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
-                              strict=strict, **engine_options(backend, device, precision))
+                              strict=strict, max_attempts=max_attempts, **engine_options(backend, device, precision))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
     app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,

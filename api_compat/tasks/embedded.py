@@ -3,6 +3,11 @@ API's own process, records and PNGs in a :class:`TaskStore` (SQLite + files).
 
 The engine configurations on one device share its worker, which builds each configuration's engine on its first
 task. Tasks go waiting -> running -> succeeded | failed; one failing task never stops a worker.
+
+Every accepted task runs, also across a crash of the process (SIGKILL, out of memory): its record keeps the
+validated payload with the seeds drawn at submit, and a new backend on the same results directory queues the
+tasks the dead one left waiting or running again, in their submit order, before it takes new ones
+(:class:`~api_compat.tasks.store.TaskStore` has the rules: a start that died counts, ``max_attempts``).
 """
 
 from __future__ import annotations
@@ -13,16 +18,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engine.config import EngineConfig
-from core.errors import Cancelled
+from core.errors import Cancelled, SdEngineError
 
 from api_compat.tasks.backend import Progress, Submission, error_of, initial_progress, result_dict, run_generation
 from api_compat.detect import run_detect
 from api_compat.engine_api import EngineFactory, EngineLike
 from api_compat.errors import ApiError
-from api_compat.tasks.store import Status, TaskRecord, TaskStore
+from api_compat.tasks.store import PendingTask, Status, TaskRecord, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ class _Task:
     progress: dict[str, Any] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+    attempts: int = 0  # starts that died with an earlier process
 
     @property
     def task_id(self) -> str:
@@ -89,18 +95,28 @@ class _Worker:
                 task.done.set()
 
 
+Restore = Callable[[PendingTask], Submission]
+
+
 class EmbeddedBackend:
-    """Worker threads + :class:`TaskStore` under ``results_dir``. ``configs`` maps config ids to EngineConfigs."""
+    """Worker threads + :class:`TaskStore` under ``results_dir``. ``configs`` maps config ids to EngineConfigs.
+
+    ``restore(pending) -> Submission`` rebuilds a task a dead process left (its stored payload validated and
+    translated again); it raises :class:`ApiError` (or an engine error) for a task that can no longer run,
+    which is then failed with that error. None: such tasks are failed ``interrupted``.
+    ``max_attempts``: starts of one task that may die with the process (then ``worker_lost``)."""
 
     name = "embedded"
 
     def __init__(self, configs: dict[str, EngineConfig], results_dir: Path, *, engine_factory: EngineFactory,
-                 max_queue: int, max_queue_bytes: int, max_age_s: float | None, max_tasks: int | None):
+                 max_queue: int, max_queue_bytes: int, max_age_s: float | None, max_tasks: int | None,
+                 restore: Restore | None = None, max_attempts: int = 3):
         self.configs = configs
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
+        self.max_attempts = max_attempts
         self._factory = engine_factory
-        self.store = TaskStore(results_dir, max_age_s=max_age_s, max_tasks=max_tasks)
+        self.store = TaskStore(results_dir, max_age_s=max_age_s, max_tasks=max_tasks, max_attempts=max_attempts)
         self._cond = threading.Condition()
         self._live: dict[str, _Task] = {}
         self._closing = False
@@ -112,8 +128,39 @@ class EmbeddedBackend:
             if device not in self._workers:
                 self._workers[device] = _Worker(self, device)
         self._worker_of = {k: self._workers[device_key(c.device)] for k, c in configs.items()}
+        self.restored = self._restore(restore)
         for worker in self._workers.values():
             worker.thread.start()
+
+    def _restore(self, restore: Restore | None) -> int:
+        """Queue the tasks a dead process left (before any new one, in their submit order); returns how many."""
+        count = 0
+        for pending in self.store.pending():
+            try:
+                if restore is None:
+                    raise ApiError("interrupted", "the service stopped before this task finished; submit it again")
+                if pending.config_id not in self._worker_of:
+                    raise ApiError("unknown_config", f"the resource configuration {pending.config_id!r} of this "
+                                   "task is no longer served; submit it again", field="headers")
+                sub = restore(pending)
+            except (ApiError, SdEngineError) as exc:
+                log.warning("task %s left by a previous process cannot run again: %s", pending.task_id, exc)
+                self.store.finish(pending.task_id, Status.FAILED, error_code=exc.code, error_message=str(exc)[:2000])
+                continue
+            except Exception as exc:  # a bug of ours: the task ends, with the reason
+                log.exception("task %s left by a previous process: restore failed", pending.task_id)
+                self.store.finish(pending.task_id, Status.FAILED, error_code="internal_error",
+                                  error_message=f"{type(exc).__name__}: {exc}"[:2000])
+                continue
+            task = _Task(sub, attempts=pending.attempts)
+            worker = self._worker_of[sub.config_id]
+            self._live[sub.task_id] = task
+            worker.queue.append(task)
+            worker.queued_bytes += sub.nbytes
+            count += 1
+        if count:
+            log.warning("%d task(s) left by a previous process are queued again", count)
+        return count
 
     # ------------------------------------------------------------------------------------------ the seam
     def submit(self, sub: Submission) -> None:
@@ -129,7 +176,8 @@ class EmbeddedBackend:
                 raise ApiError("queue_full", f"the waiting tasks' images fill the queue ({worker.queued_bytes} of "
                                f"{self.max_queue_bytes} bytes); retry later",
                                allowed=f"at most {self.max_queue_bytes} bytes of images in waiting tasks")
-            self.store.insert(sub.task_id, sub.config_id, sub.parameters, sub.created)
+            self.store.insert(sub.task_id, sub.config_id, sub.parameters, sub.created, kind=sub.kind,
+                              payload=sub.payload or None)
             self._live[sub.task_id] = task
             worker.queue.append(task)
             worker.queued_bytes += sub.nbytes
@@ -146,6 +194,9 @@ class EmbeddedBackend:
                         task.sub.request.steps * task.sub.request.n_iter))
                 else:
                     out["queue_position"] = self._worker_of[task.sub.config_id].queue.index(task)
+                    if task.attempts:  # as the celery backend shows a task whose worker died
+                        out["retry"] = {"attempts": task.attempts, "max_attempts": self.max_attempts,
+                                        "reason": "the service stopped while this task ran; it runs again"}
                 return out
         record = self.store.get(task_id)
         if record is None:
@@ -160,6 +211,8 @@ class EmbeddedBackend:
             task = self._live.get(task_id)
             if task is not None:
                 task.cancel.set()
+                if task.status is Status.RUNNING:  # a crash before it stops must not run it again
+                    self.store.request_cancel(task_id)
                 queue = self._worker_of[task.sub.config_id].queue
                 if task.status is Status.WAITING and task in queue:
                     queue.remove(task)

@@ -10,8 +10,14 @@ The process that has a store open holds an exclusive ``flock`` on the results di
 descriptor of the directory): deleting or replacing ``.lock`` or any other file cannot release it, and the
 kernel releases it when that process dies, however it dies.
 
-Opening a store marks every task still ``waiting`` or ``running`` -- left so by a process that died -- as
-``failed`` with the error code ``interrupted``, deletes half-written files, and applies retention.
+A task's record keeps what it takes to run it again (``kind`` and ``payload``: the validated payload with its
+random seeds drawn at submit) until it is final. Opening a store takes back every task a process that died
+left ``waiting`` or ``running``: both are ``waiting`` again, in their submit order (:meth:`TaskStore.pending`),
+and run with the same payload and seeds; a ``running`` one counts the start that died (``attempts``) and is
+failed ``worker_lost`` once ``max_attempts`` starts died, as the Celery backend does. A task whose
+cancel was asked, or whose record has no payload (written before records kept one), is failed
+(``cancelled``, ``interrupted``). Files no final record names (a temp file or a PNG of the dead run) are
+deleted, and retention is applied.
 """
 
 from __future__ import annotations
@@ -44,7 +50,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     info TEXT,
     images TEXT,
     error_code TEXT,
-    error_message TEXT
+    error_message TEXT,
+    kind TEXT,
+    payload TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished);
 CREATE TABLE IF NOT EXISTS expired (
@@ -52,6 +62,9 @@ CREATE TABLE IF NOT EXISTS expired (
     at REAL NOT NULL
 );
 """
+# columns added since the first layout: a database written before gets them (NULL payload: not run again)
+_ADDED = {"kind": "TEXT", "payload": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 0",
+          "cancel": "INTEGER NOT NULL DEFAULT 0"}
 EXPIRED_KEEP_S = 7 * 86400  # how long an expired task id still answers "expired" rather than "not_found"
 
 
@@ -75,6 +88,20 @@ class TaskRecord:
     images: tuple[str, ...]
     error_code: str | None
     error_message: str | None
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class PendingTask:
+    """A waiting task taken back at open: what :class:`~api_compat.tasks.embedded.EmbeddedBackend` queues again."""
+
+    task_id: str
+    config_id: str
+    kind: str
+    payload: Any
+    parameters: dict[str, Any]
+    created: float
+    attempts: int
 
 
 def _json_default(value: Any) -> Any:
@@ -113,15 +140,17 @@ class TaskStore:
     """SQLite task records + PNG files under ``root``. Thread-safe (one connection behind a lock).
 
     ``max_age_s`` / ``max_tasks`` bound the finished tasks kept (rows and files); None keeps them all.
+    ``max_attempts``: starts of a task that may die with the process before it is failed ``worker_lost``.
     """
 
     def __init__(self, root: str | os.PathLike, *, max_age_s: float | None = 7 * 86400,
-                 max_tasks: int | None = 10000):
+                 max_tasks: int | None = 10000, max_attempts: int = 3):
         self.root = Path(root)
         self.images_dir = self.root / "images"
         self.images_dir.mkdir(parents=True, exist_ok=True)
         self.max_age_s = max_age_s
         self.max_tasks = max_tasks
+        self.max_attempts = max_attempts
         self._lock = threading.Lock()
         self._lock_file = self._acquire_dir_lock()
         self._db = sqlite3.connect(self.root / "tasks.sqlite3", check_same_thread=False, isolation_level=None)
@@ -130,6 +159,10 @@ class TaskStore:
         # no checkpoint (and its fsync) inside a submit: the workers call checkpoint() after each task
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+        for name, decl in _ADDED.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {decl}")
         self._ckpt_lock = threading.Lock()
         self._ckpt: sqlite3.Connection | None = None
         self.recovered = self._recover()
@@ -156,16 +189,26 @@ class TaskStore:
         return fd
 
     def _recover(self) -> int:
-        """Tasks a dead process left waiting/running -> failed ``interrupted``; stray files removed."""
+        """Take back the tasks a dead process left waiting/running (module docstring); returns how many wait
+        to run again. Stray files removed."""
         now = time.time()
-        with self._lock:
-            cur = self._db.execute(
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cancelled = self._db.execute(
+                "UPDATE tasks SET status='failed', finished=?, payload=NULL, error_code='cancelled', "
+                "error_message='cancelled; the service stopped before the task finished' "
+                "WHERE status IN ('waiting', 'running') AND cancel != 0", (now,)).rowcount
+            interrupted = self._db.execute(
                 "UPDATE tasks SET status='failed', finished=?, error_code='interrupted', "
                 "error_message='the service stopped before this task finished (it was ' || status || "
-                "'); submit it again' WHERE status IN ('waiting', 'running')",
-                (now,),
-            )
-            count = cur.rowcount
+                "'); submit it again' WHERE status IN ('waiting', 'running') AND payload IS NULL", (now,)).rowcount
+            lost = self._db.execute(
+                "UPDATE tasks SET status='failed', finished=?, payload=NULL, error_code='worker_lost', "
+                "error_message='the service stopped ' || attempts || ' times while running this task (killed "
+                "or out of memory); it is not run again' WHERE status='running' AND attempts >= ?",
+                (now, self.max_attempts)).rowcount
+            self._db.execute("UPDATE tasks SET status='waiting', started=NULL WHERE status='running'")
+            count = self._db.execute("SELECT COUNT(*) FROM tasks WHERE status='waiting'").fetchone()[0]
             known = set()
             for (images,) in self._db.execute("SELECT images FROM tasks WHERE images IS NOT NULL"):
                 known.update(json.loads(images))
@@ -176,29 +219,58 @@ class TaskStore:
                 except OSError:
                     log.warning("could not remove stray file %s", entry.path)
         if count:
-            log.warning("%d task(s) were interrupted by a previous shutdown and are marked failed", count)
+            log.warning("%d task(s) left by a previous process wait to run again", count)
+        if cancelled or interrupted or lost:
+            log.warning("tasks left by a previous process: %d cancelled, %d interrupted (no payload kept), "
+                        "%d failed worker_lost after %d starts", cancelled, interrupted, lost, self.max_attempts)
         return count
 
+    def pending(self) -> list[PendingTask]:
+        """The waiting tasks, in submit order (at open: those a dead process left, to be queued again)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT task_id, config_id, kind, payload, parameters, created, attempts FROM tasks "
+                "WHERE status='waiting' ORDER BY rowid").fetchall()
+        return [PendingTask(task_id=r[0], config_id=r[1], kind=r[2] or "txt2img", payload=json.loads(r[3]),
+                            parameters=json.loads(r[4]), created=r[5], attempts=r[6]) for r in rows]
+
     # -------------------------------------------------------------------------------------------- writes
-    def insert(self, task_id: str, config_id: str, parameters: dict[str, Any], created: float | None = None) -> None:
+    def insert(self, task_id: str, config_id: str, parameters: dict[str, Any], created: float | None = None, *,
+               kind: str = "txt2img", payload: Any = None) -> None:
+        """A waiting task; ``payload`` (JSON) is what it runs again from after a crash (None: it is not)."""
+        stored = None
+        if payload is not None:
+            try:
+                stored = json.dumps(payload, ensure_ascii=False)
+            except (TypeError, ValueError):  # not JSON (an in-process caller's objects): not run again
+                log.warning("task %s: payload not JSON; it is not run again after a crash", task_id)
         with self._lock:
             self._db.execute(
-                "INSERT INTO tasks (task_id, status, config_id, created, parameters) VALUES (?, 'waiting', ?, ?, ?)",
-                (task_id, config_id, created or time.time(), json.dumps(parameters, ensure_ascii=False)),
+                "INSERT INTO tasks (task_id, status, config_id, created, parameters, kind, payload) "
+                "VALUES (?, 'waiting', ?, ?, ?, ?, ?)",
+                (task_id, config_id, created or time.time(), json.dumps(parameters, ensure_ascii=False), kind,
+                 stored),
             )
 
     def set_running(self, task_id: str, started: float | None = None) -> None:
+        """The task started (one more attempt: a crash from here on counts against ``max_attempts``)."""
         with self._lock:
-            self._db.execute("UPDATE tasks SET status='running', started=? WHERE task_id=?",
+            self._db.execute("UPDATE tasks SET status='running', started=?, attempts=attempts+1 WHERE task_id=?",
                              (started or time.time(), task_id))
+
+    def request_cancel(self, task_id: str) -> None:
+        """Remember a cancel of a running task, so that a crash before it stops does not run it again."""
+        with self._lock:
+            self._db.execute("UPDATE tasks SET cancel=1 WHERE task_id=? AND status IN ('waiting', 'running')",
+                             (task_id,))
 
     def finish(self, task_id: str, status: Status, *, info: dict[str, Any] | None = None,
                images: list[str] | tuple[str, ...] = (), error_code: str | None = None,
                error_message: str | None = None) -> None:
         with self._lock:
             self._db.execute(
-                "UPDATE tasks SET status=?, finished=?, info=?, images=?, error_code=?, error_message=? "
-                "WHERE task_id=?",
+                "UPDATE tasks SET status=?, finished=?, info=?, images=?, error_code=?, error_message=?, "
+                "payload=NULL WHERE task_id=?",
                 (Status(status).value, time.time(), dumps(info or {}), json.dumps(list(images)), error_code,
                  error_message, task_id),
             )
@@ -214,7 +286,7 @@ class TaskStore:
         with self._lock:
             row = self._db.execute(
                 "SELECT task_id, status, config_id, created, started, finished, parameters, info, images, "
-                "error_code, error_message FROM tasks WHERE task_id=?",
+                "error_code, error_message, attempts FROM tasks WHERE task_id=?",
                 (task_id,),
             ).fetchone()
         if row is None:
@@ -223,6 +295,7 @@ class TaskStore:
             task_id=row[0], status=Status(row[1]), config_id=row[2], created=row[3], started=row[4],
             finished=row[5], parameters=json.loads(row[6]), info=json.loads(row[7]) if row[7] else {},
             images=tuple(json.loads(row[8])) if row[8] else (), error_code=row[9], error_message=row[10],
+            attempts=row[11] or 0,
         )
 
     def image_path(self, task_id: str, index: int) -> Path | None:

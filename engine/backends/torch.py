@@ -51,6 +51,7 @@ from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
 from core.cpu import native_bf16 as cpu_has_native_bf16  # the one probe (AVX512-BF16 or AMX-BF16)
 from core.errors import InvalidRequest
+from core.lazy import load
 from engine.networks.lora import SOURCES, apply_delta
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class TorchBackend(ComponentsMixin):
         opts = self.options
         dtype = self._dtype(component)
         if opts.sdpa and hasattr(module, "set_attn_processor") and not opts.fuse_qkv:
-            from diffusers.models.attention_processor import AttnProcessor2_0
+            AttnProcessor2_0 = load("diffusers.models.attention_processor", "AttnProcessor2_0")
 
             _set_processor(module, AttnProcessor2_0)
         if next(module.parameters()).dtype != dtype:

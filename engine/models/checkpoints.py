@@ -29,6 +29,7 @@ import numpy as np
 
 from core.errors import ModelError
 from core.deferred import deferred_components, real_module
+from core.lazy import load, load_all
 from core.safetensors_header import read_safetensors_header
 from engine.models.convert import METADATA_KEY, SD2_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX
 from engine.models.family import FAMILIES, Arch, Kind, ModelFamily, model_family, tokenizers  # noqa: F401 (Arch, Kind re-exported)
@@ -305,7 +306,7 @@ def _build(factory, state_dict: Mapping, path, what: str, dtype):
 
 
 def _text_config(config: Mapping):
-    from transformers import CLIPTextConfig
+    CLIPTextConfig = load("transformers", "CLIPTextConfig")
 
     return CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("model_type",)})
 
@@ -319,7 +320,8 @@ def _strip_text_model(module, sd: Mapping) -> dict:
 def _meta_clip(config: Mapping, projection: bool):
     """A transformers CLIP text model on the meta device (no memory, no init)."""
     import torch
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    CLIPTextModel, CLIPTextModelWithProjection = load_all("transformers", "CLIPTextModel",
+                                                          "CLIPTextModelWithProjection")
 
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     with torch.device("meta"):
@@ -346,7 +348,8 @@ def _sd2_openclip_subset(state_dict: Mapping, prefix: str) -> dict:
 
 def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype) -> dict:
     """Text encoders + tokenizers of a single-file checkpoint (diffusers' clip conversion functions)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+    convert_ldm_clip_checkpoint, convert_open_clip_checkpoint = load_all(
+        "diffusers.loaders.single_file_utils", "convert_ldm_clip_checkpoint", "convert_open_clip_checkpoint")
 
     out: dict[str, Any] = {}
     if arch in (Arch.SD1, Arch.SDXL):
@@ -369,14 +372,14 @@ def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path,
 
 
 def _unet_class():
-    from diffusers import UNet2DConditionModel
+    UNet2DConditionModel = load("diffusers", "UNet2DConditionModel")
 
     return UNet2DConditionModel
 
 
 def _vae_from_state_dict(state_dict: Mapping, config: Mapping, path, dtype):
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    AutoencoderKL = load("diffusers", "AutoencoderKL")
+    convert_ldm_vae_checkpoint = load("diffusers.loaders.single_file_utils", "convert_ldm_vae_checkpoint")
 
     conv = convert_ldm_vae_checkpoint(state_dict, config)
     return _build(lambda: AutoencoderKL(**config), conv, path, "vae", dtype)
@@ -407,7 +410,7 @@ def build_components(arch: Arch, state_dict: Mapping, configs: Mapping, path, dt
     Works on any device's tensors (the tests feed meta tensors of the real families' sizes).
     """
     import torch
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    convert_ldm_unet_checkpoint = load("diffusers.loaders.single_file_utils", "convert_ldm_unet_checkpoint")
 
     dtype = dtype or torch.float32
     for needed in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if arch is Arch.SDXL else ()):
@@ -423,8 +426,8 @@ def build_components(arch: Arch, state_dict: Mapping, configs: Mapping, path, dt
 def build_controlnet(arch: Arch, state_dict: Mapping, config: Mapping, path, dtype=None):
     """A diffusers ControlNetModel from a ControlNet state dict (``control_model.``, bare ldm or diffusers keys)."""
     import torch
-    from diffusers import ControlNetModel
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    ControlNetModel = load("diffusers", "ControlNetModel")
+    convert_controlnet_checkpoint = load("diffusers.loaders.single_file_utils", "convert_controlnet_checkpoint")
 
     dtype = dtype or torch.float32
     conv = convert_controlnet_checkpoint(state_dict, config)
@@ -565,7 +568,7 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
         raise ModelError(folder, "unknown architecture: not a SD1.x/SD2.x/SDXL diffusers pipeline folder")
 
     def build() -> dict[str, Any]:
-        from diffusers import AutoencoderKL
+        AutoencoderKL = load("diffusers", "AutoencoderKL")
 
         built: dict[str, Any] = {
             "unet": _diffusers_module(folder / "unet", _unet_class(), allow_pickle, dtype, "unet", meta),
@@ -625,7 +628,7 @@ def load_vae(path: str | os.PathLike, *, config: Mapping | None = None, allow_pi
              meta: bool = False):
     """An external VAE (single file with ``first_stage_model.`` or bare ldm keys, or a diffusers folder)."""
     import torch
-    from diffusers import AutoencoderKL
+    AutoencoderKL = load("diffusers", "AutoencoderKL")
 
     dtype = dtype or torch.float32
     path = Path(path)
@@ -644,7 +647,7 @@ def load_controlnet(path: str | os.PathLike, *, name: str | None = None, sha256:
                     allow_pickle: bool = False, dtype=None) -> LoadedControlNet:
     """A ControlNet single file (``control_model.``, bare ldm or diffusers keys) or diffusers folder."""
     import torch
-    from diffusers import ControlNetModel
+    ControlNetModel = load("diffusers", "ControlNetModel")
 
     dtype = dtype or torch.float32
     path = Path(path)

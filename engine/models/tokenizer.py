@@ -8,9 +8,10 @@ encoders share it; they differ only in the padding token.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+import threading
 from importlib import resources
 
+from core.lazy import load
 from core.tokens import TOKENS_PER_CHUNK
 
 BOS_ID = 49406
@@ -22,14 +23,28 @@ def _data_file(name: str):
     return resources.files("engine.models").joinpath("data", name)
 
 
-@lru_cache(maxsize=4)
+_tokenizers: dict[str, object] = {}
+_tokenizers_lock = threading.Lock()
+
+
 def clip_tokenizer(pad_token: str = "<|endoftext|>"):
-    """A ``transformers.CLIPTokenizer`` with ``model_max_length=77``.
+    """A ``transformers.CLIPTokenizer`` with ``model_max_length=77``, built once per ``pad_token`` (concurrent
+    first calls wait for that one build).
 
     ``pad_token`` is ``"<|endoftext|>"`` for SD1.x and SDXL encoder 1, ``"!"`` for OpenCLIP encoders (SD2.x,
     SDXL encoder 2), as in the published diffusers checkpoints.
     """
-    from transformers import CLIPTokenizer
+    tok = _tokenizers.get(pad_token)
+    if tok is None:
+        with _tokenizers_lock:
+            tok = _tokenizers.get(pad_token)
+            if tok is None:
+                tok = _tokenizers[pad_token] = _build_tokenizer(pad_token)
+    return tok
+
+
+def _build_tokenizer(pad_token: str):
+    CLIPTokenizer = load("transformers", "CLIPTokenizer")
 
     vocab = json.loads(_data_file("vocab.json").read_text(encoding="utf-8"))
     lines = _data_file("merges.txt").read_text(encoding="utf-8").splitlines()
