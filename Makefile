@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml requirements-pins.txt
 	touch $@
 
 test: setup
-	$(BIN)/python -m pytest -q
+	# test files in parallel, one worker per core (at most 4); a file's tests share one worker (module fixtures)
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 DEMO_CKPT := engine/models/bundled/Stable-diffusion/sdengine-demo.safetensors
 demo: setup
