@@ -232,7 +232,8 @@ def test_image_counts_as_the_extension_suite_expects(server, kind):
              ([unit(**image, foo=True, is_ui=False)], {}, 2)]
     for units, over, count in cases:
         assert len(server.generate(kind, build(units, **over))) == count, (units, over)
-    assert "args[0].foo: unknown ControlNet unit field, ignored" in server.console()
+    # the leniency policy (api_compat.leniency): ignored, and named in the log (and in info.warnings)
+    assert "controlnet.args[0].foo (serve --strict refuses them)" in server.console()
 
 
 @pytest.mark.parametrize("name,given,default", [("processor_res", "-100", 512), ("threshold_a", "-100.0", 100),
