@@ -106,7 +106,7 @@ def parse_detect(body: Any, limits: ImageLimits) -> DetectRequest:
             if not isinstance(data, str):
                 raise InvalidRequest(field, "must be a base64 image", "base64 PNG/JPEG/WebP")
             image = decode_image(data, field, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
-                                 allow_urls=limits.allow_url_fetch)
+                                 allow_urls=limits.url_policy)
             h, w = image.shape[:2]
             work, _ = pre.sizes(h, w, res, a, b)
             if work[0] * work[1] > limits.max_work_pixels:

@@ -37,6 +37,7 @@ from core.lazy import require
 
 from api_compat.apidoc import annotate_openapi
 from api_compat.errors import ApiError
+from api_compat.guard import HeavyWork, too_many_keys
 from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, deep_nesting
 from api_compat.service import CONFIG_HEADER, TaskService
 
@@ -217,9 +218,12 @@ def check_json_media(headers: dict[str, str]) -> None:
                        field="headers.Content-Type", allowed="Content-Type: application/json")
 
 
-async def read_json_body(headers: dict[str, str], receive, max_body: int, read_timeout: float) -> tuple[Any, int]:
+async def read_json_body(headers: dict[str, str], receive, max_body: int, read_timeout: float,
+                         offload=None) -> tuple[Any, int]:
     """The decoded JSON body and its size, read from ASGI ``receive`` under ``max_body`` bytes within
-    ``read_timeout`` seconds, nested at most MAX_JSON_DEPTH levels; raises :class:`ApiError`."""
+    ``read_timeout`` seconds, nested at most MAX_JSON_DEPTH levels, with at most MAX_JSON_KEYS object keys;
+    raises :class:`ApiError`. A body over HEAVY_BODY bytes is decoded by ``await offload(fn, *args)`` (a
+    :meth:`api_compat.guard.HeavyWork.bound`), off the event loop."""
     too_large = ApiError("payload_too_large", f"the body is larger than {max_body} bytes",
                          allowed=f"at most {max_body} bytes")
     length = headers.get("content-length")
@@ -241,8 +245,15 @@ async def read_json_body(headers: dict[str, str], receive, max_body: int, read_t
     except TimeoutError:
         raise ApiError("request_timeout", f"the body did not arrive within {read_timeout:g} s",
                        allowed=f"a complete body within {read_timeout:g} s") from None
+    if offload is not None and size > HEAVY_BODY:
+        return await offload(_decode_json, b"".join(chunks)), size
+    return _decode_json(b"".join(chunks)), size
+
+
+def _decode_json(data: bytes) -> Any:
+    """The decoded body under the shape limits (nesting depth, key count); raises :class:`ApiError`."""
     try:
-        value = json.loads(b"".join(chunks))
+        value = json.loads(data)
     except RecursionError:
         raise ApiError("bad_request", "the body is JSON nested too deeply",
                        allowed=f"at most {MAX_JSON_DEPTH} levels of nesting") from None
@@ -252,7 +263,10 @@ async def read_json_body(headers: dict[str, str], receive, max_body: int, read_t
     if where is not None:
         raise ApiError("bad_request", f"the body is JSON nested more than {MAX_JSON_DEPTH} levels deep",
                        field=where or None, allowed=f"at most {MAX_JSON_DEPTH} levels of nesting")
-    return value, size
+    error = too_many_keys(value)
+    if error is not None:
+        raise error
+    return value
 
 
 def parse_api_auth(value: str | Iterable[str] | None) -> tuple[tuple[str, str], ...]:
@@ -325,11 +339,13 @@ class _ApiRoutes:
     body under the size limit, call the service, answer JSON. FastAPI's routing, dependency solving and
     encoders cost about as much as the whole submit, so these skip them; everything else goes to ``app``."""
 
-    def __init__(self, app, service: TaskService, max_body_bytes: int, read_timeout: float = DEFAULT_READ_TIMEOUT):
+    def __init__(self, app, service: TaskService, max_body_bytes: int, read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 heavy: HeavyWork | None = None):
         self.app = app
         self.service = service
         self.max_body = max_body_bytes
         self.read_timeout = read_timeout
+        self.heavy = heavy or HeavyWork()
         self.routes = {"/scc/sd_txt2img": self._submit, "/scc/sd_img2img": self._submit_img2img,
                        "/scc/sd_get_result": self._result, "/scc/sd_cancel": self._cancel}
 
@@ -342,10 +358,12 @@ class _ApiRoutes:
                 raise ApiError("method_not_allowed", f"use POST for {scope['path']}", allowed="POST")
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
             check_json_media(headers)
-            body, size = await self._read_json(headers, receive)
+            offload = self.heavy.bound(scope)
+            body, size = await self._read_json(headers, receive, offload)
             if size > HEAVY_BODY or (isinstance(body, dict) and "alwayson_scripts" in body):
-                # image decoding (or an allowed URL fetch) must not stall the other requests
-                answer = await asyncio.to_thread(handler, body, headers, scope)
+                # image decoding (or an allowed URL fetch) must not stall the other requests, nor take the
+                # shared pool's threads from them (api_compat.guard)
+                answer = await offload(handler, body, headers, scope)
             else:
                 answer = handler(body, headers, scope)
             status = 200
@@ -357,15 +375,15 @@ class _ApiRoutes:
                                              "field": None, "allowed": None}}
         await _answer(send, status, answer)
 
-    async def _read_json(self, headers: dict[str, str], receive) -> tuple[Any, int]:
-        return await read_json_body(headers, receive, self.max_body, self.read_timeout)
+    async def _read_json(self, headers: dict[str, str], receive, offload=None) -> tuple[Any, int]:
+        return await read_json_body(headers, receive, self.max_body, self.read_timeout, offload)
 
     async def read_request(self, request) -> Any:
         """A FastAPI/Starlette ``request``'s JSON body under the same rules as the /scc routes (JSON content
         type, size limit, body deadline, nesting depth); raises :class:`ApiError`."""
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope.get("headers", ())}
         check_json_media(headers)
-        return (await self._read_json(headers, request.receive))[0]
+        return (await self._read_json(headers, request.receive, self.heavy.bound(request)))[0]
 
     @staticmethod
     def _query(body: Any) -> dict[str, Any]:
@@ -456,9 +474,12 @@ def create_app(service: TaskService, *, api_key: str | None = None, max_body_byt
     from fastapi.responses import FileResponse, JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    heavy = HeavyWork()
+
     @asynccontextmanager
     async def lifespan(app):
         yield
+        heavy.close()
         if close_service:
             service.close()
 
@@ -504,12 +525,12 @@ def create_app(service: TaskService, *, api_key: str | None = None, max_body_byt
         return app.openapi_schema
 
     app.openapi = openapi
-    asgi = _ApiRoutes(app, service, max_body_bytes, read_timeout)
+    asgi = _ApiRoutes(app, service, max_body_bytes, read_timeout, heavy)
     from api_compat.webui import webui_router
 
     basic = parse_api_auth(api_auth)
     app.include_router(webui_router(service, asgi.read_request, freeze_settings=freeze_settings,
-                                    authenticated=bool(api_key or basic)))
+                                    authenticated=bool(api_key or basic), heavy=heavy))
     if api_key or basic:
         asgi = _AuthMiddleware(asgi, api_key, basic)
     return _SiteGuard(asgi, allowed_hosts, cors_origins)

@@ -13,17 +13,28 @@ from pathlib import Path
 import numpy as np
 
 from core.atomic import atomic_file
+from core.urlfetch import FETCH_DEADLINE_S, UrlPolicy
 
 
 @dataclass(frozen=True)
 class ImageLimits:
     """Bounds on a request image: encoded bytes, decoded pixels, the pixels of every image preprocessing and
-    fitting make from it (``max_work_pixels``), and whether http(s) URLs are fetched."""
+    fitting make from it (``max_work_pixels``), and whether http(s) URLs are fetched (``allow_url_fetch``;
+    ``url_policy``: how, core.urlfetch: a total deadline (``url_fetch_seconds``), public addresses only unless ``allow_private_urls``)."""
 
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     allow_url_fetch: bool = False
     max_work_pixels: int = 4096 * 4096
+    allow_private_urls: bool = False
+    url_fetch_seconds: float = FETCH_DEADLINE_S
+
+    @property
+    def url_policy(self) -> UrlPolicy | bool:
+        """What image decoding takes as ``allow_urls``: False, or the policy URLs are fetched by."""
+        if not self.allow_url_fetch:
+            return False
+        return UrlPolicy(deadline=self.url_fetch_seconds, allow_private=self.allow_private_urls)
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray, infotext: str | None) -> Path:

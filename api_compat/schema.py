@@ -41,6 +41,7 @@ MAX_NAME = 255
 # checked when it is decoded) and the HTTP body limit; this only bounds what is held before decoding
 MAX_IMAGE_TEXT = 48 * 1024 * 1024
 MAX_JSON_DEPTH = 16  # a payload needs 6 (alwayson_scripts.controlnet.units[i].field)
+MAX_LISTED_ERRORS = 32  # problems listed one by one in an error answer; more are counted
 
 
 # ----------------------------------------------------------------------------------------------- validators
@@ -585,7 +586,11 @@ def _convert(err: dict[str, Any], prefix: tuple[Any, ...], top: str | tuple = ()
 def validation_error_to_api(exc: ValidationError, prefix: tuple[Any, ...] = (), top: str | tuple = ()) -> ApiError:
     """Every problem pydantic found, the first one as the error's code/field/message (``top``: the key of the
     payload's field names in FIELD_NAMES, for "did you mean")."""
-    errors = [_convert(e, prefix, top) for e in exc.errors(include_url=False, include_input=False)]
+    found = exc.errors(include_url=False, include_input=False)
+    errors = [_convert(e, prefix, top) for e in found[:MAX_LISTED_ERRORS]]
+    if len(found) > MAX_LISTED_ERRORS:  # bounded answer (and "did you mean" work) whatever the body holds
+        errors.append({"code": errors[0]["code"], "field": None, "allowed": None,
+                       "message": f"... and {len(found) - MAX_LISTED_ERRORS} more problems, not listed"})
     first = errors[0]
     return ApiError(first["code"], first["message"], field=first["field"] or None, allowed=first["allowed"],
                     errors=errors)

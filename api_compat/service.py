@@ -95,6 +95,8 @@ class TaskService:
         memory_budget: int | str | None = "auto",
         strict: bool = False,
         max_attempts: int = 3,
+        allow_private_urls: bool = False,
+        url_fetch_seconds: float = 15.0,
         **engine_options: Any,
     ):
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
@@ -111,7 +113,8 @@ class TaskService:
             self.config_options[str(config_id)] = {**engine_options, **options}
         self.results_dir = Path(results_dir).absolute() if results_dir else default_results_dir()
         self.limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_image_pixels,
-                                  allow_url_fetch=allow_url_fetch)
+                                  allow_url_fetch=allow_url_fetch, allow_private_urls=allow_private_urls,
+                                  url_fetch_seconds=url_fetch_seconds)
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
         if memory_budget == "auto" and queue:

@@ -139,7 +139,7 @@ def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: 
     if source:
         # decoded once to validate it; the task keeps the compressed bytes (decoded again when the unit runs)
         image = load_image(source, f"{field}.image", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
-                           allow_urls=limits.allow_url_fetch)
+                           allow_urls=limits.url_policy)
     elif init is not None:
         image, resize_mode = init
     else:
@@ -320,7 +320,7 @@ def translate_img2img(payload: Img2ImgPayload, config: EngineConfig,
     field."""
     limits = limits or ImageLimits()
     image = load_image(payload.init_images[0], "init.image", max_bytes=limits.max_bytes,
-                       max_pixels=limits.max_pixels, allow_urls=limits.allow_url_fetch)
+                       max_pixels=limits.max_pixels, allow_urls=limits.url_policy)
     fields, models = _request_fields(payload, config, limits,
                                      (image, ResizeMode.of_img2img(payload.resize_mode).value))
     overrides = payload.override_settings
@@ -338,7 +338,7 @@ def translate_img2img(payload: Img2ImgPayload, config: EngineConfig,
     mask = None
     if payload.mask:
         mask = load_image(payload.mask, "init.mask", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
-                          allow_urls=limits.allow_url_fetch)
+                          allow_urls=limits.url_policy)
         if payload.inpaint_full_res and (mask.width, mask.height) != (image.width, image.height):
             raise InvalidRequest("init.mask", f"is {mask.width}x{mask.height}, the init image {image.width}x"
                                  f"{image.height}", "a mask of the init image's size (inpaint_full_res)")

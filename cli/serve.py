@@ -49,7 +49,13 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-queue-mb", default=512, show_default=True, type=int,
               help="Bound on the compressed ControlNet images held by waiting tasks.")
 @click.option("--max-body-mb", default=32, show_default=True, type=int)
-@click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
+@click.option("--allow-url-fetch", is_flag=True,
+              help="Fetch http(s) request images (at most the image size limit, within --url-fetch-seconds; "
+                   "public addresses only).")
+@click.option("--url-fetch-seconds", type=click.FloatRange(min=0.1, max=300), default=15.0, show_default=True,
+              help="With --allow-url-fetch: seconds one image URL may take in all (lookup, connect, answer).")
+@click.option("--allow-private-urls", is_flag=True,
+              help="With --allow-url-fetch: also fetch URLs on private, loopback and link-local addresses.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A host name clients use for this server (the Host header); the bound address and, on a "
                    "loopback bind, localhost are always allowed. '*' allows any (e.g. behind a proxy that checks).",
@@ -87,7 +93,7 @@ def _is_loopback(host: str) -> bool:
 def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
           read_timeout, queue, results_ttl, visibility_timeout, max_attempts, memory_budget_gb, freeze_settings,
-          strict, engine_factory):
+          strict, engine_factory, allow_private_urls, url_fetch_seconds):
     """Serve POST /scc/sd_txt2img and /scc/sd_get_result, and the webui's /sdapi/v1/... API, over HTTP (needs the
     'server' extra).
 
@@ -118,7 +124,9 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
                               max_queue_bytes=max_queue_mb * 1024 * 1024, memory_budget=_budget(memory_budget_gb),
                               engine_factory=load_factory(engine_factory), allow_url_fetch=allow_url_fetch,
                               max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
-                              strict=strict, max_attempts=max_attempts, **engine_options(backend, device, precision))
+                              strict=strict, max_attempts=max_attempts,
+                              allow_private_urls=allow_private_urls, url_fetch_seconds=url_fetch_seconds,
+                              **engine_options(backend, device, precision))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
     app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,

@@ -22,18 +22,19 @@ from api_compat.webui.adapter import (WEBUI_TXT2IMG_ECHO, png_info, webui_echo, 
 from api_compat.webui.options import WebuiState
 
 
-def webui_router(service, read_json, freeze_settings: bool = False, authenticated: bool = True):
+def webui_router(service, read_json, freeze_settings: bool = False, authenticated: bool = True, heavy=None):
     """The FastAPI router of the webui and ControlNet routes over ``service``. ``read_json(request)`` reads a
     POST body with the server's rules (JSON content type, size limit, body deadline, nesting depth) -- the
     same reader as the /scc routes. ``freeze_settings``: POST /sdapi/v1/options is refused (403);
     ``authenticated``: every caller is authenticated (the server requires credentials), else only loopback
-    clients may set options."""
+    clients may set options. ``heavy``: the :class:`api_compat.guard.HeavyWork` that submits run on (their
+    validation decodes images), off the shared pool."""
     from api_compat.webui.controlnet import ControlNetRoutes
     from api_compat.webui.routes import WebuiRoutes
 
     state = WebuiState(service, frozen=freeze_settings, authenticated=authenticated)
-    router = WebuiRoutes(service, read_json, state).router()
-    return ControlNetRoutes(service, read_json, state).router(router)
+    router = WebuiRoutes(service, read_json, state, heavy).router()
+    return ControlNetRoutes(service, read_json, state, heavy).router(router)
 
 
 __all__ = ["webui_router", "webui_to_scc", "webui_echo", "webui_info", "webui_parameters", "png_info", "WebuiState",

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api_compat.errors import HTTP_STATUS, ApiError, payload_path
+from api_compat.guard import HeavyWork
 from api_compat.service import DEFAULT_CONFIG
 from api_compat.webui import listings
 from api_compat.webui.adapter import api_error, png_info, webui_echo, webui_info, webui_to_scc
@@ -56,12 +57,14 @@ def json_body(schema: dict[str, Any]) -> dict[str, Any]:
 class RouteSet:
     """Routes over ``service`` and the webui's shared ``state``, in definition order. ``read_json(request)``
     reads a POST body with the server's rules (JSON content type, size limit, body deadline, nesting depth) --
-    the same reader as the /scc routes."""
+    the same reader as the /scc routes. ``heavy`` (:class:`api_compat.guard.HeavyWork`): where submits run (their
+    validation decodes images, may fetch URLs), bounded per client and off the shared pool the polls use."""
 
-    def __init__(self, service, read_json, state: WebuiState):
+    def __init__(self, service, read_json, state: WebuiState, heavy: HeavyWork | None = None):
         self.service = service
         self.read_json = read_json
         self.state = state
+        self.heavy = heavy or HeavyWork()
 
     def router(self, router: APIRouter | None = None) -> APIRouter:
         """Registers every marked method on ``router`` (a new one by default), in the order they are defined."""
@@ -83,7 +86,7 @@ class RouteSet:
         when ``track``)."""
         service, state = self.service, self.state
         headers = {k: v for k, v in request.headers.items()}
-        task_id = (await asyncio.to_thread(submit, payload, headers))["taskId"]
+        task_id = (await self.heavy.bound(request)(submit, payload, headers))["taskId"]
         if track:
             state.track(task_id)
         since = time.monotonic()
@@ -395,6 +398,6 @@ class WebuiRoutes(RouteSet):
             body = await self.read_json(request)
             if not isinstance(body, dict):
                 raise ApiError("bad_request", "the body must be a JSON object", allowed='{"image": "<base64>"}')
-            return await asyncio.to_thread(png_info, body.get("image"), self.service.limits.max_bytes)
+            return await self.heavy.bound(request)(png_info, body.get("image"), self.service.limits.max_bytes)
         except ApiError as exc:
             return self.failure(exc)

@@ -29,6 +29,7 @@ import numpy as np
 
 from core.errors import InvalidRequest
 from core.lazy import require
+from core.urlfetch import FetchRefused, UrlPolicy, fetch
 from engine.controlnet.units import parse_mode
 
 # Formats PIL may open for a request image (no EPS/PDF/... decoders reachable from a request).
@@ -135,16 +136,13 @@ def _b64decode(payload: str, field: str, max_bytes: int) -> bytes:
     return raw
 
 
-def _fetch(url: str, field: str, max_bytes: int, timeout: float = 15.0) -> bytes:
-    import urllib.error
-    import urllib.request
-
+def _fetch(url: str, field: str, max_bytes: int, policy: UrlPolicy) -> bytes:
+    """The image at ``url`` by ``policy`` (core.urlfetch: total deadline, size cap, public addresses only unless
+    allowed, one message for every network failure)."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "sdengine"}),
-                                    timeout=timeout) as resp:
-            raw = resp.read(max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise InvalidRequest(field, f"cannot fetch image URL: {exc}", "a reachable http(s) image URL") from None
+        raw = fetch(url, max_bytes, policy)
+    except FetchRefused as exc:
+        raise InvalidRequest(field, str(exc), "a public http(s) image URL that answers in time") from None
     if len(raw) > max_bytes:
         raise InvalidRequest(field, f"image is larger than {max_bytes} bytes", f"at most {max_bytes} bytes")
     return raw
@@ -207,27 +205,26 @@ def decode_bytes(raw: bytes, field: str, max_pixels: int, max_aspect: float | No
 
 
 def load_image(data: str, field: str, max_bytes: int = 32 << 20, max_pixels: int = 4096 * 4096,
-               allow_urls: bool = False, max_aspect: float | None = MAX_ASPECT) -> EncodedImage:
+               allow_urls: bool | UrlPolicy = False, max_aspect: float | None = MAX_ASPECT) -> EncodedImage:
     """:func:`decode_image`'s checks (the image is decoded once, then dropped), keeping the compressed bytes."""
     raw = _raw_bytes(data, field, max_bytes, allow_urls)
     decoded = decode_bytes(raw, field, max_pixels, max_aspect)
     return EncodedImage(raw, width=decoded.shape[1], height=decoded.shape[0], max_pixels=max_pixels)
 
 
-def decode_image(
-    data: str, field: str, max_bytes: int = 32 << 20, max_pixels: int = 4096 * 4096, allow_urls: bool = False
-) -> np.ndarray:
+def decode_image(data: str, field: str, max_bytes: int = 32 << 20, max_pixels: int = 4096 * 4096,
+                 allow_urls: bool | UrlPolicy = False) -> np.ndarray:
     """A request image (base64, ``data:image/...;base64,`` URI, or http(s) URL if allowed) -> RGB uint8.
 
     Transparent images are composited on white as the extension's HWC3 does. Errors are
     :class:`InvalidRequest` naming ``field``: bad base64, not an image, more than ``max_bytes`` bytes,
     more than ``max_pixels`` pixels (checked from the header, before any pixel is decoded), URLs when
-    ``allow_urls`` is False.
+    ``allow_urls`` is False (else fetched by that :class:`core.urlfetch.UrlPolicy`; True: the default policy).
     """
     return decode_bytes(_raw_bytes(data, field, max_bytes, allow_urls), field, max_pixels)
 
 
-def _raw_bytes(data: str, field: str, max_bytes: int, allow_urls: bool) -> bytes:
+def _raw_bytes(data: str, field: str, max_bytes: int, allow_urls: bool | UrlPolicy) -> bytes:
     if not isinstance(data, str):
         raise InvalidRequest(field, f"expected a base64 string, got {type(data).__name__}",
                              "base64, or a data:image/...;base64, URI")
@@ -236,7 +233,7 @@ def _raw_bytes(data: str, field: str, max_bytes: int, allow_urls: bool) -> bytes
         if not allow_urls:
             raise InvalidRequest(field, "image URLs are not allowed by this engine's configuration",
                                  "base64, or a data:image/...;base64, URI")
-        return _fetch(stripped, field, max_bytes)
+        return _fetch(stripped, field, max_bytes, allow_urls if isinstance(allow_urls, UrlPolicy) else UrlPolicy())
     return _b64decode(_base64_payload(stripped, field), field, max_bytes)
 
 
