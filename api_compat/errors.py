@@ -31,6 +31,13 @@ HTTP_STATUS = {
     "closed": 503,
     "missing_dependency": 503,
     "backend_unavailable": 503,
+    "storage_unavailable": 503,
+    "storage_full": 507,
+    # codes of a failed task, as the synchronous webui routes answer them (sd_get_result: 200, status failed)
+    "model_error": 422,  # the request's model (or VAE, ControlNet ...) cannot be loaded: name another
+    "worker_lost": 503,  # its runs died max_attempts times
+    "interrupted": 503,  # left by a version that kept no payload to run it again
+    "internal_error": 500,
 }
 
 

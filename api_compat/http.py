@@ -30,6 +30,7 @@ import ipaddress
 import json
 import logging
 import re
+import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,6 +41,7 @@ from api_compat.errors import ApiError
 from api_compat.guard import HeavyWork, too_many_keys
 from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, deep_nesting
 from api_compat.service import CONFIG_HEADER, TaskService
+from api_compat.storage import StorageWatch
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,15 @@ async def _answer(send, status: int, body: dict[str, Any], extra: list[tuple[byt
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             *extra]})
     await send({"type": "http.response.body", "body": data})
+
+
+_HOST_SYNTAX = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?)(:[0-9]{1,5})?$")
+
+
+def host_syntax_ok(value: str) -> bool:
+    """Whether a ``Host`` header is a host (name, IPv4, [IPv6]) with an optional port, and nothing else (no
+    userinfo ``a@b``, path, spaces): what may be echoed into the URLs of result images."""
+    return bool(_HOST_SYNTAX.match(value)) and len(value) <= 255
 
 
 def split_host(value: str) -> str:
@@ -109,7 +120,9 @@ class _SiteGuard:
         self.any_ip = self.hosts is not None and bool(self.hosts & set(WILDCARD_BINDS))
         self.origins = frozenset(o.strip().lower().rstrip("/") for o in cors_origins)
 
-    def _host_ok(self, host: str) -> bool:
+    def _host_ok(self, host: str | None) -> bool:
+        if host is not None and not host_syntax_ok(host):
+            return False  # e.g. "127.0.0.1:7860@evil.example", whatever names are allowed
         if self.hosts is None or "*" in self.hosts:
             return True
         name = split_host(host)
@@ -127,8 +140,9 @@ class _SiteGuard:
                 origin = value.decode("latin-1").strip().lower().rstrip("/")
             elif name == b"access-control-request-method":
                 preflight = True
-        if self.hosts is not None and not self._host_ok(host or ""):
-            shown = ", ".join(sorted(self.hosts)) + (" or any IP address" if self.any_ip else "")
+        if not self._host_ok(host if host is not None or self.hosts is None else ""):
+            shown = ("a host name or address with an optional port" if self.hosts is None else
+                     ", ".join(sorted(self.hosts)) + (" or any IP address" if self.any_ip else ""))
             return await _answer(send, 400, ApiError(
                 "invalid_host", f"the Host header {str(host)[:100]!r} is not a name of this server",
                 field="headers.Host", allowed=f"{shown} (sdengine serve --allowed-host NAME adds one)").to_dict())
@@ -148,6 +162,10 @@ class _SiteGuard:
                         *cors, (b"access-control-allow-methods", b"GET, POST"),
                         (b"access-control-allow-headers", _CORS_HEADERS), (b"access-control-max-age", b"600")]})
                     return await send({"type": "http.response.body", "body": b""})
+        if scope["method"] == "POST":
+            problem = _post_media_problem(scope.get("headers", ()))
+            if problem is not None:
+                return await _answer(send, 415, problem.to_dict(), cors)
         if not cors:
             return await self.app(scope, receive, send)
 
@@ -157,6 +175,27 @@ class _SiteGuard:
             await send(message)
 
         return await self.app(scope, receive, send_with_cors)
+
+
+def _post_media_problem(headers: Iterable[tuple[bytes, bytes]]) -> ApiError | None:
+    """Every POST, bodyless routes (/sdapi/v1/interrupt, refresh-checkpoints ...) included: a body must be JSON
+    (what an HTML form or a no-cors fetch cannot send); a POST with no Content-Type must have no body."""
+    media = None
+    has_body = False
+    for name, value in headers:
+        if name == b"content-type":
+            media = value.decode("latin-1")
+        elif name == b"content-length":
+            has_body |= value.strip() not in (b"0", b"")
+        elif name == b"transfer-encoding":
+            has_body = True
+    if media is None and not has_body:
+        return None
+    try:
+        check_json_media({"content-type": media or ""})
+    except ApiError as exc:
+        return exc
+    return None
 
 
 def header_timeout_protocol(header_timeout: float = DEFAULT_HEADER_TIMEOUT):
@@ -340,8 +379,9 @@ class _ApiRoutes:
     encoders cost about as much as the whole submit, so these skip them; everything else goes to ``app``."""
 
     def __init__(self, app, service: TaskService, max_body_bytes: int, read_timeout: float = DEFAULT_READ_TIMEOUT,
-                 heavy: HeavyWork | None = None):
+                 heavy: HeavyWork | None = None, storage: StorageWatch | None = None):
         self.app = app
+        self.storage = storage
         self.service = service
         self.max_body = max_body_bytes
         self.read_timeout = read_timeout
@@ -368,11 +408,15 @@ class _ApiRoutes:
                 answer = handler(body, headers, scope)
             status = 200
         except ApiError as exc:
-            status, answer = exc.http_status, exc.to_dict()
-        except Exception as exc:  # a bug; still answer in JSON
-            log.exception("internal error on %s", scope.get("path"))
-            status, answer = 500, {"error": {"code": "internal_error", "message": type(exc).__name__,
-                                             "field": None, "allowed": None}}
+            status, answer = exc.http_status, self.service.public_paths.value(exc.to_dict())
+        except Exception as exc:  # a full disk, or a bug; still answer in JSON
+            mapped = self.storage.error(exc) if self.storage is not None else None
+            if mapped is not None:
+                status, answer = mapped.http_status, mapped.to_dict()
+            else:
+                log.exception("internal error on %s", scope.get("path"))
+                status, answer = 500, {"error": {"code": "internal_error", "message": type(exc).__name__,
+                                                 "field": None, "allowed": None}}
         await _answer(send, status, answer)
 
     async def _read_json(self, headers: dict[str, str], receive, offload=None) -> tuple[Any, int]:
@@ -397,7 +441,7 @@ class _ApiRoutes:
         if not count:
             return result
         host = headers.get("host")
-        if not host:
+        if not host or not host_syntax_ok(host):
             server = scope.get("server") or ("127.0.0.1", 80)
             host = f"{server[0]}:{server[1]}"
         base = f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}"
@@ -475,6 +519,7 @@ def create_app(service: TaskService, *, api_key: str | None = None, max_body_byt
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     heavy = HeavyWork()
+    storage = StorageWatch(service.results_dir)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -490,7 +535,19 @@ def create_app(service: TaskService, *, api_key: str | None = None, max_body_byt
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+        return JSONResponse(service.public_paths.value(exc.to_dict()), status_code=exc.http_status)
+
+    async def _storage_error(request: Request, exc: Exception):  # a full or failing results disk (webui routes)
+        mapped = storage.error(exc)
+        if mapped is None:
+            log.error("internal error on %s", request.url.path, exc_info=exc)
+            body = {"error": {"code": "internal_error", "message": type(exc).__name__, "field": None,
+                              "allowed": None}}
+            return JSONResponse(body, status_code=500)
+        return JSONResponse({**mapped.to_dict(), "detail": str(mapped)}, status_code=mapped.http_status)
+
+    app.add_exception_handler(sqlite3.DatabaseError, _storage_error)
+    app.add_exception_handler(OSError, _storage_error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown paths, wrong methods
@@ -506,9 +563,9 @@ def create_app(service: TaskService, *, api_key: str | None = None, max_body_byt
             raise ApiError("not_found", "no such image", field="image", allowed="/scc/images/{taskId}/{index}.png")
         return FileResponse(path, media_type="image/png")
 
-    @app.get("/health", summary="Liveness and queue depth")
+    @app.get("/health", summary="Liveness, queue depth, results disk (status ok, degraded, closed ...)")
     async def health():
-        return service.health()
+        return storage.health(service.health())
 
     def openapi():
         if app.openapi_schema is None:
@@ -525,7 +582,7 @@ def create_app(service: TaskService, *, api_key: str | None = None, max_body_byt
         return app.openapi_schema
 
     app.openapi = openapi
-    asgi = _ApiRoutes(app, service, max_body_bytes, read_timeout, heavy)
+    asgi = _ApiRoutes(app, service, max_body_bytes, read_timeout, heavy, storage)
     from api_compat.webui import webui_router
 
     basic = parse_api_auth(api_auth)

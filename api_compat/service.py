@@ -38,6 +38,7 @@ from api_compat import leniency
 from api_compat.detect import parse_detect
 from api_compat.engine_api import EngineFactory, check_memory, check_models, default_engine_factory
 from api_compat.errors import ApiError, api_error_from
+from api_compat.paths import public_paths
 from api_compat.images import ImageLimits
 from api_compat.schema import parse_request
 from api_compat.tasks.backend import Submission, TaskBackend
@@ -112,6 +113,7 @@ class TaskService:
             self.configs[str(config_id)] = EngineConfig(**{**engine_options, **options})
             self.config_options[str(config_id)] = {**engine_options, **options}
         self.results_dir = Path(results_dir).absolute() if results_dir else default_results_dir()
+        self.public_paths = public_paths(self.configs.values(), self.results_dir)
         self.limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_image_pixels,
                                   allow_url_fetch=allow_url_fetch, allow_private_urls=allow_private_urls,
                                   url_fetch_seconds=url_fetch_seconds)
@@ -241,7 +243,11 @@ class TaskService:
     def sd_get_result(self, query: dict[str, Any] | str) -> dict[str, Any]:
         """``{"taskId": ...}`` -> the task's result dict (API.md "Poll"). Raises :class:`ApiError` (not_found,
         expired)."""
-        return self.backend.result(self._task_id(query))
+        result = self.backend.result(self._task_id(query))
+        error = result.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):  # no server paths (api_compat.paths)
+            result["error"] = {**error, "message": self.public_paths.text(error["message"])}
+        return result
 
     def cancel(self, query: dict[str, Any] | str) -> dict[str, Any]:
         """``{"taskId": ...}`` or the id. Waiting: failed ``cancelled`` at once. Running: the engine is asked to

@@ -149,7 +149,8 @@ def _run(body: dict[str, Any], method: str, backend, device, precision, models_d
     factory = load_factory(engine_factory)
     try:
         service = TaskService(models_dir, results_dir=results_dir, engine_factory=factory,
-                              allow_url_fetch=allow_url_fetch, **engine_options(backend, device, precision))
+                              allow_url_fetch=allow_url_fetch, allow_private_urls=True,  # the user's own payload
+                              **engine_options(backend, device, precision))
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     with service:

@@ -223,8 +223,11 @@ def test_prepare_unit_end_to_end():
 
 
 def test_decode_url_when_allowed(tmp_path):
-    """http(s) URLs are fetched only with allow_urls=True (served here by a local http.server)."""
+    """http(s) URLs are fetched only with allow_urls (served here by a local http.server: a loopback address,
+    fetched only by a policy that allows private addresses)."""
     import functools
+
+    from core.urlfetch import UrlPolicy
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -240,13 +243,16 @@ def test_decode_url_when_allowed(tmp_path):
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/a.png"
-        assert np.array_equal(decode_image(url, FIELD, allow_urls=True), arr)
+        local = UrlPolicy(allow_private=True)
+        assert np.array_equal(decode_image(url, FIELD, allow_urls=local), arr)
+        with pytest.raises(InvalidRequest, match="private, loopback or link-local"):  # the default policy
+            decode_image(url, FIELD, allow_urls=True)
         with pytest.raises(InvalidRequest, match="URLs are not allowed"):
             decode_image(url, FIELD)
         with pytest.raises(InvalidRequest, match="larger than 10 bytes"):
-            decode_image(url, FIELD, max_bytes=10, allow_urls=True)
-        with pytest.raises(InvalidRequest, match="cannot fetch") as err:
-            decode_image(url.replace("a.png", "missing.png"), FIELD, allow_urls=True)
+            decode_image(url, FIELD, max_bytes=10, allow_urls=local)
+        with pytest.raises(InvalidRequest, match="could not be fetched") as err:
+            decode_image(url.replace("a.png", "missing.png"), FIELD, allow_urls=local)
         assert err.value.field == FIELD
     finally:
         server.shutdown()

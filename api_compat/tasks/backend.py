@@ -29,6 +29,7 @@ from engine.rules import default
 
 from api_compat.errors import in_payload_terms
 from api_compat.images import write_png
+from api_compat.storage import storage_code
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,11 @@ def error_of(exc: BaseException, task_id: str, origins: Mapping[str, str] | None
         return "cancelled", (str(exc) or "cancelled")[:2000]
     if isinstance(exc, SdEngineError):
         return exc.code, str(in_payload_terms(exc, origins))[:2000]
+    storage = storage_code(exc)
+    if storage is not None:  # the cause, without the server's paths
+        log.error("task %s failed: results storage: %s", task_id, exc)
+        return storage, ("the server's results disk is full" if storage == "storage_full" else
+                         "the server's results storage cannot be written") + ": the images could not be stored"
     log.error("task %s failed", task_id, exc_info=exc)
     return "internal_error", f"{type(exc).__name__}: {exc}"[:2000]
 

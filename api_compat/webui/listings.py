@@ -118,9 +118,10 @@ def latent_upscale_modes() -> list[dict[str, Any]]:
 
 
 def cmd_flags(config) -> dict[str, Any]:
-    """The server's flags under the webui's names (no secrets)."""
+    """The server's flags under the webui's names (no secrets, no server paths: ``ckpt_dir`` relative to the
+    models dir)."""
     return {"api": True, "nowebui": True, "api_auth": None, "listen": None, "port": None,
-            "ckpt_dir": str(Path(config.models_dir) / "Stable-diffusion"), "device": config.device,
+            "ckpt_dir": "Stable-diffusion", "device": config.device,
             "backend": config.backend.value, "precision": config.precision.value, "sdengine": True}
 
 

@@ -76,10 +76,10 @@ class RouteSet:
                 router.add_api_route(path, getattr(self, name), methods=[method], **options)
         return router
 
-    @staticmethod
-    def failure(exc: ApiError) -> JSONResponse:
-        # the webui's clients read "detail" (FastAPI's error key); ours read "error"
-        return JSONResponse({**exc.to_dict(), "detail": str(exc)}, status_code=exc.http_status)
+    def failure(self, exc: ApiError) -> JSONResponse:
+        # the webui's clients read "detail" (FastAPI's error key); ours read "error"; no server paths
+        public = self.service.public_paths
+        return JSONResponse(public.value({**exc.to_dict(), "detail": str(exc)}), status_code=exc.http_status)
 
     async def run_task(self, request: Request, kind: str, submit, payload: Any, track: bool = True) -> dict[str, Any]:
         """Submit through the service, wait for the task (cancelled if the client goes away, or by /interrupt

@@ -34,9 +34,10 @@ def short_hash(sha256: str) -> str:
 
 def legacy_model_hash(path: str | os.PathLike) -> str | None:
     """The webui's old 8-hex ``model_hash``: sha256 of 64 KiB at offset 1 MiB (sd-webui-controlnet still
-    shows it in ControlNet names such as ``control_v11p_sd15_canny [d14c016b]``). ``None`` for folders."""
+    shows it in ControlNet names such as ``control_v11p_sd15_canny [d14c016b]``). ``None`` for folders and for
+    files that end before that window (the webui would show the hash of no bytes, ``e3b0c442``, for all of them)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_size <= 0x100000:
         return None
     with open(path, "rb") as f:
         f.seek(0x100000)

@@ -307,28 +307,35 @@ class ModelStore:
         return entries[0]
 
     def controlnet_title(self, entry: ModelEntry) -> str:
-        """The name sd-webui-controlnet lists for a ControlNet: ``"{stem} [{legacy 8-hex hash}]"``."""
+        """The name sd-webui-controlnet lists for a ControlNet: ``"{stem} [{legacy 8-hex hash}]"``; a file too
+        short for the legacy hash shows the first 8 hex digits of its sha256 (the real file's, which resolve
+        accepts as well), a folder its stem alone."""
         legacy = legacy_model_hash(entry.path)
+        if legacy is None and entry.path.is_file():
+            legacy = self.hashes.sha256(entry.path)[:8]
         return f"{entry.stem} [{legacy}]" if legacy else entry.stem
 
-    def resolve_vae(self, checkpoint: ModelEntry, vae: str | None = VAE_AUTOMATIC) -> Path | None:
+    def resolve_vae(self, checkpoint: ModelEntry, vae: str | None = VAE_AUTOMATIC,
+                    allow_pickle: bool = False) -> Path | None:
         """The external VAE file for ``checkpoint``: ``None`` means the checkpoint's own VAE.
 
         "Automatic": ``<ckpt>.vae.safetensors`` (or .pt/.ckpt) beside the checkpoint, else a file in ``VAE/``
-        with the checkpoint's stem (``<stem>.safetensors`` or ``<stem>.vae.safetensors``), else its own.
-        "None" (or empty): its own. Anything else: a VAE from ``VAE/`` resolved by name.
+        with the checkpoint's stem (``<stem>.safetensors`` or ``<stem>.vae.safetensors``), else its own. A pickle
+        found so is skipped (with a log line) unless ``allow_pickle``: a stray file must not break a checkpoint
+        that runs without it. "None" (or empty): its own. Anything else: a VAE from ``VAE/`` resolved by name.
         """
         if vae is None or vae == "" or vae == VAE_NONE:
             return None
         if vae == VAE_AUTOMATIC:
             stem = checkpoint.stem
             near = [checkpoint.path.parent / f"{stem}.vae.{ext}" for ext in ("safetensors", "pt", "ckpt")]
-            for p in near:
-                if p.is_file() and _inside(p, checkpoint.root):
-                    return p
-            for e in self._scan(Kind.VAE):
-                if e.stem == stem or _VAE_FILE.sub("", e.name) == stem:
-                    return e.path
+            found = [p for p in near if p.is_file() and _inside(p, checkpoint.root)]
+            found += [e.path for e in self._scan(Kind.VAE) if e.stem == stem or _VAE_FILE.sub("", e.name) == stem]
+            for path in found:
+                if allow_pickle or path.suffix.lower() not in checkpoints.PICKLE_SUFFIXES:
+                    return path
+                log.info("%s: skipping the pickle VAE %s beside it (the Automatic VAE setting; pickles are loaded "
+                         "only with allow_pickle)", checkpoint.name, path.name)
             return None
         return self.resolve(vae, Kind.VAE, field="sd_vae").path
 
@@ -347,7 +354,7 @@ class ModelStore:
         dropped before a new one is loaded.
         """
         entry = self.resolve(name, Kind.CHECKPOINT, field="sd_model_checkpoint")
-        vae_path = self.resolve_vae(entry, vae)
+        vae_path = self.resolve_vae(entry, vae, allow_pickle)
         sha = self.hash_of(entry)
         key = ("checkpoint", str(entry.path.resolve()), sha, str(vae_path.resolve()) if vae_path else None, str(dtype),
                meta)
