@@ -20,7 +20,8 @@ from core.urlfetch import FETCH_DEADLINE_S, UrlPolicy
 class ImageLimits:
     """Bounds on a request image: encoded bytes, decoded pixels, the pixels of every image preprocessing and
     fitting make from it (``max_work_pixels``), and whether http(s) URLs are fetched (``allow_url_fetch``;
-    ``url_policy``: how, core.urlfetch: a total deadline (``url_fetch_seconds``), public addresses only unless ``allow_private_urls``)."""
+    ``url_policy``: how, core.urlfetch: a total deadline of ``url_fetch_seconds``, public addresses only
+    unless ``allow_private_urls``)."""
 
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 4096 * 4096

@@ -66,8 +66,8 @@ class StorageWatch:
 
     def health(self, health: dict[str, Any]) -> dict[str, Any]:
         """``health`` (the backend's answer) with ``storage.free_bytes`` and, when the results disk has under
-        ``min_free`` bytes free (5% of a smaller disk) or a storage write failed in the last RECENT_S seconds, status ``degraded`` and
-        ``problems`` naming why."""
+        ``min_free`` bytes free (5% of a smaller disk) or a storage write failed in the last RECENT_S seconds,
+        status ``degraded`` and ``problems`` naming why."""
         problems = []
         free = least = None
         try:

@@ -473,12 +473,13 @@ def test_url_fetch_when_allowed(tmp_path):
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/ok.png"
-        assert tuple(_unit_image(cn(unit(input_image=url)), allow_url_fetch=True, allow_private_urls=True)[0, 0]) == (7, 8, 9)
+        local = {"allow_url_fetch": True, "allow_private_urls": True}  # a loopback server: private allowed
+        assert tuple(_unit_image(cn(unit(input_image=url)), **local)[0, 0]) == (7, 8, 9)
         with pytest.raises(InvalidRequest, match="could not be fetched") as exc:
-            _unit_image(cn(unit(input_image=url.replace("ok", "missing"))), allow_url_fetch=True, allow_private_urls=True)
+            _unit_image(cn(unit(input_image=url.replace("ok", "missing"))), **local)
         assert exc.value.field == f"{CN}.input_image"
         with pytest.raises(InvalidRequest, match="larger than 10 bytes"):
-            _unit_image(cn(unit(input_image=url)), allow_url_fetch=True, allow_private_urls=True, max_bytes=10)
+            _unit_image(cn(unit(input_image=url)), **local, max_bytes=10)
         with pytest.raises(InvalidRequest, match="URLs are not allowed"):
             _unit_image(cn(unit(input_image=url)))
         with pytest.raises(InvalidRequest, match="private, loopback or link-local"):  # loopback: not by default
