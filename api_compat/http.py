@@ -12,7 +12,9 @@
 
 Errors are JSON ``{"error": {"code", "message", "field", "allowed"}, "errors": [...]}`` with 400/422 (bad
 payload), 401 (API key), 403 (cross-site Origin), 404 (unknown task or image), 408 (body too slow), 413 (body too
-large), 415 (POST body not JSON), 429 (queue full); the webui routes also 409 (interrupted).
+large, or more than MAX_JSON_KEYS keys), 415 (POST body not JSON), 429 (queue full), 507/503 (results disk full or
+failing: api_compat.storage); the webui routes also 409 (interrupted). Heavy request work runs on its own pool,
+bounded per client (api_compat.guard); messages name no server path (api_compat.paths).
 
 Cross-site and DNS-rebinding safety (``sdengine serve`` sets these from its bind address): POST bodies must be
 ``Content-Type: application/json`` (an HTML form cannot send that without a CORS preflight); the ``Host`` header

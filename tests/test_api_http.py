@@ -199,8 +199,8 @@ def test_wrong_methods_and_paths_answer_json(client):
 
 
 def test_image_payloads_are_validated_off_the_event_loop(client):
-    """A submit with a ControlNet image goes through asyncio.to_thread; the answer is the same. The task runs the
-    real tiny ControlNet (canny on a 256x256 input, fitted to 64x64)."""
+    """A submit with a ControlNet image goes through the heavy-work pool (api_compat.guard); the answer is the
+    same. The task runs the real tiny ControlNet (canny on a 256x256 input, fitted to 64x64)."""
     unit = {"model": "tiny-controlnet-sd1", "module": "canny", "input_image": png_b64(256, 256)}
     r = client.post("/scc/sd_txt2img", json={"steps": 1, "width": 64, "height": 64,
                                              "alwayson_scripts": {"controlnet": {"units": [unit]}}})
