@@ -8,7 +8,9 @@ the HTTP run uses the real engine on the tiny models."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -353,3 +355,139 @@ def test_unreachable_redis_is_503(tmp_path):
             svc.sd_txt2img({"prompt": "x"})
         assert exc.value.code == "backend_unavailable" and exc.value.http_status == 503
         assert svc.health()["status"] == "queue_unavailable"
+
+
+# short lease settings, so that the Redis-restart tests stay quick (the defaults are tested above)
+SHORT = ("--lease-ttl", "2", "--worker-timeout", "2", "--reap-interval", "0.5", "--heartbeat-interval", "0.5")
+
+
+def _running_at(rec: dict) -> int:
+    """The step a running task's record shows (-1: not running)."""
+    if rec.get("status") != "running":
+        return -1
+    return int(json.loads(rec.get("progress") or "{}").get("step") or 0)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own (AOF on), which it may kill and restart, and double-engine workers on it."""
+    pytest.importorskip("celery", reason="the 'queue' extra (celery, redis) is not installed")
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    workers: list[WorkerProcess] = []
+
+    def start(count: int, *args: str) -> list[WorkerProcess]:
+        made = [WorkerProcess(server.url(0), tmp_path / "results", tmp_path / f"w{len(workers) + i}.log", *DOUBLE,
+                              "--models-dir", str(tmp_path / "no-models"), *SHORT, *args).start()
+                for i in range(count)]
+        workers.extend(made)
+        client = server.client(0)
+        for w in made:
+            w.wait_ready(client)
+        client.close()
+        return made
+
+    yield server, start, tmp_path / "results" / "images"
+    for w in workers:
+        w.kill()
+    server.kill()
+
+
+def test_redis_restart_mid_task_loses_nothing(own_redis, tmp_path):
+    """Redis killed (SIGKILL) while two tasks run and one waits, restarted 3 s later, two rounds: the running
+    tasks finish meanwhile, keep their results and write them when Redis is back; every task ends succeeded
+    once (one PNG, the pixels of its seed), and no record is left running."""
+    server, start, images = own_redis
+    workers = start(2)
+    client = server.client(0)
+    with TaskService(tmp_path / "no-models", results_dir=tmp_path / "results", check_models=False,
+                     queue=server.url(0)) as svc:
+        for round_ in range(2):
+            seeds = [100 * round_ + i for i in range(3)]
+            ids = [svc.sd_txt2img({"prompt": "SLOW", "seed": s, "steps": 30, "width": 64, "height": 64})["taskId"]
+                   for s in seeds]
+            wait_until(lambda: sum(_running_at(record(client, t)) >= 3 for t in ids) == 2, every=0.005)
+            server.kill()
+            time.sleep(3.0)  # the two running tasks (1.5 s each) end meanwhile; their final writes wait
+            server.start()
+            client = server.client(0)
+            results = [svc.wait(t, 90) for t in ids]
+            assert [r["status"] for r in results] == ["succeeded"] * 3, results
+            for t, s, r in zip(ids, seeds, results):
+                assert files_of(images, t) == [f"{t}-0.png"]
+                assert np.array_equal(png_pixels(r["images"][0]), expected_pixels("SLOW", s, 30))
+        assert client.zcard("sdengine:running") == 0
+    logs = "".join(w.log.read_text() for w in workers)
+    assert "retrying the final write" in logs, "the scenario did not happen: no final write waited for Redis"
+    assert "unexpected error" not in logs and "internal_error" not in logs
+    client.close()
+
+
+def test_sigkill_whole_worker_and_redis_restart_recovered_once(own_redis, tmp_path):
+    """A whole worker killed mid-task and Redis killed and restarted right after: the surviving worker's reaper
+    (which forgets what it saw while Redis was away) publishes the task again, the surviving worker finishes it
+    within 60 s of the kill, once."""
+    server, start, images = own_redis
+    workers = start(2)
+    client = server.client(0)
+    with TaskService(tmp_path / "no-models", results_dir=tmp_path / "results", check_models=False,
+                     queue=server.url(0)) as svc:
+        task = svc.sd_txt2img({"prompt": "SLOW", "seed": 5, "steps": 40, "width": 64, "height": 64})["taskId"]
+        rec = wait_until(lambda: '"step": 3,' in (r := record(client, task)).get("progress", "") and r)
+        victim = next(w for w in workers if os.getpgid(pool_pid(rec)) == w.proc.pid)
+        killed = time.monotonic()
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait(10)
+        server.kill()
+        time.sleep(1.0)
+        server.start()
+        client = server.client(0)
+        result = svc.wait(task, 60)
+        took = time.monotonic() - killed
+        assert result["status"] == "succeeded" and took <= 60, (result, took)
+        final = record(client, task)
+        assert final["attempts"] == "2" and os.getpgid(pool_pid(final)) != victim.proc.pid, final
+        assert files_of(images, task) == [f"{task}-0.png"]
+        assert np.array_equal(png_pixels(result["images"][0]), expected_pixels("SLOW", 5, 40))
+    client.close()
+
+
+def test_redis_outage_answers_503_and_a_webui_call_waits_it_out(own_redis, tmp_path):
+    """While Redis is down: sd_get_result, sd_cancel, a result image and the webui's progress and interrupt
+    answer 503 backend_unavailable (not 500); /health says queue_unavailable. A synchronous webui txt2img
+    waiting meanwhile waits the outage out and answers 200 once Redis and a worker are back."""
+    server, start, images = own_redis
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = _serve(server.url(0), port, tmp_path / "results", tmp_path / "no-models", log)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            _wait_http(http, proc, log)
+            task = http.post("/scc/sd_txt2img", json={"prompt": "x", "seed": 3}).json()["taskId"]
+            with ThreadPoolExecutor(1) as pool:
+                webui = pool.submit(http.post, "/sdapi/v1/txt2img", json={"prompt": "y", "seed": 4, "steps": 2,
+                                                                          "width": 64, "height": 64})
+                wait_until(lambda: http.get("/sdapi/v1/progress").json()["state"]["job_count"] == 1)
+                server.kill()
+                answers = [http.post("/scc/sd_get_result", json={"taskId": task}),
+                           http.post("/scc/sd_cancel", json={"taskId": task}),
+                           http.get(f"/scc/images/{task}/0.png"),
+                           http.get("/sdapi/v1/progress"),
+                           http.post("/sdapi/v1/interrupt")]
+                for answer in answers:
+                    assert answer.status_code == 503, (answer.request.url, answer.text)
+                    error = answer.json()["error"]
+                    assert error["code"] == "backend_unavailable" and "Redis" in error["message"], error
+                assert http.get("/health").json()["status"] == "queue_unavailable"
+                server.start()
+                start(1)
+                answer = webui.result(60)
+            assert answer.status_code == 200 and len(answer.json()["images"]) == 1, answer.text[:500]
+            assert http.post("/scc/sd_get_result", json={"taskId": task}).json()["status"] in ("waiting", "running",
+                                                                                               "succeeded")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

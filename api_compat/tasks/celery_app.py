@@ -133,6 +133,10 @@ def make_app(url: str, options: QueueOptions):
         result_backend=None,
         task_default_queue=queue_name(options.prefix, None),
         broker_connection_retry_on_startup=True,
+        # a worker outlives a Redis outage however long (it reconnects; its running task keeps its result), and
+        # its running task goes on when the broker connection drops (Celery 6 would cancel it by default)
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_transport_options={
             "visibility_timeout": options.visibility_timeout,
             "unacked_restore_interval": options.restore_interval,
