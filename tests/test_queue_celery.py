@@ -399,7 +399,8 @@ def own_redis(tmp_path):
 def test_redis_restart_mid_task_loses_nothing(own_redis, tmp_path):
     """Redis killed (SIGKILL) while two tasks run and one waits, restarted 3 s later, two rounds: the running
     tasks finish meanwhile, keep their results and write them when Redis is back; every task ends succeeded
-    once (one PNG, the pixels of its seed), and no record is left running."""
+    once (one run, one PNG, the pixels of its seed: no live worker is taken for lost after the restart), and no
+    record is left running."""
     server, start, images = own_redis
     workers = start(2)
     client = server.client(0)
@@ -417,6 +418,7 @@ def test_redis_restart_mid_task_loses_nothing(own_redis, tmp_path):
             results = [svc.wait(t, 90) for t in ids]
             assert [r["status"] for r in results] == ["succeeded"] * 3, results
             for t, s, r in zip(ids, seeds, results):
+                assert record(client, t)["attempts"] == "1", "a live worker was taken for lost after the restart"
                 assert files_of(images, t) == [f"{t}-0.png"]
                 assert np.array_equal(png_pixels(r["images"][0]), expected_pixels("SLOW", s, 30))
         assert client.zcard("sdengine:running") == 0

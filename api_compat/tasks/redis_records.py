@@ -77,12 +77,14 @@ return st
 """
 
 # the running worker's heartbeat: refresh its lease; take it back when it lapsed (Redis was away) and the task is
-# still this run's (running, or put back to waiting by a reaper that took this worker for lost); 0: superseded
+# still this run's (running, or put back to waiting by a reaper that took this worker for lost); 0: superseded,
+# -1: final already (this run's final write came first)
 _HOLD = """
 local holder = redis.call('GET', KEYS[2])
 if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
-if holder then return 0 end
 local st = redis.call('HGET', KEYS[1], 'status')
+if st == 'succeeded' or st == 'failed' then return -1 end
+if holder then return 0 end
 if (st ~= 'running' and st ~= 'waiting') or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 if st == 'waiting' then
@@ -220,10 +222,11 @@ class RedisTasks:
                   node])
         return [a.decode() if isinstance(a, bytes) else str(a) for a in answer]
 
-    def hold(self, task_id: str, owner: str) -> bool:
-        """Refresh the lease (or take it back after it lapsed); False when another run has the task now."""
+    def hold(self, task_id: str, owner: str) -> int:
+        """Refresh the lease (or take it back after it lapsed): > 0; 0 when another run has the task now (or its
+        record is gone); -1 when the task is final."""
         queue = (self.client.hget(self.key("task", task_id), "queue") or b"").decode()
-        return bool(self._hold(keys=[self.key("task", task_id), self.key("lease", task_id), self.waiting_key(queue),
+        return int(self._hold(keys=[self.key("task", task_id), self.key("lease", task_id), self.waiting_key(queue),
                                      self.bytes_key, self.running_key],
                                args=[owner, int(self.options.lease_ttl * 1000), task_id, queue, repr(time.time())]))
 

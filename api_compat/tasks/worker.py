@@ -233,7 +233,10 @@ class _Runtime:
                 if not cancel.is_set() and self.tasks.client.hget(self.tasks.key("task", task_id), "cancel"):
                     cancel.set()
                 if failing or time.monotonic() - last >= self.settings.options.lease_ttl / 3:
-                    if not self.tasks.hold(task_id, self.owner):
+                    held = self.tasks.hold(task_id, self.owner)
+                    if held < 0:  # final (this run's own final write): nothing left to hold
+                        return
+                    if held == 0:
                         log.warning("task %s: another run has taken it over; this run stops", task_id)
                         superseded.set()
                         cancel.set()
@@ -421,7 +424,8 @@ class Reaper:
             if old is None or old[0] != seen:
                 self.changed[node] = (seen, now)
         published = []
-        for orphan in self.tasks.orphans():
+        orphans = self.tasks.orphans()
+        for orphan in orphans:
             _, since = self.changed.setdefault(orphan["node"], (None, now))  # gone from the hash: watch from now
             if now - since < self.options.worker_timeout:
                 continue
@@ -437,4 +441,7 @@ class Reaper:
             log.warning("task %s: its worker %s is lost (no lease, no heartbeat for %.0f s); published again%s",
                         task_id, orphan["node"] or "?", now - since, "" if requeued else " (already taken)")
             published.append(task_id)
+        for node, (seen, since) in list(self.changed.items()):  # workers gone long ago (restarted: new names)
+            if now - since > 10 * self.options.worker_timeout and node not in {o["node"] for o in orphans}:
+                del self.changed[node]
         return published
