@@ -120,7 +120,8 @@ class RedisTasks:
 
         self.options = options
         self.prefix = options.prefix
-        self.client = redis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5)
+        self.client = redis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5,
+                                             socket_timeout=15)
         self._start = self.client.register_script(_START)
         self._finish = self.client.register_script(_FINISH)
         self._cancel = self.client.register_script(_CANCEL)

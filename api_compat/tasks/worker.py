@@ -152,18 +152,21 @@ class _Runtime:
         tracker = Progress(message.get("steps"))
         names: list[str] = []
         origins: dict[str, str] = {}  # request path -> payload path, once the payload is parsed
-        down = [False]
+        down = [0.0]  # since when Redis is away (monotonic; 0: it is not)
 
         def write_progress(value) -> bool:
-            """Progress to the record; True when a cancel was asked. Redis away: the run goes on."""
+            """Progress to the record; True when a cancel was asked. Redis away: the run goes on (tried again
+            once a second, so that connection attempts do not slow the steps down)."""
+            if down[0] and time.monotonic() - down[0] < 1.0:
+                return False
             try:
                 asked = self.tasks.progress(task_id, value)
             except redis.RedisError as exc:
                 if not down[0]:
                     log.warning("task %s: progress not written (%s); the task goes on", task_id, exc)
-                down[0] = True
+                down[0] = time.monotonic()
                 return False
-            down[0] = False
+            down[0] = 0.0
             return asked
 
         def progress(event, steps: int | None = None) -> None:
