@@ -457,6 +457,41 @@ def test_sigkill_whole_worker_and_redis_restart_recovered_once(own_redis, tmp_pa
     client.close()
 
 
+def test_lost_worker_restarted_under_the_same_name_takes_its_task_back(own_redis, tmp_path):
+    """The only worker killed mid-task and started again under the same name (as a container restarts: same
+    hostname, same pid): the new instance is not taken for the dead one, its reaper publishes the task again
+    and it runs it, once."""
+    server, start, images = own_redis
+    client = server.client(0)
+
+    def worker(log):
+        w = WorkerProcess(server.url(0), tmp_path / "results", tmp_path / log, *DOUBLE, "--models-dir",
+                          str(tmp_path / "no-models"), *SHORT)
+        w.name = "fixed"
+        w.start().wait_ready(client)
+        return w
+
+    first = worker("first.log")
+    second = None
+    try:
+        with TaskService(tmp_path / "no-models", results_dir=tmp_path / "results", check_models=False,
+                         queue=server.url(0)) as svc:
+            task = svc.sd_txt2img({"prompt": "SLOW", "seed": 8, "steps": 40, "width": 64, "height": 64})["taskId"]
+            wait_until(lambda: _running_at(record(client, task)) >= 3)
+            os.killpg(first.proc.pid, signal.SIGKILL)  # its heartbeat entry stays, as after a crash
+            first.proc.wait(10)
+            second = worker("second.log")
+            result = svc.wait(task, 60)
+            assert result["status"] == "succeeded", result
+            final = record(client, task)
+            assert final["attempts"] == "2" and os.getpgid(pool_pid(final)) == second.proc.pid, final
+            assert files_of(images, task) == [f"{task}-0.png"]
+    finally:
+        if second is not None:
+            second.kill()
+        client.close()
+
+
 def test_redis_outage_answers_503_and_a_webui_call_waits_it_out(own_redis, tmp_path):
     """While Redis is down: sd_get_result, sd_cancel, a result image and the webui's progress and interrupt
     answer 503 backend_unavailable (not 500); /health says queue_unavailable. A synchronous webui txt2img

@@ -232,13 +232,15 @@ class RedisTasks:
                                args=[owner, int(self.options.lease_ttl * 1000), task_id, queue, repr(time.time())]))
 
     def workers(self) -> dict[str, float]:
-        """Worker name -> the time of its last heartbeat (its own clock: compared only with itself)."""
+        """``name#instance`` of each worker (as a running record's ``node``) -> the time of its last heartbeat
+        (its own clock: compared only with itself)."""
         out = {}
         for name, raw in self.client.hgetall(self.workers_key).items():
             try:
-                out[name.decode()] = float(json.loads(raw).get("seen", 0))
+                info = json.loads(raw)
+                out[f"{name.decode()}#{info.get('instance', '')}"] = float(info.get("seen", 0))
             except (ValueError, TypeError, AttributeError):
-                out[name.decode()] = 0.0
+                out[f"{name.decode()}#"] = 0.0
         return out
 
     def orphans(self) -> list[dict[str, str]]:

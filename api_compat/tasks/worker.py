@@ -60,7 +60,7 @@ class _Runtime:
 
     def __init__(self, settings: WorkerSettings, node: str = ""):
         self.settings = settings
-        self.node = node  # the worker's name (its heartbeat in {prefix}:workers)
+        self.node = node  # the worker's name and instance (name#instance: its heartbeat in {prefix}:workers)
         self.tasks = RedisTasks(settings.url, settings.options)
         self.images_dir = Path(settings.results_dir) / "images"
         self.images_dir.mkdir(parents=True, exist_ok=True)
@@ -327,12 +327,15 @@ def run_worker(settings: WorkerSettings, *, loglevel: str = "INFO") -> None:
 
     name = settings.name or f"sdengine-{settings.engine_options.get('device', 'cpu')}-{os.getpid()}"
     nodename = f"{name}@{socket.gethostname()}"
+    # this run of the worker: a worker restarted under the same name (a container keeps its hostname and pid)
+    # is another instance, so a reaper still takes the tasks of the one that died for lost
+    instance = f"{random.getrandbits(48):012x}"
 
     @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
     def txt2img(self, **message):
         rt = runtime.get("rt")
         if rt is None:
-            rt = runtime["rt"] = _Runtime(settings, nodename)
+            rt = runtime["rt"] = _Runtime(settings, f"{nodename}#{instance}")
         try:
             return rt.run(message)
         except Exception as exc:  # a bug of ours: the task must still end, with the reason
@@ -348,7 +351,7 @@ def run_worker(settings: WorkerSettings, *, loglevel: str = "INFO") -> None:
 
     def announce() -> None:
         info = {"device": settings.engine_options.get("device", "cpu"), "models": models, "queues": queues,
-                "pid": os.getpid(), "host": socket.gethostname()}
+                "pid": os.getpid(), "host": socket.gethostname(), "instance": instance}
         failing = False
         while True:
             try:
