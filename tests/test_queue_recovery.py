@@ -26,7 +26,7 @@ from tests.test_queue_celery import DOUBLE, _serve, _wait_http, expected_pixels,
 
 
 # short lease settings, so that the Redis-restart tests stay quick (the defaults are tested above)
-SHORT = ("--lease-ttl", "2", "--worker-timeout", "2", "--reap-interval", "0.5", "--heartbeat-interval", "0.5")
+SHORT = ("--lease-ttl", "3", "--worker-timeout", "4", "--reap-interval", "0.5", "--heartbeat-interval", "0.5")
 
 
 def _running_at(rec: dict) -> int:
