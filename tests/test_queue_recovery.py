@@ -38,12 +38,13 @@ def _running_at(rec: dict) -> int:
 
 @pytest.fixture
 def own_redis(tmp_path):
-    """A redis-server of this test's own (AOF on), which it may kill and restart, and double-engine workers on it."""
+    """A redis-server of this test's own (AOF on, fsync every second), which it may kill and restart, and
+    double-engine workers on it."""
     pytest.importorskip("celery", reason="the 'queue' extra (celery, redis) is not installed")
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
     (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
+    server = RedisServer(tmp_path / "redis", appendfsync="everysec")  # as docs/DEPLOYMENT.md asks
     server.start()
     workers: list[WorkerProcess] = []
 
