@@ -8,9 +8,10 @@ Who does what:
 
 - The API (:class:`~api_compat.tasks.celery_producer.CeleryBackend`, inside
   ``TaskService(queue="redis://...")``) validates the payload exactly as the embedded backend does, draws the
-  random seeds, writes the task record (``waiting``) and publishes a JSON message (the payload, the resource
-  configuration's engine options) to the queue of the task's checkpoint (``sdengine.model.<name>``;
-  ``sdengine.default`` when the API has no model store to resolve names).
+  random seeds, writes the task record (``waiting``, with what the worker runs: the payload and the resource
+  configuration's engine options) and publishes a JSON message (the task id) to the queue of the task's
+  checkpoint (``sdengine.model.<name>``; ``sdengine.default`` when the API has no model store to resolve
+  names).
 - A worker (:func:`~api_compat.tasks.worker.run_worker`, ``sdengine worker``) consumes the queues of the
   checkpoints it serves, one task at a time per device (Celery prefork pool, concurrency 1, prefetch 1), keeps
   its engines in the pool process, translates the payload again, runs
