@@ -70,7 +70,7 @@ def _is_loopback(host: str) -> bool:
               help="Seconds a finished task's result (record and PNGs) is kept; then it answers 'expired'.")
 @click.option("--visibility-timeout", type=float, default=3600, show_default=True,
               help="(--queue) Seconds before Redis hands out again a message whose worker vanished before it "
-                   "started the task (a running task of a lost worker is published again within 30 s by the "
+                   "started the task (a running task of a lost worker is published again within 24 s by the "
                    "lease rule); give every worker and server the same value, longer than the longest task.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
               help="Starts of one task that may die with this server (killed, out of memory) or, with --queue, with "
@@ -153,7 +153,7 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
 @click.option("--worker-timeout", type=float, default=20, show_default=True,
               help="Seconds without a heartbeat after which a worker counts as lost: its task, once its lease "
                    "lapsed, is published again by the other workers.")
-@click.option("--reap-interval", type=float, default=5, show_default=True, hidden=True)
+@click.option("--reap-interval", type=float, default=2, show_default=True, hidden=True)
 @click.option("--heartbeat-interval", type=float, default=2, show_default=True, hidden=True)
 @click.option("--max-attempts", type=int, default=3, show_default=True,
               help="Deliveries whose worker died before a task is failed (worker_lost).")

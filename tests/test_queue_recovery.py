@@ -200,15 +200,15 @@ def test_redis_outage_answers_503_and_a_webui_call_waits_it_out(own_redis, tmp_p
 
 
 def test_queue_options_defaults_meet_the_recovery_bound():
-    """The default lease settings publish a lost worker's task again within 30 s (the bound the whole-worker
+    """The default lease settings publish a lost worker's task again within 24 s (the bound the whole-worker
     test above checks end to end, with a 60 s budget for the rerun); settings that would take a live worker
     for lost are refused, naming the field."""
     from api_compat.tasks.celery_app import QueueOptions
 
     options = QueueOptions()
     assert (options.lease_ttl, options.worker_timeout, options.reap_interval, options.visibility_timeout) == (
-        15.0, 20.0, 5.0, 3600.0)
-    assert options.recovery_bound == 30.0
+        15.0, 20.0, 2.0, 3600.0)
+    assert options.recovery_bound == 24.0
     with pytest.raises(ValueError, match="worker_timeout"):
         QueueOptions(worker_timeout=3, heartbeat_interval=2)
     with pytest.raises(ValueError, match="lease_ttl"):

@@ -69,7 +69,7 @@ class QueueOptions:
     task is failed (``worker_lost``). ``prefix``: of the Redis keys and queues.
 
     The lease rule (with the defaults, the task of a lost worker host is published again within
-    :attr:`recovery_bound`, 30 s): ``lease_ttl``: seconds a task's lease lives without a refresh (refreshed
+    :attr:`recovery_bound`, 24 s): ``lease_ttl``: seconds a task's lease lives without a refresh (refreshed
     every ``lease_ttl / 3``); ``heartbeat_interval``: seconds between a worker's heartbeats;
     ``worker_timeout``: seconds a reaper must see a worker's heartbeat stand still before that worker counts as
     lost; ``reap_interval``: seconds between a reaper's scans of the running tasks.
@@ -83,7 +83,7 @@ class QueueOptions:
     lease_ttl: float = 15.0
     heartbeat_interval: float = 2.0
     worker_timeout: float = 20.0
-    reap_interval: float = 5.0
+    reap_interval: float = 2.0
 
     def __post_init__(self):
         for name in ("visibility_timeout", "restore_interval", "lease_ttl", "heartbeat_interval", "worker_timeout",

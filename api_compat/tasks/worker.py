@@ -406,8 +406,9 @@ class Reaper:
         self.options = options
         self.url = url
         self.tasks = RedisTasks(url, options)
-        self.app = None  # publishing: a Celery app of its own (not the consumer's), made on first use
+        self.app = make_app(url, options)  # publishing: a Celery app of its own (not the consumer's)
         self.changed: dict[str, tuple[float | None, float]] = {}  # worker -> (heartbeat, monotonic when it changed)
+        self.connected_since: float | None = None  # monotonic: since when this reaper's scans all reached Redis
 
     def scan(self) -> list[str]:
         """One look: the ids of the tasks published again."""
@@ -416,15 +417,18 @@ class Reaper:
         try:
             return self._scan(time.monotonic())
         except (redis.RedisError, OSError) as exc:
-            if self.changed:
+            if self.connected_since is not None:
                 log.warning("reaper: Redis unavailable (%s); watching again from scratch when it is back", exc)
             self.changed.clear()
+            self.connected_since = None
             return []
         except Exception:  # pragma: no cover - a bug of ours must not stop the reaper
             log.exception("reaper: scan failed")
             return []
 
     def _scan(self, now: float) -> list[str]:
+        if self.connected_since is None:
+            self.connected_since = now
         for node, seen in self.tasks.workers().items():
             old = self.changed.get(node)
             if old is None or old[0] != seen:
@@ -432,14 +436,13 @@ class Reaper:
         published = []
         orphans = self.tasks.orphans()
         for orphan in orphans:
-            _, since = self.changed.setdefault(orphan["node"], (None, now))  # gone from the hash: watch from now
+            # a worker with no heartbeat at all (stopped and deregistered, or never seen): this reaper's own watch
+            since = self.changed[orphan["node"]][1] if orphan["node"] in self.changed else self.connected_since
             if now - since < self.options.worker_timeout:
                 continue
             task_id = orphan["task_id"]
             if not self.tasks.claim_reap(task_id, max(10.0, 2 * self.options.reap_interval)):
                 continue
-            if self.app is None:
-                self.app = make_app(self.url, self.options)
             # published first, then waiting: a task is never waiting without a message (a delivery that comes
             # before the requeue takes the lapsed lease as usual, and the requeue then does nothing)
             self.app.send_task(TASK_NAME, kwargs={"task_id": task_id}, queue=orphan["queue"], task_id=task_id)
