@@ -75,8 +75,9 @@ def _is_loopback(host: str) -> bool:
 @click.option("--results-ttl", type=float, default=7 * 86400, show_default=True,
               help="Seconds a finished task's result (record and PNGs) is kept; then it answers 'expired'.")
 @click.option("--visibility-timeout", type=float, default=3600, show_default=True,
-              help="(--queue) Seconds before the task of a lost worker host is delivered again; give every "
-                   "worker and server the same value, longer than the longest task.")
+              help="(--queue) Seconds before Redis hands out again a message whose worker vanished before it "
+                   "started the task (a running task of a lost worker is published again within 24 s by the "
+                   "lease rule); give every worker and server the same value, longer than the longest task.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
               help="Starts of one task that may die with this server (killed, out of memory) or, with --queue, with "
                    "its worker before the task is failed (worker_lost); the server's other accepted tasks run "
@@ -152,14 +153,23 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
 @click.option("--threads", type=int, help="CPU threads of the engine (default: all cores).")
 @click.option("--name", help="Worker name (default: sdengine-DEVICE-PID), shown by /health.")
 @click.option("--visibility-timeout", type=float, default=3600, show_default=True,
-              help="Seconds before the task of a lost worker host is delivered again (same value everywhere).")
+              help="Seconds before Redis hands out again a message whose worker vanished before it started the "
+                   "task (same value everywhere; longer than the longest task).")
 @click.option("--restore-interval", type=float, default=10, show_default=True, hidden=True)
+@click.option("--lease-ttl", type=float, default=15, show_default=True,
+              help="Seconds a running task's lease lives without a refresh (its worker refreshes it every third).")
+@click.option("--worker-timeout", type=float, default=20, show_default=True,
+              help="Seconds without a heartbeat after which a worker counts as lost: its task, once its lease "
+                   "lapsed, is published again by the other workers.")
+@click.option("--reap-interval", type=float, default=2, show_default=True, hidden=True)
+@click.option("--heartbeat-interval", type=float, default=2, show_default=True, hidden=True)
 @click.option("--max-attempts", type=int, default=3, show_default=True,
               help="Deliveries whose worker died before a task is failed (worker_lost).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (tests, plugins).")
 def worker(queue, device, models_dir, results_dir, models, backend, precision, cache_dir, threads, name,
-           visibility_timeout, restore_interval, max_attempts, loglevel, engine_factory):
+           visibility_timeout, restore_interval, lease_ttl, worker_timeout, reap_interval, heartbeat_interval,
+           max_attempts, loglevel, engine_factory):
     """Run the engine for 'sdengine serve --queue' servers: a Celery worker on one device that loads the
     engine once and runs one task at a time (needs the 'queue' extra)."""
     from api_compat.tasks.celery_app import QueueOptions, redact
@@ -175,11 +185,16 @@ def worker(queue, device, models_dir, results_dir, models, backend, precision, c
         options["cache_dir"] = cache_dir
     if threads:
         options["num_threads"] = threads
+    try:
+        queue_options = QueueOptions(visibility_timeout=visibility_timeout, restore_interval=restore_interval,
+                                     max_attempts=max_attempts, lease_ttl=lease_ttl, worker_timeout=worker_timeout,
+                                     reap_interval=reap_interval, heartbeat_interval=heartbeat_interval)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).replace("_", "-")) from None
     settings = WorkerSettings(
         url=queue, results_dir=results_dir, engine_options=options,
         models=tuple(m.strip() for m in (models or "").split(",") if m.strip()), engine_factory=engine_factory,
-        options=QueueOptions(visibility_timeout=visibility_timeout, restore_interval=restore_interval,
-                             max_attempts=max_attempts), name=name)
+        options=queue_options, name=name)
     try:
         run_worker(settings, loglevel=loglevel)
     except SdEngineError as exc:

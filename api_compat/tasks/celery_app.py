@@ -8,9 +8,10 @@ Who does what:
 
 - The API (:class:`~api_compat.tasks.celery_producer.CeleryBackend`, inside
   ``TaskService(queue="redis://...")``) validates the payload exactly as the embedded backend does, draws the
-  random seeds, writes the task record (``waiting``) and publishes a JSON message (the payload, the resource
-  configuration's engine options) to the queue of the task's checkpoint (``sdengine.model.<name>``;
-  ``sdengine.default`` when the API has no model store to resolve names).
+  random seeds, writes the task record (``waiting``, with what the worker runs: the payload and the resource
+  configuration's engine options) and publishes a JSON message (the task id) to the queue of the task's
+  checkpoint (``sdengine.model.<name>``; ``sdengine.default`` when the API has no model store to resolve
+  names).
 - A worker (:func:`~api_compat.tasks.worker.run_worker`, ``sdengine worker``) consumes the queues of the
   checkpoints it serves, one task at a time per device (Celery prefork pool, concurrency 1, prefetch 1), keeps
   its engines in the pool process, translates the payload again, runs
@@ -19,15 +20,24 @@ Who does what:
   (:func:`api_compat.detect.run_detect`) on the default checkpoint's queue, without an engine.
 
 Nothing is lost when a worker dies: messages are acknowledged late (after the record is final) and rejected
-back to the queue when the pool process dies (``task_reject_on_worker_lost``: at once); when a whole worker
-host dies, Redis hands its unacknowledged message to another worker after ``visibility_timeout`` seconds. A
-task runs under a lease (a Redis key refreshed by a heartbeat thread), so a message delivered twice never runs
-twice at the same time, and the final state is written by a compare-and-set script: a task ends succeeded
-exactly once, or failed (``worker_lost``) after ``max_attempts`` deliveries whose workers died.
+back to the queue when the pool process dies (``task_reject_on_worker_lost``: at once). A task runs under a
+lease (a Redis key its pool process's heartbeat thread refreshes every ``lease_ttl / 3`` s), and every worker's
+main process writes its own heartbeat (``{prefix}:workers``) and runs a reaper
+(:class:`~api_compat.tasks.worker.Reaper`): a running task whose lease lapsed while its worker's heartbeat stood
+still for ``worker_timeout`` s (a lost host: the whole worker killed, a power-off) is put back to ``waiting``
+and published again at once, without waiting for the broker's ``visibility_timeout`` (which stays long: it
+only restores a message whose worker vanished before it took the task's lease). The payload lives in the
+record (the message carries the task id), so a task can always be published again. The final state is
+written by a compare-and-set script that only the run that took the task last can pass, so a task ends
+succeeded exactly once, or failed (``worker_lost``) after ``max_attempts`` deliveries whose workers died.
+When Redis is away (a restart), a worker keeps its task running, keeps the result and retries the final
+write until Redis is back; its heartbeat takes the lease back if it lapsed meanwhile.
 
 Record keys (``{prefix}`` = ``sdengine``): ``{prefix}:task:{id}`` (hash), ``{prefix}:lease:{id}``,
 ``{prefix}:expired:{id}`` (tombstone: the id answers ``expired`` after the results TTL),
-``{prefix}:waiting:{queue}`` (sorted set: queue positions and the queue bound), ``{prefix}:workers`` (hash).
+``{prefix}:waiting:{queue}`` (sorted set: queue positions and the queue bound), ``{prefix}:running`` (sorted
+set: the tasks a reaper watches), ``{prefix}:workers`` (hash: worker heartbeats), ``{prefix}:reap:{id}`` (one
+reaper at a time publishes a lost task).
 
 The modules: this one (the Celery app, the queue names, the task name and the settings the API and the workers
 share), :mod:`~api_compat.tasks.redis_records` (the records and their atomic transitions),
@@ -52,10 +62,17 @@ WORKER_LOCAL = ("models_dir", "cache_dir", "device", "providers", "num_threads")
 class QueueOptions:
     """Settings shared by the API and the workers.
 
-    ``visibility_timeout``: seconds before Redis hands the unacknowledged task of a vanished worker host to
-    another worker; it must be longer than the longest task (a killed pool process is redelivered at once).
-    ``restore_interval``: seconds between the workers' sweeps for such tasks. ``max_attempts``: deliveries
-    whose worker died before the task is failed (``worker_lost``). ``prefix``: of the Redis keys and queues.
+    ``visibility_timeout``: seconds before Redis hands an unacknowledged message of a vanished worker to
+    another worker (only a message whose worker died before it took the task's lease needs it: running tasks
+    are recovered by the lease rule); keep it longer than the longest task. ``restore_interval``: seconds
+    between the workers' sweeps for such messages. ``max_attempts``: deliveries whose worker died before the
+    task is failed (``worker_lost``). ``prefix``: of the Redis keys and queues.
+
+    The lease rule (with the defaults, the task of a lost worker host is published again within
+    :attr:`recovery_bound`, 24 s): ``lease_ttl``: seconds a task's lease lives without a refresh (refreshed
+    every ``lease_ttl / 3``); ``heartbeat_interval``: seconds between a worker's heartbeats;
+    ``worker_timeout``: seconds a reaper must see a worker's heartbeat stand still before that worker counts as
+    lost; ``reap_interval``: seconds between a reaper's scans of the running tasks.
     """
 
     visibility_timeout: float = 3600.0
@@ -63,10 +80,27 @@ class QueueOptions:
     max_attempts: int = 3
     prefix: str = "sdengine"
     poll_interval: float = 0.02
+    lease_ttl: float = 15.0
+    heartbeat_interval: float = 2.0
+    worker_timeout: float = 20.0
+    reap_interval: float = 2.0
+
+    def __post_init__(self):
+        for name in ("visibility_timeout", "restore_interval", "lease_ttl", "heartbeat_interval", "worker_timeout",
+                     "reap_interval", "poll_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.worker_timeout < 2 * self.heartbeat_interval:
+            raise ValueError(f"worker_timeout ({self.worker_timeout:g} s) must be at least twice heartbeat_interval "
+                             f"({self.heartbeat_interval:g} s): a live worker would count as lost")
 
     @property
-    def lease_ttl(self) -> float:
-        return min(max(self.visibility_timeout / 2, 1.0), 30.0)
+    def recovery_bound(self) -> float:
+        """Seconds from the loss of a worker host to its task being published again, at most: the lease has
+        lapsed and a reaper has seen the heartbeat stand still long enough (its scan comes at most one
+        interval after each)."""
+        return max(self.lease_ttl, self.worker_timeout + self.reap_interval) + self.reap_interval
 
 
 def redact(url: str) -> str:
@@ -100,6 +134,10 @@ def make_app(url: str, options: QueueOptions):
         result_backend=None,
         task_default_queue=queue_name(options.prefix, None),
         broker_connection_retry_on_startup=True,
+        # a worker outlives a Redis outage however long (it reconnects; its running task keeps its result), and
+        # its running task goes on when the broker connection drops (Celery 6 would cancel it by default)
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_transport_options={
             "visibility_timeout": options.visibility_timeout,
             "unacked_restore_interval": options.restore_interval,

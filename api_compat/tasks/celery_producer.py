@@ -1,13 +1,15 @@
 """The API side of the ``celery`` task backend (the seam's :class:`~api_compat.tasks.backend.TaskBackend`): it
-writes the task record (``waiting``) and publishes the JSON message to the queue of the task's checkpoint; it
-reads results from the records and the PNGs from the shared results directory
-(:mod:`api_compat.tasks.celery_app` has the overview)."""
+writes the task record (``waiting``, with what a worker runs: the payload and the engine options) and publishes
+a JSON message (the task id) to the queue of the task's checkpoint; it reads results from the records and the
+PNGs from the shared results directory (:mod:`api_compat.tasks.celery_app` has the overview). While Redis cannot
+be reached, every call answers ``backend_unavailable`` (HTTP 503)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -59,12 +61,12 @@ class CeleryBackend:
         import redis
 
         try:
-            self.tasks.create(sub, queue, self.max_queue, self.service.max_queue_bytes)
+            self.tasks.create(sub, queue, self.max_queue, self.service.max_queue_bytes, message=message)
         except (redis.RedisError, OSError) as exc:
             log.error("queue %s unavailable: %s", redact(self.url), exc)
             raise ApiError("backend_unavailable", "the task queue is unavailable; retry later") from None
         try:
-            self.app.send_task(TASK_NAME, kwargs=message, queue=queue, task_id=sub.task_id)
+            self.app.send_task(TASK_NAME, kwargs={"task_id": sub.task_id}, queue=queue, task_id=sub.task_id)
         except Exception as exc:  # kombu's OperationalError, redis errors: the record must not stay waiting
             log.error("queue %s unavailable: %s", redact(self.url), exc)
             try:
@@ -75,6 +77,10 @@ class CeleryBackend:
             raise ApiError("backend_unavailable", "the task queue is unavailable; retry later") from None
 
     def result(self, task_id: str) -> dict[str, Any]:
+        with _queue_errors(self.url):
+            return self._result(task_id)
+
+    def _result(self, task_id: str) -> dict[str, Any]:
         record = self.tasks.get(task_id)
         if record is None:
             if self.tasks.expired(task_id):
@@ -84,11 +90,13 @@ class CeleryBackend:
             raise ApiError("not_found", f"no task {task_id!r}", field="taskId")
         steps = json.loads(record.get("parameters") or "{}").get("steps")
         out = record_result(record, task_id, self.images_dir, steps)
-        if out["status"] == "running" and self.tasks.lease_holder(task_id) is None:
-            # its worker died: the message goes back to the queue (at once for a killed pool process, after
-            # visibility_timeout for a lost host) and the next delivery runs it again
+        attempts = int(record.get("attempts") or 0)
+        lost = out["status"] == "running" and self.tasks.lease_holder(task_id) is None
+        if lost or (out["status"] == "waiting" and attempts):
+            # its worker died: the task goes back to the queue (at once for a killed pool process, within
+            # QueueOptions.recovery_bound for a lost host) and the next delivery runs it again
             out = {**out, "status": "waiting", "retry": {
-                "attempts": int(record.get("attempts") or 0), "max_attempts": self.options.max_attempts,
+                "attempts": attempts, "max_attempts": self.options.max_attempts,
                 "reason": "the worker running this task stopped; it is delivered to a worker again"}}
             out.pop("progress", None)
         if out["status"] == "waiting":
@@ -96,7 +104,8 @@ class CeleryBackend:
         return out
 
     def cancel(self, task_id: str) -> None:
-        state = self.tasks.cancel(task_id, self.ttl)
+        with _queue_errors(self.url):
+            state = self.tasks.cancel(task_id, self.ttl)
         if state == "cancelled":
             try:  # the record is final already; revoking spares the worker the delivery
                 self.app.control.revoke(task_id)
@@ -104,11 +113,17 @@ class CeleryBackend:
                 log.warning("revoke of %s failed", task_id, exc_info=True)
 
     def wait(self, task_id: str, timeout: float | None) -> None:
+        """Until the task is final; a Redis outage meanwhile is waited out (within ``timeout``)."""
+        import redis
+
         end = None if timeout is None else time.monotonic() + timeout
         while True:
-            record = self.tasks.get(task_id)
-            if record is None or record.get("status") in ("succeeded", "failed"):
-                return
+            try:
+                record = self.tasks.get(task_id)
+                if record is None or record.get("status") in ("succeeded", "failed"):
+                    return
+            except (redis.RedisError, OSError):
+                pass
             if end is not None and time.monotonic() >= end:
                 raise TimeoutError(f"task {task_id} did not finish within {timeout} s")
             time.sleep(self.options.poll_interval)
@@ -116,7 +131,8 @@ class CeleryBackend:
     def image_path(self, task_id: str, index: int) -> Path | None:
         if not TASK_ID.match(task_id):
             return None
-        record = self.tasks.get(task_id)
+        with _queue_errors(self.url):
+            record = self.tasks.get(task_id)
         if record is None or record.get("status") != "succeeded":
             return None
         names = json.loads(record.get("images") or "[]")
@@ -152,6 +168,19 @@ class CeleryBackend:
             self.tasks.client.close()
         except Exception:  # pragma: no cover
             pass
+
+
+@contextmanager
+def _queue_errors(url: str):
+    """Redis cannot be reached (a restart, a network fault): ApiError ``backend_unavailable`` (HTTP 503)."""
+    import redis
+
+    try:
+        yield
+    except (redis.RedisError, OSError) as exc:
+        log.error("queue %s unavailable: %s", redact(url), exc)
+        raise ApiError("backend_unavailable", "the task queue (Redis) cannot be reached; accepted tasks are kept, "
+                       "retry later") from None
 
 
 def _plain(value: Any) -> Any:

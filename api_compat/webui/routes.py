@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.05  # how often a synchronous call looks at its running task (and at its client's connection)
 POLL_WAITING_S = 0.25  # ... at its task while it waits in the queue
+QUEUE_OUTAGE_S = 30.0  # a synchronous call waits out a task queue (Redis) outage this long, then answers 503
 
 
 def route(method: str, path: str, **options: Any) -> Callable:
@@ -89,10 +90,18 @@ class RouteSet:
         task_id = (await self.heavy.bound(request)(submit, payload, headers))["taskId"]
         if track:
             state.track(task_id)
-        since = time.monotonic()
+        since, outage = time.monotonic(), None
         try:
             while True:
-                result = await asyncio.to_thread(service.sd_get_result, {"taskId": task_id})
+                try:
+                    result = await asyncio.to_thread(service.sd_get_result, {"taskId": task_id})
+                except ApiError as exc:  # the queue is away (a Redis restart): the task is kept; wait a while
+                    outage = outage or time.monotonic()
+                    if exc.code != "backend_unavailable" or time.monotonic() - outage > QUEUE_OUTAGE_S:
+                        raise
+                    await asyncio.sleep(POLL_WAITING_S)
+                    continue
+                outage = None
                 if result["status"] in ("succeeded", "failed"):
                     break
                 if await request.is_disconnected():
@@ -350,7 +359,9 @@ class WebuiRoutes(RouteSet):
         for task_id in tracked:
             try:
                 result = await asyncio.to_thread(self.service.sd_get_result, {"taskId": task_id})
-            except ApiError:
+            except ApiError as exc:
+                if exc.code == "backend_unavailable":  # the queue is away: 503, not an idle answer
+                    raise
                 continue
             if result["status"] == "running":
                 running = (task_id, result)
@@ -374,7 +385,9 @@ class WebuiRoutes(RouteSet):
         for task_id in self.state.tracked():
             try:
                 result = await asyncio.to_thread(self.service.sd_get_result, {"taskId": task_id})
-            except ApiError:
+            except ApiError as exc:
+                if exc.code == "backend_unavailable":  # the queue is away: 503, nothing was interrupted
+                    raise
                 continue
             if result["status"] == "running":
                 with self.state.lock:
