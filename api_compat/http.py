@@ -37,7 +37,7 @@ from core.lazy import require
 
 from api_compat.apidoc import annotate_openapi
 from api_compat.errors import ApiError
-from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, deep_nesting
+from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, check_finite, deep_nesting
 from api_compat.service import CONFIG_HEADER, TaskService
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,7 @@ async def read_json_body(headers: dict[str, str], receive, max_body: int, read_t
     if where is not None:
         raise ApiError("bad_request", f"the body is JSON nested more than {MAX_JSON_DEPTH} levels deep",
                        field=where or None, allowed=f"at most {MAX_JSON_DEPTH} levels of nesting")
+    check_finite(value)  # NaN/Infinity anywhere, even in an ignored field: 422 naming it
     return value, size
 
 
