@@ -44,7 +44,8 @@ FIELD_DOCS: dict[str, str] = {
               "checkpoint's own; else a file of the store's VAE/ folder",
     "clip_skip": "webui clip skip: N takes the N-th hidden state from the end (1 = last layer)",
     "prompt": "positive prompt in the webui attention syntax: (a), (a:1.3), [a], BREAK, AND; chunks of 75 tokens; "
-              "<lora:NAME:MULT> tags and embedding names (webui extra networks)",
+              "<lora:NAME:MULT> tags (MULT from -10 to 10, names checked at submit) and embedding names (webui extra "
+              "networks)",
     "negtive_prompt": "negative prompt (sic, the cloud API's spelling)",
     "negative_prompt": "alias of negtive_prompt; both given and different is an error",
     "batch_size": "images per batch (the engine's max_batch_size may lower the maximum, default "

@@ -41,7 +41,7 @@ from core.lazy import require
 from api_compat.apidoc import annotate_openapi
 from api_compat.errors import ApiError
 from api_compat.guard import HeavyWork, too_many_keys
-from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, deep_nesting
+from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, check_finite, deep_nesting
 from api_compat.service import CONFIG_HEADER, TaskService
 from api_compat.storage import StorageWatch
 
@@ -307,6 +307,7 @@ def _decode_json(data: bytes) -> Any:
     error = too_many_keys(value)
     if error is not None:
         raise error
+    check_finite(value)  # NaN/Infinity anywhere, even in an ignored field: 422 naming it
     return value
 
 

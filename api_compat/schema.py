@@ -615,6 +615,38 @@ def deep_nesting(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
     return None
 
 
+NON_FINITE_ALLOWED = "a finite number (NaN, Infinity and numbers beyond 1.8e308 are not JSON numbers, RFC 8259)"
+
+
+def non_finite(value: Any) -> str | None:
+    """The path of the first NaN or infinite number in a decoded JSON value ("" for the value itself), or None.
+    Python's json module reads ``NaN``, ``Infinity`` and ``1e999`` (as inf), which no JSON answer can echo back and
+    no field means: every face refuses them wherever they are, even in a field it ignores (docs/DECISIONS.md)."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return field_path(path)
+            continue
+        if isinstance(item, dict):
+            children = item.items()
+        elif isinstance(item, list):
+            children = enumerate(item)
+        else:
+            continue
+        stack.extend((child, (*path, key)) for key, child in children if isinstance(child, (float, dict, list)))
+    return None
+
+
+def check_finite(value: Any, code: str = "invalid_request") -> None:
+    """Raises :class:`ApiError` naming the first non-finite number of ``value`` (see :func:`non_finite`)."""
+    where = non_finite(value)
+    if where is not None:
+        raise ApiError(code, "must be a finite number (NaN and Infinity are not JSON)", field=where or None,
+                       allowed=NON_FINITE_ALLOWED)
+
+
 def parse_payload(payload: Any, model: type[GenerationPayload] = Txt2ImgPayload, *,
                   strict: bool = False) -> GenerationPayload:
     """Validate a decoded JSON payload (sd_txt2img; ``model=Img2ImgPayload`` for sd_img2img); raises
@@ -627,6 +659,7 @@ def parse_payload(payload: Any, model: type[GenerationPayload] = Txt2ImgPayload,
     if where is not None:
         raise ApiError("invalid_request", f"is nested more than {MAX_JSON_DEPTH} levels deep", field=where or None,
                        allowed=f"at most {MAX_JSON_DEPTH} levels of nesting (a payload needs 6)")
+    check_finite(payload)
     top = "img2img" if model is Img2ImgPayload else ()
     payload = leniency.check_scripts(payload)
     ignored: list[str] = []

@@ -28,7 +28,8 @@ from core.errors import InvalidRequest
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
 from engine.request import ControlNetUnit, GenerationRequest, Hires, InitImage
-from engine.rules import SIZE_MULTIPLE, check_limits, default, resolve_hires_sampler, size_fits
+from engine.networks.syntax import parse_prompt
+from engine.rules import SIZE_MULTIPLE, check_limits, default, hires_sampler, resolve_hires_sampler, size_fits
 from engine.samplers import resolve
 
 from api_compat.errors import ApiError, in_payload_terms
@@ -197,7 +198,9 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
     check_limits(config, width=payload.width, height=payload.height, batch_size=payload.batch_size,
                  n_iter=payload.n_iter, seed=payload.seed, subseed=payload.subseed)
     sampler = payload.sampler_name or payload.sampler_index or default("sampler_name")
-    resolve(sampler, payload.scheduler)
+    resolved = resolve(sampler, payload.scheduler)
+    if init is not None:
+        resolved.check_init()  # img2img starts from the init image
 
     overrides = payload.override_settings
     model = payload.stable_diffusion_model
@@ -214,6 +217,11 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
             vae = overrides.sd_vae
         if overrides.eta_noise_seed_delta is not None:
             ensd = overrides.eta_noise_seed_delta
+    # the prompt's <lora:...> tags, parsed as the engine parses them (multipliers in range), their names checked
+    # in the store with the other models (the tags are parsed, and malformed ones refused, even when disabled)
+    loras = parse_prompt(payload.prompt, "prompt").loras
+    if not payload.disable_extra_networks:
+        models += [(Kind.LORA, name, "prompt") for name in dict.fromkeys(tag.name for tag in loras)]
     if model is not None:
         models.append((Kind.CHECKPOINT, model, "model"))
     if vae not in ("Automatic", "None"):
@@ -280,7 +288,12 @@ def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]
         negative_prompt=payload.hr_negative_prompt or None,
         cfg_scale=payload.hr_cfg,
     )
-    resolve_hires_sampler(fields["sampler_name"], fields["scheduler"], hires, resolve)
+    try:
+        resolve_hires_sampler(fields["sampler_name"], fields["scheduler"], hires, resolve).check_init()
+    except InvalidRequest as exc:  # the second pass starts from the upscaled first pass's image
+        own = hires.sampler_name and hires_sampler(fields["sampler_name"], fields["scheduler"], hires)[0] == \
+            hires.sampler_name
+        raise (exc.at("hires.sampler_name") if own and exc.field == "sampler_name" else exc) from None
     if payload.width is not None and payload.height is not None:  # else the model's native size, checked later
         size = hires_size(payload.width, payload.height, hires)
         if not size_fits(size.width, size.height, config.max_size):

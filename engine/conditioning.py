@@ -20,7 +20,7 @@ from engine.arrays import as_like, concat, stack, zeros_like
 from core.errors import InvalidRequest
 from core.tokens import CHUNK_LENGTH, TOKENS_PER_CHUNK
 from engine.models.tokenizer import clip_tokenizer
-from engine.prompts import Chunk, TokenWords, prompt_schedule, split_and, token_words, tokenize_prompt
+from engine.prompts import COMMA_BACKTRACK, Chunk, TokenWords, prompt_schedule, split_and, token_words, tokenize_prompt
 
 Array = Any  # numpy.ndarray or torch.Tensor
 
@@ -326,9 +326,24 @@ def _tokenize(spec: TextSpec, rows: list, n_positive: int, max_chunks: int, ti=N
     return tokenized
 
 
+def most_chunks(text: str) -> int | None:
+    """An upper bound on the chunks :func:`~engine.prompts.tokenize_prompt` makes of ``text`` without running the
+    tokenizer, or None when there is no cheap one. For ASCII text: the CLIP tokenizers' normalisation
+    (lowercase, whitespace) keeps its length and every byte-level BPE token covers at least one character, so
+    there are at most ``len(text)`` tokens; a full chunk keeps at least ``CHUNK_LENGTH - COMMA_BACKTRACK`` of
+    them (the comma backtrack moves at most that many on), and each ``BREAK`` closes one more chunk."""
+    if not text.isascii():
+        return None
+    return text.count("BREAK") + len(text) // (CHUNK_LENGTH - COMMA_BACKTRACK) + 1
+
+
 def check_prompts(spec: TextSpec, prompt: str, negative_prompt: str, steps: int, max_chunks: int) -> None:
     """What :func:`encode_request` would refuse about the prompts' length, found without encoding anything (the
-    model's tokenizer only): InvalidRequest naming ``prompt`` / ``negtive_prompt``. For the submit-time check."""
+    model's tokenizer only): InvalidRequest naming ``prompt`` / ``negtive_prompt``. For the submit-time check;
+    prompts short enough that they cannot exceed the limit (:func:`most_chunks`) are not tokenised."""
+    bounds = [most_chunks(prompt), most_chunks(negative_prompt)]
+    if all(b is not None and b <= max_chunks for b in bounds):
+        return  # (schedules and AND parts only pick parts of the text: never longer)
     rows, _, _, n_positive = _rows(spec, [prompt], [negative_prompt], max(int(steps), 1))
     _tokenize(spec, rows, n_positive, max_chunks)
 

@@ -128,6 +128,13 @@ RANGES: Mapping[str, Range] = MappingProxyType({
 })
 
 
+# ``<lora:NAME:MULT>`` multipliers (te and unet alike): the webui parses any float, but its UI offers 0..2 (the
+# extra networks' default multiplier, a LoRA's preferred weight) and "slider" LoRAs are used to about +-5; beyond
+# +-10 a LoRA's delta outweighs what it was trained for (noise), and far beyond it fp16 weights overflow to inf (a
+# black or NaN image in the webui). Outside this range: an InvalidRequest naming the prompt.
+LORA_MULTIPLIER = Range(-10.0, 10.0)
+
+
 def check_size(width: int, height: int, multiple: int, max_size: int) -> None:
     """InvalidRequest naming ``width``/``height`` unless both are multiples of ``multiple`` (a model's
     ``ModelFamily.pixel_multiple``) from :data:`MIN_SIZE` to ``max_size``."""

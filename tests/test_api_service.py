@@ -306,3 +306,21 @@ def test_200_concurrent_submits_none_lost(tmp_path, tiny_engine):
                                                    sampler_name="Euler", cfg_scale=1.0))
         assert np.array_equal(png_pixels(results[i]["images"][0]), direct.images[0]), f"task {i}: other pixels"
     assert not np.array_equal(png_pixels(results[0]["images"][0]), png_pixels(results[7]["images"][0]))
+
+
+def test_heap_freezer_freezes_after_growth_only():
+    """The embedded worker's guard against full garbage collections on the submit path (issue 25): after a task
+    that grew the heap a lot (a model load) the heap is collected and frozen once; an ordinary task leaves it."""
+    import gc
+
+    from api_compat.tasks.embedded import HeapFreezer
+
+    freezer = HeapFreezer(least=50_000)
+    try:
+        freezer.after_task()  # the first call freezes what the test session holds
+        assert not freezer.after_task() and gc.get_freeze_count() > 0
+        grown = [[i] for i in range(200_000)]  # a "model load": many long-lived objects
+        assert freezer.after_task() and gc.get_freeze_count() >= len(grown)
+        assert not freezer.after_task()
+    finally:
+        gc.unfreeze()

@@ -351,3 +351,30 @@ def test_chunks_keep_every_token_in_order(parts):
     assert [t for c in chunks for t in _text(c)] == [t for ids, _ in parts for t in ids]
     weights = [w for c in chunks for t, w in zip(c.tokens[1:], c.weights[1:]) if t != EOS_ID]
     assert weights == [w for ids, w in parts for _ in ids]
+
+
+# the submit-time fast path (engine.conditioning.most_chunks): an ASCII prompt is never tokenised into more
+# chunks than the bound, whatever its commas, BREAKs, weights and schedules; otherwise check_prompts would let
+# through a prompt the worker then refuses
+_ascii_prompts = st.lists(st.one_of(
+    st.sampled_from([",", " ", "BREAK", " BREAK ", "(", ")", "[", "]", ":1.3", "|", " AND ", "a", "cat,", "!!!!",
+                     "supercalifragilistic", "0.5", "\\(", "<lora:x:1>", "...", "\t\n"]),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30)), max_size=60).map("".join)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None, database=None)
+@given(text=_ascii_prompts)
+def test_most_chunks_bounds_the_tokenizer(text):
+    from engine.conditioning import most_chunks
+
+    for tokenizer in (SD1, SD2):
+        assert len(tokenize_prompt(text, tokenizer)) <= most_chunks(text)
+    assert most_chunks(text + "é") is None  # no cheap bound beyond ASCII: tokenised
+
+
+def test_most_chunks_bound_is_tight_enough():
+    from engine.conditioning import most_chunks
+
+    assert most_chunks("") == 1 and most_chunks("a, " * 40) == 3 and most_chunks("a BREAK b") == 2
+    # the default limit (32 chunks) is only tokenised beyond ~1,700 ASCII characters
+    assert most_chunks("word " * 340) <= 32

@@ -249,3 +249,30 @@ def test_default_checkpoint(small_store, tiny_store, tmp_path):
     assert ModelStore(small_store, bundled=bundled).default_checkpoint().bundled
     with pytest.raises(ModelNotFound, match="no checkpoints"):
         ModelStore(tmp_path / "empty", bundled=None).default_checkpoint()
+
+
+def test_listing_reuse_follows_the_folders(small_store, monkeypatch):
+    """A listing is reused while the folders are unchanged (no walk per submit); a model added, removed or renamed
+    shows at once, and a reused listing expires after SCAN_TTL_S (issue 25: submit latency)."""
+    from engine.models import store as store_module
+
+    store = ModelStore(small_store, bundled=None)
+    folder = small_store / "Stable-diffusion"
+    old = os.stat(folder).st_mtime_ns - 5 * 10**9  # a folder changed 5 s ago: its listing may be reused
+    os.utime(folder, ns=(old, old))
+    walks = []
+    real = store._scan_folders
+    monkeypatch.setattr(store, "_scan_folders", lambda *a: walks.append(1) or real(*a))
+    assert store.resolve("tiny-sd1").name == "tiny-sd1.safetensors"
+    assert store.resolve("tiny-sd1").name == "tiny-sd1.safetensors" and len(walks) == 1  # reused
+    shutil.copy2(folder / "tiny-sd1.safetensors", folder / "added.safetensors")  # the folder's mtime changes
+    assert store.resolve("added").name == "added.safetensors" and len(walks) == 2
+    os.unlink(folder / "added.safetensors")
+    with pytest.raises(ModelNotFound):
+        store.resolve("added")
+    os.utime(folder, ns=(old, old))
+    store.resolve("tiny-sd1")
+    walks.clear()
+    monkeypatch.setattr(store_module, "SCAN_TTL_S", 0.0)  # expired: walked again
+    store.resolve("tiny-sd1")
+    assert walks == [1]

@@ -13,7 +13,9 @@ tasks the dead one left waiting or running again, in their submit order, before 
 from __future__ import annotations
 
 import collections
+import gc
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,6 +51,41 @@ class _Task:
     @property
     def request(self):
         return self.sub.request
+
+
+class HeapFreezer:
+    """Keeps the garbage collector's full collections off the submit path (issue 25). The engine's model load
+    leaves a few hundred thousand long-lived Python objects (torch, diffusers, ONNX Runtime) in this process; a
+    full collection walks them all, holding the GIL for 0.5 s or more, and the objects every submit keeps alive
+    trigger one every few hundred submits -- each a stall of every request in flight. After a task that grew the
+    heap a lot (a model loaded), the heap is collected once and frozen (``gc.freeze``): later collections walk
+    only younger objects. Frozen objects are unfrozen and collected again at the next freeze, so an evicted
+    model's reference cycles are freed then."""
+
+    def __init__(self, growth: float = 1.25, least: int = 100_000):
+        self.growth = growth
+        self.least = least
+        self.blocks = 0  # sys.getallocatedblocks() after the last freeze
+        self._lock = threading.Lock()
+
+    def after_task(self) -> bool:
+        blocks = sys.getallocatedblocks()
+        if blocks < max(self.blocks * self.growth, self.blocks + self.least) or not self._lock.acquire(False):
+            return False
+        try:
+            started = time.perf_counter()
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+            self.blocks = sys.getallocatedblocks()
+        finally:
+            self._lock.release()
+        log.info("heap frozen after a model load: %d objects, %.0f ms", gc.get_freeze_count(),
+                 (time.perf_counter() - started) * 1e3)
+        return True
+
+
+FREEZER = HeapFreezer()  # the process's garbage collector is one, so is its freezer (every embedded backend's)
 
 
 def device_key(device: str) -> str:
@@ -306,6 +343,7 @@ class EmbeddedBackend:
         except Exception:  # pragma: no cover - the records are safe in the WAL
             log.warning("WAL checkpoint failed", exc_info=True)
         self._maybe_cleanup()
+        FREEZER.after_task()
 
     def _fail(self, task: _Task, code: str, message: str) -> None:
         try:

@@ -8,6 +8,7 @@ import binascii
 import io
 import json
 import logging
+import struct
 import time
 from typing import Any
 
@@ -250,7 +251,10 @@ def png_info(value: Any, max_bytes: int) -> dict[str, Any]:
     try:
         with Image.open(io.BytesIO(raw)) as img:  # headers and text chunks only; no pixels are decoded
             items = {k: v for k, v in img.info.items() if isinstance(v, str)}
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError:  # the header declares more pixels than Pillow opens (2 x 89,478,485)
+        raise api_error("invalid_request", "the image declares too many pixels", "image",
+                        f"at most {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise api_error("invalid_request", f"is not an image ({exc})", "image", "base64 PNG/JPEG/WebP") from None
     text = items.pop("parameters", None)
     if text is None:

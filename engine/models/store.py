@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -138,6 +139,16 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+SCAN_TTL_S = 2.0  # the longest a folder listing is reused (ModelStore._scan)
+
+
+def _mtime(folder: Path) -> int | None:
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
+
+
 def _broken_link(path: Path) -> bool:
     """A symlink whose target is missing, or that loops."""
     try:
@@ -161,6 +172,7 @@ class ModelStore:
         self._loaded: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()  # one load at a time: two requests for a model load it once
+        self._scans: dict[tuple[Kind, bool], tuple[tuple, float, tuple[ModelEntry, ...]]] = {}  # see _scan
 
     @classmethod
     def from_config(cls, config) -> "ModelStore":
@@ -176,9 +188,27 @@ class ModelStore:
 
     def _scan(self, kind: Kind, include_escaping: bool = False) -> list[ModelEntry]:
         """Top-level entries of ``kind``; those resolving outside their root only with ``include_escaping``
-        (so that resolution can name them in an UnsafeModelPath error instead of "not found")."""
-        entries, seen = [], set()
+        (so that resolution can name them in an UnsafeModelPath error instead of "not found").
+
+        A listing is reused while its folders' modification times are unchanged, for at most
+        :data:`SCAN_TTL_S` (a file added, removed or renamed shows at once; a change inside a diffusers folder
+        or of a symlink's target within that time): every submit resolves names, and a listing costs a
+        directory walk with a stat and a realpath per file. :meth:`_checked` still checks each resolved
+        entry's real path."""
         places = [(root, is_bundled, root / sub) for root, is_bundled in self.roots() for sub in folders(kind)]
+        stamp = tuple(_mtime(folder) for _, _, folder in places)
+        now = time.monotonic()
+        hit = self._scans.get((kind, include_escaping))
+        if hit is not None and hit[0] == stamp and now - hit[1] < SCAN_TTL_S:
+            return list(hit[2])
+        entries = self._scan_folders(kind, places, include_escaping)
+        recent = time.time_ns() - 1_000_000_000  # a folder changed within the file system clock's tick is not
+        if all(m is None or m < recent for m in stamp):  # told apart by its mtime from a later change: no reuse
+            self._scans[(kind, include_escaping)] = (stamp, now, tuple(entries))
+        return entries
+
+    def _scan_folders(self, kind: Kind, places, include_escaping: bool) -> list[ModelEntry]:
+        entries, seen = [], set()
         for root, is_bundled, folder in places:
             if not folder.is_dir():
                 continue

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 from core.errors import InvalidRequest
+from engine.rules import LORA_MULTIPLIER
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,10 @@ def _float(value: str, field: str, tag: str, what: str) -> float:
     except ValueError:
         raise InvalidRequest(field, f"{tag}: {what} {value!r} is not a number",
                              "<lora:NAME>, <lora:NAME:MULT>, <lora:NAME:TE:UNET>, <lora:NAME:te=X:unet=Y>") from None
-    if number != number or abs(number) == float("inf"):
-        raise InvalidRequest(field, f"{tag}: {what} {value!r} is not finite", "finite numbers")
+    r = LORA_MULTIPLIER
+    if not r.lo <= number <= r.hi:  # NaN and infinities too
+        raise InvalidRequest(field, f"{tag}: {what} {value.strip()!r} is out of range",
+                             f"a number from {r.lo:g} to {r.hi:g}")
     return number
 
 

@@ -219,6 +219,14 @@ class ResolvedSampler:
         """Runs the sampler (:meth:`SamplerSpec.run`, the same function as ``SAMPLERS[name]``)."""
         return self.spec.run(denoise, x, sigmas, noise=noise, callback=callback, **options)
 
+    def check_init(self) -> None:
+        """InvalidRequest naming ``sampler_name`` when this sampler cannot start from an init image (img2img, the
+        hires pass): the webui's timestep samplers (checked at submit and again by :meth:`prepare`)."""
+        if self.spec.timestep:
+            raise InvalidRequest("sampler_name", f"{self.spec.name} is a timestep sampler, which this engine does "
+                                 "not run from an init image (img2img, hires fix)",
+                                 ", ".join(n for n, s in SPECS.items() if not s.timestep))
+
     def prepare(self, steps: int, family: Any, *, eta: float | None = None, eta_noise_seed_delta: int = 0,
                 denoising_strength: float | None = None, fix_steps: bool = False,
                 field: str = "denoising_strength") -> "SamplingPlan":
@@ -241,10 +249,7 @@ class ResolvedSampler:
         if denoising_strength is None:
             sigmas = self.sigmas(steps, schedule).astype(np.float32)
             return SamplingPlan(self, steps, sigmas, schedule, eta, ensd, MappingProxyType(infotext))
-        if self.spec.timestep:
-            raise InvalidRequest("sampler_name", f"{self.spec.name} is a timestep sampler, which this engine does "
-                                 "not run from an init image (img2img, hires fix)",
-                                 ", ".join(n for n, s in SPECS.items() if not s.timestep))
+        self.check_init()
         strength = float(denoising_strength)
         if not 0.0 <= strength <= 1.0:
             raise InvalidRequest(field, f"{strength:g} is out of range", "a number from 0 to 1")
