@@ -56,6 +56,8 @@ class QueueOptions:
     another worker; it must be longer than the longest task (a killed pool process is redelivered at once).
     ``restore_interval``: seconds between the workers' sweeps for such tasks. ``max_attempts``: deliveries
     whose worker died before the task is failed (``worker_lost``). ``prefix``: of the Redis keys and queues.
+    ``max_task_seconds``: a running task is stopped after so long (``timed_out``); the server's value travels
+    in each task's message and the worker applies the smaller of it and its own. None: no limit.
     """
 
     visibility_timeout: float = 3600.0
@@ -63,6 +65,7 @@ class QueueOptions:
     max_attempts: int = 3
     prefix: str = "sdengine"
     poll_interval: float = 0.02
+    max_task_seconds: float | None = None
 
     @property
     def lease_ttl(self) -> float:

@@ -27,7 +27,7 @@ from api_compat.engine_api import default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits
 from api_compat.schema import parse_request
-from api_compat.tasks.backend import Progress, error_of, run_generation
+from api_compat.tasks.backend import Progress, RunLimit, error_of, run_generation
 from api_compat.tasks.celery_app import TASK_NAME, WORKER_LOCAL, QueueOptions, make_app, queue_name, redact
 from api_compat.tasks.redis_records import RedisTasks
 from api_compat.tasks.store import TASK_ID
@@ -117,6 +117,9 @@ class _Runtime:
     def _execute(self, message, task_id, ttl, cancel: threading.Event) -> None:
         tracker = Progress(message.get("steps"))
         names: list[str] = []
+        # the smaller of this worker's limit and the server's (carried in the message)
+        seconds = [float(x) for x in (self.settings.options.max_task_seconds, message.get("max_seconds")) if x]
+        limit = RunLimit(cancel, min(seconds) if seconds else None)
         origins: dict[str, str] = {}  # request path -> payload path, once the payload is parsed
 
         def progress(event, steps: int | None = None) -> None:
@@ -130,17 +133,19 @@ class _Runtime:
                 request = parse_detect(message["payload"], limits)
                 if self.tasks.progress(task_id, tracker.value):
                     raise Cancelled("cancelled before the task started")
-                info, names = run_detect(request, images_dir=self.images_dir, task_id=task_id, progress=progress,
-                                         cancel=cancel)
+                with limit:
+                    info, names = run_detect(request, images_dir=self.images_dir, task_id=task_id,
+                                             progress=progress, cancel=cancel)
             else:
-                info, names = self._generate(kind, message, limits, task_id, tracker, progress, cancel, origins)
+                with limit:
+                    info, names = self._generate(kind, message, limits, task_id, tracker, progress, cancel, origins)
             if not self._finish(task_id, "succeeded", ttl, info=info, images=names):
                 self._remove(names)  # cancelled (or ended) meanwhile: its record says so; no orphan files
         except ApiError as exc:
             self._finish(task_id, "failed", ttl, error=(exc.code, str(exc)))
         except Exception as exc:
             self._remove(names)
-            self._finish(task_id, "failed", ttl, error=error_of(exc, task_id, origins))
+            self._finish(task_id, "failed", ttl, error=error_of(exc, task_id, origins, limit))
 
     def _generate(self, kind: str, message, limits: ImageLimits, task_id: str, tracker: Progress, progress,
                   cancel: threading.Event, origins: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
