@@ -43,12 +43,19 @@ FULL_ATTENTION_ARRAYS = 2.0
 VAE_FULL_RES_TENSORS = 5.0
 # the tiled decode's output being assembled: sum, weights, normalised copy (fp32 values per pixel and image)
 TILED_OUTPUT_VALUES = 7.0
-# UNet conv activations: fp32 tensors of a level's width alive at once
+# UNet conv activations: fp32 tensors of a level's width alive at once (OpenVINO's CPU plugin plans more:
+# measured 1.25-1.35x the default at 2048^2 on tiny-sd1 and the demo model, BENCHMARKS.md)
 UNET_TENSORS = 8.0
+UNET_TENSORS_BY_BACKEND = {"openvino": 10.0}
+# runtimes that keep a stage's activation buffers for the next call (OpenVINO's infer requests, ONNX Runtime's
+# arena): the UNet's are still held while the VAE decodes, so the stages add up; torch frees them between stages
+RETAINS_ACTIVATIONS = frozenset({"openvino", "onnxruntime"})
 # what a backend holds per byte of weights in the checkpoint file (ORT keeps initializers and its own copies;
 # sdengine ORT SD1.5 peaked at 9.2 GB for a 4.3 GB fp32 model, GPU.md), and the process without a model
 WEIGHT_FACTOR = {"onnxruntime": 2.0, "torch": 1.1, "tensorrt": 1.2}
 PROCESS_BYTES = 450 * 2**20
+# OpenVINO's plugin and compiled models: the process after a 64x64 warm-up measured 630-650 MiB (tiny-sd1, demo)
+PROCESS_BYTES_BY_BACKEND = {"openvino": 640 * 2**20}
 # attention kind of each backend's graph today: (UNet self-attention, VAE mid-block attention)
 # (the ONNX export computes attention in export.attention.DEFAULT_CHUNKS query slices for the CPU runtimes)
 _CHUNKED = attention_kind(DEFAULT_CHUNKS)
@@ -110,10 +117,11 @@ class Architecture:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Bytes: ``total`` = ``base`` (process + weights) + max(``unet``, ``vae``, ``upscale``) + ``held``.
+    """Bytes: ``total`` = ``base`` (process + weights) + ``activations`` + ``held``.
 
-    ``unet``/``vae``/``upscale``: the largest activations of each kind of stage (the stages of a request never
-    overlap); ``held``: what stays alive across them (ControlNet control images, the batch's finished images,
+    ``unet``/``vae``/``upscale``: the largest activations of each kind of stage; ``activations`` (``peak``):
+    their sum on a runtime that keeps a stage's buffers for its next call (OpenVINO, ONNX Runtime), else the
+    largest (torch frees them; the stages never run at once); ``held``: what stays alive across them (ControlNet control images, the batch's finished images,
     the images of earlier iterations when they are not streamed, the webui answer's base64 copies)."""
 
     total: int
@@ -122,13 +130,15 @@ class Estimate:
     vae: int
     upscale: int = 0
     held: int = 0
+    peak: int | None = None  # the stages at the peak: their sum on runtimes that keep buffers, else the largest
 
     @property
     def activations(self) -> int:
-        return max(self.unet, self.vae, self.upscale)
+        return max(self.unet, self.vae, self.upscale) if self.peak is None else self.peak
 
 
-def _unet_pass(arch: Architecture, width: int, height: int, rows: int, kind: str) -> int:
+def _unet_pass(arch: Architecture, width: int, height: int, rows: int, kind: str,
+               tensors: float = UNET_TENSORS) -> int:
     """A sampling step's activations: per level, the conv tensors and (with attention) the score arrays."""
     f = arch.vae_scale_factor
     lh, lw = max(height // f, 1), max(width // f, 1)
@@ -136,7 +146,7 @@ def _unet_pass(arch: Architecture, width: int, height: int, rows: int, kind: str
     for level, (channels, heads, has_attention) in enumerate(zip(arch.unet_channels, arch.unet_heads,
                                                                   arch.unet_attention)):
         tokens = max(lh >> level, 1) * max(lw >> level, 1)
-        conv += rows * channels * tokens * FP32 * UNET_TENSORS
+        conv += rows * channels * tokens * FP32 * tensors
         if has_attention:
             attention = max(attention, rows * heads * tokens * tokens * FP32 * _attention_factor(kind))
     return int(attention + conv)
@@ -157,7 +167,13 @@ def _vae_pass(arch: Architecture, width: int, height: int, batch_size: int, kind
 
 
 def _base(arch: Architecture, backend: str) -> int:
-    return PROCESS_BYTES + int(arch.weights_bytes * WEIGHT_FACTOR.get(backend, 2.0))
+    return PROCESS_BYTES_BY_BACKEND.get(backend, PROCESS_BYTES) + int(arch.weights_bytes * WEIGHT_FACTOR.get(backend, 2.0))
+
+
+def _stages(backend: str, *stages: int) -> int:
+    """The activations of a request's stages at its peak: their sum on a runtime that keeps each stage's buffers
+    (:data:`RETAINS_ACTIVATIONS`), else the largest."""
+    return sum(stages) if backend in RETAINS_ACTIVATIONS else max(stages)
 
 
 def estimate(arch: Architecture, width: int, height: int, batch_size: int = 1, *, cfg: bool = True,
@@ -169,10 +185,11 @@ def estimate(arch: Architecture, width: int, height: int, batch_size: int = 1, *
     :func:`estimate_request` adds what a whole request holds (iterations, hires fix, units, the answer)."""
     unet_kind, vae_kind = attention or BACKEND_ATTENTION.get(backend, ("full", "full"))
     rows = batch_size * (2 if cfg else 1)
-    unet = _unet_pass(arch, width, height, rows, unet_kind)
+    unet = _unet_pass(arch, width, height, rows, unet_kind, UNET_TENSORS_BY_BACKEND.get(backend, UNET_TENSORS))
     vae = _vae_pass(arch, width, height, batch_size, vae_kind, tiling)
     base = _base(arch, backend)
-    return Estimate(total=base + max(unet, vae), base=base, unet=unet, vae=vae)
+    return Estimate(total=base + _stages(backend, unet, vae), base=base, unet=unet, vae=vae,
+                    peak=_stages(backend, unet, vae))
 
 
 # ------------------------------------------------------------------------------------------- whole requests
@@ -250,12 +267,13 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
     out_w, out_h = hires or (width, height)
     out_px = out_w * out_h
     unet, upscale = first.unet, 0
+    tensors = UNET_TENSORS_BY_BACKEND.get(backend, UNET_TENSORS)
     decode = _vae_pass(arch, out_w, out_h, batch_size, vae_kind, tiling)
     decode += batch_size * out_px * (IMAGE_BYTES_PER_PX + DECODED_BYTES_PER_PX)
     held = units * UNIT_BYTES_PER_PX * width * height
     if hires is not None:
         rows = batch_size * (2 if (cfg if hires_cfg is None else hires_cfg) else 1)
-        unet = max(unet, _unet_pass(arch, out_w, out_h, rows, unet_kind))
+        unet = max(unet, _unet_pass(arch, out_w, out_h, rows, unet_kind, tensors))
         held += units * UNIT_BYTES_PER_PX * out_px
         if upscaler is not None:
             upscale = max(_vae_pass(arch, width, height, batch_size, vae_kind, tiling)
@@ -267,8 +285,9 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
         held += (n_iter - 1) * batch_size * out_px * IMAGE_BYTES_PER_PX
     if answer:
         held += answer_bytes(out_w, out_h, batch_size * n_iter)
-    return Estimate(total=first.base + max(unet, decode, upscale) + held, base=first.base, unet=unet, vae=decode,
-                    upscale=upscale, held=held)
+    peak = _stages(backend, unet, max(decode, upscale))
+    return Estimate(total=first.base + peak + held, base=first.base, unet=unet, vae=decode, upscale=upscale,
+                    held=held, peak=peak)
 
 
 def machine_memory() -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,36 +181,66 @@ def _takes_images_sink(engine) -> bool:
 
 class RunLimit:
     """The server's limit on one task's run time (``--max-task-seconds``): ``with RunLimit(cancel, seconds)``
-    around a run sets the task's ``cancel`` event once ``seconds`` have passed, which stops the engine at its
-    next check (after the current sampling step, VAE tile or upscaled image); ``fired`` tells a cancel by
-    the limit from a client's. ``seconds`` None or 0: no limit."""
+    around a run sets the task's ``cancel`` event once ``seconds`` of its run have passed, which stops the engine
+    at its next check (after the current sampling step, VAE tile or upscaled image); ``fired`` tells a cancel by
+    the limit from a client's. The time the engine spends loading a model or exporting a component (phases
+    ``loading`` and ``exporting``, reported to :meth:`observe`) is not counted: it is the server's, once per model,
+    not the request's. ``seconds`` None or 0: no limit."""
+
+    PAUSED = ("loading", "exporting")
 
     def __init__(self, cancel: threading.Event, seconds: float | None):
         self.cancel = cancel
         self.seconds = seconds or None
         self.fired = False
+        self.used = 0.0  # seconds counted before the running stretch
+        self._since: float | None = None  # start of the running stretch (None: paused)
         self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
 
     def _fire(self) -> None:
-        if not self.cancel.is_set():
+        with self._lock:
+            if self._timer is None or self.cancel.is_set():
+                return
             self.fired = True
-            log.warning("a task ran past the limit of %g s (--max-task-seconds); stopping it", self.seconds)
-            self.cancel.set()
+        log.warning("a task ran past the limit of %g s (--max-task-seconds); stopping it", self.seconds)
+        self.cancel.set()
+
+    def _run(self) -> None:
+        if self.seconds is None or self._timer is not None:
+            return
+        self._since = time.monotonic()
+        self._timer = threading.Timer(max(self.seconds - self.used, 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _pause(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self.used += time.monotonic() - self._since
+
+    def observe(self, event) -> None:
+        """A progress event of the run: the clock stops in ``loading``/``exporting`` and runs in other phases."""
+        phase = getattr(event, "phase", None)
+        if phase is None or self.seconds is None:
+            return
+        with self._lock:
+            self._pause() if phase in self.PAUSED else self._run()
 
     def __enter__(self) -> RunLimit:
-        if self.seconds is not None:
-            self._timer = threading.Timer(self.seconds, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
+        with self._lock:
+            self._run()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        with self._lock:
+            self._pause()
 
     def error(self) -> tuple[str, str]:
         return "timed_out", (f"the task ran longer than this server's limit of {self.seconds:g} s per task "
-                             "(--max-task-seconds) and was stopped; ask for fewer steps, images or pixels")
+                             "(--max-task-seconds; loading and exporting models not counted) and was stopped; ask "
+                             "for fewer steps, images or pixels")
 
 
 def error_of(exc: BaseException, task_id: str, origins: Mapping[str, str] | None = None,

@@ -284,11 +284,12 @@ class EmbeddedBackend:
     def _run(self, worker: _Worker, task: _Task) -> None:
         """Run one task to a final state; every exception ends as a failed task, never in the worker."""
         tracker = Progress(task.sub.request.steps)
+        limit = RunLimit(task.cancel, self.max_task_seconds)
 
         def progress(event, steps: int | None = None) -> None:
+            limit.observe(event)
             task.progress = tracker(event, steps)
 
-        limit = RunLimit(task.cancel, self.max_task_seconds)
         try:
             if task.cancel.is_set():
                 raise Cancelled("cancelled before the task started")

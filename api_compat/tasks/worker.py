@@ -123,6 +123,7 @@ class _Runtime:
         origins: dict[str, str] = {}  # request path -> payload path, once the payload is parsed
 
         def progress(event, steps: int | None = None) -> None:
+            limit.observe(event)
             if self.tasks.progress(task_id, tracker(event, steps)):
                 cancel.set()
 
