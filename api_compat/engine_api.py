@@ -68,15 +68,16 @@ def check_models(store, models: Iterable[tuple], origins: Mapping[str, str] | No
 
 # --------------------------------------------------------------------------------------------- admission
 def check_memory(store, config: EngineConfig, request: GenerationRequest, budget: int | None,
-                 origins: Mapping[str, str] | None = None) -> None:
+                 origins: Mapping[str, str] | None = None, *, answer: bool = False) -> None:
     """The engine's submit-time check (``engine.admission.check_request``: clip_skip, prompt length, the memory
-    budget) as :class:`ApiError` (``invalid_request`` / ``too_much_memory``, with the field and the allowed
-    values). Nothing is checked without a store."""
+    budget; ``answer``: the images are sent inline, as the webui route does) as :class:`ApiError`
+    (``invalid_request`` / ``too_much_memory``, with the field and the allowed values). Nothing is checked
+    without a store."""
     if store is None:
         return
     from engine.admission import check_request
 
     try:
-        check_request(store, config, request, budget)
+        check_request(store, config, request, budget, answer=answer)
     except InvalidRequest as exc:
         raise api_error_from(exc, origins) from None

@@ -28,6 +28,7 @@ HTTP_STATUS = {
     "payload_too_large": 413,
     "queue_full": 429,
     "too_much_memory": 422,
+    "timed_out": 504,  # a task stopped by the server's --max-task-seconds (the webui routes answer it so)
     "closed": 503,
     "missing_dependency": 503,
     "backend_unavailable": 503,

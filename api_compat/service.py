@@ -74,6 +74,8 @@ class TaskService:
     result's ``info.warnings`` (the leniency policy: :mod:`api_compat.leniency`).
     ``max_attempts``: starts of a task that may die with their worker (embedded: with this process) before the
     task is failed ``worker_lost``; a killed process's other accepted tasks run when it is started again.
+    ``max_task_seconds``: a running task is stopped after so long, within one sampling step (or VAE tile), and
+    fails ``timed_out``; with a queue the workers apply it (the smaller of theirs and this). None: no limit.
     """
 
     def __init__(
@@ -98,8 +100,13 @@ class TaskService:
         max_attempts: int = 3,
         allow_private_urls: bool = False,
         url_fetch_seconds: float = 15.0,
+        max_task_seconds: float | None = None,
         **engine_options: Any,
     ):
+        if max_task_seconds is not None and not (isinstance(max_task_seconds, (int, float))
+                                                 and not isinstance(max_task_seconds, bool) and max_task_seconds > 0):
+            raise ValueError(f"max_task_seconds must be a number > 0 (or None), got {max_task_seconds!r}")
+        self.max_task_seconds = max_task_seconds
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
         self.strict = strict
@@ -132,13 +139,14 @@ class TaskService:
         if queue:
             self.backend = CeleryBackend(queue, self, self.results_dir, max_queue=max_queue, results_ttl=max_age_s,
                                          options=QueueOptions(**{"max_attempts": max_attempts,
+                                                                 "max_task_seconds": max_task_seconds,
                                                                  **(queue_options or {})}))
         else:
             self.backend = EmbeddedBackend(self.configs, self.results_dir,
                                            engine_factory=engine_factory or default_engine_factory,
                                            max_queue=max_queue, max_queue_bytes=max_queue_bytes,
                                            max_age_s=max_age_s, max_tasks=max_tasks, restore=self._restore,
-                                           max_attempts=max_attempts)
+                                           max_attempts=max_attempts, max_task_seconds=max_task_seconds)
 
     @property
     def store(self):
@@ -149,22 +157,27 @@ class TaskService:
         return store
 
     # ----------------------------------------------------------------------------------------- the API
-    def sd_txt2img(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, str]:
-        """Validate and queue a task; returns ``{"taskId", "status"}``. Raises :class:`ApiError`."""
-        return self._submit(payload, headers, "txt2img")
+    def sd_txt2img(self, payload: dict[str, Any], headers: dict[str, str] | None = None, *,
+                   inline_images: bool = False) -> dict[str, str]:
+        """Validate and queue a task; returns ``{"taskId", "status"}``. Raises :class:`ApiError`.
+        ``inline_images``: the caller will hold every result image as base64 (the webui route's answer), which
+        the memory budget then counts."""
+        return self._submit(payload, headers, "txt2img", inline_images)
 
-    def sd_img2img(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, str]:
+    def sd_img2img(self, payload: dict[str, Any], headers: dict[str, str] | None = None, *,
+                   inline_images: bool = False) -> dict[str, str]:
         """The img2img sibling of :meth:`sd_txt2img` (the webui img2img payload: init_images,
         denoising_strength, resize_mode, mask ...): validate and queue a task; returns ``{"taskId", "status"}``;
         the result is read with :meth:`sd_get_result`. Raises :class:`ApiError`."""
-        return self._submit(payload, headers, "img2img")
+        return self._submit(payload, headers, "img2img", inline_images)
 
     def check(self, payload: dict[str, Any], headers: dict[str, str] | None = None, kind: str = "txt2img") -> None:
         """Every submit-time check of ``payload`` (schema, engine rules, the model store, the memory budget),
         nothing queued: raises the :class:`ApiError` submitting it would raise."""
         self._validate(payload, headers, kind)
 
-    def _validate(self, payload: dict[str, Any], headers: dict[str, str] | None, kind: str):
+    def _validate(self, payload: dict[str, Any], headers: dict[str, str] | None, kind: str,
+                  inline_images: bool = False):
         config_id = self._config_id(headers)
         config = self.configs[config_id]
         parsed = parse_request(kind, payload, strict=self.strict)
@@ -172,11 +185,12 @@ class TaskService:
         store = self._stores[config_id]
         if store is not None:
             check_models(store, translation.models, origins)
-            check_memory(store, config, translation.request, self.memory_budget, origins)
+            check_memory(store, config, translation.request, self.memory_budget, origins, answer=inline_images)
         return config_id, config, parsed, origins, translation, store
 
-    def _submit(self, payload: dict[str, Any], headers: dict[str, str] | None, kind: str) -> dict[str, str]:
-        config_id, config, parsed, origins, translation, store = self._validate(payload, headers, kind)
+    def _submit(self, payload: dict[str, Any], headers: dict[str, str] | None, kind: str,
+                inline_images: bool = False) -> dict[str, str]:
+        config_id, config, parsed, origins, translation, store = self._validate(payload, headers, kind, inline_images)
         # seeds drawn here and kept in the task's payload, so that a task run again (its worker or this process
         # died) makes the same images
         wire, drawn = dict(payload), {}

@@ -10,6 +10,10 @@ count in the measured peak).
 
 One warm-up request (64x64) first; 1 step, CFG 7, batch 1 unless --batch. Memory, not time: no repeats needed
 (the peak of a deterministic graph), but the machine's other processes do not affect ru_maxrss.
+
+Each row also has the peak of each phase (``phases_mib``: sampling, decoding ...) over the RSS before the
+request: the high-water mark is reset at each phase change (Linux ``/proc/self/clear_refs``), so the UNet and
+the VAE decode are measured apart, beside ``estimate_request``'s ``unet`` and ``vae`` terms.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import resource
 
 
 def main(argv=None) -> dict:
-    from engine.memory import architecture_of, estimate
+    from engine.memory import architecture_of, estimate_request
     from engine.pipeline import Engine
     from engine.request import GenerationRequest
 
@@ -50,16 +54,53 @@ def main(argv=None) -> dict:
     for size in sorted(args.sizes):
         with open("/proc/self/statm") as f:
             before = int(f.read().split()[1]) * resource.getpagesize()
+        phases = PhasePeaks(before)
         engine.generate(GenerationRequest(model=args.model, steps=1, width=size, height=size,
-                                          batch_size=args.batch, seed=1))
+                                          batch_size=args.batch, seed=1), progress=phases)
+        phases.close()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        est = estimate(arch, size, size, args.batch, backend=args.backend, tiling=tiling)
+        est = estimate_request(arch, size, size, args.batch, backend=args.backend, tiling=tiling)
         rows.append({"model": entry.name, "backend": args.backend, "size": size, "batch": args.batch,
                      "rss_before_mib": round(before / 2**20), "peak_mib": round(peak / 2**20),
                      "growth_mib": round((peak - before) / 2**20), "estimated_mib": round(est.activations / 2**20),
-                     "estimated_total_mib": round(est.total / 2**20), "vae_tile": tiling.tile})
+                     "estimated_total_mib": round(est.total / 2**20), "vae_tile": tiling.tile,
+                     "phases_mib": {k: round(v / 2**20) for k, v in phases.peaks.items()},
+                     "estimated_phases_mib": {"sampling": round(est.unet / 2**20),
+                                              "decoding": round(est.vae / 2**20)}})
         print(json.dumps(rows[-1]), flush=True)
     return 0
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+class PhasePeaks:
+    """The engine's progress callback: the peak RSS of each phase over ``before`` (bytes), the high-water mark
+    reset at each phase change (clear_refs 5). Linux only."""
+
+    def __init__(self, before: int):
+        self.before = before
+        self.current: str | None = None
+        self.peaks: dict[str, int] = {}
+        self._reset()
+
+    @staticmethod
+    def _reset() -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def __call__(self, event) -> None:
+        if event.phase != self.current:
+            self.close()
+            self.current = event.phase
+
+    def close(self) -> None:
+        if self.current is not None:
+            grown = _status("VmHWM") - self.before
+            self.peaks[self.current] = max(self.peaks.get(self.current, 0), grown)
+            self._reset()
 
 
 def write_sd15(root) -> str:

@@ -82,6 +82,10 @@ def _is_loopback(host: str) -> bool:
               help="Starts of one task that may die with this server (killed, out of memory) or, with --queue, with "
                    "its worker before the task is failed (worker_lost); the server's other accepted tasks run "
                    "again when it is restarted on the same --results-dir.")
+@click.option("--max-task-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop a task that runs longer (within one sampling step or VAE tile); it fails timed_out. With "
+                   "--queue it travels with each task and the workers apply the smaller of it and their own.",
+              cls=Shown, shown="no limit")
 @click.option("--memory-budget-gb", type=float, default=None,
               help="Refuse requests whose estimated peak memory is larger (default: half the machine's memory; "
                    "with --queue: off unless given, as the workers' memory; 0 turns the check off).")
@@ -93,8 +97,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
-          read_timeout, queue, results_ttl, visibility_timeout, max_attempts, memory_budget_gb, freeze_settings,
-          strict, engine_factory, allow_private_urls, url_fetch_seconds):
+          read_timeout, queue, results_ttl, visibility_timeout, max_attempts, max_task_seconds, memory_budget_gb,
+          freeze_settings, strict, engine_factory, allow_private_urls, url_fetch_seconds):
     """Serve POST /scc/sd_txt2img and /scc/sd_get_result, and the webui's /sdapi/v1/... API, over HTTP (needs the
     'server' extra).
 
@@ -125,7 +129,7 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
                               max_queue_bytes=max_queue_mb * 1024 * 1024, memory_budget=_budget(memory_budget_gb),
                               engine_factory=load_factory(engine_factory), allow_url_fetch=allow_url_fetch,
                               max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
-                              strict=strict, max_attempts=max_attempts,
+                              strict=strict, max_attempts=max_attempts, max_task_seconds=max_task_seconds,
                               allow_private_urls=allow_private_urls, url_fetch_seconds=url_fetch_seconds,
                               **engine_options(backend, device, precision))
     except (ValueError, RuntimeError, TypeError) as exc:
@@ -165,11 +169,14 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
 @click.option("--heartbeat-interval", type=float, default=2, show_default=True, hidden=True)
 @click.option("--max-attempts", type=int, default=3, show_default=True,
               help="Deliveries whose worker died before a task is failed (worker_lost).")
+@click.option("--max-task-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop a task that runs longer (within one sampling step or VAE tile); it fails timed_out (a "
+                   "server's own --max-task-seconds, when smaller, applies too).", cls=Shown, shown="no limit")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (tests, plugins).")
 def worker(queue, device, models_dir, results_dir, models, backend, precision, cache_dir, threads, name,
            visibility_timeout, restore_interval, lease_ttl, worker_timeout, reap_interval, heartbeat_interval,
-           max_attempts, loglevel, engine_factory):
+           max_attempts, max_task_seconds, loglevel, engine_factory):
     """Run the engine for 'sdengine serve --queue' servers: a Celery worker on one device that loads the
     engine once and runs one task at a time (needs the 'queue' extra)."""
     from api_compat.tasks.celery_app import QueueOptions, redact
@@ -188,7 +195,8 @@ def worker(queue, device, models_dir, results_dir, models, backend, precision, c
     try:
         queue_options = QueueOptions(visibility_timeout=visibility_timeout, restore_interval=restore_interval,
                                      max_attempts=max_attempts, lease_ttl=lease_ttl, worker_timeout=worker_timeout,
-                                     reap_interval=reap_interval, heartbeat_interval=heartbeat_interval)
+                                     reap_interval=reap_interval, heartbeat_interval=heartbeat_interval,
+                                     max_task_seconds=max_task_seconds)
     except ValueError as exc:
         raise click.BadParameter(str(exc).replace("_", "-")) from None
     settings = WorkerSettings(

@@ -9,15 +9,17 @@ from __future__ import annotations
 from engine.config import EngineConfig
 from core.errors import InvalidRequest, ModelError, TooMuchMemory
 from engine.conditioning import check_prompts
-from engine.img2img import hires_size
-from engine.memory import architecture_of, estimate, largest_batch, largest_fitting
+from engine.img2img import LATENT_UPSCALERS, hires_size
+from engine.memory import (PLAN_SIZES, UpscalerCost, architecture_of, estimate_request, largest_batch,
+                           largest_fitting, resize_pass)
 from engine.models.family import FAMILIES, Arch
 from engine.request import GenerationRequest
 
 GIB = 2**30
 
 
-def check_request(store, config: EngineConfig, request: GenerationRequest, budget: int | None = None) -> None:
+def check_request(store, config: EngineConfig, request: GenerationRequest, budget: int | None = None, *,
+                  answer: bool = False) -> None:
     """Raise what the worker would raise about ``request`` on ``config``'s engine, before it runs:
     InvalidRequest for a ``clip_skip`` beyond the model's text-encoder layers and for prompts longer than
     ``config.max_prompt_chunks`` (tokenised with the model's tokenizer); :class:`TooMuchMemory` naming
@@ -40,7 +42,7 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     if spec is not None:
         check_prompts(spec, request.prompt, request.negative_prompt, request.steps, config.max_prompt_chunks)
     if budget is not None:
-        check_memory(arch, native, entry.name, config, request, budget)
+        check_memory(arch, native, entry.name, config, request, budget, answer=answer)
 
 
 def _text_spec(family: str | None):
@@ -50,40 +52,80 @@ def _text_spec(family: str | None):
         return None
 
 
+def _upscaler_cost(name: str) -> UpscalerCost | None:
+    """What the hires fix's upscaler of that name costs (engine.memory): None for the latent upscalers (a
+    resize of the latent, nothing to speak of); the image upscalers resize with PIL (:func:`resize_pass`).
+    A model upscaler (the extras' spandrel models) gives its own: ``engine.memory.model_upscaler_pass(scale,
+    tile=..., model_bytes=...)``."""
+    return None if name in LATENT_UPSCALERS else resize_pass
+
+
 def check_memory(arch, native: int, model_name: str, config: EngineConfig, request: GenerationRequest,
-                 budget: int) -> None:
-    """TooMuchMemory when ``request``'s estimated peak (engine.memory, with the config's backend and VAE tiling)
-    is over ``budget`` bytes, naming ``batch_size`` when a smaller batch fits at this size, else ``width`` (or
-    ``height``) with the largest size of the same aspect ratio that fits."""
+                 budget: int, *, answer: bool = False, upscaler_cost=_upscaler_cost) -> None:
+    """TooMuchMemory when ``request``'s estimated peak (engine.memory.estimate_request, with the config's backend
+    and VAE tiling) is over ``budget`` bytes: one batch, naming ``batch_size`` when a smaller batch fits at this
+    size, else ``width`` (or ``height``) with the largest size of the same aspect ratio that fits; then the hires
+    fix's second pass (naming hr_scale or hr_resize_x/y); then, with ``answer`` (the webui route sends every
+    image inline as base64), all ``batch_size * n_iter`` images, naming ``n_iter``. The images of iterations are
+    streamed to the task's files, so ``n_iter`` adds nothing else."""
     width, height = request.width or native, request.height or native
     backend = getattr(config.backend, "value", str(config.backend))
-    options = {"cfg": request.cfg_scale != 1.0, "backend": backend, "tiling": config.vae_tiling}
-    need = estimate(arch, width, height, request.batch_size, **options)
-    if need.total <= budget:
-        if getattr(request, "hires", None) is not None:
-            _check_hires_memory(arch, model_name, request, width, height, budget, options)
+    options = {"cfg": request.cfg_scale != 1.0, "backend": backend, "tiling": config.vae_tiling,
+               "units": len(request.controlnet_units)}
+    need = estimate_request(arch, width, height, request.batch_size, **options)
+    if need.total > budget:
+        text = (f"{width}x{height} with batch_size {request.batch_size} needs about {need.total / GIB:.1f} GiB on "
+                f"{backend} (model {model_name}), more than this server's memory budget of {budget / GIB:.1f} GiB")
+        batch = largest_batch(arch, width, height, budget, limit=request.batch_size, **options)
+        if request.batch_size > 1 and batch >= 1:
+            raise TooMuchMemory("batch_size", text, f"batch_size at most {batch} at {width}x{height}")
+        size = largest_fitting(arch, width, height, request.batch_size, budget, **options)
+        allowed = (f"width x height at most {size[0]}x{size[1]} at batch_size {request.batch_size}" if size
+                   else "none at this batch size: the model alone does not fit the budget")
+        field = "width" if request.width is not None or request.height is None else "height"
+        raise TooMuchMemory(field, text, allowed)
+    hires = getattr(request, "hires", None)
+    if hires is not None:
+        hr = request.hires
+        options.update(upscaler=upscaler_cost(hr.upscaler_name),
+                       hires_cfg=(request.cfg_scale if hr.cfg_scale is None else hr.cfg_scale) != 1.0)
+        hires = _check_hires_memory(arch, model_name, request, width, height, budget, options)
+    if not answer:
         return
-    text = (f"{width}x{height} with batch_size {request.batch_size} needs about {need.total / GIB:.1f} GiB on "
-            f"{backend} (model {model_name}), more than this server's memory budget of {budget / GIB:.1f} GiB")
-    batch = largest_batch(arch, width, height, budget, limit=request.batch_size, **options)
-    if request.batch_size > 1 and batch >= 1:
-        raise TooMuchMemory("batch_size", text, f"batch_size at most {batch} at {width}x{height}")
-    size = largest_fitting(arch, width, height, request.batch_size, budget, **options)
-    allowed = (f"width x height at most {size[0]}x{size[1]} at batch_size {request.batch_size}" if size
-               else "none at this batch size: the model alone does not fit the budget")
-    field = "width" if request.width is not None or request.height is None else "height"
-    raise TooMuchMemory(field, text, allowed)
+    need = estimate_request(arch, width, height, request.batch_size, n_iter=request.n_iter, hires=hires,
+                            answer=True, **options)
+    if need.total <= budget:
+        return
+    n = 0
+    while n < request.n_iter and estimate_request(arch, width, height, request.batch_size, n_iter=n + 1, hires=hires,
+                                                  answer=True, **options).total <= budget:
+        n += 1
+    out = hires or (width, height)
+    text = (f"{request.batch_size * request.n_iter} images of {out[0]}x{out[1]} sent inline as base64 (the webui "
+            f"route) with the request's generation need about {need.total / GIB:.1f} GiB (model {model_name}), more "
+            f"than this server's memory budget of {budget / GIB:.1f} GiB")
+    allowed = (f"n_iter at most {n} at batch_size {request.batch_size}" if n
+               else "send_images false, or the /scc API (its results are URLs)")
+    raise TooMuchMemory("n_iter", text, allowed)
 
 
 def _check_hires_memory(arch, model_name: str, request: GenerationRequest, width: int, height: int, budget: int,
-                        options: dict) -> None:
-    """The hires fix's second pass, at its own size, within the budget; else TooMuchMemory naming hr_scale
-    (or hires.resize_x/y) with the largest that fits."""
+                        options: dict) -> tuple[int, int]:
+    """The hires fix (upscale, second pass) within the budget; else TooMuchMemory naming hr_scale (or
+    hires.resize_x/y) with the largest second pass that fits. Returns the size the second pass's images have
+    (the upscaled size, before the latent's cut)."""
     size = hires_size(width, height, request.hires)
-    need = estimate(arch, size.width, size.height, request.batch_size, **options)
+    second = (size.upscale_width, size.upscale_height)
+    need = estimate_request(arch, width, height, request.batch_size, hires=second, **options)
     if need.total <= budget:
-        return
-    fits = largest_fitting(arch, size.width, size.height, request.batch_size, budget, **options)
+        return second
+    fits = None
+    for side in PLAN_SIZES:
+        scale = side / max(second)
+        w, h = max(64, int(second[0] * scale) // 64 * 64), max(64, int(second[1] * scale) // 64 * 64)
+        if estimate_request(arch, width, height, request.batch_size, hires=(w, h), **options).total > budget:
+            break
+        fits = (w, h)
     if fits and size.field == "hires.scale":
         allowed = f"hr_scale at most {fits[0] / width:.2f} ({fits[0]}x{fits[1]}) for {width}x{height}"
     elif fits:

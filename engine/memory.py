@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,12 +43,19 @@ FULL_ATTENTION_ARRAYS = 2.0
 VAE_FULL_RES_TENSORS = 5.0
 # the tiled decode's output being assembled: sum, weights, normalised copy (fp32 values per pixel and image)
 TILED_OUTPUT_VALUES = 7.0
-# UNet conv activations: fp32 tensors of a level's width alive at once
+# UNet conv activations: fp32 tensors of a level's width alive at once (OpenVINO's CPU plugin plans more:
+# measured 1.25-1.35x the default at 2048^2 on tiny-sd1 and the demo model, BENCHMARKS.md)
 UNET_TENSORS = 8.0
+UNET_TENSORS_BY_BACKEND = {"openvino": 10.0}
+# runtimes that keep a stage's activation buffers for the next call (OpenVINO's infer requests, ONNX Runtime's
+# arena): the UNet's are still held while the VAE decodes, so the stages add up; torch frees them between stages
+RETAINS_ACTIVATIONS = frozenset({"openvino", "onnxruntime"})
 # what a backend holds per byte of weights in the checkpoint file (ORT keeps initializers and its own copies;
 # sdengine ORT SD1.5 peaked at 9.2 GB for a 4.3 GB fp32 model, GPU.md), and the process without a model
 WEIGHT_FACTOR = {"onnxruntime": 2.0, "torch": 1.1, "tensorrt": 1.2}
 PROCESS_BYTES = 450 * 2**20
+# OpenVINO's plugin and compiled models: the process after a 64x64 warm-up measured 630-650 MiB (tiny-sd1, demo)
+PROCESS_BYTES_BY_BACKEND = {"openvino": 640 * 2**20}
 # attention kind of each backend's graph today: (UNet self-attention, VAE mid-block attention)
 # (the ONNX export computes attention in export.attention.DEFAULT_CHUNKS query slices for the CPU runtimes)
 _CHUNKED = attention_kind(DEFAULT_CHUNKS)
@@ -110,45 +117,177 @@ class Architecture:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Bytes: ``total`` = ``base`` (process + weights) + max(``unet``, ``vae``)."""
+    """Bytes: ``total`` = ``base`` (process + weights) + ``activations`` + ``held``.
+
+    ``unet``/``vae``/``upscale``: the largest activations of each kind of stage; ``activations`` (``peak``):
+    their sum on a runtime that keeps a stage's buffers for its next call (OpenVINO, ONNX Runtime), else the
+    largest (torch frees them; the stages never run at once); ``held``: what stays alive across them (ControlNet control images, the batch's finished images,
+    the images of earlier iterations when they are not streamed, the webui answer's base64 copies)."""
 
     total: int
     base: int
     unet: int
     vae: int
+    upscale: int = 0
+    held: int = 0
+    peak: int | None = None  # the stages at the peak: their sum on runtimes that keep buffers, else the largest
 
     @property
     def activations(self) -> int:
-        return max(self.unet, self.vae)
+        return max(self.unet, self.vae, self.upscale) if self.peak is None else self.peak
+
+
+def _unet_pass(arch: Architecture, width: int, height: int, rows: int, kind: str,
+               tensors: float = UNET_TENSORS) -> int:
+    """A sampling step's activations: per level, the conv tensors and (with attention) the score arrays."""
+    f = arch.vae_scale_factor
+    lh, lw = max(height // f, 1), max(width // f, 1)
+    attention = conv = 0.0
+    for level, (channels, heads, has_attention) in enumerate(zip(arch.unet_channels, arch.unet_heads,
+                                                                  arch.unet_attention)):
+        tokens = max(lh >> level, 1) * max(lw >> level, 1)
+        conv += rows * channels * tokens * FP32 * tensors
+        if has_attention:
+            attention = max(attention, rows * heads * tokens * tokens * FP32 * _attention_factor(kind))
+    return int(attention + conv)
+
+
+def _vae_pass(arch: Architecture, width: int, height: int, batch_size: int, kind: str,
+              tiling: VaeTiling | None) -> int:
+    """A VAE decode (or encode: the mirror network, the same widths) of a batch at this image size: the
+    activations of the whole image or of one tile, and the tiled output being assembled."""
+    f = arch.vae_scale_factor
+    tw, th = tiling.tile_shape(width, height) if tiling is not None else (width, height)
+    tokens = (th // f) * (tw // f) if arch.vae_attention else 0
+    vae = batch_size * (arch.vae_channels[0] * tw * th * FP32 * VAE_FULL_RES_TENSORS
+                        + tokens * tokens * FP32 * _attention_factor(kind))
+    if (tw, th) != (width, height):
+        vae += batch_size * width * height * FP32 * TILED_OUTPUT_VALUES
+    return int(vae)
+
+
+def _base(arch: Architecture, backend: str) -> int:
+    return PROCESS_BYTES_BY_BACKEND.get(backend, PROCESS_BYTES) + int(arch.weights_bytes * WEIGHT_FACTOR.get(backend, 2.0))
+
+
+def _stages(backend: str, *stages: int) -> int:
+    """The activations of a request's stages at its peak: their sum on a runtime that keeps each stage's buffers
+    (:data:`RETAINS_ACTIVATIONS`), else the largest."""
+    return sum(stages) if backend in RETAINS_ACTIVATIONS else max(stages)
 
 
 def estimate(arch: Architecture, width: int, height: int, batch_size: int = 1, *, cfg: bool = True,
              backend: str = "onnxruntime", attention: tuple[str, str] | None = None,
              tiling: VaeTiling | None = VaeTiling()) -> Estimate:
-    """Peak memory of one batch of a request. ``cfg``: the UNet runs conditional and unconditional rows
-    (cfg_scale != 1). ``attention``: (UNet, VAE) attention kinds; default: the backend's. ``tiling``: the
-    engine's VAE tiling (``EngineConfig.vae_tiling``; None: never tiled)."""
+    """Peak memory of one batch of a one-pass request (sampling, then the VAE decode). ``cfg``: the UNet runs
+    conditional and unconditional rows (cfg_scale != 1). ``attention``: (UNet, VAE) attention kinds; default:
+    the backend's. ``tiling``: the engine's VAE tiling (``EngineConfig.vae_tiling``; None: never tiled).
+    :func:`estimate_request` adds what a whole request holds (iterations, hires fix, units, the answer)."""
     unet_kind, vae_kind = attention or BACKEND_ATTENTION.get(backend, ("full", "full"))
     rows = batch_size * (2 if cfg else 1)
-    f = arch.vae_scale_factor
-    lh, lw = max(height // f, 1), max(width // f, 1)
-    unet = 0.0
-    conv = 0.0
-    for level, (channels, heads, has_attention) in enumerate(zip(arch.unet_channels, arch.unet_heads,
-                                                                  arch.unet_attention)):
-        tokens = max(lh >> level, 1) * max(lw >> level, 1)
-        conv += rows * channels * tokens * FP32 * UNET_TENSORS
-        if has_attention:
-            unet = max(unet, rows * heads * tokens * tokens * FP32 * _attention_factor(unet_kind))
-    tw, th = tiling.tile_shape(width, height) if tiling is not None else (width, height)
-    vae_tokens = (th // f) * (tw // f) if arch.vae_attention else 0
-    vae = batch_size * (arch.vae_channels[0] * tw * th * FP32 * VAE_FULL_RES_TENSORS
-                        + vae_tokens * vae_tokens * FP32 * _attention_factor(vae_kind))
-    if (tw, th) != (width, height):
-        vae += batch_size * width * height * FP32 * TILED_OUTPUT_VALUES
-    base = PROCESS_BYTES + int(arch.weights_bytes * WEIGHT_FACTOR.get(backend, 2.0))
-    unet_total = int(unet + conv)
-    return Estimate(total=base + max(unet_total, int(vae)), base=base, unet=unet_total, vae=int(vae))
+    unet = _unet_pass(arch, width, height, rows, unet_kind, UNET_TENSORS_BY_BACKEND.get(backend, UNET_TENSORS))
+    vae = _vae_pass(arch, width, height, batch_size, vae_kind, tiling)
+    base = _base(arch, backend)
+    return Estimate(total=base + _stages(backend, unet, vae), base=base, unet=unet, vae=vae,
+                    peak=_stages(backend, unet, vae))
+
+
+# ------------------------------------------------------------------------------------------- whole requests
+# a finished image: H x W x 3 uint8
+IMAGE_BYTES_PER_PX = 3
+# the decoded batch (float32, 3 channels) while it becomes uint8 (engine.pipeline.to_uint8: one image's
+# temporaries at a time)
+DECODED_BYTES_PER_PX = 3 * FP32
+# a ControlNet unit's control image at a pass's size: float32 RGB, its uint8 detected map and fitted input
+UNIT_BYTES_PER_PX = 3 * FP32 + 2 * IMAGE_BYTES_PER_PX
+# the webui route's answer per image: its base64 string in the images list, the JSON text and its UTF-8 bytes,
+# each 4/3 of the PNG (api_compat.webui.routes)
+ANSWER_COPIES = 3
+BASE64_RATIO = 4 / 3
+
+# An upscaler pass's cost, for the hires fix's image path and the extras helper's model upscalers:
+# ``cost(in_width, in_height, out_width, out_height, batch_size) -> bytes`` at its peak (weights included).
+UpscalerCost = Callable[[int, int, int, int, int], int]
+
+
+def png_bytes(width: int, height: int) -> int:
+    """The most a result PNG of this size takes (incompressible pixels: stored deflate blocks, a filter byte per
+    row, the infotext chunk): what its file, and the bytes read back from it, may hold."""
+    raw = height * (width * IMAGE_BYTES_PER_PX + 1)
+    return raw + 5 * (raw // 16384 + 1) + 64 * 1024
+
+
+def answer_bytes(width: int, height: int, images: int) -> int:
+    """What the webui route's answer holds for ``images`` results of this size: their base64 copies (a synchronous
+    ``/sdapi/v1/txt2img`` sends every image inline; the ``/scc`` API sends URLs and holds none)."""
+    return int(images * ANSWER_COPIES * BASE64_RATIO * png_bytes(width, height))
+
+
+def resize_pass(in_width: int, in_height: int, out_width: int, out_height: int, batch_size: int) -> int:
+    """The hires fix's image upscalers (Lanczos, Nearest: PIL, engine.img2img.upscale_image): the uint8 batch
+    in, each image resized (uint8 out), the stacked batch and its float32 copy the VAE encoder takes."""
+    out = out_width * out_height
+    return int(batch_size * (in_width * in_height * IMAGE_BYTES_PER_PX + out * (2 * IMAGE_BYTES_PER_PX + 2 * 3 * FP32)))
+
+
+def model_upscaler_pass(scale: float, *, tile: int = 0, features: int = 64, tensors: float = 6.0,
+                        model_bytes: int = 0) -> UpscalerCost:
+    """The cost function of a model upscaler (ESRGAN-like, e.g. loaded by spandrel) of ``scale`` run over tiles of
+    ``tile`` input pixels a side (0: the whole image at once): ``tensors`` fp32 activations of ``features``
+    channels at the tile's input size and 3-channel ones at its output size, the float output being assembled
+    (with its blend weights), the uint8 result and the stacked float32 batch for the VAE encoder, plus
+    ``model_bytes`` (the weights as loaded). Use it as ``estimate_request(..., upscaler=model_upscaler_pass(4,
+    tile=192))``; measure a model's ``tensors`` against benchmarks/memory.py before relying on the default."""
+
+    def cost(in_width: int, in_height: int, out_width: int, out_height: int, batch_size: int) -> int:
+        tw, th = (min(tile, in_width), min(tile, in_height)) if tile else (in_width, in_height)
+        ow, oh = int(tw * scale), int(th * scale)
+        activations = features * tw * th * FP32 * tensors + 3 * ow * oh * FP32 * 2
+        assembled = (3 + 1) * out_width * out_height * FP32 if tile else 0
+        return int(model_bytes + activations + assembled + resize_pass(in_width, in_height, out_width, out_height,
+                                                                       batch_size))
+
+    return cost
+
+
+def estimate_request(arch: Architecture, width: int, height: int, batch_size: int = 1, *, n_iter: int = 1,
+                     hires: tuple[int, int] | None = None, upscaler: UpscalerCost | None = None, units: int = 0,
+                     answer: bool = False, streamed: bool = True, cfg: bool = True, hires_cfg: bool | None = None,
+                     backend: str = "onnxruntime", attention: tuple[str, str] | None = None,
+                     tiling: VaeTiling | None = VaeTiling()) -> Estimate:
+    """Peak memory of a whole request: the largest stage of one iteration (sampling; with the hires fix
+    ``hires=(width, height)`` of the second pass, the upscale -- latent when ``upscaler`` is None, else the VAE
+    decode at the first size, ``upscaler(...)`` and the VAE encode at the second -- and its sampling; the VAE
+    decode with the batch becoming uint8) plus what is held across stages: ``units`` ControlNet units' control
+    images at each pass's size, the images of earlier iterations when not ``streamed`` (the engine hands each
+    iteration's images to the task writer, api_compat.tasks.run_generation, so they are not held), and with
+    ``answer`` the webui answer's base64 copies of all ``batch_size * n_iter`` images (:func:`answer_bytes`)."""
+    unet_kind, vae_kind = attention or BACKEND_ATTENTION.get(backend, ("full", "full"))
+    first = estimate(arch, width, height, batch_size, cfg=cfg, backend=backend, attention=attention, tiling=tiling)
+    out_w, out_h = hires or (width, height)
+    out_px = out_w * out_h
+    unet, upscale = first.unet, 0
+    tensors = UNET_TENSORS_BY_BACKEND.get(backend, UNET_TENSORS)
+    decode = _vae_pass(arch, out_w, out_h, batch_size, vae_kind, tiling)
+    decode += batch_size * out_px * (IMAGE_BYTES_PER_PX + DECODED_BYTES_PER_PX)
+    held = units * UNIT_BYTES_PER_PX * width * height
+    if hires is not None:
+        rows = batch_size * (2 if (cfg if hires_cfg is None else hires_cfg) else 1)
+        unet = max(unet, _unet_pass(arch, out_w, out_h, rows, unet_kind, tensors))
+        held += units * UNIT_BYTES_PER_PX * out_px
+        if upscaler is not None:
+            upscale = max(_vae_pass(arch, width, height, batch_size, vae_kind, tiling)
+                          + batch_size * width * height * (DECODED_BYTES_PER_PX + IMAGE_BYTES_PER_PX),
+                          upscaler(width, height, out_w, out_h, batch_size),
+                          _vae_pass(arch, out_w, out_h, batch_size, vae_kind, tiling)
+                          + batch_size * out_px * DECODED_BYTES_PER_PX)
+    if not streamed:
+        held += (n_iter - 1) * batch_size * out_px * IMAGE_BYTES_PER_PX
+    if answer:
+        held += answer_bytes(out_w, out_h, batch_size * n_iter)
+    peak = _stages(backend, unet, max(decode, upscale))
+    return Estimate(total=first.base + peak + held, base=first.base, unet=unet, vae=decode, upscale=upscale,
+                    held=held, peak=peak)
 
 
 def machine_memory() -> int:
@@ -178,7 +317,7 @@ def largest_fitting(arch: Architecture, width: int, height: int, batch_size: int
         scale = side / max(width, height)
         w = max(64, int(width * scale) // 64 * 64)
         h = max(64, int(height * scale) // 64 * 64)
-        if estimate(arch, w, h, batch_size, **kwargs).total <= budget:
+        if estimate_request(arch, w, h, batch_size, **kwargs).total <= budget:
             best = (w, h)
         else:
             break
@@ -188,7 +327,7 @@ def largest_fitting(arch: Architecture, width: int, height: int, batch_size: int
 def largest_batch(arch: Architecture, width: int, height: int, budget: int, limit: int = 64, **kwargs) -> int:
     """The largest batch_size that fits at this size (0: not even one image)."""
     n = 0
-    while n < limit and estimate(arch, width, height, n + 1, **kwargs).total <= budget:
+    while n < limit and estimate_request(arch, width, height, n + 1, **kwargs).total <= budget:
         n += 1
     return n
 

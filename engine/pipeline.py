@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 # progress(engine.progress.Progress) per phase and step; a legacy progress(done, total) gets sampling steps
 ProgressFn = Callable[..., None]
+# on_images(index of the first, images (H, W, 3) uint8, their infotexts): one iteration's images as decoded
+ImagesFn = Callable[[int, list, list], None]
 
 # the reporter of the request this thread (context) runs: the backends' exporter callback, bound once when a
 # cached backend is made, reports to it (Engine._export_progress); unset outside Engine.generate
@@ -216,23 +218,27 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ generate
     def generate(self, request: GenerationRequest, *, progress: ProgressFn | None = None,
-                 cancel: threading.Event | None = None) -> GenerationResult:
+                 cancel: threading.Event | None = None, on_images: ImagesFn | None = None) -> GenerationResult:
         """``progress(Progress)`` gets each phase (loading, exporting, encoding, sampling, decoding) and step
-        (engine.progress); ``cancel`` set stops the request between steps (``Cancelled``)."""
+        (engine.progress); ``cancel`` set stops the request between steps and between the tiles of a tiled VAE
+        pass (``Cancelled``). ``on_images(first_index, images, infotexts)``, when given, receives each iteration's
+        images as soon as they are decoded and the result's ``images`` stay empty (its ``infotexts`` are all
+        there): the images of an ``n_iter`` request are never all held at once (engine.memory counts one batch)."""
         with self._lock:
             reporter = ProgressReporter(progress, cancel, request.n_iter * request.steps, clock=self.clock)
             token = _REPORTER.set(reporter)
             try:
-                return self._generate(request, reporter)
+                return self._generate(request, reporter, on_images)
             finally:
                 _REPORTER.reset(token)
 
-    def _generate(self, req: GenerationRequest, reporter: ProgressReporter) -> GenerationResult:
+    def _generate(self, req: GenerationRequest, reporter: ProgressReporter,
+                  on_images: ImagesFn | None = None) -> GenerationResult:
         """Orchestration only: each stage is a call into the room that owns its rules, with the request's
         _Context."""
         reference = [k for k, u in enumerate(req.controlnet_units) if u.module in REFERENCE_MODULES]
         if reference and self.config.backend is not BackendKind.TORCH:
-            return self._on_torch(req, reporter, reference)
+            return self._on_torch(req, reporter, reference, on_images)
         timer = _Timer()
         # 1. validate: the sampler names, the model, the request against the model's family and the limits
         sampler = resolve(req.sampler_name, req.scheduler)
@@ -260,16 +266,23 @@ class Engine:
         if req.init is not None:
             ctx = replace(ctx, source=self._init_latents(ctx))
 
-        # 4.-8. each batch: condition, noise, sample, hires fix, decode
+        # 4.-8. each batch: condition, noise, sample, hires fix, decode; handed on at once with on_images
         images: list[np.ndarray] = []
         for it in range(req.n_iter):
             batch, cond = self._batch(ctx, it)
-            images.extend(batch)
+            if on_images is None:
+                images.extend(batch)
+                continue
+            first = it * req.batch_size
+            generation = self._generation(ctx, cond)
+            on_images(first, batch, [generation.infotext(first + i) for i in range(len(batch))])
+            del batch
 
         # 9. describe: webui infotexts and the info dict
         return self._describe(ctx, images, cond)
 
-    def _on_torch(self, req: GenerationRequest, reporter: ProgressReporter, reference: list[int]):
+    def _on_torch(self, req: GenerationRequest, reporter: ProgressReporter, reference: list[int],
+                  on_images: ImagesFn | None = None):
         """A request with reference units (attention hooks, engine.controlnet.reference) on a backend that runs
         exported graphs: served by a torch engine of the same configuration (made on first use, its model kept
         as this engine keeps its own), said in the log, the infotext ("Backend: torch") and info["warnings"]."""
@@ -280,7 +293,7 @@ class Engine:
         note = (f"{fields}: served on the torch backend (the {self.config.backend.value} backend runs exported "
                 "graphs, whose attention cannot be hooked)")
         log.info("%s", note)
-        result = self._torch_twin._generate(req, reporter)
+        result = self._torch_twin._generate(req, reporter, on_images)
         result.info["warnings"] = [*result.info.get("warnings", []), note]
         return result
 
@@ -347,13 +360,14 @@ class Engine:
         # 8. decode (and paste the init image's kept pixels back, for inpainting)
         t0 = time.perf_counter()
         ctx.reporter.phase("decoding")
-        decoded = to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling))  # engine.tiling
+        decoded = to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling,  # engine.tiling
+                                          ctx.reporter.check_cancel))
         images = decoded if source is None else [source.plan.finish(img) for img in decoded]
         ctx.timer.add("vae_decoder", t0)
         return images, cond
 
-    def _describe(self, ctx: _Context, images: list[np.ndarray], cond) -> GenerationResult:
-        """webui infotexts and the info dict (engine.infotext), the result."""
+    def _generation(self, ctx: _Context, cond) -> Generation:
+        """The request described as the webui does (engine.infotext): the infotext of each image."""
         req, rt, init = ctx.req, ctx.rt, ctx.req.init
         extra: dict[str, Any] = {}
         if ctx.source is not None:
@@ -364,9 +378,14 @@ class Engine:
             req.hires.denoising_strength if req.hires is not None else None
         # the backend's own label where it has one (``openvino bf16``: the precision the CPU really runs)
         backend_label = getattr(rt.backend, "label", None) or self.config.backend.value
-        generation = Generation(req, rt.model, ctx.first.plan, ctx.width, ctx.height, ctx.seeds, ctx.subseeds,
-                                ctx.first.labels, backend_label, denoising_strength=strength, extra=extra,
-                                lora_hashes=ctx.networks.lora_hashes, ti_hashes=rt.networks.ti_hashes(cond.embeddings))
+        return Generation(req, rt.model, ctx.first.plan, ctx.width, ctx.height, ctx.seeds, ctx.subseeds,
+                          ctx.first.labels, backend_label, denoising_strength=strength, extra=extra,
+                          lora_hashes=ctx.networks.lora_hashes, ti_hashes=rt.networks.ti_hashes(cond.embeddings))
+
+    def _describe(self, ctx: _Context, images: list[np.ndarray], cond) -> GenerationResult:
+        """webui infotexts and the info dict (engine.infotext), the result."""
+        req = ctx.req
+        generation = self._generation(ctx, cond)
         infotexts = [generation.infotext(i) for i in range(len(ctx.seeds))]
         info = generation.info(infotexts, ctx.timer.timings, device=self.config.device,
                                precision=self.config.precision.value)
@@ -413,11 +432,18 @@ class Engine:
                               s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
         return latents if blend is None else denoiser.final(latents)
 
-    def _encode(self, rt: _Runtime, pixels: np.ndarray):
-        """(B, 3, H, W) floats in [0, 1] -> (B, 4, H/8, W/8) latents through the backend's VAE encoder."""
+    def _encode(self, rt: _Runtime, pixels: np.ndarray, check: Callable[[], None] | None = None):
+        """(B, 3, H, W) floats in [0, 1] -> (B, 4, H/8, W/8) latents through the backend's VAE encoder
+        (``check()`` before each tile: cancellation)."""
         image = to_device(np.ascontiguousarray(pixels, dtype=np.float32), self.config.device)
         # tiled above the configured size (engine.tiling)
-        return to_device(encode_image(rt.backend.run, image, self.config.vae_tiling), self.config.device)
+        return to_device(encode_image(rt.backend.run, image, self.config.vae_tiling, check), self.config.device)
+
+    @staticmethod
+    def _upscale(ctx: _Context, image: np.ndarray, width: int, height: int, upscaler: str) -> np.ndarray:
+        """One image through the hires fix's image upscaler, the request's cancellation checked first."""
+        ctx.reporter.check_cancel()
+        return upscale_image(image, width, height, upscaler)
 
     def _init_latents(self, ctx: _Context) -> _Source:
         """img2img: the init image prepared by the webui rules (engine.img2img), encoded, resized for the
@@ -427,7 +453,7 @@ class Engine:
         init_plan = prepare_init(req.init, ctx.width, ctx.height, scale=ctx.rt.model.family.vae_scale_factor)
         ctx.timer.add("init_image", t0)
         t0 = time.perf_counter()
-        latent = to_host(self._encode(ctx.rt, init_plan.pixels)).astype(np.float32)
+        latent = to_host(self._encode(ctx.rt, init_plan.pixels, ctx.reporter.check_cancel)).astype(np.float32)
         h, w = init_plan.latent_size
         if init_plan.resize_latent and latent.shape[2:] != (h, w):
             latent = upscale_latent(latent, h, w, "Latent")
@@ -473,11 +499,12 @@ class Engine:
             x0 = upscale_latent(latents, *size.upscale_latent, hr.upscaler_name)
         else:
             ctx.reporter.phase("decoding", "hires fix: the first pass, for the image upscaler")
-            decoded = decode_latents(ctx.rt.backend.run, latents, self.config.vae_tiling)
+            decoded = decode_latents(ctx.rt.backend.run, latents, self.config.vae_tiling, ctx.reporter.check_cancel)
             lowres = (np.clip(decoded, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
-            pixels = np.stack([upscale_image(img, size.upscale_width, size.upscale_height, hr.upscaler_name)
+            del decoded
+            pixels = np.stack([self._upscale(ctx, img, size.upscale_width, size.upscale_height, hr.upscaler_name)
                                for img in lowres]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-            x0 = self._encode(ctx.rt, pixels)
+            x0 = self._encode(ctx.rt, pixels, ctx.reporter.check_cancel)
         x0 = size.truncate(x0)
         ctx.timer.add("hires_upscale", t0)
         if p.plan.steps == 0:  # denoising strength 0: the webui's 0-step pass returns the upscaled latent
@@ -576,8 +603,8 @@ class _ModelCall:
 
 
 def to_uint8(images) -> list[np.ndarray]:
-    """(B, 3, H, W) floats in [0, 1] -> list of (H, W, 3) uint8, rounded as diffusers does (the webui truncates)."""
+    """(B, 3, H, W) floats in [0, 1] -> list of (H, W, 3) uint8, rounded as diffusers does (the webui truncates).
+    One image at a time: the float temporaries are one image's, not the batch's (engine.memory)."""
     arr = np.asarray(images, dtype=np.float32)
-    arr = np.clip(arr, 0.0, 1.0)
-    arr = (arr * 255.0 + 0.5).astype(np.uint8)
-    return [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in arr]
+    return [np.ascontiguousarray(((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)).transpose(1, 2, 0))
+            for img in arr]

@@ -22,6 +22,8 @@ from engine.arrays import contiguous, to_host
 from engine.models.family import VAE_SCALE_FACTOR
 
 LATENT_SCALE = VAE_SCALE_FACTOR  # image pixels per latent pixel (every supported family's VAE)
+# called before each tile; raises (core.errors.Cancelled) to stop a tiled pass
+Check = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,11 @@ def _ramps(starts: list[int], size: int, scale: int) -> list[np.ndarray]:
     return out
 
 
-def _tiled(run, component: str, feed: str, output: str, x, tile: int, overlap: int, down: int, up: int):
+def _tiled(run, component: str, feed: str, output: str, x, tile: int, overlap: int, down: int, up: int,
+           check: Check | None = None):
     """``run(component, {feed: tile})[output]`` over overlapping tiles of ``x`` (B, C, H, W), blended. Tiles are
-    placed in units of ``down`` input pixels (= ``up`` output pixels): latent pixels for both directions."""
+    placed in units of ``down`` input pixels (= ``up`` output pixels): latent pixels for both directions.
+    ``check()`` runs before each tile (it raises to stop: a cancelled request stops within one tile)."""
     b, _, H, W = x.shape
     h, w = H // down, W // down
     th, tw = min(tile, h), min(tile, w)
@@ -84,6 +88,8 @@ def _tiled(run, component: str, feed: str, output: str, x, tile: int, overlap: i
     out = total = None
     for y0, ry in zip(ys, wy):
         for x0, rx in zip(xs, wx):
+            if check is not None:
+                check()
             part = contiguous(x[:, :, y0 * down:(y0 + th) * down, x0 * down:(x0 + tw) * down])
             result = to_host(run(component, {feed: part})[output]).astype(np.float32, copy=False)
             if out is None:
@@ -96,29 +102,35 @@ def _tiled(run, component: str, feed: str, output: str, x, tile: int, overlap: i
     return out / total
 
 
-def decode_tiled(run: Callable[[str, Mapping], dict], latent, tile: int, overlap: int) -> np.ndarray:
+def decode_tiled(run: Callable[[str, Mapping], dict], latent, tile: int, overlap: int,
+                 check: Check | None = None) -> np.ndarray:
     """``run("vae_decoder", {"latent": tile})`` over overlapping tiles of ``latent`` (B, 4, h, w) -> the image
     (B, 3, 8h, 8w) float32 on the host, tiles blended linearly over their overlaps."""
-    return _tiled(run, "vae_decoder", "latent", "image", latent, tile, overlap, 1, LATENT_SCALE)
+    return _tiled(run, "vae_decoder", "latent", "image", latent, tile, overlap, 1, LATENT_SCALE, check)
 
 
-def encode_tiled(run: Callable[[str, Mapping], dict], image, tile: int, overlap: int) -> np.ndarray:
+def encode_tiled(run: Callable[[str, Mapping], dict], image, tile: int, overlap: int,
+                 check: Check | None = None) -> np.ndarray:
     """``run("vae_encoder", {"image": tile})`` over overlapping tiles of ``image`` (B, 3, H, W) (tile and overlap
     in latent pixels) -> the latent (B, 4, H/8, W/8) float32 on the host, blended over the overlaps."""
-    return _tiled(run, "vae_encoder", "image", "latent", image, tile, overlap, LATENT_SCALE, 1)
+    return _tiled(run, "vae_encoder", "image", "latent", image, tile, overlap, LATENT_SCALE, 1, check)
 
 
-def decode(run: Callable[[str, Mapping], dict], latent, tiling: VaeTiling | None) -> np.ndarray:
-    """The VAE decode stage: tiled when ``tiling`` applies to the image size, else one call."""
+def decode(run: Callable[[str, Mapping], dict], latent, tiling: VaeTiling | None,
+           check: Check | None = None) -> np.ndarray:
+    """The VAE decode stage: tiled when ``tiling`` applies to the image size (``check()`` before each tile),
+    else one call."""
     h, w = int(latent.shape[-2]), int(latent.shape[-1])
     if tiling is not None and tiling.applies(w * LATENT_SCALE, h * LATENT_SCALE):
-        return decode_tiled(run, latent, tiling.tile, tiling.overlap)
+        return decode_tiled(run, latent, tiling.tile, tiling.overlap, check)
     return to_host(run("vae_decoder", {"latent": latent})["image"])
 
 
-def encode(run: Callable[[str, Mapping], dict], image, tiling: VaeTiling | None) -> np.ndarray:
-    """The VAE encode (img2img, hires): tiled when ``tiling`` applies to the image size, else one call."""
+def encode(run: Callable[[str, Mapping], dict], image, tiling: VaeTiling | None,
+           check: Check | None = None) -> np.ndarray:
+    """The VAE encode (img2img, hires): tiled when ``tiling`` applies to the image size (``check()`` before each
+    tile), else one call."""
     h, w = int(image.shape[-2]), int(image.shape[-1])
     if tiling is not None and tiling.applies(w, h):
-        return encode_tiled(run, image, tiling.tile, tiling.overlap)
+        return encode_tiled(run, image, tiling.tile, tiling.overlap, check)
     return to_host(run("vae_encoder", {"image": image})["latent"])

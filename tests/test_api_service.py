@@ -147,6 +147,32 @@ def test_cancel_running(tmp_path):
         assert svc.wait(svc.sd_txt2img({"prompt": "next"})["taskId"], 10)["status"] == "succeeded"
 
 
+def test_max_task_seconds_stops_a_task_within_a_step(tmp_path, tiny_engine):
+    """``TaskService(max_task_seconds=...)`` (``serve``/``worker --max-task-seconds``) on the real engine: a task
+    that would run for minutes (tiny-sd1 64x64, 150 steps x n_iter 100) fails ``timed_out`` soon after the limit
+    (a step takes milliseconds; 5 s of slack for a loaded machine), with the images of the iterations it had
+    finished removed; a short task under the same limit succeeds."""
+    from api_compat.tasks.backend import image_file
+
+    limit = 4.0
+    with TaskService(results_dir=tmp_path / "r", max_task_seconds=limit, memory_budget=None, **tiny_engine) as svc:
+        first = svc.sd_txt2img({"steps": 1, "width": 64, "height": 64})["taskId"]  # loads and exports the model
+        assert svc.wait(first, 600)["status"] in ("succeeded", "failed")
+        short = svc.wait(svc.sd_txt2img({"steps": 2, "width": 64, "height": 64})["taskId"], 60)
+        assert short["status"] == "succeeded", short.get("error")
+        task = svc.sd_txt2img({"steps": 150, "n_iter": 100, "width": 64, "height": 64, "sampler_name": "Euler"})
+        assert wait_for(lambda: svc.sd_get_result(task)["status"] == "running", 30)
+        started = time.monotonic()
+        result = svc.wait(task["taskId"], 120)
+        took = time.monotonic() - started
+    assert result["status"] == "failed" and result["error"]["code"] == "timed_out", result
+    assert f"{limit:g} s" in result["error"]["message"] and "--max-task-seconds" in result["error"]["message"]
+    assert took < limit + 5.0, f"stopped {took - limit:.1f} s after the limit"
+    assert result["images"] == [] and not image_file(tmp_path / "r" / "images", task["taskId"], 0).exists()
+    with pytest.raises(ValueError, match="max_task_seconds"):
+        TaskService(results_dir=tmp_path / "r2", max_task_seconds=0, **tiny_engine)
+
+
 def test_failure_isolation(tmp_path):
     with make(tmp_path, EngineDouble) as svc:
         ids = [svc.sd_txt2img({"prompt": p, "seed": i})["taskId"]

@@ -145,6 +145,59 @@ def test_batch_n_iter_seeds_progress_and_info(engines):
     assert mad(alone.images[0], res.images[2]) <= 0.5
 
 
+def test_n_iter_images_are_handed_on_per_iteration(engines):
+    """With ``on_images`` (what the task writer passes), each iteration's images arrive as soon as they are decoded,
+    before the next iteration samples, with their infotexts; the result holds no image, and the images and
+    infotexts are exactly those of the call without it (issue 31: finished images must not pile up)."""
+    req = GenerationRequest(model="tiny-sd1", prompt="x", steps=2, seed=7, batch_size=2, n_iter=3,
+                            sampler_name="Euler")
+    whole = engines("torch").generate(req)
+    steps, got = [], []
+
+    def progress(event):
+        if event.phase == "sampling":
+            steps.append(event.step)
+
+    res = engines("torch").generate(req, progress=progress,
+                                    on_images=lambda first, images, texts: got.append((first, images, texts,
+                                                                                      max(steps))))
+    assert res.images == [] and res.infotexts == whole.infotexts and res.seeds == whole.seeds
+    assert [(first, len(images), done) for first, images, _, done in got] == [(0, 2, 2), (2, 2, 4), (4, 2, 6)]
+    streamed = [img for _, images, _, _ in got for img in images]
+    assert all(np.array_equal(a, b) for a, b in zip(streamed, whole.images)) and len(streamed) == 6
+    assert [t for _, _, texts, _ in got for t in texts] == whole.infotexts
+
+
+def test_cancel_inside_a_tiled_vae_decode(engines):
+    """A cancel set while a tiled VAE decode runs stops it at the next tile (engine.tiling's check), not after
+    the whole image: the real tiny VAE over 8x8 tiles of a 16x16 latent (9 tiles), counted."""
+    from engine.tiling import decode
+
+    engine = engines("torch")
+    rt = engine.runtime("tiny-sd1")
+    cancel = threading.Event()
+    calls = []
+
+    def run(component, feeds):
+        calls.append(component)
+        if len(calls) == 2:
+            cancel.set()  # as a client's cancel (or --max-task-seconds) arriving during the second tile
+        return rt.backend.run(component, feeds)
+
+    def check():
+        if cancel.is_set():
+            raise Cancelled("generation cancelled")
+
+    from engine.tiling import VaeTiling
+
+    latent = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    tiling = VaeTiling(tile=8, overlap=2, above_px=64)
+    assert decode(rt.backend.run, latent, tiling).shape == (1, 3, 128, 128)
+    with pytest.raises(Cancelled):
+        decode(run, latent, tiling, check)
+    assert calls == ["vae_decoder"] * 2  # of 9 tiles
+
+
 def test_random_seed_is_reported(engines):
     res = engines("torch").generate(GenerationRequest(model="tiny-sd1", steps=1, seed=-1, sampler_name="Euler"))
     assert 0 <= res.seeds[0] < 4294967294 and f"Seed: {res.seeds[0]}," in res.infotexts[0]

@@ -15,8 +15,10 @@ Running one task (engine call, PNGs written atomically, the ``info`` dict, the e
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,23 +116,49 @@ class Progress:
 def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id: str, progress,
                    cancel: threading.Event, warnings: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
     """Generate and write the PNGs (each atomically: temp file + rename, so a reader or a killed worker never
-    leaves a partial image under its final name). Returns ``(info, image file names)``; ``info["warnings"]``
-    has the payload's ``warnings`` before the engine's."""
-    result = engine.generate(request, progress=progress, cancel=cancel)
-    names = []
-    infotexts = list(result.infotexts)
-    steps = request.steps * request.n_iter
-    for i, image in enumerate(result.images):
-        progress(PhaseEvent("saving", i, len(result.images), steps, steps, 0.0))
-        path = image_file(images_dir, task_id, i)
-        write_png(path, image, infotexts[i] if i < len(infotexts) else None)
-        names.append(path.name)
-    # ControlNet detected maps (units with save_detected_map) follow the images, as the extension appends them
-    maps = list(getattr(result, "detected_maps", None) or [])
-    for detected in maps:
-        path = image_file(images_dir, task_id, len(names))
-        write_png(path, detected, None)
-        names.append(path.name)
+    leaves a partial image under its final name). An engine that takes ``on_images`` (engine.pipeline.Engine)
+    hands each iteration's images over as they are decoded and they are written at once, so the images of an
+    ``n_iter`` request are never all held (engine.memory counts one batch); a task that fails after some were
+    written removes them. Returns ``(info, image file names)``; ``info["warnings"]`` has the payload's
+    ``warnings`` before the engine's."""
+    names: list[str] = []
+    total = request.batch_size * request.n_iter
+    last = PhaseEvent("sampling", steps=request.steps * request.n_iter)
+
+    def relay(event, steps: int | None = None) -> None:
+        nonlocal last
+        if steps is None and isinstance(event, PhaseEvent):
+            last = event
+        progress(event, steps)
+
+    def save(first: int, images, infotexts) -> None:
+        for k, image in enumerate(images):
+            relay(PhaseEvent("saving", first + k, total, last.step, last.steps, last.eta_seconds))
+            path = image_file(images_dir, task_id, first + k)
+            write_png(path, image, infotexts[k] if k < len(infotexts) else None)
+            names.append(path.name)
+
+    try:
+        if _takes_images_sink(engine):
+            result = engine.generate(request, progress=relay, cancel=cancel, on_images=save)
+        else:
+            result = engine.generate(request, progress=relay, cancel=cancel)
+        infotexts = list(result.infotexts)
+        if result.images:  # an engine that returns them all at the end
+            save(len(names), result.images, infotexts[len(names):])
+        # ControlNet detected maps (units with save_detected_map) follow the images, as the extension appends them
+        maps = list(getattr(result, "detected_maps", None) or [])
+        for detected in maps:
+            path = image_file(images_dir, task_id, len(names))
+            write_png(path, detected, None)
+            names.append(path.name)
+    except BaseException:
+        for name in names:  # no image of a task that did not succeed stays behind
+            try:
+                (Path(images_dir) / name).unlink()
+            except FileNotFoundError:
+                pass
+        raise
     info = dict(result.info)
     if warnings:
         info["warnings"] = [*warnings, *(info.get("warnings") or [])]
@@ -143,9 +171,86 @@ def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id
     return info, names
 
 
-def error_of(exc: BaseException, task_id: str, origins: Mapping[str, str] | None = None) -> tuple[str, str]:
+def _takes_images_sink(engine) -> bool:
+    """Whether ``engine.generate`` takes ``on_images`` (engine.pipeline.Engine does; simpler engines may not)."""
+    try:
+        params = inspect.signature(engine.generate).parameters
+    except (TypeError, ValueError):
+        return False
+    return "on_images" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class RunLimit:
+    """The server's limit on one task's run time (``--max-task-seconds``): ``with RunLimit(cancel, seconds)``
+    around a run sets the task's ``cancel`` event once ``seconds`` of its run have passed, which stops the engine
+    at its next check (after the current sampling step, VAE tile or upscaled image); ``fired`` tells a cancel by
+    the limit from a client's. The time the engine spends loading a model or exporting a component (phases
+    ``loading`` and ``exporting``, reported to :meth:`observe`) is not counted: it is the server's, once per model,
+    not the request's. ``seconds`` None or 0: no limit."""
+
+    PAUSED = ("loading", "exporting")
+
+    def __init__(self, cancel: threading.Event, seconds: float | None):
+        self.cancel = cancel
+        self.seconds = seconds or None
+        self.fired = False
+        self.used = 0.0  # seconds counted before the running stretch
+        self._since: float | None = None  # start of the running stretch (None: paused)
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._timer is None or self.cancel.is_set():
+                return
+            self.fired = True
+        log.warning("a task ran past the limit of %g s (--max-task-seconds); stopping it", self.seconds)
+        self.cancel.set()
+
+    def _run(self) -> None:
+        if self.seconds is None or self._timer is not None:
+            return
+        self._since = time.monotonic()
+        self._timer = threading.Timer(max(self.seconds - self.used, 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _pause(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self.used += time.monotonic() - self._since
+
+    def observe(self, event) -> None:
+        """A progress event of the run: the clock stops in ``loading``/``exporting`` and runs in other phases."""
+        phase = getattr(event, "phase", None)
+        if phase is None or self.seconds is None:
+            return
+        with self._lock:
+            self._pause() if phase in self.PAUSED else self._run()
+
+    def __enter__(self) -> RunLimit:
+        with self._lock:
+            self._run()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._pause()
+
+    def error(self) -> tuple[str, str]:
+        return "timed_out", (f"the task ran longer than this server's limit of {self.seconds:g} s per task "
+                             "(--max-task-seconds; loading and exporting models not counted) and was stopped; ask "
+                             "for fewer steps, images or pixels")
+
+
+def error_of(exc: BaseException, task_id: str, origins: Mapping[str, str] | None = None,
+             limit: RunLimit | None = None) -> tuple[str, str]:
     """The (code, message) a failed task reports for ``exc``, the same in every backend; an error about a
-    request field names the payload's (``origins``: api_compat.translate.field_origins)."""
+    request field names the payload's (``origins``: api_compat.translate.field_origins); a task stopped by
+    the server's run-time ``limit`` fails ``timed_out``."""
+    if isinstance(exc, Cancelled) and limit is not None and limit.fired:
+        return limit.error()
     if isinstance(exc, Cancelled):
         return "cancelled", (str(exc) or "cancelled")[:2000]
     if isinstance(exc, SdEngineError):

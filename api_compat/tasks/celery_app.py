@@ -73,6 +73,8 @@ class QueueOptions:
     every ``lease_ttl / 3``); ``heartbeat_interval``: seconds between a worker's heartbeats;
     ``worker_timeout``: seconds a reaper must see a worker's heartbeat stand still before that worker counts as
     lost; ``reap_interval``: seconds between a reaper's scans of the running tasks.
+    ``max_task_seconds``: a running task is stopped after so long (``timed_out``); the server's value travels
+    in each task's message and the worker applies the smaller of it and its own. None: no limit.
     """
 
     visibility_timeout: float = 3600.0
@@ -84,6 +86,7 @@ class QueueOptions:
     heartbeat_interval: float = 2.0
     worker_timeout: float = 20.0
     reap_interval: float = 2.0
+    max_task_seconds: float | None = None
 
     def __post_init__(self):
         for name in ("visibility_timeout", "restore_interval", "lease_ttl", "heartbeat_interval", "worker_timeout",

@@ -52,7 +52,8 @@ class CeleryBackend:
         limits = asdict(self.service.limits)
         message = {"task_id": sub.task_id, "config_id": sub.config_id, "kind": sub.kind, "payload": sub.payload,
                    "options": options,
-                   "limits": limits, "ttl": self.ttl or 0, "steps": getattr(sub.request, "steps", None)}
+                   "limits": limits, "ttl": self.ttl or 0, "steps": getattr(sub.request, "steps", None),
+                   "max_seconds": self.options.max_task_seconds or 0}
         try:
             json.dumps(message)
         except (TypeError, ValueError) as exc:

@@ -25,7 +25,8 @@ from typing import Any, Callable
 from engine.config import EngineConfig
 from core.errors import Cancelled, SdEngineError
 
-from api_compat.tasks.backend import Progress, Submission, error_of, initial_progress, result_dict, run_generation
+from api_compat.tasks.backend import (Progress, RunLimit, Submission, error_of, initial_progress, result_dict,
+                                      run_generation)
 from api_compat.detect import run_detect
 from api_compat.engine_api import EngineFactory, EngineLike
 from api_compat.errors import ApiError
@@ -141,14 +142,16 @@ class EmbeddedBackend:
     ``restore(pending) -> Submission`` rebuilds a task a dead process left (its stored payload validated and
     translated again); it raises :class:`ApiError` (or an engine error) for a task that can no longer run,
     which is then failed with that error. None: such tasks are failed ``interrupted``.
-    ``max_attempts``: starts of one task that may die with the process (then ``worker_lost``)."""
+    ``max_attempts``: starts of one task that may die with the process (then ``worker_lost``).
+    ``max_task_seconds``: a running task is stopped after so long (``timed_out``); None: no limit."""
 
     name = "embedded"
 
     def __init__(self, configs: dict[str, EngineConfig], results_dir: Path, *, engine_factory: EngineFactory,
                  max_queue: int, max_queue_bytes: int, max_age_s: float | None, max_tasks: int | None,
-                 restore: Restore | None = None, max_attempts: int = 3):
+                 restore: Restore | None = None, max_attempts: int = 3, max_task_seconds: float | None = None):
         self.configs = configs
+        self.max_task_seconds = max_task_seconds
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
         self.max_attempts = max_attempts
@@ -318,25 +321,28 @@ class EmbeddedBackend:
     def _run(self, worker: _Worker, task: _Task) -> None:
         """Run one task to a final state; every exception ends as a failed task, never in the worker."""
         tracker = Progress(task.sub.request.steps)
+        limit = RunLimit(task.cancel, self.max_task_seconds)
 
         def progress(event, steps: int | None = None) -> None:
+            limit.observe(event)
             task.progress = tracker(event, steps)
 
         try:
             if task.cancel.is_set():
                 raise Cancelled("cancelled before the task started")
-            if task.sub.kind == "detect":  # /controlnet/detect: the preprocessors, no engine
-                info, names = run_detect(task.sub.request, images_dir=self.store.images_dir, task_id=task.task_id,
-                                         progress=progress, cancel=task.cancel)
-            else:
-                engine = self._engine(worker, task)
-                info, names = run_generation(engine, task.sub.request, images_dir=self.store.images_dir,
-                                             task_id=task.task_id, config_id=task.sub.config_id,
-                                             progress=progress, cancel=task.cancel, warnings=task.sub.warnings)
+            with limit:
+                if task.sub.kind == "detect":  # /controlnet/detect: the preprocessors, no engine
+                    info, names = run_detect(task.sub.request, images_dir=self.store.images_dir,
+                                             task_id=task.task_id, progress=progress, cancel=task.cancel)
+                else:
+                    engine = self._engine(worker, task)
+                    info, names = run_generation(engine, task.sub.request, images_dir=self.store.images_dir,
+                                                 task_id=task.task_id, config_id=task.sub.config_id,
+                                                 progress=progress, cancel=task.cancel, warnings=task.sub.warnings)
             self.store.finish(task.task_id, Status.SUCCEEDED, info=info, images=names)
             task.status = Status.SUCCEEDED
         except Exception as exc:
-            code, message = error_of(exc, task.task_id, task.sub.origins)
+            code, message = error_of(exc, task.task_id, task.sub.origins, limit)
             self._fail(task, code, message)
         try:
             self.store.checkpoint()

@@ -32,7 +32,7 @@ from api_compat.engine_api import default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits
 from api_compat.schema import parse_request
-from api_compat.tasks.backend import Progress, error_of, run_generation
+from api_compat.tasks.backend import Progress, RunLimit, error_of, run_generation
 from api_compat.tasks.celery_app import TASK_NAME, WORKER_LOCAL, QueueOptions, make_app, queue_name, redact
 from api_compat.tasks.redis_records import RedisTasks
 from api_compat.tasks.store import TASK_ID
@@ -151,6 +151,9 @@ class _Runtime:
 
         tracker = Progress(message.get("steps"))
         names: list[str] = []
+        # the smaller of this worker's limit and the server's (carried in the message)
+        seconds = [float(x) for x in (self.settings.options.max_task_seconds, message.get("max_seconds")) if x]
+        limit = RunLimit(cancel, min(seconds) if seconds else None)
         origins: dict[str, str] = {}  # request path -> payload path, once the payload is parsed
         down = [0.0]  # since when Redis is away (monotonic; 0: it is not)
 
@@ -170,6 +173,7 @@ class _Runtime:
             return asked
 
         def progress(event, steps: int | None = None) -> None:
+            limit.observe(event)
             if write_progress(tracker(event, steps)):
                 cancel.set()
 
@@ -180,18 +184,20 @@ class _Runtime:
                 request = parse_detect(message["payload"], limits)
                 if write_progress(tracker.value):
                     raise Cancelled("cancelled before the task started")
-                info, names = run_detect(request, images_dir=self.images_dir, task_id=task_id, progress=progress,
-                                         cancel=cancel)
+                with limit:
+                    info, names = run_detect(request, images_dir=self.images_dir, task_id=task_id,
+                                             progress=progress, cancel=cancel)
             else:
-                info, names = self._generate(kind, message, limits, task_id, tracker, write_progress, progress,
-                                             cancel, origins)
+                with limit:
+                    info, names = self._generate(kind, message, limits, task_id, tracker, write_progress, progress,
+                                                 cancel, origins)
             if not self._finish(task_id, "succeeded", ttl, info=info, images=names):
                 self._discard(task_id, names)  # cancelled or taken over meanwhile: its record says so
         except ApiError as exc:
             self._finish(task_id, "failed", ttl, error=(exc.code, str(exc)))
         except Exception as exc:
             self._discard(task_id, names)
-            self._finish(task_id, "failed", ttl, error=error_of(exc, task_id, origins))
+            self._finish(task_id, "failed", ttl, error=error_of(exc, task_id, origins, limit))
 
     def _generate(self, kind: str, message, limits: ImageLimits, task_id: str, tracker: Progress, write_progress,
                   progress, cancel: threading.Event, origins: dict[str, str]) -> tuple[dict[str, Any], list[str]]:

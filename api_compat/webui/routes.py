@@ -12,6 +12,7 @@ running webui task; a client that disconnects cancels its own task.
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import time
@@ -169,10 +170,12 @@ class WebuiRoutes(RouteSet):
         state = self.state
         try:
             body = await self.read_json(request)
+            send = not isinstance(body, dict) or body.get("send_images", True) is not False
+            if send:  # the answer holds every image as base64: the memory budget counts it (engine.memory)
+                submit = functools.partial(submit, inline_images=True)
             result, warnings = await self.run_with_options(request, kind, submit, body)
             task_id = result["_task_id"]
             count = len(result.get("images") or [])
-            send = body.get("send_images", True) is not False
             images = await self.images_of(task_id, count) if send else []
             info = webui_info(result.get("info") or {}, body)
             info["sdengine_task_id"] = task_id
