@@ -16,6 +16,7 @@ from engine.models.checkpoints import Kind, read_safetensors_header, text_encode
 from engine.models.store import SUBDIRS, folders
 from engine.networks.embeddings import fits, store_embeddings
 from engine.samplers import SCHEDULE_NAMES, SPECS
+from engine.upscalers import find_upscalers
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,15 @@ def schedulers() -> list[dict[str, Any]]:
              "default_rho": _SCHEDULE_RHO.get(label, -1.0), "need_inner_model": False} for label in SCHEDULE_NAMES]
 
 
-def upscalers() -> list[dict[str, Any]]:
-    """The image upscalers the engine has (engine.img2img, with the hires fix)."""
-    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
-            for n in IMAGE_UPSCALERS]
+def upscalers(models_dir=None) -> list[dict[str, Any]]:
+    """The image upscalers: the PIL ones, then the model files of the webui's folders (engine.upscalers), as the
+    webui lists them (name, the upscaler class's model_name, the file, the listed scale)."""
+    out = [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+           for n in IMAGE_UPSCALERS]
+    for u in find_upscalers(models_dir) if models_dir is not None else []:
+        out.append({"name": u.name, "model_name": u.model_name, "model_path": str(u.path), "model_url": None,
+                    "scale": float(u.scale)})
+    return out
 
 
 def latent_upscale_modes() -> list[dict[str, Any]]:
@@ -164,9 +170,10 @@ def face_restorers() -> list[dict[str, Any]]:
     return []
 
 
-def realesrgan_models() -> list[dict[str, Any]]:
-    """``[{name, path, scale}]``: none (the image upscalers are the ones of :func:`upscalers`)."""
-    return []
+def realesrgan_models(models_dir=None) -> list[dict[str, Any]]:
+    """``[{name, path, scale}]`` of the Real-ESRGAN models (the models folder RealESRGAN/)."""
+    return [{"name": u.name, "path": str(u.path), "scale": u.scale}
+            for u in (find_upscalers(models_dir) if models_dir is not None else []) if u.folder == "RealESRGAN"]
 
 
 def prompt_styles() -> list[dict[str, Any]]:
