@@ -177,6 +177,18 @@ def _only_default(*defaults: Any, feature: str):
     return Annotated[Any, BeforeValidator(check), Field(json_schema_extra={"description": f"not supported; only {shown}"})]
 
 
+def _script_args_type():
+    """A script's arguments: a list of at most 64 values (their meaning is the script's), or null."""
+
+    def check(value: Any) -> Any:
+        if value is None or (isinstance(value, list) and len(value) <= 64):
+            return value
+        raise _err("invalid_type", "must be a list of at most 64 values", "a list, or null")
+
+    return Annotated[Any, BeforeValidator(check), Field(json_schema_extra={
+        "description": 'the script\'s arguments ("sd upscale": ["", overlap, upscaler, scale])'})]
+
+
 def _mode(enum: Any, default_text: str):
     """An extension enum (engine.controlnet ResizeMode / ControlMode), parsed by the enum's own ``parse`` (names,
     aliases, case-insensitive, or the extension's int); returns the canonical name."""
@@ -431,8 +443,9 @@ class GenerationPayload(_Model):
     s_min_uncond: _only_default(0, 0.0, None, feature="negative guidance minimum sigma (s_min_uncond)") = None
     refiner_checkpoint: _only_default(None, "", "None", feature="refiner checkpoints") = None
     force_task_id: _only_default(None, "", feature="client-chosen task ids") = None
-    script_name: _only_default(None, "", feature="scripts (script_name)") = None
-    script_args: _only_default(None, [], feature="scripts (script_args)") = None
+    # selectable scripts: "sd upscale" on img2img (api_compat.translate checks the name and its arguments)
+    script_name: OptShortText = None
+    script_args: _script_args_type() = None
     infotext: _only_default(None, "", feature="infotext parameters") = None
 
 

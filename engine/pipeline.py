@@ -36,6 +36,8 @@ from engine.controlnet.reference import ReferenceInjection, supports_reference
 from engine.controlnet.units import REFERENCE_MODULES, extension_residuals, residual_count
 from engine.denoiser import Denoiser, LatentBlend
 from core.errors import BackendUnavailable, InvalidRequest
+from engine import sd_upscale
+from engine.upscalers import Upscaling
 from engine.img2img import LATENT_UPSCALERS, HiresSize, hires_size, prepare_init, upscale_image, upscale_latent
 from engine.infotext import Generation, hires_infotext, unit_infotext
 from engine.models.store import ModelStore
@@ -219,6 +221,9 @@ class Engine:
                  cancel: threading.Event | None = None) -> GenerationResult:
         """``progress(Progress)`` gets each phase (loading, exporting, encoding, sampling, decoding) and step
         (engine.progress); ``cancel`` set stops the request between steps (``Cancelled``)."""
+        if request.sd_upscale is not None:  # the "SD upscale" script: img2img passes over tiles of the upscale
+            how = Upscaling(models_dir=self.config.models_dir, device=self.config.device)
+            return sd_upscale.run(self, request, how, progress=progress, cancel=cancel)
         with self._lock:
             reporter = ProgressReporter(progress, cancel, request.n_iter * request.steps, clock=self.clock)
             token = _REPORTER.set(reporter)
@@ -475,7 +480,8 @@ class Engine:
             ctx.reporter.phase("decoding", "hires fix: the first pass, for the image upscaler")
             decoded = decode_latents(ctx.rt.backend.run, latents, self.config.vae_tiling)
             lowres = (np.clip(decoded, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
-            pixels = np.stack([upscale_image(img, size.upscale_width, size.upscale_height, hr.upscaler_name)
+            how = Upscaling(models_dir=self.config.models_dir, device=self.config.device)
+            pixels = np.stack([upscale_image(img, size.upscale_width, size.upscale_height, hr.upscaler_name, how)
                                for img in lowres]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
             x0 = self._encode(ctx.rt, pixels)
         x0 = size.truncate(x0)
