@@ -30,6 +30,7 @@ from engine.img2img import check_image_upscaler, hires_size
 from engine.request import ControlNetUnit, GenerationRequest, Hires, InitImage
 from engine.rules import SIZE_MULTIPLE, check_limits, default, resolve_hires_sampler, size_fits
 from engine.samplers import resolve
+from engine.styles import apply_styles, load_styles
 from engine.sd_upscale import MAX_OVERLAP, SdUpscale
 from engine.sd_upscale import SCRIPT_NAME as SD_UPSCALE_SCRIPT
 from engine.upscalers import upscaler_names
@@ -232,9 +233,12 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         if not get_preprocessor(units[-1].module).model_free:  # model-free units name no model
             models.append((Kind.CONTROLNET, units[-1].model, f"{field}.model"))
 
+    prompt = payload.prompt
+    if payload.styles:  # the webui's prompt styles (engine.styles: styles.csv in the data folder)
+        prompt, negative = apply_styles(prompt, negative, payload.styles, load_styles())
     fields = dict(
         model=model,
-        prompt=payload.prompt,
+        prompt=prompt,
         negative_prompt=negative,
         vae=vae,
         clip_skip=clip_skip,
@@ -269,6 +273,10 @@ def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]
     # None (not given): "Latent", and no "Hires upscaler" in the infotext (webui)
     upscaler = check_image_upscaler(payload.hr_upscaler, "hires.upscaler", latent=True,
                                     models_dir=config.models_dir) if payload.hr_upscaler else None
+    hr_prompt, hr_negative = payload.hr_prompt or None, payload.hr_negative_prompt or None
+    if payload.styles and (hr_prompt or hr_negative):  # the webui styles the second pass's own prompts too
+        styled = apply_styles(hr_prompt or "", hr_negative or "", payload.styles, load_styles())
+        hr_prompt, hr_negative = (styled[0] if hr_prompt else None), (styled[1] if hr_negative else None)
     hires = Hires(
         scale=default("hires.scale") if payload.hr_scale is None else payload.hr_scale,
         resize_x=payload.hr_resize_x or 0,
@@ -279,8 +287,8 @@ def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]
         else payload.denoising_strength,
         sampler_name=payload.hr_sampler_name or None,
         scheduler=payload.hr_scheduler or None,
-        prompt=payload.hr_prompt or None,  # "" means the first pass's prompt, as the webui
-        negative_prompt=payload.hr_negative_prompt or None,
+        prompt=hr_prompt,  # "" means the first pass's prompt, as the webui
+        negative_prompt=hr_negative,
         cfg_scale=payload.hr_cfg,
     )
     resolve_hires_sampler(fields["sampler_name"], fields["scheduler"], hires, resolve)

@@ -16,13 +16,15 @@ from engine.models.checkpoints import Kind, read_safetensors_header, text_encode
 from engine.models.store import SUBDIRS, folders
 from engine.networks.embeddings import fits, store_embeddings
 from engine.samplers import SCHEDULE_NAMES, SPECS
-from engine.upscalers import find_upscalers
+from engine.styles import load_styles
+from engine.upscalers import find_upscalers, upscaler_names
 
 log = logging.getLogger(__name__)
 
 # the scripts this engine runs, by the names the webui lists them under (a script's title, lower case): ControlNet
-# (sd-webui-controlnet's "controlnet") is the one always-on script, on both tabs; there are no selectable scripts
-SCRIPTS = {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+# (sd-webui-controlnet's "controlnet") is the one always-on script, on both tabs; "sd upscale" (engine.sd_upscale)
+# the one selectable script, on img2img
+SCRIPTS = {"txt2img": ["controlnet"], "img2img": ["sd upscale", "controlnet"]}
 _SCHEDULE_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
 
 
@@ -147,15 +149,22 @@ def scripts() -> dict[str, list[str]]:
     return {k: list(v) for k, v in SCRIPTS.items()}
 
 
-def script_info() -> list[dict[str, Any]]:
+def script_info(models_dir=None) -> list[dict[str, Any]]:
     """``/sdapi/v1/script-info``: the webui's ScriptInfo items (name, is_alwayson, is_img2img, args) of
     :func:`scripts`; ControlNet's arguments are its units (one ScriptArg each, as the extension's script takes a
     unit per argument)."""
     from engine.rules import MAX_UNITS
 
-    args = [{"label": f"ControlNet Unit {i}", "value": None, "minimum": None, "maximum": None, "step": None,
-             "choices": None} for i in range(MAX_UNITS)]
-    return [{"name": name, "is_alwayson": True, "is_img2img": tab == "img2img", "args": args}
+    from engine.sd_upscale import DEFAULT_OVERLAP, DEFAULT_SCALE, MAX_OVERLAP
+
+    def arg(label, value=None, lo=None, hi=None, step=None, choices=None):
+        return {"label": label, "value": value, "minimum": lo, "maximum": hi, "step": step, "choices": choices}
+
+    args = {"controlnet": [arg(f"ControlNet Unit {i}") for i in range(MAX_UNITS)],
+            "sd upscale": [arg(None), arg("Tile overlap", DEFAULT_OVERLAP, 0, MAX_OVERLAP, 16),
+                           arg("Upscaler", "None", choices=list(upscaler_names(models_dir))),
+                           arg("Scale Factor", DEFAULT_SCALE, 1.0, 4.0, 0.05)]}
+    return [{"name": name, "is_alwayson": name == "controlnet", "is_img2img": tab == "img2img", "args": args[name]}
             for tab, names in SCRIPTS.items() for name in names]
 
 
@@ -177,5 +186,6 @@ def realesrgan_models(models_dir=None) -> list[dict[str, Any]]:
 
 
 def prompt_styles() -> list[dict[str, Any]]:
-    """``[{name, prompt, negative_prompt}]``: none (``styles`` is refused)."""
-    return []
+    """``[{name, prompt, negative_prompt}]`` of styles.csv in the data folder (engine.styles)."""
+    return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+            for s in load_styles().values()]

@@ -281,13 +281,13 @@ class WebuiRoutes(RouteSet):
                                        self.service.configs[DEFAULT_CONFIG])
 
     @route("GET", "/sdapi/v1/scripts", summary="Scripts by the names the webui and extensions use (ControlNet: "
-                                               "\"controlnet\", the one always-on script; no selectable scripts)")
+                                               "\"controlnet\", always on; img2img: \"sd upscale\")")
     async def scripts(self):
         return listings.scripts()
 
     @route("GET", "/sdapi/v1/script-info", summary="The scripts with their arguments (ControlNet: one per unit)")
     async def script_info(self):
-        return listings.script_info()
+        return await asyncio.to_thread(listings.script_info, self.service.configs[DEFAULT_CONFIG].models_dir)
 
     @route("GET", "/sdapi/v1/hypernetworks", summary="Hypernetworks: none (the engine does not apply them)")
     async def hypernetworks(self):
@@ -301,9 +301,10 @@ class WebuiRoutes(RouteSet):
     async def realesrgan_models(self):
         return await asyncio.to_thread(listings.realesrgan_models, self.service.configs[DEFAULT_CONFIG].models_dir)
 
-    @route("GET", "/sdapi/v1/prompt-styles", summary="Prompt styles: none (the engine has no styles)")
+    @route("GET", "/sdapi/v1/prompt-styles", summary="Prompt styles (styles.csv in the data folder, "
+                                                     "the webui's format)")
     async def prompt_styles(self):
-        return listings.prompt_styles()
+        return await asyncio.to_thread(listings.prompt_styles)
 
     @route("GET", "/sdapi/v1/cmd-flags", summary="The server's flags under the webui's names (no secrets)")
     async def cmd_flags(self):
