@@ -24,7 +24,7 @@ from engine.config import EngineConfig
 from engine.controlnet import check_unit_sizes
 from engine.controlnet.images import ResizeMode, load_image
 from engine.controlnet.preprocessors import get_preprocessor
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, NotSupported
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
 from engine.request import ControlNetUnit, GenerationRequest, Hires, InitImage
@@ -313,7 +313,6 @@ def _payload_terms(build):
     return translated
 
 
-@_payload_terms
 def _script(payload: GenerationPayload, kind: str, config: EngineConfig, limits: ImageLimits, image=None):
     """The selectable script of ``script_name`` (webui scripts by title, any case): "sd upscale" on img2img
     (engine.sd_upscale; ``script_args`` ["", overlap, upscaler, scale], missing ones at the script's defaults);
@@ -323,7 +322,7 @@ def _script(payload: GenerationPayload, kind: str, config: EngineConfig, limits:
         return None
     if name.lower() != SD_UPSCALE_SCRIPT or kind != "img2img":
         where = "img2img: \"sd upscale\"" if kind == "img2img" else "none on txt2img"
-        raise InvalidRequest("script_name", f"the script {name[:100]!r} is not available in this engine "
+        raise NotSupported("script_name", f"not supported: the script {name[:100]!r} is not available in this engine "
                              f"({kind})", f"{where} (or null)")
     args = list(payload.script_args or [])
     overlap = args[1] if len(args) > 1 and args[1] is not None else SdUpscale.overlap
@@ -362,6 +361,7 @@ def _script(payload: GenerationPayload, kind: str, config: EngineConfig, limits:
     return SdUpscale(overlap=int(overlap), upscaler=upscaler, scale=float(scale))
 
 
+@_payload_terms
 def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits | None = None) -> Translation:
     """Validate what needs the configuration and build the engine request (decoding unit images); an
     InvalidRequest names the payload's field."""

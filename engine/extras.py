@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import InvalidRequest
+from core.errors import NotSupported
 from engine.upscalers import Upscaling, upscale
 
 FACES_MODULE = "engine.faces"  # restore(image, model, visibility, weight) -> image (the face-restoration room)
@@ -58,7 +58,7 @@ def check_faces(extras: Extras, field_prefix: str = "") -> None:
     naming the field and the models folder."""
     for field, model in (("gfpgan_visibility", "GFPGAN"), ("codeformer_visibility", "CodeFormer")):
         if getattr(extras, field) > 0 and not faces_available():
-            raise InvalidRequest(field_prefix + field, f"face restoration ({model}) is not available in this "
+            raise NotSupported(field_prefix + field, f"not supported: face restoration ({model}) is not available in this "
                                  f"engine; put a {model} model in the models folder {FACE_FOLDERS[model]}/ of an "
                                  "engine with face restoration", "0")
 
