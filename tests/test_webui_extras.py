@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests import upscaler_support as us
-from tests.test_webui_client import ROOT, Server, b64_pixels
+from tests.test_webui_client import Server, b64_pixels
 
 PROMPT = "a large red circle in the middle on a blue background"
 STYLES = ('name,prompt,negative_prompt\n"Cinematic","cinematic still of {prompt}, film grain","cartoon"\n'
