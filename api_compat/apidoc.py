@@ -87,8 +87,8 @@ FIELD_DOCS: dict[str, str] = {
     "hr_scale": f"hires fix upscale factor (default {default('hires.scale'):g}; the second pass must fit the size "
                 "limits); ignored while enable_hr is off",
     "hr_upscaler": f"hires fix upscaler: {DEFAULT_HIRES_UPSCALER} (default), Latent (antialiased), Latent (bicubic), Latent (bicubic "
-                   "antialiased), Latent (nearest), Latent (nearest-exact), None, Lanczos, Nearest; model upscalers "
-                   "are refused",
+                   "antialiased), Latent (nearest), Latent (nearest-exact), None, Lanczos, Nearest, or a model upscaler "
+                   "of the models folders ESRGAN/, RealESRGAN/, SwinIR/, HAT/, DAT/ (GET /sdapi/v1/upscalers)",
     "hr_second_pass_steps": "hires fix steps of the second pass (0: steps); it runs exactly these steps",
     "hr_resize_x": "hires fix target width (0: from hr_scale, or from hr_resize_y keeping the aspect ratio)",
     "hr_resize_y": "hires fix target height (0: from hr_scale, or from hr_resize_x keeping the aspect ratio)",
@@ -103,15 +103,17 @@ FIELD_DOCS: dict[str, str] = {
     "enable_hr": "hires fix (second pass at a larger size)",
     "restore_faces": "face restoration",
     "tiling": "seamless tiling",
-    "styles": "webui prompt styles",
+    "styles": "prompt styles by name (styles.csv in the data folder; GET /sdapi/v1/prompt-styles), applied in "
+              "order: {prompt} in a style is replaced by the prompt, else the style is appended",
     "seed_resize_from_h": "seed resize",
     "seed_resize_from_w": "seed resize",
     "s_min_uncond": "negative guidance minimum sigma",
     "refiner_checkpoint": "SDXL refiner",
     "firstpass_image": "a given first-pass image",
     "force_task_id": "client-chosen task ids",
-    "script_name": "webui scripts",
-    "script_args": "webui scripts",
+    "script_name": "a selectable script: \"sd upscale\" (img2img only); any other is refused naming it",
+    "script_args": "the script's arguments; \"sd upscale\": [\"\", tile overlap (0-256, default 64), upscaler "
+                   "(name or index, default \"None\"), scale factor (1-8, default 2)]",
     "infotext": "parameters given as an infotext",
     # override_settings
     "CLIP_stop_at_last_layers": "clip skip (wins over clip_skip)",

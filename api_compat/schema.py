@@ -178,6 +178,32 @@ def _only_default(*defaults: Any, feature: str):
     return Annotated[Any, BeforeValidator(check), Field(json_schema_extra={"description": f"not supported; only {shown}"})]
 
 
+def _styles_type():
+    """Prompt style names (engine.styles: styles.csv in the data folder), applied in order; null or []: none."""
+
+    def check(value: Any) -> Any:
+        if value is None or (isinstance(value, list) and len(value) <= 64 and
+                             all(isinstance(v, str) and len(v) <= 200 for v in value)):
+            return value
+        raise _err("invalid_type", "must be a list of style names", "a list of at most 64 names from "
+                   "/sdapi/v1/prompt-styles, or null")
+
+    return Annotated[Any, BeforeValidator(check), Field(json_schema_extra={
+        "description": "prompt styles by name (GET /sdapi/v1/prompt-styles), applied in order"})]
+
+
+def _script_args_type():
+    """A script's arguments: a list of at most 64 values (their meaning is the script's), or null."""
+
+    def check(value: Any) -> Any:
+        if value is None or (isinstance(value, list) and len(value) <= 64):
+            return value
+        raise _err("invalid_type", "must be a list of at most 64 values", "a list, or null")
+
+    return Annotated[Any, BeforeValidator(check), Field(json_schema_extra={
+        "description": 'the script\'s arguments ("sd upscale": ["", overlap, upscaler, scale])'})]
+
+
 def _mode(enum: Any, default_text: str):
     """An extension enum (engine.controlnet ResizeMode / ControlMode), parsed by the enum's own ``parse`` (names,
     aliases, case-insensitive, or the extension's int); returns the canonical name."""
@@ -426,14 +452,15 @@ class GenerationPayload(_Model):
     # webui features the engine does not implement: default only
     restore_faces: _only_default(False, None, feature="face restoration") = None
     tiling: _only_default(False, None, feature="tiling") = None
-    styles: _only_default(None, [], feature="prompt styles") = None
+    styles: _styles_type() = None
     seed_resize_from_h: _only_default(-1, 0, None, feature="seed resize") = None
     seed_resize_from_w: _only_default(-1, 0, None, feature="seed resize") = None
     s_min_uncond: _only_default(0, 0.0, None, feature="negative guidance minimum sigma (s_min_uncond)") = None
     refiner_checkpoint: _only_default(None, "", "None", feature="refiner checkpoints") = None
     force_task_id: _only_default(None, "", feature="client-chosen task ids") = None
-    script_name: _only_default(None, "", feature="scripts (script_name)") = None
-    script_args: _only_default(None, [], feature="scripts (script_args)") = None
+    # selectable scripts: "sd upscale" on img2img (api_compat.translate checks the name and its arguments)
+    script_name: OptShortText = None
+    script_args: _script_args_type() = None
     infotext: _only_default(None, "", feature="infotext parameters") = None
 
 

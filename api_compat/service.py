@@ -36,6 +36,7 @@ from engine.rules import MAX_SEED
 
 from api_compat import leniency
 from api_compat.detect import parse_detect
+from api_compat.extras import parse_extras
 from api_compat.engine_api import EngineFactory, check_memory, check_models, default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.paths import public_paths
@@ -49,6 +50,7 @@ from api_compat.tasks.store import TASK_ID, PendingTask, Status
 from api_compat.translate import field_origins, image_bytes, translate_request
 
 log = logging.getLogger(__name__)
+EXTRAS_KINDS = ("extras", "extras-batch")  # /sdapi/v1/extra-single-image, /extra-batch-images
 
 CONFIG_HEADER = "X-SP-RESOURCE-CONFIG-ID"
 DEFAULT_CONFIG = "default"
@@ -223,6 +225,11 @@ class TaskService:
     def _restore(self, pending: PendingTask) -> Submission:
         """The embedded backend's task left by a dead process, from its stored payload (seeds drawn at submit):
         parsed and translated again as at submit, so it makes the images the first run would have made."""
+        if pending.kind in EXTRAS_KINDS:
+            request = self._parse_extras(pending.payload, pending.config_id, pending.kind)
+            return Submission(task_id=pending.task_id, config_id=pending.config_id, request=request,
+                              parameters=pending.parameters, payload=pending.payload, model=None,
+                              created=pending.created, nbytes=request.nbytes, kind=pending.kind)
         if pending.kind == "detect":
             request = parse_detect(pending.payload, self.limits)
             return Submission(task_id=pending.task_id, config_id=pending.config_id, request=request,
@@ -251,6 +258,29 @@ class TaskService:
         sub = Submission(task_id=uuid.uuid4().hex, config_id=config_id, request=request,
                          parameters=request.parameters(), payload=wire, model=model, created=time.time(),
                          nbytes=request.nbytes, kind="detect")
+        self.backend.submit(sub)
+        return {"taskId": sub.task_id, "status": Status.WAITING.value}
+
+    def _parse_extras(self, payload: Any, config_id: str, kind: str):
+        return parse_extras(payload, self.limits, self.configs[config_id].models_dir, batch=kind == "extras-batch",
+                            strict=self.strict, memory_budget=self.memory_budget)
+
+    def extras(self, payload: Any, headers: dict[str, str] | None = None, batch: bool = False) -> dict[str, str]:
+        """The webui's ``/extra-single-image`` (``batch``: ``/extra-batch-images``) body as a task: validated here
+        (images decoded under the image limits, upscalers resolved, the output size and memory checked), the
+        upscalers run on the backend's worker (api_compat.extras). Returns ``{"taskId", "status"}``."""
+        config_id = self._config_id(headers)
+        kind = "extras-batch" if batch else "extras"
+        request = self._parse_extras(payload, config_id, kind)
+        model = None
+        if self.backend.name != "embedded":
+            try:  # the default checkpoint's queue, as /controlnet/detect
+                model = self._route(self._stores[config_id], self.configs[config_id], None)
+            except ApiError:
+                model = None
+        sub = Submission(task_id=uuid.uuid4().hex, config_id=config_id, request=request,
+                         parameters=request.parameters(), payload=payload, model=model, created=time.time(),
+                         nbytes=request.nbytes, kind=kind)
         self.backend.submit(sub)
         return {"taskId": sub.task_id, "status": Status.WAITING.value}
 

@@ -24,13 +24,17 @@ from engine.config import EngineConfig
 from engine.controlnet import check_unit_sizes
 from engine.controlnet.images import ResizeMode, load_image
 from engine.controlnet.preprocessors import get_preprocessor
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, NotSupported
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
 from engine.request import ControlNetUnit, GenerationRequest, Hires, InitImage
 from engine.networks.syntax import parse_prompt
 from engine.rules import SIZE_MULTIPLE, check_limits, default, hires_sampler, resolve_hires_sampler, size_fits
 from engine.samplers import resolve
+from engine.styles import apply_styles, load_styles
+from engine.sd_upscale import MAX_OVERLAP, SdUpscale
+from engine.sd_upscale import SCRIPT_NAME as SD_UPSCALE_SCRIPT
+from engine.upscalers import upscaler_names
 
 from api_compat.errors import ApiError, in_payload_terms
 from api_compat.images import ImageLimits
@@ -237,9 +241,12 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         if not get_preprocessor(units[-1].module).model_free:  # model-free units name no model
             models.append((Kind.CONTROLNET, units[-1].model, f"{field}.model"))
 
+    prompt = payload.prompt
+    if payload.styles:  # the webui's prompt styles (engine.styles: styles.csv in the data folder)
+        prompt, negative = apply_styles(prompt, negative, payload.styles, load_styles())
     fields = dict(
         model=model,
-        prompt=payload.prompt,
+        prompt=prompt,
         negative_prompt=negative,
         vae=vae,
         clip_skip=clip_skip,
@@ -272,8 +279,12 @@ def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]
     if not payload.enable_hr:
         return None
     # None (not given): "Latent", and no "Hires upscaler" in the infotext (webui)
-    upscaler = check_image_upscaler(payload.hr_upscaler, "hires.upscaler", latent=True) if payload.hr_upscaler \
-        else None
+    upscaler = check_image_upscaler(payload.hr_upscaler, "hires.upscaler", latent=True,
+                                    models_dir=config.models_dir) if payload.hr_upscaler else None
+    hr_prompt, hr_negative = payload.hr_prompt or None, payload.hr_negative_prompt or None
+    if payload.styles and (hr_prompt or hr_negative):  # the webui styles the second pass's own prompts too
+        styled = apply_styles(hr_prompt or "", hr_negative or "", payload.styles, load_styles())
+        hr_prompt, hr_negative = (styled[0] if hr_prompt else None), (styled[1] if hr_negative else None)
     hires = Hires(
         scale=default("hires.scale") if payload.hr_scale is None else payload.hr_scale,
         resize_x=payload.hr_resize_x or 0,
@@ -284,8 +295,8 @@ def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]
         else payload.denoising_strength,
         sampler_name=payload.hr_sampler_name or None,
         scheduler=payload.hr_scheduler or None,
-        prompt=payload.hr_prompt or None,  # "" means the first pass's prompt, as the webui
-        negative_prompt=payload.hr_negative_prompt or None,
+        prompt=hr_prompt,  # "" means the first pass's prompt, as the webui
+        negative_prompt=hr_negative,
         cfg_scale=payload.hr_cfg,
     )
     try:
@@ -315,12 +326,61 @@ def _payload_terms(build):
     return translated
 
 
+def _script(payload: GenerationPayload, kind: str, config: EngineConfig, limits: ImageLimits, image=None):
+    """The selectable script of ``script_name`` (webui scripts by title, any case): "sd upscale" on img2img
+    (engine.sd_upscale; ``script_args`` ["", overlap, upscaler, scale], missing ones at the script's defaults);
+    None without one. Any other script is refused naming it."""
+    name = (payload.script_name or "").strip()
+    if not name:
+        return None
+    if name.lower() != SD_UPSCALE_SCRIPT or kind != "img2img":
+        where = "img2img: \"sd upscale\"" if kind == "img2img" else "none on txt2img"
+        raise NotSupported("script_name", f"not supported: the script {name[:100]!r} is not available in this engine "
+                             f"({kind})", f"{where} (or null)")
+    args = list(payload.script_args or [])
+    overlap = args[1] if len(args) > 1 and args[1] is not None else SdUpscale.overlap
+    upscaler = args[2] if len(args) > 2 and args[2] is not None else "None"
+    scale = args[3] if len(args) > 3 and args[3] is not None else SdUpscale.scale
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or overlap != int(overlap) or \
+            not 0 <= overlap <= MAX_OVERLAP:
+        raise InvalidRequest("script_args[1]", "the tile overlap must be an integer", f"0 to {MAX_OVERLAP}")
+    width, height = payload.width or 512, payload.height or 512
+    if overlap >= min(width, height):
+        raise InvalidRequest("script_args[1]", f"the tile overlap {overlap} is not smaller than the tile "
+                             f"({width}x{height}: width x height)", f"0 to {min(width, height) - 1}")
+    if isinstance(upscaler, int) and not isinstance(upscaler, bool):  # the webui's upscaler index
+        names = upscaler_names(config.models_dir)
+        if not 0 <= upscaler < len(names):
+            raise InvalidRequest("script_args[2]", f"no upscaler at index {upscaler}", ", ".join(names))
+        upscaler = names[upscaler]
+    if not isinstance(upscaler, str):
+        raise InvalidRequest("script_args[2]", "must be an upscaler name", ", ".join(upscaler_names(config.models_dir)))
+    upscaler = check_image_upscaler(upscaler, "script_args[2]", latent=False, models_dir=config.models_dir)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1.0 <= scale <= 8.0:
+        raise InvalidRequest("script_args[3]", "the scale factor must be a number", "1 to 8")
+    if image is not None:
+        out_w, out_h = int(image.width * scale) // 8 * 8, int(image.height * scale) // 8 * 8
+        if upscaler == "None":
+            out_w, out_h = image.width, image.height
+        if out_w * out_h > limits.max_work_pixels:
+            raise InvalidRequest("script_args[3]", f"makes a {out_w}x{out_h} image to tile",
+                                 f"an upscaled image of at most {limits.max_work_pixels} pixels")
+        if out_w < width or out_h < height:
+            raise InvalidRequest("script_args[3]", f"makes a {out_w}x{out_h} image, smaller than a "
+                                 f"{width}x{height} tile", "a scale that makes the image at least width x height")
+    if payload.mask:
+        raise InvalidRequest("mask", "the \"sd upscale\" script does not inpaint", "null with script_name "
+                             "\"sd upscale\"")
+    return SdUpscale(overlap=int(overlap), upscaler=upscaler, scale=float(scale))
+
+
 @_payload_terms
 def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits | None = None) -> Translation:
     """Validate what needs the configuration and build the engine request (decoding unit images); an
     InvalidRequest names the payload's field."""
     limits = limits or ImageLimits()
     fields, models = _request_fields(payload, config, limits)
+    _script(payload, "txt2img", config, limits or ImageLimits())
     request = GenerationRequest(**fields, hires=_hires(payload, config, fields))
     return Translation(request=request, parameters=echo_parameters(payload, request), models=tuple(models))
 
@@ -373,7 +433,7 @@ def translate_img2img(payload: Img2ImgPayload, config: EngineConfig,
         fix_steps=fix_steps,
         upscaler=upscaler,
     )
-    request = GenerationRequest(**fields, init=init)
+    request = GenerationRequest(**fields, init=init, sd_upscale=_script(payload, "img2img", config, limits, image))
     params = echo_parameters(payload, request)
     params["init_images"] = [_image_summary(v) for v in payload.init_images]
     if "mask" in params:

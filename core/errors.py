@@ -37,6 +37,13 @@ class InvalidRequest(SdEngineError, ValueError):
         return type(self)(field, self.message, self.allowed)
 
 
+class NotSupported(InvalidRequest):
+    """A request field asks for a feature (a script, face restoration) this engine does not have: refused
+    naming the field, as the leniency policy says (docs/DECISIONS.md)."""
+
+    code = "not_supported"
+
+
 class TooMuchMemory(InvalidRequest):
     """The request's estimated peak memory is over the budget (engine.memory); ``field`` names what to lower."""
 

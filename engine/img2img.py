@@ -30,6 +30,7 @@ import numpy as np
 from core.errors import InvalidRequest
 from engine.controlnet.images import as_array
 from engine.models.family import VAE_SCALE_FACTOR
+from engine import upscalers
 from engine.rules import MIN_SIZE
 
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
@@ -46,17 +47,23 @@ LATENT_UPSCALERS: Mapping[str, tuple[str, bool]] = MappingProxyType({
 IMAGE_UPSCALERS = ("None", "Lanczos", "Nearest")
 
 
-def check_image_upscaler(name: str, field_name: str, *, latent: bool) -> str:
-    """The upscaler of that name this engine has, as it names it (the name matched in any case; model upscalers
-    such as ESRGAN are not shipped)."""
+def check_image_upscaler(name: str, field_name: str, *, latent: bool, models_dir=None) -> str:
+    """The upscaler of that name this engine has, as it names it (the name matched in any case); with
+    ``models_dir``, the model upscalers of its folders too (engine.upscalers)."""
     names = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS) if latent else IMAGE_UPSCALERS
     if name in names:
         return name
     found = [n for n in names if isinstance(name, str) and n.lower() == name.strip().lower()]  # any case
-    if not found:
-        raise InvalidRequest(field_name, f"the upscaler {str(name)[:100]!r} is not available in this engine",
-                             ", ".join(names))
-    return found[0]
+    if found:
+        return found[0]
+    if models_dir is not None:
+        try:
+            return upscalers.resolve(name, models_dir, field_name)
+        except InvalidRequest as exc:
+            raise InvalidRequest(field_name, exc.message, ", ".join(
+                (*(LATENT_UPSCALERS if latent else ()), *upscalers.upscaler_names(models_dir)))) from None
+    raise InvalidRequest(field_name, f"the upscaler {str(name)[:100]!r} is not available in this engine",
+                         ", ".join(names))
 
 
 # ------------------------------------------------------------------------------------------------ resizing
@@ -66,7 +73,7 @@ def _pil(image: np.ndarray):
     return Image.fromarray(np.ascontiguousarray(image))
 
 
-def _upscaler_resize(im, w: int, h: int, upscaler: str):
+def _upscaler_resize(im, w: int, h: int, upscaler: str, how: upscalers.Upscaling | None = None):
     """webui images.resize_image's inner ``resize``: a plain Lanczos resize, unless the upscaler enlarges."""
     from PIL import Image
 
@@ -74,7 +81,10 @@ def _upscaler_resize(im, w: int, h: int, upscaler: str):
     if upscaler in (None, "None") or im.mode == "L":
         return im.resize((w, h), resample=lanczos)
     scale = max(w / im.width, h / im.height)
-    if scale > 1.0:  # webui Upscaler.upscale with UpscalerLanczos / UpscalerNearest
+    if scale > 1.0 and upscaler not in IMAGE_UPSCALERS:  # a model upscaler (engine.upscalers)
+        out = upscalers.upscale(np.asarray(im.convert("RGB")), scale, upscaler, how or upscalers.Upscaling())
+        im = Image.fromarray(out)
+    elif scale > 1.0:  # webui Upscaler.upscale with UpscalerLanczos / UpscalerNearest
         resample = lanczos if upscaler == "Lanczos" else Image.Resampling.NEAREST
         dest_w, dest_h = int((im.width * scale) // 8 * 8), int((im.height * scale) // 8 * 8)
         for _ in range(3):
@@ -123,9 +133,11 @@ def resize_image(mode: int, im, width: int, height: int, upscaler: str = "None")
     return res
 
 
-def upscale_image(image: np.ndarray, width: int, height: int, upscaler: str) -> np.ndarray:
-    """An RGB uint8 image resized to (width, height) through an image upscaler (the hires fix's image path)."""
-    return np.asarray(resize_image(0, _pil(image), width, height, upscaler).convert("RGB"), dtype=np.uint8)
+def upscale_image(image: np.ndarray, width: int, height: int, upscaler: str,
+                  how: upscalers.Upscaling | None = None) -> np.ndarray:
+    """An RGB uint8 image resized to (width, height) through an image upscaler (the hires fix's image path;
+    ``how``: where model upscalers are and how they run)."""
+    return np.asarray(_upscaler_resize(_pil(image), width, height, upscaler, how).convert("RGB"), dtype=np.uint8)
 
 
 def upscale_latent(latents: Any, height: int, width: int, upscaler: str) -> Any:

@@ -36,6 +36,8 @@ from engine.controlnet.reference import ReferenceInjection, supports_reference
 from engine.controlnet.units import REFERENCE_MODULES, extension_residuals, residual_count
 from engine.denoiser import Denoiser, LatentBlend
 from core.errors import BackendUnavailable, InvalidRequest
+from engine import sd_upscale
+from engine.upscalers import Upscaling
 from engine.img2img import LATENT_UPSCALERS, HiresSize, hires_size, prepare_init, upscale_image, upscale_latent
 from engine.infotext import Generation, hires_infotext, unit_infotext
 from engine.models.store import ModelStore
@@ -224,6 +226,9 @@ class Engine:
         pass (``Cancelled``). ``on_images(first_index, images, infotexts)``, when given, receives each iteration's
         images as soon as they are decoded and the result's ``images`` stay empty (its ``infotexts`` are all
         there): the images of an ``n_iter`` request are never all held at once (engine.memory counts one batch)."""
+        if request.sd_upscale is not None:  # the "SD upscale" script: img2img passes over tiles of the upscale
+            how = Upscaling(models_dir=self.config.models_dir, device=self.config.device)
+            return sd_upscale.run(self, request, how, progress=progress, cancel=cancel)
         with self._lock:
             reporter = ProgressReporter(progress, cancel, request.n_iter * request.steps, clock=self.clock)
             token = _REPORTER.set(reporter)
@@ -439,11 +444,12 @@ class Engine:
         # tiled above the configured size (engine.tiling)
         return to_device(encode_image(rt.backend.run, image, self.config.vae_tiling, check), self.config.device)
 
-    @staticmethod
-    def _upscale(ctx: _Context, image: np.ndarray, width: int, height: int, upscaler: str) -> np.ndarray:
-        """One image through the hires fix's image upscaler, the request's cancellation checked first."""
+    def _upscale(self, ctx: _Context, image: np.ndarray, width: int, height: int, upscaler: str) -> np.ndarray:
+        """One image through the hires fix's image upscaler (PIL or model), the request's cancellation checked
+        first."""
         ctx.reporter.check_cancel()
-        return upscale_image(image, width, height, upscaler)
+        how = Upscaling(models_dir=self.config.models_dir, device=self.config.device)
+        return upscale_image(image, width, height, upscaler, how)
 
     def _init_latents(self, ctx: _Context) -> _Source:
         """img2img: the init image prepared by the webui rules (engine.img2img), encoded, resized for the

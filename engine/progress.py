@@ -27,7 +27,7 @@ from typing import Any
 from core.errors import Cancelled
 from core.events import BUILDING, UP_TO_DATE  # the exporter's events: "{component}: {stage} ({event})"
 
-PHASES = ("loading", "exporting", "encoding", "sampling", "decoding", "saving")
+PHASES = ("loading", "exporting", "encoding", "sampling", "decoding", "upscaling", "saving")
 
 
 @dataclass(frozen=True)

@@ -426,8 +426,8 @@ def test_auth_and_refusals(server):
     assert requests.post(server.url + "/scc/sd_txt2img", json={}, timeout=30).status_code == 401
     r = server.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "restore_faces": True})
     assert r.status_code == 422 and r.json()["error"]["field"] == "restore_faces" and "detail" in r.json()
-    r = server.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "styles": ["cinematic"]})
-    assert r.status_code == 422 and r.json()["error"]["field"] == "styles"
+    r = server.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "styles": ["cinematic"]})  # no styles.csv
+    assert r.status_code == 422 and r.json()["error"]["field"] == "styles[0]"
     r = server.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "script_name": "x/y/z plot"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "script_name"
     r = requests.post(server.url + "/sdapi/v1/txt2img", data="prompt=x", auth=AUTH, timeout=30,

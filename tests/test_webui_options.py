@@ -155,13 +155,15 @@ def test_task_records_keep_only_the_options_that_act(service):
 
 def test_listings_the_engine_has_none_of(service):
     with client(service) as c:
-        for path in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles"):
+        for path in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles"):  # none installed
             r = c.get(f"/sdapi/v1/{path}")
             assert r.status_code == 200 and r.json() == [], path
-        assert c.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+        assert c.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"],
+                                                     "img2img": ["sd upscale", "controlnet"]}
         info = c.get("/sdapi/v1/script-info").json()
     assert [(s["name"], s["is_alwayson"], s["is_img2img"]) for s in info] == [
-        ("controlnet", True, False), ("controlnet", True, True)]
+        ("controlnet", True, False), ("sd upscale", False, True), ("controlnet", True, True)]
+    assert [a["label"] for a in info[1]["args"]] == [None, "Tile overlap", "Upscaler", "Scale Factor"]
     assert set(info[0]["args"][0]) == {"label", "value", "minimum", "maximum", "step", "choices"}
 
 

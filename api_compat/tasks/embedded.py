@@ -28,6 +28,7 @@ from core.errors import Cancelled, SdEngineError
 from api_compat.tasks.backend import (Progress, RunLimit, Submission, error_of, initial_progress, result_dict,
                                       run_generation)
 from api_compat.detect import run_detect
+from api_compat.extras import run_extras
 from api_compat.engine_api import EngineFactory, EngineLike
 from api_compat.errors import ApiError
 from api_compat.tasks.store import PendingTask, Status, TaskRecord, TaskStore
@@ -331,7 +332,12 @@ class EmbeddedBackend:
             if task.cancel.is_set():
                 raise Cancelled("cancelled before the task started")
             with limit:
-                if task.sub.kind == "detect":  # /controlnet/detect: the preprocessors, no engine
+                if task.sub.kind in ("extras", "extras-batch"):  # the webui's extras: upscalers, no SD engine
+                    config = self.configs[task.sub.config_id]
+                    info, names = run_extras(task.sub.request, images_dir=self.store.images_dir,
+                                             task_id=task.task_id, progress=progress, cancel=task.cancel,
+                                             models_dir=config.models_dir, device=config.device)
+                elif task.sub.kind == "detect":  # /controlnet/detect: the preprocessors, no engine
                     info, names = run_detect(task.sub.request, images_dir=self.store.images_dir,
                                              task_id=task.task_id, progress=progress, cancel=task.cancel)
                 else:

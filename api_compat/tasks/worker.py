@@ -28,6 +28,7 @@ from engine.models.checkpoints import Kind
 from engine.models.store import ModelStore
 
 from api_compat.detect import parse_detect, run_detect
+from api_compat.extras import parse_extras, run_extras
 from api_compat.engine_api import default_engine_factory
 from api_compat.errors import ApiError, api_error_from
 from api_compat.images import ImageLimits
@@ -180,7 +181,14 @@ class _Runtime:
         try:
             kind = message.get("kind", "txt2img")
             limits = ImageLimits(**(message.get("limits") or {}))
-            if kind == "detect":  # /controlnet/detect: the preprocessors, no engine
+            if kind in ("extras", "extras-batch"):  # the webui's extras: upscalers, no SD engine
+                config = EngineConfig(**{**self.settings.engine_options, **(message.get("options") or {})})
+                request = parse_extras(message["payload"], limits, config.models_dir, batch=kind == "extras-batch")
+                if self.tasks.progress(task_id, tracker.value):
+                    raise Cancelled("cancelled before the task started")
+                info, names = run_extras(request, images_dir=self.images_dir, task_id=task_id, progress=progress,
+                                         cancel=cancel, models_dir=config.models_dir, device=config.device)
+            elif kind == "detect":  # /controlnet/detect: the preprocessors, no engine
                 request = parse_detect(message["payload"], limits)
                 if write_progress(tracker.value):
                     raise Cancelled("cancelled before the task started")

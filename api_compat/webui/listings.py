@@ -15,12 +15,15 @@ from engine.models.checkpoints import Kind, read_safetensors_header, text_encode
 from engine.models.store import SUBDIRS, folders
 from engine.networks.embeddings import fits, store_embeddings
 from engine.samplers import SCHEDULE_NAMES, SPECS
+from engine.styles import load_styles
+from engine.upscalers import find_upscalers, upscaler_names
 
 log = logging.getLogger(__name__)
 
 # the scripts this engine runs, by the names the webui lists them under (a script's title, lower case): ControlNet
-# (sd-webui-controlnet's "controlnet") is the one always-on script, on both tabs; there are no selectable scripts
-SCRIPTS = {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+# (sd-webui-controlnet's "controlnet") is the one always-on script, on both tabs; "sd upscale" (engine.sd_upscale)
+# the one selectable script, on img2img
+SCRIPTS = {"txt2img": ["controlnet"], "img2img": ["sd upscale", "controlnet"]}
 _SCHEDULE_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
 
 
@@ -105,10 +108,15 @@ def schedulers() -> list[dict[str, Any]]:
              "default_rho": _SCHEDULE_RHO.get(label, -1.0), "need_inner_model": False} for label in SCHEDULE_NAMES]
 
 
-def upscalers() -> list[dict[str, Any]]:
-    """The image upscalers the engine has (engine.img2img, with the hires fix)."""
-    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
-            for n in IMAGE_UPSCALERS]
+def upscalers(models_dir=None) -> list[dict[str, Any]]:
+    """The image upscalers: the PIL ones, then the model files of the webui's folders (engine.upscalers), as the
+    webui lists them (name, the upscaler class's model_name, the file, the listed scale)."""
+    out = [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+           for n in IMAGE_UPSCALERS]
+    for u in find_upscalers(models_dir) if models_dir is not None else []:
+        out.append({"name": u.name, "model_name": u.model_name, "model_path": str(u.path), "model_url": None,
+                    "scale": float(u.scale)})
+    return out
 
 
 def latent_upscale_modes() -> list[dict[str, Any]]:
@@ -141,15 +149,22 @@ def scripts() -> dict[str, list[str]]:
     return {k: list(v) for k, v in SCRIPTS.items()}
 
 
-def script_info() -> list[dict[str, Any]]:
+def script_info(models_dir=None) -> list[dict[str, Any]]:
     """``/sdapi/v1/script-info``: the webui's ScriptInfo items (name, is_alwayson, is_img2img, args) of
     :func:`scripts`; ControlNet's arguments are its units (one ScriptArg each, as the extension's script takes a
     unit per argument)."""
     from engine.rules import MAX_UNITS
 
-    args = [{"label": f"ControlNet Unit {i}", "value": None, "minimum": None, "maximum": None, "step": None,
-             "choices": None} for i in range(MAX_UNITS)]
-    return [{"name": name, "is_alwayson": True, "is_img2img": tab == "img2img", "args": args}
+    from engine.sd_upscale import DEFAULT_OVERLAP, DEFAULT_SCALE, MAX_OVERLAP
+
+    def arg(label, value=None, lo=None, hi=None, step=None, choices=None):
+        return {"label": label, "value": value, "minimum": lo, "maximum": hi, "step": step, "choices": choices}
+
+    args = {"controlnet": [arg(f"ControlNet Unit {i}") for i in range(MAX_UNITS)],
+            "sd upscale": [arg(None), arg("Tile overlap", DEFAULT_OVERLAP, 0, MAX_OVERLAP, 16),
+                           arg("Upscaler", "None", choices=list(upscaler_names(models_dir))),
+                           arg("Scale Factor", DEFAULT_SCALE, 1.0, 4.0, 0.05)]}
+    return [{"name": name, "is_alwayson": name == "controlnet", "is_img2img": tab == "img2img", "args": args[name]}
             for tab, names in SCRIPTS.items() for name in names]
 
 
@@ -164,11 +179,13 @@ def face_restorers() -> list[dict[str, Any]]:
     return []
 
 
-def realesrgan_models() -> list[dict[str, Any]]:
-    """``[{name, path, scale}]``: none (the image upscalers are the ones of :func:`upscalers`)."""
-    return []
+def realesrgan_models(models_dir=None) -> list[dict[str, Any]]:
+    """``[{name, path, scale}]`` of the Real-ESRGAN models (the models folder RealESRGAN/)."""
+    return [{"name": u.name, "path": str(u.path), "scale": u.scale}
+            for u in (find_upscalers(models_dir) if models_dir is not None else []) if u.folder == "RealESRGAN"]
 
 
 def prompt_styles() -> list[dict[str, Any]]:
-    """``[{name, prompt, negative_prompt}]``: none (``styles`` is refused)."""
-    return []
+    """``[{name, prompt, negative_prompt}]`` of styles.csv in the data folder (engine.styles)."""
+    return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+            for s in load_styles().values()]

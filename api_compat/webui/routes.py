@@ -227,6 +227,38 @@ class WebuiRoutes(RouteSet):
     async def img2img(self, request: Request):
         return await self.generate(request, "img2img", self.service.sd_img2img)
 
+    # ------------------------------------------------------------------------------------------- extras
+    async def extras(self, request: Request, batch: bool) -> Any:
+        """The extras body with the ESRGAN_tile options the request runs with, as a task; the webui's answer."""
+        try:
+            body = await self.read_json(request)
+            if isinstance(body, dict):
+                body = {**body, **{k: self.state.value(k) for k in ("ESRGAN_tile", "ESRGAN_tile_overlap")}}
+            result = await self.run_task(request, "extras", lambda p, h: self.service.extras(p, h, batch), body)
+            info = result.get("info") or {}
+            images = await self.images_of(result["_task_id"], len(result.get("images") or []))
+            if batch:
+                return {"html_info": info.get("html_info", ""), "images": images}
+            return {"html_info": info.get("html_info", ""), "image": images[0] if images else ""}
+        except ApiError as exc:
+            return self.failure(exc)
+
+    @route("POST", "/sdapi/v1/extra-single-image", summary="Upscale one image (extras), as a queued task",
+           openapi_extra=json_body({"type": "object", "required": ["image"], "description": "image, resize_mode, "
+                                    "upscaling_resize(_w/_h), upscaling_crop, upscaler_1, upscaler_2, "
+                                    "extras_upscaler_2_visibility, gfpgan_visibility, codeformer_visibility"}),
+           description='Answers {"html_info", "image"}; the PNG keeps the input\'s infotext and adds '
+                       '"postprocessing". 409 when interrupted, 429 when the queue is full.')
+    async def extra_single_image(self, request: Request):
+        return await self.extras(request, batch=False)
+
+    @route("POST", "/sdapi/v1/extra-batch-images", summary="Upscale images (extras), as one queued task",
+           openapi_extra=json_body({"type": "object", "required": ["imageList"], "description": "imageList: "
+                                    "[{data, name}], and the fields of extra-single-image"}),
+           description='Answers {"html_info", "images"}.')
+    async def extra_batch_images(self, request: Request):
+        return await self.extras(request, batch=True)
+
     # ----------------------------------------------------------------------------------------- listings
     @route("GET", "/sdapi/v1/sd-models", summary="Checkpoints (title 'name [hash]', model_name, hash, sha256)")
     async def sd_models(self):
@@ -244,9 +276,10 @@ class WebuiRoutes(RouteSet):
     async def schedulers(self):
         return listings.schedulers()
 
-    @route("GET", "/sdapi/v1/upscalers", summary="Image upscalers the engine has")
+    @route("GET", "/sdapi/v1/upscalers", summary="Image upscalers: Lanczos, Nearest and the model files of the "
+                                                  "folders ESRGAN/, RealESRGAN/, SwinIR/, HAT/, DAT/")
     async def upscalers(self):
-        return listings.upscalers()
+        return await asyncio.to_thread(listings.upscalers, self.service.configs[DEFAULT_CONFIG].models_dir)
 
     @route("GET", "/sdapi/v1/latent-upscale-modes", summary="Latent upscale modes the engine has")
     async def latent_upscale_modes(self):
@@ -263,13 +296,13 @@ class WebuiRoutes(RouteSet):
                                        self.service.configs[DEFAULT_CONFIG])
 
     @route("GET", "/sdapi/v1/scripts", summary="Scripts by the names the webui and extensions use (ControlNet: "
-                                               "\"controlnet\", the one always-on script; no selectable scripts)")
+                                               "\"controlnet\", always on; img2img: \"sd upscale\")")
     async def scripts(self):
         return listings.scripts()
 
     @route("GET", "/sdapi/v1/script-info", summary="The scripts with their arguments (ControlNet: one per unit)")
     async def script_info(self):
-        return listings.script_info()
+        return await asyncio.to_thread(listings.script_info, self.service.configs[DEFAULT_CONFIG].models_dir)
 
     @route("GET", "/sdapi/v1/hypernetworks", summary="Hypernetworks: none (the engine does not apply them)")
     async def hypernetworks(self):
@@ -279,13 +312,14 @@ class WebuiRoutes(RouteSet):
     async def face_restorers(self):
         return listings.face_restorers()
 
-    @route("GET", "/sdapi/v1/realesrgan-models", summary="Real-ESRGAN models: none (no model upscalers are shipped)")
+    @route("GET", "/sdapi/v1/realesrgan-models", summary="Real-ESRGAN models (the models folder RealESRGAN/)")
     async def realesrgan_models(self):
-        return listings.realesrgan_models()
+        return await asyncio.to_thread(listings.realesrgan_models, self.service.configs[DEFAULT_CONFIG].models_dir)
 
-    @route("GET", "/sdapi/v1/prompt-styles", summary="Prompt styles: none (the engine has no styles)")
+    @route("GET", "/sdapi/v1/prompt-styles", summary="Prompt styles (styles.csv in the data folder, "
+                                                     "the webui's format)")
     async def prompt_styles(self):
-        return listings.prompt_styles()
+        return await asyncio.to_thread(listings.prompt_styles)
 
     @route("GET", "/sdapi/v1/cmd-flags", summary="The server's flags under the webui's names (no secrets)")
     async def cmd_flags(self):
