@@ -138,6 +138,7 @@ class Generation:
             "Denoising strength": self.denoising_strength,
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
             **extras,
+            "Tiling": "True" if getattr(req, "tiling", False) else None,  # webui: after RNG, before the extra params
             **self.extra,
             "Backend": self.backend,
         }

@@ -49,6 +49,7 @@ from engine.rules import check_layer_weights, resolve_hires_sampler
 from engine.samplers import SamplingPlan, resolve
 from engine.tiling import decode as decode_latents
 from engine.tiling import encode as encode_image
+from export.descriptors import SEAMLESS
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +205,15 @@ class Engine:
             reporter.export(what, done, total)
 
     @staticmethod
-    def _run_fn(rt: _Runtime):
-        """``run(component, feeds)`` over the model's backend and its ControlNets' backends."""
+    def _run_fn(rt: _Runtime, seamless: bool = False):
+        """``run(component, feeds)`` over the model's backend and its ControlNets' backends; ``seamless`` (the
+        request's ``tiling``): the UNet components run as their circular-padding variants (export.descriptors)."""
 
         def run(component: str, feeds):
             if component in rt.controlnets:
                 return rt.controlnets[component][1].run("controlnet", feeds)
+            if seamless:
+                component = SEAMLESS.get(component, component)
             return rt.backend.run(component, feeds)
 
         return run
@@ -347,7 +351,8 @@ class Engine:
         # 8. decode (and paste the init image's kept pixels back, for inpainting)
         t0 = time.perf_counter()
         ctx.reporter.phase("decoding")
-        decoded = to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling))  # engine.tiling
+        decoded = to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling,
+                                            seamless=req.tiling))  # engine.tiling
         images = decoded if source is None else [source.plan.finish(img) for img in decoded]
         ctx.timer.add("vae_decoder", t0)
         return images, cond
@@ -402,9 +407,10 @@ class Engine:
         if any(u.reference for u in units):
             family = ctx.rt.model.family
             reference = ReferenceInjection(ctx.rt.backend, units, plan.steps, family.schedule.alphas_cumprod,
-                                           lambda pixels: self._encode(ctx.rt, pixels), seed=rng.seeds[0],
+                                           lambda pixels: self._encode(ctx.rt, pixels, req.tiling),
+                                           seed=rng.seeds[0],
                                            sdxl=family.arch is Arch.SDXL, hires=p is ctx.second)
-        denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt), units, plan.steps, reference), plan.schedule,
+        denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt, req.tiling), units, plan.steps, reference), plan.schedule,
                             ctx.rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
         if blend is not None:
             denoiser = LatentBlend(denoiser, *blend)
@@ -413,11 +419,12 @@ class Engine:
                               s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
         return latents if blend is None else denoiser.final(latents)
 
-    def _encode(self, rt: _Runtime, pixels: np.ndarray):
-        """(B, 3, H, W) floats in [0, 1] -> (B, 4, H/8, W/8) latents through the backend's VAE encoder."""
+    def _encode(self, rt: _Runtime, pixels: np.ndarray, seamless: bool = False):
+        """(B, 3, H, W) floats in [0, 1] -> (B, 4, H/8, W/8) latents through the backend's VAE encoder
+        (``seamless``: its circular-padding variant)."""
         image = to_device(np.ascontiguousarray(pixels, dtype=np.float32), self.config.device)
         # tiled above the configured size (engine.tiling)
-        return to_device(encode_image(rt.backend.run, image, self.config.vae_tiling), self.config.device)
+        return to_device(encode_image(rt.backend.run, image, self.config.vae_tiling, seamless), self.config.device)
 
     def _init_latents(self, ctx: _Context) -> _Source:
         """img2img: the init image prepared by the webui rules (engine.img2img), encoded, resized for the
@@ -427,7 +434,7 @@ class Engine:
         init_plan = prepare_init(req.init, ctx.width, ctx.height, scale=ctx.rt.model.family.vae_scale_factor)
         ctx.timer.add("init_image", t0)
         t0 = time.perf_counter()
-        latent = to_host(self._encode(ctx.rt, init_plan.pixels)).astype(np.float32)
+        latent = to_host(self._encode(ctx.rt, init_plan.pixels, req.tiling)).astype(np.float32)
         h, w = init_plan.latent_size
         if init_plan.resize_latent and latent.shape[2:] != (h, w):
             latent = upscale_latent(latent, h, w, "Latent")
@@ -473,11 +480,11 @@ class Engine:
             x0 = upscale_latent(latents, *size.upscale_latent, hr.upscaler_name)
         else:
             ctx.reporter.phase("decoding", "hires fix: the first pass, for the image upscaler")
-            decoded = decode_latents(ctx.rt.backend.run, latents, self.config.vae_tiling)
+            decoded = decode_latents(ctx.rt.backend.run, latents, self.config.vae_tiling, seamless=ctx.req.tiling)
             lowres = (np.clip(decoded, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
             pixels = np.stack([upscale_image(img, size.upscale_width, size.upscale_height, hr.upscaler_name)
                                for img in lowres]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-            x0 = self._encode(ctx.rt, pixels)
+            x0 = self._encode(ctx.rt, pixels, ctx.req.tiling)
         x0 = size.truncate(x0)
         ctx.timer.add("hires_upscale", t0)
         if p.plan.steps == 0:  # denoising strength 0: the webui's 0-step pass returns the upscaled latent

@@ -132,6 +132,7 @@ class GenerationRequest:
     init: InitImage | None = None  # img2img (and inpainting with a mask)
     hires: Hires | None = None  # txt2img's second pass
     disable_extra_networks: bool = False  # webui: <lora:...> tags are removed from the prompt but not applied
+    tiling: bool = False  # webui seamless tiling: circular padding in the UNet and VAE convolutions
 
 
 @dataclass

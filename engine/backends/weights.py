@@ -4,7 +4,8 @@ A runtime that runs exported graphs (onnxruntime, openvino) holds its own copy o
 modules it was handed are only needed to export. With ``release_weights=True`` (set by
 ``create_backend(..., owned=True)``: the Engine's choice, it owns the loaded model) the backend, before
 creating its first session from a source module, makes sure every ONNX artefact made from that module exists (``unet`` and ``unet_control`` from the UNet, ``vae_decoder`` and
-``vae_encoder`` from the VAE), then frees the module's weights (:func:`export.onnx.release_weights`): from
+``vae_encoder`` from the VAE; not the on-demand variants of ``export.descriptors.VARIANTS``, whose first use
+loads the weights back through the module's loader), then frees the module's weights (:func:`export.onnx.release_weights`): from
 then on only the runtime's copy is resident. Backends built directly on shared modules (tests, benchmarks)
 keep them by default.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from export.descriptors import SOURCES
+from export.descriptors import SOURCES, VARIANTS
 from export.onnx import is_released, mark_released, release_weights
 
 
@@ -33,7 +34,7 @@ def export_siblings_and_release(backend, component: str) -> None:
     if module is None or is_released(module) or not hasattr(module, "parameters"):
         return
     for sibling, src in SOURCES.items():
-        if src == source and backend.has(sibling):
+        if src == source and sibling not in VARIANTS and backend.has(sibling):
             backend.artefact(sibling)
     release_weights(module)
     log.info("%s: torch weights released (the %s runtime holds its own copy)", source, backend.config.backend.value)
@@ -47,7 +48,7 @@ def adopt_cached(backend, components, load_weights) -> bool:
     answer False."""
     fingerprints: dict[str, str] = {}
     for component, source in SOURCES.items():
-        if source not in components or not backend.has(component):
+        if source not in components or component in VARIANTS or not backend.has(component):
             continue
         fingerprint = backend.cached_fingerprint(component)
         if fingerprint is None or fingerprints.setdefault(source, fingerprint) != fingerprint:
