@@ -35,6 +35,7 @@ from engine.controlnet import HiresOption, cond_rows_mask, controlnet_component,
 from engine.controlnet.reference import ReferenceInjection, supports_reference
 from engine.controlnet.units import REFERENCE_MODULES, extension_residuals, residual_count
 from engine.denoiser import Denoiser, LatentBlend
+from engine import faces
 from core.errors import BackendUnavailable, InvalidRequest
 from engine.img2img import LATENT_UPSCALERS, HiresSize, hires_size, prepare_init, upscale_image, upscale_latent
 from engine.infotext import Generation, hires_infotext, unit_infotext
@@ -149,6 +150,7 @@ class Engine:
         self._lock = threading.RLock()
         self._store = None
         self._torch_twin: Engine | None = None  # serves reference units for a backend of exported graphs
+        self._faces: faces.FaceModels | None = None  # face restorers (restore_faces), loaded on first use
         self.clock = time.monotonic  # what the ETA is measured with (tests use a fake clock)
 
     # ------------------------------------------------------------------------------------------ models
@@ -353,9 +355,19 @@ class Engine:
         ctx.reporter.phase("decoding")
         decoded = to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling,
                                             seamless=req.tiling))  # engine.tiling
+        if req.face_restoration is not None:  # webui: after decoding, before the inpainting overlay
+            ctx.reporter.phase("decoding", "face restoration")
+            decoded = [self._restore_faces(req, img) for img in decoded]
         images = decoded if source is None else [source.plan.finish(img) for img in decoded]
         ctx.timer.add("vae_decoder", t0)
         return images, cond
+
+    def _restore_faces(self, req: GenerationRequest, image: np.ndarray) -> np.ndarray:
+        """One decoded image's faces restored (engine.faces) by the request's restorer."""
+        if self._faces is None or self._faces.models_dir != self.store.root:
+            self._faces = faces.FaceModels(self.store.root, self.config.device)
+        fr = req.face_restoration
+        return faces.restore(image, fr.model, 1.0, fr.codeformer_weight, models=self._faces)
 
     def _describe(self, ctx: _Context, images: list[np.ndarray], cond) -> GenerationResult:
         """webui infotexts and the info dict (engine.infotext), the result."""
@@ -369,8 +381,10 @@ class Engine:
             req.hires.denoising_strength if req.hires is not None else None
         # the backend's own label where it has one (``openvino bf16``: the precision the CPU really runs)
         backend_label = getattr(rt.backend, "label", None) or self.config.backend.value
+        restorer = None if req.face_restoration is None else faces.check(self.store.root, req.face_restoration.model)
         generation = Generation(req, rt.model, ctx.first.plan, ctx.width, ctx.height, ctx.seeds, ctx.subseeds,
                                 ctx.first.labels, backend_label, denoising_strength=strength, extra=extra,
+                                face_restoration=restorer,
                                 lora_hashes=ctx.networks.lora_hashes, ti_hashes=rt.networks.ti_hashes(cond.embeddings))
         infotexts = [generation.infotext(i) for i in range(len(ctx.seeds))]
         info = generation.info(infotexts, ctx.timer.timings, device=self.config.device,
@@ -512,6 +526,8 @@ class Engine:
             raise InvalidRequest("batch_size", f"{req.batch_size} is out of range", f"1..{self.config.max_batch_size}")
         if req.init is not None and req.hires is not None:
             raise InvalidRequest("hires", "the hires fix is a txt2img feature", "false for img2img")
+        if req.face_restoration is not None:  # before any work: no model installed is an error naming the folder
+            faces.check(self.store.root, req.face_restoration.model)
         return width, height
 
     def _networks(self, rt: _Runtime, req: GenerationRequest):

@@ -33,9 +33,11 @@ def export_siblings_and_release(backend, component: str) -> None:
     module = backend._components.get(source)
     if module is None or is_released(module) or not hasattr(module, "parameters"):
         return
-    for sibling, src in SOURCES.items():
-        if src == source and sibling not in VARIANTS and backend.has(sibling):
-            backend.artefact(sibling)
+    siblings = [c for c, src in SOURCES.items() if src == source and c not in VARIANTS and backend.has(c)]
+    if component in VARIANTS and any(backend.cached_fingerprint(c) is None for c in siblings):
+        return  # a variant first (tiling): its siblings are exported, and the weights released, by their own first use
+    for sibling in siblings:
+        backend.artefact(sibling)
     release_weights(module)
     log.info("%s: torch weights released (the %s runtime holds its own copy)", source, backend.config.backend.value)
 
