@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml requirements-pins.txt
 	# k-diffusion is the parity reference for the samplers; its __init__ drags in torchvision,
 	# wandb, kornia..., so it is installed without dependencies and only sampling.py is loaded.
 	$(BIN)/pip install -q --no-deps -c requirements-pins.txt k-diffusion
+	# the faces extra (restore_faces tests), without spandrel's torchvision (a CPU torch has no matching build)
+	$(BIN)/pip install -q --no-deps -c requirements-pins.txt spandrel spandrel_extra_arches dlib-bin einops
 	touch $@
 
 test: setup

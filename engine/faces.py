@@ -39,6 +39,7 @@ import numpy as np
 
 from core.errors import InvalidRequest, MissingDependency, ModelError
 from core.lazy import require
+from engine import spandrel_loader
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,6 @@ def _extra_arches() -> None:
     spandrel (which, without a usable torchvision, is a package whose ``__init__`` did not run): spandrel's
     public names are set on it, and spandrel_extra_arches is entered without its ``__init__`` (which imports
     every extra architecture)."""
-    from engine import spandrel_loader
-
     if "spandrel_extra_arches" not in sys.modules and importlib.util.find_spec("spandrel_extra_arches") is None:
         raise MissingDependency("spandrel_extra_arches", "faces", "CodeFormer face restoration")
     spandrel_loader.registry()
@@ -172,8 +171,6 @@ def _extra_arches() -> None:
 def load_restorer(path: Path, name: str, device: str = "cpu"):
     """The torch module of restorer ``name`` (GFPGAN or CodeFormer) from ``path``, eval mode on ``device``.
     ModelError naming the file when it is not that architecture."""
-    from engine import spandrel_loader
-
     state = spandrel_loader.read_state_dict(Path(path))
     for key in ("params_ema", "params", "state_dict"):  # the webui's files wrap their weights
         if key in state and isinstance(state[key], dict):
