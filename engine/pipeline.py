@@ -177,9 +177,13 @@ class Engine:
             # the engine owns the loaded model: a non-torch backend frees its torch weights once exported
             backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key,
                                      progress=self._export_progress, owned=True)
+            def load_weights():
+                self.store.load_weights(model, allow_pickle=self.config.allow_pickle)
+
+            # released weights come back through it when an on-demand component (a seamless variant) is exported
+            backend.weights_loader = load_weights
             if model.meta:
-                adopt_cached(backend, model.components,
-                             lambda: self.store.load_weights(model, allow_pickle=self.config.allow_pickle))
+                adopt_cached(backend, model.components, load_weights)
             rt = _Runtime(model, backend, EmbeddingCache(), Networks(self.store, model, self.config.allow_pickle))
             self._runtimes = {key: rt}  # one model resident at a time
             log.info("model %s [%s] ready on %s in %.2fs", model.name, model.short_hash,

@@ -1,6 +1,6 @@
 """Face restoration (engine.faces; the webui's restore_faces, face_restoration_model, code_former_weight).
 
-- Detection and crop/paste on real photos (``../shared/weights/photos``: astronaut.png and grace_hopper.jpg, one
+- Detection and crop/paste on real photos (the shared test weights' ``photos``: astronaut.png and grace_hopper.jpg, one
   face each; skipped with a reason where the folder is absent): exactly one face is found, its box covers the face
   (hand-measured face centres and sizes below), the aligned crop pasted back through an identity "restorer" leaves
   the photo within 3/255 mean inside the face and bit-equal far from it; a restorer that paints the crop puts the
@@ -43,8 +43,8 @@ SHARED = shared_weights()
 # found, not imported: spandrel_extra_arches' __init__ imports every extra architecture (engine.faces does not)
 FACES_EXTRA = all(importlib.util.find_spec(m) is not None for m in ("spandrel", "spandrel_extra_arches", "dlib"))
 needs_photos = pytest.mark.skipif(not FACES_EXTRA or SHARED is None or not (SHARED / "photos").is_dir(),
-                                  reason="the faces extra (dlib) or the shared real photos (../shared/weights/photos) are "
-                                         "absent")
+                                  reason="the faces extra (dlib) or the shared real photos (SDENGINE_SHARED_WEIGHTS, or "
+                                         "shared/weights beside a parent folder of the repository) are absent")
 # hand-measured on the photos: (face centre x, y), face width in pixels
 FACES = {"astronaut.png": ((220, 122), 90), "grace_hopper.jpg": ((272, 236), 180)}
 

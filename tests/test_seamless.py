@@ -134,8 +134,16 @@ def test_image_wraps_around(torch_images):
 @pytest.mark.parametrize("kind", ["onnxruntime", "openvino"])
 def test_image_wraps_on_every_backend(torch_images, tmp_path, kind):
     engine = Engine(models_dir=tmp_path / "empty-store", backend=kind, cache_dir=tmp_path / "cache")
+    # a plain request first: its export releases the torch weights; the seamless variants load them back
+    engine.generate(GenerationRequest(prompt=PROMPT, steps=1, seed=1))
     res = engine.generate(GenerationRequest(prompt=PROMPT, steps=8, cfg_scale=1.5, seed=1, sampler_name="Euler a",
                                             tiling=True))
+    # after the variants' exports (weights loaded back for them) only the runtime's copy stays resident
+    from export.onnx import is_released
+
+    rt = next(iter(engine._runtimes.values()))
+    assert all(is_released(m) for k, m in rt.model.components.items() if hasattr(m, "parameters")), \
+        {k: is_released(m) for k, m in rt.model.components.items() if hasattr(m, "parameters")}
     img, ref = res.images[0], torch_images[0].images[0]
     assert wraps(img), seams(img)
     diff = float(np.abs(img.astype(np.float64) - ref).mean())

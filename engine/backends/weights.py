@@ -21,10 +21,23 @@ from __future__ import annotations
 import logging
 
 from export.descriptors import SOURCES, VARIANTS
-from export.onnx import is_released, mark_released, release_weights
+from export.onnx import LOADER, is_released, mark_released, release_weights
 
 
 log = logging.getLogger(__name__)
+
+
+def _plain(backend, source: str) -> list[str]:
+    """The components (not the on-demand variants) ``backend`` makes from the module ``source``."""
+    return [c for c, src in SOURCES.items() if src == source and c not in VARIANTS and backend.has(c)]
+
+
+def _release(backend, source: str, module) -> None:
+    release_weights(module)
+    loader = getattr(backend, "weights_loader", None)  # the Engine's way back (an on-demand variant's export)
+    if loader is not None and getattr(module, LOADER, None) is None:
+        setattr(module, LOADER, loader)
+    log.info("%s: torch weights released (the %s runtime holds its own copy)", source, backend.config.backend.value)
 
 
 def export_siblings_and_release(backend, component: str) -> None:
@@ -33,13 +46,20 @@ def export_siblings_and_release(backend, component: str) -> None:
     module = backend._components.get(source)
     if module is None or is_released(module) or not hasattr(module, "parameters"):
         return
-    siblings = [c for c, src in SOURCES.items() if src == source and c not in VARIANTS and backend.has(c)]
+    siblings = _plain(backend, source)
     if component in VARIANTS and any(backend.cached_fingerprint(c) is None for c in siblings):
         return  # a variant first (tiling): its siblings are exported, and the weights released, by their own first use
     for sibling in siblings:
         backend.artefact(sibling)
-    release_weights(module)
-    log.info("%s: torch weights released (the %s runtime holds its own copy)", source, backend.config.backend.value)
+    _release(backend, source, module)
+    if component in VARIANTS:
+        # the loader put every module's weights back for this export: release the others whose artefacts all exist
+        for other, mod in backend._components.items():
+            plain = _plain(backend, other) if other in SOURCES.values() else []
+            if mod is module or not plain or is_released(mod) or not hasattr(mod, "parameters"):
+                continue
+            if all(backend.cached_fingerprint(c) is not None for c in plain):
+                _release(backend, other, mod)
 
 
 def adopt_cached(backend, components, load_weights) -> bool:
