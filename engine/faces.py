@@ -152,7 +152,7 @@ def _extra_arches() -> None:
         raise MissingDependency("spandrel_extra_arches", "faces", "CodeFormer face restoration")
     spandrel_loader.registry()
     package = sys.modules["spandrel"]
-    if not hasattr(package, "ArchSupport"):
+    if getattr(package, "__all__", None) is None:  # the bare package: its public names that import nothing else
         for name in ("model_descriptor", "registry", "canonicalize"):
             module = importlib.import_module(f"spandrel.__helpers.{name}")
             for attr in dir(module):

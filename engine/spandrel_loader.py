@@ -71,6 +71,16 @@ def _partial_registry():
         module = importlib.import_module(f"spandrel.architectures.{name}")
         supports.append(registry_module.ArchSupport.from_architecture(getattr(module, f"{name}Arch")()))
     registry.add(*supports)
+    # the package's public names that do not import the rest (spandrel_extra_arches reads MAIN_REGISTRY)
+    descriptor = importlib.import_module("spandrel.__helpers.model_descriptor")
+    canonical = importlib.import_module("spandrel.__helpers.canonicalize")
+    package.MAIN_REGISTRY = registry
+    package.ArchRegistry, package.ArchSupport = registry_module.ArchRegistry, registry_module.ArchSupport
+    package.UnsupportedModelError = registry_module.UnsupportedModelError
+    package.canonicalize_state_dict = canonical.canonicalize_state_dict
+    for name in ("ImageModelDescriptor", "MaskedImageModelDescriptor", "ModelDescriptor", "Architecture",
+                 "SizeRequirements", "ModelTiling"):
+        setattr(package, name, getattr(descriptor, name))
     log.info("spandrel: torchvision is not usable here; %d architectures loaded without %s", len(supports),
              ", ".join(sorted(_NEEDS_TORCHVISION)))
     return registry
