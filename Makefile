@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml requirements-pins.txt
 	# k-diffusion is the parity reference for the samplers; its __init__ drags in torchvision,
 	# wandb, kornia..., so it is installed without dependencies and only sampling.py is loaded.
 	$(BIN)/pip install -q --no-deps -c requirements-pins.txt k-diffusion
-	# spandrel (model upscalers) without its torchvision requirement: a CUDA torchvision beside the CPU torch
-	# breaks `import torchvision`; engine/spandrel_loader.py loads spandrel's architectures without it
-	$(BIN)/pip install -q --no-deps -c requirements-pins.txt spandrel
+	# spandrel (model upscalers; with spandrel_extra_arches, dlib-bin and einops: the faces extra, restore_faces
+	# tests) without its torchvision requirement: a CUDA torchvision beside the CPU torch breaks `import
+	# torchvision`; engine/spandrel_loader.py loads spandrel's architectures without it
+	$(BIN)/pip install -q --no-deps -c requirements-pins.txt spandrel spandrel_extra_arches dlib-bin einops
 	touch $@
 
 test: setup

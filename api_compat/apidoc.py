@@ -101,8 +101,10 @@ FIELD_DOCS: dict[str, str] = {
     "hr_cfg": "hires fix CFG scale (empty: cfg_scale)",
     "refiner_switch_at": "refiner switch point; ignored (no refiner)",
     "enable_hr": "hires fix (second pass at a larger size)",
-    "restore_faces": "face restoration",
-    "tiling": "seamless tiling",
+    "restore_faces": "restore the faces of every image (GFPGAN / CodeFormer: a file in the model store's GFPGAN/ or "
+                     "Codeformer/ folder; none installed is an error naming them); null: the face_restoration option",
+    "tiling": "seamless tiling: circular padding in the UNet and VAE convolutions, the image wraps around; null: "
+              "the tiling option",
     "styles": "prompt styles by name (styles.csv in the data folder; GET /sdapi/v1/prompt-styles), applied in "
               "order: {prompt} in a style is replaced by the prompt, else the style is appended",
     "seed_resize_from_h": "seed resize",
@@ -123,6 +125,11 @@ FIELD_DOCS: dict[str, str] = {
     "img2img_fix_steps": "img2img: run exactly `steps` steps instead of steps x denoising_strength",
     "initial_noise_multiplier": "img2img: multiplier of the initial noise",
     "upscaler_for_img2img": "img2img: the upscaler used to resize the init image",
+    "face_restoration": "restore_faces when the request leaves it null",
+    "face_restoration_model": "the face restorer: \"CodeFormer\" or \"GFPGAN\" (installed; null: the first installed, "
+                              "CodeFormer first)",
+    "code_former_weight": "CodeFormer's fidelity weight (0: strongest restoration, 1: weakest; default 0.5)",
+    "OverrideSettings.tiling": "tiling when the request leaves it null",
     # alwayson_scripts.controlnet
     "units": _SEE_UNIT,
     "args": _SEE_UNIT + " (the webui's spelling of units)",

@@ -8,7 +8,8 @@ so it lives in api_compat, beside the schema, and not in :mod:`engine.rules` (wh
    (:func:`ignored_warning`). ``strict`` (``sdengine serve --strict``, ``TaskService(strict=True)``) makes them an
    ``unknown_field`` error naming the field, with a "did you mean".
 2. **A known field that asks for something the engine does not do stays an error** naming the field
-   (``restore_faces: true``, ``tiling: true``, an enabled extension script of :data:`SCRIPTS`): ignoring it
+   (``styles``, ``restore_faces: true`` with no face-restoration model installed, an enabled extension script of
+   :data:`SCRIPTS`): ignoring it
    would answer a different image than the one asked for.
 3. **Inert values are accepted** silently: the webui's defaults of features the engine lacks, fields that only
    act on models the engine does not run (``image_cfg_scale``: instruct-pix2pix models only), extension

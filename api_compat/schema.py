@@ -389,6 +389,11 @@ class OverrideSettings(_Model):
     img2img_fix_steps: Flag = None
     initial_noise_multiplier: _ranged("init.initial_noise_multiplier", nullable=True) = None
     upscaler_for_img2img: OptShortText = None
+    # face restoration (restore_faces) and seamless tiling: the webui options a request's null field falls back to
+    face_restoration: Flag = None
+    face_restoration_model: OptShortText = None
+    code_former_weight: _float_type(0.0, 1.0, nullable=True) = None
+    tiling: Flag = None
     # webui settings about saving files and live previews: no effect on the images or the infotext here
     samples_save: Ignored = None
     samples_format: Ignored = None
@@ -449,9 +454,10 @@ class GenerationPayload(_Model):
     comments: _comments_type() = None
     # only used by features that are off (refiner): type-checked, ignored, as the webui does
     refiner_switch_at: _float_type(0.0, 1.0, nullable=True) = None
+    # null: the webui options face_restoration / tiling (override_settings, /sdapi/v1/options), default false
+    restore_faces: Flag = None
+    tiling: Flag = None
     # webui features the engine does not implement: default only
-    restore_faces: _only_default(False, None, feature="face restoration") = None
-    tiling: _only_default(False, None, feature="tiling") = None
     styles: _styles_type() = None
     seed_resize_from_h: _only_default(-1, 0, None, feature="seed resize") = None
     seed_resize_from_w: _only_default(-1, 0, None, feature="seed resize") = None

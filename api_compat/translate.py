@@ -27,7 +27,8 @@ from engine.controlnet.preprocessors import get_preprocessor
 from core.errors import InvalidRequest, NotSupported
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
-from engine.request import ControlNetUnit, GenerationRequest, Hires, InitImage
+from engine import faces
+from engine.request import ControlNetUnit, FaceRestoration, GenerationRequest, Hires, InitImage
 from engine.networks.syntax import parse_prompt
 from engine.rules import SIZE_MULTIPLE, check_limits, default, hires_sampler, resolve_hires_sampler, size_fits
 from engine.samplers import resolve
@@ -88,6 +89,11 @@ def field_origins(payload: GenerationPayload) -> dict[str, str]:
     }
     if "CLIP_stop_at_last_layers" in given:  # the webui's clip skip wins over clip_skip
         origins["clip_skip"] = "override_settings.CLIP_stop_at_last_layers"
+    # restore_faces / tiling null: the webui options (override_settings) decide
+    origins["face_restoration"] = "restore_faces" if payload.restore_faces is not None or "face_restoration" not in \
+        given else "override_settings.face_restoration"
+    origins["face_restoration.model"] = "override_settings.face_restoration_model"
+    origins["tiling"] = "tiling" if payload.tiling is not None or "tiling" not in given else "override_settings.tiling"
     k = 0
     for path, unit in units_of(payload):
         if unit.enabled:
@@ -269,8 +275,29 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         eta_noise_seed_delta=ensd,
         controlnet_units=tuple(units),
         disable_extra_networks=bool(payload.disable_extra_networks),
+        tiling=_flag(payload.tiling, overrides, "tiling"),
+        face_restoration=_face_restoration(payload, overrides, config),
     )
     return fields, models
+
+
+def _flag(value: bool | None, overrides, option: str) -> bool:
+    """A webui flag field: its value, else (null) the webui option of ``override_settings``, else false."""
+    if value is None and overrides is not None:
+        value = getattr(overrides, option)
+    return bool(value)
+
+
+def _face_restoration(payload: GenerationPayload, overrides, config: EngineConfig) -> FaceRestoration | None:
+    """``restore_faces`` (null: the face_restoration option) with the face_restoration_model and
+    code_former_weight options; the restorer is checked at submit (engine.faces: none installed names the
+    folder to put one in)."""
+    if not _flag(payload.restore_faces, overrides, "face_restoration"):
+        return None
+    model = getattr(overrides, "face_restoration_model", None) if overrides is not None else None
+    weight = getattr(overrides, "code_former_weight", None) if overrides is not None else None
+    faces.check(config.models_dir, model)
+    return FaceRestoration(model=model, codeformer_weight=0.5 if weight is None else weight)
 
 
 def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]) -> Hires | None:

@@ -119,6 +119,7 @@ class Generation:
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # img2img / hires fields
     lora_hashes: tuple[tuple[str, str], ...] = ()  # (name as written in the prompt, 12-hex hash)
     ti_hashes: tuple[tuple[str, str], ...] = ()
+    face_restoration: str | None = None  # the restorer that ran (restore_faces), else None
 
     def infotext(self, index: int) -> str:
         req, model = self.request, self.model
@@ -129,6 +130,7 @@ class Generation:
             **sampler,
             "CFG scale": req.cfg_scale,
             "Seed": self.seeds[index],
+            "Face restoration": self.face_restoration,  # webui: the face_restoration_model when restore_faces
             "Size": f"{self.width}x{self.height}",
             "Model hash": model.short_hash,
             "Model": model_label(model),
@@ -138,6 +140,7 @@ class Generation:
             "Denoising strength": self.denoising_strength,
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
             **extras,
+            "Tiling": "True" if getattr(req, "tiling", False) else None,  # webui: after RNG, before the extra params
             **self.extra,
             "Backend": self.backend,
         }
@@ -169,6 +172,8 @@ class Generation:
             "steps": req.steps,
             "batch_size": req.batch_size,
             "n_iter": req.n_iter,
+            "restore_faces": self.face_restoration is not None,
+            "face_restoration_model": self.face_restoration,
             "clip_skip": req.clip_skip,
             "sd_model_name": model_label(model),
             "sd_model_hash": model.short_hash,

@@ -35,6 +35,7 @@ from engine.controlnet import HiresOption, cond_rows_mask, controlnet_component,
 from engine.controlnet.reference import ReferenceInjection, supports_reference
 from engine.controlnet.units import REFERENCE_MODULES, extension_residuals, residual_count
 from engine.denoiser import Denoiser, LatentBlend
+from engine import faces
 from core.errors import BackendUnavailable, InvalidRequest
 from engine import sd_upscale
 from engine.upscalers import Upscaling
@@ -51,6 +52,7 @@ from engine.rules import check_layer_weights, resolve_hires_sampler
 from engine.samplers import SamplingPlan, resolve
 from engine.tiling import decode as decode_latents
 from engine.tiling import encode as encode_image
+from export.descriptors import SEAMLESS
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,7 @@ class Engine:
         self._lock = threading.RLock()
         self._store = None
         self._torch_twin: Engine | None = None  # serves reference units for a backend of exported graphs
+        self._faces: faces.FaceModels | None = None  # face restorers (restore_faces), loaded on first use
         self.clock = time.monotonic  # what the ETA is measured with (tests use a fake clock)
 
     # ------------------------------------------------------------------------------------------ models
@@ -178,9 +181,13 @@ class Engine:
             # the engine owns the loaded model: a non-torch backend frees its torch weights once exported
             backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key,
                                      progress=self._export_progress, owned=True)
+            def load_weights():
+                self.store.load_weights(model, allow_pickle=self.config.allow_pickle)
+
+            # released weights come back through it when an on-demand component (a seamless variant) is exported
+            backend.weights_loader = load_weights
             if model.meta:
-                adopt_cached(backend, model.components,
-                             lambda: self.store.load_weights(model, allow_pickle=self.config.allow_pickle))
+                adopt_cached(backend, model.components, load_weights)
             rt = _Runtime(model, backend, EmbeddingCache(), Networks(self.store, model, self.config.allow_pickle))
             self._runtimes = {key: rt}  # one model resident at a time
             log.info("model %s [%s] ready on %s in %.2fs", model.name, model.short_hash,
@@ -208,12 +215,15 @@ class Engine:
             reporter.export(what, done, total)
 
     @staticmethod
-    def _run_fn(rt: _Runtime):
-        """``run(component, feeds)`` over the model's backend and its ControlNets' backends."""
+    def _run_fn(rt: _Runtime, seamless: bool = False):
+        """``run(component, feeds)`` over the model's backend and its ControlNets' backends; ``seamless`` (the
+        request's ``tiling``): the UNet components run as their circular-padding variants (export.descriptors)."""
 
         def run(component: str, feeds):
             if component in rt.controlnets:
                 return rt.controlnets[component][1].run("controlnet", feeds)
+            if seamless:
+                component = SEAMLESS.get(component, component)
             return rt.backend.run(component, feeds)
 
         return run
@@ -366,10 +376,20 @@ class Engine:
         t0 = time.perf_counter()
         ctx.reporter.phase("decoding")
         decoded = to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling,  # engine.tiling
-                                          ctx.reporter.check_cancel))
+                                          ctx.reporter.check_cancel, seamless=req.tiling))
+        if req.face_restoration is not None:  # webui: after decoding, before the inpainting overlay
+            ctx.reporter.phase("decoding", "face restoration")
+            decoded = [self._restore_faces(req, img) for img in decoded]
         images = decoded if source is None else [source.plan.finish(img) for img in decoded]
         ctx.timer.add("vae_decoder", t0)
         return images, cond
+
+    def _restore_faces(self, req: GenerationRequest, image: np.ndarray) -> np.ndarray:
+        """One decoded image's faces restored (engine.faces) by the request's restorer."""
+        if self._faces is None or self._faces.models_dir != self.store.root:
+            self._faces = faces.FaceModels(self.store.root, self.config.device)
+        fr = req.face_restoration
+        return faces.restore(image, fr.model, 1.0, fr.codeformer_weight, models=self._faces)
 
     def _generation(self, ctx: _Context, cond) -> Generation:
         """The request described as the webui does (engine.infotext): the infotext of each image."""
@@ -383,8 +403,10 @@ class Engine:
             req.hires.denoising_strength if req.hires is not None else None
         # the backend's own label where it has one (``openvino bf16``: the precision the CPU really runs)
         backend_label = getattr(rt.backend, "label", None) or self.config.backend.value
+        restorer = None if req.face_restoration is None else faces.check(self.store.root, req.face_restoration.model)
         return Generation(req, rt.model, ctx.first.plan, ctx.width, ctx.height, ctx.seeds, ctx.subseeds,
                           ctx.first.labels, backend_label, denoising_strength=strength, extra=extra,
+                          face_restoration=restorer,
                           lora_hashes=ctx.networks.lora_hashes, ti_hashes=rt.networks.ti_hashes(cond.embeddings))
 
     def _describe(self, ctx: _Context, images: list[np.ndarray], cond) -> GenerationResult:
@@ -426,9 +448,10 @@ class Engine:
         if any(u.reference for u in units):
             family = ctx.rt.model.family
             reference = ReferenceInjection(ctx.rt.backend, units, plan.steps, family.schedule.alphas_cumprod,
-                                           lambda pixels: self._encode(ctx.rt, pixels), seed=rng.seeds[0],
+                                           lambda pixels: self._encode(ctx.rt, pixels, req.tiling),
+                                           seed=rng.seeds[0],
                                            sdxl=family.arch is Arch.SDXL, hires=p is ctx.second)
-        denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt), units, plan.steps, reference), plan.schedule,
+        denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt, req.tiling), units, plan.steps, reference), plan.schedule,
                             ctx.rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
         if blend is not None:
             denoiser = LatentBlend(denoiser, *blend)
@@ -437,12 +460,14 @@ class Engine:
                               s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
         return latents if blend is None else denoiser.final(latents)
 
-    def _encode(self, rt: _Runtime, pixels: np.ndarray, check: Callable[[], None] | None = None):
+    def _encode(self, rt: _Runtime, pixels: np.ndarray, check: Callable[[], None] | None = None,
+                seamless: bool = False):
         """(B, 3, H, W) floats in [0, 1] -> (B, 4, H/8, W/8) latents through the backend's VAE encoder
-        (``check()`` before each tile: cancellation)."""
+        (``check()`` before each tile: cancellation; ``seamless``: its circular-padding variant)."""
         image = to_device(np.ascontiguousarray(pixels, dtype=np.float32), self.config.device)
         # tiled above the configured size (engine.tiling)
-        return to_device(encode_image(rt.backend.run, image, self.config.vae_tiling, check), self.config.device)
+        return to_device(encode_image(rt.backend.run, image, self.config.vae_tiling, check, seamless),
+                         self.config.device)
 
     def _upscale(self, ctx: _Context, image: np.ndarray, width: int, height: int, upscaler: str) -> np.ndarray:
         """One image through the hires fix's image upscaler (PIL or model), the request's cancellation checked
@@ -459,7 +484,8 @@ class Engine:
         init_plan = prepare_init(req.init, ctx.width, ctx.height, scale=ctx.rt.model.family.vae_scale_factor)
         ctx.timer.add("init_image", t0)
         t0 = time.perf_counter()
-        latent = to_host(self._encode(ctx.rt, init_plan.pixels, ctx.reporter.check_cancel)).astype(np.float32)
+        latent = to_host(self._encode(ctx.rt, init_plan.pixels, ctx.reporter.check_cancel, req.tiling))
+        latent = latent.astype(np.float32)
         h, w = init_plan.latent_size
         if init_plan.resize_latent and latent.shape[2:] != (h, w):
             latent = upscale_latent(latent, h, w, "Latent")
@@ -505,12 +531,13 @@ class Engine:
             x0 = upscale_latent(latents, *size.upscale_latent, hr.upscaler_name)
         else:
             ctx.reporter.phase("decoding", "hires fix: the first pass, for the image upscaler")
-            decoded = decode_latents(ctx.rt.backend.run, latents, self.config.vae_tiling, ctx.reporter.check_cancel)
+            decoded = decode_latents(ctx.rt.backend.run, latents, self.config.vae_tiling, ctx.reporter.check_cancel,
+                                     seamless=ctx.req.tiling)
             lowres = (np.clip(decoded, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
             del decoded
             pixels = np.stack([self._upscale(ctx, img, size.upscale_width, size.upscale_height, hr.upscaler_name)
                                for img in lowres]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-            x0 = self._encode(ctx.rt, pixels, ctx.reporter.check_cancel)
+            x0 = self._encode(ctx.rt, pixels, ctx.reporter.check_cancel, ctx.req.tiling)
         x0 = size.truncate(x0)
         ctx.timer.add("hires_upscale", t0)
         if p.plan.steps == 0:  # denoising strength 0: the webui's 0-step pass returns the upscaled latent
@@ -538,6 +565,8 @@ class Engine:
             raise InvalidRequest("batch_size", f"{req.batch_size} is out of range", f"1..{self.config.max_batch_size}")
         if req.init is not None and req.hires is not None:
             raise InvalidRequest("hires", "the hires fix is a txt2img feature", "false for img2img")
+        if req.face_restoration is not None:  # before any work: no model installed is an error naming the folder
+            faces.check(self.store.root, req.face_restoration.model)
         return width, height
 
     def _networks(self, rt: _Runtime, req: GenerationRequest):

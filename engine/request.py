@@ -66,6 +66,16 @@ class InitImage:
     upscaler: str = "None"  # the webui's upscaler_for_img2img (image resizes that enlarge)
 
 
+@dataclass(frozen=True)
+class FaceRestoration:
+    """webui ``restore_faces``: every image's faces restored after decoding (engine.faces). ``model`` is the
+    webui's face_restoration_model ("CodeFormer", "GFPGAN"; None: the first installed); ``codeformer_weight`` its
+    code_former_weight (0: strongest, 1: weakest; CodeFormer only)."""
+
+    model: str | None = None
+    codeformer_weight: float = 0.5
+
+
 DEFAULT_HIRES_UPSCALER = "Latent"  # the webui's latent_upscale_default_mode
 
 
@@ -133,6 +143,8 @@ class GenerationRequest:
     hires: Hires | None = None  # txt2img's second pass
     disable_extra_networks: bool = False  # webui: <lora:...> tags are removed from the prompt but not applied
     sd_upscale: Any = None  # img2img: the "SD upscale" script (engine.sd_upscale.SdUpscale)
+    tiling: bool = False  # webui seamless tiling: circular padding in the UNet and VAE convolutions
+    face_restoration: FaceRestoration | None = None  # webui restore_faces (None: off)
 
 
 @dataclass

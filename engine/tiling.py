@@ -8,6 +8,11 @@ overlapping by at least ``overlap`` latent pixels; in an overlap the two tiles' 
 that ramp linearly from one to the other, so the tiles' own borders (zero padding, their own GroupNorm
 statistics) get weight near 0 and no seam is left (tests/test_tiling.py: tiled vs untiled on a tiny model).
 The knowledge of *when* to tile lives in :class:`VaeTiling`; engine.memory uses the same object to estimate.
+
+Seamless tiling (the webui's ``tiling``): an untiled decode/encode runs the component's circular-padding variant
+(``export.descriptors.SEAMLESS``). A tiled one cannot (each tile would wrap onto itself): the input is padded by
+wrapping around (``overlap`` latent pixels each side), decoded in tiles by the plain component and cropped back,
+so every border of the result is computed from the content across the opposite border, as in the untiled case.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 
 from engine.arrays import contiguous, to_host
 from engine.models.family import VAE_SCALE_FACTOR
+from export.descriptors import SEAMLESS
 
 LATENT_SCALE = VAE_SCALE_FACTOR  # image pixels per latent pixel (every supported family's VAE)
 # called before each tile; raises (core.errors.Cancelled) to stop a tiled pass
@@ -116,21 +122,36 @@ def encode_tiled(run: Callable[[str, Mapping], dict], image, tile: int, overlap:
     return _tiled(run, "vae_encoder", "image", "latent", image, tile, overlap, LATENT_SCALE, 1, check)
 
 
+def _wrap_pad(x, pad: int):
+    """``x`` (B, C, H, W) padded by ``pad`` on each side of both spatial axes with its own opposite border."""
+    return np.pad(to_host(x), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="wrap")
+
+
 def decode(run: Callable[[str, Mapping], dict], latent, tiling: VaeTiling | None,
-           check: Check | None = None) -> np.ndarray:
+           check: Check | None = None, seamless: bool = False) -> np.ndarray:
     """The VAE decode stage: tiled when ``tiling`` applies to the image size (``check()`` before each tile),
-    else one call."""
+    else one call; ``seamless``: the image wraps around (see the module docstring)."""
     h, w = int(latent.shape[-2]), int(latent.shape[-1])
     if tiling is not None and tiling.applies(w * LATENT_SCALE, h * LATENT_SCALE):
+        if seamless:
+            pad, crop = tiling.overlap, tiling.overlap * LATENT_SCALE
+            image = decode_tiled(run, _wrap_pad(latent, pad), tiling.tile, tiling.overlap, check)
+            return np.ascontiguousarray(image[:, :, crop:crop + h * LATENT_SCALE, crop:crop + w * LATENT_SCALE])
         return decode_tiled(run, latent, tiling.tile, tiling.overlap, check)
-    return to_host(run("vae_decoder", {"latent": latent})["image"])
+    component = SEAMLESS["vae_decoder"] if seamless else "vae_decoder"
+    return to_host(run(component, {"latent": latent})["image"])
 
 
 def encode(run: Callable[[str, Mapping], dict], image, tiling: VaeTiling | None,
-           check: Check | None = None) -> np.ndarray:
+           check: Check | None = None, seamless: bool = False) -> np.ndarray:
     """The VAE encode (img2img, hires): tiled when ``tiling`` applies to the image size (``check()`` before each
-    tile), else one call."""
+    tile), else one call; ``seamless``: padding wraps around (see the module docstring)."""
     h, w = int(image.shape[-2]), int(image.shape[-1])
     if tiling is not None and tiling.applies(w, h):
+        if seamless:
+            pad = tiling.overlap
+            latent = encode_tiled(run, _wrap_pad(image, pad * LATENT_SCALE), tiling.tile, tiling.overlap, check)
+            return np.ascontiguousarray(latent[:, :, pad:pad + h // LATENT_SCALE, pad:pad + w // LATENT_SCALE])
         return encode_tiled(run, image, tiling.tile, tiling.overlap, check)
-    return to_host(run("vae_encoder", {"image": image})["latent"])
+    component = SEAMLESS["vae_encoder"] if seamless else "vae_encoder"
+    return to_host(run(component, {"image": image})["latent"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from core.deferred import has_attribute
@@ -404,10 +404,32 @@ SOURCES = {
     "controlnet": "controlnet", "vae_decoder": "vae", "vae_encoder": "vae",
 }
 
+# seamless tiling (the webui's ``tiling``): every Conv2d of the UNet and the VAE pads circularly. Its own
+# components (own graphs and artefacts, exported on first use only: never a sibling of the plain ones)
+SEAMLESS = {c: f"{c}_seamless" for c in ("unet", "unet_control", "vae_decoder", "vae_encoder")}
+
+
+def _seamless(base: str) -> Callable[[Mapping[str, Any]], ComponentDescriptor]:
+    def build(modules) -> ComponentDescriptor:
+        from export.wrappers import CircularPadding
+
+        desc = COMPONENTS[base](modules)
+        return replace(desc, component=SEAMLESS[base],
+                       make_wrapper=lambda m, make=desc.make_wrapper: CircularPadding(make(m)))
+
+    return build
+
+
+for _base, _name in SEAMLESS.items():
+    COMPONENTS[_name] = _seamless(_base)
+    SOURCES[_name] = SOURCES[_base]
+# components made on demand only: not exported with their siblings, not needed for a load from cache
+VARIANTS = frozenset(SEAMLESS.values())
+
 
 def available_components(modules: Mapping[str, Any]) -> list[str]:
     """Components computable from ``modules`` (a diffusers components dict), in registry order."""
-    return [c for c in COMPONENTS if SOURCES[c] in modules]
+    return [c for c in COMPONENTS if SOURCES[c] in modules and c not in VARIANTS]
 
 
 def describe(component: str, modules: Mapping[str, Any]) -> ComponentDescriptor:

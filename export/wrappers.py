@@ -25,6 +25,8 @@ vae_decoder
 vae_encoder
     in  image (B, 3, H, W) in [0, 1]
     out latent (B, 4, h, w) = posterior mean * scaling factor (sampler space)
+unet_seamless, unet_control_seamless, vae_decoder_seamless, vae_encoder_seamless
+    the same inputs and outputs, every padded Conv2d of the module padding circularly (:class:`CircularPadding`)
 """
 
 from __future__ import annotations
@@ -124,6 +126,28 @@ class VaeEncoderWrapper(nn.Module):
     def forward(self, image):
         posterior = self.vae.encode(image * 2 - 1, return_dict=False)[0]
         return posterior.mean * self.scaling_factor
+
+
+class CircularPadding(nn.Module):
+    """``inner`` with every ``nn.Conv2d`` of it padding circularly (``padding_mode="circular"``) while it runs: the
+    webui's seamless tiling (``sd_hijack.apply_circular`` sets the mode on every Conv2d of the UNet and the VAE).
+    The modes are restored after each call, so the plain component sharing the module is unchanged; a convolution
+    without padding is left alone (circular padding by 0 is the same function)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        convs = [m for m in self.inner.modules() if isinstance(m, nn.Conv2d) and any(m.padding)
+                 and m.padding_mode == "zeros"]
+        for conv in convs:
+            conv.padding_mode = "circular"
+        try:
+            return self.inner(*args)
+        finally:
+            for conv in convs:
+                conv.padding_mode = "zeros"
 
 
 def controlnet_residual_count(model: nn.Module) -> int:

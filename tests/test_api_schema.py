@@ -226,8 +226,6 @@ def test_resource_config_header(service):
 
 
 NOT_SUPPORTED = {  # webui v1.10 txt2img fields the engine does not implement: default accepted, else refused
-    "restore_faces": ([False, None], [True]),
-    "tiling": ([False, None], [True]),
     "seed_resize_from_h": ([-1, 0], [512]),
     "seed_resize_from_w": ([-1, 0], [512]),
     "s_min_uncond": ([0, 0.0], [0.5]),
@@ -247,6 +245,18 @@ def test_unsupported_webui_fields(service, name, value, ok):
     else:
         err = assert_refused(service, {name: value}, name, "not_supported")
         assert "not supported" in str(err)
+
+
+def test_restore_faces_without_a_model_names_the_folder(service):
+    """No face-restoration model installed: restore_faces true (or the face_restoration option) is refused at
+    submit naming the folders to put one in, never a silent no-op; false/null and tiling are accepted."""
+    for payload, field in (({"restore_faces": True}, "restore_faces"),
+                           ({"override_settings": {"face_restoration": True}}, "override_settings.face_restoration")):
+        err = assert_refused(service, payload, field, "invalid_request")
+        assert "GFPGAN" in str(err) and "Codeformer" in str(err), err
+    for payload in ({"restore_faces": False}, {"restore_faces": None}, {"tiling": True},
+                    {"override_settings": {"tiling": True, "face_restoration_model": "GFPGAN"}}):
+        assert isinstance(submit(service, payload), dict), payload
 
 
 def test_hires_fields_are_ignored_while_hires_is_off(service):
@@ -294,8 +304,8 @@ def test_payload_must_be_an_object(service):
 
 
 def test_all_errors_are_listed(service):
-    err = submit(service, {"steps": 0, "cfg_scale": 99, "tiling": True})
-    assert {e["field"] for e in err.errors} == {"steps", "cfg_scale", "tiling"}
+    err = submit(service, {"steps": 0, "cfg_scale": 99, "seed_resize_from_h": 512})
+    assert {e["field"] for e in err.errors} == {"steps", "cfg_scale", "seed_resize_from_h"}
 
 
 # ---------------------------------------------------------------------------------------------- ControlNet

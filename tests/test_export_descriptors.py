@@ -129,7 +129,8 @@ def test_errors():
     with pytest.raises(ValueError):
         eval_dim("w/4", {"w": 6})
     assert set(COMPONENTS) == {"text_encoder", "text_encoder_2", "unet", "unet_control", "controlnet",
-                               "vae_decoder", "vae_encoder"}
+                               "vae_decoder", "vae_encoder", "unet_seamless", "unet_control_seamless",
+                               "vae_decoder_seamless", "vae_encoder_seamless"}
 
 
 def test_fp16_policy_from_configs():

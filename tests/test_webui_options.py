@@ -75,7 +75,9 @@ def test_a_ui_option_is_stored_and_read_back(service, tmp_path):
     ({"sd_checkpoint_hash": "abc"}, "not_supported", 422, "sd_checkpoint_hash"),
     # options that would change the images, which the engine does not do: their defaults only
     ({"sd_hypernetwork": "x"}, "not_supported", 422, "sd_hypernetwork"),
-    ({"face_restoration": True}, "not_supported", 422, "face_restoration"),
+    # face restoration with no model installed: refused naming the folders (engine.faces)
+    ({"face_restoration": True}, "invalid_request", 422, "face_restoration"),
+    ({"code_former_weight": 1.5}, "invalid_request", 422, "code_former_weight"),
     ({"s_noise": 0.9}, "not_supported", 422, "s_noise"),
 ])
 def test_a_bad_option_is_refused_naming_it_and_nothing_is_stored(service, tmp_path, body, code, status, field):

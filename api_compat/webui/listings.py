@@ -10,6 +10,7 @@ import logging
 import os
 from typing import Any
 
+from engine import faces
 from engine.img2img import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from engine.models.checkpoints import Kind, read_safetensors_header, text_encoder_widths
 from engine.models.store import SUBDIRS, folders
@@ -174,9 +175,10 @@ def hypernetworks() -> list[dict[str, Any]]:
     return []
 
 
-def face_restorers() -> list[dict[str, Any]]:
-    """``[{name, cmd_dir}]``: none (``restore_faces`` is refused)."""
-    return []
+def face_restorers(store) -> list[dict[str, Any]]:
+    """``[{name, cmd_dir}]`` of the face restorers with a model file (engine.faces: ``models/Codeformer``,
+    ``models/GFPGAN``), the webui's order; ``cmd_dir`` is the folder the file is in."""
+    return [{"name": name, "cmd_dir": str(path.parent)} for name, path in faces.installed(store.root).items()]
 
 
 def realesrgan_models(models_dir=None) -> list[dict[str, Any]]:

@@ -141,13 +141,19 @@ EFFECTS: dict[str, str] = {
     "img2img_fix_steps": "img2img runs exactly the requested steps",
     "initial_noise_multiplier": "img2img noise multiplier",
     "upscaler_for_img2img": "the upscaler img2img resizes its init image with",
+    "face_restoration": "restore faces in the webui routes' requests that leave restore_faces null",
+    "face_restoration_model": "the face restorer of restore_faces (CodeFormer, GFPGAN: a file in models/Codeformer, "
+                              "models/GFPGAN)",
+    "code_former_weight": "CodeFormer's weight in restore_faces (0: strongest, 1: weakest)",
+    "tiling": "seamless tiling in the webui routes' requests that leave tiling null",
     "samples_format": "the format of the images in the webui routes' answers (png, jpg, jpeg, webp)",
     "jpeg_quality": "the quality of JPEG/WebP answer images",
     "webp_lossless": "lossless WebP answer images",
 }
 # the effect options that act as a request's override_settings (checked as a request is)
 REQUEST_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta",
-                   "img2img_fix_steps", "initial_noise_multiplier", "upscaler_for_img2img")
+                   "img2img_fix_steps", "initial_noise_multiplier", "upscaler_for_img2img", "face_restoration",
+                   "face_restoration_model", "code_former_weight", "tiling")
 # options that load a model when they change (POST /options waits for the load, as the webui does)
 LOADING_OPTIONS = ("sd_model_checkpoint", "sd_vae")
 # options that change the images in the webui and that this engine does not implement (as options): accepted at
@@ -155,7 +161,7 @@ LOADING_OPTIONS = ("sd_model_checkpoint", "sd_vae")
 # something the engine does not do is an error; its inert default is fine). Sampler parameters the engine has as
 # request fields (eta, s_churn, ...) are set per request here, not as server-wide defaults.
 UNSUPPORTED = frozenset({
-    "face_restoration", "tiling", "sd_hypernetwork", "sd_unet", "emphasis", "comma_padding_backtrack",
+    "sd_hypernetwork", "sd_unet", "emphasis", "comma_padding_backtrack",
     "sdxl_clip_l_skip", "sdxl_crop_top", "sdxl_crop_left", "enable_quantization", "enable_batch_seeds",
     "randn_source", "sd_vae_encode_method", "sd_vae_decode_method", "inpainting_mask_weight", "img2img_extra_noise",
     "img2img_color_correction", "s_min_uncond", "s_min_uncond_all", "token_merging_ratio",

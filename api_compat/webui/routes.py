@@ -308,9 +308,10 @@ class WebuiRoutes(RouteSet):
     async def hypernetworks(self):
         return listings.hypernetworks()
 
-    @route("GET", "/sdapi/v1/face-restorers", summary="Face restorers: none (the engine has no face restoration)")
+    @route("GET", "/sdapi/v1/face-restorers", summary="Face restorers: those with a file in models/Codeformer, "
+                                                         "models/GFPGAN")
     async def face_restorers(self):
-        return listings.face_restorers()
+        return await asyncio.to_thread(listings.face_restorers, self.state.store)
 
     @route("GET", "/sdapi/v1/realesrgan-models", summary="Real-ESRGAN models (the models folder RealESRGAN/)")
     async def realesrgan_models(self):

@@ -4,7 +4,8 @@ A runtime that runs exported graphs (onnxruntime, openvino) holds its own copy o
 modules it was handed are only needed to export. With ``release_weights=True`` (set by
 ``create_backend(..., owned=True)``: the Engine's choice, it owns the loaded model) the backend, before
 creating its first session from a source module, makes sure every ONNX artefact made from that module exists (``unet`` and ``unet_control`` from the UNet, ``vae_decoder`` and
-``vae_encoder`` from the VAE), then frees the module's weights (:func:`export.onnx.release_weights`): from
+``vae_encoder`` from the VAE; not the on-demand variants of ``export.descriptors.VARIANTS``, whose first use
+loads the weights back through the module's loader), then frees the module's weights (:func:`export.onnx.release_weights`): from
 then on only the runtime's copy is resident. Backends built directly on shared modules (tests, benchmarks)
 keep them by default.
 
@@ -19,11 +20,24 @@ from __future__ import annotations
 
 import logging
 
-from export.descriptors import SOURCES
-from export.onnx import is_released, mark_released, release_weights
+from export.descriptors import SOURCES, VARIANTS
+from export.onnx import LOADER, is_released, mark_released, release_weights
 
 
 log = logging.getLogger(__name__)
+
+
+def _plain(backend, source: str) -> list[str]:
+    """The components (not the on-demand variants) ``backend`` makes from the module ``source``."""
+    return [c for c, src in SOURCES.items() if src == source and c not in VARIANTS and backend.has(c)]
+
+
+def _release(backend, source: str, module) -> None:
+    release_weights(module)
+    loader = getattr(backend, "weights_loader", None)  # the Engine's way back (an on-demand variant's export)
+    if loader is not None and getattr(module, LOADER, None) is None:
+        setattr(module, LOADER, loader)
+    log.info("%s: torch weights released (the %s runtime holds its own copy)", source, backend.config.backend.value)
 
 
 def export_siblings_and_release(backend, component: str) -> None:
@@ -32,11 +46,20 @@ def export_siblings_and_release(backend, component: str) -> None:
     module = backend._components.get(source)
     if module is None or is_released(module) or not hasattr(module, "parameters"):
         return
-    for sibling, src in SOURCES.items():
-        if src == source and backend.has(sibling):
-            backend.artefact(sibling)
-    release_weights(module)
-    log.info("%s: torch weights released (the %s runtime holds its own copy)", source, backend.config.backend.value)
+    siblings = _plain(backend, source)
+    if component in VARIANTS and any(backend.cached_fingerprint(c) is None for c in siblings):
+        return  # a variant first (tiling): its siblings are exported, and the weights released, by their own first use
+    for sibling in siblings:
+        backend.artefact(sibling)
+    _release(backend, source, module)
+    if component in VARIANTS:
+        # the loader put every module's weights back for this export: release the others whose artefacts all exist
+        for other, mod in backend._components.items():
+            plain = _plain(backend, other) if other in SOURCES.values() else []
+            if mod is module or not plain or is_released(mod) or not hasattr(mod, "parameters"):
+                continue
+            if all(backend.cached_fingerprint(c) is not None for c in plain):
+                _release(backend, other, mod)
 
 
 def adopt_cached(backend, components, load_weights) -> bool:
@@ -47,7 +70,7 @@ def adopt_cached(backend, components, load_weights) -> bool:
     answer False."""
     fingerprints: dict[str, str] = {}
     for component, source in SOURCES.items():
-        if source not in components or not backend.has(component):
+        if source not in components or component in VARIANTS or not backend.has(component):
             continue
         fingerprint = backend.cached_fingerprint(component)
         if fingerprint is None or fingerprints.setdefault(source, fingerprint) != fingerprint:
