@@ -11,6 +11,13 @@ import pytest
 
 
 def pytest_configure(config):
+    # One compute thread per test process (torch's OpenMP pool, numpy's BLAS, and through core.cpu.cpu_threads
+    # ONNX Runtime and OpenVINO), inherited by the servers and workers the tests start. `make test` runs one
+    # pytest worker per core, so more threads than that only spin-wait on each other: on 2 busy cores a tiny
+    # model's torch generation took 30x the CPU with 2 threads (tests/README.md). Runs before any test module
+    # imports torch; a value already set in the environment wins.
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
     # the engine's home (models, cache, results by default) is a temporary folder: tests never write to ~
     os.environ["SDENGINE_HOME"] = tempfile.mkdtemp(prefix="sdengine-test-home-")
     for name in ("SDENGINE_MODELS_DIR", "SDENGINE_CACHE_DIR", "SDENGINE_RESULTS_DIR"):
