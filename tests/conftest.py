@@ -40,3 +40,11 @@ def tiny_model_store(tiny_store, tmp_path_factory):
     from engine.models.store import ModelStore
 
     return ModelStore(tiny_store, bundled=None, cache_dir=tmp_path_factory.mktemp("model-cache"))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Test files with a ``slow`` test first (a stable sort: each file's tests stay together and in order).
+    ``make test`` hands whole files to its workers in this order, so the long files start at once and the run
+    ends on short ones instead of one worker finishing a long file while the others idle."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

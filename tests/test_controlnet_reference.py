@@ -263,7 +263,7 @@ def server(tmp_path_factory):
     shutil.copyfile(ROOT / "engine" / "models" / "bundled" / "ControlNet" / "sdengine-demo-canny.safetensors",
                     root / "models" / "ControlNet" / "control_v11p_sd15_canny.safetensors")
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # OMP_NUM_THREADS: the test run's (tests/conftest.py)
     env.pop("SDENGINE_API_KEY", None)
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir",

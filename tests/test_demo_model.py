@@ -20,6 +20,7 @@ GOLDEN = Path(__file__).parent / "golden" / "demo-seed1-euler-a.png"
 PROMPT = "a large red circle in the middle on a blue background"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_demo_model_golden_image(backend, tmp_path):
     from training.evaluate import analyse
@@ -44,6 +45,7 @@ def demo_engine(tmp_path_factory):
     return make_engine("onnxruntime", tmp_path_factory.mktemp("demo-store"))
 
 
+@pytest.mark.slow
 def test_demo_model_follows_heldout_prompts(demo_engine):
     """A sample of the held-out prompts (never seen in training) through the product pipeline: the automatic
     evaluator must read every attribute right in at least 10 of 12 (the full 100: BENCHMARKS.md)."""
@@ -55,6 +57,7 @@ def test_demo_model_follows_heldout_prompts(demo_engine):
     assert acc["all"] >= 10 / 12, misses
 
 
+@pytest.mark.slow
 def test_demo_controlnet_puts_shapes_on_the_edges(demo_engine):
     """Prompts without a position phrase: with the canny ControlNet the shapes land where the control edges
     are (evaluator's position right in >= 7 of 8); without it (same prompts and seeds) they do not, and the

@@ -100,6 +100,7 @@ def test_sigkill_pool_process_then_redelivered_once(cluster, moment):
         assert worker.proc.poll() is None, "the worker itself lives on"
 
 
+@pytest.mark.slow
 def test_sigkill_whole_worker_redelivered_after_visibility_timeout(cluster):
     """The whole worker dies (main and pool process: a lost host): Redis hands the unacknowledged task to the
     other worker after the visibility timeout; meanwhile the API reads it as waiting (retry); it ends
@@ -291,6 +292,7 @@ def test_routing_by_model(redis_server, tiny_store, tmp_path):
 N_HTTP = 200
 
 
+@pytest.mark.slow
 def test_many_tasks_over_http_through_two_workers_pixel_equal_to_embedded(queue_workers, tiny_engine, tmp_path):
     """N_HTTP tasks submitted over HTTP (`sdengine serve --queue`, 8 client threads) run on two real workers
     (tiny-sd1, ONNX Runtime, 1 Euler step, 64x64): every one succeeds once, both workers take a share, and

@@ -59,7 +59,7 @@ class Server:
         self.root = root
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # OMP_NUM_THREADS: the test run's (tests/conftest.py)
         env.pop("SDENGINE_API_KEY", None)
         self.log = open(root / f"server-{self.port}.log", "wb")
         self.proc = subprocess.Popen(

@@ -110,7 +110,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = root / f"serve-{self.port}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # OMP_NUM_THREADS: the test run's (tests/conftest.py)
         env.pop("SDENGINE_API_KEY", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "serve", "--port", str(self.port), "--models-dir", str(root / "models"),
@@ -191,6 +191,7 @@ def any_server(request):
 
 
 # ------------------------------------------------------------------------------- generation: both backends
+@pytest.mark.slow
 def test_img2img_unit_without_an_image_takes_the_init_image(any_server):
     """Fault 4: a unit with no image of its own uses img2img's init image, fitted with img2img's resize_mode
     (0 "Just resize" -> "Just Resize"), exactly as if that image had been sent with that mode."""
