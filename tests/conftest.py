@@ -1,11 +1,14 @@
-"""Shared fixtures. ``tiny_store``: a webui-layout model store with every tiny model in both formats, written
+"""Shared fixtures (how to keep new tests cheap: tests/README.md). ``tiny_store``: a webui-layout model store with every tiny model in both formats, written
 once per test session (about 10 s) into a temporary folder. Treat it as read-only; tests that modify a store
 copy what they need into their own ``tmp_path``."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +51,29 @@ def pytest_collection_modifyitems(session, config, items):
     ends on short ones instead of one worker finishing a long file while the others idle."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """An export cache for the bundled demo model shared by every worker of the test run (``make test`` runs
+    one pytest worker per core; their base folders share a parent). Artefacts are keyed by what made them
+    and a second builder keeps the first one's (export.manifest), so engines and servers of any worker may
+    use it at once; wrap the first generation in :func:`exclusive` so that the others wait for one export
+    instead of repeating it. Not for tests about exporting or cold starts: they take a fresh ``tmp_path``."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / "shared-demo-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextmanager
+def exclusive(cache: Path):
+    """Hold an exclusive lock on ``cache`` (a file lock, across the test workers) for a warm-up that exports."""
+    with open(Path(cache) / ".warm-up.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -255,7 +255,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, demo_cache):
     """``python -m cli serve`` on the default backend, the demo canny ControlNet stored under the name the
     extension's CI downloads."""
     root = tmp_path_factory.mktemp("reference-server")
@@ -267,7 +267,8 @@ def server(tmp_path_factory):
     env.pop("SDENGINE_API_KEY", None)
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir",
-                             str(root / "models"), "--results-dir", str(root / "results")],
+                             str(root / "models"), "--results-dir", str(root / "results"),
+                             "--cache-dir", str(demo_cache)],  # the run's demo exports
                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 90

@@ -161,23 +161,23 @@ def _store(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, demo_cache):
     root = tmp_path_factory.mktemp("cn-server")
     _store(root)
-    srv = Server(root, "--backend", "onnxruntime")
+    srv = Server(root, "--backend", "onnxruntime", "--cache-dir", str(demo_cache))  # the run's demo exports
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def queued_server(redis_server, tmp_path_factory):  # noqa: F811
-    """``serve --queue`` and one ``sdengine worker`` (onnxruntime) sharing the results folder."""
+def queued_server(redis_server, tmp_path_factory, demo_cache):  # noqa: F811
+    """``serve --queue`` and one ``sdengine worker`` (onnxruntime, the run's demo exports) sharing the results
+    folder."""
     root = tmp_path_factory.mktemp("cn-queue")
     _store(root)
     url = redis_server.url(5)
-    cache = tmp_path_factory.getbasetemp() / "cn-queue-cache"
     worker = WorkerProcess(url, root / "results", root / "worker.log", "--models-dir", str(root / "models"),
-                           "--backend", "onnxruntime", "--cache-dir", str(cache)).start()
+                           "--backend", "onnxruntime", "--cache-dir", str(demo_cache)).start()
     worker.wait_ready(redis_server.client(5))
     srv = Server(root, "--queue", url)
     yield srv
