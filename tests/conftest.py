@@ -19,7 +19,9 @@ def pytest_configure(config):
     # pytest worker per core, so more threads than that only spin-wait on each other: on 2 busy cores a tiny
     # model's torch generation took 30x the CPU with 2 threads (tests/README.md). Runs before any test module
     # imports torch; a value already set in the environment wins.
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    # TORCHINDUCTOR_COMPILE_THREADS=1: torch.compile builds its kernels in the test process instead of
+    # starting a pool of compile processes (each importing torch) for the one compile test
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
         os.environ.setdefault(name, "1")
     # the engine's home (models, cache, results by default) is a temporary folder: tests never write to ~
     os.environ["SDENGINE_HOME"] = tempfile.mkdtemp(prefix="sdengine-test-home-")
