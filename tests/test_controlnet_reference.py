@@ -264,11 +264,11 @@ def server(tmp_path_factory, demo_cache):
                     root / "models" / "ControlNet" / "control_v11p_sd15_canny.safetensors")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # OMP_NUM_THREADS: the test run's (tests/conftest.py)
+    env["SDENGINE_CACHE_DIR"] = str(demo_cache)  # the run's demo exports
     env.pop("SDENGINE_API_KEY", None)
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir",
-                             str(root / "models"), "--results-dir", str(root / "results"),
-                             "--cache-dir", str(demo_cache)],  # the run's demo exports
+                             str(root / "models"), "--results-dir", str(root / "results")],
                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 90

@@ -57,11 +57,13 @@ def _free_port() -> int:
 class Server:
     """``python -m cli serve`` in a subprocess (127.0.0.1, a free port, --api-auth)."""
 
-    def __init__(self, root: Path, *extra: str):
+    def __init__(self, root: Path, *extra: str, cache_dir: Path | None = None):
         self.root = root
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}  # OMP_NUM_THREADS: the test run's (tests/conftest.py)
+        if cache_dir is not None:  # serve takes its export cache from the environment
+            env["SDENGINE_CACHE_DIR"] = str(cache_dir)
         env.pop("SDENGINE_API_KEY", None)
         self.log = open(root / f"server-{self.port}.log", "wb")
         self.proc = subprocess.Popen(
@@ -106,7 +108,7 @@ def server(tmp_path_factory, demo_cache):
     (root / "models" / "Stable-diffusion").mkdir(parents=True)
     shutil.copyfile(ROOT / "engine" / "models" / "bundled" / "Stable-diffusion" / "sdengine-demo.safetensors",
                     root / "models" / "Stable-diffusion" / "demo-copy.safetensors")
-    srv = Server(root, "--cache-dir", str(demo_cache))
+    srv = Server(root, cache_dir=demo_cache)
     # the first generation exports the demo model (ONNX) unless another module did; every test after it runs warm
     with exclusive(demo_cache):
         r = srv.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 1})

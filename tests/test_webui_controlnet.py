@@ -105,12 +105,14 @@ def img2img(units, **over):
 class Server:
     """``python -m cli serve`` (onnxruntime, or ``--queue`` on Redis) with its console in a log file."""
 
-    def __init__(self, root: Path, *extra: str):
+    def __init__(self, root: Path, *extra: str, cache_dir: Path | None = None):
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = root / f"serve-{self.port}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}  # OMP_NUM_THREADS: the test run's (tests/conftest.py)
+        if cache_dir is not None:  # serve takes its export cache from the environment
+            env["SDENGINE_CACHE_DIR"] = str(cache_dir)
         env.pop("SDENGINE_API_KEY", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "serve", "--port", str(self.port), "--models-dir", str(root / "models"),
@@ -164,7 +166,7 @@ def _store(root: Path) -> None:
 def server(tmp_path_factory, demo_cache):
     root = tmp_path_factory.mktemp("cn-server")
     _store(root)
-    srv = Server(root, "--backend", "onnxruntime", "--cache-dir", str(demo_cache))  # the run's demo exports
+    srv = Server(root, "--backend", "onnxruntime", cache_dir=demo_cache)  # the run's demo exports
     yield srv
     srv.stop()
 

@@ -176,7 +176,7 @@ def server(tmp_path_factory, demo_cache):
     # model would leave it
     (root / "results").mkdir()
     (root / "results" / "webui-options.json").write_text(json.dumps({"CLIP_stop_at_last_layers": 12}))
-    srv = Server(root, "--cache-dir", str(demo_cache))
+    srv = Server(root, cache_dir=demo_cache)
     with exclusive(demo_cache):
         r = srv.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 1})
     assert r.status_code == 200, r.text
