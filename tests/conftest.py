@@ -1,6 +1,7 @@
-"""Shared fixtures (how to keep new tests cheap: tests/README.md). ``tiny_store``: a webui-layout model store with every tiny model in both formats, written
-once per test session (about 10 s) into a temporary folder. Treat it as read-only; tests that modify a store
-copy what they need into their own ``tmp_path``."""
+"""Shared fixtures (how to keep new tests cheap: tests/README.md). ``tiny_store``: a webui-layout model store
+with every tiny model in both formats, written once per test session (about 10 s) into a temporary folder.
+Treat it as read-only; tests that modify a store copy what they need into their own ``tmp_path``.
+``demo_cache``: the demo model's export cache, shared by the run's workers."""
 
 from __future__ import annotations
 
@@ -72,8 +73,10 @@ def demo_cache(tmp_path_factory) -> Path:
 
 @contextmanager
 def exclusive(cache: Path):
-    """Hold an exclusive lock on ``cache`` (a file lock, across the test workers) for a warm-up that exports."""
-    with open(Path(cache) / ".warm-up.lock", "w") as f:
+    """Hold an exclusive lock on ``cache`` (a lock file beside it, across the test workers) for a warm-up that
+    exports."""
+    cache = Path(cache)
+    with open(cache.parent / f"{cache.name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
