@@ -108,7 +108,9 @@ def build_artefact(directory: Path, key: Mapping, info: Mapping | None = None,
     """Build an artefact: yields ``(tmp_dir, manifest)``; the caller writes its files into ``tmp_dir``
     and may add to ``manifest["info"]``. On success the manifest is written (with each file's size and,
     for the names in ``hashed``, its sha256) and the directory renamed to ``directory``, replacing an
-    old one. On an exception the temporary directory is removed and nothing is renamed.
+    old one -- unless another process sharing the cache built a valid one for the same key meanwhile: that
+    one is kept (and ``manifest`` becomes its manifest), so a directory is never replaced under a process
+    loading it. On an exception the temporary directory is removed and nothing is renamed.
     """
     directory = Path(directory)
     parent = directory.parent
@@ -133,6 +135,14 @@ def build_artefact(directory: Path, key: Mapping, info: Mapping | None = None,
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_manifest, tmp / MANIFEST)
+        theirs = valid_artefact(directory, manifest["key"]) if directory.exists() else None
+        if theirs is not None:
+            # another process sharing the cache finished the same artefact meanwhile: keep its directory (a
+            # reader may be loading it) and drop ours, identical by key
+            shutil.rmtree(tmp, ignore_errors=True)
+            manifest.clear()
+            manifest.update(theirs)
+            return
         old = None
         if directory.exists():
             old = parent / f".old-{directory.name}-{uuid.uuid4().hex[:8]}"

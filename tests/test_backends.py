@@ -195,9 +195,13 @@ def test_bf16_rejected_by_onnxruntime(sd1):
         create_backend(EngineConfig(backend="onnxruntime", precision="bf16"), sd1, "h")
 
 
-def test_cpu_session_options():
+def test_cpu_session_options(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # tests/conftest.py sets it to 1 for the test run
     so = session_options(EngineConfig())
     assert so.intra_op_num_threads == os.cpu_count()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the setting torch's OpenMP pool follows, followed here too
+    assert session_options(EngineConfig()).intra_op_num_threads == 3
+    assert session_options(EngineConfig(num_threads=2)).intra_op_num_threads == 2
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert session_options(EngineConfig(num_threads=3)).intra_op_num_threads == 3
 

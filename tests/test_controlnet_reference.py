@@ -255,7 +255,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, demo_cache):
     """``python -m cli serve`` on the default backend, the demo canny ControlNet stored under the name the
     extension's CI downloads."""
     root = tmp_path_factory.mktemp("reference-server")
@@ -263,7 +263,8 @@ def server(tmp_path_factory):
     shutil.copyfile(ROOT / "engine" / "models" / "bundled" / "ControlNet" / "sdengine-demo-canny.safetensors",
                     root / "models" / "ControlNet" / "control_v11p_sd15_canny.safetensors")
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # OMP_NUM_THREADS: the test run's (tests/conftest.py)
+    env["SDENGINE_CACHE_DIR"] = str(demo_cache)  # the run's demo exports
     env.pop("SDENGINE_API_KEY", None)
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir",

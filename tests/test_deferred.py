@@ -116,6 +116,7 @@ LOAD_FROM_CACHE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
     __import__("importlib").util.find_spec("openvino") is None, reason="openvino extra"))])
 def test_load_from_cache_imports_no_model_library(backend, tiny_store, tmp_path):

@@ -54,6 +54,7 @@ MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,sizes", [("onnxruntime", [256, 384]), ("torch", [384, 1024]),
                                            pytest.param("openvino", [384, 1024], marks=needs_openvino)])
 def test_estimate_matches_measured_peak(tiny_store, tmp_path_factory, backend, sizes):
@@ -150,6 +151,7 @@ def _png(width, height) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+@pytest.mark.slow
 def test_server_under_an_address_space_cap(tmp_path, tiny_store):
     """`sdengine serve` (real engine, ONNX Runtime) with RLIMIT_AS = 8 GiB and a 1 GiB budget: the probe's
     memory-heavy payloads are refused at submit (1024^2, 2048^2, a batch of 8, thin images) or queued as

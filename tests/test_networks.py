@@ -248,6 +248,7 @@ FP16_MEAN_BOUND = 0.5
 FP16_MAX_BOUND = 4
 
 
+@pytest.mark.slow
 def test_lora_on_fp16_onnxruntime_matches_torch_fp32_and_switches_bit_identically(engines, lora_store,
                                                                                  tmp_path_factory):
     """A LoRA on an fp16 onnxruntime export (precision fp16, CPU EP): images vs the reference, the torch backend

@@ -101,6 +101,7 @@ def test_sigkill_pool_process_then_redelivered_once(cluster, moment):
         assert worker.proc.poll() is None, "the worker itself lives on"
 
 
+@pytest.mark.slow
 def test_sigkill_whole_worker_recovered_by_the_lease_rule_with_default_settings(cluster):
     """The whole worker dies (main and pool process: a lost host) with the DEFAULT settings (visibility timeout
     3600 s): its lease lapses, the other worker's reaper sees its heartbeat stand still and publishes the task
@@ -298,6 +299,7 @@ def test_routing_by_model(redis_server, tiny_store, tmp_path):
 N_HTTP = 200
 
 
+@pytest.mark.slow
 def test_many_tasks_over_http_through_two_workers_pixel_equal_to_embedded(queue_workers, tiny_engine, tmp_path):
     """N_HTTP tasks submitted over HTTP (`sdengine serve --queue`, 8 client threads) run on two real workers
     (tiny-sd1, ONNX Runtime, 1 Euler step, 64x64): every one succeeds once, both workers take a share, and

@@ -103,6 +103,7 @@ def _reference(ti_store, model: str, prompt: str) -> np.ndarray:
     return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, word", [("tiny-sd1.safetensors", WORD), ("tiny-sdxl.safetensors", WORD + "xl")])
 def test_embedding_images_match_diffusers(engines, ti_store, model, word):
     prompt = f"a red circle, {word}"

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import requests
 
+from tests.conftest import exclusive
+
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = ("webui", "s3cret")
 PROMPT = "a large red circle in the middle on a blue background"
@@ -55,11 +57,13 @@ def _free_port() -> int:
 class Server:
     """``python -m cli serve`` in a subprocess (127.0.0.1, a free port, --api-auth)."""
 
-    def __init__(self, root: Path, *extra: str):
+    def __init__(self, root: Path, *extra: str, cache_dir: Path | None = None):
         self.root = root
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # OMP_NUM_THREADS: the test run's (tests/conftest.py)
+        if cache_dir is not None:  # serve takes its export cache from the environment
+            env["SDENGINE_CACHE_DIR"] = str(cache_dir)
         env.pop("SDENGINE_API_KEY", None)
         self.log = open(root / f"server-{self.port}.log", "wb")
         self.proc = subprocess.Popen(
@@ -98,15 +102,16 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, demo_cache):
     root = tmp_path_factory.mktemp("webui-server")
     # a second checkpoint (the demo's weights under another name), for the options to switch to
     (root / "models" / "Stable-diffusion").mkdir(parents=True)
     shutil.copyfile(ROOT / "engine" / "models" / "bundled" / "Stable-diffusion" / "sdengine-demo.safetensors",
                     root / "models" / "Stable-diffusion" / "demo-copy.safetensors")
-    srv = Server(root)
-    # the first generation exports the demo model (ONNX); every test after it runs warm
-    r = srv.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 1})
+    srv = Server(root, cache_dir=demo_cache)
+    # the first generation exports the demo model (ONNX) unless another module did; every test after it runs warm
+    with exclusive(demo_cache):
+        r = srv.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 1})
     assert r.status_code == 200, r.text
     yield srv
     srv.stop()

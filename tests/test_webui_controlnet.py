@@ -105,12 +105,14 @@ def img2img(units, **over):
 class Server:
     """``python -m cli serve`` (onnxruntime, or ``--queue`` on Redis) with its console in a log file."""
 
-    def __init__(self, root: Path, *extra: str):
+    def __init__(self, root: Path, *extra: str, cache_dir: Path | None = None):
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = root / f"serve-{self.port}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # OMP_NUM_THREADS: the test run's (tests/conftest.py)
+        if cache_dir is not None:  # serve takes its export cache from the environment
+            env["SDENGINE_CACHE_DIR"] = str(cache_dir)
         env.pop("SDENGINE_API_KEY", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "serve", "--port", str(self.port), "--models-dir", str(root / "models"),
@@ -161,23 +163,23 @@ def _store(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, demo_cache):
     root = tmp_path_factory.mktemp("cn-server")
     _store(root)
-    srv = Server(root, "--backend", "onnxruntime")
+    srv = Server(root, "--backend", "onnxruntime", cache_dir=demo_cache)  # the run's demo exports
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def queued_server(redis_server, tmp_path_factory):  # noqa: F811
-    """``serve --queue`` and one ``sdengine worker`` (onnxruntime) sharing the results folder."""
+def queued_server(redis_server, tmp_path_factory, demo_cache):  # noqa: F811
+    """``serve --queue`` and one ``sdengine worker`` (onnxruntime, the run's demo exports) sharing the results
+    folder."""
     root = tmp_path_factory.mktemp("cn-queue")
     _store(root)
     url = redis_server.url(5)
-    cache = tmp_path_factory.getbasetemp() / "cn-queue-cache"
     worker = WorkerProcess(url, root / "results", root / "worker.log", "--models-dir", str(root / "models"),
-                           "--backend", "onnxruntime", "--cache-dir", str(cache)).start()
+                           "--backend", "onnxruntime", "--cache-dir", str(demo_cache)).start()
     worker.wait_ready(redis_server.client(5))
     srv = Server(root, "--queue", url)
     yield srv
@@ -191,6 +193,7 @@ def any_server(request):
 
 
 # ------------------------------------------------------------------------------- generation: both backends
+@pytest.mark.slow
 def test_img2img_unit_without_an_image_takes_the_init_image(any_server):
     """Fault 4: a unit with no image of its own uses img2img's init image, fitted with img2img's resize_mode
     (0 "Just resize" -> "Just Resize"), exactly as if that image had been sent with that mode."""

@@ -171,7 +171,8 @@ def test_listings_the_engine_has_none_of(service):
 
 # ------------------------------------------------------------------------------------ the real server
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, demo_cache):
+    from tests.conftest import exclusive
     from tests.test_webui_client import WEBUI_DEFAULT_PAYLOAD, Server
 
     root = tmp_path_factory.mktemp("webui-options")
@@ -179,8 +180,9 @@ def server(tmp_path_factory):
     # model would leave it
     (root / "results").mkdir()
     (root / "results" / "webui-options.json").write_text(json.dumps({"CLIP_stop_at_last_layers": 12}))
-    srv = Server(root)
-    r = srv.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 1})
+    srv = Server(root, cache_dir=demo_cache)
+    with exclusive(demo_cache):
+        r = srv.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 1})
     assert r.status_code == 200, r.text
     yield srv
     srv.stop()

@@ -286,14 +286,16 @@ def evaluate_controlnet(mods: dict, *, steps: int = 20, cfg: float = 7.0, seed: 
 
 
 # -- through the product: engine.pipeline.Engine on the shipped model -------------------------------------
-def make_engine(backend: str = "onnxruntime", models_dir: Path | None = None, threads: int = 2):
-    """An Engine over an empty model store: its default model is the bundled demo checkpoint."""
+def make_engine(backend: str = "onnxruntime", models_dir: Path | None = None, threads: int = 2,
+                cache_dir: Path | None = None):
+    """An Engine over an empty model store: its default model is the bundled demo checkpoint. Exports go to
+    ``cache_dir`` (default: ``.cache`` in the store)."""
     import tempfile
 
     from engine.pipeline import Engine
 
     root = Path(models_dir or tempfile.mkdtemp(prefix="sdengine-eval-"))
-    return Engine(models_dir=root, backend=backend, cache_dir=root / ".cache", num_threads=threads)
+    return Engine(models_dir=root, backend=backend, cache_dir=cache_dir or root / ".cache", num_threads=threads)
 
 
 def engine_generate(engine, prompts: list[str], *, steps: int = 20, cfg: float = 1.5, seed: int = 0,

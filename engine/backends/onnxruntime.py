@@ -4,7 +4,8 @@ Execution providers come from :class:`EngineConfig`: ``providers`` if given, els
 ``device="cpu"`` and CUDA EP (+ CPU fallback) for ``device="cuda[:N]"``. A requested provider that this
 onnxruntime build lacks raises :class:`BackendUnavailable` naming it and listing the available ones.
 
-- CPU EP: intra-op threads = ``config.num_threads`` or the core count, ``ORT_ENABLE_ALL``; numpy in/out.
+- CPU EP: intra-op threads = ``config.num_threads``, else ``$OMP_NUM_THREADS``, else the core count
+  (:func:`core.cpu.cpu_threads`), ``ORT_ENABLE_ALL``; numpy in/out.
 - CUDA EP: IO binding over torch CUDA tensors. Per (component, input shapes) the backend keeps static
   input and output tensors and one binding: feeds are copied into the static inputs, the outputs are
   preallocated from the descriptor's output shapes, and ORT runs on torch's current stream
@@ -38,7 +39,6 @@ the CPU EP (``io_binding=True``), which is the same code with device type "cpu".
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -46,6 +46,7 @@ from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
+from core.cpu import cpu_threads
 from core.errors import BackendUnavailable, InvalidRequest
 from engine.backends.weights import export_siblings_and_release
 from engine.networks.lora import patched_tensors
@@ -125,7 +126,7 @@ def session_options(config: EngineConfig):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = config.num_threads or os.cpu_count() or 1
+    so.intra_op_num_threads = cpu_threads(config.num_threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

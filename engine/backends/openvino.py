@@ -50,6 +50,7 @@ from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
+from core.cpu import cpu_threads
 from core.errors import BackendUnavailable, InvalidRequest
 from engine.backends.weights import export_siblings_and_release
 from export.manifest import artefact_dir, build_artefact, valid_artefact
@@ -333,7 +334,7 @@ class OpenVinoBackend(ComponentsMixin):
             "INFERENCE_PRECISION_HINT": self.inference_precision,
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": "1",
-            "INFERENCE_NUM_THREADS": str(self.config.num_threads or os.cpu_count() or 1),
+            "INFERENCE_NUM_THREADS": str(cpu_threads(self.config.num_threads)),
         }
 
     def compiled(self, component: str, shapes: Mapping[str, tuple]) -> Any:
