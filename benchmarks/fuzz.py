@@ -262,8 +262,8 @@ def valid_body(rng: random.Random, route: str, task_ids: list[str], names: Names
         return {"controlnet_module": rng.choice(MODULES), "controlnet_input_images": [SMALL_IMAGE],
                 "controlnet_processor_res": rng.choice([64, -1]), "controlnet_threshold_a": rng.choice([-1, 100])}
     if route == "/controlnet/render_openpose_json":
-        return [{"people": [{"pose_keypoints_2d": [10, 10, 1, 20, 20, 1, 30, 10, 1]}], "canvas_width": 64,
-                 "canvas_height": 64}]
+        points = [v for i in range(18) for v in (10 + 2 * i, 10 + i, 1)]  # OpenPose's 18 body keypoints
+        return [{"people": [{"pose_keypoints_2d": points}], "canvas_width": 64, "canvas_height": 64}]
     if route in ("/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/refresh-checkpoints",
                  "/sdapi/v1/refresh-vae"):
         return {}
