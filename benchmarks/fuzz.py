@@ -262,8 +262,8 @@ def valid_body(rng: random.Random, route: str, task_ids: list[str], names: Names
         return {"controlnet_module": rng.choice(MODULES), "controlnet_input_images": [SMALL_IMAGE],
                 "controlnet_processor_res": rng.choice([64, -1]), "controlnet_threshold_a": rng.choice([-1, 100])}
     if route == "/controlnet/render_openpose_json":
-        return [{"people": [{"pose_keypoints_2d": [10, 10, 1, 20, 20, 1, 30, 10, 1]}], "canvas_width": 64,
-                 "canvas_height": 64}]
+        points = [v for i in range(18) for v in (10 + 2 * i, 10 + i, 1)]  # OpenPose's 18 body keypoints
+        return [{"people": [{"pose_keypoints_2d": points}], "canvas_width": 64, "canvas_height": 64}]
     if route in ("/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/refresh-checkpoints",
                  "/sdapi/v1/refresh-vae"):
         return {}
@@ -347,6 +347,7 @@ class Report:
     accepted: dict[str, str] = field(default_factory=dict)  # task id -> route (/scc submits)
     outcomes: Counter = field(default_factory=Counter)
     seconds: Counter = field(default_factory=Counter)  # route -> seconds spent waiting for its answers
+    planned: int = 0
     wall_s: float = 0.0
 
     @property
@@ -354,7 +355,7 @@ class Report:
         return sum(sum(c.values()) for c in self.counts.values())
 
     def summary(self) -> dict[str, Any]:
-        return {"cases": self.total, "5xx": len(self.server_errors), "late_failures": len(self.late_failures),
+        return {"cases": self.total, "planned": self.planned, "5xx": len(self.server_errors), "late_failures": len(self.late_failures),
                 "bad_answers": len(self.bad_answers), "accepted_tasks": len(self.accepted),
                 "outcomes": dict(self.outcomes), "wall_s": round(self.wall_s, 1),
                 "per_route": {r: dict(sorted(c.items())) for r, c in sorted(self.counts.items())},
@@ -369,7 +370,7 @@ class Report:
                 by[f"{status // 100}xx"] += n
             lines.append(f"| {route} | {by['2xx']} | {by['4xx']} | {by['5xx']} | "
                          + ", ".join(f"{s}: {n}" for s, n in sorted(c.items())) + f" | {self.seconds[route]:.1f} |")
-        lines.append(f"\n{self.total} cases in {self.wall_s:.0f} s: **{len(self.server_errors)} 5xx**, "
+        lines.append(f"\n{self.total} cases (of {self.planned} planned) in {self.wall_s:.0f} s: **{len(self.server_errors)} 5xx**, "
                      f"{len(self.late_failures)} accepted tasks that failed later, {len(self.bad_answers)} answers "
                      f"not in the error shape; {len(self.accepted)} /scc tasks accepted, outcomes "
                      f"{dict(self.outcomes)}")
@@ -420,13 +421,16 @@ def _error_shape(data: bytes) -> bool:
 
 
 def run_corpus(port: int, seed: int, cases: int, *, names: Names = DEMO, settle_s: float = 600,
-               progress=None) -> Report:
-    """Send the corpus to the server on ``port``, then wait (at most ``settle_s``) for every accepted task."""
-    report = Report()
+               budget_s: float | None = None, progress=None) -> Report:
+    """Send the corpus to the server on ``port``, then wait (at most ``settle_s``) for every accepted task.
+    ``budget_s``: stop sending after that many seconds (the report says how many cases ran)."""
+    report = Report(planned=cases)
     client = Client(port)
     task_ids: list[str] = []
     t0 = time.perf_counter()
     for i, case in enumerate(corpus(seed, cases, task_ids, names)):
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            break
         sent = time.perf_counter()
         try:
             status, data = client.request(case.method, case.path, case.body, case.headers)
@@ -525,6 +529,7 @@ def main(argv=None) -> dict:
                         "--configs holding the 'fuzz' configuration)")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "sdengine-fuzz-cache",
                         help="the server's exported models, kept for the next run (default: %(default)s)")
+    parser.add_argument("--budget-min", type=float, help="stop sending new cases after this many minutes")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -539,7 +544,8 @@ def main(argv=None) -> dict:
         if port is None:
             server, port = start_server(Path(tmp), backend=args.backend, cache_dir=args.cache_dir)
         try:
-            report = run_corpus(port, args.seed, args.cases, progress=progress)
+            report = run_corpus(port, args.seed, args.cases, progress=progress,
+                                budget_s=args.budget_min * 60 if args.budget_min else None)
         finally:
             if server is not None:
                 server.terminate()
