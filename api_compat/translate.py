@@ -27,7 +27,7 @@ from engine.controlnet.preprocessors import get_preprocessor
 from core.errors import InvalidRequest
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
-from engine.request import ControlNetUnit, GenerationRequest, Hires, InitImage
+from engine.request import ControlNetUnit, GenerationRequest, Hires, InitImage, LivePreview
 from engine.rules import SIZE_MULTIPLE, check_limits, default, resolve_hires_sampler, size_fits
 from engine.samplers import resolve
 
@@ -254,8 +254,32 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         eta_noise_seed_delta=ensd,
         controlnet_units=tuple(units),
         disable_extra_networks=bool(payload.disable_extra_networks),
+        **_vae_and_preview(overrides),
     )
     return fields, models
+
+
+PREVIEW_DEFAULTS = LivePreview()  # the webui's defaults: "Approx NN", every 10 steps, "Prompt"
+
+
+def _vae_and_preview(overrides) -> dict[str, Any]:
+    """override_settings' VAE methods and live previews -> request fields. Previews are made only when
+    ``live_previews_enable`` is true (the webui routes carry the server's options, on by default as in the webui;
+    a /scc payload opts in) and the interval is not -1 (the webui's "only after the batch": no live previews)."""
+    if overrides is None:
+        return {}
+    out: dict[str, Any] = {}
+    if overrides.sd_vae_encode_method is not None:
+        out["vae_encode_method"] = overrides.sd_vae_encode_method
+    if overrides.sd_vae_decode_method is not None:
+        out["vae_decode_method"] = overrides.sd_vae_decode_method
+    every = overrides.show_progress_every_n_steps
+    every = PREVIEW_DEFAULTS.every_n_steps if every is None else every
+    if overrides.live_previews_enable and every != -1:
+        out["live_preview"] = LivePreview(method=overrides.show_progress_type or PREVIEW_DEFAULTS.method,
+                                          every_n_steps=max(int(every), 1),  # 0: every step
+                                          content=overrides.live_preview_content or PREVIEW_DEFAULTS.content)
+    return out
 
 
 def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]) -> Hires | None:

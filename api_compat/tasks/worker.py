@@ -123,6 +123,10 @@ class _Runtime:
             if self.tasks.progress(task_id, tracker(event, steps)):
                 cancel.set()
 
+        def preview(step: int, image) -> None:  # live previews: stored in the record's progress at the interval
+            if self.tasks.progress(task_id, tracker.preview(step, image)):
+                cancel.set()
+
         try:
             kind = message.get("kind", "txt2img")
             limits = ImageLimits(**(message.get("limits") or {}))
@@ -133,7 +137,8 @@ class _Runtime:
                 info, names = run_detect(request, images_dir=self.images_dir, task_id=task_id, progress=progress,
                                          cancel=cancel)
             else:
-                info, names = self._generate(kind, message, limits, task_id, tracker, progress, cancel, origins)
+                info, names = self._generate(kind, message, limits, task_id, tracker, progress, cancel, origins,
+                                             preview)
             if not self._finish(task_id, "succeeded", ttl, info=info, images=names):
                 self._remove(names)  # cancelled (or ended) meanwhile: its record says so; no orphan files
         except ApiError as exc:
@@ -143,7 +148,7 @@ class _Runtime:
             self._finish(task_id, "failed", ttl, error=error_of(exc, task_id, origins))
 
     def _generate(self, kind: str, message, limits: ImageLimits, task_id: str, tracker: Progress, progress,
-                  cancel: threading.Event, origins: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+                  cancel: threading.Event, origins: dict[str, str], preview=None) -> tuple[dict[str, Any], list[str]]:
         """Translate the payload again, on this worker's engine for the task's configuration, and run it
         (``origins`` is filled with the payload's field origins, for the errors of a failed task)."""
         options = {**self.settings.engine_options, **(message.get("options") or {})}
@@ -167,7 +172,7 @@ class _Runtime:
             raise Cancelled("cancelled before the task started")
         return run_generation(engine, translation.request, images_dir=self.images_dir, task_id=task_id,
                               config_id=message.get("config_id", "default"), progress=progress, cancel=cancel,
-                              warnings=parsed.warnings())
+                              warnings=parsed.warnings(), preview=preview)
 
     def _finish(self, task_id, status, ttl, **kw) -> bool:
         return self.tasks.finish(task_id, status, owner=self.owner, ttl=ttl, **kw)
