@@ -111,8 +111,9 @@ class ApproxModels:
 
     def preview_decoder(self, method: str, space: str, full_run, tiling, device: str):
         """``decode(latent (B, 4, h, w) numpy) -> (B, 3, H, W) floats in [0, 1]`` for a preview method. "Approx
-        NN" without its file (never bundled: the webui downloads it, this engine does not) falls back to TAESD,
-        said once in the log."""
+        NN" without its file (never bundled: the webui downloads it, this engine does not) falls back to "Approx
+        cheap", said once in the log: a fallback never costs more than what was asked (TAESD at 512x512 is some
+        hundred times the Approx NN's work)."""
         if method == "Approx NN":
             module = self.approx_nn(space)
             if module is not None:
@@ -120,8 +121,9 @@ class ApproxModels:
             if space not in self._warned:
                 self._warned.add(space)
                 log.warning("live previews: no Approx NN file %s.pt/.safetensors in %s/%s (or a pickle without "
-                            "allow_pickle); previews use TAESD", APPROX_NN_STEMS[space], self.models_dir, FOLDER)
-            method = "TAESD"
+                            "allow_pickle); previews use \"Approx cheap\" (or set show_progress_type to TAESD)",
+                            APPROX_NN_STEMS[space], self.models_dir, FOLDER)
+            method = "Approx cheap"
         if method == "Approx cheap":
             return lambda latent: cheap_approximation(latent, space)
         run = full_run if method == "Full" else self.run(space, "live_preview.method")

@@ -182,8 +182,8 @@ class WebuiState:
         """The options that act on a request as its override_settings (set, and not at their defaults; the
         live-preview options always: previews are on by default, as in the webui)."""
         options = self.options if options is None else options
-        return {k: options[k] for k in REQUEST_OPTIONS
-                if options.get(k) is not None and (options[k] != DEFAULTS[k] or k in PREVIEW_OPTIONS)}
+        out = {k: options[k] for k in REQUEST_OPTIONS if options.get(k) is not None and options[k] != DEFAULTS[k]}
+        return {**{k: options.get(k, DEFAULTS[k]) for k in PREVIEW_OPTIONS}, **out}
 
     def check(self, options: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         """Check the request options of ``options`` as a request's override_settings, on the current model
