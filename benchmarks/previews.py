@@ -24,10 +24,11 @@ import statistics
 import time
 
 
-def _median_rounds(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Interleaved rounds: each fn once per round (after one warm-up call each); the times of every round."""
-    for fn in fns.values():
-        fn()
+def _median_rounds(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Interleaved rounds: each fn once per round (after ``warmup`` calls each); the times of every round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -53,6 +54,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--unet-repeats", type=int, default=2)
     parser.add_argument("--preview-size", type=int, default=512)
     parser.add_argument("--interval", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up calls of each decoder before the rounds")
+    parser.add_argument("--methods", nargs="+", default=["Approx cheap", "Approx NN", "TAESD", "Full"],
+                        help="the preview methods timed (Full: the full VAE decoder at the preview size again)")
+    parser.add_argument("--skip-preview", action="store_true")
     parser.add_argument("--approx-nn", default=None, help="an Approx NN file (model.pt) to time; else random weights")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
@@ -72,13 +77,17 @@ def main(argv=None) -> dict:
     with torch.inference_mode():
         for size in args.sizes:
             latent = torch.randn(1, 4, size // 8, size // 8)
-            times = _median_rounds({"full": lambda: full(latent), "taesd": lambda: taesd(latent)}, args.repeats)
+            times = _median_rounds({"full": lambda: full(latent), "taesd": lambda: taesd(latent)}, args.repeats,
+                                   args.warmup)
             row = {"size": size, **{k: statistics.median(v) for k, v in times.items()},
                    **{f"{k}_min": min(v) for k, v in times.items()}}
             row["speedup"] = row["full"] / row["taesd"]
             out["decode"].append(row)
             print(json.dumps(row), flush=True)
 
+        if args.skip_preview:
+            print(json.dumps(out), flush=True)
+            return out
         # 2. preview cost per step at the interval
         side = args.preview_size // 8
         unet = UNetWrapper(UNet2DConditionModel.from_config(config["unet"]).eval()).eval()
@@ -98,6 +107,7 @@ def main(argv=None) -> dict:
         np_latent = latent.numpy()
         methods = {"Approx cheap": lambda: cheap_approximation(np_latent, "sd"), "Approx NN": lambda: nn(latent),
                    "TAESD": lambda: taesd(latent), "Full": lambda: full(latent)}
+        methods = {k: v for k, v in methods.items() if k in args.methods}
         decode = {k: statistics.median(v) for k, v in _median_rounds(methods, args.repeats).items()}
 
         class _Cond:  # one image, CFG: rows 0 (prompt) and 1 (negative)
@@ -133,7 +143,7 @@ def main(argv=None) -> dict:
 
 def markdown(out: dict, args) -> str:
     lines = [f"{out['machine']}; {out['date']}; 1-min load average {out['load_before']:.1f} before, "
-             f"{out['load_after']:.1f} after.", "",
+             f"{out['load_after']:.1f} after; {args.warmup} warm-up call(s), median of {args.repeats} round(s).", "",
              "| size | full VAE decoder (SD1.5 arch, random weights) | TAESD decoder | TAESD speed-up |",
              "|---|---|---|---|"]
     for row in out["decode"]:
@@ -146,6 +156,8 @@ def markdown(out: dict, args) -> str:
               "", "| show_progress_type | decode of one preview | cost per step | % of a sampling step |",
               "|---|---|---|---|"]
     for name in ("Approx cheap", "Approx NN", "TAESD", "Full"):
+        if name not in p:
+            continue
         row = p[name]
         lines.append(f"| {name} | {row['decode'] * 1e3:.1f} ms | {row['per_step'] * 1e3:.2f} ms | "
                      f"{row['percent']:.2f}% |")

@@ -1,4 +1,5 @@
-"""TAESD / TAESDXL on real weights and real photos (../shared/weights), through the engine's own path
+"""TAESD / TAESDXL on real weights and real photos (the shared real-weights folder: $SDENGINE_SHARED_WEIGHTS, or
+shared/weights beside the repository), through the engine's own path
 (engine.preview.ApproxModels.run -> engine.tiling encode/decode over the ``taesd_*`` components) on every CPU
 backend; parity with diffusers' AutoencoderTiny given the same weights; the Approx NN decoders and the "Approx
 cheap" factors. Tests that need the shared weights skip with a reason where the folder is absent."""
@@ -40,7 +41,8 @@ def shared_weights() -> Path | None:
 
 
 WEIGHTS = shared_weights()
-needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="../shared/weights (real TAESD files, photos) is absent")
+needs_weights = pytest.mark.skipif(WEIGHTS is None,
+                                   reason="the shared real-weights folder (real TAESD files, photos) is absent")
 
 
 def photo(name: str, size: int = 512) -> np.ndarray:
@@ -76,7 +78,7 @@ def approx(tmp_path_factory):
 def photos():
     """Real photos at 512x512 (the PSNR checks) and smaller (parity, agreement: the same code at less cost)."""
     if WEIGHTS is None:
-        pytest.skip("../shared/weights is absent")
+        pytest.skip("the shared real-weights folder is absent")
     return {"astronaut.png": photo("astronaut.png"), "chelsea-256": photo("chelsea.png", 256),
             "coffee-128": photo("coffee.png", 128)}
 
