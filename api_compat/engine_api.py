@@ -29,8 +29,8 @@ class EngineLike(Protocol):
 
     ``generate`` raises ``core.errors.Cancelled`` when ``cancel`` is set, ``InvalidRequest``/``ModelError``
     for bad input; any other exception is an internal error of that task. A request with ``live_preview`` set is
-    also handed ``preview=`` (``preview(step, image)``: engine.preview); other requests are not, so an engine
-    without live previews needs no such parameter.
+    also handed ``preview=`` (``preview(step, image)``: engine.preview) when ``generate`` takes that parameter; an
+    engine without it simply makes no previews.
     """
 
     def generate(

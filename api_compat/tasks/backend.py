@@ -122,6 +122,17 @@ class Progress:
         return self.value
 
 
+def _takes_preview(engine) -> bool:
+    """Whether ``engine.generate`` has a ``preview`` parameter (an engine without live previews gets none)."""
+    import inspect
+
+    try:
+        params = inspect.signature(engine.generate).parameters
+    except (TypeError, ValueError):
+        return False
+    return "preview" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id: str, progress,
                    cancel: threading.Event, warnings: tuple[str, ...] = (), preview=None
                    ) -> tuple[dict[str, Any], list[str]]:
@@ -129,7 +140,9 @@ def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id
     leaves a partial image under its final name). Returns ``(info, image file names)``; ``info["warnings"]``
     has the payload's ``warnings`` before the engine's. ``preview(step, image)`` gets the live previews of a
     request that asks for them (``request.live_preview``)."""
-    extra = {"preview": preview} if preview is not None and getattr(request, "live_preview", None) else {}
+    extra = {}
+    if preview is not None and getattr(request, "live_preview", None) and _takes_preview(engine):
+        extra["preview"] = preview
     result = engine.generate(request, progress=progress, cancel=cancel, **extra)
     names = []
     infotexts = list(result.infotexts)
