@@ -130,6 +130,15 @@ FIELD_DOCS: dict[str, str] = {
                               "CodeFormer first)",
     "code_former_weight": "CodeFormer's fidelity weight (0: strongest restoration, 1: weakest; default 0.5)",
     "OverrideSettings.tiling": "tiling when the request leaves it null",
+    "sd_vae_encode_method": "VAE encoder (img2img, hires fix): \"Full\" (the model's VAE) or \"TAESD\" (TAESDXL for "
+                            "SDXL; the bundled MIT files or `models/VAE-approx/`)",
+    "sd_vae_decode_method": "VAE decoder: \"Full\" or \"TAESD\" (as sd_vae_encode_method)",
+    "live_previews_enable": "live previews while the task runs (/scc: opt-in, default off; the webui routes: the "
+                            "option, default on); shown by sd_get_result with `current_image: true`",
+    "show_progress_every_n_steps": "live previews every N sampling steps (default 10; 0: every step; -1: none)",
+    "show_progress_type": "how previews are decoded (default \"Approx NN\", needs `models/VAE-approx/model.pt` "
+                          "with allow_pickle, else \"Approx cheap\")",
+    "live_preview_content": "what previews show: the prompt's x0 (default), the negative prompt's, or the CFG result",
     # alwayson_scripts.controlnet
     "units": _SEE_UNIT,
     "args": _SEE_UNIT + " (the webui's spelling of units)",
@@ -200,7 +209,6 @@ FIELD_DOCS: dict[str, str] = {
     "samples_format": "webui setting; accepted, no effect (PNG)",
     "grid_save": "webui setting; accepted, no effect (no grids)",
     "save_to_dirs": "webui setting; accepted, no effect",
-    "live_previews_enable": "webui setting; accepted, no effect (no previews)",
     "show_progressbar": "webui setting; accepted, no effect (progress is in sd_get_result)",
 }
 

@@ -28,7 +28,9 @@ class EngineLike(Protocol):
     """What the task workers drive: ``engine.pipeline.Engine``, or anything with the same ``generate``.
 
     ``generate`` raises ``core.errors.Cancelled`` when ``cancel`` is set, ``InvalidRequest``/``ModelError``
-    for bad input; any other exception is an internal error of that task.
+    for bad input; any other exception is an internal error of that task. A request with ``live_preview`` set is
+    also handed ``preview=`` (``preview(step, image)``: engine.preview) when ``generate`` takes that parameter; an
+    engine without it simply makes no previews.
     """
 
     def generate(

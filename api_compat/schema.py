@@ -32,7 +32,7 @@ from engine.controlnet.units import ControlMode, HiresOption
 from core.errors import InvalidRequest
 from engine.img2img import IMAGE_UPSCALERS, INPAINTING_FILLS, LATENT_UPSCALERS, RESIZE_MODES
 from engine.models.store import unsafe_name_reasons
-from engine.request import DEFAULT_HIRES_UPSCALER
+from engine.request import DEFAULT_HIRES_UPSCALER, PREVIEW_CONTENTS, PREVIEW_METHODS, VAE_METHODS
 from engine.rules import MAX_SIZE, MAX_UNITS, default
 
 MAX_TEXT = 65536  # characters of a prompt
@@ -376,6 +376,22 @@ class AlwaysOnScripts(_Model):
 Ignored = Annotated[Any, Field(json_schema_extra={"description": "accepted and ignored: no effect on the result"})]
 
 
+def _names_type(names: tuple[str, ...]):
+    """Null, or one of the webui's names for a setting (exactly as the webui spells them)."""
+    text = ", ".join(f'"{n}"' for n in names)
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise _err("enum", "must be a string, got {got}", text, got=type(value).__name__)
+        if value not in names:
+            raise _err("enum", "unknown value {value}", text, value=repr(value[:100]))
+        return value
+
+    return Annotated[str | None, BeforeValidator(check), Field(json_schema_extra={"description": f"allowed: {text}"})]
+
+
 class OverrideSettings(_Model):
     """The webui settings a request may override (``override_settings``). ``img2img_fix_steps``,
     ``initial_noise_multiplier`` and ``upscaler_for_img2img`` only act on img2img (as in the webui: the hires
@@ -394,12 +410,19 @@ class OverrideSettings(_Model):
     face_restoration_model: OptShortText = None
     code_former_weight: _float_type(0.0, 1.0, nullable=True) = None
     tiling: Flag = None
-    # webui settings about saving files and live previews: no effect on the images or the infotext here
+    # the VAE's encode / decode method: "TAESD" (TAESDXL for SDXL) instead of the model's VAE
+    sd_vae_encode_method: _names_type(VAE_METHODS) = None
+    sd_vae_decode_method: _names_type(VAE_METHODS) = None
+    # live previews (no effect on the images): the webui's options; on this request's progress (docs/API.md)
+    live_previews_enable: Flag = None
+    show_progress_every_n_steps: _int_type(-1, 1000, nullable=True) = None
+    show_progress_type: _names_type(PREVIEW_METHODS) = None
+    live_preview_content: _names_type(PREVIEW_CONTENTS) = None
+    # webui settings about saving files: no effect on the images or the infotext here
     samples_save: Ignored = None
     samples_format: Ignored = None
     grid_save: Ignored = None
     save_to_dirs: Ignored = None
-    live_previews_enable: Ignored = None
     show_progressbar: Ignored = None
 
 

@@ -42,7 +42,7 @@ from api_compat.errors import ApiError, api_error_from
 from api_compat.paths import public_paths
 from api_compat.images import ImageLimits
 from api_compat.schema import parse_request
-from api_compat.tasks.backend import Submission, TaskBackend
+from api_compat.tasks.backend import PREVIEW_KEY, Submission, TaskBackend
 from api_compat.tasks.celery_app import QueueOptions
 from api_compat.tasks.celery_producer import CeleryBackend
 from api_compat.tasks.embedded import EmbeddedBackend
@@ -286,8 +286,19 @@ class TaskService:
 
     def sd_get_result(self, query: dict[str, Any] | str) -> dict[str, Any]:
         """``{"taskId": ...}`` -> the task's result dict (API.md "Poll"). Raises :class:`ApiError` (not_found,
-        expired)."""
+        expired). The opt-in extension ``{"taskId": ..., "current_image": true}`` adds, while the task runs,
+        ``current_image`` (the newest live preview, a base64 PNG, or null) and ``current_image_step``; without
+        it the answer is the contract's, unchanged."""
         result = self.backend.result(self._task_id(query))
+        progress = result.get("progress")
+        image = None
+        if isinstance(progress, dict) and PREVIEW_KEY in progress:
+            progress = dict(progress)
+            image = progress.pop(PREVIEW_KEY)
+            result = {**result, "progress": progress}
+        if isinstance(query, dict) and query.get("current_image") is True and result.get("status") == "running":
+            result = {**result, "current_image": image["image"] if image else None,
+                      "current_image_step": image["step"] if image else None}
         error = result.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):  # no server paths (api_compat.paths)
             result["error"] = {**error, "message": self.public_paths.text(error["message"])}

@@ -28,7 +28,7 @@ from core.errors import InvalidRequest, NotSupported
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
 from engine import faces
-from engine.request import ControlNetUnit, FaceRestoration, GenerationRequest, Hires, InitImage
+from engine.request import ControlNetUnit, FaceRestoration, GenerationRequest, Hires, InitImage, LivePreview
 from engine.networks.syntax import parse_prompt
 from engine.rules import SIZE_MULTIPLE, check_limits, default, hires_sampler, resolve_hires_sampler, size_fits
 from engine.samplers import resolve
@@ -277,6 +277,7 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         disable_extra_networks=bool(payload.disable_extra_networks),
         tiling=_flag(payload.tiling, overrides, "tiling"),
         face_restoration=_face_restoration(payload, overrides, config),
+        **_vae_and_preview(overrides),
     )
     return fields, models
 
@@ -298,6 +299,29 @@ def _face_restoration(payload: GenerationPayload, overrides, config: EngineConfi
     weight = getattr(overrides, "code_former_weight", None) if overrides is not None else None
     faces.check(config.models_dir, model)
     return FaceRestoration(model=model, codeformer_weight=0.5 if weight is None else weight)
+
+
+PREVIEW_DEFAULTS = LivePreview()  # the webui's defaults: "Approx NN", every 10 steps, "Prompt"
+
+
+def _vae_and_preview(overrides) -> dict[str, Any]:
+    """override_settings' VAE methods and live previews -> request fields. Previews are made only when
+    ``live_previews_enable`` is true (the webui routes carry the server's options, on by default as in the webui;
+    a /scc payload opts in) and the interval is not -1 (the webui's "only after the batch": no live previews)."""
+    if overrides is None:
+        return {}
+    out: dict[str, Any] = {}
+    if overrides.sd_vae_encode_method is not None:
+        out["vae_encode_method"] = overrides.sd_vae_encode_method
+    if overrides.sd_vae_decode_method is not None:
+        out["vae_decode_method"] = overrides.sd_vae_decode_method
+    every = overrides.show_progress_every_n_steps
+    every = PREVIEW_DEFAULTS.every_n_steps if every is None else every
+    if overrides.live_previews_enable and every != -1:
+        out["live_preview"] = LivePreview(method=overrides.show_progress_type or PREVIEW_DEFAULTS.method,
+                                          every_n_steps=max(int(every), 1),  # 0: every step
+                                          content=overrides.live_preview_content or PREVIEW_DEFAULTS.content)
+    return out
 
 
 def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]) -> Hires | None:

@@ -90,6 +90,9 @@ def _payload_default(field: str) -> str:
               help="Copy the image here (several images: NAME-1.png, NAME-2.png, ...).",
               cls=Shown, shown="no copy; the PNG stays in the results folder")
 @click.option("--allow-url-fetch", is_flag=True, help="Fetch http(s) ControlNet images.")
+@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), cls=Shown, shown="none",
+              help="Write the live preview PNG here while the task runs (turns on override_settings."
+                   "live_previews_enable; show_progress_type and show_progress_every_n_steps come from the payload).")
 @click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (benchmarks, plugins).")
 def txt2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
             **flags):
@@ -98,16 +101,20 @@ def txt2img(payload, backend, device, precision, models_dir, results_dir, output
     Flags override the payload's fields (every field: docs/API.md). Prints the absolute paths of the PNGs
     (each carries the webui infotext); progress and warnings go to stderr. Ctrl-C cancels the task (exit 130).
     """
-    _run(_with_flags(_read_payload(payload), flags), "sd_txt2img", backend, device, precision, models_dir,
-         results_dir, output, allow_url_fetch, engine_factory)
+    preview = flags.pop("preview", None)
+    _run(_with_flags(_read_payload(payload), flags, preview), "sd_txt2img", backend, device, precision, models_dir,
+         results_dir, output, allow_url_fetch, engine_factory, preview)
 
 
-def _with_flags(body: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+def _with_flags(body: dict[str, Any], flags: dict[str, Any], preview: Path | None = None) -> dict[str, Any]:
     for option, field in FLAG_FIELDS.items():
         if flags.get(option) is not None:
             if field == "negative_prompt":
                 body.pop("negtive_prompt", None)
             body[field] = flags[option]
+    if preview is not None:
+        overrides = body.get("override_settings")
+        body["override_settings"] = {**(overrides if isinstance(overrides, dict) else {}), "live_previews_enable": True}
     return body
 
 
@@ -128,7 +135,8 @@ def _img2img(payload, backend, device, precision, models_dir, results_dir, outpu
     Flags override the payload's fields (every field: docs/API.md). Prints the absolute paths of the PNGs
     (each carries the webui infotext); progress and warnings go to stderr. Ctrl-C cancels the task (exit 130).
     """
-    body = _with_flags(_read_payload(payload), flags)
+    preview = flags.pop("preview", None)
+    body = _with_flags(_read_payload(payload), flags, preview)
     if init_image is not None:
         body["init_images"] = [_image_b64(init_image)]
     if mask is not None:
@@ -138,11 +146,11 @@ def _img2img(payload, backend, device, precision, models_dir, results_dir, outpu
     if resize_mode is not None:
         body["resize_mode"] = int(resize_mode) if resize_mode.isdigit() else resize_mode
     _run(body, "sd_img2img", backend, device, precision, models_dir, results_dir, output, allow_url_fetch,
-         engine_factory)
+         engine_factory, preview)
 
 
 def _run(body: dict[str, Any], method: str, backend, device, precision, models_dir, results_dir, output,
-         allow_url_fetch, engine_factory) -> None:
+         allow_url_fetch, engine_factory, preview: Path | None = None) -> None:
     from api_compat.errors import ApiError
     from api_compat.service import TaskService
 
@@ -158,7 +166,7 @@ def _run(body: dict[str, Any], method: str, backend, device, precision, models_d
             task_id = getattr(service, method)(body)["taskId"]
         except ApiError as exc:
             raise click.ClickException(str(exc)) from None
-        result = _follow(service, task_id)
+        result = _follow(service, task_id, preview)
     if result["status"] != "succeeded":
         error = result.get("error") or {}
         raise click.ClickException(f"task {task_id} failed ({error.get('code')}): {error.get('message')}")
@@ -237,13 +245,25 @@ class _PhaseBars:
             self.bar = None
 
 
+def _write_preview(path: Path, image_b64: str) -> None:
+    import base64
+
+    from core.atomic import atomic_file
+
+    path = path.absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        f.write(base64.b64decode(image_b64))
+
+
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
-def _follow(service, task_id: str) -> dict[str, Any]:
-    """Poll the task, showing its phases (on stderr). Ctrl-C cancels the task, waits until it is recorded as
+def _follow(service, task_id: str, preview: Path | None = None) -> dict[str, Any]:
+    """Poll the task, showing its phases (on stderr); with ``preview``, each new live preview is written there
+    (atomically: a viewer never reads half a PNG). Ctrl-C cancels the task, waits until it is recorded as
     cancelled, and raises KeyboardInterrupt (the command group exits 130).
 
     While polling, SIGINT only sets an event that the loop checks: the interrupt never lands inside the
@@ -253,13 +273,17 @@ def _follow(service, task_id: str) -> dict[str, Any]:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    shown_step = None
     try:
         while not stop.is_set():
-            result = service.sd_get_result({"taskId": task_id})
+            result = service.sd_get_result({"taskId": task_id, "current_image": preview is not None})
             if result["status"] in ("succeeded", "failed"):
                 return result
             if result.get("progress"):
                 bars.update(result["progress"])
+            if preview is not None and result.get("current_image") and result.get("current_image_step") != shown_step:
+                shown_step = result.get("current_image_step")
+                _write_preview(preview, result["current_image"])
             stop.wait(0.05)
     except KeyboardInterrupt:  # before the handler was installed, or not on the main thread
         pass

@@ -49,6 +49,7 @@ class Denoiser:
         self.cfg_scale = float(cfg_scale)
         self.conditioning = conditioning
         self.sigmas = floats(sigmas)
+        self.last = None  # (x0 rows, their conditioning, the CFG result, negative rows run) of the last call
 
     def step_of(self, sigma: float) -> int:
         """Largest i with sigmas[i] >= sigma (relative tolerance 1e-5), clamped to [0, len(sigmas) - 2]."""
@@ -102,7 +103,9 @@ class Denoiser:
             ts = [float(v) * 10 for v in np.atleast_1d(t_rows)]
             x0 = x0 * self._col([v / math.sqrt(v * v + 0.25) for v in ts], x) + \
                 x_rows * self._col([0.25 / (v * v + 0.25) for v in ts], x)
-        return self.combine(x0, rows.cond)
+        out = self.combine(x0, rows.cond)
+        self.last = (x0, rows.cond, out, self.cfg_scale > 1)  # live previews (engine.preview.select): references, no copy
+        return out
 
     def combine(self, x0: Array, cond: StepConditioning) -> Array:
         """webui CFGDenoiser.combine_denoised: uncond + sum w * cfg * (x0[row] - uncond), per image."""

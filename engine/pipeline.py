@@ -45,6 +45,8 @@ from engine.models.store import ModelStore
 from engine.networks import Networks, PreparedNetworks
 from engine.networks.syntax import strip_networks
 from engine.noise import ImageRNG, resolve_seed
+from engine.models.approx import latent_space
+from engine.preview import ApproxModels, Previewer, PreviewSink, check_methods
 from engine.progress import ProgressReporter
 from engine.request import GenerationRequest, GenerationResult
 from engine.models.family import Arch
@@ -135,6 +137,7 @@ class _Context:
     first: _Pass | None = None
     second: _Pass | None = None  # the hires fix's pass
     source: _Source | None = None  # img2img
+    preview: Previewer | None = None  # live previews (engine.preview): the request's live_preview and a sink
 
 
 class Engine:
@@ -155,6 +158,7 @@ class Engine:
         self._store = None
         self._torch_twin: Engine | None = None  # serves reference units for a backend of exported graphs
         self._faces: faces.FaceModels | None = None  # face restorers (restore_faces), loaded on first use
+        self._approx: ApproxModels | None = None  # TAESD / Approx NN (engine.preview), loaded on first use
         self.clock = time.monotonic  # what the ETA is measured with (tests use a fake clock)
 
     # ------------------------------------------------------------------------------------------ models
@@ -230,22 +234,56 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ generate
     def generate(self, request: GenerationRequest, *, progress: ProgressFn | None = None,
-                 cancel: threading.Event | None = None, on_images: ImagesFn | None = None) -> GenerationResult:
+                 cancel: threading.Event | None = None, on_images: ImagesFn | None = None,
+                 preview: PreviewSink | None = None) -> GenerationResult:
         """``progress(Progress)`` gets each phase (loading, exporting, encoding, sampling, decoding) and step
         (engine.progress); ``cancel`` set stops the request between steps and between the tiles of a tiled VAE
         pass (``Cancelled``). ``on_images(first_index, images, infotexts)``, when given, receives each iteration's
         images as soon as they are decoded and the result's ``images`` stay empty (its ``infotexts`` are all
-        there): the images of an ``n_iter`` request are never all held at once (engine.memory counts one batch)."""
+        there): the images of an ``n_iter`` request are never all held at once (engine.memory counts one batch).
+        ``preview(step, image)`` gets the request's live previews (``request.live_preview``; engine.preview), from
+        another thread."""
         if request.sd_upscale is not None:  # the "SD upscale" script: img2img passes over tiles of the upscale
             how = Upscaling(models_dir=self.config.models_dir, device=self.config.device)
             return sd_upscale.run(self, request, how, progress=progress, cancel=cancel)
         with self._lock:
             reporter = ProgressReporter(progress, cancel, request.n_iter * request.steps, clock=self.clock)
+            reporter.preview_sink = preview
             token = _REPORTER.set(reporter)
             try:
                 return self._generate(request, reporter, on_images)
             finally:
                 _REPORTER.reset(token)
+                if reporter.previewer is not None:
+                    reporter.previewer.close(wait=10.0)  # the decode in flight, if any
+
+    @property
+    def approx(self) -> ApproxModels:
+        """The models/VAE-approx networks (TAESD backends, Approx NN), loaded on first use."""
+        if self._approx is None:
+            self._approx = ApproxModels(self.config, self.store.root, progress=self._export_progress)
+        return self._approx
+
+    def _vae_run(self, ctx: _Context, which: str):
+        """``run(component, feeds)`` of the VAE stage ``which`` ("encode" / "decode"): the model's VAE, or TAESD
+        (TAESDXL for SDXL) where the request's vae_{which}_method says so (webui sd_vae_{which}_method)."""
+        if getattr(ctx.req, f"vae_{which}_method") == "TAESD":
+            return self.approx.run(latent_space(ctx.rt.model.family.arch), f"vae_{which}_method")
+        return ctx.rt.backend.run
+
+    @staticmethod
+    def _seamless(ctx: _Context, which: str) -> bool:
+        """Whether the VAE stage ``which`` runs its circular-padding variant: ``tiling`` with the model's VAE
+        (TAESD stays plain, as the webui patches only the model's own convolutions)."""
+        return ctx.req.tiling and getattr(ctx.req, f"vae_{which}_method") != "TAESD"
+
+    def _previewer(self, req: GenerationRequest, rt: _Runtime, sink: PreviewSink | None) -> Previewer | None:
+        """The request's live previews (engine.preview), or None without settings or a sink."""
+        if req.live_preview is None or sink is None:
+            return None
+        decode = self.approx.preview_decoder(req.live_preview.method, latent_space(rt.model.family.arch),
+                                             rt.backend.run, self.config.vae_tiling, self.config.device)
+        return Previewer(req.live_preview, decode, sink)
 
     def _generate(self, req: GenerationRequest, reporter: ProgressReporter,
                   on_images: ImagesFn | None = None) -> GenerationResult:
@@ -257,6 +295,7 @@ class Engine:
         timer = _Timer()
         # 1. validate: the sampler names, the model, the request against the model's family and the limits
         sampler = resolve(req.sampler_name, req.scheduler)
+        check_methods(req.vae_encode_method, req.vae_decode_method, req.live_preview)
         hr_sampler = self._hires_sampler(req) if req.hires is not None else None
         t0 = time.perf_counter()
         reporter.phase("loading", req.model or "default model")
@@ -272,7 +311,9 @@ class Engine:
         t0 = time.perf_counter()
         networks, text_model, ti = self._networks(rt, req)
         timer.add("networks", t0)
-        ctx = _Context(req, rt, reporter, timer, width, height, hires, warnings, networks, text_model, ti)
+        reporter.previewer = self._previewer(req, rt, reporter.preview_sink)
+        ctx = _Context(req, rt, reporter, timer, width, height, hires, warnings, networks, text_model, ti,
+                       preview=reporter.previewer)
 
         # 2. plan: sigmas (cut at the denoising strength for img2img), the denoiser's schedule, seeds, units
         ctx = self._plan(ctx, sampler, hr_sampler)
@@ -375,8 +416,8 @@ class Engine:
         # 8. decode (and paste the init image's kept pixels back, for inpainting)
         t0 = time.perf_counter()
         ctx.reporter.phase("decoding")
-        decoded = to_uint8(decode_latents(rt.backend.run, latents, self.config.vae_tiling,  # engine.tiling
-                                          ctx.reporter.check_cancel, seamless=req.tiling))
+        decoded = to_uint8(decode_latents(self._vae_run(ctx, "decode"), latents, self.config.vae_tiling,  # tiling
+                                          ctx.reporter.check_cancel, seamless=self._seamless(ctx, "decode")))
         if req.face_restoration is not None:  # webui: after decoding, before the inpainting overlay
             ctx.reporter.phase("decoding", "face restoration")
             decoded = [self._restore_faces(req, img) for img in decoded]
@@ -453,20 +494,29 @@ class Engine:
                                            sdxl=family.arch is Arch.SDXL, hires=p is ctx.second)
         denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt, req.tiling), units, plan.steps, reference), plan.schedule,
                             ctx.rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
+        callback = ctx.reporter
+        if ctx.preview is not None:  # live previews: the denoiser's last x0 at the interval (engine.preview)
+            model_denoiser = denoiser
+
+            def callback(info=None):
+                ctx.reporter(info)
+                ctx.preview.offer(ctx.reporter.step, model_denoiser.last)
+
         if blend is not None:
             denoiser = LatentBlend(denoiser, *blend)
         ctx.reporter.check_cancel()
-        latents = plan.sample(denoiser, x, sigmas=sigmas, noise=noise, callback=ctx.reporter, s_churn=req.s_churn,
+        latents = plan.sample(denoiser, x, sigmas=sigmas, noise=noise, callback=callback, s_churn=req.s_churn,
                               s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
         return latents if blend is None else denoiser.final(latents)
 
     def _encode(self, rt: _Runtime, pixels: np.ndarray, check: Callable[[], None] | None = None,
-                seamless: bool = False):
-        """(B, 3, H, W) floats in [0, 1] -> (B, 4, H/8, W/8) latents through the backend's VAE encoder
-        (``check()`` before each tile: cancellation; ``seamless``: its circular-padding variant)."""
+                seamless: bool = False, run=None):
+        """(B, 3, H, W) floats in [0, 1] -> (B, 4, H/8, W/8) latents through the backend's VAE encoder (or ``run``:
+        TAESD by the request's vae_encode_method, Engine._vae_run); ``check()`` before each tile: cancellation;
+        ``seamless``: its circular-padding variant."""
         image = to_device(np.ascontiguousarray(pixels, dtype=np.float32), self.config.device)
         # tiled above the configured size (engine.tiling)
-        return to_device(encode_image(rt.backend.run, image, self.config.vae_tiling, check, seamless),
+        return to_device(encode_image(run or rt.backend.run, image, self.config.vae_tiling, check, seamless),
                          self.config.device)
 
     def _upscale(self, ctx: _Context, image: np.ndarray, width: int, height: int, upscaler: str) -> np.ndarray:
@@ -484,7 +534,8 @@ class Engine:
         init_plan = prepare_init(req.init, ctx.width, ctx.height, scale=ctx.rt.model.family.vae_scale_factor)
         ctx.timer.add("init_image", t0)
         t0 = time.perf_counter()
-        latent = to_host(self._encode(ctx.rt, init_plan.pixels, ctx.reporter.check_cancel, req.tiling))
+        latent = to_host(self._encode(ctx.rt, init_plan.pixels, ctx.reporter.check_cancel,
+                                      self._seamless(ctx, "encode"), self._vae_run(ctx, "encode")))
         latent = latent.astype(np.float32)
         h, w = init_plan.latent_size
         if init_plan.resize_latent and latent.shape[2:] != (h, w):
@@ -531,13 +582,14 @@ class Engine:
             x0 = upscale_latent(latents, *size.upscale_latent, hr.upscaler_name)
         else:
             ctx.reporter.phase("decoding", "hires fix: the first pass, for the image upscaler")
-            decoded = decode_latents(ctx.rt.backend.run, latents, self.config.vae_tiling, ctx.reporter.check_cancel,
-                                     seamless=ctx.req.tiling)
+            decoded = decode_latents(self._vae_run(ctx, "decode"), latents, self.config.vae_tiling,
+                                     ctx.reporter.check_cancel, seamless=self._seamless(ctx, "decode"))
             lowres = (np.clip(decoded, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
             del decoded
             pixels = np.stack([self._upscale(ctx, img, size.upscale_width, size.upscale_height, hr.upscaler_name)
                                for img in lowres]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-            x0 = self._encode(ctx.rt, pixels, ctx.reporter.check_cancel, ctx.req.tiling)
+            x0 = self._encode(ctx.rt, pixels, ctx.reporter.check_cancel, self._seamless(ctx, "encode"),
+                              self._vae_run(ctx, "encode"))
         x0 = size.truncate(x0)
         ctx.timer.add("hires_upscale", t0)
         if p.plan.steps == 0:  # denoising strength 0: the webui's 0-step pass returns the upscaled latent

@@ -100,6 +100,8 @@ class ProgressReporter:
         self._last: float | None = None
         self._resume: tuple[str, str] | None = None  # the phase an export interrupted
         self._created = clock()
+        self.preview_sink = None  # the request's live-preview sink and its engine.preview.Previewer (the pipeline's)
+        self.previewer = None
 
     # ----------------------------------------------------------------------------------------- phases
     def phase(self, name: str, detail: str = "") -> None:

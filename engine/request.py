@@ -76,6 +76,24 @@ class FaceRestoration:
     codeformer_weight: float = 0.5
 
 
+# the webui's show_progress_type, live_preview_content and sd_vae_encode_method / sd_vae_decode_method values
+PREVIEW_METHODS = ("Full", "Approx NN", "Approx cheap", "TAESD")
+PREVIEW_CONTENTS = ("Prompt", "Negative prompt", "Combined")
+VAE_METHODS = ("Full", "TAESD")
+
+
+@dataclass(frozen=True)
+class LivePreview:
+    """Live previews (the webui's live_previews_enable, show_progress_type, show_progress_every_n_steps,
+    live_preview_content): every ``every_n_steps`` sampling steps the current x0 prediction of ``content`` is
+    decoded with ``method`` off the sampling thread (engine.preview) and handed to the caller's preview sink.
+    They never change the images."""
+
+    method: str = "Approx NN"
+    every_n_steps: int = 10
+    content: str = "Prompt"
+
+
 DEFAULT_HIRES_UPSCALER = "Latent"  # the webui's latent_upscale_default_mode
 
 
@@ -145,6 +163,10 @@ class GenerationRequest:
     sd_upscale: Any = None  # img2img: the "SD upscale" script (engine.sd_upscale.SdUpscale)
     tiling: bool = False  # webui seamless tiling: circular padding in the UNet and VAE convolutions
     face_restoration: FaceRestoration | None = None  # webui restore_faces (None: off)
+    # webui sd_vae_encode_method / sd_vae_decode_method: "Full" (the model's VAE) or "TAESD" (engine.preview)
+    vae_encode_method: str = "Full"
+    vae_decode_method: str = "Full"
+    live_preview: LivePreview | None = None  # None: no previews
 
 
 @dataclass

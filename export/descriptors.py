@@ -359,6 +359,29 @@ def _vae_encoder(modules) -> ComponentDescriptor:
     )
 
 
+def _taesd(modules, part: str) -> ComponentDescriptor:
+    """TAESD / TAESDXL (a bare nn.Sequential of 3x3 convs, engine.models.taesd_nets): the VAE components' contract,
+    8x, fp16-safe (its decoder starts with a tanh clamp)."""
+    from export.wrappers import TaesdDecoderWrapper, TaesdEncoderWrapper
+
+    module = modules[f"taesd_{part}"]
+    convs = [m for m in module.modules() if type(m).__name__ == "Conv2d"]
+    latent = convs[0].in_channels if part == "decoder" else convs[-1].out_channels
+    latent_spec = TensorSpec("latent", ("B", latent, "h", "w"), value_range=(-3.0, 3.0))
+    image_spec = TensorSpec("image", ("B", 3, "8*h", "8*w"), value_range=(0.0, 1.0))
+    return ComponentDescriptor(
+        component=f"taesd_{part}",
+        source=f"taesd_{part}",
+        inputs=(latent_spec,) if part == "decoder" else (image_spec,),
+        outputs=(image_spec,) if part == "decoder" else (latent_spec,),
+        latent_multiple=1,
+        image_scale=8,
+        optimizer_type="vae",
+        make_wrapper=TaesdDecoderWrapper if part == "decoder" else TaesdEncoderWrapper,
+        config={"latent_channels": latent},
+    )
+
+
 def _text_encoder(modules, key: str) -> ComponentDescriptor:
     from export.wrappers import TextEncoderWrapper
 
@@ -396,12 +419,15 @@ COMPONENTS: dict[str, Callable[[Mapping[str, Any]], ComponentDescriptor]] = {
     "controlnet": _controlnet,
     "vae_decoder": _vae_decoder,
     "vae_encoder": _vae_encoder,
+    "taesd_decoder": lambda m: _taesd(m, "decoder"),
+    "taesd_encoder": lambda m: _taesd(m, "encoder"),
 }
 
 # the module key each component is computed from
 SOURCES = {
     "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "unet_control": "unet",
     "controlnet": "controlnet", "vae_decoder": "vae", "vae_encoder": "vae",
+    "taesd_decoder": "taesd_decoder", "taesd_encoder": "taesd_encoder",
 }
 
 # seamless tiling (the webui's ``tiling``): every Conv2d of the UNet and the VAE pads circularly. Its own

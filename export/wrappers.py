@@ -27,6 +27,7 @@ vae_encoder
     out latent (B, 4, h, w) = posterior mean * scaling factor (sampler space)
 unet_seamless, unet_control_seamless, vae_decoder_seamless, vae_encoder_seamless
     the same inputs and outputs, every padded Conv2d of the module padding circularly (:class:`CircularPadding`)
+taesd_decoder / taesd_encoder  (TAESD, TAESDXL: the same inputs and outputs as vae_decoder / vae_encoder)
 """
 
 from __future__ import annotations
@@ -154,3 +155,25 @@ def controlnet_residual_count(model: nn.Module) -> int:
     """Number of down-block residuals a UNet takes / a ControlNet gives (12 for SD1.x/2.x, 9 for SDXL)."""
     cfg = model.config
     return 1 + len(cfg.down_block_types) * (cfg.layers_per_block + 1) - 1
+
+
+class TaesdDecoderWrapper(nn.Module):
+    """``taesd_decoder``: ``latent`` (sampler space) -> ``image`` in [0, 1] (TAESD's decoder, clamped as the webui)."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, latent):
+        return self.decoder(latent).clamp(0, 1)
+
+
+class TaesdEncoderWrapper(nn.Module):
+    """``taesd_encoder``: ``image`` in [0, 1] -> ``latent`` (sampler space; TAESD's encoder as it is)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, image):
+        return self.encoder(image)

@@ -96,3 +96,23 @@ def test_ctrl_c_cancels_the_task_and_exits_130(tiny_store, tmp_path):
     with TaskService(tiny_store, results_dir=results, check_models=False) as service:
         record = service.sd_get_result({"taskId": match[1]})
     assert record["status"] == "failed" and record["error"]["code"] == "cancelled", record
+
+
+def test_preview_flag_writes_the_live_preview(tiny_store, tmp_path):
+    """``--preview PATH``: the task's live previews (turned on in its override_settings) written there while it
+    runs; the payload's preview options apply (every step, "Approx cheap": the latent's own size)."""
+    import json
+
+    from PIL import Image
+
+    payload = tmp_path / "payload.json"
+    payload.write_text(json.dumps({"override_settings": {"show_progress_every_n_steps": 1,
+                                                         "show_progress_type": "Approx cheap"}}))
+    preview = tmp_path / "out" / "preview.png"
+    result = CliRunner().invoke(main, [
+        "txt2img", str(payload), "--model", "tiny-sd1", "--steps", "150", "--n-iter", "4", "--seed", "1",
+        "--width", "64", "--height", "64", "--backend", "torch", "--models-dir", str(tiny_store),
+        "--results-dir", str(tmp_path / "results"), "--preview", str(preview)])
+    assert result.exit_code == 0, result.output
+    with Image.open(preview) as img:
+        assert img.format == "PNG" and img.size == (8, 8)

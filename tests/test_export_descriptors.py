@@ -130,7 +130,7 @@ def test_errors():
         eval_dim("w/4", {"w": 6})
     assert set(COMPONENTS) == {"text_encoder", "text_encoder_2", "unet", "unet_control", "controlnet",
                                "vae_decoder", "vae_encoder", "unet_seamless", "unet_control_seamless",
-                               "vae_decoder_seamless", "vae_encoder_seamless"}
+                               "vae_decoder_seamless", "vae_encoder_seamless", "taesd_decoder", "taesd_encoder"}
 
 
 def test_fp16_policy_from_configs():
@@ -143,3 +143,21 @@ def test_fp16_policy_from_configs():
         assert describe("vae_decoder", sdxl).fp16
     finally:
         sdxl["vae"].register_to_config(force_upcast=True)
+
+
+def test_taesd_descriptors_have_the_vae_contracts():
+    """taesd_decoder / taesd_encoder: the vae_decoder / vae_encoder names and shapes (engine.tiling runs either)."""
+    import torch
+
+    from engine.models import taesd_nets
+
+    modules = {"taesd_decoder": taesd_nets.taesd_decoder(), "taesd_encoder": taesd_nets.taesd_encoder()}
+    dec, enc = describe("taesd_decoder", modules), describe("taesd_encoder", modules)
+    assert (dec.input_names, dec.output_names, enc.input_names, enc.output_names) == (
+        ["latent"], ["image"], ["image"], ["latent"])
+    assert dec.output_shapes(dec.env(1, 8, 8))["image"] == (1, 3, 64, 64)  # env: latent sizes
+    assert enc.output_shapes(enc.env(1, 8, 8))["latent"] == (1, 4, 8, 8)
+    with torch.no_grad():
+        image = dec.wrapper(modules["taesd_decoder"])(torch.randn(1, 4, 8, 8) * 3)
+    assert image.shape == (1, 3, 64, 64) and 0 <= float(image.min()) and float(image.max()) <= 1
+

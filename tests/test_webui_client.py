@@ -365,9 +365,63 @@ def test_progress_polled_from_a_second_thread(server):
     steps = [p["state"]["sampling_step"] for p in running]
     assert steps == sorted(steps) and all(p["state"]["sampling_steps"] == 150 for p in running)
     assert all(0 < p["progress"] <= 1 and p["state"]["job_count"] == 1 for p in running)
-    assert all(p["current_image"] is None for p in seen)
+    # live previews at the webui's default options (every 10 steps; "Approx NN" without its file: "Approx cheap",
+    # the latent's own size), from the first interval on, while the task runs
+    previews = [p["current_image"] for p in running if p["current_image"]]
+    assert previews and all(p["current_image"] is None for p in running if p["state"]["sampling_step"] < 10)
+    assert b64_pixels(previews[-1]).shape == (8, 8, 3)
     idle = server.get("/sdapi/v1/progress").json()
-    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
+
+
+def test_live_previews_scc_opt_in_and_taesd_methods(server):
+    """/scc: previews only for a payload that turns them on, shown only to a poll that asks (current_image: true);
+    TAESD previews at full size; the TAESD decode method per request and as a webui option."""
+    payload = {**WEBUI_DEFAULT_PAYLOAD, "seed": 5, "steps": 150, "override_settings": {
+        "live_previews_enable": True, "show_progress_type": "TAESD", "show_progress_every_n_steps": 2,
+        "live_preview_content": "Combined"}}
+    task = server.post("/scc/sd_txt2img", payload).json()["taskId"]
+    try:
+        end = time.monotonic() + 300
+        while True:
+            asked = server.post("/scc/sd_get_result", {"taskId": task, "current_image": True}).json()
+            plain = server.post("/scc/sd_get_result", {"taskId": task}).json()
+            assert "current_image" not in plain and "current_image" not in (plain.get("progress") or {})
+            if asked["status"] == "running" and asked.get("current_image"):
+                break
+            assert asked["status"] in ("waiting", "running") and time.monotonic() < end, asked
+            time.sleep(0.1)
+        assert b64_pixels(asked["current_image"]).shape == (64, 64, 3)
+        assert asked["current_image_step"] % 2 == 0 and "current_image" not in asked["progress"]
+    finally:
+        server.post("/scc/sd_cancel", {"taskId": task})
+    quiet = server.post("/scc/sd_txt2img", {**WEBUI_DEFAULT_PAYLOAD, "seed": 6, "steps": 150}).json()["taskId"]
+    try:
+        end = time.monotonic() + 300
+        while True:  # no opt-in at submit: no preview is made
+            result = server.post("/scc/sd_get_result", {"taskId": quiet, "current_image": True}).json()
+            if result["status"] == "running" and result["progress"]["step"] >= 20:
+                assert result["current_image"] is None
+                break
+            assert time.monotonic() < end, result
+            time.sleep(0.1)
+    finally:
+        server.post("/scc/sd_cancel", {"taskId": quiet})
+    # the decode method: TAESD is another decoder than the demo model's VAE (other pixels), per request and as
+    # the webui option; an unknown method is refused naming the option
+    base = {**WEBUI_DEFAULT_PAYLOAD, "seed": 9, "steps": 2}
+    full = b64_pixels(server.post("/sdapi/v1/txt2img", base).json()["images"][0])
+    taesd = b64_pixels(server.post("/sdapi/v1/txt2img", {**base, "override_settings": {
+        "sd_vae_decode_method": "TAESD"}}).json()["images"][0])
+    assert full.shape == taesd.shape and np.abs(full.astype(int) - taesd.astype(int)).mean() > 1.0
+    assert server.post("/sdapi/v1/options", {"sd_vae_decode_method": "TAESD"}).status_code == 200
+    try:
+        again = b64_pixels(server.post("/sdapi/v1/txt2img", base).json()["images"][0])
+        assert np.array_equal(again, taesd)
+    finally:
+        assert server.post("/sdapi/v1/options", {"sd_vae_decode_method": "Full"}).status_code == 200
+    bad = server.post("/sdapi/v1/options", {"sd_vae_decode_method": "Tiny"})
+    assert bad.status_code == 422 and "sd_vae_decode_method" in bad.text
 
 
 def test_interrupt_cancels_the_synchronous_call(server):

@@ -79,6 +79,9 @@ def test_a_ui_option_is_stored_and_read_back(service, tmp_path):
     ({"face_restoration": True}, "invalid_request", 422, "face_restoration"),
     ({"code_former_weight": 1.5}, "invalid_request", 422, "code_former_weight"),
     ({"s_noise": 0.9}, "not_supported", 422, "s_noise"),
+    ({"sd_vae_decode_method": "Tiny"}, "invalid_request", 422, "sd_vae_decode_method"),
+    ({"show_progress_type": "Approx"}, "invalid_request", 422, "show_progress_type"),
+    ({"show_progress_every_n_steps": -2}, "invalid_request", 422, "show_progress_every_n_steps"),
 ])
 def test_a_bad_option_is_refused_naming_it_and_nothing_is_stored(service, tmp_path, body, code, status, field):
     with client(service) as c:
@@ -151,7 +154,10 @@ def test_task_records_keep_only_the_options_that_act(service):
         assert r.status_code == 200, r.text
         task = json.loads(r.json()["info"])["sdengine_task_id"]
         record = c.post("/scc/sd_get_result", json={"taskId": task}).json()
-    assert record["parameters"]["override_settings"] == {"eta_noise_seed_delta": 7}
+    # and the live-preview options, always (previews are on by default, as in the webui)
+    assert record["parameters"]["override_settings"] == {
+        "eta_noise_seed_delta": 7, "live_previews_enable": True, "show_progress_every_n_steps": 10,
+        "show_progress_type": "Approx NN", "live_preview_content": "Prompt"}
     assert "f" * 100 not in json.dumps(record)
 
 

@@ -30,12 +30,13 @@ from engine.progress import ProgressReporter
 from engine.rules import default
 
 from api_compat.errors import in_payload_terms
-from api_compat.images import write_png
+from api_compat.images import png_base64, write_png
 from api_compat.storage import storage_code
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = default("steps")  # what progress shows before the engine reports
+PREVIEW_KEY = "current_image"  # the live preview in a running task's stored progress (service: opt-in to show)
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,22 @@ class Progress:
     def __init__(self, steps: int | None):
         self.value = initial_progress(steps)
         self.last: PhaseEvent | None = None
+        self.image: dict[str, Any] | None = None  # the newest live preview: {"step", "image": base64 PNG}
         self._legacy = ProgressReporter(self._record, None, max(int(steps or DEFAULT_STEPS), 1))
 
     def _record(self, event: PhaseEvent) -> None:
         self.last = event
-        self.value = event.as_dict()
+        value = event.as_dict()
+        if self.image is not None:
+            value[PREVIEW_KEY] = self.image
+        self.value = value
+
+    def preview(self, step: int, image) -> dict[str, Any]:
+        """A live preview (engine.preview, called on its decoding thread): kept in the progress value under
+        :data:`PREVIEW_KEY` (the service shows it only to a query that asks, docs/API.md) as a base64 PNG."""
+        self.image = {"step": int(step), "image": png_base64(image)}
+        self.value = {**self.value, PREVIEW_KEY: self.image}
+        return self.value
 
     def __call__(self, event: PhaseEvent | int, steps: int | None = None) -> dict[str, Any]:
         if steps is not None:
@@ -113,14 +125,27 @@ class Progress:
         return self.value
 
 
+def _takes_preview(engine) -> bool:
+    """Whether ``engine.generate`` has a ``preview`` parameter (an engine without live previews gets none)."""
+    import inspect
+
+    try:
+        params = inspect.signature(engine.generate).parameters
+    except (TypeError, ValueError):
+        return False
+    return "preview" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id: str, progress,
-                   cancel: threading.Event, warnings: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+                   cancel: threading.Event, warnings: tuple[str, ...] = (), preview=None
+                   ) -> tuple[dict[str, Any], list[str]]:
     """Generate and write the PNGs (each atomically: temp file + rename, so a reader or a killed worker never
     leaves a partial image under its final name). An engine that takes ``on_images`` (engine.pipeline.Engine)
     hands each iteration's images over as they are decoded and they are written at once, so the images of an
     ``n_iter`` request are never all held (engine.memory counts one batch); a task that fails after some were
     written removes them. Returns ``(info, image file names)``; ``info["warnings"]`` has the payload's
-    ``warnings`` before the engine's."""
+    ``warnings`` before the engine's. ``preview(step, image)`` gets the live previews of a request that asks for
+    them (``request.live_preview``)."""
     names: list[str] = []
     total = request.batch_size * request.n_iter
     last = PhaseEvent("sampling", steps=request.steps * request.n_iter)
@@ -138,11 +163,14 @@ def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id
             write_png(path, image, infotexts[k] if k < len(infotexts) else None)
             names.append(path.name)
 
+    extra = {}
+    if preview is not None and getattr(request, "live_preview", None) and _takes_preview(engine):
+        extra["preview"] = preview
     try:
         if _takes_images_sink(engine):
-            result = engine.generate(request, progress=relay, cancel=cancel, on_images=save)
+            result = engine.generate(request, progress=relay, cancel=cancel, on_images=save, **extra)
         else:
-            result = engine.generate(request, progress=relay, cancel=cancel)
+            result = engine.generate(request, progress=relay, cancel=cancel, **extra)
         infotexts = list(result.infotexts)
         if result.images:  # an engine that returns them all at the end
             save(len(names), result.images, infotexts[len(names):])

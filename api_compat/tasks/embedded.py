@@ -328,6 +328,9 @@ class EmbeddedBackend:
             limit.observe(event)
             task.progress = tracker(event, steps)
 
+        def preview(step: int, image) -> None:  # live previews, from the engine's preview thread
+            task.progress = tracker.preview(step, image)
+
         try:
             if task.cancel.is_set():
                 raise Cancelled("cancelled before the task started")
@@ -344,7 +347,8 @@ class EmbeddedBackend:
                     engine = self._engine(worker, task)
                     info, names = run_generation(engine, task.sub.request, images_dir=self.store.images_dir,
                                                  task_id=task.task_id, config_id=task.sub.config_id,
-                                                 progress=progress, cancel=task.cancel, warnings=task.sub.warnings)
+                                                 progress=progress, cancel=task.cancel, warnings=task.sub.warnings,
+                                                 preview=preview)
             self.store.finish(task.task_id, Status.SUCCEEDED, info=info, images=names)
             task.status = Status.SUCCEEDED
         except Exception as exc:

@@ -178,6 +178,10 @@ class _Runtime:
             if write_progress(tracker(event, steps)):
                 cancel.set()
 
+        def preview(step: int, image) -> None:  # live previews: stored in the record's progress at the interval
+            if self.tasks.progress(task_id, tracker.preview(step, image)):
+                cancel.set()
+
         try:
             kind = message.get("kind", "txt2img")
             limits = ImageLimits(**(message.get("limits") or {}))
@@ -198,7 +202,7 @@ class _Runtime:
             else:
                 with limit:
                     info, names = self._generate(kind, message, limits, task_id, tracker, write_progress, progress,
-                                                 cancel, origins)
+                                                 cancel, origins, preview)
             if not self._finish(task_id, "succeeded", ttl, info=info, images=names):
                 self._discard(task_id, names)  # cancelled or taken over meanwhile: its record says so
         except ApiError as exc:
@@ -208,7 +212,8 @@ class _Runtime:
             self._finish(task_id, "failed", ttl, error=error_of(exc, task_id, origins, limit))
 
     def _generate(self, kind: str, message, limits: ImageLimits, task_id: str, tracker: Progress, write_progress,
-                  progress, cancel: threading.Event, origins: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+                  progress, cancel: threading.Event, origins: dict[str, str],
+                  preview=None) -> tuple[dict[str, Any], list[str]]:
         """Translate the payload again, on this worker's engine for the task's configuration, and run it
         (``origins`` is filled with the payload's field origins, for the errors of a failed task)."""
         options = {**self.settings.engine_options, **(message.get("options") or {})}
@@ -232,7 +237,7 @@ class _Runtime:
             raise Cancelled("cancelled before the task started")
         return run_generation(engine, translation.request, images_dir=self.images_dir, task_id=task_id,
                               config_id=message.get("config_id", "default"), progress=progress, cancel=cancel,
-                              warnings=parsed.warnings())
+                              warnings=parsed.warnings(), preview=preview)
 
     def _finish(self, task_id, status, ttl, **kw) -> bool:
         """The final state, retried until Redis takes it (the result is kept meanwhile)."""

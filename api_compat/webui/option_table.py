@@ -149,11 +149,24 @@ EFFECTS: dict[str, str] = {
     "samples_format": "the format of the images in the webui routes' answers (png, jpg, jpeg, webp)",
     "jpeg_quality": "the quality of JPEG/WebP answer images",
     "webp_lossless": "lossless WebP answer images",
+    "sd_vae_encode_method": "the VAE encoder of img2img and the hires fix: Full (the model's) or TAESD",
+    "sd_vae_decode_method": "the VAE decoder: Full (the model's) or TAESD (TAESDXL for SDXL)",
+    "live_previews_enable": "live previews in /sdapi/v1/progress current_image",
+    "show_progress_every_n_steps": "the live previews' interval in sampling steps (-1: none)",
+    "show_progress_type": "how live previews are decoded: Approx NN, Approx cheap, TAESD, Full",
+    "live_preview_content": "what live previews show: Prompt, Negative prompt, Combined",
 }
+# the live-preview options: carried by every webui request (previews are on by default, as in the webui)
+PREVIEW_OPTIONS = ("live_previews_enable", "show_progress_every_n_steps", "show_progress_type", "live_preview_content")
+# options whose value is one of the webui's names
+CHOICES = {"sd_vae_encode_method": ("Full", "TAESD"), "sd_vae_decode_method": ("Full", "TAESD"),
+           "show_progress_type": ("Full", "Approx NN", "Approx cheap", "TAESD"),
+           "live_preview_content": ("Prompt", "Negative prompt", "Combined")}
 # the effect options that act as a request's override_settings (checked as a request is)
 REQUEST_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta",
                    "img2img_fix_steps", "initial_noise_multiplier", "upscaler_for_img2img", "face_restoration",
-                   "face_restoration_model", "code_former_weight", "tiling")
+                   "face_restoration_model", "code_former_weight", "tiling", "sd_vae_encode_method",
+                   "sd_vae_decode_method", *PREVIEW_OPTIONS)
 # options that load a model when they change (POST /options waits for the load, as the webui does)
 LOADING_OPTIONS = ("sd_model_checkpoint", "sd_vae")
 # options that change the images in the webui and that this engine does not implement (as options): accepted at
@@ -163,7 +176,7 @@ LOADING_OPTIONS = ("sd_model_checkpoint", "sd_vae")
 UNSUPPORTED = frozenset({
     "sd_hypernetwork", "sd_unet", "emphasis", "comma_padding_backtrack",
     "sdxl_clip_l_skip", "sdxl_crop_top", "sdxl_crop_left", "enable_quantization", "enable_batch_seeds",
-    "randn_source", "sd_vae_encode_method", "sd_vae_decode_method", "inpainting_mask_weight", "img2img_extra_noise",
+    "randn_source", "inpainting_mask_weight", "img2img_extra_noise",
     "img2img_color_correction", "s_min_uncond", "s_min_uncond_all", "token_merging_ratio",
     "token_merging_ratio_img2img", "token_merging_ratio_hr", "pad_cond_uncond", "pad_cond_uncond_v0",
     "fp8_storage", "use_old_emphasis_implementation", "use_old_karras_scheduler_sigmas",
@@ -236,6 +249,10 @@ def check_value(key: str, value: Any) -> Any:
                             "option; leave it at the webui's default", json.dumps(default))
     if key == "samples_format" and value.lower() not in SAMPLES_FORMATS:
         raise OptionProblem(key, f"{value!r} is not a format the answers can have", ", ".join(SAMPLES_FORMATS))
+    if key in CHOICES and value not in CHOICES[key]:
+        raise OptionProblem(key, f"unknown value {value!r}", ", ".join(CHOICES[key]))
+    if key == "show_progress_every_n_steps" and value < -1:
+        raise OptionProblem(key, f"{value} is out of range", "-1 (no live previews), 0 (every step) or more")
     if key == "jpeg_quality" and not 1 <= value <= 100:
         raise OptionProblem(key, f"{value} is out of range", "an integer from 1 to 100")
     return value

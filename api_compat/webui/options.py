@@ -24,7 +24,7 @@ from api_compat.errors import ApiError
 from api_compat.service import DEFAULT_CONFIG
 from api_compat.webui.listings import current_checkpoint
 from api_compat.webui.option_table import (API_RESTRICTED, DEFAULTS, EFFECTS, MAX_BODY_BYTES, READ_ONLY,
-                                           REQUEST_OPTIONS, OptionProblem, check_value)
+                                           PREVIEW_OPTIONS, REQUEST_OPTIONS, OptionProblem, check_value)
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,11 @@ class WebuiState:
         return wanted
 
     def request_options(self, options: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The options that act on a request as its override_settings (set, and not at their defaults)."""
+        """The options that act on a request as its override_settings (set, and not at their defaults; the
+        live-preview options always: previews are on by default, as in the webui)."""
         options = self.options if options is None else options
-        return {k: options[k] for k in REQUEST_OPTIONS
-                if options.get(k) is not None and options[k] != DEFAULTS[k]}
+        out = {k: options[k] for k in REQUEST_OPTIONS if options.get(k) is not None and options[k] != DEFAULTS[k]}
+        return {**{k: options.get(k, DEFAULTS[k]) for k in PREVIEW_OPTIONS}, **out}
 
     def check(self, options: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         """Check the request options of ``options`` as a request's override_settings, on the current model

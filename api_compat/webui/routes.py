@@ -396,7 +396,8 @@ class WebuiRoutes(RouteSet):
         running = None
         for task_id in tracked:
             try:
-                result = await asyncio.to_thread(self.service.sd_get_result, {"taskId": task_id})
+                result = await asyncio.to_thread(self.service.sd_get_result,
+                                                 {"taskId": task_id, "current_image": not skip_current_image})
             except ApiError as exc:
                 if exc.code == "backend_unavailable":  # the queue is away: 503, not an idle answer
                     raise
@@ -416,8 +417,10 @@ class WebuiRoutes(RouteSet):
                          job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(state.tasks.get(task_id, 0))),
                          sampling_step=prog.get("step", 0), sampling_steps=prog.get("steps", 0))
         phase = " ".join(str(p) for p in (prog.get("phase"), prog.get("detail")) if p) or None
+        # the newest live preview (made at the show_progress_* options' interval, off the sampling thread)
         return {"progress": prog.get("fraction", 0.0), "eta_relative": prog.get("eta_seconds") or 0.0,
-                "state": job_state, "current_image": None, "textinfo": phase, "current_task": f"task({task_id})"}
+                "state": job_state, "current_image": result.get("current_image"), "textinfo": phase,
+                "current_task": f"task({task_id})"}
 
     async def stop_running(self) -> dict:
         for task_id in self.state.tracked():
