@@ -57,15 +57,17 @@ MEASURE = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,sizes", [("onnxruntime", [256, 384]), ("torch", [384, 1024]),
-                                           pytest.param("openvino", [384, 2048], marks=needs_openvino)])
+                                           pytest.param("openvino", [384, 1024], marks=needs_openvino)])
 def test_estimate_matches_measured_peak(tiny_store, tmp_path_factory, backend, sizes):
     """The real engine (tiny-sd1, 1 step, CFG 7) in a fresh process: the growth of its peak RSS over a request
     lies within 35% + 96 MiB of the estimated activations (full attention on ONNX Runtime: 2 x rows x heads x
     T^2 fp32 at the 48x48 latent of 384^2 is 324 MiB; torch's flash attention builds none in the UNet; OpenVINO
     fuses the full-attention export into a blocked kernel: none either). 1024^2 and 2048^2 are decoded in 512^2
     tiles (engine.tiling), where the untiled decode's mid-block attention alone would be 2 GiB at 1024^2.
-    On OpenVINO (the CPU default) the largest size the engine allows, 2048^2, is also held to the issue-31 bar:
-    the process's whole peak RSS within 25% of ``estimate_request(...).total`` (what the budget compares)."""
+    On OpenVINO (the CPU default) the largest size cheap enough here, 1024^2, is also held to the issue-31 bar:
+    the process's whole peak RSS within 25% of ``estimate_request(...).total`` (what the budget compares);
+    2048^2 (~10 minutes on 2 loaded cores) is measured by ``python -m benchmarks memory`` (BENCHMARKS.md,
+    "Memory of whole requests": demo model 2048^2 -13%, batch 8 +8%)."""
     # A cache of its own: the warm-up exports every component in the measuring process whatever ran before in
     # the session (with a cache shared with other tests the result depended on the test order).
     cache = tmp_path_factory.mktemp("memory-cache")
@@ -80,7 +82,7 @@ def test_estimate_matches_measured_peak(tiny_store, tmp_path_factory, backend, s
         # +328 and +384 MiB measured by fresh-clone CI runs, estimate 236 MiB): allocator reuse, not the model
         assert abs(measured - predicted) <= 0.35 * predicted + 96 * MIB, (
             f"{backend} {size}^2: measured +{measured / MIB:.0f} MiB, estimated {predicted / MIB:.0f} MiB")
-        if backend == "openvino" and size == 2048:
+        if backend == "openvino" and size == max(sizes):
             total = estimate_request(arch, size, size, 1, backend=backend).total
             assert abs(peak - total) <= 0.25 * total, (
                 f"{backend} {size}^2: peak RSS {peak / MIB:.0f} MiB, estimated {total / MIB:.0f} MiB")
