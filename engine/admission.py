@@ -11,7 +11,8 @@ from core.errors import InvalidRequest, ModelError, TooMuchMemory
 from engine.conditioning import check_prompts
 from engine.img2img import LATENT_UPSCALERS, hires_size
 from engine.memory import (PLAN_SIZES, UpscalerCost, architecture_of, estimate_request, largest_batch,
-                           largest_fitting, resize_pass)
+                           largest_fitting, model_upscaler_pass, resize_pass)
+from engine import upscalers
 from engine.models.family import FAMILIES, Arch
 from engine.request import GenerationRequest
 
@@ -52,12 +53,24 @@ def _text_spec(family: str | None):
         return None
 
 
-def _upscaler_cost(name: str) -> UpscalerCost | None:
+def _upscaler_cost(name: str, models_dir=None) -> UpscalerCost | None:
     """What the hires fix's upscaler of that name costs (engine.memory): None for the latent upscalers (a
-    resize of the latent, nothing to speak of); the image upscalers resize with PIL (:func:`resize_pass`).
-    A model upscaler (the extras' spandrel models) gives its own: ``engine.memory.model_upscaler_pass(scale,
-    tile=..., model_bytes=...)``."""
-    return None if name in LATENT_UPSCALERS else resize_pass
+    resize of the latent, nothing to speak of); the PIL upscalers :func:`resize_pass`; a model upscaler of the
+    store (engine.upscalers: spandrel) one pass at its scale over the default tiles, with its file's size as
+    the weights (:func:`engine.memory.model_upscaler_pass`)."""
+    if name in LATENT_UPSCALERS:
+        return None
+    entry = upscalers.find(name, models_dir)
+    if entry is None:
+        return resize_pass
+    model = model_upscaler_pass(entry.scale, tile=upscalers.DEFAULT_TILE, model_bytes=entry.path.stat().st_size)
+
+    def cost(in_width: int, in_height: int, out_width: int, out_height: int, batch_size: int) -> int:
+        # a pass makes the model's whole scale (then resized down to the target): count that size
+        return model(in_width, in_height, max(out_width, in_width * entry.scale),
+                     max(out_height, in_height * entry.scale), batch_size)
+
+    return cost
 
 
 def check_memory(arch, native: int, model_name: str, config: EngineConfig, request: GenerationRequest,
@@ -87,7 +100,7 @@ def check_memory(arch, native: int, model_name: str, config: EngineConfig, reque
     hires = getattr(request, "hires", None)
     if hires is not None:
         hr = request.hires
-        options.update(upscaler=upscaler_cost(hr.upscaler_name),
+        options.update(upscaler=upscaler_cost(hr.upscaler_name, config.models_dir),
                        hires_cfg=(request.cfg_scale if hr.cfg_scale is None else hr.cfg_scale) != 1.0)
         hires = _check_hires_memory(arch, model_name, request, width, height, budget, options)
     if not answer:

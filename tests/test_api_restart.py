@@ -70,9 +70,9 @@ def test_sigkill_mid_run_then_reopen(tmp_path):
         engine = EngineDouble(config)
         generate = engine.generate
 
-        def recorded(request, **kw):
+        def recorded(request, *, progress=None, cancel=None):  # the double's signature (no on_images sink)
             order.append(request.seed)
-            return generate(request, **kw)
+            return generate(request, progress=progress, cancel=cancel)
 
         engine.generate = recorded
         return engine

@@ -244,3 +244,20 @@ def test_styles_file_and_merge_rules(tmp_path):
         apply_styles("a", "", ["Sharp", "Nope"], styles)
     assert exc.value.field == "styles[1]" and "Cinematic" in exc.value.allowed
     assert load_styles(tmp_path / "missing.csv") == {}
+
+
+def test_hires_admission_counts_a_model_upscaler(models):
+    """The memory budget's hires estimate (engine.admission) takes a model upscaler of the store at its own cost
+    (engine.memory.model_upscaler_pass: one pass at the model's scale over the default tiles, its weights), more
+    than a PIL resize to the same size; latent upscalers cost nothing there."""
+    from engine.admission import _upscaler_cost
+    from engine.memory import resize_pass
+
+    assert _upscaler_cost("Latent", models) is None
+    assert _upscaler_cost("Lanczos", models) is resize_pass
+    model = _upscaler_cost("R-ESRGAN 4x+", models)
+    weights = (models / "RealESRGAN" / "RealESRGAN_x4plus.pth").stat().st_size
+    assert model is not resize_pass
+    # a 2x hires from 256 still runs the 4x model: its 1024x1024 output is counted, with its weights
+    assert model(256, 256, 512, 512, 1) > resize_pass(256, 256, 1024, 1024, 1) + weights
+    assert model(256, 256, 512, 512, 1) > resize_pass(256, 256, 512, 512, 1)
