@@ -125,17 +125,6 @@ class Progress:
         return self.value
 
 
-def _takes_preview(engine) -> bool:
-    """Whether ``engine.generate`` has a ``preview`` parameter (an engine without live previews gets none)."""
-    import inspect
-
-    try:
-        params = inspect.signature(engine.generate).parameters
-    except (TypeError, ValueError):
-        return False
-    return "preview" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id: str, progress,
                    cancel: threading.Event, warnings: tuple[str, ...] = (), preview=None
                    ) -> tuple[dict[str, Any], list[str]]:
@@ -164,10 +153,10 @@ def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id
             names.append(path.name)
 
     extra = {}
-    if preview is not None and getattr(request, "live_preview", None) and _takes_preview(engine):
+    if preview is not None and getattr(request, "live_preview", None) and _takes(engine, "preview"):
         extra["preview"] = preview
     try:
-        if _takes_images_sink(engine):
+        if _takes(engine, "on_images"):
             result = engine.generate(request, progress=relay, cancel=cancel, on_images=save, **extra)
         else:
             result = engine.generate(request, progress=relay, cancel=cancel, **extra)
@@ -199,13 +188,14 @@ def run_generation(engine, request, *, images_dir: Path, task_id: str, config_id
     return info, names
 
 
-def _takes_images_sink(engine) -> bool:
-    """Whether ``engine.generate`` takes ``on_images`` (engine.pipeline.Engine does; simpler engines may not)."""
+def _takes(engine, name: str) -> bool:
+    """Whether ``engine.generate`` takes the keyword ``name`` (engine.pipeline.Engine takes ``on_images`` and
+    ``preview``; simpler engines may not)."""
     try:
         params = inspect.signature(engine.generate).parameters
     except (TypeError, ValueError):
         return False
-    return "on_images" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 class RunLimit:
