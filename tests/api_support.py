@@ -128,3 +128,19 @@ def png_pixels(path_or_bytes) -> np.ndarray:
 def png_seed(path_or_bytes) -> int:
     """The seed written in a PNG's webui infotext."""
     return int(SEED_RE.search(png_infotext(path_or_bytes)).group(1))
+
+
+def wait_healthy(url: str, proc, console, timeout: float = 60.0, every: float = 0.2) -> None:
+    """Poll a real server's ``GET {url}/health`` until it answers 200; fail with ``console()`` (the server's
+    log tail) when its process ``proc`` exits first or ``timeout`` seconds pass."""
+    import httpx
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < end, console()
+        time.sleep(every)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from core import urlfetch
+from tests.api_support import wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,14 +54,8 @@ def _start(tmp: Path, name: str, *flags: str) -> tuple[subprocess.Popen, str, Pa
             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url, log_path
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < end, log_path.read_text()[-3000:]
-        time.sleep(0.1)
+    wait_healthy(url, proc, lambda: log_path.read_text()[-3000:], timeout=end - time.monotonic(), every=0.1)
+    return proc, url, log_path
 
 
 @pytest.fixture(scope="module")

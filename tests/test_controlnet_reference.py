@@ -33,6 +33,7 @@ from engine.controlnet.reference import ReferenceInjection, attention_weights, s
 from engine.controlnet.units import ControlMode, PreparedUnit, controlnet_residuals, residual_names
 from engine.pipeline import Engine
 from engine.request import ControlNetUnit, GenerationRequest
+from tests.api_support import wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CN = "tiny-controlnet-sd1"
@@ -272,14 +273,7 @@ def server(tmp_path_factory, demo_cache):
                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 90
-    while True:
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None and time.monotonic() < end, (root / "server.log").read_text()[-3000:]
-        time.sleep(0.2)
+    wait_healthy(url, proc, lambda: (root / "server.log").read_text()[-3000:], timeout=end - time.monotonic())
     yield url, root
     proc.terminate()
     try:

@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from tests.conftest import exclusive
+from tests.api_support import wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = ("webui", "s3cret")
@@ -71,15 +72,7 @@ class Server:
              str(root / "models"), "--results-dir", str(root / "results"), "--backend", "onnxruntime",
              "--api-auth", ":".join(AUTH), *extra],
             env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        end = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < end, self.tail()
-            time.sleep(0.2)
+        wait_healthy(self.url, self.proc, self.tail)
 
     def tail(self) -> str:
         self.log.flush()

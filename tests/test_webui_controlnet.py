@@ -34,6 +34,7 @@ from engine.config import EngineConfig
 from engine.controlnet import preprocessors
 from engine.controlnet.preprocessors import PREPROCESSORS, Preprocessor
 from tests.queue_support import WorkerProcess, free_port, redis_server  # noqa: F401 (fixture)
+from tests.api_support import wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "engine" / "models" / "bundled"
@@ -118,15 +119,7 @@ class Server:
             [sys.executable, "-m", "cli", "serve", "--port", str(self.port), "--models-dir", str(root / "models"),
              "--results-dir", str(root / "results"), *extra],
             env=env, cwd=ROOT, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
-        end = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < end, self.console()[-3000:]
-            time.sleep(0.2)
+        wait_healthy(self.url, self.proc, lambda: self.console()[-3000:])
         models = requests.get(self.url + "/controlnet/model_list").json()["model_list"]
         self.model = next(m for m in models if m.startswith(CN_NAME))
 
