@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ModelError
+from engine.models.checkpoints import read_state_dict
 from engine.models.family import Arch
 from engine.models.store import bundled_root
 
@@ -89,26 +90,9 @@ def find(models_dir: Path | None, stem: str, kind: str, allow_pickle: bool) -> A
 
 
 def read_weights(path: Path, allow_pickle: bool) -> dict:
-    """The state dict of a VAE-approx file as float32 torch tensors (pickles: weights_only, with the opt-in)."""
-    import torch
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        if not allow_pickle:
-            raise ModelError(path, "pickle files can run code when loaded and are refused; use the .safetensors "
-                                   "file or opt in with allow_pickle (EngineConfig.allow_pickle)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
-            raise ModelError(path, f"cannot load pickle (weights_only=True): {exc}") from exc
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ModelError(path, f"holds a {type(state).__name__}, not a state dict")
+    """The state dict of a VAE-approx file as float32 torch tensors, read as every checkpoint of the store is
+    (engine.models.checkpoints.read_state_dict: pickles with weights_only, only with the opt-in)."""
+    state, _ = read_state_dict(path, allow_pickle)
     return {k: v.float() for k, v in state.items()}
 
 
