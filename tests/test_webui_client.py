@@ -72,7 +72,11 @@ class Server:
              str(root / "models"), "--results-dir", str(root / "results"), "--backend", "onnxruntime",
              "--api-auth", ":".join(AUTH), *extra],
             env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_healthy(self.url, self.proc, self.tail)
+        try:
+            wait_healthy(self.url, self.proc, self.tail)
+        except BaseException:  # a server that never became healthy is not left running
+            self.stop()
+            raise
 
     def tail(self) -> str:
         self.log.flush()
@@ -103,11 +107,13 @@ def server(tmp_path_factory, demo_cache):
                     root / "models" / "Stable-diffusion" / "demo-copy.safetensors")
     srv = Server(root, cache_dir=demo_cache)
     # the first generation exports the demo model (ONNX) unless another module did; every test after it runs warm
-    with exclusive(demo_cache):
-        r = srv.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 1})
-    assert r.status_code == 200, r.text
-    yield srv
-    srv.stop()
+    try:
+        with exclusive(demo_cache):
+            r = srv.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 1})
+        assert r.status_code == 200, r.text
+        yield srv
+    finally:  # a failed warm-up does not leave the server running
+        srv.stop()
 
 
 def b64_pixels(data: str) -> np.ndarray:

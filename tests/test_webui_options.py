@@ -187,11 +187,13 @@ def server(tmp_path_factory, demo_cache):
     (root / "results").mkdir()
     (root / "results" / "webui-options.json").write_text(json.dumps({"CLIP_stop_at_last_layers": 12}))
     srv = Server(root, cache_dir=demo_cache)
-    with exclusive(demo_cache):
-        r = srv.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 1})
-    assert r.status_code == 200, r.text
-    yield srv
-    srv.stop()
+    try:
+        with exclusive(demo_cache):
+            r = srv.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "steps": 1})
+        assert r.status_code == 200, r.text
+        yield srv
+    finally:  # a failed warm-up does not leave the server running
+        srv.stop()
 
 
 def test_a_stored_option_that_no_longer_fits_is_reported_not_fatal(server):
