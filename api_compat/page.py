@@ -59,7 +59,7 @@ def _swagger_html(openapi_url: str) -> str:
 SwaggerUIBundle({{url: {json.dumps(openapi_url)}, dom_id: "#swagger-ui", deepLinking: true,
   presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],
   layout: "BaseLayout",
-  requestInterceptor: function (req) {{  // the API key the page at / stored
+  requestInterceptor: function (req) {{  /* the API key the page at / stored */
     var k = window.localStorage.getItem({key}); if (k) req.headers["X-API-Key"] = k; return req; }}}});
 </script></body></html>"""
 
