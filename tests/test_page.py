@@ -211,6 +211,8 @@ def test_page_generates_on_the_demo_model(server, browser, tmp_path):
     assert moving, f"no progress between 0 and 100% was shown: {widths}"
     assert int(find(By.ID, "progress").get_attribute("data-seen")) >= 1
     assert "done: 2 image(s)" in find(By.ID, "progress-text").text
+    # the live preview (/sdapi/v1/progress current_image) was shown while it ran
+    assert find(By.ID, "preview").get_attribute("src").startswith("data:image/png;base64,")
 
     cards = find(By.ID, "gallery").find_elements(By.CSS_SELECTOR, ".result")
     # newest first: the card of seed 1 is the first of its batch, shown last of the two
@@ -300,7 +302,8 @@ def test_page_inpaints_with_a_drawn_mask_and_shows_a_detected_map(server, browse
     chain = ActionChains(browser).move_to_element_with_offset(canvas, 0, int(rect["height"] * 0.25))
     chain.click_and_hold().move_by_offset(int(rect["width"] * 0.2), 0).release().perform()
     mask = _png_pixels(base64.b64decode(browser.execute_script("return maskB64()")))
-    assert mask.shape[:2] == (64, 64) and mask[48].max() == 255 and mask[:16].max() == 0, "the drawn mask"
+    assert mask.shape[:2] == (64, 64) and mask[:16].max() == 0, "the drawn mask"
+    assert (mask[48, 33:44] == 255).all(), "a stroke from the centre to the right, without gaps"
     for field, value in (("prompt", PROMPT), ("steps", "6"), ("seed", "3"), ("batch_size", "1")):
         box = find(By.ID, field)
         box.clear()
@@ -314,3 +317,27 @@ def test_page_inpaints_with_a_drawn_mask_and_shows_a_detected_map(server, browse
     assert np.abs(out[:8] - (200, 40, 40)).max() <= 2, "the unmasked pixels are the init image's"
     assert "Denoising strength: 0.75" in find(By.CSS_SELECTOR, "#gallery .result .infotext").get_attribute(
         "textContent")
+
+
+def test_page_cancels_a_running_generation(server, browser):
+    """Cancel (POST /sdapi/v1/interrupt) stops the running task: the page says so, and shows no new image."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(server + "/")
+    browser.execute_script("localStorage.setItem('sdengine.apiKey', arguments[0])", KEY)
+    browser.refresh()
+    find = browser.find_element
+    _wait(lambda: find(By.ID, "server-status").text == "ready", 15, "the listings")
+    for field, value in (("prompt", PROMPT), ("steps", "150"), ("width", "64"), ("height", "64"),
+                         ("batch_size", "8")):
+        box = find(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    find(By.ID, "generate").click()
+    _wait(lambda: find(By.ID, "progress-text").text.startswith("step "), 60, "the sampling steps")
+    find(By.ID, "cancel").click()
+    _wait(lambda: find(By.ID, "progress-text").text in ("cancelled", "failed") or
+          find(By.ID, "progress-text").text.startswith("done"), 60, "the end of the task")
+    assert find(By.ID, "progress-text").text == "cancelled" and find(By.ID, "error").text == ""
+    assert not find(By.ID, "gallery").find_elements(By.CSS_SELECTOR, ".result")
+    assert find(By.ID, "generate").is_enabled() and not find(By.ID, "cancel").is_enabled()

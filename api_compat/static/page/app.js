@@ -134,23 +134,27 @@ function setupImg2img() {
     state.maskDrawn = true;
   });
   $("mask-clear").addEventListener("click", () => { ctx.clearRect(0, 0, canvas.width, canvas.height); state.maskDrawn = false; });
-  let drawing = false;
+  let last = null;  // the previous point of the stroke being drawn (null: not drawing)
   const point = (ev) => {
     const box = canvas.getBoundingClientRect();
     return [(ev.clientX - box.left) * canvas.width / box.width, (ev.clientY - box.top) * canvas.height / box.height];
   };
-  const dab = (ev) => {
+  const stroke = (ev) => {  // a round-capped line from the previous point: no gaps between pointer events
     const [x, y] = point(ev);
-    const r = Number($("brush").value) * canvas.width / Math.max(1, canvas.getBoundingClientRect().width) / 2;
-    ctx.fillStyle = "#fff";
+    const from = last || [x, y];
+    ctx.strokeStyle = "#fff";
+    ctx.lineCap = "round";
+    ctx.lineWidth = Number($("brush").value) * canvas.width / Math.max(1, canvas.getBoundingClientRect().width);
     ctx.beginPath();
-    ctx.arc(x, y, r, 0, 2 * Math.PI);
-    ctx.fill();
+    ctx.moveTo(from[0], from[1]);
+    ctx.lineTo(x + 0.01, y);
+    ctx.stroke();
+    last = [x, y];
     state.maskDrawn = true;
   };
-  canvas.addEventListener("pointerdown", (ev) => { drawing = true; canvas.setPointerCapture(ev.pointerId); dab(ev); });
-  canvas.addEventListener("pointermove", (ev) => { if (drawing) dab(ev); });
-  canvas.addEventListener("pointerup", () => { drawing = false; });
+  canvas.addEventListener("pointerdown", (ev) => { last = null; canvas.setPointerCapture(ev.pointerId); stroke(ev); });
+  canvas.addEventListener("pointermove", (ev) => { if (last) stroke(ev); });
+  canvas.addEventListener("pointerup", () => { last = null; });
 }
 
 function maskB64() {  // the drawn mask as a black-and-white PNG (white: repaint)
