@@ -16,7 +16,8 @@ Results format (JSON object)::
      "unit": "s", "better": "lower",                      # or "higher"
      "series": {"warm (median)": {"sdengine-openvino": 11.4, "diffusers": 30.8}, ...},
      "headline": {"series": "warm (median)", "ours": "sdengine-openvino", "baseline": "diffusers",
-                  "what": "end-to-end image, warm"}}      # or "target": 20 instead of "baseline"
+                  "what": "end-to-end image, warm"},      # or "target": 20 instead of "baseline"
+     "transpose": false, "note": "optional free text"}
 """
 
 from __future__ import annotations
