@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import plot
@@ -70,3 +71,21 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_readme_opens_with_the_demo_picture():
+    """The README's first element is the picture `python -m benchmarks readme_picture` draws (its layout: one
+    tile per prompt, four per row), small enough for a README."""
+    from PIL import Image
+
+    from benchmarks import readme_picture as rp
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme.split("\n")[2].startswith("![") and "(docs/img/readme-demo.png)" in readme.split("\n")[2]
+    assert rp.OUT.stat().st_size < 250_000
+    items = [(p, s, (np.full((64, 64, 3), 30 * i, np.uint8))) for i, (p, s) in enumerate(rp.PROMPTS)]
+    sheet = rp.compose(items)
+    with Image.open(rp.OUT) as committed:
+        assert committed.size == sheet.size
+        pixels = np.asarray(committed.convert("RGB"), dtype=float)
+    assert pixels[8:8 + rp.TILE, 8:8 + rp.TILE].std() > 20, "the first tile is a picture, not a flat colour"
