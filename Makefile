@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-pins.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench pictures clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-pins.txt
@@ -38,6 +38,11 @@ demo: setup
 
 bench: setup
 	for b in sampler_overhead pipeline_e2e submit_latency; do $(BIN)/python -m benchmarks $$b || exit 1; done
+
+# the README's picture (the demo model's images with their prompts) and BENCHMARKS.md's summary table and chart
+pictures: setup
+	$(BIN)/python -m benchmarks readme_picture
+	$(BIN)/python -m benchmarks plot
 
 clean:
 	rm -rf $(VENV) .pytest_cache

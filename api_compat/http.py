@@ -6,7 +6,9 @@
     POST /scc/sd_cancel       {"taskId"} -> result (extra: cancel a waiting or running task)
     GET  /scc/images/{taskId}/{index}.png
     GET  /health              (no API key needed)
-    GET  /openapi.json, /docs
+    GET  /openapi.json
+    GET  /, /docs, /redoc     the browser page and the API docs, static files served from the package with no
+                              API key (api_compat.page; the page asks for the key and sends it)
     /sdapi/v1/..., /controlnet/...   the webui's own API over the same service (api_compat/webui/,
                                      docs/WEBUI_API.md)
 
@@ -41,6 +43,7 @@ from core.lazy import require
 from api_compat.apidoc import annotate_openapi
 from api_compat.errors import ApiError
 from api_compat.guard import HeavyWork, too_many_keys
+from api_compat.page import add_page_routes, is_public
 from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, check_finite, deep_nesting
 from api_compat.service import CONFIG_HEADER, TaskService
 from api_compat.storage import StorageWatch
@@ -331,7 +334,7 @@ def parse_api_auth(value: str | Iterable[str] | None) -> tuple[tuple[str, str], 
 
 
 class _AuthMiddleware:
-    """Pure ASGI: on every path but /health, requires a valid credential: the API key (``Authorization: Bearer
+    """Pure ASGI: on every path but /health and the static page and docs files (api_compat.page), requires a valid credential: the API key (``Authorization: Bearer
     KEY`` or ``X-API-Key: KEY``) or, with ``--api-auth``, HTTP Basic ``user:password`` as the webui does. Either
     credential admits to every route (/scc and /sdapi alike)."""
 
@@ -363,7 +366,7 @@ class _AuthMiddleware:
         return ok
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") == "/health" or self._admitted(scope):
+        if scope["type"] != "http" or is_public(scope.get("path", "")) or self._admitted(scope):
             return await self.app(scope, receive, send)
         ways = [w for w, on in (("Authorization: Bearer KEY or X-API-Key: KEY", self.key is not None),
                                 ("HTTP Basic user:password (--api-auth)", bool(self.basic))) if on]
@@ -531,7 +534,7 @@ def create_app(service: TaskService, *, api_key: str | None = None, max_body_byt
         if close_service:
             service.close()
 
-    app = FastAPI(title="sdengine", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="sdengine", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="The sd_txt2img / sd_get_result task API (webui txt2img payload + ControlNet), and the "
                               "webui's own API (/sdapi/v1/..., /controlnet/...; docs/WEBUI_API.md). Every field, "
                               "default, range and error of the task API: docs/API.md in the sdengine repository.")
@@ -585,6 +588,7 @@ def create_app(service: TaskService, *, api_key: str | None = None, max_body_byt
         return app.openapi_schema
 
     app.openapi = openapi
+    add_page_routes(app)  # /, /docs, /redoc: static files from the package (no CDN)
     asgi = _ApiRoutes(app, service, max_body_bytes, read_timeout, heavy, storage)
     from api_compat.webui import webui_router
 
