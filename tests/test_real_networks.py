@@ -1,6 +1,7 @@
-"""The seven real textual-inversion embeddings of the shared weights (webui ``.pt`` with ``string_to_param``,
-``EasyNegative.safetensors`` with ``emb_params``; 768 wide, for SD1) through the engine's loader, the webui
-listing and a model of the SD1 text width.
+"""Real network files of the shared weights: the seven textual-inversion embeddings (webui ``.pt`` with
+``string_to_param``, ``EasyNegative.safetensors`` with ``emb_params``; 768 wide, for SD1) through the engine's
+loader, the webui listing and a model of the SD1 text width; and a real LoRA in a format neither the webui nor
+sdengine reads (cloneofsimo ``lora_diffusion``), refused naming the file and the format.
 
 The SD1-width model is random weights of the real architecture's text width (a CLIPTextModel with
 ``hidden_size`` 768, two layers; a UNet with ``cross_attention_dim`` 768), so the real vectors go through a real
@@ -13,7 +14,10 @@ The SD1-width model is random weights of the real architecture's text width (a C
   ``hashes.sha256(filepath, ...)`` -> ``Embedding.set_hash``: ``shorthash = hash[0:12]``), compared with the
   folder's ``SHA256SUMS``;
 - the vectors the encoder receives at the embedding's positions equal the file's vectors exactly (fp32), and the
-  prompt's embedding changes from the embedding's first position on, never before it (CLIP's causal mask).
+  prompt's embedding changes from the embedding's first position on, never before it (CLIP's causal mask);
+- the foreign LoRA: refused at submit (422 ``model_error`` naming ``prompt``, the file and the format), by the
+  engine when it is run directly, in ``/sdapi/v1/loras`` (an ``error`` beside the webui's fields) and in
+  ``models info``.
 
 Tests skip with a reason where the shared folder is absent.
 """
@@ -37,11 +41,14 @@ from tests.api_support import wait_healthy
 from tests.queue_support import free_port
 from tests.weights_support import WEIGHTS, needs
 
-pytestmark = needs("embeddings", "the real textual-inversion embeddings")
+pytestmark = [needs("embeddings", "the real textual-inversion embeddings"),
+              needs("lora-foreign", "the real LoRA of a foreign format")]
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sd1-768.safetensors"
 # name -> vectors (the shared folder's README: SD1, 768 wide, 2 to 16 vectors)
+FOREIGN = "lora_disney.safetensors"  # cloneofsimo lora_diffusion
+FORMAT = "cloneofsimo lora_diffusion"
 COUNTS = {"EasyNegative": 8, "bad-artist": 2, "bad-artist-anime": 2, "bad-hands-5": 2, "bad-prompt": 16,
           "bad_prompt_version2": 8, "eyeliner2": 3}
 WIDTH = 768
@@ -95,6 +102,8 @@ def store(tmp_path_factory) -> Path:
     (root / "embeddings").mkdir()
     for path in _files().values():
         shutil.copyfile(path, root / "embeddings" / path.name)
+    (root / "Lora").mkdir()
+    shutil.copyfile(WEIGHTS / "lora-foreign" / FOREIGN, root / "Lora" / FOREIGN)
     return root
 
 
@@ -167,6 +176,22 @@ def test_real_vectors_feed_the_768_wide_text_encoder(engine):
         hook.remove()
 
 
+def test_foreign_lora_refused_by_the_engine_and_models_info(engine, store):
+    """Run directly (no API in front), the engine refuses the prompt's foreign LoRA naming the file and its
+    format; ``models info`` says the same (engine.models.card)."""
+    from engine.models.card import card, card_lines
+    from engine.models.store import ModelStore
+    from engine.request import GenerationRequest
+
+    with pytest.raises(ModelError, match=FORMAT) as refused:
+        engine.generate(GenerationRequest(model=MODEL, prompt="a cat <lora:lora_disney:1>", steps=1, width=64,
+                                          height=64, seed=1, sampler_name="Euler"))
+    assert FOREIGN in str(refused.value)
+    lines = card_lines(card(ModelStore(store, bundled=None, cache_dir=store.parent / "hashes"), "lora_disney"))
+    assert "kind:            lora" in lines
+    assert any(line.startswith("note:") and FOREIGN in line and FORMAT in line for line in lines), lines
+
+
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
     """``python -m cli serve`` on the store, torch backend, pickles allowed through the ``--configs`` file."""
@@ -197,6 +222,36 @@ def server(store, tmp_path_factory):
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+def test_foreign_lora_refused_at_submit_and_in_the_listing(server):
+    """Over HTTP: ``/sdapi/v1/loras`` lists the file with an ``error`` naming it and its format; a txt2img whose
+    prompt names it is refused at submit (422 ``model_error``, field ``prompt``), nothing runs."""
+    import requests
+
+    (row,) = [r for r in requests.get(server + "/sdapi/v1/loras", timeout=120).json() if r["name"] == "lora_disney"]
+    assert FOREIGN in row["error"] and FORMAT in row["error"], row
+    bundled = [r for r in requests.get(server + "/sdapi/v1/loras", timeout=120).json() if r["name"] != "lora_disney"]
+    assert bundled and all("error" not in r for r in bundled)  # the usable (bundled demo) LoRA: the webui's fields
+    for route in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"):
+        payload = {"prompt": "a cat <lora:lora_disney:0.8>", "steps": 1, "width": 64, "height": 64}
+        if route.endswith("img2img"):
+            payload["init_images"] = [_png_b64(np.zeros((64, 64, 3), np.uint8))]
+        r = requests.post(server + route, json=payload, timeout=120)
+        assert r.status_code == 422, (route, r.status_code, r.text)
+        text = r.text
+        assert FOREIGN in text and FORMAT in text and "prompt" in text, text
+
+
+def _png_b64(image: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.mark.slow  # a real server on the torch backend, and a 180 MB checkpoint to load (~30 s on 2 busy cores)
