@@ -131,6 +131,20 @@ def test_real_files_read_with_their_counts_hashes_and_training_fields():
         assert sha256_file(path) == sums[name]
 
 
+def test_pickles_only_with_the_opt_in(store):
+    """The engine's embedding database for a 768-wide encoder: without allow_pickle only the safetensors file;
+    with it all seven."""
+    from engine.models.store import ModelStore
+    from engine.networks.embeddings import EmbeddingDatabase
+
+    models = ModelStore(store, bundled=None, cache_dir=store.parent / "hashes")
+    for allow, expected in ((False, {"EasyNegative"}), (True, set(COUNTS))):
+        db = EmbeddingDatabase(models, {"text_encoder": WIDTH}, allow_pickle=allow)
+        db.refresh()
+        assert set(db.embeddings) == expected
+        assert {n: e.count for n, e in db.embeddings.items()} == {n: COUNTS[n] for n in expected}
+
+
 @pytest.fixture(scope="module")
 def engine(store, tmp_path_factory):
     from engine.pipeline import Engine
