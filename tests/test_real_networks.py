@@ -272,7 +272,8 @@ def _png_b64(image: np.ndarray) -> str:
 def test_webui_listing_and_generation(server):
     """``/sdapi/v1/embeddings``: beside the demo model (another text width) all seven are ``skipped``; with the
     SD1-width model all are ``loaded``, with the files' counts, width and training fields. A txt2img on that
-    model names the embeddings its prompt used in ``TI hashes`` with the webui's short hashes."""
+    model names the embeddings its prompts used (EasyNegative in the negative prompt, as it is meant) in
+    ``TI hashes`` with the webui's short hashes."""
     import requests
 
     listing = requests.get(server + "/sdapi/v1/embeddings", timeout=120).json()
@@ -286,10 +287,11 @@ def test_webui_listing_and_generation(server):
         assert (row["vectors"], row["shape"]) == (COUNTS[name], WIDTH)
     assert listing["loaded"]["bad-prompt"]["step"] == 8000  # the file's training step
     r = requests.post(server + "/sdapi/v1/txt2img", json={
-        "prompt": "a photo of a cat, EasyNegative, bad-hands-5", "negative_prompt": "", "steps": 2, "width": 64,
+        "prompt": "a photo of a cat, bad-hands-5", "negative_prompt": "EasyNegative", "steps": 2, "width": 64,
         "height": 64, "seed": 1, "sampler_name": "Euler"}, timeout=600)
     assert r.status_code == 200, r.text
     infotext = json.loads(r.json()["info"])["infotexts"][0]
     sums = _sums()
-    assert f'TI hashes: "EasyNegative: {sums["EasyNegative"][:12]}, bad-hands-5: {sums["bad-hands-5"][:12]}"' \
+    # the prompt's, then the negative prompt's (where EasyNegative is used), as the webui lists them
+    assert f'TI hashes: "bad-hands-5: {sums["bad-hands-5"][:12]}, EasyNegative: {sums["EasyNegative"][:12]}"' \
         in infotext, infotext
