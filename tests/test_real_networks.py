@@ -7,8 +7,8 @@ The SD1-width model is random weights of the real architecture's text width (a C
 ``hidden_size`` 768, two layers; a UNet with ``cross_attention_dim`` 768), so the real vectors go through a real
 768-wide token-embedding path. What is checked, and against what:
 
-- vector counts: the files' own tensors (``torch.load(weights_only=True)`` / ``safetensors``), listed below as the
-  counts the folder's README gives (2 to 16);
+- vector counts: written down below (read once from the files' own tensors; the folder's README says 2 to 16),
+  and the engine's vectors equal the tensors read directly (``torch.load(weights_only=True)`` / safetensors);
 - hashes: the webui's embedding hash is the sha256 of the whole file and its short hash the first 12 hex digits
   (webui ``modules/textual_inversion/textual_inversion.py`` ``create_embedding_from_data`` ->
   ``hashes.sha256(filepath, ...)`` -> ``Embedding.set_hash``: ``shorthash = hash[0:12]``), compared with the
@@ -46,7 +46,7 @@ pytestmark = [needs("embeddings", "the real textual-inversion embeddings"),
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sd1-768.safetensors"
-# name -> vectors (the shared folder's README: SD1, 768 wide, 2 to 16 vectors)
+# name -> vectors (read once from the files; the shared folder's README: SD1, 768 wide, 2 to 16 vectors)
 FOREIGN = "lora_disney.safetensors"  # cloneofsimo lora_diffusion
 FORMAT = "cloneofsimo lora_diffusion"
 COUNTS = {"EasyNegative": 8, "bad-artist": 2, "bad-artist-anime": 2, "bad-hands-5": 2, "bad-prompt": 16,
@@ -108,8 +108,8 @@ def store(tmp_path_factory) -> Path:
 
 
 def test_real_files_read_with_their_counts_hashes_and_training_fields():
-    """Every file reads (the six pickles only with the opt-in, refused naming the file without it) with the
-    README's vector count, width 768, the file's own vectors and training fields, and the webui hash."""
+    """Every file reads (the six pickles only with the opt-in, refused naming the file without it) with its
+    vector count, width 768, the file's own vectors and training fields, and the webui hash (SHA256SUMS)."""
     files, sums = _files(), _sums()
     assert set(files) == set(COUNTS) == set(sums)
     from engine.models.hashing import sha256_file
