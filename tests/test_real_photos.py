@@ -6,8 +6,8 @@ real photo goes through them with a meaningful result:
 - img2img keeps the photo at a low denoising strength: with the real TAESD encoder/decoder (the bundled files,
   ``sd_vae_encode_method`` / ``sd_vae_decode_method`` "TAESD") at 128x128, strength 0.05 (one step of 10):
   PSNR vs the photo >= 16 dB (measured 18.7 dB; TAESD's own round trip at this size is 18.7 dB, the tiny model's
-  random-weights VAE scores ~9 dB whatever the strength), and strength 0.5 loses at least 5 dB of it (6.7 dB
-  measured: the tiny model's random UNet repaints);
+  random-weights VAE scores ~9 dB whatever the strength), and strength 0.5 loses at least 5 dB of it
+  (measured 6.7 dB at 0.5: the tiny model's random UNet repaints);
 - inpainting (whole picture, no mask blur) leaves every pixel outside the mask equal to the photo's and repaints
   the masked square (mean absolute difference > 10/255);
 - canny on a photo gives edges (1-30 % of the pixels at the extension's default thresholds; a flat image none),
