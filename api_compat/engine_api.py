@@ -56,15 +56,24 @@ def default_engine_factory(config: EngineConfig) -> EngineLike:
 def check_models(store, models: Iterable[tuple], origins: Mapping[str, str] | None = None) -> None:
     """Resolve each ``(Kind, name, request path)`` in ``store`` (an ``engine.models.store.ModelStore``); the first
     name it cannot resolve raises :class:`ApiError` (``model_not_found`` or ``unsafe_model_path``, with the
-    payload path (``origins``: api_compat.translate.field_origins) and the names the store holds)."""
+    payload path (``origins``: api_compat.translate.field_origins) and the names the store holds). A LoRA file
+    the engine refuses by its header (LyCORIS kinds, foreign formats: engine.networks.files.lora_problem) raises
+    ``model_error`` naming the file and what it is."""
+    from engine.models.family import Kind
+    from engine.networks.files import SUPPORTED_FORMATS, lora_problem
+
     for kind, name, field in models:
         try:
-            store.resolve(name, kind, field=field)
+            entry = store.resolve(name, kind, field=field)
         except InvalidRequest as exc:
             raise api_error_from(exc, origins) from None
         except ModelError as exc:
             raise ApiError(exc.code, f"{name!r}: {exc.message}", field=payload_path(field, origins),
                            allowed=f"a {kind.value} name from the model store") from None
+        # a LoRA file of a kind or format the engine refuses, from its header: refused now, not when it runs
+        if kind is Kind.LORA and (why := lora_problem(entry.path)):
+            raise ApiError(ModelError.code, f"<lora:{name}>: {entry.path.name}: {why}",
+                           field=payload_path(field, origins), allowed=SUPPORTED_FORMATS)
 
 
 

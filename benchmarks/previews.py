@@ -1,11 +1,13 @@
 """Live previews and the TAESD decoder on CPU: what a preview costs per sampling step, and TAESD vs the full VAE.
 
     python -m benchmarks previews [--sizes 512 1024] [--repeats 3] [--unet-repeats 2] [--json F] [--markdown F]
+    python -m benchmarks previews --sizes 512 1024 --skip-preview   # the decode table only
 
 1. **Decode time, TAESD vs the full VAE decoder**, one run, interleaved rounds (each variant once per round), after
    one warm-up call each: the ``vae_decoder`` component of an SD1.5-architecture VAE (the bundled sd15.json config,
    **random weights**: the time of a decoder does not depend on its weights) against the ``taesd_decoder``
-   component (the bundled real TAESD weights), both through export.wrappers on torch, fp32, batch 1.
+   component (the bundled real TAESD weights), both through export.wrappers on torch, fp32, batch 1. Each
+   size's row carries the 1-minute load average when its rounds ended; the header the CPU's native-bf16 flags.
 2. **Preview cost per step at the default interval** (the webui's show_progress_every_n_steps = 10), at 512x512:
    the sampling thread's own part (engine.preview.Previewer.offer: the x0 rows to the host, into the mailbox) is
    timed per step; the decoding thread's part is the decode time of one preview per method, spread over the 10
@@ -73,7 +75,7 @@ def main(argv=None) -> dict:
     taesd = TaesdDecoderWrapper(load_taesd(find(None, "taesd_decoder", "taesd", False).path, "decoder")).eval()
     out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
                             f"{threads} threads", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                 "load_before": os.getloadavg()[0], "decode": [], "preview": {}}
+                 "cpu_flags": _cpu_flags(), "load_before": os.getloadavg()[0], "decode": [], "preview": {}}
     with torch.inference_mode():
         for size in args.sizes:
             latent = torch.randn(1, 4, size // 8, size // 8)
@@ -82,12 +84,12 @@ def main(argv=None) -> dict:
             row = {"size": size, **{k: statistics.median(v) for k, v in times.items()},
                    **{f"{k}_min": min(v) for k, v in times.items()}}
             row["speedup"] = row["full"] / row["taesd"]
+            row["load_after"] = os.getloadavg()[0]  # 1-min load average when the size's rounds ended
             out["decode"].append(row)
             print(json.dumps(row), flush=True)
 
         if args.skip_preview:
-            print(json.dumps(out), flush=True)
-            return out
+            return _finish(out, args)
         # 2. preview cost per step at the interval
         side = args.preview_size // 8
         unet = UNetWrapper(UNet2DConditionModel.from_config(config["unet"]).eval()).eval()
@@ -129,6 +131,19 @@ def main(argv=None) -> dict:
             per_step = offer + seconds / args.interval
             out["preview"][name] = {"decode": seconds, "per_step": per_step, "percent": 100 * per_step / unet_step}
         out["preview"]["offer_per_step"] = offer
+    return _finish(out, args)
+
+
+def _cpu_flags() -> str:
+    """The CPU's native-bf16 flags (avx512_bf16, amx_bf16) from /proc/cpuinfo ("none" where it has neither)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    return " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in text) or "none"
+
+
+def _finish(out: dict, args) -> dict:
     out["load_after"] = os.getloadavg()[0]
     text = markdown(out, args)
     print(text)
@@ -142,14 +157,18 @@ def main(argv=None) -> dict:
 
 
 def markdown(out: dict, args) -> str:
-    lines = [f"{out['machine']}; {out['date']}; 1-min load average {out['load_before']:.1f} before, "
-             f"{out['load_after']:.1f} after; {args.warmup} warm-up call(s), median of {args.repeats} round(s).", "",
-             "| size | full VAE decoder (SD1.5 arch, random weights) | TAESD decoder | TAESD speed-up |",
-             "|---|---|---|---|"]
+    lines = [f"{out['machine']}; CPU flags: {out.get('cpu_flags', 'unknown')}; {out['date']}; 1-min load average "
+             f"{out['load_before']:.1f} before, {out['load_after']:.1f} after; {args.warmup} warm-up call(s), "
+             f"median of {args.repeats} round(s).", "",
+             "| size | full VAE decoder (SD1.5 arch, random weights) | TAESD decoder | TAESD speed-up | load after |",
+             "|---|---|---|---|---|"]
     for row in out["decode"]:
         lines.append(f"| {row['size']}x{row['size']} | {row['full']:.3f} s (min {row['full_min']:.3f}) | "
-                     f"{row['taesd']:.3f} s (min {row['taesd_min']:.3f}) | x{row['speedup']:.1f} |")
+                     f"{row['taesd']:.3f} s (min {row['taesd_min']:.3f}) | x{row['speedup']:.1f} | "
+                     f"{row['load_after']:.1f} |")
     p = out["preview"]
+    if not p:  # --skip-preview
+        return "\n".join(lines) + "\n"
     lines += ["", f"Preview cost at {args.preview_size}x{args.preview_size}, every {args.interval} steps, against "
               f"one SD1.5-architecture sampling step (UNet, batch 2) of {p['unet_step']:.2f} s (min "
               f"{p['unet_step_min']:.2f}); sampling thread's own part {p['offer_per_step'] * 1e6:.1f} us per step:",

@@ -318,3 +318,30 @@ def test_sdxl_kohya_names_map_like_diffusers_names(tiny_store, tmp_path):
     for source, targets in a.targets.items():
         for param, layer in targets.items():
             torch.testing.assert_close(layer.delta(), b.targets[source][param].delta())
+
+
+@pytest.mark.parametrize("tensors, what", [
+    ({"unet:0:up": torch.zeros(4, 1), "unet:0:down": torch.zeros(1, 4), "<s1>": torch.zeros(768)},
+     "cloneofsimo lora_diffusion"),
+    ({"emb_params": torch.zeros(2, 768)}, "textual-inversion embedding"),
+    ({"model.diffusion_model.out.0.weight": torch.zeros(4)}, "full checkpoint"),
+    ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)}, "LoHa"),
+])
+def test_foreign_lora_formats_named_from_the_header(tmp_path, tensors, what):
+    """A LoRA-folder file of a format or kind the engine refuses: named (file and format) from its header alone
+    (engine.networks.files.lora_problem, used by the listings, models info and the submit check) and by
+    read_lora; a kohya file has no problem. The real lora_diffusion file: tests/test_real_networks.py."""
+    from engine.networks.files import lora_problem, read_lora
+
+    path = save(tensors, tmp_path / "Lora" / "foreign.safetensors")
+    assert what in lora_problem(path)
+    with pytest.raises(ModelError, match=what) as refused:
+        read_lora(path)
+    assert "foreign.safetensors" in str(refused.value)
+    assert lora_problem(save(kohya_lora_tensors(), tmp_path / "Lora" / "fine.safetensors")) is None
+
+
+def kohya_lora_tensors() -> dict:
+    return {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 2),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(2.0)}

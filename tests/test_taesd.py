@@ -6,8 +6,6 @@ cheap" factors. Tests that need the shared weights skip with a reason where the 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,26 +19,13 @@ from engine.request import LivePreview
 from engine.tiling import VaeTiling
 from engine.tiling import decode as decode_latents
 from engine.tiling import encode as encode_image
+from tests.weights_support import WEIGHTS
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 PSNR_MIN = 24.0  # dB at 512x512 (TAESD's README: about 25 dB on a photo)
 PARITY_TOL = 2e-4  # max abs difference vs diffusers AutoencoderTiny, fp32 torch, same weights
 
 
-def shared_weights() -> Path | None:
-    """``$SDENGINE_SHARED_WEIGHTS``, else a ``shared/weights`` folder beside the repository or above it."""
-    env = os.environ.get("SDENGINE_SHARED_WEIGHTS")
-    if env:
-        return Path(env) if Path(env).is_dir() else None
-    here = Path(__file__).resolve().parent.parent
-    for parent in (here, *here.parents):
-        candidate = parent.parent / "shared" / "weights"
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-WEIGHTS = shared_weights()
 needs_weights = pytest.mark.skipif(WEIGHTS is None,
                                    reason="the shared real-weights folder (real TAESD files, photos) is absent")
 

@@ -15,6 +15,7 @@ from engine.img2img import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from engine.models.checkpoints import Kind, read_safetensors_header, text_encoder_widths
 from engine.models.store import SUBDIRS, folders
 from engine.networks.embeddings import fits, store_embeddings
+from engine.networks.files import lora_problem
 from engine.samplers import SCHEDULE_NAMES, SPECS
 from engine.styles import load_styles
 from engine.upscalers import find_upscalers, upscaler_names
@@ -43,7 +44,9 @@ def sd_vaes(store) -> list[dict[str, Any]]:
 
 
 def loras(store) -> list[dict[str, Any]]:
-    """The Lora extension's listing: name (what <lora:NAME> takes), alias, path inside the store, metadata."""
+    """The Lora extension's listing: name (what <lora:NAME> takes), alias, path inside the store, metadata; a
+    file the engine refuses by its header (engine.networks.files.lora_problem) also carries ``error``: the file
+    and what it is."""
     out = []
     for e in store.entries(Kind.LORA):
         meta = {}
@@ -53,8 +56,11 @@ def loras(store) -> list[dict[str, Any]]:
             except Exception:  # noqa: BLE001 - a broken file is still listed; using it gives the error
                 meta = {}
         sub = next((f for f in folders(Kind.LORA) if (e.root / f / e.name).exists()), "Lora")
-        out.append({"name": e.stem, "alias": meta.get("ss_output_name", e.stem),
-                    "path": f"{'bundled/' if e.bundled else ''}{sub}/{e.name}", "metadata": meta})
+        row = {"name": e.stem, "alias": meta.get("ss_output_name", e.stem),
+               "path": f"{'bundled/' if e.bundled else ''}{sub}/{e.name}", "metadata": meta}
+        if why := lora_problem(e.path):  # listed as the webui lists it, with why using it is refused
+            row["error"] = f"{e.name}: {why}"
+        out.append(row)
     return out
 
 

@@ -71,15 +71,22 @@ def vocabulary_of(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def card(store, name: str) -> ModelCard:
-    """The model card of checkpoint (or ControlNet) ``name`` of ``store`` (an engine ModelStore), from the
-    file's header, its folder's configs and the store's hash cache. Nothing is loaded."""
+    """The model card of checkpoint (or ControlNet, LoRA, embedding) ``name`` of ``store`` (an engine
+    ModelStore), from the file's header, its folder's configs and the store's hash cache. Nothing is loaded."""
     try:
         entry = store.resolve(name, Kind.CHECKPOINT, field="model")
     except ModelNotFound as missing:
-        try:
-            entry = store.resolve(name, Kind.CONTROLNET, field="model")
-        except ModelNotFound:
+        entry = None
+        for kind in (Kind.CONTROLNET, Kind.LORA, Kind.EMBEDDING):
+            try:
+                entry = store.resolve(name, kind, field="model")
+                break
+            except ModelNotFound:
+                continue
+        if entry is None:
             raise missing from None
+    if entry.kind in (Kind.LORA, Kind.EMBEDDING):
+        return _network_card(store, entry)
     arch = detect_path_arch(entry.path)
     metadata = read_metadata(entry.path)
     configs = metadata_configs(metadata, entry.path) or {}
@@ -102,6 +109,20 @@ def card(store, name: str) -> ModelCard:
         native_size=int(native) if native else None, prediction_type=prediction, sha256=store.hash_of(entry),
         components=components, controlnets=fitting, vocabulary=_json(metadata, VOCABULARY_KEY),
         settings=_json(metadata, SETTINGS_KEY), bundled=entry.bundled, notes=tuple(notes))
+
+
+def _network_card(store, entry) -> ModelCard:
+    """The card of a LoRA or embedding file: the family it was made for (from its header) and, for a LoRA the
+    engine refuses (a LyCORIS kind, a foreign format), why."""
+    from engine.networks.files import detect_network_arch, lora_problem
+
+    arch = detect_network_arch(entry.path, entry.kind)
+    notes = []
+    if entry.kind is Kind.LORA and (why := lora_problem(entry.path)):
+        notes.append(f"refused: {entry.path.name}: {why}")
+    return ModelCard(name=entry.name, path=entry.path, kind=entry.kind.value, family=arch.value if arch else None,
+                     native_size=None, prediction_type=None, sha256=store.hash_of(entry), components=(),
+                     bundled=entry.bundled, notes=tuple(notes))
 
 
 # ------------------------------------------------------------------------------------------ text

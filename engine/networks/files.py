@@ -10,7 +10,10 @@ LoRA formats read here (each key names one module of the UNet or a text encoder)
   names (``attn1.processor.to_q_lora.down.weight``), with optional ``.alpha``.
 
 LyCORIS LoHa / LoKr / IA3 / DoRA / full-difference files and Tucker-decomposed conv factors (``lora_mid``)
-are refused with a :class:`ModelError` naming the file and its kind.
+are refused with a :class:`ModelError` naming the file and its kind, and so are files in a format neither the
+webui nor sdengine reads (:func:`foreign_format`: cloneofsimo ``lora_diffusion``'s ``unet:N:up``, a
+textual-inversion embedding or a checkpoint put among the LoRAs). :func:`lora_problem` says it from the
+safetensors header alone (the listings, ``models info`` and the submit-time check use it).
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ _REFUSED = {
     "on_input": "IA3", "diff": "full weight difference (LyCORIS 'full')", "diff_b": "full weight difference",
 }
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+# cloneofsimo lora_diffusion (the "LoRA for diffusers" of early 2023): "<component>:<index>:up|down", the
+# layers numbered in module order, with no module names (nothing says where a factor goes without the
+# library's own injection order); the webui's Lora extension does not read it either
+_LORA_DIFFUSION = re.compile(r"^(unet|text_encoder(_2)?):\d+:(up|down)$")
+SUPPORTED_FORMATS = ("LoRA and LoCon in the kohya/webui (lora_unet_/lora_te_ with lora_down/lora_up/alpha) or "
+                     "diffusers/PEFT (unet./text_encoder. with lora_A/lora_B) format")
 
 
 @dataclass
@@ -118,6 +127,42 @@ def refused_kind(keys) -> str | None:
     return None
 
 
+def foreign_format(keys) -> str | None:
+    """The format of a file in the LoRA folders that is no LoRA sdengine reads, from its tensor names (None:
+    not one of these)."""
+    keys = list(keys)
+    if any(_LORA_DIFFUSION.match(k) for k in keys):
+        return ("a LoRA in the cloneofsimo lora_diffusion format (tensor names 'unet:N:up' / 'text_encoder:N:down': "
+                "layers by number, not by module name)")
+    if any(k.startswith("string_to_param") for k in keys) or keys == ["emb_params"] or {"clip_l", "clip_g"} <= set(keys):
+        return "a textual-inversion embedding (it belongs in embeddings/)"
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
+        return "a full checkpoint (it belongs in Stable-diffusion/)"
+    return None
+
+
+def refusal(keys) -> str | None:
+    """Why a LoRA-folder file with these tensor names is refused (its kind or foreign format), or None."""
+    if kind := refused_kind(keys):
+        return f"this is a {kind} network, which sdengine does not apply (supported: {SUPPORTED_FORMATS})"
+    if fmt := foreign_format(keys):
+        return f"not a LoRA sdengine (or the webui) can load: {fmt} (supported: {SUPPORTED_FORMATS})"
+    return None
+
+
+def lora_problem(path: str | os.PathLike) -> str | None:
+    """:func:`refusal` of a LoRA file from its safetensors header alone (None for a usable file, a pickle -- its
+    tensor names need a load -- or an unreadable header: loading it gives that error)."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    try:
+        keys = read_safetensors_header(path).shapes
+    except ModelError:
+        return None
+    return refusal(keys)
+
+
 def load_pickle(path: Path, allow_pickle: bool) -> Any:
     """The object of a pickle file (``torch.load(weights_only=True)``); refused unless ``allow_pickle``."""
     import torch
@@ -164,9 +209,8 @@ def read_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
     """Parse a LoRA file. Raises ModelError naming the file for LyCORIS kinds, other formats, broken factors."""
     path = Path(path)
     tensors = read_tensors(path, allow_pickle)
-    if kind := refused_kind(tensors):
-        raise ModelError(path, f"this is a {kind} network, which sdengine does not apply (supported: LoRA and "
-                               "LoCon in the kohya/webui or diffusers/PEFT formats)")
+    if why := refusal(tensors):
+        raise ModelError(path, why)
     lora = LoraFile(path, format="kohya" if any(k.startswith("lora_") for k in tensors) else "diffusers")
     unknown = []
     for key, value in tensors.items():
@@ -182,8 +226,7 @@ def read_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
             setattr(layer, role, value)
     if unknown:
         raise ModelError(path, f"not a LoRA file in a supported format: {len(unknown)} tensor names are not LoRA "
-                               f"factors, e.g. {unknown[0]!r} (supported: kohya lora_unet_/lora_te_ with "
-                               "lora_down/lora_up/alpha, diffusers/PEFT unet./text_encoder. with lora_A/lora_B)")
+                               f"factors, e.g. {unknown[0]!r} (supported: {SUPPORTED_FORMATS})")
     if not lora.layers:
         raise ModelError(path, "no LoRA layers in this file")
     for (component, module), layer in lora.layers.items():
