@@ -119,9 +119,11 @@ FAMILIES: Mapping[Arch, FamilyDef] = MappingProxyType({
 
 
 def tokenizers(arch: Arch) -> dict:
-    """``{"tokenizer": ..., "tokenizer_2": ...}`` of a checkpoint family, padded with the family's pad tokens."""
-    pads = FAMILIES[arch].text_pads
-    return {("tokenizer" if i == 0 else f"tokenizer_{i + 1}"): clip_tokenizer(pad) for i, pad in enumerate(pads)}
+    """``{"tokenizer": ..., "tokenizer_2": ...}`` of a checkpoint family (named after their text encoders: the SDXL
+    refiner's one is ``tokenizer_2``, as diffusers names it), padded with the family's pad tokens."""
+    spec = FAMILIES[arch].text
+    return {e.component.replace("text_encoder", "tokenizer"): clip_tokenizer(e.pad_token)
+            for e in (spec.encoders if spec else ())}
 
 
 def artefact_key(short_hash: str, vae_path: str | Path | None = None) -> str:
