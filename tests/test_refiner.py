@@ -259,13 +259,15 @@ def test_memory_budget_counts_both_checkpoints(engine, store):
 
 
 # ------------------------------------------------------------------------------------------------ the API
+# the API runs the torch backend here (no exports: cheap); the refiner on a backend of exported graphs is
+# test_refiner_on_onnxruntime's
 @pytest.fixture(scope="module")
 def celery_worker(redis_server, store, cache, tmp_path_factory):  # noqa: F811
     pytest.importorskip("celery")
     root = tmp_path_factory.mktemp("refiner-queue")
     url = redis_server.url(5)
     worker = WorkerProcess(url, root / "results", root / "worker.log", "--models-dir", str(store), "--cache-dir",
-                           str(cache), "--visibility-timeout", "60").start()
+                           str(cache), "--backend", "torch", "--visibility-timeout", "60").start()
     client = redis_server.client(5)
     worker.wait_ready(client)
     client.close()
@@ -277,7 +279,7 @@ def celery_worker(redis_server, store, cache, tmp_path_factory):  # noqa: F811
 def service(request, store, cache, tmp_path):
     from api_compat import TaskService
 
-    kw = dict(models_dir=store, cache_dir=cache, backend="onnxruntime", default_model="tiny-sdxl")
+    kw = dict(models_dir=store, cache_dir=cache, backend="torch", default_model="tiny-sdxl")
     if request.param == "celery":
         url, results = request.getfixturevalue("celery_worker")
         svc = TaskService(**kw, queue=url, results_dir=results)
@@ -292,7 +294,6 @@ def test_api_both_faces_and_backends(service, engine):
 
     from api_compat import ApiError
     from api_compat.http import create_app
-    from engine.pipeline import Engine
 
     payload = {"prompt": "a red cube", "negative_prompt": "blurry", "seed": 11, "steps": 8, "width": 64,
                "height": 64, "sampler_name": "Euler", "refiner_checkpoint": "tiny-sdxl-refiner",
@@ -302,9 +303,7 @@ def test_api_both_faces_and_backends(service, engine):
     assert result["status"] == "succeeded", result.get("error")
     text = png_infotext(result["images"][0])
     assert "Refiner: tiny-sdxl-refiner [" in text and "Refiner switch at: 0.5" in text
-    direct = Engine(models_dir=engine.config.models_dir, backend="onnxruntime", device="cpu",
-                    cache_dir=engine.config.cache_dir).generate(
-        GenerationRequest(**BASE, refiner=Refiner("tiny-sdxl-refiner", 0.5)))
+    direct = _run(engine, refiner=Refiner("tiny-sdxl-refiner", 0.5))  # the same engine configuration
     assert np.array_equal(png_pixels(result["images"][0]), direct.images[0])
     with TestClient(create_app(service), base_url="http://localhost") as client:
         r = client.post("/sdapi/v1/txt2img", json={**payload, "enable_hr": True, "hr_scale": 2,
@@ -321,3 +320,27 @@ def test_api_both_faces_and_backends(service, engine):
     with pytest.raises(ApiError) as err:  # refused at submit, nothing queued
         service.sd_txt2img({**payload, "enable_hr": True, "hr_checkpoint_name": "tiny-sd1"})
     assert err.value.field == "hr_checkpoint_name"
+
+
+@pytest.mark.slow
+def test_refiner_on_onnxruntime(engine, tmp_path_factory):
+    """The refiner's text encoder and UNet exported like any model's (ONNX Runtime, the API's default backend):
+    its conditioning (5 time ids) and UNet output equal torch's within 1e-4 (float32 graphs)."""
+    from engine.backends import create_backend
+    from engine.conditioning import encode_request
+    from engine.config import EngineConfig
+
+    rt = engine.runtime("tiny-sdxl-refiner")
+    ort = create_backend(EngineConfig(backend="onnxruntime", cache_dir=tmp_path_factory.mktemp("refiner-onnx")),
+                         rt.model.components, rt.model.family.artefact_key)
+    conds = [encode_request(b, rt.model.family.text, ["a red cube"], [""], steps=1, width=64, height=64).at(0)
+             for b in (rt.backend, ort)]
+    for name in ("context", "pooled", "time_ids"):
+        np.testing.assert_allclose(*(np.asarray(getattr(c, name), dtype=np.float32) for c in conds), atol=1e-4)
+    c = conds[0]
+    x = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    feeds = {"sample": x, "timestep": np.array([700.0, 700.0], dtype=np.float32),
+             "encoder_hidden_states": np.asarray(c.context, dtype=np.float32),
+             "text_embeds": np.asarray(c.pooled, dtype=np.float32), "time_ids": np.asarray(c.time_ids, np.float32)}
+    outs = [np.asarray(b.run("unet", feeds)["model_output"], dtype=np.float32) for b in (rt.backend, ort)]
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-4)
