@@ -8,7 +8,7 @@ negative prompt alias, guidance order, images) live in ``translate.py``.
 Errors carry the field path and the allowed values; :func:`validation_error_to_api` turns them into an
 :class:`~api_compat.errors.ApiError`.
 
-Webui fields the engine does not implement (restore_faces, tiling, styles, refiner_checkpoint, ...) are accepted
+Webui fields the engine does not implement (seed resize, s_min_uncond, ...) are accepted
 at their default value and rejected otherwise with a "not supported" error; fields that only matter when such a
 feature is on (the hr_* fields without enable_hr, refiner_switch_at, image_cfg_scale of instruct-pix2pix models
 ...) are accepted with their type checked and ignored, as the webui does. Unknown fields follow the leniency
@@ -475,8 +475,9 @@ class GenerationPayload(_Model):
     save_images: Flag = None
     disable_extra_networks: Flag = None
     comments: _comments_type() = None
-    # only used by features that are off (refiner): type-checked, ignored, as the webui does
-    refiner_switch_at: _float_type(0.0, 1.0, nullable=True) = None
+    # the SDXL refiner (engine.refiner): the checkpoint that takes over at the switch point; null/""/"None": off
+    refiner_checkpoint: _name_type(special=("None",), kind="checkpoint") = None
+    refiner_switch_at: _float_type(0.0, 1.0, nullable=True) = None  # ignored without refiner_checkpoint (webui)
     # null: the webui options face_restoration / tiling (override_settings, /sdapi/v1/options), default false
     restore_faces: Flag = None
     tiling: Flag = None
@@ -485,7 +486,6 @@ class GenerationPayload(_Model):
     seed_resize_from_h: _only_default(-1, 0, None, feature="seed resize") = None
     seed_resize_from_w: _only_default(-1, 0, None, feature="seed resize") = None
     s_min_uncond: _only_default(0, 0.0, None, feature="negative guidance minimum sigma (s_min_uncond)") = None
-    refiner_checkpoint: _only_default(None, "", "None", feature="refiner checkpoints") = None
     force_task_id: _only_default(None, "", feature="client-chosen task ids") = None
     # selectable scripts: "sd upscale" on img2img (api_compat.translate checks the name and its arguments)
     script_name: OptShortText = None
@@ -517,7 +517,7 @@ class Txt2ImgPayload(GenerationPayload):
     firstphase_width: _int_type(0, MAX_SIZE, nullable=True) = None
     firstphase_height: _int_type(0, MAX_SIZE, nullable=True) = None
     hr_additional_modules: _list_type(16) = None
-    hr_checkpoint_name: _only_default(None, "", "Use same checkpoint", feature="a hires checkpoint") = None
+    hr_checkpoint_name: _name_type(special=("Use same checkpoint",), kind="checkpoint") = None
     firstpass_image: _only_default(None, "", feature="a first-pass image") = None
 
 

@@ -28,7 +28,8 @@ from core.errors import InvalidRequest, NotSupported
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
 from engine import faces
-from engine.request import ControlNetUnit, FaceRestoration, GenerationRequest, Hires, InitImage, LivePreview
+from engine.request import (ControlNetUnit, FaceRestoration, GenerationRequest, Hires, InitImage, LivePreview,
+                            Refiner)
 from engine.networks.syntax import parse_prompt
 from engine.rules import SIZE_MULTIPLE, check_limits, default, hires_sampler, resolve_hires_sampler, size_fits
 from engine.samplers import resolve
@@ -64,7 +65,7 @@ _HIRES_ORIGINS = {"hires": "enable_hr", "hires.scale": "hr_scale", "hires.resize
                   "hires.steps": "hr_second_pass_steps", "hires.denoising_strength": "denoising_strength",
                   "hires.sampler_name": "hr_sampler_name", "hires.scheduler": "hr_scheduler",
                   "hires.prompt": "hr_prompt", "hires.negative_prompt": "hr_negative_prompt",
-                  "hires.cfg_scale": "hr_cfg"}
+                  "hires.cfg_scale": "hr_cfg", "hires.checkpoint": "hr_checkpoint_name"}
 _INIT_ORIGINS = {f"init.{f.name}": f.name for f in dataclasses.fields(InitImage)} | {
     "init": "init_images", "init.image": "init_images[0]", "init.fix_steps": "override_settings.img2img_fix_steps",
     "init.upscaler": "override_settings.upscaler_for_img2img"}
@@ -86,6 +87,8 @@ def field_origins(payload: GenerationPayload) -> dict[str, str]:
         else "stable_diffusion_model",
         "vae": "override_settings.sd_vae" if given.get("sd_vae") else "sd_vae",
         "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
+        "refiner": "refiner_checkpoint", "refiner.checkpoint": "refiner_checkpoint",
+        "refiner.switch_at": "refiner_switch_at",
     }
     if "CLIP_stop_at_last_layers" in given:  # the webui's clip skip wins over clip_skip
         origins["clip_skip"] = "override_settings.CLIP_stop_at_last_layers"
@@ -236,6 +239,10 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         models.append((Kind.CHECKPOINT, model, "model"))
     if vae not in ("Automatic", "None"):
         models.append((Kind.VAE, vae, "vae"))
+    refiner = None  # "None" / empty: off; refiner_switch_at alone is ignored (webui)
+    if payload.refiner_checkpoint not in (None, "None"):
+        refiner = Refiner(payload.refiner_checkpoint, payload.refiner_switch_at)
+        models.append((Kind.CHECKPOINT, refiner.checkpoint, "refiner.checkpoint"))
 
     units = []
     for path, unit in units_of(payload):
@@ -277,6 +284,7 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         disable_extra_networks=bool(payload.disable_extra_networks),
         tiling=_flag(payload.tiling, overrides, "tiling"),
         face_restoration=_face_restoration(payload, overrides, config),
+        refiner=refiner,
         **_vae_and_preview(overrides),
     )
     return fields, models
@@ -349,6 +357,7 @@ def _hires(payload: Txt2ImgPayload, config: EngineConfig, fields: dict[str, Any]
         prompt=hr_prompt,  # "" means the first pass's prompt, as the webui
         negative_prompt=hr_negative,
         cfg_scale=payload.hr_cfg,
+        checkpoint=None if payload.hr_checkpoint_name in (None, "Use same checkpoint") else payload.hr_checkpoint_name,
     )
     try:
         resolve_hires_sampler(fields["sampler_name"], fields["scheduler"], hires, resolve).check_init()
@@ -433,6 +442,8 @@ def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits
     fields, models = _request_fields(payload, config, limits)
     _script(payload, "txt2img", config, limits or ImageLimits())
     request = GenerationRequest(**fields, hires=_hires(payload, config, fields))
+    if request.hires is not None and request.hires.checkpoint:
+        models.append((Kind.CHECKPOINT, request.hires.checkpoint, "hires.checkpoint"))
     return Translation(request=request, parameters=echo_parameters(payload, request), models=tuple(models))
 
 

@@ -6,6 +6,8 @@ engine.memory for the budget, the model's configs for clip_skip) and are not res
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from engine.config import EngineConfig
 from core.errors import InvalidRequest, ModelError, TooMuchMemory
 from engine.conditioning import check_prompts
@@ -14,6 +16,7 @@ from engine.memory import (PLAN_SIZES, UpscalerCost, architecture_of, estimate_r
                            largest_fitting, model_upscaler_pass, resize_pass)
 from engine import upscalers
 from engine.models.family import FAMILIES, Arch
+from engine.refiner import check_second_checkpoint
 from engine.request import GenerationRequest
 
 GIB = 2**30
@@ -35,6 +38,7 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     if found is None:
         return
     arch, native = found
+    arch = _second_checkpoints(store, entry, arch, request)
     if arch.text_layers is not None and request.clip_skip > arch.text_layers:
         # the text encoder has no such layer (it failed in the worker, an ONNX Gather out of range)
         raise InvalidRequest("clip_skip", f"{request.clip_skip} is more than the {arch.text_layers} layers of the "
@@ -44,6 +48,32 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
         check_prompts(spec, request.prompt, request.negative_prompt, request.steps, config.max_prompt_chunks)
     if budget is not None:
         check_memory(arch, native, entry.name, config, request, budget, answer=answer)
+
+
+def _second_checkpoints(store, entry, arch, request: GenerationRequest):
+    """The refiner and the hires checkpoint (engine.refiner): InvalidRequest naming ``refiner.checkpoint`` /
+    ``hires.checkpoint`` for a checkpoint of another latent space than the model's; their weights are held beside
+    the model's (engine.pipeline keeps the request's checkpoints resident), so the returned architecture counts
+    them in its weights."""
+    asked = (("refiner.checkpoint", request.refiner.checkpoint if request.refiner else None),
+             ("hires.checkpoint", request.hires.checkpoint if request.hires else None))
+    for field, name in asked:
+        if not name:
+            continue
+        try:
+            other = store.resolve(name, field=field)
+        except (InvalidRequest, ModelError):
+            continue  # the model check names it
+        if other.path == entry.path:
+            continue
+        found = architecture_of(other.path)
+        if found is None:
+            continue
+        base_arch = Arch(arch.family) if arch.family else None
+        check_second_checkpoint(base_arch, Arch(found[0].family) if found[0].family else None, entry.name,
+                                other.name, field)
+        arch = replace(arch, weights_bytes=arch.weights_bytes + found[0].weights_bytes)
+    return arch
 
 
 def _text_spec(family: str | None):

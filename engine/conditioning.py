@@ -36,7 +36,7 @@ class StepConditioning:
     AND-parts of image b, ``negative[b]`` the row of its negative prompt. CFG, as the webui does it:
     ``x0_b = uncond_b + sum_(row, w) w * cfg_scale * (x0[row] - uncond_b)``; with cfg_scale <= 1 the
     negative rows are not run at all (``x0_b = sum w * x0[row]`` with weights normalised to 1).
-    ``pooled`` (M, P) and ``time_ids`` (M, 6) are set for SDXL only.
+    ``pooled`` (M, P) and ``time_ids`` (M, 6; the SDXL refiner's M, 5) are set for SDXL only.
     """
 
     context: Array
@@ -75,6 +75,10 @@ class TextSpec:
     pooled_component: str | None = None  # SDXL: the pooled output of this encoder (first chunk)
     time_ids: bool = False  # SDXL add_time_ids
     zero_empty_negative: bool = False  # SDXL: an empty negative prompt is all zeros (webui, diffusers)
+    # the SDXL refiner: time ids (original size, crop, aesthetic score), the score of positive rows then of
+    # negative rows (webui sdxl_refiner_high_aesthetic_score / low; sgm's refiner conditioner); None: SDXL's
+    # six (original size, crop, target size)
+    aesthetic_scores: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -434,6 +438,11 @@ def _build_step(rows, selection, context_of, pooled_of, empty, spec, positive, n
     pooled = time_ids = None
     if spec.pooled_component is not None:
         pooled = stack([zeros_like(pooled_of(t)) if row.zero else pooled_of(t) for row, t in zip(rows, selection)])
-    if spec.time_ids:
+    if spec.time_ids and spec.aesthetic_scores is not None:
+        high, low = spec.aesthetic_scores
+        negatives = set(negative)
+        time_ids = as_like([[height, width, 0, 0, low if r in negatives else high] for r in range(len(rows))],
+                           context)
+    elif spec.time_ids:
         time_ids = as_like([[height, width, 0, 0, height, width]] * len(rows), context)
     return StepConditioning(context, positive, negative, pooled, time_ids)

@@ -40,7 +40,7 @@ from core.errors import BackendUnavailable, InvalidRequest
 from engine import sd_upscale
 from engine.upscalers import Upscaling
 from engine.img2img import LATENT_UPSCALERS, HiresSize, hires_size, prepare_init, upscale_image, upscale_latent
-from engine.infotext import Generation, hires_infotext, unit_infotext
+from engine.infotext import Generation, hires_infotext, model_label, unit_infotext
 from engine.models.store import ModelStore
 from engine.networks import Networks, PreparedNetworks
 from engine.networks.syntax import strip_networks
@@ -48,6 +48,7 @@ from engine.noise import ImageRNG, resolve_seed
 from engine.models.approx import latent_space
 from engine.preview import ApproxModels, Previewer, PreviewSink, check_methods
 from engine.progress import ProgressReporter
+from engine.refiner import RefinerSwitch, check_second_checkpoint
 from engine.request import GenerationRequest, GenerationResult
 from engine.models.family import Arch
 from engine.rules import check_layer_weights, resolve_hires_sampler
@@ -89,6 +90,17 @@ class _Runtime:
 
 
 @dataclass(frozen=True)
+class _Model:
+    """Another checkpoint of a request (the refiner, the hires checkpoint) on its runtime, with the text model and
+    embeddings its prompts are encoded with and its infotext label ("name [hash]")."""
+
+    rt: _Runtime
+    text_model: TextModelInfo
+    ti: TextualInversion | None
+    label: str
+
+
+@dataclass(frozen=True)
 class _Pass:
     """One sampling pass of a request (the first, or the hires fix's second): its plan, ControlNet units (with
     their infotext labels), size, prompts, CFG scale and the steps its prompt schedule spans (webui: the request's
@@ -103,6 +115,8 @@ class _Pass:
     negative_prompt: str
     cfg_scale: float
     prompt_steps: int
+    model: _Model | None = None  # the pass's checkpoint when not the request's (the hires checkpoint)
+    refiner: _Model | None = None  # the checkpoint that takes over at the switch point (engine.refiner)
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,11 @@ class _Context:
     second: _Pass | None = None  # the hires fix's pass
     source: _Source | None = None  # img2img
     preview: Previewer | None = None  # live previews (engine.preview): the request's live_preview and a sink
+    refiner: _Model | None = None  # the request's refiner checkpoint
+    hr_model: _Model | None = None  # the hires fix's checkpoint (hr_checkpoint_name)
+    # what the passes did (mutable): "refined" (the refiner took over in some batch), "last" (the runtime whose
+    # UNet ran last: its VAE decodes, as the webui decodes with the model loaded then)
+    state: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -172,8 +191,16 @@ class Engine:
         """EngineConfig.default_model, else the bundled demo model, else the store's first checkpoint."""
         return self.store.default_checkpoint(self.config.default_model).name
 
-    def runtime(self, name: str | None, vae: str = "Automatic") -> _Runtime:
+    def runtime(self, name: str | None, vae: str = "Automatic", keep: tuple = ()) -> _Runtime:
+        """The loaded model ``name`` on its backend; loading one drops every other cached model but ``keep``'s (the
+        runtimes the request already holds: its base model beside its refiner / hires checkpoint)."""
         name = name or self.default_model_name()
+        if keep or len(self._runtimes) > 1:  # two resident: found by the key, not through the store's one-model cache
+            entry = self.store.resolve(name, field="sd_model_checkpoint")
+            vae_path = self.store.resolve_vae(entry, vae, self.config.allow_pickle)
+            rt = self._runtimes.get((str(entry.path), self.store.hash_of(entry), str(vae_path)))
+            if rt is not None:
+                return rt
         # a backend that runs exported graphs needs no torch weights when its cache holds every artefact: the
         # modules are built from the file headers first (meta), the weights read only if an export is needed
         meta = self.config.backend in RELEASES_WEIGHTS
@@ -193,7 +220,8 @@ class Engine:
             if model.meta:
                 adopt_cached(backend, model.components, load_weights)
             rt = _Runtime(model, backend, EmbeddingCache(), Networks(self.store, model, self.config.allow_pickle))
-            self._runtimes = {key: rt}  # one model resident at a time
+            # one model resident at a time, two with a refiner or a hires checkpoint (docs/DECISIONS.md)
+            self._runtimes = {**{k: v for k, v in self._runtimes.items() if any(v is r for r in keep)}, key: rt}
             log.info("model %s [%s] ready on %s in %.2fs", model.name, model.short_hash,
                      self.config.backend.value, time.perf_counter() - t0)
         return rt
@@ -264,12 +292,13 @@ class Engine:
             self._approx = ApproxModels(self.config, self.store.root, progress=self._export_progress)
         return self._approx
 
-    def _vae_run(self, ctx: _Context, which: str):
-        """``run(component, feeds)`` of the VAE stage ``which`` ("encode" / "decode"): the model's VAE, or TAESD
-        (TAESDXL for SDXL) where the request's vae_{which}_method says so (webui sd_vae_{which}_method)."""
+    def _vae_run(self, ctx: _Context, which: str, rt: _Runtime | None = None):
+        """``run(component, feeds)`` of the VAE stage ``which`` ("encode" / "decode"): the model's VAE (``rt``'s:
+        the refiner's or the hires checkpoint's where it sampled), or TAESD (TAESDXL for SDXL) where the request's
+        vae_{which}_method says so (webui sd_vae_{which}_method)."""
         if getattr(ctx.req, f"vae_{which}_method") == "TAESD":
             return self.approx.run(latent_space(ctx.rt.model.family.arch), f"vae_{which}_method")
-        return ctx.rt.backend.run
+        return (rt or ctx.rt).backend.run
 
     @staticmethod
     def _seamless(ctx: _Context, which: str) -> bool:
@@ -311,9 +340,12 @@ class Engine:
         t0 = time.perf_counter()
         networks, text_model, ti = self._networks(rt, req)
         timer.add("networks", t0)
+        t0 = time.perf_counter()
+        refiner, hr_model = self._second_models(req, rt, width, height, hires)
+        timer.add("load", t0)
         reporter.previewer = self._previewer(req, rt, reporter.preview_sink)
         ctx = _Context(req, rt, reporter, timer, width, height, hires, warnings, networks, text_model, ti,
-                       preview=reporter.previewer)
+                       preview=reporter.previewer, refiner=refiner, hr_model=hr_model)
 
         # 2. plan: sigmas (cut at the denoising strength for img2img), the denoiser's schedule, seeds, units
         ctx = self._plan(ctx, sampler, hr_sampler)
@@ -369,15 +401,18 @@ class Engine:
         total = req.batch_size * req.n_iter
         seed, subseed = resolve_seed(req.seed), resolve_seed(req.subseed)
         t0 = time.perf_counter()
+        # with the hires fix the refiner acts in the second pass only (webui hires_fix_refiner_pass "second pass")
         first = _Pass(plan, *self._controlnet_units(ctx.rt, req, ctx.width, ctx.height), ctx.width, ctx.height,
-                      req.prompt, req.negative_prompt, req.cfg_scale, req.steps)
+                      req.prompt, req.negative_prompt, req.cfg_scale, req.steps,
+                      refiner=ctx.refiner if hires is None else None)
         second = None
         if hires is not None:
             hr = req.hires
             second = _Pass(hr_plan, *self._controlnet_units(ctx.rt, req, hires.width, hires.height), hires.width,
                            hires.height, req.prompt if hr.prompt is None else hr.prompt,
                            req.negative_prompt if hr.negative_prompt is None else hr.negative_prompt,
-                           req.cfg_scale if hr.cfg_scale is None else hr.cfg_scale, hr_plan.steps)
+                           req.cfg_scale if hr.cfg_scale is None else hr.cfg_scale, hr_plan.steps,
+                           model=ctx.hr_model, refiner=ctx.refiner)
         ctx.timer.add("controlnet_preprocess", t0)
         ctx.reporter.steps = req.n_iter * (plan.steps + (hr_plan.steps if hr_plan else 0))
         return replace(ctx, first=first, second=second, seeds=[seed + i for i in range(total)],
@@ -416,7 +451,8 @@ class Engine:
         # 8. decode (and paste the init image's kept pixels back, for inpainting)
         t0 = time.perf_counter()
         ctx.reporter.phase("decoding")
-        decoded = to_uint8(decode_latents(self._vae_run(ctx, "decode"), latents, self.config.vae_tiling,  # tiling
+        last = ctx.state.pop("last", ctx.rt)  # the webui decodes with the model that sampled last (refiner, hires)
+        decoded = to_uint8(decode_latents(self._vae_run(ctx, "decode", last), latents, self.config.vae_tiling,
                                           ctx.reporter.check_cancel, seamless=self._seamless(ctx, "decode")))
         if req.face_restoration is not None:  # webui: after decoding, before the inpainting overlay
             ctx.reporter.phase("decoding", "face restoration")
@@ -440,6 +476,10 @@ class Engine:
             extra.update(ctx.source.plan.infotext)
         if ctx.second is not None:
             extra.update(hires_infotext(req, ctx.second.plan, ctx.first.plan))
+            if ctx.hr_model is not None:
+                extra["Hires checkpoint"] = ctx.hr_model.label
+        if ctx.state.get("refined"):  # the webui writes them when the switch happens
+            extra.update({"Refiner": ctx.refiner.label, "Refiner switch at": req.refiner.switch_at})
         strength = init.denoising_strength if init is not None else \
             req.hires.denoising_strength if req.hires is not None else None
         # the backend's own label where it has one (``openvino bf16``: the precision the CPU really runs)
@@ -468,13 +508,17 @@ class Engine:
         return GenerationResult(images=images, infotexts=infotexts, info=info, seeds=ctx.seeds,
                                 subseeds=ctx.subseeds, timings=dict(ctx.timer.timings), detected_maps=detected)
 
-    def _condition(self, ctx: _Context, p: _Pass):
-        """The pass's prompts -> per-step conditioning with the request's text model and embeddings."""
+    def _condition(self, ctx: _Context, p: _Pass, model: _Model | None = None):
+        """The pass's prompts -> per-step conditioning with the request's text model and embeddings, or those of
+        ``model`` (the pass's own checkpoint, the refiner)."""
         n = ctx.req.batch_size
+        model = model or p.model
+        rt, text_model, ti = (ctx.rt, ctx.text_model, ctx.ti) if model is None else (model.rt, model.text_model,
+                                                                                      model.ti)
         return encode_request(
-            ctx.rt.backend, ctx.text_model, [strip_networks(p.prompt)] * n, [p.negative_prompt] * n,
+            rt.backend, text_model, [strip_networks(p.prompt)] * n, [p.negative_prompt] * n,
             steps=p.prompt_steps, clip_skip=ctx.req.clip_skip, width=p.width, height=p.height,
-            cache=ctx.rt.prompt_cache, max_chunks=self.config.max_prompt_chunks, ti=ctx.ti,
+            cache=rt.prompt_cache, max_chunks=self.config.max_prompt_chunks, ti=ti,
         )
 
     def _sample(self, ctx: _Context, p: _Pass, x, rng: ImageRNG, cond, blend=None):
@@ -492,8 +536,12 @@ class Engine:
                                            lambda pixels: self._encode(ctx.rt, pixels, req.tiling),
                                            seed=rng.seeds[0],
                                            sdxl=family.arch is Arch.SDXL, hires=p is ctx.second)
-        denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt, req.tiling), units, plan.steps, reference), plan.schedule,
-                            ctx.rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
+        rt = ctx.rt if p.model is None else p.model.rt
+        denoiser = Denoiser(_ModelCall(self._run_fn(rt, req.tiling), units, plan.steps, reference), plan.schedule,
+                            rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
+        ctx.state["last"] = rt
+        if p.refiner is not None:  # the refiner takes over at the switch point, in this same run (engine.refiner)
+            denoiser = self._refiner_switch(ctx, p, denoiser, rt)
         callback = ctx.reporter
         if ctx.preview is not None:  # live previews: the denoiser's last x0 at the interval (engine.preview)
             model_denoiser = denoiser
@@ -508,6 +556,65 @@ class Engine:
         latents = plan.sample(denoiser, x, sigmas=sigmas, noise=noise, callback=callback, s_churn=req.s_churn,
                               s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
         return latents if blend is None else denoiser.final(latents)
+
+    def _refiner_switch(self, ctx: _Context, p: _Pass, base: Denoiser, rt: _Runtime) -> RefinerSwitch:
+        """The pass's denoiser until the webui's switch rule holds (engine.refiner), then the refiner's: the
+        prompts encoded by the refiner's text encoder at the switch (progress: "encoding", then "sampling" with
+        the detail "refiner"), its UNet without the pass's ControlNet units (the extension hooks the base model's
+        UNet only), the same CFG scale, sigmas and sampler state."""
+        refiner = p.refiner
+
+        def make_refiner():
+            cond = self._condition(ctx, p, refiner)
+            ctx.reporter.phase("sampling", "refiner")
+            ctx.state.update(refined=True, last=refiner.rt)
+            return Denoiser(_ModelCall(self._run_fn(refiner.rt, ctx.req.tiling), [], p.plan.steps), p.plan.schedule,
+                            refiner.rt.model.family.prediction_type, p.cfg_scale, cond.at, p.plan.sigmas)
+
+        def on_switch():
+            log.info("refiner %s takes over (switch at %s)", refiner.label, ctx.req.refiner.switch_at)
+            ctx.reporter.phase("encoding", "refiner")
+
+        return RefinerSwitch(base, make_refiner, rt.model.family.schedule.sigmas, ctx.req.refiner.switch_at,
+                             on_switch)
+
+    def _second_models(self, req: GenerationRequest, rt: _Runtime, width: int, height: int, hires):
+        """The request's refiner and hires checkpoint (``(refiner, hr_model)``, None each when not asked or the
+        same checkpoint as the request's), loaded beside the request's model and checked: a checkpoint of the same
+        latent space, the sizes it samples at allowed by its UNet. The refiner's prompts keep their embeddings;
+        its <lora:...> tags are not applied to it (docs/DECISIONS.md)."""
+        out = []
+        keep = [rt]
+        asked = (("refiner.checkpoint", req.refiner.checkpoint if req.refiner else None),
+                 ("hires.checkpoint", req.hires.checkpoint if req.hires else None))
+        for field_name, name in asked:
+            if not name:
+                out.append(None)
+                continue
+            self.store.resolve(name, field=field_name)  # not found: an error naming the field
+            other = self.runtime(name, req.vae, keep=tuple(keep))
+            if other is rt:  # the webui skips a refiner / hires checkpoint that is the loaded model
+                out.append(None)
+                continue
+            keep.append(other)
+            check_second_checkpoint(rt.model.family.arch, other.model.family.arch, rt.model.name, other.model.name,
+                                    field_name)
+            if field_name == "hires.checkpoint" and req.controlnet_units:
+                raise InvalidRequest(field_name, "a hires checkpoint with ControlNet units is not supported (the "
+                                     "units' models are loaded for the request's checkpoint)",
+                                     "empty (the same checkpoint) with controlnet units")
+            sizes = [(hires.width, hires.height)] if hires is not None else [(width, height)]
+            for w, h in sizes:
+                try:
+                    other.model.family.check_size(w, h, self.config.max_size)
+                except InvalidRequest as exc:
+                    raise InvalidRequest(field_name, f"{other.model.name} cannot sample {w}x{h}: {exc.message}",
+                                         exc.allowed) from None
+            _, text_model, ti = self._networks(other, replace(req, disable_extra_networks=True))
+            out.append(_Model(other, text_model, ti, f"{model_label(other.model)} [{other.model.short_hash}]"))
+        # what the request does not use is not kept (engine.memory counts the request's models)
+        self._runtimes = {k: v for k, v in self._runtimes.items() if any(v is r for r in keep)}
+        return out[0], out[1]
 
     def _encode(self, rt: _Runtime, pixels: np.ndarray, check: Callable[[], None] | None = None,
                 seamless: bool = False, run=None):
@@ -588,8 +695,9 @@ class Engine:
             del decoded
             pixels = np.stack([self._upscale(ctx, img, size.upscale_width, size.upscale_height, hr.upscaler_name)
                                for img in lowres]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-            x0 = self._encode(ctx.rt, pixels, ctx.reporter.check_cancel, self._seamless(ctx, "encode"),
-                              self._vae_run(ctx, "encode"))
+            hr_rt = ctx.rt if p.model is None else p.model.rt  # the hires checkpoint's VAE (webui)
+            x0 = self._encode(hr_rt, pixels, ctx.reporter.check_cancel, self._seamless(ctx, "encode"),
+                              self._vae_run(ctx, "encode", hr_rt))
         x0 = size.truncate(x0)
         ctx.timer.add("hires_upscale", t0)
         if p.plan.steps == 0:  # denoising strength 0: the webui's 0-step pass returns the upscaled latent

@@ -119,11 +119,22 @@ class Hires:
     prompt: str | None = None
     negative_prompt: str | None = None
     cfg_scale: float | None = None
+    checkpoint: str | None = None  # webui hr_checkpoint_name: the second pass's checkpoint (None: the same)
 
     @property
     def upscaler_name(self) -> str:
         """The upscaler the second pass uses."""
         return self.upscaler or DEFAULT_HIRES_UPSCALER
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """webui ``refiner_checkpoint`` / ``refiner_switch_at``: the checkpoint that takes over the sampling run at the
+    switch point (engine.refiner: the webui's rule on the model's sigmas; ``switch_at`` None: from the first step,
+    as the webui does when the field is left out)."""
+
+    checkpoint: str
+    switch_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,7 @@ class GenerationRequest:
     vae_encode_method: str = "Full"
     vae_decode_method: str = "Full"
     live_preview: LivePreview | None = None  # None: no previews
+    refiner: Refiner | None = None  # the SDXL refiner (None: off)
 
 
 @dataclass

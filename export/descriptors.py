@@ -250,12 +250,24 @@ def _unet_inputs(cfg) -> list[TensorSpec]:
         TensorSpec("encoder_hidden_states", ("B", "T", cross)),
     ]
     if _is_text_time(cfg):
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        n = time_id_count(cfg)
+        pooled = cfg.projection_class_embeddings_input_dim - n * cfg.addition_time_embed_dim
         specs += [
             TensorSpec("text_embeds", ("B", pooled)),
-            TensorSpec("time_ids", ("B", 6), value_range=(0.0, 1024.0)),
+            TensorSpec("time_ids", ("B", n), value_range=(0.0, 1024.0)),
         ]
     return specs
+
+
+def time_id_count(cfg) -> int:
+    """The time ids a text_time UNet takes: 6 for SDXL (original size, crop, target size), 5 for the SDXL
+    refiner (original size, crop, aesthetic score). The UNet config does not say it; the refiner's layout does:
+    its context is its one text encoder's hidden states, as wide as its pooled (projected) output, so
+    ``projection_class_embeddings_input_dim - 5 * addition_time_embed_dim == cross_attention_dim`` (1280 + 5 x 256
+    = 2560 for the real refiner; SDXL's 2816 - 5 x 256 = 1536 is not its 2048)."""
+    cross = cfg.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    return 5 if cfg.projection_class_embeddings_input_dim - 5 * cfg.addition_time_embed_dim == cross else 6
 
 
 def _downscale(cfg) -> int:

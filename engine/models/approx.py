@@ -46,8 +46,9 @@ PICKLE_SUFFIX = {"taesd": ".pth", "approx_nn": ".pt"}
 
 
 def latent_space(arch: Arch) -> str:
-    """``"sdxl"`` for SDXL checkpoints, ``"sd"`` for SD1 / SD2 (one latent space)."""
-    return "sdxl" if arch is Arch.SDXL else "sd"
+    """``"sdxl"`` for SDXL checkpoints (and the SDXL refiner), ``"sd"`` for SD1 / SD2 (one latent space): the
+    family table's (engine.models.family.FamilyDef.latent_space)."""
+    return arch.definition.latent_space if arch.definition.text is not None else "sd"
 
 
 def cheap_approximation(latent: np.ndarray, space: str) -> np.ndarray:

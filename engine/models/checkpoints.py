@@ -31,7 +31,7 @@ from core.errors import ModelError
 from core.deferred import deferred_components, real_module
 from core.lazy import load, load_all
 from core.safetensors_header import read_safetensors_header
-from engine.models.convert import METADATA_KEY, SD2_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX
+from engine.models.convert import METADATA_KEY, SD2_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX, SDXL_REFINER_OPENCLIP_PREFIX
 from engine.models.family import FAMILIES, Arch, Kind, ModelFamily, model_family, tokenizers  # noqa: F401 (Arch, Kind re-exported)
 from engine.models.hashing import short_hash
 from engine.schedule import alphas_cumprod as scheduler_alphas_cumprod
@@ -122,6 +122,8 @@ def detect_arch(shapes: Mapping[str, tuple[int, ...]]) -> Arch | None:
     if _has_prefix(keys, "model.diffusion_model."):
         if _has_prefix(keys, "conditioner.embedders.1.model.") and _has_prefix(keys, "conditioner.embedders.0.transformer."):
             return Arch.SDXL
+        if _has_prefix(keys, SDXL_REFINER_OPENCLIP_PREFIX):  # the refiner: OpenCLIP-G is its only embedder
+            return Arch.SDXL_REFINER
         if _has_prefix(keys, "cond_stage_model.model."):
             return Arch.SD2
         if _has_prefix(keys, "cond_stage_model.transformer."):
@@ -140,7 +142,8 @@ def detect_folder_arch(folder: str | os.PathLike) -> Arch | None:
     if index.is_file():
         unet = _read_json(folder / "unet" / "config.json")
         if unet.get("addition_embed_type") == "text_time" or (folder / "text_encoder_2").is_dir():
-            return Arch.SDXL
+            # the refiner's pipeline has no first text encoder (diffusers: text_encoder null)
+            return Arch.SDXL if (folder / "text_encoder").is_dir() else Arch.SDXL_REFINER
         te = _read_json(folder / "text_encoder" / "config.json")
         return Arch.SD2 if te.get("hidden_act") == "gelu" else Arch.SD1
     cfg_file = folder / "config.json"
@@ -178,6 +181,7 @@ _TEXT_PREFIXES = {
     Arch.SD1: {"text_encoder": "cond_stage_model.transformer."},
     Arch.SD2: {"text_encoder": "cond_stage_model.model."},
     Arch.SDXL: {"text_encoder": "conditioner.embedders.0.transformer.", "text_encoder_2": "conditioner.embedders.1.model."},
+    Arch.SDXL_REFINER: {"text_encoder_2": SDXL_REFINER_OPENCLIP_PREFIX},
 }
 
 
@@ -362,10 +366,11 @@ def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path,
         probe = _meta_clip(configs["text_encoder"], False)
         conv = convert_open_clip_checkpoint(probe, sub, prefix=SD2_OPENCLIP_PREFIX)
         out["text_encoder"] = _build_clip(configs["text_encoder"], conv, path, "text_encoder", dtype, False)
-    if arch is Arch.SDXL:
-        sub = {k: v for k, v in state_dict.items() if k.startswith(SDXL_OPENCLIP_PREFIX)}
+    if arch in (Arch.SDXL, Arch.SDXL_REFINER):
+        prefix = SDXL_OPENCLIP_PREFIX if arch is Arch.SDXL else SDXL_REFINER_OPENCLIP_PREFIX
+        sub = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
         probe = _meta_clip(configs["text_encoder_2"], True)
-        conv = convert_open_clip_checkpoint(probe, sub, prefix=SDXL_OPENCLIP_PREFIX)
+        conv = convert_open_clip_checkpoint(probe, sub, prefix=prefix)
         out["text_encoder_2"] = _build_clip(configs["text_encoder_2"], conv, path, "text_encoder_2", dtype, True)
     out.update(tokenizers(arch))
     return out
@@ -413,7 +418,7 @@ def build_components(arch: Arch, state_dict: Mapping, configs: Mapping, path, dt
     convert_ldm_unet_checkpoint = load("diffusers.loaders.single_file_utils", "convert_ldm_unet_checkpoint")
 
     dtype = dtype or torch.float32
-    for needed in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if arch is Arch.SDXL else ()):
+    for needed in ("unet", "vae") + FAMILIES[arch].text_encoders:
         if needed not in configs:
             raise ModelError(path, f"configs lack {needed!r}")
     unet_cfg = configs["unet"]
@@ -573,10 +578,11 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
         built: dict[str, Any] = {
             "unet": _diffusers_module(folder / "unet", _unet_class(), allow_pickle, dtype, "unet", meta),
             "vae": _diffusers_module(folder / "vae", AutoencoderKL, allow_pickle, dtype, "vae", meta),
-            "text_encoder": _transformers_clip(folder / "text_encoder", False, allow_pickle, dtype, "text_encoder",
-                                               meta),
         }
-        if arch is Arch.SDXL:
+        if arch is not Arch.SDXL_REFINER:
+            built["text_encoder"] = _transformers_clip(folder / "text_encoder", False, allow_pickle, dtype,
+                                                       "text_encoder", meta)
+        if arch in (Arch.SDXL, Arch.SDXL_REFINER):
             built["text_encoder_2"] = _transformers_clip(folder / "text_encoder_2", True, allow_pickle, dtype,
                                                          "text_encoder_2", meta)
         return built
@@ -636,7 +642,7 @@ def load_vae(path: str | os.PathLike, *, config: Mapping | None = None, allow_pi
         return _diffusers_module(path, AutoencoderKL, allow_pickle, dtype, "vae", meta)
     state_dict, metadata = read_state_dict(path, allow_pickle, meta)
     arch = detect_arch({k: tuple(v.shape) for k, v in state_dict.items()})
-    if arch not in (Arch.VAE, Arch.SD1, Arch.SD2, Arch.SDXL):
+    if arch not in (Arch.VAE, Arch.SD1, Arch.SD2, Arch.SDXL, Arch.SDXL_REFINER):
         raise ModelError(path, "unknown architecture: no VAE keys (encoder./decoder./first_stage_model.)")
     stated = metadata_configs(metadata, path) or {}
     cfg = dict(stated.get("vae") or config or bundled_config("sd15.json")["vae"])

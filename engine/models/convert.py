@@ -15,6 +15,7 @@ Layouts written:
   written, which the loader drops again as diffusers does for the real SD2;
 - SDXL ``conditioner.embedders.0.transformer.text_model.`` + ``conditioner.embedders.1.model.`` (with
   ``text_projection`` transposed);
+- SDXL refiner ``conditioner.embedders.0.model.`` (its one text encoder, OpenCLIP-G, as SDXL's second);
 - ControlNet ``control_model.``.
 
 The diffusers configs of every component go into the safetensors metadata (key :data:`METADATA_KEY`), so
@@ -47,6 +48,7 @@ SD1_CLIP_PREFIX = "cond_stage_model.transformer."
 SD2_OPENCLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."  # the refiner's only embedder
 
 _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
            ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
@@ -228,6 +230,11 @@ def ldm_state_dict(components: Mapping[str, Any], arch, configs: Mapping[str, di
         return out
     put(UNET_PREFIX, unet_to_ldm(components["unet"].state_dict(), configs["unet"]))
     put(VAE_PREFIX, vae_to_ldm(components["vae"].state_dict(), configs["vae"]))
+    if arch is Arch.SDXL_REFINER:
+        n2 = configs["text_encoder_2"]["num_hidden_layers"]
+        put(SDXL_REFINER_OPENCLIP_PREFIX, openclip_to_ldm(components["text_encoder_2"].state_dict(), n2,
+                                                          extra_layer=False))
+        return out
     te = components["text_encoder"]
     n_layers = configs["text_encoder"]["num_hidden_layers"]
     if arch is Arch.SD1:
@@ -249,7 +256,7 @@ def infer_arch(components: Mapping[str, Any]):
         xl = components["controlnet"].config.get("addition_embed_type") == "text_time"
         return Arch.CONTROLNET_SDXL if xl else Arch.CONTROLNET_SD1
     if "text_encoder_2" in components:
-        return Arch.SDXL
+        return Arch.SDXL if "text_encoder" in components else Arch.SDXL_REFINER
     if "text_encoder" not in components and "vae" in components:
         return Arch.VAE
     return Arch.SD2 if components["text_encoder"].config.hidden_act == "gelu" else Arch.SD1

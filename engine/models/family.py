@@ -39,6 +39,7 @@ class Arch(str, Enum):
     SD1 = "sd1"
     SD2 = "sd2"
     SDXL = "sdxl"
+    SDXL_REFINER = "sdxl_refiner"  # the SDXL refiner: OpenCLIP-G only, aesthetic-score time ids
     CONTROLNET_SD1 = "controlnet_sd1"
     CONTROLNET_SDXL = "controlnet_sdxl"
     VAE = "vae"
@@ -74,6 +75,7 @@ class FamilyDef:
     sdxl_schedule: bool = False  # "Align Your Steps" uses the SDXL table
     latent_channels: int = LATENT_CHANNELS
     vae_scale_factor: int = VAE_SCALE_FACTOR
+    latent_space: str = "sd"  # checkpoints of one latent space can hand latents to each other (refiner, hires)
 
     @property
     def text_pads(self) -> tuple[str, ...]:
@@ -99,7 +101,17 @@ FAMILIES: Mapping[Arch, FamilyDef] = MappingProxyType({
             (EncoderSpec("text_encoder", _EOS, "hidden_state_raw", skip_offset=1),
              EncoderSpec("text_encoder_2", _OPENCLIP_PAD, "hidden_state_raw", skip_offset=1)),
             pooled_component="text_encoder_2", time_ids=True, zero_empty_negative=True),
-        controlnets=(Arch.CONTROLNET_SDXL,), sdxl_schedule=True),
+        controlnets=(Arch.CONTROLNET_SDXL,), sdxl_schedule=True, latent_space="sdxl"),
+    # the SDXL refiner (sgm's refiner config): one text encoder, OpenCLIP-G (its penultimate layer is the context,
+    # its projected pooled output text_embeds), and the time ids (original size, crop, aesthetic score) with the
+    # webui's sdxl_refiner_high/low_aesthetic_score defaults; SDXL's latent space (it refines SDXL's latents)
+    Arch.SDXL_REFINER: FamilyDef(
+        "sdxl_refiner.json", 1024, "epsilon",
+        TextSpec(
+            (EncoderSpec("text_encoder_2", _OPENCLIP_PAD, "hidden_state_raw", skip_offset=1),),
+            pooled_component="text_encoder_2", time_ids=True, zero_empty_negative=True,
+            aesthetic_scores=(6.0, 2.5)),
+        sdxl_schedule=True, latent_space="sdxl"),
     Arch.CONTROLNET_SD1: FamilyDef("controlnet_sd15.json"),
     Arch.CONTROLNET_SDXL: FamilyDef("controlnet_sdxl.json"),
     Arch.VAE: FamilyDef("sd15.json"),
@@ -107,9 +119,11 @@ FAMILIES: Mapping[Arch, FamilyDef] = MappingProxyType({
 
 
 def tokenizers(arch: Arch) -> dict:
-    """``{"tokenizer": ..., "tokenizer_2": ...}`` of a checkpoint family, padded with the family's pad tokens."""
-    pads = FAMILIES[arch].text_pads
-    return {("tokenizer" if i == 0 else f"tokenizer_{i + 1}"): clip_tokenizer(pad) for i, pad in enumerate(pads)}
+    """``{"tokenizer": ..., "tokenizer_2": ...}`` of a checkpoint family (named after their text encoders: the SDXL
+    refiner's one is ``tokenizer_2``, as diffusers names it), padded with the family's pad tokens."""
+    spec = FAMILIES[arch].text
+    return {e.component.replace("text_encoder", "tokenizer"): clip_tokenizer(e.pad_token)
+            for e in (spec.encoders if spec else ())}
 
 
 def artefact_key(short_hash: str, vae_path: str | Path | None = None) -> str:

@@ -6,6 +6,9 @@ structure of the real family at small widths:
 - ``sd1``: CLIPTextModel (quick_gelu, EOS padding) + UNet2DConditionModel (conv proj-in) + AutoencoderKL, eps.
 - ``sd2v``: OpenCLIP-style CLIPTextModel (gelu, "!" padding) + linear proj-in UNet, v-prediction.
 - ``sdxl``: two text encoders (CLIPTextModel + CLIPTextModelWithProjection), text_time UNet.
+- ``sdxl_refiner``: the SDXL refiner's layout: one text encoder (CLIPTextModelWithProjection, OpenCLIP-G's
+  place, its hidden size = its projection size, as the real 1280/1280), a text_time UNet of 5 time ids
+  (original size, crop, aesthetic score) whose context is that encoder alone; SDXL's latent space.
 - ``controlnet_sd1`` / ``controlnet_sdxl``: ControlNetModel matching the sd1 / sdxl UNet.
 
 The VAE has 4 blocks (x8), as ControlNet's conditioning embedding always downsamples by 8. The UNet has two
@@ -29,7 +32,7 @@ from engine.models.family import Arch, tokenizers
 from engine.schedule import scheduler_config
 
 
-KINDS = ("sd1", "sd2v", "sdxl")
+KINDS = ("sd1", "sd2v", "sdxl", "sdxl_refiner")
 CONTROLNET_KINDS = ("controlnet_sd1", "controlnet_sdxl")
 
 # Native image size of the tiny models (latent 8x8).
@@ -65,6 +68,14 @@ UNET_SDXL = dict(
     addition_embed_type="text_time", addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=6 * 8 + 32,
 )
+
+# the refiner: context = text_encoder_2's hidden states alone; time ids: 5 (export.descriptors.time_id_count)
+UNET_SDXL_REFINER = dict(
+    UNET_SDXL, cross_attention_dim=TEXT_SDXL_2["hidden_size"], attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 1),
+    projection_class_embeddings_input_dim=5 * 8 + TEXT_SDXL_2["projection_dim"],
+)
+
 
 @dataclass
 class TinyModel:
@@ -167,6 +178,13 @@ def build_tiny(kind: str, seed: int = 0) -> TinyModel:
             "unet": build_unet(UNET_SDXL, seed + 2),
             "vae": build_vae(seed + 1),
         }, "epsilon")
+    if kind == "sdxl_refiner":
+        return TinyModel(kind, {
+            "text_encoder_2": build_text_encoder(TEXT_SDXL_2, with_projection=True, seed=seed + 20),
+            **tokenizers(Arch.SDXL_REFINER),
+            "unet": build_unet(UNET_SDXL_REFINER, seed + 22),
+            "vae": build_vae(seed + 1),
+        }, "epsilon")
     raise ValueError(f"unknown tiny model kind {kind!r} (allowed: {', '.join(KINDS + CONTROLNET_KINDS)})")
 
 
@@ -175,6 +193,7 @@ STORE_NAMES = {
     "sd1": ("Stable-diffusion", "tiny-sd1"),
     "sd2v": ("Stable-diffusion", "tiny-sd2v"),
     "sdxl": ("Stable-diffusion", "tiny-sdxl"),
+    "sdxl_refiner": ("Stable-diffusion", "tiny-sdxl-refiner"),
     "controlnet_sd1": ("ControlNet", "tiny-controlnet-sd1"),
     "controlnet_sdxl": ("ControlNet", "tiny-controlnet-sdxl"),
 }
@@ -193,9 +212,13 @@ def save_diffusers_folder(model: TinyModel, folder) -> None:
         if "controlnet" in comps:
             comps["controlnet"].save_pretrained(tmp, safe_serialization=True)
         else:
-            index = {"_class_name": "StableDiffusionXLPipeline" if "text_encoder_2" in comps else "StableDiffusionPipeline",
-                     "_diffusers_version": diffusers.__version__,
+            refiner = "text_encoder_2" in comps and "text_encoder" not in comps
+            pipeline = ("StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline"
+                        if "text_encoder_2" in comps else "StableDiffusionPipeline")
+            index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
                      "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+            if refiner:  # diffusers' refiner layout: no first text encoder, aesthetic-score time ids
+                index.update(text_encoder=[None, None], tokenizer=[None, None], requires_aesthetics_score=True)
             for name, module in comps.items():
                 if name.startswith("tokenizer"):
                     continue
