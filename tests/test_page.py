@@ -32,6 +32,8 @@ from tests.api_support import wait_healthy
 from tests.conftest import exclusive
 from tests.queue_support import free_port
 
+pytestmark = pytest.mark.slow  # the module's server exports the demo model unless another test did
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "page-test-key"
 PROMPT = "a large red circle in the middle on a blue background"
