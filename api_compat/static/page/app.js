@@ -322,6 +322,7 @@ async function generate(ev) {
     if (e.status !== 409) showError(e);
   } finally {
     state.busy = false;
+    $("preview").hidden = true;  // the live preview had its time: the results are in the gallery
     $("generate").disabled = false;
     $("cancel").disabled = true;
   }
