@@ -32,8 +32,13 @@ PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; s
 
 
 def is_public(path: str) -> bool:
-    """Whether ``path`` is served without credentials (the page, the docs pages and their static files)."""
-    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+    """Whether ``path`` is served without credentials (the page, the docs pages and their static files: one
+    file name after the prefix, nothing that could resolve elsewhere)."""
+    if path in PUBLIC_PATHS:
+        return True
+    prefix = next((p for p in PUBLIC_PREFIXES if path.startswith(p)), None)
+    name = path[len(prefix):] if prefix else ""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
 
 
 def docs_assets_dir() -> Path:

@@ -32,6 +32,8 @@ from tests.api_support import wait_healthy
 from tests.conftest import exclusive
 from tests.queue_support import free_port
 
+pytestmark = pytest.mark.slow  # the module's server exports the demo model unless another test did
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "page-test-key"
 PROMPT = "a large red circle in the middle on a blue background"
@@ -144,6 +146,21 @@ def test_docs_and_page_reference_only_local_urls(server, page):
             assert requests.get(server + url, timeout=30).status_code == 200, url
     if page == "/":
         assert "default-src 'self'" in html.headers["content-security-policy"]
+
+
+def test_only_the_static_files_are_public(server):
+    """Paths that merely start like a static file's need the key (no dot segments, no nested names)."""
+    import http.client
+
+    port = int(server.rsplit(":", 1)[1])
+    for path in ("/page/../openapi.json", "/page/%2e%2e/openapi.json", "/docs-assets/../sdapi/v1/sd-models",
+                 "/page/x/../../sdapi/v1/options"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", path)
+        status = conn.getresponse().status
+        conn.close()
+        assert status == 401, (path, status)
+    assert requests.get(server + "/page/nope.js", timeout=30).status_code == 404
 
 
 def test_swagger_ui_renders_offline_with_the_stored_key(server, browser):

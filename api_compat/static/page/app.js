@@ -67,7 +67,7 @@ async function listing(path, fallback) {
 async function loadListings() {
   try {
     const models = await api("GET", "/sdapi/v1/sd-models");
-    $("server-status").textContent = "ready";
+    $("server-status").textContent = "loading the lists…";
     fill($("model"), models.map((m) => [m.title, m.model_name]), 1);
   } catch (e) {
     if (e.status !== 401) $("server-status").textContent = "the server did not answer: " + e.message;
@@ -88,6 +88,7 @@ async function loadListings() {
   if ((cnModules.module_list || []).includes("canny") && !$("cn-module").dataset.init) {
     $("cn-module").value = "canny"; $("cn-module").dataset.init = "1";
   }
+  $("server-status").textContent = "ready";  // every list filled (the tests wait for this)
 }
 
 function insertIntoPrompt(text) {
@@ -321,6 +322,7 @@ async function generate(ev) {
     if (e.status !== 409) showError(e);
   } finally {
     state.busy = false;
+    $("preview").hidden = true;  // the live preview had its time: the results are in the gallery
     $("generate").disabled = false;
     $("cancel").disabled = true;
   }
