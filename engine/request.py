@@ -167,6 +167,7 @@ class GenerationRequest:
     vae_encode_method: str = "Full"
     vae_decode_method: str = "Full"
     live_preview: LivePreview | None = None  # None: no previews
+    adetailer: Any = None  # the ADetailer extension's tabs after the generation (engine.adetailer.ADetailer)
 
 
 @dataclass
