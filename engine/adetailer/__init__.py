@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import Cancelled, InvalidRequest
+from core.errors import Cancelled
 from engine.adetailer import masks as mask_rules
 from engine.adetailer.detectors import Detectors  # noqa: F401 (engine.adetailer.Detectors)
 from engine.controlnet.images import as_array
@@ -296,7 +296,7 @@ def inpaint_request(req: GenerationRequest, tab: ADetailerTab, image: np.ndarray
 
 
 def regions(detectors: Detectors, tab: ADetailerTab, image: np.ndarray, req: GenerationRequest,
-            size: tuple[int, int], field_name: str = "adetailer") -> tuple[list[np.ndarray], int]:
+            size: tuple[int, int], field_name: str = "adetailer.tabs[0].ad_model") -> tuple[list[np.ndarray], int]:
     """The masks a tab repaints on ``image`` (the extension's predict + ``pred_preprocessing``), and how many
     regions the detector found before the filters."""
     pred = detectors.predict(tab.ad_model, image, tab.ad_confidence, tab.ad_model_classes, field_name)
@@ -351,7 +351,7 @@ def run(engine, req: GenerationRequest, detectors: Detectors, *, progress=None,
             name = f"ADetailer {ordinal(n + 1)} tab ({tab.ad_model})"
             relay.announce(f"{name}: detecting on image {i + 1} of {total}")
             size = inpaint_size(req, tab, base_size)
-            found_masks, found = regions(detectors, tab, image, req, size)
+            found_masks, found = regions(detectors, tab, image, req, size, f"adetailer.tabs[{n}].ad_model")
             if not found_masks:
                 why = "nothing detected" if not found else "no region left after the mask filters"
                 notes["ADetailer note" + suffix(n)] = why
@@ -390,12 +390,3 @@ def run(engine, req: GenerationRequest, detectors: Detectors, *, progress=None,
 def _check(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("generation cancelled")
-
-
-def check(req: GenerationRequest, detectors: Detectors, field_name: str = "adetailer") -> None:
-    """What :func:`run` would refuse about the request's tabs, before it runs (the detectors' models)."""
-    for n, tab in req.adetailer.active:
-        detectors.check(tab.ad_model, f"{field_name}.tabs[{n}].ad_model")
-    if req.adetailer.skip_img2img and req.init is not None and req.init.mask is not None:
-        raise InvalidRequest(f"{field_name}.skip_img2img", "skip_img2img with an inpainting mask (the extension "
-                             "does not run it either)", "false, or an img2img request without a mask")
