@@ -13,13 +13,13 @@ checkpoint or VAE for the inpaint passes (``ad_use_checkpoint`` / ``ad_use_vae``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 from api_compat import leniency
 from api_compat.errors import ApiError
-from api_compat.schema import (_bool_type, _float_type, _int_type, _Model, _str_type, field_path,
+from api_compat.schema import (_bool_type, _err, _float_type, _int_type, _Model, _str_type, field_path,
                                validation_error_to_api)
 from engine import rules
 from engine.adetailer import Detectors, SAME_CHECKPOINT, SAME_VAE, USE_SAME_SAMPLER, USE_SAME_SCHEDULER, ADetailer, ADetailerTab
@@ -39,6 +39,18 @@ _OptName = _str_type(200, nullable=True)
 _Unit = _float_type(0.0, 1.0)
 
 
+def _choice(names: tuple[str, ...]):
+    """One of the extension's choices, spelled as it spells them."""
+    text = ", ".join(f'"{n}"' for n in names)
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, str) or value not in names:
+            raise _err("enum", "unknown value {value}", text, value=repr(value)[:100])
+        return value
+
+    return Annotated[str, BeforeValidator(check), Field(json_schema_extra={"enum": list(names)})]
+
+
 class TabPayload(_Model):
     """One ADetailer tab: the extension's ``ADetailerArgs`` (adetailer/args.py), same keys and defaults."""
 
@@ -48,14 +60,14 @@ class TabPayload(_Model):
     ad_prompt: _str_type() = _D["ad_prompt"]
     ad_negative_prompt: _str_type() = _D["ad_negative_prompt"]
     ad_confidence: _Unit = _D["ad_confidence"]
-    ad_mask_filter_method: Literal[FILTER_METHODS] = _D["ad_mask_filter_method"]
+    ad_mask_filter_method: _choice(FILTER_METHODS) = _D["ad_mask_filter_method"]
     ad_mask_k: _Count = _D["ad_mask_k"]
     ad_mask_min_ratio: _Unit = _D["ad_mask_min_ratio"]
     ad_mask_max_ratio: _Unit = _D["ad_mask_max_ratio"]
     ad_dilate_erode: _int_type(-128, 128) = _D["ad_dilate_erode"]
     ad_x_offset: _Offset = _D["ad_x_offset"]
     ad_y_offset: _Offset = _D["ad_y_offset"]
-    ad_mask_merge_invert: Literal[MERGE_INVERT] = _D["ad_mask_merge_invert"]
+    ad_mask_merge_invert: _choice(MERGE_INVERT) = _D["ad_mask_merge_invert"]
     ad_mask_blur: _int_type(0, 256) = _D["ad_mask_blur"]
     ad_denoising_strength: _Unit = _D["ad_denoising_strength"]
     ad_inpaint_only_masked: _Flag = _D["ad_inpaint_only_masked"]
