@@ -426,7 +426,7 @@ def _pixels(b64: str) -> np.ndarray:
 def server(models_dir, tmp_path_factory):
     from tests.test_webui_client import Server
 
-    srv = Server(models_dir.parent, "--backend", "torch", "--default-model", "tiny-sd1")
+    srv = Server(models_dir.parent, "--backend", "torch")
     yield srv
     srv.stop()
 
@@ -444,7 +444,8 @@ def test_both_api_faces(server):
     script = {"ADetailer": {"args": [True, True, {"ad_model": "mediapipe_face_short", "ad_inpaint_only_masked_padding": 8,
                                                   "ad_steps": 2, "ad_use_steps": True}]}}
     payload = {"prompt": "a portrait", "steps": 2, "width": SIZE, "height": SIZE, "seed": 5, "denoising_strength": 0.5,
-               "init_images": [_b64(image)], "alwayson_scripts": script}
+               "init_images": [_b64(image)], "alwayson_scripts": script,
+               "override_settings": {"sd_model_checkpoint": "tiny-sd1"}}
     r = server.post("/sdapi/v1/img2img", payload)
     assert r.status_code == 200, r.text
     webui = _pixels(r.json()["images"][0])
@@ -467,3 +468,72 @@ def test_both_api_faces(server):
     changed = np.abs(webui.astype(int) - image).max(-1) > 0
     x1, y1, x2, y2 = HAND["astronaut.png"]
     assert changed[y1:y2, x1:x2].mean() > 0.9 and not changed[:40].any() and not changed[:, 400:].any()
+
+
+@pytest.mark.slow
+def test_the_celery_backend_makes_the_embedded_image(models_dir, service, tmp_path):
+    """The same ADetailer img2img through `sdengine serve --queue` and a real Celery worker (the worker parses and
+    translates the payload again): succeeded, the embedded backend's pixels and infotext."""
+    import httpx
+
+    from tests.queue_support import RedisServer, WorkerProcess, free_port
+
+    if shutil.which("redis-server") is None or importlib.util.find_spec("celery") is None:
+        pytest.skip("redis-server or the 'queue' extra (celery, redis) is absent")
+    image = photo("grace_hopper.jpg")
+    payload = {"prompt": "a portrait", "steps": 2, "width": SIZE, "height": SIZE, "seed": 9, "denoising_strength": 0.5,
+               "init_images": [_b64(image)], "stable_diffusion_model": "tiny-sd1", "alwayson_scripts": {
+                   "ADetailer": {"args": [True, True, {"ad_model": "mediapipe_face_full", "ad_steps": 2,
+                                                       "ad_use_steps": True}]}}}
+    embedded = service.wait(service.sd_img2img(payload)["taskId"], timeout=300)
+    assert embedded["status"] == "succeeded", embedded
+    expected = np.asarray(__import__("PIL.Image").Image.open(
+        service.image_path(embedded["taskId"], 0)).convert("RGB"))
+    (tmp_path / "redis").mkdir()
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    url, results = redis_server.url(3), tmp_path / "results"
+    worker = WorkerProcess(url, results, tmp_path / "worker.log", "--models-dir", str(models_dir), "--backend",
+                           "torch", "--cache-dir", str(tmp_path / "cache")).start()
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    import subprocess
+    import sys
+
+    serve = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--queue", url,
+                              "--results-dir", str(results), "--models-dir", str(models_dir), "--backend", "torch"],
+                             cwd=ROOT, env=env, stdout=open(tmp_path / "serve.log", "ab"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        client = redis_server.client(3)
+        worker.wait_ready(client)
+        client.close()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            end = time.monotonic() + 60
+            while True:
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert serve.poll() is None and time.monotonic() < end, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.2)
+            task = http.post("/scc/sd_img2img", json=payload).json()["taskId"]
+            end = time.monotonic() + 300
+            while time.monotonic() < end:
+                result = http.post("/scc/sd_get_result", json={"taskId": task}).json()
+                if result["status"] in ("succeeded", "failed"):
+                    break
+                time.sleep(0.2)
+            assert result["status"] == "succeeded", (result, (tmp_path / "worker.log").read_text()[-3000:])
+            png = http.get(result["images"][0]).content
+        assert np.array_equal(_pixels(base64.b64encode(png).decode()), expected)
+        assert result["info"]["infotexts"][0] == embedded["info"]["infotexts"][0]
+        assert "ADetailer model: mediapipe_face_full" in result["info"]["infotexts"][0]
+    finally:
+        import signal
+
+        os.killpg(serve.pid, signal.SIGKILL)
+        serve.wait(10)
+        worker.kill()
+        redis_server.kill()
