@@ -22,7 +22,8 @@ from api_compat.errors import ApiError
 from api_compat.schema import (_bool_type, _err, _float_type, _int_type, _Model, _str_type, field_path,
                                validation_error_to_api)
 from engine import rules
-from engine.adetailer import Detectors, SAME_CHECKPOINT, SAME_VAE, USE_SAME_SAMPLER, USE_SAME_SCHEDULER, ADetailer, ADetailerTab
+from engine.adetailer import (SAME_CHECKPOINT, SAME_VAE, USE_SAME_SAMPLER, USE_SAME_SCHEDULER, ADetailer, ADetailerTab,
+                              Detectors)
 from engine.adetailer.masks import FILTER_METHODS, MERGE_INVERT
 
 TITLE = "ADetailer"
@@ -193,7 +194,7 @@ def _refuse_unsupported(tab: ADetailerTab, path: str) -> None:
     from engine.samplers import resolve
 
     if tab.ad_controlnet_model != "None":
-        raise ApiError("not_supported", "not supported: a ControlNet for the ADetailer passes", 
+        raise ApiError("not_supported", "not supported: a ControlNet for the ADetailer passes",
                        f"{path}.ad_controlnet_model", '"None" (the passes run without ControlNet, as the default)')
     if tab.ad_use_checkpoint and tab.ad_checkpoint not in (None, *SAME_CHECKPOINT):
         raise ApiError("not_supported", "not supported: another checkpoint for the ADetailer passes",

@@ -441,8 +441,8 @@ def test_both_api_faces(server):
     scripts = server.get("/sdapi/v1/scripts").json()
     assert "adetailer" in scripts["txt2img"] and "adetailer" in scripts["img2img"]
     image = photo("astronaut.png")
-    script = {"ADetailer": {"args": [True, True, {"ad_model": "mediapipe_face_short", "ad_inpaint_only_masked_padding": 8,
-                                                  "ad_steps": 2, "ad_use_steps": True}]}}
+    tab = {"ad_model": "mediapipe_face_short", "ad_inpaint_only_masked_padding": 8, "ad_steps": 2, "ad_use_steps": True}
+    script = {"ADetailer": {"args": [True, True, tab]}}
     payload = {"prompt": "a portrait", "steps": 2, "width": SIZE, "height": SIZE, "seed": 5, "denoising_strength": 0.5,
                "init_images": [_b64(image)], "alwayson_scripts": script,
                "override_settings": {"sd_model_checkpoint": "tiny-sd1"}}
