@@ -452,6 +452,8 @@ def test_both_api_faces(server):
     info = json.loads(r.json()["info"])
     assert "ADetailer model: mediapipe_face_short" in info["infotexts"][0]
     assert "ADetailer inpaint padding: 8" in info["infotexts"][0]
+    assert info["extra_generation_params"]["ADetailer model"] == "mediapipe_face_short"
+    assert info["extra_generation_params"]["ADetailer version"] == VERSION
     r = server.post("/scc/sd_img2img", payload)
     assert r.status_code == 200, r.text
     task, end = r.json()["taskId"], time.monotonic() + 300
