@@ -265,7 +265,7 @@ class Engine:
     def detectors(self) -> adetailer.Detectors:
         """ADetailer's detectors of the model store's folder (engine.adetailer.detectors), made on first use."""
         if self._detectors is None or self._detectors.models_dir != self.store.root:
-            self._detectors = adetailer.Detectors(self.store.root, self.config.allow_pickle)
+            self._detectors = adetailer.Detectors(self.store.root, self.config.allow_pickle, self.config.device)
         return self._detectors
 
     @property

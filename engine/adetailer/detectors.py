@@ -81,8 +81,9 @@ class Detectors:
     """The detectors of one models folder: listing, the submit-time check, and prediction (YOLO models and
     MediaPipe detectors are kept loaded; one lock, as the engine runs one request at a time)."""
 
-    def __init__(self, models_dir: str | Path, allow_pickle: bool = False):
+    def __init__(self, models_dir: str | Path, allow_pickle: bool = False, device: str = "cpu"):
         self.models_dir = Path(models_dir)
+        self.device = device  # where ultralytics runs a YOLO model (MediaPipe's face detectors run on the CPU)
         self.folder = self.models_dir / FOLDER
         self.allow_pickle = allow_pickle
         self._lock = threading.Lock()
@@ -223,7 +224,8 @@ class Detectors:
                 model.set_classes(parsed)
         from PIL import Image
 
-        result = model(Image.fromarray(image[..., :3]), conf=float(confidence), device="cpu", verbose=False)[0]
+        result = model(Image.fromarray(image[..., :3]), conf=float(confidence), device=self.device,
+                       verbose=False)[0]
         bboxes = result.boxes.xyxy.cpu().numpy().tolist()
         if not bboxes:
             return Prediction()
