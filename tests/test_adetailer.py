@@ -539,3 +539,24 @@ def test_the_celery_backend_makes_the_embedded_image(models_dir, service, tmp_pa
         serve.wait(10)
         worker.kill()
         redis_server.kill()
+
+
+def test_img2img_inpainting_keeps_the_regions_its_mask_touches(models_dir):
+    """The extension's inpaint_mask_filter: with the request's own mask (not "Only masked"), only the regions
+    that touch it are repainted; "Only masked" keeps them all."""
+    from engine.adetailer import regions
+
+    image, boxes = two_faces()
+    user = np.zeros(image.shape[:2], np.uint8)
+    user[:, :400] = 255  # the left photo's face only
+    tab = ADetailerTab(ad_model="mediapipe_face_full")
+    req = GenerationRequest(width=1024, height=512, init=InitImage(image=image, mask=user, inpaint_full_res=False))
+    found, count = regions(Detectors(models_dir), tab, image, req, (1024, 512))
+    assert count == 2 and len(found) == 1
+    ys, xs = np.nonzero(found[0])
+    assert iou((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), boxes[0]) >= 0.5
+    inverted = replace(req, init=replace(req.init, inpainting_mask_invert=True))
+    (other,), _ = regions(Detectors(models_dir), tab, image, inverted, (1024, 512))
+    assert np.nonzero(other)[1].min() > 512  # the inverted mask touches the right face only
+    only_masked = replace(req, init=replace(req.init, inpaint_full_res=True))
+    assert len(regions(Detectors(models_dir), tab, image, only_masked, (1024, 512))[0]) == 2
