@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml requirements-pins.txt
 	# tests) without its torchvision requirement: a CUDA torchvision beside the CPU torch breaks `import
 	# torchvision`; engine/spandrel_loader.py loads spandrel's architectures without it
 	$(BIN)/pip install -q --no-deps -c requirements-pins.txt spandrel spandrel_extra_arches dlib-bin einops
+	# ADetailer's MediaPipe detectors (the adetailer extra) without mediapipe's opencv-contrib-python (a second
+	# cv2 over opencv-python-headless) and sounddevice: the Tasks API's face detector needs neither
+	$(BIN)/pip install -q --no-deps -c requirements-pins.txt mediapipe absl-py
 	touch $@
 
 test: setup

@@ -59,7 +59,7 @@ FIELD_DOCS: dict[str, str] = {
     "sampler_name": "webui sampler name or alias (\"Euler a\", \"DPM++ 2M Karras\", ...); empty: "
                     f"\"{default('sampler_name')}\"; an unknown name is an error listing the valid ones",
     "seed": "-1 draws a random seed; image i of the request uses seed + i",
-    "alwayson_scripts": "extension arguments; only `controlnet` is supported",
+    "alwayson_scripts": "extension arguments: `controlnet` and `ADetailer` (see their sections)",
     # webui extras
     "n_iter": "number of batches; total images = batch_size x n_iter",
     "scheduler": "schedule type: Automatic, Uniform, Karras, Exponential, Polyexponential, SGM Uniform, Simple, "

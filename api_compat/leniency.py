@@ -118,18 +118,7 @@ def _flag_off(index: int = 0, default: bool = False) -> Callable[[list[Any]], bo
     return off
 
 
-def _adetailer_off(args: list[Any]) -> bool:
-    """ADetailer's own rule (its ``is_ad_enabled``): off unless some arg is a dict of settings, the first arg
-    (``ad_enable``) is not false and some settings dict picks a detector model (``ad_model`` not "None", its tab
-    not switched off)."""
-    tabs = [a for a in args if isinstance(a, dict)]
-    if not args or not tabs or args[0] is False:
-        return True
-    return all(t.get("ad_model", "None") in ("None", None, "") or t.get("ad_tab_enable") is False for t in tabs)
-
-
 SCRIPTS: tuple[Script, ...] = (
-    Script("ADetailer", _adetailer_off, '{"args": [false]}'),
     Script("Dynamic Prompts", _flag_off(0, default=True), '{"args": [false]} (is_enabled)', prefix=True),
     Script("Regional Prompter", _flag_off(0), '{"args": [false]} (active)'),
     Script("Self Attention Guidance", _flag_off(0), '{"args": [false]} (enabled)'),
@@ -139,7 +128,7 @@ SCRIPTS: tuple[Script, ...] = (
     Script("Soft Inpainting", _flag_off(0), '{"args": [false]} (the webui\'s built-in soft inpainting)'),
 )
 
-KNOWN_SCRIPTS = ("controlnet",)  # the alwayson_scripts the engine runs (api_compat.schema.AlwaysOnScripts)
+KNOWN_SCRIPTS = ("controlnet", "adetailer")  # the alwayson_scripts the engine runs (api_compat.schema.AlwaysOnScripts)
 
 
 def script_of(name: str) -> Script | None:
@@ -171,7 +160,7 @@ def check_scripts(payload: dict[str, Any]) -> dict[str, Any]:
         field = f"alwayson_scripts.{name[:100]}"
         if script is None:
             raise ApiError("not_supported", f"the script {name[:100]!r} is not available in this engine", field,
-                           "controlnet; in their disabled form: " + ", ".join(s.title for s in SCRIPTS))
+                           "controlnet, ADetailer; in their disabled form: " + ", ".join(s.title for s in SCRIPTS))
         args = _args(value)
         if args is None:
             raise ApiError("invalid_request", 'must be {"args": [...]}', field, script.disabled_form)

@@ -362,13 +362,16 @@ class ControlNetArgs(_Model):
 
 class AlwaysOnScripts(_Model):
     controlnet: ControlNetArgs | None = None
+    # the ADetailer extension's args as given: read by api_compat.adetailer.parse (its tabs, with the leniency
+    # policy), when the request is translated
+    adetailer: Any = Field(None, description="ADetailer: {\"args\": [enable, skip_img2img, {tab}, ...]} (docs/API.md)")
 
     @model_validator(mode="before")
     @classmethod
     def _script_titles(cls, data: Any) -> Any:
-        # the webui matches script titles case-insensitively ("ControlNet")
+        # the webui matches script titles case-insensitively ("ControlNet", "ADetailer")
         if isinstance(data, dict):
-            return {("controlnet" if isinstance(k, str) and k.lower() == "controlnet" else k): v
+            return {(k.lower() if isinstance(k, str) and k.lower() in ("controlnet", "adetailer") else k): v
                     for k, v in data.items()}
         return data
 
@@ -430,6 +433,7 @@ class GenerationPayload(_Model):
     """The fields sd_txt2img and sd_img2img share (cloud fields first, then webui v1.10 extras)."""
 
     _ignored: tuple[str, ...] = PrivateAttr(default=())  # unknown fields parse_payload left out (their paths)
+    _strict: bool = PrivateAttr(default=False)  # parsed with strict (api_compat.adetailer reads its tabs so too)
 
     @property
     def ignored_fields(self) -> tuple[str, ...]:
@@ -733,6 +737,7 @@ def parse_payload(payload: Any, model: type[GenerationPayload] = Txt2ImgPayload,
     else:
         raise validation_error_to_api(exc, top=top) from None
     parsed._ignored = tuple(ignored)
+    parsed._strict = strict
     script = parsed.alwayson_scripts.controlnet if parsed.alwayson_scripts else None
     if script is not None and script.units is not None and script.args is not None:
         raise ApiError("invalid_request", "give the units either as 'units' or as 'args', not both",

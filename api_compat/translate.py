@@ -38,6 +38,7 @@ from engine.sd_upscale import MAX_OVERLAP, SdUpscale
 from engine.sd_upscale import SCRIPT_NAME as SD_UPSCALE_SCRIPT
 from engine.upscalers import upscaler_names
 
+from api_compat import adetailer
 from api_compat.errors import ApiError, in_payload_terms
 from api_compat.images import ImageLimits
 from api_compat.schema import GenerationPayload, Img2ImgPayload, Txt2ImgPayload, units_of
@@ -114,6 +115,7 @@ def field_origins(payload: GenerationPayload) -> dict[str, str]:
             origins["init.initial_noise_multiplier"] = "override_settings.initial_noise_multiplier"
     else:
         origins.update(_HIRES_ORIGINS)
+    origins.update(adetailer.origins(payload))
     return origins
 
 
@@ -441,7 +443,8 @@ def translate(payload: Txt2ImgPayload, config: EngineConfig, limits: ImageLimits
     limits = limits or ImageLimits()
     fields, models = _request_fields(payload, config, limits)
     _script(payload, "txt2img", config, limits or ImageLimits())
-    request = GenerationRequest(**fields, hires=_hires(payload, config, fields))
+    request = GenerationRequest(**fields, hires=_hires(payload, config, fields),
+                                adetailer=adetailer.of_payload(payload, config, img2img=False))
     if request.hires is not None and request.hires.checkpoint:
         models.append((Kind.CHECKPOINT, request.hires.checkpoint, "hires.checkpoint"))
     return Translation(request=request, parameters=echo_parameters(payload, request), models=tuple(models))
@@ -495,7 +498,9 @@ def translate_img2img(payload: Img2ImgPayload, config: EngineConfig,
         fix_steps=fix_steps,
         upscaler=upscaler,
     )
-    request = GenerationRequest(**fields, init=init, sd_upscale=_script(payload, "img2img", config, limits, image))
+    sd_upscale = _script(payload, "img2img", config, limits, image)
+    request = GenerationRequest(**fields, init=init, sd_upscale=sd_upscale, adetailer=adetailer.of_payload(
+        payload, config, img2img=True, mask=mask is not None, script=sd_upscale is not None))
     params = echo_parameters(payload, request)
     params["init_images"] = [_image_summary(v) for v in payload.init_images]
     if "mask" in params:

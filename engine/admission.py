@@ -12,9 +12,11 @@ from engine.config import EngineConfig
 from core.errors import InvalidRequest, ModelError, TooMuchMemory
 from engine.conditioning import check_prompts
 from engine.img2img import LATENT_UPSCALERS, hires_size
-from engine.memory import (PLAN_SIZES, UpscalerCost, architecture_of, estimate_request, largest_batch,
+from engine.memory import (DETECTOR_BYTES, PLAN_SIZES, UpscalerCost, architecture_of, estimate_request, largest_batch,
                            largest_fitting, model_upscaler_pass, resize_pass)
 from engine import upscalers
+from engine.adetailer import inpaint_size
+from engine.adetailer.detectors import Detectors
 from engine.models.family import FAMILIES, Arch
 from engine.refiner import check_second_checkpoint
 from engine.request import GenerationRequest
@@ -114,8 +116,18 @@ def check_memory(arch, native: int, model_name: str, config: EngineConfig, reque
     width, height = request.width or native, request.height or native
     backend = getattr(config.backend, "value", str(config.backend))
     options = {"cfg": request.cfg_scale != 1.0, "backend": backend, "tiling": config.vae_tiling,
-               "units": len(request.controlnet_units)}
+               "units": len(request.controlnet_units), **_detailer(request, width, height, config)}
     need = estimate_request(arch, width, height, request.batch_size, **options)
+    if need.total > budget and "detailer" in options:
+        plain = {k: v for k, v in options.items() if k not in ("detailer", "detector_bytes")}
+        if estimate_request(arch, width, height, request.batch_size, **plain).total <= budget:
+            dw, dh = options["detailer"]
+            raise TooMuchMemory("adetailer", f"ADetailer's inpaint passes at {dw}x{dh} with the request's "
+                                f"{request.batch_size} images of {width}x{height} held need about "
+                                f"{need.total / GIB:.1f} GiB on {backend} (model {model_name}), more than this "
+                                f"server's memory budget of {budget / GIB:.1f} GiB",
+                                "a smaller ad_inpaint_width x ad_inpaint_height (ad_use_inpaint_width_height), "
+                                "or a smaller batch")
     if need.total > budget:
         text = (f"{width}x{height} with batch_size {request.batch_size} needs about {need.total / GIB:.1f} GiB on "
                 f"{backend} (model {model_name}), more than this server's memory budget of {budget / GIB:.1f} GiB")
@@ -150,6 +162,18 @@ def check_memory(arch, native: int, model_name: str, config: EngineConfig, reque
     allowed = (f"n_iter at most {n} at batch_size {request.batch_size}" if n
                else "send_images false, or the /scc API (its results are URLs)")
     raise TooMuchMemory("n_iter", text, allowed)
+
+
+def _detailer(request: GenerationRequest, width: int, height: int, config: EngineConfig) -> dict:
+    """ADetailer's passes for engine.memory.estimate_request: the largest inpaint size of the request's tabs
+    (engine.adetailer.inpaint_size) and its detectors' files (a YOLO .pt: its size, as weights)."""
+    ad = getattr(request, "adetailer", None)
+    if ad is None or not ad.active:
+        return {}
+    sizes = [inpaint_size(request, tab, (width, height)) for _, tab in ad.active]
+    yolo = Detectors(config.models_dir).yolo_files()
+    extra = max((yolo[t.ad_model].stat().st_size * 4 for _, t in ad.active if t.ad_model in yolo), default=0)
+    return {"detailer": max(sizes, key=lambda s: s[0] * s[1]), "detector_bytes": DETECTOR_BYTES + extra}
 
 
 def _check_hires_memory(arch, model_name: str, request: GenerationRequest, width: int, height: int, budget: int,

@@ -204,6 +204,11 @@ UNIT_BYTES_PER_PX = 3 * FP32 + 2 * IMAGE_BYTES_PER_PX
 # each 4/3 of the PNG (api_compat.webui.routes)
 ANSWER_COPIES = 3
 BASE64_RATIO = 4 / 3
+# ADetailer (engine.adetailer): a detector's working memory (MediaPipe's BlazeFace runs on a 128x128 or 192x192
+# input; a YOLO .pt file's weights and activations are counted by its file size on top) and the masks of one tab
+# (uint8, full image size, one per region: counted for this many regions)
+DETECTOR_BYTES = 64 * 2**20
+DETAIL_MASKS = 8
 
 # An upscaler pass's cost, for the hires fix's image path and the extras helper's model upscalers:
 # ``cost(in_width, in_height, out_width, out_height, batch_size) -> bytes`` at its peak (weights included).
@@ -254,14 +259,19 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
                      hires: tuple[int, int] | None = None, upscaler: UpscalerCost | None = None, units: int = 0,
                      answer: bool = False, streamed: bool = True, cfg: bool = True, hires_cfg: bool | None = None,
                      backend: str = "onnxruntime", attention: tuple[str, str] | None = None,
-                     tiling: VaeTiling | None = VaeTiling()) -> Estimate:
+                     tiling: VaeTiling | None = VaeTiling(), detailer: tuple[int, int] | None = None,
+                     detector_bytes: int = DETECTOR_BYTES) -> Estimate:
     """Peak memory of a whole request: the largest stage of one iteration (sampling; with the hires fix
     ``hires=(width, height)`` of the second pass, the upscale -- latent when ``upscaler`` is None, else the VAE
     decode at the first size, ``upscaler(...)`` and the VAE encode at the second -- and its sampling; the VAE
     decode with the batch becoming uint8) plus what is held across stages: ``units`` ControlNet units' control
     images at each pass's size, the images of earlier iterations when not ``streamed`` (the engine hands each
     iteration's images to the task writer, api_compat.tasks.run_generation, so they are not held), and with
-    ``answer`` the webui answer's base64 copies of all ``batch_size * n_iter`` images (:func:`answer_bytes`)."""
+    ``answer`` the webui answer's base64 copies of all ``batch_size * n_iter`` images (:func:`answer_bytes`).
+    ``detailer=(width, height)``: ADetailer's inpaint passes at that size (the largest of the request's tabs):
+    each pass is a one-image img2img (VAE encode, sampling, decode) run after the request's own passes, one after
+    another, so they add one pass's peak (not one per region) while every image of the request is held, with the
+    detector (``detector_bytes``) and a tab's masks."""
     unet_kind, vae_kind = attention or BACKEND_ATTENTION.get(backend, ("full", "full"))
     first = estimate(arch, width, height, batch_size, cfg=cfg, backend=backend, attention=attention, tiling=tiling)
     out_w, out_h = hires or (width, height)
@@ -281,11 +291,19 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
                           upscaler(width, height, out_w, out_h, batch_size),
                           _vae_pass(arch, out_w, out_h, batch_size, vae_kind, tiling)
                           + batch_size * out_px * DECODED_BYTES_PER_PX)
+    detail = 0
+    if detailer is not None:  # ADetailer's passes run after every image of the request is made: all held
+        dw, dh = detailer
+        streamed = False
+        pass_vae = _vae_pass(arch, dw, dh, 1, vae_kind, tiling) + dw * dh * (IMAGE_BYTES_PER_PX + DECODED_BYTES_PER_PX)
+        detail = (_stages(backend, _unet_pass(arch, dw, dh, 2 if cfg else 1, unet_kind, tensors), pass_vae)
+                  + detector_bytes + DETAIL_MASKS * out_px + 2 * out_px * IMAGE_BYTES_PER_PX)
+        held += out_px * batch_size * IMAGE_BYTES_PER_PX  # the last iteration's images, while they are detailed
     if not streamed:
         held += (n_iter - 1) * batch_size * out_px * IMAGE_BYTES_PER_PX
     if answer:
         held += answer_bytes(out_w, out_h, batch_size * n_iter)
-    peak = _stages(backend, unet, max(decode, upscale))
+    peak = max(_stages(backend, unet, max(decode, upscale)), detail)
     return Estimate(total=first.base + peak + held, base=first.base, unet=unet, vae=decode, upscale=upscale,
                     held=held, peak=peak)
 

@@ -35,7 +35,7 @@ from engine.controlnet import HiresOption, cond_rows_mask, controlnet_component,
 from engine.controlnet.reference import ReferenceInjection, supports_reference
 from engine.controlnet.units import REFERENCE_MODULES, extension_residuals, residual_count
 from engine.denoiser import Denoiser, LatentBlend
-from engine import faces
+from engine import adetailer, faces
 from core.errors import BackendUnavailable, InvalidRequest
 from engine import sd_upscale
 from engine.upscalers import Upscaling
@@ -178,6 +178,7 @@ class Engine:
         self._torch_twin: Engine | None = None  # serves reference units for a backend of exported graphs
         self._faces: faces.FaceModels | None = None  # face restorers (restore_faces), loaded on first use
         self._approx: ApproxModels | None = None  # TAESD / Approx NN (engine.preview), loaded on first use
+        self._detectors: adetailer.Detectors | None = None  # ADetailer's detectors (engine.adetailer), on first use
         self.clock = time.monotonic  # what the ETA is measured with (tests use a fake clock)
 
     # ------------------------------------------------------------------------------------------ models
@@ -271,6 +272,9 @@ class Engine:
         there): the images of an ``n_iter`` request are never all held at once (engine.memory counts one batch).
         ``preview(step, image)`` gets the request's live previews (``request.live_preview``; engine.preview), from
         another thread."""
+        if request.adetailer is not None:  # ADetailer: the request, then its tabs' inpaint passes on each image
+            return adetailer.run(self, request, self.detectors, progress=progress, cancel=cancel,
+                                 on_images=on_images, preview=preview)
         if request.sd_upscale is not None:  # the "SD upscale" script: img2img passes over tiles of the upscale
             how = Upscaling(models_dir=self.config.models_dir, device=self.config.device)
             return sd_upscale.run(self, request, how, progress=progress, cancel=cancel)
@@ -284,6 +288,13 @@ class Engine:
                 _REPORTER.reset(token)
                 if reporter.previewer is not None:
                     reporter.previewer.close(wait=10.0)  # the decode in flight, if any
+
+    @property
+    def detectors(self) -> adetailer.Detectors:
+        """ADetailer's detectors of the model store's folder (engine.adetailer.detectors), made on first use."""
+        if self._detectors is None or self._detectors.models_dir != self.store.root:
+            self._detectors = adetailer.Detectors(self.store.root, self.config.allow_pickle, self.config.device)
+        return self._detectors
 
     @property
     def approx(self) -> ApproxModels:

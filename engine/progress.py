@@ -4,7 +4,7 @@ The engine calls ``progress(Progress)`` (``Engine.generate(request, progress=...
 at each exporter stage and after each sampling step. The phases, in order: ``loading`` (reading the model),
 ``exporting`` (building an ONNX / runtime artefact, first use of a component only; it may interrupt any other
 phase and has its own ``done/total``), ``encoding`` (prompts), ``sampling`` (``step/steps`` over all batches),
-``decoding`` (VAE), ``saving`` (the caller's; api_compat's service writes the PNGs).
+``decoding`` (VAE), ``detailing`` (ADetailer's detection and inpaint passes, engine.adetailer), ``saving`` (the caller's; api_compat's service writes the PNGs).
 
 The ETA is the median time of the sampling steps measured so far times the steps left: one slow step (a
 first run that builds a session, an export, a ControlNet that starts at a later step) does not skew it, and
@@ -27,7 +27,7 @@ from typing import Any
 from core.errors import Cancelled
 from core.events import BUILDING, UP_TO_DATE  # the exporter's events: "{component}: {stage} ({event})"
 
-PHASES = ("loading", "exporting", "encoding", "sampling", "decoding", "upscaling", "saving")
+PHASES = ("loading", "exporting", "encoding", "sampling", "decoding", "upscaling", "detailing", "saving")
 
 
 @dataclass(frozen=True)

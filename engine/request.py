@@ -179,6 +179,7 @@ class GenerationRequest:
     vae_decode_method: str = "Full"
     live_preview: LivePreview | None = None  # None: no previews
     refiner: Refiner | None = None  # the SDXL refiner (None: off)
+    adetailer: Any = None  # the ADetailer extension's tabs after the generation (engine.adetailer.ADetailer)
 
 
 @dataclass

@@ -287,9 +287,9 @@ def test_unknown_fields_are_named(service, strict_service, payload, field, hint)
 
 
 def test_other_scripts_and_settings_are_not_supported(service, strict_service):
-    enabled = {"args": [True, False, {"ad_model": "face_yolov8n.pt"}]}
-    assert_refused(service, {"alwayson_scripts": {"ADetailer": enabled}}, "alwayson_scripts.ADetailer",
-                   "not_supported")
+    enabled = {"args": [True, False, {"ad_model": "face_yolov8n.pt"}]}  # ADetailer runs; this model is absent
+    assert_refused(service, {"alwayson_scripts": {"ADetailer": enabled}}, "alwayson_scripts.ADetailer.args[2].ad_model",
+                   "invalid_request")
     assert_refused(service, {"alwayson_scripts": {"My Script": {"args": []}}}, "alwayson_scripts.My Script",
                    "not_supported")
     assert_refused(strict_service, {"override_settings": {"sd_hypernetwork": "x"}},

@@ -621,5 +621,6 @@ def test_client_extras_are_ignored_and_named(server):
     assert r.status_code == 200 and not json.loads(r.json()["info"]).get("warnings"), r.text
     enabled = {"ADetailer": {"args": [True, False, {"ad_model": "face_yolov8n.pt"}]}}
     r = server.post("/sdapi/v1/txt2img", {**WEBUI_DEFAULT_PAYLOAD, "alwayson_scripts": enabled})
-    assert r.status_code == 422 and r.json()["error"]["field"] == "alwayson_scripts.ADetailer", r.text
-    assert r.json()["error"]["code"] == "not_supported"
+    # ADetailer runs here (tests/test_adetailer.py): a YOLO model that is not in models/adetailer is refused
+    assert r.status_code == 422 and r.json()["error"]["field"] == "alwayson_scripts.ADetailer.args[2].ad_model", r.text
+    assert r.json()["error"]["code"] == "invalid_request" and "face_yolov8n.pt" in r.json()["error"]["message"]

@@ -166,12 +166,13 @@ def test_listings_the_engine_has_none_of(service):
         for path in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles"):  # none installed
             r = c.get(f"/sdapi/v1/{path}")
             assert r.status_code == 200 and r.json() == [], path
-        assert c.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"],
-                                                     "img2img": ["sd upscale", "controlnet"]}
+        assert c.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet", "adetailer"],
+                                                     "img2img": ["sd upscale", "controlnet", "adetailer"]}
         info = c.get("/sdapi/v1/script-info").json()
     assert [(s["name"], s["is_alwayson"], s["is_img2img"]) for s in info] == [
-        ("controlnet", True, False), ("sd upscale", False, True), ("controlnet", True, True)]
-    assert [a["label"] for a in info[1]["args"]] == [None, "Tile overlap", "Upscaler", "Scale Factor"]
+        ("controlnet", True, False), ("adetailer", True, False), ("sd upscale", False, True),
+        ("controlnet", True, True), ("adetailer", True, True)]
+    assert [a["label"] for a in info[2]["args"]] == [None, "Tile overlap", "Upscaler", "Scale Factor"]
     assert set(info[0]["args"][0]) == {"label", "value", "minimum", "maximum", "step", "choices"}
 
 

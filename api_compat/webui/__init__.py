@@ -10,7 +10,8 @@ service's -- ``/controlnet/detect`` included, which runs its preprocessors as a 
 - :mod:`~api_compat.webui.options`: the options state (persisted) and the tasks the synchronous calls wait for;
 - :mod:`~api_compat.webui.listings`: models, VAEs, LoRAs, embeddings, samplers, schedulers, upscalers ...;
 - :mod:`~api_compat.webui.routes`: :class:`WebuiRoutes`, one method per ``/sdapi/v1`` route (FastAPI);
-- :mod:`~api_compat.webui.controlnet`: :class:`ControlNetRoutes`, the ``/controlnet`` routes.
+- :mod:`~api_compat.webui.controlnet`: :class:`ControlNetRoutes`, the ``/controlnet`` routes;
+- :mod:`~api_compat.webui.adetailer`: :class:`ADetailerRoutes`, the ``/adetailer/v1`` routes.
 
 The routes need the ``server`` extra (FastAPI); they are imported by :func:`webui_router` only.
 """
@@ -29,12 +30,14 @@ def webui_router(service, read_json, freeze_settings: bool = False, authenticate
     ``authenticated``: every caller is authenticated (the server requires credentials), else only loopback
     clients may set options. ``heavy``: the :class:`api_compat.guard.HeavyWork` that submits run on (their
     validation decodes images), off the shared pool."""
+    from api_compat.webui.adetailer import ADetailerRoutes
     from api_compat.webui.controlnet import ControlNetRoutes
     from api_compat.webui.routes import WebuiRoutes
 
     state = WebuiState(service, frozen=freeze_settings, authenticated=authenticated)
     router = WebuiRoutes(service, read_json, state, heavy).router()
-    return ControlNetRoutes(service, read_json, state, heavy).router(router)
+    router = ControlNetRoutes(service, read_json, state, heavy).router(router)
+    return ADetailerRoutes(service, read_json, state, heavy).router(router)
 
 
 __all__ = ["webui_router", "webui_to_scc", "webui_echo", "webui_info", "webui_parameters", "png_info", "WebuiState",

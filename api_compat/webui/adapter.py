@@ -196,7 +196,7 @@ def webui_info(info: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
         "sd_vae_hash": info.get("sd_vae_hash"), "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": payload.get("denoising_strength"),
         "extra_generation_params": {k: v for k, v in _infotext_params(infotexts[0] if infotexts else "").items()
-                                    if k.startswith("ControlNet") or k == "Schedule type"},
+                                    if k.startswith(("ControlNet", "ADetailer")) or k == "Schedule type"},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": info.get(
             "job_timestamp") or time.strftime("%Y%m%d%H%M%S"), "clip_skip": info.get("clip_skip", 1),
         "is_using_inpainting_conditioning": False, "version": WEBUI_VERSION,

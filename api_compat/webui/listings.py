@@ -23,9 +23,9 @@ from engine.upscalers import find_upscalers, upscaler_names
 log = logging.getLogger(__name__)
 
 # the scripts this engine runs, by the names the webui lists them under (a script's title, lower case): ControlNet
-# (sd-webui-controlnet's "controlnet") is the one always-on script, on both tabs; "sd upscale" (engine.sd_upscale)
+# (sd-webui-controlnet's "controlnet") and ADetailer (engine.adetailer) are the always-on scripts, on both tabs; "sd upscale" (engine.sd_upscale)
 # the one selectable script, on img2img
-SCRIPTS = {"txt2img": ["controlnet"], "img2img": ["sd upscale", "controlnet"]}
+SCRIPTS = {"txt2img": ["controlnet", "adetailer"], "img2img": ["sd upscale", "controlnet", "adetailer"]}
 _SCHEDULE_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
 
 
@@ -170,8 +170,10 @@ def script_info(models_dir=None) -> list[dict[str, Any]]:
     args = {"controlnet": [arg(f"ControlNet Unit {i}") for i in range(MAX_UNITS)],
             "sd upscale": [arg(None), arg("Tile overlap", DEFAULT_OVERLAP, 0, MAX_OVERLAP, 16),
                            arg("Upscaler", "None", choices=list(upscaler_names(models_dir))),
-                           arg("Scale Factor", DEFAULT_SCALE, 1.0, 4.0, 0.05)]}
-    return [{"name": name, "is_alwayson": name == "controlnet", "is_img2img": tab == "img2img", "args": args[name]}
+                           arg("Scale Factor", DEFAULT_SCALE, 1.0, 4.0, 0.05)],
+            # the extension's: ad_enable, skip_img2img, then one settings object per tab (2 tabs by default)
+            "adetailer": [arg("Enable ADetailer", False), arg("Skip img2img", False), arg(None, None), arg(None, None)]}
+    return [{"name": name, "is_alwayson": name in ("controlnet", "adetailer"), "is_img2img": tab == "img2img", "args": args[name]}
             for tab, names in SCRIPTS.items() for name in names]
 
 
