@@ -40,10 +40,9 @@ def shared_weights() -> Path | None:
 
 
 SHARED = shared_weights()
-HAVE = (importlib.util.find_spec("mediapipe") is not None and SHARED is not None
-        and (SHARED / "mediapipe").is_dir() and (SHARED / "photos").is_dir())
-pytestmark = pytest.mark.skipif(not HAVE, reason="the adetailer extra (mediapipe) or the shared MediaPipe weights and "
-                                "photos (SDENGINE_SHARED_WEIGHTS: mediapipe/, photos/) are absent")
+HAVE = (importlib.util.find_spec("mediapipe") is not None and SHARED is not None and (SHARED / "photos").is_dir())
+pytestmark = pytest.mark.skipif(not HAVE, reason="the adetailer extra (mediapipe) or the shared photos "
+                                "(SDENGINE_SHARED_WEIGHTS: photos/) are absent")
 # face boxes (x1, y1, x2, y2) marked by hand on the photos: cheek to cheek, hairline (under the cap) to chin
 HAND = {"astronaut.png": (180, 75, 270, 180), "grace_hopper.jpg": (165, 140, 360, 330)}
 SIZE = 128  # the inpaint passes' size: cheap on the tiny model
@@ -76,14 +75,11 @@ def iou(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, tiny_store):
-    """tiny-sd1 and the MediaPipe face detectors placed in models/adetailer, as a user places them."""
+    """tiny-sd1; the MediaPipe face detectors are the bundled ones (engine/models/bundled/adetailer)."""
     root = tmp_path_factory.mktemp("adetailer") / "models"  # the server fixture serves the folder above it
     (root / "Stable-diffusion").mkdir(parents=True)
     shutil.copyfile(tiny_store / "Stable-diffusion" / "tiny-sd1.safetensors",
                     root / "Stable-diffusion" / "tiny-sd1.safetensors")
-    (root / "adetailer").mkdir()
-    for f in (SHARED / "mediapipe").glob("*.tflite"):
-        shutil.copyfile(f, root / "adetailer" / f.name)
     return root
 
 
@@ -134,9 +130,11 @@ def test_two_faces_and_no_face(models_dir):
 def test_models_are_listed_and_refused_naming_the_folder(models_dir, tmp_path):
     detectors = Detectors(models_dir)
     assert detectors.names() == ["mediapipe_face_full", "mediapipe_face_short"]  # no face_landmarker.task placed
+    bundled = detectors.mediapipe_weights("mediapipe_face_short")
+    assert bundled is not None and bundled.parent.name == "adetailer" and "bundled" in bundled.parts
     empty = Detectors(tmp_path)
-    with pytest.raises(Exception) as exc:
-        empty.check("mediapipe_face_short", "f")
+    with pytest.raises(Exception) as exc:  # the mesh models' bundle is not shipped: the user's folder is named
+        empty.check("mediapipe_face_mesh", "f")
     assert str(tmp_path / "adetailer") in str(exc.value) and exc.value.field == "f"
     with pytest.raises(Exception) as exc:
         detectors.check("face_yolov8n.pt", "f")
@@ -144,7 +142,10 @@ def test_models_are_listed_and_refused_naming_the_folder(models_dir, tmp_path):
     assert "mediapipe_face_full, mediapipe_face_short" in exc.value.allowed
     (tmp_path / "adetailer").mkdir()
     (tmp_path / "adetailer" / "face_yolov8n.pt").write_bytes(b"not read")
-    assert Detectors(tmp_path).names() == ["face_yolov8n.pt"]
+    assert Detectors(tmp_path).names() == ["mediapipe_face_full", "mediapipe_face_short", "face_yolov8n.pt"]
+    # a file of the bundled name in the user's folder is the one used
+    shutil.copyfile(bundled, tmp_path / "adetailer" / bundled.name)
+    assert Detectors(tmp_path).mediapipe_weights("mediapipe_face_short") == tmp_path / "adetailer" / bundled.name
     with pytest.raises(Exception) as exc:  # a pickle: only with the opt-in
         Detectors(tmp_path).check("face_yolov8n.pt", "f")
     assert "--allow-pickle" in str(exc.value)

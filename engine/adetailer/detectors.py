@@ -3,8 +3,9 @@
 - The MediaPipe face models (``mediapipe_face_short``, ``mediapipe_face_full``, ``mediapipe_face_mesh``,
   ``mediapipe_face_mesh_eyes_only``), run through MediaPipe's Tasks API (``mediapipe.tasks.python.vision``, in
   every mediapipe release from 0.10 on). Their weights are the BlazeFace files the mediapipe 0.10.x wheels ship in
-  ``mediapipe/modules/face_detection/`` (found there when such a wheel is installed) or the same files placed in
-  ``models/adetailer/`` (mediapipe 0.10.30 and later ship no weights); the mesh models need the Tasks bundle
+  ``mediapipe/modules/face_detection/`` (mediapipe 0.10.30 and later ship no weights): a file placed in
+  ``models/adetailer/`` first, then the copies bundled with the package (engine/models/bundled/adetailer, Apache-2.0),
+  then an installed 0.10.x wheel's own; the mesh models need the Tasks bundle
   ``face_landmarker.task`` in ``models/adetailer/``. A model is listed only when its weights and mediapipe are there.
 - YOLO detectors: the ``.pt`` files of ``models/adetailer/`` (``face_yolov8n.pt``, ...), run through
   ``ultralytics`` (the ``adetailer-yolo`` extra, not installed by default). A ``.pt`` is a pickle with code in it:
@@ -91,7 +92,12 @@ class Detectors:
 
     # --------------------------------------------------------------------------------------- what is there
     def mediapipe_weights(self, name: str) -> Path | None:
-        for folder in (self.folder, *(_mediapipe_dirs() if name in MEDIAPIPE_FILES else ())):
+        from engine.models.store import bundled_root
+
+        # the user's folder first, then the bundled BlazeFace files (engine/models/bundled/adetailer, Apache-2.0),
+        # then an installed 0.10.x wheel's own copy
+        extra = (bundled_root() / FOLDER, *_mediapipe_dirs()) if name in MEDIAPIPE_FILES else ()
+        for folder in (self.folder, *extra):
             for file in MEDIAPIPE_FILES.get(name, ()):
                 if (folder / file).is_file():
                     return folder / file
