@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml requirements-pins.txt
 	# tests) without its torchvision requirement: a CUDA torchvision beside the CPU torch breaks `import
 	# torchvision`; engine/spandrel_loader.py loads spandrel's architectures without it
 	$(BIN)/pip install -q --no-deps -c requirements-pins.txt spandrel spandrel_extra_arches dlib-bin einops
+	# controlnet_aux (the annotators extra: model-based ControlNet preprocessors) without torchvision, timm and
+	# scikit-image: engine/controlnet/annotators.py loads only the sub-modules it runs (scipy, einops and
+	# huggingface_hub, which it imports, come with the dependencies above)
+	$(BIN)/pip install -q --no-deps -c requirements-pins.txt controlnet_aux
 	touch $@
 
 test: setup
