@@ -354,3 +354,17 @@ def test_real_weights_see_edges(real_dir, annotators_env):
     assert (lines > 0).mean() > 0.005 and get_preprocessor("mlsd")(flat, 192).max() == 0
     scribble = get_preprocessor("scribble_pidinet")(_photo("camera.png", (256, 192)), 192)
     assert set(np.unique(scribble)) <= {0, 255} and 0.01 < (scribble > 0).mean() < 0.6
+
+
+def test_preprocessor_weights_count_in_the_memory_estimate():
+    """The units' model-based preprocessors add their weights (each file once) to the request's estimate."""
+    from engine.admission import preprocessor_bytes
+
+    def unit(module):
+        return ControlNetUnit(model="m", image=np.zeros((8, 8, 3), np.uint8), module=module)
+
+    mb = 1024 * 1024
+    assert preprocessor_bytes([unit("canny")]) == 0
+    assert preprocessor_bytes([unit("openpose_full"), unit("openpose")]) == int((209.3 + 147.3 + 153.7) * mb)
+    assert preprocessor_bytes([unit("softedge_pidinet"), unit("scribble_pidinet")]) == int(2.8 * mb)
+

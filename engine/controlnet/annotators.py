@@ -9,8 +9,9 @@ Weights are read where users keep them, never downloaded (:func:`search_dirs`): 
 extension's ``{models_dir}/../extensions/sd-webui-controlnet/annotator/downloads/``; in each, the file by the
 extension's name either in the extension's sub-folder (``pidinet/table5_pidinet.pth``) or at the top. A module
 whose file is missing is listed; a request for it is refused at submit naming the file and the folder
-(:func:`check_available`). Files are pickles, read with ``torch.load(weights_only=True)`` (no pickled code runs; as
-the upscaler files: docs/DECISIONS.md "Model-based ControlNet preprocessors").
+(:func:`check_available`). Files are the extension's pickles, read with ``torch.load(weights_only=True)`` (no
+pickled code runs), or a ``.safetensors`` of the same stem (docs/DECISIONS.md "Model-based ControlNet
+preprocessors").
 
 ``controlnet_aux`` is imported without its package ``__init__`` (which imports every annotator, some through
 torchvision, timm or scikit-image): only the sub-packages used are loaded (:func:`aux`). Two of them import a few
@@ -90,9 +91,11 @@ def find_weight(weight: WeightFile, models_dir=None) -> Path | None:
     """The first file of ``weight`` in :func:`search_dirs` (its sub-folder first, then the folder's top)."""
     for root in search_dirs(models_dir):
         for name in weight.names:
-            for path in (root / weight.folder / name, root / name):
-                if path.is_file():
-                    return path
+            for base in (root / weight.folder, root):
+                # a .safetensors of the same stem (a converted file) is taken before the pickle
+                for path in (base / Path(name).with_suffix(".safetensors"), base / name):
+                    if path.is_file():
+                        return path
     return None
 
 
@@ -231,13 +234,19 @@ def aux(submodule: str):
 
 
 def read_weights(path: Path) -> dict:
-    """A pickle weight file's object, read with ``weights_only`` (tensors and containers; no code runs)."""
+    """A weight file's tensors: safetensors, or a pickle read with ``weights_only`` (tensors and containers; no
+    code runs)."""
     import torch
 
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a ModelError naming it
-        raise ModelError(path, f"cannot read this annotator file (torch.load weights_only=True): {exc}") from exc
+        raise ModelError(path, f"cannot read this annotator file (safetensors, or torch.load weights_only=True): "
+                               f"{exc}") from exc
 
 
 def _strip(state: dict, prefix: str = "module.") -> dict:
