@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 import importlib.util  # noqa: E402
 
 if importlib.util.find_spec("controlnet_aux") is None:
-    pytest.skip("controlnet_aux (the 'controlnet' extra) is not installed", allow_module_level=True)
+    pytest.skip("controlnet_aux (the 'annotators' extra) is not installed", allow_module_level=True)
 
 from core.errors import InvalidRequest  # noqa: E402
 from engine.controlnet import annotators, unit_sizes  # noqa: E402
@@ -232,12 +232,12 @@ def test_openpose_files_load_as_the_reference(random_dir):
 def test_random_weight_maps_are_not_trivial(random_dir, annotators_env):
     """The random networks give maps that vary (a constant map would make the equality above vacuous)."""
     annotators_env(random_dir)
-    for module in ("hed", "lineart", "lineart_anime", "normal_bae", "mlsd"):
+    for module in ("hed", "lineart", "normal_bae", "mlsd"):
         out = get_preprocessor(module)(_scene(64, 128), 64)
         assert out.std() > 0 or module == "mlsd", module
 
 
-@pytest.mark.parametrize("module", ["hed", "lineart_anime", "mlsd"])
+@pytest.mark.parametrize("module", ["hed", "lineart", "mlsd"])
 def test_planned_sizes_are_the_sizes_the_unit_makes(module, random_dir, annotators_env):
     """unit_sizes (what submit checks against the image limits) against what the preprocessor really makes."""
     annotators_env(random_dir)

@@ -1,5 +1,5 @@
 """Model-based ControlNet preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae), run with the
-networks of ``controlnet_aux`` (the library these annotators are maintained in; the ``controlnet`` extra) as
+networks of ``controlnet_aux`` (the library these annotators are maintained in; the ``annotators`` extra) as
 sd-webui-controlnet runs them (scripts/preprocessor/legacy/processor.py): the input's short side resized to
 ``processor_res`` and padded to multiples of 64 (``resize_image_with_pad``), the network run on that, the padding
 cropped off, then the module's post-processing (the scribble modules' NMS + blur + threshold on the cropped map).
@@ -113,8 +113,8 @@ def aux_installed() -> bool:
 def check_available(weights: tuple[WeightFile, ...], module: str, field: str, models_dir=None) -> None:
     """Refuse (InvalidRequest naming ``field``) a module whose package or weight files are missing."""
     if not aux_installed():
-        raise InvalidRequest(field, f"preprocessor {module!r} needs the package controlnet_aux (the 'controlnet' "
-                                    "extra: pip install 'sdengine[controlnet]')", "an installed preprocessor")
+        raise InvalidRequest(field, f"preprocessor {module!r} needs the package controlnet_aux (the 'annotators' "
+                                    "extra: pip install 'sdengine[annotators]')", "an installed preprocessor")
     for weight in weights:
         if find_weight(weight, models_dir) is None:
             raise InvalidRequest(field, f"preprocessor {module!r} {missing_message(weight, models_dir)}",
@@ -218,7 +218,7 @@ _import_lock = threading.Lock()
 def aux(submodule: str):
     """``controlnet_aux.{submodule}``, imported without the package's ``__init__`` (see the module doc)."""
     if not aux_installed():
-        raise MissingDependency("controlnet_aux", "controlnet", "model-based ControlNet preprocessors")
+        raise MissingDependency("controlnet_aux", "annotators", "model-based ControlNet preprocessors")
     with _import_lock:
         name = f"controlnet_aux.{submodule}"
         if name in sys.modules:
