@@ -288,6 +288,7 @@ def test_weights_found_in_forge_and_extension_folders(tmp_path, annotators_env, 
 
 def test_not_runnable_modules_name_the_reason():
     for module, word in (("depth_midas", "timm"), ("depth_zoe", "timm"), ("dw_openpose_full", "mmpose"),
+                         ("depth_leres++", "boost"),
                          ("seg_ofade20k", "OneFormer"), ("depth_anything", "controlnet_aux 0.0.10")):
         with pytest.raises(InvalidRequest, match=word):
             get_preprocessor(module, "module")
@@ -368,3 +369,66 @@ def test_preprocessor_weights_count_in_the_memory_estimate():
     assert preprocessor_bytes([unit("openpose_full"), unit("openpose")]) == int((209.3 + 147.3 + 153.7) * mb)
     assert preprocessor_bytes([unit("softedge_pidinet"), unit("scribble_pidinet")]) == int(2.8 * mb)
 
+
+
+@pytest.fixture(scope="module")
+def leres_dir(tmp_path_factory):
+    """res101.pth as the original: ``{'depth_model': {'module.…': …}}``, random weights of LeReS's ResNeXt-101."""
+    aux("leres")
+    import importlib as il
+
+    model = il.import_module("controlnet_aux.leres.leres.multi_depth_model_woauxi")
+    net = _randomize(model.RelDepthModel(backbone="resnext101"), 9)
+    root = tmp_path_factory.mktemp("leres")
+    (root / "leres").mkdir()
+    torch.save({"depth_model": {f"module.{k}": v for k, v in net.state_dict().items()}}, root / "leres" / "res101.pth")
+    return root
+
+
+def test_depth_leres_equals_the_reference(leres_dir, annotators_env):
+    """depth_leres (random weights of the real ResNeXt-101, the real file layout) equals controlnet_aux's
+    LeresDetector with that network loaded as its from_pretrained loads it (its pix2pix boost network, which
+    from_pretrained also needs, is not used without boost), thresholds mapped as the extension maps them
+    (thr_a = Remove Near %, thr_b = Remove Background %); tolerance 0 uint8 levels."""
+    import importlib as il
+
+    annotators_env(leres_dir)
+    leres = aux("leres")
+    model = il.import_module("controlnet_aux.leres.leres.multi_depth_model_woauxi")
+    tools = il.import_module("controlnet_aux.leres.leres.net_tools")
+    net = model.RelDepthModel(backbone="resnext101")
+    checkpoint = torch.load(leres_dir / "leres" / "res101.pth", map_location="cpu", weights_only=True)
+    net.load_state_dict(tools.strip_prefix_if_present(checkpoint["depth_model"], "module."), strict=True)
+    det = leres.LeresDetector(net.eval(), None)
+    image = _scene(70, 90)
+    for near, background in ((0, 0), (10, 30)):
+        ours = get_preprocessor("depth_leres")(image, 64, near, background)
+        expected = _reference_padded(lambda x, s: det(x, thr_a=near, thr_b=background, boost=False,
+                                                      detect_resolution=s, image_resolution=s, output_type="np"),
+                                     image, 64)
+        np.testing.assert_array_equal(ours, _gray3(expected))
+        assert ours.std() > 0
+    assert [s.api_json()["name"] for s in get_preprocessor("depth_leres").sliders().values()] == \
+        ["Resolution", "Remove Near %", "Remove Background %"]
+
+
+def test_torchvision_stand_ins_follow_torchvisions_definitions():
+    """The stand-ins follow torchvision's documented definitions: ToTensor (HWC -> CHW; uint8 divided by 255,
+    float kept), Normalize ((x - mean) / std per channel), Compose (in order); skimage's block_reduce."""
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    t = annotators._ToTensor()(u8)
+    assert t.shape == (3, 5, 7) and torch.allclose(t, torch.from_numpy(u8.transpose(2, 0, 1).astype(np.float32)) / 255)
+    f32 = rng.random((5, 7, 3)).astype(np.float32) * 255
+    assert torch.equal(annotators._ToTensor()(f32), torch.from_numpy(f32.transpose(2, 0, 1).copy()))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    n = annotators._Normalize(mean, std)(t)
+    for c in range(3):
+        assert torch.allclose(n[c], (t[c] - mean[c]) / std[c])
+    both = annotators._Compose([annotators._ToTensor(), annotators._Normalize(mean, std)])(u8)
+    assert torch.equal(both, n)
+    pil = annotators._ToPILImage()(t)
+    assert np.abs(np.asarray(pil).astype(int) - u8).max() <= 1
+    a = rng.random((6, 9))
+    reduced = annotators._skimage_block_reduce(a, (3, 3), np.max)
+    assert reduced.shape == (2, 3) and reduced[1, 2] == a[3:6, 6:9].max()

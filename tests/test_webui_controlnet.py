@@ -342,6 +342,9 @@ def test_model_based_preprocessors_through_the_server(server):
         {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
         {"name": "MLSD Value Threshold", "value": 0.1, "min": 0.01, "max": 2.0, "step": 0.01},
         {"name": "MLSD Distance Threshold", "value": 0.1, "min": 0.01, "max": 20.0, "step": 0.01}]}
+    types = server.get("/controlnet/control_types").json()["control_types"]
+    assert types["SoftEdge"]["default_option"] == "softedge_pidinet"  # listed whether or not its file is here
+    assert {"openpose_full", "openpose"} <= set(types["OpenPose"]["module_list"])
 
 
 def test_control_types(server):

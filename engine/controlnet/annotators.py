@@ -72,6 +72,7 @@ OPENPOSE_BODY = WeightFile("openpose", "body_pose_model.pth", size_mb=209.3)
 OPENPOSE_HAND = WeightFile("openpose", "hand_pose_model.pth", size_mb=147.3)
 OPENPOSE_FACE = WeightFile("openpose", "facenet.pth", size_mb=153.7)
 NORMAL_BAE = WeightFile("normal_bae", "scannet.pt", size_mb=291.5)
+LERES = WeightFile("leres", "res101.pth", size_mb=530.0)
 
 
 def search_dirs(models_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -177,6 +178,17 @@ def _skimage_label(image, return_num=False, connectivity=None, background=0):
     return (labels, count) if return_num else labels
 
 
+def _skimage_block_reduce(image, block_size, func=np.sum, cval=0):
+    """skimage.measure.block_reduce of a 2-D array (LeReS's boost imports it; padded with ``cval`` to whole
+    blocks)."""
+    a = np.asarray(image)
+    bh, bw = block_size
+    ph, pw = (-a.shape[0]) % bh, (-a.shape[1]) % bw
+    a = np.pad(a, ((0, ph), (0, pw)), constant_values=cval)
+    blocks = a.reshape(a.shape[0] // bh, bh, a.shape[1] // bw, bw)
+    return func(blocks, axis=(1, 3))
+
+
 def _importable(name: str) -> bool:
     try:
         importlib.import_module(name)
@@ -200,6 +212,7 @@ def _import_shims():
     if not _importable("skimage"):
         sk, measure = types.ModuleType("skimage"), types.ModuleType("skimage.measure")
         measure.label = _skimage_label
+        measure.block_reduce = _skimage_block_reduce
         sk.measure = measure
         added += [("skimage", sk), ("skimage.measure", measure)]
     for name, module in added:
@@ -354,6 +367,17 @@ def load_normal_bae(path: Path):
     return bae.NormalBaeDetector(_load(net, _strip(state), path, "normal_bae"))
 
 
+def load_leres(path: Path):
+    """LeReS (ResNeXt-101 depth) without its boost network: controlnet_aux's LeresDetector with no pix2pix model
+    (depth_leres; the boost of depth_leres++ is not run here)."""
+    leres = aux("leres")
+    model = importlib.import_module("controlnet_aux.leres.leres.multi_depth_model_woauxi")
+    state = read_weights(path)
+    state = state.get("depth_model", state)
+    net = _load(model.RelDepthModel(backbone="resnext101"), _strip(state), path, "LeReS depth")
+    return leres.LeresDetector(net, None)
+
+
 # ------------------------------------------------------------------------------------------ the cache
 
 
@@ -476,6 +500,11 @@ class ModelRunner:
                                                        include_body=opts.get("body", True),
                                                        include_hand=opts.get("hand", False),
                                                        include_face=opts.get("face", False), output_type="np"))
+
+    def _run_leres(self, img, res, a, b, paths, opts):
+        det = LOADED.get(load_leres, tuple(paths))
+        return _padded_call(img, res, lambda x, s: det(x, thr_a=a, thr_b=b, boost=False, detect_resolution=s,
+                                                       image_resolution=s, output_type="np"))
 
     def _run_normal_bae(self, img, res, a, b, paths, opts):
         det = LOADED.get(load_normal_bae, tuple(paths))

@@ -352,6 +352,8 @@ PREPROCESSORS: dict[str, Preprocessor] = {
                      priority=100),
         Preprocessor("normal_bae", runner("normal_bae", _ann.NORMAL_BAE), _RES, resize="pad", tags=("NormalMap",),
                      priority=100),
+        Preprocessor("depth_leres", runner("leres", _ann.LERES), _RES, _slider(0, 0, 100, "Remove Near %", 0.1),
+                     _slider(0, 0, 100, "Remove Background %", 0.1), resize="pad", tags=("Depth",)),
         # model-free attention injection (engine.controlnet.reference): the map is the image; threshold_a is the
         # style fidelity (the extension's "Style Fidelity (only for Balanced mode)" slider)
         Preprocessor("reference_only", _none, None, _slider(0.5, 0.0, 1.0, "Style Fidelity (only for Balanced mode)"),
@@ -386,6 +388,8 @@ NOT_RUNNABLE: dict[str, str] = {
     **{m: _TIMM for m in ("depth", "depth_midas", "depth_zoe", "normal_map", "normal_midas")},
     **{m: "its network (Depth Anything's DINOv2 ViT) is not in controlnet_aux 0.0.10"
        for m in ("depth_anything", "depth_anything_v2")},
+    "depth_leres++": "its boost pass (LeReS merged with a pix2pix network at several sizes) is not implemented; "
+                     "depth_leres runs the same depth network without it",
     "dw_openpose_full": "controlnet_aux runs DWPose through mmpose/mmdet/mmcv, which the engine does not install",
     **{m: "OneFormer / UniFormer segmentation networks are not in controlnet_aux 0.0.10"
        for m in ("segmentation", "seg_ufade20k", "oneformer_coco", "seg_ofcoco", "oneformer_ade20k",
