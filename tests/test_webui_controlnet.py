@@ -359,8 +359,11 @@ def test_control_types(server):
     assert canny["default_model"].startswith(CN_NAME)  # the extension prefers a v1.1 ("11") model
     assert canny["default_option"] == "canny"
     # a type with nothing here: only "none" / "None", as the extension answers for it
-    assert types["Depth"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
-                              "default_model": "None"}
+    assert types["Segmentation"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
+                                     "default_model": "None"}
+    # a model-based module is listed whether or not its file is installed
+    assert types["Depth"] == {"module_list": ["none", "depth_leres"], "model_list": ["None"],
+                              "default_option": "depth_leres", "default_model": "None"}
     assert types["All"]["model_list"] == ["None", *models]
 
 

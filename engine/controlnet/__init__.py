@@ -63,6 +63,7 @@ def prepare_unit(unit, width: int, height: int, field: str = "controlnet_units[0
     resize_mode = ResizeMode.parse(unit.resize_mode, f"{field}.resize_mode")
     control_mode = ControlMode.parse(unit.control_mode, f"{field}.control_mode")
     pre = get_preprocessor(unit.module, f"{field}.module")
+    pre.check_available(f"{field}.module", models_dir)  # a model-based one: its package and files
     image = hwc3(as_array(unit.image))
     exact = pixel_perfect_resolution(image, height, width, resize_mode) if unit.pixel_perfect else None
     detected = pre(image, unit.processor_res, unit.threshold_a, unit.threshold_b, exact_res=exact,
