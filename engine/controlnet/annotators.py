@@ -119,7 +119,7 @@ def check_available(weights: tuple[WeightFile, ...], module: str, field: str, mo
     for weight in weights:
         if find_weight(weight, models_dir) is None:
             raise InvalidRequest(field, f"preprocessor {module!r} {missing_message(weight, models_dir)}",
-                                 f"a preprocessor whose files are installed, or module 'none' with a detected map")
+                                 "a preprocessor whose files are installed, or module 'none' with a detected map")
 
 
 # ------------------------------------------------------------------------------------- controlnet_aux

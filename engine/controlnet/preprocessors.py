@@ -1,9 +1,12 @@
-"""ControlNet preprocessors that need no model weights, as sd-webui-controlnet v1.1.4xx runs them.
+"""ControlNet preprocessors as sd-webui-controlnet v1.1.4xx runs them: image operations, and networks
+(engine.controlnet.annotators) whose weight files users install.
 
 The registry :data:`PREPROCESSORS` maps the extension's module names to :class:`Preprocessor` objects;
 :data:`ALIASES` maps the extension's UI labels ("invert (from white bg & black line)", "t2ia_color_grid",
-...) to them. Model-based preprocessors (depth, openpose, hed, lineart models, ...) need weights this engine
-does not download: asking for one is an :class:`InvalidRequest` that says so and lists what is available.
+...) to them. Model-based preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres) run
+controlnet_aux's networks on files read from disk, never downloaded: one whose file is missing is listed, and a
+request for it is an :class:`InvalidRequest` naming the file and where to put it
+(:meth:`Preprocessor.check_available`); the other model-based modules of the extension are refused naming why.
 
 Parameters follow the extension's slider configs: each preprocessor declares a default and a range for
 ``processor_res``, ``threshold_a`` and ``threshold_b``; -1 (any negative) or a value outside the range gives
@@ -432,8 +435,8 @@ def get_preprocessor(module: str | None, field: str = "module") -> Preprocessor:
         raise InvalidRequest(field, f"preprocessor {module!r} is not available in this engine: {NOT_RUNNABLE[name]}; "
                                     "run it elsewhere and send the detected map with module 'none'", allowed)
     if name in MODEL_BASED:
-        raise InvalidRequest(field, f"preprocessor {module!r} is not implemented in this engine; run it elsewhere and send the detected map with "
-                                    "module 'none'", allowed)
+        raise InvalidRequest(field, f"preprocessor {module!r} is not implemented in this engine; run it elsewhere "
+                                    "and send the detected map with module 'none'", allowed)
     if name in UNSUPPORTED:
         raise InvalidRequest(field, f"preprocessor {module!r} is not supported by this engine", allowed)
     raise InvalidRequest(field, f"unknown preprocessor {module!r}", allowed)
