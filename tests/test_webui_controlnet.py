@@ -308,7 +308,7 @@ def test_module_list_detail_as_the_extension(server):
 @pytest.mark.skipif(REAL_PIDINET is None, reason="the shared real-weights folder (the real PiDiNet file) is absent")
 def test_model_based_preprocessors_through_the_server(server):
     """softedge_pidinet (the real file in the server's models/ControlNetPreprocessor/pidinet/) through
-    /controlnet/detect and a txt2img unit: the maps the engine makes in this process from the same folder, and
+    /controlnet/detect and txt2img and img2img units: the maps the engine makes in this process from the same folder, and
     edges on a real photo; a module whose file is missing is refused at submit (422) naming the file and the
     folder; the module list shows them with the extension's labels and sliders."""
     from PIL import Image
@@ -329,6 +329,11 @@ def test_model_based_preprocessors_through_the_server(server):
     assert len(images) == 2
     detected = PREPROCESSORS["pidinet"](photo, 64, models_dir=models)
     assert np.array_equal(images[1], fit_detected_map(detected, "Crop and Resize", 64, 64))
+    # img2img: a unit without an image takes the init image (and img2img's resize mode 0, "Just Resize")
+    images = server.generate("img2img", img2img([unit(module="softedge_pidinet", pixel_perfect=False,
+                                                      processor_res=64)]))
+    detected = PREPROCESSORS["pidinet"](_picture(), 64, models_dir=models)
+    assert len(images) == 2 and np.array_equal(images[1], fit_detected_map(detected, "Just Resize", 64, 64))
     r = server.post("/controlnet/detect", {"controlnet_module": "softedge_hed", "controlnet_input_images": [PICTURE]})
     assert r.status_code == 422 and "ControlNetHED.pth" in r.text
     # the folders, as error messages show server paths: relative to the models folder, extensions/ beside it
