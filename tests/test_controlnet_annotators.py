@@ -432,3 +432,27 @@ def test_torchvision_stand_ins_follow_torchvisions_definitions():
     a = rng.random((6, 9))
     reduced = annotators._skimage_block_reduce(a, (3, 3), np.max)
     assert reduced.shape == (2, 3) and reduced[1, 2] == a[3:6, 6:9].max()
+
+
+def test_detect_reports_a_preprocessing_phase_and_stops_when_cancelled(tmp_path):
+    """/controlnet/detect's task reports "preprocessing" for each image before it runs (a model-based module
+    loads its network there), then "saving"; a cancel between images stops it."""
+    import threading
+
+    from api_compat.detect import DetectRequest, run_detect
+    from core.errors import Cancelled
+
+    request = DetectRequest("invert", (_scene(16, 16), _scene(16, 16)), -1, -1, -1)
+    events = []
+    run_detect(request, images_dir=tmp_path, task_id="t", progress=events.append, cancel=threading.Event())
+    assert [(e.phase, e.done) for e in events] == [("preprocessing", 0), ("saving", 1), ("preprocessing", 1),
+                                                   ("saving", 2)]
+    assert events[0].detail == "invert (from white bg & black line)"
+    cancel = threading.Event()
+
+    def stop(event):
+        if event.phase == "saving":
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        run_detect(request, images_dir=tmp_path, task_id="u", progress=stop, cancel=cancel)
