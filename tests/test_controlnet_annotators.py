@@ -456,3 +456,17 @@ def test_detect_reports_a_preprocessing_phase_and_stops_when_cancelled(tmp_path)
 
     with pytest.raises(Cancelled):
         run_detect(request, images_dir=tmp_path, task_id="u", progress=stop, cancel=cancel)
+
+
+def test_sdengine_paths_lists_the_annotator_folders(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from cli.paths import paths
+
+    monkeypatch.setenv(annotators.ENV_ANNOTATORS_DIR, str(tmp_path / "mine"))
+    monkeypatch.setenv("SDENGINE_MODELS_DIR", str(tmp_path / "webui" / "models"))
+    out = CliRunner().invoke(paths).output
+    lines = [line for line in out.splitlines() if line.startswith("annotator ")]
+    assert [line.split()[1] for line in lines] == [
+        str(tmp_path / "mine"), str(tmp_path / "webui" / "models" / "ControlNetPreprocessor"),
+        str(tmp_path / "webui" / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads")]
