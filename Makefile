@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml requirements-pins.txt
 	# ADetailer's MediaPipe detectors (the adetailer extra) without mediapipe's opencv-contrib-python (a second
 	# cv2 over opencv-python-headless) and sounddevice: the Tasks API's face detector needs neither
 	$(BIN)/pip install -q --no-deps -c requirements-pins.txt mediapipe absl-py
+	# controlnet_aux (the annotators extra: model-based ControlNet preprocessors) without torchvision, timm and
+	# scikit-image: engine/controlnet/annotators.py loads only the sub-modules it runs (scipy, einops and
+	# huggingface_hub, which it imports, come with the dependencies above)
+	$(BIN)/pip install -q --no-deps -c requirements-pins.txt controlnet_aux
 	touch $@
 
 test: setup

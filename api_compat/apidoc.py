@@ -146,6 +146,8 @@ FIELD_DOCS: dict[str, str] = {
     "enabled": "a listed unit runs unless false (the webui defaults to false; a listed unit is meant to run)",
     "module": "preprocessor: none, canny, invert, threshold, blur_gaussian, scribble_xdog, ...; reference_only "
               "(model-free attention injection from the image, threshold_a = style fidelity, default 0.5); "
+              "model-based ones (softedge_pidinet, scribble_hed, mlsd, lineart_realistic, openpose_full, "
+              "normal_bae, ...) need their annotator files installed (refused naming the file and folder); "
               "unknown is an error listing the valid ones",
     "model": "ControlNet from the model store's ControlNet/ folder, webui matching (exact, case-insensitive, "
              "\"name [hash]\"); required for an enabled unit (\"None\" for a module that needs no model: reference_only); "

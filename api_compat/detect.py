@@ -64,9 +64,10 @@ def _error(code: str, message: str, field: str, allowed: str) -> ApiError:
     return ApiError(code, message, field=field, allowed=allowed)
 
 
-def parse_detect(body: Any, limits: ImageLimits) -> DetectRequest:
+def parse_detect(body: Any, limits: ImageLimits, models_dir=None) -> DetectRequest:
     """The extension's detect body as a :class:`DetectRequest`; raises :class:`ApiError` naming the field (the
-    same checks, in the same order, as the extension's route took them here before it became a task)."""
+    same checks, in the same order, as the extension's route took them here before it became a task).
+    ``models_dir``: where a model-based preprocessor's files are looked for (engine.controlnet.annotators)."""
     if not isinstance(body, dict):
         raise ApiError("bad_request", "the body must be a JSON object", allowed="controlnet_module, "
                        "controlnet_input_images, ...")
@@ -94,6 +95,7 @@ def parse_detect(body: Any, limits: ImageLimits) -> DetectRequest:
     module = given.strip().lower()
     try:
         pre = get_preprocessor(module, field="controlnet_module")
+        pre.check_available("controlnet_module", models_dir)
         # the extension's bound check: out of the slider's range -> its default, logged as the extension does
         values, adjusted = pre.check_params(given, numbers["controlnet_processor_res"],
                                             numbers["controlnet_threshold_a"], numbers["controlnet_threshold_b"])
@@ -119,16 +121,19 @@ def parse_detect(body: Any, limits: ImageLimits) -> DetectRequest:
 
 
 def run_detect(request: DetectRequest, *, images_dir: Path, task_id: str, progress,
-               cancel: threading.Event) -> tuple[dict[str, Any], list[str]]:
+               cancel: threading.Event, models_dir=None) -> tuple[dict[str, Any], list[str]]:
     """Run the preprocessor on each image and write the detected maps as the task's PNGs (atomically, no
-    infotext). Returns ``(info, image file names)``, as :func:`api_compat.tasks.backend.run_generation` does."""
+    infotext). Returns ``(info, image file names)``, as :func:`api_compat.tasks.backend.run_generation` does.
+    Progress: a "preprocessing" phase per image (a model-based one loads its network first), then "saving"."""
     pre = get_preprocessor(request.module, field="controlnet_module")
     names: list[str] = []
     count = len(request.images)
     for i, image in enumerate(request.images):
         if cancel.is_set():
             raise Cancelled(f"cancelled after {i} of {count} images")
-        detected = pre(image, request.processor_res, request.threshold_a, request.threshold_b)
+        progress(PhaseEvent("preprocessing", i, count, i, count, None, pre.label or pre.name))
+        detected = pre(image, request.processor_res, request.threshold_a, request.threshold_b,
+                       models_dir=models_dir)
         path = image_file(images_dir, task_id, i)
         write_png(path, detected, None)
         names.append(path.name)

@@ -49,12 +49,14 @@ class PublicPaths:
 
 def public_paths(configs: Iterable[Any], results_dir: str | os.PathLike) -> PublicPaths:
     """The :class:`PublicPaths` of a service: every configuration's models dir (paths shown relative to it) and
-    cache dir (``cache/...``), the results dir (``results/...``), the project's files (``sdengine/...``), the
+    cache dir (``cache/...``), the webui's ``extensions`` folder beside it (``extensions/...``), the results dir (``results/...``), the project's files (``sdengine/...``), the
     home directory (``~/...``)."""
     roots: list[tuple[str | os.PathLike, str]] = [(results_dir, "results"), (_INSTALL, "sdengine"),
                                                   (Path.home(), "~")]
     for config in configs:
         roots.append((config.models_dir, ""))
+        # the ControlNet extension's annotator downloads beside a webui's models folder (engine.controlnet.annotators)
+        roots.append((Path(config.models_dir).parent / "extensions", "extensions"))
         if getattr(config, "cache_dir", None):
             roots.append((config.cache_dir, "cache"))
     return PublicPaths(roots)

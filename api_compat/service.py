@@ -231,7 +231,7 @@ class TaskService:
                               parameters=pending.parameters, payload=pending.payload, model=None,
                               created=pending.created, nbytes=request.nbytes, kind=pending.kind)
         if pending.kind == "detect":
-            request = parse_detect(pending.payload, self.limits)
+            request = parse_detect(pending.payload, self.limits, self.configs[pending.config_id].models_dir)
             return Submission(task_id=pending.task_id, config_id=pending.config_id, request=request,
                               parameters=pending.parameters, payload=pending.payload, model=None,
                               created=pending.created, nbytes=request.nbytes, kind="detect")
@@ -247,8 +247,8 @@ class TaskService:
         the sliders) as a task: validated here (images decoded under the image limits, the working size
         checked), the preprocessor runs on the backend's worker, never in this process. Returns ``{"taskId",
         "status"}``; the succeeded result's images are the detected maps. Raises :class:`ApiError`."""
-        request = parse_detect(payload, self.limits)
         config_id = self._config_id(headers)
+        request = parse_detect(payload, self.limits, self.configs[config_id].models_dir)
         model, wire = None, payload  # a worker (or this process after a crash) parses the body again
         if self.backend.name != "embedded":
             try:  # the default checkpoint's queue: a worker serving only named checkpoints still takes it

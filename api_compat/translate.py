@@ -253,6 +253,8 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         field = f"controlnet_units[{len(units)}]"
         units.append(_unit(path, field, unit, limits, payload.width or PLAN_NATIVE_SIZE,
                            payload.height or PLAN_NATIVE_SIZE, init))
+        # a model-based preprocessor's package and files are checked here, at submit (named in the error)
+        get_preprocessor(units[-1].module).check_available(f"{field}.module", config.models_dir)
         if not get_preprocessor(units[-1].module).model_free:  # model-free units name no model
             models.append((Kind.CONTROLNET, units[-1].model, f"{field}.model"))
 

@@ -18,3 +18,10 @@ def paths() -> None:
                             ("results", default_results_dir(), ENV_RESULTS_DIR),
                             ("bundled", bundled_root(), None)):
         click.echo(f"{name:<8} {path}" + (f"   (${env})" if env else "   (read-only, shipped models)"))
+    # ControlNet annotator weights (model-based preprocessors), searched in this order; never downloaded
+    from engine.controlnet.annotators import ENV_ANNOTATORS_DIR, search_dirs
+
+    dirs = search_dirs(models)
+    notes = [f"${ENV_ANNOTATORS_DIR}"] * (len(dirs) - 2) + ["Forge's folder", "sd-webui-controlnet's downloads"]
+    for path, note in zip(dirs, notes):
+        click.echo(f"annotator {path}   ({note}; ControlNet preprocessor weights, never downloaded)")

@@ -105,6 +105,18 @@ def _upscaler_cost(name: str, models_dir=None) -> UpscalerCost | None:
     return cost
 
 
+def preprocessor_bytes(units) -> int:
+    """The fp32 weights of the units' model-based preprocessors (each network counted once)."""
+    from engine.controlnet.preprocessors import ALIASES, PREPROCESSORS
+
+    files = {}
+    for unit in units:
+        pre = PREPROCESSORS.get(ALIASES.get(unit.module, unit.module))
+        if pre is not None and pre.model_based:
+            files.update({w.name: w.size_mb for w in pre.fn.weights})
+    return int(sum(files.values()) * 1024 * 1024)
+
+
 def check_memory(arch, native: int, model_name: str, config: EngineConfig, request: GenerationRequest,
                  budget: int, *, answer: bool = False, upscaler_cost=_upscaler_cost) -> None:
     """TooMuchMemory when ``request``'s estimated peak (engine.memory.estimate_request, with the config's backend
@@ -116,7 +128,8 @@ def check_memory(arch, native: int, model_name: str, config: EngineConfig, reque
     width, height = request.width or native, request.height or native
     backend = getattr(config.backend, "value", str(config.backend))
     options = {"cfg": request.cfg_scale != 1.0, "backend": backend, "tiling": config.vae_tiling,
-               "units": len(request.controlnet_units), **_detailer(request, width, height, config)}
+               "units": len(request.controlnet_units), **_detailer(request, width, height, config),
+               "preprocessor_bytes": preprocessor_bytes(request.controlnet_units)}
     need = estimate_request(arch, width, height, request.batch_size, **options)
     if need.total > budget and "detailer" in options:
         plain = {k: v for k, v in options.items() if k not in ("detailer", "detector_bytes")}

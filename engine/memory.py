@@ -260,7 +260,7 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
                      answer: bool = False, streamed: bool = True, cfg: bool = True, hires_cfg: bool | None = None,
                      backend: str = "onnxruntime", attention: tuple[str, str] | None = None,
                      tiling: VaeTiling | None = VaeTiling(), detailer: tuple[int, int] | None = None,
-                     detector_bytes: int = DETECTOR_BYTES) -> Estimate:
+                     detector_bytes: int = DETECTOR_BYTES, preprocessor_bytes: int = 0) -> Estimate:
     """Peak memory of a whole request: the largest stage of one iteration (sampling; with the hires fix
     ``hires=(width, height)`` of the second pass, the upscale -- latent when ``upscaler`` is None, else the VAE
     decode at the first size, ``upscaler(...)`` and the VAE encode at the second -- and its sampling; the VAE
@@ -271,7 +271,9 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
     ``detailer=(width, height)``: ADetailer's inpaint passes at that size (the largest of the request's tabs):
     each pass is a one-image img2img (VAE encode, sampling, decode) run after the request's own passes, one after
     another, so they add one pass's peak (not one per region) while every image of the request is held, with the
-    detector (``detector_bytes``) and a tab's masks."""
+    detector (``detector_bytes``) and a tab's masks.
+    ``preprocessor_bytes``: the weights of the units' model-based preprocessors (kept loaded between requests:
+    engine.controlnet.annotators)."""
     unet_kind, vae_kind = attention or BACKEND_ATTENTION.get(backend, ("full", "full"))
     first = estimate(arch, width, height, batch_size, cfg=cfg, backend=backend, attention=attention, tiling=tiling)
     out_w, out_h = hires or (width, height)
@@ -280,7 +282,7 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
     tensors = UNET_TENSORS_BY_BACKEND.get(backend, UNET_TENSORS)
     decode = _vae_pass(arch, out_w, out_h, batch_size, vae_kind, tiling)
     decode += batch_size * out_px * (IMAGE_BYTES_PER_PX + DECODED_BYTES_PER_PX)
-    held = units * UNIT_BYTES_PER_PX * width * height
+    held = units * UNIT_BYTES_PER_PX * width * height + preprocessor_bytes
     if hires is not None:
         rows = batch_size * (2 if (cfg if hires_cfg is None else hires_cfg) else 1)
         unet = max(unet, _unet_pass(arch, out_w, out_h, rows, unet_kind, tensors))

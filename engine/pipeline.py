@@ -412,6 +412,8 @@ class Engine:
         total = req.batch_size * req.n_iter
         seed, subseed = resolve_seed(req.seed), resolve_seed(req.subseed)
         t0 = time.perf_counter()
+        if req.controlnet_units:  # a model-based preprocessor loads and runs its network here
+            ctx.reporter.phase("preprocessing", ", ".join(u.module for u in req.controlnet_units))
         # with the hires fix the refiner acts in the second pass only (webui hires_fix_refiner_pass "second pass")
         first = _Pass(plan, *self._controlnet_units(ctx.rt, req, ctx.width, ctx.height), ctx.width, ctx.height,
                       req.prompt, req.negative_prompt, req.cfg_scale, req.steps,
@@ -767,7 +769,7 @@ class Engine:
                 if not supports_reference(rt.backend):
                     raise BackendUnavailable(f"the {self.config.backend.value} backend cannot hook attention "
                                              f"({field_name}.module {unit.module!r})")
-                units.append(prepare_unit(unit, width, height, field=field_name))
+                units.append(prepare_unit(unit, width, height, field=field_name, models_dir=self.config.models_dir))
                 labels.append(unit_infotext(unit, "None", units[-1].used))
                 continue
             cn = self._controlnet(rt, unit.model, f"{field_name}.model")
@@ -778,7 +780,8 @@ class Engine:
                                               layout=extension_residuals(cn.arch is Arch.CONTROLNET_SDXL))
                 log.info("%s: advanced weighting %s (replaces the weight and the control mode's scales)",
                          field_name, list(weights))
-            units.append(prepare_unit(unit, width, height, field=field_name, advanced_weighting=weights))
+            units.append(prepare_unit(unit, width, height, field=field_name, advanced_weighting=weights,
+                                      models_dir=self.config.models_dir))
             labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]", units[-1].used))
         return units, labels
 

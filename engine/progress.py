@@ -3,7 +3,8 @@
 The engine calls ``progress(Progress)`` (``Engine.generate(request, progress=...)``) at each phase change,
 at each exporter stage and after each sampling step. The phases, in order: ``loading`` (reading the model),
 ``exporting`` (building an ONNX / runtime artefact, first use of a component only; it may interrupt any other
-phase and has its own ``done/total``), ``encoding`` (prompts), ``sampling`` (``step/steps`` over all batches),
+phase and has its own ``done/total``), ``preprocessing`` (ControlNet units' preprocessors, when a request has
+units), ``encoding`` (prompts), ``sampling`` (``step/steps`` over all batches),
 ``decoding`` (VAE), ``detailing`` (ADetailer's detection and inpaint passes, engine.adetailer), ``saving`` (the caller's; api_compat's service writes the PNGs).
 
 The ETA is the median time of the sampling steps measured so far times the steps left: one slow step (a
@@ -27,7 +28,8 @@ from typing import Any
 from core.errors import Cancelled
 from core.events import BUILDING, UP_TO_DATE  # the exporter's events: "{component}: {stage} ({event})"
 
-PHASES = ("loading", "exporting", "encoding", "sampling", "decoding", "upscaling", "detailing", "saving")
+PHASES = ("loading", "exporting", "preprocessing", "encoding", "sampling", "decoding", "upscaling", "detailing",
+          "saving")
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,8 @@ def test_controlnet_detect_runs_on_the_worker_not_in_the_router(service, monkeyp
             seen.append(threading.current_thread().name)
             return pre(*args, **kwargs)
 
-        run.sizes, run.check_params = pre.sizes, pre.check_params
+        run.sizes, run.check_params, run.check_available = pre.sizes, pre.check_params, pre.check_available
+        run.name, run.label = pre.name, pre.label
         return run
 
     monkeypatch.setattr(detect, "get_preprocessor", spy)

@@ -68,6 +68,16 @@ def _picture(h: int = 96, w: int = 80) -> np.ndarray:
 PICTURE = _png(_picture())
 
 
+def _real_pidinet() -> Path | None:
+    from tests.test_taesd import WEIGHTS
+
+    path = None if WEIGHTS is None else WEIGHTS / "annotators" / "pidinet" / "table5_pidinet.pth"
+    return path if path is not None and path.is_file() else None
+
+
+REAL_PIDINET = _real_pidinet()
+
+
 # ------------------------------------------------------------------------------------------ the payloads
 def unit(**over):
     """The extension suite's default unit (its model as /controlnet/model_list names it, filled in by the test)."""
@@ -153,6 +163,9 @@ def _store(root: Path) -> None:
     (root / "models" / "ControlNet").mkdir(parents=True)
     shutil.copyfile(BUNDLED / "ControlNet" / "sdengine-demo-canny.safetensors",
                     root / "models" / "ControlNet" / f"{CN_NAME}.safetensors")
+    if REAL_PIDINET is not None:  # Forge's annotator folder, the extension's sub-folder layout
+        (root / "models" / "ControlNetPreprocessor" / "pidinet").mkdir(parents=True)
+        shutil.copyfile(REAL_PIDINET, root / "models" / "ControlNetPreprocessor" / "pidinet" / REAL_PIDINET.name)
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +305,54 @@ def test_module_list_detail_as_the_extension(server):
     assert "invert (from white bg & black line)" in labels and "t2ia_color_grid" in labels
 
 
+@pytest.mark.skipif(REAL_PIDINET is None, reason="the shared real-weights folder (the real PiDiNet file) is absent")
+def test_model_based_preprocessors_through_the_server(server):
+    """softedge_pidinet (the real file in the server's models/ControlNetPreprocessor/pidinet/) through
+    /controlnet/detect and txt2img and img2img units: the maps the engine makes in this process from the same folder, and
+    edges on a real photo; a module whose file is missing is refused at submit (422) naming the file and the
+    folder; the module list shows them with the extension's labels and sliders."""
+    from PIL import Image
+
+    from engine.controlnet.images import fit_detected_map
+    from tests.test_taesd import WEIGHTS
+
+    models = server.root / "models"
+    photo = np.asarray(Image.open(WEIGHTS / "photos" / "camera.png").convert("RGB").resize((128, 96)))
+    r = server.post("/controlnet/detect", {"controlnet_module": "softedge_pidinet", "controlnet_processor_res": 96,
+                                           "controlnet_input_images": [_png(photo)]})
+    assert r.status_code == 200, r.text
+    got = _pixels(r.json()["images"][0])
+    assert np.array_equal(got, PREPROCESSORS["pidinet"](photo, 96, models_dir=models))
+    assert got.astype(np.float32).mean() > 15  # edges of a real photo (a flat image: < 1)
+    images = server.generate("txt2img", txt2img([unit(image=_png(photo), module="softedge_pidinet",
+                                                      pixel_perfect=False, processor_res=64)]))
+    assert len(images) == 2
+    detected = PREPROCESSORS["pidinet"](photo, 64, models_dir=models)
+    assert np.array_equal(images[1], fit_detected_map(detected, "Crop and Resize", 64, 64))
+    # img2img: a unit without an image takes the init image (and img2img's resize mode 0, "Just Resize")
+    images = server.generate("img2img", img2img([unit(module="softedge_pidinet", pixel_perfect=False,
+                                                      processor_res=64)]))
+    detected = PREPROCESSORS["pidinet"](_picture(), 64, models_dir=models)
+    assert len(images) == 2 and np.array_equal(images[1], fit_detected_map(detected, "Just Resize", 64, 64))
+    r = server.post("/controlnet/detect", {"controlnet_module": "softedge_hed", "controlnet_input_images": [PICTURE]})
+    assert r.status_code == 422 and "ControlNetHED.pth" in r.text
+    # the folders, as error messages show server paths: relative to the models folder, extensions/ beside it
+    assert "put it in ControlNetPreprocessor/hed or extensions/sd-webui-controlnet/annotator/downloads/hed" in r.text
+    r = server.post("/sdapi/v1/txt2img", txt2img([unit(image=PICTURE, module="lineart_realistic", model=server.model)]))
+    assert r.status_code == 422 and "sk_model.pth" in r.text and "module" in r.text
+    body = server.get("/controlnet/module_list?alias_names=true").json()
+    for label in ("softedge_pidinet", "scribble_pidinet", "softedge_hed", "lineart_realistic", "openpose_full",
+                  "normal_bae", "mlsd"):
+        assert label in body["module_list"], label
+    assert body["module_detail"]["mlsd"] == {"model_free": False, "sliders": [
+        {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
+        {"name": "MLSD Value Threshold", "value": 0.1, "min": 0.01, "max": 2.0, "step": 0.01},
+        {"name": "MLSD Distance Threshold", "value": 0.1, "min": 0.01, "max": 20.0, "step": 0.01}]}
+    types = server.get("/controlnet/control_types").json()["control_types"]
+    assert types["SoftEdge"]["default_option"] == "softedge_pidinet"  # listed whether or not its file is here
+    assert {"openpose_full", "openpose"} <= set(types["OpenPose"]["module_list"])
+
+
 def test_control_types(server):
     types = server.get("/controlnet/control_types").json()["control_types"]
     assert set(types) >= {"Canny", "Revision", "Inpaint", "Instant-ID", "InstructP2P", "Shuffle", "Scribble",
@@ -304,8 +365,11 @@ def test_control_types(server):
     assert canny["default_model"].startswith(CN_NAME)  # the extension prefers a v1.1 ("11") model
     assert canny["default_option"] == "canny"
     # a type with nothing here: only "none" / "None", as the extension answers for it
-    assert types["Depth"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
-                              "default_model": "None"}
+    assert types["Segmentation"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
+                                     "default_model": "None"}
+    # a model-based module is listed whether or not its file is installed
+    assert types["Depth"] == {"module_list": ["none", "depth_leres"], "model_list": ["None"],
+                              "default_option": "depth_leres", "default_model": "None"}
     assert types["All"]["model_list"] == ["None", *models]
 
 

@@ -342,7 +342,8 @@ class EmbeddedBackend:
                                              models_dir=config.models_dir, device=config.device)
                 elif task.sub.kind == "detect":  # /controlnet/detect: the preprocessors, no engine
                     info, names = run_detect(task.sub.request, images_dir=self.store.images_dir,
-                                             task_id=task.task_id, progress=progress, cancel=task.cancel)
+                                             task_id=task.task_id, progress=progress, cancel=task.cancel,
+                                             models_dir=self.configs[task.sub.config_id].models_dir)
                 else:
                     engine = self._engine(worker, task)
                     info, names = run_generation(engine, task.sub.request, images_dir=self.store.images_dir,

@@ -193,12 +193,13 @@ class _Runtime:
                 info, names = run_extras(request, images_dir=self.images_dir, task_id=task_id, progress=progress,
                                          cancel=cancel, models_dir=config.models_dir, device=config.device)
             elif kind == "detect":  # /controlnet/detect: the preprocessors, no engine
-                request = parse_detect(message["payload"], limits)
+                config = EngineConfig(**{**self.settings.engine_options, **(message.get("options") or {})})
+                request = parse_detect(message["payload"], limits, config.models_dir)
                 if write_progress(tracker.value):
                     raise Cancelled("cancelled before the task started")
                 with limit:
                     info, names = run_detect(request, images_dir=self.images_dir, task_id=task_id,
-                                             progress=progress, cancel=cancel)
+                                             progress=progress, cancel=cancel, models_dir=config.models_dir)
             else:
                 with limit:
                     info, names = self._generate(kind, message, limits, task_id, tracker, write_progress, progress,

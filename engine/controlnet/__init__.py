@@ -49,7 +49,7 @@ __all__ = [
 
 
 def prepare_unit(unit, width: int, height: int, field: str = "controlnet_units[0]",
-                 advanced_weighting: tuple[float, ...] | None = None) -> PreparedUnit:
+                 advanced_weighting: tuple[float, ...] | None = None, models_dir=None) -> PreparedUnit:
     """A request unit (``engine.request.ControlNetUnit``) -> a :class:`PreparedUnit` at ``width`` x ``height``.
 
     As the extension: ``processor_res`` comes from the target size when ``pixel_perfect`` (else the unit's
@@ -57,14 +57,17 @@ def prepare_unit(unit, width: int, height: int, field: str = "controlnet_units[0
     the pixel-perfect value is used unchecked, as the extension does); the detected map is fitted with the unit's
     resize mode; ``PreparedUnit.detected_map`` is that fitted map (what ``save_detected_map`` returns).
     ``advanced_weighting``: the unit's per-residual weights, checked against its ControlNet
-    (engine.rules.check_layer_weights).
+    (engine.rules.check_layer_weights). ``models_dir``: where a model-based preprocessor's files are looked for
+    (engine.controlnet.annotators.search_dirs).
     """
     resize_mode = ResizeMode.parse(unit.resize_mode, f"{field}.resize_mode")
     control_mode = ControlMode.parse(unit.control_mode, f"{field}.control_mode")
     pre = get_preprocessor(unit.module, f"{field}.module")
+    pre.check_available(f"{field}.module", models_dir)  # a model-based one: its package and files
     image = hwc3(as_array(unit.image))
     exact = pixel_perfect_resolution(image, height, width, resize_mode) if unit.pixel_perfect else None
-    detected = pre(image, unit.processor_res, unit.threshold_a, unit.threshold_b, exact_res=exact)
+    detected = pre(image, unit.processor_res, unit.threshold_a, unit.threshold_b, exact_res=exact,
+                   models_dir=models_dir)
     res, thr_a, thr_b = pre.resolve(unit.processor_res, unit.threshold_a, unit.threshold_b)
     if exact is not None and res is not None:
         res = max(1, int(exact))

@@ -1,9 +1,12 @@
-"""ControlNet preprocessors that need no model weights, as sd-webui-controlnet v1.1.4xx runs them.
+"""ControlNet preprocessors as sd-webui-controlnet v1.1.4xx runs them: image operations, and networks
+(engine.controlnet.annotators) whose weight files users install.
 
 The registry :data:`PREPROCESSORS` maps the extension's module names to :class:`Preprocessor` objects;
 :data:`ALIASES` maps the extension's UI labels ("invert (from white bg & black line)", "t2ia_color_grid",
-...) to them. Model-based preprocessors (depth, openpose, hed, lineart models, ...) need weights this engine
-does not download: asking for one is an :class:`InvalidRequest` that says so and lists what is available.
+...) to them. Model-based preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres) run
+controlnet_aux's networks on files read from disk, never downloaded: one whose file is missing is listed, and a
+request for it is an :class:`InvalidRequest` naming the file and where to put it
+(:meth:`Preprocessor.check_available`); the other model-based modules of the extension are refused naming why.
 
 Parameters follow the extension's slider configs: each preprocessor declares a default and a range for
 ``processor_res``, ``threshold_a`` and ``threshold_b``; -1 (any negative) or a value outside the range gives
@@ -21,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from engine.controlnet import annotators as _ann
+from engine.controlnet.annotators import ModelRunner, runner
 from engine.controlnet.images import hwc3
 from core.errors import InvalidRequest
 from core.lazy import require
@@ -138,13 +143,28 @@ class Preprocessor:
             return (height, width), (h, w)
         return (height, width), (height, width)
 
+    @property
+    def model_based(self) -> bool:
+        """Whether it runs a network whose weight files must be installed (engine.controlnet.annotators)."""
+        return isinstance(self.fn, ModelRunner)
+
+    def check_available(self, field: str = "module", models_dir=None) -> None:
+        """Refuse (InvalidRequest naming ``field``) a model-based preprocessor whose package or files are
+        missing; an image-op preprocessor is always available."""
+        if self.model_based:
+            _ann.check_available(self.fn.weights, self.label or self.name, field, models_dir)
+
     def __call__(self, image: np.ndarray, processor_res: float = -1, threshold_a: float = -1,
-                 threshold_b: float = -1, exact_res: int | None = None) -> np.ndarray:
-        """Run on an RGB uint8 image. ``exact_res`` (pixel perfect) is used as is, without the range check."""
+                 threshold_b: float = -1, exact_res: int | None = None, models_dir=None) -> np.ndarray:
+        """Run on an RGB uint8 image. ``exact_res`` (pixel perfect) is used as is, without the range check.
+        ``models_dir``: where a model-based preprocessor's files are searched (annotators.search_dirs)."""
         res, a, b = self.resolve(processor_res, threshold_a, threshold_b)
         if exact_res is not None and res is not None:
             res = max(1, int(exact_res))
-        return hwc3(np.ascontiguousarray(self.fn(hwc3(np.asarray(image)), res, a, b)))
+        image = hwc3(np.asarray(image))
+        if self.model_based:
+            return hwc3(np.ascontiguousarray(self.fn(image, res, a, b, models_dir=models_dir)))
+        return hwc3(np.ascontiguousarray(self.fn(image, res, a, b)))
 
 
 # ------------------------------------------------------------------------------------------ algorithms
@@ -299,6 +319,44 @@ PREPROCESSORS: dict[str, Preprocessor] = {
                      _slider(1.0, 0.1, 2.0, "Gamma Correction", 0.001), tags=("Recolor",), priority=100),
         Preprocessor("recolor_intensity", _recolor("COLOR_BGR2HSV", 2), None,
                      _slider(1.0, 0.1, 2.0, "Gamma Correction", 0.001), tags=("Recolor",)),
+        # model-based (engine.controlnet.annotators: controlnet_aux networks, files where users keep them);
+        # names, labels, sliders, tags and priorities as the extension's legacy table (preprocessor_compiled.py)
+        Preprocessor("pidinet", runner("pidinet", _ann.PIDINET), _RES, label="softedge_pidinet", resize="pad",
+                     tags=("SoftEdge",), priority=100),
+        Preprocessor("pidinet_safe", runner("pidinet", _ann.PIDINET, safe=True), _RES, label="softedge_pidisafe",
+                     resize="pad", tags=("SoftEdge",)),
+        Preprocessor("pidinet_scribble", runner("pidinet", _ann.PIDINET, scribble=True), _RES,
+                     label="scribble_pidinet", resize="pad", tags=("Scribble",), priority=100),
+        Preprocessor("pidinet_sketch", runner("pidinet", _ann.PIDINET, filter=True), _RES, label="t2ia_sketch_pidi",
+                     resize="pad", tags=("T2I-Adapter",)),
+        Preprocessor("hed", runner("hed", _ann.HED), _RES, label="softedge_hed", resize="pad", tags=("SoftEdge",)),
+        Preprocessor("hed_safe", runner("hed", _ann.HED, safe=True), _RES, label="softedge_hedsafe", resize="pad",
+                     tags=("SoftEdge",)),
+        Preprocessor("scribble_hed", runner("hed", _ann.HED, scribble=True), _RES, resize="pad",
+                     tags=("Scribble",)),
+        Preprocessor("mlsd", runner("mlsd", _ann.MLSD), _RES, _slider(0.1, 0.01, 2.0, "MLSD Value Threshold"),
+                     _slider(0.1, 0.01, 20.0, "MLSD Distance Threshold"), resize="pad", tags=("MLSD",),
+                     priority=100),
+        Preprocessor("lineart", runner("lineart", _ann.LINEART), _RES, label="lineart_realistic", resize="pad",
+                     tags=("Lineart",)),
+        Preprocessor("lineart_coarse", runner("lineart", _ann.LINEART_COARSE, coarse=True), _RES, resize="pad",
+                     tags=("Lineart",)),
+        Preprocessor("lineart_anime", runner("lineart_anime", _ann.LINEART_ANIME), _RES, resize="pad",
+                     tags=("Lineart",)),
+        Preprocessor("openpose", runner("openpose", _ann.OPENPOSE_BODY), _RES, resize="pad", tags=("OpenPose",)),
+        Preprocessor("openpose_hand", runner("openpose", _ann.OPENPOSE_BODY, _ann.OPENPOSE_HAND, hand=True), _RES,
+                     resize="pad", tags=("OpenPose",)),
+        Preprocessor("openpose_face", runner("openpose", _ann.OPENPOSE_BODY, _ann.OPENPOSE_FACE, face=True), _RES,
+                     resize="pad", tags=("OpenPose",)),
+        Preprocessor("openpose_faceonly", runner("openpose", _ann.OPENPOSE_BODY, _ann.OPENPOSE_FACE, body=False,
+                                                 face=True), _RES, resize="pad", tags=("OpenPose",)),
+        Preprocessor("openpose_full", runner("openpose", _ann.OPENPOSE_BODY, _ann.OPENPOSE_HAND, _ann.OPENPOSE_FACE,
+                                             hand=True, face=True), _RES, resize="pad", tags=("OpenPose",),
+                     priority=100),
+        Preprocessor("normal_bae", runner("normal_bae", _ann.NORMAL_BAE), _RES, resize="pad", tags=("NormalMap",),
+                     priority=100),
+        Preprocessor("depth_leres", runner("leres", _ann.LERES), _RES, _slider(0, 0, 100, "Remove Near %", 0.1),
+                     _slider(0, 0, 100, "Remove Background %", 0.1), resize="pad", tags=("Depth",)),
         # model-free attention injection (engine.controlnet.reference): the map is the image; threshold_a is the
         # style fidelity (the extension's "Style Fidelity (only for Balanced mode)" slider)
         Preprocessor("reference_only", _none, None, _slider(0.5, 0.0, 1.0, "Style Fidelity (only for Balanced mode)"),
@@ -325,6 +383,21 @@ MODEL_BASED: tuple[str, ...] = (
     "ip-adapter_face_id_plus", "ip-adapter_pulid", "ip-adapter-auto", "instant_id_face_embedding",
     "instant_id_face_keypoints", "inpaint_only+lama", "invert_depth",
 )
+# Why a model-based module of the extension does not run here (docs/DECISIONS.md "Model-based ControlNet
+# preprocessors"); the others of MODEL_BASED are not implemented
+_TIMM = ("its network is built with timm (MiDaS DPT-Hybrid / ZoeDepth backbones), which needs torchvision; the "
+         "engine does not install torchvision (a PyPI build beside the CPU torch breaks transformers)")
+NOT_RUNNABLE: dict[str, str] = {
+    **{m: _TIMM for m in ("depth", "depth_midas", "depth_zoe", "normal_map", "normal_midas")},
+    **{m: "its network (Depth Anything's DINOv2 ViT) is not in controlnet_aux 0.0.10"
+       for m in ("depth_anything", "depth_anything_v2")},
+    "depth_leres++": "its boost pass (LeReS merged with a pix2pix network at several sizes) is not implemented; "
+                     "depth_leres runs the same depth network without it",
+    "dw_openpose_full": "controlnet_aux runs DWPose through mmpose/mmdet/mmcv, which the engine does not install",
+    **{m: "OneFormer / UniFormer segmentation networks are not in controlnet_aux 0.0.10"
+       for m in ("segmentation", "seg_ufade20k", "oneformer_coco", "seg_ofcoco", "oneformer_ade20k",
+                 "seg_ofade20k")},
+}
 # Model-free modules whose behaviour this engine does not implement (attention/output hijacks, inpainting).
 UNSUPPORTED: tuple[str, ...] = (
     "reference_adain", "reference_adain+attn", "inpaint", "inpaint_global_harmonious",
@@ -358,10 +431,12 @@ def get_preprocessor(module: str | None, field: str = "module") -> Preprocessor:
     if name in PREPROCESSORS:
         return PREPROCESSORS[name]
     allowed = ", ".join(available())
+    if name in NOT_RUNNABLE:
+        raise InvalidRequest(field, f"preprocessor {module!r} is not available in this engine: {NOT_RUNNABLE[name]}; "
+                                    "run it elsewhere and send the detected map with module 'none'", allowed)
     if name in MODEL_BASED:
-        raise InvalidRequest(field, f"preprocessor {module!r} needs model weights, which are not available "
-                                    "offline in this engine; run it elsewhere and send the detected map with "
-                                    "module 'none'", allowed)
+        raise InvalidRequest(field, f"preprocessor {module!r} is not implemented in this engine; run it elsewhere "
+                                    "and send the detected map with module 'none'", allowed)
     if name in UNSUPPORTED:
         raise InvalidRequest(field, f"preprocessor {module!r} is not supported by this engine", allowed)
     raise InvalidRequest(field, f"unknown preprocessor {module!r}", allowed)
