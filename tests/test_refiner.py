@@ -250,9 +250,10 @@ def test_memory_budget_counts_both_checkpoints(engine, store):
     budget = alone + refiner_arch.weights_bytes // 2
     req = GenerationRequest(**{**BASE, "steps": 3})
     check_request(engine.store, config, req, budget)  # fits alone
-    with pytest.raises(TooMuchMemory):
+    with pytest.raises(TooMuchMemory) as err:  # the refiner's fault: named
         check_request(engine.store, config, GenerationRequest(**{**BASE, "steps": 3},
                                                               refiner=Refiner("tiny-sdxl-refiner", 0.8)), budget)
+    assert err.value.field == "refiner.checkpoint" and "held beside the model" in err.value.message
     with pytest.raises(InvalidRequest) as err:  # at submit, from the headers
         check_request(engine.store, config, GenerationRequest(**BASE, refiner=Refiner("tiny-sd1", 0.8)))
     assert err.value.field == "refiner.checkpoint"
