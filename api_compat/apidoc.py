@@ -93,7 +93,8 @@ FIELD_DOCS: dict[str, str] = {
     "hr_resize_x": "hires fix target width (0: from hr_scale, or from hr_resize_y keeping the aspect ratio)",
     "hr_resize_y": "hires fix target height (0: from hr_scale, or from hr_resize_x keeping the aspect ratio)",
     "hr_checkpoint_name": "hires fix: the second pass's checkpoint (empty / \"Use same checkpoint\": the model); one "
-                          "of the same latent space (SDXL and the SDXL refiner; SD1 and SD2), not with ControlNet units",
+                          "of the same latent space (SDXL and the SDXL refiner; SD1 and SD2), not with ControlNet "
+                          "units",
     "hr_sampler_name": "hires fix sampler (empty: the first pass's)",
     "hr_scheduler": "hires fix schedule type (empty: Automatic, the webui's hires rule; \"Use same scheduler\")",
     "hr_prompt": "hires fix prompt (empty: the prompt)",

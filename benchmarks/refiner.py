@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
 
             models = write_tiny_store(work / "models", kinds=("sdxl", "sdxl_refiner"))
         size = args.size or (1024 if args.models_dir else 64)
-        engine = Engine(models_dir=models, backend=args.backend, device="cpu", cache_dir=args.cache_dir or work / "cache")
+        engine = Engine(models_dir=models, backend=args.backend, device="cpu",
+                        cache_dir=args.cache_dir or work / "cache")
         base = dict(model=args.model, prompt="a lighthouse on a cliff at dusk", negative_prompt="blurry",
                     steps=args.steps, seed=1, width=size, height=size)
         refined = GenerationRequest(**base, refiner=Refiner(args.refiner, args.switch_at))

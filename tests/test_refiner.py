@@ -189,7 +189,8 @@ def test_real_refiner_key_layout_is_detected():
     assert detect_arch(shapes) is Arch.SDXL_REFINER
     base = {**shapes, "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
             "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}
-    del base["conditioner.embedders.0.model.token_embedding.weight"], base["conditioner.embedders.0.model.text_projection"]
+    for key in ("token_embedding.weight", "text_projection"):
+        del base[f"conditioner.embedders.0.model.{key}"]
     assert detect_arch(base) is Arch.SDXL
 
 
