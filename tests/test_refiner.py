@@ -194,6 +194,18 @@ def test_real_refiner_key_layout_is_detected():
     assert detect_arch(base) is Arch.SDXL
 
 
+def test_sdxl_embeddings_give_the_refiner_their_clip_g_part():
+    """The webui's refiner (FrozenOpenCLIPEmbedder2, embedding_key "clip_g") takes an SDXL embedding's clip_g
+    vectors; a one-tensor embedding of another width does not fit."""
+    from engine.networks.embeddings import fit_to_model, fits
+
+    vectors = {"clip_l": torch.ones(2, 768), "clip_g": torch.full((2, 1280), 2.0)}
+    fitted = fit_to_model(vectors, {"text_encoder_2": 1280})
+    assert set(fitted) == {"text_encoder_2"} and float(fitted["text_encoder_2"][0, 0]) == 2.0
+    assert fits({k: tuple(v.shape) for k, v in vectors.items()}, {"text_encoder_2": 1280})
+    assert fit_to_model({"": torch.ones(2, 768)}, {"text_encoder_2": 1280}) is None
+
+
 def test_incompatible_refiner_and_hires_checkpoint_refused_naming_the_field(engine):
     with pytest.raises(InvalidRequest) as err:
         _run(engine, refiner=Refiner("tiny-sd1", 0.5))
