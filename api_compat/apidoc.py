@@ -92,14 +92,17 @@ FIELD_DOCS: dict[str, str] = {
     "hr_second_pass_steps": "hires fix steps of the second pass (0: steps); it runs exactly these steps",
     "hr_resize_x": "hires fix target width (0: from hr_scale, or from hr_resize_y keeping the aspect ratio)",
     "hr_resize_y": "hires fix target height (0: from hr_scale, or from hr_resize_x keeping the aspect ratio)",
-    "hr_checkpoint_name": "hires fix checkpoint; only empty / \"Use same checkpoint\"",
+    "hr_checkpoint_name": "hires fix: the second pass's checkpoint (empty / \"Use same checkpoint\": the model); one "
+                          "of the same latent space (SDXL and the SDXL refiner; SD1 and SD2), not with ControlNet "
+                          "units",
     "hr_sampler_name": "hires fix sampler (empty: the first pass's)",
     "hr_scheduler": "hires fix schedule type (empty: Automatic, the webui's hires rule; \"Use same scheduler\")",
     "hr_prompt": "hires fix prompt (empty: the prompt)",
     "hr_negative_prompt": "hires fix negative prompt (empty: the negative prompt)",
     "hr_additional_modules": "hires fix modules; accepted, no effect",
     "hr_cfg": "hires fix CFG scale (empty: cfg_scale)",
-    "refiner_switch_at": "refiner switch point; ignored (no refiner)",
+    "refiner_switch_at": "the fraction of the run where refiner_checkpoint takes over (the webui's rule on the "
+                         "model's sigmas; 1: never; null: from the first step); ignored without refiner_checkpoint",
     "enable_hr": "hires fix (second pass at a larger size)",
     "restore_faces": "restore the faces of every image (GFPGAN / CodeFormer: a file in the model store's GFPGAN/ or "
                      "Codeformer/ folder; none installed is an error naming them); null: the face_restoration option",
@@ -110,7 +113,9 @@ FIELD_DOCS: dict[str, str] = {
     "seed_resize_from_h": "seed resize",
     "seed_resize_from_w": "seed resize",
     "s_min_uncond": "negative guidance minimum sigma",
-    "refiner_checkpoint": "SDXL refiner",
+    "refiner_checkpoint": "the SDXL refiner (any checkpoint of the model's latent space) that takes over the same "
+                          "sampling run at refiner_switch_at; with the hires fix, in the second pass; "
+                          "empty / \"None\": off",
     "firstpass_image": "a given first-pass image",
     "force_task_id": "client-chosen task ids",
     "script_name": "a selectable script: \"sd upscale\" (img2img only); any other is refused naming it",

@@ -124,7 +124,8 @@ SCRIPTS: tuple[Script, ...] = (
     Script("Self Attention Guidance", _flag_off(0), '{"args": [false]} (enabled)'),
     Script("Tiled Diffusion", _flag_off(0), '{"args": [false]} (enabled)'),
     Script("Tiled VAE", _flag_off(0), '{"args": [false]} (enabled)'),
-    Script("Refiner", _flag_off(0), '{"args": [false]} (the webui\'s built-in refiner script)'),
+    Script("Refiner", _flag_off(0), '{"args": [false]} (the webui\'s built-in refiner script; the refiner itself: '
+                                    'refiner_checkpoint, refiner_switch_at)'),
     Script("Soft Inpainting", _flag_off(0), '{"args": [false]} (the webui\'s built-in soft inpainting)'),
 )
 

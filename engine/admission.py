@@ -40,7 +40,8 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     if found is None:
         return
     arch, native = found
-    arch = _second_checkpoints(store, entry, arch, request)
+    alone = arch
+    arch, second = _second_checkpoints(store, entry, arch, request)
     if arch.text_layers is not None and request.clip_skip > arch.text_layers:
         # the text encoder has no such layer (it failed in the worker, an ONNX Gather out of range)
         raise InvalidRequest("clip_skip", f"{request.clip_skip} is more than the {arch.text_layers} layers of the "
@@ -49,14 +50,22 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     if spec is not None:
         check_prompts(spec, request.prompt, request.negative_prompt, request.steps, config.max_prompt_chunks)
     if budget is not None:
-        check_memory(arch, native, entry.name, config, request, budget, answer=answer)
+        try:
+            check_memory(arch, native, entry.name, config, request, budget, answer=answer)
+        except TooMuchMemory as exc:
+            if not second:
+                raise
+            check_memory(alone, native, entry.name, config, request, budget, answer=answer)  # the size's fault
+            raise TooMuchMemory(second[-1], f"{exc.message}, with {', '.join(second)} held beside the model",
+                                "a server with a larger memory budget, or the request without it") from None
 
 
 def _second_checkpoints(store, entry, arch, request: GenerationRequest):
     """The refiner and the hires checkpoint (engine.refiner): InvalidRequest naming ``refiner.checkpoint`` /
     ``hires.checkpoint`` for a checkpoint of another latent space than the model's; their weights are held beside
     the model's (engine.pipeline keeps the request's checkpoints resident), so the returned architecture counts
-    them in its weights."""
+    them in its weights: ``(architecture, the fields of the checkpoints added)``."""
+    added = []
     asked = (("refiner.checkpoint", request.refiner.checkpoint if request.refiner else None),
              ("hires.checkpoint", request.hires.checkpoint if request.hires else None))
     for field, name in asked:
@@ -75,7 +84,8 @@ def _second_checkpoints(store, entry, arch, request: GenerationRequest):
         check_second_checkpoint(base_arch, Arch(found[0].family) if found[0].family else None, entry.name,
                                 other.name, field)
         arch = replace(arch, weights_bytes=arch.weights_bytes + found[0].weights_bytes)
-    return arch
+        added.append(field)
+    return arch, added
 
 
 def _text_spec(family: str | None):

@@ -189,8 +189,21 @@ def test_real_refiner_key_layout_is_detected():
     assert detect_arch(shapes) is Arch.SDXL_REFINER
     base = {**shapes, "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
             "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}
-    del base["conditioner.embedders.0.model.token_embedding.weight"], base["conditioner.embedders.0.model.text_projection"]
+    for key in ("token_embedding.weight", "text_projection"):
+        del base[f"conditioner.embedders.0.model.{key}"]
     assert detect_arch(base) is Arch.SDXL
+
+
+def test_sdxl_embeddings_give_the_refiner_their_clip_g_part():
+    """The webui's refiner (FrozenOpenCLIPEmbedder2, embedding_key "clip_g") takes an SDXL embedding's clip_g
+    vectors; a one-tensor embedding of another width does not fit."""
+    from engine.networks.embeddings import fit_to_model, fits
+
+    vectors = {"clip_l": torch.ones(2, 768), "clip_g": torch.full((2, 1280), 2.0)}
+    fitted = fit_to_model(vectors, {"text_encoder_2": 1280})
+    assert set(fitted) == {"text_encoder_2"} and float(fitted["text_encoder_2"][0, 0]) == 2.0
+    assert fits({k: tuple(v.shape) for k, v in vectors.items()}, {"text_encoder_2": 1280})
+    assert fit_to_model({"": torch.ones(2, 768)}, {"text_encoder_2": 1280}) is None
 
 
 def test_incompatible_refiner_and_hires_checkpoint_refused_naming_the_field(engine):
@@ -250,9 +263,10 @@ def test_memory_budget_counts_both_checkpoints(engine, store):
     budget = alone + refiner_arch.weights_bytes // 2
     req = GenerationRequest(**{**BASE, "steps": 3})
     check_request(engine.store, config, req, budget)  # fits alone
-    with pytest.raises(TooMuchMemory):
+    with pytest.raises(TooMuchMemory) as err:  # the refiner's fault: named
         check_request(engine.store, config, GenerationRequest(**{**BASE, "steps": 3},
                                                               refiner=Refiner("tiny-sdxl-refiner", 0.8)), budget)
+    assert err.value.field == "refiner.checkpoint" and "held beside the model" in err.value.message
     with pytest.raises(InvalidRequest) as err:  # at submit, from the headers
         check_request(engine.store, config, GenerationRequest(**BASE, refiner=Refiner("tiny-sd1", 0.8)))
     assert err.value.field == "refiner.checkpoint"

@@ -186,6 +186,9 @@ UNSUPPORTED = frozenset({
     "always_discard_next_to_last_sigma", "sgm_noise_multiplier", "uni_pc_variant", "uni_pc_skip_type",
     "uni_pc_order", "uni_pc_lower_order_final", "sd_noise_schedule", "skip_early_cond", "beta_dist_alpha",
     "beta_dist_beta",
+    # the SDXL refiner runs at the webui's defaults of these (engine.refiner, docs/DECISIONS.md)
+    "sdxl_refiner_low_aesthetic_score", "sdxl_refiner_high_aesthetic_score", "hires_fix_refiner_pass",
+    "refiner_switch_by_sample_steps",
 })
 # the webui's restrict_api options: POST /options accepts them and leaves them unchanged (as the webui does)
 API_RESTRICTED = frozenset({"api_enable_requests", "api_forbid_local_requests", "api_useragent"})

@@ -412,7 +412,7 @@ class ModelStore:
             load_weights_into(model.components, full.components)
 
     def _load_checkpoint(self, entry, vae_path, sha, allow_pickle, dtype, meta: bool = False) -> LoadedModel:
-        card = deferred.read_card(self.cards_dir, sha, dtype, ("unet", "vae", "text_encoder"))
+        card = deferred.read_card(self.cards_dir, sha, dtype, ("unet", "vae"))  # (the SDXL refiner has no text_encoder)
         log.info("loading %s%s%s", entry.name, f" with VAE {vae_path.name}" if vae_path else "",
                  " (modules from their card, built on first use)" if card and meta else
                  " (modules without weights)" if meta else "")

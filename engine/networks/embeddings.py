@@ -165,6 +165,8 @@ def _components(keys, widths: dict[str, int]) -> dict[str, str] | None:
         return dict(zip(components, ("clip_l", "clip_g")))
     if len(components) == 1 and set(keys) == {""}:
         return {components[0]: ""}
+    if components == ["text_encoder_2"] and set(keys) == {"clip_l", "clip_g"}:  # the SDXL refiner: OpenCLIP-G's
+        return {"text_encoder_2": "clip_g"}  # part of an SDXL embedding (the webui's embedding_key "clip_g")
     return None
 
 
