@@ -460,6 +460,10 @@ def available_components(modules: Mapping[str, Any]) -> list[str]:
 
 def describe(component: str, modules: Mapping[str, Any]) -> ComponentDescriptor:
     """The descriptor of ``component`` for the modules of one model (``LoadedModel.components``)."""
+    if "+ip:" in component:  # an IP-Adapter variant of a UNet component (export.ip_adapter)
+        from export.ip_adapter import describe_variant
+
+        return describe_variant(component, modules, describe)
     if component not in COMPONENTS:
         raise InvalidRequest("component", f"unknown component {component!r}", ", ".join(COMPONENTS))
     if SOURCES[component] not in modules:
