@@ -12,7 +12,7 @@ from engine.conditioning import check_prompts
 from engine.img2img import LATENT_UPSCALERS, hires_size
 from engine.memory import (PLAN_SIZES, UpscalerCost, architecture_of, estimate_request, largest_batch,
                            largest_fitting, model_upscaler_pass, resize_pass)
-from engine import upscalers
+from engine import ip_adapter, upscalers
 from engine.models.family import FAMILIES, Arch
 from engine.request import GenerationRequest
 
@@ -43,7 +43,8 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     if spec is not None:
         check_prompts(spec, request.prompt, request.negative_prompt, request.steps, config.max_prompt_chunks)
     if budget is not None:
-        check_memory(arch, native, entry.name, config, request, budget, answer=answer)
+        check_memory(arch, native, entry.name, config, request, budget, answer=answer,
+                     extra_bytes=ip_adapter.memory_bytes(store, request))
 
 
 def _text_spec(family: str | None):
@@ -74,17 +75,18 @@ def _upscaler_cost(name: str, models_dir=None) -> UpscalerCost | None:
 
 
 def check_memory(arch, native: int, model_name: str, config: EngineConfig, request: GenerationRequest,
-                 budget: int, *, answer: bool = False, upscaler_cost=_upscaler_cost) -> None:
+                 budget: int, *, answer: bool = False, upscaler_cost=_upscaler_cost, extra_bytes: int = 0) -> None:
     """TooMuchMemory when ``request``'s estimated peak (engine.memory.estimate_request, with the config's backend
     and VAE tiling) is over ``budget`` bytes: one batch, naming ``batch_size`` when a smaller batch fits at this
     size, else ``width`` (or ``height``) with the largest size of the same aspect ratio that fits; then the hires
     fix's second pass (naming hr_scale or hr_resize_x/y); then, with ``answer`` (the webui route sends every
     image inline as base64), all ``batch_size * n_iter`` images, naming ``n_iter``. The images of iterations are
-    streamed to the task's files, so ``n_iter`` adds nothing else."""
+    streamed to the task's files, so ``n_iter`` adds nothing else. ``extra_bytes``: weights the request loads
+    beside the model (its IP-Adapter units' adapters and CLIP vision encoders, engine.ip_adapter.memory_bytes)."""
     width, height = request.width or native, request.height or native
     backend = getattr(config.backend, "value", str(config.backend))
     options = {"cfg": request.cfg_scale != 1.0, "backend": backend, "tiling": config.vae_tiling,
-               "units": len(request.controlnet_units)}
+               "units": len(request.controlnet_units), "extra": extra_bytes}
     need = estimate_request(arch, width, height, request.batch_size, **options)
     if need.total > budget:
         text = (f"{width}x{height} with batch_size {request.batch_size} needs about {need.total / GIB:.1f} GiB on "

@@ -377,6 +377,38 @@ class IPAdapters:
                                      f"{model_name!r}: {exc}", "an IP-Adapter made for this model's family") from None
 
 
+def _fp32_bytes(path: Path) -> int:
+    """What a weights file holds once loaded as float32 modules (a safetensors header's element count; a pickle:
+    its size, read as float32)."""
+    if path.suffix.lower() == ".safetensors":
+        from core.safetensors_header import read_safetensors_header
+
+        shapes = read_safetensors_header(path).shapes
+        return 4 * sum(math.prod(s) for s in shapes.values())
+    return path.stat().st_size
+
+
+def memory_bytes(store, request) -> int:
+    """What a request's IP-Adapter units hold while it runs (engine.memory): each distinct adapter file and CLIP
+    vision encoder as float32 torch weights (the encoder's activations for one 224x224 image are small beside
+    them). Units the store cannot resolve count nothing (the submit's model check names them)."""
+    from engine.models.family import Kind
+
+    files: set[Path] = set()
+    for unit in request.controlnet_units:
+        if not is_ip_module(unit.module):
+            continue
+        try:
+            files.add(store.resolve(unit.model, Kind.CONTROLNET).path)
+        except Exception:  # noqa: BLE001 - named by the model check
+            continue
+        roles = [MODULES[unit.module]] if MODULES[unit.module] else ["h", "g"]
+        found = [p for p in (find_encoder(store.root, r) for r in roles) if p is not None]
+        if found:
+            files.add(max(found, key=lambda p: p.stat().st_size))
+    return sum(_fp32_bytes(p) for p in files)
+
+
 class IPInjection:
     """The IP-Adapter units of one sampling pass: per model evaluation, the variant's name suffix and feeds."""
 

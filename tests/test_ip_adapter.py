@@ -306,3 +306,23 @@ def test_missing_encoder_names_the_places(tmp_path):
     assert e.value.field == "controlnet_units[1].module"
     assert "models/clip_vision/CLIP-ViT-H-14.safetensors" in str(e.value)
     assert "annotator/downloads/clip_vision/clip_h.pth" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def test_memory_budget_counts_the_encoder_and_the_adapter(engine, store):
+    from core.errors import TooMuchMemory
+    from engine.admission import check_request
+    from engine.ip_adapter import memory_bytes
+    from engine.memory import architecture_of, estimate_request
+
+    req = _request([unit("ip-adapter_sd15", picture(1), "ip-adapter_clip_sd15")])
+    enc = store / "clip_vision" / "CLIP-ViT-H-14.safetensors"
+    expected = 4 * (sum(p.numel() for p in encoder(H, 1).parameters())
+                    + sum(v.numel() for d in read_adapter(store / "ControlNet" / "ip-adapter_sd15.safetensors").values()
+                          for v in d.values()))
+    assert memory_bytes(engine.store, req) == expected > enc.stat().st_size // 2
+    arch, _ = architecture_of(store / "Stable-diffusion" / "tiny-sd1.safetensors")
+    plain = estimate_request(arch, 64, 64, units=1, backend="torch", tiling=engine.config.vae_tiling).total
+    check_request(engine.store, engine.config, _request([unit("ip-adapter_sd15", picture(1))]), plain + 2 * expected)
+    with pytest.raises(TooMuchMemory):
+        check_request(engine.store, engine.config, req, plain + expected // 2)
