@@ -285,6 +285,7 @@ class IPAdapters:
         self.allow_pickle = allow_pickle
         self.adapters: dict[tuple, LoadedAdapter] = {}
         self.encoders: dict[str, Any] = {}
+        self._prepared: dict[int, tuple] = {}  # id(request unit) -> (unit, result): the hires pass reuses the first's
 
     def adapter(self, name: str, field_name: str) -> LoadedAdapter:
         from engine.models.family import Kind
@@ -331,8 +332,13 @@ class IPAdapters:
                              f"the adapter {adapter.name!r}", f"a CLIP vision model in one of: {places}")
 
     def prepare(self, unit, field_name: str, check: Callable[[], None] | None = None) -> tuple[IPUnit, LoadedAdapter]:
-        """A request unit -> its :class:`IPUnit` (the reference images encoded and projected)."""
+        """A request unit -> its :class:`IPUnit` (the reference images encoded and projected; once per request
+        unit: the hires fix's pass reuses the first pass's)."""
         import torch
+
+        hit = self._prepared.get(id(unit))
+        if hit is not None and hit[0] is unit:
+            return hit[1]
 
         adapter = self.adapter(unit.model, f"{field_name}.model")
         encoder = self.encoder_for(unit.module, adapter, field_name)
@@ -362,6 +368,9 @@ class IPAdapters:
                           detected_map=images[0],
                           used={"processor_res": unit.processor_res, "threshold_a": unit.threshold_a,
                                 "threshold_b": unit.threshold_b})
+        if len(self._prepared) >= 16:
+            self._prepared.clear()
+        self._prepared[id(unit)] = (unit, (prepared, adapter))
         return prepared, adapter
 
     def attach(self, backend, adapter: LoadedAdapter, unet, model_name: str = "", field_name: str = "model") -> None:

@@ -326,3 +326,23 @@ def test_memory_budget_counts_the_encoder_and_the_adapter(engine, store):
     check_request(engine.store, engine.config, _request([unit("ip-adapter_sd15", picture(1))]), plain + 2 * expected)
     with pytest.raises(TooMuchMemory):
         check_request(engine.store, engine.config, req, plain + expected // 2)
+
+
+# ------------------------------------------------------------------------------------------------ progress, cancel
+def test_image_encode_is_an_encoding_phase_and_cancellable(engine):
+    import threading
+
+    from core.errors import Cancelled
+
+    seen, cancel = [], threading.Event()
+
+    def progress(p):
+        seen.append((p.phase, p.detail))
+        if "IP-Adapter" in p.detail:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        engine.generate(_request([unit("ip-adapter_sd15", (picture(4), picture(5)))]), progress=progress,
+                        cancel=cancel)
+    assert ("encoding", "controlnet_units[0]: IP-Adapter reference image") in seen
+    assert not any(phase == "sampling" for phase, _ in seen)
