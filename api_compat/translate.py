@@ -27,9 +27,7 @@ from engine.controlnet.preprocessors import get_preprocessor
 from core.errors import InvalidRequest, NotSupported
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
-from engine.ip_adapter import BACKENDS as IP_BACKENDS
 from engine.ip_adapter import is_ip_module
-from engine.ip_adapter import refusal as ip_refusal
 from engine import faces
 from engine.request import ControlNetUnit, FaceRestoration, GenerationRequest, Hires, InitImage, LivePreview
 from engine.networks.syntax import parse_prompt
@@ -257,9 +255,6 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         field = f"controlnet_units[{len(units)}]"
         units.append(_unit(path, field, unit, limits, payload.width or PLAN_NATIVE_SIZE,
                            payload.height or PLAN_NATIVE_SIZE, init))
-        if is_ip_module(units[-1].module) and config.backend.value not in IP_BACKENDS:
-            raise InvalidRequest(f"{field}.module", ip_refusal(config.backend.value, f"{field}.module"),
-                                 "the non-IP-Adapter modules, or a server on the torch backend")
         if not get_preprocessor(units[-1].module).model_free:  # model-free units name no model
             models.append((Kind.CONTROLNET, units[-1].model, f"{field}.model"))
 

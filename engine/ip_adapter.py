@@ -71,16 +71,6 @@ def is_ip_module(module: str | None) -> bool:
     return module in MODULES
 
 
-# backends that run IP-Adapter units (docs/DECISIONS.md: the exported-graph backends refuse them)
-BACKENDS = ("torch",)
-
-
-def refusal(backend: str, field_name: str) -> str:
-    """The message refusing an IP-Adapter unit on ``backend``."""
-    return (f"{field_name}: IP-Adapter units run on the torch backend only; this server runs the {backend} backend "
-            "(start it with --backend torch)")
-
-
 # ------------------------------------------------------------------------------------------------- files
 def _nested(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}

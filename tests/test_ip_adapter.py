@@ -346,3 +346,15 @@ def test_image_encode_is_an_encoding_phase_and_cancellable(engine):
                         cancel=cancel)
     assert ("encoding", "controlnet_units[0]: IP-Adapter reference image") in seen
     assert not any(phase == "sampling" for phase, _ in seen)
+
+
+def test_exported_graph_backend_serves_them_on_torch(engine, store, tmp_path):
+    """onnxruntime (as openvino, TensorRT) runs no IP-Adapter variant: the request is served by its torch engine,
+    said in info["warnings"] and the infotext; the images are the torch engine's."""
+    ort = Engine(models_dir=store, backend="onnxruntime", allow_pickle=True, cache_dir=tmp_path)
+    req = _request([unit("ip-adapter_sd15", picture(1))])
+    out = ort.generate(req)
+    assert np.array_equal(out.images[0], engine.generate(req).images[0])
+    assert any("controlnet_units[0] (ip-adapter-auto): served on the torch backend" in w
+               for w in out.info["warnings"])
+    assert "Backend: torch" in out.infotexts[0]
