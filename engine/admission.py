@@ -10,7 +10,7 @@ from engine.config import EngineConfig
 from core.errors import InvalidRequest, ModelError, TooMuchMemory
 from engine.conditioning import check_prompts
 from engine.img2img import LATENT_UPSCALERS, hires_size
-from engine.memory import (PLAN_SIZES, WEIGHT_FACTOR, UpscalerCost, architecture_of, estimate_request, largest_batch,
+from engine.memory import (PLAN_SIZES, UpscalerCost, architecture_of, estimate_request, largest_batch,
                            largest_fitting, model_upscaler_pass, resize_pass)
 from engine import ip_adapter, upscalers
 from engine.models.family import FAMILIES, Arch
@@ -43,10 +43,8 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     if spec is not None:
         check_prompts(spec, request.prompt, request.negative_prompt, request.steps, config.max_prompt_chunks)
     if budget is not None:
-        extra = ip_adapter.memory_bytes(store, request)
-        if extra and getattr(config.backend, "value", str(config.backend)) != "torch":
-            extra += int(arch.weights_bytes * WEIGHT_FACTOR["torch"])  # the torch engine that serves them
-        check_memory(arch, native, entry.name, config, request, budget, answer=answer, extra_bytes=extra)
+        check_memory(arch, native, entry.name, config, request, budget, answer=answer,
+                     extra_bytes=ip_adapter.memory_bytes(store, request))
 
 
 def _text_spec(family: str | None):

@@ -292,9 +292,7 @@ class Engine:
                   on_images: ImagesFn | None = None) -> GenerationResult:
         """Orchestration only: each stage is a call into the room that owns its rules, with the request's
         _Context."""
-        # reference and IP-Adapter units hook the UNet's attention: on a torch engine (docs/DECISIONS.md)
-        reference = [k for k, u in enumerate(req.controlnet_units)
-                     if u.module in REFERENCE_MODULES or ip_adapter.is_ip_module(u.module)]
+        reference = [k for k, u in enumerate(req.controlnet_units) if u.module in REFERENCE_MODULES]
         if reference and self.config.backend is not BackendKind.TORCH:
             return self._on_torch(req, reporter, reference, on_images)
         timer = _Timer()
@@ -344,15 +342,15 @@ class Engine:
 
     def _on_torch(self, req: GenerationRequest, reporter: ProgressReporter, reference: list[int],
                   on_images: ImagesFn | None = None):
-        """A request with reference units (attention hooks, engine.controlnet.reference) or IP-Adapter units
-        (engine.ip_adapter) on a backend that runs exported graphs: served by a torch engine of the same configuration (made on first use, its model kept
+        """A request with reference units (attention hooks, engine.controlnet.reference) on a backend that runs
+        exported graphs: served by a torch engine of the same configuration (made on first use, its model kept
         as this engine keeps its own), said in the log, the infotext ("Backend: torch") and info["warnings"]."""
         if self._torch_twin is None:
             self._torch_twin = Engine(replace(self.config, backend=BackendKind.TORCH))
             self._torch_twin.clock = self.clock
         fields = ", ".join(f"controlnet_units[{k}] ({req.controlnet_units[k].module})" for k in reference)
         note = (f"{fields}: served on the torch backend (the {self.config.backend.value} backend runs exported "
-                "graphs, whose attention cannot be hooked; IP-Adapter variants are not exported)")
+                "graphs, whose attention cannot be hooked)")
         log.info("%s", note)
         result = self._torch_twin._generate(req, reporter, on_images)
         result.info["warnings"] = [*result.info.get("warnings", []), note]
@@ -679,9 +677,6 @@ class Engine:
     def _ip_unit(self, rt: _Runtime, unit, field_name: str):
         """An IP-Adapter unit prepared (its reference images encoded, phase "encoding"; cancellable between
         images), its adapter attached to the model's backend for the UNet variant (export.ip_adapter)."""
-        if self.config.backend is not BackendKind.TORCH:  # Engine._generate serves them on its torch twin
-            raise BackendUnavailable(f"the {self.config.backend.value} backend runs no IP-Adapter variant "
-                                     f"({field_name}.module {unit.module!r})")
         if self._ip is None or self._ip.store is not self.store:
             self._ip = ip_adapter.IPAdapters(self.store, self.config.allow_pickle)
         reporter = _REPORTER.get()

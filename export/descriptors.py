@@ -453,6 +453,16 @@ for _base, _name in SEAMLESS.items():
 VARIANTS = frozenset(SEAMLESS.values())
 
 
+def source_of(component: str) -> str | None:
+    """The module key ``component`` is computed from (an IP-Adapter variant's: its base's, export.ip_adapter)."""
+    return SOURCES.get(component.partition("+ip:")[0])
+
+
+def on_demand(component: str) -> bool:
+    """Whether ``component`` is made on first use only: a seamless or an IP-Adapter variant."""
+    return component in VARIANTS or "+ip:" in component
+
+
 def available_components(modules: Mapping[str, Any]) -> list[str]:
     """Components computable from ``modules`` (a diffusers components dict), in registry order."""
     return [c for c in COMPONENTS if SOURCES[c] in modules and c not in VARIANTS]

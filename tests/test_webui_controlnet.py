@@ -272,7 +272,7 @@ def test_unit_image_as_a_list(server):
                                                          plain))
     r = server.post("/sdapi/v1/txt2img", txt2img([unit(model=server.model, image=[{"image": PICTURE}] * 2)]))
     assert r.status_code == 422
-    assert r.json()["error"]["field"] == "alwayson_scripts.ControlNet.args[0].image"
+    assert r.json()["error"]["field"] == "alwayson_scripts.controlnet.args[0].image"
     assert r.json()["error"]["code"] == "invalid_request"
     assert "multi-input form of IP-Adapter modules" in r.json()["error"]["message"]
 
