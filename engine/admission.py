@@ -27,6 +27,7 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     ``width``/``height`` or ``batch_size`` and the largest that fits when the estimated peak is over ``budget``
     bytes (None: no budget). A model the store cannot resolve, or whose architecture its headers do not tell,
     is left to the model check and the engine."""
+    ip_adapter.check_units(store, request, config.allow_pickle)  # from the files' headers (engine.ip_adapter)
     try:
         entry = store.resolve(request.model) if request.model else store.default_checkpoint(config.default_model)
     except (InvalidRequest, ModelError):

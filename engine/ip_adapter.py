@@ -376,6 +376,71 @@ class IPAdapters:
                                      f"{model_name!r}: {exc}", "an IP-Adapter made for this model's family") from None
 
 
+class _Shape:
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def _header_shapes(path: Path) -> dict[str, tuple] | None:
+    """A safetensors file's tensor shapes (None for a pickle: known only by unpickling it)."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from core.safetensors_header import read_safetensors_header
+
+    return read_safetensors_header(path).shapes
+
+
+def check_units(store, request, allow_pickle: bool) -> None:
+    """The submit-time checks of a request's IP-Adapter units, from file headers alone (engine.admission): a
+    pickle adapter without the opt-in, a file that is not an IP-Adapter or an unsupported kind, no installed encoder
+    for the module, an encoder whose width does not fit the adapter -- each an InvalidRequest naming the field.
+    Whether the adapter fits the checkpoint is checked when the unit runs (the UNet's layers tell)."""
+    from engine.models.family import Kind
+
+    for k, unit in enumerate(request.controlnet_units):
+        if not is_ip_module(unit.module):
+            continue
+        field_name = f"controlnet_units[{k}]"
+        try:
+            entry = store.resolve(unit.model, Kind.CONTROLNET, field=f"{field_name}.model")
+        except Exception:  # noqa: BLE001 - the model check names it
+            continue
+        shapes = _header_shapes(entry.path)
+        if shapes is None:
+            if not allow_pickle:
+                raise InvalidRequest(f"{field_name}.model", f"{entry.name!r} is a pickle, which can run code when "
+                                     "loaded and is refused", "a .safetensors IP-Adapter, or a server started with "
+                                     "allow_pickle")
+            continue
+        state = _nested({key: _Shape(s) for key, s in shapes.items()})
+        if not state["image_proj"] or not state["ip_adapter"]:
+            raise InvalidRequest(f"{field_name}.model", f"{entry.name!r} is not an IP-Adapter file (no image_proj "
+                                 "and ip_adapter weights)", "an IP-Adapter model with an ip-adapter module")
+        shape = adapter_shape(state, f"{field_name}.model")
+        role = MODULES[unit.module]
+        roles = [role] if role is not None else ["h", "g"]
+        found = [(r, p) for r in roles for p in [find_encoder(store.root, r)] if p is not None]
+        if not found:
+            places = ", ".join(f"models/{rel}" for r in roles for rel in ENCODER_FILES[r])
+            raise InvalidRequest(f"{field_name}.module", f"no CLIP vision encoder installed for {unit.module!r}",
+                                 f"a CLIP vision model in one of: {places}")
+        widths = []
+        for r, path in found:
+            enc = _header_shapes(path)
+            if enc is None:
+                return  # a pickle encoder: its width is checked when it is loaded
+            width = (enc["vision_model.embeddings.patch_embedding.weight"][0] if shape.plus
+                     else enc["visual_projection.weight"][0])
+            if width == shape.clip_dim:
+                break
+            widths.append((r, width))
+        else:
+            r, width = widths[0]
+            raise InvalidRequest(f"{field_name}.module", f"{unit.module!r} runs the {ENCODER_NAMES[r]} encoder "
+                                 f"({width} wide), the adapter {entry.name!r} takes {shape.clip_dim}",
+                                 "the module of the adapter's encoder, or ip-adapter-auto")
+
+
 def _fp32_bytes(path: Path) -> int:
     """What a weights file holds once loaded as float32 modules (a safetensors header's element count; a pickle:
     its size, read as float32)."""

@@ -396,3 +396,25 @@ def test_tensorrt_profile_of_the_variant(engine):
     assert profile["ip_tokens_0"] == ((1, 3, 4, 32), (2, 3, 4, 32), (4, 3, 4, 32))
     assert profile["ip_scale_0"] == ((1, 3), (2, 3), (4, 3))
     assert "mid_residual" in profile and desc.source == "unet"
+
+
+def test_submit_checks_from_the_headers(engine, store, tmp_path):
+    from engine.admission import check_request
+    from engine.config import EngineConfig
+
+    def refused(units, allow_pickle=True):
+        with pytest.raises(InvalidRequest) as e:
+            check_request(engine.store, EngineConfig(models_dir=store, backend="torch", allow_pickle=allow_pickle),
+                          _request(units))
+        return e.value
+
+    check_request(engine.store, engine.config, _request([unit("ip-adapter_sd15", picture(1))]))
+    e = refused([unit("ip-adapter-plus_sd15", picture(1))], allow_pickle=False)
+    assert e.field == "controlnet_units[0].model" and "pickle" in str(e)
+    e = refused([unit("ip-adapter_sd15", picture(1)), unit("ip-adapter_sdxl", picture(1), "ip-adapter_clip_h")])
+    assert e.field == "controlnet_units[1].module" and "(24 wide)" in str(e) and "takes 40" in str(e)
+    import shutil
+
+    shutil.copyfile(store / "Stable-diffusion" / "tiny-sd1.safetensors", store / "ControlNet" / "not-ip.safetensors")
+    e = refused([unit("not-ip", picture(1), "ip-adapter_clip_h")])  # a checkpoint is no IP-Adapter
+    assert e.field == "controlnet_units[0].model" and "not an IP-Adapter file" in str(e)
