@@ -418,3 +418,71 @@ def test_submit_checks_from_the_headers(engine, store, tmp_path):
     shutil.copyfile(store / "Stable-diffusion" / "tiny-sd1.safetensors", store / "ControlNet" / "not-ip.safetensors")
     e = refused([unit("not-ip", picture(1), "ip-adapter_clip_h")])  # a checkpoint is no IP-Adapter
     assert e.field == "controlnet_units[0].model" and "not an IP-Adapter file" in str(e)
+
+
+# ------------------------------------------------------------------------------------------------ webui API
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    """``python -m cli serve --backend torch`` on the module's models folder (adapters and the ViT-H encoder)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.api_support import wait_healthy
+    from tests.queue_support import ROOT, free_port
+
+    work = tmp_path_factory.mktemp("ip-server")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SDENGINE_CACHE_DIR": str(work / "cache")}
+    env.pop("SDENGINE_API_KEY", None)
+    log = open(work / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir", str(store),
+                             "--results-dir", str(work / "results"), "--backend", "torch"],
+                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, lambda: (work / "server.log").read_text()[-3000:], timeout=120)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    log.close()
+
+
+def _b64(img: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_webui_route_takes_the_extensions_ip_adapter_unit(server):
+    import httpx
+
+    models = httpx.get(server + "/controlnet/model_list", timeout=60).json()["model_list"]
+    title = next(m for m in models if m.startswith("ip-adapter_sd15 ["))
+    modules = httpx.get(server + "/controlnet/module_list", timeout=60).json()["module_list"]
+    assert {"ip-adapter_clip_sd15", "ip-adapter_clip_sdxl_plus_vith", "ip-adapter-auto"} <= set(modules)
+
+    def payload(unit: dict) -> dict:
+        return {"prompt": "a lighthouse", "steps": 3, "width": 64, "height": 64, "seed": 3, "sampler_name": "Euler",
+                "override_settings": {"sd_model_checkpoint": "tiny-sd1"},
+                "alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "model": title, "weight": 0.8,
+                                                              **unit}]}}}
+
+    multi = [{"image": _b64(picture(1)), "mask": None}, {"image": _b64(picture(2)), "mask": None}]
+    r = httpx.post(server + "/sdapi/v1/txt2img", json=payload({"module": "ip-adapter_clip_sd15", "image": multi}),
+                   timeout=600)
+    assert r.status_code == 200, r.text
+    assert "Module: ip-adapter_clip_sd15, Model: ip-adapter_sd15 [" in r.json()["info"]
+    bad = httpx.post(server + "/sdapi/v1/txt2img", json=payload({"module": "ip-adapter_clip_h",
+                                                                 "model": "ip-adapter_sdxl", "image": multi}),
+                     timeout=600)
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["error"]["field"] == "alwayson_scripts.controlnet.args[0].module"
