@@ -398,9 +398,12 @@ def check_units(store, request, allow_pickle: bool) -> None:
     from engine.models.family import Kind
 
     for k, unit in enumerate(request.controlnet_units):
-        if not is_ip_module(unit.module):
-            continue
         field_name = f"controlnet_units[{k}]"
+        if not is_ip_module(unit.module):
+            if unit.model not in (None, "None") and _names_adapter(store, unit.model):
+                raise InvalidRequest(f"{field_name}.module", f"{unit.model!r} is an IP-Adapter model, which runs "
+                                     f"with an IP-Adapter module, not {unit.module!r}", ", ".join(MODULES))
+            continue
         try:
             entry = store.resolve(unit.model, Kind.CONTROLNET, field=f"{field_name}.model")
         except Exception:  # noqa: BLE001 - the model check names it
@@ -439,6 +442,17 @@ def check_units(store, request, allow_pickle: bool) -> None:
             raise InvalidRequest(f"{field_name}.module", f"{unit.module!r} runs the {ENCODER_NAMES[r]} encoder "
                                  f"({width} wide), the adapter {entry.name!r} takes {shape.clip_dim}",
                                  "the module of the adapter's encoder, or ip-adapter-auto")
+
+
+def _names_adapter(store, name: str) -> bool:
+    """Whether the ControlNet-folder model ``name`` is an IP-Adapter safetensors file (its header's keys)."""
+    from engine.models.family import Kind
+
+    try:
+        path = store.resolve(name, Kind.CONTROLNET).path
+    except Exception:  # noqa: BLE001 - the model check names it
+        return False
+    return path.suffix.lower() == ".safetensors" and is_adapter_file(path)
 
 
 def _fp32_bytes(path: Path) -> int:

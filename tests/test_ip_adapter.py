@@ -418,6 +418,8 @@ def test_submit_checks_from_the_headers(engine, store, tmp_path):
     shutil.copyfile(store / "Stable-diffusion" / "tiny-sd1.safetensors", store / "ControlNet" / "not-ip.safetensors")
     e = refused([unit("not-ip", picture(1), "ip-adapter_clip_h")])  # a checkpoint is no IP-Adapter
     assert e.field == "controlnet_units[0].model" and "not an IP-Adapter file" in str(e)
+    e = refused([unit("ip-adapter_sd15", picture(1), "canny")])  # an adapter with a ControlNet module
+    assert e.field == "controlnet_units[0].module" and "ip-adapter_clip_sd15" in e.allowed
 
 
 # ------------------------------------------------------------------------------------------------ webui API
