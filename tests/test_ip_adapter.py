@@ -488,3 +488,47 @@ def test_webui_route_takes_the_extensions_ip_adapter_unit(server):
                      timeout=600)
     assert bad.status_code == 422, bad.text
     assert bad.json()["error"]["field"] == "alwayson_scripts.controlnet.args[0].module"
+
+
+# ------------------------------------------------------------------------------------------------ Celery
+def test_celery_worker_runs_ip_adapter_units(store, tmp_path):
+    """A real ``sdengine worker`` (torch) on a real Redis: an /scc task with an IP-Adapter unit (two images, the
+    multi-input form) succeeds; the same task with weight 0 gives the plain task's pixels, with weight 0.8 others."""
+    from api_compat import TaskService
+    from tests.api_support import png_pixels
+    import shutil
+    import tempfile
+
+    from tests.queue_support import RedisServer, WorkerProcess
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
+    pytest.importorskip("celery", reason="the 'queue' extra (celery, redis) is not installed")
+    redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="sdengine-redis-")))
+    redis_server.start()
+    client = redis_server.client(7)
+    worker = WorkerProcess(redis_server.url(7), tmp_path / "r", tmp_path / "w.log", "--models-dir", str(store),
+                           "--backend", "torch", "--cache-dir", str(tmp_path / "cache")).start()
+    images = [_b64(picture(1)), _b64(picture(2))]
+
+    def payload(weight):
+        units = [] if weight is None else [{"module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15",
+                                            "weight": weight, "image": images}]
+        return {"prompt": "a lighthouse", "seed": 4, "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler",
+                "stable_diffusion_model": "tiny-sd1", "alwayson_scripts": {"controlnet": {"units": units}}}
+
+    try:
+        worker.wait_ready(client)
+        with TaskService(store, results_dir=tmp_path / "r", queue=redis_server.url(7)) as svc:
+            ids = {w: svc.sd_txt2img(payload(w))["taskId"] for w in (None, 0.0, 0.8)}
+            done = {w: svc.wait(t, 300) for w, t in ids.items()}
+            assert all(d["status"] == "succeeded" for d in done.values()), done
+            pixels = {w: png_pixels(svc.image_path(ids[w], 0)) for w in ids}
+        assert np.array_equal(pixels[0.0], pixels[None])
+        assert not np.array_equal(pixels[0.8], pixels[None])
+        assert "ip-adapter_clip_sd15" in done[0.8]["info"]["infotexts"][0]
+    finally:
+        worker.kill()
+        client.flushdb()
+        client.close()
+        redis_server.kill()
