@@ -101,16 +101,21 @@ ADAPTERS = {  # name -> (family, encoder role, plus, seed)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A webui folder: ``models/`` with the tiny SD1 and SDXL models, the adapters and the ViT-H encoder; the
-    ViT-bigG encoder as the extension keeps it (``extensions/.../clip_g.pth``, a pickle)."""
+def store(tmp_path_factory, tiny_store):
+    """A webui folder: ``models/`` with the tiny SD1 and SDXL models (the session's files, copied), the adapters and
+    the ViT-H encoder; the ViT-bigG encoder as the extension keeps it (``extensions/.../clip_g.pth``, a pickle)."""
+    import shutil
+
     from safetensors.torch import save_file
 
-    from engine.models.tiny import UNET_SD1, UNET_SDXL, build_unet, write_tiny_store
+    from engine.models.tiny import UNET_SD1, UNET_SDXL, build_unet
 
     webui = tmp_path_factory.mktemp("webui")
-    root = write_tiny_store(webui / "models", kinds=("sd1", "sdxl"))
-    (root / "clip_vision").mkdir()
+    root = webui / "models"
+    for sub in ("Stable-diffusion", "ControlNet", "clip_vision"):
+        (root / sub).mkdir(parents=True)
+    for name in ("tiny-sd1.safetensors", "tiny-sdxl.safetensors"):
+        shutil.copyfile(tiny_store / "Stable-diffusion" / name, root / "Stable-diffusion" / name)
     enc_h = encoder(H, 1)
     save_file({k: v.contiguous() for k, v in enc_h.state_dict().items()},
               str(root / "clip_vision" / "CLIP-ViT-H-14.safetensors"))
