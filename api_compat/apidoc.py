@@ -153,15 +153,20 @@ FIELD_DOCS: dict[str, str] = {
               "(model-free attention injection from the image, threshold_a = style fidelity, default 0.5); "
               "model-based ones (softedge_pidinet, scribble_hed, mlsd, lineart_realistic, openpose_full, "
               "normal_bae, ...) need their annotator files installed (refused naming the file and folder); "
-              "unknown is an error listing the valid ones",
-    "model": "ControlNet from the model store's ControlNet/ folder, webui matching (exact, case-insensitive, "
-             "\"name [hash]\"); required for an enabled unit (\"None\" for a module that needs no model: reference_only); "
-             "must fit the checkpoint's family",
+              "ip-adapter_clip_sd15, ip-adapter_clip_h, ip-adapter_clip_sdxl_plus_vith (CLIP ViT-H), "
+              "ip-adapter_clip_sdxl, ip-adapter_clip_g (CLIP ViT-bigG), ip-adapter-auto (the installed encoder "
+              "that fits the adapter): IP-Adapter, the image as a prompt (see \"IP-Adapter units\"); unknown is "
+              "an error listing the valid ones",
+    "model": "ControlNet (or, with an ip-adapter module, IP-Adapter) from the model store's ControlNet/ or "
+             "ipadapter/ folder, webui matching (exact, case-insensitive, \"name [hash]\"); required for an enabled "
+             "unit (\"None\" for a module that needs no model: reference_only); must fit the checkpoint's family",
     "input_image": "the control image: base64 or data:image/...;base64, URI (http(s) only when the engine allows "
                    "fetching); required for an enabled unit, except in img2img, where a unit without one takes "
-                   "the init image (and the img2img resize_mode), as sd-webui-controlnet does",
+                   "the init image (and the img2img resize_mode), as sd-webui-controlnet does. IP-Adapter units "
+                   "also take a list of 1 to 8 images (the extension's multi-input form): their image prompts "
+                   "are averaged",
     "image": "alias of input_image",
-    "weight": "residual weight",
+    "weight": "residual weight (IP-Adapter units: the weight of the image-prompt attention; 0 = no adapter)",
     "guidance_start": "the unit runs at step i of n when guidance_start <= i/n <= guidance_end",
     "guidance_end": "see guidance_start; must not be below it",
     "ControlNetUnitPayload.resize_mode": "how the control image is fitted to the image size",

@@ -33,7 +33,7 @@ from core.errors import InvalidRequest
 from engine.img2img import IMAGE_UPSCALERS, INPAINTING_FILLS, LATENT_UPSCALERS, RESIZE_MODES
 from engine.models.store import unsafe_name_reasons
 from engine.request import DEFAULT_HIRES_UPSCALER, PREVIEW_CONTENTS, PREVIEW_METHODS, VAE_METHODS
-from engine.rules import MAX_SIZE, MAX_UNITS, default
+from engine.rules import MAX_SIZE, MAX_UNIT_IMAGES, MAX_UNITS, default
 
 MAX_TEXT = 65536  # characters of a prompt
 MAX_NAME = 255
@@ -133,6 +133,26 @@ def _str_type(max_len: int = MAX_TEXT, *, nullable: bool = False):
 
     base = str | None if nullable else str
     return Annotated[base, BeforeValidator(check), Field(json_schema_extra={"maxLength": max_len})]
+
+
+def _unit_images_type(max_len: int, max_items: int):
+    """Null, one image string, or (the extension's multi-input form, IP-Adapter units) a list of 1 to
+    ``max_items`` image strings."""
+    one = _str_type(max_len, nullable=True).__metadata__[0].func
+    text = f"an image string, or a list of 1 to {max_items} of them (IP-Adapter units)"
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, list):
+            return one(value)
+        if not 1 <= len(value) <= max_items:
+            raise _err("list_type", "must be a list of 1 to {n} images", text, n=max_items)
+        return [one(v) if isinstance(v, str) else _bad_image(v, text) for v in value]
+
+    return Annotated[str | list[str] | None, BeforeValidator(check), Field(json_schema_extra={"maxLength": max_len})]
+
+
+def _bad_image(value: Any, text: str):
+    raise _err("string_type", "must be a string, got {got}", text, got=type(value).__name__)
 
 
 def check_model_name(value: str, *, allowed: str = "a model file or folder name from the model store") -> str:
@@ -308,10 +328,11 @@ class ControlNetUnitPayload(_Model):
     module: ShortText = default("controlnet_units.module")
     model: _name_type(special=("None",), kind="ControlNet model") = Field(
         None, description='"None" (or null) only for modules that need no ControlNet model (reference_*)')
-    input_image: _str_type(MAX_IMAGE_TEXT, nullable=True) = Field(
+    input_image: _unit_images_type(MAX_IMAGE_TEXT, MAX_UNIT_IMAGES) = Field(
         None, description="base64 or data:image/...;base64, URI (http(s) if allowed); limited by the decoded "
-                          "file's bytes and pixels")
-    image: _str_type(MAX_IMAGE_TEXT, nullable=True) = Field(None, description="alias of input_image")
+                          "file's bytes and pixels. IP-Adapter units take a list of images too (the extension's "
+                          "multi-input form: their image prompts are averaged)")
+    image: _unit_images_type(MAX_IMAGE_TEXT, MAX_UNIT_IMAGES) = Field(None, description="alias of input_image")
     weight: _ranged("controlnet_units.weight") = default("controlnet_units.weight")
     guidance_start: _ranged("controlnet_units.guidance_start") = default("controlnet_units.guidance_start")
     guidance_end: _ranged("controlnet_units.guidance_end") = default("controlnet_units.guidance_end")

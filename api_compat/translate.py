@@ -27,6 +27,7 @@ from engine.controlnet.preprocessors import get_preprocessor
 from core.errors import InvalidRequest, NotSupported
 from engine.models.checkpoints import Kind
 from engine.img2img import check_image_upscaler, hires_size
+from engine.ip_adapter import is_ip_module
 from engine import faces
 from engine.request import (ControlNetUnit, FaceRestoration, GenerationRequest, Hires, InitImage, LivePreview,
                             Refiner)
@@ -152,7 +153,14 @@ def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: 
         log.warning("%s", change.message())
     source = unit.input_image if unit.input_image is not None else unit.image
     resize_mode = unit.resize_mode
-    if source:
+    ip = is_ip_module(preprocessor.name)
+    if isinstance(source, list):  # the extension's multi-input form: IP-Adapter modules only
+        if not ip:
+            raise InvalidRequest(f"{field}.image", f"a list of images is the multi-input form of IP-Adapter "
+                                 f"modules, not of {preprocessor.name!r}", "one image")
+        image = tuple(load_image(s, f"{field}.image[{i}]", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+                                 allow_urls=limits.url_policy) for i, s in enumerate(source))
+    elif source:
         # decoded once to validate it; the task keeps the compressed bytes (decoded again when the unit runs)
         image = load_image(source, f"{field}.image", max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
                            allow_urls=limits.url_policy)
@@ -178,7 +186,8 @@ def _unit(path: str, field: str, unit, limits: ImageLimits, width: int, height: 
         hr_option=unit.hr_option,
         advanced_weighting=None if unit.advanced_weighting is None else tuple(unit.advanced_weighting),
     )
-    check_unit_sizes(built, width, height, limits.max_work_pixels, f"{field}.image")
+    if not ip:  # an IP-Adapter image goes to the CLIP encoder at its own size (engine.ip_adapter)
+        check_unit_sizes(built, width, height, limits.max_work_pixels, f"{field}.image")
     return built
 
 
@@ -200,7 +209,9 @@ def echo_parameters(payload: GenerationPayload, request: GenerationRequest) -> d
     for key in ("units", "args"):
         for unit in scripts.get(key) or []:
             for name in ("input_image", "image"):
-                if name in unit:
+                if isinstance(unit.get(name), list):
+                    unit[name] = [_image_summary(v) for v in unit[name]]
+                elif name in unit:
                     unit[name] = _image_summary(unit[name])
     return params
 
@@ -518,7 +529,8 @@ def translate_request(kind: str, payload: GenerationPayload, config: EngineConfi
 
 def image_bytes(request: GenerationRequest) -> int:
     """The compressed bytes of a request's images (ControlNet units, init image, mask) a waiting task holds."""
-    images = [u.image for u in request.controlnet_units]
+    images = [img for u in request.controlnet_units
+              for img in (u.image if isinstance(u.image, tuple) else (u.image,))]
     if request.init is not None:
         images += [request.init.image, request.init.mask]
     unique = {id(image): image for image in images if image is not None}  # units may share the init image

@@ -14,7 +14,7 @@ from engine.conditioning import check_prompts
 from engine.img2img import LATENT_UPSCALERS, hires_size
 from engine.memory import (DETECTOR_BYTES, PLAN_SIZES, UpscalerCost, architecture_of, estimate_request, largest_batch,
                            largest_fitting, model_upscaler_pass, resize_pass)
-from engine import upscalers
+from engine import ip_adapter, upscalers
 from engine.adetailer import inpaint_size
 from engine.adetailer.detectors import Detectors
 from engine.models.family import FAMILIES, Arch
@@ -32,6 +32,7 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     ``width``/``height`` or ``batch_size`` and the largest that fits when the estimated peak is over ``budget``
     bytes (None: no budget). A model the store cannot resolve, or whose architecture its headers do not tell,
     is left to the model check and the engine."""
+    ip_adapter.check_units(store, request, config.allow_pickle)  # from the files' headers (engine.ip_adapter)
     try:
         entry = store.resolve(request.model) if request.model else store.default_checkpoint(config.default_model)
     except (InvalidRequest, ModelError):
@@ -50,12 +51,14 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     if spec is not None:
         check_prompts(spec, request.prompt, request.negative_prompt, request.steps, config.max_prompt_chunks)
     if budget is not None:
+        extra = ip_adapter.memory_bytes(store, request)
         try:
-            check_memory(arch, native, entry.name, config, request, budget, answer=answer)
+            check_memory(arch, native, entry.name, config, request, budget, answer=answer, extra_bytes=extra)
         except TooMuchMemory as exc:
             if not second:
                 raise
-            check_memory(alone, native, entry.name, config, request, budget, answer=answer)  # the size's fault
+            check_memory(alone, native, entry.name, config, request, budget, answer=answer,  # the size's fault
+                         extra_bytes=extra)
             raise TooMuchMemory(second[-1], f"{exc.message}, with {', '.join(second)} held beside the model",
                                 "a server with a larger memory budget, or the request without it") from None
 
@@ -128,18 +131,19 @@ def preprocessor_bytes(units) -> int:
 
 
 def check_memory(arch, native: int, model_name: str, config: EngineConfig, request: GenerationRequest,
-                 budget: int, *, answer: bool = False, upscaler_cost=_upscaler_cost) -> None:
+                 budget: int, *, answer: bool = False, upscaler_cost=_upscaler_cost, extra_bytes: int = 0) -> None:
     """TooMuchMemory when ``request``'s estimated peak (engine.memory.estimate_request, with the config's backend
     and VAE tiling) is over ``budget`` bytes: one batch, naming ``batch_size`` when a smaller batch fits at this
     size, else ``width`` (or ``height``) with the largest size of the same aspect ratio that fits; then the hires
     fix's second pass (naming hr_scale or hr_resize_x/y); then, with ``answer`` (the webui route sends every
     image inline as base64), all ``batch_size * n_iter`` images, naming ``n_iter``. The images of iterations are
-    streamed to the task's files, so ``n_iter`` adds nothing else."""
+    streamed to the task's files, so ``n_iter`` adds nothing else. ``extra_bytes``: weights the request loads
+    beside the model (its IP-Adapter units' adapters and CLIP vision encoders, engine.ip_adapter.memory_bytes)."""
     width, height = request.width or native, request.height or native
     backend = getattr(config.backend, "value", str(config.backend))
     options = {"cfg": request.cfg_scale != 1.0, "backend": backend, "tiling": config.vae_tiling,
                "units": len(request.controlnet_units), **_detailer(request, width, height, config),
-               "preprocessor_bytes": preprocessor_bytes(request.controlnet_units)}
+               "preprocessor_bytes": preprocessor_bytes(request.controlnet_units), "extra": extra_bytes}
     need = estimate_request(arch, width, height, request.batch_size, **options)
     if need.total > budget and "detailer" in options:
         plain = {k: v for k, v in options.items() if k not in ("detailer", "detector_bytes")}

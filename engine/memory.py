@@ -258,6 +258,7 @@ def model_upscaler_pass(scale: float, *, tile: int = 0, features: int = 64, tens
 def estimate_request(arch: Architecture, width: int, height: int, batch_size: int = 1, *, n_iter: int = 1,
                      hires: tuple[int, int] | None = None, upscaler: UpscalerCost | None = None, units: int = 0,
                      answer: bool = False, streamed: bool = True, cfg: bool = True, hires_cfg: bool | None = None,
+                     extra: int = 0,
                      backend: str = "onnxruntime", attention: tuple[str, str] | None = None,
                      tiling: VaeTiling | None = VaeTiling(), detailer: tuple[int, int] | None = None,
                      detector_bytes: int = DETECTOR_BYTES, preprocessor_bytes: int = 0) -> Estimate:
@@ -267,7 +268,8 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
     decode with the batch becoming uint8) plus what is held across stages: ``units`` ControlNet units' control
     images at each pass's size, the images of earlier iterations when not ``streamed`` (the engine hands each
     iteration's images to the task writer, api_compat.tasks.run_generation, so they are not held), and with
-    ``answer`` the webui answer's base64 copies of all ``batch_size * n_iter`` images (:func:`answer_bytes`).
+    ``answer`` the webui answer's base64 copies of all ``batch_size * n_iter`` images (:func:`answer_bytes`), and
+    ``extra`` bytes of weights loaded beside the model (IP-Adapter units: engine.ip_adapter.memory_bytes).
     ``detailer=(width, height)``: ADetailer's inpaint passes at that size (the largest of the request's tabs):
     each pass is a one-image img2img (VAE encode, sampling, decode) run after the request's own passes, one after
     another, so they add one pass's peak (not one per region) while every image of the request is held, with the
@@ -282,7 +284,7 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
     tensors = UNET_TENSORS_BY_BACKEND.get(backend, UNET_TENSORS)
     decode = _vae_pass(arch, out_w, out_h, batch_size, vae_kind, tiling)
     decode += batch_size * out_px * (IMAGE_BYTES_PER_PX + DECODED_BYTES_PER_PX)
-    held = units * UNIT_BYTES_PER_PX * width * height + preprocessor_bytes
+    held = units * UNIT_BYTES_PER_PX * width * height + preprocessor_bytes + extra
     if hires is not None:
         rows = batch_size * (2 if (cfg if hires_cfg is None else hires_cfg) else 1)
         unet = max(unet, _unet_pass(arch, out_w, out_h, rows, unet_kind, tensors))

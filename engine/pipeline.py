@@ -36,6 +36,7 @@ from engine.controlnet.reference import ReferenceInjection, supports_reference
 from engine.controlnet.units import REFERENCE_MODULES, extension_residuals, residual_count
 from engine.denoiser import Denoiser, LatentBlend
 from engine import adetailer, faces
+from engine import ip_adapter
 from core.errors import BackendUnavailable, InvalidRequest
 from engine import sd_upscale
 from engine.upscalers import Upscaling
@@ -179,6 +180,7 @@ class Engine:
         self._faces: faces.FaceModels | None = None  # face restorers (restore_faces), loaded on first use
         self._approx: ApproxModels | None = None  # TAESD / Approx NN (engine.preview), loaded on first use
         self._detectors: adetailer.Detectors | None = None  # ADetailer's detectors (engine.adetailer), on first use
+        self._ip: ip_adapter.IPAdapters | None = None  # IP-Adapter files and CLIP vision encoders (engine.ip_adapter)
         self.clock = time.monotonic  # what the ETA is measured with (tests use a fake clock)
 
     # ------------------------------------------------------------------------------------------ models
@@ -255,8 +257,9 @@ class Engine:
         def run(component: str, feeds):
             if component in rt.controlnets:
                 return rt.controlnets[component][1].run("controlnet", feeds)
-            if seamless:
-                component = SEAMLESS.get(component, component)
+            if seamless:  # an IP-Adapter variant's base too (export.ip_adapter: "{base}+ip:...")
+                base, mark, rest = component.partition("+ip:")
+                component = SEAMLESS.get(base, base) + mark + rest
             return rt.backend.run(component, feeds)
 
         return run
@@ -550,8 +553,11 @@ class Engine:
                                            seed=rng.seeds[0],
                                            sdxl=family.arch is Arch.SDXL, hires=p is ctx.second)
         rt = ctx.rt if p.model is None else p.model.rt
-        denoiser = Denoiser(_ModelCall(self._run_fn(rt, req.tiling), units, plan.steps, reference), plan.schedule,
-                            rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
+        ip = [u for u in units if getattr(u, "ip", False)]  # IP-Adapter units (engine.ip_adapter)
+        units = [u for u in units if not getattr(u, "ip", False)]
+        call = _ModelCall(self._run_fn(rt, req.tiling), units, plan.steps, reference,
+                          ip_adapter.IPInjection(ip, plan.steps) if ip else None)
+        denoiser = Denoiser(call, plan.schedule, rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
         ctx.state["last"] = rt
         if p.refiner is not None:  # the refiner takes over at the switch point, in this same run (engine.refiner)
             denoiser = self._refiner_switch(ctx, p, denoiser, rt)
@@ -765,6 +771,10 @@ class Engine:
         units, labels = [], []
         for k, unit in enumerate(req.controlnet_units):
             field_name = f"controlnet_units[{k}]"
+            if ip_adapter.is_ip_module(unit.module):  # an image as the prompt (engine.ip_adapter)
+                units.append(self._ip_unit(rt, unit, field_name))
+                labels.append(unit_infotext(unit, units[-1].label, units[-1].used))
+                continue
             if unit.module in REFERENCE_MODULES:  # model-free: attention injection (engine.controlnet.reference)
                 if not supports_reference(rt.backend):
                     raise BackendUnavailable(f"the {self.config.backend.value} backend cannot hook attention "
@@ -785,30 +795,54 @@ class Engine:
             labels.append(unit_infotext(unit, f"{cn.name} [{cn.short_hash}]", units[-1].used))
         return units, labels
 
+    def _ip_unit(self, rt: _Runtime, unit, field_name: str):
+        """An IP-Adapter unit prepared (its reference images encoded, phase "encoding"; cancellable between
+        images), its adapter attached to the model's backend for the UNet variant (export.ip_adapter)."""
+        if self._ip is None or self._ip.store is not self.store:
+            self._ip = ip_adapter.IPAdapters(self.store, self.config.allow_pickle)
+        reporter = _REPORTER.get()
+        if reporter is not None:
+            reporter.phase("encoding", f"{field_name}: IP-Adapter reference image")
+        prepared, adapter = self._ip.prepare(unit, field_name, None if reporter is None else reporter.check_cancel)
+        self._ip.attach(rt.backend, adapter, rt.backend._components["unet"], rt.model.name, f"{field_name}.model")
+        return prepared
+
 
 class _ModelCall:
     """``model(x_in, t_in, cond, step)`` for the Denoiser: UNet (and ControlNet units) through the backend."""
 
-    def __init__(self, run, units, steps: int, reference: ReferenceInjection | None = None):
+    def __init__(self, run, units, steps: int, reference: ReferenceInjection | None = None,
+                 ip: ip_adapter.IPInjection | None = None):
         self.run = run
         self.units = units
         self.steps = steps
         self.reference = reference  # the pass's reference units (attention injection), if any
+        self.ip = ip  # the pass's IP-Adapter units: the UNet's IP-Adapter variant while one acts
+
+    def _unet(self, base: str, feeds, mask, step: int):
+        """The UNet component ``base`` (or its IP-Adapter variant while an IP-Adapter unit acts) on ``feeds``."""
+        if self.ip is not None:
+            hit = self.ip.feeds(base, step, mask, int(feeds["sample"].shape[0]), feeds["sample"])
+            if hit is not None:
+                return self.run(hit[0], {**feeds, **hit[1]})["model_output"]
+        return self.run(base, feeds)["model_output"]
 
     def __call__(self, x_in, t_in, cond, step: int):
         feeds = {"sample": x_in, "timestep": t_in, "encoder_hidden_states": cond.context[: x_in.shape[0]]}
         if cond.pooled is not None:
             feeds["text_embeds"] = cond.pooled[: x_in.shape[0]]
             feeds["time_ids"] = cond.time_ids[: x_in.shape[0]]
-        if not self.units:
+        if not self.units and self.ip is None:
             return self.run("unet", feeds)["model_output"]
         mask = cond_rows_mask(cond.positive, int(x_in.shape[0]))
+        if not self.units:
+            return self._unet("unet", feeds, mask, step)
         residuals = controlnet_residuals(self.run, self.units, step, self.steps, feeds, mask)
         injected = self.reference.inject(self.run, feeds, step, mask) if self.reference else contextlib.nullcontext()
         with injected:
             if residuals is not None:
-                return self.run("unet_control", {**feeds, **residuals})["model_output"]
-            return self.run("unet", feeds)["model_output"]
+                return self._unet("unet_control", {**feeds, **residuals}, mask, step)
+            return self._unet("unet", feeds, mask, step)
 
 
 def to_uint8(images) -> list[np.ndarray]:

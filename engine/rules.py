@@ -36,6 +36,7 @@ MAX_SIZE = 2048  # pixels a side any configuration allows (EngineConfig.max_size
 SIZE_MULTIPLE = 8  # every family's sizes are multiples of this; a model's own: ModelFamily.pixel_multiple
 MAX_HIRES_RESIZE = 8192  # hires.resize_x / resize_y as given (the second pass itself is held to MAX_SIZE)
 MAX_UNITS = 10  # ControlNet units in one request
+MAX_UNIT_IMAGES = 8  # reference images of one IP-Adapter unit (the extension's multi-input form)
 # sd-webui-controlnet's advanced_weighting: one weight per ControlNet residual (down residuals in UNet order, then
 # the middle block), 13 for SD1.x/SD2.x ControlNets (12 + 1), 10 for SDXL ones (9 + 1)
 MAX_LAYER_WEIGHTS = 13

@@ -465,6 +465,16 @@ for _base, _name in SEAMLESS.items():
 VARIANTS = frozenset(SEAMLESS.values())
 
 
+def source_of(component: str) -> str | None:
+    """The module key ``component`` is computed from (an IP-Adapter variant's: its base's, export.ip_adapter)."""
+    return SOURCES.get(component.partition("+ip:")[0])
+
+
+def on_demand(component: str) -> bool:
+    """Whether ``component`` is made on first use only: a seamless or an IP-Adapter variant."""
+    return component in VARIANTS or "+ip:" in component
+
+
 def available_components(modules: Mapping[str, Any]) -> list[str]:
     """Components computable from ``modules`` (a diffusers components dict), in registry order."""
     return [c for c in COMPONENTS if SOURCES[c] in modules and c not in VARIANTS]
@@ -472,6 +482,10 @@ def available_components(modules: Mapping[str, Any]) -> list[str]:
 
 def describe(component: str, modules: Mapping[str, Any]) -> ComponentDescriptor:
     """The descriptor of ``component`` for the modules of one model (``LoadedModel.components``)."""
+    if "+ip:" in component:  # an IP-Adapter variant of a UNet component (export.ip_adapter)
+        from export.ip_adapter import describe_variant
+
+        return describe_variant(component, modules, describe)
     if component not in COMPONENTS:
         raise InvalidRequest("component", f"unknown component {component!r}", ", ".join(COMPONENTS))
     if SOURCES[component] not in modules:

@@ -191,7 +191,8 @@ def test_the_api_page_tables_follow(changed):
     assert "| `width` | int \\| null | null | a multiple of 16 from 128 to 1536 |" in rows
     assert "| `hr_scale` | float \\| null | null | 1..4 (empty: default) | hires fix upscale factor (default 1.5;" in rows
     assert 'empty: "DPM++ 2M"' in rows
-    assert changed["doc unit weight"] == ["| `weight` | float | 0.5 | 0..1.5 | residual weight |"]
+    assert changed["doc unit weight"] == ["| `weight` | float | 0.5 | 0..1.5 | residual weight (IP-Adapter units: the "
+                                          "weight of the image-prompt attention; 0 = no adapter) |"]
 
 
 def test_the_engine_follows(changed):

@@ -278,15 +278,16 @@ def test_detect_out_of_range_and_default_params(server):
 
 def test_unit_image_as_a_list(server):
     """Fault 12: the extension's list forms of one image ([image, null], [{"image", "mask"}]) are that image;
-    several images (its multi-input, for IP-Adapter units) are refused naming the field."""
+    several images (its multi-input form) are IP-Adapter units' alone: refused naming the field for a canny unit."""
     plain = server.generate("txt2img", txt2img([unit(image=PICTURE)]))
     for form in ([PICTURE, None], [{"image": PICTURE, "mask": None}]):
         assert all(np.array_equal(a, b) for a, b in zip(server.generate("txt2img", txt2img([unit(image=form)])),
                                                          plain))
     r = server.post("/sdapi/v1/txt2img", txt2img([unit(model=server.model, image=[{"image": PICTURE}] * 2)]))
     assert r.status_code == 422
-    assert r.json()["error"]["field"] == "alwayson_scripts.ControlNet.args[0].image"
-    assert r.json()["error"]["code"] == "not_supported"
+    assert r.json()["error"]["field"] == "alwayson_scripts.controlnet.args[0].image"
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "multi-input form of IP-Adapter modules" in r.json()["error"]["message"]
 
 
 # ------------------------------------------------------------------------------------------------ listings

@@ -78,15 +78,15 @@ def _same(value: Any, default: Any) -> bool:
 
 def _unit_image(value: Any, path: str) -> Any:
     """A unit's ``image`` in any of the extension's forms -> the one image string (or None): a string;
-    ``{"image": b64, "mask": null}``; ``[image, mask]``; ``[{"image": ..., "mask": ...}]``. Several images
-    (the extension's multi-input, IP-Adapter units only) and masks are refused naming the field."""
+    ``{"image": b64, "mask": null}``; ``[image, mask]``; ``[{"image": ..., "mask": ...}]``. Several
+    ``{"image": ...}`` entries (the extension's multi-input form) become a list of image strings (IP-Adapter units
+    take it; other modules are refused at translation); masks are refused naming the field."""
     if isinstance(value, list):
         if not value:
             raise api_error("invalid_request", "is an empty list", path, "an image, or a list of one image")
         if isinstance(value[0], dict):  # [{"image": ..., "mask": ...}, ...]
-            if len(value) > 1:
-                raise api_error("not_supported", f"not supported: {len(value)} input images (multi-input is for "
-                                "IP-Adapter units, which this engine does not run)", path, "one image")
+            if len(value) > 1:  # the extension's multi-input (IP-Adapter units; other modules are refused later)
+                return [_unit_image(v, f"{path}[{i}]") if isinstance(v, dict) else v for i, v in enumerate(value)]
             return _unit_image(value[0], f"{path}[0]")
         if len(value) > 2 or any(not isinstance(v, (str, type(None))) for v in value):
             raise api_error("invalid_request", "must be [image, mask] or a list of {image, mask} objects", path,

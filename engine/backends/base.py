@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 from core.errors import InvalidRequest
-from export.descriptors import SOURCES, describe
+from export.descriptors import describe, source_of
 
 Array = Any  # numpy.ndarray or torch.Tensor
 
@@ -34,7 +34,7 @@ class ComponentsMixin:
         self._descriptors: dict = {}
 
     def has(self, component: str) -> bool:
-        return SOURCES.get(component) in self._components
+        return source_of(component) in self._components
 
     def descriptor(self, component: str):
         """The export.descriptors.ComponentDescriptor of ``component`` (names, shapes, latent multiple)."""

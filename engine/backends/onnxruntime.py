@@ -50,7 +50,7 @@ from core.cpu import cpu_threads
 from core.errors import BackendUnavailable, InvalidRequest
 from engine.backends.weights import export_siblings_and_release
 from engine.networks.lora import patched_tensors
-from export.descriptors import SOURCES, ShapeConfig
+from export.descriptors import ShapeConfig, source_of
 from export.onnx import SourceWeights, cached_weights_fingerprint, export_component
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class OnnxRuntimeBackend(ComponentsMixin):
         self._patch = patch
 
     def _patch_key(self, component: str) -> str:
-        return self._patch.key(SOURCES[component]) if self._patch is not None else ""
+        return self._patch.key(source_of(component)) if self._patch is not None else ""
 
     def session(self, component: str):
         key = (component, self._patch_key(component))
@@ -277,7 +277,7 @@ class OnnxRuntimeBackend(ComponentsMixin):
             base = self._bases[art.directory] = SourceWeights(art)
         if base.graph_mapping is None:
             raise BackendUnavailable(f"{component}: this ONNX artefact has no parameter map; re-export it")
-        return patched_tensors(self._patch, SOURCES[component], base, f"{component} ({art.directory.name})")
+        return patched_tensors(self._patch, source_of(component), base, f"{component} ({art.directory.name})")
 
     def _create_session(self, component: str, patch_key: str = ""):
         import onnxruntime as ort

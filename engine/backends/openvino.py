@@ -307,16 +307,16 @@ class OpenVinoBackend(ComponentsMixin):
 
     def patch_key(self, component: str) -> str:
         """The current patch's key for ``component``'s source module ("" when it leaves it unpatched)."""
-        from export.descriptors import SOURCES
+        from export.descriptors import source_of
 
-        return self._patch.key(SOURCES[component]) if self._patch is not None else ""
+        return self._patch.key(source_of(component)) if self._patch is not None else ""
 
     def patched_constants(self, component: str) -> list[tuple[str, Any]]:
         """``[(initializer name, fp32 numpy value)]`` of the current patch for ``component``: merged over the base
         weights read from the fp32 ONNX artefact its IR was converted from (export.onnx.SourceWeights), not the
         torch module's, which may be released (and is never exported again); the tensors onnxruntime overrides."""
         from engine.networks.lora import patched_tensors
-        from export.descriptors import SOURCES
+        from export.descriptors import source_of
         from export.onnx import SourceWeights
 
         if component not in self._onnx:
@@ -327,7 +327,7 @@ class OpenVinoBackend(ComponentsMixin):
             base = self._bases[art.directory] = SourceWeights(art)
         if base.graph_mapping is None:
             raise BackendUnavailable(f"{component}: this ONNX artefact has no parameter map; re-export it")
-        return patched_tensors(self._patch, SOURCES[component], base, f"{component} ({art.directory.name})")
+        return patched_tensors(self._patch, source_of(component), base, f"{component} ({art.directory.name})")
 
     def compile_properties(self) -> dict:
         return {

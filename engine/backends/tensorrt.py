@@ -24,7 +24,7 @@ from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig
 from core.errors import BackendUnavailable
 from engine.networks.lora import patched_tensors
-from export.descriptors import SOURCES, ShapeConfig
+from export.descriptors import ShapeConfig, source_of
 from export.onnx import SourceWeights, export_component
 from export import tensorrt as trt_export  # by module: its functions are looked up at call time (tests patch them)
 
@@ -77,10 +77,10 @@ class TensorRTBackend(ComponentsMixin):
         """Initializer name -> patched numpy array of the current patch for ``component``'s prepared graph."""
         # base weights from the prepared graph's fp32 stage (the torch weights are not needed)
         base = SourceWeights(self._prepared_arts[component])
-        return dict(patched_tensors(self._patch, SOURCES[component], base, f"{component} (TensorRT refit)"))
+        return dict(patched_tensors(self._patch, source_of(component), base, f"{component} (TensorRT refit)"))
 
     def _refit_patch(self, component: str) -> None:
-        key = self._patch.key(SOURCES[component]) if self._patch is not None else ""
+        key = self._patch.key(source_of(component)) if self._patch is not None else ""
         if self._applied.get(component, "") == key:
             return
         # base weights from the prepared graph, then the patched ones (an empty patch restores the base)

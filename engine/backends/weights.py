@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from export.descriptors import SOURCES, VARIANTS
+from export.descriptors import SOURCES, VARIANTS, on_demand, source_of
 from export.onnx import LOADER, is_released, mark_released, release_weights
 
 
@@ -42,17 +42,17 @@ def _release(backend, source: str, module) -> None:
 
 def export_siblings_and_release(backend, component: str) -> None:
     """Export every component ``backend`` can make from ``component``'s source module, then release it."""
-    source = SOURCES[component]
+    source = source_of(component)
     module = backend._components.get(source)
     if module is None or is_released(module) or not hasattr(module, "parameters"):
         return
     siblings = _plain(backend, source)
-    if component in VARIANTS and any(backend.cached_fingerprint(c) is None for c in siblings):
+    if on_demand(component) and any(backend.cached_fingerprint(c) is None for c in siblings):
         return  # a variant first (tiling): its siblings are exported, and the weights released, by their own first use
     for sibling in siblings:
         backend.artefact(sibling)
     _release(backend, source, module)
-    if component in VARIANTS:
+    if on_demand(component):
         # the loader put every module's weights back for this export: release the others whose artefacts all exist
         for other, mod in backend._components.items():
             plain = _plain(backend, other) if other in SOURCES.values() else []

@@ -361,6 +361,10 @@ PREPROCESSORS: dict[str, Preprocessor] = {
         # style fidelity (the extension's "Style Fidelity (only for Balanced mode)" slider)
         Preprocessor("reference_only", _none, None, _slider(0.5, 0.0, 1.0, "Style Fidelity (only for Balanced mode)"),
                      model_free=True, tags=("Reference",)),
+        # IP-Adapter (engine.ip_adapter): the image goes to the CLIP vision encoder the module names, no map
+        *(Preprocessor(name, _none, tags=("IP-Adapter",)) for name in (
+            "ip-adapter_clip_sd15", "ip-adapter_clip_h", "ip-adapter_clip_sdxl", "ip-adapter_clip_g",
+            "ip-adapter_clip_sdxl_plus_vith", "ip-adapter-auto")),
     )
 }
 

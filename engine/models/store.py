@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 SUBDIRS = {Kind.CHECKPOINT: "Stable-diffusion", Kind.VAE: "VAE", Kind.CONTROLNET: "ControlNet", Kind.LORA: "Lora",
            Kind.EMBEDDING: "embeddings"}
 # further folders of a kind, searched after SUBDIRS[kind] (the webui's LyCORIS extension folder)
-EXTRA_SUBDIRS = {Kind.LORA: ("LyCORIS",)}
+EXTRA_SUBDIRS = {Kind.LORA: ("LyCORIS",), Kind.CONTROLNET: ("ipadapter",)}  # + IP-Adapter files (engine.ip_adapter)
 
 
 def folders(kind: Kind) -> tuple[str, ...]:
