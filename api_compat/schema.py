@@ -66,8 +66,11 @@ def _int_type(lo: int, hi: int, *, special: tuple[int, ...] = (), nullable: bool
             value = int(value)
         if value in special:
             return value
-        if not lo <= value <= hi or value % multiple:
+        if not lo <= value <= hi:
             raise _err("out_of_range", "{value} is out of range", text, value=value)
+        if value % multiple:
+            raise _err("out_of_range", "{value} is not a multiple of {multiple}", text, value=value,
+                       multiple=multiple)
         return value
 
     schema: dict[str, Any] = {"minimum": min((lo, *special)), "maximum": hi, "description": f"allowed: {text}"}
@@ -133,6 +136,26 @@ def _str_type(max_len: int = MAX_TEXT, *, nullable: bool = False):
 
     base = str | None if nullable else str
     return Annotated[base, BeforeValidator(check), Field(json_schema_extra={"maxLength": max_len})]
+
+
+def _image_text_type(*, nullable: bool = True):
+    """An image string (base64, data URI, allowed URL): limited by the decoded file's bytes and pixels
+    (``ImageLimits``, checked when it is decoded) and the HTTP body limit, not by a prompt's character cap;
+    ``MAX_IMAGE_TEXT`` only bounds what is held before decoding, and its error speaks of bytes."""
+    text = (f"an image (base64, data:image/...;base64, URI) of at most {MAX_IMAGE_TEXT // (1024 * 1024)} MiB "
+            "encoded; the decoded file is limited by the server's image bytes and pixels")
+
+    def check(value: Any) -> Any:
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str):
+            raise _err("string_type", "must be an image string, got {got}", text, got=type(value).__name__)
+        if len(value) > MAX_IMAGE_TEXT:
+            raise _err("too_long", "is {mb} MiB encoded", text, mb=f"{len(value) / (1024 * 1024):.1f}")
+        return value
+
+    base = str | None if nullable else str
+    return Annotated[base, BeforeValidator(check), Field(json_schema_extra={"description": f"allowed: {text}"})]
 
 
 def check_model_name(value: str, *, allowed: str = "a model file or folder name from the model store") -> str:
@@ -308,10 +331,10 @@ class ControlNetUnitPayload(_Model):
     module: ShortText = default("controlnet_units.module")
     model: _name_type(special=("None",), kind="ControlNet model") = Field(
         None, description='"None" (or null) only for modules that need no ControlNet model (reference_*)')
-    input_image: _str_type(MAX_IMAGE_TEXT, nullable=True) = Field(
+    input_image: _image_text_type() = Field(
         None, description="base64 or data:image/...;base64, URI (http(s) if allowed); limited by the decoded "
                           "file's bytes and pixels")
-    image: _str_type(MAX_IMAGE_TEXT, nullable=True) = Field(None, description="alias of input_image")
+    image: _image_text_type() = Field(None, description="alias of input_image")
     weight: _ranged("controlnet_units.weight") = default("controlnet_units.weight")
     guidance_start: _ranged("controlnet_units.guidance_start") = default("controlnet_units.guidance_start")
     guidance_end: _ranged("controlnet_units.guidance_end") = default("controlnet_units.guidance_end")
@@ -559,7 +582,8 @@ class Img2ImgPayload(GenerationPayload):
     init_images: _images_type() = Field(..., description="the first image is used, as the webui")
     denoising_strength: _ranged("init.denoising_strength") = default("init.denoising_strength")
     resize_mode: _choice_type(RESIZE_MODES) = default("init.resize_mode")
-    mask: OptText = Field(None, description="inpainting mask (white: repaint), base64 or data URI")
+    mask: _image_text_type() = Field(None, description="inpainting mask (white: repaint), base64 or data URI; "
+                                                        "limited by the decoded file's bytes and pixels")
     mask_blur: _ranged("init.mask_blur_x", nullable=True) = Field(None, description="sets mask_blur_x and "
                                                                                      "mask_blur_y")
     mask_blur_x: _ranged("init.mask_blur_x") = default("init.mask_blur_x")

@@ -222,7 +222,7 @@ class _PhaseBars:
         else:
             key, total, done = (phase,), 0, 0
         if key != self.key:
-            self.close()
+            self.close(complete=True)  # a later phase began: the bar's phase is done (polls miss its last steps)
             self.key = key
             if total:
                 label = "sampling" if phase == "sampling" else f"exporting {key[1]}"
@@ -239,8 +239,12 @@ class _PhaseBars:
             self.bar.update(done - self.shown, text)
             self.shown = done
 
-    def close(self) -> None:
+    def close(self, complete: bool = False) -> None:
+        """Ends the current bar; ``complete``: its phase finished, so it ends at n/n whatever the polls saw."""
         if self.bar is not None:
+            if complete and self.shown < self.bar.length:
+                self.bar.update(self.bar.length - self.shown)
+                self.shown = self.bar.length
             self.bar.__exit__(None, None, None)
             self.bar = None
 
@@ -278,6 +282,7 @@ def _follow(service, task_id: str, preview: Path | None = None) -> dict[str, Any
         while not stop.is_set():
             result = service.sd_get_result({"taskId": task_id, "current_image": preview is not None})
             if result["status"] in ("succeeded", "failed"):
+                bars.close(complete=result["status"] == "succeeded")
                 return result
             if result.get("progress"):
                 bars.update(result["progress"])
