@@ -77,7 +77,7 @@ def _payload_default(field: str) -> str:
 @click.option("--batch-size", type=int, cls=Shown, shown=_payload_default("batch_size"))
 @click.option("--n-iter", type=int, help="Number of batches.", cls=Shown, shown=_payload_default("n_iter"))
 @click.option("--model", help="Checkpoint name from the model store.",
-              cls=Shown, shown="the bundled demo model (sdengine models list)")
+              cls=Shown, shown="the default model (sdengine models default; the bundled demo model until set)")
 @click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
 @click.option("--device", help="cpu or cuda[:N].", cls=Shown, shown="cpu")
 @click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -39,12 +40,18 @@ def list_models(models_dir, no_hash: bool) -> None:
     if not rows:
         click.echo(f"no models in {store.root}", err=True)
         return
+    from engine.config import configured_default_model
+
+    try:
+        default = store.default_checkpoint(configured_default_model()[0]).path
+    except ModelError:
+        default = None
     width = max(len(r.name) for r in rows)
     click.echo(f"{'NAME':<{width}}  {'KIND':<10}  {'ARCHITECTURE':<15}  {'HASH':<10}  SOURCE")
     for r in rows:
         arch = r.architecture.value if r.architecture else "unknown"
         click.echo(f"{r.name:<{width}}  {r.kind.value:<10}  {arch:<15}  {r.short_hash or '-':<10}  "
-                   f"{'bundled' if r.bundled else 'store'}")
+                   f"{'bundled' if r.bundled else 'store'}{'  (default)' if r.path == default else ''}")
 
 
 @models.command("info")
@@ -57,15 +64,48 @@ def info(name, models_dir) -> None:
     the default model. Nothing is loaded (header, configs and the cached hash only)."""
     from engine.models.card import card, card_lines
 
+    from engine.config import configured_default_model
+
     store = _store(models_dir)
     try:
         if name is None:
-            name = store.default_checkpoint().name
+            name = store.default_checkpoint(configured_default_model()[0]).name
         result = card(store, name)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from None
     for line in card_lines(result):
         click.echo(line)
+
+
+@models.command("default")
+@click.argument("name", required=False)
+@click.option("--clear", is_flag=True, help="Forget the configured default (back to the bundled demo model).")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model store root (NAME is checked there).", cls=Shown, shown=MODELS_DIR_DEFAULT)
+def default_model(name, clear: bool, models_dir) -> None:
+    """Show or set the default checkpoint: the one txt2img, img2img, serve and export use when no --model (or
+    payload model) is given. It is kept in the settings file ({home}/config.json, `sdengine paths`);
+    $SDENGINE_DEFAULT_MODEL overrides it."""
+    from engine.config import ENV_DEFAULT_MODEL, configured_default_model, write_settings
+    from engine.models.checkpoints import Kind
+
+    store = _store(models_dir)
+    if clear:
+        click.echo(f"default model cleared in {write_settings(default_model=None)}")
+    elif name is not None:
+        try:
+            entry = store.resolve(name, Kind.CHECKPOINT, field="default_model")
+        except ModelError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"default model: {entry.stem} (written to {write_settings(default_model=entry.stem)})")
+    value, source = configured_default_model()
+    if name is not None and os.environ.get(ENV_DEFAULT_MODEL):
+        click.echo(f"note: ${ENV_DEFAULT_MODEL}={value} overrides it in this shell", err=True)
+    try:
+        entry = store.default_checkpoint(value)
+    except ModelError as exc:
+        raise click.ClickException(f"{exc} (configured in {source})") from None
+    click.echo(f"{entry.stem}   ({source})")
 
 
 @models.command("write-tiny")

@@ -18,3 +18,8 @@ def paths() -> None:
                             ("results", default_results_dir(), ENV_RESULTS_DIR),
                             ("bundled", bundled_root(), None)):
         click.echo(f"{name:<8} {path}" + (f"   (${env})" if env else "   (read-only, shipped models)"))
+    from engine.config import ENV_DEFAULT_MODEL, config_file, configured_default_model
+
+    click.echo(f"{'settings':<8} {config_file()}   (sdengine models default NAME writes default_model)")
+    value, source = configured_default_model()
+    click.echo(f"{'default':<8} {value or 'sdengine-demo'}   ({source}; ${ENV_DEFAULT_MODEL} overrides)")

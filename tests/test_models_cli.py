@@ -45,3 +45,32 @@ def test_to_single_file(tiny_store, tmp_path):
     a, b = load_file(str(out)), load_file(str(tiny_store / "Stable-diffusion" / "tiny-sdxl.safetensors"))
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_default_model_is_configurable(tiny_store, tmp_path, monkeypatch):
+    """`sdengine models default NAME` writes {home}/config.json; `paths` shows it, `models list` marks it, an
+    EngineConfig takes it as its default_model; $SDENGINE_DEFAULT_MODEL overrides the file; an unknown name is
+    refused naming the store's checkpoints."""
+    from engine.config import EngineConfig
+
+    monkeypatch.setenv("SDENGINE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SDENGINE_DEFAULT_MODEL", raising=False)
+    monkeypatch.setenv("SDENGINE_MODELS_DIR", str(tiny_store))
+    runner = CliRunner()
+    assert EngineConfig().default_model is None
+    result = runner.invoke(main, ["models", "default", "tiny-sd1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "home" / "config.json").exists()
+    assert EngineConfig().default_model == "tiny-sd1"
+    paths = runner.invoke(main, ["paths"]).stdout
+    assert any(line.split()[:2] == ["default", "tiny-sd1"] for line in paths.splitlines()), paths
+    listed = [ln for ln in runner.invoke(main, ["models", "list", "--no-hash"]).stdout.splitlines()
+              if ln.endswith("(default)")]
+    assert [ln.split()[0] for ln in listed] == ["tiny-sd1.safetensors"]
+    monkeypatch.setenv("SDENGINE_DEFAULT_MODEL", "tiny-sdxl")
+    assert EngineConfig().default_model == "tiny-sdxl"
+    monkeypatch.delenv("SDENGINE_DEFAULT_MODEL")
+    bad = runner.invoke(main, ["models", "default", "nope"])
+    assert bad.exit_code == 1 and "default_model" in bad.output and "tiny-sd1" in bad.output
+    assert runner.invoke(main, ["models", "default", "--clear"]).exit_code == 0
+    assert EngineConfig().default_model is None
