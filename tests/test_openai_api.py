@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -41,6 +42,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, demo_cache):
+    """One real server for the module: its url, an openai client, its process and folder."""
     root = tmp_path_factory.mktemp("openai-server")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -60,7 +62,7 @@ def server(tmp_path_factory, demo_cache):
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=600)
     with exclusive(demo_cache):  # the first generation may export the demo model
         client.images.generate(prompt=PROMPT, extra_body={**EXTRA, "steps": 1})
-    yield url, client
+    yield SimpleNamespace(url=url, client=client, proc=proc, root=root)
     proc.terminate()
     try:
         proc.wait(30)
@@ -91,13 +93,13 @@ def _scc(url: str, kind: str, payload: dict) -> list[np.ndarray]:
 
 
 def test_models_lists_the_checkpoints(server):
-    url, client = server
+    url, client = server.url, server.client
     ids = [m.id for m in client.models.list()]
     assert "sdengine-demo" in ids
 
 
 def test_generations_b64_equal_the_scc_task(server):
-    url, client = server
+    url, client = server.url, server.client
     answer = client.images.generate(prompt=PROMPT, n=2, size="64x64", response_format="b64_json",
                                     model="sdengine-demo", quality="standard", user="someone", extra_body=EXTRA)
     assert len(answer.data) == 2 and answer.size == "64x64"
@@ -112,7 +114,7 @@ def test_generations_b64_equal_the_scc_task(server):
 
 
 def test_generations_url_needs_the_key(server):
-    url, client = server
+    url, client = server.url, server.client
     answer = client.images.generate(prompt=PROMPT, response_format="url", extra_body=EXTRA)
     link = answer.data[0].url
     assert link.startswith(url + "/scc/images/")
@@ -122,7 +124,7 @@ def test_generations_url_needs_the_key(server):
 
 
 def test_errors_in_openai_shape_name_the_param(server):
-    url, client = server
+    url, client = server.url, server.client
     cases = [({"size": "100x64"}, "size", "multiple of 8"), ({"n": 0}, "n", None),
              ({"model": "dall-e-3"}, "model", None), ({"response_format": "jpeg"}, "response_format", None),
              ({"extra_body": {"sampler": "Nope"}}, "sampler", None),
@@ -153,7 +155,7 @@ def _png(array: np.ndarray, mode: str) -> bytes:
 
 
 def test_edits_mask_transparent_is_edited(server):
-    url, client = server
+    url, client = server.url, server.client
     base = client.images.generate(prompt="a large red circle in the middle on a blue background",
                                   extra_body=EXTRA)
     image = base64.b64decode(base.data[0].b64_json)
@@ -181,7 +183,7 @@ def test_edits_mask_transparent_is_edited(server):
 
 
 def test_edit_errors_name_the_param(server):
-    url, client = server
+    url, client = server.url, server.client
     image = _png(np.zeros((64, 64, 3), np.uint8), "RGB")
     with pytest.raises(openai.BadRequestError) as info:  # a mask without transparency means nothing here
         client.images.edit(image=("in.png", image, "image/png"), mask=("m.png", image, "image/png"), prompt="x")
@@ -193,3 +195,28 @@ def test_edit_errors_name_the_param(server):
     with pytest.raises(openai.BadRequestError) as info:
         client.images.edit(image=("in.png", b"not an image", "image/png"), prompt="x")
     assert info.value.body["param"] == "image"
+
+
+def test_cli_sends_its_task_to_the_running_server(server):
+    """The CLI on the server's results folder: the folder is locked by the server's task store, so the CLI finds
+    the server (its server.json) and sends the task there; without the key it says which variable to set. The
+    lock's own message names the server's PID and the remedy."""
+    from api_compat.service import TaskService
+    from api_compat.tasks.store import StoreLocked
+
+    results = server.root / "results"
+    command = [sys.executable, "-m", "cli", "txt2img", "--results-dir", str(results), "--prompt", PROMPT,
+               "--steps", "2", "--cfg-scale", "1.5", "--seed", "3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SDENGINE_API_KEY": KEY}
+    run = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"running server at {server.url} (pid {server.proc.pid})" in run.stderr
+    png = Path(run.stdout.strip().splitlines()[-1])
+    assert png.is_file() and _pixels(png.read_bytes()).shape == (64, 64, 3)
+    env.pop("SDENGINE_API_KEY")
+    run = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "SDENGINE_API_KEY" in run.stderr, run.stderr
+    with pytest.raises(StoreLocked) as info:
+        TaskService(results_dir=results, check_models=False)
+    message = str(info.value)
+    assert f"process {server.proc.pid} (sdengine serve at {server.url})" in message and "--results-dir" in message
