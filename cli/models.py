@@ -29,7 +29,9 @@ def models() -> None:
               help="Model store root.", cls=Shown, shown=MODELS_DIR_DEFAULT)
 @click.option("--no-hash", is_flag=True, help="Skip hashing (hashes are cached after the first listing).")
 def list_models(models_dir, no_hash: bool) -> None:
-    """Print name, kind, architecture and short hash of every model."""
+    """Print name, kind, architecture and short hash of every model: the webui's short hash of its kind (a
+    checkpoint, VAE or ControlNet: sha256 of the file, 10 hex; a LoRA: the Lora hash, 12 hex; an embedding:
+    sha256, 12 hex), as the infotext writes it. `models info NAME` says which."""
     store = _store(models_dir)
     entries = store.entries()
     rows = []
@@ -47,10 +49,12 @@ def list_models(models_dir, no_hash: bool) -> None:
     except ModelError:
         default = None
     width = max(len(r.name) for r in rows)
-    click.echo(f"{'NAME':<{width}}  {'KIND':<10}  {'ARCHITECTURE':<15}  {'HASH':<10}  SOURCE")
+    click.echo(f"{'NAME':<{width}}  {'KIND':<10}  {'ARCHITECTURE':<15}  {'HASH':<12}  SOURCE")
     for r in rows:
         arch = r.architecture.value if r.architecture else "unknown"
-        click.echo(f"{r.name:<{width}}  {r.kind.value:<10}  {arch:<15}  {r.short_hash or '-':<10}  "
+        # the webui's short hash of each kind (store.webui_hash): 10 hex for models, 12 for LoRAs and embeddings
+        shown = store.webui_hash(r)[0] if r.sha256 else "-"
+        click.echo(f"{r.name:<{width}}  {r.kind.value:<10}  {arch:<15}  {shown:<12}  "
                    f"{'bundled' if r.bundled else 'store'}{'  (default)' if r.path == default else ''}")
 
 
@@ -59,9 +63,11 @@ def list_models(models_dir, no_hash: bool) -> None:
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Model store root.", cls=Shown, shown=MODELS_DIR_DEFAULT)
 def info(name, models_dir) -> None:
-    """What model NAME is and knows: family, native size, prediction type, hash, components, the ControlNets
-    that fit, and -- when the file carries them -- its prompt vocabulary and best settings. NAME defaults to
-    the default model. Nothing is loaded (header, configs and the cached hash only)."""
+    """What model NAME is and knows: kind, family, hash (and which convention), and for a checkpoint its
+    native size, prediction type, components, the ControlNets that fit, and -- when the file carries them --
+    its prompt vocabulary and best settings. NAME is any model `models list` shows (checkpoint, ControlNet,
+    LoRA, VAE, embedding) and defaults to the default model. Nothing is loaded (header, configs and the cached
+    hash only)."""
     from engine.models.card import card, card_lines
 
     from engine.config import configured_default_model
