@@ -171,3 +171,27 @@ def test_controlnet_flags_add_a_unit(tmp_path):
     assert result.exit_code == 1 and "(set by --controlnet-model)" in result.output, result.output
     result = CliRunner().invoke(main, ["txt2img", "--prompt", "a", "--controlnet-model", "x"])
     assert result.exit_code == 2 and "--controlnet-image" in result.output
+
+
+def test_progress_bar_ends_at_n_of_n():
+    """The polls saw sampling step 18 of 20, then the decoding phase: the sampling bar ends at 20/20 (the
+    phase is done); a cancelled task's bar stays where it was."""
+    import io
+
+    from cli.generate import _PhaseBars
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    bars = _PhaseBars(out)
+    bars.update({"phase": "sampling", "step": 18, "steps": 20})
+    bars.update({"phase": "decoding"})
+    bars.close()
+    assert "20/20" in out.getvalue() and "18/20" in out.getvalue(), out.getvalue()
+    out = Terminal()
+    bars = _PhaseBars(out)
+    bars.update({"phase": "sampling", "step": 7, "steps": 20})
+    bars.close()
+    assert "20/20" not in out.getvalue() and "7/20" in out.getvalue()
