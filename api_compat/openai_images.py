@@ -33,6 +33,7 @@ from api_compat.errors import ApiError
 from api_compat.service import DEFAULT_CONFIG
 from api_compat.webui.routes import RouteSet, json_body, route
 from engine.models.checkpoints import Kind
+from engine.rules import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ KNOWN = {"prompt", "n", "size", "response_format", "model", "user", *INERT, *ONL
 RESPONSE_FORMATS = ("b64_json", "url")
 DEFAULT_RESPONSE_FORMAT = "b64_json"  # docs/DECISIONS.md: a URL needs this server's credentials to fetch
 _SIZE = re.compile(r"^\s*([0-9]{1,5})\s*[xX×]\s*([0-9]{1,5})\s*$")
-SIZE_ALLOWED = '"WxH" (e.g. "512x512"; multiples of 8 from 64 to 2048), or "auto" (the model\'s native size)'
+SIZE_ALLOWED = (f'"WxH" (e.g. "512x512"; multiples of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}), or "auto" '
+                "(the model's native size)")
 EDIT_DENOISE_MASKED = 1.0  # an edit repaints its transparent area entirely, as OpenAI's edits do
 
 
@@ -215,8 +217,9 @@ def edit_images(image_raw: bytes, mask_raw: bytes | None, limits) -> tuple[str, 
     return init, mask, size
 
 
-def _multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
-    return tuple(max(64, min(2048, int(round(side / 8)) * 8)) for side in size)
+def _size_multiple(size: tuple[int, int]) -> tuple[int, int]:
+    """An edit's image size as a generation size: each side rounded to the size multiple, within the range."""
+    return tuple(max(MIN_SIZE, min(MAX_SIZE, int(round(side / SIZE_MULTIPLE)) * SIZE_MULTIPLE)) for side in size)
 
 
 class OpenAIRoutes(RouteSet):
@@ -244,12 +247,9 @@ class OpenAIRoutes(RouteSet):
         task_id, count = result["_task_id"], len(result.get("images") or [])
         if fmt == "b64_json":
             data = [{"b64_json": b} for b in await self.images_of(task_id, count)]
-        else:
-            from api_compat.http import _ApiRoutes
-
-            headers = {k: v for k, v in request.headers.items()}
-            data = [{"url": u} for u in _ApiRoutes._with_urls({**result, "taskId": task_id}, headers,
-                                                                request.scope)["images"]]
+        else:  # this server's /scc image URLs (the Host header was checked by the site guard), same credentials
+            base = str(request.base_url).rstrip("/")
+            data = [{"url": f"{base}/scc/images/{task_id}/{i}.png"} for i in range(count)]
         info = result.get("info") or {}
         width, height = info.get("width"), info.get("height")
         answer: dict[str, Any] = {"created": int(time.time()), "data": data, "output_format": "png"}
@@ -309,7 +309,7 @@ class OpenAIRoutes(RouteSet):
                 payload["mask"] = mask
                 payload.setdefault("denoising_strength", EDIT_DENOISE_MASKED)
             if "width" not in payload:
-                payload["width"], payload["height"] = _multiple_of_8(size)
+                payload["width"], payload["height"] = _size_multiple(size)
             return await self.answer(request, "img2img", payload, fmt)
         except ApiError as exc:
             return self.failure(exc)
