@@ -220,3 +220,22 @@ def test_cli_sends_its_task_to_the_running_server(server):
         TaskService(results_dir=results, check_models=False)
     message = str(info.value)
     assert f"process {server.proc.pid} (sdengine serve at {server.url})" in message and "--results-dir" in message
+
+
+def test_edit_without_mask_uses_the_images_transparency(server):
+    """No mask: the image's own transparency is the mask (OpenAI's dall-e-2 rule): the same pixels as that
+    alpha sent as the mask of the opaque image."""
+    client = server.client
+    base = _pixels(base64.b64decode(client.images.generate(prompt=PROMPT, extra_body=EXTRA).data[0].b64_json))
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[:32] = 0  # the top half is to be edited
+    edit = {**EXTRA, "seed": 5}
+    prompt = "a large green square in the middle on a black background"
+    own = client.images.edit(image=("in.png", _png(np.dstack([base, alpha]), "RGBA"), "image/png"), prompt=prompt,
+                             extra_body=edit)
+    masked = client.images.edit(image=("in.png", _png(base, "RGB"), "image/png"),
+                                mask=("m.png", _png(np.dstack([base, alpha]), "RGBA"), "image/png"), prompt=prompt,
+                                extra_body=edit)
+    got = _pixels(base64.b64decode(own.data[0].b64_json))
+    np.testing.assert_array_equal(got, _pixels(base64.b64decode(masked.data[0].b64_json)))
+    assert np.abs(got[40:].astype(int) - base[40:]).mean() < 3  # the opaque half kept
