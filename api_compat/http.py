@@ -11,6 +11,8 @@
                               API key (api_compat.page; the page asks for the key and sends it)
     /sdapi/v1/..., /controlnet/...   the webui's own API over the same service (api_compat/webui/,
                                      docs/WEBUI_API.md)
+    /v1/images/generations, /v1/images/edits (multipart), /v1/models
+                                     the OpenAI images API over the same service (api_compat/openai_images.py)
 
 Errors are JSON ``{"error": {"code", "message", "field", "allowed"}, "errors": [...]}`` with 400/422 (bad
 payload), 401 (API key), 403 (cross-site Origin), 404 (unknown task or image), 408 (body too slow), 413 (body too
@@ -56,6 +58,9 @@ DEFAULT_READ_TIMEOUT = 60.0  # seconds for a whole request body
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds for the request line and headers
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::")
+# POST routes whose body is multipart/form-data (OpenAI's image edits); every other POST body must be JSON.
+# A cross-site HTML form can send multipart, so these rely on the Origin check (and the API key) alone
+MULTIPART_PATHS = frozenset({"/v1/images/edits"})
 _CORS_HEADERS = b"authorization, content-type, x-api-key, x-sp-resource-config-id"
 
 
@@ -167,7 +172,7 @@ class _SiteGuard:
                         *cors, (b"access-control-allow-methods", b"GET, POST"),
                         (b"access-control-allow-headers", _CORS_HEADERS), (b"access-control-max-age", b"600")]})
                     return await send({"type": "http.response.body", "body": b""})
-        if scope["method"] == "POST":
+        if scope["method"] == "POST" and scope.get("path") not in MULTIPART_PATHS:
             problem = _post_media_problem(scope.get("headers", ()))
             if problem is not None:
                 return await _answer(send, 415, problem.to_dict(), cors)
@@ -268,6 +273,15 @@ async def read_json_body(headers: dict[str, str], receive, max_body: int, read_t
     ``read_timeout`` seconds, nested at most MAX_JSON_DEPTH levels, with at most MAX_JSON_KEYS object keys;
     raises :class:`ApiError`. A body over HEAVY_BODY bytes is decoded by ``await offload(fn, *args)`` (a
     :meth:`api_compat.guard.HeavyWork.bound`), off the event loop."""
+    data = await read_body(headers, receive, max_body, read_timeout)
+    if offload is not None and len(data) > HEAVY_BODY:
+        return await offload(_decode_json, data), len(data)
+    return _decode_json(data), len(data)
+
+
+async def read_body(headers: dict[str, str], receive, max_body: int, read_timeout: float) -> bytes:
+    """The raw body from ASGI ``receive``, under ``max_body`` bytes, within ``read_timeout`` seconds; raises
+    :class:`ApiError`."""
     too_large = ApiError("payload_too_large", f"the body is larger than {max_body} bytes",
                          allowed=f"at most {max_body} bytes")
     length = headers.get("content-length")
@@ -289,9 +303,51 @@ async def read_json_body(headers: dict[str, str], receive, max_body: int, read_t
     except TimeoutError:
         raise ApiError("request_timeout", f"the body did not arrive within {read_timeout:g} s",
                        allowed=f"a complete body within {read_timeout:g} s") from None
-    if offload is not None and size > HEAVY_BODY:
-        return await offload(_decode_json, b"".join(chunks)), size
-    return _decode_json(b"".join(chunks)), size
+    return b"".join(chunks)
+
+
+MAX_FORM_FILES = 4  # an OpenAI edit: image (or image[]) and mask
+MAX_FORM_FIELDS = 64
+
+
+async def read_form_body(request, max_body: int, read_timeout: float) -> tuple[dict[str, Any], dict[str, list]]:
+    """A ``multipart/form-data`` body (POST /v1/images/edits) read under the same body limit and deadline as a
+    JSON one: (text fields, {name: [file bytes, ...]}); raises :class:`ApiError`."""
+    from starlette.requests import Request as StarletteRequest
+
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope.get("headers", ())}
+    media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "multipart/form-data":
+        raise ApiError("unsupported_media_type", f"the body must be multipart/form-data, sent as {media or 'no type'!r}",
+                       field="headers.Content-Type", allowed="Content-Type: multipart/form-data")
+    data = await read_body(headers, request.receive, max_body, read_timeout)
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    try:
+        form = await StarletteRequest(request.scope, replay).form(
+            max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=1024 * 1024)
+    except Exception as exc:  # noqa: BLE001 - starlette's MultiPartException, HTTPException (too many parts)
+        raise ApiError("bad_request", f"the multipart body cannot be read ({getattr(exc, 'detail', exc)})",
+                       allowed=f"multipart/form-data with at most {MAX_FORM_FILES} files and "
+                               f"{MAX_FORM_FIELDS} fields") from None
+    fields: dict[str, Any] = {}
+    files: dict[str, list] = {}
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields[name] = value
+            else:
+                files.setdefault(name, []).append(await value.read())
+    finally:
+        await form.close()
+    return fields, files
 
 
 def _decode_json(data: bytes) -> Any:
@@ -371,8 +427,13 @@ class _AuthMiddleware:
         ways = [w for w, on in (("Authorization: Bearer KEY or X-API-Key: KEY", self.key is not None),
                                 ("HTTP Basic user:password (--api-auth)", bool(self.basic))) if on]
         challenge = b'Basic realm="sdengine"' if self.basic else b"Bearer"
-        body = json.dumps(ApiError("unauthorized", "valid credentials are required",
-                                   allowed=" or ".join(ways)).to_dict()).encode()
+        error = ApiError("unauthorized", "valid credentials are required", allowed=" or ".join(ways))
+        if str(scope.get("path", "")).startswith("/v1/"):  # the OpenAI face answers in OpenAI's error shape
+            from api_compat.openai_images import openai_error_body
+
+            body = json.dumps(openai_error_body(error)[1]).encode()
+        else:
+            body = json.dumps(error.to_dict()).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", challenge)]})
@@ -595,6 +656,10 @@ def create_app(service: TaskService, *, api_key: str | None = None, max_body_byt
     basic = parse_api_auth(api_auth)
     app.include_router(webui_router(service, asgi.read_request, freeze_settings=freeze_settings,
                                     authenticated=bool(api_key or basic), heavy=heavy))
+    from api_compat.openai_images import openai_router
+
+    app.include_router(openai_router(service, asgi.read_request,
+                                     lambda request: read_form_body(request, max_body_bytes, read_timeout), heavy))
     if api_key or basic:
         asgi = _AuthMiddleware(asgi, api_key, basic)
     return _SiteGuard(asgi, allowed_hosts, cors_origins)

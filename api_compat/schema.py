@@ -66,8 +66,11 @@ def _int_type(lo: int, hi: int, *, special: tuple[int, ...] = (), nullable: bool
             value = int(value)
         if value in special:
             return value
-        if not lo <= value <= hi or value % multiple:
+        if not lo <= value <= hi:
             raise _err("out_of_range", "{value} is out of range", text, value=value)
+        if value % multiple:
+            raise _err("out_of_range", "{value} is not a multiple of {multiple}", text, value=value,
+                       multiple=multiple)
         return value
 
     schema: dict[str, Any] = {"minimum": min((lo, *special)), "maximum": hi, "description": f"allowed: {text}"}
@@ -135,10 +138,30 @@ def _str_type(max_len: int = MAX_TEXT, *, nullable: bool = False):
     return Annotated[base, BeforeValidator(check), Field(json_schema_extra={"maxLength": max_len})]
 
 
-def _unit_images_type(max_len: int, max_items: int):
-    """Null, one image string, or (the extension's multi-input form, IP-Adapter units) a list of 1 to
-    ``max_items`` image strings."""
-    one = _str_type(max_len, nullable=True).__metadata__[0].func
+def _image_text_type(*, nullable: bool = True):
+    """An image string (base64, data URI, allowed URL): limited by the decoded file's bytes and pixels
+    (``ImageLimits``, checked when it is decoded) and the HTTP body limit, not by a prompt's character cap;
+    ``MAX_IMAGE_TEXT`` only bounds what is held before decoding, and its error speaks of bytes."""
+    text = (f"an image (base64, data:image/...;base64, URI) of at most {MAX_IMAGE_TEXT // (1024 * 1024)} MiB "
+            "encoded; the decoded file is limited by the server's image bytes and pixels")
+
+    def check(value: Any) -> Any:
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str):
+            raise _err("string_type", "must be an image string, got {got}", text, got=type(value).__name__)
+        if len(value) > MAX_IMAGE_TEXT:
+            raise _err("too_long", "is {mb} MiB encoded", text, mb=f"{len(value) / (1024 * 1024):.1f}")
+        return value
+
+    base = str | None if nullable else str
+    return Annotated[base, BeforeValidator(check), Field(json_schema_extra={"description": f"allowed: {text}"})]
+
+
+def _unit_images_type(max_items: int):
+    """Null, one image string (:func:`_image_text_type`), or (the extension's multi-input form, IP-Adapter units) a
+    list of 1 to ``max_items`` image strings."""
+    one = _image_text_type().__metadata__[0].func
     text = f"an image string, or a list of 1 to {max_items} of them (IP-Adapter units)"
 
     def check(value: Any) -> Any:
@@ -148,7 +171,8 @@ def _unit_images_type(max_len: int, max_items: int):
             raise _err("list_type", "must be a list of 1 to {n} images", text, n=max_items)
         return [one(v) if isinstance(v, str) else _bad_image(v, text) for v in value]
 
-    return Annotated[str | list[str] | None, BeforeValidator(check), Field(json_schema_extra={"maxLength": max_len})]
+    return Annotated[str | list[str] | None, BeforeValidator(check),
+                     Field(json_schema_extra={"description": f"allowed: {text}"})]
 
 
 def _bad_image(value: Any, text: str):
@@ -328,11 +352,11 @@ class ControlNetUnitPayload(_Model):
     module: ShortText = default("controlnet_units.module")
     model: _name_type(special=("None",), kind="ControlNet model") = Field(
         None, description='"None" (or null) only for modules that need no ControlNet model (reference_*)')
-    input_image: _unit_images_type(MAX_IMAGE_TEXT, MAX_UNIT_IMAGES) = Field(
+    input_image: _unit_images_type(MAX_UNIT_IMAGES) = Field(
         None, description="base64 or data:image/...;base64, URI (http(s) if allowed); limited by the decoded "
                           "file's bytes and pixels. IP-Adapter units take a list of images too (the extension's "
                           "multi-input form: their image prompts are averaged)")
-    image: _unit_images_type(MAX_IMAGE_TEXT, MAX_UNIT_IMAGES) = Field(None, description="alias of input_image")
+    image: _unit_images_type(MAX_UNIT_IMAGES) = Field(None, description="alias of input_image")
     weight: _ranged("controlnet_units.weight") = default("controlnet_units.weight")
     guidance_start: _ranged("controlnet_units.guidance_start") = default("controlnet_units.guidance_start")
     guidance_end: _ranged("controlnet_units.guidance_end") = default("controlnet_units.guidance_end")
@@ -584,7 +608,8 @@ class Img2ImgPayload(GenerationPayload):
     init_images: _images_type() = Field(..., description="the first image is used, as the webui")
     denoising_strength: _ranged("init.denoising_strength") = default("init.denoising_strength")
     resize_mode: _choice_type(RESIZE_MODES) = default("init.resize_mode")
-    mask: OptText = Field(None, description="inpainting mask (white: repaint), base64 or data URI")
+    mask: _image_text_type() = Field(None, description="inpainting mask (white: repaint), base64 or data URI; "
+                                                        "limited by the decoded file's bytes and pixels")
     mask_blur: _ranged("init.mask_blur_x", nullable=True) = Field(None, description="sets mask_blur_x and "
                                                                                      "mask_blur_y")
     mask_blur_x: _ranged("init.mask_blur_x") = default("init.mask_blur_x")

@@ -21,6 +21,7 @@ COMMANDS = {
     "worker": "cli.serve:worker",
     "paths": "cli.paths:paths",
     "bench": "cli.bench:bench",
+    "doctor": "cli.doctor:doctor",
 }
 
 # every command: -h as well as --help, and the defaults in the help text
@@ -31,11 +32,16 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 class LazyGroup(click.Group):
     def invoke(self, ctx):
         """Ctrl-C anywhere in a command exits 130 (a command that runs a task cancels it first)."""
+        from core.errors import MissingDependency
+
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+        except MissingDependency as exc:  # an optional extra not installed: one line, no traceback
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(1)
 
     def list_commands(self, ctx):
         return sorted(COMMANDS)

@@ -77,7 +77,7 @@ def _payload_default(field: str) -> str:
 @click.option("--batch-size", type=int, cls=Shown, shown=_payload_default("batch_size"))
 @click.option("--n-iter", type=int, help="Number of batches.", cls=Shown, shown=_payload_default("n_iter"))
 @click.option("--model", help="Checkpoint name from the model store.",
-              cls=Shown, shown="the bundled demo model (sdengine models list)")
+              cls=Shown, shown="the default model (sdengine models default; the bundled demo model until set)")
 @click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
 @click.option("--device", help="cpu or cuda[:N].", cls=Shown, shown="cpu")
 @click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
@@ -93,6 +93,17 @@ def _payload_default(field: str) -> str:
 @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), cls=Shown, shown="none",
               help="Write the live preview PNG here while the task runs (turns on override_settings."
                    "live_previews_enable; show_progress_type and show_progress_every_n_steps come from the payload).")
+@click.option("--controlnet-image", type=click.Path(dir_okay=False, exists=True, path_type=Path), cls=Shown,
+              shown="none", help="A ControlNet unit's image (PNG, JPEG, WEBP ...): adds a unit to "
+                                 "alwayson_scripts.controlnet.args, after the payload's own.")
+@click.option("--controlnet-module", help='The unit\'s preprocessor ("canny", "none", ...; sdengine models info '
+                                          'lists what fits the model).', cls=Shown,
+              shown=json.dumps(default("controlnet_units.module")))
+@click.option("--controlnet-model", help="The unit's ControlNet model (a name from the model store, e.g. "
+                                         "sdengine-demo-canny).", cls=Shown, shown="none: needed unless the "
+                                                                                   "module is reference_*")
+@click.option("--controlnet-weight", type=float, help="The unit's weight (0..2).", cls=Shown,
+              shown=json.dumps(default("controlnet_units.weight")))
 @click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (benchmarks, plugins).")
 def txt2img(payload, backend, device, precision, models_dir, results_dir, output, allow_url_fetch, engine_factory,
             **flags):
@@ -106,7 +117,48 @@ def txt2img(payload, backend, device, precision, models_dir, results_dir, output
          results_dir, output, allow_url_fetch, engine_factory, preview)
 
 
+CONTROLNET_FLAGS = {"controlnet_module": "module", "controlnet_model": "model", "controlnet_weight": "weight"}
+
+
+def _controlnet_unit(body: dict[str, Any], flags: dict[str, Any]) -> None:
+    """``--controlnet-image FILE`` (+ module, model, weight) as one more enabled unit of the payload."""
+    image = flags.pop("controlnet_image", None)
+    given = {field: flags.pop(option) for option, field in CONTROLNET_FLAGS.items() if flags.get(option) is not None}
+    for option in CONTROLNET_FLAGS:
+        flags.pop(option, None)
+    if image is None:
+        if given:
+            raise click.BadParameter("--controlnet-module/--controlnet-model/--controlnet-weight need "
+                                     "--controlnet-image FILE", param_hint="--controlnet-image")
+        return
+    scripts = body.get("alwayson_scripts")
+    scripts = dict(scripts) if isinstance(scripts, dict) else {}
+    controlnet = scripts.get("controlnet")
+    controlnet = dict(controlnet) if isinstance(controlnet, dict) else {}
+    key = "units" if controlnet.get("units") is not None else "args"  # the payload's own spelling
+    units = list(controlnet.get(key) or [])
+    units.append({"enabled": True, "input_image": _image_b64(image), **given})
+    controlnet[key] = units
+    scripts["controlnet"] = controlnet
+    body["alwayson_scripts"] = scripts
+
+
+def _flag_hint(field: str | None, body: dict[str, Any]) -> str:
+    """The flag that set a payload field of an error (the --controlnet-* unit), or ""."""
+    controlnet = (body.get("alwayson_scripts") or {}).get("controlnet") or {}
+    key = "units" if controlnet.get("units") is not None else "args"
+    units = controlnet.get(key) or []
+    prefix = f"alwayson_scripts.controlnet.{key}[{len(units) - 1}]"
+    if not field or not units or not field.startswith(prefix):
+        return ""
+    rest = field[len(prefix) + 1:]
+    flag = {"module": "--controlnet-module", "model": "--controlnet-model", "weight": "--controlnet-weight",
+            "input_image": "--controlnet-image"}.get(rest.split(".")[0].split("[")[0])
+    return f" (set by {flag})" if flag else ""
+
+
 def _with_flags(body: dict[str, Any], flags: dict[str, Any], preview: Path | None = None) -> dict[str, Any]:
+    _controlnet_unit(body, flags)
     for option, field in FLAG_FIELDS.items():
         if flags.get(option) is not None:
             if field == "negative_prompt":
@@ -152,20 +204,18 @@ def _img2img(payload, backend, device, precision, models_dir, results_dir, outpu
 def _run(body: dict[str, Any], method: str, backend, device, precision, models_dir, results_dir, output,
          allow_url_fetch, engine_factory, preview: Path | None = None) -> None:
     from api_compat.errors import ApiError
-    from api_compat.service import TaskService
 
-    factory = load_factory(engine_factory)
-    try:
-        service = TaskService(models_dir, results_dir=results_dir, engine_factory=factory,
-                              allow_url_fetch=allow_url_fetch, allow_private_urls=True,  # the user's own payload
-                              **engine_options(backend, device, precision))
-    except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from None
+    local_only = backend or device or precision or models_dir or engine_factory or allow_url_fetch
+    service = None if local_only else _running_server(results_dir)
+    if service is None:
+        service = _local_service(results_dir, models_dir=models_dir, engine_factory=load_factory(engine_factory),
+                                 allow_url_fetch=allow_url_fetch, allow_private_urls=True,  # the user's own payload
+                                 **engine_options(backend, device, precision))
     with service:
         try:
             task_id = getattr(service, method)(body)["taskId"]
         except ApiError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(str(exc) + _flag_hint(exc.field, body)) from None
         result = _follow(service, task_id, preview)
     if result["status"] != "succeeded":
         error = result.get("error") or {}
@@ -183,6 +233,37 @@ def _run(body: dict[str, Any], method: str, backend, device, precision, models_d
         click.echo(str(path))
     seeds = result.get("info", {}).get("all_seeds")
     click.echo(f"task {task_id}: {len(images)} image(s), seeds {seeds}; results in {service.results_dir}", err=True)
+
+
+def _running_server(results_dir: Path | None):
+    """The ``sdengine serve`` running on this results folder (the CLI then sends its task there), or None."""
+    from cli.remote import running_server
+    from engine.config import default_results_dir
+
+    server = running_server(Path(results_dir).absolute() if results_dir else default_results_dir())
+    if server is not None:
+        click.echo(f"sending the task to the running server at {server.url} (pid {server.pid})", err=True)
+    return server
+
+
+def _local_service(results_dir: Path | None, *, models_dir, **options):
+    """A TaskService of this process. When another process (a server that did not answer, another CLI) holds
+    the results folder, this run keeps its results in ``{results}/cli`` instead, and says so."""
+    from api_compat.service import TaskService
+    from api_compat.tasks.store import StoreLocked
+    from engine.config import default_results_dir
+
+    try:
+        return TaskService(models_dir, results_dir=results_dir, **options)
+    except StoreLocked as exc:
+        own = (Path(results_dir).absolute() if results_dir else default_results_dir()) / "cli"
+        click.echo(f"note: {exc}\nthis run keeps its results in {own}", err=True)
+        try:
+            return TaskService(models_dir, results_dir=own, **options)
+        except (ValueError, RuntimeError) as exc:
+            raise click.ClickException(str(exc)) from None
+    except (ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 img2img = click.Command(
@@ -222,7 +303,7 @@ class _PhaseBars:
         else:
             key, total, done = (phase,), 0, 0
         if key != self.key:
-            self.close()
+            self.close(complete=True)  # a later phase began: the bar's phase is done (polls miss its last steps)
             self.key = key
             if total:
                 label = "sampling" if phase == "sampling" else f"exporting {key[1]}"
@@ -239,8 +320,12 @@ class _PhaseBars:
             self.bar.update(done - self.shown, text)
             self.shown = done
 
-    def close(self) -> None:
+    def close(self, complete: bool = False) -> None:
+        """Ends the current bar; ``complete``: its phase finished, so it ends at n/n whatever the polls saw."""
         if self.bar is not None:
+            if complete and self.shown < self.bar.length:
+                self.bar.update(self.bar.length - self.shown)
+                self.shown = self.bar.length
             self.bar.__exit__(None, None, None)
             self.bar = None
 
@@ -278,6 +363,7 @@ def _follow(service, task_id: str, preview: Path | None = None) -> dict[str, Any
         while not stop.is_set():
             result = service.sd_get_result({"taskId": task_id, "current_image": preview is not None})
             if result["status"] in ("succeeded", "failed"):
+                bars.close(complete=result["status"] == "succeeded")
                 return result
             if result.get("progress"):
                 bars.update(result["progress"])

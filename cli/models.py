@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -28,7 +29,9 @@ def models() -> None:
               help="Model store root.", cls=Shown, shown=MODELS_DIR_DEFAULT)
 @click.option("--no-hash", is_flag=True, help="Skip hashing (hashes are cached after the first listing).")
 def list_models(models_dir, no_hash: bool) -> None:
-    """Print name, kind, architecture and short hash of every model."""
+    """Print name, kind, architecture and short hash of every model: the webui's short hash of its kind (a
+    checkpoint, VAE or ControlNet: sha256 of the file, 10 hex; a LoRA: the Lora hash, 12 hex; an embedding:
+    sha256, 12 hex), as the infotext writes it. `models info NAME` says which."""
     store = _store(models_dir)
     entries = store.entries()
     rows = []
@@ -39,12 +42,20 @@ def list_models(models_dir, no_hash: bool) -> None:
     if not rows:
         click.echo(f"no models in {store.root}", err=True)
         return
+    from engine.config import configured_default_model
+
+    try:
+        default = store.default_checkpoint(configured_default_model()[0]).path
+    except ModelError:
+        default = None
     width = max(len(r.name) for r in rows)
-    click.echo(f"{'NAME':<{width}}  {'KIND':<10}  {'ARCHITECTURE':<15}  {'HASH':<10}  SOURCE")
+    click.echo(f"{'NAME':<{width}}  {'KIND':<10}  {'ARCHITECTURE':<15}  {'HASH':<12}  SOURCE")
     for r in rows:
         arch = r.architecture.value if r.architecture else "unknown"
-        click.echo(f"{r.name:<{width}}  {r.kind.value:<10}  {arch:<15}  {r.short_hash or '-':<10}  "
-                   f"{'bundled' if r.bundled else 'store'}")
+        # the webui's short hash of each kind (store.webui_hash): 10 hex for models, 12 for LoRAs and embeddings
+        shown = store.webui_hash(r)[0] if r.sha256 else "-"
+        click.echo(f"{r.name:<{width}}  {r.kind.value:<10}  {arch:<15}  {shown:<12}  "
+                   f"{'bundled' if r.bundled else 'store'}{'  (default)' if r.path == default else ''}")
 
 
 @models.command("info")
@@ -52,20 +63,55 @@ def list_models(models_dir, no_hash: bool) -> None:
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Model store root.", cls=Shown, shown=MODELS_DIR_DEFAULT)
 def info(name, models_dir) -> None:
-    """What model NAME is and knows: family, native size, prediction type, hash, components, the ControlNets
-    that fit, and -- when the file carries them -- its prompt vocabulary and best settings. NAME defaults to
-    the default model. Nothing is loaded (header, configs and the cached hash only)."""
+    """What model NAME is and knows: kind, family, hash (and which convention), and for a checkpoint its
+    native size, prediction type, components, the ControlNets that fit, and -- when the file carries them --
+    its prompt vocabulary and best settings. NAME is any model `models list` shows (checkpoint, ControlNet,
+    LoRA, VAE, embedding) and defaults to the default model. Nothing is loaded (header, configs and the cached
+    hash only)."""
     from engine.models.card import card, card_lines
+
+    from engine.config import configured_default_model
 
     store = _store(models_dir)
     try:
         if name is None:
-            name = store.default_checkpoint().name
+            name = store.default_checkpoint(configured_default_model()[0]).name
         result = card(store, name)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from None
     for line in card_lines(result):
         click.echo(line)
+
+
+@models.command("default")
+@click.argument("name", required=False)
+@click.option("--clear", is_flag=True, help="Forget the configured default (back to the bundled demo model).")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model store root (NAME is checked there).", cls=Shown, shown=MODELS_DIR_DEFAULT)
+def default_model(name, clear: bool, models_dir) -> None:
+    """Show or set the default checkpoint: the one txt2img, img2img, serve and export use when no --model (or
+    payload model) is given. It is kept in the settings file ({home}/config.json, `sdengine paths`);
+    $SDENGINE_DEFAULT_MODEL overrides it."""
+    from engine.config import ENV_DEFAULT_MODEL, configured_default_model, write_settings
+    from engine.models.checkpoints import Kind
+
+    store = _store(models_dir)
+    if clear:
+        click.echo(f"default model cleared in {write_settings(default_model=None)}")
+    elif name is not None:
+        try:
+            entry = store.resolve(name, Kind.CHECKPOINT, field="default_model")
+        except ModelError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"default model: {entry.stem} (written to {write_settings(default_model=entry.stem)})")
+    value, source = configured_default_model()
+    if name is not None and os.environ.get(ENV_DEFAULT_MODEL):
+        click.echo(f"note: ${ENV_DEFAULT_MODEL}={value} overrides it in this shell", err=True)
+    try:
+        entry = store.default_checkpoint(value)
+    except ModelError as exc:
+        raise click.ClickException(f"{exc} (configured in {source})") from None
+    click.echo(f"{entry.stem}   ({source})")
 
 
 @models.command("write-tiny")

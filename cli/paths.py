@@ -25,3 +25,8 @@ def paths() -> None:
     notes = [f"${ENV_ANNOTATORS_DIR}"] * (len(dirs) - 2) + ["Forge's folder", "sd-webui-controlnet's downloads"]
     for path, note in zip(dirs, notes):
         click.echo(f"annotator {path}   ({note}; ControlNet preprocessor weights, never downloaded)")
+    from engine.config import ENV_DEFAULT_MODEL, config_file, configured_default_model
+
+    click.echo(f"{'settings':<8} {config_file()}   (sdengine models default NAME writes default_model)")
+    value, source = configured_default_model()
+    click.echo(f"{'default':<8} {value or 'sdengine-demo'}   ({source}; ${ENV_DEFAULT_MODEL} overrides)")

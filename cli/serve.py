@@ -137,7 +137,42 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
     app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,
                      allowed_hosts=allowed_hosts_for(host, allowed_hosts), cors_origins=cors_origins,
                      read_timeout=read_timeout, api_auth=basic, freeze_settings=freeze_settings)
-    uvicorn.Server(uvicorn_config(app, host=host, port=port, header_timeout=header_timeout)).run()
+    record = _write_server_record(service.results_dir, host, port, "key" if api_key else "basic" if basic else "none")
+    try:
+        uvicorn.Server(uvicorn_config(app, host=host, port=port, header_timeout=header_timeout)).run()
+    finally:
+        _remove_server_record(record)
+
+
+def _write_server_record(results_dir: Path, host: str, port: int, auth: str) -> Path | None:
+    """``{results}/server.json`` ({pid, url, auth}): how a CLI on the same home finds this server and sends its
+    task here instead of stopping at the results folder's lock (cli.generate)."""
+    import os
+
+    from api_compat.tasks.store import SERVER_RECORD
+    from core.atomic import atomic_file
+
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://{'[' + local + ']' if ':' in local else local}:{port}"
+    path = Path(results_dir) / SERVER_RECORD
+    try:
+        with atomic_file(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"pid": os.getpid(), "url": url, "auth": auth}) + "\n")
+    except OSError:  # information only
+        return None
+    return path
+
+
+def _remove_server_record(path: Path | None) -> None:
+    import os
+
+    if path is None:
+        return
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 @click.command()

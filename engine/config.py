@@ -18,6 +18,8 @@ ENV_HOME = "SDENGINE_HOME"
 ENV_MODELS_DIR = "SDENGINE_MODELS_DIR"
 ENV_CACHE_DIR = "SDENGINE_CACHE_DIR"
 ENV_RESULTS_DIR = "SDENGINE_RESULTS_DIR"
+ENV_DEFAULT_MODEL = "SDENGINE_DEFAULT_MODEL"
+CONFIG_FILE = "config.json"  # in the home: user settings (``default_model``), written by ``sdengine models default``
 
 
 class BackendKind(str, Enum):
@@ -54,6 +56,61 @@ def sdengine_home() -> Path:
         return _absolute(os.environ[ENV_HOME])
     data = os.environ.get("XDG_DATA_HOME") or Path("~") / ".local" / "share"
     return _absolute(Path(data) / "sdengine")
+
+
+def config_file() -> Path:
+    """The user settings file: ``{home}/config.json``."""
+    return sdengine_home() / CONFIG_FILE
+
+
+def read_settings() -> dict:
+    """The settings file's JSON object ({} when absent or unreadable: a broken file never stops a command)."""
+    import json
+    import logging
+
+    path = config_file()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logging.getLogger(__name__).warning("ignoring the settings file %s: %s", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_settings(**changes) -> Path:
+    """Set (or, with None, remove) keys of the settings file, written atomically; returns its path."""
+    import json
+
+    from core.atomic import atomic_file
+
+    data = read_settings()
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path = config_file()
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def configured_default_model() -> tuple[str | None, str]:
+    """The default checkpoint the user configured and where it comes from: ``$SDENGINE_DEFAULT_MODEL``, else
+    ``default_model`` of the settings file (``sdengine models default NAME``), else (None, "bundled demo
+    model"): the store's rule (engine.models.store.ModelStore.default_checkpoint)."""
+    if os.environ.get(ENV_DEFAULT_MODEL):
+        return os.environ[ENV_DEFAULT_MODEL], f"${ENV_DEFAULT_MODEL}"
+    value = read_settings().get("default_model")
+    if isinstance(value, str) and value:
+        return value, str(config_file())
+    return None, "none configured: the bundled demo model, else the store's first checkpoint"
+
+
+def _default_model() -> str | None:
+    return configured_default_model()[0]
 
 
 def openvino_installed() -> bool:
@@ -106,7 +163,7 @@ class EngineConfig:
     backend: BackendKind | None = None
     device: str = "cpu"
     precision: Precision | None = None
-    default_model: str | None = None
+    default_model: str | None = field(default_factory=_default_model)  # $SDENGINE_DEFAULT_MODEL, config.json
     providers: tuple[str, ...] | None = None
     cache_dir: Path | None = None  # default: $SDENGINE_CACHE_DIR, else models_dir / "cache"
     max_batch_size: int = 8

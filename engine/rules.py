@@ -140,6 +140,9 @@ def check_size(width: int, height: int, multiple: int, max_size: int) -> None:
     """InvalidRequest naming ``width``/``height`` unless both are multiples of ``multiple`` (a model's
     ``ModelFamily.pixel_multiple``) from :data:`MIN_SIZE` to ``max_size``."""
     for name, value in (("width", width), ("height", height)):
+        if value % multiple and MIN_SIZE <= value <= max_size:
+            raise InvalidRequest(name, f"{value} is not a multiple of {multiple} (this model's pixel multiple)",
+                                 f"multiples of {multiple} from {MIN_SIZE} to {max_size}")
         if value % multiple or not MIN_SIZE <= value <= max_size:
             raise InvalidRequest(name, f"{value} is not allowed for this model",
                                  f"multiples of {multiple} from {MIN_SIZE} to {max_size}")

@@ -506,3 +506,36 @@ def test_openapi_schema_lists_every_seed_field():
     seed = ["stable_diffusion_model", "sd_vae", "clip_skip", "prompt", "negtive_prompt", "batch_size", "steps",
             "cfg_scale", "width", "height", "sampler_name", "seed", "alwayson_scripts"]
     assert not [f for f in seed if f not in props]
+
+
+def test_masks_are_limited_by_bytes_and_pixels_not_characters(service):
+    """A real mask (a feathered PNG far over the prompt's 65,536 characters as base64) is accepted; one over the
+    server's pixel limit is refused naming `mask` in pixels, never in characters; width 100 is "not a multiple
+    of 8", not out of range."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png(array):
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, format="PNG")
+        return base64.b64encode(out.getvalue()).decode()
+
+    rng = np.random.default_rng(0)
+    feathered = png((rng.random((256, 256)) * 255).astype(np.uint8))  # noise: incompressible, ~90 KB of base64
+    assert len(feathered) > 65536
+    init = png(np.zeros((256, 256, 3), np.uint8))
+    service.check({"init_images": [init], "mask": feathered, "width": 256, "height": 256}, kind="img2img")
+    limited = TaskService(service.configs["default"].models_dir, results_dir=service.results_dir / "limited",
+                          engine_factory=double_factory, max_image_pixels=128 * 128)
+    try:
+        with pytest.raises(ApiError) as info:
+            limited.check({"init_images": [png(np.zeros((64, 64, 3), np.uint8))], "mask": feathered},
+                          kind="img2img")
+    finally:
+        limited.close()
+    assert info.value.field == "mask" and "pixels" in str(info.value) and "character" not in str(info.value)
+    with pytest.raises(ApiError) as info:
+        service.check({"width": 100})
+    assert info.value.field == "width" and "not a multiple of 8" in str(info.value)

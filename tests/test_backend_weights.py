@@ -191,3 +191,24 @@ def test_missing_artefact_loads_the_weights_back(kind, tiny_store, tmp_path):
     stage = rt.backend.artefact("vae_encoder").directory  # onnx-fp32 (onnxruntime) or onnx-fp32-full (openvino)
     assert stage.parent == tmp_path / rt.model.family.artefact_key / "vae_encoder" and (stage / "model.onnx").is_file()
     assert is_released(rt.model.components["vae"]) and on_meta(rt.model.components["vae"])
+
+
+@pytest.mark.parametrize("kind", ENGINE_BACKENDS)
+def test_cold_txt2img_exports_only_what_it_runs(kind, tiny_store, tmp_path):
+    """A cold txt2img exports the text encoder, the UNet and the VAE decoder -- not unet_control (ControlNet) nor
+    vae_encoder (img2img), which it never runs; the first img2img then exports the encoder through the weights
+    loader, and paints what an engine that had it from the start paints (reference: a fresh engine on a fresh
+    cache; tolerance: none)."""
+    from engine.pipeline import Engine
+
+    txt, img = _requests()
+    engine = Engine(models_dir=tiny_store, cache_dir=tmp_path / "a", backend=kind, precision="fp32")
+    engine.generate(txt)
+    key = engine.runtime("tiny-sd1").model.family.artefact_key
+    exported = {p.name for p in (tmp_path / "a" / key).iterdir() if p.is_dir()}
+    assert exported == {"text_encoder", "unet", "vae_decoder"}, exported
+    got = np.asarray(engine.generate(img).images[0])
+    assert (tmp_path / "a" / key / "vae_encoder").is_dir()
+    assert is_released(engine.runtime("tiny-sd1").model.components["vae"])
+    fresh = Engine(models_dir=tiny_store, cache_dir=tmp_path / "b", backend=kind, precision="fp32")
+    np.testing.assert_array_equal(got, np.asarray(fresh.generate(img).images[0]))

@@ -116,3 +116,82 @@ def test_preview_flag_writes_the_live_preview(tiny_store, tmp_path):
     assert result.exit_code == 0, result.output
     with Image.open(preview) as img:
         assert img.format == "PNG" and img.size == (8, 8)
+
+
+def test_doctor_says_which_backend_and_what_is_missing():
+    from cli.doctor import EXTRAS
+    from engine.config import default_backend, default_precision
+
+    result = CliRunner().invoke(main, ["doctor"])
+    assert result.exit_code == 0, result.output
+    backend = default_backend("cpu")
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("device cpu -> "))
+    assert line.startswith(f"device cpu -> backend {backend.value}, precision {default_precision(backend, 'cpu').value}")
+    assert "openvino" in line  # why: whether openvino is installed
+    extras = {ln.split()[0]: ln for ln in result.output.splitlines() if ln.startswith("  ")}
+    assert set(EXTRAS) <= set(extras)
+    for name, text in extras.items():
+        assert ("installed" in text) != ("pip install 'sdengine[" in text), text
+
+
+def test_a_missing_extra_is_one_line():
+    """`serve` without the server extra (uvicorn made unimportable): one line naming the extra, no traceback."""
+    code = ("import sys; sys.modules['uvicorn'] = None; sys.argv = ['sdengine', 'serve', '--port', '1']; "
+            "from cli import main; main()")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        "Error: sdengine serve needs the Python module 'uvicorn', which is not installed. "
+        "Install it with: pip install 'sdengine[server]'"], run.stderr
+
+
+def test_controlnet_flags_add_a_unit(tmp_path):
+    """--controlnet-image FILE (+ module, model, weight) becomes one more enabled unit after the payload's own,
+    in the payload's spelling (units or args); an error about it names the flag; the other flags need the image."""
+    import base64
+
+    from cli.generate import _with_flags
+
+    image = tmp_path / "edges.png"
+    image.write_bytes(b"\x89PNG fake")  # only carried here; the submit-time checks are the schema's
+    body = _with_flags({"alwayson_scripts": {"controlnet": {"units": [{"enabled": False}]}}},
+                       {"controlnet_image": image, "controlnet_module": "canny",
+                        "controlnet_model": "sdengine-demo-canny", "controlnet_weight": 0.5, "prompt": "x"})
+    units = body["alwayson_scripts"]["controlnet"]["units"]
+    assert units[1] == {"enabled": True, "input_image": base64.b64encode(image.read_bytes()).decode(),
+                        "module": "canny", "model": "sdengine-demo-canny", "weight": 0.5}
+    assert body["prompt"] == "x"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(image)
+    result = CliRunner().invoke(main, ["txt2img", "--results-dir", str(tmp_path / "r"), "--backend", "onnxruntime",
+                                       "--prompt", "a", "--controlnet-image", str(image), "--controlnet-module",
+                                       "canny", "--controlnet-model", "no-such-controlnet"])
+    assert result.exit_code == 1 and "(set by --controlnet-model)" in result.output, result.output
+    result = CliRunner().invoke(main, ["txt2img", "--prompt", "a", "--controlnet-model", "x"])
+    assert result.exit_code == 2 and "--controlnet-image" in result.output
+
+
+def test_progress_bar_ends_at_n_of_n():
+    """The polls saw sampling step 18 of 20, then the decoding phase: the sampling bar ends at 20/20 (the
+    phase is done); a cancelled task's bar stays where it was."""
+    import io
+
+    from cli.generate import _PhaseBars
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    bars = _PhaseBars(out)
+    bars.update({"phase": "sampling", "step": 18, "steps": 20})
+    bars.update({"phase": "decoding"})
+    bars.close()
+    assert "20/20" in out.getvalue() and "18/20" in out.getvalue(), out.getvalue()
+    out = Terminal()
+    bars = _PhaseBars(out)
+    bars.update({"phase": "sampling", "step": 7, "steps": 20})
+    bars.close()
+    assert "20/20" not in out.getvalue() and "7/20" in out.getvalue()

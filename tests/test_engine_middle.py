@@ -230,7 +230,7 @@ def test_export_with_external_vae_is_found_by_the_engine(tiny_store, tmp_path):
     save_single_file({"vae": build_vae(seed=5)}, store / "VAE" / "alt.safetensors")
     cache = tmp_path / "cache"
     res = CliRunner().invoke(main, ["export", "tiny-sd1", "--vae", "alt", "--models-dir", str(store),
-                                    "--cache-dir", str(cache)])  # the default: every component
+                                    "--cache-dir", str(cache), "--backend", "onnxruntime"])  # what txt2img loads
     assert res.exit_code == 0, res.output
 
     exported = []

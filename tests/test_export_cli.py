@@ -23,15 +23,16 @@ def store(tiny_store, tmp_path):
 
 def test_export_command(store, tmp_path):
     runner = CliRunner()
-    args = ["export", "tiny", "--components", "vae_decoder,text_encoder", "--models-dir", str(tmp_path)]
+    args = ["export", "tiny", "--components", "vae_decoder,text_encoder", "--models-dir", str(tmp_path),
+            "--backend", "onnxruntime"]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     cache = tmp_path / "cache" / store
     for component in ("vae_decoder", "text_encoder"):
         assert (cache / component / "onnx-fp32" / "manifest.json").is_file()
         assert f"{component}: built: {cache / component / 'onnx-fp32' / 'model.onnx'} (fp32)" in result.output
-    assert "tiny: built text_encoder, vae_decoder" in result.output or "tiny: built vae_decoder, text_encoder" in \
-        result.output
+    assert "tiny: built text_encoder, vae_decoder for onnxruntime" in result.output or \
+        "tiny: built vae_decoder, text_encoder for onnxruntime" in result.output
     stamp = (cache / "vae_decoder" / "onnx-fp32" / "model.onnx").stat().st_mtime_ns
     again = runner.invoke(main, args + ["--precision", "fp16"])
     assert again.exit_code == 0, again.output
@@ -41,9 +42,10 @@ def test_export_command(store, tmp_path):
 
 def test_export_errors_are_messages(store, tmp_path):
     runner = CliRunner()
-    missing = runner.invoke(main, ["export", "nope", "--models-dir", str(tmp_path)])
+    missing = runner.invoke(main, ["export", "nope", "--models-dir", str(tmp_path), "--backend", "onnxruntime"])
     assert missing.exit_code == 1 and "nope" in missing.output and "tiny" in missing.output
-    bad = runner.invoke(main, ["export", "tiny", "--components", "refiner", "--models-dir", str(tmp_path)])
+    bad = runner.invoke(main, ["export", "tiny", "--components", "refiner", "--models-dir", str(tmp_path),
+                               "--backend", "onnxruntime"])
     assert bad.exit_code == 1 and "component" in bad.output and "unet" in bad.output
 
 
@@ -54,7 +56,7 @@ def test_export_cache_hit_says_up_to_date_without_loading_or_rehashing(store, tm
     import engine.models.hashing as hashing
 
     runner = CliRunner()
-    args = ["export", "tiny", "--components", "vae_decoder", "--models-dir", str(tmp_path)]
+    args = ["export", "tiny", "--components", "vae_decoder", "--models-dir", str(tmp_path), "--backend", "onnxruntime"]
     first = runner.invoke(main, args)
     assert first.exit_code == 0 and "vae_decoder: built:" in first.output, first.output
     counts = {"hash": 0, "load": 0}
@@ -89,3 +91,30 @@ def test_export_cache_hit_says_up_to_date_without_loading_or_rehashing(store, tm
     rebuilt = runner.invoke(main, args)
     assert rebuilt.exit_code == 0 and "vae_decoder: built:" in rebuilt.output, rebuilt.output
     assert counts["load"] == 1
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None, reason="openvino extra")
+def test_export_prepares_what_the_default_backend_loads(store, tmp_path):
+    """With no --backend, `export` prepares for the configured default (openvino here: its full-attention ONNX
+    and the IR its precision compiles from) -- what a txt2img loads, not unet_control nor vae_encoder; an engine
+    on that backend then finds everything cached and exports nothing (its exporter's events are counted)."""
+    from engine.config import default_backend
+    from engine.pipeline import Engine
+    from engine.request import GenerationRequest
+
+    assert default_backend("cpu").value == "openvino"
+    result = CliRunner().invoke(main, ["export", "tiny", "--models-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "built text_encoder, unet, vae_decoder for openvino" in result.output, result.output
+    cache = tmp_path / "cache" / store
+    assert {p.name for p in cache.iterdir() if p.is_dir()} == {"text_encoder", "unet", "vae_decoder"}
+    for component in ("text_encoder", "unet", "vae_decoder"):
+        assert any(p.name.startswith("openvino-ir") for p in (cache / component).iterdir()), component
+    again = CliRunner().invoke(main, ["export", "tiny", "--models-dir", str(tmp_path)])
+    assert again.exit_code == 0 and "up to date for openvino" in again.output, again.output
+    engine = Engine(models_dir=tmp_path, cache_dir=tmp_path / "cache")
+    assert engine.config.backend.value == "openvino"
+    seen = []
+    engine.generate(GenerationRequest(model="tiny", prompt="a", steps=2, width=64, height=64, seed=1),
+                    progress=lambda p: seen.append(getattr(p, "phase", None)))
+    assert "exporting" not in seen, seen

@@ -161,7 +161,8 @@ class CeleryBackend:
         except Exception as exc:  # the API itself is up; say what is down
             log.warning("health: %s", exc)
             status = "queue_unavailable"
-        return {"status": status, "backend": self.name, "queue": redact(self.url), "devices": devices}
+        # "queue": the task queue (embedded | celery); "backend" means the compute backend everywhere else
+        return {"status": status, "queue": self.name, "broker": redact(self.url), "devices": devices}
 
     def close(self, timeout: float | None = 60.0) -> None:
         self._closing = True

@@ -279,7 +279,7 @@ class EmbeddedBackend:
                            "alive": w.thread.is_alive(), "configs": sorted(c for c, x in self._worker_of.items()
                                                                            if x is w)}
                        for k, w in self._workers.items()}
-        return {"status": "closed" if self._closing else "ok", "backend": self.name, "devices": devices}
+        return {"status": "closed" if self._closing else "ok", "queue": self.name, "devices": devices}
 
     def close(self, timeout: float | None = 60.0) -> None:
         with self._cond:

@@ -132,6 +132,33 @@ def dumps(value: Any) -> str:
                       allow_nan=False)
 
 
+SERVER_RECORD = "server.json"  # written by `sdengine serve` in its results folder: {pid, url, auth}
+
+
+def read_server_record(root: str | os.PathLike) -> dict[str, Any] | None:
+    """The running server recorded in a results folder (``sdengine serve`` writes it), or None."""
+    try:
+        data = json.loads((Path(root) / SERVER_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def locked_message(root: str | os.PathLike) -> str:
+    """Why a results folder cannot be opened: the process holding it (its PID, and the server's URL when it is
+    ``sdengine serve``) and what to do."""
+    try:
+        pid = int((Path(root) / ".lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pid = None
+    server = read_server_record(root)
+    who = f"process {pid}" if pid else "another process"
+    if server and pid and server.get("pid") == pid and server.get("url"):
+        who += f" (sdengine serve at {server['url']})"
+    return (f"{root}: the results directory is in use by {who}; stop it, or give this one another "
+            "--results-dir (or $SDENGINE_RESULTS_DIR)")
+
+
 class StoreLocked(RuntimeError):
     """Another process has this results directory open."""
 
@@ -181,7 +208,7 @@ class TaskStore:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise StoreLocked(f"{self.root}: the results directory is in use by another process") from None
+            raise StoreLocked(locked_message(self.root)) from None
         try:
             (self.root / ".lock").write_text(f"{os.getpid()}\n")
         except OSError:  # information only

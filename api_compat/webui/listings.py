@@ -140,15 +140,49 @@ def cmd_flags(config) -> dict[str, Any]:
 
 
 def memory() -> dict[str, Any]:
-    """RAM from the OS (cheap); CUDA is not queried (that would import torch in the server process)."""
+    """``/sdapi/v1/memory`` as the webui computes it (modules/api/api.py ``get_memory``): ``ram`` of this process
+    -- ``used`` its resident set, ``total`` the machine's memory (the webui's ``100 * rss / memory_percent``),
+    ``free`` = total - used -- and ``cuda`` from ``torch.cuda.mem_get_info`` / ``memory_stats`` (``system``,
+    ``active``, ``allocated``, ``reserved``, ``inactive``, ``events``) when this process runs CUDA; else
+    ``{"error": "unavailable"}`` as the webui answers without CUDA. torch is never imported for it."""
+    import sys
+
     try:
+        rss, total = _rss_and_total()
+        ram: dict[str, Any] = {"free": total - rss, "used": rss, "total": total}
+    except (ValueError, OSError, AttributeError, ImportError) as exc:
+        ram = {"error": str(exc) or "unavailable on this system"}
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or not torch.cuda.is_available():
+            cuda: dict[str, Any] = {"error": "unavailable"}
+        else:
+            free, total_cuda = torch.cuda.mem_get_info()
+            stats = dict(torch.cuda.memory_stats())
+
+            def pair(key: str) -> dict[str, int]:
+                return {"current": stats.get(f"{key}.all.current", 0), "peak": stats.get(f"{key}.all.peak", 0)}
+
+            cuda = {"system": {"free": free, "used": total_cuda - free, "total": total_cuda},
+                    "active": pair("active_bytes"), "allocated": pair("allocated_bytes"),
+                    "reserved": pair("reserved_bytes"), "inactive": pair("inactive_split_bytes"),
+                    "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
+    except Exception as exc:  # noqa: BLE001 - the webui answers any failure as the error text
+        cuda = {"error": str(exc)}
+    return {"ram": ram, "cuda": cuda}
+
+
+def _rss_and_total() -> tuple[int, int]:
+    """This process's resident set and the machine's memory, in bytes (psutil when installed, else /proc)."""
+    try:
+        import psutil
+    except ImportError:
         page = os.sysconf("SC_PAGE_SIZE")
-        total = os.sysconf("SC_PHYS_PAGES") * page
-        free = os.sysconf("SC_AVPHYS_PAGES") * page
-        ram: dict[str, Any] = {"free": free, "used": total - free, "total": total}
-    except (ValueError, OSError, AttributeError):
-        ram = {"error": "unavailable on this system"}
-    return {"ram": ram, "cuda": {"error": "not reported by sdengine (the engine runs in its worker)"}}
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * page
+        return rss, os.sysconf("SC_PHYS_PAGES") * page
+    process = psutil.Process(os.getpid())
+    return process.memory_info().rss, psutil.virtual_memory().total
 
 
 def scripts() -> dict[str, list[str]]:

@@ -59,7 +59,8 @@ def json_body(schema: dict[str, Any]) -> dict[str, Any]:
 class RouteSet:
     """Routes over ``service`` and the webui's shared ``state``, in definition order. ``read_json(request)``
     reads a POST body with the server's rules (JSON content type, size limit, body deadline, nesting depth) --
-    the same reader as the /scc routes. ``heavy`` (:class:`api_compat.guard.HeavyWork`): where submits run (their
+    the same reader as the /scc routes (``state`` None: a face without the webui's options, e.g. OpenAI's).
+    ``heavy`` (:class:`api_compat.guard.HeavyWork`): where submits run (their
     validation decodes images, may fetch URLs), bounded per client and off the shared pool the polls use."""
 
     def __init__(self, service, read_json, state: WebuiState, heavy: HeavyWork | None = None):
@@ -112,7 +113,7 @@ class RouteSet:
                 # a running task is watched closely; a waiting one (maybe behind many) more lightly
                 await asyncio.sleep(POLL_S if result["status"] == "running" or time.monotonic() - since < 1.0
                                     else POLL_WAITING_S)
-            interrupted = task_id in state.interrupted
+            interrupted = state is not None and task_id in state.interrupted
         finally:
             if track:
                 state.untrack(task_id)

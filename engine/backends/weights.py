@@ -3,16 +3,19 @@
 A runtime that runs exported graphs (onnxruntime, openvino) holds its own copy of the weights; the torch
 modules it was handed are only needed to export. With ``release_weights=True`` (set by
 ``create_backend(..., owned=True)``: the Engine's choice, it owns the loaded model) the backend, before
-creating its first session from a source module, makes sure every ONNX artefact made from that module exists (``unet`` and ``unet_control`` from the UNet, ``vae_decoder`` and
-``vae_encoder`` from the VAE; not the on-demand variants of ``export.descriptors.VARIANTS``, whose first use
-loads the weights back through the module's loader), then frees the module's weights (:func:`export.onnx.release_weights`): from
-then on only the runtime's copy is resident. Backends built directly on shared modules (tests, benchmarks)
+creating its first session from a source module, frees the module's weights (:func:`export.onnx.release_weights`)
+once that component's artefact exists: from then on only the runtime's copy is resident. The other components of
+the module (``unet_control`` beside ``unet``, ``vae_encoder`` beside ``vae_decoder``, the on-demand variants of
+``export.descriptors.VARIANTS``) are exported on their first use, the weights loaded back through the module's
+loader (the Engine's ``weights_loader``) and released again: a txt2img exports only what it runs. A backend
+without a loader exports every sibling before the release. Backends built directly on shared modules (tests, benchmarks)
 keep them by default.
 
 The other way round (:func:`adopt_cached`): a model loaded without its weights (``load_checkpoint(meta=True)``:
 modules from the safetensors headers, on the meta device) runs on such a backend when the backend's cache holds
-every artefact made from each module; the modules are marked released with their artefacts' weights
-fingerprint. A load from cache then reads no weights into torch at all. Where an artefact is missing, the
+an artefact made from each module; the modules are marked released with their artefacts' weights
+fingerprint, and a sibling never exported yet (``unet_control`` before the first ControlNet request) is exported
+on its first use through the loader. A load from cache then reads no weights into torch at all. Where an artefact is missing, the
 weights are loaded first (and released again after the export).
 """
 
@@ -41,10 +44,23 @@ def _release(backend, source: str, module) -> None:
 
 
 def export_siblings_and_release(backend, component: str) -> None:
-    """Export every component ``backend`` can make from ``component``'s source module, then release it."""
+    """``component``'s artefact exists (the caller made it): release its source module's weights. With a way
+    back (the Engine's ``weights_loader``) nothing else is exported: a sibling (``unet_control``, ``vae_encoder``)
+    is exported on its first use, its weights loaded back for it, so a txt2img exports only what it runs.
+    Without one, every sibling is exported first (nothing could make it later)."""
     source = source_of(component)
     module = backend._components.get(source)
     if module is None or is_released(module) or not hasattr(module, "parameters"):
+        return
+    if getattr(backend, "weights_loader", None) is not None:
+        _release(backend, source, module)
+        # the loader put every module's weights back (an on-demand export): release the others already exported
+        for other, mod in backend._components.items():
+            plain = _plain(backend, other) if other in SOURCES.values() else []
+            if mod is module or not plain or is_released(mod) or not hasattr(mod, "parameters"):
+                continue
+            if any(backend.cached_fingerprint(c) is not None for c in plain):
+                _release(backend, other, mod)
         return
     siblings = _plain(backend, source)
     if on_demand(component) and any(backend.cached_fingerprint(c) is None for c in siblings):
@@ -73,10 +89,18 @@ def adopt_cached(backend, components, load_weights) -> bool:
         if source not in components or component in VARIANTS or not backend.has(component):
             continue
         fingerprint = backend.cached_fingerprint(component)
-        if fingerprint is None or fingerprints.setdefault(source, fingerprint) != fingerprint:
-            log.info("%s: not in the artefact cache; loading the model's weights to export it", component)
+        if fingerprint is None:
+            continue  # never used yet (unet_control, vae_encoder): exported on first use, through load_weights
+        if fingerprints.setdefault(source, fingerprint) != fingerprint:
+            log.info("%s: cached from other weights; loading the model's weights to export it", component)
             load_weights()
             return False
+    missing = [source for source in components if source in SOURCES.values() and source not in fingerprints
+               and any(backend.has(c) for c in _plain(backend, source))]
+    if missing:
+        log.info("%s: not in the artefact cache; loading the model's weights to export", ", ".join(missing))
+        load_weights()
+        return False
     for source, fingerprint in fingerprints.items():
         mark_released(components[source], fingerprint, load_weights)
     log.info("every artefact cached: %s run without loading their torch weights", ", ".join(sorted(fingerprints)))

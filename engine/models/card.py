@@ -25,6 +25,7 @@ from engine.models.checkpoints import SAFETENSORS_SUFFIXES, Kind, detect_path_ar
 from engine.models.family import FAMILIES
 from engine.models.store import DEMO_CHECKPOINT, bundled_root
 
+CARD_KINDS = (Kind.CHECKPOINT, Kind.CONTROLNET, Kind.LORA, Kind.VAE, Kind.EMBEDDING)
 VOCABULARY_KEY = "sdengine.vocabulary"
 SETTINGS_KEY = "sdengine.settings"
 
@@ -44,6 +45,8 @@ class ModelCard:
     settings: dict[str, Any] | None = None
     bundled: bool = False
     notes: tuple[str, ...] = field(default=())
+    short_hash: str | None = None  # the webui's short hash of this kind (ModelStore.webui_hash)
+    hash_note: str = ""  # how it is made
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -71,22 +74,27 @@ def vocabulary_of(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def card(store, name: str) -> ModelCard:
-    """The model card of checkpoint (or ControlNet, LoRA, embedding) ``name`` of ``store`` (an engine
-    ModelStore), from the file's header, its folder's configs and the store's hash cache. Nothing is loaded."""
-    try:
-        entry = store.resolve(name, Kind.CHECKPOINT, field="model")
-    except ModelNotFound as missing:
-        entry = None
-        for kind in (Kind.CONTROLNET, Kind.LORA, Kind.EMBEDDING):
-            try:
-                entry = store.resolve(name, kind, field="model")
-                break
-            except ModelNotFound:
-                continue
-        if entry is None:
-            raise missing from None
+    """The model card of checkpoint (or ControlNet, LoRA, VAE, embedding) ``name`` of ``store`` (an engine ModelStore), from the
+    file's header, its folder's configs and the store's hash cache. Nothing is loaded."""
+    entry, first_error = None, None
+    for kind in CARD_KINDS:  # a name of any kind `models list` shows; checkpoints first
+        try:
+            entry = store.resolve(name, kind, field="model")
+            break
+        except ModelNotFound as exc:
+            first_error = first_error or exc
+    if entry is None:
+        raise first_error
+    webui_hash, hash_note = store.webui_hash(entry)
     if entry.kind in (Kind.LORA, Kind.EMBEDDING):
-        return _network_card(store, entry)
+        return _network_card(store, entry, webui_hash, hash_note)
+    if entry.kind not in (Kind.CHECKPOINT, Kind.CONTROLNET):
+        described = store.describe(entry)
+        return ModelCard(
+            name=entry.name, path=entry.path, kind=entry.kind.value,
+            family=described.architecture.value if described.architecture else None, native_size=None,
+            prediction_type=None, sha256=described.sha256, components=(), bundled=entry.bundled,
+            short_hash=webui_hash, hash_note=hash_note)
     arch = detect_path_arch(entry.path)
     metadata = read_metadata(entry.path)
     configs = metadata_configs(metadata, entry.path) or {}
@@ -108,10 +116,11 @@ def card(store, name: str) -> ModelCard:
         name=entry.name, path=entry.path, kind=entry.kind.value, family=arch.value if arch else None,
         native_size=int(native) if native else None, prediction_type=prediction, sha256=store.hash_of(entry),
         components=components, controlnets=fitting, vocabulary=_json(metadata, VOCABULARY_KEY),
-        settings=_json(metadata, SETTINGS_KEY), bundled=entry.bundled, notes=tuple(notes))
+        settings=_json(metadata, SETTINGS_KEY), bundled=entry.bundled, notes=tuple(notes), short_hash=webui_hash,
+        hash_note=hash_note)
 
 
-def _network_card(store, entry) -> ModelCard:
+def _network_card(store, entry, webui_hash: str | None = None, hash_note: str = "") -> ModelCard:
     """The card of a LoRA or embedding file: the family it was made for (from its header) and, for a LoRA the
     engine refuses (a LyCORIS kind, a foreign format), why."""
     from engine.networks.files import detect_network_arch, lora_problem
@@ -122,7 +131,7 @@ def _network_card(store, entry) -> ModelCard:
         notes.append(f"refused: {entry.path.name}: {why}")
     return ModelCard(name=entry.name, path=entry.path, kind=entry.kind.value, family=arch.value if arch else None,
                      native_size=None, prediction_type=None, sha256=store.hash_of(entry), components=(),
-                     bundled=entry.bundled, notes=tuple(notes))
+                     bundled=entry.bundled, notes=tuple(notes), short_hash=webui_hash, hash_note=hash_note)
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -152,7 +161,8 @@ def card_lines(c: ModelCard) -> list[str]:
         f"path:            {c.path.absolute()}",
         f"kind:            {c.kind}",
         f"family:          {c.family or 'unknown'}",
-        f"hash:            {c.sha256[:10] if c.sha256 else '-'} (sha256 {c.sha256 or '-'})",
+        f"hash:            {c.short_hash or (c.sha256[:10] if c.sha256 else '-')} ({c.hash_note or 'sha256 of the file, 10 hex'})",
+        f"sha256:          {c.sha256 or '-'} (the whole file)",
     ]
     if c.kind == "checkpoint":
         lines += [

@@ -112,6 +112,24 @@ class HashCache:
             h.update(f"{rel}\t{self._digest(Path(real), st)}\n".encode())
         return h.hexdigest()
 
+    def data_sha256(self, path: str | os.PathLike) -> str:
+        """sha256 of a safetensors file's tensor data (the bytes after its header: the webui's "addnet" LoRA
+        hash), cached as the file hash is (key ``{path}#data``)."""
+        from core.safetensors_header import data_sha256
+
+        path = Path(path).resolve()
+        st = path.stat()
+        key = f"{path}#data"
+        with self._lock:
+            entry = self._load().get(key)
+            if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+                return entry[2]
+        digest = data_sha256(path)
+        with self._lock:
+            self._load()[key] = [st.st_size, st.st_mtime_ns, digest]
+            self._save()
+        return digest
+
     def sha256(self, path: str | os.PathLike) -> str:
         """Hash of a file or a diffusers folder."""
         return self.folder_sha256(path) if Path(path).is_dir() else self.file_sha256(path)

@@ -254,6 +254,23 @@ class ModelStore:
         sha = self.hashes.sha256(entry.path) if hash else None
         return ModelEntry(entry.name, entry.kind, entry.path, entry.root, arch, sha, entry.bundled)
 
+    def webui_hash(self, entry: ModelEntry) -> tuple[str, str]:
+        """(short hash, how it is made) of ``entry`` as the webui shows that kind: a checkpoint, VAE or
+        ControlNet: the file's sha256, 10 hex (``Model hash``, the ``name [hash]`` titles); a LoRA: the
+        sha256 of a safetensors file's tensor data, 12 hex (``Lora hashes``); an embedding (or a pickle
+        LoRA): the file's sha256, 12 hex (``TI hashes``). Cached (the store's hash cache)."""
+        if entry.kind is Kind.LORA and entry.path.suffix.lower() == ".safetensors":
+            return (self.hashes.data_sha256(entry.path)[:12],
+                    "the webui's Lora hash: sha256 of the tensor data after the header, 12 hex, as in Lora hashes")
+        if entry.kind in (Kind.LORA, Kind.EMBEDDING):
+            return (self.hashes.sha256(entry.path)[:12],
+                    "sha256 of the file, 12 hex, as the webui's " + ("Lora" if entry.kind is Kind.LORA else "TI")
+                    + " hashes")
+        note = "sha256 of the file, 10 hex, as the webui's Model hash and model titles"
+        if entry.kind is Kind.CONTROLNET:
+            note += "; sd-webui-controlnet's model titles show the old 8-hex hash instead (/controlnet/model_list)"
+        return short_hash(self.hashes.sha256(entry.path)), note
+
     def list(self, kind: Kind | None = None, hash: bool = True) -> list[ModelEntry]:
         """Every model with kind, architecture and (cached) hash."""
         return [self.describe(e, hash) for e in self.entries(kind)]
