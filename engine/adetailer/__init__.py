@@ -29,11 +29,11 @@ from engine.controlnet.images import as_array
 from engine.infotext import quote
 from engine.progress import Progress, as_callback
 from engine.request import FaceRestoration, GenerationRequest, InitImage
+from engine.rules import USE_SAME_SAMPLER, USE_SAME_SCHEDULER
 
 log = logging.getLogger(__name__)
 
 VERSION = "25.3.0"  # the extension version whose API and infotext this follows ("ADetailer version")
-USE_SAME_SAMPLER, USE_SAME_SCHEDULER = "Use same sampler", "Use same scheduler"
 SAME_CHECKPOINT, SAME_VAE = ("None", "Use same checkpoint"), ("None", "Use same VAE")
 SKIP_IMG2IMG = {"steps": 1, "sampler_name": "Euler", "width": 128, "height": 128}  # the extension's set_skip_img2img
 
