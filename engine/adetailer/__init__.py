@@ -73,7 +73,7 @@ class ADetailerTab:
     ad_vae: str | None = None
     ad_use_sampler: bool = False
     ad_sampler: str = "DPM++ 2M Karras"
-    ad_scheduler: str = "Use same scheduler"
+    ad_scheduler: str = USE_SAME_SCHEDULER
     ad_use_noise_multiplier: bool = False
     ad_noise_multiplier: float = 1.0
     ad_use_clip_skip: bool = False
