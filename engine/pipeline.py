@@ -492,8 +492,15 @@ class Engine:
                                            lambda pixels: self._encode(ctx.rt, pixels, req.tiling),
                                            seed=rng.seeds[0],
                                            sdxl=family.arch is Arch.SDXL, hires=p is ctx.second)
+        ratio = req.token_merging_ratio_hr if p is ctx.second else req.token_merging_ratio
+        set_tome = getattr(ctx.rt.backend, "set_token_merging", None)  # ToMe: torch only (others: refused)
+        if set_tome is not None:
+            set_tome(ratio)
+        elif ratio:
+            raise BackendUnavailable(f"the {self.config.backend.value} backend cannot merge tokens (ToMe)")
         denoiser = Denoiser(_ModelCall(self._run_fn(ctx.rt, req.tiling), units, plan.steps, reference), plan.schedule,
-                            ctx.rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
+                            ctx.rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas,
+                            s_min_uncond=req.s_min_uncond, s_min_uncond_all=req.s_min_uncond_all)
         callback = ctx.reporter
         if ctx.preview is not None:  # live previews: the denoiser's last x0 at the interval (engine.preview)
             model_denoiser = denoiser

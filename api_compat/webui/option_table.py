@@ -166,7 +166,8 @@ CHOICES = {"sd_vae_encode_method": ("Full", "TAESD"), "sd_vae_decode_method": ("
 REQUEST_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta",
                    "img2img_fix_steps", "initial_noise_multiplier", "upscaler_for_img2img", "face_restoration",
                    "face_restoration_model", "code_former_weight", "tiling", "sd_vae_encode_method",
-                   "sd_vae_decode_method", *PREVIEW_OPTIONS)
+                   "sd_vae_decode_method", "s_min_uncond", "s_min_uncond_all", "token_merging_ratio",
+                   "token_merging_ratio_hr", "token_merging_ratio_img2img", *PREVIEW_OPTIONS)
 # options that load a model when they change (POST /options waits for the load, as the webui does)
 LOADING_OPTIONS = ("sd_model_checkpoint", "sd_vae")
 # options that change the images in the webui and that this engine does not implement (as options): accepted at
@@ -177,8 +178,7 @@ UNSUPPORTED = frozenset({
     "sd_hypernetwork", "sd_unet", "emphasis", "comma_padding_backtrack",
     "sdxl_clip_l_skip", "sdxl_crop_top", "sdxl_crop_left", "enable_quantization", "enable_batch_seeds",
     "randn_source", "inpainting_mask_weight", "img2img_extra_noise",
-    "img2img_color_correction", "s_min_uncond", "s_min_uncond_all", "token_merging_ratio",
-    "token_merging_ratio_img2img", "token_merging_ratio_hr", "pad_cond_uncond", "pad_cond_uncond_v0",
+    "img2img_color_correction", "pad_cond_uncond", "pad_cond_uncond_v0",
     "fp8_storage", "use_old_emphasis_implementation", "use_old_karras_scheduler_sigmas",
     "no_dpmpp_sde_batch_determinism", "use_old_hires_fix_width_height", "hires_fix_use_firstpass_conds",
     "use_old_scheduling", "use_downcasted_alpha_bar", "extra_networks_default_multiplier", "eta_ddim",
