@@ -155,6 +155,12 @@ EFFECTS: dict[str, str] = {
     "show_progress_every_n_steps": "the live previews' interval in sampling steps (-1: none)",
     "show_progress_type": "how live previews are decoded: Approx NN, Approx cheap, TAESD, Full",
     "live_preview_content": "what live previews show: Prompt, Negative prompt, Combined",
+    "s_min_uncond": "NGMS: below this sigma every other step skips the negative prompt (0: off; a request's "
+                    "s_min_uncond wins)",
+    "s_min_uncond_all": "NGMS skips at every step below the sigma",
+    "token_merging_ratio": "ToMe ratio (torch backend only; other backends refuse a non-zero ratio)",
+    "token_merging_ratio_hr": "ToMe ratio of the hires pass (0: token_merging_ratio)",
+    "token_merging_ratio_img2img": "ToMe ratio of img2img when token_merging_ratio is 0",
 }
 # the live-preview options: carried by every webui request (previews are on by default, as in the webui)
 PREVIEW_OPTIONS = ("live_previews_enable", "show_progress_every_n_steps", "show_progress_type", "live_preview_content")
