@@ -34,6 +34,7 @@ from engine.config import BackendKind, EngineConfig
 from engine.controlnet import HiresOption, cond_rows_mask, controlnet_component, controlnet_residuals, prepare_unit
 from engine.controlnet.reference import ReferenceInjection, supports_reference
 from engine.controlnet.units import REFERENCE_MODULES, extension_residuals, residual_count
+from engine.calibration import calibration_feeds
 from engine.denoiser import Denoiser, LatentBlend
 from engine import faces
 from core.errors import BackendUnavailable, InvalidRequest
@@ -190,6 +191,8 @@ class Engine:
 
             # released weights come back through it when an on-demand component (a seamless variant) is exported
             backend.weights_loader = load_weights
+            if getattr(backend, "int8", False):  # precision int8: calibrated once, on the exact path's UNet inputs
+                backend.calibration = lambda: calibration_feeds(self.config, name, vae)
             if model.meta:
                 adopt_cached(backend, model.components, load_weights)
             rt = _Runtime(model, backend, EmbeddingCache(), Networks(self.store, model, self.config.allow_pickle))
