@@ -1,7 +1,7 @@
 """A roofline per component: the machine's measured matmul peak against what each component achieves.
 
     python -m benchmarks roofline [--model sd15|tiny|PATH] [--workdir DIR] [--size 512] [--batch 2]
-                                  [--backends openvino-bf16,openvino-f32,torch-f32,torch-bf16] [--runs 3]
+                                  [--backends openvino-bf16,openvino-fp32,torch-fp32,torch-bf16] [--runs 3]
                                   [--peak-n 2048] [--out FILE.json]
 
 1. **Peak**: one large square matmul (``--peak-n``, fp32 and bf16) through each runtime we use: OpenVINO's CPU
@@ -237,14 +237,15 @@ def run(args) -> dict:
     peaks: dict[str, float] = {}
     for backend in args.backends:
         runtime, precision = backend.split("-")
-        peaks[backend] = peak_openvino(args.peak_n, precision) if runtime == "openvino" else \
-            peak_torch(args.peak_n, precision)
+        peaks[backend] = peak_openvino(args.peak_n, "f32" if precision == "fp32" else precision) \
+            if runtime == "openvino" else peak_torch(args.peak_n, precision)
         print(f"peak {backend}: {peaks[backend] / 1e9:.1f} GFLOP/s ({args.peak_n}^3 matmul)", flush=True)
     rows = []
     macs_cache: dict[tuple, dict] = {}
     for backend in args.backends:
         runtime, precision = backend.split("-")
-        engine = Engine(models_dir=models_dir, backend=runtime, precision=precision, cache_dir=workdir / "cache")
+        engine = Engine(models_dir=models_dir, backend=runtime, precision={"f32": "fp32"}.get(precision, precision),
+                        cache_dir=workdir / "cache")
         rt = engine.runtime(name)
         family = rt.model.family
         latent = args.size // 8 if args.size else family.native_size // 8
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--size", type=int, default=512, help="image side (0: the model's native size)")
     ap.add_argument("--batch", type=int, default=2, help="UNet batch (2: one image with CFG)")
-    ap.add_argument("--backends", default="openvino-bf16,openvino-f32,torch-f32,torch-bf16")
+    ap.add_argument("--backends", default="openvino-bf16,openvino-fp32,torch-fp32,torch-bf16")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--peak-n", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=None)
