@@ -2,7 +2,7 @@
 
     python -m benchmarks roofline [--model sd15|tiny|PATH] [--workdir DIR] [--size 512] [--batch 2]
                                   [--backends openvino-bf16,openvino-fp32,torch-fp32,torch-bf16] [--runs 3]
-                                  [--peak-n 2048] [--out FILE.json]
+                                  [--peak-n 2048] [--profile] [--out FILE.json]
 
 1. **Peak**: one large square matmul (``--peak-n``, fp32 and bf16) through each runtime we use: OpenVINO's CPU
    plugin (a MatMul with a constant weight, compiled with the precision hint) and torch (``torch.matmul``);
@@ -15,7 +15,8 @@
 3. **Achieved**: each component timed through the engine's backend (median of ``--runs`` after a warm-up that
    compiles) at those shapes -- the UNet at the request's latent size and batch (CFG: batch 2 per image), the
    VAE decoder and encoder at batch 1, the text encoder(s) at one 77-token chunk -- and FLOP/s / peak of the same
-   runtime and precision.
+   runtime and precision. ``--profile``: OpenVINO's per-layer counters of the UNet (time per layer type and
+   kernel), what bounds it.
 
 The model: ``sd15`` (the peers' SD1.5 architecture with random weights, written into the workdir), ``tiny``
 (the tests' tiny SD1; a check of this harness in seconds, not a figure) or a checkpoint path / store name.
@@ -209,6 +210,31 @@ def time_component(backend, component: str, shapes: Mapping[str, tuple[int, ...]
     return statistics.median(times)
 
 
+def profile_openvino(backend, component: str, shapes: Mapping[str, tuple[int, ...]], top: int = 8) -> list[dict]:
+    """OpenVINO's per-layer performance counters (``PERF_COUNT``) of one inference of ``component`` compiled as
+    the backend compiles it: time per (layer type, kernel), largest first, as shares of the total."""
+    import openvino as ov
+
+    model = backend.model(component)
+    model.reshape({name: list(shape) for name, shape in shapes.items()})
+    compiled = ov.Core().compile_model(model, "CPU", {**backend.compile_properties(), "PERF_COUNT": "YES"})
+    request = compiled.create_infer_request()
+    desc = backend.descriptor(component)
+    rng = np.random.default_rng(0)
+    feeds = {spec.name: (rng.integers(0, 100, shapes[spec.name]) if spec.dtype == "int64"
+                         else rng.random(shapes[spec.name], dtype=np.float32)).astype(spec.dtype)
+             for spec in desc.inputs}
+    request.infer(feeds)
+    request.infer(feeds)
+    totals: dict[tuple[str, str], float] = {}
+    for info in request.profiling_info:
+        key = (info.node_type, info.exec_type)
+        totals[key] = totals.get(key, 0.0) + info.real_time.total_seconds()
+    whole = sum(totals.values()) or 1.0
+    rows = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return [{"layer": t, "kernel": k, "ms": v * 1e3, "share": v / whole} for (t, k), v in rows]
+
+
 def _model(args, workdir: Path) -> tuple[Path, str]:
     """(models dir, model name)."""
     if args.model == "sd15":
@@ -266,6 +292,10 @@ def run(args) -> dict:
                          {k: v / 1e9 for k, v in work["by_op"].items()}, "unresolved": work["unresolved"],
                          "seconds": seconds, "gflops": achieved / 1e9, "peak_gflops": peaks[backend] / 1e9,
                          "fraction_of_peak": achieved / peaks[backend]})
+            if args.profile and runtime == "openvino" and component == "unet":
+                rows[-1]["profile"] = profile_openvino(rt.backend, component, shapes)
+                for p in rows[-1]["profile"]:
+                    print(f"  {p['layer']:<24} {p['kernel']:<28} {p['ms']:8.1f} ms {p['share']:5.0%}", flush=True)
             print(f"{backend} {component}: {work['macs'] / 1e9:.2f} GMACs in {seconds * 1e3:.1f} ms = "
                   f"{achieved / 1e9:.1f} GFLOP/s, {achieved / peaks[backend]:.0%} of peak", flush=True)
         del engine, rt
@@ -298,6 +328,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="openvino-bf16,openvino-fp32,torch-fp32,torch-bf16")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--peak-n", type=int, default=2048)
+    ap.add_argument("--profile", action="store_true", help="openvino: the UNet's per-layer counters")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.backends = args.backends.split(",")
