@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_QUALITY = "ngms-1,ngms-3,ngms-all-1,tome-0.3,tome-0.5,taesd,int8"
+DEFAULT_QUALITY = "ngms-1,ngms-3,ngms-all-1,taesd,int8,tome-0.3,tome-0.5"
 DEFAULT_SPEED = "ngms-1,ngms-3,ngms-all-1,tome-0.3,tome-0.5,int8"
 
 
@@ -75,7 +75,13 @@ def environment() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ quality
-def quality(levers: list[str], n: int, steps: int, cfg: float, workdir: Path) -> dict:
+def _write(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+
+
+def quality(levers: list[str], n: int, steps: int, cfg: float, workdir: Path, out: Path | None = None) -> dict:
     from engine.request import GenerationRequest
     from training import evaluate as E
     from training import scenes as S
@@ -95,9 +101,14 @@ def quality(levers: list[str], n: int, steps: int, cfg: float, workdir: Path) ->
 
     exact: dict[tuple, np.ndarray] = {}
     rows = []
-    for name in ["exact-openvino", "exact-torch", *levers]:
-        backend, precision, fields = ("openvino", None, {}) if name == "exact-openvino" else \
-            ("torch", None, {}) if name == "exact-torch" else lever(name)
+    order = []
+    for name in levers:  # each backend's exact path just before its first lever
+        backend = lever(name)[0]
+        if f"exact-{backend}" not in order:
+            order.append(f"exact-{backend}")
+        order.append(name)
+    for name in order:
+        backend, precision, fields = (name[len("exact-"):], None, {}) if name.startswith("exact-") else lever(name)
         t = time.perf_counter()
         imgs = images(backend, precision, fields)
         acc, _ = E.scored(scenes, imgs)
@@ -108,6 +119,8 @@ def quality(levers: list[str], n: int, steps: int, cfg: float, workdir: Path) ->
                      "accuracy_all": acc["all"], "accuracy": acc, "mean_abs_px_diff": diff,
                      "seconds": time.perf_counter() - t})
         print(f"{name}: all right {acc['all']:.0%}, mean |px diff| {diff:.2f}", flush=True)
+        if out is not None:  # what is done so far survives an interrupted run
+            _write(out, {"part": "quality", "n": n, "steps": steps, "cfg": cfg, "rows": rows, **environment()})
     return {"part": "quality", "n": n, "steps": steps, "cfg": cfg, "rows": rows, **environment()}
 
 
@@ -179,13 +192,11 @@ def main(argv=None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sdengine-levers-"))
     if args.part == "quality":
         levers = (args.levers or DEFAULT_QUALITY).split(",")
-        result = quality(levers, args.n, args.steps or 20, args.cfg, workdir)
+        result = quality(levers, args.n, args.steps or 20, args.cfg, workdir, args.out)
     else:
         levers = (args.levers or DEFAULT_SPEED).split(",")
         result = speed(levers, workdir, args.size, args.steps or 10, args.runs)
     print(markdown(result))
     if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, args.out)
+        _write(args.out, result)
     return 0
