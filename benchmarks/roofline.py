@@ -2,7 +2,7 @@
 
     python -m benchmarks roofline [--model sd15|tiny|PATH] [--workdir DIR] [--size 512] [--batch 2]
                                   [--backends openvino-bf16,openvino-fp32,torch-fp32,torch-bf16] [--runs 3]
-                                  [--peak-n 2048] [--profile] [--out FILE.json]
+                                  [--peak-n 2048] [--profile] [--variants] [--out FILE.json]
 
 1. **Peak**: one large square matmul (``--peak-n``, fp32 and bf16) through each runtime we use: OpenVINO's CPU
    plugin (a MatMul with a constant weight, compiled with the precision hint) and torch (``torch.matmul``);
@@ -16,7 +16,8 @@
    compiles) at those shapes -- the UNet at the request's latent size and batch (CFG: batch 2 per image), the
    VAE decoder and encoder at batch 1, the text encoder(s) at one 77-token chunk -- and FLOP/s / peak of the same
    runtime and precision. ``--profile``: OpenVINO's per-layer counters of the UNet (time per layer type and
-   kernel), what bounds it.
+   kernel), what bounds it; ``--variants``: the UNet compiled with other CPU-plugin properties (THROUGHPUT hint,
+   streams, threads, pinning, dynamic shapes), what was tried.
 
 The model: ``sd15`` (the peers' SD1.5 architecture with random weights, written into the workdir), ``tiny``
 (the tests' tiny SD1; a check of this harness in seconds, not a figure) or a checkpoint path / store name.
@@ -235,6 +236,49 @@ def profile_openvino(backend, component: str, shapes: Mapping[str, tuple[int, ..
     return [{"layer": t, "kernel": k, "ms": v * 1e3, "share": v / whole} for (t, k), v in rows]
 
 
+# what was tried on the UNet beside the backend's own properties (LATENCY, one stream, every core, static shapes)
+VARIANTS = {
+    "ours (LATENCY, 1 stream, static)": {},
+    "THROUGHPUT hint": {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "AUTO"},
+    "2 streams": {"NUM_STREAMS": "2"},
+    "1 thread": {"INFERENCE_NUM_THREADS": "1"},
+    "no hyper-threading/pinning": {"ENABLE_CPU_PINNING": "NO"},
+    "dynamic shapes": {"_dynamic": True},
+}
+
+
+def variants_openvino(backend, component: str, shapes: Mapping[str, tuple[int, ...]], runs: int) -> list[dict]:
+    """The component compiled with other CPU-plugin properties (:data:`VARIANTS`) and timed like the backend's
+    own compile (median of ``runs`` after a warm-up): what hints, streams, threads and static shapes change."""
+    import openvino as ov
+
+    desc = backend.descriptor(component)
+    rng = np.random.default_rng(0)
+    feeds = {spec.name: (rng.integers(0, 100, shapes[spec.name]) if spec.dtype == "int64"
+                         else rng.random(shapes[spec.name], dtype=np.float32)).astype(spec.dtype)
+             for spec in desc.inputs}
+    out = []
+    for name, extra in VARIANTS.items():
+        model = backend.model(component)
+        props = {**backend.compile_properties(), **{k: v for k, v in extra.items() if not k.startswith("_")}}
+        if not extra.get("_dynamic"):
+            model.reshape({n: list(v) for n, v in shapes.items()})
+        try:
+            request = ov.Core().compile_model(model, "CPU", props).create_infer_request()
+        except RuntimeError as exc:  # a property this plugin does not take
+            out.append({"variant": name, "error": str(exc).splitlines()[0]})
+            continue
+        request.infer(feeds)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            request.infer(feeds)
+            times.append(time.perf_counter() - t)
+        out.append({"variant": name, "seconds": statistics.median(times)})
+        del request
+    return out
+
+
 def _model(args, workdir: Path) -> tuple[Path, str]:
     """(models dir, model name)."""
     if args.model == "sd15":
@@ -296,6 +340,11 @@ def run(args) -> dict:
                 rows[-1]["profile"] = profile_openvino(rt.backend, component, shapes)
                 for p in rows[-1]["profile"]:
                     print(f"  {p['layer']:<24} {p['kernel']:<28} {p['ms']:8.1f} ms {p['share']:5.0%}", flush=True)
+            if args.variants and runtime == "openvino" and component == "unet":
+                rows[-1]["variants"] = variants_openvino(rt.backend, component, shapes, args.runs)
+                for v in rows[-1]["variants"]:
+                    print(f"  {v['variant']:<34} " + (f"{v['seconds'] * 1e3:8.1f} ms" if "seconds" in v
+                                                     else v["error"]), flush=True)
             print(f"{backend} {component}: {work['macs'] / 1e9:.2f} GMACs in {seconds * 1e3:.1f} ms = "
                   f"{achieved / 1e9:.1f} GFLOP/s, {achieved / peaks[backend]:.0%} of peak", flush=True)
         del engine, rt
@@ -329,6 +378,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--peak-n", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="openvino: the UNet's per-layer counters")
+    ap.add_argument("--variants", action="store_true", help="openvino: the UNet under other hints/streams/threads")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.backends = args.backends.split(",")
