@@ -80,14 +80,38 @@ def _attr(node, name: str, default: Any = None) -> Any:
     return default
 
 
-def count_macs(model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+def openvino_shapes(path, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> static shape, from OpenVINO's ONNX frontend reading the graph at ``path`` (weights
+    memory-mapped, not copied) reshaped to ``input_shapes``: its shape propagation folds the Shape -> Gather ->
+    Div -> Concat chains that give attention's Reshape targets, which ONNX's data propagation leaves unknown.
+    The ONNX tensor names survive as the names of OpenVINO's output tensors."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(path))
+    model.reshape({name: list(shape) for name, shape in input_shapes.items()})
+    out = {}
+    for op in model.get_ordered_ops():
+        for port in op.outputs():
+            if port.get_partial_shape().is_static:
+                shape = tuple(int(d) for d in port.get_shape())
+                for name in port.get_names():
+                    out[name] = shape
+    return out
+
+
+def count_macs(model, input_shapes: Mapping[str, tuple[int, ...]], path=None) -> dict[str, Any]:
     """Multiply-accumulates of ``model`` (an onnx.ModelProto; its weights need not be loaded) at
     ``input_shapes``: ``{"macs": total, "by_op": {op type: macs}, "unresolved": [node names whose shapes shape
-    inference left unknown]}``. MatMul: prod(output) x K (numpy broadcasting: batch dims in the output);
+    inference left unknown]}``; with ``path`` (the graph's file) the shapes ONNX leaves unknown come from
+    :func:`openvino_shapes`. MatMul: prod(output) x K (numpy broadcasting: batch dims in the output);
     Gemm: M x N x K; Conv: prod(output) x C_in/group x prod(kernel); ConvTranspose: prod(input) x
     C_out/group x prod(kernel)."""
     inferred = _static(model, input_shapes)
     shapes = _shapes(inferred)
+    if path is not None and any(shapes.get(n) is None for node in _all_nodes(inferred.graph)
+                                if node.op_type in COUNTED for n in (*node.input[:2], node.output[0])):
+        known = openvino_shapes(path, input_shapes)  # fills what ONNX shape inference left unknown
+        shapes = {**known, **{k: v for k, v in shapes.items() if v is not None}}
     by_op = {op: 0 for op in COUNTED}
     unresolved = []
     for node in _all_nodes(inferred.graph):
@@ -188,7 +212,7 @@ def _onnx_graph(backend, component: str):
 
         art = export_component(component, backend._components, backend.model_hash, backend.config.artefacts_dir,
                                precision="fp32", attention_chunks=0)
-    return onnx.load(str(art.path), load_external_data=False)
+    return onnx.load(str(art.path), load_external_data=False), art.path
 
 
 def time_component(backend, component: str, shapes: Mapping[str, tuple[int, ...]], runs: int) -> float:
@@ -327,7 +351,8 @@ def run(args) -> dict:
             shapes = component_shapes(desc, batch, latent)
             key = (component, tuple(sorted(shapes.items())))
             if key not in macs_cache:
-                macs_cache[key] = count_macs(_onnx_graph(rt.backend, component), shapes)
+                graph, path = _onnx_graph(rt.backend, component)
+                macs_cache[key] = count_macs(graph, shapes, path)
             work = macs_cache[key]
             seconds = time_component(rt.backend, component, shapes, args.runs)
             achieved = 2.0 * work["macs"] / seconds

@@ -52,3 +52,33 @@ def test_count_macs_matches_the_hand_count():
     assert got["macs"] == conv + convt + matmul + gemm
     # the count follows the request's shapes
     assert count_macs(model, {"x": (1, 3, h, w), "y": (5, 6)})["by_op"]["Conv"] == conv // 2
+
+
+def test_openvino_shapes_fill_what_onnx_inference_leaves(tmp_path):
+    """Attention's Reshape targets come from Shape -> Gather -> Div -> Concat; ONNX's data propagation does not
+    fold the Div, OpenVINO's frontend does: with the graph's file the MatMul behind such a Reshape is counted."""
+    g = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Gather", ["xs", "i1"], ["n"], axis=0),
+        helper.make_node("Div", ["n", "two"], ["half"]),
+        helper.make_node("Concat", ["b2", "half", "c"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["r"]),  # (B, N, 8) -> (2B, N/2, 8)... as heads split
+        helper.make_node("MatMul", ["r", "w"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "i1"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([-1], np.int64), "b2"),
+             numpy_helper.from_array(np.array([8], np.int64), "c"),
+             numpy_helper.from_array(g.standard_normal((8, 5)).astype(np.float32), "w")]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    shapes = {"x": (3, 40, 8)}
+    onnx_only = count_macs(model, shapes)
+    both = count_macs(model, shapes, path)
+    assert both["unresolved"] == [] and both["by_op"]["MatMul"] == 3 * 40 * 8 * 5  # (6, 20, 8) @ (8, 5)
+    assert onnx_only["unresolved"] or onnx_only["by_op"]["MatMul"] == both["by_op"]["MatMul"]
