@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements-pins.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# CPU torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q -c requirements-pins.txt "torch==2.13.0"
-	$(BIN)/pip install -q -c requirements-pins.txt -e ".[dev,server,controlnet]"
+	$(BIN)/pip install -q -c requirements-pins.txt -e ".[dev,server,controlnet,tome,int8]"
 	# k-diffusion is the parity reference for the samplers; its __init__ drags in torchvision,
 	# wandb, kornia..., so it is installed without dependencies and only sampling.py is loaded.
 	$(BIN)/pip install -q --no-deps -c requirements-pins.txt k-diffusion

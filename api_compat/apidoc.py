@@ -112,7 +112,8 @@ FIELD_DOCS: dict[str, str] = {
               "order: {prompt} in a style is replaced by the prompt, else the style is appended",
     "seed_resize_from_h": "seed resize",
     "seed_resize_from_w": "seed resize",
-    "s_min_uncond": "negative guidance minimum sigma",
+    "s_min_uncond": "negative guidance minimum sigma (webui NGMS, opt-in speed lever): below this sigma every "
+                    "other step skips the negative prompt; null: override_settings.s_min_uncond, else 0 (off)",
     "refiner_checkpoint": "the SDXL refiner (any checkpoint of the model's latent space) that takes over the same "
                           "sampling run at refiner_switch_at; with the hires fix, in the second pass; "
                           "empty / \"None\": off",
@@ -135,6 +136,12 @@ FIELD_DOCS: dict[str, str] = {
                               "CodeFormer first)",
     "code_former_weight": "CodeFormer's fidelity weight (0: strongest restoration, 1: weakest; default 0.5)",
     "OverrideSettings.tiling": "tiling when the request leaves it null",
+    "OverrideSettings.s_min_uncond": "NGMS when the request's s_min_uncond is null (0: off)",
+    "s_min_uncond_all": "NGMS skips the negative prompt at every step below the sigma, not every other one",
+    "token_merging_ratio": "ToMe (opt-in speed lever, torch backend only; other backends refuse it): share of the "
+                           "self-attention tokens merged in the highest-resolution blocks (0: off, at most 0.9)",
+    "token_merging_ratio_hr": "ToMe ratio of the hires pass (0: token_merging_ratio)",
+    "token_merging_ratio_img2img": "ToMe ratio of img2img when token_merging_ratio is 0",
     "sd_vae_encode_method": "VAE encoder (img2img, hires fix): \"Full\" (the model's VAE) or \"TAESD\" (TAESDXL for "
                             "SDXL; the bundled MIT files or `models/VAE-approx/`)",
     "sd_vae_decode_method": "VAE decoder: \"Full\" or \"TAESD\" (as sd_vae_encode_method)",

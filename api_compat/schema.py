@@ -458,6 +458,12 @@ class OverrideSettings(_Model):
     face_restoration_model: OptShortText = None
     code_former_weight: _float_type(0.0, 1.0, nullable=True) = None
     tiling: Flag = None
+    # the webui's speed levers (opt-in): NGMS (payload s_min_uncond wins) and token merging (torch backend)
+    s_min_uncond: _ranged("s_min_uncond", nullable=True) = None
+    s_min_uncond_all: Flag = None
+    token_merging_ratio: _ranged("token_merging_ratio", nullable=True) = None
+    token_merging_ratio_hr: _ranged("token_merging_ratio_hr", nullable=True) = None
+    token_merging_ratio_img2img: _ranged("token_merging_ratio", nullable=True) = None
     # the VAE's encode / decode method: "TAESD" (TAESDXL for SDXL) instead of the model's VAE
     sd_vae_encode_method: _names_type(VAE_METHODS) = None
     sd_vae_decode_method: _names_type(VAE_METHODS) = None
@@ -534,7 +540,7 @@ class GenerationPayload(_Model):
     styles: _styles_type() = None
     seed_resize_from_h: _only_default(-1, 0, None, feature="seed resize") = None
     seed_resize_from_w: _only_default(-1, 0, None, feature="seed resize") = None
-    s_min_uncond: _only_default(0, 0.0, None, feature="negative guidance minimum sigma (s_min_uncond)") = None
+    s_min_uncond: _ranged("s_min_uncond", nullable=True) = None  # null: override_settings / the option
     force_task_id: _only_default(None, "", feature="client-chosen task ids") = None
     # selectable scripts: "sd upscale" on img2img (api_compat.translate checks the name and its arguments)
     script_name: OptShortText = None

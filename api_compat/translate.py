@@ -91,6 +91,13 @@ def field_origins(payload: GenerationPayload) -> dict[str, str]:
         "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
         "refiner": "refiner_checkpoint", "refiner.checkpoint": "refiner_checkpoint",
         "refiner.switch_at": "refiner_switch_at",
+        "s_min_uncond": "s_min_uncond" if payload.s_min_uncond is not None or "s_min_uncond" not in given
+        else "override_settings.s_min_uncond",
+        "s_min_uncond_all": "override_settings.s_min_uncond_all",
+        "token_merging_ratio": "override_settings.token_merging_ratio" if given.get("token_merging_ratio")
+        or not given.get("token_merging_ratio_img2img") else "override_settings.token_merging_ratio_img2img",
+        "token_merging_ratio_hr": "override_settings.token_merging_ratio_hr" if given.get("token_merging_ratio_hr")
+        else "override_settings.token_merging_ratio",
     }
     if "CLIP_stop_at_last_layers" in given:  # the webui's clip skip wins over clip_skip
         origins["clip_skip"] = "override_settings.CLIP_stop_at_last_layers"
@@ -301,8 +308,24 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         face_restoration=_face_restoration(payload, overrides, config),
         refiner=refiner,
         **_vae_and_preview(overrides),
+        **_speed_levers(payload, overrides),
     )
     return fields, models
+
+
+def _speed_levers(payload: GenerationPayload, overrides) -> dict[str, Any]:
+    """The webui's NGMS and token merging (processing.StableDiffusionProcessing): the payload's s_min_uncond,
+    else the option; ToMe from the options only (get_token_merging_ratio: img2img falls back to
+    token_merging_ratio_img2img, the hires pass takes token_merging_ratio_hr, else the first pass's)."""
+    def opt(name: str) -> Any:
+        return getattr(overrides, name) if overrides is not None else None
+
+    s_min_uncond = payload.s_min_uncond if payload.s_min_uncond is not None else opt("s_min_uncond")
+    ratio = opt("token_merging_ratio") or 0.0
+    if isinstance(payload, Img2ImgPayload):
+        ratio = ratio or opt("token_merging_ratio_img2img") or 0.0
+    return dict(s_min_uncond=float(s_min_uncond or 0.0), s_min_uncond_all=bool(opt("s_min_uncond_all")),
+                token_merging_ratio=float(ratio), token_merging_ratio_hr=float(opt("token_merging_ratio_hr") or ratio))
 
 
 def _flag(value: bool | None, overrides, option: str) -> bool:

@@ -80,7 +80,7 @@ def _payload_default(field: str) -> str:
               cls=Shown, shown="the default model (sdengine models default; the bundled demo model until set)")
 @click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
 @click.option("--device", help="cpu or cuda[:N].", cls=Shown, shown="cpu")
-@click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
+@click.option("--precision", help="fp32, fp16, bf16 or int8 (openvino: INT8 UNet).", cls=Shown, shown=PRECISION_DEFAULT)
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Model store folder.",
               cls=Shown, shown=f"$SDENGINE_MODELS_DIR or {dirs_help()[0]}")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),

@@ -41,7 +41,7 @@ def _is_loopback(host: str) -> bool:
               cls=Shown, shown="$SDENGINE_API_AUTH, else none")
 @click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
 @click.option("--device", help="cpu or cuda[:N].", cls=Shown, shown="cpu")
-@click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
+@click.option("--precision", help="fp32, fp16, bf16 or int8 (openvino: INT8 UNet).", cls=Shown, shown=PRECISION_DEFAULT)
 @click.option("--configs", "configs_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help='JSON file {"config-id": {engine options}} selected by the X-SP-RESOURCE-CONFIG-ID header.',
               cls=Shown, shown="only the default configuration")
@@ -186,7 +186,7 @@ def _remove_server_record(path: Path | None) -> None:
 @click.option("--models", help="Serve only these checkpoints (comma-separated names from the model store); "
                                "default: every checkpoint in the store, and tasks that name none.")
 @click.option("--backend", help="openvino, onnxruntime, torch or tensorrt.", cls=Shown, shown=BACKEND_DEFAULT)
-@click.option("--precision", help="fp32, fp16 or bf16.", cls=Shown, shown=PRECISION_DEFAULT)
+@click.option("--precision", help="fp32, fp16, bf16 or int8 (openvino: INT8 UNet).", cls=Shown, shown=PRECISION_DEFAULT)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Exported ONNX / engine cache (default: MODELS_DIR/cache).")
 @click.option("--threads", type=int, help="CPU threads of the engine (default: all cores).")

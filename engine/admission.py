@@ -33,6 +33,7 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
     bytes (None: no budget). A model the store cannot resolve, or whose architecture its headers do not tell,
     is left to the model check and the engine."""
     ip_adapter.check_units(store, request, config.allow_pickle)  # from the files' headers (engine.ip_adapter)
+    check_token_merging(config, request)
     try:
         entry = store.resolve(request.model) if request.model else store.default_checkpoint(config.default_model)
     except (InvalidRequest, ModelError):
@@ -89,6 +90,19 @@ def _second_checkpoints(store, entry, arch, request: GenerationRequest):
         arch = replace(arch, weights_bytes=arch.weights_bytes + found[0].weights_bytes)
         added.append(field)
     return arch, added
+
+
+def check_token_merging(config: EngineConfig, request: GenerationRequest) -> None:
+    """ToMe (token_merging_ratio / _hr) patches the torch UNet (tomesd); a backend that runs an exported graph
+    cannot merge tokens: InvalidRequest naming the field and the backend (docs/DECISIONS.md)."""
+    backend = getattr(config.backend, "value", str(config.backend))
+    if backend == "torch":
+        return
+    hr = request.token_merging_ratio_hr if request.hires is not None else 0.0
+    for field, ratio in (("token_merging_ratio", request.token_merging_ratio), ("token_merging_ratio_hr", hr)):
+        if ratio:
+            raise InvalidRequest(field, f"token merging (ToMe) runs on the torch backend only; this server runs "
+                                 f"the {backend} backend", "0 (off) on this backend")
 
 
 def _text_spec(family: str | None):

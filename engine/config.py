@@ -35,6 +35,7 @@ class Precision(str, Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
+    INT8 = "int8"  # openvino only: the UNet quantized by NNCF (engine.backends.int8), the rest in bf16/f32
 
 
 def _enum(enum: type[Enum], value, field_name: str):
@@ -184,6 +185,9 @@ class EngineConfig:
         object.__setattr__(self, "backend", backend)
         precision = (default_precision(backend, self.device) if self.precision is None
                      else _enum(Precision, self.precision, "precision"))
+        if precision == Precision.INT8 and backend != BackendKind.OPENVINO:
+            raise InvalidRequest("precision", f"int8 runs on the openvino backend only (this is {backend.value})",
+                                 "fp32, fp16, bf16")
         object.__setattr__(self, "precision", precision)
 
     @property

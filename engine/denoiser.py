@@ -36,10 +36,15 @@ class Denoiser:
     ``cond`` (x_in (M,4,h,w) already scaled by c_in, t_in (M,) float32 timesteps). ``conditioning(step)`` gives
     the StepConditioning of sampling step ``step``, which is derived from sigma against ``sigmas`` (the largest
     i with sigmas[i] >= sigma), so second-order samplers' intermediate evaluations belong to their step.
+
+    ``s_min_uncond`` > 0 (the webui's "NGMS", negative guidance minimum sigma): a call whose first sigma is below
+    it skips the negative rows and combines at CFG scale 1, on odd-numbered calls only (the webui's ``self.step``
+    counts denoiser calls from 0 per pass) unless ``s_min_uncond_all``. ``skipped`` counts the calls it skipped.
     """
 
     def __init__(self, model: ModelFn, schedule: ModelSchedule, prediction_type: str, cfg_scale: float,
-                 conditioning: Callable[[int], StepConditioning], sigmas: Sequence[float] | Array):
+                 conditioning: Callable[[int], StepConditioning], sigmas: Sequence[float] | Array,
+                 s_min_uncond: float = 0.0, s_min_uncond_all: bool = False):
         if prediction_type not in PREDICTION_TYPES:
             raise InvalidRequest("prediction_type", f"unknown prediction type {prediction_type!r}",
                                  ", ".join(PREDICTION_TYPES))
@@ -50,6 +55,10 @@ class Denoiser:
         self.conditioning = conditioning
         self.sigmas = floats(sigmas)
         self.last = None  # (x0 rows, their conditioning, the CFG result, negative rows run) of the last call
+        self.s_min_uncond = float(s_min_uncond)
+        self.s_min_uncond_all = bool(s_min_uncond_all)
+        self.calls = 0  # the webui CFGDenoiser's self.step: denoiser calls of this pass
+        self.skipped = 0  # calls that skipped the negative rows (NGMS)
 
     def step_of(self, sigma: float) -> int:
         """Largest i with sigmas[i] >= sigma (relative tolerance 1e-5), clamped to [0, len(sigmas) - 2]."""
@@ -59,12 +68,19 @@ class Denoiser:
                 i = j
         return i
 
-    def rows(self, cond: StepConditioning) -> _Rows:
+    def skip_uncond(self, sigma: float) -> bool:
+        """webui CFGDenoiser: ``(step % 2 or s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond``
+        (only where the negative rows run at all: cfg_scale > 1)."""
+        return (self.cfg_scale > 1 and self.s_min_uncond > 0 and sigma < self.s_min_uncond
+                and bool(self.calls % 2 or self.s_min_uncond_all))
+
+    def rows(self, cond: StepConditioning, negatives: bool = True) -> _Rows:
         """The (conditioning row, image) pairs to run: every positive AND-part of every image, then (only when
-        cfg_scale > 1) every image's negative. When that is not simply rows 0..k-1 (a negative row shared by
+        cfg_scale > 1 and ``negatives``) every image's negative. When that is not simply rows 0..k-1 (a negative row shared by
         several images, say), the conditioning arrays are gathered so that each run row has its own x."""
         pairs = [(row, b) for b, parts in enumerate(cond.positive) for row, _ in parts]
-        if self.cfg_scale > 1:
+        negatives = negatives and self.cfg_scale > 1
+        if negatives:
             pairs += [(row, b) for b, row in enumerate(cond.negative)]
         order = [row for row, _ in pairs]
         image = tuple(b for _, b in pairs)
@@ -78,7 +94,7 @@ class Denoiser:
             taken = {name: value[order] for name, value in arrays.items()}
         position = iter(range(len(pairs)))
         positive = tuple(tuple((next(position), w) for _, w in parts) for parts in cond.positive)
-        negative = tuple(next(position) for _ in cond.negative) if self.cfg_scale > 1 else ()
+        negative = tuple(next(position) for _ in cond.negative) if negatives else ()
         return _Rows(image, replace(cond, positive=positive, negative=negative, **taken))
 
     def __call__(self, x: Array, sigma: Any) -> Array:
@@ -87,7 +103,10 @@ class Denoiser:
         if len(sigmas_b) != batch:
             sigmas_b = sigmas_b[:1] * batch
         step = self.step_of(max(sigmas_b))
-        rows = self.rows(self.conditioning(step))
+        skip = self.skip_uncond(sigmas_b[0])
+        self.calls += 1
+        self.skipped += skip
+        rows = self.rows(self.conditioning(step), negatives=not skip)
         idx = list(rows.image)
         s_rows = [sigmas_b[b] for b in idx]
         t_rows = self.schedule.sigma_to_t(np.asarray(s_rows, dtype=np.float64))
@@ -103,14 +122,22 @@ class Denoiser:
             ts = [float(v) * 10 for v in np.atleast_1d(t_rows)]
             x0 = x0 * self._col([v / math.sqrt(v * v + 0.25) for v in ts], x) + \
                 x_rows * self._col([0.25 / (v * v + 0.25) for v in ts], x)
-        out = self.combine(x0, rows.cond)
-        self.last = (x0, rows.cond, out, self.cfg_scale > 1)  # live previews (engine.preview.select): references, no copy
+        out = self.combine(x0, rows.cond, skip)
+        self.last = (x0, rows.cond, out, self.cfg_scale > 1 and not skip)  # live previews (engine.preview.select): references, no copy
         return out
 
-    def combine(self, x0: Array, cond: StepConditioning) -> Array:
-        """webui CFGDenoiser.combine_denoised: uncond + sum w * cfg * (x0[row] - uncond), per image."""
+    def combine(self, x0: Array, cond: StepConditioning, skipped: bool = False) -> Array:
+        """webui CFGDenoiser.combine_denoised: uncond + sum w * cfg * (x0[row] - uncond), per image. ``skipped``
+        (NGMS): the image's first positive row stands in for the uncond and the scale is 1, as the webui does."""
         out = []
         for b, parts in enumerate(cond.positive):
+            if skipped:
+                uncond = x0[parts[0][0]]
+                acc = uncond
+                for row, w in parts:
+                    acc = acc + (x0[row] - uncond) * w
+                out.append(acc)
+                continue
             if self.cfg_scale <= 1:
                 total = sum(w for _, w in parts) or 1.0
                 acc = None

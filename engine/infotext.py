@@ -140,6 +140,13 @@ class Generation:
             "Denoising strength": self.denoising_strength,
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
             **extras,
+            # the webui's speed levers (processing.create_infotext), where it writes them
+            "Token merging ratio": getattr(req, "token_merging_ratio", 0) or None,
+            "Token merging ratio hr": (getattr(req, "token_merging_ratio_hr", 0) or None)
+            if getattr(req, "hires", None) is not None else None,
+            "NGMS": getattr(req, "s_min_uncond", 0) or None,
+            "NGMS all steps": True if getattr(req, "s_min_uncond", 0) and getattr(req, "s_min_uncond_all", False)
+            else None,
             "Tiling": "True" if getattr(req, "tiling", False) else None,  # webui: after RNG, before the extra params
             **self.extra,
             "Backend": self.backend,

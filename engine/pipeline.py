@@ -34,6 +34,7 @@ from engine.config import BackendKind, EngineConfig
 from engine.controlnet import HiresOption, cond_rows_mask, controlnet_component, controlnet_residuals, prepare_unit
 from engine.controlnet.reference import ReferenceInjection, supports_reference
 from engine.controlnet.units import REFERENCE_MODULES, extension_residuals, residual_count
+from engine.calibration import calibration_feeds
 from engine.denoiser import Denoiser, LatentBlend
 from engine import adetailer, faces
 from engine import ip_adapter
@@ -220,6 +221,8 @@ class Engine:
 
             # released weights come back through it when an on-demand component (a seamless variant) is exported
             backend.weights_loader = load_weights
+            if getattr(backend, "int8", False):  # precision int8: calibrated once, on the exact path's UNet inputs
+                backend.calibration = lambda: calibration_feeds(self.config, name, vae)
             if model.meta:
                 adopt_cached(backend, model.components, load_weights)
             rt = _Runtime(model, backend, EmbeddingCache(), Networks(self.store, model, self.config.allow_pickle))
@@ -553,11 +556,18 @@ class Engine:
                                            seed=rng.seeds[0],
                                            sdxl=family.arch is Arch.SDXL, hires=p is ctx.second)
         rt = ctx.rt if p.model is None else p.model.rt
+        ratio = req.token_merging_ratio_hr if p is ctx.second else req.token_merging_ratio
+        set_tome = getattr(rt.backend, "set_token_merging", None)  # ToMe: torch only (others: refused)
+        if set_tome is not None:
+            set_tome(ratio)
+        elif ratio:
+            raise BackendUnavailable(f"the {self.config.backend.value} backend cannot merge tokens (ToMe)")
         ip = [u for u in units if getattr(u, "ip", False)]  # IP-Adapter units (engine.ip_adapter)
         units = [u for u in units if not getattr(u, "ip", False)]
         call = _ModelCall(self._run_fn(rt, req.tiling), units, plan.steps, reference,
                           ip_adapter.IPInjection(ip, plan.steps) if ip else None)
-        denoiser = Denoiser(call, plan.schedule, rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas)
+        denoiser = Denoiser(call, plan.schedule, rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas,
+                            s_min_uncond=req.s_min_uncond, s_min_uncond_all=req.s_min_uncond_all)
         ctx.state["last"] = rt
         if p.refiner is not None:  # the refiner takes over at the switch point, in this same run (engine.refiner)
             denoiser = self._refiner_switch(ctx, p, denoiser, rt)

@@ -167,6 +167,13 @@ class GenerationRequest:
     s_tmax: float = float("inf")
     s_noise: float = 1.0
     eta_noise_seed_delta: int = 0
+    # the webui's speed levers, opt-in (docs/DECISIONS.md): NGMS skips the negative rows below this sigma (every
+    # other denoiser call, or every call with s_min_uncond_all); ToMe merges this share of the self-attention
+    # tokens (torch backend), token_merging_ratio_hr in the hires pass (already resolved: hr, else the first's)
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
+    token_merging_ratio: float = 0.0
+    token_merging_ratio_hr: float = 0.0
     controlnet_units: tuple[ControlNetUnit, ...] = ()
     init: InitImage | None = None  # img2img (and inpainting with a mask)
     hires: Hires | None = None  # txt2img's second pass

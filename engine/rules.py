@@ -106,6 +106,9 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     "s_tmax": Range(0.0, 1e4),
     "s_noise": Range(0.0, 2.0),
     "eta_noise_seed_delta": _int(0, INT64_MAX),
+    "s_min_uncond": Range(0.0, 15.0),  # the webui's slider (negative guidance minimum sigma)
+    "token_merging_ratio": Range(0.0, 0.9),  # the webui's slider; tomesd merges at most this share
+    "token_merging_ratio_hr": Range(0.0, 0.9),
     "hires.scale": Range(1.0, 8.0),
     "hires.steps": _int(0, 150),
     "hires.resize_x": _int(0, MAX_HIRES_RESIZE),

@@ -228,7 +228,6 @@ def test_resource_config_header(service):
 NOT_SUPPORTED = {  # webui v1.10 txt2img fields the engine does not implement: default accepted, else refused
     "seed_resize_from_h": ([-1, 0], [512]),
     "seed_resize_from_w": ([-1, 0], [512]),
-    "s_min_uncond": ([0, 0.0], [0.5]),
     "firstpass_image": ([None, ""], ["iVBOR"]),
     "force_task_id": ([None], ["abc"]),
     "script_name": ([None, ""], ["x/y/z plot"]),  # refused at translation (api_compat.translate._script)

@@ -135,3 +135,68 @@ def test_bad_prediction_type():
     with pytest.raises(InvalidRequest) as e:
         Denoiser(Unet(), MODEL, "sample", 5.0, lambda s: conditioning(), SIGMAS)
     assert e.value.field == "prediction_type"
+
+
+def webui_ngms(calls, s_min_uncond, s_min_uncond_all, prediction_type, cond, cfg):
+    """The webui's CFGDenoiser.forward (v1.9, sd_samplers_cfg_denoiser.py) for a run of denoiser calls, written
+    out: ``skip_uncond`` when ``(self.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] <
+    s_min_uncond`` (``self.step``: the call count from 0); then only the positive rows run, each image's first
+    positive row stands in for the uncond (``fake_uncond``), and combine_denoised runs at cond_scale 1.0."""
+    out, rows_run = [], []
+    cls = KD.external.DiscreteEpsDDPMDenoiser if prediction_type == "epsilon" else KD.external.DiscreteVDDPMDenoiser
+    for step, (x, sigma) in enumerate(calls):
+        unet = Unet()
+        skip_uncond = bool((step % 2 or s_min_uncond_all) and s_min_uncond > 0 and sigma < s_min_uncond)
+        run = StepConditioning(context=cond.context[:3], positive=cond.positive, negative=()) if skip_uncond \
+            else cond  # cond_in = tensor (the positives) when skipping
+
+        class Wrapped(cls):
+            def get_eps(self, x_in, t, **kw):
+                return unet(x_in, t, run, 0)
+
+            get_v = get_eps
+
+        rows = [0, 0, 1] if skip_uncond else [0, 0, 1, 0, 1]
+        x_out = Wrapped(None, AC, quantize=False)(x[rows], torch.full((len(rows),), float(sigma)))
+        rows_run.append(len(rows))
+        if skip_uncond:
+            denoised_image_indexes = [conds[0][0] for conds in cond.positive]
+            x_out = torch.cat([x_out, torch.cat([x_out[i:i + 1] for i in denoised_image_indexes])])
+        scale = 1.0 if skip_uncond else cfg
+        uncond = x_out[-2:]
+        den = uncond.clone()
+        for i, conds in enumerate(cond.positive):
+            for row, weight in conds:
+                den[i] += (x_out[row] - uncond[i]) * (weight * scale)
+        out.append(den)
+    return out, rows_run
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("s_min_uncond,every", [(0.0, False), (5.0, False), (5.0, True), (20.0, False)])
+def test_ngms_skips_the_negative_rows_as_the_webui(prediction_type, s_min_uncond, every):
+    """s_min_uncond (NGMS): the same rows and the same x0 as the webui's rule on a Heun-like run of calls
+    (intermediate sigmas count as calls); max abs diff <= 1e-5 relative."""
+    cond = conditioning()
+    sigmas = [14.6, 11.0, 9.0, 6.0, 4.0, 2.5, 1.5, 0.8, 0.3, 0.2]
+    calls = [(X * (1 + 0.1 * k), s) for k, s in enumerate(sigmas)]
+    unet = Unet()
+    d = Denoiser(unet, MODEL, prediction_type, 7.5, lambda step: cond, SIGMAS, s_min_uncond=s_min_uncond,
+                 s_min_uncond_all=every)
+    ours = [d(x, s) for x, s in calls]
+    ref, rows = webui_ngms(calls, s_min_uncond, every, prediction_type, cond, 7.5)
+    assert [c[0] for c in unet.calls] == rows
+    assert d.skipped == rows.count(3)
+    if s_min_uncond == 5.0:
+        assert rows.count(3) == (6 if every else 3)  # sigma < 5: six calls, the odd-numbered ones are 5, 7, 9
+    for a, b in zip(ours, ref):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+    assert d.last[3] is (rows[-1] == 5)  # previews: the negative rows ran in the last call
+
+
+def test_ngms_needs_cfg():
+    """cfg_scale <= 1 runs no negative rows: nothing to skip, NGMS counts nothing."""
+    d = Denoiser(Unet(), MODEL, "epsilon", 1.0, lambda step: conditioning(), SIGMAS, s_min_uncond=15.0,
+                 s_min_uncond_all=True)
+    d(X, 0.5)
+    assert d.skipped == 0

@@ -155,6 +155,12 @@ EFFECTS: dict[str, str] = {
     "show_progress_every_n_steps": "the live previews' interval in sampling steps (-1: none)",
     "show_progress_type": "how live previews are decoded: Approx NN, Approx cheap, TAESD, Full",
     "live_preview_content": "what live previews show: Prompt, Negative prompt, Combined",
+    "s_min_uncond": "NGMS: below this sigma every other step skips the negative prompt (0: off; a request's "
+                    "s_min_uncond wins)",
+    "s_min_uncond_all": "NGMS skips at every step below the sigma",
+    "token_merging_ratio": "ToMe ratio (torch backend only; other backends refuse a non-zero ratio)",
+    "token_merging_ratio_hr": "ToMe ratio of the hires pass (0: token_merging_ratio)",
+    "token_merging_ratio_img2img": "ToMe ratio of img2img when token_merging_ratio is 0",
 }
 # the live-preview options: carried by every webui request (previews are on by default, as in the webui)
 PREVIEW_OPTIONS = ("live_previews_enable", "show_progress_every_n_steps", "show_progress_type", "live_preview_content")
@@ -166,7 +172,8 @@ CHOICES = {"sd_vae_encode_method": ("Full", "TAESD"), "sd_vae_decode_method": ("
 REQUEST_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "eta_noise_seed_delta",
                    "img2img_fix_steps", "initial_noise_multiplier", "upscaler_for_img2img", "face_restoration",
                    "face_restoration_model", "code_former_weight", "tiling", "sd_vae_encode_method",
-                   "sd_vae_decode_method", *PREVIEW_OPTIONS)
+                   "sd_vae_decode_method", "s_min_uncond", "s_min_uncond_all", "token_merging_ratio",
+                   "token_merging_ratio_hr", "token_merging_ratio_img2img", *PREVIEW_OPTIONS)
 # options that load a model when they change (POST /options waits for the load, as the webui does)
 LOADING_OPTIONS = ("sd_model_checkpoint", "sd_vae")
 # options that change the images in the webui and that this engine does not implement (as options): accepted at
@@ -177,8 +184,7 @@ UNSUPPORTED = frozenset({
     "sd_hypernetwork", "sd_unet", "emphasis", "comma_padding_backtrack",
     "sdxl_clip_l_skip", "sdxl_crop_top", "sdxl_crop_left", "enable_quantization", "enable_batch_seeds",
     "randn_source", "inpainting_mask_weight", "img2img_extra_noise",
-    "img2img_color_correction", "s_min_uncond", "s_min_uncond_all", "token_merging_ratio",
-    "token_merging_ratio_img2img", "token_merging_ratio_hr", "pad_cond_uncond", "pad_cond_uncond_v0",
+    "img2img_color_correction", "pad_cond_uncond", "pad_cond_uncond_v0",
     "fp8_storage", "use_old_emphasis_implementation", "use_old_karras_scheduler_sigmas",
     "no_dpmpp_sde_batch_determinism", "use_old_hires_fix_width_height", "hires_fix_use_firstpass_conds",
     "use_old_scheduling", "use_downcasted_alpha_bar", "extra_networks_default_multiplier", "eta_ddim",

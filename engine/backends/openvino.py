@@ -91,8 +91,9 @@ def cpu_capabilities() -> tuple[str, ...]:
 def inference_precision(precision: Precision, capabilities: tuple[str, ...]) -> str:
     """The CPU plugin's inference precision hint for the engine precision on a CPU with ``capabilities``."""
     if precision == Precision.FP16:
-        raise InvalidRequest("precision", "fp16 is not supported by the openvino backend on CPU", "fp32, bf16")
-    if precision == Precision.BF16:
+        raise InvalidRequest("precision", "fp16 is not supported by the openvino backend on CPU",
+                             "fp32, bf16, int8")
+    if precision in (Precision.BF16, Precision.INT8):  # int8: the UNet's INT8 IR, the rest as bf16
         if "BF16" in capabilities:
             return "bf16"
         log.warning("precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX); openvino runs f32")
@@ -249,6 +250,9 @@ class OpenVinoBackend(ComponentsMixin):
         self.release_weights = release_weights  # see engine.backends.weights
         caps = cpu_capabilities() if capabilities is None else tuple(capabilities)
         self.inference_precision = inference_precision(config.precision, caps)
+        self.int8 = config.precision == Precision.INT8
+        # precision int8: () -> the UNet's calibration feeds (Engine.calibration_feeds), needed once per model
+        self.calibration = None
         self.version = ov.__version__
         log.info("openvino %s on CPU, inference precision %s (CPU capabilities: %s)", self.version,
                  self.inference_precision, ", ".join(caps))
@@ -264,7 +268,7 @@ class OpenVinoBackend(ComponentsMixin):
     @property
     def label(self) -> str:
         """What the infotext's and the info dict's backend field say: ``openvino bf16`` / ``openvino f32``."""
-        return f"openvino {self.inference_precision}"
+        return f"openvino {self.inference_precision}" + (" int8 unet" if self.int8 else "")
 
     # -- models -------------------------------------------------------------------------------------------
     def artefact(self, component: str):
@@ -284,6 +288,12 @@ class OpenVinoBackend(ComponentsMixin):
                                           attention_chunks=ATTENTION_CHUNKS)
 
     def ir_path(self, component: str, artefact=None):
+        from engine.backends import int8
+
+        if self.int8 and component in int8.INT8_COMPONENTS:
+            artefact = artefact or self.artefact(component)
+            fp32 = convert_to_ir(artefact, self.model_hash, self.config.artefacts_dir, IR_STAGE) / IR_XML
+            return int8.int8_ir(artefact, fp32, self.model_hash, self.config.artefacts_dir, self.calibration)
         return convert_to_ir(artefact or self.artefact(component), self.model_hash, self.config.artefacts_dir,
                              ir_stage(self.inference_precision)) / IR_XML
 

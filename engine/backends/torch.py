@@ -51,7 +51,7 @@ from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
 from core.cpu import native_bf16 as cpu_has_native_bf16  # the one probe (AVX512-BF16 or AMX-BF16)
 from core.errors import InvalidRequest
-from core.lazy import load
+from core.lazy import load, require
 from engine.networks.lora import SOURCES, apply_delta
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class TorchBackend(ComponentsMixin):
         self._prepared: set[str] = set()  # source modules already cast/moved/fused
         self._hooked = 0  # attention_processors blocks open: the UNet components run eagerly
         self._eager: dict[str, Any] = {}  # uncompiled wrappers of compiled components
+        self._tome = 0.0  # the token merging ratio tomesd's patch on the UNet carries (0: none)
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         if self.device.type == "cpu" and self.precision != Precision.FP32:
@@ -225,6 +226,24 @@ class TorchBackend(ComponentsMixin):
                         log.info("%s: no fused QKV (%s)", source, exc)
             self._patch_keys[source] = key
             log.info("%s: LoRA patch %s (%d weights)", source, key or "removed", len(touched))
+
+    def set_token_merging(self, ratio: float) -> None:
+        """The webui's token merging (``sd_models.apply_token_merging``): tomesd's patch on the UNet at ``ratio``
+        with the webui's arguments (no random partition, self-attention only; sx = sy = 2, max_downsample 1:
+        the highest-resolution blocks), removed at 0; nothing is done when the ratio carried is ``ratio``."""
+        ratio = float(ratio)
+        if ratio == self._tome or not self.has("unet"):
+            return
+        tomesd = require("tomesd", "tome", "token merging (token_merging_ratio)")
+        self._wrapper("unet")  # cast and move the module first
+        unet = self._components[self.descriptor("unet").source]
+        if self._tome:
+            tomesd.remove_patch(unet)
+        if ratio:
+            tomesd.apply_patch(unet, ratio=ratio, use_rand=False, merge_attn=True, merge_crossattn=False,
+                               merge_mlp=False)
+        log.info("unet: token merging ratio %s", ratio or "off")
+        self._tome = ratio
 
     # -- attention hooks ------------------------------------------------------------------------------------
     def self_attention_layers(self, component: str = "unet") -> list[tuple[Any, int]]:
