@@ -46,7 +46,7 @@ from api_compat.apidoc import annotate_openapi
 from api_compat.errors import ApiError
 from api_compat.guard import HeavyWork, too_many_keys
 from api_compat.page import add_page_routes, is_public
-from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, check_finite, deep_nesting
+from api_compat.schema import MAX_JSON_DEPTH, Img2ImgPayload, Txt2ImgPayload, check_body
 from api_compat.service import CONFIG_HEADER, TaskService
 from api_compat.storage import StorageWatch
 
@@ -359,14 +359,11 @@ def _decode_json(data: bytes) -> Any:
                        allowed=f"at most {MAX_JSON_DEPTH} levels of nesting") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError("bad_request", f"the body is not valid JSON ({exc})", allowed="a JSON object") from None
-    where = deep_nesting(value)
-    if where is not None:
-        raise ApiError("bad_request", f"the body is JSON nested more than {MAX_JSON_DEPTH} levels deep",
-                       field=where or None, allowed=f"at most {MAX_JSON_DEPTH} levels of nesting")
+    # too deep a nesting (400), NaN/Infinity or a lone surrogate anywhere, even in an ignored field (422 naming it)
+    check_body(value, "bad_request", prefix="the body is JSON ")
     error = too_many_keys(value)
     if error is not None:
         raise error
-    check_finite(value)  # NaN/Infinity anywhere, even in an ignored field: 422 naming it
     return value
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -708,55 +709,71 @@ def validation_error_to_api(exc: ValidationError, prefix: tuple[Any, ...] = (), 
                     errors=errors)
 
 
-def deep_nesting(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
-    """The path of the first list/object nested deeper than ``limit`` levels in a decoded JSON value ("" for the
-    value itself), or None. Iterative, so that any depth json.loads accepted is measured without recursion."""
+NON_FINITE_ALLOWED = "a finite number (NaN, Infinity and numbers beyond 1.8e308 are not JSON numbers, RFC 8259)"
+NOT_TEXT_ALLOWED = ("Unicode text: a \\ud800-\\udfff escape only as half of a surrogate pair (a lone one is no "
+                    "character, RFC 8259 section 8.2)")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins a valid pair into one character
+
+
+def _printable(key: str) -> str:
+    """A key as it can be written back in an answer (a lone surrogate as its escape)."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def body_problem(value: Any, limit: int = MAX_JSON_DEPTH) -> tuple[str, str] | None:
+    """What no field of any face can mean in a decoded JSON value, as ``(path, kind)`` ("" for the value itself),
+    or None; one iterative walk (any depth json.loads accepted is measured without recursion):
+
+    - ``"depth"``: a list/object nested deeper than ``limit`` levels;
+    - ``"number"``: NaN or an infinite number (Python's json module reads ``NaN``, ``Infinity`` and ``1e999``);
+      no JSON answer can echo one back;
+    - ``"text"``: a string or key holding a lone surrogate (``"\\ud800"``): not Unicode, so it cannot be stored,
+      logged or answered as UTF-8.
+
+    Every face refuses them wherever they are, even in a field it ignores (docs/DECISIONS.md)."""
     stack: list[tuple[Any, int, tuple[Any, ...]]] = [(value, 1, ())]
     while stack:
         item, depth, path = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return field_path(path), "number"
+            continue
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return field_path(path), "text"
+            continue
         if isinstance(item, dict):
+            for key in item:
+                if isinstance(key, str) and _LONE_SURROGATE.search(key):
+                    return field_path((*path, _printable(key))), "text"
             children = item.items()
         elif isinstance(item, list):
             children = enumerate(item)
         else:
             continue
         if depth > limit:
-            return field_path(path)
+            return field_path(path), "depth"
         stack.extend((child, depth + 1, (*path, key)) for key, child in children
-                     if isinstance(child, (dict, list)))
+                     if isinstance(child, (float, str, dict, list)))
     return None
 
 
-NON_FINITE_ALLOWED = "a finite number (NaN, Infinity and numbers beyond 1.8e308 are not JSON numbers, RFC 8259)"
-
-
-def non_finite(value: Any) -> str | None:
-    """The path of the first NaN or infinite number in a decoded JSON value ("" for the value itself), or None.
-    Python's json module reads ``NaN``, ``Infinity`` and ``1e999`` (as inf), which no JSON answer can echo back and
-    no field means: every face refuses them wherever they are, even in a field it ignores (docs/DECISIONS.md)."""
-    stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())]
-    while stack:
-        item, path = stack.pop()
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                return field_path(path)
-            continue
-        if isinstance(item, dict):
-            children = item.items()
-        elif isinstance(item, list):
-            children = enumerate(item)
-        else:
-            continue
-        stack.extend((child, (*path, key)) for key, child in children if isinstance(child, (float, dict, list)))
-    return None
-
-
-def check_finite(value: Any, code: str = "invalid_request") -> None:
-    """Raises :class:`ApiError` naming the first non-finite number of ``value`` (see :func:`non_finite`)."""
-    where = non_finite(value)
-    if where is not None:
-        raise ApiError(code, "must be a finite number (NaN and Infinity are not JSON)", field=where or None,
-                       allowed=NON_FINITE_ALLOWED)
+def check_body(value: Any, depth_code: str = "invalid_request", *, prefix: str = "") -> None:
+    """Raises :class:`ApiError` for :func:`body_problem`'s finding: ``depth_code`` for too deep a nesting (the
+    HTTP layer's ``bad_request``, the in-process parse's ``invalid_request``), ``invalid_request`` naming the field
+    for a non-finite number or text that is not Unicode."""
+    found = body_problem(value)
+    if found is None:
+        return
+    where, kind = found
+    if kind == "depth":
+        raise ApiError(depth_code, f"{prefix}is nested more than {MAX_JSON_DEPTH} levels deep", field=where or None,
+                       allowed=f"at most {MAX_JSON_DEPTH} levels of nesting (a payload needs 6)")
+    if kind == "number":
+        raise ApiError("invalid_request", "must be a finite number (NaN and Infinity are not JSON)",
+                       field=where or None, allowed=NON_FINITE_ALLOWED)
+    raise ApiError("invalid_request", "is not Unicode text (it holds a lone surrogate escape)", field=where or None,
+                   allowed=NOT_TEXT_ALLOWED)
 
 
 def parse_payload(payload: Any, model: type[GenerationPayload] = Txt2ImgPayload, *,
@@ -767,11 +784,7 @@ def parse_payload(payload: Any, model: type[GenerationPayload] = Txt2ImgPayload,
     (api_compat.leniency)."""
     if not isinstance(payload, dict):
         raise ApiError("bad_request", f"the payload must be a JSON object, got {type(payload).__name__}")
-    where = deep_nesting(payload)
-    if where is not None:
-        raise ApiError("invalid_request", f"is nested more than {MAX_JSON_DEPTH} levels deep", field=where or None,
-                       allowed=f"at most {MAX_JSON_DEPTH} levels of nesting (a payload needs 6)")
-    check_finite(payload)
+    check_body(payload)
     top = "img2img" if model is Img2ImgPayload else ()
     payload = leniency.check_scripts(payload)
     ignored: list[str] = []

@@ -88,6 +88,33 @@ def test_non_finite_numbers_anywhere_name_the_field(server, path, body, field):
     assert status == 422 and answer["error"]["field"] == field, answer
 
 
+# the 10,000-case fuzz of session 8 (benchmarks/fuzz.py, seed 0): a lone surrogate escape in any string or key was a
+# 500 (SQLite, the options size check and the log could not encode it), and so were huge OpenPose coordinates
+@pytest.mark.parametrize("path,body,field", [
+    ("/sdapi/v1/txt2img", '{"prompt": "x", "steps": 1, "stepz": "\\ud800"}', "stepz"),  # an ignored key
+    ("/scc/sd_txt2img", '{"prompt": "x", "override_settings": {"a": [{"b": ["\\ud800"]}]}}',
+     "override_settings.a[0].b[0]"),
+    ("/scc/sd_txt2img", '{"prompt": "sky \\udfff"}', "prompt"),
+    ("/scc/sd_txt2img", '{"prompt": "x", "a\\ud800b": 1}', "a\\ud800b"),  # a key: named by its escape
+    ("/sdapi/v1/options", '{"eta_noise_seed_delta": {"a": {"a": [{"b": ["xx", "\\udc00"]}]}}}',
+     "eta_noise_seed_delta.a.a[0].b[1]"),
+    ("/controlnet/render_openpose_json",
+     '[{"people": [{"pose_keypoints_2d": [%s]}], "canvas_width": 64, "canvas_height": 64}]'
+     % ", ".join(["10, 10, 1"] * 3 + ["-773608089176767580444, 23, 1"] + ["10, 10, 1"] * 14),
+     "[0].people[0].pose_keypoints_2d[9]"),
+    ("/controlnet/render_openpose_json",
+     '[{"people": [{"pose_keypoints_2d": [%s]}], "canvas_width": 64, "canvas_height": 64}]'
+     % ", ".join(["10, 10, 1"] * 7 + ["22, 9223372036854775808, 1"] + ["10, 10, 1"] * 10),
+     "[0].people[0].pose_keypoints_2d[22]"),
+])
+def test_what_the_long_fuzz_found_is_a_422_naming_the_field(server, path, body, field):
+    status, answer = _post(server, path, body.encode())
+    assert status == 422 and answer["error"]["field"] == field, answer
+    # a valid surrogate pair is one character: accepted
+    status, answer = _post(server, "/scc/sd_txt2img", b'{"prompt": "a \\ud83d\\ude00 smile", "steps": 1}')
+    assert status == 200, answer
+
+
 @pytest.mark.parametrize("width,height", [(20000, 20000), (100000, 100000), (2**16, 2**15)])
 def test_png_info_of_a_decompression_bomb_names_the_image(server, width, height):
     body = json.dumps({"image": base64.b64encode(png_header_only(width, height)).decode()}).encode()

@@ -20,6 +20,7 @@ from core.errors import InvalidRequest
 from core.lazy import require
 
 MAX_CANVAS_SIDE = 4096
+MAX_COORDINATE = 100_000  # |x|, |y| in pixels (or fractions): beyond it OpenCV's int32 drawing overflows
 EPS = 0.01  # the extension draws hand and face points only beyond this many pixels from the top-left corner
 
 _LIMBS = ((2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12), (12, 13), (13, 14),
@@ -41,6 +42,10 @@ def _keypoints(value: Any, field: str, count: int | None) -> Keypoints | None:
     if not isinstance(value, list) or len(value) % 3 or any(
             isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value):
         raise InvalidRequest(field, "must be a flat list of x, y, confidence numbers", "[x, y, c, ...] or null")
+    for i, v in enumerate(value):
+        if i % 3 != 2 and abs(v) > MAX_COORDINATE:
+            raise InvalidRequest(f"{field}[{i}]", f"is {v:.6g}, off any canvas",
+                                 f"a coordinate from -{MAX_COORDINATE} to {MAX_COORDINATE}")
     points = [None if c < 1.0 else (float(x), float(y)) for x, y, c in zip(value[0::3], value[1::3], value[2::3])]
     if count is not None and len(points) < count:
         raise InvalidRequest(field, f"has {len(points)} keypoints", f"at least {count} keypoints (x, y, c each)")
