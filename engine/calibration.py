@@ -14,14 +14,14 @@ from engine.backends import int8
 log = logging.getLogger(__name__)
 
 
-def calibration_feeds(config, name: str, vae: str = "Automatic") -> list[dict]:
+def calibration_feeds(engine_class, config, name: str, vae: str = "Automatic") -> list[dict]:
     """``[{input name: array}]``: one per UNet call (CFG's negative rows included) of
     :data:`int8.CALIBRATION_PROMPTS`, each :data:`int8.CALIBRATION_STEPS` steps of Euler a at the model's native
-    size capped at :data:`int8.CALIBRATION_MAX_SIZE`."""
-    from engine.pipeline import Engine
+    size capped at :data:`int8.CALIBRATION_MAX_SIZE`, run by a twin ``engine_class`` (engine.pipeline's Engine,
+    passed in: this module is imported by it) on the exact path."""
     from engine.request import GenerationRequest
 
-    twin = Engine(dataclasses.replace(config, precision=None))  # the backend's default: the exact path
+    twin = engine_class(dataclasses.replace(config, precision=None))  # the backend's default: the exact path
     rt = twin.runtime(name, vae)
     size = min(rt.model.family.native_size, int8.CALIBRATION_MAX_SIZE)
     feeds: list[dict] = []

@@ -222,7 +222,7 @@ class Engine:
             # released weights come back through it when an on-demand component (a seamless variant) is exported
             backend.weights_loader = load_weights
             if getattr(backend, "int8", False):  # precision int8: calibrated once, on the exact path's UNet inputs
-                backend.calibration = lambda: calibration_feeds(self.config, name, vae)
+                backend.calibration = lambda: calibration_feeds(type(self), self.config, name, vae)
             if model.meta:
                 adopt_cached(backend, model.components, load_weights)
             rt = _Runtime(model, backend, EmbeddingCache(), Networks(self.store, model, self.config.allow_pickle))

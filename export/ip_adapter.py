@@ -203,7 +203,6 @@ def _wrapper_class():
 def describe_variant(component: str, modules: Mapping[str, Any], base_describe):
     """The descriptor of an IP-Adapter variant (``base_describe(base, modules)`` gives the base component's)."""
     from core.errors import InvalidRequest
-    from export.descriptors import TensorSpec
 
     base, adapters = parse_variant(component)
     desc = base_describe(base, modules)
@@ -217,8 +216,10 @@ def describe_variant(component: str, modules: Mapping[str, Any], base_describe):
     inputs = list(desc.inputs)
     for i, (key, units) in enumerate(adapters):
         tokens = modules[module_key(key)].tokens
-        inputs += [TensorSpec(f"ip_tokens_{i}", ("B", units, tokens, cross)),
-                   TensorSpec(f"ip_scale_{i}", ("B", units), value_range=(0.0, 1.0))]
+        spec = desc.inputs[0]  # a TensorSpec (export.descriptors imports this module: no import back)
+        inputs += [replace(spec, name=f"ip_tokens_{i}", shape=("B", units, tokens, cross), dtype="float32",
+                           value_range=(-1.0, 1.0)),
+                   replace(spec, name=f"ip_scale_{i}", shape=("B", units), dtype="float32", value_range=(0.0, 1.0))]
     n_inputs = len(desc.inputs)
     weights = [modules[module_key(key)] for key, _ in adapters]
 

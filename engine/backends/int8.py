@@ -98,12 +98,11 @@ def quantize_model(model, feeds: list[Mapping[str, Any]]):
 
 
 def int8_ir(onnx_artefact, fp32_xml: Path, model_hash: str, cache_dir,
-            calibration: Callable[[], Iterable[Mapping[str, Any]]] | None) -> Path:
-    """The cached INT8 IR (``model.xml``) of a component, made from its fp32 IR and ``calibration()``'s feeds
-    when missing or stale (BackendUnavailable when it must be made and no calibration is given)."""
-    from engine.backends.openvino import IR_XML, _core, import_openvino
-
-    ov = import_openvino()
+            calibration: Callable[[], Iterable[Mapping[str, Any]]] | None, ov) -> Path:
+    """The cached INT8 IR of a component (named as its fp32 IR ``fp32_xml``), made from that IR and
+    ``calibration()``'s feeds when missing or stale (BackendUnavailable when it must be made and no calibration
+    is given); ``ov``: the openvino module (engine.backends.openvino, which imports this module)."""
+    IR_XML = fp32_xml.name  # noqa: N806
     nncf = import_nncf()
     directory = artefact_dir(cache_dir, model_hash, onnx_artefact.component, INT8_STAGE)
     key = int8_key(onnx_artefact, ov.__version__, nncf.__version__)
@@ -116,7 +115,7 @@ def int8_ir(onnx_artefact, fp32_xml: Path, model_hash: str, cache_dir,
     log.info("%s: INT8 hybrid quantization (NNCF %s) on %d calibration feeds", onnx_artefact.component,
              nncf.__version__, len(feeds))
     with build_artefact(directory, key, hashed=(IR_XML,)) as (tmp, _manifest):
-        model = quantize_model(_core().read_model(str(fp32_xml)), feeds)
+        model = quantize_model(ov.Core().read_model(str(fp32_xml)), feeds)
         ov.save_model(model, str(tmp / IR_XML), compress_to_fp16=False)
         del model
     return directory / IR_XML

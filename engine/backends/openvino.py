@@ -293,7 +293,8 @@ class OpenVinoBackend(ComponentsMixin):
         if self.int8 and component in int8.INT8_COMPONENTS:
             artefact = artefact or self.artefact(component)
             fp32 = convert_to_ir(artefact, self.model_hash, self.config.artefacts_dir, IR_STAGE) / IR_XML
-            return int8.int8_ir(artefact, fp32, self.model_hash, self.config.artefacts_dir, self.calibration)
+            return int8.int8_ir(artefact, fp32, self.model_hash, self.config.artefacts_dir, self.calibration,
+                                import_openvino())
         return convert_to_ir(artefact or self.artefact(component), self.model_hash, self.config.artefacts_dir,
                              ir_stage(self.inference_precision)) / IR_XML
 

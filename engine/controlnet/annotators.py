@@ -418,7 +418,7 @@ def _padded_call(img: np.ndarray, res: int, run) -> np.ndarray:
     """The extension's call of an annotator: short side -> ``res``, padded to multiples of 64, ``run`` on that
     (a controlnet_aux detector at its own size: detect and image resolution = the padded short side, so its own
     resize is the identity), the padding cropped off."""
-    from engine.controlnet.preprocessors import resize_image_with_pad
+    from engine.controlnet.images import resize_image_with_pad
 
     padded, remove_pad = resize_image_with_pad(img, res)
     side = min(padded.shape[:2])

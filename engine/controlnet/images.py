@@ -23,7 +23,7 @@ import re
 import warnings
 from dataclasses import dataclass, field as dc_field
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -377,3 +377,26 @@ def pixel_perfect_resolution(image: np.ndarray, target_h: int, target_w: int, re
     k0, k1 = float(target_h) / float(raw_h), float(target_w) / float(raw_w)
     k = min(k0, k1) if ResizeMode.parse(resize_mode) is ResizeMode.OUTER_FIT else max(k0, k1)
     return int(np.round(k * float(min(raw_h, raw_w))))
+
+
+def _pad64(x: int) -> int:
+    return int(np.ceil(float(x) / 64.0) * 64 - x)
+
+
+def resize_image_with_pad(img: np.ndarray, resolution: int) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """The extension's resize_image_with_pad: short side -> ``resolution``, edge-pad to multiples of 64.
+
+    Returns the padded image and a function that crops a result back to the unpadded size.
+    """
+    cv2 = require("cv2", "controlnet", "ControlNet preprocessing")
+    h_raw, w_raw = img.shape[:2]
+    k = float(resolution) / float(min(h_raw, w_raw))
+    interpolation = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
+    h_target, w_target = int(np.round(float(h_raw) * k)), int(np.round(float(w_raw) * k))
+    img = cv2.resize(img, (w_target, h_target), interpolation=interpolation)
+    padded = np.pad(img, [[0, _pad64(h_target)], [0, _pad64(w_target)], [0, 0]], mode="edge")
+
+    def remove_pad(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x[:h_target, :w_target])
+
+    return np.ascontiguousarray(padded), remove_pad

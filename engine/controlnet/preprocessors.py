@@ -26,7 +26,7 @@ import numpy as np
 
 from engine.controlnet import annotators as _ann
 from engine.controlnet.annotators import ModelRunner, runner
-from engine.controlnet.images import hwc3
+from engine.controlnet.images import hwc3, resize_image_with_pad  # noqa: F401 (re-exported)
 from core.errors import InvalidRequest
 from core.lazy import require
 
@@ -168,29 +168,6 @@ class Preprocessor:
 
 
 # ------------------------------------------------------------------------------------------ algorithms
-
-
-def _pad64(x: int) -> int:
-    return int(np.ceil(float(x) / 64.0) * 64 - x)
-
-
-def resize_image_with_pad(img: np.ndarray, resolution: int) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-    """The extension's resize_image_with_pad: short side -> ``resolution``, edge-pad to multiples of 64.
-
-    Returns the padded image and a function that crops a result back to the unpadded size.
-    """
-    cv2 = _cv2()
-    h_raw, w_raw = img.shape[:2]
-    k = float(resolution) / float(min(h_raw, w_raw))
-    interpolation = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
-    h_target, w_target = int(np.round(float(h_raw) * k)), int(np.round(float(w_raw) * k))
-    img = cv2.resize(img, (w_target, h_target), interpolation=interpolation)
-    padded = np.pad(img, [[0, _pad64(h_target)], [0, _pad64(w_target)], [0, 0]], mode="edge")
-
-    def remove_pad(x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x[:h_target, :w_target])
-
-    return np.ascontiguousarray(padded), remove_pad
 
 
 def _none(img, res, a, b):
