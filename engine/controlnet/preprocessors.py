@@ -26,7 +26,7 @@ import numpy as np
 
 from engine.controlnet import annotators as _ann
 from engine.controlnet.annotators import ModelRunner, runner
-from engine.controlnet.images import hwc3, resize_image_with_pad  # noqa: F401 (re-exported)
+from engine.controlnet.images import _pad64, hwc3, resize_image_with_pad  # noqa: F401 (re-exported)
 from core.errors import InvalidRequest
 from core.lazy import require
 
