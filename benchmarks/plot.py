@@ -3,7 +3,7 @@
     python -m benchmarks plot            # draw docs/img/benchmarks-summary.png, rewrite BENCHMARKS.md's summary block
     python -m benchmarks plot --check    # exit 1 when the summary block differs from the JSON results
 
-Input: every ``benchmarks/results/*.json`` in the results format below (one benchmark run each; a benchmark's
+Input: every ``benchmarks/results/*.json`` (not sub-folders: raw runs such as ``levers/``) in the results format below (one benchmark run each; a benchmark's
 own ``--json`` output can be put in this form by hand or by its writer). Output: one PNG with a bar chart per result
 (matplotlib, the ``plot`` extra, imported only to draw) and the block between ``<!-- generated:summary -->`` and
 ``<!-- /generated:summary -->`` at the top of BENCHMARKS.md (the table and the chart links).

@@ -17,13 +17,13 @@ log = logging.getLogger(__name__)
 def calibration_feeds(engine_class, config, name: str, vae: str = "Automatic") -> list[dict]:
     """``[{input name: array}]``: one per UNet call (CFG's negative rows included) of
     :data:`int8.CALIBRATION_PROMPTS`, each :data:`int8.CALIBRATION_STEPS` steps of Euler a at the model's native
-    size capped at :data:`int8.CALIBRATION_MAX_SIZE`, run by a twin ``engine_class`` (engine.pipeline's Engine,
+    size capped at :data:`int8.CALIBRATION_SIZE_CAP`, run by a twin ``engine_class`` (engine.pipeline's Engine,
     passed in: this module is imported by it) on the exact path."""
     from engine.request import GenerationRequest
 
     twin = engine_class(dataclasses.replace(config, precision=None))  # the backend's default: the exact path
     rt = twin.runtime(name, vae)
-    size = min(rt.model.family.native_size, int8.CALIBRATION_MAX_SIZE)
+    size = min(rt.model.family.native_size, int8.CALIBRATION_SIZE_CAP)
     feeds: list[dict] = []
     run = rt.backend.run
 

@@ -34,7 +34,7 @@ INT8_STAGE = "openvino-ir-int8"
 INT8_FORMAT = 1
 INT8_COMPONENTS = ("unet",)  # the components quantized; the others run the bf16/f32 IR
 # the calibration workload: prompts of the kind the model is asked (objects, colours, places), CFG 7 with an
-# empty negative prompt, CALIBRATION_STEPS of Euler a at the model's native size capped at CALIBRATION_MAX_SIZE
+# empty negative prompt, CALIBRATION_STEPS of Euler a at the model's native size capped at CALIBRATION_SIZE_CAP
 CALIBRATION_PROMPTS = (
     "a large red circle in the middle on a blue background",
     "two small green squares at the top left on a white background",
@@ -43,14 +43,14 @@ CALIBRATION_PROMPTS = (
 )
 CALIBRATION_STEPS = 8
 CALIBRATION_CFG = 7.0
-CALIBRATION_MAX_SIZE = 256  # SD1.5's activations at 256^2 calibrate its 512^2 runs (the same layers and ranges)
+CALIBRATION_SIZE_CAP = 256  # SD1.5's activations at 256^2 calibrate its 512^2 runs (the same layers and ranges)
 CALIBRATION_SEED = 1234
 
 
 def calibration_workload() -> dict:
     """What the calibration ran: part of the INT8 artefact's key (a change makes a new artefact)."""
     return {"prompts": list(CALIBRATION_PROMPTS), "steps": CALIBRATION_STEPS, "cfg": CALIBRATION_CFG,
-            "max_size": CALIBRATION_MAX_SIZE, "seed": CALIBRATION_SEED, "sampler": "Euler a"}
+            "max_size": CALIBRATION_SIZE_CAP, "seed": CALIBRATION_SEED, "sampler": "Euler a"}
 
 
 def import_nncf():
