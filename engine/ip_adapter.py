@@ -84,19 +84,11 @@ def _nested(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, dict[str, Any]]:
     """``{"image_proj": {...}, "ip_adapter": {...}}`` of an h94 IP-Adapter file; ModelError when it is not one or
     is a pickle without the opt-in."""
-    import torch
-
-    from engine.models.checkpoints import read_state_dict
+    from engine.models.checkpoints import load_pickle, read_state_dict
 
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ModelError(path, "pickle checkpoints can run code when loaded and are refused; convert it to "
-                                   ".safetensors or opt in with allow_pickle (EngineConfig.allow_pickle)")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
-            raise ModelError(path, f"cannot load pickle checkpoint (weights_only=True): {exc}") from exc
+        obj = load_pickle(path, allow_pickle)
         if isinstance(obj, dict) and isinstance(obj.get("image_proj"), dict):
             state = {"image_proj": dict(obj["image_proj"]), "ip_adapter": dict(obj.get("ip_adapter") or {})}
         else:

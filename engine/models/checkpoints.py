@@ -61,6 +61,20 @@ class NeedsWeights(Exception):
     """A load without weights (``meta=True``) is not possible for this file: load it with its weights."""
 
 
+def load_pickle(path, allow_pickle: bool):
+    """The object of a pickle checkpoint, read with ``weights_only=True``; ModelError without the opt-in (pickles
+    can run code) or when torch cannot read it."""
+    import torch
+
+    if not allow_pickle:
+        raise ModelError(path, "pickle checkpoints can run code when loaded and are refused; convert it to "
+                               ".safetensors or opt in with allow_pickle (EngineConfig.allow_pickle)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
+        raise ModelError(path, f"cannot load pickle checkpoint (weights_only=True): {exc}") from exc
+
+
 def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False,
                     meta: bool = False) -> tuple[dict, dict[str, str]]:
     """``(state_dict, metadata)`` of a single file. Pickles are refused unless ``allow_pickle``.
@@ -81,13 +95,7 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False,
         return ({k: torch.empty(shape, dtype=getattr(torch, _TORCH_DTYPES[header.dtypes[k]]), device="meta")
                  for k, shape in header.shapes.items()}, header.metadata)
     if suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ModelError(path, "pickle checkpoints can run code when loaded and are refused; convert it to "
-                                   ".safetensors or opt in with allow_pickle (EngineConfig.allow_pickle)")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
-            raise ModelError(path, f"cannot load pickle checkpoint (weights_only=True): {exc}") from exc
+        obj = load_pickle(path, allow_pickle)
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
