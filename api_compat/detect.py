@@ -95,6 +95,9 @@ def parse_detect(body: Any, limits: ImageLimits, models_dir=None) -> DetectReque
     module = given.strip().lower()
     try:
         pre = get_preprocessor(module, field="controlnet_module")
+        if "IP-Adapter" in pre.tags:  # the image becomes CLIP image tokens, not a map: the extension refuses too
+            raise InvalidRequest("controlnet_module", f"{pre.name} makes no detected map (its image goes to the "
+                                 "CLIP vision encoder of an IP-Adapter unit)", "a preprocessor that draws a map")
         pre.check_available("controlnet_module", models_dir)
         # the extension's bound check: out of the slider's range -> its default, logged as the extension does
         values, adjusted = pre.check_params(given, numbers["controlnet_processor_res"],

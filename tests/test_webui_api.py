@@ -194,7 +194,7 @@ def test_controlnet_detect_runs_on_the_worker_not_in_the_router(service, monkeyp
             return pre(*args, **kwargs)
 
         run.sizes, run.check_params, run.check_available = pre.sizes, pre.check_params, pre.check_available
-        run.name, run.label = pre.name, pre.label
+        run.name, run.label, run.tags = pre.name, pre.label, pre.tags
         return run
 
     monkeypatch.setattr(detect, "get_preprocessor", spy)
@@ -203,6 +203,16 @@ def test_controlnet_detect_runs_on_the_worker_not_in_the_router(service, monkeyp
         r = c.post("/controlnet/detect", json={"controlnet_module": "invert", "controlnet_input_images": [image]})
     assert r.status_code == 200 and r.json()["info"] == "Success" and len(r.json()["images"]) == 1
     assert seen and all(name.startswith("sdengine-worker-") for name in seen), seen
+
+
+@pytest.mark.parametrize("module", ["ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl"])
+def test_controlnet_detect_refuses_ip_adapter_modules(service, module):
+    """The ControlNet extension's own suite (tests/web_api/detect_test.py, test_unsupported_modules) expects a 422:
+    an IP-Adapter module makes CLIP image tokens, not a map."""
+    image = base64.b64encode(_png_bytes()).decode()
+    with TestClient(create_app(service), base_url="http://localhost") as c:
+        r = c.post("/controlnet/detect", json={"controlnet_module": module, "controlnet_input_images": [image]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "controlnet_module", r.text
 
 
 def _png_bytes() -> bytes:
