@@ -86,7 +86,7 @@ def _second_checkpoints(store, entry, arch, request: GenerationRequest):
             continue
         base_arch = Arch(arch.family) if arch.family else None
         check_second_checkpoint(base_arch, Arch(found[0].family) if found[0].family else None, entry.name,
-                                other.name, field)
+                                other.name, field, len(request.controlnet_units))
         arch = replace(arch, weights_bytes=arch.weights_bytes + found[0].weights_bytes)
         added.append(field)
     return arch, added

@@ -627,11 +627,7 @@ class Engine:
                 continue
             keep.append(other)
             check_second_checkpoint(rt.model.family.arch, other.model.family.arch, rt.model.name, other.model.name,
-                                    field_name)
-            if field_name == "hires.checkpoint" and req.controlnet_units:
-                raise InvalidRequest(field_name, "a hires checkpoint with ControlNet units is not supported (the "
-                                     "units' models are loaded for the request's checkpoint)",
-                                     "empty (the same checkpoint) with controlnet units")
+                                    field_name, len(req.controlnet_units))
             sizes = [(hires.width, hires.height)] if hires is not None else [(width, height)]
             for w, h in sizes:
                 try:

@@ -80,9 +80,16 @@ class RefinerSwitch:
         return getattr(self.active, "last", None)
 
 
-def check_second_checkpoint(base_arch, other_arch, base_name: str, other_name: str, field: str) -> None:
+def check_second_checkpoint(base_arch, other_arch, base_name: str, other_name: str, field: str,
+                            controlnet_units: int = 0) -> None:
     """InvalidRequest naming ``field`` unless the checkpoint ``other_name`` (the refiner, the hires checkpoint) can
-    take over ``base_name``'s latents: a checkpoint family of the same latent space (engine.models.family)."""
+    take over ``base_name``'s latents: a checkpoint family of the same latent space (engine.models.family); a
+    hires checkpoint with ``controlnet_units`` is refused (the units' models are loaded for the request's
+    checkpoint). Called at submit (engine.admission) and again when the engine loads the checkpoints."""
+    if field == "hires.checkpoint" and controlnet_units:
+        raise InvalidRequest(field, "a hires checkpoint with ControlNet units is not supported (the units' models "
+                             "are loaded for the request's checkpoint)",
+                             "empty (the same checkpoint) with controlnet units")
     if other_arch is None or other_arch.kind is not Kind.CHECKPOINT:
         raise InvalidRequest(field, f"{other_name} is not a checkpoint this engine can load",
                              "a checkpoint of the models' Stable-diffusion folder")

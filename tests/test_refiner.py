@@ -272,6 +272,21 @@ def test_memory_budget_counts_both_checkpoints(engine, store):
     assert err.value.field == "refiner.checkpoint"
 
 
+def test_hires_checkpoint_with_controlnet_refused_at_submit(engine):
+    """A hires checkpoint beside ControlNet units cannot run (the units' models belong to the request's
+    checkpoint): engine.admission refuses it at submit naming hires.checkpoint, before any model is loaded; the
+    same request without the hires checkpoint passes that check."""
+    from engine.admission import check_request
+    from engine.request import ControlNetUnit
+
+    unit = ControlNetUnit(model="m", image=np.zeros((64, 64, 3), np.uint8), module="none")
+    hires = dict(hires=Hires(scale=2.0, steps=2, denoising_strength=0.5, checkpoint="tiny-sdxl-refiner"))
+    with pytest.raises(InvalidRequest) as err:
+        check_request(engine.store, engine.config, GenerationRequest(**BASE, **hires, controlnet_units=(unit,)))
+    assert err.value.field == "hires.checkpoint" and "ControlNet" in err.value.message
+    check_request(engine.store, engine.config, GenerationRequest(**BASE, **hires))  # no units: allowed
+
+
 # ------------------------------------------------------------------------------------------------ the API
 # the API runs the torch backend here (no exports: cheap); the refiner on a backend of exported graphs is
 # test_refiner_on_onnxruntime's
