@@ -306,6 +306,35 @@ def test_module_list_detail_as_the_extension(server):
     assert "invert (from white bg & black line)" in labels and "t2ia_color_grid" in labels
 
 
+def test_module_list_has_every_extension_module_and_flags_what_does_not_run(server):
+    """The list has every module of the extension (its module checks compare the list with the extension's
+    names and UI labels; a sample of each here, ours not theirs): the ones this engine runs with their
+    sliders, the others after them with no sliders and ``sdengine_unavailable`` naming why; a request for a
+    flagged one is refused at submit (422) naming the field and carrying the same reason."""
+    names = server.get("/controlnet/module_list?alias_names=false").json()
+    labels = server.get("/controlnet/module_list?alias_names=true").json()
+    for body in (names, labels):
+        assert set(body["module_list"]) == set(body["module_detail"])
+        assert len(body["module_list"]) == len(set(body["module_list"]))
+        assert not any("sdengine_unavailable" in d for d in (body["module_detail"][m] for m in ("canny", "none")))
+    assert {"depth", "depth_anything", "segmentation", "oneformer_ade20k", "densepose", "shuffle",
+            "reference_adain", "inpaint_only+lama", "normal_map"} <= set(names["module_list"])
+    assert {"depth_midas", "normal_midas", "seg_ufade20k", "seg_ofade20k", "inpaint_global_harmonious",
+            "densepose (pruple bg & purple torso)", "t2ia_style_clipvision"} <= set(labels["module_list"])
+    assert "depth" not in labels["module_list"] and "depth_midas" not in names["module_list"]
+    flagged = [m for m in names["module_list"] if "sdengine_unavailable" in names["module_detail"][m]]
+    runs = [m for m in names["module_list"] if m not in flagged]
+    assert flagged and names["module_list"] == runs + flagged  # the modules that run come first
+    depth = names["module_detail"]["depth"]
+    assert depth["sliders"] == [] and "timm" in depth["sdengine_unavailable"]
+    assert names["module_detail"]["reference_adain"]["model_free"] is True
+    r = server.post("/controlnet/detect", {"controlnet_module": "depth_midas", "controlnet_input_images": [PICTURE]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "controlnet_module"
+    assert depth["sdengine_unavailable"] in r.json()["error"]["message"]
+    r = server.post("/sdapi/v1/txt2img", txt2img([unit(image=PICTURE, module="seg_ofade20k", model=server.model)]))
+    assert r.status_code == 422 and "module" in r.json()["error"]["field"]
+
+
 @pytest.mark.skipif(REAL_PIDINET is None, reason="the shared real-weights folder (the real PiDiNet file) is absent")
 def test_model_based_preprocessors_through_the_server(server):
     """softedge_pidinet (the real file in the server's models/ControlNetPreprocessor/pidinet/) through

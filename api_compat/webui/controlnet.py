@@ -15,7 +15,7 @@ from fastapi import Request
 
 from core.errors import InvalidRequest
 from engine.controlnet.openpose import render_pose
-from engine.controlnet.preprocessors import CONTROL_TYPES, sorted_preprocessors
+from engine.controlnet.preprocessors import CONTROL_TYPES, not_run_here, sorted_preprocessors
 from engine.models.checkpoints import Kind
 
 from api_compat.errors import ApiError, api_error_from
@@ -29,11 +29,17 @@ MAX_POSES = 16  # poses in one render_openpose_json call
 
 def modules(alias_names: bool) -> dict[str, Any]:
     """``/controlnet/module_list``: the preprocessors the engine runs, in the extension's order, with their
-    sliders as the extension describes them (``model_free``: the module needs no ControlNet model)."""
+    sliders as the extension describes them (``model_free``: the module needs no ControlNet model); then the
+    extension's modules that do not run here, each with no sliders and ``sdengine_unavailable`` (why; a request
+    for it is refused naming the field), so that the list has every module the extension has."""
     listed = sorted_preprocessors()
     names = [(p.label or p.name) if alias_names else p.name for p in listed]
     detail = {name: {"model_free": p.model_free, "sliders": [s.api_json() for s in p.sliders().values()]}
               for name, p in zip(names, listed)}
+    for name, label, model_free, why in not_run_here():
+        shown = label if alias_names else name
+        names.append(shown)
+        detail[shown] = {"model_free": model_free, "sliders": [], "sdengine_unavailable": why}
     return {"module_list": names, "module_detail": detail}
 
 
@@ -93,7 +99,7 @@ class ControlNetRoutes(RouteSet):
     async def cn_model_list(self, update: bool = True):
         return {"model_list": await asyncio.to_thread(lambda: model_titles(self.state.store))}
 
-    @route("GET", "/controlnet/module_list", summary="Preprocessors this engine runs, with their sliders")
+    @route("GET", "/controlnet/module_list", summary="Preprocessors (those that do not run here flagged sdengine_unavailable), with their sliders")
     async def cn_module_list(self, alias_names: bool = False):
         return modules(alias_names)
 

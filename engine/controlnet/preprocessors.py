@@ -386,6 +386,33 @@ UNSUPPORTED: tuple[str, ...] = (
 )
 
 
+# UI labels of the extension's modules that do not run here (where the label differs from the name)
+_LABELS_NOT_RUN: dict[str, str] = {
+    "depth": "depth_midas", "normal_map": "normal_midas", "anime_face_segment": "seg_anime_face",
+    "oneformer_ade20k": "seg_ofade20k", "oneformer_coco": "seg_ofcoco", "segmentation": "seg_ufade20k",
+    "clip_vision": "t2ia_style_clipvision", "inpaint": "inpaint_global_harmonious",
+    "densepose": "densepose (pruple bg & purple torso)", "densepose_parula": "densepose_parula (black bg & blue torso)",
+}
+_OLD_NAMES = ("te_hed",)  # a former label of softedge_teed, accepted in requests (refused the same way), not listed
+_MODEL_FREE_NOT_RUN = ("reference_adain", "reference_adain+attn")  # the extension's do_not_need_model
+
+
+def not_run_here() -> list[tuple[str, str, bool, str]]:
+    """The extension's modules that this engine does not run, as ``(name, UI label, model_free, why)``, in a
+    stable order: /controlnet/module_list lists them (flagged) so that clients and the extension's own module
+    checks see every module the extension has (docs/DECISIONS.md); a request for one is refused at submit."""
+    runnable = set(PREPROCESSORS) | set(ALIASES)
+    labels = set(_LABELS_NOT_RUN.values())
+    out = []
+    for name in dict.fromkeys((*MODEL_BASED, *UNSUPPORTED, *_LABELS_NOT_RUN)):
+        if name in runnable or name in labels or name in _OLD_NAMES:
+            continue
+        why = NOT_RUNNABLE.get(name) or (NOT_RUNNABLE.get(_LABELS_NOT_RUN.get(name, "")) or
+                                         "not implemented in this engine")
+        out.append((name, _LABELS_NOT_RUN.get(name, name), name in _MODEL_FREE_NOT_RUN, why))
+    return out
+
+
 # sd-webui-controlnet's control types (its preprocessors' tags), as /controlnet/control_types lists them
 CONTROL_TYPES: tuple[str, ...] = ("All",) + tuple(sorted((
     "Canny", "Depth", "IP-Adapter", "Inpaint", "Instant-ID", "InstructP2P", "Lineart", "MLSD", "NormalMap",

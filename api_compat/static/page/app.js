@@ -83,7 +83,8 @@ async function loadListings() {
   fill($("lora"), loras.map((l) => [l.name, l.alias && l.alias !== l.name ? `${l.name} (${l.alias})` : l.name]), 0);
   fill($("embedding"), Object.keys(embeddings.loaded || {}).map((n) => [n, n]), 0);
   fill($("cn-model"), [["None", "None"], ...(cnModels.model_list || []).map((m) => [m, m])], 0);
-  fill($("cn-module"), (cnModules.module_list || []).map((m) => [m, m]), 0);
+  const runs = (m) => !((cnModules.module_detail || {})[m] || {}).sdengine_unavailable;  // listed, not run here
+  fill($("cn-module"), (cnModules.module_list || []).filter(runs).map((m) => [m, m]), 0);
   if ((cnModels.model_list || []).length) $("cn-model").value = cnModels.model_list[0];
   if ((cnModules.module_list || []).includes("canny") && !$("cn-module").dataset.init) {
     $("cn-module").value = "canny"; $("cn-module").dataset.init = "1";
