@@ -378,13 +378,16 @@ def load_normal_bae(path: Path):
 
 def load_leres(path: Path):
     """LeReS (ResNeXt-101 depth) without its boost network: controlnet_aux's LeresDetector with no pix2pix model
-    (depth_leres)."""
+    (depth_leres). In training mode, as the extension (annotator/leres apply_leres) and controlnet_aux's
+    ``from_pretrained`` leave it (neither calls ``eval()``): its batch-norm layers normalise with each input's
+    own statistics, which is what the extension's maps are made with (docs/DECISIONS.md). It has no dropout;
+    the running statistics it updates are not used in training mode."""
     leres = aux("leres")
     model = importlib.import_module("controlnet_aux.leres.leres.multi_depth_model_woauxi")
     state = read_weights(path)
     state = state.get("depth_model", state)
     net = _load(model.RelDepthModel(backbone="resnext101"), _strip(state), path, "LeReS depth")
-    return leres.LeresDetector(net, None)
+    return leres.LeresDetector(net.train(), None)
 
 
 def load_pix2pix(path: Path):

@@ -96,6 +96,8 @@ class Preprocessor:
     # how fn resizes its input: "same" (it does not), "pad" (resize_image_with_pad: short side -> res, padded
     # to multiples of 64), "short" (short side -> res), "rate" (divided by threshold_a when >= 1.1)
     resize: str = "same"
+    # the shortest longer side of the working image it runs on (0: any): below it the network's code fails
+    min_work_side: int = 0
 
     def resolve(self, processor_res: float = -1, threshold_a: float = -1, threshold_b: float = -1):
         """The effective (res, thr_a, thr_b), defaults applied; unused sliders come back as None."""
@@ -143,6 +145,16 @@ class Preprocessor:
             h, w = int(float(height) / float(a)), int(float(width) / float(a))
             return (height, width), (h, w)
         return (height, width), (height, width)
+
+    def check_work(self, work: tuple[int, int], field: str) -> None:
+        """Refuse (InvalidRequest naming ``field``, the resolution's) a working image too small for this
+        preprocessor (:attr:`min_work_side`; ``work``: (h, w) as :meth:`sizes` gives it)."""
+        if max(work) < self.min_work_side:
+            raise InvalidRequest(field, f"makes a {work[1]}x{work[0]} working image for {self.label or self.name}, "
+                                        f"whose boost cannot run below {self.min_work_side} pixels on the longer side "
+                                        "(its resolution search finds no size: it fails in the extension too)",
+                                 f"a processor_res (or pixel-perfect size) that makes the padded image at least "
+                                 f"{self.min_work_side} pixels on its longer side")
 
     @property
     def model_based(self) -> bool:
@@ -339,9 +351,11 @@ PREPROCESSORS: dict[str, Preprocessor] = {
         Preprocessor("depth_leres", runner("leres", _ann.LERES), _RES, _slider(0, 0, 100, "Remove Near %", 0.1),
                      _slider(0, 0, 100, "Remove Background %", 0.1), resize="pad", tags=("Depth",)),
         # LeReS with its boost: controlnet_aux's merge of estimates at several sizes by a pix2pix network
+        # (controlnet_aux's resolution search, leres/leres/depthmap.py calculateprocessingres, loops over sizes
+        # from 448 px up to 3x the image's longer side; it finds none, and fails, below 160 px)
         Preprocessor("depth_leres++", runner("leres", _ann.LERES, _ann.LERES_BOOST, boost=True), _RES,
                      _slider(0, 0, 100, "Remove Near %", 0.1), _slider(0, 0, 100, "Remove Background %", 0.1),
-                     resize="pad", tags=("Depth",)),
+                     resize="pad", tags=("Depth",), min_work_side=160),
         # model-free attention injection (engine.controlnet.reference): the map is the image; threshold_a is the
         # style fidelity (the extension's "Style Fidelity (only for Balanced mode)" slider)
         Preprocessor("reference_only", _none, None, _slider(0.5, 0.0, 1.0, "Style Fidelity (only for Balanced mode)"),
