@@ -114,6 +114,7 @@ def parse_detect(body: Any, limits: ImageLimits, models_dir=None) -> DetectReque
                                  allow_urls=limits.url_policy)
             h, w = image.shape[:2]
             work, _ = pre.sizes(h, w, res, a, b)
+            pre.check_work(work, "controlnet_processor_res")
             if work[0] * work[1] > limits.max_work_pixels:
                 raise InvalidRequest("controlnet_processor_res", f"makes a {work[1]}x{work[0]} working image",
                                      f"at most {limits.max_work_pixels} pixels")

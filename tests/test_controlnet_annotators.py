@@ -287,8 +287,7 @@ def test_weights_found_in_forge_and_extension_folders(tmp_path, annotators_env, 
 
 
 def test_not_runnable_modules_name_the_reason():
-    for module, word in (("depth_midas", "timm"), ("depth_zoe", "timm"), ("dw_openpose_full", "mmpose"),
-                         ("depth_leres++", "boost"),
+    for module, word in (("depth_midas", "timm"), ("depth_zoe", "timm"),
                          ("seg_ofade20k", "OneFormer"), ("depth_anything", "controlnet_aux 0.0.10")):
         with pytest.raises(InvalidRequest, match=word):
             get_preprocessor(module, "module")
@@ -399,7 +398,7 @@ def test_depth_leres_equals_the_reference(leres_dir, annotators_env):
     net = model.RelDepthModel(backbone="resnext101")
     checkpoint = torch.load(leres_dir / "leres" / "res101.pth", map_location="cpu", weights_only=True)
     net.load_state_dict(tools.strip_prefix_if_present(checkpoint["depth_model"], "module."), strict=True)
-    det = leres.LeresDetector(net.eval(), None)
+    det = leres.LeresDetector(net, None)  # no eval(): from_pretrained and the extension leave it in training mode
     image = _scene(70, 90)
     for near, background in ((0, 0), (10, 30)):
         ours = get_preprocessor("depth_leres")(image, 64, near, background)
@@ -410,6 +409,68 @@ def test_depth_leres_equals_the_reference(leres_dir, annotators_env):
         assert ours.std() > 0
     assert [s.api_json()["name"] for s in get_preprocessor("depth_leres").sliders().values()] == \
         ["Resolution", "Remove Near %", "Remove Background %"]
+
+
+@pytest.fixture(scope="module")
+def leres_boost_dir(leres_dir):
+    """leres_dir with latest_net_G.pth beside res101.pth: random weights of LeReS's boost (merge) network,
+    controlnet_aux's pix2pix U-Net ('unet_1024', 2 -> 1 channels), saved as its save_networks saves it (the
+    generator's state dict, no prefix)."""
+    import importlib as il
+
+    aux("leres")
+    networks = il.import_module("controlnet_aux.leres.pix2pix.models.networks")
+    net = _randomize(networks.define_G(2, 1, 64, "unet_1024", "none", False, "normal", 0.02, []), 10)
+    torch.save(net.state_dict(), leres_dir / "leres" / "latest_net_G.pth")
+    return leres_dir
+
+
+@pytest.mark.slow
+def test_depth_leres_boost_equals_the_reference(leres_boost_dir, annotators_env, monkeypatch):
+    """depth_leres++ (random weights of the real ResNeXt-101 and of the real merge network, in the real files'
+    layouts) equals controlnet_aux's LeresDetector.from_pretrained on the same folder called with boost=True the
+    way the extension calls it (resize_image_with_pad, the padding cropped), thresholds mapped as depth_leres's;
+    tolerance 0 uint8 levels. At processor_res 128 (a 128x192 padded image) the boost is its double estimate
+    (LeReS at 448 px twice, merged by the pix2pix network at 1024 px); its patch pass starts where the padded
+    image exceeds the estimate's resolution (448 px or more), too slow for this suite, and is the same
+    controlnet_aux code either way."""
+    annotators_env(leres_boost_dir)
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # from_pretrained's TestOptions().parse() reads the command line
+    pre = get_preprocessor("depth_leres++")
+    pre.check_available("module")
+    det = aux("leres").LeresDetector.from_pretrained(str(leres_boost_dir / "leres"))
+    image = _scene(70, 90)
+    ours = pre(image, 128, 10, 30)
+    expected = _reference_padded(lambda x, s: det(x, thr_a=10, thr_b=30, boost=True, detect_resolution=s,
+                                                  image_resolution=s, output_type="np"), image, 128)
+    np.testing.assert_array_equal(ours, _gray3(expected))
+    assert ours.shape == (128, 165, 3) and ours.std() > 0
+    loaded = annotators.LOADED.get(annotators.load_leres_boost, (annotators.find_weight(annotators.LERES),
+                                                                   annotators.find_weight(annotators.LERES_BOOST)))
+    assert loaded.model.training and det.model.training  # LeReS as the extension runs it (see load_leres)
+    assert sum(p.numel() for p in loaded.pix2pixmodel.netG.parameters()) * 4 == pytest.approx(
+        annotators.LERES_BOOST.size_mb * 1024 * 1024, rel=1e-3)  # the memory estimate's file size
+
+
+def test_depth_leres_boost_refuses_a_too_small_working_image():
+    """controlnet_aux's boost searches its resolution from 448 px up to 3x the image's longer side and fails
+    (UnboundLocalError, in the extension too) when the padded image's longer side is under 160 px: refused at
+    submit naming processor_res (a unit's, or /controlnet/detect's)."""
+    from engine.controlnet import check_unit_sizes
+
+    pre = get_preprocessor("depth_leres++")
+    assert pre.sizes(70, 90, 64)[0] == (64, 128) and pre.sizes(70, 90, 128)[0] == (128, 192)
+    with pytest.raises(InvalidRequest) as err:
+        pre.check_work(pre.sizes(70, 90, 64)[0], "controlnet_processor_res")
+    assert err.value.field == "controlnet_processor_res" and "160" in str(err.value)
+    pre.check_work(pre.sizes(70, 90, 128)[0], "controlnet_processor_res")
+    unit = ControlNetUnit(model="m", image=np.zeros((70, 90, 3), np.uint8), module="depth_leres++",
+                          processor_res=64, pixel_perfect=False)
+    with pytest.raises(InvalidRequest) as err:
+        check_unit_sizes(unit, 64, 64, 10**7, "controlnet_units[0].image")
+    assert err.value.field == "controlnet_units[0].processor_res"
+    check_unit_sizes(ControlNetUnit(model="m", image=unit.image, module="depth_leres", processor_res=64), 64, 64,
+                     10**7, "controlnet_units[0].image")
 
 
 def test_torchvision_stand_ins_follow_torchvisions_definitions():

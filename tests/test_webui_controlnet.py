@@ -166,6 +166,13 @@ def _store(root: Path) -> None:
     if REAL_PIDINET is not None:  # Forge's annotator folder, the extension's sub-folder layout
         (root / "models" / "ControlNetPreprocessor" / "pidinet").mkdir(parents=True)
         shutil.copyfile(REAL_PIDINET, root / "models" / "ControlNetPreprocessor" / "pidinet" / REAL_PIDINET.name)
+    # DWPose's two files (small stand-ins with the real interfaces, tests/dwpose_support.py), Forge's flat layout:
+    # a person box over a square image (the same fraction of it at any processor_res), keypoints on seven dots
+    from tests import dwpose_support as ds
+
+    box = tuple(v * 640 for v in ds.PERSON_BOX)
+    ds.detector_graph(root / "models" / "ControlNetPreprocessor" / "yolox_l.onnx", [(box, 0.95, 0, 0.95, 32)])
+    ds.estimator_graph(root / "models" / "ControlNetPreprocessor" / "dw-ll_ucoco_384.onnx", *ds.person())
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +390,30 @@ def test_model_based_preprocessors_through_the_server(server):
     assert {"openpose_full", "openpose"} <= set(types["OpenPose"]["module_list"])
 
 
+def test_dw_openpose_full_through_the_server(server):
+    """dw_openpose_full (DWPose's two files in the server's models/ControlNetPreprocessor/) through
+    /controlnet/detect and a txt2img unit: the maps the engine makes in this process from the same folder, with
+    the joints where the dots are (the nose's colour at the nose dot)."""
+    from engine.controlnet.images import fit_detected_map
+    from tests import dwpose_support as ds
+
+    models = server.root / "models"
+    dots = {g: (round(x * 128), round(y * 128)) for g, (x, y) in ds.LAYOUT.items()}
+    image = ds.dots(128, 128, dots, 4)
+    r = server.post("/controlnet/detect", {"controlnet_module": "dw_openpose_full", "controlnet_processor_res": 128,
+                                           "controlnet_input_images": [_png(image)]})
+    assert r.status_code == 200, r.text
+    got = _pixels(r.json()["images"][0])
+    assert np.array_equal(got, PREPROCESSORS["dw_openpose_full"](image, 128, models_dir=models))
+    assert tuple(got[dots[ds.NOSE][1], dots[ds.NOSE][0]]) == (255, 0, 0)
+    images = server.generate("txt2img", txt2img([unit(image=_png(image), module="dw_openpose_full",
+                                                      pixel_perfect=False, processor_res=64)]))
+    detected = PREPROCESSORS["dw_openpose_full"](image, 64, models_dir=models)
+    assert len(images) == 2 and np.array_equal(images[1], fit_detected_map(detected, "Crop and Resize", 64, 64))
+    nose = detected[round(dots[ds.NOSE][1] / 2), round(dots[ds.NOSE][0] / 2)]
+    assert tuple(nose) == (255, 0, 0)
+
+
 def test_control_types(server):
     types = server.get("/controlnet/control_types").json()["control_types"]
     assert set(types) >= {"Canny", "Revision", "Inpaint", "Instant-ID", "InstructP2P", "Shuffle", "Scribble",
@@ -398,8 +429,8 @@ def test_control_types(server):
     assert types["Segmentation"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
                                      "default_model": "None"}
     # a model-based module is listed whether or not its file is installed
-    assert types["Depth"] == {"module_list": ["none", "depth_leres"], "model_list": ["None"],
-                              "default_option": "depth_leres", "default_model": "None"}
+    assert types["Depth"] == {"module_list": ["none", "depth_leres++", "depth_leres"], "model_list": ["None"],
+                              "default_option": "depth_leres++", "default_model": "None"}
     assert types["All"]["model_list"] == ["None", *models]
 
 

@@ -107,8 +107,11 @@ def unit_sizes(unit, width: int, height: int) -> list[tuple[str, int, int]]:
 def check_unit_sizes(unit, width: int, height: int, max_pixels: int, field: str) -> None:
     """Refuse (InvalidRequest naming ``field``) a unit whose preprocessing or fitting would make an image of
     more than ``max_pixels`` pixels or of no pixels: what a thin image (4096x1) or a large ``processor_res``
-    on an elongated one turns into."""
-    for stage, h, w in unit_sizes(unit, width, height):
+    on an elongated one turns into; and one whose working image is too small for its preprocessor
+    (``Preprocessor.check_work``: depth_leres++, naming the unit's ``processor_res``)."""
+    sizes = unit_sizes(unit, width, height)
+    get_preprocessor(unit.module).check_work(sizes[1][1:], field.removesuffix(".image") + ".processor_res")
+    for stage, h, w in sizes:
         if h < 1 or w < 1 or h * w > max_pixels:
             ih, iw = unit.image.shape[:2]
             raise InvalidRequest(field, f"this {iw}x{ih} image would become a {w}x{h} {stage} for a {width}x"

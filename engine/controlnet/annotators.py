@@ -1,8 +1,10 @@
-"""Model-based ControlNet preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae), run with the
-networks of ``controlnet_aux`` (the library these annotators are maintained in; the ``annotators`` extra) as
-sd-webui-controlnet runs them (scripts/preprocessor/legacy/processor.py): the input's short side resized to
-``processor_res`` and padded to multiples of 64 (``resize_image_with_pad``), the network run on that, the padding
-cropped off, then the module's post-processing (the scribble modules' NMS + blur + threshold on the cropped map).
+"""Model-based ControlNet preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres and
+depth_leres++), run with the networks of ``controlnet_aux`` (the library these annotators are maintained in; the
+``annotators`` extra) as sd-webui-controlnet runs them (scripts/preprocessor/legacy/processor.py): the input's
+short side resized to ``processor_res`` and padded to multiples of 64 (``resize_image_with_pad``), the network
+run on that, the padding cropped off, then the module's post-processing (the scribble modules' NMS + blur +
+threshold on the cropped map). dw_openpose_full runs DWPose's two ONNX files through onnxruntime the same way
+(engine.controlnet.dwpose; no controlnet_aux: its DWPose needs mmpose).
 
 Weights are read where users keep them, never downloaded (:func:`search_dirs`): ``$SDENGINE_ANNOTATORS_DIR``
 (one or more folders, ``os.pathsep``-separated), Forge's ``{models_dir}/ControlNetPreprocessor/``, and the
@@ -11,7 +13,7 @@ extension's name either in the extension's sub-folder (``pidinet/table5_pidinet.
 whose file is missing is listed; a request for it is refused at submit naming the file and the folder
 (:func:`check_available`). Files are the extension's pickles, read with ``torch.load(weights_only=True)`` (no
 pickled code runs), or a ``.safetensors`` of the same stem (docs/DECISIONS.md "Model-based ControlNet
-preprocessors").
+preprocessors"); DWPose's are ONNX graphs.
 
 ``controlnet_aux`` is imported without its package ``__init__`` (which imports every annotator, some through
 torchvision, timm or scikit-image): only the sub-packages used are loaded (:func:`aux`). Two of them import a few
@@ -54,7 +56,7 @@ class WeightFile:
     folder: str
     name: str
     alternatives: tuple[str, ...] = ()
-    size_mb: float = 0.0  # the real file's size (the memory estimate)
+    size_mb: float = 0.0  # the real file's size in MiB (the memory estimate)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -73,6 +75,10 @@ OPENPOSE_HAND = WeightFile("openpose", "hand_pose_model.pth", size_mb=147.3)
 OPENPOSE_FACE = WeightFile("openpose", "facenet.pth", size_mb=153.7)
 NORMAL_BAE = WeightFile("normal_bae", "scannet.pt", size_mb=291.5)
 LERES = WeightFile("leres", "res101.pth", size_mb=530.0)
+LERES_BOOST = WeightFile("leres", "latest_net_G.pth", size_mb=303.5)  # depth_leres++'s merge network
+# DWPose (dw_openpose_full): ONNX files, run through onnxruntime (engine.controlnet.dwpose)
+DWPOSE_DETECTOR = WeightFile("openpose", "yolox_l.onnx", size_mb=207.0)
+DWPOSE_ESTIMATOR = WeightFile("openpose", "dw-ll_ucoco_384.onnx", size_mb=128.0)
 
 
 def search_dirs(models_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -93,8 +99,9 @@ def find_weight(weight: WeightFile, models_dir=None) -> Path | None:
     for root in search_dirs(models_dir):
         for name in weight.names:
             for base in (root / weight.folder, root):
-                # a .safetensors of the same stem (a converted file) is taken before the pickle
-                for path in (base / Path(name).with_suffix(".safetensors"), base / name):
+                # a .safetensors of the same stem (a converted file) is taken before a pickle
+                converted = () if name.endswith(".onnx") else (base / Path(name).with_suffix(".safetensors"),)
+                for path in (*converted, base / name):
                     if path.is_file():
                         return path
     return None
@@ -111,9 +118,11 @@ def aux_installed() -> bool:
     return "controlnet_aux" in sys.modules or importlib.util.find_spec("controlnet_aux") is not None
 
 
-def check_available(weights: tuple[WeightFile, ...], module: str, field: str, models_dir=None) -> None:
-    """Refuse (InvalidRequest naming ``field``) a module whose package or weight files are missing."""
-    if not aux_installed():
+def check_available(weights: tuple[WeightFile, ...], module: str, field: str, models_dir=None,
+                    needs_aux: bool = True) -> None:
+    """Refuse (InvalidRequest naming ``field``) a module whose package (controlnet_aux, when ``needs_aux``) or
+    weight files are missing."""
+    if needs_aux and not aux_installed():
         raise InvalidRequest(field, f"preprocessor {module!r} needs the package controlnet_aux (the 'annotators' "
                                     "extra: pip install 'sdengine[annotators]')", "an installed preprocessor")
     for weight in weights:
@@ -369,13 +378,55 @@ def load_normal_bae(path: Path):
 
 def load_leres(path: Path):
     """LeReS (ResNeXt-101 depth) without its boost network: controlnet_aux's LeresDetector with no pix2pix model
-    (depth_leres; the boost of depth_leres++ is not run here)."""
+    (depth_leres). In training mode, as the extension (annotator/leres apply_leres) and controlnet_aux's
+    ``from_pretrained`` leave it (neither calls ``eval()``): its batch-norm layers normalise with each input's
+    own statistics, which is what the extension's maps are made with (docs/DECISIONS.md). It has no dropout;
+    the running statistics it updates are not used in training mode."""
     leres = aux("leres")
     model = importlib.import_module("controlnet_aux.leres.leres.multi_depth_model_woauxi")
     state = read_weights(path)
     state = state.get("depth_model", state)
     net = _load(model.RelDepthModel(backbone="resnext101"), _strip(state), path, "LeReS depth")
-    return leres.LeresDetector(net, None)
+    return leres.LeresDetector(net.train(), None)
+
+
+def load_pix2pix(path: Path):
+    """LeReS's boost (merge) network, controlnet_aux's Pix2Pix4DepthModel (a 10-level U-Net, 2 -> 1 channels), on
+    the CPU, with the file's weights. Its options are controlnet_aux's own test options at their defaults,
+    parsed from an empty command line (controlnet_aux's ``TestOptions().parse()`` reads the process's
+    ``sys.argv``, which is the server's here); the model's constructor sets ``torch.backends.cudnn.benchmark``,
+    which is put back."""
+    import argparse
+
+    import torch
+
+    aux("leres")
+    models = importlib.import_module("controlnet_aux.leres.pix2pix.models")
+    options = importlib.import_module("controlnet_aux.leres.pix2pix.options.test_options").TestOptions()
+    parser = options.initialize(argparse.ArgumentParser())
+    parser = models.get_option_setter(parser.parse_args([]).model)(parser, False)
+    opt = parser.parse_args([])
+    opt.isTrain, opt.gpu_ids = False, []  # what parse() sets; no GPU: the CPU, as the other annotators
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        model = models.find_model_using_name(opt.model)(opt)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    _load(model.netG, _strip(read_weights(path)), path, "LeReS boost (pix2pix merge network)")
+    model.eval()
+    return model
+
+
+def load_leres_boost(depth: Path, merge: Path):
+    """LeReS with its boost network (depth_leres++): controlnet_aux's LeresDetector with both."""
+    return aux("leres").LeresDetector(load_leres(depth).model, load_pix2pix(merge))
+
+
+def load_dwpose(detector: Path, estimator: Path):
+    """DWPose's two ONNX files (engine.controlnet.dwpose)."""
+    from engine.controlnet.dwpose import DWPose
+
+    return DWPose.from_files(detector, estimator)
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -425,6 +476,27 @@ def _padded_call(img: np.ndarray, res: int, run) -> np.ndarray:
     return remove_pad(np.asarray(run(padded, side)))
 
 
+_boost_lock = threading.Lock()
+
+
+def _boosted(call):
+    """``call()`` (controlnet_aux's LeReS with boost) one at a time: its boost (leres/leres/depthmap.py) keeps
+    a module-level ``factor`` between its steps. The progress lines it prints go to this module's debug log:
+    ``sys.stdout`` is redirected for the call's duration (log handlers keep the stream they were given, so only
+    bare prints of other threads would land there too; the engine's library code does not print)."""
+    import io
+    from contextlib import redirect_stdout
+
+    with _boost_lock:
+        printed = io.StringIO()
+        try:
+            with redirect_stdout(printed):
+                return call()
+        finally:
+            for line in printed.getvalue().splitlines():
+                log.debug("LeReS boost: %s", line)
+
+
 def _scribble(edge: np.ndarray) -> np.ndarray:
     """The extension's scribble_hed / scribble_pidinet post-processing of the cropped soft-edge map."""
     import cv2
@@ -440,8 +512,8 @@ def _scribble(edge: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class ModelRunner:
     """``fn(img, res, thr_a, thr_b, models_dir=...)`` of a model-based preprocessor: the files it needs, how it
-    is loaded and run. ``kind``: pidinet / hed / mlsd / lineart / lineart_anime / openpose / normal_bae;
-    ``options``: the module's flags (safe, scribble, filter, coarse, include_hand, include_face, include_body)."""
+    is loaded and run. ``kind``: pidinet / hed / mlsd / lineart / lineart_anime / openpose / normal_bae / leres /
+    dwpose; ``options``: the module's flags (safe, scribble, filter, coarse, hand, face, body, boost)."""
 
     kind: str
     weights: tuple[WeightFile, ...]
@@ -450,6 +522,12 @@ class ModelRunner:
     @property
     def size_mb(self) -> float:
         return sum(w.size_mb for w in self.weights)
+
+    @property
+    def needs_aux(self) -> bool:
+        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, a core
+        dependency)."""
+        return self.kind != "dwpose"
 
     def __call__(self, img, res, a, b, models_dir=None):
         opts = dict(self.options)
@@ -502,9 +580,17 @@ class ModelRunner:
                                                        include_face=opts.get("face", False), output_type="np"))
 
     def _run_leres(self, img, res, a, b, paths, opts):
-        det = LOADED.get(load_leres, tuple(paths))
-        return _padded_call(img, res, lambda x, s: det(x, thr_a=a, thr_b=b, boost=False, detect_resolution=s,
-                                                       image_resolution=s, output_type="np"))
+        if not opts.get("boost", False):
+            det = LOADED.get(load_leres, tuple(paths))
+            return _padded_call(img, res, lambda x, s: det(x, thr_a=a, thr_b=b, boost=False, detect_resolution=s,
+                                                           image_resolution=s, output_type="np"))
+        det = LOADED.get(load_leres_boost, tuple(paths))
+        return _padded_call(img, res, lambda x, s: _boosted(lambda: det(
+            x, thr_a=a, thr_b=b, boost=True, detect_resolution=s, image_resolution=s, output_type="np")))
+
+    def _run_dwpose(self, img, res, a, b, paths, opts):
+        det = LOADED.get(load_dwpose, tuple(paths))
+        return _padded_call(img, res, lambda x, s: det(x))
 
     def _run_normal_bae(self, img, res, a, b, paths, opts):
         det = LOADED.get(load_normal_bae, tuple(paths))

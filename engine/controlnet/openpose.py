@@ -131,15 +131,24 @@ def _face(cv2, canvas: np.ndarray, points: Keypoints | None) -> None:
                 cv2.circle(canvas, (x, y), 3, (255, 255, 255), thickness=-1)
 
 
-def render_pose(pose: Any, field: str = "pose_data[0]") -> np.ndarray:
-    """One pose JSON drawn on a black canvas of its size: RGB uint8 (H, W, 3)."""
-    height, width, people = parse_pose(pose, field)
+def draw_people(people: list[dict[str, Keypoints | None]], height: int, width: int) -> np.ndarray:
+    """People (each ``{part: keypoints or None}``, the parts of the JSON: ``pose_keypoints_2d`` (18),
+    ``hand_left_keypoints_2d``, ``hand_right_keypoints_2d`` (21 each), ``face_keypoints_2d``; a keypoint is
+    ``(x, y)`` or None when absent) drawn on a black ``height`` x ``width`` canvas as the extension draws them:
+    each person's body, left hand, right hand, then face. RGB uint8 (H, W, 3). Used by
+    ``/controlnet/render_openpose_json`` and by the DWPose preprocessor (engine.controlnet.dwpose)."""
     cv2 = require("cv2", "controlnet", "drawing OpenPose maps")
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
     for person in people:
-        if person["pose_keypoints_2d"]:
+        if person.get("pose_keypoints_2d"):
             _body(cv2, canvas, person["pose_keypoints_2d"])
-        _hand(cv2, canvas, person["hand_left_keypoints_2d"])
-        _hand(cv2, canvas, person["hand_right_keypoints_2d"])
-        _face(cv2, canvas, person["face_keypoints_2d"])
+        _hand(cv2, canvas, person.get("hand_left_keypoints_2d"))
+        _hand(cv2, canvas, person.get("hand_right_keypoints_2d"))
+        _face(cv2, canvas, person.get("face_keypoints_2d"))
     return canvas
+
+
+def render_pose(pose: Any, field: str = "pose_data[0]") -> np.ndarray:
+    """One pose JSON drawn on a black canvas of its size: RGB uint8 (H, W, 3)."""
+    height, width, people = parse_pose(pose, field)
+    return draw_people(people, height, width)

@@ -3,8 +3,9 @@
 
 The registry :data:`PREPROCESSORS` maps the extension's module names to :class:`Preprocessor` objects;
 :data:`ALIASES` maps the extension's UI labels ("invert (from white bg & black line)", "t2ia_color_grid",
-...) to them. Model-based preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres) run
-controlnet_aux's networks on files read from disk, never downloaded: one whose file is missing is listed, and a
+...) to them. Model-based preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres,
+depth_leres++) run controlnet_aux's networks, dw_openpose_full DWPose's ONNX files (engine.controlnet.dwpose), on
+files read from disk, never downloaded: one whose file is missing is listed, and a
 request for it is an :class:`InvalidRequest` naming the file and where to put it
 (:meth:`Preprocessor.check_available`); the other model-based modules of the extension are refused naming why.
 
@@ -95,6 +96,8 @@ class Preprocessor:
     # how fn resizes its input: "same" (it does not), "pad" (resize_image_with_pad: short side -> res, padded
     # to multiples of 64), "short" (short side -> res), "rate" (divided by threshold_a when >= 1.1)
     resize: str = "same"
+    # the shortest longer side of the working image it runs on (0: any): below it the network's code fails
+    min_work_side: int = 0
 
     def resolve(self, processor_res: float = -1, threshold_a: float = -1, threshold_b: float = -1):
         """The effective (res, thr_a, thr_b), defaults applied; unused sliders come back as None."""
@@ -143,6 +146,16 @@ class Preprocessor:
             return (height, width), (h, w)
         return (height, width), (height, width)
 
+    def check_work(self, work: tuple[int, int], field: str) -> None:
+        """Refuse (InvalidRequest naming ``field``, the resolution's) a working image too small for this
+        preprocessor (:attr:`min_work_side`; ``work``: (h, w) as :meth:`sizes` gives it)."""
+        if max(work) < self.min_work_side:
+            raise InvalidRequest(field, f"makes a {work[1]}x{work[0]} working image for {self.label or self.name}, "
+                                        f"whose boost cannot run below {self.min_work_side} pixels on the longer side "
+                                        "(its resolution search finds no size: it fails in the extension too)",
+                                 f"a processor_res (or pixel-perfect size) that makes the padded image at least "
+                                 f"{self.min_work_side} pixels on its longer side")
+
     @property
     def model_based(self) -> bool:
         """Whether it runs a network whose weight files must be installed (engine.controlnet.annotators)."""
@@ -152,7 +165,7 @@ class Preprocessor:
         """Refuse (InvalidRequest naming ``field``) a model-based preprocessor whose package or files are
         missing; an image-op preprocessor is always available."""
         if self.model_based:
-            _ann.check_available(self.fn.weights, self.label or self.name, field, models_dir)
+            _ann.check_available(self.fn.weights, self.label or self.name, field, models_dir, self.fn.needs_aux)
 
     def __call__(self, image: np.ndarray, processor_res: float = -1, threshold_a: float = -1,
                  threshold_b: float = -1, exact_res: int | None = None, models_dir=None) -> np.ndarray:
@@ -330,10 +343,19 @@ PREPROCESSORS: dict[str, Preprocessor] = {
         Preprocessor("openpose_full", runner("openpose", _ann.OPENPOSE_BODY, _ann.OPENPOSE_HAND, _ann.OPENPOSE_FACE,
                                              hand=True, face=True), _RES, resize="pad", tags=("OpenPose",),
                      priority=100),
+        # DWPose: YOLOX + RTMPose ONNX files through onnxruntime (engine.controlnet.dwpose), body, hands, face
+        Preprocessor("dw_openpose_full", runner("dwpose", _ann.DWPOSE_DETECTOR, _ann.DWPOSE_ESTIMATOR), _RES,
+                     resize="pad", tags=("OpenPose",)),
         Preprocessor("normal_bae", runner("normal_bae", _ann.NORMAL_BAE), _RES, resize="pad", tags=("NormalMap",),
                      priority=100),
         Preprocessor("depth_leres", runner("leres", _ann.LERES), _RES, _slider(0, 0, 100, "Remove Near %", 0.1),
                      _slider(0, 0, 100, "Remove Background %", 0.1), resize="pad", tags=("Depth",)),
+        # LeReS with its boost: controlnet_aux's merge of estimates at several sizes by a pix2pix network
+        # (controlnet_aux's resolution search, leres/leres/depthmap.py calculateprocessingres, loops over sizes
+        # from 448 px up to 3x the image's longer side; it finds none, and fails, below 160 px)
+        Preprocessor("depth_leres++", runner("leres", _ann.LERES, _ann.LERES_BOOST, boost=True), _RES,
+                     _slider(0, 0, 100, "Remove Near %", 0.1), _slider(0, 0, 100, "Remove Background %", 0.1),
+                     resize="pad", tags=("Depth",), min_work_side=160),
         # model-free attention injection (engine.controlnet.reference): the map is the image; threshold_a is the
         # style fidelity (the extension's "Style Fidelity (only for Balanced mode)" slider)
         Preprocessor("reference_only", _none, None, _slider(0.5, 0.0, 1.0, "Style Fidelity (only for Balanced mode)"),
@@ -372,9 +394,6 @@ NOT_RUNNABLE: dict[str, str] = {
     **{m: _TIMM for m in ("depth", "depth_midas", "depth_zoe", "normal_map", "normal_midas")},
     **{m: "its network (Depth Anything's DINOv2 ViT) is not in controlnet_aux 0.0.10"
        for m in ("depth_anything", "depth_anything_v2")},
-    "depth_leres++": "its boost pass (LeReS merged with a pix2pix network at several sizes) is not implemented; "
-                     "depth_leres runs the same depth network without it",
-    "dw_openpose_full": "controlnet_aux runs DWPose through mmpose/mmdet/mmcv, which the engine does not install",
     **{m: "OneFormer / UniFormer segmentation networks are not in controlnet_aux 0.0.10"
        for m in ("segmentation", "seg_ufade20k", "oneformer_coco", "seg_ofcoco", "oneformer_ade20k",
                  "seg_ofade20k")},
