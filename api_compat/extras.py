@@ -192,22 +192,27 @@ def run_extras(request: ExtrasRequest, *, images_dir: Path, task_id: str, progre
             load(find(name, models_dir).path, device)
     names: list[str] = []
     infotexts: list[str] = []
-    for i, image in enumerate(request.images):
-        if cancel.is_set():
-            raise Cancelled(f"cancelled after {i} of {count} images")
+    try:
+        for i, image in enumerate(request.images):
+            if cancel.is_set():
+                raise Cancelled(f"cancelled after {i} of {count} images")
 
-        def tiles(done: int, total: int, i=i) -> None:
-            progress(PhaseEvent("upscaling", i, count, i, count, None, f"image {i + 1}: tile {done} of {total}"))
+            def tiles(done: int, total: int, i=i) -> None:
+                progress(PhaseEvent("upscaling", i, count, i, count, None, f"image {i + 1}: tile {done} of {total}"))
 
-        out, text = postprocess(image, request.extras, how, cancel=cancel, progress=tiles)
-        texts = dict(request.texts[i])
-        if text:
-            texts["postprocessing"] = text
-        path = image_file(images_dir, task_id, i)
-        write_png_texts(path, out, texts)
-        names.append(path.name)
-        infotexts.append(text)
-        progress(PhaseEvent("saving", i + 1, count, i + 1, count, None, "extras"))
+            out, text = postprocess(image, request.extras, how, cancel=cancel, progress=tiles)
+            texts = dict(request.texts[i])
+            if text:
+                texts["postprocessing"] = text
+            path = image_file(images_dir, task_id, i)
+            write_png_texts(path, out, texts)
+            names.append(path.name)
+            infotexts.append(text)
+            progress(PhaseEvent("saving", i + 1, count, i + 1, count, None, "extras"))
+    except BaseException:
+        for name in names:  # no image of a task that did not succeed stays behind (as run_generation)
+            (Path(images_dir) / name).unlink(missing_ok=True)
+        raise
     info: dict[str, Any] = {"html_info": html_info(infotexts[0] if infotexts else ""), "infotexts": infotexts}
     if request.warnings:
         info["warnings"] = list(request.warnings)
