@@ -22,6 +22,7 @@ from core.errors import Cancelled, InvalidRequest
 from engine.controlnet.images import _raw_bytes, decode_bytes
 from engine.extras import Extras, check_faces, html_info, postprocess
 from engine.progress import Progress as PhaseEvent
+from engine.rules import RANGES
 from engine.upscalers import DEFAULT_OVERLAP, DEFAULT_TILE, Upscaling, estimate_bytes, find, load, resolve
 
 from api_compat.errors import ApiError, api_error_from
@@ -126,9 +127,10 @@ def parse_extras(body: Any, limits: ImageLimits, models_dir: Path | None, *, bat
             values[key] = "None" if value in (None, "") else resolve(value, models_dir, key)
         extras = Extras(**values)
         check_faces(extras)
-        tile = int(_number(body, "ESRGAN_tile", True, 0, 8192)) if body.get("ESRGAN_tile") is not None \
+        tiles, overlaps = RANGES["upscaler_tile"], RANGES["upscaler_tile_overlap"]  # the request options' ranges
+        tile = int(_number(body, "ESRGAN_tile", True, tiles.lo, tiles.hi)) if body.get("ESRGAN_tile") is not None \
             else DEFAULT_TILE
-        overlap = int(_number(body, "ESRGAN_tile_overlap", True, 0, 512)) \
+        overlap = int(_number(body, "ESRGAN_tile_overlap", True, overlaps.lo, overlaps.hi)) \
             if body.get("ESRGAN_tile_overlap") is not None else DEFAULT_OVERLAP
         if batch:
             items = body.get("imageList")
