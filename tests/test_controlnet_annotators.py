@@ -94,14 +94,19 @@ def _half(obj):
 @pytest.fixture(scope="session")
 def random_dir(tmp_path_factory):
     """An extension-layout downloads folder (``<sub>/<file>``) of random weights of the real architectures, in
-    the real files' layouts: made once per session, stored as fp16 (about 0.5 GB instead of 1 GB: the real
-    architectures are fixed by the loaders, so they cannot be made smaller), deleted after the session (pytest
-    keeps its last temp folders)."""
+    the real files' layouts: made once per session, stored as fp16 (about half the bytes: the real architectures
+    are fixed by the loaders, so they cannot be made smaller), deleted after the session (pytest keeps its last
+    temp folders). The networks are made in a function of their own, so none stays in memory meanwhile."""
+    root = tmp_path_factory.mktemp("annotators")
+    _write_random_weights(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _write_random_weights(root: Path) -> None:
     import functools
 
     import torch.nn as nn
-
-    root = tmp_path_factory.mktemp("annotators")
 
     def save(sub, name, obj):
         (root / sub).mkdir(exist_ok=True)
@@ -142,8 +147,6 @@ def random_dir(tmp_path_factory):
     bae = nnet.NNET(args)
     bae.eval()
     save("normal_bae", "scannet.pt", {"model": {f"module.{k}": v for k, v in bae.state_dict().items()}})
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
