@@ -129,6 +129,7 @@ def test_pickle_lora_refused_at_submit_without_the_opt_in(lora_store, tmp_path):
     from api_compat.webui.listings import loras
     from cli import main
     from engine.models.card import card, card_lines
+    from tests.api_support import png_b64
 
     cn = lora_store / "ControlNet"
     cn.mkdir(exist_ok=True)
@@ -144,7 +145,7 @@ def test_pickle_lora_refused_at_submit_without_the_opt_in(lora_store, tmp_path):
             assert (e.http_status, e.code, e.field) == (422, "model_error", "prompt"), e
             assert "pickled.pt" in e.message and '"allow_pickle": true' in e.message, e.message
             service.check(payload, {CONFIG_HEADER: "pickles"})  # the opt-in: accepted (the engine reads it then)
-            unit = {"controlnet_units": [{"model": "pickled-cn", "module": "canny"}]}
+            unit = {"controlnet_units": [{"model": "pickled-cn", "module": "canny", "image": png_b64(64, 64)}]}
             with pytest.raises(ApiError) as refused:
                 service.check({**payload, "prompt": "a cat", **unit})
             assert refused.value.field == "controlnet_units[0].model" and "pickled-cn.pth" in refused.value.message
