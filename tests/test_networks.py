@@ -145,10 +145,11 @@ def test_pickle_lora_refused_at_submit_without_the_opt_in(lora_store, tmp_path):
             assert (e.http_status, e.code, e.field) == (422, "model_error", "prompt"), e
             assert "pickled.pt" in e.message and '"allow_pickle": true' in e.message, e.message
             service.check(payload, {CONFIG_HEADER: "pickles"})  # the opt-in: accepted (the engine reads it then)
-            unit = {"controlnet_units": [{"model": "pickled-cn", "module": "canny", "image": png_b64(64, 64)}]}
+            unit = {"model": "pickled-cn", "module": "canny", "image": png_b64(64, 64)}
             with pytest.raises(ApiError) as refused:
-                service.check({**payload, "prompt": "a cat", **unit})
-            assert refused.value.field == "controlnet_units[0].model" and "pickled-cn.pth" in refused.value.message
+                service.check({**payload, "prompt": "a cat", "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+            assert refused.value.field == "alwayson_scripts.controlnet.args[0].model", refused.value.field
+            assert "pickled-cn.pth" in refused.value.message
             assert "allow_pickle" in refused.value.message
         store = ModelStore(lora_store, bundled=None, cache_dir=tmp_path / "hashes")
         rows = {r["name"]: r for r in loras(store, allow_pickle=False)}
