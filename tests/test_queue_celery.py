@@ -382,15 +382,18 @@ def test_max_task_seconds_on_the_queue(cluster, tmp_path):
     """``sdengine worker --max-task-seconds`` stops a task that runs longer -- a generation (the double's SLOW
     steps) and an extras batch (a model upscaler over many small tiles) -- within a step or tile: it fails
     ``timed_out`` with the documented message (docs/API.md "Run-time limit"), soon after the limit (5 s of
-    slack for a loaded machine); the server's own limit travels in the message and the smaller one applies; a
-    short task under the limit succeeds."""
+    slack for a loaded machine), and leaves no image (the batch's first one was written before the limit); the
+    server's own limit travels in the message and the smaller one applies; a short task under the limit
+    succeeds."""
     from tests import upscaler_support as us
 
     us.write_esrgan_old(tmp_path / "no-models" / "ESRGAN" / "4x-Tiny.pth")
     start, service, client, images = cluster
     start("--max-task-seconds", "2.5")
-    slow = {"prompt": "SLOW", "seed": 3, "steps": 600, "width": 64, "height": 64}  # 0.05 s a step: 30 s
-    batch = {"imageList": [{"data": _png_data(_picture(256, 256, i)), "name": f"{i}.png"} for i in range(8)],
+    slow = {"prompt": "SLOW", "seed": 3, "steps": 150, "width": 64, "height": 64}  # 0.05 s a step: 7.5 s
+    # a small first image (done and written well within the limit: it must not stay behind), then big ones
+    sizes = [32] + [256] * 15
+    batch = {"imageList": [{"data": _png_data(_picture(n, n, i)), "name": f"{i}.png"} for i, n in enumerate(sizes)],
              "upscaling_resize": 4, "upscaler_1": "4x-Tiny", "ESRGAN_tile": 8, "ESRGAN_tile_overlap": 2}
     for server_limit, applies in ((None, 2.5), (1.5, 1.5)):
         with service(max_task_seconds=server_limit) as svc:
