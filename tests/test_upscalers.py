@@ -281,8 +281,9 @@ def test_esrgan_tile_options_reach_hires_and_sd_upscale(sd_store, image, monkeyp
     options so) reach the model upscaler of the hires fix and of the SD upscale script, as they reach the extras'
     (one helper, engine.pipeline.Engine._upscaling): the upscaler is called with the request's tiles, and its
     output tiled (16, overlap 8) differs from untiled (0) within the model-level tolerance above (4 levels max,
-    0.5 mean); the images made from it differ little (a denoising pass over a 1-level change: mean within 2
-    levels). Out of range, the option is refused naming it."""
+    0.5 mean; measured 1 / 0.02); the images made from it differ little (a denoising pass over 1-level changes:
+    mean within 1 level; measured: hires 0.22 (max 15), SD upscale 0.04). Out of range, the option is refused
+    naming it."""
     import base64
     import io
 
@@ -337,7 +338,7 @@ def test_esrgan_tile_options_reach_hires_and_sd_upscale(sd_store, image, monkeyp
         (up_tiled, tiled), (up_whole, whole) = runs[(16, 8)], runs[(0, 8)]
         diff = np.abs(up_tiled - up_whole)
         assert diff.max() <= 4 and diff.mean() <= 0.5, (kind, diff.max(), diff.mean())
-        assert np.abs(tiled - whole).mean() <= 2.0, (kind, np.abs(tiled - whole).mean())
+        assert np.abs(tiled - whole).mean() <= 1.0, (kind, np.abs(tiled - whole).mean())
     default = translate_request("txt2img", parse_request("txt2img", payloads["txt2img"]), config).request
     assert (default.upscaler_tile, default.upscaler_tile_overlap) == (upscalers.DEFAULT_TILE, upscalers.DEFAULT_OVERLAP)
     with pytest.raises(ApiError) as refused:
