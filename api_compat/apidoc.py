@@ -145,6 +145,9 @@ FIELD_DOCS: dict[str, str] = {
     "sd_vae_encode_method": "VAE encoder (img2img, hires fix): \"Full\" (the model's VAE) or \"TAESD\" (TAESDXL for "
                             "SDXL; the bundled MIT files or `models/VAE-approx/`)",
     "sd_vae_decode_method": "VAE decoder: \"Full\" or \"TAESD\" (as sd_vae_encode_method)",
+    "ESRGAN_tile": "tile size, in input pixels, of the model upscalers of the hires fix and the SD upscale script "
+                   "(0: the whole image at once; default 192); the extras take it as a body field",
+    "ESRGAN_tile_overlap": "overlap of those tiles, in input pixels (default 8)",
     "live_previews_enable": "live previews while the task runs (/scc: opt-in, default off; the webui routes: the "
                             "option, default on); shown by sd_get_result with `current_image: true`",
     "show_progress_every_n_steps": "live previews every N sampling steps (default 10; 0: every step; -1: none)",

@@ -53,12 +53,15 @@ def default_engine_factory(config: EngineConfig) -> EngineLike:
 
 
 # ---------------------------------------------------------------------------------------------- model store
-def check_models(store, models: Iterable[tuple], origins: Mapping[str, str] | None = None) -> None:
+def check_models(store, models: Iterable[tuple], origins: Mapping[str, str] | None = None,
+                 allow_pickle: bool = False) -> None:
     """Resolve each ``(Kind, name, request path)`` in ``store`` (an ``engine.models.store.ModelStore``); the first
     name it cannot resolve raises :class:`ApiError` (``model_not_found`` or ``unsafe_model_path``, with the
-    payload path (``origins``: api_compat.translate.field_origins) and the names the store holds). A LoRA file
-    the engine refuses by its header (LyCORIS kinds, foreign formats: engine.networks.files.lora_problem) raises
-    ``model_error`` naming the file and what it is."""
+    payload path (``origins``: api_compat.translate.field_origins) and the names the store holds). A file the
+    engine would refuse to read raises ``model_error`` naming the file and why: a pickle (``.ckpt``, ``.pt`` ...)
+    of any kind without ``allow_pickle`` (the configuration's opt-in), a LoRA of a kind or format the engine
+    does not apply, from its header (LyCORIS kinds, foreign formats: engine.networks.files.lora_problem)."""
+    from engine.models.checkpoints import pickle_refusal
     from engine.models.family import Kind
     from engine.networks.files import SUPPORTED_FORMATS, lora_problem
 
@@ -70,11 +73,13 @@ def check_models(store, models: Iterable[tuple], origins: Mapping[str, str] | No
         except ModelError as exc:
             raise ApiError(exc.code, f"{name!r}: {exc.message}", field=payload_path(field, origins),
                            allowed=f"a {kind.value} name from the model store") from None
-        # a LoRA file of a kind or format the engine refuses, from its header: refused now, not when it runs
-        if kind is Kind.LORA and (why := lora_problem(entry.path)):
+        # a file the engine refuses by its suffix or header: refused now, not when it runs
+        if kind is Kind.LORA and (why := lora_problem(entry.path, allow_pickle)):
             raise ApiError(ModelError.code, f"<lora:{name}>: {entry.path.name}: {why}",
                            field=payload_path(field, origins), allowed=SUPPORTED_FORMATS)
-
+        if why := pickle_refusal(entry.path, allow_pickle):
+            raise ApiError(ModelError.code, f"{name!r}: {entry.path.name}: {why}", field=payload_path(field, origins),
+                           allowed=f"a .safetensors {kind.value}, or a server with the pickle opt-in")
 
 
 # --------------------------------------------------------------------------------------------- admission

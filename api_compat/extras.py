@@ -22,6 +22,7 @@ from core.errors import Cancelled, InvalidRequest
 from engine.controlnet.images import _raw_bytes, decode_bytes
 from engine.extras import Extras, check_faces, html_info, postprocess
 from engine.progress import Progress as PhaseEvent
+from engine.rules import RANGES
 from engine.upscalers import DEFAULT_OVERLAP, DEFAULT_TILE, Upscaling, estimate_bytes, find, load, resolve
 
 from api_compat.errors import ApiError, api_error_from
@@ -126,9 +127,10 @@ def parse_extras(body: Any, limits: ImageLimits, models_dir: Path | None, *, bat
             values[key] = "None" if value in (None, "") else resolve(value, models_dir, key)
         extras = Extras(**values)
         check_faces(extras)
-        tile = int(_number(body, "ESRGAN_tile", True, 0, 8192)) if body.get("ESRGAN_tile") is not None \
+        tiles, overlaps = RANGES["upscaler_tile"], RANGES["upscaler_tile_overlap"]  # the request options' ranges
+        tile = int(_number(body, "ESRGAN_tile", True, tiles.lo, tiles.hi)) if body.get("ESRGAN_tile") is not None \
             else DEFAULT_TILE
-        overlap = int(_number(body, "ESRGAN_tile_overlap", True, 0, 512)) \
+        overlap = int(_number(body, "ESRGAN_tile_overlap", True, overlaps.lo, overlaps.hi)) \
             if body.get("ESRGAN_tile_overlap") is not None else DEFAULT_OVERLAP
         if batch:
             items = body.get("imageList")
@@ -192,22 +194,27 @@ def run_extras(request: ExtrasRequest, *, images_dir: Path, task_id: str, progre
             load(find(name, models_dir).path, device)
     names: list[str] = []
     infotexts: list[str] = []
-    for i, image in enumerate(request.images):
-        if cancel.is_set():
-            raise Cancelled(f"cancelled after {i} of {count} images")
+    try:
+        for i, image in enumerate(request.images):
+            if cancel.is_set():
+                raise Cancelled(f"cancelled after {i} of {count} images")
 
-        def tiles(done: int, total: int, i=i) -> None:
-            progress(PhaseEvent("upscaling", i, count, i, count, None, f"image {i + 1}: tile {done} of {total}"))
+            def tiles(done: int, total: int, i=i) -> None:
+                progress(PhaseEvent("upscaling", i, count, i, count, None, f"image {i + 1}: tile {done} of {total}"))
 
-        out, text = postprocess(image, request.extras, how, cancel=cancel, progress=tiles)
-        texts = dict(request.texts[i])
-        if text:
-            texts["postprocessing"] = text
-        path = image_file(images_dir, task_id, i)
-        write_png_texts(path, out, texts)
-        names.append(path.name)
-        infotexts.append(text)
-        progress(PhaseEvent("saving", i + 1, count, i + 1, count, None, "extras"))
+            out, text = postprocess(image, request.extras, how, cancel=cancel, progress=tiles)
+            texts = dict(request.texts[i])
+            if text:
+                texts["postprocessing"] = text
+            path = image_file(images_dir, task_id, i)
+            write_png_texts(path, out, texts)
+            names.append(path.name)
+            infotexts.append(text)
+            progress(PhaseEvent("saving", i + 1, count, i + 1, count, None, "extras"))
+    except BaseException:
+        for name in names:  # no image of a task that did not succeed stays behind (as run_generation)
+            (Path(images_dir) / name).unlink(missing_ok=True)
+        raise
     info: dict[str, Any] = {"html_info": html_info(infotexts[0] if infotexts else ""), "infotexts": infotexts}
     if request.warnings:
         info["warnings"] = list(request.warnings)

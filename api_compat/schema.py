@@ -468,6 +468,9 @@ class OverrideSettings(_Model):
     # the VAE's encode / decode method: "TAESD" (TAESDXL for SDXL) instead of the model's VAE
     sd_vae_encode_method: _names_type(VAE_METHODS) = None
     sd_vae_decode_method: _names_type(VAE_METHODS) = None
+    # the model upscalers' tiles (hires fix, SD upscale; the extras take them as body fields)
+    ESRGAN_tile: _ranged("upscaler_tile", nullable=True) = None
+    ESRGAN_tile_overlap: _ranged("upscaler_tile_overlap", nullable=True) = None
     # live previews (no effect on the images): the webui's options; on this request's progress (docs/API.md)
     live_previews_enable: Flag = None
     show_progress_every_n_steps: _int_type(-1, 1000, nullable=True) = None

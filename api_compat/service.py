@@ -186,7 +186,7 @@ class TaskService:
         translation, origins = self._translate(kind, parsed, config)
         store = self._stores[config_id]
         if store is not None:
-            check_models(store, translation.models, origins)
+            check_models(store, translation.models, origins, config.allow_pickle)
             check_memory(store, config, translation.request, self.memory_budget, origins, answer=inline_images)
         return config_id, config, parsed, origins, translation, store
 

@@ -309,6 +309,7 @@ def _request_fields(payload: GenerationPayload, config: EngineConfig, limits: Im
         refiner=refiner,
         **_vae_and_preview(overrides),
         **_speed_levers(payload, overrides),
+        **_upscaler_tiles(overrides),
     )
     return fields, models
 
@@ -326,6 +327,16 @@ def _speed_levers(payload: GenerationPayload, overrides) -> dict[str, Any]:
         ratio = ratio or opt("token_merging_ratio_img2img") or 0.0
     return dict(s_min_uncond=float(s_min_uncond or 0.0), s_min_uncond_all=bool(opt("s_min_uncond_all")),
                 token_merging_ratio=float(ratio), token_merging_ratio_hr=float(opt("token_merging_ratio_hr") or ratio))
+
+
+def _upscaler_tiles(overrides) -> dict[str, int]:
+    """override_settings' ESRGAN_tile / ESRGAN_tile_overlap (the webui routes carry the server's options) -> the
+    tiles of the request's model upscalers (hires fix, SD upscale); unset: the webui's defaults."""
+    out = {}
+    for option, field in (("ESRGAN_tile", "upscaler_tile"), ("ESRGAN_tile_overlap", "upscaler_tile_overlap")):
+        if overrides is not None and getattr(overrides, option) is not None:
+            out[field] = getattr(overrides, option)
+    return out
 
 
 def _flag(value: bool | None, overrides, option: str) -> bool:

@@ -48,14 +48,20 @@ def list_models(models_dir, no_hash: bool) -> None:
         default = store.default_checkpoint(configured_default_model()[0]).path
     except ModelError:
         default = None
+    from engine.models.checkpoints import Kind, pickle_refusal
+    from engine.networks.files import lora_problem
+
     width = max(len(r.name) for r in rows)
     click.echo(f"{'NAME':<{width}}  {'KIND':<10}  {'ARCHITECTURE':<15}  {'HASH':<12}  SOURCE")
     for r in rows:
         arch = r.architecture.value if r.architecture else "unknown"
         # the webui's short hash of each kind (store.webui_hash): 10 hex for models, 12 for LoRAs and embeddings
         shown = store.webui_hash(r)[0] if r.sha256 else "-"
+        # a file the engine refuses (a pickle without the opt-in, a LoRA it does not apply): `models info` says why
+        refused = lora_problem(r.path) if r.kind is Kind.LORA else pickle_refusal(r.path, False)
         click.echo(f"{r.name:<{width}}  {r.kind.value:<10}  {arch:<15}  {shown:<12}  "
-                   f"{'bundled' if r.bundled else 'store'}{'  (default)' if r.path == default else ''}")
+                   f"{'bundled' if r.bundled else 'store'}{'  (default)' if r.path == default else ''}"
+                   f"{'  (refused: models info says why)' if refused else ''}")
 
 
 @models.command("info")

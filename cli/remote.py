@@ -5,6 +5,7 @@ there) over its ``/scc`` API instead, with the standard library's HTTP client (n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import urllib.error
@@ -13,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from core.atomic import atomic_file
-from core.process import pid_alive
+from core.process import pid_alive, process_started
 
 from api_compat.errors import ApiError
-from api_compat.tasks.store import read_server_record
+from api_compat.tasks.store import SERVER_RECORD, read_server_record
+
+log = logging.getLogger(__name__)
 
 API_KEY_ENV = "SDENGINE_API_KEY"  # what `sdengine serve --api-key` reads too
 
@@ -101,17 +104,48 @@ class RemoteService:
 
 
 def running_server(results_dir: Path) -> RemoteService | None:
-    """The ``sdengine serve`` that holds ``results_dir`` (its ``server.json``, its PID alive, ``/health``
-    answering), or None."""
+    """The ``sdengine serve`` that holds ``results_dir`` (its ``server.json``, its PID alive and the process that
+    wrote it, ``/health`` answering), or None. A stale record -- its process is gone (killed, the machine
+    restarted) or its PID is now another process's -- is removed, with a log line; a record whose server does
+    not answer (still starting) is ignored, with a log line."""
+    path = Path(results_dir) / SERVER_RECORD
     record = read_server_record(results_dir)
-    if not record or not isinstance(record.get("pid"), int) or not isinstance(record.get("url"), str):
+    if record is None:
+        if path.is_file():
+            _discard(path, None, "not a server record")
         return None
-    if not pid_alive(record["pid"]):
+    pid, url = record.get("pid"), record.get("url")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not isinstance(url, str):
+        _discard(path, record, "not a server record")
+        return None
+    if not pid_alive(pid):
+        _discard(path, record, f"its server, process {pid}, is not running")
+        return None
+    started = process_started(pid)
+    try:
+        written = path.stat().st_mtime
+    except OSError:
+        return None
+    if started is not None and started > written + 1.0:  # 1 s: /proc's clock-tick and boot-time rounding
+        _discard(path, record, f"process {pid} started after the record was written: another process has that PID")
         return None
     try:
-        with urllib.request.urlopen(record["url"].rstrip("/") + "/health", timeout=3) as answer:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=3) as answer:
             if answer.status != 200:
-                return None
-    except (OSError, ValueError):
+                raise OSError(f"HTTP {answer.status}")
+    except (OSError, ValueError) as exc:
+        log.info("%s: ignored: the server at %s (process %d) does not answer /health (%s)", path, url, pid, exc)
         return None
-    return RemoteService(record["url"], record["pid"], results_dir, os.environ.get(API_KEY_ENV) or None)
+    return RemoteService(url, pid, results_dir, os.environ.get(API_KEY_ENV) or None)
+
+
+def _discard(path: Path, record: dict | None, why: str) -> None:
+    """Remove the stale server record ``path`` (read as ``record``) unless a new server replaced it meanwhile."""
+    if read_server_record(path.parent) != record:
+        return
+    try:
+        path.unlink()
+    except OSError as exc:
+        log.warning("%s: stale server record (%s), ignored; it could not be removed: %s", path, why, exc)
+        return
+    log.warning("%s: stale server record removed (%s)", path, why)

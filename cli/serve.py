@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -137,11 +138,14 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
     app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,
                      allowed_hosts=allowed_hosts_for(host, allowed_hosts), cors_origins=cors_origins,
                      read_timeout=read_timeout, api_auth=basic, freeze_settings=freeze_settings)
+    server = uvicorn.Server(uvicorn_config(app, host=host, port=port, header_timeout=header_timeout))
     record = _write_server_record(service.results_dir, host, port, "key" if api_key else "basic" if basic else "none")
+    restore = _remove_record_on_exit(record, server)
     try:
-        uvicorn.Server(uvicorn_config(app, host=host, port=port, header_timeout=header_timeout)).run()
+        server.run()
     finally:
         _remove_server_record(record)
+        restore()
 
 
 def _write_server_record(results_dir: Path, host: str, port: int, auth: str) -> Path | None:
@@ -161,6 +165,40 @@ def _write_server_record(results_dir: Path, host: str, port: int, auth: str) -> 
     except OSError:  # information only
         return None
     return path
+
+
+def _remove_record_on_exit(record: Path | None, server) -> Callable[[], None]:
+    """Remove the server record on every exit but SIGKILL's (the CLI's reader removes what that leaves:
+    cli.remote.running_server): at interpreter exit (atexit), and on SIGTERM and SIGHUP. uvicorn shuts down
+    on SIGTERM and then raises it again with the handler it found, which by default ends the process before
+    any ``finally`` runs; this handler removes the record, then ends the process by the same signal (the exit
+    status stays -SIGTERM). A SIGHUP while serving shuts down gracefully first, as SIGTERM does. Returns what
+    restores the previous handlers."""
+    import atexit
+    import signal
+    import threading
+
+    atexit.register(_remove_server_record, record)
+
+    def on_signal(sig, frame):
+        if server.started and not server.should_exit:  # serving: shut down first; uvicorn raises it again
+            server.handle_exit(sig, frame)
+            return
+        _remove_server_record(record)
+        signal.signal(sig, signal.SIG_DFL)
+        signal.raise_signal(sig)
+
+    signals = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        atexit.unregister(_remove_server_record)
+
+    return restore
 
 
 def _remove_server_record(path: Path | None) -> None:

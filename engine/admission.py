@@ -112,17 +112,18 @@ def _text_spec(family: str | None):
         return None
 
 
-def _upscaler_cost(name: str, models_dir=None) -> UpscalerCost | None:
+def _upscaler_cost(name: str, models_dir=None, tile: int = upscalers.DEFAULT_TILE) -> UpscalerCost | None:
     """What the hires fix's upscaler of that name costs (engine.memory): None for the latent upscalers (a
     resize of the latent, nothing to speak of); the PIL upscalers :func:`resize_pass`; a model upscaler of the
-    store (engine.upscalers: spandrel) one pass at its scale over the default tiles, with its file's size as
-    the weights (:func:`engine.memory.model_upscaler_pass`)."""
+    store (engine.upscalers: spandrel) one pass at its scale over tiles of ``tile`` input pixels (the request's
+    ESRGAN_tile; 0: the whole image), with its file's size as the weights
+    (:func:`engine.memory.model_upscaler_pass`)."""
     if name in LATENT_UPSCALERS:
         return None
     entry = upscalers.find(name, models_dir)
     if entry is None:
         return resize_pass
-    model = model_upscaler_pass(entry.scale, tile=upscalers.DEFAULT_TILE, model_bytes=entry.path.stat().st_size)
+    model = model_upscaler_pass(entry.scale, tile=tile, model_bytes=entry.path.stat().st_size)
 
     def cost(in_width: int, in_height: int, out_width: int, out_height: int, batch_size: int) -> int:
         # a pass makes the model's whole scale (then resized down to the target): count that size
@@ -183,7 +184,7 @@ def check_memory(arch, native: int, model_name: str, config: EngineConfig, reque
     hires = getattr(request, "hires", None)
     if hires is not None:
         hr = request.hires
-        options.update(upscaler=upscaler_cost(hr.upscaler_name, config.models_dir),
+        options.update(upscaler=upscaler_cost(hr.upscaler_name, config.models_dir, request.upscaler_tile),
                        hires_cfg=(request.cfg_scale if hr.cfg_scale is None else hr.cfg_scale) != 1.0)
         hires = _check_hires_memory(arch, model_name, request, width, height, budget, options)
     if not answer:

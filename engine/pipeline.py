@@ -282,8 +282,7 @@ class Engine:
             return adetailer.run(self, request, self.detectors, progress=progress, cancel=cancel,
                                  on_images=on_images, preview=preview)
         if request.sd_upscale is not None:  # the "SD upscale" script: img2img passes over tiles of the upscale
-            how = Upscaling(models_dir=self.config.models_dir, device=self.config.device)
-            return sd_upscale.run(self, request, how, progress=progress, cancel=cancel)
+            return sd_upscale.run(self, request, self._upscaling(request), progress=progress, cancel=cancel)
         with self._lock:
             reporter = ProgressReporter(progress, cancel, request.n_iter * request.steps, clock=self.clock)
             reporter.preview_sink = preview
@@ -655,8 +654,13 @@ class Engine:
         """One image through the hires fix's image upscaler (PIL or model), the request's cancellation checked
         first."""
         ctx.reporter.check_cancel()
-        how = Upscaling(models_dir=self.config.models_dir, device=self.config.device)
-        return upscale_image(image, width, height, upscaler, how)
+        return upscale_image(image, width, height, upscaler, self._upscaling(ctx.req))
+
+    def _upscaling(self, request: GenerationRequest) -> Upscaling:
+        """How the request's model upscalers run (the hires fix's, the SD upscale script's): this engine's store
+        and device, the request's tiles (the webui's ESRGAN_tile options, as the extras run them)."""
+        return Upscaling(models_dir=self.config.models_dir, device=self.config.device, tile=request.upscaler_tile,
+                         overlap=request.upscaler_tile_overlap)
 
     def _init_latents(self, ctx: _Context) -> _Source:
         """img2img: the init image prepared by the webui rules (engine.img2img), encoded, resized for the

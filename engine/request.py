@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.upscalers import DEFAULT_OVERLAP, DEFAULT_TILE
+
 
 @dataclass(frozen=True)
 class ControlNetUnit:
@@ -187,6 +189,10 @@ class GenerationRequest:
     live_preview: LivePreview | None = None  # None: no previews
     refiner: Refiner | None = None  # the SDXL refiner (None: off)
     adetailer: Any = None  # the ADetailer extension's tabs after the generation (engine.adetailer.ADetailer)
+    # the webui's ESRGAN_tile / ESRGAN_tile_overlap options: the tiles a model upscaler of the hires fix or the SD
+    # upscale script runs over, in input pixels (0: the whole image at once), as the extras run them
+    upscaler_tile: int = DEFAULT_TILE
+    upscaler_tile_overlap: int = DEFAULT_OVERLAP
 
 
 @dataclass

@@ -129,6 +129,9 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     "controlnet_units.threshold_a": Range(-1e6, 1e6),
     "controlnet_units.threshold_b": Range(-1e6, 1e6),
     "controlnet_units.advanced_weighting": Range(0.0, 2.0),  # each weight (the range of ``weight``)
+    # the webui's ESRGAN_tile / ESRGAN_tile_overlap (request options, and the extras' body fields)
+    "upscaler_tile": _int(0, 8192),
+    "upscaler_tile_overlap": _int(0, 512),
 })
 
 

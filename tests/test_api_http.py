@@ -396,6 +396,8 @@ def test_sdengine_serve_subprocess(tmp_path, tiny_store):
     # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -SIGTERM)
     assert proc.returncode in (0, -15), out.decode(errors="replace")[-2000:]
     assert b"Application shutdown complete" in out and f"127.0.0.1:{port}".encode() in out
+    # its server.json goes with it (uvicorn's re-raised SIGTERM used to end the process before the finally ran)
+    assert not (tmp_path / "r" / "server.json").exists()
 
 
 def test_cli_txt2img_payload_and_flags(tmp_path, tiny_store):

@@ -80,19 +80,37 @@ def _randomize(net, seed: int, scale: float = 1.0):
     return net.eval()
 
 
-@pytest.fixture(scope="module")
+def _half(obj):
+    """The floating tensors of a state dict (nested) as fp16: half the bytes on disk. The engine and the reference
+    load them alike, into the fp32 networks (``load_state_dict`` casts), so their maps stay comparable bit for
+    bit."""
+    if isinstance(obj, torch.Tensor):
+        return obj.half() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _half(v) for k, v in obj.items()}
+    return obj
+
+
+@pytest.fixture(scope="session")
 def random_dir(tmp_path_factory):
     """An extension-layout downloads folder (``<sub>/<file>``) of random weights of the real architectures, in
-    the real files' layouts."""
+    the real files' layouts: made once per session, stored as fp16 (about half the bytes: the real architectures
+    are fixed by the loaders, so they cannot be made smaller), deleted after the session (pytest keeps its last
+    temp folders). The networks are made in a function of their own, so none stays in memory meanwhile."""
+    root = tmp_path_factory.mktemp("annotators")
+    _write_random_weights(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _write_random_weights(root: Path) -> None:
     import functools
 
     import torch.nn as nn
 
-    root = tmp_path_factory.mktemp("annotators")
-
     def save(sub, name, obj):
         (root / sub).mkdir(exist_ok=True)
-        torch.save(obj, root / sub / name)
+        torch.save(_half(obj), root / sub / name)
 
     hed = _randomize(aux("hed").ControlNetHED_Apache2(), 1)
     save("hed", "ControlNetHED.pth", hed.state_dict())
@@ -129,7 +147,6 @@ def random_dir(tmp_path_factory):
     bae = nnet.NNET(args)
     bae.eval()
     save("normal_bae", "scannet.pt", {"model": {f"module.{k}": v for k, v in bae.state_dict().items()}})
-    return root
 
 
 @pytest.fixture
@@ -370,9 +387,10 @@ def test_preprocessor_weights_count_in_the_memory_estimate():
 
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def leres_dir(tmp_path_factory):
-    """res101.pth as the original: ``{'depth_model': {'module.…': …}}``, random weights of LeReS's ResNeXt-101."""
+    """res101.pth as the original: ``{'depth_model': {'module.…': …}}``, random weights of LeReS's ResNeXt-101
+    (fp16, as :func:`random_dir`; deleted after the session)."""
     aux("leres")
     import importlib as il
 
@@ -380,8 +398,11 @@ def leres_dir(tmp_path_factory):
     net = _randomize(model.RelDepthModel(backbone="resnext101"), 9)
     root = tmp_path_factory.mktemp("leres")
     (root / "leres").mkdir()
-    torch.save({"depth_model": {f"module.{k}": v for k, v in net.state_dict().items()}}, root / "leres" / "res101.pth")
-    return root
+    torch.save(_half({"depth_model": {f"module.{k}": v for k, v in net.state_dict().items()}}),
+               root / "leres" / "res101.pth")
+    del net
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_depth_leres_equals_the_reference(leres_dir, annotators_env):

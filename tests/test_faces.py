@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +27,8 @@ import pytest
 
 from core.errors import InvalidRequest, ModelError
 from engine import faces
+from tests.weights_support import WEIGHTS as SHARED
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_weights() -> Path | None:
-    env = os.environ.get("SDENGINE_SHARED_WEIGHTS")
-    candidates = [Path(env)] if env else []
-    candidates += [parent / "shared" / "weights" for parent in ROOT.parents]
-    return next((c for c in candidates if c.is_dir()), None)
-
-
-SHARED = shared_weights()
 # found, not imported: spandrel_extra_arches' __init__ imports every extra architecture (engine.faces does not)
 FACES_EXTRA = all(importlib.util.find_spec(m) is not None for m in ("spandrel", "spandrel_extra_arches", "dlib"))
 needs_photos = pytest.mark.skipif(not FACES_EXTRA or SHARED is None or not (SHARED / "photos").is_dir(),

@@ -119,6 +119,53 @@ def test_models_list_shows_loras(lora_store):
     assert lines["for-sdxl.safetensors"][2] == "sdxl"
 
 
+def test_pickle_lora_refused_at_submit_without_the_opt_in(lora_store, tmp_path):
+    """A prompt naming a pickle LoRA (``pickled.pt``) is refused at submit -- 422 ``model_error`` naming the field
+    ``prompt``, the file and how to opt in -- on a configuration without the pickle opt-in, and passes the submit
+    checks on one with it (``"allow_pickle": true``); the webui listing (``/sdapi/v1/loras``: listings.loras with the
+    server's opt-in), ``models info`` and ``models list`` say the same. A pickle of another kind (a ControlNet
+    ``.pth``) is refused at submit the same way, naming its field."""
+    from api_compat.service import CONFIG_HEADER, ApiError, TaskService
+    from api_compat.webui.listings import loras
+    from cli import main
+    from engine.models.card import card, card_lines
+    from tests.api_support import png_b64
+
+    cn = lora_store / "ControlNet"
+    cn.mkdir(exist_ok=True)
+    torch.save({"x": torch.zeros(1)}, cn / "pickled-cn.pth")
+    try:
+        payload = {"prompt": "a cat <lora:pickled:0.5>", "stable_diffusion_model": SD1, "steps": 1, "width": 64,
+                   "height": 64}
+        with TaskService(lora_store, results_dir=tmp_path / "results", cache_dir=tmp_path / "cache",
+                         configs={"pickles": {"allow_pickle": True}}, memory_budget=None) as service:
+            with pytest.raises(ApiError) as refused:
+                service.check(payload)
+            e = refused.value
+            assert (e.http_status, e.code, e.field) == (422, "model_error", "prompt"), e
+            assert "pickled.pt" in e.message and '"allow_pickle": true' in e.message, e.message
+            service.check(payload, {CONFIG_HEADER: "pickles"})  # the opt-in: accepted (the engine reads it then)
+            unit = {"model": "pickled-cn", "module": "canny", "image": png_b64(64, 64)}
+            with pytest.raises(ApiError) as refused:
+                service.check({**payload, "prompt": "a cat", "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+            assert refused.value.field == "alwayson_scripts.controlnet.args[0].model", refused.value.field
+            assert "pickled-cn.pth" in refused.value.message
+            assert "allow_pickle" in refused.value.message
+        store = ModelStore(lora_store, bundled=None, cache_dir=tmp_path / "hashes")
+        rows = {r["name"]: r for r in loras(store, allow_pickle=False)}
+        assert "pickled.pt" in rows["pickled"]["error"] and "allow_pickle" in rows["pickled"]["error"]
+        assert "error" not in rows["kohya"]
+        assert "error" not in {r["name"]: r for r in loras(store, allow_pickle=True)}["pickled"]
+        notes = [line for line in card_lines(card(store, "pickled")) if line.startswith("note:")]
+        assert any("pickled.pt" in line and "allow_pickle" in line for line in notes), notes
+        listed = CliRunner().invoke(main, ["models", "list", "--models-dir", str(lora_store), "--no-hash"])
+        lines = {line.split()[0]: line for line in listed.output.splitlines() if line.strip()}
+        assert "refused" in lines["pickled.pt"] and "refused" in lines["loha.safetensors"], listed.output
+        assert "refused" not in lines["kohya.safetensors"]
+    finally:
+        (cn / "pickled-cn.pth").unlink()
+
+
 @pytest.fixture(scope="module")
 def engines(lora_store, tmp_path_factory):
     cache = tmp_path_factory.mktemp("lora-artefacts")

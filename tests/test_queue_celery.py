@@ -356,3 +356,92 @@ def test_unreachable_redis_is_503(tmp_path):
             svc.sd_txt2img({"prompt": "x"})
         assert exc.value.code == "backend_unavailable" and exc.value.http_status == 503
         assert svc.health()["status"] == "queue_unavailable"
+
+
+# ------------------------------------------------------------------------------ run-time limit and extras
+def _picture(width: int, height: int, seed: int) -> np.ndarray:
+    """A smooth random RGB picture (a small noise image enlarged: PNGs stay small)."""
+    from PIL import Image
+
+    small = np.random.default_rng(seed).integers(0, 256, (6, 8, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _png_data(image: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_max_task_seconds_on_the_queue(cluster, tmp_path):
+    """``sdengine worker --max-task-seconds`` stops a task that runs longer -- a generation (the double's SLOW
+    steps) and an extras batch (a model upscaler over many small tiles) -- within a step or tile: it fails
+    ``timed_out`` with the documented message (docs/API.md "Run-time limit"), soon after the limit (5 s of
+    slack for a loaded machine), and leaves no image (the batch's first one was written before the limit); the
+    server's own limit travels in the message and the smaller one applies; a short task under the limit
+    succeeds."""
+    from tests import upscaler_support as us
+
+    us.write_esrgan_old(tmp_path / "no-models" / "ESRGAN" / "4x-Tiny.pth")
+    start, service, client, images = cluster
+    start("--max-task-seconds", "2.5")
+    slow = {"prompt": "SLOW", "seed": 3, "steps": 150, "width": 64, "height": 64}  # 0.05 s a step: 7.5 s
+    # a small first image (done and written well within the limit: it must not stay behind), then big ones
+    sizes = [32] + [256] * 15
+    batch = {"imageList": [{"data": _png_data(_picture(n, n, i)), "name": f"{i}.png"} for i, n in enumerate(sizes)],
+             "upscaling_resize": 4, "upscaler_1": "4x-Tiny", "ESRGAN_tile": 8, "ESRGAN_tile_overlap": 2}
+    for server_limit, applies in ((None, 2.5), (1.5, 1.5)):
+        with service(max_task_seconds=server_limit) as svc:
+            assert svc.wait(svc.sd_txt2img({"prompt": "quick", "steps": 3})["taskId"], 30)["status"] == "succeeded"
+            for submit in (lambda: svc.sd_txt2img(slow), lambda: svc.extras(batch, batch=True)):
+                task = submit()["taskId"]
+                wait_until(lambda: record(client, task).get("status") == "running", 30)
+                started = time.monotonic()
+                result = svc.wait(task, 120)
+                took = time.monotonic() - started
+                assert result["status"] == "failed" and result["error"]["code"] == "timed_out", result
+                message = result["error"]["message"]
+                assert f"limit of {applies:g} s per task" in message and "--max-task-seconds" in message, message
+                assert took < applies + 5.0, f"stopped {took - applies:.1f} s after the limit"
+                assert result["images"] == [] and files_of(images, task) == []
+
+
+def test_extras_on_the_queue_as_embedded(cluster, tmp_path):
+    """``/sdapi/v1/extra-single-image`` and ``extra-batch-images`` bodies as tasks on the Celery backend: a worker
+    runs them; the PNGs are pixel-equal to the embedded backend's and to engine.extras.postprocess run directly
+    with the same tiling (``ESRGAN_tile`` travels in the payload), the input's text chunks kept."""
+    from engine.extras import Extras, postprocess
+    from engine.upscalers import Upscaling
+    from tests import upscaler_support as us
+
+    models = tmp_path / "no-models"
+    us.write_esrgan_old(models / "ESRGAN" / "4x-Tiny.pth")
+    start, service, client, images = cluster
+    start()
+    picture = _picture(40, 24, 1)
+    single = {"image": _png_data(picture), "upscaling_resize": 2, "upscaler_1": "4x-Tiny", "upscaler_2": "Lanczos",
+              "extras_upscaler_2_visibility": 0.3, "ESRGAN_tile": 16, "ESRGAN_tile_overlap": 4}
+    batch = {"imageList": [{"data": _png_data(picture), "name": "a.png"},
+                           {"data": _png_data(picture[:, ::-1].copy()), "name": "b.png"}],
+             "upscaling_resize": 2, "upscaler_1": "Nearest"}
+    with service() as svc:
+        queued = [svc.wait(svc.extras(single)["taskId"], 60), svc.wait(svc.extras(batch, batch=True)["taskId"], 60)]
+    with TaskService(models, results_dir=tmp_path / "embedded", check_models=False) as svc:
+        embedded = [svc.wait(svc.extras(single)["taskId"], 60), svc.wait(svc.extras(batch, batch=True)["taskId"], 60)]
+    for q, e in zip(queued, embedded):
+        assert q["status"] == "succeeded" and e["status"] == "succeeded", (q, e)
+        assert len(q["images"]) == len(e["images"])
+        for a, b in zip(q["images"], e["images"]):
+            assert np.array_equal(png_pixels(a), png_pixels(b))
+        assert q["info"]["infotexts"] == e["info"]["infotexts"]
+    want, _ = postprocess(picture, Extras(upscaling_resize=2, upscaler_1="4x-Tiny", upscaler_2="Lanczos",
+                                          extras_upscaler_2_visibility=0.3),
+                          Upscaling(models_dir=models, tile=16, overlap=4))
+    got = png_pixels(queued[0]["images"][0])
+    assert got.shape == (48, 80, 3) and np.array_equal(got, want)
+    assert np.array_equal(png_pixels(queued[1]["images"][1]), np.repeat(np.repeat(picture[:, ::-1], 2, 0), 2, 1))

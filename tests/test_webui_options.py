@@ -82,6 +82,8 @@ def test_a_ui_option_is_stored_and_read_back(service, tmp_path):
     ({"sd_vae_decode_method": "Tiny"}, "invalid_request", 422, "sd_vae_decode_method"),
     ({"show_progress_type": "Approx"}, "invalid_request", 422, "show_progress_type"),
     ({"show_progress_every_n_steps": -2}, "invalid_request", 422, "show_progress_every_n_steps"),
+    # the model upscalers' tiles act on requests (hires fix, SD upscale): checked as their override_settings
+    ({"ESRGAN_tile": 9000}, "invalid_request", 422, "ESRGAN_tile"),
 ])
 def test_a_bad_option_is_refused_naming_it_and_nothing_is_stored(service, tmp_path, body, code, status, field):
     with client(service) as c:

@@ -188,10 +188,12 @@ class _Runtime:
             if kind in ("extras", "extras-batch"):  # the webui's extras: upscalers, no SD engine
                 config = EngineConfig(**{**self.settings.engine_options, **(message.get("options") or {})})
                 request = parse_extras(message["payload"], limits, config.models_dir, batch=kind == "extras-batch")
-                if self.tasks.progress(task_id, tracker.value):
+                if write_progress(tracker.value):
                     raise Cancelled("cancelled before the task started")
-                info, names = run_extras(request, images_dir=self.images_dir, task_id=task_id, progress=progress,
-                                         cancel=cancel, models_dir=config.models_dir, device=config.device)
+                with limit:  # the run-time limit, as the embedded queue applies it to extras
+                    info, names = run_extras(request, images_dir=self.images_dir, task_id=task_id,
+                                             progress=progress, cancel=cancel, models_dir=config.models_dir,
+                                             device=config.device)
             elif kind == "detect":  # /controlnet/detect: the preprocessors, no engine
                 config = EngineConfig(**{**self.settings.engine_options, **(message.get("options") or {})})
                 request = parse_detect(message["payload"], limits, config.models_dir)

@@ -43,10 +43,10 @@ def sd_vaes(store) -> list[dict[str, Any]]:
             for e in store.entries(Kind.VAE)]
 
 
-def loras(store) -> list[dict[str, Any]]:
+def loras(store, allow_pickle: bool = False) -> list[dict[str, Any]]:
     """The Lora extension's listing: name (what <lora:NAME> takes), alias, path inside the store, metadata; a
-    file the engine refuses by its header (engine.networks.files.lora_problem) also carries ``error``: the file
-    and what it is."""
+    file the engine refuses by its header, or a pickle without ``allow_pickle`` (the server's opt-in:
+    engine.networks.files.lora_problem) also carries ``error``: the file and why."""
     out = []
     for e in store.entries(Kind.LORA):
         meta = {}
@@ -58,7 +58,7 @@ def loras(store) -> list[dict[str, Any]]:
         sub = next((f for f in folders(Kind.LORA) if (e.root / f / e.name).exists()), "Lora")
         row = {"name": e.stem, "alias": meta.get("ss_output_name", e.stem),
                "path": f"{'bundled/' if e.bundled else ''}{sub}/{e.name}", "metadata": meta}
-        if why := lora_problem(e.path):  # listed as the webui lists it, with why using it is refused
+        if why := lora_problem(e.path, allow_pickle):  # listed as the webui lists it, with why using it is refused
             row["error"] = f"{e.name}: {why}"
         out.append(row)
     return out

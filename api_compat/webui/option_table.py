@@ -161,6 +161,8 @@ EFFECTS: dict[str, str] = {
     "token_merging_ratio": "ToMe ratio (torch backend only; other backends refuse a non-zero ratio)",
     "token_merging_ratio_hr": "ToMe ratio of the hires pass (0: token_merging_ratio)",
     "token_merging_ratio_img2img": "ToMe ratio of img2img when token_merging_ratio is 0",
+    "ESRGAN_tile": "tile size of the model upscalers (extras, hires fix, SD upscale), in input pixels; 0: no tiles",
+    "ESRGAN_tile_overlap": "overlap of the model upscalers' tiles, in input pixels",
 }
 # the live-preview options: carried by every webui request (previews are on by default, as in the webui)
 PREVIEW_OPTIONS = ("live_previews_enable", "show_progress_every_n_steps", "show_progress_type", "live_preview_content")
@@ -173,7 +175,8 @@ REQUEST_OPTIONS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", 
                    "img2img_fix_steps", "initial_noise_multiplier", "upscaler_for_img2img", "face_restoration",
                    "face_restoration_model", "code_former_weight", "tiling", "sd_vae_encode_method",
                    "sd_vae_decode_method", "s_min_uncond", "s_min_uncond_all", "token_merging_ratio",
-                   "token_merging_ratio_hr", "token_merging_ratio_img2img", *PREVIEW_OPTIONS)
+                   "token_merging_ratio_hr", "token_merging_ratio_img2img", "ESRGAN_tile", "ESRGAN_tile_overlap",
+                   *PREVIEW_OPTIONS)
 # options that load a model when they change (POST /options waits for the load, as the webui does)
 LOADING_OPTIONS = ("sd_model_checkpoint", "sd_vae")
 # options that change the images in the webui and that this engine does not implement (as options): accepted at

@@ -288,7 +288,8 @@ class WebuiRoutes(RouteSet):
 
     @route("GET", "/sdapi/v1/loras", summary="LoRAs of the store (Lora/, LyCORIS/): use them as <lora:name:mult>")
     async def loras(self):
-        return await asyncio.to_thread(listings.loras, self.state.store)
+        return await asyncio.to_thread(listings.loras, self.state.store,
+                                       self.service.configs[DEFAULT_CONFIG].allow_pickle)
 
     @route("GET", "/sdapi/v1/embeddings", summary="Textual-inversion embeddings of the store (embeddings/): loaded "
                                                   "= usable with the current checkpoint, skipped = the others")

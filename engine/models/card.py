@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from core.errors import ModelNotFound
 from core.safetensors_header import data_sha256, read_safetensors_header, write_metadata  # noqa: F401 (tools use them)
-from engine.models.checkpoints import SAFETENSORS_SUFFIXES, Kind, detect_path_arch, metadata_configs
+from engine.models.checkpoints import SAFETENSORS_SUFFIXES, Kind, detect_path_arch, metadata_configs, pickle_refusal
 from engine.models.family import FAMILIES
 from engine.models.store import DEMO_CHECKPOINT, bundled_root
 
@@ -88,18 +88,20 @@ def card(store, name: str) -> ModelCard:
     webui_hash, hash_note = store.webui_hash(entry)
     if entry.kind in (Kind.LORA, Kind.EMBEDDING):
         return _network_card(store, entry, webui_hash, hash_note)
+    # a pickle is used only with the pickle opt-in (EngineConfig.allow_pickle, off by default), as the server
+    # refuses it at submit (api_compat.engine_api.check_models)
+    notes = [f"refused: {entry.path.name}: {why}"] if (why := pickle_refusal(entry.path, False)) else []
     if entry.kind not in (Kind.CHECKPOINT, Kind.CONTROLNET):
         described = store.describe(entry)
         return ModelCard(
             name=entry.name, path=entry.path, kind=entry.kind.value,
             family=described.architecture.value if described.architecture else None, native_size=None,
             prediction_type=None, sha256=described.sha256, components=(), bundled=entry.bundled,
-            short_hash=webui_hash, hash_note=hash_note)
+            notes=tuple(notes), short_hash=webui_hash, hash_note=hash_note)
     arch = detect_path_arch(entry.path)
     metadata = read_metadata(entry.path)
     configs = metadata_configs(metadata, entry.path) or {}
     definition = FAMILIES.get(arch) if arch is not None else None
-    notes = []
     if entry.kind is Kind.CHECKPOINT:
         native = configs.get("native_size") or (definition.native_size if definition else None)
         prediction = configs.get("prediction_type") or (definition.prediction_type if definition else None)
@@ -121,14 +123,13 @@ def card(store, name: str) -> ModelCard:
 
 
 def _network_card(store, entry, webui_hash: str | None = None, hash_note: str = "") -> ModelCard:
-    """The card of a LoRA or embedding file: the family it was made for (from its header) and, for a LoRA the
-    engine refuses (a LyCORIS kind, a foreign format), why."""
+    """The card of a LoRA or embedding file: the family it was made for (from its header) and, for a file the
+    engine refuses (a LyCORIS kind, a foreign format, a pickle without the opt-in), why."""
     from engine.networks.files import detect_network_arch, lora_problem
 
     arch = detect_network_arch(entry.path, entry.kind)
-    notes = []
-    if entry.kind is Kind.LORA and (why := lora_problem(entry.path)):
-        notes.append(f"refused: {entry.path.name}: {why}")
+    why = lora_problem(entry.path) if entry.kind is Kind.LORA else pickle_refusal(entry.path, False)
+    notes = [f"refused: {entry.path.name}: {why}"] if why else []
     return ModelCard(name=entry.name, path=entry.path, kind=entry.kind.value, family=arch.value if arch else None,
                      native_size=None, prediction_type=None, sha256=store.hash_of(entry), components=(),
                      bundled=entry.bundled, notes=tuple(notes), short_hash=webui_hash, hash_note=hash_note)

@@ -43,6 +43,18 @@ log = logging.getLogger(__name__)
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+# how an operator opts in to pickle loading (EngineConfig.allow_pickle), as the refusals say it
+PICKLE_OPT_IN = ('convert it to .safetensors, or opt in to pickle loading: "allow_pickle": true in the server\'s '
+                 'configuration (sdengine serve --configs FILE, e.g. {"default": {"allow_pickle": true}})')
+
+
+def pickle_refusal(path: str | os.PathLike, allow_pickle: bool) -> str | None:
+    """Why the model file ``path`` is refused before anything reads it: a pickle (``.ckpt``, ``.pt`` ...) without
+    the opt-in, as :func:`load_pickle` would refuse it when the task runs; None otherwise."""
+    suffix = Path(path).suffix.lower()
+    if allow_pickle or suffix not in PICKLE_SUFFIXES:
+        return None
+    return f"a pickle ({suffix}) can run code when loaded and is refused without the pickle opt-in; {PICKLE_OPT_IN}"
 
 
 def bundled_config(name: str) -> dict:

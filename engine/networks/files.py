@@ -13,7 +13,8 @@ LyCORIS LoHa / LoKr / IA3 / DoRA / full-difference files and Tucker-decomposed c
 are refused with a :class:`ModelError` naming the file and its kind, and so are files in a format neither the
 webui nor sdengine reads (:func:`foreign_format`: cloneofsimo ``lora_diffusion``'s ``unet:N:up``, a
 textual-inversion embedding or a checkpoint put among the LoRAs). :func:`lora_problem` says it from the
-safetensors header alone (the listings, ``models info`` and the submit-time check use it).
+safetensors header alone, and a pickle refused without the opt-in (the listings, ``models info`` and the
+submit-time check use it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Mapping
 
 from core.errors import ModelError
 from core.safetensors_header import data_sha256, read_safetensors_header
-from engine.models.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+from engine.models.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, pickle_refusal
 from engine.models.family import Arch, Kind
 
 # component prefixes of the kohya format
@@ -150,10 +151,13 @@ def refusal(keys) -> str | None:
     return None
 
 
-def lora_problem(path: str | os.PathLike) -> str | None:
-    """:func:`refusal` of a LoRA file from its safetensors header alone (None for a usable file, a pickle -- its
-    tensor names need a load -- or an unreadable header: loading it gives that error)."""
+def lora_problem(path: str | os.PathLike, allow_pickle: bool = False) -> str | None:
+    """:func:`refusal` of a LoRA file from its safetensors header alone, or a pickle without ``allow_pickle``
+    (engine.models.checkpoints.pickle_refusal); None for a usable file, a pickle with the opt-in -- its tensor
+    names need a load -- or an unreadable header: loading it gives that error."""
     path = Path(path)
+    if why := pickle_refusal(path, allow_pickle):
+        return why
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         return None
     try:
