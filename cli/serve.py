@@ -95,11 +95,14 @@ def _is_loopback(host: str) -> bool:
 @click.option("--strict", is_flag=True,
               help="Refuse unknown payload fields (422 unknown_field) instead of ignoring them as the webui does "
                    "(then they are named in the result's info.warnings and the log).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load pickle model files (.ckpt/.pt/.pth/.bin) that requests name; a pickle can run code: only "
+                   "for files you trust (refused at submit otherwise, naming the file).")
 @click.option("--engine-factory", hidden=True)
 def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, device, precision, configs_file, max_queue,
           max_queue_mb, max_body_mb, allow_url_fetch, allowed_hosts, cors_origins, insecure_no_auth, header_timeout,
           read_timeout, queue, results_ttl, visibility_timeout, max_attempts, max_task_seconds, memory_budget_gb,
-          freeze_settings, strict, engine_factory, allow_private_urls, url_fetch_seconds):
+          freeze_settings, strict, engine_factory, allow_private_urls, url_fetch_seconds, allow_pickle):
     """Serve POST /scc/sd_txt2img and /scc/sd_get_result, and the webui's /sdapi/v1/... API, over HTTP (needs the
     'server' extra).
 
@@ -132,7 +135,8 @@ def serve(host, port, models_dir, results_dir, api_key, api_auth, backend, devic
                               max_age_s=results_ttl or None, queue=queue, queue_options=queue_options,
                               strict=strict, max_attempts=max_attempts, max_task_seconds=max_task_seconds,
                               allow_private_urls=allow_private_urls, url_fetch_seconds=url_fetch_seconds,
-                              **engine_options(backend, device, precision))
+                              **engine_options(backend, device, precision),
+                              **({"allow_pickle": True} if allow_pickle else {}))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
     app = create_app(service, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024, close_service=True,
@@ -245,11 +249,14 @@ def _remove_server_record(path: Path | None) -> None:
 @click.option("--max-task-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop a task that runs longer (within one sampling step or VAE tile); it fails timed_out (a "
                    "server's own --max-task-seconds, when smaller, applies too).", cls=Shown, shown="no limit")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load pickle model files (.ckpt/.pt/.pth/.bin) that requests name; a pickle can run code: only "
+                   "for files you trust (refused at submit otherwise, naming the file).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--engine-factory", hidden=True, help="module:attr of an engine factory (tests, plugins).")
 def worker(queue, device, models_dir, results_dir, models, backend, precision, cache_dir, threads, name,
            visibility_timeout, restore_interval, lease_ttl, worker_timeout, reap_interval, heartbeat_interval,
-           max_attempts, max_task_seconds, loglevel, engine_factory):
+           max_attempts, max_task_seconds, allow_pickle, loglevel, engine_factory):
     """Run the engine for 'sdengine serve --queue' servers: a Celery worker on one device that loads the
     engine once and runs one task at a time (needs the 'queue' extra)."""
     from api_compat.tasks.celery_app import QueueOptions, redact
@@ -265,6 +272,8 @@ def worker(queue, device, models_dir, results_dir, models, backend, precision, c
         options["cache_dir"] = cache_dir
     if threads:
         options["num_threads"] = threads
+    if allow_pickle:
+        options["allow_pickle"] = True
     try:
         queue_options = QueueOptions(visibility_timeout=visibility_timeout, restore_interval=restore_interval,
                                      max_attempts=max_attempts, lease_ttl=lease_ttl, worker_timeout=worker_timeout,

@@ -166,6 +166,41 @@ def test_pickle_lora_refused_at_submit_without_the_opt_in(lora_store, tmp_path):
         (cn / "pickled-cn.pth").unlink()
 
 
+def test_serve_allow_pickle_flag_is_the_opt_in(lora_store, tmp_path):
+    """``sdengine serve --allow-pickle`` (a real server process) is the server's pickle opt-in: its webui LoRA
+    listing (listings.loras with the server's config) then carries no refusal for the pickle LoRA, where the same
+    listing without the opt-in names the file and the opt-in (the test above)."""
+    import os
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    import httpx
+
+    from tests.api_support import wait_healthy
+    from tests.queue_support import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop("SDENGINE_API_KEY", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--models-dir",
+                                 str(lora_store), "--results-dir", str(tmp_path / "results"), "--allow-pickle"],
+                                env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, lambda: log.read_text(errors="replace")[-3000:], timeout=90)
+        rows = {r["name"]: r for r in httpx.get(url + "/sdapi/v1/loras", timeout=60).json()}
+        assert "pickled" in rows and "error" not in rows["pickled"], rows.get("pickled")
+        assert "error" in rows["loha"]  # a refusal of another kind stays
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def engines(lora_store, tmp_path_factory):
     cache = tmp_path_factory.mktemp("lora-artefacts")

@@ -44,8 +44,9 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 # how an operator opts in to pickle loading (EngineConfig.allow_pickle), as the refusals say it
-PICKLE_OPT_IN = ('convert it to .safetensors, or opt in to pickle loading: "allow_pickle": true in the server\'s '
-                 'configuration (sdengine serve --configs FILE, e.g. {"default": {"allow_pickle": true}})')
+PICKLE_OPT_IN = ('convert it to .safetensors, or opt in to pickle loading: sdengine serve --allow-pickle, or '
+                 '"allow_pickle": true in the server\'s configuration (--configs FILE, e.g. {"default": '
+                 '{"allow_pickle": true}})')
 
 
 def pickle_refusal(path: str | os.PathLike, allow_pickle: bool) -> str | None:
