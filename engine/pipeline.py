@@ -216,8 +216,9 @@ class Engine:
             # the engine owns the loaded model: a non-torch backend frees its torch weights once exported
             backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key,
                                      progress=self._export_progress, owned=True)
-            def load_weights():
-                self.store.load_weights(model, allow_pickle=self.config.allow_pickle)
+            def load_weights(*sources: str):
+                """The torch weights of the modules ``sources`` (all when none), read from the checkpoint."""
+                self.store.load_weights(model, allow_pickle=self.config.allow_pickle, only=sources or None)
 
             # released weights come back through it when an on-demand component (a seamless variant) is exported
             backend.weights_loader = load_weights
