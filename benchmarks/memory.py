@@ -60,7 +60,9 @@ def main(argv=None) -> dict:
         engine.generate(GenerationRequest(model=args.model, steps=1, width=size, height=size,
                                           batch_size=args.batch, seed=1), progress=phases)
         phases.close()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # the phases reset the high-water mark (and with it ru_maxrss): the request's peak is their largest
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                   before + max(phases.peaks.values(), default=0))
         est = estimate_request(arch, size, size, args.batch, backend=args.backend, tiling=tiling)
         rows.append({"model": entry.name, "backend": args.backend, "size": size, "batch": args.batch,
                      "rss_before_mib": round(before / 2**20), "peak_mib": round(peak / 2**20),

@@ -7,7 +7,8 @@ compile). Clean pages of a file mapping can be dropped at any time: a later read
 page cache, so dropping them is transparent (:func:`drop_mapped_pages`), and dropping them every few tens of
 milliseconds while a block reads them bounds the mapped share of the block's peak
 (:func:`dropping_mapped_pages`). A private mapping some page of which was written (copy-on-write: its
-``Anonymous`` pages in ``/proc/self/smaps``) is never touched: dropping would lose the written bytes.
+``Anonymous`` pages in ``/proc/self/smaps``) is never touched: dropping would lose the written bytes. A
+shared mapping's pages are the file's own: dropped like a read-only one.
 """
 
 from __future__ import annotations
@@ -50,30 +51,37 @@ def _header(line: str):
     return start, end, parts[1], parts[5].strip()
 
 
+def _private_writable(perms: str) -> bool:
+    """A private writable mapping: its written pages are copies only it holds (a shared one writes the file)."""
+    return "w" in perms and perms.endswith("p")
+
+
 def _mappings(wanted) -> list[tuple[int, int, str]]:
-    """``(start, end, path)`` of this process's private file mappings whose path ``wanted(path)`` accepts and
-    none of whose pages is a written copy: read-only ones, and writable ones whose ``Anonymous`` pages (in
-    ``/proc/self/smaps``, read only when there is such a mapping: it walks the page tables) are none."""
-    found = [h for h in map(_header, _read("/proc/self/maps")) if h and wanted(h[3]) and "s" not in h[2]]
-    if not any("w" in perms for _, _, perms, _ in found):
+    """``(start, end, path)`` of this process's file mappings whose path ``wanted(path)`` accepts and none of
+    whose pages is a private written copy: read-only and shared ones, and private writable ones whose
+    ``Anonymous`` pages (in ``/proc/self/smaps``, read only when there is such a mapping: it walks the page
+    tables) are none."""
+    found = [h for h in map(_header, _read("/proc/self/maps")) if h and wanted(h[3])]
+    if not any(_private_writable(perms) for _, _, perms, _ in found):
         return [(start, end, path) for start, end, _, path in found]
     clean, current = [], None
     for line in _read("/proc/self/smaps"):
         first = line.split(maxsplit=1)[0] if line.strip() else ""
         if "-" in first and ":" not in first:  # a mapping's header line (of a file or not)
             head = _header(line)
-            current = list(head) if head and wanted(head[3]) and "s" not in head[2] else None
+            current = list(head) if head and wanted(head[3]) else None
             if current is not None:
                 clean.append(current)
-        elif current is not None and first == "Anonymous:" and int(line.split()[1]) > 0:
+        elif current is not None and first == "Anonymous:" and int(line.split()[1]) > 0 \
+                and _private_writable(current[2]):
             current[3] = None  # written pages: never dropped
     return [(start, end, path) for start, end, _, path in clean if path is not None]
 
 
 def drop_mapped_pages(*paths, suffixes: tuple[str, ...] = ()) -> int:
     """Drop this process's resident pages of the file mappings of ``paths`` and of every mapped file whose name
-    ends with one of ``suffixes`` (``madvise(MADV_DONTNEED)``); returns the bytes of the mappings. Mappings with
-    written (copy-on-write) pages and shared mappings are left alone. Linux only (elsewhere: 0, nothing done)."""
+    ends with one of ``suffixes`` (``madvise(MADV_DONTNEED)``); returns the bytes of the mappings. Private
+    mappings with written (copy-on-write) pages are left alone. Linux only (elsewhere: 0, nothing done)."""
     if not sys.platform.startswith("linux"):
         return 0
     targets = {os.path.realpath(p) for p in paths}

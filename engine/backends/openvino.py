@@ -47,6 +47,7 @@ from typing import Any, Mapping
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
 from core.cpu import cpu_threads
+from core import mapped
 from core.mapped import drop_mapped_pages, dropping_mapped_pages  # noqa: F401 (drop_mapped_pages re-exported)
 from core.errors import BackendUnavailable, InvalidRequest
 from engine.backends.weights import export_siblings_and_release
@@ -122,7 +123,7 @@ def convert_to_ir(onnx_artefact, model_hash: str, cache_dir, stage: str = IR_STA
         # the ONNX frontend through Core.read_model (openvino.convert_model does the same, seconds slower)
         # the frontend maps the ONNX graph's external data: the pages it reads need not stay resident beside the
         # (fp16-compressed) copy save_model makes (core.mapped)
-        with dropping_mapped_pages(onnx_artefact.path.with_name(onnx_artefact.path.name + ".data")):
+        with mapped.dropping_mapped_pages(onnx_artefact.path.with_name(onnx_artefact.path.name + ".data")):
             model = _core().read_model(str(onnx_artefact.path))
             ov.save_model(model, str(tmp / IR_XML), compress_to_fp16=stage == IR_FP16_STAGE)
             del model
