@@ -219,7 +219,8 @@ def test_cold_txt2img_exports_only_what_it_runs(kind, tiny_store, tmp_path):
 def test_cold_start_holds_one_module_weights_at_a_time(kind, tiny_store, tmp_path, monkeypatch):
     """Issue 29's cold start: on an empty cache each export loads its own module's weights only (the store is
     asked for that module alone) and, while it traces, no other module holds torch weights (the ones exported
-    before were released, the ones after not loaded yet); the image is bit-identical to the same backend's on
+    before were released, the ones after not loaded yet; engine.backends.weights.export_ahead runs them all at
+    load, before anything is compiled); the image is bit-identical to the same backend's on
     modules whose weights were all loaded up front (reference: the load before this change, every module read
     at once; tolerance: none)."""
     import engine.pipeline as pipeline
@@ -239,8 +240,8 @@ def test_cold_start_holds_one_module_weights_at_a_time(kind, tiny_store, tmp_pat
                         lambda self, model, *a, only=None, **k: loads.append(only) or real_load(self, model, *a,
                                                                                                  only=only, **k))
     engine = Engine(models_dir=tiny_store, cache_dir=tmp_path / "cold", backend=kind, precision="fp32")
-    components = engine.runtime("tiny-sd1").model.components
-    modules = {k: v for k, v in components.items() if k in ("text_encoder", "unet", "vae")}
+    model = engine.store.load_model("tiny-sd1", meta=True)  # the store keeps it: the model runtime() takes
+    modules = {k: v for k, v in model.components.items() if k in ("text_encoder", "unet", "vae")}
 
     def spy(wrapper, desc, path, opset):
         traced.append((desc.component, sorted(k for k, v in modules.items() if not on_meta(real_module(v)))))
@@ -248,6 +249,7 @@ def test_cold_start_holds_one_module_weights_at_a_time(kind, tiny_store, tmp_pat
 
     monkeypatch.setattr(xonnx, "torch_export", spy)
     np.testing.assert_array_equal(np.asarray(engine.generate(txt).images[0]), want)
+    assert engine.runtime("tiny-sd1").model is model
     assert traced == [("text_encoder", ["text_encoder"]), ("unet", ["unet"]), ("vae_decoder", ["vae"])], traced
     assert loads == [("text_encoder",), ("unet",), ("vae",)], loads
     assert all(is_released(v) and on_meta(v) for v in modules.values())

@@ -31,6 +31,9 @@ from export.onnx import LOADER, is_released, is_unloaded, mark_released, mark_un
 
 log = logging.getLogger(__name__)
 
+# what every generation runs (txt2img and img2img alike): exported ahead on a cold start (export_ahead)
+FIRST_RUN = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+
 
 def _plain(backend, source: str) -> list[str]:
     """The components (not the on-demand variants) ``backend`` makes from the module ``source``."""
@@ -111,3 +114,14 @@ def adopt_cached(backend, components, load_weights) -> bool:
         return False
     log.info("every artefact cached: %s run without loading their torch weights", ", ".join(sorted(fingerprints)))
     return True
+
+
+def export_ahead(backend, components=FIRST_RUN) -> None:
+    """Export each of ``components`` that ``backend`` has and is not cached yet, releasing its module's weights after
+    it, before anything is compiled: on a cold start no compiled model (nor session) is resident while the next
+    module's weights are mapped and exported (the exporter reads them all at once, beside its own copies), so the
+    peak is one export's, not one export's plus the runtime's models of the modules before it."""
+    for component in components:
+        if backend.has(component) and backend.cached_fingerprint(component) is None:
+            backend.artefact(component)
+            export_siblings_and_release(backend, component)
