@@ -44,7 +44,8 @@ def markdown(results: dict, args, load: tuple[float, ...]) -> str:
         f"### Cold start (`python -m benchmarks coldstart`) ({datetime.date.today().isoformat()})",
         "",
         f"Command: `python -m benchmarks coldstart --size {args.size} --new-size {args.new_size} --steps {args.steps} "
-        f"--systems {','.join(args.systems)}{' --small' if args.small else ''}`. Machine: {cpu_model()}, "
+        f"--systems {','.join(args.systems)}{' --small' if args.small else ''}"
+        f"{f' --shapes {args.shapes}' if args.shapes else ''}`. Machine: {cpu_model()}, "
         f"{os.cpu_count()} cores; CPU flags: {', '.join(cpu_flags()) or 'none listed'}; load average "
         f"{' / '.join(f'{x:.2f}' for x in load)} at the start. Model: SD1.5 architecture"
         f"{' (narrow: --small)' if args.small else ''}, random weights, one diffusers folder for both; "
