@@ -246,7 +246,7 @@ def test_key_mismatch_or_corruption_rebuilds(tmp_path, counted, sd1_vae):
 def test_interrupted_export_leaves_nothing_that_loads(tmp_path, counted, monkeypatch, sd1_vae, exc):
     real = xonnx.consolidate
 
-    def half_written(src, dst):
+    def half_written(src, dst, move=False):
         dst.write_bytes(b"\x08\x07partial")  # a truncated graph, then the crash
         raise exc
 
