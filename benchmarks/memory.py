@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
+import threading
 
 
 def main(argv=None) -> dict:
@@ -58,7 +60,9 @@ def main(argv=None) -> dict:
         engine.generate(GenerationRequest(model=args.model, steps=1, width=size, height=size,
                                           batch_size=args.batch, seed=1), progress=phases)
         phases.close()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # the phases reset the high-water mark (and with it ru_maxrss): the request's peak is their largest
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                   before + max(phases.peaks.values(), default=0))
         est = estimate_request(arch, size, size, args.batch, backend=args.backend, tiling=tiling)
         rows.append({"model": entry.name, "backend": args.backend, "size": size, "batch": args.batch,
                      "rss_before_mib": round(before / 2**20), "peak_mib": round(peak / 2**20),
@@ -101,6 +105,49 @@ class PhasePeaks:
             grown = _status("VmHWM") - self.before
             self.peaks[self.current] = max(self.peaks.get(self.current, 0), grown)
             self._reset()
+
+
+class LogPeaks(logging.Handler):
+    """Where a run's memory goes, by what the engine logs: the peak RSS of each interval between consecutive
+    log records of ``loggers`` (an export, an IR conversion, a compile, a release ... each logs when it starts),
+    named after the record that opened it, with the anonymous and file-mapped RSS at its end. The high-water mark
+    is reset at each record (``/proc/self/clear_refs``), which resets ``ru_maxrss`` too: :attr:`peak` is the
+    run's peak (the largest interval's). Linux only."""
+
+    def __init__(self, loggers=("engine", "export")):
+        super().__init__(logging.INFO)
+        self.rows: list[dict] = []
+        self.current = "start"
+        self._lock = threading.Lock()
+        self.loggers = [logging.getLogger(name) for name in loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.INFO)
+            lg.addHandler(self)
+        PhasePeaks._reset()
+
+    def emit(self, record) -> None:
+        with self._lock:
+            self._close()
+            self.current = f"{record.name}: {record.getMessage()}"[:160]
+
+    def _close(self) -> None:
+        self.rows.append({"after": self.current, "peak_mib": round(_status("VmHWM") / 2**20),
+                          "anon_mib": round(_status("RssAnon") / 2**20),
+                          "file_mib": round(_status("RssFile") / 2**20)})
+        PhasePeaks._reset()
+
+    @property
+    def peak(self) -> int:
+        """The largest peak so far, bytes (the current interval's included)."""
+        with self._lock:
+            return max([r["peak_mib"] << 20 for r in self.rows] + [_status("VmHWM")])
+
+    def finish(self) -> list[dict]:
+        with self._lock:
+            self._close()
+        for lg in self.loggers:
+            lg.removeHandler(self)
+        return self.rows
 
 
 def write_sd15(root) -> str:

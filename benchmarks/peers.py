@@ -146,11 +146,14 @@ def _sdengine(system: str, workdir: Path, size: int, steps: int, prepare: bool =
         shutil.rmtree(cache, ignore_errors=True)
     engine = Engine(models_dir=workdir / "models", backend=backend, precision=precision,
                     cache_dir=cache)
-    req = GenerationRequest(model=MODEL, prompt=PROMPT, negative_prompt="", steps=steps, width=size, height=size,
-                            cfg_scale=CFG, seed=SEED, sampler_name="Euler a")
+    def generate(side: int = size):
+        req = GenerationRequest(model=MODEL, prompt=PROMPT, negative_prompt="", steps=steps, width=side,
+                                height=side, cfg_scale=CFG, seed=SEED, sampler_name="Euler a")
+        return engine.generate(req).images[0]
+
     engine.runtime(MODEL)  # load: store, checkpoint, backend (sessions are created by the first run)
     label = f"{engine.config.backend.value} {engine.config.precision.value}"
-    return (lambda: engine.generate(req).images[0]), label
+    return generate, label
 
 
 def _diffusers_like(system: str, workdir: Path, size: int, steps: int, prepare: bool):
@@ -190,18 +193,27 @@ def _diffusers_like(system: str, workdir: Path, size: int, steps: int, prepare: 
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
 
-    def generate():
+    def generate(side: int = size):
         # optimum >= 2 runs diffusers' own pipeline code: a torch generator for every system
         kwargs = {"generator": torch.Generator("cpu").manual_seed(SEED)}
-        return pipe(PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=CFG, height=size,
-                    width=size, output_type="np", **kwargs).images[0]
+        return pipe(PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=CFG, height=side,
+                    width=side, output_type="np", **kwargs).images[0]
 
     return generate, label
 
 
-def child(system: str, workdir: Path, size: int, steps: int, runs: int, prepare: bool, out: Path) -> None:
+def child(system: str, workdir: Path, size: int, steps: int, runs: int, prepare: bool, out: Path,
+          new_size: int | None = None, trace: bool = False) -> None:
+    """One system's process: load, ``runs`` generations at ``size``; ``trace``: where the memory went (the peak
+    between the engine's log records, benchmarks.memory.LogPeaks); ``new_size``: then one generation at that
+    size (the first of a new size) and one more (warm), timed apart; the peak RSS is read before them."""
     import numpy as np
 
+    tracer = None
+    if trace:
+        from benchmarks.memory import LogPeaks
+
+        tracer = LogPeaks()
     t0 = time.perf_counter()
     if system.startswith("sdengine"):
         generate, label = _sdengine(system, workdir, size, steps, prepare)
@@ -215,12 +227,23 @@ def child(system: str, workdir: Path, size: int, steps: int, runs: int, prepare:
         image = generate()
         times.append(time.perf_counter() - t)
     image = np.asarray(image, dtype=np.float32)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {
         "system": system, "label": label, "load_s": load, "runs_s": times, "total_s": time.perf_counter() - t0,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": max(peak, tracer.peak if tracer else 0) / 2**20,
         "image_mean": float(image.mean()) * (1 if image.max() > 1.5 else 255), "python": sys.executable,
         "versions": _versions(SYSTEMS[system][1]),
     }
+    if tracer is not None:
+        result["memory_trace"] = tracer.finish()
+    if new_size:
+        sizes = []
+        for _ in range(2):  # the first request of the new size, then a warm one
+            t = time.perf_counter()
+            generate(new_size)
+            sizes.append(time.perf_counter() - t)
+        result["new_size"] = new_size
+        result["new_size_s"] = sizes
     out.write_text(json.dumps(result, indent=1))
 
 
@@ -274,11 +297,13 @@ def pythons(systems: list[str], peers_venv: Path) -> tuple[dict[str, str], dict[
 
 
 def spawn(system: str, python: str, workdir: Path, size: int, steps: int, runs: int, prepare: bool,
-          log) -> dict | None:
+          log, extra: tuple[str, ...] = ()) -> dict | None:
+    """Run :func:`child` for ``system`` in a fresh process (``extra``: its ``--new-size`` / ``--trace-memory``)."""
     out = workdir / f"result-{system}.json"
     out.unlink(missing_ok=True)
     cmd = [python, "-m", "benchmarks.peers", "--child", system, "--workdir", str(workdir), "--size", str(size),
            "--steps", str(steps), "--runs", str(runs)] + (["--prepare"] if prepare else []) + ["--json", str(out)]
+    cmd += list(extra)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True)
@@ -377,9 +402,12 @@ def main(argv=None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--new-size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--trace-memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.workdir, args.size, args.steps, args.runs, args.prepare, args.json)
+        child(args.child, args.workdir, args.size, args.steps, args.runs, args.prepare, args.json,
+              new_size=args.new_size, trace=args.trace_memory)
         return 0
 
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]

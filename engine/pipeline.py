@@ -28,7 +28,7 @@ import numpy as np
 from engine.arrays import to_device, to_host
 from engine.backends import create_backend
 from engine.backends import RELEASES_WEIGHTS
-from engine.backends.weights import adopt_cached
+from engine.backends.weights import adopt_cached, export_ahead
 from engine.conditioning import EmbeddingCache, TextModelInfo, TextualInversion, encode_request
 from engine.config import BackendKind, EngineConfig
 from engine.controlnet import HiresOption, cond_rows_mask, controlnet_component, controlnet_residuals, prepare_unit
@@ -216,15 +216,16 @@ class Engine:
             # the engine owns the loaded model: a non-torch backend frees its torch weights once exported
             backend = create_backend(self.config, model.components, model_hash=model.family.artefact_key,
                                      progress=self._export_progress, owned=True)
-            def load_weights():
-                self.store.load_weights(model, allow_pickle=self.config.allow_pickle)
+            def load_weights(*sources: str):
+                """The torch weights of the modules ``sources`` (all when none), read from the checkpoint."""
+                self.store.load_weights(model, allow_pickle=self.config.allow_pickle, only=sources or None)
 
             # released weights come back through it when an on-demand component (a seamless variant) is exported
             backend.weights_loader = load_weights
             if getattr(backend, "int8", False):  # precision int8: calibrated once, on the exact path's UNet inputs
                 backend.calibration = lambda: calibration_feeds(type(self), self.config, name, vae)
-            if model.meta:
-                adopt_cached(backend, model.components, load_weights)
+            if model.meta and not adopt_cached(backend, model.components, load_weights):
+                export_ahead(backend)  # a cold start: every export before any compile (engine.backends.weights)
             rt = _Runtime(model, backend, EmbeddingCache(), Networks(self.store, model, self.config.allow_pickle))
             # one model resident at a time, two with a refiner or a hires checkpoint (docs/DECISIONS.md)
             self._runtimes = {**{k: v for k, v in self._runtimes.items() if any(v is r for r in keep)}, key: rt}

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from core.deferred import has_attribute, real_module
+from core.mapped import dropping_mapped_pages
 from core.errors import InvalidRequest
 from core.events import BUILDING, BUILT, UP_TO_DATE
 from core.tokens import TOKENS_PER_CHUNK
@@ -62,6 +63,7 @@ DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_BYTES = 1 << 30
 EXTERNAL_MIN_BYTES = 1024  # initializers at least this big live in the data file (the overridable weights)
 ONNX_PRECISIONS = ("fp32", "fp16")
+MAPPED_WEIGHTS = (".safetensors",)  # the files torch weights are memory-mapped from (safetensors.torch.load_file)
 
 # (what, done, total); what = "{component}: {stage} ({event})", the events of core.events
 ProgressCallback = Callable[[str, int, int], None]
@@ -144,10 +146,11 @@ def save_onnx(model, path: Path) -> None:
                     location=path.name + ".data", size_threshold=EXTERNAL_MIN_BYTES)
 
 
-def consolidate(src: Path, dst: Path) -> None:
+def consolidate(src: Path, dst: Path, move: bool = False) -> None:
     """Copy the graph ``src`` to ``dst`` with all its external tensors (the legacy exporter writes one file
     per tensor above 2 GB of weights) streamed into ONE ``dst.data`` file: the weights are never all in
-    memory at once. A graph without external data gets its weights moved to one data file too."""
+    memory at once. A graph without external data gets its weights moved to one data file too. ``move``:
+    each external file of ``src`` is deleted once its last tensor is copied (the export's own files)."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -158,12 +161,17 @@ def consolidate(src: Path, dst: Path) -> None:
         save_onnx(onnx.load(str(src)), dst)
         return
     data_name = dst.name + ".data"
+    # a per-tensor file is deleted once its last tensor is copied: the export's disk peak is one copy of the
+    # weights, not two (SD1.5 UNet: 3.4 GB, not 6.9)
+    last_use = {ExternalDataInfo(t).location: i for i, t in enumerate(external)}
     with open(dst.parent / data_name, "wb") as out:
-        for tensor in external:
+        for i, tensor in enumerate(external):
             info = ExternalDataInfo(tensor)
             with open(src.parent / info.location, "rb") as f:
                 f.seek(info.offset or 0)
                 blob = f.read(info.length) if info.length else f.read()
+            if move and last_use[info.location] == i and src.parent != dst.parent and info.location != src.name:
+                (src.parent / info.location).unlink()
             pad = -out.tell() % 4096  # page-aligned, so runtimes can mmap
             out.write(b"\0" * pad)
             offset = out.tell()
@@ -352,6 +360,7 @@ def is_released(module) -> bool:
 
 
 LOADER = "_sdengine_weights_loader"  # set on a released module whose weights can be loaded back (a callable)
+UNLOADED = "_sdengine_unloaded"  # set on a module built without its weights whose artefacts are not all cached
 
 
 def mark_released(module, fingerprint: str, loader: Callable[[], None] | None = None) -> None:
@@ -363,10 +372,22 @@ def mark_released(module, fingerprint: str, loader: Callable[[], None] | None = 
         setattr(module, LOADER, loader)
 
 
+def mark_unloaded(module, loader: Callable[[], None]) -> None:
+    """Mark ``module`` (built without its weights, on the meta device) as not loaded yet: :func:`export_component`
+    calls ``loader()`` (which loads this module's weights only, and marks it loaded) before its first export, so
+    a cold start holds the torch weights of the module being exported and no other's."""
+    setattr(module, UNLOADED, True)
+    setattr(module, LOADER, loader)
+
+
+def is_unloaded(module) -> bool:
+    return bool(getattr(module, UNLOADED, False))
+
+
 def mark_loaded(module) -> None:
     """``module`` has its weights again (released / meta-built, then loaded): it exports and fingerprints as any."""
     module = real_module(module)
-    for attr in (RELEASED, LOADER):
+    for attr in (RELEASED, LOADER, UNLOADED):
         if attr in module.__dict__:
             delattr(module, attr)
 
@@ -510,6 +531,9 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
     if opset < 17:
         raise InvalidRequest("opset", f"{opset}", ">= 17")
     desc = describe(component, modules)
+    if is_unloaded(modules[desc.source]):  # built without weights: this module's weights only, now
+        log.info("%s: loading the weights of %r to export it", component, desc.source)
+        getattr(modules[desc.source], LOADER)()
     if precision == "fp16" and not desc.fp16:
         log.info("%s stays fp32 by policy (fp16 overflows in it)", component)
         precision = "fp32"
@@ -531,12 +555,16 @@ def export_component(component: str, modules: Mapping[str, Any], model_hash: str
         raw = tmp / "raw"
         raw.mkdir()
         source = _fp32_cpu(real_module(modules[desc.source]))
-        with chunked_attention(source, attention_chunks):
-            torch_export(desc.wrapper(source).eval(), desc, raw / MODEL_FILE, opset)
-        # the legacy exporter writes one file per big tensor: consolidate into one
-        consolidate(raw / MODEL_FILE, tmp / MODEL_FILE)
-        shutil.rmtree(raw)
-        manifest["info"]["parameters"] = parameter_map(source, tmp / MODEL_FILE)
+        # the module's weights are mapped from the checkpoint (safetensors): the pages the tracer and the
+        # exporter read would stay resident beside the exporter's own copies (the folded Linear weights);
+        # dropped while it runs, they fault back from the page cache when read again (core.mapped)
+        with dropping_mapped_pages(suffixes=MAPPED_WEIGHTS):
+            with chunked_attention(source, attention_chunks):
+                torch_export(desc.wrapper(source).eval(), desc, raw / MODEL_FILE, opset)
+            # the legacy exporter writes one file per big tensor: consolidate into one
+            consolidate(raw / MODEL_FILE, tmp / MODEL_FILE, move=True)
+            shutil.rmtree(raw)
+            manifest["info"]["parameters"] = parameter_map(source, tmp / MODEL_FILE)
         manifest["info"]["fp32_stage"] = fp32_name
 
     key = _key(desc, model_hash, fp32_name, "fp32", opset, None, tools,

@@ -212,3 +212,68 @@ def test_cold_txt2img_exports_only_what_it_runs(kind, tiny_store, tmp_path):
     assert is_released(engine.runtime("tiny-sd1").model.components["vae"])
     fresh = Engine(models_dir=tiny_store, cache_dir=tmp_path / "b", backend=kind, precision="fp32")
     np.testing.assert_array_equal(got, np.asarray(fresh.generate(img).images[0]))
+
+
+# ------------------------------------------------------------------------------------- cold start, one module at a time
+@pytest.mark.parametrize("kind", ENGINE_BACKENDS[1:])  # the CPU default (the path is the same on onnxruntime)
+def test_cold_start_holds_one_module_weights_at_a_time(kind, tiny_store, tmp_path, monkeypatch):
+    """Issue 29's cold start: on an empty cache each export loads its own module's weights only (the store is
+    asked for that module alone) and, while it traces, no other module holds torch weights (the ones exported
+    before were released, the ones after not loaded yet; engine.backends.weights.export_ahead runs them all at
+    load, before anything is compiled); the image is bit-identical to the same backend's on
+    modules whose weights were all loaded up front (reference: the load before this change, every module read
+    at once; tolerance: none)."""
+    import engine.pipeline as pipeline
+    import export.onnx as xonnx
+    from core.deferred import real_module
+    from engine.models.store import ModelStore
+    from engine.pipeline import Engine
+
+    txt, _ = _requests()
+    with monkeypatch.context() as m:  # the reference: weights loaded with the modules (no meta load)
+        m.setattr(pipeline, "RELEASES_WEIGHTS", frozenset())
+        want = np.asarray(Engine(models_dir=tiny_store, cache_dir=tmp_path / "ref", backend=kind,
+                                 precision="fp32").generate(txt).images[0])
+    loads, traced = [], []
+    real_load, real_export = ModelStore.load_weights, xonnx.torch_export
+    monkeypatch.setattr(ModelStore, "load_weights",
+                        lambda self, model, *a, only=None, **k: loads.append(only) or real_load(self, model, *a,
+                                                                                                 only=only, **k))
+    engine = Engine(models_dir=tiny_store, cache_dir=tmp_path / "cold", backend=kind, precision="fp32")
+    model = engine.store.load_model("tiny-sd1", meta=True)  # the store keeps it: the model runtime() takes
+    modules = {k: v for k, v in model.components.items() if k in ("text_encoder", "unet", "vae")}
+
+    def spy(wrapper, desc, path, opset):
+        traced.append((desc.component, sorted(k for k, v in modules.items() if not on_meta(real_module(v)))))
+        return real_export(wrapper, desc, path, opset)
+
+    monkeypatch.setattr(xonnx, "torch_export", spy)
+    np.testing.assert_array_equal(np.asarray(engine.generate(txt).images[0]), want)
+    assert engine.runtime("tiny-sd1").model is model
+    assert traced == [("text_encoder", ["text_encoder"]), ("unet", ["unet"]), ("vae_decoder", ["vae"])], traced
+    assert loads == [("text_encoder",), ("unet",), ("vae",)], loads
+    assert all(is_released(v) and on_meta(v) for v in modules.values())
+
+
+@pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sd1-diffusers"])
+def test_load_modules_builds_only_what_is_asked(tiny_store, model, monkeypatch):
+    """``load_modules(path, only)``: the named modules with exactly the weights a full load gives them, and no
+    other module; a diffusers folder reads only those modules' files (reference: load_checkpoint's modules)."""
+    from engine.models import checkpoints
+
+    path = tiny_store / "Stable-diffusion" / (model if model.endswith("diffusers") else f"{model}.safetensors")
+    full = checkpoints.load_checkpoint(path)
+    read = []
+    real = checkpoints.read_state_dict
+    monkeypatch.setattr(checkpoints, "read_state_dict", lambda p, *a, **k: read.append(p) or real(p, *a, **k))
+    for only in (("vae",), ("unet",), ("text_encoder",)):
+        read.clear()
+        got = checkpoints.load_modules(path, only)
+        assert set(got) == set(only)
+        want = full.components[only[0]].state_dict()
+        have = got[only[0]].state_dict()
+        assert set(have) == set(want)
+        for key, value in want.items():
+            assert have[key].dtype == value.dtype and bool((have[key] == value).all()), (only, key)
+        if path.is_dir():
+            assert read and all(p.parent.name == only[0] for p in read), read

@@ -246,7 +246,7 @@ def test_key_mismatch_or_corruption_rebuilds(tmp_path, counted, sd1_vae):
 def test_interrupted_export_leaves_nothing_that_loads(tmp_path, counted, monkeypatch, sd1_vae, exc):
     real = xonnx.consolidate
 
-    def half_written(src, dst):
+    def half_written(src, dst, move=False):
         dst.write_bytes(b"\x08\x07partial")  # a truncated graph, then the crash
         raise exc
 
@@ -364,6 +364,12 @@ def test_consolidate_streams_per_tensor_files_into_one(tmp_path, sd1_vae):
     a = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"]).run(None, latent)
     b = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, latent)
     np.testing.assert_array_equal(a[0], b[0])
+    # move=True (the export's own raw files): each tensor file deleted once copied, the same graph and data
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    xonnx.consolidate(raw / "model.onnx", moved / "model.onnx", move=True)
+    assert [p.name for p in raw.iterdir()] == ["model.onnx"]
+    assert (moved / "model.onnx.data").read_bytes() == (out / "model.onnx.data").read_bytes()
 
 
 def test_numpy24_fix_is_scoped():

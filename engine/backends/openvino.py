@@ -38,19 +38,17 @@ Feeds are numpy arrays or CPU torch tensors, cast to the descriptor's dtypes; ou
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
-import os
-import sys
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
 from typing import Any, Mapping
 
 from engine.backends.base import Array, ComponentsMixin
 from engine.config import EngineConfig, Precision
 from core.cpu import cpu_threads
+from core import mapped
+from core.mapped import drop_mapped_pages, dropping_mapped_pages  # noqa: F401 (drop_mapped_pages re-exported)
 from core.errors import BackendUnavailable, InvalidRequest
 from engine.backends.weights import export_siblings_and_release
 from export.manifest import artefact_dir, build_artefact, valid_artefact
@@ -123,74 +121,13 @@ def convert_to_ir(onnx_artefact, model_hash: str, cache_dir, stage: str = IR_STA
     log.info("%s: converting %s to OpenVINO IR (%s)", onnx_artefact.component, onnx_artefact.path, stage)
     with build_artefact(directory, key, hashed=(IR_XML,)) as (tmp, _manifest):
         # the ONNX frontend through Core.read_model (openvino.convert_model does the same, seconds slower)
-        model = _core().read_model(str(onnx_artefact.path))
-        ov.save_model(model, str(tmp / IR_XML), compress_to_fp16=stage == IR_FP16_STAGE)
-        del model
+        # the frontend maps the ONNX graph's external data: the pages it reads need not stay resident beside the
+        # (fp16-compressed) copy save_model makes (core.mapped)
+        with mapped.dropping_mapped_pages(onnx_artefact.path.with_name(onnx_artefact.path.name + ".data")):
+            model = _core().read_model(str(onnx_artefact.path))
+            ov.save_model(model, str(tmp / IR_XML), compress_to_fp16=stage == IR_FP16_STAGE)
+            del model
     return directory
-
-
-MADV_DONTNEED = 4  # Linux <sys/mman.h>
-
-
-@functools.cache
-def _libc():
-    """libc with ``madvise`` typed (loaded once: :func:`dropping_mapped_pages` calls it every 50 ms)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
-
-
-def drop_mapped_pages(path) -> int:
-    """Drop this process's resident pages of the read-only file mappings of ``path`` (``madvise(MADV_DONTNEED)``);
-    returns the bytes of the mappings. A compiled model keeps the IR's weight file mapped although, in bf16,
-    it runs its own repacked copy: the mapped pages it touched while compiling stay counted in the resident
-    set (SD1.5 UNet: 1.6 of 3.9 GB). Dropping them is transparent -- a read-only file mapping faults its pages
-    back from the file when read again (f32 compiles read some constants in place: those come back, and are
-    then the only copy). Linux only (elsewhere: 0, nothing done); writable mappings are left alone."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    target = os.path.realpath(path)
-    libc = _libc()
-    dropped = 0
-    try:
-        with open("/proc/self/maps") as f:
-            lines = f.readlines()
-    except OSError:
-        return 0
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6 or parts[5].strip() != target or "w" in parts[1]:
-            continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
-            dropped += end - start
-        else:
-            log.debug("madvise(%s): errno %d", target, ctypes.get_errno())
-    return dropped
-
-
-@contextmanager
-def dropping_mapped_pages(path, interval: float = 0.05):
-    """Within the block, drop the mapped pages of ``path`` every ``interval`` seconds (:func:`drop_mapped_pages`),
-    and once more at its end. A compile reads each constant of the mapped IR once to make its own copy; the
-    pages it has read would otherwise all stay resident until the compile returns, beside the copy: the SD1.5
-    UNet's f32 compile peaked at 6.7 GB (3.3 GB of mapped IR + 3.4 GB compiled), 3.4 GB after it. Dropping
-    while it reads bounds the mapped share to what it reads in one interval; a page read again faults back
-    from the page cache."""
-    stop = threading.Event()
-
-    def loop():
-        while not stop.wait(interval):
-            drop_mapped_pages(path)
-
-    thread = threading.Thread(target=loop, name="drop-mapped-pages", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        drop_mapped_pages(path)
 
 
 def patch_constants(model, tensors, where: str) -> int:
@@ -305,9 +242,9 @@ class OpenVinoBackend(ComponentsMixin):
             if not self.has(component):
                 self.descriptor(component)  # raises InvalidRequest naming what the model has
             art = self.artefact(component)
-            path = self.ir_path(component, art)
-            if self.release_weights:
+            if self.release_weights:  # before the IR conversion and the compile: the ONNX artefact is all they read
                 export_siblings_and_release(self, component)
+            path = self.ir_path(component, art)
             self._ir[component], self._onnx[component] = path, art
         return _core().read_model(str(self._ir[component]))
 

@@ -15,19 +15,24 @@ The other way round (:func:`adopt_cached`): a model loaded without its weights (
 modules from the safetensors headers, on the meta device) runs on such a backend when the backend's cache holds
 an artefact made from each module; the modules are marked released with their artefacts' weights
 fingerprint, and a sibling never exported yet (``unet_control`` before the first ControlNet request) is exported
-on its first use through the loader. A load from cache then reads no weights into torch at all. Where an artefact is missing, the
-weights are loaded first (and released again after the export).
+on its first use through the loader. A load from cache then reads no weights into torch at all. Where an artefact
+is missing, the module is marked unloaded: its export loads its weights (that module's only, read from the
+checkpoint) and they are released after it, so a cold start never holds two modules' torch weights at once.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from export.descriptors import SOURCES, VARIANTS, on_demand, source_of
-from export.onnx import LOADER, is_released, mark_released, release_weights
+from export.onnx import LOADER, is_released, is_unloaded, mark_released, mark_unloaded, release_weights
 
 
 log = logging.getLogger(__name__)
+
+# what every generation runs (txt2img and img2img alike): exported ahead on a cold start (export_ahead)
+FIRST_RUN = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 
 def _plain(backend, source: str) -> list[str]:
@@ -39,7 +44,7 @@ def _release(backend, source: str, module) -> None:
     release_weights(module)
     loader = getattr(backend, "weights_loader", None)  # the Engine's way back (an on-demand variant's export)
     if loader is not None and getattr(module, LOADER, None) is None:
-        setattr(module, LOADER, loader)
+        setattr(module, LOADER, functools.partial(loader, source))  # this module's weights only
     log.info("%s: torch weights released (the %s runtime holds its own copy)", source, backend.config.backend.value)
 
 
@@ -50,14 +55,14 @@ def export_siblings_and_release(backend, component: str) -> None:
     Without one, every sibling is exported first (nothing could make it later)."""
     source = source_of(component)
     module = backend._components.get(source)
-    if module is None or is_released(module) or not hasattr(module, "parameters"):
+    if module is None or is_released(module) or is_unloaded(module) or not hasattr(module, "parameters"):
         return
     if getattr(backend, "weights_loader", None) is not None:
         _release(backend, source, module)
         # the loader put every module's weights back (an on-demand export): release the others already exported
         for other, mod in backend._components.items():
             plain = _plain(backend, other) if other in SOURCES.values() else []
-            if mod is module or not plain or is_released(mod) or not hasattr(mod, "parameters"):
+            if mod is module or not plain or is_released(mod) or is_unloaded(mod) or not hasattr(mod, "parameters"):
                 continue
             if any(backend.cached_fingerprint(c) is not None for c in plain):
                 _release(backend, other, mod)
@@ -72,19 +77,21 @@ def export_siblings_and_release(backend, component: str) -> None:
         # the loader put every module's weights back for this export: release the others whose artefacts all exist
         for other, mod in backend._components.items():
             plain = _plain(backend, other) if other in SOURCES.values() else []
-            if mod is module or not plain or is_released(mod) or not hasattr(mod, "parameters"):
+            if mod is module or not plain or is_released(mod) or is_unloaded(mod) or not hasattr(mod, "parameters"):
                 continue
             if all(backend.cached_fingerprint(c) is not None for c in plain):
                 _release(backend, other, mod)
 
 
 def adopt_cached(backend, components, load_weights) -> bool:
-    """Modules built without weights (``components`` of a ``meta=True`` load) on ``backend``: when its cache holds
-    every artefact of every component made from each module (``backend.cached_fingerprint``), mark each module
-    released with its artefacts' weights fingerprint, ``load_weights`` as the way back for a later export, and
-    answer True; otherwise call ``load_weights()`` now (the normal export-then-release path follows) and
-    answer False."""
+    """Modules built without weights (``components`` of a ``meta=True`` load) on ``backend``. ``load_weights(*sources)``
+    loads the weights of the named modules (only those) into them. Each module whose every artefact is in the
+    backend's cache (``backend.cached_fingerprint``) is marked released with its artefacts' weights fingerprint,
+    ``load_weights(source)`` as its way back for a later export; each other module is marked unloaded
+    (export.onnx.mark_unloaded): its weights are loaded by its first export, and released after it, so a cold
+    start holds one module's torch weights at a time. Answers whether every module was cached."""
     fingerprints: dict[str, str] = {}
+    stale: set[str] = set()
     for component, source in SOURCES.items():
         if source not in components or component in VARIANTS or not backend.has(component):
             continue
@@ -92,16 +99,29 @@ def adopt_cached(backend, components, load_weights) -> bool:
         if fingerprint is None:
             continue  # never used yet (unet_control, vae_encoder): exported on first use, through load_weights
         if fingerprints.setdefault(source, fingerprint) != fingerprint:
-            log.info("%s: cached from other weights; loading the model's weights to export it", component)
-            load_weights()
-            return False
-    missing = [source for source in components if source in SOURCES.values() and source not in fingerprints
-               and any(backend.has(c) for c in _plain(backend, source))]
-    if missing:
-        log.info("%s: not in the artefact cache; loading the model's weights to export", ", ".join(missing))
-        load_weights()
-        return False
+            log.info("%s: cached from other weights; its module's weights are loaded to export it", component)
+            stale.add(source)
+    missing = sorted(source for source in components if source in SOURCES.values()
+                     and (source not in fingerprints or source in stale)
+                     and any(backend.has(c) for c in _plain(backend, source)))
+    for source in missing:
+        mark_unloaded(components[source], functools.partial(load_weights, source))
     for source, fingerprint in fingerprints.items():
-        mark_released(components[source], fingerprint, load_weights)
+        if source not in missing:
+            mark_released(components[source], fingerprint, functools.partial(load_weights, source))
+    if missing:
+        log.info("%s: not in the artefact cache; each module's weights are loaded by its export", ", ".join(missing))
+        return False
     log.info("every artefact cached: %s run without loading their torch weights", ", ".join(sorted(fingerprints)))
     return True
+
+
+def export_ahead(backend, components=FIRST_RUN) -> None:
+    """Export each of ``components`` that ``backend`` has and is not cached yet, releasing its module's weights after
+    it, before anything is compiled: on a cold start no compiled model (nor session) is resident while the next
+    module's weights are mapped and exported (the exporter reads them all at once, beside its own copies), so the
+    peak is one export's, not one export's plus the runtime's models of the modules before it."""
+    for component in components:
+        if backend.has(component) and backend.cached_fingerprint(component) is None:
+            backend.artefact(component)
+            export_siblings_and_release(backend, component)

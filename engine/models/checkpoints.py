@@ -371,23 +371,27 @@ def _sd2_openclip_subset(state_dict: Mapping, prefix: str) -> dict:
             if k.startswith(prefix) and not (last and k.startswith(last)) and k != prefix + "text_projection"}
 
 
-def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype) -> dict:
-    """Text encoders + tokenizers of a single-file checkpoint (diffusers' clip conversion functions)."""
+def build_text_encoders(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype, only=None) -> dict:
+    """Text encoders + tokenizers of a single-file checkpoint (diffusers' clip conversion functions); ``only``:
+    the text encoders to build (default: all)."""
     convert_ldm_clip_checkpoint, convert_open_clip_checkpoint = load_all(
         "diffusers.loaders.single_file_utils", "convert_ldm_clip_checkpoint", "convert_open_clip_checkpoint")
 
+    def wanted(key: str) -> bool:
+        return only is None or key in only
+
     out: dict[str, Any] = {}
-    if arch in (Arch.SD1, Arch.SDXL):
+    if arch in (Arch.SD1, Arch.SDXL) and wanted("text_encoder"):
         conv = convert_ldm_clip_checkpoint(state_dict)
         if not any(k.startswith("text_model.") for k in conv):  # very old transformers layout
             conv = {f"text_model.{k}": v for k, v in conv.items()}
         out["text_encoder"] = _build_clip(configs["text_encoder"], conv, path, "text_encoder", dtype, False)
-    if arch is Arch.SD2:
+    if arch is Arch.SD2 and wanted("text_encoder"):
         sub = _sd2_openclip_subset(state_dict, SD2_OPENCLIP_PREFIX)
         probe = _meta_clip(configs["text_encoder"], False)
         conv = convert_open_clip_checkpoint(probe, sub, prefix=SD2_OPENCLIP_PREFIX)
         out["text_encoder"] = _build_clip(configs["text_encoder"], conv, path, "text_encoder", dtype, False)
-    if arch in (Arch.SDXL, Arch.SDXL_REFINER):
+    if arch in (Arch.SDXL, Arch.SDXL_REFINER) and wanted("text_encoder_2"):
         prefix = SDXL_OPENCLIP_PREFIX if arch is Arch.SDXL else SDXL_REFINER_OPENCLIP_PREFIX
         sub = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
         probe = _meta_clip(configs["text_encoder_2"], True)
@@ -430,8 +434,9 @@ def _family_configs(arch: Arch) -> dict:
     return bundled_config(fam.bundled)
 
 
-def build_components(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype=None) -> dict:
-    """UNet, VAE, text encoders and tokenizers of an SD1/SD2/SDXL LDM state dict, built from ``configs``.
+def build_components(arch: Arch, state_dict: Mapping, configs: Mapping, path, dtype=None, only=None) -> dict:
+    """UNet, VAE, text encoders and tokenizers of an SD1/SD2/SDXL LDM state dict, built from ``configs``;
+    ``only``: the modules to build (default: all, with the tokenizers), the others' tensors untouched.
 
     Works on any device's tensors (the tests feed meta tensors of the real families' sizes).
     """
@@ -442,11 +447,19 @@ def build_components(arch: Arch, state_dict: Mapping, configs: Mapping, path, dt
     for needed in ("unet", "vae") + FAMILIES[arch].text_encoders:
         if needed not in configs:
             raise ModelError(path, f"configs lack {needed!r}")
-    unet_cfg = configs["unet"]
-    unet = _build(lambda: _unet_class()(**unet_cfg), convert_ldm_unet_checkpoint(state_dict, unet_cfg),
-                  path, "unet", dtype)
-    vae = _vae_from_state_dict(state_dict, configs["vae"], path, dtype)
-    return {"unet": unet, "vae": vae, **build_text_encoders(arch, state_dict, configs, path, dtype)}
+    out: dict[str, Any] = {}
+    if only is None or "unet" in only:
+        unet_cfg = configs["unet"]
+        out["unet"] = _build(lambda: _unet_class()(**unet_cfg), convert_ldm_unet_checkpoint(state_dict, unet_cfg),
+                             path, "unet", dtype)
+    if only is None or "vae" in only:
+        out["vae"] = _vae_from_state_dict(state_dict, configs["vae"], path, dtype)
+    if only is None:
+        return {**out, **build_text_encoders(arch, state_dict, configs, path, dtype)}
+    if any(k in only for k in FAMILIES[arch].text_encoders):
+        out.update({k: v for k, v in build_text_encoders(arch, state_dict, configs, path, dtype, only).items()
+                    if k in only})
+    return out
 
 
 def build_controlnet(arch: Arch, state_dict: Mapping, config: Mapping, path, dtype=None):
@@ -594,19 +607,7 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
         raise ModelError(folder, "unknown architecture: not a SD1.x/SD2.x/SDXL diffusers pipeline folder")
 
     def build() -> dict[str, Any]:
-        AutoencoderKL = load("diffusers", "AutoencoderKL")
-
-        built: dict[str, Any] = {
-            "unet": _diffusers_module(folder / "unet", _unet_class(), allow_pickle, dtype, "unet", meta),
-            "vae": _diffusers_module(folder / "vae", AutoencoderKL, allow_pickle, dtype, "vae", meta),
-        }
-        if arch is not Arch.SDXL_REFINER:
-            built["text_encoder"] = _transformers_clip(folder / "text_encoder", False, allow_pickle, dtype,
-                                                       "text_encoder", meta)
-        if arch in (Arch.SDXL, Arch.SDXL_REFINER):
-            built["text_encoder_2"] = _transformers_clip(folder / "text_encoder_2", True, allow_pickle, dtype,
-                                                         "text_encoder_2", meta)
-        return built
+        return _folder_modules(folder, arch, None, allow_pickle, dtype, meta)
 
     # the card's deferred modules (built by the first use) or the modules now
     components = deferred_components(card, build, folder.name) if card is not None and meta else build()
@@ -617,6 +618,47 @@ def load_diffusers_folder(folder: str | os.PathLike, *, name: str | None = None,
     sched = {k: v for k, v in sched.items() if not k.startswith("_")}
     native = int(components["unet"].config.sample_size) * 8
     return _result(name or folder.name, folder, arch, prediction, sha256, native, components, sched, meta)
+
+
+def _folder_modules(folder: Path, arch: Arch, only, allow_pickle: bool, dtype, meta: bool = False) -> dict:
+    """The modules of a diffusers pipeline folder (``only``: those named; default: all), each from its own
+    subfolder's files."""
+    AutoencoderKL = load("diffusers", "AutoencoderKL")
+
+    makers = {
+        "unet": lambda: _diffusers_module(folder / "unet", _unet_class(), allow_pickle, dtype, "unet", meta),
+        "vae": lambda: _diffusers_module(folder / "vae", AutoencoderKL, allow_pickle, dtype, "vae", meta),
+    }
+    if arch is not Arch.SDXL_REFINER:
+        makers["text_encoder"] = lambda: _transformers_clip(folder / "text_encoder", False, allow_pickle, dtype,
+                                                            "text_encoder", meta)
+    if arch in (Arch.SDXL, Arch.SDXL_REFINER):
+        makers["text_encoder_2"] = lambda: _transformers_clip(folder / "text_encoder_2", True, allow_pickle, dtype,
+                                                              "text_encoder_2", meta)
+    return {key: make() for key, make in makers.items() if only is None or key in only}
+
+
+def load_modules(path: str | os.PathLike, only, *, allow_pickle: bool = False, dtype=None) -> dict[str, Any]:
+    """The modules ``only`` (e.g. ``("unet",)``) of a checkpoint file or diffusers folder, with their weights:
+    what one export needs (:func:`load_weights_into` moves them into the model's modules). The tensors of the
+    other modules are never read: a safetensors file is memory-mapped (``safetensors.torch.load_file``), a
+    folder's other subfolders are not opened."""
+    import torch
+
+    dtype = dtype or torch.float32
+    path = Path(path)
+    only = tuple(only)
+    if path.is_dir():
+        arch = detect_folder_arch(path)
+        if arch is None or arch.kind is not Kind.CHECKPOINT:
+            raise ModelError(path, "unknown architecture: not a SD1.x/SD2.x/SDXL diffusers pipeline folder")
+        return _folder_modules(path, arch, only, allow_pickle, dtype)
+    state_dict, metadata = read_state_dict(path, allow_pickle)
+    arch = detect_arch({k: tuple(v.shape) for k, v in state_dict.items()})
+    if arch is None or arch.kind is not Kind.CHECKPOINT:
+        raise ModelError(path, "unknown architecture: expected SD1.x/SD2.x/SDXL checkpoint keys")
+    configs = metadata_configs(metadata, path) or _family_configs(arch)
+    return build_components(arch, state_dict, configs, path, dtype, only)
 
 
 def load_checkpoint(path: str | os.PathLike, **kwargs) -> LoadedModel:

@@ -420,13 +420,25 @@ class ModelStore:
             self._remember(key, model)
             return model
 
-    def load_weights(self, model: LoadedModel, allow_pickle: bool = False, dtype=None) -> None:
+    def load_weights(self, model: LoadedModel, allow_pickle: bool = False, dtype=None, only=None) -> None:
         """Load the weights of ``model`` (loaded with ``meta=True``, or released after an export) into its
-        modules, in place (engine.models.checkpoints.load_weights_into)."""
+        modules, in place (engine.models.checkpoints.load_weights_into). ``only``: the modules to load (e.g.
+        ``("unet",)``, what one export needs; the others' tensors are not read); default: all."""
         entry = self.resolve(model.name, Kind.CHECKPOINT, field="sd_model_checkpoint")
         with self._load_lock:
-            full = self._load_checkpoint(entry, model.vae_path, model.sha256, allow_pickle, dtype)
-            load_weights_into(model.components, full.components)
+            if only is None:
+                full = self._load_checkpoint(entry, model.vae_path, model.sha256, allow_pickle, dtype)
+                load_weights_into(model.components, full.components)
+                return
+            only = tuple(only)
+            external_vae = model.vae_path is not None and "vae" in only
+            own = tuple(k for k in only if not (external_vae and k == "vae"))
+            loaded = checkpoints.load_modules(entry.path, own, allow_pickle=allow_pickle, dtype=dtype) if own else {}
+            if external_vae:
+                cfg = {k: v for k, v in model.components["vae"].config.items() if not k.startswith("_")}
+                loaded["vae"] = checkpoints.load_vae(model.vae_path, config=cfg, allow_pickle=allow_pickle,
+                                                     dtype=dtype)
+            load_weights_into(model.components, loaded)
 
     def _load_checkpoint(self, entry, vae_path, sha, allow_pickle, dtype, meta: bool = False) -> LoadedModel:
         card = deferred.read_card(self.cards_dir, sha, dtype, ("unet", "vae"))  # (the SDXL refiner has no text_encoder)
