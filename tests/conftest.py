@@ -82,3 +82,17 @@ def exclusive(cache: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def annotators_env(monkeypatch):
+    """``use(*dirs)``: the annotator weight folders searched ($SDENGINE_ANNOTATORS_DIR), the loaded networks
+    forgotten before and after (engine.controlnet.annotators)."""
+    from engine.controlnet import annotators
+
+    def use(*dirs):
+        monkeypatch.setenv(annotators.ENV_ANNOTATORS_DIR, os.pathsep.join(str(d) for d in dirs))
+        annotators.LOADED.clear()
+
+    yield use
+    annotators.LOADED.clear()

@@ -12,7 +12,6 @@ cropped off afterwards).
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -147,16 +146,6 @@ def _write_random_weights(root: Path) -> None:
     bae = nnet.NNET(args)
     bae.eval()
     save("normal_bae", "scannet.pt", {"model": {f"module.{k}": v for k, v in bae.state_dict().items()}})
-
-
-@pytest.fixture
-def annotators_env(monkeypatch):
-    def use(*dirs):
-        monkeypatch.setenv(annotators.ENV_ANNOTATORS_DIR, os.pathsep.join(str(d) for d in dirs))
-        annotators.LOADED.clear()
-
-    yield use
-    annotators.LOADED.clear()
 
 
 # the engine's module -> (reference detector from the folder, call kwargs); detect/image resolution added

@@ -10,7 +10,6 @@ the drawn map must show the extension's joint colours there; low scores are drop
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -25,16 +24,6 @@ from tests import dwpose_support as ds  # noqa: E402
 
 PERSON = 0
 CAR = 2
-
-
-@pytest.fixture
-def annotators_env(monkeypatch):
-    def use(*dirs):
-        monkeypatch.setenv(annotators.ENV_ANNOTATORS_DIR, os.pathsep.join(str(d) for d in dirs))
-        annotators.LOADED.clear()
-
-    yield use
-    annotators.LOADED.clear()
 
 
 def _scaled(box, w, h):

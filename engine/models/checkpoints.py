@@ -74,18 +74,19 @@ class NeedsWeights(Exception):
     """A load without weights (``meta=True``) is not possible for this file: load it with its weights."""
 
 
-def load_pickle(path, allow_pickle: bool):
-    """The object of a pickle checkpoint, read with ``weights_only=True``; ModelError without the opt-in (pickles
-    can run code) or when torch cannot read it."""
+def load_pickle(path, allow_pickle: bool, what: str = "checkpoint"):
+    """The object of a pickle ``what`` (a checkpoint, a LoRA or embedding file, ...), read with
+    ``weights_only=True``; ModelError without the opt-in (pickles can run code) or when torch cannot read it. The
+    one pickle gate of the engine (engine.networks.files, engine.ip_adapter call it)."""
     import torch
 
     if not allow_pickle:
-        raise ModelError(path, "pickle checkpoints can run code when loaded and are refused; convert it to "
+        raise ModelError(path, f"pickle {what}s can run code when loaded and are refused; convert it to "
                                ".safetensors or opt in with allow_pickle (EngineConfig.allow_pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
-        raise ModelError(path, f"cannot load pickle checkpoint (weights_only=True): {exc}") from exc
+        raise ModelError(path, f"cannot load pickle {what} (weights_only=True): {exc}") from exc
 
 
 def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False,

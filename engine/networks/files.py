@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from core.errors import ModelError
 from core.safetensors_header import data_sha256, read_safetensors_header
 from engine.models.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, pickle_refusal
+from engine.models.checkpoints import load_pickle as _pickle_gate
 from engine.models.family import Arch, Kind
 
 # component prefixes of the kohya format
@@ -168,16 +169,8 @@ def lora_problem(path: str | os.PathLike, allow_pickle: bool = False) -> str | N
 
 
 def load_pickle(path: Path, allow_pickle: bool) -> Any:
-    """The object of a pickle file (``torch.load(weights_only=True)``); refused unless ``allow_pickle``."""
-    import torch
-
-    if not allow_pickle:
-        raise ModelError(path, "pickle files can run code when loaded and are refused; convert it to "
-                               ".safetensors or opt in with allow_pickle (EngineConfig.allow_pickle)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
-        raise ModelError(path, f"cannot load pickle file (weights_only=True): {exc}") from exc
+    """The object of a pickle LoRA or embedding file: engine.models.checkpoints.load_pickle (the one gate)."""
+    return _pickle_gate(path, allow_pickle, what="file")
 
 
 def read_tensors(path: Path, allow_pickle: bool) -> dict:
