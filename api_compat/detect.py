@@ -127,19 +127,24 @@ def parse_detect(body: Any, limits: ImageLimits, models_dir=None) -> DetectReque
 def run_detect(request: DetectRequest, *, images_dir: Path, task_id: str, progress,
                cancel: threading.Event, models_dir=None) -> tuple[dict[str, Any], list[str]]:
     """Run the preprocessor on each image and write the detected maps as the task's PNGs (atomically, no
-    infotext). Returns ``(info, image file names)``, as :func:`api_compat.tasks.backend.run_generation` does.
+    infotext). Returns ``(info, image file names)``, as :func:`api_compat.tasks.backend.run_generation` does; for
+    the openpose modules ``info["poses"]`` holds each image's pose JSON (the extension's ``poses``).
     Progress: a "preprocessing" phase per image (a model-based one loads its network first), then "saving"."""
     pre = get_preprocessor(request.module, field="controlnet_module")
     names: list[str] = []
+    poses: list[dict[str, Any]] = []
     count = len(request.images)
     for i, image in enumerate(request.images):
         if cancel.is_set():
             raise Cancelled(f"cancelled after {i} of {count} images")
         progress(PhaseEvent("preprocessing", i, count, i, count, None, pre.label or pre.name))
         detected = pre(image, request.processor_res, request.threshold_a, request.threshold_b,
-                       models_dir=models_dir)
+                       models_dir=models_dir, pose_callback=poses.append if pre.makes_poses else None)
         path = image_file(images_dir, task_id, i)
         write_png(path, detected, None)
         names.append(path.name)
         progress(PhaseEvent("saving", i + 1, count, i + 1, count, None, "detected maps"))
-    return {"controlnet_module": request.module, "detected_maps": count}, names
+    info: dict[str, Any] = {"controlnet_module": request.module, "detected_maps": count}
+    if pre.makes_poses:  # the extension's "poses": one pose JSON per image (openpose modules)
+        info["poses"] = poses
+    return info, names

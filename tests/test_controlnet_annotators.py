@@ -543,3 +543,52 @@ def test_sdengine_paths_lists_the_annotator_folders(tmp_path, monkeypatch):
     assert [line.split()[1] for line in lines] == [
         str(tmp_path / "mine"), str(tmp_path / "webui" / "models" / "ControlNetPreprocessor"),
         str(tmp_path / "webui" / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads")]
+
+
+def test_openpose_pose_json_draws_back_as_controlnet_aux_draws_the_people():
+    """The openpose modules' pose JSON (the extension's ``poses``: annotator/openpose encode_poses_as_json):
+    controlnet_aux's detected people (keypoints as fractions of the canvas, as its detect_poses gives them) as
+    flat [x, y, 1.0] lists, absent keypoints [0, 0, 0], absent parts null; drawn back by the renderer of
+    /controlnet/render_openpose_json it is the map controlnet_aux's draw_poses makes of the same people
+    (reference: controlnet_aux 0.0.10; tolerance 0 levels)."""
+    import importlib as il
+
+    from engine.controlnet.openpose import pose_json, render_pose
+
+    op = aux("open_pose")
+    body_mod = il.import_module("controlnet_aux.open_pose.body")
+    kp = body_mod.Keypoint
+    rng = np.random.default_rng(3)
+    h, w = 96, 128
+
+    def points(n):
+        return [kp(float(x), float(y)) for x, y in rng.uniform(0.1, 0.9, (n, 2))]
+
+    body = points(18)
+    body[4] = body[9] = None  # absent joints
+    people = [op.PoseResult(body_mod.BodyResult(body, 10.0, 16), points(21), None, points(70)),
+              op.PoseResult(body_mod.BodyResult(points(18), 12.0, 18), None, points(21), None)]
+    pose = pose_json([annotators._openpose_person(p) for p in people], h, w)
+    assert (pose["canvas_height"], pose["canvas_width"], pose["animals"]) == (h, w, [])
+    first, second = pose["people"]
+    assert first["pose_keypoints_2d"][4 * 3:5 * 3] == [0.0, 0.0, 0.0]
+    assert first["pose_keypoints_2d"][:3] == [body[0].x, body[0].y, 1.0]
+    assert first["hand_right_keypoints_2d"] is None and second["face_keypoints_2d"] is None
+    assert len(first["face_keypoints_2d"]) == 70 * 3
+    np.testing.assert_array_equal(render_pose(pose), op.draw_poses(people, h, w))
+
+
+def test_openpose_detect_gives_the_pose_json_of_the_padded_image(random_dir, annotators_env):
+    """openpose_full with the random networks (they find no one): the callback gets one pose JSON, on the padded
+    image's canvas, with the people controlnet_aux's detect_poses finds there (none)."""
+    annotators_env(random_dir)
+    pre = get_preprocessor("openpose_full")
+    image = _scene(70, 90)
+    poses = []
+    pre(image, 64, pose_callback=poses.append)
+    (ph, pw), _ = pre.sizes(70, 90, 64)
+    padded, _ = resize_image_with_pad(image, 64)
+    ref = aux("open_pose").OpenposeDetector.from_pretrained(str(random_dir / "openpose"))
+    assert ref.detect_poses(padded, True, True) == []
+    assert poses == [{"people": [], "animals": [], "canvas_height": ph, "canvas_width": pw}]
+    assert get_preprocessor("openpose").makes_poses and not get_preprocessor("canny").makes_poses

@@ -255,3 +255,33 @@ def test_module_detail_as_the_extension():
     assert "dw_openpose_full" in types["OpenPose"]["module_list"]
     assert types["OpenPose"]["default_option"] == "openpose_full"
     assert PREPROCESSORS["dw_openpose_full"].priority == 0 and not PREPROCESSORS["dw_openpose_full"].fn.needs_aux
+
+
+@pytest.mark.parametrize("h, w, res", [(192, 256, 128), (300, 200, 512)])
+def test_pose_json_is_the_people_on_the_map(tmp_path, annotators_env, h, w, res):
+    """The pose JSON (the extension's ``poses`` of /controlnet/detect, annotator/openpose encode_poses_as_json):
+    the canvas is the padded image DWPose ran on, keypoints in its pixels (as the extension's DWPose gives them)
+    as [x, y, 1.0], an absent keypoint [0, 0, 0], an absent part null, the face's 68 points plus the two eyes;
+    drawn back by /controlnet/render_openpose_json's renderer and cropped, it is the detected map itself."""
+    from engine.controlnet.openpose import render_pose
+
+    pre = get_preprocessor("dw_openpose_full")
+    (ph, pw), (oh, ow) = pre.sizes(h, w, res)
+    r = _letterbox_scale(ph, pw)
+    _files(tmp_path, [(tuple(v * r for v in _scaled(ds.PERSON_BOX, ow, oh)), 0.95, PERSON, 0.95, 32)])
+    annotators_env(tmp_path)
+    at = _expected(h, w)
+    poses = []
+    out = pre(ds.dots(h, w, at, max(3, min(h, w) // 30)), res, pose_callback=poses.append)
+    [pose] = poses
+    assert (pose["canvas_height"], pose["canvas_width"]) == (ph, pw) and pose["animals"] == []
+    [person] = pose["people"]
+    body = person["pose_keypoints_2d"]
+    assert len(body) == 18 * 3 and len(person["face_keypoints_2d"]) == 70 * 3
+    assert person["hand_right_keypoints_2d"] is None and len(person["hand_left_keypoints_2d"]) == 21 * 3
+    nose = np.array(body[0:3])
+    expected = [(at[ds.NOSE][0] + 0.5) * ow / w - 0.5, (at[ds.NOSE][1] + 0.5) * oh / h - 0.5]
+    assert nose[2] == 1.0 and np.abs(nose[:2] - expected).max() <= 2.0  # pixels, not fractions
+    assert body[3 * 3:3 * 3 + 3] == [0.0, 0.0, 0.0]  # the right elbow: absent
+    assert person["face_keypoints_2d"][-6:] == body[14 * 3:16 * 3]  # the eyes appended to the face
+    np.testing.assert_array_equal(render_pose(pose)[:oh, :ow], out)

@@ -268,6 +268,7 @@ def test_detect_out_of_range_and_default_params(server):
     r = server.post("/controlnet/detect", {**body, "controlnet_threshold_a": -100, "controlnet_threshold_b": -100,
                                            "controlnet_processor_res": -100})
     assert r.status_code == 200, r.text
+    assert list(r.json()) == ["info", "images"]  # the extension's keys: no "poses" for a module that is not openpose
     reference = server.post("/controlnet/detect", {**body, "controlnet_threshold_a": 100,
                                                    "controlnet_threshold_b": 200, "controlnet_processor_res": 512})
     assert np.array_equal(_pixels(r.json()["images"][0]), _pixels(reference.json()["images"][0]))
@@ -404,8 +405,13 @@ def test_dw_openpose_full_through_the_server(server):
                                            "controlnet_input_images": [_png(image)]})
     assert r.status_code == 200, r.text
     got = _pixels(r.json()["images"][0])
-    assert np.array_equal(got, PREPROCESSORS["dw_openpose_full"](image, 128, models_dir=models))
+    poses = []
+    assert np.array_equal(got, PREPROCESSORS["dw_openpose_full"](image, 128, models_dir=models,
+                                                                 pose_callback=poses.append))
     assert tuple(got[dots[ds.NOSE][1], dots[ds.NOSE][0]]) == (255, 0, 0)
+    # the extension's "poses": the pose JSON of each image, as the engine finds it in this process
+    assert list(r.json()) == ["info", "poses", "images"] and r.json()["poses"] == poses
+    assert len(poses[0]["people"]) == 1
     images = server.generate("txt2img", txt2img([unit(image=_png(image), module="dw_openpose_full",
                                                       pixel_perfect=False, processor_res=64)]))
     detected = PREPROCESSORS["dw_openpose_full"](image, 64, models_dir=models)

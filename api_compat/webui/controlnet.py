@@ -145,6 +145,11 @@ class ControlNetRoutes(RouteSet):
             # validated (and the images decoded) on a thread: the submit is as heavy as a txt2img with units
             result = await self.run_task(request, "detect", self.service.controlnet_detect, body, track=False)
             images = await self.images_of(result["_task_id"], len(result.get("images") or []))
-            return {"images": images, "info": "Success"}
+            answer: dict[str, Any] = {"info": "Success"}
+            poses = (result.get("info") or {}).get("poses")
+            if poses:  # the extension's: the openpose modules' pose JSON, one per image, before the images
+                answer["poses"] = poses
+            answer["images"] = images
+            return answer
         except ApiError as exc:
             return self.failure(exc)

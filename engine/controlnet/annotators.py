@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import InvalidRequest, MissingDependency, ModelError
+from engine.controlnet.openpose import draw_people, pose_json
 
 log = logging.getLogger(__name__)
 
@@ -529,8 +530,18 @@ class ModelRunner:
         dependency)."""
         return self.kind != "dwpose"
 
-    def __call__(self, img, res, a, b, models_dir=None):
+    @property
+    def makes_poses(self) -> bool:
+        """Whether it finds people whose keypoints it can give as pose JSON (the openpose modules, DWPose)."""
+        return self.kind in ("openpose", "dwpose")
+
+    def __call__(self, img, res, a, b, models_dir=None, pose_callback=None):
+        """The map of ``img``. ``pose_callback`` (the extension's ``json_pose_callback``; :attr:`makes_poses`
+        runners only): called with the pose JSON of the people found (engine.controlnet.openpose.pose_json), on
+        the padded image the network ran on."""
         opts = dict(self.options)
+        if self.makes_poses:
+            opts["pose_callback"] = pose_callback
         paths = []
         for weight in self.weights:
             path = find_weight(weight, models_dir)
@@ -574,10 +585,16 @@ class ModelRunner:
         by_name = {w.name: p for w, p in zip(self.weights, paths)}
         files = (by_name.get(OPENPOSE_BODY.name), by_name.get(OPENPOSE_HAND.name), by_name.get(OPENPOSE_FACE.name))
         det = LOADED.get(load_openpose, files)
-        return _padded_call(img, res, lambda x, s: det(x, detect_resolution=s, image_resolution=s,
-                                                       include_body=opts.get("body", True),
-                                                       include_hand=opts.get("hand", False),
-                                                       include_face=opts.get("face", False), output_type="np"))
+        hand, face = opts.get("hand", False), opts.get("face", False)
+
+        def run(x, s):  # controlnet_aux's OpenposeDetector.__call__ at the padded size (its resizes are identities)
+            poses = det.detect_poses(x, hand, face)
+            if opts.get("pose_callback"):
+                opts["pose_callback"](pose_json([_openpose_person(p) for p in poses], *x.shape[:2]))
+            return aux("open_pose").draw_poses(poses, *x.shape[:2], draw_body=opts.get("body", True),
+                                               draw_hand=hand, draw_face=face)
+
+        return _padded_call(img, res, run)
 
     def _run_leres(self, img, res, a, b, paths, opts):
         if not opts.get("boost", False):
@@ -590,12 +607,28 @@ class ModelRunner:
 
     def _run_dwpose(self, img, res, a, b, paths, opts):
         det = LOADED.get(load_dwpose, tuple(paths))
-        return _padded_call(img, res, lambda x, s: det(x))
+
+        def run(x, s):
+            people = det.detect(x)
+            if opts.get("pose_callback"):
+                opts["pose_callback"](pose_json(people, *x.shape[:2]))
+            return draw_people(people, *x.shape[:2])
+
+        return _padded_call(img, res, run)
 
     def _run_normal_bae(self, img, res, a, b, paths, opts):
         det = LOADED.get(load_normal_bae, tuple(paths))
         return _padded_call(img, res, lambda x, s: det(x, detect_resolution=s, image_resolution=s,
                                                        output_type="np"))
+
+
+def _openpose_person(pose) -> dict:
+    """controlnet_aux's ``PoseResult`` as the parts of an OpenPose person (keypoints ``(x, y)`` or None)."""
+    def points(keypoints):
+        return None if keypoints is None else [None if k is None else (k.x, k.y) for k in keypoints]
+
+    return {"pose_keypoints_2d": points(pose.body.keypoints), "hand_left_keypoints_2d": points(pose.left_hand),
+            "hand_right_keypoints_2d": points(pose.right_hand), "face_keypoints_2d": points(pose.face)}
 
 
 def runner(kind: str, *weights: WeightFile, **options: bool) -> ModelRunner:

@@ -148,6 +148,26 @@ def draw_people(people: list[dict[str, Keypoints | None]], height: int, width: i
     return canvas
 
 
+def pose_json(people: list[dict[str, Keypoints | None]], height: int, width: int) -> dict[str, Any]:
+    """People (as :func:`draw_people` takes them) as the pose JSON the extension's ``/controlnet/detect`` returns
+    for its openpose modules (annotator/openpose ``encode_poses_as_json``): per person the four parts as flat
+    ``[x, y, 1.0, ...]`` lists, an absent keypoint ``[0.0, 0.0, 0.0]``, an absent part null; ``animals`` empty;
+    the canvas is the image the detector ran on. Coordinates are passed as they are: the openpose modules'
+    fractions of the canvas, DWPose's pixels (as the extension's; :func:`parse_pose` reads both)."""
+
+    def flat(points: Keypoints | None) -> list[float] | None:
+        if not points:
+            return None
+        return [v for point in points
+                for v in ((float(point[0]), float(point[1]), 1.0) if point is not None else (0.0, 0.0, 0.0))]
+
+    return {"people": [{"pose_keypoints_2d": flat(person.get("pose_keypoints_2d")),
+                        "face_keypoints_2d": flat(person.get("face_keypoints_2d")),
+                        "hand_left_keypoints_2d": flat(person.get("hand_left_keypoints_2d")),
+                        "hand_right_keypoints_2d": flat(person.get("hand_right_keypoints_2d"))} for person in people],
+            "animals": [], "canvas_height": int(height), "canvas_width": int(width)}
+
+
 def render_pose(pose: Any, field: str = "pose_data[0]") -> np.ndarray:
     """One pose JSON drawn on a black canvas of its size: RGB uint8 (H, W, 3)."""
     height, width, people = parse_pose(pose, field)

@@ -167,16 +167,25 @@ class Preprocessor:
         if self.model_based:
             _ann.check_available(self.fn.weights, self.label or self.name, field, models_dir, self.fn.needs_aux)
 
+    @property
+    def makes_poses(self) -> bool:
+        """Whether it gives the people it found as pose JSON (the openpose modules and DWPose; the extension's
+        ``/controlnet/detect`` returns it as ``poses``)."""
+        return self.model_based and self.fn.makes_poses
+
     def __call__(self, image: np.ndarray, processor_res: float = -1, threshold_a: float = -1,
-                 threshold_b: float = -1, exact_res: int | None = None, models_dir=None) -> np.ndarray:
+                 threshold_b: float = -1, exact_res: int | None = None, models_dir=None,
+                 pose_callback=None) -> np.ndarray:
         """Run on an RGB uint8 image. ``exact_res`` (pixel perfect) is used as is, without the range check.
-        ``models_dir``: where a model-based preprocessor's files are searched (annotators.search_dirs)."""
+        ``models_dir``: where a model-based preprocessor's files are searched (annotators.search_dirs).
+        ``pose_callback``: called with the pose JSON of the people found (:attr:`makes_poses` only)."""
         res, a, b = self.resolve(processor_res, threshold_a, threshold_b)
         if exact_res is not None and res is not None:
             res = max(1, int(exact_res))
         image = hwc3(np.asarray(image))
         if self.model_based:
-            return hwc3(np.ascontiguousarray(self.fn(image, res, a, b, models_dir=models_dir)))
+            return hwc3(np.ascontiguousarray(self.fn(image, res, a, b, models_dir=models_dir,
+                                                     pose_callback=pose_callback)))
         return hwc3(np.ascontiguousarray(self.fn(image, res, a, b)))
 
 
