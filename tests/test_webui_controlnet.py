@@ -391,6 +391,20 @@ def test_model_based_preprocessors_through_the_server(server):
     assert {"openpose_full", "openpose"} <= set(types["OpenPose"]["module_list"])
 
 
+def test_dw_openpose_full_poses_through_both_backends(any_server):
+    """The detect answer's ``poses`` travel in the task's info: the same from a Celery worker as embedded."""
+    from tests import dwpose_support as ds
+
+    dots = {g: (round(x * 96), round(y * 96)) for g, (x, y) in ds.LAYOUT.items()}
+    image = ds.dots(96, 96, dots, 3)
+    poses = []
+    PREPROCESSORS["dw_openpose_full"](image, 96, models_dir=any_server.root / "models", pose_callback=poses.append)
+    r = any_server.post("/controlnet/detect", {"controlnet_module": "dw_openpose_full", "controlnet_processor_res": 96,
+                                               "controlnet_input_images": [_png(image), _png(image)]})
+    assert r.status_code == 200, r.text
+    assert r.json()["poses"] == poses * 2 and len(r.json()["images"]) == 2
+
+
 def test_dw_openpose_full_through_the_server(server):
     """dw_openpose_full (DWPose's two files in the server's models/ControlNetPreprocessor/) through
     /controlnet/detect and a txt2img unit: the maps the engine makes in this process from the same folder, with
