@@ -113,6 +113,7 @@ def _write_random_weights(root: Path) -> None:
 
     hed = _randomize(aux("hed").ControlNetHED_Apache2(), 1)
     save("hed", "ControlNetHED.pth", hed.state_dict())
+    save("TEED", "7_model.pth", _randomize(aux("teed").TED(), 11).state_dict())
     large = _randomize(aux("mlsd").MobileV2_MLSD_Large(), 2)
     save("mlsd", "mlsd_large_512_fp32.pth", large.state_dict())
     lineart = aux("lineart")
@@ -156,6 +157,8 @@ def _reference(module: str, folder: Path):
         return det, {"safe": module == "pidinet_safe", "apply_filter": module == "pidinet_sketch"}
     if module in ("hed", "hed_safe", "scribble_hed"):
         return aux("hed").HEDdetector.from_pretrained(str(folder / "hed")), {"safe": module == "hed_safe"}
+    if module == "softedge_teed":  # the extension's annotator/teed TEEDDetector is the same code
+        return aux("teed").TEEDdetector.from_pretrained(str(folder / "TEED"), "7_model.pth"), {"safe_steps": 2}
     if module == "mlsd":
         mlsd = aux("mlsd")
         if (folder / "mlsd" / "mlsd_large_512_fp32.pth").is_file():
@@ -180,7 +183,10 @@ def _reference(module: str, folder: Path):
 
 def _reference_map(module, folder, image, res):
     det, kwargs = _reference(module, folder)
-    call = lambda x, s: det(x, detect_resolution=s, image_resolution=s, output_type="np", **kwargs)  # noqa: E731
+    if module == "softedge_teed":  # no image_resolution: its map comes back at its input's size
+        call = lambda x, s: det(x, detect_resolution=s, output_type="np", **kwargs)  # noqa: E731
+    else:
+        call = lambda x, s: det(x, detect_resolution=s, image_resolution=s, output_type="np", **kwargs)  # noqa: E731
     out = _reference_padded(call, image, res)
     if module in ("pidinet_scribble", "scribble_hed"):  # the extension's scribble post-processing, after the crop
         import cv2
@@ -194,7 +200,7 @@ def _reference_map(module, folder, image, res):
 
 # openpose_full stands for its family (the same detector, flags only; the random pose networks find no one, see
 # random_dir); the heavy networks run on one image
-RANDOM_MODULES = ("hed", "hed_safe", "scribble_hed", "mlsd", "lineart", "lineart_coarse", "lineart_anime",
+RANDOM_MODULES = ("hed", "hed_safe", "scribble_hed", "softedge_teed", "mlsd", "lineart", "lineart_coarse", "lineart_anime",
                   "normal_bae", "openpose_full")
 HEAVY = ("normal_bae", "openpose_full")
 
@@ -238,9 +244,14 @@ def test_openpose_files_load_as_the_reference(random_dir):
 def test_random_weight_maps_are_not_trivial(random_dir, annotators_env):
     """The random networks give maps that vary (a constant map would make the equality above vacuous)."""
     annotators_env(random_dir)
-    for module in ("hed", "lineart", "normal_bae", "mlsd"):
+    for module in ("hed", "lineart", "normal_bae", "mlsd", "softedge_teed"):
         out = get_preprocessor(module)(_scene(64, 128), 64)
         assert out.std() > 0 or module == "mlsd", module
+    # softedge_teed's Safe Steps (threshold_a) reach the network's post-processing (0: no quantisation)
+    teed = get_preprocessor("te_hed")  # the module's former name
+    assert teed.name == "softedge_teed"
+    raw, stepped = teed(_scene(64, 128), 64, 0), teed(_scene(64, 128), 64, 2)
+    assert len(np.unique(stepped)) < len(np.unique(raw))
 
 
 @pytest.mark.parametrize("module", ["hed", "lineart", "mlsd"])

@@ -75,6 +75,7 @@ OPENPOSE_BODY = WeightFile("openpose", "body_pose_model.pth", size_mb=209.3)
 OPENPOSE_HAND = WeightFile("openpose", "hand_pose_model.pth", size_mb=147.3)
 OPENPOSE_FACE = WeightFile("openpose", "facenet.pth", size_mb=153.7)
 NORMAL_BAE = WeightFile("normal_bae", "scannet.pt", size_mb=291.5)
+TEED = WeightFile("TEED", "7_model.pth", size_mb=0.3)  # softedge_teed (the extension's annotator/teed)
 LERES = WeightFile("leres", "res101.pth", size_mb=530.0)
 LERES_BOOST = WeightFile("leres", "latest_net_G.pth", size_mb=303.5)  # depth_leres++'s merge network
 # DWPose (dw_openpose_full): ONNX files, run through onnxruntime (engine.controlnet.dwpose)
@@ -300,6 +301,11 @@ def load_hed(path: Path):
     return hed.HEDdetector(_load(hed.ControlNetHED_Apache2(), read_weights(path), path, "ControlNet HED"))
 
 
+def load_teed(path: Path):
+    teed = aux("teed")
+    return teed.TEEDdetector(_load(teed.TED(), read_weights(path), path, "TEED"))
+
+
 def load_mlsd(path: Path):
     mlsd = aux("mlsd")
     if "tiny" in path.name:
@@ -513,7 +519,7 @@ def _scribble(edge: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class ModelRunner:
     """``fn(img, res, thr_a, thr_b, models_dir=...)`` of a model-based preprocessor: the files it needs, how it
-    is loaded and run. ``kind``: pidinet / hed / mlsd / lineart / lineart_anime / openpose / normal_bae / leres /
+    is loaded and run. ``kind``: pidinet / hed / teed / mlsd / lineart / lineart_anime / openpose / normal_bae / leres /
     dwpose; ``options``: the module's flags (safe, scribble, filter, coarse, hand, face, body, boost)."""
 
     kind: str
@@ -565,6 +571,10 @@ class ModelRunner:
         edge = _padded_call(img, res, lambda x, s: det(x, detect_resolution=s, image_resolution=s,
                                                        safe=opts.get("safe", False), output_type="np"))
         return _scribble(edge) if opts.get("scribble") else edge
+
+    def _run_teed(self, img, res, a, b, paths, opts):
+        det = LOADED.get(load_teed, tuple(paths))
+        return _padded_call(img, res, lambda x, s: det(x, detect_resolution=s, safe_steps=int(a), output_type="np"))
 
     def _run_mlsd(self, img, res, a, b, paths, opts):
         det = LOADED.get(load_mlsd, tuple(paths))

@@ -3,7 +3,7 @@
 
 The registry :data:`PREPROCESSORS` maps the extension's module names to :class:`Preprocessor` objects;
 :data:`ALIASES` maps the extension's UI labels ("invert (from white bg & black line)", "t2ia_color_grid",
-...) to them. Model-based preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres,
+...) to them. Model-based preprocessors (softedge incl. teed, scribble, mlsd, lineart, openpose, normal_bae, depth_leres,
 depth_leres++) run controlnet_aux's networks, dw_openpose_full DWPose's ONNX files (engine.controlnet.dwpose), on
 files read from disk, never downloaded: one whose file is missing is listed, and a
 request for it is an :class:`InvalidRequest` naming the file and where to put it
@@ -333,6 +333,8 @@ PREPROCESSORS: dict[str, Preprocessor] = {
                      tags=("SoftEdge",)),
         Preprocessor("scribble_hed", runner("hed", _ann.HED, scribble=True), _RES, resize="pad",
                      tags=("Scribble",)),
+        Preprocessor("softedge_teed", runner("teed", _ann.TEED), _RES, _slider(2, 0, 10, "Safe Steps", 1),
+                     resize="pad", tags=("SoftEdge",)),
         Preprocessor("mlsd", runner("mlsd", _ann.MLSD), _RES, _slider(0.1, 0.01, 2.0, "MLSD Value Threshold"),
                      _slider(0.1, 0.01, 20.0, "MLSD Distance Threshold"), resize="pad", tags=("MLSD",),
                      priority=100),
@@ -421,7 +423,7 @@ _LABELS_NOT_RUN: dict[str, str] = {
     "clip_vision": "t2ia_style_clipvision", "inpaint": "inpaint_global_harmonious",
     "densepose": "densepose (pruple bg & purple torso)", "densepose_parula": "densepose_parula (black bg & blue torso)",
 }
-_OLD_NAMES = ("te_hed",)  # a former label of softedge_teed, accepted in requests (refused the same way), not listed
+_OLD_NAMES = {"te_hed": "softedge_teed"}  # former names, accepted in requests, not listed
 _MODEL_FREE_NOT_RUN = ("reference_adain", "reference_adain+attn")  # the extension's do_not_need_model
 
 
@@ -463,7 +465,7 @@ def available() -> list[str]:
 def get_preprocessor(module: str | None, field: str = "module") -> Preprocessor:
     """The preprocessor for a webui module name or label; unknown or unavailable is an InvalidRequest."""
     name = "none" if module is None else str(module)
-    name = ALIASES.get(name, name)
+    name = ALIASES.get(name, _OLD_NAMES.get(name, name))
     if name in PREPROCESSORS:
         return PREPROCESSORS[name]
     allowed = ", ".join(available())
