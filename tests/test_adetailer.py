@@ -503,6 +503,8 @@ def test_the_celery_backend_makes_the_embedded_image(models_dir, service, tmp_pa
     import subprocess
     import sys
 
+    from tests.api_support import wait_healthy
+
     serve = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port), "--queue", url,
                               "--results-dir", str(results), "--models-dir", str(models_dir), "--backend", "torch"],
                              cwd=ROOT, env=env, stdout=open(tmp_path / "serve.log", "ab"), stderr=subprocess.STDOUT,
@@ -512,15 +514,7 @@ def test_the_celery_backend_makes_the_embedded_image(models_dir, service, tmp_pa
         worker.wait_ready(client)
         client.close()
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            end = time.monotonic() + 60
-            while True:
-                try:
-                    if http.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert serve.poll() is None and time.monotonic() < end, (tmp_path / "serve.log").read_text()[-3000:]
-                time.sleep(0.2)
+            wait_healthy(f"http://127.0.0.1:{port}", serve, lambda: (tmp_path / "serve.log").read_text()[-3000:])
             task = http.post("/scc/sd_img2img", json=payload).json()["taskId"]
             end = time.monotonic() + 300
             while time.monotonic() < end:

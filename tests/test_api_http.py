@@ -24,7 +24,7 @@ from PIL import Image
 
 from api_compat import TaskService
 from api_compat.http import create_app
-from tests.api_support import EngineDouble, png_b64, png_infotext, png_pixels, png_seed, tiny_engine  # noqa: F401
+from tests.api_support import EngineDouble, png_b64, png_infotext, png_pixels, png_seed, tiny_engine, wait_healthy  # noqa: F401
 from tests.queue_support import queue_workers, redis_server  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -375,15 +375,7 @@ def test_sdengine_serve_subprocess(tmp_path, tiny_store):
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10, headers={"X-API-Key": "k"}) as http:
-            end = time.monotonic() + 30
-            while True:
-                try:
-                    if http.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < end and proc.poll() is None, "sdengine serve did not come up"
-                time.sleep(0.1)
+            wait_healthy(f"http://127.0.0.1:{port}", proc, lambda: "sdengine serve did not come up", 30, 0.1)
             assert http.post("/scc/sd_txt2img", json={}, headers={"X-API-Key": "wrong"}).status_code == 401
             r = http.post("/scc/sd_txt2img", json={"stable_diffusion_model": "nope", "steps": 1})
             assert r.status_code == 422 and r.json()["error"]["code"] == "model_not_found"

@@ -21,7 +21,7 @@ import pytest
 
 from api_compat import ApiError, TaskService
 from engine.memory import Architecture, architecture_of, estimate, estimate_request, largest_fitting
-from tests.api_support import double_factory
+from tests.api_support import double_factory, wait_healthy
 
 needs_openvino = pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None,
                                     reason="the openvino extra is part of the dev extra")
@@ -185,15 +185,7 @@ def test_server_under_an_address_space_cap(tmp_path, tiny_store):
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=limit)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            end = time.monotonic() + 60
-            while True:
-                try:
-                    if http.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < end and proc.poll() is None, "sdengine serve did not come up"
-                time.sleep(0.2)
+            wait_healthy(f"http://127.0.0.1:{port}", proc, lambda: "sdengine serve did not come up")
             m = {"stable_diffusion_model": "tiny-sd1", "steps": 1}
             refused = [
                 ({**m, "width": 1024, "height": 1024}, "width"),

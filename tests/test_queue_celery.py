@@ -23,7 +23,7 @@ import pytest
 
 from api_compat import ApiError, TaskService
 from engine.request import GenerationRequest
-from tests.api_support import png_pixels, png_seed, tiny_engine  # noqa: F401 (fixture)
+from tests.api_support import png_pixels, png_seed, tiny_engine, wait_healthy  # noqa: F401 (fixture)
 from tests.queue_support import (ROOT, QueueDouble, RedisServer, WorkerProcess, free_port, pool_pid,  # noqa: F401
                                  queue_workers, record, redis_server, wait_until)
 
@@ -170,15 +170,8 @@ def _serve(url, port, results, models, log, *extra):
 
 
 def _wait_http(http, proc, log):
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        assert proc.poll() is None, Path(log).read_text()[-3000:]
-        try:
-            if http.get("/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError(f"sdengine serve did not come up: {Path(log).read_text()[-3000:]}")
+    wait_healthy(str(http.base_url).rstrip("/"), proc,
+                 lambda: f"sdengine serve did not come up: {Path(log).read_text()[-3000:]}", 60, 0.1)
 
 
 def poll_all(http, ids, timeout):
