@@ -182,6 +182,9 @@ def main(argv=None) -> int:
                  f"{args.new_size}: static (reshape + compile + run) {dynamic['first_new_static_s']:.1f} s, dynamic "
                  f"{dynamic['first_new_dynamic_s']:.1f} s; warm there: static {dynamic['warm_new_static_s']:.2f} s, "
                  f"dynamic {dynamic['warm_new_dynamic_s']:.2f} s.\n")
+    # the record names the workdir WORKDIR: no machine path in a committed document (its log lines quote paths)
+    for path in sorted({str(workdir.resolve()), str(workdir)}, key=len, reverse=True):
+        text = text.replace(path, "WORKDIR")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
