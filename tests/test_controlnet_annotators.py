@@ -577,7 +577,9 @@ def test_openpose_pose_json_draws_back_as_controlnet_aux_draws_the_people():
 
     body = points(18)
     body[4] = body[9] = None  # absent joints
-    people = [op.PoseResult(body_mod.BodyResult(body, 10.0, 16), points(21), None, points(70)),
+    hand = points(21)
+    hand[7] = kp(-1 / w, -1 / h)  # a hand point not found: detect_hands gives -1 px as a fraction (not drawn)
+    people = [op.PoseResult(body_mod.BodyResult(body, 10.0, 16), hand, None, points(70)),
               op.PoseResult(body_mod.BodyResult(points(18), 12.0, 18), None, points(21), None)]
     pose = pose_json([annotators._openpose_person(p) for p in people], h, w)
     assert (pose["canvas_height"], pose["canvas_width"], pose["animals"]) == (h, w, [])
@@ -585,6 +587,7 @@ def test_openpose_pose_json_draws_back_as_controlnet_aux_draws_the_people():
     assert first["pose_keypoints_2d"][4 * 3:5 * 3] == [0.0, 0.0, 0.0]
     assert first["pose_keypoints_2d"][:3] == [body[0].x, body[0].y, 1.0]
     assert first["hand_right_keypoints_2d"] is None and second["face_keypoints_2d"] is None
+    assert first["hand_left_keypoints_2d"][7 * 3:8 * 3] == [-1 / w, -1 / h, 1.0]  # as the extension's JSON has it
     assert len(first["face_keypoints_2d"]) == 70 * 3
     np.testing.assert_array_equal(render_pose(pose), op.draw_poses(people, h, w))
 
