@@ -79,6 +79,8 @@ LERES_BOOST = WeightFile("leres", "latest_net_G.pth", size_mb=303.5)  # depth_le
 # DWPose (dw_openpose_full): ONNX files, run through onnxruntime (engine.controlnet.dwpose)
 DWPOSE_DETECTOR = WeightFile("openpose", "yolox_l.onnx", size_mb=207.0)
 DWPOSE_ESTIMATOR = WeightFile("openpose", "dw-ll_ucoco_384.onnx", size_mb=128.0)
+# MiDaS DPT-Hybrid (depth / normal_map): run with transformers' DPT (engine.controlnet.midas), no controlnet_aux
+MIDAS = WeightFile("midas", "dpt_hybrid-midas-501f0c75.pt", size_mb=469.9)
 
 
 def search_dirs(models_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -429,6 +431,13 @@ def load_dwpose(detector: Path, estimator: Path):
     return DWPose.from_files(detector, estimator)
 
 
+def load_midas(path: Path):
+    """MiDaS DPT-Hybrid in transformers' DPT, the file's keys mapped (engine.controlnet.midas)."""
+    from engine.controlnet import midas
+
+    return midas.build(read_weights(path), path)
+
+
 # ------------------------------------------------------------------------------------------ the cache
 
 
@@ -525,9 +534,9 @@ class ModelRunner:
 
     @property
     def needs_aux(self) -> bool:
-        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, a core
-        dependency)."""
-        return self.kind != "dwpose"
+        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, MiDaS transformers'
+        DPT: core dependencies)."""
+        return self.kind not in NO_AUX_KINDS
 
     def __call__(self, img, res, a, b, models_dir=None):
         opts = dict(self.options)
@@ -596,6 +605,25 @@ class ModelRunner:
         det = LOADED.get(load_normal_bae, tuple(paths))
         return _padded_call(img, res, lambda x, s: det(x, detect_resolution=s, image_resolution=s,
                                                        output_type="np"))
+
+
+    def _run_midas(self, img, res, a, b, paths, opts):
+        """The extension's midas / midas_normal (its legacy processor): the padded image through apply_midas
+        (normal_map: thr_a is the background threshold; depth: the default 0.1, unused), the padding cropped."""
+        from engine.controlnet import midas
+
+        net = LOADED.get(load_midas, tuple(paths))
+        normal = opts.get("normal", False)
+
+        def run(x, side):
+            depth_image, normal_image = midas.apply_midas(midas.depth(net, x), bg_th=a if normal else 0.1)
+            return normal_image if normal else depth_image
+
+        return _padded_call(img, res, run)
+
+
+NO_AUX_KINDS = {"dwpose"}  # runners that need no controlnet_aux
+NO_AUX_KINDS.add("midas")
 
 
 def runner(kind: str, *weights: WeightFile, **options: bool) -> ModelRunner:
