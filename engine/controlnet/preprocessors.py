@@ -4,7 +4,8 @@
 The registry :data:`PREPROCESSORS` maps the extension's module names to :class:`Preprocessor` objects;
 :data:`ALIASES` maps the extension's UI labels ("invert (from white bg & black line)", "t2ia_color_grid",
 ...) to them. Model-based preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres,
-depth_leres++) run controlnet_aux's networks, dw_openpose_full DWPose's ONNX files (engine.controlnet.dwpose), on
+depth_leres++) run controlnet_aux's networks, dw_openpose_full DWPose's ONNX files (engine.controlnet.dwpose),
+depth_midas / normal_midas MiDaS in transformers' DPT (engine.controlnet.midas), on
 files read from disk, never downloaded: one whose file is missing is listed, and a
 request for it is an :class:`InvalidRequest` naming the file and where to put it
 (:meth:`Preprocessor.check_available`); the other model-based modules of the extension are refused naming why.
