@@ -27,7 +27,7 @@ from core.errors import InvalidRequest, ModelError  # noqa: E402
 from engine.controlnet import annotators, midas  # noqa: E402
 from engine.controlnet.images import resize_image_with_pad  # noqa: E402
 from engine.controlnet.preprocessors import PREPROCESSORS, get_preprocessor  # noqa: E402
-from tests.midas_support import FILE_NAME, original_layout, random_state  # noqa: E402
+from tests.midas_support import FILE_NAME, original_layout  # noqa: E402
 from tests.weights_support import WEIGHTS  # noqa: E402
 
 

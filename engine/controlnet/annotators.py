@@ -1,12 +1,13 @@
 """Model-based ControlNet preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres,
-depth_leres++, depth_midas and normal_midas), run with the networks of ``controlnet_aux`` (the library these annotators are maintained in; the
-``annotators`` extra) as sd-webui-controlnet runs them (scripts/preprocessor/legacy/processor.py): the input's
-short side resized to ``processor_res`` and padded to multiples of 64 (``resize_image_with_pad``), the network
-run on that, the padding cropped off, then the module's post-processing (the scribble modules' NMS + blur +
-threshold on the cropped map). dw_openpose_full runs DWPose's two ONNX files through onnxruntime the same way
-(engine.controlnet.dwpose; no controlnet_aux: its DWPose needs mmpose). depth_midas / normal_midas run MiDaS
-DPT-Hybrid with transformers' DPT on the extension's file, its keys mapped (engine.controlnet.midas; no
-controlnet_aux: its MiDaS needs timm, which needs torchvision).
+depth_leres++, depth_midas and normal_midas), run with the networks of ``controlnet_aux`` (the library these
+annotators are maintained in; the ``annotators`` extra) as sd-webui-controlnet runs them
+(scripts/preprocessor/legacy/processor.py): the input's short side resized to ``processor_res`` and padded to
+multiples of 64 (``resize_image_with_pad``), the network run on that, the padding cropped off, then the module's
+post-processing (the scribble modules' NMS + blur + threshold on the cropped map). dw_openpose_full runs
+DWPose's two ONNX files through onnxruntime the same way (engine.controlnet.dwpose; no controlnet_aux: its
+DWPose needs mmpose). depth_midas / normal_midas run MiDaS DPT-Hybrid with transformers' DPT on the extension's
+file, its keys mapped (engine.controlnet.midas; no controlnet_aux: its MiDaS needs timm, which needs
+torchvision).
 
 Weights are read where users keep them, never downloaded (:func:`search_dirs`): ``$SDENGINE_ANNOTATORS_DIR``
 (one or more folders, ``os.pathsep``-separated), Forge's ``{models_dir}/ControlNetPreprocessor/``, and the
