@@ -421,7 +421,7 @@ def test_dw_openpose_full_through_the_server(server):
 def test_midas_through_the_server(server):
     """depth_midas and normal_midas (random weights of the real DPT-Hybrid in the server's
     models/ControlNetPreprocessor/midas/) through /controlnet/detect (the normal background threshold as
-    controlnet_threshold_a) and a txt2img unit: the maps the engine makes in this process from the same folder;
+    controlnet_threshold_a), a txt2img unit and an img2img unit: the maps the engine makes in this process from the same folder;
     module_detail has the extension's sliders."""
     from engine.controlnet.images import fit_detected_map
 
@@ -438,6 +438,11 @@ def test_midas_through_the_server(server):
                                                       processor_res=64)]))
     detected = PREPROCESSORS["depth"](image, 64, models_dir=models)
     assert len(images) == 2 and np.array_equal(images[1], fit_detected_map(detected, "Crop and Resize", 64, 64))
+    # img2img: the unit takes the init image; normal_midas's threshold_a is its background threshold
+    images = server.generate("img2img", img2img([unit(module="normal_midas", pixel_perfect=False, processor_res=64,
+                                                      threshold_a=0.2)]))
+    detected = PREPROCESSORS["normal_map"](_picture(), 64, 0.2, models_dir=models)
+    assert len(images) == 2 and np.array_equal(images[1], fit_detected_map(detected, "Just Resize", 64, 64))
     detail = server.get("/controlnet/module_list?alias_names=true").json()["module_detail"]
     assert detail["depth_midas"] == {"model_free": False, "sliders": [
         {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]}
