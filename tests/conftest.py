@@ -96,3 +96,17 @@ def annotators_env(monkeypatch):
 
     yield use
     annotators.LOADED.clear()
+
+
+@pytest.fixture(scope="session")
+def midas_dir(tmp_path_factory):
+    """An annotator downloads folder with ``midas/dpt_hybrid-midas-501f0c75.pt``: random weights of the real MiDaS
+    DPT-Hybrid in the original layout (tests/midas_support.py; 246 MB, fp16), made once per session."""
+    import shutil
+
+    from tests.midas_support import write_random_file
+
+    root = tmp_path_factory.mktemp("midas")
+    write_random_file(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

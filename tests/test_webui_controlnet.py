@@ -159,7 +159,7 @@ class Server:
             self.proc.wait(10)
 
 
-def _store(root: Path) -> None:
+def _store(root: Path, midas_dir: Path | None = None) -> None:
     (root / "models" / "ControlNet").mkdir(parents=True)
     shutil.copyfile(BUNDLED / "ControlNet" / "sdengine-demo-canny.safetensors",
                     root / "models" / "ControlNet" / f"{CN_NAME}.safetensors")
@@ -173,12 +173,16 @@ def _store(root: Path) -> None:
     box = tuple(v * 640 for v in ds.PERSON_BOX)
     ds.detector_graph(root / "models" / "ControlNetPreprocessor" / "yolox_l.onnx", [(box, 0.95, 0, 0.95, 32)])
     ds.estimator_graph(root / "models" / "ControlNetPreprocessor" / "dw-ll_ucoco_384.onnx", *ds.person())
+    if midas_dir is not None:  # random weights of the real MiDaS DPT-Hybrid (the session's file, linked)
+        (root / "models" / "ControlNetPreprocessor" / "midas").mkdir()
+        (root / "models" / "ControlNetPreprocessor" / "midas" / "dpt_hybrid-midas-501f0c75.pt").symlink_to(
+            midas_dir / "midas" / "dpt_hybrid-midas-501f0c75.pt")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, demo_cache):
+def server(tmp_path_factory, demo_cache, midas_dir):
     root = tmp_path_factory.mktemp("cn-server")
-    _store(root)
+    _store(root, midas_dir)
     srv = Server(root, "--backend", "onnxruntime", cache_dir=demo_cache)  # the run's demo exports
     yield srv
     srv.stop()
@@ -333,10 +337,10 @@ def test_module_list_has_every_extension_module_and_flags_what_does_not_run(serv
     flagged = [m for m in names["module_list"] if "sdengine_unavailable" in names["module_detail"][m]]
     runs = [m for m in names["module_list"] if m not in flagged]
     assert flagged and names["module_list"] == runs + flagged  # the modules that run come first
-    depth = names["module_detail"]["depth"]
-    assert depth["sliders"] == [] and "timm" in depth["sdengine_unavailable"]
+    depth = names["module_detail"]["oneformer_ade20k"]
+    assert depth["sliders"] == [] and "OneFormer" in depth["sdengine_unavailable"]
     assert names["module_detail"]["reference_adain"]["model_free"] is True
-    r = server.post("/controlnet/detect", {"controlnet_module": "depth_midas", "controlnet_input_images": [PICTURE]})
+    r = server.post("/controlnet/detect", {"controlnet_module": "seg_ofade20k", "controlnet_input_images": [PICTURE]})
     assert r.status_code == 422 and r.json()["error"]["field"] == "controlnet_module"
     assert depth["sdengine_unavailable"] in r.json()["error"]["message"]
     r = server.post("/sdapi/v1/txt2img", txt2img([unit(image=PICTURE, module="seg_ofade20k", model=server.model)]))
@@ -434,6 +438,39 @@ def test_dw_openpose_full_through_the_server(server):
     assert tuple(nose) == (255, 0, 0)
 
 
+def test_midas_through_the_server(server):
+    """depth_midas and normal_midas (random weights of the real DPT-Hybrid in the server's
+    models/ControlNetPreprocessor/midas/) through /controlnet/detect (the normal background threshold as
+    controlnet_threshold_a), a txt2img unit and an img2img unit: the maps the engine makes in this process from the same folder;
+    module_detail has the extension's sliders."""
+    from engine.controlnet.images import fit_detected_map
+
+    models = server.root / "models"
+    image = _picture(72, 96)
+    for module, name, thr in (("depth_midas", "depth", -1), ("normal_midas", "normal_map", 0.2)):
+        r = server.post("/controlnet/detect", {"controlnet_module": module, "controlnet_processor_res": 64,
+                                               "controlnet_threshold_a": thr, "controlnet_input_images": [_png(image)]})
+        assert r.status_code == 200, r.text
+        got = _pixels(r.json()["images"][0])
+        assert got.shape == (64, 85, 3) and got.std() > 0
+        assert np.array_equal(got, PREPROCESSORS[name](image, 64, thr, models_dir=models))
+    images = server.generate("txt2img", txt2img([unit(image=_png(image), module="depth_midas", pixel_perfect=False,
+                                                      processor_res=64)]))
+    detected = PREPROCESSORS["depth"](image, 64, models_dir=models)
+    assert len(images) == 2 and np.array_equal(images[1], fit_detected_map(detected, "Crop and Resize", 64, 64))
+    # img2img: the unit takes the init image; normal_midas's threshold_a is its background threshold
+    images = server.generate("img2img", img2img([unit(module="normal_midas", pixel_perfect=False, processor_res=64,
+                                                      threshold_a=0.2)]))
+    detected = PREPROCESSORS["normal_map"](_picture(), 64, 0.2, models_dir=models)
+    assert len(images) == 2 and np.array_equal(images[1], fit_detected_map(detected, "Just Resize", 64, 64))
+    detail = server.get("/controlnet/module_list?alias_names=true").json()["module_detail"]
+    assert detail["depth_midas"] == {"model_free": False, "sliders": [
+        {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]}
+    assert detail["normal_midas"] == {"model_free": False, "sliders": [
+        {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
+        {"name": "Normal Background Threshold", "value": 0.4, "min": 0.0, "max": 1.0, "step": 0.01}]}
+
+
 def test_control_types(server):
     types = server.get("/controlnet/control_types").json()["control_types"]
     assert set(types) >= {"Canny", "Revision", "Inpaint", "Instant-ID", "InstructP2P", "Shuffle", "Scribble",
@@ -449,8 +486,8 @@ def test_control_types(server):
     assert types["Segmentation"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
                                      "default_model": "None"}
     # a model-based module is listed whether or not its file is installed
-    assert types["Depth"] == {"module_list": ["none", "depth_leres++", "depth_leres"], "model_list": ["None"],
-                              "default_option": "depth_leres++", "default_model": "None"}
+    assert types["Depth"] == {"module_list": ["none", "depth_midas", "depth_leres++", "depth_leres"],
+                              "model_list": ["None"], "default_option": "depth_midas", "default_model": "None"}
     assert types["All"]["model_list"] == ["None", *models]
 
 

@@ -1,10 +1,13 @@
-"""Model-based ControlNet preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres and
-depth_leres++), run with the networks of ``controlnet_aux`` (the library these annotators are maintained in; the
-``annotators`` extra) as sd-webui-controlnet runs them (scripts/preprocessor/legacy/processor.py): the input's
-short side resized to ``processor_res`` and padded to multiples of 64 (``resize_image_with_pad``), the network
-run on that, the padding cropped off, then the module's post-processing (the scribble modules' NMS + blur +
-threshold on the cropped map). dw_openpose_full runs DWPose's two ONNX files through onnxruntime the same way
-(engine.controlnet.dwpose; no controlnet_aux: its DWPose needs mmpose).
+"""Model-based ControlNet preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres,
+depth_leres++, depth_midas and normal_midas), run with the networks of ``controlnet_aux`` (the library these
+annotators are maintained in; the ``annotators`` extra) as sd-webui-controlnet runs them
+(scripts/preprocessor/legacy/processor.py): the input's short side resized to ``processor_res`` and padded to
+multiples of 64 (``resize_image_with_pad``), the network run on that, the padding cropped off, then the module's
+post-processing (the scribble modules' NMS + blur + threshold on the cropped map). dw_openpose_full runs
+DWPose's two ONNX files through onnxruntime the same way (engine.controlnet.dwpose; no controlnet_aux: its
+DWPose needs mmpose). depth_midas / normal_midas run MiDaS DPT-Hybrid with transformers' DPT on the extension's
+file, its keys mapped (engine.controlnet.midas; no controlnet_aux: its MiDaS needs timm, which needs
+torchvision).
 
 Weights are read where users keep them, never downloaded (:func:`search_dirs`): ``$SDENGINE_ANNOTATORS_DIR``
 (one or more folders, ``os.pathsep``-separated), Forge's ``{models_dir}/ControlNetPreprocessor/``, and the
@@ -81,6 +84,8 @@ LERES_BOOST = WeightFile("leres", "latest_net_G.pth", size_mb=303.5)  # depth_le
 # DWPose (dw_openpose_full): ONNX files, run through onnxruntime (engine.controlnet.dwpose)
 DWPOSE_DETECTOR = WeightFile("openpose", "yolox_l.onnx", size_mb=207.0)
 DWPOSE_ESTIMATOR = WeightFile("openpose", "dw-ll_ucoco_384.onnx", size_mb=128.0)
+# MiDaS DPT-Hybrid (depth / normal_map): run with transformers' DPT (engine.controlnet.midas), no controlnet_aux
+MIDAS = WeightFile("midas", "dpt_hybrid-midas-501f0c75.pt", size_mb=469.9)
 
 
 def search_dirs(models_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -436,6 +441,13 @@ def load_dwpose(detector: Path, estimator: Path):
     return DWPose.from_files(detector, estimator)
 
 
+def load_midas(path: Path):
+    """MiDaS DPT-Hybrid in transformers' DPT, the file's keys mapped (engine.controlnet.midas)."""
+    from engine.controlnet import midas
+
+    return midas.build(read_weights(path), path)
+
+
 # ------------------------------------------------------------------------------------------ the cache
 
 
@@ -532,9 +544,9 @@ class ModelRunner:
 
     @property
     def needs_aux(self) -> bool:
-        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, a core
-        dependency)."""
-        return self.kind != "dwpose"
+        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, MiDaS transformers'
+        DPT: core dependencies)."""
+        return self.kind not in NO_AUX_KINDS
 
     @property
     def makes_poses(self) -> bool:
@@ -632,6 +644,21 @@ class ModelRunner:
                                                        output_type="np"))
 
 
+    def _run_midas(self, img, res, a, b, paths, opts):
+        """The extension's midas / midas_normal (its legacy processor): the padded image through apply_midas
+        (normal_map: thr_a is the background threshold; depth: the default 0.1, unused), the padding cropped."""
+        from engine.controlnet import midas
+
+        net = LOADED.get(load_midas, tuple(paths))
+        normal = opts.get("normal", False)
+
+        def run(x, side):
+            depth_image, normal_image = midas.apply_midas(midas.depth(net, x), bg_th=a if normal else 0.1)
+            return normal_image if normal else depth_image
+
+        return _padded_call(img, res, run)
+
+
 def _openpose_person(pose) -> dict:
     """controlnet_aux's ``PoseResult`` as the parts of an OpenPose person (keypoints ``(x, y)`` or None)."""
     def points(keypoints):
@@ -639,6 +666,10 @@ def _openpose_person(pose) -> dict:
 
     return {"pose_keypoints_2d": points(pose.body.keypoints), "hand_left_keypoints_2d": points(pose.left_hand),
             "hand_right_keypoints_2d": points(pose.right_hand), "face_keypoints_2d": points(pose.face)}
+
+
+NO_AUX_KINDS = {"dwpose"}  # runners that need no controlnet_aux
+NO_AUX_KINDS.add("midas")
 
 
 def runner(kind: str, *weights: WeightFile, **options: bool) -> ModelRunner:

@@ -3,8 +3,9 @@
 
 The registry :data:`PREPROCESSORS` maps the extension's module names to :class:`Preprocessor` objects;
 :data:`ALIASES` maps the extension's UI labels ("invert (from white bg & black line)", "t2ia_color_grid",
-...) to them. Model-based preprocessors (softedge incl. teed, scribble, mlsd, lineart, openpose, normal_bae, depth_leres,
-depth_leres++) run controlnet_aux's networks, dw_openpose_full DWPose's ONNX files (engine.controlnet.dwpose), on
+...) to them. Model-based preprocessors (softedge incl. teed, scribble, mlsd, lineart, openpose, normal_bae,
+depth_leres, depth_leres++) run controlnet_aux's networks, dw_openpose_full DWPose's ONNX files
+(engine.controlnet.dwpose), depth_midas / normal_midas MiDaS in transformers' DPT (engine.controlnet.midas), on
 files read from disk, never downloaded: one whose file is missing is listed, and a
 request for it is an :class:`InvalidRequest` naming the file and where to put it
 (:meth:`Preprocessor.check_available`); the other model-based modules of the extension are refused naming why.
@@ -367,6 +368,13 @@ PREPROCESSORS: dict[str, Preprocessor] = {
         Preprocessor("depth_leres++", runner("leres", _ann.LERES, _ann.LERES_BOOST, boost=True), _RES,
                      _slider(0, 0, 100, "Remove Near %", 0.1), _slider(0, 0, 100, "Remove Background %", 0.1),
                      resize="pad", tags=("Depth",), min_work_side=160),
+        # MiDaS DPT-Hybrid in transformers' DPT (engine.controlnet.midas); normal_map's threshold_a is its
+        # background threshold
+        Preprocessor("depth", runner("midas", _ann.MIDAS), _RES, label="depth_midas", resize="pad", tags=("Depth",),
+                     priority=100),
+        Preprocessor("normal_map", runner("midas", _ann.MIDAS, normal=True), _RES,
+                     _slider(0.4, 0.0, 1.0, "Normal Background Threshold"), label="normal_midas", resize="pad",
+                     tags=("NormalMap",)),
         # model-free attention injection (engine.controlnet.reference): the map is the image; threshold_a is the
         # style fidelity (the extension's "Style Fidelity (only for Balanced mode)" slider)
         Preprocessor("reference_only", _none, None, _slider(0.5, 0.0, 1.0, "Style Fidelity (only for Balanced mode)"),
@@ -399,10 +407,10 @@ MODEL_BASED: tuple[str, ...] = (
 )
 # Why a model-based module of the extension does not run here (docs/DECISIONS.md "Model-based ControlNet
 # preprocessors"); the others of MODEL_BASED are not implemented
-_TIMM = ("its network is built with timm (MiDaS DPT-Hybrid / ZoeDepth backbones), which needs torchvision; the "
+_TIMM = ("its network is built with timm (ZoeDepth's MiDaS BEiT backbone), which needs torchvision; the "
          "engine does not install torchvision (a PyPI build beside the CPU torch breaks transformers)")
 NOT_RUNNABLE: dict[str, str] = {
-    **{m: _TIMM for m in ("depth", "depth_midas", "depth_zoe", "normal_map", "normal_midas")},
+    **{m: _TIMM for m in ("depth_zoe",)},
     **{m: "its network (Depth Anything's DINOv2 ViT) is not in controlnet_aux 0.0.10"
        for m in ("depth_anything", "depth_anything_v2")},
     **{m: "OneFormer / UniFormer segmentation networks are not in controlnet_aux 0.0.10"
