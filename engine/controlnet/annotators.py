@@ -79,6 +79,11 @@ LERES_BOOST = WeightFile("leres", "latest_net_G.pth", size_mb=303.5)  # depth_le
 # DWPose (dw_openpose_full): ONNX files, run through onnxruntime (engine.controlnet.dwpose)
 DWPOSE_DETECTOR = WeightFile("openpose", "yolox_l.onnx", size_mb=207.0)
 DWPOSE_ESTIMATOR = WeightFile("openpose", "dw-ll_ucoco_384.onnx", size_mb=128.0)
+# Depth Anything (ViT-L/14, 335.3M fp32 parameters), run on transformers' implementation (engine.controlnet.
+# depth_anything); v2's file as the extension downloads it (a safetensors), or the original release's .pth
+DEPTH_ANYTHING = WeightFile("depth_anything", "depth_anything_vitl14.pth", size_mb=1279.1)
+DEPTH_ANYTHING_V2 = WeightFile("depth_anything_v2", "depth_anything_v2_vitl.safetensors",
+                               ("depth_anything_v2_vitl.pth",), size_mb=1279.1)
 
 
 def search_dirs(models_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -429,6 +434,20 @@ def load_dwpose(detector: Path, estimator: Path):
     return DWPose.from_files(detector, estimator)
 
 
+def load_depth_anything(path: Path):
+    """Depth Anything (v1) on transformers' DepthAnythingForDepthEstimation (engine.controlnet.depth_anything)."""
+    from engine.controlnet import depth_anything
+
+    return depth_anything.load("v1", path)
+
+
+def load_depth_anything_v2(path: Path):
+    """Depth Anything V2 on transformers' DepthAnythingForDepthEstimation (engine.controlnet.depth_anything)."""
+    from engine.controlnet import depth_anything
+
+    return depth_anything.load("v2", path)
+
+
 # ------------------------------------------------------------------------------------------ the cache
 
 
@@ -513,7 +532,8 @@ def _scribble(edge: np.ndarray) -> np.ndarray:
 class ModelRunner:
     """``fn(img, res, thr_a, thr_b, models_dir=...)`` of a model-based preprocessor: the files it needs, how it
     is loaded and run. ``kind``: pidinet / hed / mlsd / lineart / lineart_anime / openpose / normal_bae / leres /
-    dwpose; ``options``: the module's flags (safe, scribble, filter, coarse, hand, face, body, boost)."""
+    dwpose / depth_anything; ``options``: the module's flags (safe, scribble, filter, coarse, hand, face, body,
+    boost, v2)."""
 
     kind: str
     weights: tuple[WeightFile, ...]
@@ -525,9 +545,9 @@ class ModelRunner:
 
     @property
     def needs_aux(self) -> bool:
-        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, a core
-        dependency)."""
-        return self.kind != "dwpose"
+        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, Depth Anything
+        transformers' network: core dependencies)."""
+        return self.kind not in ("dwpose", "depth_anything")
 
     def __call__(self, img, res, a, b, models_dir=None):
         opts = dict(self.options)
@@ -591,6 +611,13 @@ class ModelRunner:
     def _run_dwpose(self, img, res, a, b, paths, opts):
         det = LOADED.get(load_dwpose, tuple(paths))
         return _padded_call(img, res, lambda x, s: det(x))
+
+    def _run_depth_anything(self, img, res, a, b, paths, opts):
+        from engine.controlnet import depth_anything
+
+        loader = load_depth_anything_v2 if opts.get("v2", False) else load_depth_anything
+        model = LOADED.get(loader, tuple(paths))
+        return _padded_call(img, res, lambda x, s: depth_anything.detect(model, x))
 
     def _run_normal_bae(self, img, res, a, b, paths, opts):
         det = LOADED.get(load_normal_bae, tuple(paths))
