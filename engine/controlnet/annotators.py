@@ -4,7 +4,9 @@ depth_leres++), run with the networks of ``controlnet_aux`` (the library these a
 short side resized to ``processor_res`` and padded to multiples of 64 (``resize_image_with_pad``), the network
 run on that, the padding cropped off, then the module's post-processing (the scribble modules' NMS + blur +
 threshold on the cropped map). dw_openpose_full runs DWPose's two ONNX files through onnxruntime the same way
-(engine.controlnet.dwpose; no controlnet_aux: its DWPose needs mmpose).
+(engine.controlnet.dwpose; no controlnet_aux: its DWPose needs mmpose); depth_anything and depth_anything_v2 run
+transformers' DepthAnythingForDepthEstimation on the extension's original files through the engine's key mapping
+(engine.controlnet.depth_anything; not in controlnet_aux 0.0.10).
 
 Weights are read where users keep them, never downloaded (:func:`search_dirs`): ``$SDENGINE_ANNOTATORS_DIR``
 (one or more folders, ``os.pathsep``-separated), Forge's ``{models_dir}/ControlNetPreprocessor/``, and the
