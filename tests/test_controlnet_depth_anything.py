@@ -28,7 +28,7 @@ from core.errors import InvalidRequest, ModelError  # noqa: E402
 from engine.controlnet import annotators, depth_anything as da  # noqa: E402
 from engine.controlnet.preprocessors import PREPROCESSORS, get_preprocessor, resize_image_with_pad  # noqa: E402
 from tests import depth_anything_support as support  # noqa: E402
-from tests.test_taesd import WEIGHTS  # noqa: E402
+from tests.weights_support import WEIGHTS  # noqa: E402
 
 KEYS = Path(__file__).parent / "data" / "depth_anything_vitl_keys.json.gz"
 MODULES = {"v1": "depth_anything", "v2": "depth_anything_v2"}
