@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -111,11 +112,13 @@ def test_mapping_refuses_foreign_keys():
 
 @pytest.fixture(scope="module")
 def da_dir(tmp_path_factory):
-    """Both versions' files (random ViT-S weights, the original layouts and names) in the extension's layout."""
+    """Both versions' files (random ViT-S weights, the original layouts and names, fp16) in the extension's
+    layout; deleted after the module."""
     root = tmp_path_factory.mktemp("depth_anything")
     for seed, version in enumerate(("v1", "v2"), 21):
         support.write_file(root / support.FILES[version][0], version, seed)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # ~100 MB (tests/README.md: large random files are deleted)
 
 
 def test_preprocessing_as_the_extension():
@@ -236,10 +239,12 @@ def _reference_importable() -> str | None:
     backbone with torch.hub.load('facebookresearch/dinov2', ...))."""
     for name in ("torchvision", "depth_anything", "depth_anything_v2"):
         try:
-            if importlib.util.find_spec(name) is None:
-                return f"the reference package {name!r} is not importable"
+            found = importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):
-            return f"the reference package {name!r} is not importable"
+            found = False
+        if not found:
+            return (f"the reference implementation (the original depth_anything / depth_anything_v2 packages, which "
+                    f"import torchvision) is not importable here: {name!r} is missing")
     if not (Path(torch.hub.get_dir()) / "facebookresearch_dinov2_main" / "hubconf.py").is_file():
         return "DINOv2's torch.hub code (facebookresearch_dinov2_main) is not in the torch hub cache"
     return None

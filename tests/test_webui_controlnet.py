@@ -420,7 +420,6 @@ def test_depth_anything_through_the_server(server):
     folders; with v1's file in Forge's folder and v2's in the extension's downloads, /controlnet/detect and a
     txt2img unit give the maps the engine makes in this process from the same folders; the module list shows
     them with the extension's slider."""
-    from engine.controlnet.images import fit_detected_map
     from tests import depth_anything_support as das
 
     models = server.root / "models"
@@ -431,9 +430,19 @@ def test_depth_anything_through_the_server(server):
             "extensions/sd-webui-controlnet/annotator/downloads/depth_anything") in r.text
     r = server.post("/sdapi/v1/txt2img", txt2img([unit(image=PICTURE, module="depth_anything_v2", model=server.model)]))
     assert r.status_code == 422 and "depth_anything_v2_vitl.safetensors" in r.text and "module" in r.text
-    das.write_file(models / "ControlNetPreprocessor" / "depth_anything", "v1", 31)
-    das.write_file(server.root / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" / "depth_anything_v2",
-                   "v2", 32)
+    files = [das.write_file(models / "ControlNetPreprocessor" / "depth_anything", "v1", 31),
+             das.write_file(server.root / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" /
+                            "depth_anything_v2", "v2", 32)]
+    try:
+        _depth_anything_maps(server, models)
+    finally:  # ~100 MB of random weights (tests/README.md)
+        for path in files:
+            path.unlink()
+
+
+def _depth_anything_maps(server, models):
+    from engine.controlnet.images import fit_detected_map
+
     image = _picture(64, 64)
     maps = {}
     for module in ("depth_anything", "depth_anything_v2"):
