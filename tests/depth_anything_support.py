@@ -36,7 +36,8 @@ def original_shapes(hidden: int = 384, blocks: int = 12, neck=(48, 96, 192, 384)
     for i, c in enumerate(neck):
         shapes.update({f"{h}projects.{i}.weight": (c, hidden, 1, 1), f"{h}projects.{i}.bias": (c,)})
     for i, k in ((0, 4), (1, 2), (3, 3)):
-        shapes.update({f"{h}resize_layers.{i}.weight": (neck[i], neck[i], k, k), f"{h}resize_layers.{i}.bias": (neck[i],)})
+        shapes.update({f"{h}resize_layers.{i}.weight": (neck[i], neck[i], k, k),
+                       f"{h}resize_layers.{i}.bias": (neck[i],)})
     for i, c in enumerate(neck):
         shapes[f"{h}scratch.layer{i + 1}_rn.weight"] = (fusion, c, 3, 3)
     for r in range(1, 5):
@@ -48,7 +49,8 @@ def original_shapes(hidden: int = 384, blocks: int = 12, neck=(48, 96, 192, 384)
                                f"{s}resConfUnit{unit}.conv{conv}.bias": (fusion,)})
     shapes.update({f"{h}scratch.output_conv1.weight": (fusion // 2, fusion, 3, 3),
                    f"{h}scratch.output_conv1.bias": (fusion // 2,),
-                   f"{h}scratch.output_conv2.0.weight": (32, fusion // 2, 3, 3), f"{h}scratch.output_conv2.0.bias": (32,),
+                   f"{h}scratch.output_conv2.0.weight": (32, fusion // 2, 3, 3),
+                   f"{h}scratch.output_conv2.0.bias": (32,),
                    f"{h}scratch.output_conv2.2.weight": (1, 32, 1, 1), f"{h}scratch.output_conv2.2.bias": (1,)})
     return shapes
 

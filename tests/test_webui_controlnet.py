@@ -414,6 +414,7 @@ def test_dw_openpose_full_through_the_server(server):
     assert tuple(nose) == (255, 0, 0)
 
 
+@pytest.mark.slow
 def test_depth_anything_through_the_server(server):
     """depth_anything and depth_anything_v2 (random ViT-S weights in the original files' layouts and names,
     tests/depth_anything_support.py): while a file is missing, refused at submit (422) naming the file and the
