@@ -358,7 +358,8 @@ PREPROCESSORS: dict[str, Preprocessor] = {
                      _slider(0, 0, 100, "Remove Near %", 0.1), _slider(0, 0, 100, "Remove Background %", 0.1),
                      resize="pad", tags=("Depth",), min_work_side=160),
         # Depth Anything v1 / v2: transformers' DepthAnythingForDepthEstimation on the extension's files
-        # (engine.controlnet.depth_anything); the legacy table's Resolution slider, no thresholds
+        # (engine.controlnet.depth_anything); the legacy table gives no resolution entry, so the extension shows
+        # its Preprocessor class's default Resolution slider (512, 64..2048, step 8); no thresholds
         Preprocessor("depth_anything", runner("depth_anything", _ann.DEPTH_ANYTHING), _RES, resize="pad",
                      tags=("Depth",)),
         Preprocessor("depth_anything_v2", runner("depth_anything", _ann.DEPTH_ANYTHING_V2, v2=True), _RES,
