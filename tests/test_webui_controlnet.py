@@ -471,6 +471,57 @@ def test_midas_through_the_server(server):
         {"name": "Normal Background Threshold", "value": 0.4, "min": 0.0, "max": 1.0, "step": 0.01}]}
 
 
+@pytest.mark.slow
+def test_depth_anything_through_the_server(server):
+    """depth_anything and depth_anything_v2 (random ViT-S weights in the original files' layouts and names,
+    tests/depth_anything_support.py): while a file is missing, refused at submit (422) naming the file and the
+    folders; with v1's file in Forge's folder and v2's in the extension's downloads, /controlnet/detect and a
+    txt2img unit give the maps the engine makes in this process from the same folders; the module list shows
+    them with the extension's slider."""
+    from tests import depth_anything_support as das
+
+    models = server.root / "models"
+    r = server.post("/controlnet/detect", {"controlnet_module": "depth_anything", "controlnet_input_images": [PICTURE]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "controlnet_module"
+    assert "depth_anything_vitl14.pth" in r.text
+    assert ("put it in ControlNetPreprocessor/depth_anything or "
+            "extensions/sd-webui-controlnet/annotator/downloads/depth_anything") in r.text
+    r = server.post("/sdapi/v1/txt2img", txt2img([unit(image=PICTURE, module="depth_anything_v2", model=server.model)]))
+    assert r.status_code == 422 and "depth_anything_v2_vitl.safetensors" in r.text and "module" in r.text
+    files = [das.write_file(models / "ControlNetPreprocessor" / "depth_anything", "v1", 31),
+             das.write_file(server.root / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" /
+                            "depth_anything_v2", "v2", 32)]
+    try:
+        _depth_anything_maps(server, models)
+    finally:  # ~100 MB of random weights (tests/README.md)
+        for path in files:
+            path.unlink()
+
+
+def _depth_anything_maps(server, models):
+    from engine.controlnet.images import fit_detected_map
+
+    image = _picture(64, 64)
+    maps = {}
+    for module in ("depth_anything", "depth_anything_v2"):
+        r = server.post("/controlnet/detect", {"controlnet_module": module, "controlnet_processor_res": 64,
+                                               "controlnet_input_images": [_png(image)]})
+        assert r.status_code == 200, r.text
+        maps[module] = _pixels(r.json()["images"][0])
+        assert np.array_equal(maps[module], PREPROCESSORS[module](image, 64, models_dir=models))
+        assert maps[module].std() > 1
+    assert not np.array_equal(maps["depth_anything"], maps["depth_anything_v2"])
+    # a txt2img unit at the same processor_res: its detected map is that map fitted to the request's size
+    images = server.generate("txt2img", txt2img([unit(image=_png(image), module="depth_anything_v2",
+                                                      pixel_perfect=False, processor_res=64)]))
+    assert len(images) == 2
+    assert np.array_equal(images[1], fit_detected_map(maps["depth_anything_v2"], "Crop and Resize", 64, 64))
+    body = server.get("/controlnet/module_list?alias_names=true").json()
+    for module in ("depth_anything", "depth_anything_v2"):
+        assert body["module_detail"][module] == {"model_free": False, "sliders": [
+            {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]}
+
+
 def test_control_types(server):
     types = server.get("/controlnet/control_types").json()["control_types"]
     assert set(types) >= {"Canny", "Revision", "Inpaint", "Instant-ID", "InstructP2P", "Shuffle", "Scribble",
@@ -486,7 +537,8 @@ def test_control_types(server):
     assert types["Segmentation"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
                                      "default_model": "None"}
     # a model-based module is listed whether or not its file is installed
-    assert types["Depth"] == {"module_list": ["none", "depth_midas", "depth_leres++", "depth_leres"],
+    assert types["Depth"] == {"module_list": ["none", "depth_midas", "depth_leres++", "depth_leres",
+                                              "depth_anything_v2", "depth_anything"],
                               "model_list": ["None"], "default_option": "depth_midas", "default_model": "None"}
     assert types["All"]["model_list"] == ["None", *models]
 

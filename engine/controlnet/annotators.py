@@ -1,13 +1,15 @@
 """Model-based ControlNet preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres,
-depth_leres++, depth_midas and normal_midas), run with the networks of ``controlnet_aux`` (the library these
-annotators are maintained in; the ``annotators`` extra) as sd-webui-controlnet runs them
-(scripts/preprocessor/legacy/processor.py): the input's short side resized to ``processor_res`` and padded to
-multiples of 64 (``resize_image_with_pad``), the network run on that, the padding cropped off, then the module's
-post-processing (the scribble modules' NMS + blur + threshold on the cropped map). dw_openpose_full runs
-DWPose's two ONNX files through onnxruntime the same way (engine.controlnet.dwpose; no controlnet_aux: its
-DWPose needs mmpose). depth_midas / normal_midas run MiDaS DPT-Hybrid with transformers' DPT on the extension's
-file, its keys mapped (engine.controlnet.midas; no controlnet_aux: its MiDaS needs timm, which needs
-torchvision).
+depth_leres++, depth_midas, normal_midas, depth_anything and depth_anything_v2), run with the networks of
+``controlnet_aux`` (the library these annotators are maintained in; the ``annotators`` extra) as
+sd-webui-controlnet runs them (scripts/preprocessor/legacy/processor.py): the input's short side resized to
+``processor_res`` and padded to multiples of 64 (``resize_image_with_pad``), the network run on that, the padding
+cropped off, then the module's post-processing (the scribble modules' NMS + blur + threshold on the cropped map).
+dw_openpose_full runs DWPose's two ONNX files through onnxruntime the same way (engine.controlnet.dwpose; no
+controlnet_aux: its DWPose needs mmpose). depth_midas / normal_midas run MiDaS DPT-Hybrid with transformers' DPT
+on the extension's file, its keys mapped (engine.controlnet.midas; no controlnet_aux: its MiDaS needs timm, which
+needs torchvision); depth_anything and depth_anything_v2 run transformers' DepthAnythingForDepthEstimation on the
+extension's original files through the engine's key mapping (engine.controlnet.depth_anything; not in
+controlnet_aux 0.0.10).
 
 Weights are read where users keep them, never downloaded (:func:`search_dirs`): ``$SDENGINE_ANNOTATORS_DIR``
 (one or more folders, ``os.pathsep``-separated), Forge's ``{models_dir}/ControlNetPreprocessor/``, and the
@@ -86,6 +88,11 @@ DWPOSE_DETECTOR = WeightFile("openpose", "yolox_l.onnx", size_mb=207.0)
 DWPOSE_ESTIMATOR = WeightFile("openpose", "dw-ll_ucoco_384.onnx", size_mb=128.0)
 # MiDaS DPT-Hybrid (depth / normal_map): run with transformers' DPT (engine.controlnet.midas), no controlnet_aux
 MIDAS = WeightFile("midas", "dpt_hybrid-midas-501f0c75.pt", size_mb=469.9)
+# Depth Anything (ViT-L/14, 335.3M fp32 parameters), run on transformers' implementation (engine.controlnet.
+# depth_anything); v2's file as the extension downloads it (a safetensors), or the original release's .pth
+DEPTH_ANYTHING = WeightFile("depth_anything", "depth_anything_vitl14.pth", size_mb=1279.1)
+DEPTH_ANYTHING_V2 = WeightFile("depth_anything_v2", "depth_anything_v2_vitl.safetensors",
+                               ("depth_anything_v2_vitl.pth",), size_mb=1279.1)
 
 
 def search_dirs(models_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -448,6 +455,20 @@ def load_midas(path: Path):
     return midas.build(read_weights(path), path)
 
 
+def load_depth_anything(path: Path):
+    """Depth Anything (v1) on transformers' DepthAnythingForDepthEstimation (engine.controlnet.depth_anything)."""
+    from engine.controlnet import depth_anything
+
+    return depth_anything.load("v1", path)
+
+
+def load_depth_anything_v2(path: Path):
+    """Depth Anything V2 on transformers' DepthAnythingForDepthEstimation (engine.controlnet.depth_anything)."""
+    from engine.controlnet import depth_anything
+
+    return depth_anything.load("v2", path)
+
+
 # ------------------------------------------------------------------------------------------ the cache
 
 
@@ -531,8 +552,9 @@ def _scribble(edge: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class ModelRunner:
     """``fn(img, res, thr_a, thr_b, models_dir=...)`` of a model-based preprocessor: the files it needs, how it
-    is loaded and run. ``kind``: pidinet / hed / teed / mlsd / lineart / lineart_anime / openpose / normal_bae / leres /
-    dwpose; ``options``: the module's flags (safe, scribble, filter, coarse, hand, face, body, boost)."""
+    is loaded and run. ``kind``: pidinet / hed / teed / mlsd / lineart / lineart_anime / openpose / normal_bae /
+    leres / dwpose / midas / depth_anything; ``options``: the module's flags (safe, scribble, filter, coarse, hand,
+    face, body, boost, normal, v2)."""
 
     kind: str
     weights: tuple[WeightFile, ...]
@@ -544,8 +566,8 @@ class ModelRunner:
 
     @property
     def needs_aux(self) -> bool:
-        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, MiDaS transformers'
-        DPT: core dependencies)."""
+        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, MiDaS and Depth
+        Anything transformers' networks: core dependencies)."""
         return self.kind not in NO_AUX_KINDS
 
     @property
@@ -638,6 +660,13 @@ class ModelRunner:
 
         return _padded_call(img, res, run)
 
+    def _run_depth_anything(self, img, res, a, b, paths, opts):
+        from engine.controlnet import depth_anything
+
+        loader = load_depth_anything_v2 if opts.get("v2", False) else load_depth_anything
+        model = LOADED.get(loader, tuple(paths))
+        return _padded_call(img, res, lambda x, s: depth_anything.detect(model, x))
+
     def _run_normal_bae(self, img, res, a, b, paths, opts):
         det = LOADED.get(load_normal_bae, tuple(paths))
         return _padded_call(img, res, lambda x, s: det(x, detect_resolution=s, image_resolution=s,
@@ -670,6 +699,7 @@ def _openpose_person(pose) -> dict:
 
 NO_AUX_KINDS = {"dwpose"}  # runners that need no controlnet_aux
 NO_AUX_KINDS.add("midas")
+NO_AUX_KINDS.add("depth_anything")
 
 
 def runner(kind: str, *weights: WeightFile, **options: bool) -> ModelRunner:

@@ -5,7 +5,8 @@ The registry :data:`PREPROCESSORS` maps the extension's module names to :class:`
 :data:`ALIASES` maps the extension's UI labels ("invert (from white bg & black line)", "t2ia_color_grid",
 ...) to them. Model-based preprocessors (softedge incl. teed, scribble, mlsd, lineart, openpose, normal_bae,
 depth_leres, depth_leres++) run controlnet_aux's networks, dw_openpose_full DWPose's ONNX files
-(engine.controlnet.dwpose), depth_midas / normal_midas MiDaS in transformers' DPT (engine.controlnet.midas), on
+(engine.controlnet.dwpose), depth_midas / normal_midas MiDaS in transformers' DPT (engine.controlnet.midas),
+depth_anything(_v2) transformers' DepthAnything network (engine.controlnet.depth_anything), on
 files read from disk, never downloaded: one whose file is missing is listed, and a
 request for it is an :class:`InvalidRequest` naming the file and where to put it
 (:meth:`Preprocessor.check_available`); the other model-based modules of the extension are refused naming why.
@@ -375,6 +376,13 @@ PREPROCESSORS: dict[str, Preprocessor] = {
         Preprocessor("normal_map", runner("midas", _ann.MIDAS, normal=True), _RES,
                      _slider(0.4, 0.0, 1.0, "Normal Background Threshold"), label="normal_midas", resize="pad",
                      tags=("NormalMap",)),
+        # Depth Anything v1 / v2: transformers' DepthAnythingForDepthEstimation on the extension's files
+        # (engine.controlnet.depth_anything); the legacy table gives no resolution entry, so the extension shows
+        # its Preprocessor class's default Resolution slider (512, 64..2048, step 8); no thresholds
+        Preprocessor("depth_anything", runner("depth_anything", _ann.DEPTH_ANYTHING), _RES, resize="pad",
+                     tags=("Depth",)),
+        Preprocessor("depth_anything_v2", runner("depth_anything", _ann.DEPTH_ANYTHING_V2, v2=True), _RES,
+                     resize="pad", tags=("Depth",)),
         # model-free attention injection (engine.controlnet.reference): the map is the image; threshold_a is the
         # style fidelity (the extension's "Style Fidelity (only for Balanced mode)" slider)
         Preprocessor("reference_only", _none, None, _slider(0.5, 0.0, 1.0, "Style Fidelity (only for Balanced mode)"),
@@ -411,8 +419,6 @@ _TIMM = ("its network is built with timm (ZoeDepth's MiDaS BEiT backbone), which
          "engine does not install torchvision (a PyPI build beside the CPU torch breaks transformers)")
 NOT_RUNNABLE: dict[str, str] = {
     **{m: _TIMM for m in ("depth_zoe",)},
-    **{m: "its network (Depth Anything's DINOv2 ViT) is not in controlnet_aux 0.0.10"
-       for m in ("depth_anything", "depth_anything_v2")},
     **{m: "OneFormer / UniFormer segmentation networks are not in controlnet_aux 0.0.10"
        for m in ("segmentation", "seg_ufade20k", "oneformer_coco", "seg_ofcoco", "oneformer_ade20k",
                  "seg_ofade20k")},
