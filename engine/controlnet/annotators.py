@@ -4,7 +4,9 @@ depth_leres++), run with the networks of ``controlnet_aux`` (the library these a
 short side resized to ``processor_res`` and padded to multiples of 64 (``resize_image_with_pad``), the network
 run on that, the padding cropped off, then the module's post-processing (the scribble modules' NMS + blur +
 threshold on the cropped map). dw_openpose_full runs DWPose's two ONNX files through onnxruntime the same way
-(engine.controlnet.dwpose; no controlnet_aux: its DWPose needs mmpose).
+(engine.controlnet.dwpose; no controlnet_aux: its DWPose needs mmpose). depth_zoe runs the original ZoeD_M12_N
+file in transformers' ZoeDepth through our key mapping, with the extension's ZoeDepth pre- and post-processing
+(engine.controlnet.zoe; no controlnet_aux: its ZoeDepth is built with timm, which needs torchvision).
 
 Weights are read where users keep them, never downloaded (:func:`search_dirs`): ``$SDENGINE_ANNOTATORS_DIR``
 (one or more folders, ``os.pathsep``-separated), Forge's ``{models_dir}/ControlNetPreprocessor/``, and the
@@ -79,6 +81,8 @@ LERES_BOOST = WeightFile("leres", "latest_net_G.pth", size_mb=303.5)  # depth_le
 # DWPose (dw_openpose_full): ONNX files, run through onnxruntime (engine.controlnet.dwpose)
 DWPOSE_DETECTOR = WeightFile("openpose", "yolox_l.onnx", size_mb=207.0)
 DWPOSE_ESTIMATOR = WeightFile("openpose", "dw-ll_ucoco_384.onnx", size_mb=128.0)
+# ZoeDepth (depth_zoe): the original ZoeD_N file, run by transformers' ZoeDepth (engine.controlnet.zoe)
+ZOE = WeightFile("zoedepth", "ZoeD_M12_N.pt", size_mb=1376.5)
 
 
 def search_dirs(models_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -429,6 +433,13 @@ def load_dwpose(detector: Path, estimator: Path):
     return DWPose.from_files(detector, estimator)
 
 
+def load_zoe(path: Path):
+    """ZoeD_M12_N through transformers' ZoeDepth and our key mapping (engine.controlnet.zoe)."""
+    from engine.controlnet import zoe
+
+    return zoe.load(path, read_weights)
+
+
 # ------------------------------------------------------------------------------------------ the cache
 
 
@@ -513,7 +524,7 @@ def _scribble(edge: np.ndarray) -> np.ndarray:
 class ModelRunner:
     """``fn(img, res, thr_a, thr_b, models_dir=...)`` of a model-based preprocessor: the files it needs, how it
     is loaded and run. ``kind``: pidinet / hed / mlsd / lineart / lineart_anime / openpose / normal_bae / leres /
-    dwpose; ``options``: the module's flags (safe, scribble, filter, coarse, hand, face, body, boost)."""
+    dwpose / zoe; ``options``: the module's flags (safe, scribble, filter, coarse, hand, face, body, boost)."""
 
     kind: str
     weights: tuple[WeightFile, ...]
@@ -525,9 +536,9 @@ class ModelRunner:
 
     @property
     def needs_aux(self) -> bool:
-        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, a core
-        dependency)."""
-        return self.kind != "dwpose"
+        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, ZoeDepth runs in
+        transformers: core dependencies)."""
+        return self.kind not in ("dwpose", "zoe")
 
     def __call__(self, img, res, a, b, models_dir=None):
         opts = dict(self.options)
@@ -590,6 +601,10 @@ class ModelRunner:
 
     def _run_dwpose(self, img, res, a, b, paths, opts):
         det = LOADED.get(load_dwpose, tuple(paths))
+        return _padded_call(img, res, lambda x, s: det(x))
+
+    def _run_zoe(self, img, res, a, b, paths, opts):
+        det = LOADED.get(load_zoe, tuple(paths))
         return _padded_call(img, res, lambda x, s: det(x))
 
     def _run_normal_bae(self, img, res, a, b, paths, opts):
