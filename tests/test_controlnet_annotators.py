@@ -293,7 +293,7 @@ def test_weights_found_in_forge_and_extension_folders(tmp_path, annotators_env, 
 
 
 def test_not_runnable_modules_name_the_reason():
-    for module, word in (("depth_midas", "timm"), ("depth_zoe", "timm"),
+    for module, word in (("depth_midas", "timm"),
                          ("seg_ofade20k", "OneFormer"), ("depth_anything", "controlnet_aux 0.0.10")):
         with pytest.raises(InvalidRequest, match=word):
             get_preprocessor(module, "module")
