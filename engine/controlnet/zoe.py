@@ -18,7 +18,6 @@ preprocessors").
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.errors import InvalidRequest, ModelError
-
-log = logging.getLogger(__name__)
 
 NET_HEIGHT, NET_WIDTH, MULTIPLE = 384, 512, 32  # ZoeD_N's config: img_size [384, 512], ensure_multiple_of 32
 PAD_FACTOR = 3  # DepthModel._infer_with_pad_aug's fh, fw
@@ -56,7 +53,8 @@ _RULES: tuple[tuple[str, str], ...] = (
      "neck.reassemble_stage.readout_projects.{n}.0.{2}"),
     (r"core\.core\.pretrained\.act_postprocess([1-4])\.3\.(weight|bias)",
      "neck.reassemble_stage.layers.{n}.projection.{2}"),
-    (r"core\.core\.pretrained\.act_postprocess([1-4])\.4\.(weight|bias)", "neck.reassemble_stage.layers.{n}.resize.{2}"),
+    (r"core\.core\.pretrained\.act_postprocess([1-4])\.4\.(weight|bias)",
+     "neck.reassemble_stage.layers.{n}.resize.{2}"),
     (_SCRATCH + r"layer([1-4])_rn\.weight", "neck.convs.{n}.weight"),
     (_SCRATCH + r"refinenet([1-4])\.out_conv\.(weight|bias)", "neck.fusion_stage.layers.{r}.projection.{2}"),
     (_SCRATCH + r"refinenet([1-4])\.resConfUnit([12])\.conv([12])\.(weight|bias)",
