@@ -125,6 +125,26 @@ def test_network_size_is_midas_minimal_resize():
     assert zoe.pad_sizes(64, 64) == (16, 16)
 
 
+def test_an_image_zoedepth_cannot_resize_is_refused_at_submit():
+    """An aspect ratio that ZoeDepth's resize rounds to 0 pixels on a side (it fails in the extension too): a
+    64x4096 padded image (padded by 16 and 67 to 96x4230, scale 512/4230: 96 * 0.121 = 11.6 -> 0) is refused
+    naming the unit's processor_res (or /controlnet/detect's); 64x2048 runs at 32x512."""
+    from engine.controlnet import check_unit_sizes
+    from engine.request import ControlNetUnit
+
+    pre = get_preprocessor("depth_zoe")
+    with pytest.raises(InvalidRequest) as err:
+        pre.check_work(pre.sizes(64, 4096, 64)[0], "controlnet_processor_res")
+    assert err.value.field == "controlnet_processor_res" and "512x0" in str(err.value)
+    pre.check_work(pre.sizes(64, 2048, 64)[0], "controlnet_processor_res")
+    assert zoe.network_size(96, 2048 + 2 * zoe.pad_sizes(64, 2048)[1]) == (32, 512)
+    unit = ControlNetUnit(model="m", image=np.zeros((16, 1024, 3), np.uint8), module="depth_zoe", processor_res=64,
+                          pixel_perfect=False)
+    with pytest.raises(InvalidRequest) as err:
+        check_unit_sizes(unit, 64, 64, 10**8, "controlnet_units[0].image")
+    assert err.value.field == "controlnet_units[0].processor_res"
+
+
 def test_depth_to_map_is_the_percentile_normalisation():
     """Depth at its 2nd percentile -> 255, at its 85th -> 0, farther clipped to 0, nearer clipped to 255 (near
     is white), linear between (numpy's percentiles, linear interpolation)."""

@@ -540,6 +540,14 @@ class ModelRunner:
         transformers: core dependencies)."""
         return self.kind not in ("dwpose", "zoe")
 
+    def check_work(self, work: tuple[int, int], field: str, module: str) -> None:
+        """Refuse (InvalidRequest naming ``field``) a padded working image (h, w) the network cannot run on:
+        ZoeDepth's resize of an image whose aspect ratio rounds a side to 0 (engine.controlnet.zoe)."""
+        if self.kind == "zoe":
+            from engine.controlnet import zoe
+
+            zoe.check_work(work, field, module)
+
     def __call__(self, img, res, a, b, models_dir=None):
         opts = dict(self.options)
         paths = []

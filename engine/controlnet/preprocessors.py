@@ -156,6 +156,8 @@ class Preprocessor:
                                         "(its resolution search finds no size: it fails in the extension too)",
                                  f"a processor_res (or pixel-perfect size) that makes the padded image at least "
                                  f"{self.min_work_side} pixels on its longer side")
+        if self.model_based:
+            self.fn.check_work(work, field, self.label or self.name)
 
     @property
     def model_based(self) -> bool:

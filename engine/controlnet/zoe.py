@@ -223,6 +223,19 @@ def pad_sizes(height: int, width: int) -> tuple[int, int]:
     return int(np.sqrt(height / 2) * PAD_FACTOR), int(np.sqrt(width / 2) * PAD_FACTOR)
 
 
+def check_work(work: tuple[int, int], field: str, module: str = "depth_zoe") -> None:
+    """Refuse (InvalidRequest naming ``field``) a padded image (h, w) that ZoeDepth's resize would make 0 pixels
+    on a side (reflect padding, then the "minimal" resize: an aspect ratio far from 4:3, e.g. 1:64 at
+    processor_res 64); it fails in the extension too."""
+    pad_h, pad_w = pad_sizes(*work)
+    h, w = network_size(work[0] + 2 * pad_h, work[1] + 2 * pad_w)
+    if h < MULTIPLE or w < MULTIPLE:
+        raise InvalidRequest(field, f"makes a {work[1]}x{work[0]} working image for {module}, which ZoeDepth resizes "
+                                    f"to {w}x{h} (its resize keeps the aspect ratio and rounds a side to 0: it fails "
+                                    "in the extension too)",
+                             "an image whose aspect ratio is nearer 4:3 (ZoeDepth resizes to about 384x512)")
+
+
 @dataclass
 class ZoeDepth:
     """The loaded network and the annotator's call: ``self(image) -> uint8 depth map`` of the same size."""
@@ -235,10 +248,8 @@ class ZoeDepth:
         import torch.nn.functional as F
 
         h, w = network_size(*x.shape[-2:])
-        if h < MULTIPLE or w < MULTIPLE:
-            raise InvalidRequest("processor_res", f"makes a {x.shape[-1]}x{x.shape[-2]} image for depth_zoe, which "
-                                                  f"ZoeDepth resizes to {w}x{h} (an aspect ratio too far from 4:3)",
-                                 "an image whose aspect ratio ZoeDepth can resize (its network size is never 0)")
+        if h < MULTIPLE or w < MULTIPLE:  # refused at submit (check_work); this is the engine's own guard
+            raise ValueError(f"ZoeDepth resizes a {x.shape[-1]}x{x.shape[-2]} image to {w}x{h}")
         x = F.interpolate(x, (h, w), mode="bilinear", align_corners=True)
         x = (x - 0.5) / 0.5
         return self.net(pixel_values=x).predicted_depth.unsqueeze(1)
