@@ -177,6 +177,10 @@ def _store(root: Path, midas_dir: Path | None = None) -> None:
         (root / "models" / "ControlNetPreprocessor" / "midas").mkdir()
         (root / "models" / "ControlNetPreprocessor" / "midas" / "dpt_hybrid-midas-501f0c75.pt").symlink_to(
             midas_dir / "midas" / "dpt_hybrid-midas-501f0c75.pt")
+    # depth_zoe: ZoeD_M12_N.pt in the real file's layout, a reduced network of the same family (tests/zoe_support.py)
+    from tests import zoe_support
+
+    zoe_support.write_reduced_file(root / "models" / "ControlNetPreprocessor")
 
 
 @pytest.fixture(scope="module")
@@ -522,6 +526,29 @@ def _depth_anything_maps(server, models):
             {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]}
 
 
+def test_depth_zoe_through_the_server(server):
+    """depth_zoe (the reduced ZoeD_M12_N.pt in the server's models/ControlNetPreprocessor/zoedepth/) through
+    /controlnet/detect and a txt2img unit: the maps the engine makes in this process from the same folder (they
+    vary: random weights draw no meaningful depth, so equality is the check); its module_detail slider."""
+    from engine.controlnet.images import fit_detected_map
+
+    models = server.root / "models"
+    image = _picture(96, 128)
+    r = server.post("/controlnet/detect", {"controlnet_module": "depth_zoe", "controlnet_processor_res": 96,
+                                           "controlnet_input_images": [_png(image)]})
+    assert r.status_code == 200, r.text
+    got = _pixels(r.json()["images"][0])
+    assert np.array_equal(got, PREPROCESSORS["depth_zoe"](image, 96, models_dir=models))
+    assert got.shape == (96, 128, 3) and got.std() > 5
+    images = server.generate("txt2img", txt2img([unit(image=_png(image), module="depth_zoe", pixel_perfect=False,
+                                                      processor_res=64)]))
+    detected = PREPROCESSORS["depth_zoe"](image, 64, models_dir=models)
+    assert len(images) == 2 and np.array_equal(images[1], fit_detected_map(detected, "Crop and Resize", 64, 64))
+    detail = server.get("/controlnet/module_list?alias_names=true").json()["module_detail"]["depth_zoe"]
+    assert detail == {"model_free": False, "sliders": [
+        {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]}
+
+
 def test_control_types(server):
     types = server.get("/controlnet/control_types").json()["control_types"]
     assert set(types) >= {"Canny", "Revision", "Inpaint", "Instant-ID", "InstructP2P", "Shuffle", "Scribble",
@@ -537,7 +564,7 @@ def test_control_types(server):
     assert types["Segmentation"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
                                      "default_model": "None"}
     # a model-based module is listed whether or not its file is installed
-    assert types["Depth"] == {"module_list": ["none", "depth_midas", "depth_leres++", "depth_leres",
+    assert types["Depth"] == {"module_list": ["none", "depth_midas", "depth_zoe", "depth_leres++", "depth_leres",
                                               "depth_anything_v2", "depth_anything"],
                               "model_list": ["None"], "default_option": "depth_midas", "default_model": "None"}
     assert types["All"]["model_list"] == ["None", *models]

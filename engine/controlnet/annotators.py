@@ -1,6 +1,6 @@
 """Model-based ControlNet preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres,
-depth_leres++, depth_midas, normal_midas, depth_anything and depth_anything_v2), run with the networks of
-``controlnet_aux`` (the library these annotators are maintained in; the ``annotators`` extra) as
+depth_leres++, depth_midas, normal_midas, depth_anything, depth_anything_v2 and depth_zoe), run with the networks
+of ``controlnet_aux`` (the library these annotators are maintained in; the ``annotators`` extra) as
 sd-webui-controlnet runs them (scripts/preprocessor/legacy/processor.py): the input's short side resized to
 ``processor_res`` and padded to multiples of 64 (``resize_image_with_pad``), the network run on that, the padding
 cropped off, then the module's post-processing (the scribble modules' NMS + blur + threshold on the cropped map).
@@ -9,7 +9,9 @@ controlnet_aux: its DWPose needs mmpose). depth_midas / normal_midas run MiDaS D
 on the extension's file, its keys mapped (engine.controlnet.midas; no controlnet_aux: its MiDaS needs timm, which
 needs torchvision); depth_anything and depth_anything_v2 run transformers' DepthAnythingForDepthEstimation on the
 extension's original files through the engine's key mapping (engine.controlnet.depth_anything; not in
-controlnet_aux 0.0.10).
+controlnet_aux 0.0.10); depth_zoe runs the original ZoeD_M12_N file in transformers' ZoeDepth through our key
+mapping, with the extension's ZoeDepth pre- and post-processing (engine.controlnet.zoe; no controlnet_aux: its
+ZoeDepth is built with timm, which needs torchvision).
 
 Weights are read where users keep them, never downloaded (:func:`search_dirs`): ``$SDENGINE_ANNOTATORS_DIR``
 (one or more folders, ``os.pathsep``-separated), Forge's ``{models_dir}/ControlNetPreprocessor/``, and the
@@ -93,6 +95,8 @@ MIDAS = WeightFile("midas", "dpt_hybrid-midas-501f0c75.pt", size_mb=469.9)
 DEPTH_ANYTHING = WeightFile("depth_anything", "depth_anything_vitl14.pth", size_mb=1279.1)
 DEPTH_ANYTHING_V2 = WeightFile("depth_anything_v2", "depth_anything_v2_vitl.safetensors",
                                ("depth_anything_v2_vitl.pth",), size_mb=1279.1)
+# ZoeDepth (depth_zoe): the original ZoeD_N file, run by transformers' ZoeDepth (engine.controlnet.zoe)
+ZOE = WeightFile("zoedepth", "ZoeD_M12_N.pt", size_mb=1376.5)
 
 
 def search_dirs(models_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -469,6 +473,13 @@ def load_depth_anything_v2(path: Path):
     return depth_anything.load("v2", path)
 
 
+def load_zoe(path: Path):
+    """ZoeD_M12_N through transformers' ZoeDepth and our key mapping (engine.controlnet.zoe)."""
+    from engine.controlnet import zoe
+
+    return zoe.load(path, read_weights)
+
+
 # ------------------------------------------------------------------------------------------ the cache
 
 
@@ -553,8 +564,8 @@ def _scribble(edge: np.ndarray) -> np.ndarray:
 class ModelRunner:
     """``fn(img, res, thr_a, thr_b, models_dir=...)`` of a model-based preprocessor: the files it needs, how it
     is loaded and run. ``kind``: pidinet / hed / teed / mlsd / lineart / lineart_anime / openpose / normal_bae /
-    leres / dwpose / midas / depth_anything; ``options``: the module's flags (safe, scribble, filter, coarse, hand,
-    face, body, boost, normal, v2)."""
+    leres / dwpose / midas / depth_anything / zoe; ``options``: the module's flags (safe, scribble, filter, coarse,
+    hand, face, body, boost, normal, v2)."""
 
     kind: str
     weights: tuple[WeightFile, ...]
@@ -566,9 +577,17 @@ class ModelRunner:
 
     @property
     def needs_aux(self) -> bool:
-        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime, MiDaS and Depth
-        Anything transformers' networks: core dependencies)."""
+        """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime; MiDaS, Depth
+        Anything and ZoeDepth run transformers' networks: core dependencies)."""
         return self.kind not in NO_AUX_KINDS
+
+    def check_work(self, work: tuple[int, int], field: str, module: str) -> None:
+        """Refuse (InvalidRequest naming ``field``) a padded working image (h, w) the network cannot run on:
+        ZoeDepth's resize of an image whose aspect ratio rounds a side to 0 (engine.controlnet.zoe)."""
+        if self.kind == "zoe":
+            from engine.controlnet import zoe
+
+            zoe.check_work(work, field, module)
 
     @property
     def makes_poses(self) -> bool:
@@ -667,6 +686,10 @@ class ModelRunner:
         model = LOADED.get(loader, tuple(paths))
         return _padded_call(img, res, lambda x, s: depth_anything.detect(model, x))
 
+    def _run_zoe(self, img, res, a, b, paths, opts):
+        det = LOADED.get(load_zoe, tuple(paths))
+        return _padded_call(img, res, lambda x, s: det(x))
+
     def _run_normal_bae(self, img, res, a, b, paths, opts):
         det = LOADED.get(load_normal_bae, tuple(paths))
         return _padded_call(img, res, lambda x, s: det(x, detect_resolution=s, image_resolution=s,
@@ -697,9 +720,8 @@ def _openpose_person(pose) -> dict:
             "hand_right_keypoints_2d": points(pose.right_hand), "face_keypoints_2d": points(pose.face)}
 
 
-NO_AUX_KINDS = {"dwpose"}  # runners that need no controlnet_aux
-NO_AUX_KINDS.add("midas")
-NO_AUX_KINDS.add("depth_anything")
+# runners that need no controlnet_aux: DWPose (onnxruntime), MiDaS, Depth Anything, ZoeDepth (transformers)
+NO_AUX_KINDS = frozenset({"dwpose", "midas", "depth_anything", "zoe"})
 
 
 def runner(kind: str, *weights: WeightFile, **options: bool) -> ModelRunner:

@@ -6,7 +6,8 @@ The registry :data:`PREPROCESSORS` maps the extension's module names to :class:`
 ...) to them. Model-based preprocessors (softedge incl. teed, scribble, mlsd, lineart, openpose, normal_bae,
 depth_leres, depth_leres++) run controlnet_aux's networks, dw_openpose_full DWPose's ONNX files
 (engine.controlnet.dwpose), depth_midas / normal_midas MiDaS in transformers' DPT (engine.controlnet.midas),
-depth_anything(_v2) transformers' DepthAnything network (engine.controlnet.depth_anything), on
+depth_anything(_v2) transformers' DepthAnything network (engine.controlnet.depth_anything), depth_zoe ZoeDepth in
+transformers (engine.controlnet.zoe), on
 files read from disk, never downloaded: one whose file is missing is listed, and a
 request for it is an :class:`InvalidRequest` naming the file and where to put it
 (:meth:`Preprocessor.check_available`); the other model-based modules of the extension are refused naming why.
@@ -157,6 +158,8 @@ class Preprocessor:
                                         "(its resolution search finds no size: it fails in the extension too)",
                                  f"a processor_res (or pixel-perfect size) that makes the padded image at least "
                                  f"{self.min_work_side} pixels on its longer side")
+        if self.model_based:
+            self.fn.check_work(work, field, self.label or self.name)
 
     @property
     def model_based(self) -> bool:
@@ -383,6 +386,8 @@ PREPROCESSORS: dict[str, Preprocessor] = {
                      tags=("Depth",)),
         Preprocessor("depth_anything_v2", runner("depth_anything", _ann.DEPTH_ANYTHING_V2, v2=True), _RES,
                      resize="pad", tags=("Depth",)),
+        # ZoeDepth (ZoeD_M12_N) in transformers' ZoeDepth, the extension's pre/post-processing (engine.controlnet.zoe)
+        Preprocessor("depth_zoe", runner("zoe", _ann.ZOE), _RES, resize="pad", tags=("Depth",)),
         # model-free attention injection (engine.controlnet.reference): the map is the image; threshold_a is the
         # style fidelity (the extension's "Style Fidelity (only for Balanced mode)" slider)
         Preprocessor("reference_only", _none, None, _slider(0.5, 0.0, 1.0, "Style Fidelity (only for Balanced mode)"),
@@ -415,10 +420,7 @@ MODEL_BASED: tuple[str, ...] = (
 )
 # Why a model-based module of the extension does not run here (docs/DECISIONS.md "Model-based ControlNet
 # preprocessors"); the others of MODEL_BASED are not implemented
-_TIMM = ("its network is built with timm (ZoeDepth's MiDaS BEiT backbone), which needs torchvision; the "
-         "engine does not install torchvision (a PyPI build beside the CPU torch breaks transformers)")
 NOT_RUNNABLE: dict[str, str] = {
-    **{m: _TIMM for m in ("depth_zoe",)},
     **{m: "OneFormer / UniFormer segmentation networks are not in controlnet_aux 0.0.10"
        for m in ("segmentation", "seg_ufade20k", "oneformer_coco", "seg_ofcoco", "oneformer_ade20k",
                  "seg_ofade20k")},
