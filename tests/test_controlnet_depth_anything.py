@@ -190,12 +190,13 @@ def test_files_load_in_both_formats_and_bad_files_are_refused(da_dir, tmp_path, 
     annotators_env(tmp_path)
     found = annotators.find_weight(annotators.DEPTH_ANYTHING_V2)
     assert found == tmp_path / "depth_anything_v2" / "depth_anything_v2_vitl.pth"
-    a, b = da.load("v2", found), da.load("v2", da_dir / "depth_anything_v2" / "depth_anything_v2_vitl.safetensors")
+    other = da_dir / "depth_anything_v2" / "depth_anything_v2_vitl.safetensors"
+    a, b = (da.load("v2", f, annotators.read_weights(f)) for f in (found, other))
     for (k, u), (_, v) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(u, v), k
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ModelError, match="not a Depth Anything file"):
-        da.load("v1", tmp_path / "other.pth")
+        da.load("v1", tmp_path / "other.pth", annotators.read_weights(tmp_path / "other.pth"))
 
 
 def test_missing_file_is_refused_naming_the_file_and_folders(tmp_path, annotators_env, monkeypatch):
@@ -300,7 +301,7 @@ def test_parity_with_the_reference_implementation(version, da_dir, annotators_en
     annotators_env(da_dir)
     folder, name = support.FILES[version]
     net = _reference_network(version, annotators.read_weights(da_dir / folder / name))
-    model = da.load(version, da_dir / folder / name)
+    model = da.load(version, da_dir / folder / name, annotators.read_weights(da_dir / folder / name))
     for (h, w), res in (((64, 64), 64), ((70, 90), 64)):
         image = _photo_or_scene(h, w)
         padded, remove_pad = resize_image_with_pad(image, res)

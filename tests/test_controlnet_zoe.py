@@ -221,7 +221,8 @@ def test_module_list_and_sliders_as_the_extension():
     assert pre.tags == ("Depth",) and pre.priority == 0 and pre.model_based and not pre.fn.needs_aux
     assert "depth_zoe" not in [name for name, *_ in not_run_here()]
     depth = control_types([])["control_types"]["Depth"]
-    assert depth["module_list"] == ["none", "depth_zoe", "depth_leres++", "depth_leres"]
+    assert depth["module_list"][:2] == ["none", "depth_midas"]  # the extension's Depth default (priority 100)
+    assert depth["module_list"].index("depth_zoe") == 2  # then by label, descending
 
 
 def test_missing_file_is_refused_naming_the_file_and_folders(tmp_path, annotators_env, monkeypatch):

@@ -463,14 +463,14 @@ def load_depth_anything(path: Path):
     """Depth Anything (v1) on transformers' DepthAnythingForDepthEstimation (engine.controlnet.depth_anything)."""
     from engine.controlnet import depth_anything
 
-    return depth_anything.load("v1", path)
+    return depth_anything.load("v1", path, read_weights(path))
 
 
 def load_depth_anything_v2(path: Path):
     """Depth Anything V2 on transformers' DepthAnythingForDepthEstimation (engine.controlnet.depth_anything)."""
     from engine.controlnet import depth_anything
 
-    return depth_anything.load("v2", path)
+    return depth_anything.load("v2", path, read_weights(path))
 
 
 def load_zoe(path: Path):

@@ -219,12 +219,10 @@ def build(version: str, state: dict):
     return model.eval().requires_grad_(False)
 
 
-def load(version: str, path: Path):
-    """The network of the file ``path`` (engine.controlnet.annotators.read_weights: safetensors, or a pickle
-    read with weights_only)."""
-    from engine.controlnet.annotators import read_weights
-
-    state = read_weights(path)
+def load(version: str, path: Path, state: dict):
+    """The network of the file ``path`` from its tensors ``state`` (read by engine.controlnet.annotators'
+    read_weights: safetensors, or a pickle read with weights_only; passed in, so this module does not import
+    annotators, which imports it)."""
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     try:
         return build(version, state)
