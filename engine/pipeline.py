@@ -32,6 +32,7 @@ from engine.backends.weights import adopt_cached, export_ahead
 from engine.conditioning import EmbeddingCache, TextModelInfo, TextualInversion, encode_request
 from engine.config import BackendKind, EngineConfig
 from engine.controlnet import HiresOption, cond_rows_mask, controlnet_component, controlnet_residuals, prepare_unit
+from engine.controlnet.colorfix import COLORFIX_MODULES, ColorFix
 from engine.controlnet.reference import ReferenceInjection, supports_reference
 from engine.controlnet.units import REFERENCE_MODULES, extension_residuals, residual_count
 from engine.calibration import calibration_feeds
@@ -564,8 +565,12 @@ class Engine:
             raise BackendUnavailable(f"the {self.config.backend.value} backend cannot merge tokens (ToMe)")
         ip = [u for u in units if getattr(u, "ip", False)]  # IP-Adapter units (engine.ip_adapter)
         units = [u for u in units if not getattr(u, "ip", False)]
+        fix = None
+        if any(u.module in COLORFIX_MODULES for u in units):  # tile_colorfix(+sharp): engine.controlnet.colorfix
+            fix = ColorFix(units, rt.model.family.schedule.alphas_cumprod,
+                           lambda pixels: self._encode(rt, pixels, seamless=req.tiling), hires=p is ctx.second)
         call = _ModelCall(self._run_fn(rt, req.tiling), units, plan.steps, reference,
-                          ip_adapter.IPInjection(ip, plan.steps) if ip else None)
+                          ip_adapter.IPInjection(ip, plan.steps) if ip else None, fix)
         denoiser = Denoiser(call, plan.schedule, rt.model.family.prediction_type, p.cfg_scale, cond.at, plan.sigmas,
                             s_min_uncond=req.s_min_uncond, s_min_uncond_all=req.s_min_uncond_all)
         ctx.state["last"] = rt
@@ -823,12 +828,13 @@ class _ModelCall:
     """``model(x_in, t_in, cond, step)`` for the Denoiser: UNet (and ControlNet units) through the backend."""
 
     def __init__(self, run, units, steps: int, reference: ReferenceInjection | None = None,
-                 ip: ip_adapter.IPInjection | None = None):
+                 ip: ip_adapter.IPInjection | None = None, colorfix: ColorFix | None = None):
         self.run = run
         self.units = units
         self.steps = steps
         self.reference = reference  # the pass's reference units (attention injection), if any
         self.ip = ip  # the pass's IP-Adapter units: the UNet's IP-Adapter variant while one acts
+        self.colorfix = colorfix  # the pass's tile_colorfix units: their fix of every output
 
     def _unet(self, base: str, feeds, mask, step: int):
         """The UNet component ``base`` (or its IP-Adapter variant while an IP-Adapter unit acts) on ``feeds``."""
@@ -852,8 +858,10 @@ class _ModelCall:
         injected = self.reference.inject(self.run, feeds, step, mask) if self.reference else contextlib.nullcontext()
         with injected:
             if residuals is not None:
-                return self._unet("unet_control", {**feeds, **residuals}, mask, step)
-            return self._unet("unet", feeds, mask, step)
+                out = self._unet("unet_control", {**feeds, **residuals}, mask, step)
+            else:
+                out = self._unet("unet", feeds, mask, step)
+        return out if self.colorfix is None else self.colorfix.apply(x_in, t_in, out, mask)
 
 
 def to_uint8(images) -> list[np.ndarray]:

@@ -115,3 +115,33 @@ def test_demo_lora_paints_red_objects_blue(demo_engine):
     assert sum(d.shape == s.shape and d.position == s.position for d, s in zip(lora, scenes)) >= 5, lora
     result = demo_engine.generate(GenerationRequest(prompt=tagged[0], steps=2, cfg_scale=1.5, seed=0))
     assert result.infotexts[0].startswith(tagged[0]) and f"Lora hashes: \"{NAME}: " in result.infotexts[0]
+
+
+def test_demo_tile_colorfix_takes_the_hints_colours(demo_engine):
+    """tile_colorfix (engine.controlnet.colorfix) in a generation on an exported backend: the same demo ControlNet
+    unit with the same map (the image itself) as module "none", plus the fix, which puts the hint's low
+    frequencies into every prediction: with a hint of the model's own domain (a yellow square on white, which the
+    demo VAE encodes and decodes faithfully), the prompt's red-on-blue scene comes out in the hint's colours (mean
+    colour), with "none" it does not; +sharp with Sharpness 0 is the plain fix (the negative rows' mix is x0)."""
+    import dataclasses
+
+    from engine.request import ControlNetUnit
+    from training import scenes as S
+    from training.evaluate import _scene_of
+
+    hint = S.render(_scene_of("a large yellow square in the middle on a white background"), 0)
+    base = GenerationRequest(prompt="a large red circle in the middle on a blue background", steps=12, cfg_scale=1.5,
+                             seed=3, sampler_name="Euler a")
+    unit = ControlNetUnit(model="sdengine-demo-canny", image=hint, module="none", pixel_perfect=True)
+    plain = demo_engine.generate(dataclasses.replace(base, controlnet_units=(unit,))).images[0].astype(float)
+    fixed_res = demo_engine.generate(dataclasses.replace(base, controlnet_units=(
+        dataclasses.replace(unit, module="tile_colorfix"),)))
+    fixed = fixed_res.images[0].astype(float)
+    target = hint.astype(float).mean(axis=(0, 1))
+    far_plain = np.abs(plain.mean(axis=(0, 1)) - target).max()
+    far_fixed = np.abs(fixed.mean(axis=(0, 1)) - target).max()
+    assert far_plain > 100 and far_fixed < 40, (far_plain, far_fixed)
+    assert "Module: tile_colorfix" in fixed_res.infotexts[0] and "Threshold A: 8" in fixed_res.infotexts[0]
+    sharp0 = demo_engine.generate(dataclasses.replace(base, controlnet_units=(
+        dataclasses.replace(unit, module="tile_colorfix+sharp", threshold_b=0.0),))).images[0].astype(float)
+    assert np.abs(sharp0 - fixed).mean() <= 0.5

@@ -88,6 +88,7 @@ def prepare_unit(unit, width: int, height: int, field: str = "controlnet_units[0
         used=used,
         advanced_weighting=advanced_weighting,
         threshold_a=thr_a,
+        threshold_b=thr_b,
     )
 
 

@@ -319,6 +319,10 @@ PREPROCESSORS: dict[str, Preprocessor] = {
         Preprocessor("color", _color, _RES, label="t2ia_color_grid", resize="short", tags=("T2I-Adapter",)),
         Preprocessor("tile_resample", _tile_resample, None, _slider(1.0, 1.0, 8.0, "Down Sampling Rate"),
                      resize="rate", tags=("Tile",), priority=100),
+        # the image itself; the colour fix of every model output is engine.controlnet.colorfix
+        Preprocessor("tile_colorfix", _none, None, _slider(8.0, 3.0, 32.0, "Variation", 1.0), tags=("Tile",)),
+        Preprocessor("tile_colorfix+sharp", _none, None, _slider(8.0, 3.0, 32.0, "Variation", 1.0),
+                     _slider(1.0, 0.0, 2.0, "Sharpness"), tags=("Tile",)),
         Preprocessor("recolor_luminance", _recolor("COLOR_BGR2LAB", 0), None,
                      _slider(1.0, 0.1, 2.0, "Gamma Correction", 0.001), tags=("Recolor",), priority=100),
         Preprocessor("recolor_intensity", _recolor("COLOR_BGR2HSV", 2), None,
@@ -428,7 +432,7 @@ NOT_RUNNABLE: dict[str, str] = {
 # Model-free modules whose behaviour this engine does not implement (attention/output hijacks, inpainting).
 UNSUPPORTED: tuple[str, ...] = (
     "reference_adain", "reference_adain+attn", "inpaint", "inpaint_global_harmonious",
-    "inpaint_only", "tile_colorfix", "tile_colorfix+sharp", "shuffle",
+    "inpaint_only", "shuffle",
 )
 
 

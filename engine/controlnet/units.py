@@ -130,8 +130,10 @@ class PreparedUnit:
     detected_map: np.ndarray | None = field(default=None, repr=False, compare=False)
     # per-residual scales replacing weight and the control mode's (see the module docstring); None: not used
     advanced_weighting: tuple[float, ...] | None = None
-    # the preprocessor's slider values as used (threshold_a of reference_only: the style fidelity)
+    # the preprocessor's slider values as used (threshold_a of reference_only: the style fidelity; of tile_colorfix:
+    # its Variation, threshold_b of tile_colorfix+sharp its Sharpness)
     threshold_a: float | None = None
+    threshold_b: float | None = None
     # the preprocessor values actually used (defaults applied, pixel perfect resolved), for the infotext
     used: dict = field(default_factory=dict, compare=False)
     # control image repeated to n rows, per (n, array kind/device/dtype): built once per request, not per step
