@@ -148,7 +148,7 @@ def test_queue_full_is_429(tmp_path):
         """TEST DOUBLE: holds the worker until the test releases it."""
 
         def generate(self, request, *, progress=None, cancel=None):
-            gate.wait(10)
+            gate.wait(120)  # released by the test (finally: always); a short wait let the queue drain under load
             return super().generate(request, progress=progress, cancel=cancel)
 
     svc = TaskService(tmp_path, results_dir=tmp_path / "r", engine_factory=Blocked, check_models=False,

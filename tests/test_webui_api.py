@@ -194,7 +194,7 @@ def test_controlnet_detect_runs_on_the_worker_not_in_the_router(service, monkeyp
             return pre(*args, **kwargs)
 
         run.sizes, run.check_params, run.check_available = pre.sizes, pre.check_params, pre.check_available
-        run.check_work = pre.check_work
+        run.check_work, run.makes_poses = pre.check_work, pre.makes_poses
         run.name, run.label, run.tags = pre.name, pre.label, pre.tags
         return run
 
