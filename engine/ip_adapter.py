@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -118,12 +118,15 @@ def is_adapter_file(path: str | os.PathLike) -> bool:
 @dataclass(frozen=True)
 class AdapterShape:
     """What an adapter's variant depends on: image tokens, cross-attention width, the CLIP input it projects
-    (``clip_dim``: the projected embedding's width, or the hidden width for a plus adapter)."""
+    (``clip_dim``: the projected embedding's width, or the hidden width for a plus or full-face adapter, which
+    project the penultimate hidden states). A full-face adapter's token count is its encoder's (every hidden
+    state is a token: 257 for ViT-H at 224 px), 0 until the encoder is known (:func:`encoder_tokens`)."""
 
     tokens: int
     cross_dim: int
     clip_dim: int
     plus: bool
+    full: bool = False
 
 
 def adapter_shape(state: Mapping[str, Mapping[str, Any]], field_name: str = "model") -> AdapterShape:
@@ -137,16 +140,23 @@ def adapter_shape(state: Mapping[str, Mapping[str, Any]], field_name: str = "mod
     if "proj.weight" in proj and "norm.weight" in proj:
         return AdapterShape(int(proj["proj.weight"].shape[0]) // cross, cross, int(proj["proj.weight"].shape[1]),
                             False)
-    kind = ("full-face" if "proj.3.weight" in proj else "FaceID" if "perceiver_resampler.proj_in.weight" in proj
-            else "unknown")
+    faceid = "perceiver_resampler.proj_in.weight" in proj or "norm.weight" in proj
+    if not faceid and all(f"proj.{i}.weight" in proj for i in (0, 2, 3)):  # full-face: Linear, GELU, Linear, LN
+        return AdapterShape(0, cross, int(proj["proj.0.weight"].shape[1]), True, full=True)
+    kind = "FaceID" if faceid else "unknown"
     raise InvalidRequest(field_name, f"{kind} IP-Adapters are not supported",
-                         "ip-adapter_sd15, ip-adapter-plus_sd15, ip-adapter-plus-face_sd15, ip-adapter_sdxl, "
-                         "ip-adapter_sdxl_vit-h (and their plus variants)")
+                         "ip-adapter_sd15, ip-adapter-plus_sd15, ip-adapter-plus-face_sd15, "
+                         "ip-adapter-full-face_sd15, ip-adapter_sdxl, ip-adapter_sdxl_vit-h (and their plus variants)")
+
+
+def encoder_tokens(image_size: int, patch_size: int) -> int:
+    """The hidden states' token count of a CLIP vision encoder: one per patch, plus the class token."""
+    return (int(image_size) // int(patch_size)) ** 2 + 1
 
 
 def image_projection(image_proj: Mapping[str, Any]):
-    """diffusers' image projection module (ImageProjection / IPAdapterPlusImageProjection) of an adapter's
-    ``image_proj`` weights, by diffusers' own converter."""
+    """diffusers' image projection module (ImageProjection / IPAdapterPlusImageProjection /
+    IPAdapterFullImageProjection) of an adapter's ``image_proj`` weights, by diffusers' own converter."""
     from diffusers.loaders.unet import UNet2DConditionLoadersMixin
 
     module = UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(
@@ -287,6 +297,15 @@ class IPAdapters:
                                                      image_projection(state["image_proj"]), state["ip_adapter"])
         return self.adapters[cache_key]
 
+    def with_tokens(self, adapter: LoadedAdapter, tokens: int) -> LoadedAdapter:
+        """A full-face adapter as it runs with an encoder of ``tokens`` hidden states: the token count is part of
+        its UNet variant (the ``ip_tokens`` input's shape), so it is part of its key (``{sha}-{tokens}``)."""
+        cache_key = (str(adapter.path), adapter.key, tokens)
+        if cache_key not in self.adapters:
+            self.adapters[cache_key] = replace(adapter, key=f"{adapter.key}-{tokens}",
+                                               shape=replace(adapter.shape, tokens=tokens))
+        return self.adapters[cache_key]
+
     def encoder_for(self, module: str, adapter: LoadedAdapter, field_name: str):
         """The CLIP vision encoder of ``module`` for ``adapter`` (refused naming ``field_name`` when none is
         installed or its size does not fit the adapter)."""
@@ -324,6 +343,8 @@ class IPAdapters:
 
         adapter = self.adapter(unit.model, f"{field_name}.model")
         encoder = self.encoder_for(unit.module, adapter, field_name)
+        if adapter.shape.full:
+            adapter = self.with_tokens(adapter, encoder_tokens(encoder.config.image_size, encoder.config.patch_size))
         size = int(encoder.config.image_size)
         images = unit_images(unit)
         conds, unconds = [], []

@@ -45,15 +45,19 @@ def encoder(cfg: dict, seed: int):
     return CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg, hidden_act="gelu", layer_norm_eps=1e-5)).eval()
 
 
-def adapter_state(unet, clip_dim: int, seed: int, plus: bool = False) -> dict:
-    """An adapter's ``{"image_proj": ..., "ip_adapter": ...}`` with random weights in the h94 layout for ``unet``."""
+def adapter_state(unet, clip_dim: int, seed: int, plus: bool = False, full: bool = False) -> dict:
+    """An adapter's ``{"image_proj": ..., "ip_adapter": ...}`` with random weights in the h94 layout for ``unet``
+    (``full``: the full-face projection ``proj.0`` Linear, GELU, ``proj.2`` Linear, ``proj.3`` LayerNorm)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, base=0.0):
         return (base + torch.randn(*shape, generator=g) * 0.2).contiguous()
 
     cross = unet.config.cross_attention_dim
-    if plus:  # the h94 Resampler: depth 4, dim_head 64, ff_mult 4
+    if full:  # ip-adapter-full-face_sd15: MLPProjModel over every penultimate hidden state
+        proj = {"proj.0.weight": r(clip_dim, clip_dim), "proj.0.bias": r(clip_dim), "proj.2.weight": r(cross, clip_dim),
+                "proj.2.bias": r(cross), "proj.3.weight": r(cross, base=1.0), "proj.3.bias": r(cross)}
+    elif plus:  # the h94 Resampler: depth 4, dim_head 64, ff_mult 4
         dim, inner, tokens = 48, 64, 16
         proj = {"latents": r(1, tokens, dim), "proj_in.weight": r(dim, clip_dim), "proj_in.bias": r(dim),
                 "proj_out.weight": r(cross, dim), "proj_out.bias": r(cross), "norm_out.weight": r(cross, base=1.0),
@@ -91,8 +95,9 @@ def picture(seed: int, h: int = 48, w: int = 40) -> np.ndarray:
     return np.clip(img + rng.integers(0, 40, img.shape), 0, 255).astype(np.uint8)
 
 
-ADAPTERS = {  # name -> (family, encoder role, plus, seed)
+ADAPTERS = {  # name -> (family, encoder role, plus ("full": full-face), seed)
     "ip-adapter_sd15.safetensors": ("sd1", "h", False, 11),
+    "ip-adapter-full-face_sd15.safetensors": ("sd1", "h", "full", 16),
     "ip-adapter-plus_sd15.bin": ("sd1", "h", True, 12),
     "ip-adapter-plus-face_sd15.safetensors": ("sd1", "h", True, 13),
     "ip-adapter_sdxl.safetensors": ("sdxl", "g", False, 14),
@@ -126,7 +131,8 @@ def store(tmp_path_factory, tiny_store):
     for name, (family, role, plus, seed) in ADAPTERS.items():
         dims = H if role == "h" else G
         clip_dim = dims["hidden_size"] if plus else dims["projection_dim"]
-        save_adapter(adapter_state(unets[family], clip_dim, seed, plus), root / "ControlNet" / name)
+        save_adapter(adapter_state(unets[family], clip_dim, seed, bool(plus), full=plus == "full"),
+                     root / "ControlNet" / name)
     return root
 
 
@@ -167,6 +173,9 @@ CASES = {  # case -> (model, [(adapter, module, weight)])
     "sd15-plus-bin": ("tiny-sd1", [("ip-adapter-plus_sd15.bin", "ip-adapter_clip_sd15", 1.0)]),
     "sd15-two-adapters": ("tiny-sd1", [("ip-adapter_sd15.safetensors", "ip-adapter_clip_sd15", 0.5),
                                        ("ip-adapter-plus-face_sd15.safetensors", "ip-adapter-auto", 0.8)]),
+    "sd15-full-face": ("tiny-sd1", [("ip-adapter-full-face_sd15.safetensors", "ip-adapter_clip_sd15", 0.9)]),
+    "sd15-full-face-and-plain": ("tiny-sd1", [("ip-adapter-full-face_sd15.safetensors", "ip-adapter-auto", 1.0),
+                                              ("ip-adapter_sd15.safetensors", "ip-adapter_clip_h", 0.6)]),
     "sdxl-bigG": ("tiny-sdxl", [("ip-adapter_sdxl.safetensors", "ip-adapter_clip_sdxl", 0.6)]),
     "sdxl-vit-h": ("tiny-sdxl", [("ip-adapter_sdxl_vit-h.safetensors", "ip-adapter_clip_sdxl_plus_vith", 1.0)]),
 }
@@ -213,6 +222,33 @@ def test_unet_output_matches_diffusers_load_ip_adapter(engine, store, case):
     plain = run("unet", feeds)["model_output"]
     assert rel_l2(ours, ref) <= 1e-5, (case, rel_l2(ours, ref))
     assert rel_l2(ours, plain) > 1e-3  # the adapter acts
+
+
+def test_full_face_tokens_match_diffusers(engine, store):
+    """The full-face adapter's image-prompt tokens (every penultimate hidden state through diffusers'
+    IPAdapterFullImageProjection; the negative rows those of an all-zero image, as for the plus adapters) equal
+    diffusers' after load_ip_adapter: its ``prepare_ip_adapter_image_embeds`` through the UNet's
+    ``encoder_hid_proj``. One token per hidden state: (32 / 8)^2 patches + the class token = 17 here, 257 for
+    ViT-H at 224 px."""
+    from diffusers.models.embeddings import IPAdapterFullImageProjection
+
+    rt = engine.runtime("tiny-sd1")
+    ips = IPAdapters(engine.store, allow_pickle=True)
+    image = picture(6)
+    p, adapter = ips.prepare(unit("ip-adapter-full-face_sd15", image, "ip-adapter_clip_h"), "controlnet_units[0]")
+    assert isinstance(adapter.projection, IPAdapterFullImageProjection)
+    assert adapter.shape.full and adapter.shape.tokens == 17 and p.cond.shape == p.uncond.shape == (1, 17, 32)
+    assert adapter.key.endswith("-17") and p.label.startswith("ip-adapter-full-face_sd15 [")
+    pipe = _pipeline(rt, next(iter(ips.encoders.values())), False)
+    pipe.load_ip_adapter(str(store / "ControlNet"), subfolder="", weight_name="ip-adapter-full-face_sd15.safetensors",
+                         image_encoder_folder=None)
+    with torch.no_grad():
+        embeds = pipe.prepare_ip_adapter_image_embeds([image], None, "cpu", 1, True)
+        ref = pipe.unet.encoder_hid_proj(embeds)[0].numpy()  # (rows: negative, positive; 1 image; tokens; dim)
+    assert ref.shape == (2, 1, 17, 32)
+    assert rel_l2(p.cond[0], ref[1, 0]) <= 1e-6, rel_l2(p.cond[0], ref[1, 0])
+    assert rel_l2(p.uncond[0], ref[0, 0]) <= 1e-6, rel_l2(p.uncond[0], ref[0, 0])
+    assert rel_l2(p.cond, p.uncond) > 1e-2
 
 
 def test_clip_preprocessing_matches_clip_image_processor():
