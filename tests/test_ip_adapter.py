@@ -281,6 +281,17 @@ def test_image_follows_the_reference_and_weight_zero_is_no_adapter(engine, plain
     assert 'Module: ip-adapter-auto, Model: ip-adapter_sd15 [' in zero.infotexts[0]
 
 
+def test_full_face_generation_and_weight_zero_is_no_adapter(engine, plain_image):
+    zero = engine.generate(_request([unit("ip-adapter-full-face_sd15", picture(1), "ip-adapter_clip_sd15",
+                                          weight=0.0)]))
+    assert np.array_equal(zero.images[0], plain_image)
+    a = engine.generate(_request([unit("ip-adapter-full-face_sd15", picture(1), "ip-adapter_clip_sd15")]))
+    b = engine.generate(_request([unit("ip-adapter-full-face_sd15", picture(2), "ip-adapter_clip_sd15")])).images[0]
+    assert np.abs(a.images[0].astype(int) - plain_image).mean() > 2.0
+    assert np.abs(a.images[0].astype(int) - b).mean() > 1.0
+    assert "Module: ip-adapter_clip_sd15, Model: ip-adapter-full-face_sd15 [" in a.infotexts[0]
+
+
 def test_guidance_window_outside_every_step_is_no_adapter(engine, plain_image):
     # steps 3: the unit runs at step i when start <= i/3 <= end; 0.9..1.0 takes none of 0, 1/3, 2/3
     out = engine.generate(_request([unit("ip-adapter_sd15", picture(1), guidance_start=0.9)])).images[0]
@@ -405,36 +416,43 @@ def test_onnxruntime_engine_runs_the_exported_variant(engine, store, tmp_path):
     assert not np.array_equal(again.images[0], out.images[0])
 
 
-def test_openvino_variant_matches_torch(engine):
-    """OpenVINO's IR of the variant (from its ONNX export) against the torch variant on the same modules."""
+@pytest.mark.parametrize("backend,model", [("openvino", "ip-adapter_sd15"), ("openvino", "ip-adapter-full-face_sd15"),
+                                           ("onnxruntime", "ip-adapter-full-face_sd15")])
+def test_exported_variant_matches_torch(engine, backend, model):
+    """OpenVINO's IR (from its ONNX export) and onnxruntime's ONNX of the variant against the torch variant on the
+    same modules (the full-face variant: 17 image tokens per unit here, 257 with ViT-H)."""
     from engine.backends import create_backend
     from engine.config import EngineConfig
 
     rt = engine.runtime("tiny-sd1")
     ips = IPAdapters(engine.store)
-    p, adapter = ips.prepare(unit("ip-adapter_sd15", picture(1), weight=0.8), "u")
+    p, adapter = ips.prepare(unit(model, picture(1), weight=0.8), "u")
     ips.attach(rt.backend, adapter, rt.backend._components["unet"])
     g = np.random.default_rng(2)
     feeds = {"sample": g.standard_normal((2, 4, 8, 8)).astype(np.float32), "timestep": np.full(2, 300.0, np.float32),
              "encoder_hidden_states": g.standard_normal((2, 77, 32)).astype(np.float32)}
     name, extra = IPInjection([p], 1).feeds("unet", 0, np.asarray([0.0, 1.0]), 2, feeds["sample"])
     ref = rt.backend.run(name, {**feeds, **extra})["model_output"]
-    ov = create_backend(EngineConfig(models_dir=engine.config.models_dir, backend="openvino", precision="fp32",
-                                     cache_dir=engine.config.cache_dir), rt.backend._components, model_hash="ipa-test")
-    assert rel_l2(ov.run(name, {**feeds, **extra})["model_output"], ref) <= 1e-4
+    assert extra["ip_tokens_0"].shape == (2, 1, adapter.shape.tokens, 32)
+    other = create_backend(EngineConfig(models_dir=engine.config.models_dir, backend=backend, precision="fp32",
+                                        cache_dir=engine.config.cache_dir), rt.backend._components,
+                           model_hash="ipa-test")
+    assert rel_l2(other.run(name, {**feeds, **extra})["model_output"], ref) <= 1e-4
 
 
-def test_tensorrt_profile_of_the_variant(engine):
-    """TensorRT (no GPU here): the variant's descriptor gives the plan's min/opt/max shapes for the IP inputs."""
+@pytest.mark.parametrize("model,tokens", [("ip-adapter_sd15", 4), ("ip-adapter-full-face_sd15", 17)])
+def test_tensorrt_profile_of_the_variant(engine, model, tokens):
+    """TensorRT (no GPU here): the variant's descriptor gives the plan's min/opt/max shapes for the IP inputs (the
+    token count is static: 4 for a plain adapter, the encoder's hidden states for a full-face one)."""
     from export.descriptors import ShapeConfig
 
     rt = engine.runtime("tiny-sd1")
     ips = IPAdapters(engine.store)
-    _, adapter = ips.prepare(unit("ip-adapter_sd15", picture(1)), "u")
+    _, adapter = ips.prepare(unit(model, picture(1)), "u")
     ips.attach(rt.backend, adapter, rt.backend._components["unet"])
     desc = rt.backend.descriptor(variant_name("unet_control", [(adapter.key, 3)]))
     profile = desc.profile(ShapeConfig(batch=(1, 2, 4)))
-    assert profile["ip_tokens_0"] == ((1, 3, 4, 32), (2, 3, 4, 32), (4, 3, 4, 32))
+    assert profile["ip_tokens_0"] == ((1, 3, tokens, 32), (2, 3, tokens, 32), (4, 3, tokens, 32))
     assert profile["ip_scale_0"] == ((1, 3), (2, 3), (4, 3))
     assert "mid_residual" in profile and desc.source == "unet"
 
@@ -529,6 +547,35 @@ def test_webui_route_takes_the_extensions_ip_adapter_unit(server):
                      timeout=600)
     assert bad.status_code == 422, bad.text
     assert bad.json()["error"]["field"] == "alwayson_scripts.controlnet.args[0].module"
+
+
+def test_webui_txt2img_with_a_full_face_unit(server):
+    """/sdapi/v1/txt2img with the extension's full-face unit (ip-adapter_clip_sd15, the preset's module): weight 0
+    gives the pixels of the request without the unit, weight 1 others; the infotext names the unit."""
+    import base64
+
+    import httpx
+
+    from tests.api_support import png_pixels
+
+    title = next(m for m in httpx.get(server + "/controlnet/model_list", timeout=60).json()["model_list"]
+                 if m.startswith("ip-adapter-full-face_sd15 ["))
+
+    def txt2img(weight):
+        units = [] if weight is None else [{"enabled": True, "module": "ip-adapter_clip_sd15", "model": title,
+                                            "weight": weight, "image": _b64(picture(3))}]
+        r = httpx.post(server + "/sdapi/v1/txt2img", timeout=600, json={
+            "prompt": "a portrait", "steps": 3, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler",
+            "override_settings": {"sd_model_checkpoint": "tiny-sd1"},
+            "alwayson_scripts": {"ControlNet": {"args": units}}})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    plain, zero, full = txt2img(None), txt2img(0.0), txt2img(1.0)
+    pixels = [png_pixels(base64.b64decode(a["images"][0])) for a in (plain, zero, full)]
+    assert np.array_equal(pixels[1], pixels[0])
+    assert np.abs(pixels[2].astype(int) - pixels[0]).mean() > 1.0
+    assert "Module: ip-adapter_clip_sd15, Model: ip-adapter-full-face_sd15 [" in full["info"]
 
 
 # ------------------------------------------------------------------------------------------------ Celery
