@@ -479,6 +479,35 @@ def test_submit_checks_from_the_headers(engine, store, tmp_path):
     assert e.field == "controlnet_units[0].model" and "not an IP-Adapter file" in str(e)
     e = refused([unit("ip-adapter_sd15", picture(1), "canny")])  # an adapter with a ControlNet module
     assert e.field == "controlnet_units[0].module" and "ip-adapter_clip_sd15" in e.allowed
+    # full-face: the ViT-H module fits (its hidden states are 32 wide here); the bigG one (the extension's pickle:
+    # its width is known once loaded) is refused when the unit runs
+    check_request(engine.store, engine.config, _request([unit("ip-adapter-full-face_sd15", picture(1),
+                                                              "ip-adapter_clip_sd15")]))
+    with pytest.raises(InvalidRequest) as e:
+        engine.generate(_request([unit("ip-adapter-full-face_sd15", picture(1), "ip-adapter_clip_g")]))
+    assert e.value.field == "controlnet_units[0].module" and "(48 wide)" in str(e.value)
+    assert "takes 32" in str(e.value)
+
+
+def test_faceid_adapters_stay_refused_naming_the_model(engine, store):
+    """FaceID (insightface embeddings: ``proj.0``/``proj.2``/``norm``) and FaceID plus (``perceiver_resampler``)
+    files are refused at submit naming the model; the allowed values list the full-face adapter."""
+    from safetensors.torch import save_file
+
+    from engine.admission import check_request
+
+    ip = {f"ip_adapter.{k}": v for k, v in adapter_state(engine.runtime("tiny-sd1").backend._components["unet"], 24,
+                                                          1)["ip_adapter"].items()}
+    faceid = {"image_proj.proj.0.weight": torch.zeros(64, 16), "image_proj.proj.0.bias": torch.zeros(64),
+              "image_proj.proj.2.weight": torch.zeros(128, 64), "image_proj.proj.2.bias": torch.zeros(128),
+              "image_proj.norm.weight": torch.ones(32), "image_proj.norm.bias": torch.zeros(32)}
+    plus = {**faceid, "image_proj.perceiver_resampler.proj_in.weight": torch.zeros(48, 32)}
+    for name, proj in (("ip-adapter-faceid_sd15", faceid), ("ip-adapter-faceid-plus_sd15", plus)):
+        save_file({**proj, **ip}, str(store / "ControlNet" / f"{name}.safetensors"))
+        with pytest.raises(InvalidRequest) as e:
+            check_request(engine.store, engine.config, _request([unit(name, picture(1), "ip-adapter_clip_sd15")]))
+        assert e.value.field == "controlnet_units[0].model", name
+        assert "FaceID IP-Adapters are not supported" in str(e.value) and "ip-adapter-full-face_sd15" in e.value.allowed
 
 
 # ------------------------------------------------------------------------------------------------ webui API
