@@ -500,6 +500,38 @@ def memory_bytes(store, request) -> int:
     return sum(_fp32_bytes(p) for p in files)
 
 
+VIT_H_TOKENS = 257  # the hidden states of CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token
+
+
+def attention_tokens(store, request) -> int:
+    """The image-prompt tokens the UNet's IP-Adapter attention takes at once (engine.memory: its score arrays are
+    rows x heads x latent pixels x this): the largest over the request's adapters of units x tokens (plain: the
+    projection's, plus: the Resampler's queries, full-face: the encoder's hidden states, from its header; 257 for
+    a pickled ViT-H encoder). From headers; what the store cannot resolve or read counts nothing."""
+    from engine.models.family import Kind
+
+    counts: dict[Path, list] = {}
+    for unit in request.controlnet_units:
+        if not is_ip_module(unit.module):
+            continue
+        try:
+            path = store.resolve(unit.model, Kind.CONTROLNET).path
+            shapes = _header_shapes(path)
+            shape = None if shapes is None else adapter_shape(_nested({k: _Shape(s) for k, s in shapes.items()}))
+        except Exception:  # noqa: BLE001 - the submit checks name it
+            continue
+        tokens = VIT_H_TOKENS if shape is None else shape.tokens  # a pickle: the most an h94 adapter takes
+        if shape is not None and shape.full:
+            roles = [MODULES[unit.module]] if MODULES[unit.module] else ["h", "g"]
+            found = [p for p in (find_encoder(store.root, r) for r in roles) if p is not None]
+            enc = _header_shapes(found[0]) if found else None
+            tokens = (int(enc["vision_model.embeddings.position_embedding.weight"][0]) if enc is not None
+                      else VIT_H_TOKENS)
+        entry = counts.setdefault(path, [0, tokens])
+        entry[0] += 1
+    return max((units * tokens for units, tokens in counts.values()), default=0)
+
+
 class IPInjection:
     """The IP-Adapter units of one sampling pass: per model evaluation, the variant's name suffix and feeds."""
 

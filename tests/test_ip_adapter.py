@@ -380,6 +380,22 @@ def test_memory_budget_counts_the_encoder_and_the_adapter(engine, store):
         check_request(engine.store, engine.config, req, plain + expected // 2)
 
 
+def test_memory_budget_counts_the_image_prompt_attention(engine, store):
+    """The IP attention's score arrays (rows x heads x latent pixels x units * tokens) count where they outgrow
+    the self-attention's: a full-face adapter's tokens are its encoder's hidden states (17 here, from the header)."""
+    from engine.ip_adapter import attention_tokens
+    from engine.memory import architecture_of, estimate_request
+
+    full = [unit("ip-adapter-full-face_sd15", picture(1), "ip-adapter_clip_sd15")] * 3
+    assert attention_tokens(engine.store, _request(full + [unit("ip-adapter_sd15", picture(1))])) == 3 * 17
+    assert attention_tokens(engine.store, _request([unit("ip-adapter_sd15", picture(1))])) == 4
+    assert attention_tokens(engine.store, _request([unit("ip-adapter-plus_sd15", picture(1))])) == 257  # a pickle
+    arch, _ = architecture_of(store / "Stable-diffusion" / "tiny-sd1.safetensors")
+    plain = estimate_request(arch, 64, 64, backend="onnxruntime").total
+    assert estimate_request(arch, 64, 64, backend="onnxruntime", ip_tokens=64).total == plain  # 8 x 8 latent pixels
+    assert estimate_request(arch, 64, 64, backend="onnxruntime", ip_tokens=10 * 257).total > plain
+
+
 # ------------------------------------------------------------------------------------------------ progress, cancel
 def test_image_encode_is_an_encoding_phase_and_cancellable(engine):
     import threading
