@@ -60,6 +60,9 @@ ENCODER_FILES: dict[str, tuple[str, ...]] = {
     "g": ("clip_vision/CLIP-ViT-bigG.safetensors", "clip_vision/clip_g.safetensors", "clip_vision/clip_g.pth",
           "../extensions/sd-webui-controlnet/annotator/downloads/clip_vision/clip_g.pth"),
 }
+# sd-webui-controlnet's stored unconditional ViT-H penultimate hidden states (a torch pickle, {"uc": (1, 257, 1280)
+# float16}), the negative image prompt of its SD1/SD2 plus and full-face adapters, where the extension is installed
+UNCOND_FILE = "../extensions/sd-webui-controlnet/annotator/clipvision/clip_vision_h_uc.data"
 # attention heads of the OpenCLIP vision towers by width (ViT-L/H/bigG all have 16); other widths: width / 64
 _HEADS = {1024: 16, 1280: 16, 1664: 16}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -277,6 +280,7 @@ class IPAdapters:
         self.allow_pickle = allow_pickle
         self.adapters: dict[tuple, LoadedAdapter] = {}
         self.encoders: dict[str, Any] = {}
+        self._uncond: dict[str, Any] = {}  # UNCOND_FILE's path -> its float32 tensor (None: not usable)
         self._prepared: dict[int, tuple] = {}  # id(request unit) -> (unit, result): the hires pass reuses the first's
 
     def adapter(self, name: str, field_name: str) -> LoadedAdapter:
@@ -296,6 +300,31 @@ class IPAdapters:
             self.adapters[cache_key] = LoadedAdapter(sha[:10], entry.name, entry.path, shape,
                                                      image_projection(state["image_proj"]), state["ip_adapter"])
         return self.adapters[cache_key]
+
+    def stored_uncond(self, adapter: LoadedAdapter, shape) -> Any:
+        """The extension's stored unconditional hidden states (:data:`UNCOND_FILE`, its ``{"uc": (1, 257, 1280)}``
+        of CLIP ViT-H) when the extension is installed beside the models folder, the engine allows pickles (it is
+        one), the adapter is an SD1/SD2 plus or full-face one (the extension's rule: its SDXL plus adapters take
+        another, unprojected) and the tensor has the encoder's hidden-state ``shape``; else None (the zero image)."""
+        import torch
+
+        from engine.models.checkpoints import load_pickle
+
+        if adapter.shape.cross_dim == 2048:
+            return None
+        path = Path(self.store.root) / UNCOND_FILE
+        if not path.is_file():
+            return None
+        key = str(path)
+        if key not in self._uncond:
+            try:
+                obj = load_pickle(path, self.allow_pickle, "unconditional hidden states file")
+                self._uncond[key] = obj["uc"].to(torch.float32) if isinstance(obj, dict) else None
+            except (ModelError, KeyError, AttributeError) as exc:
+                log.info("%s: not used (%s); the negative image prompt is the zero image's", path, exc)
+                self._uncond[key] = None
+        uc = self._uncond[key]
+        return uc if uc is not None and tuple(uc.shape) == tuple(shape) else None
 
     def with_tokens(self, adapter: LoadedAdapter, tokens: int) -> LoadedAdapter:
         """A full-face adapter as it runs with an encoder of ``tokens`` hidden states: the token count is part of
@@ -356,8 +385,10 @@ class IPAdapters:
                 if adapter.shape.plus:
                     out = encoder(pixels, output_hidden_states=True)
                     cond = adapter.projection(out.hidden_states[-2])
-                    zero = encoder(torch.zeros_like(pixels), output_hidden_states=True)
-                    uncond = adapter.projection(zero.hidden_states[-2])
+                    stored = self.stored_uncond(adapter, out.hidden_states[-2].shape)
+                    if stored is None:  # diffusers' rule: the hidden states of an all-zero image
+                        stored = encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+                    uncond = adapter.projection(stored)
                 else:
                     embeds = encoder(pixels).image_embeds
                     cond = adapter.projection(embeds)

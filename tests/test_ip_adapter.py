@@ -251,6 +251,42 @@ def test_full_face_tokens_match_diffusers(engine, store):
     assert rel_l2(p.cond, p.uncond) > 1e-2
 
 
+def test_the_extensions_stored_negative_hidden_states_where_installed(engine, store, tmp_path):
+    """Where sd-webui-controlnet is installed beside the models folder (its ``clip_vision_h_uc.data``, a torch
+    pickle ``{"uc": (1, tokens, width) float16}``) and pickles are allowed, the negative rows of the plus and
+    full-face adapters are the projection of those stored hidden states, as the extension's ``_get_image_embeds``
+    makes them; without the opt-in (or without the file) the zero image's, diffusers' rule."""
+    import shutil
+
+    from engine.ip_adapter import UNCOND_FILE
+    from engine.models.store import ModelStore
+
+    root = tmp_path / "webui" / "models"
+    for sub in ("ControlNet", "clip_vision"):
+        (root / sub).mkdir(parents=True)
+    enc = "clip_vision/CLIP-ViT-H-14.safetensors"
+    shutil.copyfile(store / enc, root / enc)
+    names = ("ip-adapter-full-face_sd15", "ip-adapter-plus-face_sd15")
+    for name in names:
+        shutil.copyfile(store / "ControlNet" / f"{name}.safetensors", root / "ControlNet" / f"{name}.safetensors")
+    uc = torch.randn(1, 17, 32, generator=torch.Generator().manual_seed(4)).half()
+    (root / UNCOND_FILE).parent.mkdir(parents=True)
+    torch.save({"uc": uc}, root / UNCOND_FILE)
+    local = ModelStore(root, bundled=None, cache_dir=tmp_path / "cache")
+    zero_rule = IPAdapters(engine.store, allow_pickle=True)
+    for name in names:
+        ips = IPAdapters(local, allow_pickle=True)
+        p, adapter = ips.prepare(unit(name, picture(1), "ip-adapter_clip_sd15"), "u")
+        ref, _ = zero_rule.prepare(unit(name, picture(1), "ip-adapter_clip_sd15"), "u")
+        with torch.no_grad():
+            expected = adapter.projection(uc.float()).numpy()
+        np.testing.assert_allclose(p.uncond, expected, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(p.cond, ref.cond)
+        assert rel_l2(p.uncond, ref.uncond) > 1e-2
+        no_pickle, _ = IPAdapters(local).prepare(unit(name, picture(1), "ip-adapter_clip_sd15"), "u")
+        np.testing.assert_array_equal(no_pickle.uncond, ref.uncond)
+
+
 def test_clip_preprocessing_matches_clip_image_processor():
     from transformers import CLIPImageProcessor
 
