@@ -11,19 +11,24 @@ pickle holding the two dicts, read only with the pickle opt-in) in ``models/Cont
   transformers ``CLIPVisionModelWithProjection`` state dict, its config read from the shapes. The image is resized
   (bicubic, short side to the encoder's size), centre-cropped and normalised as ``CLIPImageProcessor`` does.
 * **Image prompt tokens.** Plain adapters project the image embedding (``image_embeds``), the unconditional rows
-  get the projection of a zero embedding; "plus" adapters (a Resampler: ``latents`` in ``image_proj``) project the
-  penultimate hidden states, the unconditional rows those of an all-zero image (diffusers'
-  ``prepare_ip_adapter_image_embeds``). The projection is diffusers' own module, built by its converter.
-  Several images in one unit (the extension's multi-input form: ``image`` as a list) average their tokens, the
-  extension's ``ImageEmbed.average_of``.
+  get the projection of a zero embedding; "plus" adapters (a Resampler: ``latents`` in ``image_proj``) and
+  full-face adapters (``ip-adapter-full-face_sd15``: ``proj.0`` Linear, GELU, ``proj.2`` Linear, ``proj.3``
+  LayerNorm, diffusers' ``IPAdapterFullImageProjection``) project the penultimate hidden states -- a full-face
+  adapter every one of them, so its token count is the encoder's (257 for ViT-H at 224 px; part of its variant's
+  key, :meth:`IPAdapters.with_tokens`). Their unconditional rows: the projection of the extension's stored ViT-H
+  hidden states (:data:`UNCOND_FILE`) where sd-webui-controlnet is installed beside the models folder and pickles
+  are allowed (the extension's rule for SD1/SD2 adapters), else of the hidden states of an all-zero image
+  (diffusers' ``prepare_ip_adapter_image_embeds``). The projection is diffusers' own module, built by its
+  converter. Several images in one unit (the extension's multi-input form: ``image`` as a list) average their
+  tokens, the extension's ``ImageEmbed.average_of``.
 * **Sampling.** At each model evaluation every unit in its guidance window (the ControlNet rule, ``start <=
   step/steps <= end``) adds ``weight * attention(q, tokens)`` in every cross-attention layer; the UNet runs as the
   export variant of :mod:`export.ip_adapter` (tokens and weights are inputs; nothing is rebuilt per image). When no
   unit is active (or every active weight is 0) the plain UNet runs: weight 0 is exactly no adapter.
 
-Not implemented (refused naming the field): the FaceID / InstantID / PuLID / full-face adapters and their
-modules; the extension's stored unconditional tokens of the SDXL ViT-H plus adapter (``clip_vision_vith_uc``) are
-replaced by diffusers' zero-image rule.
+Not implemented (refused naming the field): the FaceID / InstantID / PuLID adapters and their modules; the
+extension's stored unconditional tokens of the SDXL plus adapters (``clip_vision_vith_uc``: 16 tokens 2048 wide,
+used as they are) are replaced by diffusers' zero-image rule.
 """
 
 from __future__ import annotations
