@@ -53,13 +53,14 @@ def check_request(store, config: EngineConfig, request: GenerationRequest, budge
         check_prompts(spec, request.prompt, request.negative_prompt, request.steps, config.max_prompt_chunks)
     if budget is not None:
         extra = ip_adapter.memory_bytes(store, request)
+        extra = {"extra_bytes": extra, "ip_tokens": ip_adapter.attention_tokens(store, request)}
         try:
-            check_memory(arch, native, entry.name, config, request, budget, answer=answer, extra_bytes=extra)
+            check_memory(arch, native, entry.name, config, request, budget, answer=answer, **extra)
         except TooMuchMemory as exc:
             if not second:
                 raise
             check_memory(alone, native, entry.name, config, request, budget, answer=answer,  # the size's fault
-                         extra_bytes=extra)
+                         **extra)
             raise TooMuchMemory(second[-1], f"{exc.message}, with {', '.join(second)} held beside the model",
                                 "a server with a larger memory budget, or the request without it") from None
 
@@ -146,19 +147,22 @@ def preprocessor_bytes(units) -> int:
 
 
 def check_memory(arch, native: int, model_name: str, config: EngineConfig, request: GenerationRequest,
-                 budget: int, *, answer: bool = False, upscaler_cost=_upscaler_cost, extra_bytes: int = 0) -> None:
+                 budget: int, *, answer: bool = False, upscaler_cost=_upscaler_cost, extra_bytes: int = 0,
+                 ip_tokens: int = 0) -> None:
     """TooMuchMemory when ``request``'s estimated peak (engine.memory.estimate_request, with the config's backend
     and VAE tiling) is over ``budget`` bytes: one batch, naming ``batch_size`` when a smaller batch fits at this
     size, else ``width`` (or ``height``) with the largest size of the same aspect ratio that fits; then the hires
     fix's second pass (naming hr_scale or hr_resize_x/y); then, with ``answer`` (the webui route sends every
     image inline as base64), all ``batch_size * n_iter`` images, naming ``n_iter``. The images of iterations are
     streamed to the task's files, so ``n_iter`` adds nothing else. ``extra_bytes``: weights the request loads
-    beside the model (its IP-Adapter units' adapters and CLIP vision encoders, engine.ip_adapter.memory_bytes)."""
+    beside the model (its IP-Adapter units' adapters and CLIP vision encoders, engine.ip_adapter.memory_bytes);
+    ``ip_tokens``: the image-prompt tokens their attention takes at once (engine.ip_adapter.attention_tokens)."""
     width, height = request.width or native, request.height or native
     backend = getattr(config.backend, "value", str(config.backend))
     options = {"cfg": request.cfg_scale != 1.0, "backend": backend, "tiling": config.vae_tiling,
                "units": len(request.controlnet_units), **_detailer(request, width, height, config),
-               "preprocessor_bytes": preprocessor_bytes(request.controlnet_units), "extra": extra_bytes}
+               "preprocessor_bytes": preprocessor_bytes(request.controlnet_units), "extra": extra_bytes,
+               "ip_tokens": ip_tokens}
     need = estimate_request(arch, width, height, request.batch_size, **options)
     if need.total > budget and "detailer" in options:
         plain = {k: v for k, v in options.items() if k not in ("detailer", "detector_bytes")}

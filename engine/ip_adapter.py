@@ -11,19 +11,24 @@ pickle holding the two dicts, read only with the pickle opt-in) in ``models/Cont
   transformers ``CLIPVisionModelWithProjection`` state dict, its config read from the shapes. The image is resized
   (bicubic, short side to the encoder's size), centre-cropped and normalised as ``CLIPImageProcessor`` does.
 * **Image prompt tokens.** Plain adapters project the image embedding (``image_embeds``), the unconditional rows
-  get the projection of a zero embedding; "plus" adapters (a Resampler: ``latents`` in ``image_proj``) project the
-  penultimate hidden states, the unconditional rows those of an all-zero image (diffusers'
-  ``prepare_ip_adapter_image_embeds``). The projection is diffusers' own module, built by its converter.
-  Several images in one unit (the extension's multi-input form: ``image`` as a list) average their tokens, the
-  extension's ``ImageEmbed.average_of``.
+  get the projection of a zero embedding; "plus" adapters (a Resampler: ``latents`` in ``image_proj``) and
+  full-face adapters (``ip-adapter-full-face_sd15``: ``proj.0`` Linear, GELU, ``proj.2`` Linear, ``proj.3``
+  LayerNorm, diffusers' ``IPAdapterFullImageProjection``) project the penultimate hidden states -- a full-face
+  adapter every one of them, so its token count is the encoder's (257 for ViT-H at 224 px; part of its variant's
+  key, :meth:`IPAdapters.with_tokens`). Their unconditional rows: the projection of the extension's stored ViT-H
+  hidden states (:data:`UNCOND_FILE`) where sd-webui-controlnet is installed beside the models folder and pickles
+  are allowed (the extension's rule for SD1/SD2 adapters), else of the hidden states of an all-zero image
+  (diffusers' ``prepare_ip_adapter_image_embeds``). The projection is diffusers' own module, built by its
+  converter. Several images in one unit (the extension's multi-input form: ``image`` as a list) average their
+  tokens, the extension's ``ImageEmbed.average_of``.
 * **Sampling.** At each model evaluation every unit in its guidance window (the ControlNet rule, ``start <=
   step/steps <= end``) adds ``weight * attention(q, tokens)`` in every cross-attention layer; the UNet runs as the
   export variant of :mod:`export.ip_adapter` (tokens and weights are inputs; nothing is rebuilt per image). When no
   unit is active (or every active weight is 0) the plain UNet runs: weight 0 is exactly no adapter.
 
-Not implemented (refused naming the field): the FaceID / InstantID / PuLID / full-face adapters and their
-modules; the extension's stored unconditional tokens of the SDXL ViT-H plus adapter (``clip_vision_vith_uc``) are
-replaced by diffusers' zero-image rule.
+Not implemented (refused naming the field): the FaceID / InstantID / PuLID adapters and their modules; the
+extension's stored unconditional tokens of the SDXL plus adapters (``clip_vision_vith_uc``: 16 tokens 2048 wide,
+used as they are) are replaced by diffusers' zero-image rule.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -60,6 +65,9 @@ ENCODER_FILES: dict[str, tuple[str, ...]] = {
     "g": ("clip_vision/CLIP-ViT-bigG.safetensors", "clip_vision/clip_g.safetensors", "clip_vision/clip_g.pth",
           "../extensions/sd-webui-controlnet/annotator/downloads/clip_vision/clip_g.pth"),
 }
+# sd-webui-controlnet's stored unconditional ViT-H penultimate hidden states (a torch pickle, {"uc": (1, 257, 1280)
+# float16}), the negative image prompt of its SD1/SD2 plus and full-face adapters, where the extension is installed
+UNCOND_FILE = "../extensions/sd-webui-controlnet/annotator/clipvision/clip_vision_h_uc.data"
 # attention heads of the OpenCLIP vision towers by width (ViT-L/H/bigG all have 16); other widths: width / 64
 _HEADS = {1024: 16, 1280: 16, 1664: 16}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -118,12 +126,15 @@ def is_adapter_file(path: str | os.PathLike) -> bool:
 @dataclass(frozen=True)
 class AdapterShape:
     """What an adapter's variant depends on: image tokens, cross-attention width, the CLIP input it projects
-    (``clip_dim``: the projected embedding's width, or the hidden width for a plus adapter)."""
+    (``clip_dim``: the projected embedding's width, or the hidden width for a plus or full-face adapter, which
+    project the penultimate hidden states). A full-face adapter's token count is its encoder's (every hidden
+    state is a token: 257 for ViT-H at 224 px), 0 until the encoder is known (:func:`encoder_tokens`)."""
 
     tokens: int
     cross_dim: int
     clip_dim: int
     plus: bool
+    full: bool = False
 
 
 def adapter_shape(state: Mapping[str, Mapping[str, Any]], field_name: str = "model") -> AdapterShape:
@@ -137,16 +148,23 @@ def adapter_shape(state: Mapping[str, Mapping[str, Any]], field_name: str = "mod
     if "proj.weight" in proj and "norm.weight" in proj:
         return AdapterShape(int(proj["proj.weight"].shape[0]) // cross, cross, int(proj["proj.weight"].shape[1]),
                             False)
-    kind = ("full-face" if "proj.3.weight" in proj else "FaceID" if "perceiver_resampler.proj_in.weight" in proj
-            else "unknown")
+    faceid = "perceiver_resampler.proj_in.weight" in proj or "norm.weight" in proj
+    if not faceid and all(f"proj.{i}.weight" in proj for i in (0, 2, 3)):  # full-face: Linear, GELU, Linear, LN
+        return AdapterShape(0, cross, int(proj["proj.0.weight"].shape[1]), True, full=True)
+    kind = "FaceID" if faceid else "unknown"
     raise InvalidRequest(field_name, f"{kind} IP-Adapters are not supported",
-                         "ip-adapter_sd15, ip-adapter-plus_sd15, ip-adapter-plus-face_sd15, ip-adapter_sdxl, "
-                         "ip-adapter_sdxl_vit-h (and their plus variants)")
+                         "ip-adapter_sd15, ip-adapter-plus_sd15, ip-adapter-plus-face_sd15, "
+                         "ip-adapter-full-face_sd15, ip-adapter_sdxl, ip-adapter_sdxl_vit-h (and their plus variants)")
+
+
+def encoder_tokens(image_size: int, patch_size: int) -> int:
+    """The hidden states' token count of a CLIP vision encoder: one per patch, plus the class token."""
+    return (int(image_size) // int(patch_size)) ** 2 + 1
 
 
 def image_projection(image_proj: Mapping[str, Any]):
-    """diffusers' image projection module (ImageProjection / IPAdapterPlusImageProjection) of an adapter's
-    ``image_proj`` weights, by diffusers' own converter."""
+    """diffusers' image projection module (ImageProjection / IPAdapterPlusImageProjection /
+    IPAdapterFullImageProjection) of an adapter's ``image_proj`` weights, by diffusers' own converter."""
     from diffusers.loaders.unet import UNet2DConditionLoadersMixin
 
     module = UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(
@@ -267,6 +285,7 @@ class IPAdapters:
         self.allow_pickle = allow_pickle
         self.adapters: dict[tuple, LoadedAdapter] = {}
         self.encoders: dict[str, Any] = {}
+        self._uncond: dict[str, Any] = {}  # UNCOND_FILE's path -> its float32 tensor (None: not usable)
         self._prepared: dict[int, tuple] = {}  # id(request unit) -> (unit, result): the hires pass reuses the first's
 
     def adapter(self, name: str, field_name: str) -> LoadedAdapter:
@@ -285,6 +304,40 @@ class IPAdapters:
             self.adapters = {k: v for k, v in self.adapters.items() if k[0] != str(entry.path)}
             self.adapters[cache_key] = LoadedAdapter(sha[:10], entry.name, entry.path, shape,
                                                      image_projection(state["image_proj"]), state["ip_adapter"])
+        return self.adapters[cache_key]
+
+    def stored_uncond(self, adapter: LoadedAdapter, shape) -> Any:
+        """The extension's stored unconditional hidden states (:data:`UNCOND_FILE`, its ``{"uc": (1, 257, 1280)}``
+        of CLIP ViT-H) when the extension is installed beside the models folder, the engine allows pickles (it is
+        one), the adapter is an SD1/SD2 plus or full-face one (the extension's rule: its SDXL plus adapters take
+        another, unprojected) and the tensor has the encoder's hidden-state ``shape``; else None (the zero image)."""
+        import torch
+
+        from engine.models.checkpoints import load_pickle
+
+        if adapter.shape.cross_dim == 2048:
+            return None
+        path = Path(self.store.root) / UNCOND_FILE
+        if not path.is_file():
+            return None
+        key = str(path)
+        if key not in self._uncond:
+            try:
+                obj = load_pickle(path, self.allow_pickle, "unconditional hidden states file")
+                self._uncond[key] = obj["uc"].to(torch.float32) if isinstance(obj, dict) else None
+            except (ModelError, KeyError, AttributeError) as exc:
+                log.info("%s: not used (%s); the negative image prompt is the zero image's", path, exc)
+                self._uncond[key] = None
+        uc = self._uncond[key]
+        return uc if uc is not None and tuple(uc.shape) == tuple(shape) else None
+
+    def with_tokens(self, adapter: LoadedAdapter, tokens: int) -> LoadedAdapter:
+        """A full-face adapter as it runs with an encoder of ``tokens`` hidden states: the token count is part of
+        its UNet variant (the ``ip_tokens`` input's shape), so it is part of its key (``{sha}-{tokens}``)."""
+        cache_key = (str(adapter.path), adapter.key, tokens)
+        if cache_key not in self.adapters:
+            self.adapters[cache_key] = replace(adapter, key=f"{adapter.key}-{tokens}",
+                                               shape=replace(adapter.shape, tokens=tokens))
         return self.adapters[cache_key]
 
     def encoder_for(self, module: str, adapter: LoadedAdapter, field_name: str):
@@ -324,6 +377,8 @@ class IPAdapters:
 
         adapter = self.adapter(unit.model, f"{field_name}.model")
         encoder = self.encoder_for(unit.module, adapter, field_name)
+        if adapter.shape.full:
+            adapter = self.with_tokens(adapter, encoder_tokens(encoder.config.image_size, encoder.config.patch_size))
         size = int(encoder.config.image_size)
         images = unit_images(unit)
         conds, unconds = [], []
@@ -335,8 +390,10 @@ class IPAdapters:
                 if adapter.shape.plus:
                     out = encoder(pixels, output_hidden_states=True)
                     cond = adapter.projection(out.hidden_states[-2])
-                    zero = encoder(torch.zeros_like(pixels), output_hidden_states=True)
-                    uncond = adapter.projection(zero.hidden_states[-2])
+                    stored = self.stored_uncond(adapter, out.hidden_states[-2].shape)
+                    if stored is None:  # diffusers' rule: the hidden states of an all-zero image
+                        stored = encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+                    uncond = adapter.projection(stored)
                 else:
                     embeds = encoder(pixels).image_embeds
                     cond = adapter.projection(embeds)
@@ -477,6 +534,38 @@ def memory_bytes(store, request) -> int:
         if found:
             files.add(max(found, key=lambda p: p.stat().st_size))
     return sum(_fp32_bytes(p) for p in files)
+
+
+VIT_H_TOKENS = 257  # the hidden states of CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token
+
+
+def attention_tokens(store, request) -> int:
+    """The image-prompt tokens the UNet's IP-Adapter attention takes at once (engine.memory: its score arrays are
+    rows x heads x latent pixels x this): the largest over the request's adapters of units x tokens (plain: the
+    projection's, plus: the Resampler's queries, full-face: the encoder's hidden states, from its header; 257 for
+    a pickled ViT-H encoder). From headers; what the store cannot resolve or read counts nothing."""
+    from engine.models.family import Kind
+
+    counts: dict[Path, list] = {}
+    for unit in request.controlnet_units:
+        if not is_ip_module(unit.module):
+            continue
+        try:
+            path = store.resolve(unit.model, Kind.CONTROLNET).path
+            shapes = _header_shapes(path)
+            shape = None if shapes is None else adapter_shape(_nested({k: _Shape(s) for k, s in shapes.items()}))
+        except Exception:  # noqa: BLE001 - the submit checks name it
+            continue
+        tokens = VIT_H_TOKENS if shape is None else shape.tokens  # a pickle: the most an h94 adapter takes
+        if shape is not None and shape.full:
+            roles = [MODULES[unit.module]] if MODULES[unit.module] else ["h", "g"]
+            found = [p for p in (find_encoder(store.root, r) for r in roles) if p is not None]
+            enc = _header_shapes(found[0]) if found else None
+            tokens = (int(enc["vision_model.embeddings.position_embedding.weight"][0]) if enc is not None
+                      else VIT_H_TOKENS)
+        entry = counts.setdefault(path, [0, tokens])
+        entry[0] += 1
+    return max((units * tokens for units, tokens in counts.values()), default=0)
 
 
 class IPInjection:

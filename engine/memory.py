@@ -138,8 +138,11 @@ class Estimate:
 
 
 def _unet_pass(arch: Architecture, width: int, height: int, rows: int, kind: str,
-               tensors: float = UNET_TENSORS) -> int:
-    """A sampling step's activations: per level, the conv tensors and (with attention) the score arrays."""
+               tensors: float = UNET_TENSORS, ip_tokens: int = 0) -> int:
+    """A sampling step's activations: per level, the conv tensors and (with attention) the score arrays: the
+    self-attention's (T x T) and, with IP-Adapter units, their image-prompt attention's (T x ``ip_tokens``: the
+    largest adapter's units x tokens, one batched attention; it runs after the self-attention, so the larger
+    counts; engine.ip_adapter.attention_tokens)."""
     f = arch.vae_scale_factor
     lh, lw = max(height // f, 1), max(width // f, 1)
     attention = conv = 0.0
@@ -148,7 +151,7 @@ def _unet_pass(arch: Architecture, width: int, height: int, rows: int, kind: str
         tokens = max(lh >> level, 1) * max(lw >> level, 1)
         conv += rows * channels * tokens * FP32 * tensors
         if has_attention:
-            attention = max(attention, rows * heads * tokens * tokens * FP32 * _attention_factor(kind))
+            attention = max(attention, rows * heads * tokens * max(tokens, ip_tokens) * FP32 * _attention_factor(kind))
     return int(attention + conv)
 
 
@@ -178,14 +181,15 @@ def _stages(backend: str, *stages: int) -> int:
 
 def estimate(arch: Architecture, width: int, height: int, batch_size: int = 1, *, cfg: bool = True,
              backend: str = "onnxruntime", attention: tuple[str, str] | None = None,
-             tiling: VaeTiling | None = VaeTiling()) -> Estimate:
+             tiling: VaeTiling | None = VaeTiling(), ip_tokens: int = 0) -> Estimate:
     """Peak memory of one batch of a one-pass request (sampling, then the VAE decode). ``cfg``: the UNet runs
     conditional and unconditional rows (cfg_scale != 1). ``attention``: (UNet, VAE) attention kinds; default:
     the backend's. ``tiling``: the engine's VAE tiling (``EngineConfig.vae_tiling``; None: never tiled).
     :func:`estimate_request` adds what a whole request holds (iterations, hires fix, units, the answer)."""
     unet_kind, vae_kind = attention or BACKEND_ATTENTION.get(backend, ("full", "full"))
     rows = batch_size * (2 if cfg else 1)
-    unet = _unet_pass(arch, width, height, rows, unet_kind, UNET_TENSORS_BY_BACKEND.get(backend, UNET_TENSORS))
+    unet = _unet_pass(arch, width, height, rows, unet_kind, UNET_TENSORS_BY_BACKEND.get(backend, UNET_TENSORS),
+                      ip_tokens)
     vae = _vae_pass(arch, width, height, batch_size, vae_kind, tiling)
     base = _base(arch, backend)
     return Estimate(total=base + _stages(backend, unet, vae), base=base, unet=unet, vae=vae,
@@ -258,7 +262,7 @@ def model_upscaler_pass(scale: float, *, tile: int = 0, features: int = 64, tens
 def estimate_request(arch: Architecture, width: int, height: int, batch_size: int = 1, *, n_iter: int = 1,
                      hires: tuple[int, int] | None = None, upscaler: UpscalerCost | None = None, units: int = 0,
                      answer: bool = False, streamed: bool = True, cfg: bool = True, hires_cfg: bool | None = None,
-                     extra: int = 0,
+                     extra: int = 0, ip_tokens: int = 0,
                      backend: str = "onnxruntime", attention: tuple[str, str] | None = None,
                      tiling: VaeTiling | None = VaeTiling(), detailer: tuple[int, int] | None = None,
                      detector_bytes: int = DETECTOR_BYTES, preprocessor_bytes: int = 0) -> Estimate:
@@ -269,7 +273,8 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
     images at each pass's size, the images of earlier iterations when not ``streamed`` (the engine hands each
     iteration's images to the task writer, api_compat.tasks.run_generation, so they are not held), and with
     ``answer`` the webui answer's base64 copies of all ``batch_size * n_iter`` images (:func:`answer_bytes`), and
-    ``extra`` bytes of weights loaded beside the model (IP-Adapter units: engine.ip_adapter.memory_bytes).
+    ``extra`` bytes of weights loaded beside the model (IP-Adapter units: engine.ip_adapter.memory_bytes), and
+    ``ip_tokens`` the image-prompt tokens their attention takes at once (engine.ip_adapter.attention_tokens).
     ``detailer=(width, height)``: ADetailer's inpaint passes at that size (the largest of the request's tabs):
     each pass is a one-image img2img (VAE encode, sampling, decode) run after the request's own passes, one after
     another, so they add one pass's peak (not one per region) while every image of the request is held, with the
@@ -277,7 +282,8 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
     ``preprocessor_bytes``: the weights of the units' model-based preprocessors (kept loaded between requests:
     engine.controlnet.annotators)."""
     unet_kind, vae_kind = attention or BACKEND_ATTENTION.get(backend, ("full", "full"))
-    first = estimate(arch, width, height, batch_size, cfg=cfg, backend=backend, attention=attention, tiling=tiling)
+    first = estimate(arch, width, height, batch_size, cfg=cfg, backend=backend, attention=attention, tiling=tiling,
+                     ip_tokens=ip_tokens)
     out_w, out_h = hires or (width, height)
     out_px = out_w * out_h
     unet, upscale = first.unet, 0
@@ -287,7 +293,7 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
     held = units * UNIT_BYTES_PER_PX * width * height + preprocessor_bytes + extra
     if hires is not None:
         rows = batch_size * (2 if (cfg if hires_cfg is None else hires_cfg) else 1)
-        unet = max(unet, _unet_pass(arch, out_w, out_h, rows, unet_kind, tensors))
+        unet = max(unet, _unet_pass(arch, out_w, out_h, rows, unet_kind, tensors, ip_tokens))
         held += units * UNIT_BYTES_PER_PX * out_px
         if upscaler is not None:
             upscale = max(_vae_pass(arch, width, height, batch_size, vae_kind, tiling)
@@ -300,7 +306,7 @@ def estimate_request(arch: Architecture, width: int, height: int, batch_size: in
         dw, dh = detailer
         streamed = False
         pass_vae = _vae_pass(arch, dw, dh, 1, vae_kind, tiling) + dw * dh * (IMAGE_BYTES_PER_PX + DECODED_BYTES_PER_PX)
-        detail = (_stages(backend, _unet_pass(arch, dw, dh, 2 if cfg else 1, unet_kind, tensors), pass_vae)
+        detail = (_stages(backend, _unet_pass(arch, dw, dh, 2 if cfg else 1, unet_kind, tensors, ip_tokens), pass_vae)
                   + detector_bytes + DETAIL_MASKS * out_px + 2 * out_px * IMAGE_BYTES_PER_PX)
         held += out_px * batch_size * IMAGE_BYTES_PER_PX  # the last iteration's images, while they are detailed
     if not streamed:

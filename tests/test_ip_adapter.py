@@ -45,15 +45,19 @@ def encoder(cfg: dict, seed: int):
     return CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg, hidden_act="gelu", layer_norm_eps=1e-5)).eval()
 
 
-def adapter_state(unet, clip_dim: int, seed: int, plus: bool = False) -> dict:
-    """An adapter's ``{"image_proj": ..., "ip_adapter": ...}`` with random weights in the h94 layout for ``unet``."""
+def adapter_state(unet, clip_dim: int, seed: int, plus: bool = False, full: bool = False) -> dict:
+    """An adapter's ``{"image_proj": ..., "ip_adapter": ...}`` with random weights in the h94 layout for ``unet``
+    (``full``: the full-face projection ``proj.0`` Linear, GELU, ``proj.2`` Linear, ``proj.3`` LayerNorm)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, base=0.0):
         return (base + torch.randn(*shape, generator=g) * 0.2).contiguous()
 
     cross = unet.config.cross_attention_dim
-    if plus:  # the h94 Resampler: depth 4, dim_head 64, ff_mult 4
+    if full:  # ip-adapter-full-face_sd15: MLPProjModel over every penultimate hidden state
+        proj = {"proj.0.weight": r(clip_dim, clip_dim), "proj.0.bias": r(clip_dim), "proj.2.weight": r(cross, clip_dim),
+                "proj.2.bias": r(cross), "proj.3.weight": r(cross, base=1.0), "proj.3.bias": r(cross)}
+    elif plus:  # the h94 Resampler: depth 4, dim_head 64, ff_mult 4
         dim, inner, tokens = 48, 64, 16
         proj = {"latents": r(1, tokens, dim), "proj_in.weight": r(dim, clip_dim), "proj_in.bias": r(dim),
                 "proj_out.weight": r(cross, dim), "proj_out.bias": r(cross), "norm_out.weight": r(cross, base=1.0),
@@ -91,8 +95,9 @@ def picture(seed: int, h: int = 48, w: int = 40) -> np.ndarray:
     return np.clip(img + rng.integers(0, 40, img.shape), 0, 255).astype(np.uint8)
 
 
-ADAPTERS = {  # name -> (family, encoder role, plus, seed)
+ADAPTERS = {  # name -> (family, encoder role, plus ("full": full-face), seed)
     "ip-adapter_sd15.safetensors": ("sd1", "h", False, 11),
+    "ip-adapter-full-face_sd15.safetensors": ("sd1", "h", "full", 16),
     "ip-adapter-plus_sd15.bin": ("sd1", "h", True, 12),
     "ip-adapter-plus-face_sd15.safetensors": ("sd1", "h", True, 13),
     "ip-adapter_sdxl.safetensors": ("sdxl", "g", False, 14),
@@ -126,7 +131,8 @@ def store(tmp_path_factory, tiny_store):
     for name, (family, role, plus, seed) in ADAPTERS.items():
         dims = H if role == "h" else G
         clip_dim = dims["hidden_size"] if plus else dims["projection_dim"]
-        save_adapter(adapter_state(unets[family], clip_dim, seed, plus), root / "ControlNet" / name)
+        save_adapter(adapter_state(unets[family], clip_dim, seed, bool(plus), full=plus == "full"),
+                     root / "ControlNet" / name)
     return root
 
 
@@ -167,6 +173,9 @@ CASES = {  # case -> (model, [(adapter, module, weight)])
     "sd15-plus-bin": ("tiny-sd1", [("ip-adapter-plus_sd15.bin", "ip-adapter_clip_sd15", 1.0)]),
     "sd15-two-adapters": ("tiny-sd1", [("ip-adapter_sd15.safetensors", "ip-adapter_clip_sd15", 0.5),
                                        ("ip-adapter-plus-face_sd15.safetensors", "ip-adapter-auto", 0.8)]),
+    "sd15-full-face": ("tiny-sd1", [("ip-adapter-full-face_sd15.safetensors", "ip-adapter_clip_sd15", 0.9)]),
+    "sd15-full-face-and-plain": ("tiny-sd1", [("ip-adapter-full-face_sd15.safetensors", "ip-adapter-auto", 1.0),
+                                              ("ip-adapter_sd15.safetensors", "ip-adapter_clip_h", 0.6)]),
     "sdxl-bigG": ("tiny-sdxl", [("ip-adapter_sdxl.safetensors", "ip-adapter_clip_sdxl", 0.6)]),
     "sdxl-vit-h": ("tiny-sdxl", [("ip-adapter_sdxl_vit-h.safetensors", "ip-adapter_clip_sdxl_plus_vith", 1.0)]),
 }
@@ -215,6 +224,69 @@ def test_unet_output_matches_diffusers_load_ip_adapter(engine, store, case):
     assert rel_l2(ours, plain) > 1e-3  # the adapter acts
 
 
+def test_full_face_tokens_match_diffusers(engine, store):
+    """The full-face adapter's image-prompt tokens (every penultimate hidden state through diffusers'
+    IPAdapterFullImageProjection; the negative rows those of an all-zero image, as for the plus adapters) equal
+    diffusers' after load_ip_adapter: its ``prepare_ip_adapter_image_embeds`` through the UNet's
+    ``encoder_hid_proj``. One token per hidden state: (32 / 8)^2 patches + the class token = 17 here, 257 for
+    ViT-H at 224 px."""
+    from diffusers.models.embeddings import IPAdapterFullImageProjection
+
+    rt = engine.runtime("tiny-sd1")
+    ips = IPAdapters(engine.store, allow_pickle=True)
+    image = picture(6)
+    p, adapter = ips.prepare(unit("ip-adapter-full-face_sd15", image, "ip-adapter_clip_h"), "controlnet_units[0]")
+    assert isinstance(adapter.projection, IPAdapterFullImageProjection)
+    assert adapter.shape.full and adapter.shape.tokens == 17 and p.cond.shape == p.uncond.shape == (1, 17, 32)
+    assert adapter.key.endswith("-17") and p.label.startswith("ip-adapter-full-face_sd15 [")
+    pipe = _pipeline(rt, next(iter(ips.encoders.values())), False)
+    pipe.load_ip_adapter(str(store / "ControlNet"), subfolder="", weight_name="ip-adapter-full-face_sd15.safetensors",
+                         image_encoder_folder=None)
+    with torch.no_grad():
+        embeds = pipe.prepare_ip_adapter_image_embeds([image], None, "cpu", 1, True)
+        ref = pipe.unet.encoder_hid_proj(embeds)[0].numpy()  # (rows: negative, positive; 1 image; tokens; dim)
+    assert ref.shape == (2, 1, 17, 32)
+    assert rel_l2(p.cond[0], ref[1, 0]) <= 1e-6, rel_l2(p.cond[0], ref[1, 0])
+    assert rel_l2(p.uncond[0], ref[0, 0]) <= 1e-6, rel_l2(p.uncond[0], ref[0, 0])
+    assert rel_l2(p.cond, p.uncond) > 1e-2
+
+
+def test_the_extensions_stored_negative_hidden_states_where_installed(engine, store, tmp_path):
+    """Where sd-webui-controlnet is installed beside the models folder (its ``clip_vision_h_uc.data``, a torch
+    pickle ``{"uc": (1, tokens, width) float16}``) and pickles are allowed, the negative rows of the plus and
+    full-face adapters are the projection of those stored hidden states, as the extension's ``_get_image_embeds``
+    makes them; without the opt-in (or without the file) the zero image's, diffusers' rule."""
+    import shutil
+
+    from engine.ip_adapter import UNCOND_FILE
+    from engine.models.store import ModelStore
+
+    root = tmp_path / "webui" / "models"
+    for sub in ("ControlNet", "clip_vision"):
+        (root / sub).mkdir(parents=True)
+    enc = "clip_vision/CLIP-ViT-H-14.safetensors"
+    shutil.copyfile(store / enc, root / enc)
+    names = ("ip-adapter-full-face_sd15", "ip-adapter-plus-face_sd15")
+    for name in names:
+        shutil.copyfile(store / "ControlNet" / f"{name}.safetensors", root / "ControlNet" / f"{name}.safetensors")
+    uc = torch.randn(1, 17, 32, generator=torch.Generator().manual_seed(4)).half()
+    (root / UNCOND_FILE).parent.mkdir(parents=True)
+    torch.save({"uc": uc}, root / UNCOND_FILE)
+    local = ModelStore(root, bundled=None, cache_dir=tmp_path / "cache")
+    zero_rule = IPAdapters(engine.store, allow_pickle=True)
+    for name in names:
+        ips = IPAdapters(local, allow_pickle=True)
+        p, adapter = ips.prepare(unit(name, picture(1), "ip-adapter_clip_sd15"), "u")
+        ref, _ = zero_rule.prepare(unit(name, picture(1), "ip-adapter_clip_sd15"), "u")
+        with torch.no_grad():
+            expected = adapter.projection(uc.float()).numpy()
+        np.testing.assert_allclose(p.uncond, expected, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(p.cond, ref.cond)
+        assert rel_l2(p.uncond, ref.uncond) > 1e-2
+        no_pickle, _ = IPAdapters(local).prepare(unit(name, picture(1), "ip-adapter_clip_sd15"), "u")
+        np.testing.assert_array_equal(no_pickle.uncond, ref.uncond)
+
+
 def test_clip_preprocessing_matches_clip_image_processor():
     from transformers import CLIPImageProcessor
 
@@ -243,6 +315,17 @@ def test_image_follows_the_reference_and_weight_zero_is_no_adapter(engine, plain
     assert np.abs(a.astype(int) - plain_image).mean() > 2.0
     assert np.abs(a.astype(int) - b).mean() > 1.0
     assert 'Module: ip-adapter-auto, Model: ip-adapter_sd15 [' in zero.infotexts[0]
+
+
+def test_full_face_generation_and_weight_zero_is_no_adapter(engine, plain_image):
+    zero = engine.generate(_request([unit("ip-adapter-full-face_sd15", picture(1), "ip-adapter_clip_sd15",
+                                          weight=0.0)]))
+    assert np.array_equal(zero.images[0], plain_image)
+    a = engine.generate(_request([unit("ip-adapter-full-face_sd15", picture(1), "ip-adapter_clip_sd15")]))
+    b = engine.generate(_request([unit("ip-adapter-full-face_sd15", picture(2), "ip-adapter_clip_sd15")])).images[0]
+    assert np.abs(a.images[0].astype(int) - plain_image).mean() > 2.0
+    assert np.abs(a.images[0].astype(int) - b).mean() > 1.0
+    assert "Module: ip-adapter_clip_sd15, Model: ip-adapter-full-face_sd15 [" in a.infotexts[0]
 
 
 def test_guidance_window_outside_every_step_is_no_adapter(engine, plain_image):
@@ -333,6 +416,22 @@ def test_memory_budget_counts_the_encoder_and_the_adapter(engine, store):
         check_request(engine.store, engine.config, req, plain + expected // 2)
 
 
+def test_memory_budget_counts_the_image_prompt_attention(engine, store):
+    """The IP attention's score arrays (rows x heads x latent pixels x units * tokens) count where they outgrow
+    the self-attention's: a full-face adapter's tokens are its encoder's hidden states (17 here, from the header)."""
+    from engine.ip_adapter import attention_tokens
+    from engine.memory import architecture_of, estimate_request
+
+    full = [unit("ip-adapter-full-face_sd15", picture(1), "ip-adapter_clip_sd15")] * 3
+    assert attention_tokens(engine.store, _request(full + [unit("ip-adapter_sd15", picture(1))])) == 3 * 17
+    assert attention_tokens(engine.store, _request([unit("ip-adapter_sd15", picture(1))])) == 4
+    assert attention_tokens(engine.store, _request([unit("ip-adapter-plus_sd15", picture(1))])) == 257  # a pickle
+    arch, _ = architecture_of(store / "Stable-diffusion" / "tiny-sd1.safetensors")
+    plain = estimate_request(arch, 64, 64, backend="onnxruntime").total
+    assert estimate_request(arch, 64, 64, backend="onnxruntime", ip_tokens=64).total == plain  # 8 x 8 latent pixels
+    assert estimate_request(arch, 64, 64, backend="onnxruntime", ip_tokens=10 * 257).total > plain
+
+
 # ------------------------------------------------------------------------------------------------ progress, cancel
 def test_image_encode_is_an_encoding_phase_and_cancellable(engine):
     import threading
@@ -369,36 +468,43 @@ def test_onnxruntime_engine_runs_the_exported_variant(engine, store, tmp_path):
     assert not np.array_equal(again.images[0], out.images[0])
 
 
-def test_openvino_variant_matches_torch(engine):
-    """OpenVINO's IR of the variant (from its ONNX export) against the torch variant on the same modules."""
+@pytest.mark.parametrize("backend,model", [("openvino", "ip-adapter_sd15"), ("openvino", "ip-adapter-full-face_sd15"),
+                                           ("onnxruntime", "ip-adapter-full-face_sd15")])
+def test_exported_variant_matches_torch(engine, backend, model):
+    """OpenVINO's IR (from its ONNX export) and onnxruntime's ONNX of the variant against the torch variant on the
+    same modules (the full-face variant: 17 image tokens per unit here, 257 with ViT-H)."""
     from engine.backends import create_backend
     from engine.config import EngineConfig
 
     rt = engine.runtime("tiny-sd1")
     ips = IPAdapters(engine.store)
-    p, adapter = ips.prepare(unit("ip-adapter_sd15", picture(1), weight=0.8), "u")
+    p, adapter = ips.prepare(unit(model, picture(1), weight=0.8), "u")
     ips.attach(rt.backend, adapter, rt.backend._components["unet"])
     g = np.random.default_rng(2)
     feeds = {"sample": g.standard_normal((2, 4, 8, 8)).astype(np.float32), "timestep": np.full(2, 300.0, np.float32),
              "encoder_hidden_states": g.standard_normal((2, 77, 32)).astype(np.float32)}
     name, extra = IPInjection([p], 1).feeds("unet", 0, np.asarray([0.0, 1.0]), 2, feeds["sample"])
     ref = rt.backend.run(name, {**feeds, **extra})["model_output"]
-    ov = create_backend(EngineConfig(models_dir=engine.config.models_dir, backend="openvino", precision="fp32",
-                                     cache_dir=engine.config.cache_dir), rt.backend._components, model_hash="ipa-test")
-    assert rel_l2(ov.run(name, {**feeds, **extra})["model_output"], ref) <= 1e-4
+    assert extra["ip_tokens_0"].shape == (2, 1, adapter.shape.tokens, 32)
+    other = create_backend(EngineConfig(models_dir=engine.config.models_dir, backend=backend, precision="fp32",
+                                        cache_dir=engine.config.cache_dir), rt.backend._components,
+                           model_hash="ipa-test")
+    assert rel_l2(other.run(name, {**feeds, **extra})["model_output"], ref) <= 1e-4
 
 
-def test_tensorrt_profile_of_the_variant(engine):
-    """TensorRT (no GPU here): the variant's descriptor gives the plan's min/opt/max shapes for the IP inputs."""
+@pytest.mark.parametrize("model,tokens", [("ip-adapter_sd15", 4), ("ip-adapter-full-face_sd15", 17)])
+def test_tensorrt_profile_of_the_variant(engine, model, tokens):
+    """TensorRT (no GPU here): the variant's descriptor gives the plan's min/opt/max shapes for the IP inputs (the
+    token count is static: 4 for a plain adapter, the encoder's hidden states for a full-face one)."""
     from export.descriptors import ShapeConfig
 
     rt = engine.runtime("tiny-sd1")
     ips = IPAdapters(engine.store)
-    _, adapter = ips.prepare(unit("ip-adapter_sd15", picture(1)), "u")
+    _, adapter = ips.prepare(unit(model, picture(1)), "u")
     ips.attach(rt.backend, adapter, rt.backend._components["unet"])
     desc = rt.backend.descriptor(variant_name("unet_control", [(adapter.key, 3)]))
     profile = desc.profile(ShapeConfig(batch=(1, 2, 4)))
-    assert profile["ip_tokens_0"] == ((1, 3, 4, 32), (2, 3, 4, 32), (4, 3, 4, 32))
+    assert profile["ip_tokens_0"] == ((1, 3, tokens, 32), (2, 3, tokens, 32), (4, 3, tokens, 32))
     assert profile["ip_scale_0"] == ((1, 3), (2, 3), (4, 3))
     assert "mid_residual" in profile and desc.source == "unet"
 
@@ -425,6 +531,35 @@ def test_submit_checks_from_the_headers(engine, store, tmp_path):
     assert e.field == "controlnet_units[0].model" and "not an IP-Adapter file" in str(e)
     e = refused([unit("ip-adapter_sd15", picture(1), "canny")])  # an adapter with a ControlNet module
     assert e.field == "controlnet_units[0].module" and "ip-adapter_clip_sd15" in e.allowed
+    # full-face: the ViT-H module fits (its hidden states are 32 wide here); the bigG one (the extension's pickle:
+    # its width is known once loaded) is refused when the unit runs
+    check_request(engine.store, engine.config, _request([unit("ip-adapter-full-face_sd15", picture(1),
+                                                              "ip-adapter_clip_sd15")]))
+    with pytest.raises(InvalidRequest) as e:
+        engine.generate(_request([unit("ip-adapter-full-face_sd15", picture(1), "ip-adapter_clip_g")]))
+    assert e.value.field == "controlnet_units[0].module" and "(48 wide)" in str(e.value)
+    assert "takes 32" in str(e.value)
+
+
+def test_faceid_adapters_stay_refused_naming_the_model(engine, store):
+    """FaceID (insightface embeddings: ``proj.0``/``proj.2``/``norm``) and FaceID plus (``perceiver_resampler``)
+    files are refused at submit naming the model; the allowed values list the full-face adapter."""
+    from safetensors.torch import save_file
+
+    from engine.admission import check_request
+
+    ip = {f"ip_adapter.{k}": v for k, v in adapter_state(engine.runtime("tiny-sd1").backend._components["unet"], 24,
+                                                          1)["ip_adapter"].items()}
+    faceid = {"image_proj.proj.0.weight": torch.zeros(64, 16), "image_proj.proj.0.bias": torch.zeros(64),
+              "image_proj.proj.2.weight": torch.zeros(128, 64), "image_proj.proj.2.bias": torch.zeros(128),
+              "image_proj.norm.weight": torch.ones(32), "image_proj.norm.bias": torch.zeros(32)}
+    plus = {**faceid, "image_proj.perceiver_resampler.proj_in.weight": torch.zeros(48, 32)}
+    for name, proj in (("ip-adapter-faceid_sd15", faceid), ("ip-adapter-faceid-plus_sd15", plus)):
+        save_file({**proj, **ip}, str(store / "ControlNet" / f"{name}.safetensors"))
+        with pytest.raises(InvalidRequest) as e:
+            check_request(engine.store, engine.config, _request([unit(name, picture(1), "ip-adapter_clip_sd15")]))
+        assert e.value.field == "controlnet_units[0].model", name
+        assert "FaceID IP-Adapters are not supported" in str(e.value) and "ip-adapter-full-face_sd15" in e.value.allowed
 
 
 # ------------------------------------------------------------------------------------------------ webui API
@@ -493,6 +628,35 @@ def test_webui_route_takes_the_extensions_ip_adapter_unit(server):
                      timeout=600)
     assert bad.status_code == 422, bad.text
     assert bad.json()["error"]["field"] == "alwayson_scripts.controlnet.args[0].module"
+
+
+def test_webui_txt2img_with_a_full_face_unit(server):
+    """/sdapi/v1/txt2img with the extension's full-face unit (ip-adapter_clip_sd15, the preset's module): weight 0
+    gives the pixels of the request without the unit, weight 1 others; the infotext names the unit."""
+    import base64
+
+    import httpx
+
+    from tests.api_support import png_pixels
+
+    title = next(m for m in httpx.get(server + "/controlnet/model_list", timeout=60).json()["model_list"]
+                 if m.startswith("ip-adapter-full-face_sd15 ["))
+
+    def txt2img(weight):
+        units = [] if weight is None else [{"enabled": True, "module": "ip-adapter_clip_sd15", "model": title,
+                                            "weight": weight, "image": _b64(picture(3))}]
+        r = httpx.post(server + "/sdapi/v1/txt2img", timeout=600, json={
+            "prompt": "a portrait", "steps": 3, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler",
+            "override_settings": {"sd_model_checkpoint": "tiny-sd1"},
+            "alwayson_scripts": {"ControlNet": {"args": units}}})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    plain, zero, full = txt2img(None), txt2img(0.0), txt2img(1.0)
+    pixels = [png_pixels(base64.b64decode(a["images"][0])) for a in (plain, zero, full)]
+    assert np.array_equal(pixels[1], pixels[0])
+    assert np.abs(pixels[2].astype(int) - pixels[0]).mean() > 1.0
+    assert "Module: ip-adapter_clip_sd15, Model: ip-adapter-full-face_sd15 [" in full["info"]
 
 
 # ------------------------------------------------------------------------------------------------ Celery
