@@ -98,6 +98,27 @@ def annotators_env(monkeypatch):
     annotators.LOADED.clear()
 
 
+def assert_missing_file_refused(models, module: str, file: str, folder: str,
+                                field: str = "controlnet_units[0].module") -> str:
+    """A model-based preprocessor whose file is absent is refused at submit (InvalidRequest naming ``field``),
+    naming the file and both folders to put it in: Forge's ``{models}/ControlNetPreprocessor/{folder}`` and the
+    extension's downloads ``{models}/../extensions/sd-webui-controlnet/annotator/downloads/{folder}``. Returns the
+    message."""
+    from pathlib import Path
+
+    from core.errors import InvalidRequest
+    from engine.controlnet.preprocessors import get_preprocessor
+
+    models = Path(models)
+    with pytest.raises(InvalidRequest) as err:
+        get_preprocessor(module).check_available(field, models)
+    message = str(err.value)
+    assert err.value.field == field and file in message, message
+    assert str(models / "ControlNetPreprocessor" / folder) in message
+    assert str(models.parent / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" / folder) in message
+    return message
+
+
 @pytest.fixture(scope="session")
 def midas_dir(tmp_path_factory):
     """An annotator downloads folder with ``midas/dpt_hybrid-midas-501f0c75.pt``: random weights of the real MiDaS

@@ -32,6 +32,7 @@ from engine.controlnet.images import fit_detected_map  # noqa: E402
 from engine.controlnet.preprocessors import PREPROCESSORS, get_preprocessor, resize_image_with_pad  # noqa: E402
 from engine.request import ControlNetUnit  # noqa: E402
 from tests.test_taesd import WEIGHTS, needs_weights  # noqa: E402
+from tests.conftest import assert_missing_file_refused  # noqa: E402
 
 aux = annotators.aux
 
@@ -275,12 +276,7 @@ def test_missing_file_is_refused_naming_the_file_and_folder(tmp_path, annotators
     monkeypatch.delenv(annotators.ENV_ANNOTATORS_DIR)
     models = tmp_path / "webui" / "models"
     field = "controlnet_units[0].module"
-    with pytest.raises(InvalidRequest) as err:
-        get_preprocessor("softedge_hed").check_available(field, models)
-    message = str(err.value)
-    assert err.value.field == field and "ControlNetHED.pth" in message
-    assert str(models / "ControlNetPreprocessor" / "hed") in message
-    assert str(tmp_path / "webui" / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" / "hed") in message
+    assert_missing_file_refused(models, "softedge_hed", "ControlNetHED.pth", "hed", field)
     with pytest.raises(InvalidRequest, match="hand_pose_model.pth"):  # each file of a module is checked
         (models / "ControlNetPreprocessor").mkdir(parents=True)
         (models / "ControlNetPreprocessor" / "body_pose_model.pth").write_bytes(b"")  # top of the folder

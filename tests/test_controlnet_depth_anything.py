@@ -25,11 +25,12 @@ import pytest
 pytest.importorskip("cv2")
 torch = pytest.importorskip("torch")
 
-from core.errors import InvalidRequest, ModelError  # noqa: E402
+from core.errors import ModelError  # noqa: E402
 from engine.controlnet import annotators, depth_anything as da  # noqa: E402
 from engine.controlnet.preprocessors import PREPROCESSORS, get_preprocessor, resize_image_with_pad  # noqa: E402
 from tests import depth_anything_support as support  # noqa: E402
 from tests.weights_support import WEIGHTS  # noqa: E402
+from tests.conftest import assert_missing_file_refused  # noqa: E402
 
 KEYS = Path(__file__).parent / "data" / "depth_anything_vitl_keys.json.gz"
 MODULES = {"v1": "depth_anything", "v2": "depth_anything_v2"}
@@ -203,16 +204,9 @@ def test_missing_file_is_refused_naming_the_file_and_folders(tmp_path, annotator
     annotators_env()
     monkeypatch.delenv(annotators.ENV_ANNOTATORS_DIR)
     models = tmp_path / "webui" / "models"
-    field = "controlnet_units[0].module"
     for module, name, folder in (("depth_anything", "depth_anything_vitl14.pth", "depth_anything"),
                                  ("depth_anything_v2", "depth_anything_v2_vitl.safetensors", "depth_anything_v2")):
-        with pytest.raises(InvalidRequest) as err:
-            get_preprocessor(module).check_available(field, models)
-        message = str(err.value)
-        assert err.value.field == field and name in message
-        assert str(models / "ControlNetPreprocessor" / folder) in message
-        assert str(tmp_path / "webui" / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" / folder) \
-            in message
+        assert_missing_file_refused(models, module, name, folder)
 
 
 def test_sliders_and_memory_estimate():

@@ -23,12 +23,13 @@ import pytest
 pytest.importorskip("cv2")
 torch = pytest.importorskip("torch")
 
-from core.errors import InvalidRequest, ModelError  # noqa: E402
+from core.errors import ModelError  # noqa: E402
 from engine.controlnet import annotators, midas  # noqa: E402
 from engine.controlnet.images import resize_image_with_pad  # noqa: E402
 from engine.controlnet.preprocessors import PREPROCESSORS, get_preprocessor  # noqa: E402
 from tests.midas_support import FILE_NAME, original_layout  # noqa: E402
 from tests.weights_support import WEIGHTS  # noqa: E402
+from tests.conftest import assert_missing_file_refused  # noqa: E402
 
 
 def _photo(name: str = "astronaut.png", size: tuple[int, int] | None = None) -> np.ndarray:
@@ -199,15 +200,8 @@ def test_missing_file_is_refused_naming_the_file_and_folders(tmp_path, annotator
     annotators_env()
     monkeypatch.delenv(annotators.ENV_ANNOTATORS_DIR)
     models = tmp_path / "webui" / "models"
-    field = "controlnet_units[0].module"
     for module in ("depth_midas", "depth", "normal_midas", "normal_map"):
-        with pytest.raises(InvalidRequest) as err:
-            get_preprocessor(module).check_available(field, models)
-        message = str(err.value)
-        assert err.value.field == field and FILE_NAME in message
-        assert str(models / "ControlNetPreprocessor" / "midas") in message
-        assert str(tmp_path / "webui" / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" / "midas") \
-            in message
+        assert_missing_file_refused(models, module, FILE_NAME, "midas")
 
 
 def test_memory_estimate_counts_the_network_once():

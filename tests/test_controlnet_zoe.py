@@ -26,6 +26,7 @@ from engine.controlnet import annotators, zoe  # noqa: E402
 from engine.controlnet.images import resize_image_with_pad  # noqa: E402
 from engine.controlnet.preprocessors import PREPROCESSORS, get_preprocessor, not_run_here  # noqa: E402
 from tests import zoe_support  # noqa: E402
+from tests.conftest import assert_missing_file_refused  # noqa: E402
 
 
 def _scene(h: int, w: int) -> np.ndarray:
@@ -230,13 +231,7 @@ def test_missing_file_is_refused_naming_the_file_and_folders(tmp_path, annotator
     monkeypatch.delenv(annotators.ENV_ANNOTATORS_DIR)
     models = tmp_path / "webui" / "models"
     field = "controlnet_units[0].module"
-    with pytest.raises(InvalidRequest) as err:
-        get_preprocessor("depth_zoe").check_available(field, models)
-    message = str(err.value)
-    assert err.value.field == field and "'ZoeD_M12_N.pt'" in message
-    assert str(models / "ControlNetPreprocessor" / "zoedepth") in message
-    assert str(tmp_path / "webui" / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" / "zoedepth") \
-        in message
+    assert_missing_file_refused(models, "depth_zoe", "'ZoeD_M12_N.pt'", "zoedepth", field)
     flat = models / "ControlNetPreprocessor" / "ZoeD_M12_N.safetensors"  # Forge's flat layout, a converted file
     flat.parent.mkdir(parents=True)
     flat.write_bytes(b"")
