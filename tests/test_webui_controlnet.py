@@ -341,13 +341,13 @@ def test_module_list_has_every_extension_module_and_flags_what_does_not_run(serv
     flagged = [m for m in names["module_list"] if "sdengine_unavailable" in names["module_detail"][m]]
     runs = [m for m in names["module_list"] if m not in flagged]
     assert flagged and names["module_list"] == runs + flagged  # the modules that run come first
-    depth = names["module_detail"]["oneformer_ade20k"]
-    assert depth["sliders"] == [] and "OneFormer" in depth["sdengine_unavailable"]
+    depth = names["module_detail"]["segmentation"]
+    assert depth["sliders"] == [] and "UniFormer" in depth["sdengine_unavailable"]
     assert names["module_detail"]["reference_adain"]["model_free"] is True
-    r = server.post("/controlnet/detect", {"controlnet_module": "seg_ofade20k", "controlnet_input_images": [PICTURE]})
+    r = server.post("/controlnet/detect", {"controlnet_module": "seg_ufade20k", "controlnet_input_images": [PICTURE]})
     assert r.status_code == 422 and r.json()["error"]["field"] == "controlnet_module"
     assert depth["sdengine_unavailable"] in r.json()["error"]["message"]
-    r = server.post("/sdapi/v1/txt2img", txt2img([unit(image=PICTURE, module="seg_ofade20k", model=server.model)]))
+    r = server.post("/sdapi/v1/txt2img", txt2img([unit(image=PICTURE, module="seg_ufade20k", model=server.model)]))
     assert r.status_code == 422 and "module" in r.json()["error"]["field"]
 
 
