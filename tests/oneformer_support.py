@@ -1,20 +1,22 @@
 """OneFormer files for tests: random weights in the original (detectron2) layout of the extension's Swin OneFormer
 (``backbone.*`` Swin keys with one fused ``attn.qkv`` per block and the stored ``relative_position_index``,
 ``sem_seg_head.pixel_decoder.*``, ``sem_seg_head.predictor.*``, ``task_mlp.*``), saved as detectron2 saves a
-checkpoint (``{"model": state}``), at a reduced size (Swin embedding width 32, depths 1/1/2/1, window 4; decoder
-width 64, 2 decoder layers; 6 queries, the real class counts) so that tests stay cheap; the engine reads the
+checkpoint (``{"model": state}``), at a reduced size (Swin embedding width 32, depths 1/1/2/2, window 4; decoder
+width 64, 2 decoder layers; 6 queries, the real class counts; the pixel decoder's feed-forward width 1024, which the
+original code fixes) so that tests stay cheap; the engine reads the
 architecture from the file. The full-size key layout is checked against the original network's own key list
 (tests/golden/oneformer_swin_l_keys.json.gz, listed from the extension's vendored model built with its configs).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-SMALL = {"embed": 32, "depths": (1, 1, 2, 1), "heads": (1, 2, 4, 8), "window": 4, "queries": 6, "hidden": 64,
-         "conv_dim": 64, "mask_dim": 64, "encoder_layers": 1, "encoder_feedforward": 128, "decoder_layers": 3,
+SMALL = {"embed": 32, "depths": (1, 1, 2, 2), "heads": (1, 2, 4, 8), "window": 4, "queries": 6, "hidden": 64,
+         "conv_dim": 64, "mask_dim": 64, "encoder_layers": 1, "encoder_feedforward": 1024, "decoder_layers": 3,
          "feedforward": 128, "query_layers": 1}
 FULL = {"embed": 192, "depths": (2, 2, 18, 2), "heads": (6, 12, 24, 48), "window": 12, "hidden": 256,
         "conv_dim": 256, "mask_dim": 256, "encoder_layers": 6, "encoder_feedforward": 1024, "decoder_layers": 10,
@@ -151,6 +153,11 @@ def write_file(folder: Path, dataset: str, seed: int, sizes: dict | None = None,
         state.update({"text_encoder.token_embedding.weight": torch.randn((100, 16), generator=gen),
                       "text_projector.layers.0.weight": torch.randn((64, 16), generator=gen),
                       "prompt_ctx.weight": torch.randn((16, 16), generator=gen)})
+    # a module state dict as torch makes it: with the modules' versions (detectron2's checkpointer saves
+    # model.state_dict(); without OneFormerHead's version 2 the original loader renames the pixel decoder's keys, a
+    # conversion of MaskFormer's old checkpoints)
+    state = OrderedDict(state)
+    state._metadata = OrderedDict({"": {"version": 1}, "sem_seg_head": {"version": 2}})
     path = folder / sub / name
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state}, path)

@@ -14,10 +14,11 @@ runs without the text encoder (the extension builds the model with ``IS_TRAIN = 
 checkpoints saved during training, are skipped as the extension's non-strict loading skips them. Widths, depths,
 query and class counts are read from the file.
 
-Two steps of transformers' code differ from the original and are put back to the original's: a Swin stage whose
-feature map is not larger than the window (a very elongated image) keeps its 12x12 window and shift, padded, as
-the original does (transformers shrinks the window to the map); the relative position index buffers, which
-transformers recomputes rather than stores, are computed after the weights are assigned.
+The network is built on the meta device and the file's tensors assigned; what the file does not hold is made
+after: Swin's relative position index buffers (transformers computes them rather than loads them), and two parts
+the original does not have and inference does not use (the Swin model's final layer norm, the training loss).
+transformers' Swin backbone keeps the window and shift of every stage however small its feature map (it calls its
+layers with ``always_partition``), padding the map to whole windows, as the original does.
 
 The call, as the extension's: the input resized and padded by ``resize_image_with_pad`` (short side to
 ``processor_res``, padded to multiples of 64); detectron2's ``ResizeShortestEdge`` (short side 640 for ADE20K,
@@ -301,12 +302,6 @@ def config(embed: int = 192, depths=(2, 2, 18, 2), heads=(6, 12, 24, 48), window
 # ------------------------------------------------------------------------------------------------ the model
 
 
-def _keep_window(self, input_resolution) -> None:
-    """In place of transformers' SwinLayer.set_shift_and_window_size: the original keeps its window and shift
-    whatever the feature map's size (padding the map to whole windows), transformers shrinks them to a map not
-    larger than the window."""
-
-
 # parameters and buffers of transformers' model that the original network does not have and inference does not
 # use: the Swin model's final layer norm (the backbone returns the per-stage norms) and the training loss's
 _UNUSED = re.compile(r"model\.pixel_level_module\.encoder\.swin\.layernorm\.(weight|bias)|criterion\..*")
@@ -316,7 +311,7 @@ def build(state: dict):
     """transformers' OneFormerForUniversalSegmentation with an original file's weights (fp32, eval, no grad)."""
     import torch
     from transformers import OneFormerForUniversalSegmentation
-    from transformers.models.swin.modeling_swin import SwinLayer, SwinRelativePositionBias
+    from transformers.models.swin.modeling_swin import SwinRelativePositionBias
 
     arch = architecture(state)
     mapped = {k: v.float().contiguous() for k, v in to_transformers(state).items()}
@@ -340,8 +335,6 @@ def build(state: dict):
     for module in model.modules():
         if isinstance(module, SwinRelativePositionBias):
             module.relative_position_index = module._create_relative_position_index().view(-1)
-        if isinstance(module, SwinLayer):
-            module.set_shift_and_window_size = _keep_window.__get__(module)
     with torch.no_grad():
         for tensor in (*model.model.pixel_level_module.encoder.swin.layernorm.parameters(),
                        *model.criterion.parameters(), *model.criterion.buffers()):
