@@ -132,16 +132,17 @@ _TM = "model.transformer_module."
 _WB = r"(weight|bias)"
 
 # original key (regex) -> transformers key, formatted with the match's groups ({n}: group 1 plus 1)
+_BLOCK, _LAYER = _BB + r"layers\.(\d+)\.blocks\.(\d+)\.", _SWIN + "swin.encoder.layers.{1}.blocks.{2}."
 _RULES: tuple[tuple[str, str], ...] = (
     # Swin backbone
     (_BB + r"patch_embed\.proj\." + _WB, _SWIN + "swin.embeddings.patch_embeddings.projection.{1}"),
     (_BB + r"patch_embed\.norm\." + _WB, _SWIN + "swin.embeddings.norm.{1}"),
-    (_BB + r"layers\.(\d+)\.blocks\.(\d+)\.norm1\." + _WB, _SWIN + "swin.encoder.layers.{1}.blocks.{2}.layernorm_before.{3}"),
-    (_BB + r"layers\.(\d+)\.blocks\.(\d+)\.norm2\." + _WB, _SWIN + "swin.encoder.layers.{1}.blocks.{2}.layernorm_after.{3}"),
-    (_BB + r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table",
-     _SWIN + "swin.encoder.layers.{1}.blocks.{2}.attention.relative_position_bias.relative_position_bias_table"),
-    (_BB + r"layers\.(\d+)\.blocks\.(\d+)\.attn\.proj\." + _WB, _SWIN + "swin.encoder.layers.{1}.blocks.{2}.attention.o_proj.{3}"),
-    (_BB + r"layers\.(\d+)\.blocks\.(\d+)\.mlp\.(fc1|fc2)\." + _WB, _SWIN + "swin.encoder.layers.{1}.blocks.{2}.mlp.{3}.{4}"),
+    (_BLOCK + r"norm1\." + _WB, _LAYER + "layernorm_before.{3}"),
+    (_BLOCK + r"norm2\." + _WB, _LAYER + "layernorm_after.{3}"),
+    (_BLOCK + r"attn\.relative_position_bias_table",
+     _LAYER + "attention.relative_position_bias.relative_position_bias_table"),
+    (_BLOCK + r"attn\.proj\." + _WB, _LAYER + "attention.o_proj.{3}"),
+    (_BLOCK + r"mlp\.(fc1|fc2)\." + _WB, _LAYER + "mlp.{3}.{4}"),
     (_BB + r"layers\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)",
      _SWIN + "swin.encoder.layers.{1}.downsample.{2}"),
     (_BB + r"norm(\d)\." + _WB, _SWIN + "hidden_states_norms.stage{n}.{2}"),
