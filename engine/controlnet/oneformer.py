@@ -51,6 +51,7 @@ TASK_SEQ_LEN = 77
 PIXEL_MEAN = (123.675, 116.280, 103.530)  # MODEL.PIXEL_MEAN / PIXEL_STD of both configs (RGB, 0..255)
 PIXEL_STD = (58.395, 57.120, 57.375)
 SIZE_DIVISIBILITY = 32  # MODEL.ONE_FORMER.SIZE_DIVISIBILITY: the normalised image is zero-padded to it
+QUERY_CHUNK = 32  # queries whose image-sized masks are made at once (semantic_scores)
 
 
 @dataclass(frozen=True)
@@ -410,10 +411,17 @@ def semantic_scores(model, image: np.ndarray, dataset: Dataset):
     pixels, (h, w) = prepare(image, dataset)
     with torch.inference_mode():
         out = model(pixel_values=pixels, task_inputs=task_inputs(model.config.task_seq_len))
-        masks = F.interpolate(out.masks_queries_logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        masks = F.interpolate(masks[:, :, :h, :w], size=(height, width), mode="bilinear", align_corners=False)[0]
         classes = F.softmax(out.class_queries_logits[0], dim=-1)[..., :-1]
-        return torch.einsum("qc,qhw->chw", classes, masks.sigmoid())
+        scores = None
+        # a few queries at a time (each query's mask is resized on its own): the image-sized masks of all 250
+        # queries at once would be the call's largest tensor
+        for start in range(0, classes.shape[0], QUERY_CHUNK):
+            logits = out.masks_queries_logits[:, start:start + QUERY_CHUNK]
+            masks = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+            masks = F.interpolate(masks[:, :, :h, :w], size=(height, width), mode="bilinear", align_corners=False)
+            part = torch.einsum("qc,qhw->chw", classes[start:start + QUERY_CHUNK], masks[0].sigmoid_())
+            scores = part if scores is None else scores.add_(part)
+        return scores
 
 
 def labels(model, image: np.ndarray, dataset: Dataset) -> np.ndarray:
