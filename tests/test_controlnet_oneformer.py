@@ -214,6 +214,17 @@ def test_engine_map_equals_its_steps(dataset, of_dir, annotators_env):
     assert np.array_equal(ours, expected)
 
 
+def test_scores_in_query_chunks_are_the_whole_sum(of_dir, monkeypatch):
+    """The masks are resized a few queries at a time: the scores are the sum over all queries all the same."""
+    model = of.load(of_dir / "oneformer" / support.FILES["ade20k"][1])
+    image = _photo_or_scene(64, 96)
+    whole = of.semantic_scores(model, image, of.DATASETS["ade20k"])
+    monkeypatch.setattr(of, "QUERY_CHUNK", 4)  # 6 queries: a chunk of 4 and one of 2
+    chunked = of.semantic_scores(model, image, of.DATASETS["ade20k"])
+    assert torch.allclose(chunked, whole, rtol=1e-6, atol=1e-7)
+    assert torch.equal(chunked.argmax(0), whole.argmax(0))
+
+
 def test_files_load_in_both_formats_and_bad_files_are_refused(of_dir, tmp_path, annotators_env):
     """The detectron2 pickle ({"model": ...}) and a .safetensors of the same stem load the same network (the
     .safetensors taken first); a file of another network is a ModelError naming the file."""
