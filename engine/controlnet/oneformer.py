@@ -26,7 +26,8 @@ The call, as the extension's: the input resized and padded by ``resize_image_wit
 (RGB, 0..255 scale); padded with zeros to multiples of 32; the task prompt "The task is semantic" as 77 CLIP BPE
 token ids (fed to the task MLP as numbers, as the original does); the mask logits upsampled (bilinear) to the
 padded size, the padding cropped, resized (bilinear) to the input's size; semantic inference (softmax over the
-classes without "no object" times the masks' sigmoid, summed over the queries); the argmax class of each pixel;
+classes without "no object" times the masks' sigmoid, summed over the queries, 32 queries' masks at a time);
+the argmax class of each pixel;
 drawn as the extension's ``Visualizer.draw_sem_seg`` draws it (:func:`draw`): on white, each class in its dataset
 colour from the largest area down, as filled polygons with a darker 1-pixel edge (a region with holes as a flat
 mask), rasterised by matplotlib's Agg; the padding cropped off.
