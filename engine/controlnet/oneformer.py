@@ -4,14 +4,14 @@
 (``OneFormerForUniversalSegmentation``: the Swin backbone, the multi-scale deformable-attention pixel decoder,
 the task-conditioned transformer decoder), loaded from the extension's original files
 (``oneformer/250_16_swin_l_oneformer_ade20k_160k.pth``, ``oneformer/150_16_swin_l_oneformer_coco_100ep.pth``)
-through our own key mapping (:func:`to_transformers`; docs/DECISIONS.md "OneFormer").
+through our own key mapping (:func:`to_transformers`; docs/DECISIONS.md "Model-based ControlNet preprocessors").
 
 The network, as the extension's configs build it (configs/{ade20k,coco}/oneformer_swin_large_IN21k_384_*.yaml):
 Swin-L (embedding width 192, depths 2/2/18/2, heads 6/12/24/48, window 12), a 6-layer deformable pixel decoder of
 width 256 (1024-wide feed-forward, group norm), 250 (ADE20K) or 150 (COCO) object queries through 9 decoder layers
 and a 2-layer task/query transformer, 150 (ADE20K) or 133 (COCO panoptic) classes plus "no object". Inference
-runs without the text encoder (the extension builds the model with ``IS_TRAIN = False``); its tensors, present in
-checkpoints saved during training, are skipped as the extension's non-strict loading skips them. Widths, depths,
+runs without the text encoder (the extension builds the model with ``IS_TRAIN = False``); its tensors, which
+checkpoints saved during training may carry, are skipped as the extension's non-strict loading skips them. Widths, depths,
 query and class counts are read from the file.
 
 The network is built on the meta device and the file's tensors assigned; what the file does not hold is made
@@ -27,10 +27,9 @@ The call, as the extension's: the input resized and padded by ``resize_image_wit
 token ids (fed to the task MLP as numbers, as the original does); the mask logits upsampled (bilinear) to the
 padded size, the padding cropped, resized (bilinear) to the input's size; semantic inference (softmax over the
 classes without "no object" times the masks' sigmoid, summed over the queries, 32 queries' masks at a time);
-the argmax class of each pixel;
-drawn as the extension's ``Visualizer.draw_sem_seg`` draws it (:func:`draw`): on white, each class in its dataset
-colour from the largest area down, as filled polygons with a darker 1-pixel edge (a region with holes as a flat
-mask), rasterised by matplotlib's Agg; the padding cropped off.
+the argmax class of each pixel; drawn as the extension's ``Visualizer.draw_sem_seg`` draws it (:func:`draw`): on
+white, each class in its dataset colour from the largest area down, as filled polygons with a white edge (a region
+with holes as a flat mask), rasterised by matplotlib's Agg; the padding cropped off.
 """
 
 from __future__ import annotations
