@@ -4,7 +4,8 @@
 (``OneFormerForUniversalSegmentation``: the Swin backbone, the multi-scale deformable-attention pixel decoder,
 the task-conditioned transformer decoder), loaded from the extension's original files
 (``oneformer/250_16_swin_l_oneformer_ade20k_160k.pth``, ``oneformer/150_16_swin_l_oneformer_coco_100ep.pth``)
-through our own key mapping (:func:`to_transformers`; docs/DECISIONS.md "Model-based ControlNet preprocessors").
+through our own key mapping (:func:`to_transformers`; docs/DECISIONS.md, "Model-based ControlNet
+preprocessors").
 
 The network, as the extension's configs build it (configs/{ade20k,coco}/oneformer_swin_large_IN21k_384_*.yaml):
 Swin-L (embedding width 192, depths 2/2/18/2, heads 6/12/24/48, window 12), a 6-layer deformable pixel decoder of
