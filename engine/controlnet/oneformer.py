@@ -11,8 +11,8 @@ The network, as the extension's configs build it (configs/{ade20k,coco}/oneforme
 Swin-L (embedding width 192, depths 2/2/18/2, heads 6/12/24/48, window 12), a 6-layer deformable pixel decoder of
 width 256 (1024-wide feed-forward, group norm), 250 (ADE20K) or 150 (COCO) object queries through 9 decoder layers
 and a 2-layer task/query transformer, 150 (ADE20K) or 133 (COCO panoptic) classes plus "no object". Inference
-runs without the text encoder (the extension builds the model with ``IS_TRAIN = False``); its tensors, which
-checkpoints saved during training may carry, are skipped as the extension's non-strict loading skips them. Widths, depths,
+runs without the text encoder (the extension builds the model with ``IS_TRAIN = False``); its tensors,
+which checkpoints saved during training may carry, are skipped as the extension's non-strict loading skips them. Widths, depths,
 query and class counts are read from the file.
 
 The network is built on the meta device and the file's tensors assigned; what the file does not hold is made
