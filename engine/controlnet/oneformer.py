@@ -12,8 +12,8 @@ Swin-L (embedding width 192, depths 2/2/18/2, heads 6/12/24/48, window 12), a 6-
 width 256 (1024-wide feed-forward, group norm), 250 (ADE20K) or 150 (COCO) object queries through 9 decoder layers
 and a 2-layer task/query transformer, 150 (ADE20K) or 133 (COCO panoptic) classes plus "no object". Inference
 runs without the text encoder (the extension builds the model with ``IS_TRAIN = False``); its tensors,
-which checkpoints saved during training may carry, are skipped as the extension's non-strict loading skips them. Widths, depths,
-query and class counts are read from the file.
+which checkpoints saved during training may carry, are skipped as the extension's non-strict loading skips them.
+Widths, depths, query and class counts are read from the file.
 
 The network is built on the meta device and the file's tensors assigned; what the file does not hold is made
 after: Swin's relative position index buffers (transformers computes them rather than loads them), and two parts
