@@ -311,8 +311,8 @@ def test_module_names_come_from_the_engine_registry(service):
     """engine.controlnet.preprocessors decides: the error lists every module it can run offline."""
     from engine.controlnet.preprocessors import PREPROCESSORS
 
-    err = assert_refused(service, cn(unit(module="seg_ofade20k")), f"{CN}.module")
-    assert "not available in this engine" in err.message and "OneFormer" in err.message
+    err = assert_refused(service, cn(unit(module="seg_ufade20k")), f"{CN}.module")
+    assert "not available in this engine" in err.message and "UniFormer" in err.message
     assert [m for m in PREPROCESSORS if m not in err.allowed.split(", ")] == []
     assert "not supported" in assert_refused(service, cn(unit(module="shuffle")), f"{CN}.module").message
 
@@ -321,7 +321,7 @@ UNIT_FIELDS = {
     "enabled": ([True, False], ["yes", 2]),
     "module": (["none", "canny", "Canny", "invert", "threshold", "blur_gaussian", "scribble_xdog", "lineart_standard",
                 "invert (from white bg & black line)", "t2ia_color_grid"],
-               ["depth_midas_bogus", "seg_ofade20k", "reference_adain", 5]),
+               ["depth_midas_bogus", "seg_ufade20k", "reference_adain", 5]),
     "weight": ([0, 1, 2, 0.5], [-0.1, 2.1, "1"]),
     "guidance_start": ([0, 0.5], [-0.1, 1.1, "0"]),
     "guidance_end": ([1, 0.5], [1.5, -1]),

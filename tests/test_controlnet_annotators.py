@@ -300,7 +300,7 @@ def test_weights_found_in_forge_and_extension_folders(tmp_path, annotators_env, 
 
 
 def test_not_runnable_modules_name_the_reason():
-    for module, word in (("seg_ofade20k", "OneFormer"),):
+    for module, word in (("seg_ufade20k", "UniFormer"), ("segmentation", "UniFormer")):
         with pytest.raises(InvalidRequest, match=word):
             get_preprocessor(module, "module")
 

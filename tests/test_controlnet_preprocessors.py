@@ -167,9 +167,9 @@ def test_tile_resample_downsamples():
 def test_unknown_and_model_based_modules_are_invalid_requests():
     field = "alwayson_scripts.controlnet.units[1].module"
     with pytest.raises(InvalidRequest) as err:
-        get_preprocessor("seg_ofade20k", field)
+        get_preprocessor("seg_ufade20k", field)
     assert err.value.field == field and "not available in this engine" in str(err.value)
-    assert "OneFormer" in str(err.value)
+    assert "UniFormer" in str(err.value)
     assert "canny" in err.value.allowed
     with pytest.raises(InvalidRequest, match="not supported"):
         get_preprocessor("reference_adain", field)

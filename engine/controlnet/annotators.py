@@ -1,5 +1,6 @@
 """Model-based ControlNet preprocessors (softedge, scribble, mlsd, lineart, openpose, normal_bae, depth_leres,
-depth_leres++, depth_midas, normal_midas, depth_anything, depth_anything_v2 and depth_zoe), run with the networks
+depth_leres++, depth_midas, normal_midas, depth_anything, depth_anything_v2, depth_zoe, seg_ofade20k and
+seg_ofcoco), run with the networks
 of ``controlnet_aux`` (the library these annotators are maintained in; the ``annotators`` extra) as
 sd-webui-controlnet runs them (scripts/preprocessor/legacy/processor.py): the input's short side resized to
 ``processor_res`` and padded to multiples of 64 (``resize_image_with_pad``), the network run on that, the padding
@@ -11,7 +12,10 @@ needs torchvision); depth_anything and depth_anything_v2 run transformers' Depth
 extension's original files through the engine's key mapping (engine.controlnet.depth_anything; not in
 controlnet_aux 0.0.10); depth_zoe runs the original ZoeD_M12_N file in transformers' ZoeDepth through our key
 mapping, with the extension's ZoeDepth pre- and post-processing (engine.controlnet.zoe; no controlnet_aux: its
-ZoeDepth is built with timm, which needs torchvision).
+ZoeDepth is built with timm, which needs torchvision); seg_ofade20k / seg_ofcoco run the extension's OneFormer
+Swin-L files in transformers' OneFormerForUniversalSegmentation through our key mapping, with the extension's
+detectron2 pre- and post-processing and its matplotlib-drawn colour map (engine.controlnet.oneformer; not in
+controlnet_aux 0.0.10).
 
 Weights are read where users keep them, never downloaded (:func:`search_dirs`): ``$SDENGINE_ANNOTATORS_DIR``
 (one or more folders, ``os.pathsep``-separated), Forge's ``{models_dir}/ControlNetPreprocessor/``, and the
@@ -97,6 +101,11 @@ DEPTH_ANYTHING_V2 = WeightFile("depth_anything_v2", "depth_anything_v2_vitl.safe
                                ("depth_anything_v2_vitl.pth",), size_mb=1279.1)
 # ZoeDepth (depth_zoe): the original ZoeD_N file, run by transformers' ZoeDepth (engine.controlnet.zoe)
 ZOE = WeightFile("zoedepth", "ZoeD_M12_N.pt", size_mb=1376.5)
+# OneFormer Swin-L (seg_ofade20k, seg_ofcoco; annotator/oneformer/__init__.py OneformerDetector.configs), run by
+# transformers' OneFormer (engine.controlnet.oneformer). size_mb: the inference network's fp32 tensors as loaded
+# (218.8M values; the training-only text encoder a checkpoint may also carry is not loaded)
+ONEFORMER_ADE20K = WeightFile("oneformer", "250_16_swin_l_oneformer_ade20k_160k.pth", size_mb=834.7)
+ONEFORMER_COCO = WeightFile("oneformer", "150_16_swin_l_oneformer_coco_100ep.pth", size_mb=834.6)
 
 
 def search_dirs(models_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -137,12 +146,16 @@ def aux_installed() -> bool:
 
 
 def check_available(weights: tuple[WeightFile, ...], module: str, field: str, models_dir=None,
-                    needs_aux: bool = True) -> None:
-    """Refuse (InvalidRequest naming ``field``) a module whose package (controlnet_aux, when ``needs_aux``) or
-    weight files are missing."""
+                    needs_aux: bool = True, packages: tuple[tuple[str, str], ...] = ()) -> None:
+    """Refuse (InvalidRequest naming ``field``) a module whose package (controlnet_aux, when ``needs_aux``; the
+    ``(module, extra)`` pairs of ``packages``) or weight files are missing."""
     if needs_aux and not aux_installed():
         raise InvalidRequest(field, f"preprocessor {module!r} needs the package controlnet_aux (the 'annotators' "
                                     "extra: pip install 'sdengine[annotators]')", "an installed preprocessor")
+    for package, extra in packages:
+        if sys.modules.get(package) is None and importlib.util.find_spec(package) is None:
+            raise InvalidRequest(field, f"preprocessor {module!r} needs the package {package} (the {extra!r} extra: "
+                                        f"pip install 'sdengine[{extra}]')", "an installed preprocessor")
     for weight in weights:
         if find_weight(weight, models_dir) is None:
             raise InvalidRequest(field, f"preprocessor {module!r} {missing_message(weight, models_dir)}",
@@ -480,6 +493,13 @@ def load_zoe(path: Path):
     return zoe.load(path, read_weights)
 
 
+def load_oneformer(path: Path):
+    """OneFormer (Swin-L) on transformers' OneFormerForUniversalSegmentation (engine.controlnet.oneformer)."""
+    from engine.controlnet import oneformer
+
+    return oneformer.load(path)
+
+
 # ------------------------------------------------------------------------------------------ the cache
 
 
@@ -564,8 +584,8 @@ def _scribble(edge: np.ndarray) -> np.ndarray:
 class ModelRunner:
     """``fn(img, res, thr_a, thr_b, models_dir=...)`` of a model-based preprocessor: the files it needs, how it
     is loaded and run. ``kind``: pidinet / hed / teed / mlsd / lineart / lineart_anime / openpose / normal_bae /
-    leres / dwpose / midas / depth_anything / zoe; ``options``: the module's flags (safe, scribble, filter, coarse,
-    hand, face, body, boost, normal, v2)."""
+    leres / dwpose / midas / depth_anything / zoe / oneformer; ``options``: the module's flags (safe, scribble,
+    filter, coarse, hand, face, body, boost, normal, v2, coco)."""
 
     kind: str
     weights: tuple[WeightFile, ...]
@@ -580,6 +600,12 @@ class ModelRunner:
         """Whether it runs controlnet_aux's code (DWPose runs ONNX files through onnxruntime; MiDaS, Depth
         Anything and ZoeDepth run transformers' networks: core dependencies)."""
         return self.kind not in NO_AUX_KINDS
+
+    @property
+    def packages(self) -> tuple[tuple[str, str], ...]:
+        """Other packages it needs, as ``(module, extra)``: OneFormer draws its map with matplotlib, as the
+        extension does."""
+        return (("matplotlib", "controlnet"),) if self.kind == "oneformer" else ()
 
     def check_work(self, work: tuple[int, int], field: str, module: str) -> None:
         """Refuse (InvalidRequest naming ``field``) a padded working image (h, w) the network cannot run on:
@@ -690,6 +716,15 @@ class ModelRunner:
         det = LOADED.get(load_zoe, tuple(paths))
         return _padded_call(img, res, lambda x, s: det(x))
 
+    def _run_oneformer(self, img, res, a, b, paths, opts):
+        """The extension's oneformer_ade20k / oneformer_coco: the padded image through OneformerDetector and
+        semantic_run (engine.controlnet.oneformer), the padding cropped."""
+        from engine.controlnet import oneformer
+
+        model = LOADED.get(load_oneformer, tuple(paths))
+        dataset = oneformer.DATASETS["coco" if opts.get("coco", False) else "ade20k"]
+        return _padded_call(img, res, lambda x, s: oneformer.detect(model, x, dataset))
+
     def _run_normal_bae(self, img, res, a, b, paths, opts):
         det = LOADED.get(load_normal_bae, tuple(paths))
         return _padded_call(img, res, lambda x, s: det(x, detect_resolution=s, image_resolution=s,
@@ -720,8 +755,9 @@ def _openpose_person(pose) -> dict:
             "hand_right_keypoints_2d": points(pose.right_hand), "face_keypoints_2d": points(pose.face)}
 
 
-# runners that need no controlnet_aux: DWPose (onnxruntime), MiDaS, Depth Anything, ZoeDepth (transformers)
-NO_AUX_KINDS = frozenset({"dwpose", "midas", "depth_anything", "zoe"})
+# runners that need no controlnet_aux: DWPose (onnxruntime), MiDaS, Depth Anything, ZoeDepth, OneFormer
+# (transformers)
+NO_AUX_KINDS = frozenset({"dwpose", "midas", "depth_anything", "zoe", "oneformer"})
 
 
 def runner(kind: str, *weights: WeightFile, **options: bool) -> ModelRunner:

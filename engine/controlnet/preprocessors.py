@@ -7,7 +7,8 @@ The registry :data:`PREPROCESSORS` maps the extension's module names to :class:`
 depth_leres, depth_leres++) run controlnet_aux's networks, dw_openpose_full DWPose's ONNX files
 (engine.controlnet.dwpose), depth_midas / normal_midas MiDaS in transformers' DPT (engine.controlnet.midas),
 depth_anything(_v2) transformers' DepthAnything network (engine.controlnet.depth_anything), depth_zoe ZoeDepth in
-transformers (engine.controlnet.zoe), on
+transformers (engine.controlnet.zoe), seg_ofade20k / seg_ofcoco transformers' OneFormer
+(engine.controlnet.oneformer), on
 files read from disk, never downloaded: one whose file is missing is listed, and a
 request for it is an :class:`InvalidRequest` naming the file and where to put it
 (:meth:`Preprocessor.check_available`); the other model-based modules of the extension are refused naming why.
@@ -170,7 +171,8 @@ class Preprocessor:
         """Refuse (InvalidRequest naming ``field``) a model-based preprocessor whose package or files are
         missing; an image-op preprocessor is always available."""
         if self.model_based:
-            _ann.check_available(self.fn.weights, self.label or self.name, field, models_dir, self.fn.needs_aux)
+            _ann.check_available(self.fn.weights, self.label or self.name, field, models_dir, self.fn.needs_aux,
+                                 self.fn.packages)
 
     @property
     def makes_poses(self) -> bool:
@@ -392,6 +394,13 @@ PREPROCESSORS: dict[str, Preprocessor] = {
                      resize="pad", tags=("Depth",)),
         # ZoeDepth (ZoeD_M12_N) in transformers' ZoeDepth, the extension's pre/post-processing (engine.controlnet.zoe)
         Preprocessor("depth_zoe", runner("zoe", _ann.ZOE), _RES, resize="pad", tags=("Depth",)),
+        # OneFormer Swin-L (ADE20K, COCO) in transformers' OneFormer (engine.controlnet.oneformer); the legacy
+        # table's resolution entry is None, which hides its own slider and leaves the Preprocessor class's default
+        # Resolution slider (512, 64..2048, step 8) in module_detail; the value is the res the call resizes to
+        Preprocessor("oneformer_ade20k", runner("oneformer", _ann.ONEFORMER_ADE20K), _RES, label="seg_ofade20k",
+                     resize="pad", tags=("Segmentation",), priority=100),
+        Preprocessor("oneformer_coco", runner("oneformer", _ann.ONEFORMER_COCO, coco=True), _RES, label="seg_ofcoco",
+                     resize="pad", tags=("Segmentation",)),
         # model-free attention injection (engine.controlnet.reference): the map is the image; threshold_a is the
         # style fidelity (the extension's "Style Fidelity (only for Balanced mode)" slider)
         Preprocessor("reference_only", _none, None, _slider(0.5, 0.0, 1.0, "Style Fidelity (only for Balanced mode)"),
@@ -425,9 +434,8 @@ MODEL_BASED: tuple[str, ...] = (
 # Why a model-based module of the extension does not run here (docs/DECISIONS.md "Model-based ControlNet
 # preprocessors"); the others of MODEL_BASED are not implemented
 NOT_RUNNABLE: dict[str, str] = {
-    **{m: "OneFormer / UniFormer segmentation networks are not in controlnet_aux 0.0.10"
-       for m in ("segmentation", "seg_ufade20k", "oneformer_coco", "seg_ofcoco", "oneformer_ade20k",
-                 "seg_ofade20k")},
+    **{m: "the UniFormer segmentation network is not in controlnet_aux 0.0.10"
+       for m in ("segmentation", "seg_ufade20k")},
 }
 # Model-free modules whose behaviour this engine does not implement (attention/output hijacks, inpainting).
 UNSUPPORTED: tuple[str, ...] = (
@@ -439,7 +447,7 @@ UNSUPPORTED: tuple[str, ...] = (
 # UI labels of the extension's modules that do not run here (where the label differs from the name)
 _LABELS_NOT_RUN: dict[str, str] = {
     "depth": "depth_midas", "normal_map": "normal_midas", "anime_face_segment": "seg_anime_face",
-    "oneformer_ade20k": "seg_ofade20k", "oneformer_coco": "seg_ofcoco", "segmentation": "seg_ufade20k",
+    "segmentation": "seg_ufade20k",
     "clip_vision": "t2ia_style_clipvision", "inpaint": "inpaint_global_harmonious",
     "densepose": "densepose (pruple bg & purple torso)", "densepose_parula": "densepose_parula (black bg & blue torso)",
 }
