@@ -146,6 +146,25 @@ def preprocessor_bytes(units) -> int:
     return int(sum(files.values()) * 1024 * 1024)
 
 
+def preprocessor_work(units, width: int, height: int) -> tuple[int, int | None]:
+    """``(bytes, unit index)``: the largest working activations of the units' model-based preprocessors at the
+    request's size (annotators.ModelRunner.work_bytes on each unit's padded working image; the units run one at a
+    time), and which unit needs them (None: none grows with its image)."""
+    from engine.controlnet import unit_sizes
+    from engine.controlnet.preprocessors import ALIASES, PREPROCESSORS
+
+    best, which = 0, None
+    for k, unit in enumerate(units):
+        pre = PREPROCESSORS.get(ALIASES.get(unit.module, unit.module))
+        if pre is None or not pre.model_based or getattr(unit, "image", None) is None:
+            continue
+        stages = {stage: (h, w) for stage, h, w in unit_sizes(unit, width, height)}
+        need = pre.fn.work_bytes(*stages["preprocessor"])
+        if need > best:
+            best, which = need, k
+    return best, which
+
+
 def check_memory(arch, native: int, model_name: str, config: EngineConfig, request: GenerationRequest,
                  budget: int, *, answer: bool = False, upscaler_cost=_upscaler_cost, extra_bytes: int = 0,
                  ip_tokens: int = 0) -> None:
@@ -164,6 +183,16 @@ def check_memory(arch, native: int, model_name: str, config: EngineConfig, reque
                "preprocessor_bytes": preprocessor_bytes(request.controlnet_units), "extra": extra_bytes,
                "ip_tokens": ip_tokens}
     need = estimate_request(arch, width, height, request.batch_size, **options)
+    work, unit = preprocessor_work(request.controlnet_units, width, height)
+    if work:  # a preprocessor whose activations grow with its working image (OneFormer's class scores)
+        with_work = dict(options, preprocessor_bytes=options["preprocessor_bytes"] + work)
+        need = estimate_request(arch, width, height, request.batch_size, **with_work)
+        if need.total > budget:
+            raise TooMuchMemory(f"controlnet_units[{unit}].processor_res",
+                                f"its preprocessor {request.controlnet_units[unit].module} needs about "
+                                f"{work / GIB:.1f} GiB at its working size, the request about {need.total / GIB:.1f} "
+                                f"GiB on {backend} (model {model_name}), more than this server's memory budget of "
+                                f"{budget / GIB:.1f} GiB", "a smaller processor_res (pixel_perfect off)")
     if need.total > budget and "detailer" in options:
         plain = {k: v for k, v in options.items() if k not in ("detailer", "detector_bytes")}
         if estimate_request(arch, width, height, request.batch_size, **plain).total <= budget:

@@ -216,7 +216,8 @@ def test_engine_map_equals_its_steps(dataset, of_dir, annotators_env):
 
 def test_scores_in_query_chunks_are_the_whole_sum(of_dir, monkeypatch):
     """The masks are resized a few queries at a time: the scores are the sum over all queries all the same."""
-    model = of.load(of_dir / "oneformer" / support.FILES["ade20k"][1])
+    path = of_dir / "oneformer" / support.FILES["ade20k"][1]
+    model = of.load(path, annotators.read_weights(path))
     image = _photo_or_scene(64, 96)
     whole = of.semantic_scores(model, image, of.DATASETS["ade20k"])
     monkeypatch.setattr(of, "QUERY_CHUNK", 4)  # 6 queries: a chunk of 4 and one of 2
@@ -238,12 +239,12 @@ def test_files_load_in_both_formats_and_bad_files_are_refused(of_dir, tmp_path, 
     annotators_env(tmp_path)
     found = annotators.find_weight(annotators.ONEFORMER_ADE20K)
     assert found.suffix == ".safetensors"
-    a, b = of.load(found), of.load(pth)
+    a, b = of.load(found, annotators.read_weights(found)), of.load(pth, annotators.read_weights(pth))
     for (k, u), (_, v) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(u, v), k
     torch.save({"model": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(ModelError, match="not a OneFormer"):
-        of.load(tmp_path / "other.pth")
+        of.load(tmp_path / "other.pth", annotators.read_weights(tmp_path / "other.pth"))
 
 
 def test_missing_file_is_refused_naming_the_file_and_folders(tmp_path, annotators_env, monkeypatch):
@@ -367,7 +368,7 @@ def test_parity_with_the_reference_implementation(dataset, of_dir, annotators_en
     annotators_env(of_dir)
     path = of_dir / "oneformer" / support.FILES[dataset][1]
     predictor, run = _reference_predictor(dataset, path)
-    model = of.load(path)
+    model = of.load(path, annotators.read_weights(path))
     # the third: so elongated that the last Swin stage's map is no larger than the window (both keep its window
     # and shift there, the map padded)
     for (h, w), res in (((64, 64), 64), ((60, 90), 96), ((40, 1000), 64)):
@@ -380,3 +381,33 @@ def test_parity_with_the_reference_implementation(dataset, of_dir, annotators_en
         assert torch.equal(scores.argmax(0), reference.argmax(0))
         ours = get_preprocessor(LABELS[dataset])(image, res)
         assert np.array_equal(ours, remove_pad(run(padded)))
+
+
+def test_the_memory_check_counts_the_image_sized_class_scores(tiny_store):
+    """The class scores (and a chunk of masks) are image-sized: at submit the memory check adds them at the unit's
+    padded working size, and refuses naming the unit's processor_res when they do not fit (engine.admission)."""
+    from dataclasses import replace
+
+    from core.errors import TooMuchMemory
+    from engine.admission import check_memory, preprocessor_work, preprocessor_bytes
+    from engine.config import EngineConfig
+    from engine.memory import architecture_of, estimate_request
+    from engine.request import ControlNetUnit, GenerationRequest
+
+    arch, native = architecture_of(tiny_store / "Stable-diffusion" / "tiny-sd1.safetensors")
+    image = np.zeros((512, 768, 3), np.uint8)
+    unit = ControlNetUnit(model="m", image=image, module="seg_ofade20k", processor_res=2048, pixel_perfect=False)
+    work, k = preprocessor_work([ControlNetUnit(model="m", image=image, module="canny"), unit], 256, 256)
+    assert k == 1 and work == of.pixel_bytes(150) * 2048 * 3072  # the padded 2048 x 3072 working image
+    coco = replace(unit, module="seg_ofcoco")
+    assert preprocessor_work([coco], 256, 256)[0] == of.pixel_bytes(133) * 2048 * 3072 < work
+    req = GenerationRequest(width=256, height=256, controlnet_units=(unit,))
+    weights = preprocessor_bytes(req.controlnet_units)
+    plain = estimate_request(arch, 256, 256, 1, backend="torch", units=1, preprocessor_bytes=weights)
+    budget = plain.total + work // 2
+    config = EngineConfig(models_dir=tiny_store, backend="torch")
+    with pytest.raises(TooMuchMemory) as exc:
+        check_memory(arch, native, "tiny-sd1", config, req, budget)
+    assert exc.value.field == "controlnet_units[0].processor_res" and "processor_res" in exc.value.allowed
+    check_memory(arch, native, "tiny-sd1", config, replace(req, controlnet_units=(replace(unit, processor_res=512),)),
+                 budget)

@@ -497,7 +497,7 @@ def load_oneformer(path: Path):
     """OneFormer (Swin-L) on transformers' OneFormerForUniversalSegmentation (engine.controlnet.oneformer)."""
     from engine.controlnet import oneformer
 
-    return oneformer.load(path)
+    return oneformer.load(path, read_weights(path))
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -594,6 +594,16 @@ class ModelRunner:
     @property
     def size_mb(self) -> float:
         return sum(w.size_mb for w in self.weights)
+
+    def work_bytes(self, height: int, width: int) -> int:
+        """The activations the network holds at once on a padded working image of ``height x width`` where they
+        grow with it beyond its weights (OneFormer's image-sized class scores: engine.controlnet.oneformer); 0 for
+        the networks whose activations stay below their weights' size at the working sizes the limits allow."""
+        if self.kind == "oneformer":
+            from engine.controlnet import oneformer
+
+            return oneformer.pixel_bytes(133 if dict(self.options).get("coco") else 150) * height * width
+        return 0
 
     @property
     def needs_aux(self) -> bool:

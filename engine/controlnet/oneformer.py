@@ -348,12 +348,10 @@ def build(state: dict):
     return model.eval().requires_grad_(False)
 
 
-def load(path: Path):
-    """The network of the file ``path`` (engine.controlnet.annotators.read_weights: safetensors, or a pickle
-    read with weights_only; the detectron2 checkpoint's ``model`` entry)."""
-    from engine.controlnet.annotators import read_weights
-
-    state = read_weights(path)
+def load(path: Path, state: dict):
+    """The network of the file ``path`` from its tensors ``state`` (read by engine.controlnet.annotators'
+    read_weights: safetensors, or a pickle read with weights_only; the detectron2 checkpoint's ``model`` entry;
+    passed in, so this module does not import annotators, which imports it)."""
     state = state.get("model", state) if isinstance(state, dict) else state
     try:
         return build(state)
@@ -413,16 +411,23 @@ def semantic_scores(model, image: np.ndarray, dataset: Dataset):
     with torch.inference_mode():
         out = model(pixel_values=pixels, task_inputs=task_inputs(model.config.task_seq_len))
         classes = F.softmax(out.class_queries_logits[0], dim=-1)[..., :-1]
-        scores = None
+        scores = classes.new_zeros((classes.shape[1], height * width))
         # a few queries at a time (each query's mask is resized on its own): the image-sized masks of all 250
-        # queries at once would be the call's largest tensor
+        # queries at once would be the call's largest tensor; the sum accumulates in place (no second score array)
         for start in range(0, classes.shape[0], QUERY_CHUNK):
             logits = out.masks_queries_logits[:, start:start + QUERY_CHUNK]
             masks = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
             masks = F.interpolate(masks[:, :, :h, :w], size=(height, width), mode="bilinear", align_corners=False)
-            part = torch.einsum("qc,qhw->chw", classes[start:start + QUERY_CHUNK], masks[0].sigmoid_())
-            scores = part if scores is None else scores.add_(part)
-        return scores
+            chunk = classes[start:start + QUERY_CHUNK]
+            scores.addmm_(chunk.T, masks[0].sigmoid_().reshape(chunk.shape[0], -1))
+        return scores.reshape(-1, height, width)
+
+
+def pixel_bytes(classes: int = 150) -> int:
+    """Bytes per pixel of the padded image at the call's peak (:func:`semantic_scores`): the class scores (float32
+    each), one chunk of masks at the padded input's size and at the image's, the labels (int64) and the drawing's
+    RGBA float32 layer and canvas (:func:`draw`). The memory check at submit counts it (engine.admission)."""
+    return 4 * (classes + 2 * QUERY_CHUNK) + 8 + 16 + 4
 
 
 def labels(model, image: np.ndarray, dataset: Dataset) -> np.ndarray:
