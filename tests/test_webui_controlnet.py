@@ -606,8 +606,12 @@ def test_control_types(server):
     assert canny["default_model"].startswith(CN_NAME)  # the extension prefers a v1.1 ("11") model
     assert canny["default_option"] == "canny"
     # a type with nothing here: only "none" / "None", as the extension answers for it
-    assert types["Segmentation"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
-                                     "default_model": "None"}
+    assert types["Shuffle"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
+                                "default_model": "None"}
+    assert types["Segmentation"] == {"module_list": ["none", "seg_ofade20k", "seg_ofcoco"], "model_list": ["None"],
+                                     "default_option": "seg_ofade20k", "default_model": "None"}
+    assert types["Tile"]["module_list"] == ["none", "tile_resample", "tile_colorfix+sharp", "tile_colorfix",
+                                            "blur_gaussian"]
     # a model-based module is listed whether or not its file is installed
     assert types["Depth"] == {"module_list": ["none", "depth_midas", "depth_zoe", "depth_leres++", "depth_leres",
                                               "depth_anything_v2", "depth_anything"],
