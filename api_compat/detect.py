@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.controlnet.images import decode_image
 from engine.controlnet.preprocessors import get_preprocessor
-from core.errors import Cancelled, InvalidRequest
+from core.errors import Cancelled, InvalidRequest, TooMuchMemory
 from engine.progress import Progress as PhaseEvent
 
 from api_compat.errors import ApiError, api_error_from
@@ -64,10 +64,13 @@ def _error(code: str, message: str, field: str, allowed: str) -> ApiError:
     return ApiError(code, message, field=field, allowed=allowed)
 
 
-def parse_detect(body: Any, limits: ImageLimits, models_dir=None) -> DetectRequest:
+def parse_detect(body: Any, limits: ImageLimits, models_dir=None, memory_budget: int | None = None) -> DetectRequest:
     """The extension's detect body as a :class:`DetectRequest`; raises :class:`ApiError` naming the field (the
     same checks, in the same order, as the extension's route took them here before it became a task).
-    ``models_dir``: where a model-based preprocessor's files are looked for (engine.controlnet.annotators)."""
+    ``models_dir``: where a model-based preprocessor's files are looked for (engine.controlnet.annotators);
+    ``memory_budget`` (bytes, None: off): a model-based preprocessor's weights and the activations that grow with
+    its working image (annotators.ModelRunner.work_bytes) must fit it, else ``controlnet_processor_res`` is
+    refused."""
     if not isinstance(body, dict):
         raise ApiError("bad_request", "the body must be a JSON object", allowed="controlnet_module, "
                        "controlnet_input_images, ...")
@@ -118,6 +121,13 @@ def parse_detect(body: Any, limits: ImageLimits, models_dir=None) -> DetectReque
             if work[0] * work[1] > limits.max_work_pixels:
                 raise InvalidRequest("controlnet_processor_res", f"makes a {work[1]}x{work[0]} working image",
                                      f"at most {limits.max_work_pixels} pixels")
+            if memory_budget is not None and pre.model_based:
+                need = int(pre.fn.size_mb * 2**20) + pre.fn.work_bytes(*work)
+                if need > memory_budget:
+                    raise TooMuchMemory("controlnet_processor_res",
+                                        f"{pre.label or pre.name} on a {work[1]}x{work[0]} working image needs "
+                                        f"about {need / 2**30:.1f} GiB, more than this server's memory budget of "
+                                        f"{memory_budget / 2**30:.1f} GiB", "a smaller controlnet_processor_res")
             images.append(image)
     except InvalidRequest as exc:
         raise api_error_from(exc) from None

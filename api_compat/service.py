@@ -248,7 +248,7 @@ class TaskService:
         checked), the preprocessor runs on the backend's worker, never in this process. Returns ``{"taskId",
         "status"}``; the succeeded result's images are the detected maps. Raises :class:`ApiError`."""
         config_id = self._config_id(headers)
-        request = parse_detect(payload, self.limits, self.configs[config_id].models_dir)
+        request = parse_detect(payload, self.limits, self.configs[config_id].models_dir, self.memory_budget)
         model, wire = None, payload  # a worker (or this process after a crash) parses the body again
         if self.backend.name != "embedded":
             try:  # the default checkpoint's queue: a worker serving only named checkpoints still takes it

@@ -411,3 +411,28 @@ def test_the_memory_check_counts_the_image_sized_class_scores(tiny_store):
     assert exc.value.field == "controlnet_units[0].processor_res" and "processor_res" in exc.value.allowed
     check_memory(arch, native, "tiny-sd1", config, replace(req, controlnet_units=(replace(unit, processor_res=512),)),
                  budget)
+
+
+def test_detect_is_refused_when_the_class_scores_do_not_fit(of_dir, annotators_env):
+    """/controlnet/detect's submit (api_compat.detect.parse_detect) counts the network and its image-sized class
+    scores at the working size against the server's memory budget, naming controlnet_processor_res."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from api_compat.detect import parse_detect
+    from api_compat.errors import ApiError
+    from api_compat.images import ImageLimits
+
+    annotators_env(of_dir)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((512, 768, 3), np.uint8)).save(buf, format="PNG")
+    body = {"controlnet_module": "seg_ofade20k", "controlnet_input_images": [base64.b64encode(buf.getvalue()).decode()],
+            "controlnet_processor_res": 2048}
+    budget = 3 * 2**30  # the weights (0.8 GiB) and the scores at 512 fit; at 2048 (a 2048 x 3072 image) they do not
+    with pytest.raises(ApiError) as err:
+        parse_detect(body, ImageLimits(), memory_budget=budget)
+    assert err.value.field == "controlnet_processor_res" and err.value.code == "too_much_memory"
+    assert parse_detect({**body, "controlnet_processor_res": 512}, ImageLimits(), memory_budget=budget).processor_res == 512
+    assert parse_detect(body, ImageLimits()).processor_res == 2048  # no budget: not checked

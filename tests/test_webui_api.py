@@ -186,17 +186,21 @@ def test_controlnet_detect_runs_on_the_worker_not_in_the_router(service, monkeyp
     seen = []
     real = detect.get_preprocessor
 
-    def spy(name, **kw):
-        pre = real(name, **kw)
+    class Spy:
+        """The preprocessor, noting the thread each call runs on (its other attributes are the preprocessor's)."""
 
-        def run(*args, **kwargs):
+        def __init__(self, pre):
+            self.pre = pre
+
+        def __getattr__(self, name):
+            return getattr(self.pre, name)
+
+        def __call__(self, *args, **kwargs):
             seen.append(threading.current_thread().name)
-            return pre(*args, **kwargs)
+            return self.pre(*args, **kwargs)
 
-        run.sizes, run.check_params, run.check_available = pre.sizes, pre.check_params, pre.check_available
-        run.check_work, run.makes_poses = pre.check_work, pre.makes_poses
-        run.name, run.label, run.tags = pre.name, pre.label, pre.tags
-        return run
+    def spy(name, **kw):
+        return Spy(real(name, **kw))
 
     monkeypatch.setattr(detect, "get_preprocessor", spy)
     image = base64.b64encode(_png_bytes()).decode()
