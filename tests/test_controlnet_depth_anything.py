@@ -29,7 +29,7 @@ from core.errors import ModelError  # noqa: E402
 from engine.controlnet import annotators, depth_anything as da  # noqa: E402
 from engine.controlnet.preprocessors import PREPROCESSORS, get_preprocessor, resize_image_with_pad  # noqa: E402
 from tests import depth_anything_support as support  # noqa: E402
-from tests.weights_support import WEIGHTS  # noqa: E402
+from tests.weights_support import photo_or_scene  # noqa: E402
 from tests.conftest import assert_missing_file_refused  # noqa: E402
 
 KEYS = Path(__file__).parent / "data" / "depth_anything_vitl_keys.json.gz"
@@ -40,18 +40,6 @@ def _original(version: str) -> dict:
     with gzip.open(KEYS, "rt") as f:
         return json.load(f)[version]
 
-
-def _photo_or_scene(h: int, w: int) -> np.ndarray:
-    """A real photo (the shared folder's chelsea.png) resized to h x w, or a drawn scene where it is absent."""
-    import cv2
-
-    if WEIGHTS is not None and (WEIGHTS / "photos" / "chelsea.png").is_file():
-        photo = cv2.cvtColor(cv2.imread(str(WEIGHTS / "photos" / "chelsea.png")), cv2.COLOR_BGR2RGB)
-        return cv2.resize(photo, (w, h), interpolation=cv2.INTER_AREA)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 90)], axis=2).astype(np.uint8)
-    img[(yy - h // 3) ** 2 + (xx - w // 2) ** 2 < (min(h, w) // 4) ** 2] = (250, 250, 40)
-    return img
 
 
 # ------------------------------------------------------------------------------- the mapping, full size
@@ -161,7 +149,7 @@ def test_engine_map_equals_its_steps(version, da_dir, annotators_env):
     pre = get_preprocessor(MODULES[version])
     pre.check_available("module")
     (h, w), res = ((70, 90), 64) if version == "v1" else ((64, 64), 64)
-    image = _photo_or_scene(h, w)
+    image = photo_or_scene(h, w)
     padded, remove_pad = resize_image_with_pad(image, res)
     loader = annotators.load_depth_anything if version == "v1" else annotators.load_depth_anything_v2
     path = annotators.find_weight(annotators.DEPTH_ANYTHING if version == "v1" else annotators.DEPTH_ANYTHING_V2)
@@ -297,7 +285,7 @@ def test_parity_with_the_reference_implementation(version, da_dir, annotators_en
     net = _reference_network(version, annotators.read_weights(da_dir / folder / name))
     model = da.load(version, da_dir / folder / name, annotators.read_weights(da_dir / folder / name))
     for (h, w), res in (((64, 64), 64), ((70, 90), 64)):
-        image = _photo_or_scene(h, w)
+        image = photo_or_scene(h, w)
         padded, remove_pad = resize_image_with_pad(image, res)
         ref_raw, ref_levels = _reference_call(net, padded)
         raw = da.raw_depth(model, padded).numpy()

@@ -34,7 +34,7 @@ from core.errors import InvalidRequest, ModelError  # noqa: E402
 from engine.controlnet import annotators, oneformer as of  # noqa: E402
 from engine.controlnet.preprocessors import PREPROCESSORS, get_preprocessor, resize_image_with_pad  # noqa: E402
 from tests import oneformer_support as support  # noqa: E402
-from tests.weights_support import WEIGHTS  # noqa: E402
+from tests.weights_support import photo_or_scene  # noqa: E402
 
 KEYS = Path(__file__).parent / "golden" / "oneformer_swin_l_keys.json.gz"
 MODULES = {"ade20k": "oneformer_ade20k", "coco": "oneformer_coco"}
@@ -46,16 +46,6 @@ def _original(dataset: str) -> dict:
     with gzip.open(KEYS, "rt") as f:
         return json.load(f)[dataset]
 
-
-def _photo_or_scene(h: int, w: int) -> np.ndarray:
-    """A real photo (the shared folder's chelsea.png) resized to h x w, or a drawn scene where it is absent."""
-    if WEIGHTS is not None and (WEIGHTS / "photos" / "chelsea.png").is_file():
-        photo = cv2.cvtColor(cv2.imread(str(WEIGHTS / "photos" / "chelsea.png")), cv2.COLOR_BGR2RGB)
-        return cv2.resize(photo, (w, h), interpolation=cv2.INTER_AREA)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 90)], axis=2).astype(np.uint8)
-    img[(yy - h // 3) ** 2 + (xx - w // 2) ** 2 < (min(h, w) // 4) ** 2] = (250, 250, 40)
-    return img
 
 
 # ------------------------------------------------------------------------------- the mapping, full size
@@ -190,7 +180,7 @@ def test_engine_map_equals_its_steps(dataset, of_dir, annotators_env):
     assert pre is PREPROCESSORS[MODULES[dataset]]
     pre.check_available("module")
     (h, w), res = ((60, 90), 64) if dataset == "ade20k" else ((64, 64), 64)
-    image = _photo_or_scene(h, w)
+    image = photo_or_scene(h, w)
     padded, remove_pad = resize_image_with_pad(image, res)
     model = annotators.LOADED.get(annotators.load_oneformer, (annotators.find_weight(WEIGHT[dataset]),))
     seen = []
@@ -218,7 +208,7 @@ def test_scores_in_query_chunks_are_the_whole_sum(of_dir, monkeypatch):
     """The masks are resized a few queries at a time: the scores are the sum over all queries all the same."""
     path = of_dir / "oneformer" / support.FILES["ade20k"][1]
     model = of.load(path, annotators.read_weights(path))
-    image = _photo_or_scene(64, 96)
+    image = photo_or_scene(64, 96)
     whole = of.semantic_scores(model, image, of.DATASETS["ade20k"])
     monkeypatch.setattr(of, "QUERY_CHUNK", 4)  # 6 queries: a chunk of 4 and one of 2
     chunked = of.semantic_scores(model, image, of.DATASETS["ade20k"])
@@ -372,7 +362,7 @@ def test_parity_with_the_reference_implementation(dataset, of_dir, annotators_en
     # the third: so elongated that the last Swin stage's map is no larger than the window (both keep its window
     # and shift there, the map padded)
     for (h, w), res in (((64, 64), 64), ((60, 90), 96), ((40, 1000), 64)):
-        image = _photo_or_scene(h, w)
+        image = photo_or_scene(h, w)
         padded, remove_pad = resize_image_with_pad(image, res)
         with torch.no_grad():
             reference = predictor(padded[:, :, ::-1], "semantic")["sem_seg"]

@@ -399,6 +399,16 @@ def test_model_based_preprocessors_through_the_server(server):
     assert {"openpose_full", "openpose"} <= set(types["OpenPose"]["module_list"])
 
 
+def _detect_refuses_the_missing_file(server, module: str, file: str, folder: str) -> None:
+    """/controlnet/detect for a model-based module whose file is absent: 422 naming controlnet_module, the file and
+    both folders (as error messages show server paths: relative to the models folder, extensions/ beside it)."""
+    r = server.post("/controlnet/detect", {"controlnet_module": module, "controlnet_input_images": [PICTURE]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "controlnet_module"
+    assert file in r.text
+    assert (f"put it in ControlNetPreprocessor/{folder} or "
+            f"extensions/sd-webui-controlnet/annotator/downloads/{folder}") in r.text
+
+
 def test_dw_openpose_full_poses_through_both_backends(any_server):
     """The detect answer's ``poses`` travel in the task's info: the same from a Celery worker as embedded."""
     from tests import dwpose_support as ds
@@ -485,11 +495,7 @@ def test_depth_anything_through_the_server(server):
     from tests import depth_anything_support as das
 
     models = server.root / "models"
-    r = server.post("/controlnet/detect", {"controlnet_module": "depth_anything", "controlnet_input_images": [PICTURE]})
-    assert r.status_code == 422 and r.json()["error"]["field"] == "controlnet_module"
-    assert "depth_anything_vitl14.pth" in r.text
-    assert ("put it in ControlNetPreprocessor/depth_anything or "
-            "extensions/sd-webui-controlnet/annotator/downloads/depth_anything") in r.text
+    _detect_refuses_the_missing_file(server, "depth_anything", "depth_anything_vitl14.pth", "depth_anything")
     r = server.post("/sdapi/v1/txt2img", txt2img([unit(image=PICTURE, module="depth_anything_v2", model=server.model)]))
     assert r.status_code == 422 and "depth_anything_v2_vitl.safetensors" in r.text and "module" in r.text
     files = [das.write_file(models / "ControlNetPreprocessor" / "depth_anything", "v1", 31),
@@ -537,11 +543,7 @@ def test_oneformer_through_the_server(server):
     from tests import oneformer_support as ofs
 
     models = server.root / "models"
-    r = server.post("/controlnet/detect", {"controlnet_module": "seg_ofade20k", "controlnet_input_images": [PICTURE]})
-    assert r.status_code == 422 and r.json()["error"]["field"] == "controlnet_module"
-    assert "250_16_swin_l_oneformer_ade20k_160k.pth" in r.text
-    assert ("put it in ControlNetPreprocessor/oneformer or "
-            "extensions/sd-webui-controlnet/annotator/downloads/oneformer") in r.text
+    _detect_refuses_the_missing_file(server, "seg_ofade20k", "250_16_swin_l_oneformer_ade20k_160k.pth", "oneformer")
     r = server.post("/sdapi/v1/txt2img", txt2img([unit(image=PICTURE, module="seg_ofcoco", model=server.model)]))
     assert r.status_code == 422 and "150_16_swin_l_oneformer_coco_100ep.pth" in r.text and "module" in r.text
     files = [ofs.write_file(models / "ControlNetPreprocessor", "ade20k", 31),

@@ -52,3 +52,17 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     """PSNR in dB of two images of the same shape (uint8 by default: ``peak`` 255)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(peak * peak / mse)
+
+
+def photo_or_scene(h: int, w: int) -> np.ndarray:
+    """A real photo (the shared folder's chelsea.png) resized to h x w (RGB uint8), or a drawn scene (a yellow disc
+    on a gradient) where the folder is absent."""
+    import cv2
+
+    if WEIGHTS is not None and (WEIGHTS / "photos" / "chelsea.png").is_file():
+        photo = cv2.cvtColor(cv2.imread(str(WEIGHTS / "photos" / "chelsea.png")), cv2.COLOR_BGR2RGB)
+        return cv2.resize(photo, (w, h), interpolation=cv2.INTER_AREA)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 90)], axis=2).astype(np.uint8)
+    img[(yy - h // 3) ** 2 + (xx - w // 2) ** 2 < (min(h, w) // 4) ** 2] = (250, 250, 40)
+    return img
