@@ -50,15 +50,16 @@ def colorfix(xt, eps, t, latent, alphas_cumprod, k: int, weight: float, sharpnes
     ``cond_mask`` (M,) 1 for rows of positive prompts. float64 torch tensors in, the same out."""
     import torch
 
-    steps = torch.round(t.double()).long().clamp(0, len(alphas_cumprod) - 1)
-    a = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64))[steps].reshape(-1, 1, 1, 1)
+    alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float64, device=xt.device)
+    steps = torch.round(t.double()).long().clamp(0, len(alphas) - 1).to(xt.device)
+    a = alphas[steps].reshape(-1, 1, 1, 1)
     recip, recipm1 = torch.sqrt(1.0 / a), torch.sqrt(1.0 / a - 1.0)
     x0_prd = recip * xt - recipm1 * eps
     x0 = x0_prd - blur(x0_prd, k) + blur(latent.expand_as(x0_prd), k)
     if sharpness is not None:
         detail = float(sharpness) * 0.01
         neg = detail * blur(x0, k) + (1 - detail) * x0
-        mark = torch.as_tensor(np.asarray(cond_mask, dtype=np.float64)).reshape(-1, 1, 1, 1)
+        mark = torch.as_tensor(np.asarray(cond_mask, dtype=np.float64), device=xt.device).reshape(-1, 1, 1, 1)
         x0 = mark * x0 + (1 - mark) * neg
     eps_prd = (recip * xt - x0) / recipm1
     w = max(0.0, min(1.0, float(weight)))
@@ -76,21 +77,30 @@ class ColorFix:
         self.alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
         self.encode = encode
         self.hires = hires
-        self._latents: dict[int, np.ndarray] = {}
+        self._latents: dict = {}  # (unit, device) -> its encoded image, float64, made once per pass
+        self._alphas: dict = {}  # device -> the schedule as a float64 tensor
 
-    def latent(self, i: int) -> np.ndarray:
-        if i not in self._latents:
-            self._latents[i] = to_host(self.encode(self.units[i].image)).astype(np.float64)
-        return self._latents[i]
+    def latent(self, i: int, device=None):
+        """Unit ``i``'s encoded image (1, C, h, w) as a float64 tensor on ``device``, encoded once."""
+        import torch
+
+        key = (i, str(device))
+        if key not in self._latents:
+            host = to_host(self.encode(self.units[i].image)).astype(np.float64)
+            self._latents[key] = torch.as_tensor(host, device=device)
+        return self._latents[key]
 
     def apply(self, xt: Array, t: Array, out: Array, cond_mask: np.ndarray) -> Array:
         """The output ``out`` of the UNet on ``xt`` at timesteps ``t`` after every unit's fix, in ``out``'s kind
-        (numpy or torch), dtype and device."""
+        (numpy or torch), dtype and device; a torch output is fixed on its own device (no host round trip)."""
         import torch
 
-        x = torch.as_tensor(to_host(xt), dtype=torch.float64)
-        eps = torch.as_tensor(to_host(out), dtype=torch.float64)
-        steps = torch.as_tensor(to_host(t), dtype=torch.float64).reshape(-1)
+        device = None if isinstance(out, np.ndarray) else out.device
+        x = torch.as_tensor(xt, device=device).double()
+        eps = torch.as_tensor(out, device=device).double()
+        steps = torch.as_tensor(t, device=device).double().reshape(-1)
+        if str(device) not in self._alphas:
+            self._alphas[str(device)] = torch.as_tensor(self.alphas_cumprod, device=device)
         for i, unit in enumerate(self.units):
             k = int(unit.threshold_a if unit.threshold_a is not None else 8)
             if self.hires:
@@ -98,6 +108,6 @@ class ColorFix:
             sharp = unit.threshold_b if unit.module == "tile_colorfix+sharp" else None
             if unit.module == "tile_colorfix+sharp" and sharp is None:
                 sharp = 1.0
-            eps = colorfix(x, eps, steps, torch.as_tensor(self.latent(i)), self.alphas_cumprod, k, unit.weight,
-                           sharp, cond_mask)
-        return as_like(eps.numpy().astype(np.float32), out)
+            eps = colorfix(x, eps, steps, self.latent(i, device), self._alphas[str(device)], k, unit.weight, sharp,
+                           cond_mask)
+        return as_like(eps, out)
