@@ -32,7 +32,8 @@ def test_pieces_rejoin_exactly_and_damage_is_named(tmp_path):
     out = join(tmp_path / "parts", tmp_path / "joined")
     assert out.name == wheel.name and hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
     part = tmp_path / "parts" / "part-01"
-    part.write_bytes(b"x" + part.read_bytes()[1:])
+    raw = part.read_bytes()
+    part.write_bytes(bytes([raw[0] ^ 0xFF]) + raw[1:])  # always a change (a fixed byte left 1 in 256 intact)
     with pytest.raises(ValueError, match="part-01: sha256 mismatch"):
         join(tmp_path / "parts", tmp_path / "joined2")
     part.unlink()
